@@ -1,0 +1,56 @@
+"""The `moeviz` command: one subcommand per module, each module registering its own parser.
+
+A subcommand module must stay light at import time (no torch, no streamlit): it imports heavy dependencies
+inside its handler, so that `moeviz sql` starts in a fraction of a second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# module path -> holds `register(subparsers)`, which adds parsers whose `func(args) -> int` runs the command
+COMMAND_MODULES = (
+    "moeviz.cli_store",  # sql, info, compact, schema
+    "moeviz.cli_collect",  # collect
+    "moeviz.cli_analysis",  # check
+    "moeviz.cli_bounds",  # bound
+    "moeviz.cli_demo",  # demo
+    "moeviz.cli_dashboard",  # dashboard
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moeviz", description="See where the tokens of a Mixture-of-Experts model go.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name != name:
+                raise
+            continue
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+    except MoevizError as e:
+        print(f"moeviz {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+from moeviz.errors import MoevizError  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main())

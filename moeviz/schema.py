@@ -1,0 +1,154 @@
+"""The public SQL schema of a moeviz store: table names, columns, types and meanings.
+
+These names are a contract with users (their SQL, their notebooks, Spark jobs reading the Parquet segments):
+add columns at the end, never rename or drop one without a schema-version bump and a migration step in
+`moeviz.store`. The README's schema section is generated from this module (`moeviz schema --markdown`).
+
+Storage notes (why some columns differ on disk from what SQL sees):
+- `routes.weight` is stored on disk as `weight_q` UINT16 = round(weight * 65535) (absolute error <= 7.7e-6) so
+  that one route costs at most ~4 bytes in Parquet; the `routes` view exposes `weight` as DOUBLE.
+- every segment carries `run_id` as a constant column (dictionary/RLE-encoded: a few bytes per file), so that a
+  folder of runs is one `read_parquet` glob with no path parsing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Column:
+    name: str
+    sql_type: str  # DuckDB type as seen through the public view
+    doc: str
+
+
+@dataclass(frozen=True)
+class Table:
+    name: str
+    doc: str
+    columns: tuple[Column, ...]
+
+    @property
+    def column_names(self) -> list[str]:
+        return [c.name for c in self.columns]
+
+
+def _t(name: str, doc: str, *cols: tuple[str, str, str]) -> Table:
+    return Table(name, doc, tuple(Column(*c) for c in cols))
+
+
+RUNS = _t(
+    "runs",
+    "One row per run: the model and how it was recorded. `status` is derived at read time: "
+    "'running' while a writer is alive, 'finished' or 'failed' once every rank closed, "
+    "'interrupted' when a writer died without closing (kill -9, OOM, node loss).",
+    ("run_id", "VARCHAR", "Unique id of the run (the run folder's name unless given)."),
+    ("run_name", "VARCHAR", "Human name given to the Recorder."),
+    ("model_class", "VARCHAR", "Python class of the recorded model, e.g. MixtralForCausalLM."),
+    ("n_layers", "INTEGER", "Number of MoE layers recorded (routers found)."),
+    ("n_experts", "INTEGER", "Experts per MoE layer (the largest, if layers differ; see `layers`)."),
+    ("top_k", "INTEGER", "Experts chosen per token (the largest, if layers differ; see `layers`)."),
+    ("capacity_factor", "DOUBLE", "The model's own capacity factor if it drops tokens, else NULL."),
+    ("config", "JSON", "The model config (HF `config.to_dict()` or the user's dict)."),
+    ("world_size", "INTEGER", "Number of ranks that wrote to the run."),
+    ("sample_every", "INTEGER", "Per-token detail kept every N steps (1 = every step)."),
+    ("max_tokens_per_step", "INTEGER", "Per-token detail kept for at most M tokens per step and rank (NULL = all)."),
+    ("started_at", "TIMESTAMP", "When the first rank started recording (UTC)."),
+    ("ended_at", "TIMESTAMP", "When the last rank closed (UTC); NULL while running or if interrupted."),
+    ("status", "VARCHAR", "running | finished | failed | interrupted."),
+    ("error", "VARCHAR", "The exception that failed the run, if any."),
+    ("schema_version", "INTEGER", "Schema version the run was written with."),
+)
+
+LAYERS = _t(
+    "layers",
+    "One row per recorded MoE layer (router) of a run.",
+    ("run_id", "VARCHAR", "Run id."),
+    ("layer", "INTEGER", "MoE layer index, 0-based in module order (dense layers are skipped)."),
+    ("module_name", "VARCHAR", "Qualified module name of the router, e.g. model.layers.3.mlp.gate."),
+    ("n_experts", "INTEGER", "Experts in this layer."),
+    ("top_k", "INTEGER", "Experts chosen per token in this layer."),
+    ("block_index", "INTEGER", "Index of the transformer block holding this layer (NULL if unknown)."),
+    ("stack", "VARCHAR", "'decoder', 'encoder' (Switch/T5-style models) or NULL."),
+)
+
+ROUTES = _t(
+    "routes",
+    "Per-token detail: one row per kept token, MoE layer and chosen expert. Tokens outside the attention "
+    "mask are never recorded. Which tokens are kept is set by the sampling policy (runs.sample_every, "
+    "runs.max_tokens_per_step).",
+    ("run_id", "VARCHAR", "Run id."),
+    ("step", "BIGINT", "Training/eval step given to Recorder.step()."),
+    ("rank", "INTEGER", "torch.distributed rank that recorded the token (0 if not distributed)."),
+    ("seq", "INTEGER", "Sequence index within the step and rank (row of the batch)."),
+    ("pos", "INTEGER", "Token position within the sequence."),
+    ("token_id", "INTEGER", "Vocabulary id of the token (NULL-free; -1 if no token ids were given)."),
+    ("layer", "SMALLINT", "MoE layer index (see `layers`)."),
+    ("slot", "TINYINT", "Rank of the choice: 0 is the top expert, k-1 the last chosen."),
+    ("expert", "SMALLINT", "Chosen expert index."),
+    ("weight", "DOUBLE", "Gate weight the model applied to this expert (after any renormalisation)."),
+)
+
+STEP_STATS = _t(
+    "step_stats",
+    "Exact per-step aggregates over every token that reached the layer (not only the sampled ones): "
+    "one row per step, rank, layer and expert.",
+    ("run_id", "VARCHAR", "Run id."),
+    ("step", "BIGINT", "Step."),
+    ("rank", "INTEGER", "Rank."),
+    ("layer", "SMALLINT", "MoE layer index."),
+    ("expert", "SMALLINT", "Expert index."),
+    ("tokens", "BIGINT", "Tokens that reached the layer in this step and rank (same for every expert)."),
+    ("assigned", "BIGINT", "Top-k assignments of tokens to this expert (over all k slots)."),
+    ("first_choice", "BIGINT", "Tokens whose top (slot 0) choice is this expert."),
+    ("prob_sum", "DOUBLE", "Sum over tokens of softmax(router_logits)[expert] (full softmax, before top-k)."),
+    ("dropped", "BIGINT", "Assignments to this expert that the model itself dropped (capacity), else 0."),
+)
+
+LAYER_STATS = _t(
+    "layer_stats",
+    "Exact per-step aggregates per layer: one row per step, rank and layer.",
+    ("run_id", "VARCHAR", "Run id."),
+    ("step", "BIGINT", "Step."),
+    ("rank", "INTEGER", "Rank."),
+    ("layer", "SMALLINT", "MoE layer index."),
+    ("tokens", "BIGINT", "Tokens that reached the layer."),
+    ("z_loss_sum", "DOUBLE", "Sum over tokens of logsumexp(router_logits)^2 (ST-MoE router z-loss numerator)."),
+    ("entropy_sum", "DOUBLE", "Sum over tokens of the entropy (nats) of softmax(router_logits)."),
+    ("dropped", "BIGINT", "Assignments the model itself dropped in this layer (capacity), else 0."),
+)
+
+SEQUENCES = _t(
+    "sequences",
+    "One row per recorded sequence (batch row) per step and rank.",
+    ("run_id", "VARCHAR", "Run id."),
+    ("step", "BIGINT", "Step."),
+    ("rank", "INTEGER", "Rank."),
+    ("seq", "INTEGER", "Sequence index within the step and rank."),
+    ("domain", "VARCHAR", "Domain label (e.g. code, prose, it, math) or NULL."),
+    ("tag", "VARCHAR", "What the step was: 'train', 'eval', 'probe' (fixed batch for router saturation), ..."),
+    ("n_tokens", "INTEGER", "Tokens of the sequence inside the attention mask."),
+)
+
+VOCAB = _t(
+    "vocab",
+    "Token texts, when a tokenizer was given to the Recorder.",
+    ("run_id", "VARCHAR", "Run id."),
+    ("token_id", "INTEGER", "Vocabulary id."),
+    ("text", "VARCHAR", "Decoded text of the token."),
+)
+
+TABLES: dict[str, Table] = {t.name: t for t in (RUNS, LAYERS, ROUTES, STEP_STATS, LAYER_STATS, SEQUENCES, VOCAB)}
+
+
+def schema_markdown() -> str:
+    """The schema as Markdown tables, for the README (kept in sync by a test)."""
+    out: list[str] = []
+    for t in TABLES.values():
+        out.append(f"#### `{t.name}`\n\n{t.doc}\n\n| column | type | meaning |\n|---|---|---|")
+        out += [f"| `{c.name}` | {c.sql_type} | {c.doc} |" for c in t.columns]
+        out.append("")
+    return "\n".join(out)
