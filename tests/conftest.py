@@ -1,0 +1,32 @@
+"""Shared test configuration: markers that skip what this machine cannot run, with the reason."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+
+
+def _has_cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:  # torch missing or broken: no GPU tests
+        return False
+
+
+def pytest_collection_modifyitems(config, items):
+    chromium = os.environ.get("MOEVIZ_CHROMIUM", "/usr/bin/chromium")
+    no_browser = pytest.mark.skip(reason=f"no Chromium at {chromium} (apt-get install -y chromium)")
+    no_gpu = pytest.mark.skip(reason="no CUDA device on this machine")
+    cuda = None
+    for item in items:
+        if "browser" in item.keywords and not (os.path.exists(chromium) or shutil.which("chromium")):
+            item.add_marker(no_browser)
+        if "gpu" in item.keywords:
+            if cuda is None:
+                cuda = _has_cuda()
+            if not cuda:
+                item.add_marker(no_gpu)
