@@ -1,0 +1,86 @@
+"""Pieces every page uses: a guard that turns failures into messages, and a chart with its data download."""
+
+from __future__ import annotations
+
+import logging
+import re
+from contextlib import contextmanager
+from typing import Callable
+
+import pandas as pd
+import streamlit as st
+
+from app.state import AnalysisUnavailable, Ctx, current_context
+from moeviz.errors import MoevizError
+
+log = logging.getLogger("moeviz.app")
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "chart"
+
+
+def error_message(what: str, e: BaseException) -> None:
+    """Show a failure as a message (never a stack trace); the traceback goes to the server log."""
+    if isinstance(e, AnalysisUnavailable):
+        st.info(f"{what}: {e}.")
+    elif isinstance(e, MoevizError):
+        st.error(f"{what}: {e}")
+    else:
+        import duckdb
+
+        log.exception("%s failed", what)
+        if isinstance(e, duckdb.Error):
+            st.error(f"{what}: the store could not answer ({type(e).__name__}: {str(e).splitlines()[0]}). "
+                     "If a segment is corrupt, run `moeviz compact` or remove the damaged file.")
+        else:
+            st.error(f"{what} failed: {type(e).__name__}: {e}")
+
+
+@contextmanager
+def guarded(what: str):
+    """Run a section of a page; an exception becomes an info/error message so the rest of the page still shows.
+
+    Streamlit's own control flow (st.rerun, st.stop) derives from BaseException and passes through.
+    """
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001 - every failure becomes a message, never a trace
+        error_message(what, e)
+
+
+def show_chart(fig, data: pd.DataFrame, key: str, *, caption: str | None = None) -> None:
+    """Render a figure and offer its data as CSV."""
+    st.plotly_chart(fig, width="stretch", key=f"chart-{key}")
+    if caption:
+        st.caption(caption)
+    st.download_button(
+        "Download data (CSV)",
+        data=data.to_csv(index=False).encode("utf-8"),
+        file_name=f"{_slug(key)}.csv",
+        mime="text/csv",
+        key=f"dl-{key}",
+    )
+
+
+def show_table(data: pd.DataFrame, key: str, *, height: int | None = None) -> None:
+    """A data table with a CSV download."""
+    st.dataframe(data, width="stretch", hide_index=True, height=height or "auto", key=f"table-{key}")
+    st.download_button(
+        "Download table (CSV)",
+        data=data.to_csv(index=False).encode("utf-8"),
+        file_name=f"{_slug(key)}.csv",
+        mime="text/csv",
+        key=f"dl-{key}",
+    )
+
+
+def run_page(title: str, render: Callable[[Ctx], None], *, needs_run: bool = True) -> None:
+    """A page body: title, the context main.py built, the page's own render inside a guard."""
+    st.title(title)
+    ctx = current_context()
+    if needs_run and ctx is None:
+        st.info("Pick a store and a run in the sidebar to see this page.")
+        return
+    with guarded(title):
+        render(ctx)

@@ -1,0 +1,46 @@
+"""moeviz dashboard entry point: `streamlit run app/main.py -- PATH` (or `moeviz dashboard PATH`).
+
+Builds the sidebar (store, run, selection, live refresh), hands the page context to the chosen page through
+session state, and runs the page (`st.navigation` + `st.Page`, one file per page under app/views/).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+_ROOT = str(Path(__file__).resolve().parents[1])
+if _ROOT not in sys.path:  # `streamlit run app/main.py` puts app/ on the path, not the package root
+    sys.path.insert(0, _ROOT)
+
+import streamlit as st  # noqa: E402
+
+from app import sidebar, state  # noqa: E402
+from app.components import guarded  # noqa: E402
+
+# (file under app/, title, icon); the order is the order in the navigation
+PAGES = [
+    ("views/overview.py", "Overview", ":material/dashboard:"),
+    ("views/load.py", "Load balance", ":material/balance:"),
+    ("views/aux_loss.py", "Aux loss", ":material/functions:"),
+    ("views/capacity.py", "Capacity", ":material/filter_alt:"),
+    ("views/specialization.py", "Specialization", ":material/category:"),
+    ("views/tokens.py", "Tokens", ":material/text_fields:"),
+    ("views/bounds.py", "Bound explorer", ":material/calculate:"),
+    ("views/toy.py", "Toy MoE", ":material/scatter_plot:"),
+    ("views/sql.py", "SQL", ":material/terminal:"),
+    ("views/compare.py", "Compare", ":material/compare:"),
+]
+
+
+def main() -> None:
+    st.set_page_config(page_title="moeviz", page_icon=":material/hub:", layout="wide")
+    nav = st.navigation([st.Page(path, title=title, icon=icon) for path, title, icon in PAGES])
+    ctx = None
+    with guarded("Sidebar"):
+        ctx = sidebar.build()
+    state.set_context(ctx)
+    nav.run()
+
+
+main()

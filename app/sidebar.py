@@ -1,0 +1,157 @@
+"""The sidebar: which store and run, which steps, layers, ranks and domains, and live refresh.
+
+`build()` returns the page context (`app.state.Ctx`) or None after showing why there is none (no path, a path
+that does not exist, a store that cannot be opened, a store with no runs).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+from pathlib import Path
+
+import streamlit as st
+
+from app.components import error_message
+from app.state import Ctx, cached, store_path_from_args
+from moeviz.selection import Selection
+
+TOKEN_KEY = "refresh_token"
+SEEN_KEY = "_moeviz_seen_progress"
+
+
+def _store_path() -> str | None:
+    if "store_path" not in st.session_state:
+        st.session_state["store_path"] = store_path_from_args() or ""
+    path = st.text_input(
+        "Store",
+        key="store_path",
+        help="A run folder or a folder of runs (what `moeviz dashboard PATH` was given).",
+    ).strip()
+    if not path:
+        st.info("Give the path of a run folder or a folder of runs, e.g. `runs/`.")
+        return None
+    if not Path(path).exists():
+        st.error(f"No such file or folder: `{path}`. Record a run first (`moeviz demo` or a `Recorder`), "
+                 "or give the folder that holds it.")
+        return None
+    return path
+
+
+def _run_label(runs, run_id: str) -> str:
+    row = runs[runs["run_id"] == run_id].iloc[0]
+    name = row["run_name"] if row["run_name"] and row["run_name"] != run_id else ""
+    return f"{run_id}{f' ({name})' if name else ''} · {row['status']}"
+
+
+def _pick_run(runs) -> str:
+    ids = runs["run_id"].tolist()
+    wanted = st.query_params.get("run")
+    if "run_id" not in st.session_state or st.session_state["run_id"] not in ids:
+        st.session_state["run_id"] = wanted if wanted in ids else ids[0]
+    run_id = st.selectbox("Run", ids, key="run_id", format_func=lambda r: _run_label(runs, r))
+    st.query_params["run"] = run_id
+    return run_id
+
+
+def _pick_steps(steps: list[int]) -> tuple[int, int] | None:
+    if not steps:
+        st.caption("No steps recorded yet.")
+        return None
+    if len(steps) == 1:
+        st.caption(f"One step recorded: {steps[0]}.")
+        return (steps[0], steps[0])
+    lo, hi = st.select_slider("Steps", options=steps, value=(steps[0], steps[-1]), key="steps")
+    return (int(lo), int(hi))
+
+
+def _pick_many(label: str, options: list, key: str, help: str) -> tuple | None:
+    """A multiselect where nothing chosen means everything (None, so SQL does not filter)."""
+    if len(options) <= 1:
+        return None
+    chosen = st.multiselect(label, options, key=key, help=help, placeholder="all")
+    return tuple(chosen) if chosen and len(chosen) < len(options) else None
+
+
+def _live_refresh(path: str, token: int, run_id: str, progress: dict) -> None:
+    running = progress.get("status") == "running"
+    st.session_state.setdefault("live", running)
+    live = st.toggle("Live refresh", key="live", help="Poll the store and reload when new steps arrive.")
+    interval = st.number_input("Every (seconds)", min_value=1, max_value=3600, value=5, step=1, key="live_every",
+                               disabled=not live)
+    if st.button("Reload now", key="reload"):
+        st.session_state[TOKEN_KEY] = token + 1
+        st.rerun()
+    if not live:
+        st.caption("Live refresh paused.")
+        return
+    st.session_state[SEEN_KEY] = progress
+
+    @st.fragment(run_every=float(interval))
+    def watch() -> None:
+        try:
+            now = _fresh_progress(path, run_id)  # a fresh connection sees segments written since the page loaded
+        except Exception as e:  # noqa: BLE001
+            st.caption(f"Live refresh could not read the store: {e}")
+            return
+        st.caption(f"Checked {_dt.datetime.now().strftime('%H:%M:%S')}: {now['steps']} steps, status {now['status']}.")
+        if now != st.session_state.get(SEEN_KEY):
+            st.session_state[TOKEN_KEY] = st.session_state.get(TOKEN_KEY, 0) + 1
+            st.rerun(scope="app")
+
+    watch()
+
+
+def _fresh_progress(path: str, run_id: str) -> dict:
+    from moeviz.queries import run_progress
+    from moeviz.store import open_store
+
+    con = open_store(path)
+    try:
+        return run_progress(con, run_id)
+    finally:
+        con.close()
+
+
+def build() -> Ctx | None:
+    """Draw the sidebar and return the page context, or None (with a message saying why)."""
+    with st.sidebar:
+        path = _store_path()
+        if path is None:
+            return None
+        token = int(st.session_state.setdefault(TOKEN_KEY, 0))
+        try:
+            runs = cached("moeviz.queries.list_runs", path, token)
+        except Exception as e:  # noqa: BLE001 - nonexistent, corrupt, newer-schema stores become messages
+            error_message(f"Could not open the store `{path}`", e)
+            return None
+        if runs.empty:
+            st.info(f"The store `{path}` holds no runs yet. Start recording, then press Reload now.")
+            if st.button("Reload now", key="reload-empty"):
+                st.session_state[TOKEN_KEY] = token + 1
+                st.rerun()
+            return None
+        run_id = _pick_run(runs)
+        try:
+            overview = cached("moeviz.queries.run_overview", path, token, run_id)
+            steps = cached("moeviz.queries.steps_list", path, token, run_id)
+            layers = cached("moeviz.queries.layer_list", path, token, run_id)["layer"].astype(int).tolist()
+            ranks = cached("moeviz.queries.rank_list", path, token, run_id)
+            domains = cached("moeviz.queries.domain_list", path, token, run_id)
+            progress = cached("moeviz.queries.run_progress", path, token, run_id)
+        except Exception as e:  # noqa: BLE001
+            error_message(f"Could not read run `{run_id}`", e)
+            return None
+        step_sel = _pick_steps(steps)
+        layer_sel = _pick_many("Layers", layers, "layers", "MoE layers to include (empty = all).")
+        rank_sel = _pick_many("Ranks", ranks, "ranks", "Ranks (GPUs) to include (empty = all).")
+        domain_sel = _pick_many("Domains", domains, "domains",
+                                "Domains of the sequences (empty = all). Filtering by domain reads the sampled "
+                                "per-token detail instead of the exact aggregates.")
+        st.divider()
+        _live_refresh(path, token, run_id, progress)
+    sel = Selection(run_ids=(run_id,), steps=step_sel, layers=layer_sel, ranks=rank_sel, domains=domain_sel)
+    run = overview.iloc[0].to_dict()
+    return Ctx(
+        path=path, token=token, run_id=run_id, run=run, sel=sel, steps=tuple(steps), layers=tuple(layers),
+        domains=tuple(domains), runs=tuple(runs["run_id"].tolist()),
+    )

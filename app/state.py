@@ -1,0 +1,135 @@
+"""Cached connections and cached query results, and the page context that main.py hands to each page.
+
+The read-only store connection is a shared resource (`st.cache_resource`), keyed by the store path and a refresh
+token: live refresh bumps the token, which opens the store again so that segments written since are seen.
+Query and analysis results are data (`st.cache_data`), keyed by the function's dotted name, path, token and
+arguments; calls on the shared connection are serialised by a lock.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import streamlit as st
+
+from moeviz.errors import MoevizError
+from moeviz.selection import Selection
+
+CTX_KEY = "_moeviz_ctx"
+STORE_ENV = "MOEVIZ_STORE"
+
+
+class AnalysisUnavailable(MoevizError):
+    """The analysis module or function this view needs is not in this installation."""
+
+
+def store_path_from_args(argv: list[str] | None = None) -> str | None:
+    """The store path given after `--` to `streamlit run app/main.py -- PATH`, else $MOEVIZ_STORE, else None."""
+    argv = sys.argv if argv is None else argv
+    if argv and Path(argv[0]).name == "main.py" and len(argv) > 1:
+        return argv[1]
+    return os.environ.get(STORE_ENV) or None
+
+
+@dataclass
+class SharedConnection:
+    """A store connection shared by every session, and the lock that serialises its use.
+
+    A store's views are TEMP views over registered Arrow datasets, which only the connection that made them
+    sees (a `cursor()` would not), and a DuckDB connection must not run two queries at once: hence the lock.
+    """
+
+    con: Any
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+@st.cache_resource(max_entries=4, show_spinner=False)
+def connection(path: str, token: int) -> SharedConnection:
+    """The store's read-only DuckDB connection (one per path and refresh token, shared by sessions)."""
+    from moeviz.store import open_store
+
+    return SharedConnection(open_store(path))
+
+
+def _resolve(func_path: str):
+    module_name, name = func_path.rsplit(".", 1)
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name and module_name.startswith(e.name):
+            raise AnalysisUnavailable(f"`{module_name}` is not available in this installation yet") from None
+        raise
+    fn = getattr(module, name, None)
+    if fn is None:
+        raise AnalysisUnavailable(f"`{func_path}` is not available in this installation yet")
+    return fn
+
+
+def call(func_path: str, path: str, token: int, *args, **kwargs) -> Any:
+    """Call `func_path(con, *args, **kwargs)` on the store's shared connection, one call at a time (not cached)."""
+    fn = _resolve(func_path)
+    shared = connection(path, token)
+    with shared.lock:
+        return fn(shared.con, *args, **kwargs)
+
+
+@st.cache_data(max_entries=1000, ttl=3600, show_spinner=False)
+def cached(func_path: str, path: str, token: int, *args, **kwargs) -> Any:
+    """`call`, cached as data: the same query with the same arguments on the same store version runs once."""
+    return call(func_path, path, token, *args, **kwargs)
+
+
+@st.cache_data(max_entries=200, ttl=3600, show_spinner=False)
+def cached_pure(func_path: str, *args, **kwargs) -> Any:
+    """A cached call of a function that needs no store (bounds, toy model)."""
+    return _resolve(func_path)(*args, **kwargs)
+
+
+@dataclass(frozen=True)
+class Ctx:
+    """What every page needs: where the store is, which run, and the sidebar's selection."""
+
+    path: str
+    token: int
+    run_id: str
+    run: dict  # the run_overview row: model_class, n_layers, n_experts, top_k, status, steps, tokens, ...
+    sel: Selection  # run, steps, layers, ranks, domains chosen in the sidebar
+    steps: tuple[int, ...] = ()  # every recorded step of the run
+    layers: tuple[int, ...] = ()  # every MoE layer of the run
+    domains: tuple[str, ...] = ()  # every domain label of the run
+    runs: tuple[str, ...] = field(default=())  # every run id in the store (for Compare)
+
+    def q(self, func_path: str, *args, **kwargs) -> Any:
+        """A cached query or analysis on this store: `ctx.q("moeviz.load.imbalance", ctx.sel)`."""
+        return cached(func_path, self.path, self.token, *args, **kwargs)
+
+    @property
+    def n_experts(self) -> int:
+        return int(self.run.get("n_experts") or 1)
+
+    @property
+    def top_k(self) -> int:
+        return int(self.run.get("top_k") or 1)
+
+    @property
+    def sel_exact(self) -> Selection:
+        """The selection without domains/tags: what the exact per-step aggregates can answer."""
+        return self.sel.with_(domains=None, tags=None)
+
+    @property
+    def chosen_layers(self) -> tuple[int, ...]:
+        return tuple(self.sel.layers) if self.sel.layers is not None else self.layers
+
+
+def set_context(ctx: Ctx | None) -> None:
+    st.session_state[CTX_KEY] = ctx
+
+
+def current_context() -> Ctx | None:
+    return st.session_state.get(CTX_KEY)

@@ -1,0 +1,1 @@
+"""One file per dashboard page; each defines `render(ctx)` and runs it when Streamlit executes the file."""

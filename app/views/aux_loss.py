@@ -1,0 +1,46 @@
+"""Aux loss: Switch load-balancing loss per layer and pooled (transformers' way), and the router z-loss, over
+steps, against the uniform value 1 and the true lower bound for this run's E and k."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from app.components import guarded, run_page, show_chart
+from app.state import Ctx
+from app.views.bounds import infimum_value
+from moeviz import charts
+
+
+def render(ctx: Ctx) -> None:
+    if ctx.sel.needs_sequences:
+        st.info("The losses need the router's full probabilities, kept only as exact per-step aggregates: "
+                "the domain filter is ignored on this page.")
+    sel = ctx.sel_exact
+    bound = None
+    with guarded("True lower bound"):
+        bound = infimum_value(ctx.n_experts, ctx.top_k)
+    bound_text = f"{bound:.4f}" if bound is not None else "n/a"
+    st.caption(f"E = {ctx.n_experts} experts, k = {ctx.top_k}: uniform routing gives 1; the true lower bound "
+               f"(infimum over routings) is {bound_text}, not the 1 of the Switch paper nor the blog's 1/2.")
+    with guarded("Switch loss per layer"):
+        per_layer = ctx.q("moeviz.aux_loss.switch_loss", sel, by_step=True)
+        show_chart(charts.aux_loss_lines(per_layer, bound=bound), per_layer, "switch-loss")
+    with guarded("Pooled Switch loss"):
+        pooled = ctx.q("moeviz.aux_loss.pooled_switch_loss", sel, by_step=True)
+        scale = st.radio("Pooled loss scale", ["aux_loss_per_slot", "aux_loss"], horizontal=True, key="aux_scale",
+                         format_func={"aux_loss_per_slot": "per slot (1 = uniform)",
+                                      "aux_loss": "as transformers reports it (k = uniform)"}.get)
+        k = float(ctx.top_k) if scale == "aux_loss" else 1.0
+        fig = charts.aux_loss_lines(
+            pooled, value=scale, color=None, title="Load-balancing loss pooled over layers (transformers' load_balancing_loss_func)",
+            uniform=k, bound=None if bound is None else bound * k,
+        )
+        show_chart(fig, pooled, "pooled-switch-loss")
+    with guarded("Router z-loss"):
+        z = ctx.q("moeviz.aux_loss.z_loss", sel, by_step=True)
+        show_chart(charts.z_loss_lines(z), z, "z-loss")
+        show_chart(charts.entropy_lines(z, n_experts=ctx.n_experts), z, "router-entropy")
+
+
+if __name__ == "__main__":
+    run_page("Aux loss", render)

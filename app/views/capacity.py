@@ -1,0 +1,56 @@
+"""Capacity: what a capacity-limited router would drop at a chosen capacity factor and policy, by layer, expert
+and domain, and the drop rate over capacity factors with the current choice marked."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from app.components import guarded, run_page, show_chart
+from app.state import Ctx
+from moeviz import charts
+
+CURVE_FACTORS = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 4.0)
+
+
+def render(ctx: Ctx) -> None:
+    model_cf = ctx.run.get("capacity_factor")
+    default_cf = float(model_cf) if model_cf and model_cf == model_cf else 1.25
+    c1, c2, c3 = st.columns([2, 1, 1])
+    cf = c1.slider("Capacity factor", 0.25, 4.0, default_cf, 0.05, key="cap_cf",
+                   help="Each expert gets C = ceil(CF × tokens × k / E) slots per group; assignments beyond C are dropped.")
+    policy = c2.radio("Drop policy", ["position", "probability"], key="cap_policy",
+                      format_func={"position": "first come, first served", "probability": "lowest weight first"}.get)
+    group = c3.radio("Group", ["step", "sequence"], key="cap_group",
+                     format_func={"step": "per step and rank", "sequence": "per sequence"}.get)
+    recorded = int(ctx.run.get("dropped") or 0)
+    if recorded:
+        st.info(f"The model itself dropped {recorded:,} assignments while recording (its own capacity factor: {model_cf}).")
+    with guarded("Dropped share"):
+        total = ctx.q("moeviz.capacity.capacity_drops", ctx.sel, cf, policy=policy, group=group, by=())
+        assigned = int(total["assigned"].sum())
+        dropped = int(total["dropped"].sum())
+        m1, m2, m3 = st.columns(3)
+        m1.metric("Dropped share", f"{dropped / assigned:.2%}" if assigned else "n/a")
+        m2.metric("Dropped assignments", f"{dropped:,}")
+        m3.metric("Assignments", f"{assigned:,}")
+    left, right = st.columns(2)
+    with left, guarded("Drops per layer"):
+        by_layer = ctx.q("moeviz.capacity.capacity_drops", ctx.sel, cf, policy=policy, group=group, by=("layer",))
+        show_chart(charts.drop_bars(by_layer, by="layer", cf=cf), by_layer, "drops-layer")
+    with right, guarded("Drops per domain"):
+        if ctx.domains:
+            by_domain = ctx.q("moeviz.capacity.capacity_drops", ctx.sel, cf, policy=policy, group=group, by=("domain",))
+            show_chart(charts.drop_bars(by_domain, by="domain", cf=cf), by_domain, "drops-domain")
+        else:
+            st.info("This run has no domain labels.")
+    with guarded("Drops per expert"):
+        by_expert = ctx.q("moeviz.capacity.capacity_drops", ctx.sel, cf, policy=policy, group=group, by=("layer", "expert"))
+        show_chart(charts.drop_heatmap(by_expert, cf=cf), by_expert, "drops-expert")
+    with guarded("Drop-rate curve"):
+        factors = tuple(sorted(set(CURVE_FACTORS) | {round(cf, 4)}))
+        curve = ctx.q("moeviz.capacity.drop_curve", ctx.sel, factors, policy=policy, group=group, by=())
+        show_chart(charts.drop_curve(curve, current_cf=cf), curve, "drop-curve")
+
+
+if __name__ == "__main__":
+    run_page("Capacity", render)

@@ -1,0 +1,50 @@
+"""Compare: two runs side by side on shared axes (load, aux loss, drops, domain specialization)."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from app.components import guarded, run_page, show_chart
+from app.state import Ctx
+from moeviz import charts
+from moeviz.selection import Selection
+
+
+def render(ctx: Ctx) -> None:
+    if len(ctx.runs) < 2:
+        st.info("This store holds one run. Point the dashboard at a folder of runs to compare two of them.")
+        return
+    c1, c2 = st.columns(2)
+    a = c1.selectbox("Run A", ctx.runs, index=ctx.runs.index(ctx.run_id), key="cmp_a")
+    others = [r for r in ctx.runs if r != a]
+    b = c2.selectbox("Run B", others, key="cmp_b")
+    sel = Selection(run_ids=(a, b))
+    st.caption("Every step of both runs; the sidebar's step and layer choices apply to the selected run only.")
+    with guarded("Load per expert and layer"):
+        load = ctx.q("moeviz.load.load_matrix", sel)
+        show_chart(charts.compare_heatmaps(load, value="relative_load", runs=(a, b)), load, "compare-load")
+    with guarded("Switch loss"):
+        pooled = ctx.q("moeviz.aux_loss.pooled_switch_loss", sel, by_step=True)
+        fig = charts.aux_loss_lines(pooled, value="aux_loss_per_slot", color="run_id",
+                                    title="Load-balancing loss pooled over layers, per slot (1 = uniform)")
+        show_chart(fig, pooled, "compare-aux")
+    with guarded("Imbalance"):
+        imb = ctx.q("moeviz.load.imbalance", sel, by_step=True)
+        metric = st.selectbox("Imbalance metric", list(charts.IMBALANCE_METRICS), key="cmp_metric",
+                              format_func=charts.IMBALANCE_METRICS.get)
+        show_chart(charts.compare_lines(imb, y=metric, y_title=charts.IMBALANCE_METRICS[metric],
+                                        title=f"Imbalance over steps: {charts.IMBALANCE_METRICS[metric]}"),
+                   imb, "compare-imbalance")
+    with guarded("Capacity drops"):
+        cf = st.slider("Capacity factor", 0.25, 4.0, 1.25, 0.05, key="cmp_cf")
+        drops = ctx.q("moeviz.capacity.capacity_drops", sel, cf, by=("layer",))
+        show_chart(charts.bars(drops, x="layer", y="drop_rate", color="run_id", title=f"Dropped share per layer at CF {cf:g}",
+                               x_title="MoE layer", y_title="dropped / assigned", hover=["dropped", "assigned"]),
+                   drops, "compare-drops")
+    with guarded("Domain specialization"):
+        share = ctx.q("moeviz.specialization.domain_share", sel)
+        show_chart(charts.compare_domain_share(share, runs=(a, b)), share, "compare-domains")
+
+
+if __name__ == "__main__":
+    run_page("Compare", render)

@@ -1,0 +1,45 @@
+"""Load balance: the layer × expert load at one step or pooled, and imbalance metrics per layer over steps."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from app.components import guarded, run_page, show_chart
+from app.state import Ctx
+from moeviz import charts
+
+ALL = "all selected steps"
+
+
+def _steps_in_selection(ctx: Ctx) -> list[int]:
+    lo, hi = ctx.sel.steps or (min(ctx.steps, default=0), max(ctx.steps, default=0))
+    return [s for s in ctx.steps if lo <= s <= hi]
+
+
+def render(ctx: Ctx) -> None:
+    steps = _steps_in_selection(ctx)
+    if not steps:
+        st.info("No steps recorded in this selection yet.")
+        return
+    c1, c2 = st.columns([3, 1])
+    options = [ALL, *steps]
+    step = c1.select_slider("Step", options=options, value=ALL, key="load_step",
+                            help="Slide to see the load at one step; the left end pools every selected step.")
+    value = c2.radio("Show", ["load_fraction", "relative_load"], key="load_value", horizontal=True,
+                     format_func={"load_fraction": "share", "relative_load": "× uniform"}.get)
+    sel = ctx.sel if step == ALL else ctx.sel.with_(steps=(int(step), int(step)))
+    with guarded("Load heat map"):
+        matrix = ctx.q("moeviz.load.load_matrix", sel)
+        where = "over the selected steps" if step == ALL else f"at step {step}"
+        show_chart(charts.load_heatmap(matrix, value=value, title=f"Load per expert and layer {where}"), matrix, "load-matrix")
+    with guarded("Imbalance over steps"):
+        metric = st.selectbox("Imbalance metric", list(charts.IMBALANCE_METRICS), key="imbalance_metric",
+                              format_func=charts.IMBALANCE_METRICS.get)
+        imb = ctx.q("moeviz.load.imbalance", ctx.sel, by_step=True)
+        show_chart(charts.imbalance_lines(imb, metric), imb, "imbalance")
+        pooled = ctx.q("moeviz.load.imbalance", sel, by_step=False)
+        st.dataframe(pooled, hide_index=True, width="stretch", key="imbalance-table")
+
+
+if __name__ == "__main__":
+    run_page("Load balance", render)

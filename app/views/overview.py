@@ -1,0 +1,85 @@
+"""Overview: the model, what was recorded, the run's status, health flags, load and aux loss at a glance."""
+
+from __future__ import annotations
+
+import json
+
+import streamlit as st
+
+from app.components import guarded, run_page, show_chart, show_table
+from app.state import Ctx
+from moeviz import charts
+
+STATUS_ICON = {"running": "🟢", "finished": "✅", "failed": "❌", "interrupted": "⚠️"}
+
+
+def _header(ctx: Ctx) -> None:
+    run = ctx.run
+    status = str(run.get("status"))
+    st.subheader(f"{run.get('run_name') or ctx.run_id} · {run.get('model_class')}")
+    cols = st.columns(7)
+    cols[0].metric("Status", f"{STATUS_ICON.get(status, '')} {status}")
+    cols[1].metric("MoE layers", int(run.get("n_layers") or 0))
+    cols[2].metric("Experts", ctx.n_experts)
+    cols[3].metric("Top-k", ctx.top_k)
+    cols[4].metric("Steps recorded", f"{int(run.get('steps') or 0):,}")
+    cols[5].metric("Tokens", f"{int(run.get('tokens') or 0):,}")
+    cols[6].metric("Tokens with detail", f"{int(run.get('routed_tokens') or 0):,}")
+    if status == "failed" and run.get("error"):
+        st.error(f"The run failed: {run['error']}")
+    elif status == "interrupted":
+        st.warning("A writer died without closing the run (kill -9, OOM, node loss): the data ends where it stopped.")
+    elif status == "running":
+        st.info("The run is being written. Turn on Live refresh in the sidebar to follow it.")
+    if int(run.get("steps") or 0) == 0:
+        st.info("Nothing has been recorded in this run yet.")
+    with st.expander("Model config and recording policy"):
+        cfg = run.get("config")
+        try:
+            st.json(json.loads(cfg) if isinstance(cfg, str) else (cfg or {}), expanded=False)
+        except (TypeError, ValueError):
+            st.code(str(cfg))
+        st.write(
+            {
+                "capacity_factor": run.get("capacity_factor"),
+                "world_size": run.get("world_size"),
+                "sample_every": run.get("sample_every"),
+                "max_tokens_per_step": run.get("max_tokens_per_step"),
+                "started_at": str(run.get("started_at")),
+                "ended_at": str(run.get("ended_at")),
+                "schema_version": run.get("schema_version"),
+            }
+        )
+
+
+def _health(ctx: Ctx) -> None:
+    st.subheader("Health")
+    health = ctx.q("moeviz.health.health_summary", ctx.sel_exact)
+    bad = health[health["severity"].isin(["error", "warn"])] if "severity" in health.columns else health
+    if bad.empty:
+        st.success("No problems found: no collapsed or dead experts, no growing imbalance, no heavy drops.")
+        return
+    n_err = int((bad["severity"] == "error").sum()) if "severity" in bad.columns else 0
+    st.markdown(f"**{n_err} errors, {len(bad) - n_err} warnings** (worst first)")
+    for _, row in bad.head(5).iterrows():
+        (st.error if row.get("severity") == "error" else st.warning)(str(row.get("message")))
+    with st.expander(f"All {len(health)} findings"):
+        show_table(health, "health")
+
+
+def render(ctx: Ctx) -> None:
+    _header(ctx)
+    with guarded("Health summary"):
+        _health(ctx)
+    left, right = st.columns(2)
+    with left, guarded("Load over steps"):
+        load = ctx.q("moeviz.load.expert_load", ctx.sel, by_step=True)
+        fig = charts.load_small_multiples(load)
+        show_chart(fig, load, "overview-load")
+    with right, guarded("Aux loss over steps"):
+        aux = ctx.q("moeviz.aux_loss.switch_loss", ctx.sel_exact, by_step=True)
+        show_chart(charts.aux_loss_small_multiples(aux), aux, "overview-aux")
+
+
+if __name__ == "__main__":
+    run_page("Overview", render)

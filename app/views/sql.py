@@ -1,0 +1,50 @@
+"""SQL console: read-only, row-limited, time-limited queries over the public schema, with CSV download."""
+
+from __future__ import annotations
+
+import pandas as pd
+import streamlit as st
+
+from app.components import error_message, run_page, show_table
+from app.state import Ctx, call
+from moeviz.queries import EXAMPLE_QUERIES
+from moeviz.schema import TABLES
+
+
+def _schema_help() -> None:
+    st.subheader("Schema")
+    for table in TABLES.values():
+        with st.expander(f"`{table.name}` ({len(table.columns)} columns)"):
+            st.caption(table.doc)
+            st.dataframe(
+                pd.DataFrame([(c.name, c.sql_type, c.doc) for c in table.columns], columns=["column", "type", "meaning"]),
+                hide_index=True, width="stretch",
+            )
+
+
+def render(ctx: Ctx) -> None:
+    st.caption("Read-only: one query at a time, at most the chosen number of rows, stopped after the time limit.")
+    example = st.selectbox("Example queries", ["(write your own)", *EXAMPLE_QUERIES], key="sql_example")
+    if example != "(write your own)" and st.session_state.get("_sql_example_loaded") != example:
+        st.session_state["sql_text"] = EXAMPLE_QUERIES[example]
+        st.session_state["_sql_example_loaded"] = example
+    st.session_state.setdefault("sql_text", EXAMPLE_QUERIES["Runs"])
+    sql = st.text_area("Query", key="sql_text", height=160)
+    c1, c2, c3 = st.columns([1, 1, 2])
+    max_rows = c1.number_input("Row limit", min_value=1, max_value=100_000, value=1000, step=100, key="sql_rows")
+    timeout = c2.number_input("Time limit (s)", min_value=1, max_value=120, value=10, step=1, key="sql_timeout")
+    c3.button("Run query", type="primary", key="sql_run", help="Ctrl+Enter in the box runs it too.")
+    if sql.strip():
+        try:
+            result = call("moeviz.queries.run_sql", ctx.path, ctx.token, sql, max_rows=int(max_rows), timeout_s=float(timeout))
+        except Exception as e:  # noqa: BLE001
+            error_message("Query refused", e)
+        else:
+            more = f" (cut at {int(max_rows)}: more rows exist)" if result.truncated else ""
+            st.success(f"{len(result.frame)} rows{more} in {result.elapsed_s:.2f} s")
+            show_table(result.frame, "sql-result")
+    _schema_help()
+
+
+if __name__ == "__main__":
+    run_page("SQL console", render)

@@ -1,0 +1,54 @@
+"""Tokens: one sequence's text with every token coloured by its expert, one row per layer (Mixtral's figure)."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from app.components import run_page, show_chart, show_table
+from app.state import Ctx
+from moeviz import charts
+
+
+def _label(row) -> str:
+    preview = (row["preview"] or "").replace("\n", " ")
+    domain = f" [{row['domain']}]" if row["domain"] else ""
+    return f"step {row['step']} · rank {row['rank']} · seq {row['seq']}{domain}: {preview[:60]}"
+
+
+def render(ctx: Ctx) -> None:
+    seqs = ctx.q("moeviz.queries.sequence_list", ctx.run_id)
+    if seqs.empty:
+        st.info("This run kept no per-token detail (see the recording policy: sample_every, max_tokens_per_step).")
+        return
+    if ctx.sel.steps:
+        lo, hi = ctx.sel.steps
+        seqs = seqs[(seqs["step"] >= lo) & (seqs["step"] <= hi)]
+    if ctx.sel.domains:
+        seqs = seqs[seqs["domain"].isin(ctx.sel.domains)]
+    if seqs.empty:
+        st.info("No sequence with per-token detail in the selected steps and domains.")
+        return
+    labels = {i: _label(r) for i, r in seqs.reset_index(drop=True).iterrows()}
+    rows = seqs.reset_index(drop=True)
+    pick = st.selectbox("Sequence", list(labels), format_func=labels.get, key="tokens_seq")
+    row = rows.iloc[int(pick)]
+    routes = ctx.q("moeviz.queries.sequence_routes", ctx.run_id, int(row["step"]), int(row["rank"]), int(row["seq"]))
+    if ctx.sel.layers is not None:
+        routes = routes[routes["layer"].isin(ctx.sel.layers)]
+    n_pos = int(routes["pos"].nunique()) if not routes.empty else 0
+    window = 64
+    start = 0
+    if n_pos > window:
+        start = st.slider("First token shown", 0, n_pos - window, 0, step=8, key="tokens_start")
+    positions = sorted(routes["pos"].unique())[start : start + window]
+    shown = routes[routes["pos"].isin(positions)]
+    fig = charts.token_routes(shown, n_experts=ctx.n_experts,
+                              title=f"Top expert of each token, per layer (step {row['step']}, sequence {row['seq']})")
+    show_chart(fig, shown, "token-routes", caption="Each cell is a token at one MoE layer, coloured by its top "
+               "expert; hover shows every chosen expert and its gate weight.")
+    with st.expander("All routes of this sequence"):
+        show_table(routes, "sequence-routes")
+
+
+if __name__ == "__main__":
+    run_page("Tokens", render)

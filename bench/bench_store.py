@@ -1,0 +1,131 @@
+"""Write throughput and bytes per route of the moeviz store on a realistic recording.
+
+The case: 8 MoE layers of 8 experts, top-2, batches of 8 sequences x 512 positions, token ids drawn from a
+32k vocabulary with a Zipf-like law, gate weights = softmax over the top-2 router logits (Mixtral-style), one
+flush every 16 steps (~1M routes). Prints a Markdown table.
+
+    python bench/bench_store.py [--routes 20000000] [--dir /tmp/moeviz-bench]
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from moeviz.store import RunWriter, compact, open_store, store_info  # noqa: E402
+
+LAYERS, EXPERTS, TOP_K, BATCH, SEQ_LEN, VOCAB = 8, 8, 2, 8, 512, 32_000
+
+
+def zipf_tokens(rng: np.random.Generator, n: int) -> np.ndarray:
+    """Token ids with frequency ~ 1/rank^1.07 over a 32k vocabulary; ids shuffled so rank != id."""
+    p = 1.0 / (np.arange(VOCAB) + 1.0) ** 1.07
+    ids = rng.permutation(VOCAB)
+    return ids[rng.choice(VOCAB, size=n, p=p / p.sum())].astype(np.int32)
+
+
+def flush_tables(rng: np.random.Generator, step0: int, steps: int) -> dict:
+    """One flush: routes (layer-major, then token, then slot) plus the small per-step tables."""
+    tokens = steps * BATCH * SEQ_LEN
+    token_id = zipf_tokens(rng, tokens)  # [tokens]
+    step = np.repeat(np.arange(step0, step0 + steps), BATCH * SEQ_LEN)  # [tokens]
+    seq = np.tile(np.repeat(np.arange(BATCH), SEQ_LEN), steps)  # [tokens]
+    pos = np.tile(np.arange(SEQ_LEN), steps * BATCH)  # [tokens]
+    logits = rng.normal(0.0, 1.5, size=(LAYERS, tokens, EXPERTS)).astype(np.float32)  # [layers, tokens, experts]
+    index = np.argpartition(-logits, TOP_K, axis=-1)[..., :TOP_K]  # [layers, tokens, k] unordered top-k
+    top = np.take_along_axis(logits, index, -1)
+    order = np.argsort(-top, axis=-1)
+    index, top = np.take_along_axis(index, order, -1), np.take_along_axis(top, order, -1)  # slot 0 = best
+    weight = np.exp(top - top[..., :1])
+    weight /= weight.sum(-1, keepdims=True)  # [layers, tokens, k]
+    shape = (LAYERS, tokens, TOP_K)
+    routes = {
+        "step": np.broadcast_to(step[None, :, None], shape).ravel(),
+        "seq": np.broadcast_to(seq[None, :, None], shape).ravel(),
+        "pos": np.broadcast_to(pos[None, :, None], shape).ravel(),
+        "token_id": np.broadcast_to(token_id[None, :, None], shape).ravel(),
+        "layer": np.broadcast_to(np.arange(LAYERS, dtype=np.int16)[:, None, None], shape).ravel(),
+        "slot": np.broadcast_to(np.arange(TOP_K, dtype=np.int8)[None, None, :], shape).ravel(),
+        "expert": index.astype(np.int16).ravel(),
+        "weight": weight.ravel(),
+    }
+    s, l, e = np.meshgrid(np.arange(step0, step0 + steps), np.arange(LAYERS), np.arange(EXPERTS), indexing="ij")
+    step_stats = {"step": s.ravel(), "layer": l.ravel(), "expert": e.ravel(), "tokens": BATCH * SEQ_LEN,
+                  "assigned": np.full(s.size, BATCH * SEQ_LEN * TOP_K // EXPERTS), "first_choice": BATCH * SEQ_LEN // 8,
+                  "prob_sum": np.full(s.size, BATCH * SEQ_LEN / EXPERTS), "dropped": 0}
+    s2, l2 = np.meshgrid(np.arange(step0, step0 + steps), np.arange(LAYERS), indexing="ij")
+    layer_stats = {"step": s2.ravel(), "layer": l2.ravel(), "tokens": BATCH * SEQ_LEN, "z_loss_sum": 1.0,
+                   "entropy_sum": 2.0, "dropped": 0}
+    s3, q3 = np.meshgrid(np.arange(step0, step0 + steps), np.arange(BATCH), indexing="ij")
+    sequences = {"step": s3.ravel(), "seq": q3.ravel(), "domain": "prose", "tag": "train", "n_tokens": SEQ_LEN}
+    return {"routes": routes, "step_stats": step_stats, "layer_stats": layer_stats, "sequences": sequences}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--routes", type=int, default=20_000_000)
+    ap.add_argument("--steps-per-flush", type=int, default=16)
+    ap.add_argument("--dir", default=None)
+    args = ap.parse_args()
+    root = Path(args.dir or tempfile.mkdtemp(prefix="moeviz-bench-"))
+    run_dir = root / "bench"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    rng = np.random.default_rng(0)
+    per_step = LAYERS * BATCH * SEQ_LEN * TOP_K
+    n_flushes = max(1, round(args.routes / (per_step * args.steps_per_flush)))
+    flushes = [flush_tables(rng, i * args.steps_per_flush, args.steps_per_flush) for i in range(min(n_flushes, 4))]
+
+    writer = RunWriter(run_dir, run_name="bench", compact_on_close=False)
+    writer.write_run({"model_class": "Bench", "n_layers": LAYERS, "n_experts": EXPERTS, "top_k": TOP_K})
+    routes = 0
+    t0 = time.perf_counter()
+    for i in range(n_flushes):  # reuse 4 generated flushes (generation is not what we measure); steps differ
+        f = flushes[i % len(flushes)]
+        f["routes"]["step"] = f["routes"]["step"] % args.steps_per_flush + i * args.steps_per_flush
+        writer.write_flush(f)
+        routes += len(f["routes"]["expert"])
+    write_s = time.perf_counter() - t0
+    writer.close()
+    info = store_info(run_dir)["runs"][0]
+    seg_bpr = info["bytes_per_route_segments"]
+
+    t0 = time.perf_counter()
+    con = open_store(run_dir)
+    open_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    n = con.execute("SELECT count(*) FROM (SELECT layer, expert, count(*), avg(weight) FROM routes GROUP BY ALL)").fetchone()
+    query_seg_s = time.perf_counter() - t0
+    con.close()
+
+    t0 = time.perf_counter()
+    res = compact(run_dir)["runs"][0]
+    compact_s = time.perf_counter() - t0
+    con = open_store(run_dir)
+    t0 = time.perf_counter()
+    con.execute("SELECT count(*) FROM (SELECT layer, expert, count(*), avg(weight) FROM routes GROUP BY ALL)").fetchone()
+    query_comp_s = time.perf_counter() - t0
+    con.close()
+    assert n[0] == LAYERS * EXPERTS
+
+    print(f"| measure | value |\n|---|---|")
+    print(f"| routes written | {routes:,} in {n_flushes} flushes |")
+    print(f"| write throughput | {routes / write_s / 1e6:.2f} M routes/s ({write_s:.2f} s) |")
+    print(f"| Parquet segments | {seg_bpr:.3f} bytes/route |")
+    print(f"| compaction | {compact_s:.2f} s |")
+    print(f"| compacted run.duckdb | {res['bytes_per_route']:.3f} bytes/route (whole file / routes) |")
+    print(f"| open_store | {open_s * 1000:.0f} ms |")
+    print(f"| GROUP BY layer, expert over routes | {query_seg_s:.2f} s on segments, {query_comp_s:.2f} s compacted |")
+    if not args.dir:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,95 @@
+"""Device-side math of the Recorder: exact per-step aggregates and the kept-token selection.
+
+Everything here runs on the router's device with fixed output sizes, so that it never waits for the GPU:
+no `.item()`, no `.tolist()`, no boolean indexing, no `nonzero`, no `bincount` without a size. Counts use
+`scatter_add_` into zero tensors of known size; masked sums use `torch.where` (a padded token's logits may be
+anything, NaN included, and must not leak into a sum). Results are packed into float64 vectors so that a whole
+flush leaves the device in one copy; float64 holds every count below 2**53 exactly.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+# Layout of one layer's packed aggregates (see `layer_aggregates`): 4 scalars, then 4 vectors of n_experts.
+LAYER_SCALARS = ("tokens", "z_loss_sum", "entropy_sum", "dropped")
+EXPERT_VECTORS = ("assigned", "first_choice", "prob_sum", "dropped")
+
+
+def packed_aggregate_size(n_experts: int) -> int:
+    """Length of the vector `layer_aggregates` returns for a layer with `n_experts` experts."""
+    return len(LAYER_SCALARS) + len(EXPERT_VECTORS) * n_experts
+
+
+def layer_aggregates(logits: Tensor, index: Tensor, dropped: Tensor | None, mask: Tensor) -> Tensor:
+    """Exact aggregates of one layer over one step, packed as float64 [4 + 4 * n_experts].
+
+    logits [N, E] router logits; index [N, k] chosen experts (slot 0 first); dropped [N, k] bool or None;
+    mask [N] bool, False for tokens outside the attention mask (they count nowhere).
+    Layout: tokens, z_loss_sum, entropy_sum, dropped_total, assigned[E], first_choice[E], prob_sum[E],
+    dropped[E].
+    """
+    n, n_experts = logits.shape
+    k = index.shape[1]
+    keep = mask.to(torch.bool)  # [N]
+    m = keep.to(torch.int64)  # [N]
+    logp = torch.log_softmax(logits.float(), dim=-1)  # [N, E]
+    p = logp.exp()  # [N, E]
+
+    prob_sum = torch.where(keep[:, None], p, 0.0).sum(0, dtype=torch.float64)  # [E]
+    lse = torch.logsumexp(logits.float(), dim=-1).to(torch.float64)  # [N]
+    z_loss_sum = torch.where(keep, lse * lse, 0.0).sum()  # []
+    plogp = torch.where(p > 0, p * logp, 0.0)  # [N, E]; 0 log 0 = 0 for experts masked with -inf
+    entropy_sum = torch.where(keep, -plogp.sum(-1), 0.0).sum(dtype=torch.float64)  # []
+
+    idx = index.to(torch.int64)  # [N, k]
+    m_slots = m[:, None].expand(n, k)  # [N, k]
+    assigned = torch.zeros(n_experts, dtype=torch.int64, device=logits.device)
+    assigned.scatter_add_(0, idx.reshape(-1), m_slots.reshape(-1))  # [E]
+    first = torch.zeros(n_experts, dtype=torch.int64, device=logits.device)
+    first.scatter_add_(0, idx[:, 0], m)  # [E]
+    dropped_e = torch.zeros(n_experts, dtype=torch.int64, device=logits.device)
+    if dropped is not None:
+        dropped_e.scatter_add_(0, idx.reshape(-1), (dropped.to(torch.int64) * m_slots).reshape(-1))  # [E]
+
+    scalars = torch.stack(
+        [m.sum().to(torch.float64), z_loss_sum, entropy_sum, dropped_e.sum().to(torch.float64)]
+    )  # [4]
+    return torch.cat(
+        [scalars, assigned.to(torch.float64), first.to(torch.float64), prob_sum, dropped_e.to(torch.float64)]
+    )
+
+
+def kept_token_slots(mask: Tensor, max_tokens: int | None) -> tuple[Tensor, Tensor]:
+    """Which tokens get per-token detail: the first `max_tokens` tokens inside the mask, in stream order.
+
+    mask [N] bool. Returns (index [M], valid [M]) with M = N if max_tokens is None else min(N, max_tokens):
+    index[i] is the position (in the stream) of the i-th kept token, valid[i] says whether there is one (a step
+    may have fewer than M tokens inside the mask). The size M is known without looking at the data, so no sync.
+    """
+    n = mask.shape[0]
+    m = n if max_tokens is None else min(n, int(max_tokens))
+    keep = mask.to(torch.bool)  # [N]
+    order = torch.cumsum(keep.to(torch.int64), 0)  # [N], 1-based rank among masked-in tokens
+    kept = keep & (order <= m)  # [N]
+    target = torch.where(kept, order - 1, m)  # [N]; everything not kept lands in the spare slot m
+    slots = torch.zeros(m + 1, dtype=torch.int64, device=mask.device)
+    slots.scatter_(0, target, torch.arange(n, device=mask.device))  # [M + 1]
+    total = order[-1] if n else torch.zeros((), dtype=torch.int64, device=mask.device)
+    valid = torch.arange(m, device=mask.device) < total  # [M]
+    return slots[:m], valid
+
+
+def packed_routes(
+    sel: Tensor, valid: Tensor, seq: Tensor, pos: Tensor, token_id: Tensor, index: Tensor, weights: Tensor
+) -> Tensor:
+    """Per-token detail of one layer for the kept tokens, packed as float64 [M, 4 + 2k].
+
+    Columns: valid, seq, pos, token_id, expert[k], weight[k]. sel/valid come from `kept_token_slots`;
+    seq/pos/token_id [N] describe the token stream; index/weights [N, k] are the layer's routing.
+    """
+    cols = torch.stack([valid.to(torch.int64), seq[sel], pos[sel], token_id[sel]], dim=1)  # [M, 4]
+    return torch.cat(
+        [cols.to(torch.float64), index[sel].to(torch.float64), weights[sel].to(torch.float64)], dim=1
+    )  # [M, 4 + 2k]

@@ -1,0 +1,727 @@
+"""Record the routing of a PyTorch Mixture-of-Experts model into a moeviz store while it trains or evaluates.
+
+    with Recorder(model, "runs/exp1", run_name="exp1", tokenizer=tok) as rec:
+        for step, batch in enumerate(loader):
+            model(**batch).loss.backward(); opt.step(); opt.zero_grad()
+            rec.step(step)                       # everything routed since the last step() belongs to `step`
+
+How it stays out of the way of training:
+- A forward hook on each router calls the adapter's `extract` and appends the detached device tensors to a
+  buffer: no `.item()`, `.tolist()`, `.cpu()`, `print`, boolean indexing or data-sized ops, which would each
+  make the CPU wait for the GPU on every layer of every step.
+- A forward pre-hook on the model keeps references to the `input_ids` / `attention_mask` of each forward, so
+  gradient accumulation (several forwards per step) and padding are handled without the user passing them.
+- At `step()` the exact aggregates (counts, router-probability sums, z-loss and entropy sums) and the kept
+  per-token detail are computed on the device with fixed-size ops (`collectors.aggregates`).
+- Every `flush_every` steps the buffered results are concatenated into one float64 tensor and copied to the
+  host once: the only CPU-GPU sync point. A background thread turns the arrays into rows and writes them with
+  `moeviz.store.RunWriter`, behind a bounded queue, so that slow disks slow training down instead of filling
+  memory.
+- Hooks are removed in `finally`, whatever happened; the run is closed as finished, or failed with the
+  exception text, and the user's exception always propagates.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import json
+import queue
+import threading
+import traceback
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from collectors.aggregates import (
+    EXPERT_VECTORS,
+    LAYER_SCALARS,
+    kept_token_slots,
+    layer_aggregates,
+    packed_aggregate_size,
+    packed_routes,
+)
+from moeviz.errors import MoevizError
+
+__all__ = ["Recorder", "RecorderError"]
+
+
+class RecorderError(MoevizError, RuntimeError):
+    """The Recorder was misused (bad arguments, use after close) or its writer thread failed."""
+
+
+def _in_backward() -> bool:
+    """True while autograd runs a backward pass: activation checkpointing then re-runs router forwards, which
+    must not be counted twice."""
+    try:
+        return torch._C._current_graph_task_id() != -1
+    except AttributeError:  # very old torch: no recomputation detection
+        return False
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The tokens of a step, as the routers see them
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Segment:
+    """The inputs of one forward of the model: what the router of a layer sees, flattened batch-major."""
+
+    ids: Tensor | None  # [B, S] token ids, None if the forward got embeddings
+    mask: Tensor | None  # [B, S] attention mask, None = every token counts
+    batch: int
+    seq_len: int
+
+
+def _segment(ids: Any, mask: Any, embeds: Any = None, like: Any = None) -> _Segment | None:
+    """A _Segment from a forward's keyword values; None when its token layout is unknown."""
+    if isinstance(ids, Tensor) and ids.dim() in (1, 2) and not ids.is_floating_point():
+        ids = ids.detach()
+        ids = ids[None] if ids.dim() == 1 else ids  # [B, S]
+        b, s = ids.shape
+    elif isinstance(embeds, Tensor) and embeds.dim() == 3:
+        ids, (b, s) = None, embeds.shape[:2]
+    elif isinstance(like, Tensor) and like.dim() == 2:  # labels of a seq2seq model: decoder ids made from them
+        ids, (b, s) = None, like.shape
+    else:
+        return None
+    if isinstance(mask, Tensor) and mask.dim() == 2 and mask.shape[0] == b and mask.shape[1] >= s:
+        mask = mask.detach()[:, mask.shape[1] - s :]  # generation passes the mask of the whole prefix
+    else:
+        mask = None
+    return _Segment(ids, mask, int(b), int(s))
+
+
+class _Stream:
+    """Token layout of one step (one or more forwards, concatenated batch-major): seq, pos, token_id and mask
+    per token [N], on the device. Sequence indices continue across forwards (gradient accumulation)."""
+
+    def __init__(self, segments: Sequence[_Segment], device: torch.device):
+        seqs, poss, tids, masks, per_seq = [], [], [], [], []
+        offset = 0
+        for sg in segments:
+            b, s = sg.batch, sg.seq_len
+            rows = torch.arange(b, device=device)[:, None].expand(b, s) + offset  # [B, S]
+            cols = torch.arange(s, device=device)[None, :].expand(b, s)  # [B, S]
+            if sg.ids is not None:
+                tid = sg.ids.to(device=device, dtype=torch.int64, non_blocking=True)
+            else:
+                tid = torch.full((b, s), -1, dtype=torch.int64, device=device)
+            if sg.mask is not None:
+                mk = sg.mask.to(device=device, non_blocking=True) != 0  # [B, S]
+            else:
+                mk = torch.ones((b, s), dtype=torch.bool, device=device)
+            seqs.append(rows.reshape(-1))
+            poss.append(cols.reshape(-1))
+            tids.append(tid.reshape(-1))
+            masks.append(mk.reshape(-1))
+            per_seq.append(mk.sum(1))  # [B]
+            offset += b
+        empty = torch.zeros(0, dtype=torch.int64, device=device)
+        self.seq = torch.cat(seqs) if seqs else empty  # [N]
+        self.pos = torch.cat(poss) if poss else empty  # [N]
+        self.token_id = torch.cat(tids) if tids else empty  # [N]
+        self.mask = torch.cat(masks) if masks else empty.bool()  # [N]
+        self.n_per_seq = torch.cat(per_seq) if per_seq else empty  # [B_total]
+        self.n = int(sum(sg.batch * sg.seq_len for sg in segments))
+        self.n_seqs = offset
+        self._moved: dict[torch.device, tuple[Tensor, Tensor, Tensor, Tensor]] = {}
+        self._kept: dict[tuple[torch.device, int | None], tuple[Tensor, Tensor]] = {}
+
+    def on(self, device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(seq, pos, token_id, mask) on `device` (layers of a pipeline-split model live on several GPUs)."""
+        if device not in self._moved:
+            self._moved[device] = tuple(
+                t.to(device, non_blocking=True) for t in (self.seq, self.pos, self.token_id, self.mask)
+            )
+        return self._moved[device]
+
+    def kept(self, device: torch.device, max_tokens: int | None) -> tuple[Tensor, Tensor]:
+        """The kept-token selection, shared by every layer so that a token's routes cover all layers."""
+        key = (device, max_tokens)
+        if key not in self._kept:
+            self._kept[key] = kept_token_slots(self.on(device)[3], max_tokens)
+        return self._kept[key]
+
+
+def _as_2d(x: Any, name: str) -> Tensor:
+    t = x if isinstance(x, Tensor) else torch.as_tensor(np.asarray(x))
+    if t.dim() == 1:
+        t = t[None]
+    if t.dim() != 2:
+        raise RecorderError(f"{name} must have shape [batch, seq]; got shape {tuple(t.shape)}")
+    return t.detach()
+
+
+def _concat_captured(segments: Sequence[_Segment]) -> tuple[Tensor | None, Tensor | None, tuple[int, int]] | None:
+    """The captured forwards as one [B_total, S] batch (ids, mask), when they share a sequence length."""
+    if not segments or len({sg.seq_len for sg in segments}) != 1:
+        return None
+    shape = (sum(sg.batch for sg in segments), segments[0].seq_len)
+    ids = torch.cat([sg.ids for sg in segments]) if all(sg.ids is not None for sg in segments) else None
+    mask = None
+    if any(sg.mask is not None for sg in segments):
+        dev = next(sg.mask.device for sg in segments if sg.mask is not None)
+        mask = torch.cat(
+            [sg.mask if sg.mask is not None else torch.ones((sg.batch, sg.seq_len), device=dev) for sg in segments]
+        )
+    return ids, mask, shape
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Buffers and host-side decoding of a flush
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Piece:
+    kind: str  # 'agg' (layer aggregates), 'routes' (per-token detail), 'seqs' (tokens per sequence)
+    layer: int | None  # MoE layer index (site.layer); None for 'seqs'
+    shape: tuple[int, ...]  # shape of the packed float64 tensor
+    tensor: Tensor | None = None  # dropped before the layout goes to the writer thread
+
+
+@dataclass
+class _StepRecord:
+    step: int
+    tag: str
+    domains: list[str | None]
+    pieces: list[_Piece] = field(default_factory=list)
+
+
+def _tables_from_host(host: np.ndarray, records: list[_StepRecord], rank: int, layer_experts: dict[int, int]) -> dict:
+    """Turn one flush's host copy back into the store's column arrays (runs in the writer thread)."""
+    cols: dict[str, dict[str, list]] = {t: {} for t in ("step_stats", "layer_stats", "routes", "sequences")}
+
+    def add(table: str, **arrays) -> None:
+        for name, arr in arrays.items():
+            cols[table].setdefault(name, []).append(arr)
+
+    off = 0
+    for rec in records:
+        for pc in rec.pieces:
+            size = int(np.prod(pc.shape))
+            arr = host[off : off + size].reshape(pc.shape)
+            off += size
+            if pc.kind == "agg":
+                n_exp = layer_experts[pc.layer]
+                tokens, z, ent, dropped = arr[: len(LAYER_SCALARS)]
+                vec = arr[len(LAYER_SCALARS) :].reshape(len(EXPERT_VECTORS), n_exp)  # [4, E]
+                add("layer_stats", step=np.array([rec.step]), layer=np.array([pc.layer]), tokens=np.array([tokens]),
+                    z_loss_sum=np.array([z]), entropy_sum=np.array([ent]), dropped=np.array([dropped]))
+                add("step_stats", step=np.full(n_exp, rec.step), layer=np.full(n_exp, pc.layer),
+                    expert=np.arange(n_exp), tokens=np.full(n_exp, tokens), assigned=vec[0], first_choice=vec[1],
+                    prob_sum=vec[2], dropped=vec[3])
+            elif pc.kind == "routes":
+                k = (pc.shape[1] - 4) // 2
+                rows = arr[arr[:, 0] > 0]  # [M_valid, 4 + 2k]
+                m = rows.shape[0]
+                add("routes", step=np.full(m * k, rec.step), seq=np.repeat(rows[:, 1], k),
+                    pos=np.repeat(rows[:, 2], k), token_id=np.repeat(rows[:, 3], k), layer=np.full(m * k, pc.layer),
+                    slot=np.tile(np.arange(k), m), expert=rows[:, 4 : 4 + k].reshape(-1),
+                    weight=rows[:, 4 + k :].reshape(-1))
+            elif pc.kind == "seqs":
+                n = pc.shape[0]
+                add("sequences", step=np.full(n, rec.step), seq=np.arange(n),
+                    domain=np.array(rec.domains, dtype=object), tag=np.array([rec.tag] * n, dtype=object),
+                    n_tokens=arr)
+    dtypes = {
+        "step": np.int64, "layer": np.int16, "expert": np.int16, "tokens": np.int64, "assigned": np.int64,
+        "first_choice": np.int64, "prob_sum": np.float64, "dropped": np.int64, "z_loss_sum": np.float64,
+        "entropy_sum": np.float64, "seq": np.int32, "pos": np.int32, "token_id": np.int32, "slot": np.int8,
+        "weight": np.float64, "n_tokens": np.int32, "domain": object, "tag": object,
+    }
+    tables: dict[str, dict[str, np.ndarray]] = {}
+    for table, arrays in cols.items():
+        if not arrays:
+            continue
+        out = {name: np.concatenate(parts).astype(dtypes[name]) for name, parts in arrays.items()}
+        n_rows = len(out["step"])
+        if n_rows == 0:
+            continue
+        out["rank"] = np.full(n_rows, rank, dtype=np.int32)
+        tables[table] = out
+    return tables
+
+
+class _WriterThread:
+    """Runs writer jobs in order on one background thread, behind a bounded queue (back-pressure).
+
+    After a job fails, later jobs are skipped (but still taken off the queue, so producers never block forever)
+    except the final close; the error is kept for the Recorder to raise on its next call.
+    """
+
+    def __init__(self, writer: Any, max_pending: int):
+        self.writer = writer
+        self.error: BaseException | None = None
+        self.error_trace = ""
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, max_pending))
+        self._thread = threading.Thread(target=self._run, name="moeviz-writer", daemon=True)
+        self._thread.start()
+
+    def submit(self, job: Callable[[Any], None], *, always: bool = False) -> None:
+        self._queue.put((job, always))
+
+    def stop(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            job, always = item
+            if self.error is not None and not always:
+                continue
+            try:
+                job(self.writer)
+            except BaseException as e:  # kept and re-raised in the training thread
+                if self.error is None:
+                    self.error, self.error_trace = e, traceback.format_exc()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The Recorder
+# --------------------------------------------------------------------------------------------------------------
+
+
+class Recorder:
+    """Records a model's routing into the run folder `path` (see the module docstring for the how).
+
+    model: the model whose routers are hooked (found by `collectors.routers.find_routers`, or by your
+      `predicate` / `adapter`). tokenizer: stores the text of every vocabulary id. sample_every: keep per-token
+      detail on steps whose number is a multiple of it. max_tokens_per_step: keep per-token detail for at most
+      the first M tokens (in sequence, position order) of a step on this rank; the per-step aggregates always
+      cover every token. flush_every: steps between two device-to-host copies. rank/world_size: default from
+      torch.distributed when initialised. domain: default domain label of every sequence. config: a dict
+      stored as the run's config (default `model.config.to_dict()`).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        path: str | Path,
+        *,
+        run_name: str | None = None,
+        run_id: str | None = None,
+        predicate: Callable | None = None,
+        adapter: Any = None,
+        tokenizer: Any = None,
+        sample_every: int = 1,
+        max_tokens_per_step: int | None = None,
+        flush_every: int = 10,
+        rank: int | None = None,
+        world_size: int | None = None,
+        domain: str | None = None,
+        config: dict | None = None,
+        max_pending_flushes: int = 4,
+    ):
+        if not isinstance(model, nn.Module):
+            raise RecorderError(f"Recorder needs a torch.nn.Module; got {type(model).__name__}")
+        if int(sample_every) < 1:
+            raise RecorderError(f"sample_every must be >= 1 (1 = every step); got {sample_every}")
+        if max_tokens_per_step is not None and int(max_tokens_per_step) < 0:
+            raise RecorderError(f"max_tokens_per_step must be >= 0 or None (all tokens); got {max_tokens_per_step}")
+        if int(flush_every) < 1:
+            raise RecorderError(f"flush_every must be >= 1; got {flush_every}")
+        if domain is not None and not isinstance(domain, str):
+            raise RecorderError("Recorder(domain=...) takes one label; give per-sequence labels to step(domain=[...])")
+        self.model = model
+        self.path = Path(path)
+        self.run_name = run_name
+        self.run_id = run_id
+        self.predicate = predicate
+        self.adapter = adapter
+        self.tokenizer = tokenizer
+        self.sample_every = int(sample_every)
+        self.max_tokens_per_step = None if max_tokens_per_step is None else int(max_tokens_per_step)
+        self.flush_every = int(flush_every)
+        dist_rank, dist_world = _distributed_rank_and_size()
+        self.rank = dist_rank if rank is None else int(rank)
+        self.world_size = dist_world if world_size is None else int(world_size)
+        self.domain = domain
+        self.config = config
+        self.max_pending_flushes = max_pending_flushes
+
+        self.sites: list = []
+        self._handles: list = []
+        self._writer_thread: _WriterThread | None = None
+        self._started = False
+        self._closed = False
+        self._paused = False
+        self._is_encoder_decoder = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+        self._forward_params: list[str] = []
+        self._calls: list[list] = []  # per site: RouterOutputs captured since the last step()
+        self._forwards: list[tuple[_Segment | None, _Segment | None]] = []  # (main, decoder) per forward
+        self._pending: list[_StepRecord] = []
+        self._warned_layers: set[int] = set()
+        self.steps_recorded = 0
+        self.flushes = 0
+
+    # -- lifecycle ---------------------------------------------------------------------------------------------
+
+    def __enter__(self) -> "Recorder":
+        self.start()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        self._finish(exc)
+        return False  # never swallow the user's exception
+
+    def start(self) -> "Recorder":
+        """Find the routers, open the run, write its metadata and attach the hooks."""
+        if self._started:
+            raise RecorderError("this Recorder was already started; make a new one for a new run")
+        from collectors.routers import find_routers
+        from moeviz.store import RunWriter
+
+        sites = list(find_routers(self.model, predicate=self.predicate, adapter=self.adapter))
+        if not sites:
+            raise RecorderError(
+                f"no MoE router found in {type(self.model).__name__}: pass predicate=(name, module) -> bool "
+                "to pick the router modules, or adapter= for a custom MoE layer (see collectors.routers)"
+            )
+        self.sites = sites
+        self._calls = [[] for _ in sites]
+        writer = RunWriter(
+            self.path, run_id=self.run_id, run_name=self.run_name, rank=self.rank, world_size=self.world_size
+        )
+        self._writer_thread = _WriterThread(writer, self.max_pending_flushes)
+        self._started = True
+        try:
+            meta, layers = self._run_metadata(), self._layer_rows()
+            self._writer_thread.submit(lambda w: w.write_run(meta))
+            self._writer_thread.submit(lambda w: w.write_layers(layers))
+            if self.tokenizer is not None:
+                ids, texts = _vocab_texts(self.tokenizer)
+                self._writer_thread.submit(lambda w: w.write_vocab(ids, texts))
+            self._attach_hooks()
+        except BaseException as e:
+            self._finish(e)
+            raise
+        return self
+
+    def close(self) -> None:
+        """Flush what is left, remove the hooks and close the run as finished (idempotent)."""
+        self._finish(None)
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Forwards inside this block are not recorded (e.g. an evaluation in the middle of training)."""
+        was, self._paused = self._paused, True
+        try:
+            yield
+        finally:
+            self._paused = was
+
+    def discard(self) -> None:
+        """Drop whatever the hooks captured since the last step() (e.g. evaluation forwards between steps)."""
+        self._calls = [[] for _ in self.sites]
+        self._forwards = []
+
+    # -- hooks -------------------------------------------------------------------------------------------------
+
+    def _attach_hooks(self) -> None:
+        try:
+            self._forward_params = list(inspect.signature(self.model.forward).parameters)
+        except (TypeError, ValueError):
+            self._forward_params = []
+        self._handles.append(self.model.register_forward_pre_hook(self._on_model_call, with_kwargs=True))
+        for i, site in enumerate(self.sites):
+            self._handles.append(site.module.register_forward_hook(functools.partial(self._on_router, i)))
+
+    def _remove_hooks(self) -> None:
+        handles, self._handles = self._handles, []
+        for h in handles:
+            h.remove()
+
+    def _on_model_call(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Forward pre-hook: keep references to this forward's token ids and mask (no copy, no sync)."""
+        if self._paused or _in_backward():
+            return
+        bound = dict(zip(self._forward_params, args))
+        bound.update(kwargs)
+        main = _segment(bound.get("input_ids"), bound.get("attention_mask"), bound.get("inputs_embeds"))
+        dec = None
+        if self._is_encoder_decoder:
+            dec = _segment(
+                bound.get("decoder_input_ids"),
+                bound.get("decoder_attention_mask"),
+                bound.get("decoder_inputs_embeds"),
+                like=bound.get("labels"),
+            )
+        self._forwards.append((main, dec))
+
+    def _on_router(self, site_index: int, module: nn.Module, inputs: tuple, output: Any) -> None:
+        """Forward hook on a router: extract its routing and buffer the detached device tensors (no sync)."""
+        if self._paused or _in_backward():
+            return
+        out = self.sites[site_index].extract(module, inputs, output)
+        self._calls[site_index].append(
+            (
+                out.logits.detach(),  # [tokens, E]
+                out.index.detach(),  # [tokens, k]
+                out.weights.detach(),  # [tokens, k]
+                None if out.dropped is None else out.dropped.detach(),  # [tokens, k]
+            )
+        )
+
+    # -- steps -------------------------------------------------------------------------------------------------
+
+    def step(
+        self,
+        step: int,
+        token_ids: Any = None,
+        attention_mask: Any = None,
+        domain: str | Sequence[str | None] | None = None,
+        tag: str = "train",
+    ) -> None:
+        """Close step `step`: everything routed since the previous step() belongs to it.
+
+        token_ids / attention_mask [batch, seq] describe the step's tokens when given (the rows of all its
+        forwards, in order); otherwise those captured from each forward's `input_ids` / `attention_mask` are
+        used. domain: one label, or one per sequence. No host sync unless this step triggers a flush.
+        """
+        self._check_usable()
+        calls, forwards = self._calls, self._forwards
+        self.discard()
+        if not any(calls):
+            return
+        record = self._step_record(int(step), calls, forwards, token_ids, attention_mask, domain, str(tag))
+        self._pending.append(record)
+        self.steps_recorded += 1
+        if len(self._pending) >= self.flush_every:
+            self.flush()
+
+    def _step_record(self, step, calls, forwards, token_ids, attention_mask, domain, tag) -> _StepRecord:
+        device = next(c[0][0].device for c in calls if c)
+        main = self._main_stream([f[0] for f in forwards], token_ids, attention_mask, device)
+        dec_segments = [f[1] for f in forwards]
+        dec = _Stream(dec_segments, device) if dec_segments and all(dec_segments) else None
+        sampled = step % self.sample_every == 0
+        n_seqs = main.n_seqs if main is not None else 0
+        record = _StepRecord(step, tag, self._domains(domain, n_seqs, step))
+        for i, site in enumerate(self.sites):
+            if not calls[i]:
+                continue
+            logits, index, weights, dropped = _concat_calls(calls[i])
+            stream = self._stream_for(site, logits.shape[0], main, dec)
+            dev = logits.device
+            if stream is not None:
+                seq, pos, tid, mask = stream.on(dev)
+            else:
+                mask = torch.ones(logits.shape[0], dtype=torch.bool, device=dev)
+            agg = layer_aggregates(logits, index, dropped, mask)
+            record.pieces.append(_Piece("agg", site.layer, tuple(agg.shape), agg))
+            if sampled and stream is not None and self.max_tokens_per_step != 0:
+                sel, valid = stream.kept(dev, self.max_tokens_per_step)
+                routes = packed_routes(sel, valid, seq, pos, tid, index, weights)
+                record.pieces.append(_Piece("routes", site.layer, tuple(routes.shape), routes))
+        if main is not None:
+            record.pieces.append(_Piece("seqs", None, (n_seqs,), main.n_per_seq.to(torch.float64)))
+        return record
+
+    def _main_stream(self, segments, token_ids, attention_mask, device) -> _Stream | None:
+        """The step's token layout: explicit token_ids/attention_mask win, else the captured forwards."""
+        captured = segments if segments and all(sg is not None for sg in segments) else None
+        if token_ids is None and attention_mask is None:
+            return _Stream(captured, device) if captured else None
+        ids = _as_2d(token_ids, "token_ids") if token_ids is not None else None
+        mask = _as_2d(attention_mask, "attention_mask") if attention_mask is not None else None
+        if ids is not None and mask is not None and ids.shape != mask.shape:
+            raise RecorderError(
+                f"token_ids {tuple(ids.shape)} and attention_mask {tuple(mask.shape)} must have the same shape"
+            )
+        shape = tuple((ids if ids is not None else mask).shape)
+        both = _concat_captured(captured) if captured else None
+        if both is not None and both[2] == shape:  # fill what was not given from the captured forwards
+            ids = both[0] if ids is None else ids
+            mask = both[1] if mask is None else mask
+        return _Stream([_Segment(ids, mask, shape[0], shape[1])], device)
+
+    def _stream_for(self, site, n_tokens: int, main: _Stream | None, dec: _Stream | None) -> _Stream | None:
+        """The token stream whose layout matches what this router saw, or None (warned once per layer)."""
+        if dec is not None and site.stack == "decoder" and dec.n == n_tokens:
+            return dec
+        if main is not None and main.n == n_tokens:
+            return main
+        if site.layer not in self._warned_layers:
+            self._warned_layers.add(site.layer)
+            known = ", ".join(f"{s.n}" for s in (main, dec) if s is not None) or "none captured"
+            warnings.warn(
+                f"moeviz: router {site.name} saw {n_tokens} tokens in a step, which matches no input batch "
+                f"(tokens per step: {known}); its aggregates count every token it saw (no mask) and no per-token "
+                "detail is kept for it. Pass token_ids/attention_mask to step() if the model reshapes its inputs.",
+                stacklevel=3,
+            )
+        return None
+
+    def _domains(self, domain, n_seqs: int, step: int) -> list[str | None]:
+        d = self.domain if domain is None else domain
+        if d is None or isinstance(d, str):
+            return [d] * n_seqs
+        labels = [None if x is None else str(x) for x in d]
+        if len(labels) != n_seqs:
+            raise RecorderError(
+                f"step {step}: domain has {len(labels)} labels but the step has {n_seqs} sequences; give one "
+                "label per sequence (all forwards of the step, in order) or a single string"
+            )
+        return labels
+
+    # -- flushing ----------------------------------------------------------------------------------------------
+
+    def flush(self) -> None:
+        """Copy the buffered steps to the host (one copy) and hand them to the writer thread."""
+        self._raise_writer_error()
+        records, self._pending = self._pending, []
+        pieces = [pc for rec in records for pc in rec.pieces]
+        if not pieces:
+            return
+        device = pieces[0].tensor.device
+        flat = torch.cat([pc.tensor.reshape(-1).to(device, non_blocking=True) for pc in pieces])  # [total]
+        host = flat.cpu().numpy()  # note: the one CPU-GPU sync point per flush
+        for pc in pieces:
+            pc.tensor = None  # the layout travels to the writer thread, the device memory is freed here
+        layer_experts = {site.layer: int(site.n_experts) for site in self.sites}
+        rank = self.rank
+
+        def write(writer) -> None:
+            writer.write_flush(_tables_from_host(host, records, rank, layer_experts))
+
+        self._writer_thread.submit(write)
+        self.flushes += 1
+
+    def _check_usable(self) -> None:
+        if not self._started:
+            raise RecorderError("Recorder not started: use `with Recorder(...) as rec:` or call rec.start() first")
+        if self._closed:
+            raise RecorderError("Recorder is closed; make a new one to record again")
+        self._raise_writer_error()
+
+    def _raise_writer_error(self) -> None:
+        wt = self._writer_thread
+        if wt is not None and wt.error is not None:
+            raise RecorderError(
+                f"moeviz could not write the run at {self.path}: {wt.error!r}. What was written before is "
+                f"intact and readable. Writer traceback:\n{wt.error_trace}"
+            ) from wt.error
+
+    def _finish(self, error: BaseException | None) -> None:
+        """Remove hooks (always), flush, close the run as finished or failed; raise our own error only when the
+        user's code did not raise one."""
+        if self._closed:
+            return
+        self._closed = True
+        own_error: BaseException | None = None
+        try:
+            self._remove_hooks()
+        finally:
+            self.discard()
+            if self._writer_thread is not None:
+                try:
+                    if self._pending and self._writer_thread.error is None:
+                        self.flush()
+                except BaseException as e:
+                    own_error = e
+                wt = self._writer_thread
+                failure = error or own_error or wt.error
+                status = "failed" if failure is not None else "finished"
+                text = None if failure is None else _error_text(failure)
+                wt.submit(lambda w: w.close(status=status, error=text), always=True)
+                wt.stop()
+                if own_error is None and wt.error is not None:
+                    own_error = RecorderError(
+                        f"moeviz could not write the run at {self.path}: {wt.error!r}. What was written before "
+                        f"is intact and readable. Writer traceback:\n{wt.error_trace}"
+                    )
+                    own_error.__cause__ = wt.error
+        if own_error is not None:
+            if error is None:
+                raise own_error
+            warnings.warn(f"moeviz: while closing after an error, the recorder also failed: {own_error!r}")
+
+    # -- metadata ----------------------------------------------------------------------------------------------
+
+    def _run_metadata(self) -> dict:
+        caps = [s.capacity_factor for s in self.sites if s.capacity_factor is not None]
+        return dict(
+            model_class=type(self.model).__name__,
+            n_layers=len(self.sites),
+            n_experts=max(int(s.n_experts) for s in self.sites),
+            top_k=max(int(s.top_k) for s in self.sites),
+            capacity_factor=float(caps[0]) if caps else None,
+            config=_config_dict(self.model, self.config),
+            sample_every=self.sample_every,
+            max_tokens_per_step=self.max_tokens_per_step,
+        )
+
+    def _layer_rows(self) -> list[dict]:
+        return [
+            dict(
+                layer=int(s.layer),
+                module_name=s.name,
+                n_experts=int(s.n_experts),
+                top_k=int(s.top_k),
+                block_index=None if s.block_index is None else int(s.block_index),
+                stack=s.stack,
+            )
+            for s in self.sites
+        ]
+
+
+def _concat_calls(calls: list) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """One layer's router calls of a step (one per forward) as single tensors [N, ...]."""
+    logits = torch.cat([c[0] for c in calls]) if len(calls) > 1 else calls[0][0]  # [N, E]
+    index = torch.cat([c[1] for c in calls]) if len(calls) > 1 else calls[0][1]  # [N, k]
+    weights = torch.cat([c[2] for c in calls]) if len(calls) > 1 else calls[0][2]  # [N, k]
+    if all(c[3] is None for c in calls):
+        dropped = None
+    else:
+        dropped = torch.cat(
+            [c[3] if c[3] is not None else torch.zeros(c[1].shape, dtype=torch.bool, device=c[1].device) for c in calls]
+        )  # [N, k]
+    return logits, index, weights, dropped
+
+
+def _distributed_rank_and_size() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _config_dict(model: nn.Module, config: dict | None) -> dict | None:
+    """The run's config as JSON-safe data: the user's dict, else the HF config's `to_dict()`."""
+    if config is None:
+        cfg = getattr(model, "config", None)
+        config = cfg.to_dict() if hasattr(cfg, "to_dict") else None
+    if config is None:
+        return None
+    return json.loads(json.dumps(config, default=str))
+
+
+def _vocab_texts(tokenizer: Any) -> tuple[np.ndarray, list[str]]:
+    """(token ids, texts) for every id of the tokenizer, added tokens included."""
+    try:
+        n = len(tokenizer)
+    except TypeError:
+        n = int(tokenizer.vocab_size)
+    ids = list(range(n))
+    if hasattr(tokenizer, "convert_ids_to_tokens"):
+        texts = tokenizer.convert_ids_to_tokens(ids)
+    else:
+        texts = [tokenizer.decode([i]) for i in ids]
+    return np.arange(n, dtype=np.int64), ["" if t is None else str(t) for t in texts]
+
+
+def _error_text(e: BaseException) -> str:
+    return "".join(traceback.format_exception_only(type(e), e)).strip()

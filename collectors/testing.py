@@ -1,0 +1,434 @@
+"""Tiny random MoE models, one per supported family, for tests (no download: built from configs).
+
+Every test that needs a real transformers MoE model should build it here, so that the families and their
+sizes are defined once:
+
+    from collectors.testing import FAMILIES, tiny_model
+    model, config = tiny_model("mixtral")            # eval mode, float32, seeded
+    model, config = tiny_model("deepseek_v3", num_hidden_layers=4)   # overrides go to the config
+
+The models are small (hidden 32, 2-3 layers, 4-8 experts) so that a forward takes milliseconds on a CPU.
+`tiny_linear_gate_moe()` builds the transformers 4.x layout (a Mixtral block whose router is a plain
+`nn.Linear` called `gate`), which transformers 5 no longer ships.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+# family -> (config class name, model class name, config kwargs). Kept as names so that importing this module
+# does not import every transformers model.
+_FAMILY_SPECS: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "mixtral": (
+        "MixtralConfig",
+        "MixtralForCausalLM",
+        dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=64),
+    ),
+    "qwen2_moe": (
+        "Qwen2MoeConfig",
+        "Qwen2MoeForCausalLM",
+        dict(
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=32,
+            shared_expert_intermediate_size=32,
+            intermediate_size=64,
+            norm_topk_prob=False,
+        ),
+    ),
+    "qwen3_moe": (
+        "Qwen3MoeConfig",
+        "Qwen3MoeForCausalLM",
+        dict(
+            num_experts=8,
+            num_experts_per_tok=2,
+            moe_intermediate_size=32,
+            intermediate_size=64,
+            norm_topk_prob=True,
+            head_dim=8,
+        ),
+    ),
+    "olmoe": (
+        "OlmoeConfig",
+        "OlmoeForCausalLM",
+        dict(
+            num_experts=8,
+            num_experts_per_tok=2,
+            intermediate_size=32,
+            norm_topk_prob=False,
+            pad_token_id=0,
+            eos_token_id=1,
+            bos_token_id=None,
+        ),
+    ),
+    "deepseek_v3": (
+        "DeepseekV3Config",
+        "DeepseekV3ForCausalLM",
+        dict(
+            num_hidden_layers=3,
+            num_key_value_heads=4,
+            first_k_dense_replace=1,  # block 0 is dense: MoE layers are blocks 1 and 2
+            n_routed_experts=8,
+            num_experts_per_tok=2,
+            n_group=4,
+            topk_group=2,
+            n_shared_experts=1,
+            moe_intermediate_size=16,
+            intermediate_size=64,
+            kv_lora_rank=16,
+            q_lora_rank=None,
+            qk_rope_head_dim=8,
+            qk_nope_head_dim=8,
+            v_head_dim=8,
+            routed_scaling_factor=2.5,
+            norm_topk_prob=True,
+        ),
+    ),
+    "deepseek_v2": (
+        "DeepseekV2Config",
+        "DeepseekV2ForCausalLM",
+        dict(
+            num_hidden_layers=3,
+            num_key_value_heads=4,
+            first_k_dense_replace=1,
+            n_routed_experts=8,
+            num_experts_per_tok=2,
+            topk_method="group_limited_greedy",
+            n_group=4,
+            topk_group=2,
+            n_shared_experts=1,
+            moe_intermediate_size=16,
+            intermediate_size=64,
+            kv_lora_rank=16,
+            q_lora_rank=None,
+            qk_rope_head_dim=8,
+            qk_nope_head_dim=8,
+            v_head_dim=8,
+            routed_scaling_factor=1.5,
+        ),
+    ),
+    "granitemoe": (
+        "GraniteMoeConfig",
+        "GraniteMoeForCausalLM",
+        dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=32),
+    ),
+    "phimoe": (
+        "PhimoeConfig",
+        "PhimoeForCausalLM",
+        dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=32),
+    ),
+    "switch_transformers": (
+        "SwitchTransformersConfig",
+        "SwitchTransformersForConditionalGeneration",
+        dict(
+            d_model=32,
+            d_kv=8,
+            d_ff=32,
+            num_layers=2,
+            num_decoder_layers=2,
+            num_heads=4,
+            num_experts=4,
+            expert_capacity=3,  # small on purpose: sequences of 8+ tokens overflow and drop tokens
+            num_sparse_encoder_layers=2,
+            num_sparse_decoder_layers=2,
+            decoder_start_token_id=0,
+            pad_token_id=0,
+            eos_token_id=1,
+        ),
+    ),
+}
+
+_COMMON_DECODER = dict(
+    vocab_size=128,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    tie_word_embeddings=False,
+)
+
+FAMILIES: tuple[str, ...] = tuple(_FAMILY_SPECS)
+"""Families that `tiny_model` builds (transformers model types)."""
+
+ENCODER_DECODER_FAMILIES: frozenset[str] = frozenset({"switch_transformers"})
+
+
+def tiny_config(family: str, **overrides: Any):
+    """The small transformers config of `family`, with `overrides` applied (for `from_pretrained` tests)."""
+    import transformers
+
+    if family not in _FAMILY_SPECS:
+        raise ValueError(f"unknown family {family!r}; known: {', '.join(FAMILIES)}")
+    config_name, _, kwargs = _FAMILY_SPECS[family]
+    base = {} if family in ENCODER_DECODER_FAMILIES else dict(_COMMON_DECODER)
+    base.update(kwargs)
+    base.update(overrides)
+    base.setdefault("vocab_size", 128)
+    return getattr(transformers, config_name)(**base)
+
+
+def tiny_model(family: str, *, seed: int = 0, dtype=None, experts_implementation: str | None = None, **overrides):
+    """A seeded random `family` model in eval mode, and its config.
+
+    `overrides` go to the config. `experts_implementation` ('eager', 'batched_mm', ...) picks transformers'
+    expert kernel; 'batched_mm' has no host sync, which the meta-device tests need.
+    DeepSeek-V3 routers get a random `e_score_correction_bias` (it is zero at init) so that tests exercise
+    the bias correction.
+    """
+    import torch
+    import transformers
+
+    config = tiny_config(family, **overrides)
+    _, model_name, _ = _FAMILY_SPECS[family]
+    torch.manual_seed(seed)
+    kwargs = {}
+    if experts_implementation is not None:
+        kwargs["experts_implementation"] = experts_implementation
+    model = getattr(transformers, model_name)._from_config(config, **kwargs)
+    _randomise_router_buffers(model, seed)
+    if dtype is not None:
+        model = model.to(dtype)
+    model.eval()
+    return model, config
+
+
+def _randomise_router_buffers(model, seed: int) -> None:
+    """Give zero-initialised router parameters random values, so routing is neither uniform nor trivial."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for module in model.modules():
+            bias = getattr(module, "e_score_correction_bias", None)
+            if isinstance(bias, torch.Tensor) and bias.device.type != "meta":
+                bias.copy_(torch.rand(bias.shape, generator=gen) * 0.2)
+            weight = getattr(module, "weight", None)
+            if (
+                type(module).__name__.endswith(("TopKRouter", "TopkRouter"))
+                and isinstance(weight, torch.Tensor)
+                and weight.device.type != "meta"
+                and bool((weight == 0).all())
+            ):
+                weight.copy_(torch.randn(weight.shape, generator=gen) * 0.5)
+
+
+def tiny_linear_gate_moe(
+    *, hidden: int = 32, n_experts: int = 4, top_k: int = 2, n_blocks: int = 2, seed: int = 0, norm_topk_prob=None
+):
+    """A hand-written model in the transformers 4.x Mixtral layout: `model.layers.N.block_sparse_moe` holds
+    `gate = nn.Linear(hidden, n_experts)` and `experts = nn.ModuleList`, and the block does the routing itself
+    (softmax -> top-k -> renormalise, as Mixtral 4.x did). Returns (model, routing_log) where routing_log is a
+    list that each block appends its (router_logits, routing_weights, selected_experts) to on every forward.
+    `norm_topk_prob=False` gives the Qwen2-MoE 4.x variant (no renormalisation)."""
+    import torch
+    from torch import nn
+    from torch.nn import functional as F
+
+    routing_log: list = []
+
+    class Expert(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w1 = nn.Linear(hidden, 2 * hidden, bias=False)
+            self.w2 = nn.Linear(2 * hidden, hidden, bias=False)
+
+        def forward(self, x):
+            return self.w2(F.silu(self.w1(x)))
+
+    class SparseMoeBlock(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.num_experts = n_experts
+            self.top_k = top_k
+            if norm_topk_prob is not None:
+                self.norm_topk_prob = norm_topk_prob
+            self.gate = nn.Linear(hidden, n_experts, bias=False)
+            self.experts = nn.ModuleList(Expert() for _ in range(n_experts))
+
+        def forward(self, hidden_states):
+            batch, seq, dim = hidden_states.shape
+            hidden_states = hidden_states.view(-1, dim)
+            router_logits = self.gate(hidden_states)  # [tokens, experts]
+            routing_weights = F.softmax(router_logits, dim=1, dtype=torch.float)
+            routing_weights, selected_experts = torch.topk(routing_weights, self.top_k, dim=-1)
+            if getattr(self, "norm_topk_prob", True):
+                routing_weights /= routing_weights.sum(dim=-1, keepdim=True)
+            routing_weights = routing_weights.to(hidden_states.dtype)
+            routing_log.append((router_logits.detach(), routing_weights.detach(), selected_experts.detach()))
+            out = torch.zeros_like(hidden_states)
+            for e, expert in enumerate(self.experts):  # dense loop: fine for a test model
+                w = (routing_weights * (selected_experts == e)).sum(-1, keepdim=True)  # [tokens, 1]
+                out = out + w * expert(hidden_states)
+            return out.view(batch, seq, dim)
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.self_attn = nn.Linear(hidden, hidden)  # stands in for attention
+            self.block_sparse_moe = SparseMoeBlock()
+
+        def forward(self, x):
+            x = x + self.self_attn(x)
+            return x + self.block_sparse_moe(x)
+
+    class Inner(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed_tokens = nn.Embedding(64, hidden)
+            self.layers = nn.ModuleList(Block() for _ in range(n_blocks))
+
+    class LegacyMixtral(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = Inner()
+            self.lm_head = nn.Linear(hidden, 64, bias=False)
+
+        def forward(self, input_ids):
+            x = self.model.embed_tokens(input_ids)
+            for block in self.model.layers:
+                x = block(x)
+            return self.lm_head(x)
+
+    torch.manual_seed(seed)
+    return LegacyMixtral().eval(), routing_log
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Proving that hook code never waits for the device, on a machine without a GPU.
+
+
+class HostSyncError(AssertionError):
+    """Raised by SyncGuard when checked code does something that would make the host wait for a GPU."""
+
+
+# aten ops whose result the host must read (a Python scalar) or whose output size depends on tensor values.
+_SYNC_OPS = frozenset(
+    {
+        "_local_scalar_dense",  # .item(), int(t), float(t), bool(t), `if t:`
+        "is_nonzero",
+        "equal",
+        "allclose",
+        "nonzero",  # torch.nonzero, torch.where(cond), argwhere
+        "masked_select",
+        "unique",
+        "_unique",
+        "_unique2",
+        "unique_dim",
+        "unique_consecutive",
+        "bincount",  # output length = max(value) + 1
+        "histogram",
+    }
+)
+
+
+def _sync_reason(func, args, kwargs) -> str | None:
+    """Why running aten `func` on these arguments would synchronise a GPU, or None."""
+    import torch
+
+    name = func._schema.name.split("::")[-1]
+    if name in _SYNC_OPS:
+        return "its result (or its output size) depends on tensor values, so the host must wait for the device"
+    if name == "repeat_interleave" and "output_size" not in kwargs and any(isinstance(a, torch.Tensor) for a in args[1:2]):
+        return "repeat_interleave with tensor repeats and no output_size reads the repeats on the host"
+    if name in ("index", "index_put", "index_put_", "_index_put_impl_"):
+        indices = args[1] if len(args) > 1 else kwargs.get("indices", ())
+        if any(isinstance(t, torch.Tensor) and t.dtype in (torch.bool, torch.uint8) for t in indices or ()):
+            return "boolean-mask indexing has a value-dependent output size"
+    if name in ("_to_copy", "copy_"):
+        target = kwargs.get("device") if name == "_to_copy" else (args[0].device if args else None)
+        source = args[0].device if name == "_to_copy" else (args[1].device if len(args) > 1 else None)
+        if target is not None and torch.device(target).type == "cpu" and source is not None and source.type != "cpu":
+            return "a device-to-host copy"
+    return None
+
+
+class SyncGuard:
+    """A TorchDispatchMode plus Tensor-method patches that raise HostSyncError on anything that would sync a GPU,
+    but only inside `with guard.watching():` (the model around the hook may sync as it likes: transformers'
+    eager expert loops call nonzero).
+
+    Caught: `.item()`, `bool(t)`/`if t:`, `int(t)`/`float(t)`, `.tolist()`, `.numpy()`, `.cpu()`, `.to('cpu')`,
+    `torch.nonzero`, one-argument `torch.where`, boolean-mask indexing, `masked_select`, `unique`, `bincount`,
+    `torch.equal`, `repeat_interleave` with tensor repeats, device-to-host copies. Usage:
+
+        guard = SyncGuard()
+        with guard:                                   # installs the dispatch mode
+            model.layer.register_forward_hook(lambda m, i, o: guard.call(site.extract, m, i, o))
+            model(x)
+        assert guard.checked_calls > 0
+    """
+
+    _PATCHED = ("item", "tolist", "numpy", "cpu", "__int__", "__float__", "__bool__", "__array__")
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        guard = self
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                kwargs = kwargs or {}
+                if guard.active:
+                    reason = _sync_reason(func, args, kwargs)
+                    if reason is not None:
+                        raise HostSyncError(f"{func} inside a hook: {reason}")
+                return func(*args, **kwargs)
+
+        self._mode = _Mode()
+        self.active = False
+        self.checked_calls = 0
+
+    def __enter__(self):
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._mode.__exit__(*exc)
+
+    def call(self, fn, *args, **kwargs):
+        """fn(*args, **kwargs) with checking on."""
+        import contextlib
+
+        with self.watching() if not self.active else contextlib.nullcontext():
+            self.checked_calls += 1
+            return fn(*args, **kwargs)
+
+    def watching(self):
+        import contextlib
+
+        import torch
+
+        @contextlib.contextmanager
+        def _watching():
+            names = [name for name in (*self._PATCHED, "to") if hasattr(torch.Tensor, name)]
+            own = {name: torch.Tensor.__dict__[name] for name in names if name in torch.Tensor.__dict__}
+
+            def forbid(name):
+                def method(t, *a, **k):
+                    raise HostSyncError(f"Tensor.{name}() inside a hook: it copies to the host and waits for the device")
+
+                return method
+
+            original_to = torch.Tensor.to  # bound lookup before patching
+
+            def checked_to(t, *a, **k):
+                device = torch._C._nn._parse_to(*a, **k)[0]
+                if device is not None and device.type == "cpu":
+                    raise HostSyncError("Tensor.to('cpu') inside a hook: a device-to-host copy")
+                return original_to(t, *a, **k)
+
+            self.active = True
+            try:
+                for name in names:
+                    setattr(torch.Tensor, name, checked_to if name == "to" else forbid(name))
+                yield self
+            finally:
+                self.active = False
+                for name in names:  # restore exactly: own attributes back, inherited ones by deleting the patch
+                    if name in own:
+                        setattr(torch.Tensor, name, own[name])
+                    else:
+                        delattr(torch.Tensor, name)
+
+        return _watching()

@@ -1,0 +1,125 @@
+"""Auxiliary router losses recomputed from the exact per-step aggregates: Switch load balancing and z-loss.
+
+Two conventions for the load-balancing loss are in use, and they differ by a factor k and by pooling:
+- per layer (Switch Transformer eq. 4, extended to top-k): L = E * sum_i f_i * P_i, with f_i the share of the
+  layer's T*k assignments that went to expert i and P_i the mean router probability of expert i. Uniform
+  routing gives 1 for every k; all tokens sent with certainty to the same k experts give E/k (E at k=1).
+- pooled (transformers' `load_balancing_loss_func` for Mixtral, Qwen-MoE, OLMoE, ...): counts and probability
+  sums of ALL layers are pooled before the product, and f counts every slot over T rows, so uniform gives k.
+  `pooled_switch_loss` returns it together with the per-layer mean and max: pooling hides a layer whose
+  imbalance another layer mirrors.
+Router probabilities exist only in the per-step aggregates (routes hold the chosen experts' gate weights), so
+these losses cannot be restricted to domains or tags.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from moeviz.load import AnalysisError, expert_counts_sql, run_query
+from moeviz.selection import Selection
+
+__all__ = ["switch_loss", "pooled_switch_loss", "z_loss"]
+
+
+def _needs_aggregates(sel: Selection, what: str) -> None:
+    if sel.needs_sequences:
+        raise AnalysisError(
+            f"{what} needs the router's full probabilities, which moeviz keeps only as per-step aggregates "
+            "(step_stats/layer_stats), not per token: drop the domains/tags from the selection, or record "
+            "each domain as its own steps (tag the steps) and select those steps"
+        )
+
+
+def _per_layer_sql(sel: Selection, by_step: bool) -> tuple[str, list]:
+    base, params = expert_counts_sql(sel, by_step=by_step)
+    keys = "run_id, step, layer" if by_step else "run_id, layer"
+    sql = f"""
+        WITH b AS ({base})
+        SELECT {keys}, 'layer' AS scope, any_value(tokens) AS tokens, any_value(n_experts) AS n_experts,
+               any_value(top_k) AS top_k,
+               any_value(n_experts) * sum(assigned * prob_sum)
+                   / nullif(sum(assigned) * any_value(tokens), 0) AS aux_loss
+        FROM b GROUP BY {keys}"""
+    return sql, params
+
+
+def switch_loss(con, sel: Selection = Selection(), *, by_step: bool = True) -> pd.DataFrame:
+    """Switch load-balancing loss per layer (and step): E * sum_i f_i P_i, 1 for uniform routing at any k.
+
+    f_i = assigned_i / (T*k) over every token of the step (all selected ranks), P_i = prob_sum_i / T.
+    Columns: run_id, [step,] layer, scope ('layer'), tokens, n_experts, top_k, aux_loss.
+    """
+    _needs_aggregates(sel, "the load-balancing loss")
+    sql, params = _per_layer_sql(sel, by_step)
+    order = "run_id, step, layer" if by_step else "run_id, layer"
+    return run_query(con, f"SELECT * FROM ({sql}) ORDER BY {order}", params)
+
+
+def pooled_switch_loss(con, sel: Selection = Selection(), *, by_step: bool = True) -> pd.DataFrame:
+    """The load-balancing loss as transformers reports it, per step, pooled over the selected layers.
+
+    transformers' `load_balancing_loss_func` sums assignment counts (all k slots) and router probabilities
+    over layers and divides both by the pooled rows N = sum_l T_l: L = E * sum_i (A_i / N) * (P_i / N).
+    That is k times the per-layer definition applied to the pooled data (uniform routing gives k).
+    Columns: run_id, [step,] scope ('pooled'), n_layers, tokens (N), n_experts, top_k,
+    aux_loss (transformers' value), aux_loss_per_slot (aux_loss / k: 1 = uniform, comparable with
+    `switch_loss`), mean_layer_loss and max_layer_loss (per-layer `switch_loss` over the same layers),
+    worst_layer. aux_loss is NULL when the pooled layers differ in their number of experts.
+    """
+    _needs_aggregates(sel, "the load-balancing loss")
+    base, params = expert_counts_sql(sel, by_step=by_step)
+    per_layer, lparams = _per_layer_sql(sel, by_step)
+    keys = "run_id, step" if by_step else "run_id"
+    pkeys = "p.run_id, p.step" if by_step else "p.run_id"
+    join = "p.run_id = l.run_id AND p.step = l.step" if by_step else "p.run_id = l.run_id"
+    sql = f"""
+        WITH b AS ({base}),
+        per_expert AS (
+            SELECT {keys}, expert, sum(assigned) AS a, sum(prob_sum) AS p
+            FROM b GROUP BY {keys}, expert),
+        rows_ AS (
+            SELECT {keys}, count(*) AS n_layers, CAST(sum(tokens) AS BIGINT) AS n_rows,
+                   min(n_experts) AS e_min, max(n_experts) AS e_max, max(top_k) AS top_k
+            FROM (SELECT {keys}, layer, any_value(tokens) AS tokens, any_value(n_experts) AS n_experts,
+                         any_value(top_k) AS top_k FROM b GROUP BY {keys}, layer)
+            GROUP BY {keys}),
+        pooled AS (
+            SELECT {keys}, sum(a * p) AS ap FROM per_expert GROUP BY {keys}),
+        layers_ AS ({per_layer}),
+        layer_summary AS (
+            SELECT {keys}, avg(aux_loss) AS mean_layer_loss, max(aux_loss) AS max_layer_loss,
+                   arg_max(layer, aux_loss) AS worst_layer
+            FROM layers_ GROUP BY {keys})
+        SELECT {pkeys}, 'pooled' AS scope, r.n_layers, r.n_rows AS tokens,
+               r.e_max AS n_experts, r.top_k,
+               CASE WHEN r.e_min = r.e_max THEN r.e_max * p.ap / nullif(r.n_rows::DOUBLE * r.n_rows, 0) END
+                   AS aux_loss,
+               CASE WHEN r.e_min = r.e_max THEN r.e_max * p.ap / nullif(r.n_rows::DOUBLE * r.n_rows, 0) / r.top_k END
+                   AS aux_loss_per_slot,
+               l.mean_layer_loss, l.max_layer_loss, l.worst_layer
+        FROM pooled p
+        JOIN rows_ r ON {join.replace('l.', 'r.')}
+        JOIN layer_summary l ON {join}
+        ORDER BY {keys}"""
+    return run_query(con, sql, params + lparams)
+
+
+def z_loss(con, sel: Selection = Selection(), *, by_step: bool = True, pooled: bool = False) -> pd.DataFrame:
+    """Router z-loss (ST-MoE, Zoph et al. 2022): mean over tokens of logsumexp(router logits)^2.
+
+    Per layer (and step), or `pooled` over the selected layers, which is what Switch Transformers in
+    transformers computes (`router_z_loss_func` on the router logits of all sparse layers concatenated).
+    Also mean_entropy: mean entropy (nats) of the router's softmax, log E when the router is undecided.
+    Columns: run_id, [step,] [layer,] scope, tokens, z_loss, mean_entropy.
+    """
+    _needs_aggregates(sel, "the router z-loss")
+    where, params = sel.where("s")
+    keys = ["run_id"] + (["step"] if by_step else []) + ([] if pooled else ["layer"])
+    k = ", ".join(keys)
+    sql = f"""
+        SELECT {k}, '{'pooled' if pooled else 'layer'}' AS scope, CAST(sum(tokens) AS BIGINT) AS tokens,
+               sum(z_loss_sum) / nullif(sum(tokens), 0) AS z_loss,
+               sum(entropy_sum) / nullif(sum(tokens), 0) AS mean_entropy
+        FROM layer_stats s WHERE {where} GROUP BY {k} ORDER BY {k}"""
+    return run_query(con, sql, params)

@@ -1,0 +1,586 @@
+"""Plotly figures for moeviz DataFrames: one function per chart, DataFrame in, `plotly.graph_objects.Figure` out.
+
+The dashboard only composes (widget → analysis → DataFrame → chart here → `st.plotly_chart`), and notebooks can
+call the same functions. Every figure has a title, axis titles with units, and hover text that names what a mark
+is, so a screenshot stands on its own. No analysis math happens here: a chart only reshapes columns it is given.
+An empty DataFrame gives a figure that says there is nothing to show rather than raising.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+import plotly.express as px
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+from moeviz.errors import MoevizError
+
+# A qualitative palette long enough for 64 experts (Plotly's Dark24 + Light24 + Alphabet 16).
+EXPERT_COLORS: list[str] = list(px.colors.qualitative.Dark24) + list(px.colors.qualitative.Light24) + list(
+    px.colors.qualitative.Alphabet
+)[:16]
+SEQUENTIAL = "Viridis"
+DIVERGING = "RdBu_r"
+_LAYOUT = dict(template="plotly_white", margin=dict(l=60, r=30, t=60, b=50), hovermode="closest")
+
+
+class ChartDataError(MoevizError, ValueError):
+    """A chart was given a DataFrame without the columns it draws."""
+
+
+def _need(df: pd.DataFrame, cols: Iterable[str | None], chart: str) -> None:
+    missing = [c for c in cols if c is not None and c not in df.columns]
+    if missing:
+        raise ChartDataError(f"{chart} needs columns {missing}; the DataFrame has {list(df.columns)}")
+
+
+def _finish(fig: go.Figure, title: str, x_title: str | None = None, y_title: str | None = None, **layout) -> go.Figure:
+    fig.update_layout(title=dict(text=title, x=0.01), **_LAYOUT, **layout)
+    if x_title is not None:
+        fig.update_xaxes(title_text=x_title)
+    if y_title is not None:
+        fig.update_yaxes(title_text=y_title)
+    return fig
+
+
+def empty_figure(title: str, message: str = "Nothing recorded for this selection") -> go.Figure:
+    """A titled figure with a centred message, for selections with no rows."""
+    fig = go.Figure()
+    fig.add_annotation(text=message, x=0.5, y=0.5, xref="paper", yref="paper", showarrow=False, font=dict(size=16))
+    fig.update_xaxes(visible=False)
+    fig.update_yaxes(visible=False)
+    return _finish(fig, title)
+
+
+def _fmt(col: str) -> str:
+    return col.replace("_", " ")
+
+
+def _hover(cols: Sequence[str], start: int = 0) -> str:
+    return "<br>".join(f"{_fmt(c)}: %{{customdata[{start + i}]}}" for i, c in enumerate(cols))
+
+
+# --- generic building blocks ------------------------------------------------------------------------------------
+
+
+def heatmap(
+    df: pd.DataFrame,
+    *,
+    x: str,
+    y: str,
+    z: str,
+    title: str,
+    x_title: str,
+    y_title: str,
+    z_title: str,
+    hover: Sequence[str] = (),
+    zmid: float | None = None,
+    zmin: float | None = None,
+    zmax: float | None = None,
+    colorscale: str | None = None,
+    text_format: str | None = None,
+    reverse_y: bool = True,
+) -> go.Figure:
+    """A heat map of z over (x, y) from long-format rows; extra `hover` columns appear on hover."""
+    _need(df, [x, y, z, *hover], title)
+    if df.empty:
+        return empty_figure(title)
+    xs = sorted(df[x].unique())
+    ys = sorted(df[y].unique())
+    grid = df.pivot_table(index=y, columns=x, values=z, aggfunc="first").reindex(index=ys, columns=xs)
+    custom = None
+    if hover:
+        layers = [
+            df.pivot_table(index=y, columns=x, values=h, aggfunc="first").reindex(index=ys, columns=xs).to_numpy(object)
+            for h in hover
+        ]
+        custom = np.stack(layers, axis=-1)
+    hovertemplate = f"{_fmt(x)}: %{{x}}<br>{_fmt(y)}: %{{y}}<br>{z_title}: %{{z:.4g}}"
+    if hover:
+        hovertemplate += "<br>" + _hover(hover)
+    trace = go.Heatmap(
+        z=grid.to_numpy(float),
+        x=[str(v) for v in xs],
+        y=[str(v) for v in ys],
+        customdata=custom,
+        hovertemplate=hovertemplate + "<extra></extra>",
+        colorscale=colorscale or (DIVERGING if zmid is not None else SEQUENTIAL),
+        zmid=zmid,
+        zmin=zmin,
+        zmax=zmax,
+        colorbar=dict(title=dict(text=z_title)),
+        texttemplate=text_format,
+    )
+    fig = go.Figure(trace)
+    fig.update_xaxes(type="category")
+    fig.update_yaxes(type="category", autorange="reversed" if reverse_y else True)
+    return _finish(fig, title, x_title, y_title)
+
+
+def lines(
+    df: pd.DataFrame,
+    *,
+    x: str,
+    y: str,
+    color: str | None,
+    title: str,
+    x_title: str,
+    y_title: str,
+    hover: Sequence[str] = (),
+    references: dict[str, float] | None = None,
+    dash: str | None = None,
+    markers: bool = True,
+    log_y: bool = False,
+) -> go.Figure:
+    """One line per value of `color` (e.g. layer or run), with dotted horizontal reference lines by label."""
+    _need(df, [x, y, color, dash, *hover], title)
+    if df.empty:
+        return empty_figure(title)
+    fig = go.Figure()
+    groups = df.groupby([c for c in (color, dash) if c], sort=True) if (color or dash) else [((None,), df)]
+    dash_styles = ["solid", "dash", "dot", "dashdot", "longdash"]
+    dash_values = sorted(df[dash].unique()) if dash else []
+    for i, (key, g) in enumerate(groups):
+        key = key if isinstance(key, tuple) else (key,)
+        g = g.sort_values(x)
+        parts = []
+        if color:
+            parts.append(f"{_fmt(color)} {key[0]}")
+        if dash:
+            parts.append(f"{_fmt(dash)} {key[-1]}")
+        name = ", ".join(parts) or y
+        custom = g[list(hover)].to_numpy(object) if hover else None
+        template = f"{name}<br>{_fmt(x)}: %{{x}}<br>{y_title}: %{{y:.5g}}"
+        if hover:
+            template += "<br>" + _hover(hover)
+        fig.add_trace(
+            go.Scatter(
+                x=g[x],
+                y=g[y],
+                name=name,
+                mode="lines+markers" if markers and len(g) <= 200 else "lines",
+                line=dict(dash=dash_styles[dash_values.index(key[-1]) % len(dash_styles)]) if dash else None,
+                customdata=custom,
+                hovertemplate=template + "<extra></extra>",
+            )
+        )
+    for label, value in (references or {}).items():
+        if value is None:
+            continue
+        fig.add_hline(y=float(value), line_dash="dot", line_color="gray", annotation_text=f"{label} = {value:.4g}",
+                      annotation_position="top left")
+    if log_y:
+        fig.update_yaxes(type="log")
+    return _finish(fig, title, x_title, y_title, legend=dict(title=None))
+
+
+def bars(
+    df: pd.DataFrame,
+    *,
+    x: str,
+    y: str,
+    title: str,
+    x_title: str,
+    y_title: str,
+    color: str | None = None,
+    hover: Sequence[str] = (),
+    reference: tuple[str, float] | None = None,
+    barmode: str = "group",
+    categorical_x: bool = True,
+) -> go.Figure:
+    """Bars of y per x (grouped by `color`), with an optional dotted reference line (label, value)."""
+    _need(df, [x, y, color, *hover], title)
+    if df.empty:
+        return empty_figure(title)
+    fig = go.Figure()
+    groups = df.groupby(color, sort=True) if color else [(None, df)]
+    for key, g in groups:
+        key = key[0] if isinstance(key, tuple) else key
+        name = f"{_fmt(color)} {key}" if color else y
+        template = f"{_fmt(x)}: %{{x}}<br>{y_title}: %{{y:.4g}}"
+        if color:
+            template = f"{name}<br>" + template
+        if hover:
+            template += "<br>" + _hover(hover)
+        fig.add_trace(
+            go.Bar(
+                x=g[x].astype(str) if categorical_x else g[x],
+                y=g[y],
+                name=name,
+                customdata=g[list(hover)].to_numpy(object) if hover else None,
+                hovertemplate=template + "<extra></extra>",
+            )
+        )
+    if reference is not None and reference[1] is not None:
+        fig.add_hline(y=float(reference[1]), line_dash="dot", line_color="gray",
+                      annotation_text=f"{reference[0]} = {reference[1]:.4g}", annotation_position="top left")
+    if categorical_x:
+        fig.update_xaxes(type="category")
+    return _finish(fig, title, x_title, y_title, barmode=barmode, showlegend=bool(color))
+
+
+def small_multiples(
+    df: pd.DataFrame,
+    *,
+    x: str,
+    y: str,
+    facet: str,
+    color: str | None,
+    title: str,
+    x_title: str,
+    y_title: str,
+    max_cols: int = 4,
+    references: dict[str, float] | None = None,
+) -> go.Figure:
+    """One small panel per value of `facet` (e.g. layer), sharing axes, one line per `color` value."""
+    _need(df, [x, y, facet, color], title)
+    if df.empty:
+        return empty_figure(title)
+    facets = sorted(df[facet].unique())
+    n_cols = min(max_cols, len(facets))
+    n_rows = -(-len(facets) // n_cols)
+    fig = make_subplots(
+        rows=n_rows, cols=n_cols, shared_xaxes=True, shared_yaxes=True,
+        subplot_titles=[f"{_fmt(facet)} {f}" for f in facets], vertical_spacing=0.12 / max(1, n_rows - 1) if n_rows > 1 else 0.1,
+        horizontal_spacing=0.04,
+    )
+    color_values = sorted(df[color].unique()) if color else [None]
+    palette = EXPERT_COLORS
+    for i, f in enumerate(facets):
+        r, c = divmod(i, n_cols)
+        sub = df[df[facet] == f]
+        for j, cv in enumerate(color_values):
+            g = (sub[sub[color] == cv] if color else sub).sort_values(x)
+            name = f"{_fmt(color)} {cv}" if color else y
+            fig.add_trace(
+                go.Scatter(
+                    x=g[x], y=g[y], mode="lines", name=name, legendgroup=name, showlegend=i == 0,
+                    line=dict(color=palette[j % len(palette)], width=1.5),
+                    hovertemplate=f"{_fmt(facet)} {f}, {name}<br>{_fmt(x)}: %{{x}}<br>{y_title}: %{{y:.4g}}<extra></extra>",
+                ),
+                row=r + 1, col=c + 1,
+            )
+        for label, value in (references or {}).items():
+            if value is not None:
+                fig.add_hline(y=float(value), line_dash="dot", line_color="gray", row=r + 1, col=c + 1)
+    for c in range(1, n_cols + 1):
+        fig.update_xaxes(title_text=x_title, row=n_rows, col=c)
+    for r in range(1, n_rows + 1):
+        fig.update_yaxes(title_text=y_title, row=r, col=1)
+    return _finish(fig, title, height=max(300, 220 * n_rows + 80))
+
+
+# --- charts with their own shape --------------------------------------------------------------------------------
+
+
+def _expert_colorscale(n_experts: int) -> list[list]:
+    """A stepwise colorscale giving expert e (0..n-1) its own palette colour on a heat map with zmin=-0.5."""
+    n = max(1, n_experts)
+    scale: list[list] = []
+    for e in range(n):
+        color = EXPERT_COLORS[e % len(EXPERT_COLORS)]
+        scale += [[e / n, color], [(e + 1) / n, color]]
+    return scale
+
+
+def token_routes(df: pd.DataFrame, *, n_experts: int, title: str = "Experts chosen for each token", max_label: int = 12) -> go.Figure:
+    """The Mixtral paper's figure: a sequence's tokens in order, one row per MoE layer, each cell coloured by the
+    token's top (slot 0) expert and labelled with the token text; hover lists every chosen expert and weight.
+
+    `df` is `moeviz.queries.sequence_routes` output: pos, text, layer, slot, expert, weight.
+    """
+    _need(df, ["pos", "text", "layer", "slot", "expert", "weight"], title)
+    if df.empty:
+        return empty_figure(title, "This sequence has no per-token detail")
+    positions = sorted(df["pos"].unique())
+    layers = sorted(df["layer"].unique())
+    top = df[df["slot"] == 0].pivot_table(index="layer", columns="pos", values="expert", aggfunc="first")
+    top = top.reindex(index=layers, columns=positions)
+    texts = df[df["slot"] == 0].drop_duplicates("pos").set_index("pos")["text"].reindex(positions).fillna("")
+    label = [_visible(t)[:max_label] for t in texts]
+    routes = (
+        df.sort_values(["pos", "layer", "slot"])
+        .assign(pair=lambda d: "e" + d["expert"].astype(str) + " (" + d["weight"].map("{:.3f}".format) + ")")
+        .groupby(["layer", "pos"])["pair"]
+        .agg(", ".join)
+        .unstack("pos")
+        .reindex(index=layers, columns=positions)
+        .fillna("")
+    )
+    token_grid = np.array([[_visible(t) for t in texts]] * len(layers), dtype=object)  # [layers, tokens]
+    custom = np.stack([token_grid, routes.to_numpy(object)], axis=-1)
+    fig = go.Figure(
+        go.Heatmap(
+            z=top.to_numpy(float),
+            x=[str(p) for p in positions],
+            y=[str(l) for l in layers],
+            text=[label] * len(layers),
+            texttemplate="%{text}",
+            textfont=dict(size=11),
+            customdata=custom,
+            hovertemplate="position %{x}, layer %{y}<br>token: %{customdata[0]}<br>top expert: %{z}"
+            "<br>experts (weight): %{customdata[1]}<extra></extra>",
+            colorscale=_expert_colorscale(n_experts),
+            zmin=-0.5,
+            zmax=n_experts - 0.5,
+            xgap=1,
+            ygap=2,
+            colorbar=dict(title=dict(text="top expert"), tickvals=list(range(n_experts)), ticktext=[str(e) for e in range(n_experts)]),
+        )
+    )
+    fig.update_xaxes(type="category", title_text="token position in the sequence")
+    fig.update_yaxes(type="category", autorange="reversed", title_text="MoE layer")
+    return _finish(fig, title, height=max(250, 40 * len(layers) + 140), width=max(700, 60 * len(positions) + 150))
+
+
+def _visible(text) -> str:
+    """Token text with whitespace made visible (a leading space as '·', newline as '⏎')."""
+    s = "" if text is None else str(text)
+    return s.replace("\n", "⏎").replace("\t", "⇥").replace(" ", "·")
+
+
+def sankey(
+    df: pd.DataFrame,
+    *,
+    source: str,
+    target: str,
+    value: str,
+    source_label: str,
+    target_label: str,
+    title: str,
+    value_title: str = "tokens",
+) -> go.Figure:
+    """Flow between two categorical columns (e.g. expert at layer a → expert at layer b), widths by `value`."""
+    _need(df, [source, target, value], title)
+    if df.empty or df[value].sum() == 0:
+        return empty_figure(title)
+    srcs = sorted(df[source].unique())
+    tgts = sorted(df[target].unique())
+    labels = [f"{source_label} {s}" for s in srcs] + [f"{target_label} {t}" for t in tgts]
+    s_index = {s: i for i, s in enumerate(srcs)}
+    t_index = {t: len(srcs) + i for i, t in enumerate(tgts)}
+    colors = [EXPERT_COLORS[i % len(EXPERT_COLORS)] for i in range(len(srcs))]
+    colors += [EXPERT_COLORS[i % len(EXPERT_COLORS)] for i in range(len(tgts))]
+    link_colors = [_rgba(EXPERT_COLORS[srcs.index(s) % len(EXPERT_COLORS)], 0.35) for s in df[source]]
+    fig = go.Figure(
+        go.Sankey(
+            arrangement="snap",
+            node=dict(label=labels, color=colors, pad=8, thickness=14,
+                      hovertemplate="%{label}<br>" + value_title + ": %{value}<extra></extra>"),
+            link=dict(
+                source=[s_index[s] for s in df[source]],
+                target=[t_index[t] for t in df[target]],
+                value=df[value].astype(float).tolist(),
+                color=link_colors,
+                hovertemplate="%{source.label} → %{target.label}<br>" + value_title + ": %{value}<extra></extra>",
+            ),
+        )
+    )
+    return _finish(fig, title, height=max(400, 22 * max(len(srcs), len(tgts)) + 120))
+
+
+def _rgba(color: str, alpha: float) -> str:
+    if color.startswith("#") and len(color) == 7:
+        r, g, b = (int(color[i : i + 2], 16) for i in (1, 3, 5))
+        return f"rgba({r},{g},{b},{alpha})"
+    if color.startswith("rgb("):
+        return color.replace("rgb(", "rgba(").replace(")", f",{alpha})")
+    return color
+
+
+def curve_with_marker(
+    df: pd.DataFrame,
+    *,
+    x: str,
+    y: str,
+    color: str | None,
+    marker_x: float | None,
+    title: str,
+    x_title: str,
+    y_title: str,
+    marker_label: str = "current",
+) -> go.Figure:
+    """Line(s) of y over a continuous x (e.g. drop rate over capacity factor) with a vertical marker at the
+    current choice."""
+    fig = lines(df, x=x, y=y, color=color, title=title, x_title=x_title, y_title=y_title, markers=False)
+    if marker_x is not None and not df.empty:
+        fig.add_vline(x=float(marker_x), line_dash="dash", line_color="black",
+                      annotation_text=f"{marker_label} = {marker_x:g}", annotation_position="top right")
+    return fig
+
+
+def table_figure(df: pd.DataFrame, *, title: str, max_rows: int = 50) -> go.Figure:
+    """A small table as a figure (for exports where a chart is expected)."""
+    if df.empty:
+        return empty_figure(title)
+    d = df.head(max_rows)
+    fig = go.Figure(go.Table(header=dict(values=[_fmt(str(c)) for c in d.columns]),
+                             cells=dict(values=[d[c].astype(str).tolist() for c in d.columns])))
+    return _finish(fig, title)
+
+
+# --- load and balance ---------------------------------------------------------------------------------------------
+
+IMBALANCE_METRICS: dict[str, str] = {
+    "max_vio": "MaxVio (max − mean) / mean",
+    "max_over_mean": "busiest expert / mean expert",
+    "cv": "coefficient of variation of load",
+    "norm_entropy": "normalised entropy of load (1 = uniform)",
+    "dead_share": "share of dead experts",
+    "top_n_coverage": "share of the top-k busiest experts",
+}
+
+
+def load_heatmap(df: pd.DataFrame, *, value: str = "load_fraction", title: str | None = None) -> go.Figure:
+    """Layer × expert heat map of the load (`moeviz.load.load_matrix` rows); hover shows the counts."""
+    title = title or "Share of assignments per expert and layer"
+    z_title = {"load_fraction": "share of layer's assignments", "relative_load": "load × E (1 = uniform)"}.get(value, _fmt(value))
+    zmid = 1.0 if value == "relative_load" else None
+    hover = [c for c in ("assigned", "first_choice", "tokens") if c in df.columns]
+    return heatmap(df, x="expert", y="layer", z=value, title=title, x_title="expert", y_title="MoE layer",
+                   z_title=z_title, hover=hover, zmid=zmid, zmin=0 if zmid is None else None)
+
+
+def load_small_multiples(df: pd.DataFrame, *, value: str = "load_fraction") -> go.Figure:
+    """Per-layer panels of each expert's load over steps (`moeviz.load.expert_load` with by_step=True)."""
+    _need(df, ["step", "layer", "expert", value], "load over steps")
+    ref = None
+    if value == "load_fraction" and not df.empty and "n_experts" in df.columns:
+        ref = {"uniform 1/E": 1.0 / float(df["n_experts"].max())}
+    return small_multiples(df, x="step", y=value, facet="layer", color="expert",
+                           title="Load per expert over steps, one panel per layer", x_title="step",
+                           y_title="share of assignments", references=ref)
+
+
+def imbalance_lines(df: pd.DataFrame, metric: str = "max_vio") -> go.Figure:
+    """One imbalance metric (`moeviz.load.imbalance` column) per layer over steps."""
+    label = IMBALANCE_METRICS.get(metric, _fmt(metric))
+    refs = {"balanced": 0.0} if metric in ("max_vio", "cv", "dead_share") else {"balanced": 1.0} if metric in ("max_over_mean", "norm_entropy") else None
+    hover = [c for c in ("tokens", "n_experts", "dead_experts") if c in df.columns]
+    return lines(df, x="step", y=metric, color="layer", title=f"Imbalance per layer over steps: {label}",
+                 x_title="step", y_title=label, hover=hover, references=refs)
+
+
+def expert_load_bars(df: pd.DataFrame, *, value: str = "load_fraction", uniform: float | None = None) -> go.Figure:
+    """Bars of each expert's load in one layer (or per layer as colours), with the uniform share marked."""
+    color = "layer" if "layer" in df.columns and df["layer"].nunique() > 1 else None
+    hover = [c for c in ("assigned", "tokens") if c in df.columns]
+    return bars(df, x="expert", y=value, color=color, title="Load per expert", x_title="expert",
+                y_title="share of the layer's assignments", hover=hover,
+                reference=("uniform 1/E", uniform) if uniform else None)
+
+
+# --- auxiliary losses ----------------------------------------------------------------------------------------------
+
+
+def aux_loss_small_multiples(df: pd.DataFrame, *, value: str = "aux_loss") -> go.Figure:
+    """Per-layer panels of the Switch loss over steps, with the uniform value 1 dotted."""
+    return small_multiples(df, x="step", y=value, facet="layer", color=None,
+                           title="Switch load-balancing loss over steps, one panel per layer", x_title="step",
+                           y_title="E · Σ fᵢ Pᵢ (1 = uniform)", references={"uniform": 1.0})
+
+
+def aux_loss_lines(
+    df: pd.DataFrame,
+    *,
+    value: str = "aux_loss",
+    color: str | None = "layer",
+    title: str = "Switch load-balancing loss per layer",
+    y_title: str = "E · Σ fᵢ Pᵢ (dimensionless)",
+    uniform: float | None = 1.0,
+    bound: float | None = None,
+    bound_label: str = "true lower bound",
+    dash: str | None = None,
+) -> go.Figure:
+    """A loss over steps per layer (or run), against the uniform value and the true lower bound for E and k."""
+    refs = {}
+    if uniform is not None:
+        refs["uniform routing"] = uniform
+    if bound is not None:
+        refs[bound_label] = bound
+    hover = [c for c in ("tokens", "worst_layer", "mean_entropy") if c in df.columns]
+    return lines(df, x="step", y=value, color=color, dash=dash, title=title, x_title="step", y_title=y_title,
+                 hover=hover, references=refs)
+
+
+def z_loss_lines(df: pd.DataFrame) -> go.Figure:
+    """Router z-loss (mean logsumexp² of the router logits) per layer over steps."""
+    return lines(df, x="step", y="z_loss", color="layer" if "layer" in df.columns else None,
+                 title="Router z-loss per layer", x_title="step", y_title="mean logsumexp(logits)² (logit units²)",
+                 hover=[c for c in ("tokens",) if c in df.columns])
+
+
+def entropy_lines(df: pd.DataFrame, *, n_experts: int | None = None) -> go.Figure:
+    """Mean router entropy per layer over steps, against log E (an undecided router)."""
+    import math
+
+    refs = {"log E (uniform router)": math.log(n_experts)} if n_experts and n_experts > 1 else None
+    return lines(df, x="step", y="mean_entropy", color="layer" if "layer" in df.columns else None,
+                 title="Router entropy per layer", x_title="step", y_title="mean entropy of softmax(logits) (nats)",
+                 references=refs)
+
+
+# --- capacity ------------------------------------------------------------------------------------------------------
+
+
+def drop_bars(df: pd.DataFrame, *, by: str, cf: float | None = None) -> go.Figure:
+    """Share of assignments dropped per `by` value (layer, domain, ...) at one capacity factor."""
+    at = f" at capacity factor {cf:g}" if cf is not None else ""
+    return bars(df, x=by, y="drop_rate", title=f"Dropped share per {_fmt(by)}{at}", x_title=_fmt(by),
+                y_title="dropped / assigned", hover=[c for c in ("dropped", "assigned") if c in df.columns])
+
+
+def drop_heatmap(df: pd.DataFrame, *, cf: float | None = None) -> go.Figure:
+    """Layer × expert heat map of the dropped share at one capacity factor."""
+    at = f" at capacity factor {cf:g}" if cf is not None else ""
+    return heatmap(df, x="expert", y="layer", z="drop_rate", title=f"Dropped share per expert and layer{at}",
+                   x_title="expert", y_title="MoE layer", z_title="dropped / assigned", zmin=0,
+                   hover=[c for c in ("dropped", "assigned") if c in df.columns], colorscale="Reds")
+
+
+def drop_curve(df: pd.DataFrame, *, current_cf: float | None = None, color: str | None = None) -> go.Figure:
+    """Drop rate over capacity factors (`moeviz.capacity.drop_curve`), the current choice marked."""
+    return curve_with_marker(df, x="capacity_factor", y="drop_rate", color=color, marker_x=current_cf,
+                             title="Dropped share over capacity factor", x_title="capacity factor (× uniform share)",
+                             y_title="dropped / assigned", marker_label="chosen CF")
+
+
+# --- comparing runs ------------------------------------------------------------------------------------------------
+
+
+def compare_heatmaps(df: pd.DataFrame, *, value: str = "relative_load", runs: Sequence[str] | None = None,
+                     x: str = "expert", y: str = "layer", z_title: str | None = None, title: str | None = None) -> go.Figure:
+    """The same layer × expert heat map for each run, side by side on one colour scale."""
+    _need(df, ["run_id", x, y, value], "compare heat maps")
+    runs = list(runs) if runs is not None else sorted(df["run_id"].unique())
+    title = title or f"{_fmt(value)} per {x} and {y}, run by run"
+    z_title = z_title or {"relative_load": "load × E (1 = uniform)", "load_fraction": "share of assignments"}.get(value, _fmt(value))
+    if df.empty:
+        return empty_figure(title)
+    zmax = float(df[value].max()) if df[value].notna().any() else 1.0
+    fig = make_subplots(rows=1, cols=len(runs), subplot_titles=[f"run {r}" for r in runs], horizontal_spacing=0.08)
+    for i, r in enumerate(runs):
+        d = df[df["run_id"] == r]
+        if d.empty:
+            continue
+        grid = d.pivot_table(index=y, columns=x, values=value, aggfunc="first").sort_index()
+        fig.add_trace(
+            go.Heatmap(
+                z=grid.to_numpy(float), x=[str(c) for c in grid.columns], y=[str(c) for c in grid.index],
+                zmin=0, zmax=zmax, colorscale=SEQUENTIAL, showscale=i == 0, colorbar=dict(title=dict(text=z_title)),
+                hovertemplate=f"run {r}<br>{_fmt(x)}: %{{x}}<br>{_fmt(y)}: %{{y}}<br>{z_title}: %{{z:.4g}}<extra></extra>",
+            ),
+            row=1, col=i + 1,
+        )
+        fig.update_xaxes(title_text=_fmt(x), type="category", row=1, col=i + 1)
+        fig.update_yaxes(title_text=_fmt(y) if i == 0 else None, type="category", autorange="reversed", row=1, col=i + 1)
+    return _finish(fig, title)
+
+
+def compare_lines(df: pd.DataFrame, *, y: str, y_title: str, title: str, x: str = "step") -> go.Figure:
+    """A metric over steps, colour = layer, dash = run: two runs on the same axes."""
+    return lines(df, x=x, y=y, color="layer" if "layer" in df.columns else None, dash="run_id", title=title,
+                 x_title=x, y_title=y_title)

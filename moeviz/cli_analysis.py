@@ -1,0 +1,94 @@
+"""`moeviz check PATH`: routing health of a run (or a folder of runs) for training scripts and CI.
+
+Prints `moeviz.health.health_summary` as a table (or JSON) and exits 1 when anything is flagged, 0 when every
+check is ok (2 on a usage or store error, from `moeviz.cli`).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from moeviz.errors import MoevizError
+
+_OPEN_END = 2**62
+
+
+class CheckArgumentError(MoevizError, ValueError):
+    """A `moeviz check` argument is malformed."""
+
+
+def parse_steps(text: str | None) -> tuple[int, int] | None:
+    """'A:B' (inclusive), 'A:' or ':B' -> (first, last); None -> every step."""
+    if text is None:
+        return None
+    first, sep, last = text.partition(":")
+    try:
+        if not sep:
+            return int(text), int(text)
+        return (int(first) if first.strip() else -_OPEN_END, int(last) if last.strip() else _OPEN_END)
+    except ValueError:
+        raise CheckArgumentError(f"--steps takes A:B (inclusive), A: or :B with integer steps; got {text!r}") from None
+
+
+def parse_int_list(text: str | None, what: str) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise CheckArgumentError(f"{what} takes comma-separated integers, e.g. 0,3,5; got {text!r}") from None
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "check",
+        help="flag collapsed/dead experts, growing imbalance and capacity drops; exit 1 if anything is flagged",
+        description="Routing health of a run or a folder of runs. Exit status: 0 all ok, 1 something flagged, "
+        "2 error.",
+    )
+    p.add_argument("path", help="a run folder or a folder of runs (as written by the Recorder)")
+    p.add_argument("--steps", help="steps to check, A:B inclusive (A: or :B for open ends)")
+    p.add_argument("--layers", help="comma-separated MoE layer indices (default: all)")
+    p.add_argument("--run", action="append", dest="runs", help="run id to check (repeatable; default: all)")
+    p.add_argument("--capacity-factor", type=float, default=1.25,
+                   help="capacity factor for the drop check (default 1.25; 0 skips the check)")
+    p.add_argument("--dead-threshold", type=float, default=0.1,
+                   help="an expert is dead below this fraction of the uniform share (default 0.1)")
+    p.add_argument("--collapse-share", type=float, default=0.5,
+                   help="collapsed when one expert is the top choice of more than this share of tokens (0.5)")
+    p.add_argument("--drop-rate", type=float, default=0.1, help="drop-rate threshold (default 0.1)")
+    p.add_argument("--json", action="store_true", help="print the findings as JSON records")
+    p.set_defaults(func=run_check)
+
+
+def run_check(args: argparse.Namespace) -> int:
+    from moeviz.health import health_summary
+    from moeviz.selection import Selection
+    from moeviz.store import open_store
+
+    sel = Selection(
+        run_ids=tuple(args.runs) if args.runs else None,
+        steps=parse_steps(args.steps),
+        layers=parse_int_list(args.layers, "--layers"),
+    )
+    con = open_store(args.path)
+    try:
+        df = health_summary(
+            con, sel,
+            dead_threshold=args.dead_threshold,
+            collapse_share=args.collapse_share,
+            drop_rate_threshold=args.drop_rate,
+            capacity_factor=args.capacity_factor or None,
+        )
+    finally:
+        con.close()
+    if args.json:
+        print(df.to_json(orient="records", indent=1))
+    elif df.empty:
+        print("no run in the selection")
+    else:
+        print(df.to_string(index=False, na_rep="", float_format=lambda v: f"{v:.4g}"))
+        flagged = df["severity"].ne("ok")
+        print(f"\n{int(flagged.sum())} finding(s) in {df['run_id'].nunique()} run(s)"
+              if flagged.any() else f"\nall checks ok in {df['run_id'].nunique()} run(s)")
+    return 1 if df.empty or df["severity"].ne("ok").any() else 0

@@ -1,0 +1,86 @@
+"""`moeviz dashboard PATH`: open the Streamlit dashboard on a run folder or a folder of runs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from moeviz.errors import StoreNotFoundError
+
+
+def app_main_path() -> Path:
+    """app/main.py of the installed moeviz (the `app` package ships beside `moeviz`)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("app")
+    candidates = []
+    if spec is not None and spec.submodule_search_locations:
+        candidates += [Path(p) / "main.py" for p in spec.submodule_search_locations]
+    candidates.append(Path(__file__).resolve().parents[1] / "app" / "main.py")
+    for c in candidates:
+        if c.is_file() and (c.parent / "views").is_dir():
+            return c
+    raise FileNotFoundError(f"the dashboard's app/main.py is missing (looked at {', '.join(map(str, candidates))}); "
+                            "reinstall moeviz")
+
+
+def dashboard_command(path: str | os.PathLike, port: int = 8501, host: str = "127.0.0.1") -> list[str]:
+    """The `streamlit run` command line that serves the dashboard on `path`."""
+    return [
+        sys.executable, "-m", "streamlit", "run", str(app_main_path()),
+        "--server.port", str(int(port)), "--server.address", host, "--server.headless", "true",
+        "--browser.gatherUsageStats", "false", "--", str(Path(path).resolve()),
+    ]
+
+
+def _check_path(path) -> Path:
+    p = Path(path)
+    if not p.exists():
+        raise StoreNotFoundError(
+            f"no run folder or folder of runs at {str(p)!r}: record a run first (`moeviz demo`, or a Recorder in "
+            "your training script), or give the folder that holds it"
+        )
+    return p
+
+
+def launch(path: str | os.PathLike, port: int = 8501, host: str = "127.0.0.1", block: bool = True):
+    """Serve the dashboard on `path` at http://host:port.
+
+    block=True runs until the server exits (Ctrl-C) and returns its exit code; block=False returns the
+    `subprocess.Popen` of the server, for callers that go on working (the demo) and stop it themselves.
+    """
+    _check_path(path)
+    cmd = dashboard_command(path, port, host)
+    root = str(app_main_path().parents[1])
+    env = dict(os.environ)
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    proc = subprocess.Popen(cmd, env=env)
+    if not block:
+        return proc
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        proc.terminate()
+        proc.wait(10)
+        return 130
+
+
+def _handle(args) -> int:
+    try:
+        _check_path(args.path)
+    except StoreNotFoundError as e:
+        print(f"moeviz dashboard: error: {e}", file=sys.stderr)
+        return 2
+    print(f"moeviz dashboard: serving {Path(args.path).resolve()} at http://{args.host}:{args.port}", file=sys.stderr)
+    return int(launch(args.path, port=args.port, host=args.host, block=True) or 0)
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("dashboard", help="open the browser dashboard on a run or a folder of runs",
+                              description="Serve the moeviz Streamlit dashboard on PATH (a run folder or a folder of runs).")
+    p.add_argument("path", metavar="PATH", help="run folder or folder of runs")
+    p.add_argument("--port", type=int, default=8501, help="port to serve on (default 8501)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 to share)")
+    p.set_defaults(func=_handle)

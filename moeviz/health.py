@@ -1,0 +1,212 @@
+"""Routing health checks: collapsed experts, dead experts, growing imbalance, capacity drops.
+
+`health_summary` is what `moeviz check` prints and what a training script or CI can assert on: one row per
+finding (severity 'warn' or 'error') and one 'ok' row per check and run that found nothing, so the table also
+says what was checked. Collapse and dead experts are judged on the most recent window of the selected steps
+(the state the model is in now, not diluted by a healthy start); imbalance growth compares the first window
+with the last. All numbers come from the functions of `moeviz.load` and `moeviz.capacity`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+
+from moeviz.capacity import capacity_drops
+from moeviz.load import AnalysisError, expert_load, imbalance, run_query
+from moeviz.selection import Selection
+
+__all__ = ["health_summary", "COLUMNS", "SEVERITIES"]
+
+COLUMNS = ["run_id", "severity", "check", "layer", "expert", "value", "threshold", "message"]
+SEVERITIES = ("error", "warn", "ok")
+_MAX_VIO_FLOOR = 0.05  # imbalance "grows" only from at least this MaxVio: 0.001 -> 0.003 is noise, not a trend
+
+
+def _max_vio_noise(imb: pd.DataFrame) -> float:
+    """MaxVio that perfectly uniform random routing shows by chance at this layer's step size:
+    counts per expert ~ T*k/E +- sqrt(T*k/E), and the busiest of E is ~sqrt(2 ln E) deviations high, so
+    MaxVio ~ sqrt(2 ln E * E / (T * k)). Growth is judged from at least this level (and _MAX_VIO_FLOOR)."""
+    e, k, t = float(imb["n_experts"].iloc[0]), float(imb["top_k"].iloc[0]), float(imb["tokens"].mean())
+    if e < 2 or not t:
+        return _MAX_VIO_FLOOR
+    return max(_MAX_VIO_FLOOR, math.sqrt(2 * math.log(e) * e / (t * k)))
+
+
+def _row(run_id, severity, check, message, layer=None, expert=None, value=None, threshold=None) -> dict:
+    return dict(run_id=run_id, severity=severity, check=check, layer=layer, expert=expert, value=value,
+                threshold=threshold, message=message)
+
+
+def _selected_runs(con, sel: Selection) -> list[str]:
+    where, params = Selection(run_ids=sel.run_ids).where("ru")
+    return run_query(con, f"SELECT run_id FROM runs ru WHERE {where} ORDER BY run_id", params)["run_id"].tolist()
+
+
+def _steps(con, sel: Selection, run_id: str) -> list[int]:
+    """The distinct selected steps of one run, in order."""
+    one = sel.with_(run_ids=(run_id,))
+    if one.needs_sequences:
+        where, params = one.with_(layers=None).where("q", per_token=True)
+        sql = f"SELECT DISTINCT step FROM sequences q WHERE {where} ORDER BY step"
+    else:
+        where, params = one.where("s")
+        sql = f"SELECT DISTINCT step FROM step_stats s WHERE {where} ORDER BY step"
+    return [int(s) for s in run_query(con, sql, params)["step"]]
+
+
+def _windows(steps: list[int], window: float) -> tuple[tuple[int, int], tuple[int, int]]:
+    """First and last windows (inclusive step ranges) of `window` x the selected steps, at least one step."""
+    n = max(1, math.ceil(len(steps) * window))
+    return (steps[0], steps[n - 1]), (steps[-n], steps[-1])
+
+
+def _collapse_rows(load: pd.DataFrame, run_id: str, collapse_share: float, span: str) -> list[dict]:
+    rows = []
+    for layer, g in load.groupby("layer", sort=True):
+        tokens = g["tokens"].iloc[0]
+        if not tokens:
+            continue
+        top = g.loc[g["first_choice"].idxmax()]
+        share = float(top["first_choice"]) / float(tokens)
+        threshold = max(collapse_share, min(1.0, 2.0 / float(top["n_experts"])))
+        if share > threshold:
+            rows.append(_row(
+                run_id, "error", "collapsed_expert",
+                f"expert {int(top['expert'])} is the top choice of {share:.0%} of layer {int(layer)}'s tokens "
+                f"({span}); the router has collapsed onto it: raise the balancing loss/bias update rate or lower "
+                "the router learning rate",
+                layer=int(layer), expert=int(top["expert"]), value=share, threshold=threshold))
+    return rows
+
+
+def _dead_rows(load: pd.DataFrame, run_id: str, dead_threshold: float, span: str) -> list[dict]:
+    dead = load[load["relative_load"].notna() & (load["relative_load"] < dead_threshold)]
+    rows = []
+    for r in dead.itertuples(index=False):  # one row per dead expert: a handful, not per token
+        never = int(r.assigned) == 0
+        rows.append(_row(
+            run_id, "error" if never else "warn", "dead_expert",
+            f"expert {int(r.expert)} of layer {int(r.layer)} "
+            + ("received no token" if never else f"received {r.relative_load:.2f}x its uniform share")
+            + f" ({span}); its parameters are wasted: check the balancing loss, or re-initialise it",
+            layer=int(r.layer), expert=int(r.expert), value=float(r.relative_load), threshold=dead_threshold))
+    return rows
+
+
+def _growth_rows(con, sel: Selection, run_id: str, first: tuple[int, int], last: tuple[int, int],
+                 growth: float) -> list[dict]:
+    imb = imbalance(con, sel.with_(run_ids=(run_id,), steps=(first[0], last[1])), by_step=True)
+    rows = []
+    for layer, g in imb.groupby("layer", sort=True):
+        early = g.loc[g["step"].between(*first), "max_vio"].mean()
+        late = g.loc[g["step"].between(*last), "max_vio"].mean()
+        threshold = growth * max(float(early), _max_vio_noise(g))
+        if pd.notna(late) and late > threshold:
+            rows.append(_row(
+                run_id, "warn", "growing_imbalance",
+                f"layer {int(layer)}: MaxVio rose from {early:.3f} (steps {first[0]}-{first[1]}) to {late:.3f} "
+                f"(steps {last[0]}-{last[1]}), more than {growth:g}x: the balancing is losing ground",
+                layer=int(layer), value=float(late), threshold=threshold))
+    return rows
+
+
+def _drop_rows(con, sel: Selection, run_id: str, capacity_factor: float, threshold: float) -> list[dict]:
+    drops = capacity_drops(con, sel.with_(run_ids=(run_id,)), capacity_factor, by=("layer",))
+    rows = []
+    for r in drops.itertuples(index=False):
+        if pd.notna(r.drop_rate) and r.drop_rate > threshold:
+            rows.append(_row(
+                run_id, "warn", "capacity_drops",
+                f"layer {int(r.layer)}: at capacity factor {capacity_factor:g} a capacity-limited router would "
+                f"drop {r.drop_rate:.1%} of assignments ({int(r.dropped)} of {int(r.assigned)})",
+                layer=int(r.layer), value=float(r.drop_rate), threshold=threshold))
+    return rows
+
+
+def _model_drop_rows(con, sel: Selection, run_id: str, threshold: float) -> list[dict]:
+    """The drops the model itself made (capacity-limited models record them in layer_stats)."""
+    where, params = sel.with_(run_ids=(run_id,)).where("s")
+    df = run_query(con, f"""
+        SELECT s.layer, sum(s.dropped) AS dropped, sum(s.tokens * coalesce(l.top_k, ru.top_k)) AS assignments
+        FROM layer_stats s LEFT JOIN layers l ON l.run_id = s.run_id AND l.layer = s.layer
+             LEFT JOIN runs ru ON ru.run_id = s.run_id
+        WHERE {where} GROUP BY s.layer ORDER BY s.layer""", params)
+    rows = []
+    for r in df.itertuples(index=False):
+        rate = float(r.dropped) / float(r.assignments) if r.assignments else 0.0
+        if rate > threshold:
+            rows.append(_row(
+                run_id, "warn", "model_drops",
+                f"layer {int(r.layer)}: the model itself dropped {rate:.1%} of assignments "
+                f"({int(r.dropped)}); raise its capacity factor or improve balance",
+                layer=int(r.layer), value=rate, threshold=threshold))
+    return rows
+
+
+def health_summary(
+    con,
+    sel: Selection = Selection(),
+    *,
+    dead_threshold: float = 0.1,
+    collapse_share: float = 0.5,
+    imbalance_growth: float = 2.0,
+    drop_rate_threshold: float = 0.1,
+    capacity_factor: float | None = 1.25,
+    window: float = 0.25,
+) -> pd.DataFrame:
+    """Findings about the routing of every selected run, worst first.
+
+    Checks (the `check` column):
+    - collapsed_expert (error): in the last window, one expert is the top choice of more than
+      max(collapse_share, 2/E) of a layer's tokens;
+    - dead_expert (warn; error if it got nothing): in the last window, an expert's share of the layer's
+      assignments is below dead_threshold x the uniform share;
+    - growing_imbalance (warn): mean MaxVio of the last window > imbalance_growth x that of the first window
+      (or than the MaxVio uniform random routing shows by chance at this step size, if larger), for runs
+      with two or more selected steps;
+    - capacity_drops (warn): at capacity_factor (None skips it), a layer would drop more than
+      drop_rate_threshold of its assignments (see `moeviz.capacity`);
+    - model_drops (warn): the model's own recorded drops exceed drop_rate_threshold;
+    - no_data (error): the run has no recorded step in the selection.
+    `window` is the share of the selected steps in the first/last windows (at least one step each).
+    Columns: run_id, severity ('error' | 'warn' | 'ok'), check, layer, expert, value, threshold, message.
+    """
+    if not 0 < window <= 1:
+        raise AnalysisError(f"window is a share of the selected steps, in (0, 1]; got {window}")
+    if not 0 < collapse_share <= 1:
+        raise AnalysisError(f"collapse_share is a share of a layer's tokens, in (0, 1]; got {collapse_share}")
+    if imbalance_growth <= 0:
+        raise AnalysisError(f"imbalance_growth is a ratio of MaxVio, > 0; got {imbalance_growth}")
+    rows: list[dict] = []
+    for run_id in _selected_runs(con, sel):
+        steps = _steps(con, sel, run_id)
+        if not steps:
+            rows.append(_row(run_id, "error", "no_data", "no recorded step in the selection: is the Recorder "
+                             "stepping (rec.step(...)), and do --steps/--layers match the run?"))
+            continue
+        first, last = _windows(steps, window)
+        span = f"steps {last[0]}-{last[1]}"
+        recent = expert_load(con, sel.with_(run_ids=(run_id,), steps=last), by_step=False)
+        found = {
+            "collapsed_expert": _collapse_rows(recent, run_id, collapse_share, span),
+            "dead_expert": _dead_rows(recent, run_id, dead_threshold, span),
+        }
+        if len(steps) >= 2:
+            found["growing_imbalance"] = _growth_rows(con, sel, run_id, first, last, imbalance_growth)
+        if capacity_factor is not None:
+            found["capacity_drops"] = _drop_rows(con, sel, run_id, capacity_factor, drop_rate_threshold)
+        if not sel.needs_sequences:
+            found["model_drops"] = _model_drop_rows(con, sel, run_id, drop_rate_threshold)
+        n_layers = recent["layer"].nunique()
+        for check, found_rows in found.items():
+            rows += found_rows or [_row(run_id, "ok", check, f"nothing flagged in {n_layers} layers, {len(steps)} steps")]
+    df = pd.DataFrame(rows, columns=COLUMNS)
+    df["layer"] = df["layer"].astype("Int64")
+    df["expert"] = df["expert"].astype("Int64")
+    df["value"] = df["value"].astype("float64")
+    df["threshold"] = df["threshold"].astype("float64")
+    order = df["severity"].map({s: i for i, s in enumerate(SEVERITIES)})
+    return df.assign(_o=order).sort_values(["_o", "run_id", "check", "layer", "expert"], kind="stable") \
+        .drop(columns="_o").reset_index(drop=True)

@@ -1,0 +1,169 @@
+"""Expert load: how many assignments each expert of each layer received, and how unevenly they are spread.
+
+All functions are `f(con, sel, ...) -> pandas.DataFrame` and run as one parameterized DuckDB query over the
+public schema (`moeviz.schema`). They read the exact per-step aggregates (`step_stats`, summed over the
+selected ranks) unless the selection asks for domains or tags, which only per-token detail knows: then they
+count `routes` joined with `sequences` (a sample of the tokens when the run kept only some; `prob_sum` is then
+NULL, since routes hold only the chosen experts' gate weights, not the router's full distribution).
+
+The expert grid comes from `layers.n_experts`, so an expert that received nothing still has a row with 0:
+dead experts are exactly the ones a sparse GROUP BY would silently leave out.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from moeviz.errors import MoevizError
+from moeviz.selection import Selection
+
+__all__ = ["expert_load", "load_matrix", "imbalance", "expert_counts_sql", "run_query", "AnalysisError"]
+
+
+class AnalysisError(MoevizError, ValueError):
+    """An analysis was asked for something it cannot compute from this store or with these arguments."""
+
+
+def run_query(con, sql: str, params: list) -> pd.DataFrame:
+    """Run parameterized SQL, turning a missing public table into an error that says what to do."""
+    import duckdb
+
+    try:
+        return con.execute(sql, params).df()
+    except duckdb.CatalogException as e:
+        raise AnalysisError(
+            f"the connection does not expose the moeviz tables this analysis reads ({e}); open a store with "
+            "moeviz.store.open_store(path), or build one with moeviz.testing.store_from_routing(...)"
+        ) from e
+
+
+def _layer_only(sel: Selection) -> Selection:
+    """The part of a selection that applies to the `layers` table (runs and layers)."""
+    return Selection(run_ids=sel.run_ids, layers=sel.layers)
+
+
+def expert_counts_sql(sel: Selection, *, by_step: bool) -> tuple[str, list]:
+    """SQL (a SELECT usable as a CTE) and params: one row per run[, step], layer and expert of the selection.
+
+    Columns: run_id, [step,] layer, expert, tokens, assigned, first_choice, prob_sum, n_experts, top_k.
+    `tokens` is the number of tokens that reached the layer (summed over ranks and, if not by_step, steps).
+    Every expert of the layer has a row (0 when it received nothing).
+    """
+    step = "step, " if by_step else ""
+    if not sel.needs_sequences:
+        where, params = sel.where("s")
+        counts = f"""
+            SELECT s.run_id, {('s.step, ' if by_step else '')}s.layer, s.expert,
+                   CAST(sum(s.tokens) AS BIGINT) AS tokens, CAST(sum(s.assigned) AS BIGINT) AS assigned,
+                   CAST(sum(s.first_choice) AS BIGINT) AS first_choice, sum(s.prob_sum) AS prob_sum
+            FROM step_stats s WHERE {where} GROUP BY ALL"""
+        per_layer_tokens = "max(c.tokens)"
+    else:
+        where, params = sel.where("r", per_token=True, seq_alias="q")
+        counts = f"""
+            SELECT r.run_id, {('r.step, ' if by_step else '')}r.layer, r.expert,
+                   count(*) AS assigned, count(*) FILTER (WHERE r.slot = 0) AS first_choice,
+                   CAST(NULL AS DOUBLE) AS prob_sum
+            FROM routes r
+            JOIN sequences q ON q.run_id = r.run_id AND q.step = r.step AND q.rank = r.rank AND q.seq = r.seq
+            WHERE {where} GROUP BY ALL"""
+        per_layer_tokens = "CAST(sum(c.first_choice) AS BIGINT)"  # every kept token has exactly one slot-0 route per layer
+    lwhere, lparams = _layer_only(sel).where("l")
+    sql = f"""
+        WITH c AS ({counts}),
+        cells AS (SELECT run_id, {step}layer, {per_layer_tokens} AS tokens FROM c GROUP BY ALL),
+        shape AS (
+            SELECT l.run_id, l.layer, coalesce(l.n_experts, ru.n_experts) AS n_experts,
+                   coalesce(l.top_k, ru.top_k) AS top_k
+            FROM layers l LEFT JOIN runs ru ON ru.run_id = l.run_id WHERE {lwhere}),
+        grid AS (
+            SELECT cells.*, shape.n_experts, shape.top_k, unnest(range(shape.n_experts)) AS expert
+            FROM cells JOIN shape ON shape.run_id = cells.run_id AND shape.layer = cells.layer)
+        SELECT g.run_id, {('g.step, ' if by_step else '')}g.layer, CAST(g.expert AS INTEGER) AS expert,
+               g.tokens, coalesce(c.assigned, 0) AS assigned, coalesce(c.first_choice, 0) AS first_choice,
+               c.prob_sum, g.n_experts, g.top_k
+        FROM grid g LEFT JOIN c ON c.run_id = g.run_id AND c.layer = g.layer AND c.expert = g.expert
+             {('AND c.step = g.step' if by_step else '')}"""
+    return sql, params + lparams
+
+
+def _check_count(count: str) -> str:
+    if count not in ("assigned", "first_choice"):
+        raise AnalysisError(f"count must be 'assigned' (all k slots) or 'first_choice' (slot 0); got {count!r}")
+    return count
+
+
+def expert_load(con, sel: Selection = Selection(), *, by_step: bool = True) -> pd.DataFrame:
+    """Assignments per expert and layer (and step): the raw material of every balance metric.
+
+    Columns: run_id, [step,] layer, expert, tokens, assigned, first_choice, prob_sum, n_experts, top_k,
+    load_fraction (share of the layer's assignments, over all k slots), relative_load (load_fraction x E:
+    1 = the uniform share), token_share (share of the layer's tokens that chose the expert in any slot).
+    """
+    base, params = expert_counts_sql(sel, by_step=by_step)
+    keys = "run_id, step, layer" if by_step else "run_id, layer"
+    sql = f"""
+        WITH b AS ({base})
+        SELECT *,
+               assigned / nullif(sum(assigned) OVER (PARTITION BY {keys}), 0) AS load_fraction,
+               n_experts * assigned / nullif(sum(assigned) OVER (PARTITION BY {keys}), 0) AS relative_load,
+               assigned / nullif(tokens, 0) AS token_share
+        FROM b ORDER BY {keys}, expert"""
+    return run_query(con, sql, params)
+
+
+def load_matrix(con, sel: Selection = Selection()) -> pd.DataFrame:
+    """Layer x expert load pooled over the selected steps, in long form (one row per run, layer, expert).
+
+    For a heatmap: `df[df.run_id == r].pivot(index='layer', columns='expert', values='relative_load')`.
+    """
+    return expert_load(con, sel, by_step=False)
+
+
+def imbalance(
+    con,
+    sel: Selection = Selection(),
+    *,
+    by_step: bool = True,
+    dead_threshold: float = 0.1,
+    top_n: int | None = None,
+    count: str = "assigned",
+) -> pd.DataFrame:
+    """Balance metrics per layer (and step) of the expert load.
+
+    Columns: run_id, [step,] layer, n_experts, top_k, tokens, assignments,
+    max_over_mean (busiest expert / mean expert), max_vio = (max - mean) / mean (MaxVio of Wang et al. 2024,
+    "Auxiliary-loss-free load balancing", as monitored for DeepSeek-V3; 0 = perfectly balanced),
+    cv (coefficient of variation, population std / mean), norm_entropy (entropy of the load fractions / log E:
+    1 = uniform, 0 = one expert takes all), dead_experts and dead_share (experts whose share is below
+    dead_threshold x the uniform share 1/E), top_n and top_n_coverage (share taken by the N busiest experts;
+    N = top_n or the layer's k). `count` picks the load: 'assigned' (all k slots) or 'first_choice' (slot 0).
+    """
+    col = _check_count(count)
+    if not (0 <= dead_threshold <= 1):
+        raise AnalysisError(f"dead_threshold is a fraction of the uniform share, in [0, 1]; got {dead_threshold}")
+    if top_n is not None and int(top_n) < 1:
+        raise AnalysisError(f"top_n must be a positive number of experts; got {top_n}")
+    base, params = expert_counts_sql(sel, by_step=by_step)
+    keys = "run_id, step, layer" if by_step else "run_id, layer"
+    sql = f"""
+        WITH b AS ({base}),
+        f AS (
+            SELECT *, {col} AS n,
+                   {col} / nullif(sum({col}) OVER w, 0) AS frac,
+                   row_number() OVER (PARTITION BY {keys} ORDER BY {col} DESC, expert) AS busy_rank
+            FROM b WINDOW w AS (PARTITION BY {keys}))
+        SELECT {keys}, any_value(n_experts) AS n_experts, any_value(top_k) AS top_k, any_value(tokens) AS tokens,
+               CAST(sum(n) AS BIGINT) AS assignments,
+               max(n) / nullif(avg(n), 0) AS max_over_mean,
+               (max(n) - avg(n)) / nullif(avg(n), 0) AS max_vio,
+               stddev_pop(n) / nullif(avg(n), 0) AS cv,
+               -sum(CASE WHEN frac > 0 THEN frac * ln(frac) ELSE 0 END) / nullif(ln(any_value(n_experts)), 0)
+                   AS norm_entropy,
+               count(*) FILTER (WHERE frac < ? / n_experts) AS dead_experts,
+               count(*) FILTER (WHERE frac < ? / n_experts) / any_value(n_experts) AS dead_share,
+               CAST(coalesce(?, any_value(top_k)) AS INTEGER) AS top_n,
+               sum(frac) FILTER (WHERE busy_rank <= coalesce(?, top_k)) AS top_n_coverage
+        FROM f GROUP BY {keys} ORDER BY {keys}"""
+    tn = None if top_n is None else int(top_n)
+    return run_query(con, sql, params + [float(dead_threshold), float(dead_threshold), tn, tn])

@@ -1,0 +1,299 @@
+"""Store browsing for the dashboard and notebooks: which runs exist, what each holds, one sequence's routes, and a
+guarded SQL console.
+
+Every function takes a DuckDB connection exposing the public schema (`moeviz.schema`) and returns plain Python
+values or a pandas DataFrame. User values always travel as SQL parameters; the only SQL text that comes from a
+user is `run_sql`'s, which is checked to be one read-only SELECT, row-limited and time-limited.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+
+import pandas as pd
+
+from moeviz.errors import MoevizError
+
+
+class RunNotFoundError(MoevizError, LookupError):
+    """The run id is not in the store."""
+
+
+class SqlError(MoevizError):
+    """A console query was refused or failed; the message says why."""
+
+
+class SqlTimeoutError(SqlError):
+    """A console query ran past its time limit and was interrupted."""
+
+
+def _df(con, sql: str, params: list | tuple | dict = ()) -> pd.DataFrame:
+    return con.execute(sql, params if isinstance(params, dict) else list(params)).df()
+
+
+def list_runs(con) -> pd.DataFrame:
+    """One row per run, newest first, with what a run picker needs to label it."""
+    return _df(
+        con,
+        "SELECT run_id, run_name, model_class, n_layers, n_experts, top_k, capacity_factor, world_size, "
+        "status, started_at, ended_at, schema_version FROM runs ORDER BY started_at DESC NULLS LAST, run_id",
+    )
+
+
+def _check_run(con, run_id: str) -> None:
+    if con.execute("SELECT count(*) FROM runs WHERE run_id = ?", [run_id]).fetchone()[0] == 0:
+        known = [r[0] for r in con.execute("SELECT run_id FROM runs ORDER BY run_id LIMIT 20").fetchall()]
+        raise RunNotFoundError(
+            f"no run {run_id!r} in this store; runs here: {', '.join(known) or '(none)'}. "
+            "Pick one of those, or point moeviz at the folder that holds the run."
+        )
+
+
+def run_overview(con, run_id: str) -> pd.DataFrame:
+    """One row: the run's metadata plus what was recorded (steps, tokens, sampled routes, sequences).
+
+    `tokens` counts every token that reached the first MoE layer, summed over steps and ranks (exact, from
+    `layer_stats`); `routed_tokens` counts the tokens kept with per-token detail (from `routes`).
+    """
+    _check_run(con, run_id)
+    return _df(
+        con,
+        """
+        WITH ls AS (
+            SELECT count(DISTINCT step) AS steps, min(step) AS first_step, max(step) AS last_step,
+                   sum(tokens) FILTER (WHERE layer = (SELECT min(layer) FROM layer_stats WHERE run_id = $1))
+                       AS tokens,
+                   sum(dropped) AS dropped
+            FROM layer_stats WHERE run_id = $1
+        ),
+        rt AS (
+            SELECT count(*) FILTER (WHERE slot = 0 AND layer = (SELECT min(layer) FROM routes WHERE run_id = $1))
+                       AS routed_tokens,
+                   count(*) AS route_rows
+            FROM routes WHERE run_id = $1
+        ),
+        sq AS (SELECT count(*) AS sequences, count(DISTINCT domain) AS domains FROM sequences WHERE run_id = $1)
+        SELECT r.run_id, r.run_name, r.model_class, r.n_layers, r.n_experts, r.top_k, r.capacity_factor,
+               r.world_size, r.sample_every, r.max_tokens_per_step, r.status, r.error, r.started_at, r.ended_at,
+               r.schema_version, CAST(r.config AS VARCHAR) AS config,
+               coalesce(ls.steps, 0) AS steps, ls.first_step, ls.last_step,
+               coalesce(ls.tokens, 0) AS tokens, coalesce(ls.dropped, 0) AS dropped,
+               coalesce(rt.routed_tokens, 0) AS routed_tokens, coalesce(rt.route_rows, 0) AS route_rows,
+               coalesce(sq.sequences, 0) AS sequences, coalesce(sq.domains, 0) AS domains
+        FROM runs r, ls, rt, sq WHERE r.run_id = $1
+        """,
+        [run_id],
+    )
+
+
+def step_range(con, run_id: str) -> tuple[int, int] | None:
+    """First and last recorded step of a run (from the exact aggregates), or None when nothing is recorded."""
+    lo, hi = con.execute(
+        "SELECT min(step), max(step) FROM (SELECT step FROM layer_stats WHERE run_id = ? "
+        "UNION ALL SELECT step FROM sequences WHERE run_id = ?)",
+        [run_id, run_id],
+    ).fetchone()
+    return None if lo is None else (int(lo), int(hi))
+
+
+def steps_list(con, run_id: str) -> list[int]:
+    """Every recorded step of a run, ascending (for step pickers that must land on a real step)."""
+    rows = con.execute(
+        "SELECT DISTINCT step FROM layer_stats WHERE run_id = ? ORDER BY step", [run_id]
+    ).fetchall()
+    return [int(r[0]) for r in rows]
+
+
+def layer_list(con, run_id: str) -> pd.DataFrame:
+    """The run's MoE layers (layer, module_name, n_experts, top_k, block_index, stack), by layer."""
+    return _df(
+        con,
+        "SELECT layer, module_name, n_experts, top_k, block_index, stack FROM layers WHERE run_id = ? ORDER BY layer",
+        [run_id],
+    )
+
+
+def rank_list(con, run_id: str) -> list[int]:
+    """Ranks that wrote aggregates for the run."""
+    rows = con.execute("SELECT DISTINCT rank FROM layer_stats WHERE run_id = ? ORDER BY rank", [run_id]).fetchall()
+    return [int(r[0]) for r in rows]
+
+
+def domain_list(con, run_id: str) -> list[str]:
+    """Domain labels of the run's recorded sequences (NULL domains left out), sorted."""
+    rows = con.execute(
+        "SELECT DISTINCT domain FROM sequences WHERE run_id = ? AND domain IS NOT NULL ORDER BY domain", [run_id]
+    ).fetchall()
+    return [r[0] for r in rows]
+
+
+def tag_list(con, run_id: str) -> list[str]:
+    """Step tags of the run's sequences ('train', 'eval', 'probe', ...), sorted."""
+    rows = con.execute(
+        "SELECT DISTINCT tag FROM sequences WHERE run_id = ? AND tag IS NOT NULL ORDER BY tag", [run_id]
+    ).fetchall()
+    return [r[0] for r in rows]
+
+
+def sequence_list(con, run_id: str, *, step: int | None = None, limit: int = 500, preview_tokens: int = 12) -> pd.DataFrame:
+    """Sequences that have per-token detail, newest step first: step, rank, seq, domain, tag, n_tokens,
+    kept_tokens, preview (the first tokens' text, when the run has a vocabulary)."""
+    return _df(
+        con,
+        """
+        WITH first_layer AS (SELECT min(layer) AS layer FROM routes WHERE run_id = $run),
+        kept AS (
+            SELECT r.step, r.rank, r.seq, count(*) AS kept_tokens,
+                   string_agg(coalesce(v.text, CAST(r.token_id AS VARCHAR)), '' ORDER BY r.pos)
+                       FILTER (WHERE r.pos < $preview) AS preview
+            FROM routes r JOIN first_layer f ON r.layer = f.layer
+                 LEFT JOIN vocab v ON v.run_id = r.run_id AND v.token_id = r.token_id
+            WHERE r.run_id = $run AND r.slot = 0 AND ($step IS NULL OR r.step = $step)
+            GROUP BY ALL
+        )
+        SELECT k.step, k.rank, k.seq, s.domain, s.tag, s.n_tokens, k.kept_tokens, k.preview
+        FROM kept k LEFT JOIN sequences s ON s.run_id = $run AND s.step = k.step AND s.rank = k.rank AND s.seq = k.seq
+        ORDER BY k.step DESC, k.rank, k.seq
+        LIMIT $limit
+        """,
+        {"run": run_id, "preview": int(preview_tokens), "step": None if step is None else int(step), "limit": int(limit)},
+    )
+
+
+def sequence_routes(con, run_id: str, step: int, rank: int, seq: int) -> pd.DataFrame:
+    """Every kept token of one sequence with its routing, one row per token, layer and slot.
+
+    Columns: pos, token_id, text (the vocabulary text, or the id when the run has no vocabulary), layer, slot,
+    expert, weight; ordered by pos, layer, slot. Empty when the sequence has no per-token detail.
+    """
+    return _df(
+        con,
+        """
+        SELECT r.pos, r.token_id, coalesce(v.text, CAST(r.token_id AS VARCHAR)) AS text,
+               r.layer, r.slot, r.expert, r.weight
+        FROM routes r LEFT JOIN vocab v ON v.run_id = r.run_id AND v.token_id = r.token_id
+        WHERE r.run_id = ? AND r.step = ? AND r.rank = ? AND r.seq = ?
+        ORDER BY r.pos, r.layer, r.slot
+        """,
+        [run_id, int(step), int(rank), int(seq)],
+    )
+
+
+# --- the SQL console --------------------------------------------------------------------------------------------
+
+EXAMPLE_QUERIES: dict[str, str] = {
+    "Load per layer and expert": (
+        "SELECT layer, expert, sum(assigned) AS assigned,\n"
+        "       sum(assigned) / sum(sum(assigned)) OVER (PARTITION BY layer) AS load_fraction\n"
+        "FROM step_stats GROUP BY layer, expert ORDER BY layer, expert"
+    ),
+    "Router z-loss per step": (
+        "SELECT step, layer, sum(z_loss_sum) / sum(tokens) AS z_loss\n"
+        "FROM layer_stats GROUP BY step, layer ORDER BY step, layer"
+    ),
+    "Top experts of a token": (
+        "SELECT v.text, r.layer, r.expert, count(*) AS n\n"
+        "FROM routes r JOIN vocab v USING (run_id, token_id)\n"
+        "WHERE r.slot = 0 GROUP BY ALL ORDER BY n DESC LIMIT 50"
+    ),
+    "Sequences per domain": "SELECT domain, tag, count(*) AS sequences, sum(n_tokens) AS tokens\nFROM sequences GROUP BY ALL ORDER BY tokens DESC",
+    "Runs": "SELECT run_id, model_class, n_layers, n_experts, top_k, status FROM runs",
+}
+
+# Statement kinds a console query may be: reading only. EXPLAIN is allowed because it shows plans without running.
+_READ_ONLY_KINDS = ("SELECT", "EXPLAIN")
+
+
+@dataclass
+class SqlResult:
+    frame: pd.DataFrame  # at most max_rows rows
+    truncated: bool  # the query had more than max_rows rows
+    elapsed_s: float
+
+
+def _single_read_statement(sql: str) -> str:
+    import duckdb
+
+    if not sql or not sql.strip():
+        raise SqlError("the query is empty: write a SELECT over runs, layers, routes, step_stats, ...")
+    try:
+        statements = duckdb.extract_statements(sql)
+    except duckdb.Error as e:
+        raise SqlError(f"the query does not parse: {e}") from None
+    if len(statements) != 1:
+        raise SqlError(f"one statement at a time, please (got {len(statements)})")
+    kind = statements[0].type.name
+    if kind not in _READ_ONLY_KINDS:
+        raise SqlError(f"the console is read-only: {kind} statements are refused; write a SELECT")
+    return statements[0].query.strip().rstrip(";")
+
+
+def _one_line(e: Exception) -> str:
+    """The first line of a DuckDB error, with what the console allows when it is a permission error."""
+    import duckdb
+
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if isinstance(e, duckdb.PermissionException):
+        return f"not allowed: {first} (the console reads only the store's tables, never files)"
+    return first
+
+
+def run_sql(con, sql: str, *, max_rows: int = 1000, timeout_s: float = 10.0) -> SqlResult:
+    """Run one read-only SELECT, returning at most `max_rows` rows and whether more existed.
+
+    Asks DuckDB for max_rows + 1 rows (a LIMIT pushed onto the lazy relation, so a huge result is never
+    materialised) to know whether the result was cut. A worker thread runs the query; past
+    `timeout_s` the main thread interrupts it and raises SqlTimeoutError. Refuses anything but one SELECT (or
+    EXPLAIN); the store's read-only connection refuses writes and file access as a second line.
+    """
+    import duckdb
+
+    if max_rows < 1:
+        raise SqlError(f"max_rows must be at least 1, got {max_rows}")
+    query = _single_read_statement(sql)
+    box: dict = {}
+
+    def work() -> None:
+        try:
+            rel = con.sql(query)
+            box["frame"] = rel.limit(max_rows + 1).df() if rel is not None else pd.DataFrame()
+        except BaseException as e:  # handed to the caller's thread below
+            box["error"] = e
+
+    # The query runs on `con` itself, not a cursor: a store's views are TEMP views and registered Arrow
+    # datasets, which only the connection that made them can see. The caller must not share `con` meanwhile.
+    t0 = time.perf_counter()
+    worker = threading.Thread(target=work, name="moeviz-sql", daemon=True)
+    worker.start()
+    worker.join(timeout_s)
+    if worker.is_alive():
+        con.interrupt()
+        worker.join(5.0)
+        raise SqlTimeoutError(
+            f"the query ran longer than {timeout_s:g} s and was stopped; aggregate with GROUP BY, filter with "
+            "WHERE, or query step_stats/layer_stats instead of routes"
+        )
+    if "error" in box:
+        e = box["error"]
+        if isinstance(e, duckdb.Error):
+            raise SqlError(_one_line(e)) from None
+        raise e
+    frame = box["frame"]
+    truncated = len(frame) > max_rows
+    return SqlResult(frame.head(max_rows).reset_index(drop=True), truncated, time.perf_counter() - t0)
+
+
+def run_progress(con, run_id: str) -> dict:
+    """A cheap fingerprint of how far a run has been written (status, steps, last step, tokens), read from the
+    run row and the per-layer aggregates only: live refresh compares it between polls to know when to reload."""
+    row = con.execute(
+        """
+        SELECT (SELECT status FROM runs WHERE run_id = $1),
+               count(DISTINCT step), max(step), sum(tokens), count(*)
+        FROM layer_stats WHERE run_id = $1
+        """,
+        [run_id],
+    ).fetchone()
+    return {"status": row[0], "steps": int(row[1]), "last_step": row[2], "tokens": int(row[3] or 0), "rows": int(row[4])}

@@ -1,0 +1,430 @@
+"""The moeviz store: a writer that appends Parquet segments, read-only DuckDB views over them, compaction.
+
+    with RunWriter("runs/exp1", run_name="exp1") as w:          # one writer per rank, used by one thread
+        w.write_run({"model_class": "MixtralForCausalLM", "n_layers": 8, "n_experts": 8, "top_k": 2})
+        w.write_flush({"routes": {...numpy columns...}, "step_stats": {...}})
+    con = open_store("runs/")        # any process, any time, also while the writer is running
+    con.sql("SELECT layer, expert, count(*) FROM routes GROUP BY ALL")
+
+DuckDB lets one process hold a database file read-write and blocks every other process meanwhile, so the
+writer never opens a DuckDB file while it records: each `write_flush` writes one immutable Parquet segment per
+table (layout in `moeviz.segments`), and readers query the segments through views. `compact` (run by the last
+rank's `close`, or `moeviz compact`) folds the segments into `<run>/run.duckdb`, written under a new name and
+renamed over the old one, so a reader that has the old file open keeps reading it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import socket
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import pyarrow as pa
+
+from moeviz import segments as sg
+from moeviz.errors import StoreError
+from moeviz.schema import SCHEMA_VERSION, TABLES
+from moeviz.store_reader import StoreWarning, open_store, store_info  # noqa: F401  (public API of moeviz.store)
+
+__all__ = ["RunWriter", "open_store", "compact", "store_info", "StoreWarning"]
+
+RUN_META_KEYS = ("run_name", "model_class", "n_layers", "n_experts", "top_k", "capacity_factor", "config",
+                 "sample_every", "max_tokens_per_step")
+LAYER_KEYS = ("layer", "module_name", "n_experts", "top_k", "block_index", "stack")
+
+
+class RunWriter:
+    """Writes one rank of one run. Not thread-safe: call it from one (writer) thread.
+
+    Several ranks may write the same run folder without coordinating: each has its own `rank=<r>` folders and
+    status file. The last rank to close compacts the run (best effort: on failure the segments stay readable).
+    """
+
+    def __init__(self, run_dir, *, run_id: str | None = None, run_name: str | None = None, rank: int = 0,
+                 world_size: int = 1, compact_on_close: bool = True):
+        self.run_dir = Path(run_dir).expanduser().resolve()
+        self.run_id = str(run_id) if run_id is not None else self.run_dir.name
+        self.rank, self.world_size = int(rank), int(world_size)
+        if self.world_size < 1 or not 0 <= self.rank < self.world_size:
+            raise StoreError(f"rank must be in [0, world_size): got rank={rank}, world_size={world_size}")
+        if not self.run_id:
+            raise StoreError("run_id must be a non-empty string")
+        self.compact_on_close = compact_on_close
+        self._closed = False
+        self._seq: dict[str, int] = {}
+        self._clipped_warned = False
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        previous = sg.read_statuses(self.run_dir).get(self.rank)
+        if previous and sg.writer_alive(previous):
+            raise StoreError(f"rank {self.rank} of {self.run_dir} is being written by pid {previous.get('pid')} on "
+                             f"{previous.get('hostname')}: use another rank or run folder")
+        now = sg.utc_iso()
+        self._status = {
+            "run_id": self.run_id, "rank": self.rank, "world_size": self.world_size, "run_name": run_name,
+            "pid": os.getpid(), "hostname": socket.gethostname(), "proc_start": sg.process_start_ticks(os.getpid()),
+            "started_at": (previous or {}).get("started_at") or now, "heartbeat": now, "status": "running",
+            "error": None, "ended_at": None, "schema_version": SCHEMA_VERSION,
+        }
+        # status before manifest: a reader that finds the run (by its manifest) always finds a status too
+        sg.write_json_atomic(sg.status_path(self.run_dir, self.rank), self._status)
+        sg.ensure_manifest(self.run_dir, self.run_id)
+
+    # ------------------------------------------------------------------------------------------------ writes
+
+    def write_run(self, meta: Mapping[str, Any]) -> None:
+        """The run's `runs` row: model_class, n_layers, n_experts, top_k, capacity_factor, config (dict or JSON
+        text), sample_every, max_tokens_per_step (run_name optional). Call again to replace it."""
+        self._check_open()
+        unknown = set(meta) - set(RUN_META_KEYS)
+        if unknown:
+            raise StoreError(f"write_run got unknown keys {sorted(unknown)}; allowed: {', '.join(RUN_META_KEYS)}")
+        config = meta.get("config")
+        if config is not None and not isinstance(config, str):
+            config = json.dumps(config, default=str)
+        elif isinstance(config, str):
+            try:
+                json.loads(config)
+            except ValueError as e:
+                raise StoreError(f"write_run: config is a string but not valid JSON ({e})") from e
+        row = {
+            "run_id": self.run_id, "rank": self.rank, "written_at": sg.utc_now(),
+            "run_name": meta.get("run_name", self._status["run_name"]), "model_class": meta.get("model_class"),
+            "n_layers": meta.get("n_layers"), "n_experts": meta.get("n_experts"), "top_k": meta.get("top_k"),
+            "capacity_factor": meta.get("capacity_factor"), "config": config,
+            "sample_every": meta.get("sample_every"), "max_tokens_per_step": meta.get("max_tokens_per_step"),
+            "schema_version": SCHEMA_VERSION,
+        }
+        self._write("runs", _rows_to_table("runs", [row]))
+
+    def write_layers(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        """One dict per MoE layer: layer, module_name, n_experts, top_k, block_index, stack."""
+        self._check_open()
+        out = []
+        for i, r in enumerate(rows):
+            unknown = set(r) - set(LAYER_KEYS)
+            if unknown or "layer" not in r:
+                raise StoreError(f"write_layers row {i}: needs 'layer', allows {', '.join(LAYER_KEYS)}; "
+                                 f"got {sorted(r)}")
+            out.append({"run_id": self.run_id, "rank": self.rank, **{k: r.get(k) for k in LAYER_KEYS}})
+        if out:
+            self._write("layers", _rows_to_table("layers", out))
+
+    def write_vocab(self, token_ids, texts) -> None:
+        """Token texts (decoded by the caller's tokenizer), for the vocab table."""
+        self._check_open()
+        ids = _int_column("vocab", "token_id", np.asarray(token_ids), np.int32)
+        texts = [None if t is None else str(t) for t in texts]
+        if len(texts) != len(ids):
+            raise StoreError(f"write_vocab: {len(ids)} token_ids but {len(texts)} texts")
+        if len(ids):
+            self._write("vocab", pa.table({
+                "run_id": sg.run_id_column(self.run_id, len(ids)),
+                "rank": pa.array(np.full(len(ids), self.rank, np.int32)),
+                "token_id": pa.array(ids), "text": pa.array(texts, pa.string())}))
+
+    def write_flush(self, tables: Mapping[str, Mapping[str, Any]]) -> None:
+        """Append one flush: {table: {column: numpy array or scalar}} for routes, step_stats, layer_stats,
+        sequences. Columns as in moeviz.schema without run_id (`rank` defaults to this writer's rank);
+        routes take `weight` as float in [0, 1] (quantised to 1/65535 on disk) and are stored layer-major:
+        rows are stably sorted by layer if they are not already (keep token-then-slot order within a layer)."""
+        self._check_open()
+        unknown = set(tables) - set(sg.DATA_TABLES)
+        if unknown:
+            raise StoreError(f"write_flush got unknown tables {sorted(unknown)}; allowed: {', '.join(sg.DATA_TABLES)}")
+        built = {name: self._data_table(name, cols) for name, cols in tables.items()}  # validate all, then write
+        for name, data in built.items():
+            if data is not None:
+                self._write(name, data)
+        self._heartbeat()
+
+    # ------------------------------------------------------------------------------------------------ close
+
+    def close(self, status: str = "finished", error: BaseException | str | None = None) -> None:
+        """Mark this rank finished (or failed, with the error); the last rank to close compacts the run."""
+        if self._closed:
+            return
+        if status not in ("finished", "failed"):
+            raise StoreError(f"close(status=...) must be 'finished' or 'failed', got {status!r}")
+        self._closed = True
+        now = sg.utc_iso()
+        if isinstance(error, BaseException):
+            error = f"{type(error).__name__}: {error}"
+        self._status.update(status=status, error=error, ended_at=now, heartbeat=now)
+        sg.write_json_atomic(sg.status_path(self.run_dir, self.rank), self._status)
+        if self.compact_on_close and sg.all_ranks_closed(sg.read_statuses(self.run_dir)):
+            try:
+                compact(self.run_dir)
+            except Exception as e:  # never lose data: the segments stay and every reader still sees them
+                warnings.warn(f"moeviz: compaction of {self.run_dir} at close failed ({e}); the segments are kept "
+                              f"and readable; run `moeviz compact {self.run_dir}` to retry", StoreWarning, stacklevel=2)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def __enter__(self) -> "RunWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.close("finished" if exc is None else "failed", error=exc)
+
+    # ------------------------------------------------------------------------------------------------ internals
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreError(f"RunWriter for {self.run_dir} (rank {self.rank}) is closed: open a new RunWriter "
+                             f"to write more")
+
+    def _write(self, table: str, data: pa.Table) -> None:
+        if table not in self._seq:
+            self._seq[table] = sg.next_segment_seq(sg.segment_dir(self.run_dir, table, self.rank))
+        sg.write_segment(self.run_dir, table, self.rank, self._seq[table], data)
+        self._seq[table] += 1
+
+    def _heartbeat(self) -> None:
+        self._status["heartbeat"] = sg.utc_iso()
+        sg.write_json_atomic(sg.status_path(self.run_dir, self.rank), self._status)
+
+    def _data_table(self, table: str, cols: Mapping[str, Any]) -> pa.Table | None:
+        """Validate and convert one table of a flush to its on-disk Arrow form (None if it has no rows)."""
+        schema = sg.DISK_SCHEMAS[table]
+        expected = [c for c in TABLES[table].column_names if c != "run_id"]
+        cols = dict(cols)
+        cols.setdefault("rank", self.rank)
+        missing, extra = set(expected) - set(cols), set(cols) - set(expected)
+        if missing or extra:
+            raise StoreError(f"write_flush: table {table!r} " + (f"lacks columns {sorted(missing)} " if missing else "")
+                             + (f"has unknown columns {sorted(extra)} " if extra else "")
+                             + f"(expected {', '.join(expected)})")
+        lengths = {c: len(v) for c, v in cols.items() if np.ndim(v) == 1 or isinstance(v, (list, tuple))}
+        if len(set(lengths.values())) > 1:
+            raise StoreError(f"write_flush: columns of {table!r} differ in length: {lengths}")
+        n = next(iter(lengths.values()), 1)
+        if n == 0:
+            return None
+        arrays: dict[str, Any] = {}
+        for c in expected:
+            v = cols[c]
+            if table == "routes" and c == "weight":
+                arrays["weight_q"] = self._quantised_weights(_broadcast(v, n))
+                continue
+            t = schema.field(c).type
+            if t == pa.string():
+                arrays[c] = pa.array([v] * n if np.ndim(v) == 0 and not isinstance(v, (list, tuple)) else list(v),
+                                     pa.string())
+            elif t == pa.float64():
+                arrays[c] = np.asarray(_broadcast(v, n), dtype=np.float64)
+            else:
+                arrays[c] = _int_column(table, c, _broadcast(v, n), t.to_pandas_dtype())
+        if table == "routes":
+            layer = arrays["layer"]
+            if n > 1 and not np.all(layer[1:] >= layer[:-1]):
+                order = np.argsort(layer, kind="stable")  # layer-major; token and slot order kept within a layer
+                arrays = {k: v[order] for k, v in arrays.items()}
+        out = {"run_id": sg.run_id_column(self.run_id, n)}
+        out.update({f.name: pa.array(arrays[f.name], f.type) if not isinstance(arrays[f.name], pa.Array)
+                    else arrays[f.name] for f in schema if f.name != "run_id"})
+        return pa.table(out)
+
+    def _quantised_weights(self, w) -> np.ndarray:
+        w = np.asarray(w, dtype=np.float64 if np.asarray(w).dtype == np.float64 else np.float32)
+        if not np.isfinite(w).all():
+            raise StoreError("write_flush: routes.weight holds NaN or infinite values; the router produced "
+                             "non-finite gate weights")
+        lo, hi = float(w.min()), float(w.max())
+        if (lo < -1e-6 or hi > 1 + 1e-6) and not self._clipped_warned:
+            self._clipped_warned = True
+            warnings.warn(f"moeviz: routes.weight outside [0, 1] (min {lo:.4g}, max {hi:.4g}) clipped to [0, 1]; "
+                          f"record gate weights before any routed scaling factor", StoreWarning, stacklevel=3)
+        return np.rint(np.clip(w, 0.0, 1.0) * sg.WEIGHT_SCALE).astype(np.uint16)
+
+
+def _broadcast(v, n: int) -> np.ndarray:
+    a = np.asarray(v)
+    return np.full(n, a) if a.ndim == 0 else a
+
+
+def _int_column(table: str, name: str, a: np.ndarray, dtype) -> np.ndarray:
+    """An integer column cast to its on-disk type, refusing values that do not fit (instead of wrapping)."""
+    a = np.asarray(a)
+    if a.dtype == dtype:
+        return a
+    if a.dtype.kind not in "iub":
+        raise StoreError(f"{table}.{name} must hold integers, got dtype {a.dtype}")
+    if a.size and a.dtype.kind != "b":
+        info = np.iinfo(dtype)
+        lo, hi = a.min(), a.max()
+        if lo < info.min or hi > info.max:
+            raise StoreError(f"{table}.{name} holds values in [{lo}, {hi}], outside {np.dtype(dtype).name} "
+                             f"[{info.min}, {info.max}]")
+    return a.astype(dtype)
+
+
+def _rows_to_table(table: str, rows: list[dict]) -> pa.Table:
+    """A small metadata table from Python dicts, typed as on disk (with clear errors for bad values)."""
+    schema = sg.DISK_SCHEMAS[table]
+    try:
+        return pa.Table.from_pylist(rows, schema=schema)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, OverflowError) as e:
+        raise StoreError(f"bad value for table {table!r}: {e}") from e
+
+
+# ---------------------------------------------------------------------------------------------------- compaction
+
+
+def compact(path) -> dict:
+    """Fold every complete segment of a run (or of every run in a folder) into `<run>/run.duckdb`.
+
+    Builds `run.duckdb.tmp` (the old compacted tables + the new segments + their names in `_segments`), fsyncs
+    it, renames it over `run.duckdb`, then deletes the folded segments. A reader that has the old file open keeps
+    its inode; a reader that lists segments and then opens the new file skips those recorded in `_segments`, so
+    no row is counted twice. Refuses a run whose writer is still alive. Idempotent.
+    """
+    return {"runs": [_compact_run(run_dir) for run_dir in sg.find_runs(path)]}
+
+
+class _CompactionLock:
+    """An exclusive flock on `<run>/.compact.lock`, so two compactions of one run never interleave."""
+
+    def __init__(self, run_dir: Path, timeout_s: float = 120.0):
+        self.path, self.timeout_s = run_dir / sg.LOCK_FILE, timeout_s
+
+    def __enter__(self):
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return self
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    os.close(self.fd)
+                    raise StoreError(f"another compaction of {self.path.parent} has held {self.path} for "
+                                     f"{self.timeout_s:.0f}s; try again later") from None
+                time.sleep(0.1)
+
+    def __exit__(self, *exc):
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
+        os.close(self.fd)
+
+
+def _compact_run(run_dir: Path) -> dict:
+    import duckdb
+
+    manifest = sg.read_manifest(run_dir)
+    statuses = sg.read_statuses(run_dir)
+    live = [s for s in statuses.values() if sg.writer_alive(s)]
+    if live:
+        s = live[0]
+        raise StoreError(f"run {manifest.get('run_id')!r} at {run_dir} is still being written (rank {s.get('rank')}, "
+                         f"pid {s.get('pid')} on {s.get('hostname')}): compaction waits until every writer closed; "
+                         f"readers see the segments meanwhile")
+    target = run_dir / sg.COMPACTED
+    with _CompactionLock(run_dir):
+        found: dict[str, list[Path]] = {}
+        skipped: list[Path] = []
+        for t in sg.SEGMENT_TABLES:
+            found[t], bad = sg.list_segments(run_dir, t)
+            skipped += bad
+        folded = _folded_segments(target)
+        new = {t: [p for p in ps if sg.relative_name(run_dir, p) not in folded] for t, ps in found.items()}
+        n_new = sum(len(v) for v in new.values())
+        bytes_new = sum(p.stat().st_size for ps in new.values() for p in ps)
+        rows: dict[str, int] = {}
+        if n_new or not target.exists():
+            tmp = run_dir / (sg.COMPACTED + ".tmp")
+            for leftover in (tmp, Path(str(tmp) + ".wal")):
+                leftover.unlink(missing_ok=True)
+            con = duckdb.connect(str(tmp))
+            try:
+                _create_compacted_tables(con)
+                if target.exists():
+                    con.execute("ATTACH ? AS old (READ_ONLY)", [str(target)])
+                    old_tables = {r[0] for r in con.execute(
+                        "SELECT table_name FROM duckdb_tables() WHERE database_name = 'old'").fetchall()}
+                    for t in sg.SEGMENT_TABLES + ("_segments",):
+                        if t in old_tables:
+                            con.execute(f'INSERT INTO main."{t}" BY NAME SELECT * FROM old.main."{t}"')
+                    con.execute("DETACH old")
+                for t, paths in new.items():
+                    if paths:
+                        con.execute(f'INSERT INTO main."{t}" BY NAME SELECT * FROM read_parquet(?)',
+                                    [[str(p) for p in paths]])
+                        con.executemany("INSERT INTO _segments VALUES (?, ?, ?)",
+                                        [[t, sg.relative_name(run_dir, p), p.stat().st_size] for p in paths])
+                con.executemany("INSERT INTO _rank_status VALUES (?, ?)",
+                                [[r, json.dumps(s)] for r, s in sorted(statuses.items())])
+                con.executemany("INSERT INTO _meta VALUES (?, ?)",
+                                [["schema_version", str(SCHEMA_VERSION)], ["compacted_at", sg.utc_iso()],
+                                 ["run_id", str(manifest.get("run_id"))]])
+                rows = {t: con.execute(f'SELECT count(*) FROM main."{t}"').fetchone()[0] for t in sg.SEGMENT_TABLES}
+                con.execute("CHECKPOINT")
+            finally:
+                con.close()
+            _fsync(tmp)
+            os.replace(tmp, target)
+            _fsync(run_dir)
+            folded = _folded_segments(target)
+        deleted = 0
+        for ps in found.values():  # also removes segments a crashed earlier compaction folded but did not delete
+            for p in ps:
+                if sg.relative_name(run_dir, p) in folded:
+                    p.unlink(missing_ok=True)
+                    deleted += 1
+    if not rows:
+        rows = _compacted_row_counts(target)
+    size = target.stat().st_size
+    return {
+        "run_id": manifest.get("run_id"), "run_dir": str(run_dir), "segments_folded": n_new,
+        "segment_bytes_folded": bytes_new, "segments_deleted": deleted, "skipped_files": [str(p) for p in skipped],
+        "rows": rows, "compacted_bytes": size,
+        "bytes_per_route": (size / rows["routes"]) if rows.get("routes") else None,
+    }
+
+
+def _create_compacted_tables(con) -> None:
+    for t in sg.SEGMENT_TABLES:
+        cols = ", ".join(f'"{f.name}" {sg.duckdb_type(f.type)}' for f in sg.DISK_SCHEMAS[t])
+        con.execute(f'CREATE TABLE "{t}" ({cols})')
+    con.execute("CREATE TABLE _segments (table_name VARCHAR, file VARCHAR PRIMARY KEY, bytes BIGINT)")
+    con.execute("CREATE TABLE _rank_status (rank INTEGER, status_json VARCHAR)")
+    con.execute("CREATE TABLE _meta (key VARCHAR, value VARCHAR)")
+
+
+def _folded_segments(target: Path) -> set[str]:
+    """Names (relative to the run) of the segments already inside run.duckdb."""
+    if not target.exists():
+        return set()
+    import duckdb
+
+    con = duckdb.connect(str(target), read_only=True)
+    try:
+        return {r[0] for r in con.execute("SELECT file FROM _segments").fetchall()}
+    finally:
+        con.close()
+
+
+def _compacted_row_counts(target: Path) -> dict[str, int]:
+    import duckdb
+
+    con = duckdb.connect(str(target), read_only=True)
+    try:
+        have = {r[0] for r in con.execute("SELECT table_name FROM duckdb_tables()").fetchall()}
+        return {t: con.execute(f'SELECT count(*) FROM "{t}"').fetchone()[0] if t in have else 0
+                for t in sg.SEGMENT_TABLES}
+    finally:
+        con.close()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

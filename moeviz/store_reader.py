@@ -1,0 +1,327 @@
+"""Reading a moeviz store: read-only DuckDB views over compacted runs and live segments; store_info; safe SQL.
+
+`open_store(path)` is cheap (a few tens of milliseconds plus a directory listing): a reader that wants to see
+new flushes of a live run opens the store again (the dashboard does so on refresh). A connection is a snapshot
+of the files that existed when it was opened: a flush written later is not in it, and if a compaction deletes
+segments the connection was reading, its next query over them fails with a "file not found" error: open again.
+
+Lock-down, for SQL typed by users: the views' own database is opened read-only (CREATE/INSERT fail, and every
+database attached to it is read-only too), the compacted `run.duckdb` files are attached before DuckDB's local
+file system is disabled (an attached database keeps reading through its open handle), and the Parquet segments
+are scanned by pyarrow datasets registered on the connection, not by DuckDB's file system. So no query can read
+or write any file (`read_csv('/etc/passwd')`, `COPY ... TO`, `ATTACH`, `INSTALL` all fail), and the
+configuration is locked. (DuckDB's `allowed_directories` was not enough: it also lets `COPY ... TO` write into
+the allowed folder, and it implicitly allows writing over attached database files.)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from moeviz import segments as sg
+from moeviz.errors import StoreError
+from moeviz.schema import TABLES
+
+
+class StoreWarning(UserWarning):
+    """Something in a store was skipped or repaired; the data that could be read is still correct."""
+
+
+@dataclass
+class _RunFiles:
+    """What a reader found in one run folder, listed before its run.duckdb is opened (see open_store)."""
+
+    run_dir: Path
+    manifest: dict
+    statuses: dict[int, dict]
+    segments: dict[str, list[Path]]
+    skipped: list[Path] = field(default_factory=list)
+
+    @classmethod
+    def scan(cls, run_dir: Path) -> "_RunFiles":
+        manifest = sg.read_manifest(run_dir)  # refuses a store newer than this moeviz
+        segments, skipped = {}, []
+        for t in sg.SEGMENT_TABLES:
+            segments[t], bad = sg.list_segments(run_dir, t)
+            skipped += bad
+        return cls(run_dir, manifest, sg.read_statuses(run_dir), segments, skipped)
+
+    @property
+    def run_id(self) -> str:
+        return str(self.manifest.get("run_id") or self.run_dir.name)
+
+    @property
+    def compacted(self) -> Path:
+        return self.run_dir / sg.COMPACTED
+
+
+# ---------------------------------------------------------------------------------------------------- open_store
+
+
+def open_store(path):
+    """A read-only, locked-down DuckDB connection with the views of moeviz.schema over a run or a folder of runs.
+
+    Raises StoreNotFoundError when `path` holds no run, SchemaVersionError when a run is newer than this moeviz.
+    Incomplete Parquet files (a copy in progress, a truncated file) are skipped with a StoreWarning.
+    """
+    runs = [_RunFiles.scan(d) for d in sg.find_runs(path)]  # 1. list segments ...
+    con = _read_only_connection()
+    try:
+        compacted = _attach_compacted(con, runs)  # 2. ... then open run.duckdb: a segment listed in 1 and
+        for i, run in enumerate(runs):  # folded by a compaction in between is found in `_segments` here
+            folded = compacted.get(i, {}).get("folded", set())
+            run.segments = {t: [p for p in ps if sg.relative_name(run.run_dir, p) not in folded]
+                            for t, ps in run.segments.items()}
+        _register_segments(con, runs)
+        con.register("_run_status", _status_table(con, runs, compacted))
+        _create_views(con, compacted)
+        _lock_down(con)
+    except BaseException:
+        con.close()
+        raise
+    skipped = [p for r in runs for p in r.skipped]
+    if skipped:
+        warnings.warn(f"moeviz: skipped {len(skipped)} incomplete Parquet file(s) (being copied, or truncated): "
+                      + ", ".join(map(str, skipped[:10])) + (" ..." if len(skipped) > 10 else ""),
+                      StoreWarning, stacklevel=2)
+    return con
+
+
+def _read_only_connection():
+    """A connection to an empty database opened read-only (so CREATE TABLE and INSERT fail in it)."""
+    import duckdb
+
+    fd, tmp = tempfile.mkstemp(prefix="moeviz-views-", suffix=".duckdb")
+    os.close(fd)
+    os.unlink(tmp)
+    try:
+        duckdb.connect(tmp).close()
+        con = duckdb.connect(tmp, read_only=True, config={
+            "autoinstall_known_extensions": False, "allow_community_extensions": False,
+            "allow_persistent_secrets": False, "temp_directory": ""})
+    finally:
+        for leftover in (tmp, tmp + ".wal"):
+            if os.path.exists(leftover):
+                os.unlink(leftover)  # the open database keeps its inode; nothing is left behind in /tmp
+    con.execute("LOAD json")  # config is JSON: load before the file system is disabled
+    return con
+
+
+def _attach_compacted(con, runs: list[_RunFiles]) -> dict[int, dict]:
+    """ATTACH each run.duckdb READ_ONLY as run<i>: {i: {"alias", "tables": {table: columns}, "folded": names}}."""
+    out = {}
+    for i, run in enumerate(runs):
+        if not run.compacted.exists():
+            continue
+        alias = f"run{i}"
+        try:
+            con.execute(f"ATTACH ? AS {alias} (READ_ONLY)", [str(run.compacted)])
+        except Exception as e:
+            warnings.warn(f"moeviz: cannot open {run.compacted} ({e}); reading the run's segments only",
+                          StoreWarning, stacklevel=3)
+            continue
+        cols: dict[str, list[str]] = {}
+        for t, c in con.execute("SELECT table_name, column_name FROM duckdb_columns() WHERE database_name = ? "
+                                "ORDER BY column_index", [alias]).fetchall():
+            cols.setdefault(t, []).append(c)
+        folded = {r[0] for r in con.execute(f"SELECT file FROM {alias}.main._segments").fetchall()} \
+            if "_segments" in cols else set()
+        statuses = {}
+        if "_rank_status" in cols:
+            for rank, body in con.execute(f"SELECT rank, status_json FROM {alias}.main._rank_status").fetchall():
+                statuses[int(rank)] = json.loads(body)
+        out[i] = {"alias": alias, "tables": cols, "folded": folded, "statuses": statuses}
+    return out
+
+
+def _register_segments(con, runs: list[_RunFiles]) -> None:
+    """One pyarrow dataset per table over every run's not-yet-compacted segments, registered as _seg_<table>."""
+    import pyarrow.dataset as ds
+
+    for t in sg.SEGMENT_TABLES:
+        files = [str(p) for r in runs for p in r.segments[t]]
+        con.register(f"_seg_{t}", ds.dataset(files, schema=sg.DISK_SCHEMAS[t], format="parquet"))
+
+
+def _status_table(con, runs: list[_RunFiles], compacted: dict[int, dict]) -> pa.Table:
+    """One row per run: its status derived from the ranks' status files (or the copy kept in run.duckdb)."""
+    rows = []
+    for i, run in enumerate(runs):
+        statuses = run.statuses or compacted.get(i, {}).get("statuses", {})
+        st = sg.run_status(statuses)
+        rows.append({"run_id": run.run_id, "run_name": st["run_name"], "world_size": st["world_size"],
+                     "started_at": st["started_at"], "ended_at": st["ended_at"], "status": st["status"],
+                     "error": st["error"], "schema_version": int(run.manifest["written_schema_version"])})
+    schema = pa.schema([("run_id", pa.string()), ("run_name", pa.string()), ("world_size", pa.int32()),
+                        ("started_at", pa.timestamp("us")), ("ended_at", pa.timestamp("us")),
+                        ("status", pa.string()), ("error", pa.string()), ("schema_version", pa.int32())])
+    return pa.Table.from_pylist(rows, schema=schema)
+
+
+def _disk_select(table: str, source: str, have: list[str] | None) -> str:
+    """SELECT of the on-disk columns from one source; columns an older file lacks read as NULL."""
+    exprs = []
+    for f in sg.DISK_SCHEMAS[table]:
+        if have is None or f.name in have:
+            exprs.append(f'"{f.name}"')
+        else:
+            exprs.append(f'CAST(NULL AS {sg.duckdb_type(f.type)}) AS "{f.name}"')
+    return f"SELECT {', '.join(exprs)} FROM {source}"
+
+
+def _public_select(table: str, overrides: dict[str, str], source: str) -> str:
+    """SELECT of the public columns, in the schema's order and types."""
+    exprs = [f'{overrides.get(c.name, f"CAST({c.name} AS {c.sql_type})")} AS "{c.name}"' for c in TABLES[table].columns]
+    return f"SELECT {', '.join(exprs)} FROM {source}"
+
+
+def _create_views(con, compacted: dict[int, dict]) -> None:
+    for t in sg.SEGMENT_TABLES:
+        parts = [_disk_select(t, f"_seg_{t}", None)]
+        for info in compacted.values():
+            if t in info["tables"]:
+                parts.append(_disk_select(t, f'{info["alias"]}.main."{t}"', info["tables"][t]))
+        con.execute(f"CREATE TEMP VIEW _disk_{t} AS " + " UNION ALL ".join(parts))
+    weight = f"CAST(weight_q AS DOUBLE) / {sg.WEIGHT_SCALE}"
+    for t in sg.DATA_TABLES:
+        con.execute(f"CREATE TEMP VIEW {t} AS " + _public_select(t, {"weight": weight}, f"_disk_{t}"))
+    con.execute("CREATE TEMP VIEW layers AS " + _public_select(
+        "layers", {}, "_disk_layers QUALIFY row_number() OVER (PARTITION BY run_id, layer ORDER BY rank) = 1"))
+    con.execute("CREATE TEMP VIEW vocab AS " + _public_select(
+        "vocab", {}, "_disk_vocab QUALIFY row_number() OVER (PARTITION BY run_id, token_id ORDER BY rank) = 1"))
+    runs_from = ("_run_status s LEFT JOIN (SELECT * FROM _disk_runs QUALIFY row_number() OVER "
+                 "(PARTITION BY run_id ORDER BY rank, written_at DESC) = 1) m ON m.run_id = s.run_id")
+    from_status = {"run_id", "world_size", "started_at", "ended_at", "status", "error", "schema_version"}
+    overrides = {c: f"CAST(s.{c} AS {TABLES['runs'].columns[i].sql_type})"
+                 for i, c in enumerate(TABLES["runs"].column_names) if c in from_status}
+    overrides["run_name"] = "coalesce(m.run_name, s.run_name)"
+    overrides.update({c.name: f"CAST(m.{c.name} AS {c.sql_type})" for c in TABLES["runs"].columns
+                      if c.name not in overrides})
+    con.execute("CREATE TEMP VIEW runs AS " + _public_select("runs", overrides, runs_from))
+
+
+def _lock_down(con) -> None:
+    con.execute("SET enable_external_access = false")
+    con.execute("SET disabled_filesystems = 'LocalFileSystem'")
+    con.execute("SET lock_configuration = true")
+
+
+# ---------------------------------------------------------------------------------------------------- SQL from users
+
+
+def check_select_only(con, sql: str) -> None:
+    """Refuse anything but one SELECT (also DESCRIBE/SHOW/SUMMARIZE/VALUES), with a clear StoreError.
+
+    The connection itself cannot touch files or its databases (see the module docstring); this check also keeps
+    temp tables, SET and transactions out of user SQL and makes the message plain.
+    """
+    import duckdb
+
+    try:
+        statements = con.extract_statements(sql)
+    except duckdb.Error as e:
+        raise StoreError(sql_error_message(e)) from None
+    if len(statements) != 1:
+        raise StoreError(f"give exactly one SQL statement (got {len(statements)})")
+    kind = statements[0].type
+    if kind != duckdb.StatementType.SELECT:
+        raise StoreError(f"the store is read-only: only SELECT queries are allowed, not {kind.name}")
+
+
+def read_only_query(con, sql: str, params=None, max_rows: int | None = 1000) -> tuple[list[str], list[tuple], bool]:
+    """Run one user SELECT: (column names, at most max_rows rows, truncated?). Fetches max_rows + 1 rows to know
+    whether more exist, never the whole result. DuckDB errors become a StoreError with a one-line message."""
+    import duckdb
+
+    check_select_only(con, sql)
+    try:
+        rel = con.execute(sql, params or [])
+        columns = [d[0] for d in rel.description]
+        rows = rel.fetchall() if max_rows is None else rel.fetchmany(max_rows + 1)
+    except duckdb.Error as e:
+        raise StoreError(sql_error_message(e)) from None
+    truncated = max_rows is not None and len(rows) > max_rows
+    return columns, rows[:max_rows] if truncated else rows, truncated
+
+
+def sql_error_message(e: Exception) -> str:
+    """One line that says what went wrong with a user's SQL and what the store allows."""
+    import duckdb
+
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if isinstance(e, duckdb.PermissionException):
+        return f"not allowed: {first} (store SQL can read only the store's tables, never files)"
+    if "read-only mode" in first or "read_only" in first.lower():
+        return f"the store is read-only: only SELECT queries are allowed ({first})"
+    if isinstance(e, duckdb.CatalogException):
+        return f"{first} (tables: {', '.join(TABLES)})"
+    return first
+
+
+# ---------------------------------------------------------------------------------------------------- store_info
+
+
+def store_info(path) -> dict:
+    """What a store holds, without opening views: runs, status, segment and row counts, bytes per route."""
+    out = {"path": str(Path(path).expanduser().resolve()), "runs": []}
+    for run_dir in sg.find_runs(path):
+        run = _RunFiles.scan(run_dir)
+        comp = _compacted_summary(run.compacted)
+        st = sg.run_status(run.statuses or comp["statuses"])
+        tables = {}
+        for t in sg.SEGMENT_TABLES:
+            live = [p for p in run.segments[t] if sg.relative_name(run_dir, p) not in comp["folded"]]
+            tables[t] = {"segments": len(live), "segment_rows": sum(_parquet_rows(p) for p in live),
+                         "segment_bytes": sum(p.stat().st_size for p in live),
+                         "compacted_rows": comp["rows"].get(t, 0)}
+        r = tables["routes"]
+        routes = r["segment_rows"] + r["compacted_rows"]
+        out["runs"].append({
+            "run_id": run.run_id, "run_dir": str(run_dir), "status": st["status"], "error": st["error"],
+            "world_size": st["world_size"], "started_at": st["started_at"], "ended_at": st["ended_at"],
+            "schema_version": run.manifest["written_schema_version"], "compacted": run.compacted.exists(),
+            "compacted_bytes": comp["bytes"], "tables": tables, "routes": routes,
+            "skipped_files": [str(p) for p in run.skipped],
+            "bytes_per_route_segments": (r["segment_bytes"] / r["segment_rows"]) if r["segment_rows"] else None,
+            "bytes_per_route_compacted": (comp["bytes"] / r["compacted_rows"]) if r["compacted_rows"] else None,
+            "bytes_per_route": ((r["segment_bytes"] + comp["bytes"]) / routes) if routes else None,
+        })
+    return out
+
+
+def _parquet_rows(p: Path) -> int:
+    try:
+        return pq.read_metadata(p).num_rows
+    except (OSError, pa.ArrowException):
+        return 0
+
+
+def _compacted_summary(target: Path) -> dict:
+    """Row counts, folded segment names and rank statuses kept in a run.duckdb (empty if there is none)."""
+    out = {"rows": {}, "folded": set(), "statuses": {}, "bytes": 0}
+    if not target.exists():
+        return out
+    import duckdb
+
+    out["bytes"] = target.stat().st_size
+    con = duckdb.connect(str(target), read_only=True)
+    try:
+        have = {r[0] for r in con.execute("SELECT table_name FROM duckdb_tables()").fetchall()}
+        out["rows"] = {t: con.execute(f'SELECT count(*) FROM "{t}"').fetchone()[0] for t in sg.SEGMENT_TABLES
+                       if t in have}
+        if "_segments" in have:
+            out["folded"] = {r[0] for r in con.execute("SELECT file FROM _segments").fetchall()}
+        if "_rank_status" in have:
+            out["statuses"] = {int(r): json.loads(b) for r, b in
+                               con.execute("SELECT rank, status_json FROM _rank_status").fetchall()}
+    finally:
+        con.close()
+    return out

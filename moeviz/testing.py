@@ -1,0 +1,331 @@
+"""Build an in-memory moeviz store from plain numpy routing arrays, for tests, notebooks and benchmarks.
+
+Every analysis in moeviz reads a DuckDB connection exposing the public schema (`moeviz.schema`). Tests need
+such a connection filled with routing whose right answer they can compute independently (numpy brute force,
+transformers' own loss functions). `store_from_routing` turns arrays shaped like a router's output
+(`index [T, L, k]`, `weights [T, L, k]`, `logits [T, L, E]`, one row per token) into the seven public tables,
+with the exact aggregates (`step_stats`, `layer_stats`) computed over every token and the per-token `routes`
+over the kept ones, exactly as the collectors would record them. `synthetic_routing` draws random, skewable
+routing with steps, ranks, sequences and domains; `synthetic_store` stores it.
+
+Nothing here imports torch: arrays may be numpy arrays or anything `numpy.asarray` accepts (call `.numpy()`
+on a CPU tensor first).
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from typing import Any, Sequence
+
+import numpy as np
+
+from moeviz.errors import MoevizError
+from moeviz.schema import SCHEMA_VERSION, TABLES
+
+__all__ = ["store_from_routing", "synthetic_routing", "synthetic_store", "create_schema", "softmax"]
+
+
+class RoutingArrayError(MoevizError, ValueError):
+    """Routing arrays given to `store_from_routing` have inconsistent shapes or values."""
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Softmax over the last axis in float64 (the router probabilities used for `prob_sum`)."""
+    x = np.asarray(logits, dtype=np.float64)
+    x = x - x.max(axis=-1, keepdims=True)
+    e = np.exp(x)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def _logsumexp(logits: np.ndarray) -> np.ndarray:
+    x = np.asarray(logits, dtype=np.float64)
+    m = x.max(axis=-1, keepdims=True)
+    return (m + np.log(np.exp(x - m).sum(axis=-1, keepdims=True)))[..., 0]
+
+
+def create_schema(con) -> None:
+    """Create every public table (empty, with the public column types) unless it exists."""
+    for t in TABLES.values():
+        cols = ", ".join(f'"{c.name}" {c.sql_type}' for c in t.columns)
+        con.execute(f"CREATE TABLE IF NOT EXISTS {t.name} ({cols})")
+
+
+def _insert(con, table: str, columns: dict[str, Any]) -> None:
+    """Bulk insert a dict of equal-length columns (numpy arrays or lists, None = NULL) by column name."""
+    import pyarrow as pa
+
+    arrays = {}
+    for name, values in columns.items():
+        if isinstance(values, np.ndarray) and values.dtype.kind == "f":
+            arrays[name] = pa.array(values, mask=np.isnan(values))
+        else:
+            arrays[name] = pa.array(values if not isinstance(values, np.ndarray) or values.dtype != object else list(values))
+    tbl = pa.table(arrays)
+    view = f"_moeviz_testing_{table}"
+    con.register(view, tbl)
+    try:
+        con.execute(f"INSERT INTO {table} BY NAME SELECT * FROM {view}")
+    finally:
+        con.unregister(view)
+
+
+def _per_token(name: str, values, n_tokens: int, default, dtype=None) -> np.ndarray:
+    """A per-token array of length T (broadcasting a scalar default)."""
+    if values is None:
+        return np.full(n_tokens, default, dtype=dtype if dtype is not None else type(default))
+    arr = np.asarray(values, dtype=dtype) if dtype is not None else np.asarray(values)
+    if arr.ndim == 0:
+        arr = np.full(n_tokens, arr.item(), dtype=arr.dtype if dtype is None else dtype)
+    if arr.shape != (n_tokens,):
+        raise RoutingArrayError(f"{name} must have one value per token, shape ({n_tokens},); got {arr.shape}")
+    return arr
+
+
+def _order_within(keys: Sequence[np.ndarray]) -> np.ndarray:
+    """0-based position of each row within its group of equal keys, in input order (a vectorised cumcount)."""
+    n = len(keys[0])
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    # lexsort: the last key is the primary one; input order breaks ties
+    order = np.lexsort((np.arange(n),) + tuple(np.asarray(k) for k in reversed(keys)))
+    sorted_keys = [np.asarray(k)[order] for k in keys]
+    new_group = np.zeros(n, dtype=bool)
+    new_group[0] = True
+    for k in sorted_keys:
+        new_group[1:] |= k[1:] != k[:-1]
+    idx = np.arange(n)
+    starts = np.maximum.accumulate(np.where(new_group, idx, 0))
+    out = np.empty(n, dtype=np.int64)
+    out[order] = idx - starts
+    return out
+
+
+def _top_k(logits: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the k largest logits, largest first (slot 0 = top choice). # [T, L, k]"""
+    return np.argsort(-np.asarray(logits, dtype=np.float64), axis=-1, kind="stable")[..., :k]
+
+
+def store_from_routing(
+    index=None,
+    weights=None,
+    logits=None,
+    *,
+    steps=None,
+    seqs=None,
+    pos=None,
+    ranks=None,
+    domains=None,
+    tags=None,
+    token_ids=None,
+    dropped=None,
+    keep=None,
+    top_k: int | None = None,
+    n_experts: int | None = None,
+    run_id: str = "run0",
+    run_name: str | None = None,
+    capacity_factor: float | None = None,
+    model_class: str = "SyntheticMoE",
+    sample_every: int = 1,
+    con=None,
+):
+    """An in-memory DuckDB (or `con`, added to) holding one run built from routing arrays.
+
+    Shapes (T tokens, L MoE layers, k experts per token, E experts):
+      index    [T, L, k] int   chosen experts, slot 0 = top choice; None = top-`top_k` of `logits`
+      weights  [T, L, k] float gate weights applied; None = softmax(logits) at `index`, else 1/k
+      logits   [T, L, E] float router logits; gives exact `prob_sum`, `z_loss_sum`, `entropy_sum`.
+               Without logits, `prob_sum` scatters the gate weights (a router whose distribution is its
+               gates) and `z_loss_sum`/`entropy_sum` are NULL.
+      steps, seqs, pos, ranks, token_ids  [T] int (defaults 0, 0, order within (step, rank, seq), 0, -1)
+      domains, tags  [T] str or None, constant within a sequence (step, rank, seq); stored in `sequences`
+      dropped  [T, L, k] bool  assignments the model itself dropped (capacity); summed into the aggregates
+      keep     [T] bool  tokens kept in `routes` (the sampling policy); aggregates always cover every token
+    Call again with the same `con` and another `run_id` to put two runs side by side.
+    Returns the connection.
+    """
+    import duckdb
+
+    if logits is not None:
+        logits = np.asarray(logits, dtype=np.float64)
+        if logits.ndim != 3:
+            raise RoutingArrayError(f"logits must be [tokens, layers, experts]; got shape {logits.shape}")
+    if index is None:
+        if logits is None or top_k is None:
+            raise RoutingArrayError("give `index` [T, L, k], or `logits` [T, L, E] together with `top_k`")
+        index = _top_k(logits, top_k)
+    index = np.asarray(index)
+    if index.ndim != 3 or index.dtype.kind not in "iu":
+        raise RoutingArrayError(f"index must be an integer array [tokens, layers, k]; got {index.dtype} {index.shape}")
+    n_tok, n_lay, k = index.shape
+    if logits is not None and logits.shape[:2] != (n_tok, n_lay):
+        raise RoutingArrayError(f"logits {logits.shape} do not match index {index.shape} in tokens and layers")
+    n_exp = int(n_experts or (logits.shape[2] if logits is not None else (index.max() + 1 if index.size else 1)))
+    if logits is not None and logits.shape[2] != n_exp:
+        raise RoutingArrayError(f"n_experts={n_exp} but logits have {logits.shape[2]} experts")
+    if index.size and (index.min() < 0 or index.max() >= n_exp):
+        raise RoutingArrayError(f"expert indices must lie in [0, {n_exp}); got [{index.min()}, {index.max()}]")
+    index = index.astype(np.int64)
+
+    probs = softmax(logits) if logits is not None else None  # [T, L, E]
+    if weights is None:
+        weights = np.take_along_axis(probs, index, axis=-1) if probs is not None else np.full(index.shape, 1.0 / k)
+    weights = np.asarray(weights, dtype=np.float64)
+    if weights.shape != index.shape:
+        raise RoutingArrayError(f"weights {weights.shape} must match index {index.shape}")
+    dropped = np.zeros(index.shape, dtype=bool) if dropped is None else np.asarray(dropped, dtype=bool)
+    if dropped.shape != index.shape:
+        raise RoutingArrayError(f"dropped {dropped.shape} must match index {index.shape}")
+
+    steps = _per_token("steps", steps, n_tok, 0, np.int64)
+    ranks = _per_token("ranks", ranks, n_tok, 0, np.int64)
+    seqs = _per_token("seqs", seqs, n_tok, 0, np.int64)
+    pos = _order_within([steps, ranks, seqs]) if pos is None else _per_token("pos", pos, n_tok, 0, np.int64)
+    token_ids = _per_token("token_ids", token_ids, n_tok, -1, np.int64)
+    keep = _per_token("keep", keep, n_tok, True, bool)
+    dom = None if domains is None else _per_token("domains", np.asarray(domains, dtype=object), n_tok, None)
+    tag = None if tags is None else _per_token("tags", np.asarray(tags, dtype=object), n_tok, None)
+
+    con = con if con is not None else duckdb.connect(":memory:")
+    create_schema(con)
+    existing = con.execute("SELECT count(*) FROM runs WHERE run_id = ?", [run_id]).fetchall()[0][0]
+    if existing:
+        raise RoutingArrayError(f"run {run_id!r} is already in this connection; give another run_id")
+
+    # -- runs, layers ------------------------------------------------------------------------------------------
+    now = datetime.now(timezone.utc).replace(tzinfo=None)
+    _insert(con, "runs", {
+        "run_id": [run_id], "run_name": [run_name or run_id], "model_class": [model_class],
+        "n_layers": [n_lay], "n_experts": [n_exp], "top_k": [k], "capacity_factor": [capacity_factor],
+        "config": [json.dumps({"num_experts": n_exp, "top_k": k, "num_layers": n_lay})],
+        "world_size": [int(ranks.max()) + 1 if n_tok else 1], "sample_every": [sample_every],
+        "max_tokens_per_step": [None], "started_at": [now], "ended_at": [now], "status": ["finished"],
+        "error": [None], "schema_version": [SCHEMA_VERSION],
+    })
+    _insert(con, "layers", {
+        "run_id": [run_id] * n_lay, "layer": list(range(n_lay)),
+        "module_name": [f"model.layers.{i}.mlp.gate" for i in range(n_lay)], "n_experts": [n_exp] * n_lay,
+        "top_k": [k] * n_lay, "block_index": list(range(n_lay)), "stack": ["decoder"] * n_lay,
+    })
+
+    # -- exact aggregates over every token: group g = (step, rank) ---------------------------------------------
+    if n_tok:
+        groups, g = np.unique(np.stack([steps, ranks], axis=1), axis=0, return_inverse=True)
+        g = g.reshape(-1)
+    else:
+        groups, g = np.zeros((0, 2), dtype=np.int64), np.zeros(0, dtype=np.int64)
+    n_grp = len(groups)
+    lay = np.arange(n_lay)
+    cell = (g[:, None, None] * n_lay + lay[None, :, None]) * n_exp  # [T, L, 1]
+    size = n_grp * n_lay * n_exp
+    assigned = np.bincount((cell + index).ravel(), minlength=size)
+    first = np.bincount((cell[..., 0] + index[..., 0]).ravel(), minlength=size)
+    drop_e = np.bincount((cell + index).ravel(), weights=dropped.ravel().astype(np.float64), minlength=size)
+    if probs is not None:
+        prob_sum = np.bincount((cell + np.arange(n_exp)).ravel(), weights=probs.ravel(), minlength=size)
+    else:
+        prob_sum = np.bincount((cell + index).ravel(), weights=weights.ravel(), minlength=size)
+    tok_g = np.bincount(g, minlength=n_grp)  # [G]
+    gi, li, ei = np.unravel_index(np.arange(size), (n_grp, n_lay, n_exp))
+    _insert(con, "step_stats", {
+        "run_id": np.full(size, run_id, dtype=object), "step": groups[gi, 0], "rank": groups[gi, 1],
+        "layer": li, "expert": ei, "tokens": tok_g[gi], "assigned": assigned, "first_choice": first,
+        "prob_sum": prob_sum, "dropped": np.rint(drop_e).astype(np.int64),
+    })
+    gl = n_grp * n_lay
+    gi2, li2 = np.unravel_index(np.arange(gl), (n_grp, n_lay))
+    cell2 = (g[:, None] * n_lay + lay[None, :]).ravel()  # [T*L]
+    if logits is not None:
+        lse = _logsumexp(logits)  # [T, L]
+        ent = -(probs * np.log(np.clip(probs, 1e-300, None))).sum(-1)  # [T, L]
+        z_sum = np.bincount(cell2, weights=(lse**2).ravel(), minlength=gl)
+        e_sum = np.bincount(cell2, weights=ent.ravel(), minlength=gl)
+    else:
+        z_sum = e_sum = np.full(gl, np.nan)
+    _insert(con, "layer_stats", {
+        "run_id": np.full(gl, run_id, dtype=object), "step": groups[gi2, 0], "rank": groups[gi2, 1],
+        "layer": li2, "tokens": tok_g[gi2], "z_loss_sum": z_sum, "entropy_sum": e_sum,
+        "dropped": np.rint(np.bincount(cell2, weights=dropped.sum(-1).ravel().astype(np.float64), minlength=gl)).astype(np.int64),
+    })
+
+    # -- sequences: one row per (step, rank, seq) --------------------------------------------------------------
+    if n_tok:
+        skeys, first_tok, s_inv, s_count = np.unique(
+            np.stack([steps, ranks, seqs], axis=1), axis=0, return_index=True, return_inverse=True, return_counts=True
+        )
+        s_inv = s_inv.reshape(-1)
+    else:
+        skeys, first_tok, s_inv, s_count = np.zeros((0, 3), np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64)
+    for name, lab in (("domains", dom), ("tags", tag)):
+        if lab is not None and n_tok:
+            codes = np.unique(lab.astype(str), return_inverse=True)[1].reshape(-1)
+            if np.any(codes != codes[first_tok][s_inv]):
+                raise RoutingArrayError(f"{name} must be constant within a sequence (step, rank, seq)")
+    _insert(con, "sequences", {
+        "run_id": np.full(len(skeys), run_id, dtype=object), "step": skeys[:, 0], "rank": skeys[:, 1],
+        "seq": skeys[:, 2], "domain": (dom[first_tok] if dom is not None else np.full(len(skeys), None, object)),
+        "tag": (tag[first_tok] if tag is not None else np.full(len(skeys), None, object)), "n_tokens": s_count,
+    })
+
+    # -- routes: one row per kept token, layer and slot ---------------------------------------------------------
+    kt = np.flatnonzero(keep)
+    n_r = len(kt) * n_lay * k
+    shape = (len(kt), n_lay, k)
+
+    def per_route(a):  # [T] -> [kept * L * k]
+        return np.broadcast_to(a[kt][:, None, None], shape).ravel()
+
+    _insert(con, "routes", {
+        "run_id": np.full(n_r, run_id, dtype=object), "step": per_route(steps), "rank": per_route(ranks),
+        "seq": per_route(seqs), "pos": per_route(pos), "token_id": per_route(token_ids),
+        "layer": np.broadcast_to(lay[None, :, None], shape).ravel(),
+        "slot": np.broadcast_to(np.arange(k)[None, None, :], shape).ravel(),
+        "expert": index[kt].ravel(), "weight": weights[kt].ravel(),
+    })
+    return con
+
+
+def synthetic_routing(
+    *,
+    n_steps: int = 4,
+    n_layers: int = 3,
+    n_experts: int = 8,
+    top_k: int = 2,
+    seqs_per_step: int = 4,
+    seq_len: int = 16,
+    n_ranks: int = 1,
+    domains: Sequence[str] | None = ("code", "prose"),
+    skew: float = 1.0,
+    seed: int = 0,
+) -> dict[str, np.ndarray]:
+    """Random routing arrays, as keyword arguments for `store_from_routing` (so tests keep them for brute force).
+
+    Logits are Gaussian plus a per-layer expert bias of scale `skew` (0 = balanced on average, large = a few
+    experts take most tokens); domains cycle over sequences; the index is the top-k of the logits.
+    Keys: logits [T, L, E], index [T, L, k], weights [T, L, k], steps, ranks, seqs, pos, token_ids, domains [T].
+    """
+    rng = np.random.default_rng(seed)
+    per_step = n_ranks * seqs_per_step * seq_len
+    n_tok = n_steps * per_step
+    steps = np.repeat(np.arange(n_steps), per_step)
+    ranks = np.tile(np.repeat(np.arange(n_ranks), seqs_per_step * seq_len), n_steps)
+    seqs = np.tile(np.repeat(np.arange(seqs_per_step), seq_len), n_steps * n_ranks)
+    pos = np.tile(np.arange(seq_len), n_steps * n_ranks * seqs_per_step)
+    bias = skew * rng.standard_normal((1, n_layers, n_experts))
+    logits = rng.standard_normal((n_tok, n_layers, n_experts)) + bias
+    index = _top_k(logits, top_k)
+    probs = softmax(logits)
+    weights = np.take_along_axis(probs, index, axis=-1)
+    out = {
+        "logits": logits, "index": index, "weights": weights, "steps": steps, "ranks": ranks, "seqs": seqs,
+        "pos": pos, "token_ids": rng.integers(0, 100, n_tok),
+    }
+    if domains:
+        seq_global = (steps * n_ranks + ranks) * seqs_per_step + seqs
+        out["domains"] = np.asarray(domains, dtype=object)[seq_global % len(domains)]
+    return out
+
+
+def synthetic_store(*, run_id: str = "run0", con=None, **kwargs):
+    """`store_from_routing(**synthetic_routing(**kwargs))`: a ready store of random routing (see both)."""
+    return store_from_routing(**synthetic_routing(**kwargs), run_id=run_id, con=con)

@@ -1,0 +1,160 @@
+"""moeviz.charts: every figure has a title, labelled axes, hover text, and draws exactly the data it was given."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+import pytest
+
+from moeviz import charts
+from moeviz.testing import store_from_routing, synthetic_routing
+
+
+def _title(fig: go.Figure) -> str:
+    return fig.layout.title.text or ""
+
+
+def _axis_titles(fig: go.Figure) -> tuple[str, str]:
+    return fig.layout.xaxis.title.text or "", fig.layout.yaxis.title.text or ""
+
+
+@pytest.fixture(scope="module")
+def load_rows():
+    """Long-form load rows as moeviz.load.load_matrix returns them, built by hand."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for layer in range(3):
+        counts = rng.integers(0, 50, 4)
+        for e in range(4):
+            rows.append({"run_id": "r", "layer": layer, "expert": e, "assigned": int(counts[e]), "tokens": 100,
+                         "first_choice": int(counts[e]) // 2, "load_fraction": counts[e] / counts.sum(),
+                         "relative_load": 4 * counts[e] / counts.sum(), "n_experts": 4})
+    return pd.DataFrame(rows)
+
+
+def test_load_heatmap_draws_the_pivot_with_counts_on_hover(load_rows):
+    fig = charts.load_heatmap(load_rows)
+    (hm,) = fig.data
+    assert isinstance(hm, go.Heatmap)
+    expected = np.array([[r.load_fraction for r in load_rows[load_rows.layer == l].sort_values("expert").itertuples()]
+                         for l in range(3)])
+    np.testing.assert_allclose(np.asarray(hm.z, float), expected)
+    assert list(hm.x) == ["0", "1", "2", "3"] and list(hm.y) == ["0", "1", "2"]
+    # hover carries the assigned count of each cell
+    assert "assigned" in hm.hovertemplate
+    assert hm.customdata[1][2][0] == load_rows[(load_rows.layer == 1) & (load_rows.expert == 2)].assigned.item()
+    assert _title(fig) and _axis_titles(fig) == ("expert", "MoE layer")
+    assert hm.colorbar.title.text == "share of layer's assignments"
+
+
+def test_relative_load_heatmap_is_centred_on_uniform(load_rows):
+    hm = charts.load_heatmap(load_rows, value="relative_load").data[0]
+    assert hm.zmid == 1.0
+
+
+def test_empty_frame_gives_a_titled_message_not_an_error():
+    fig = charts.load_heatmap(pd.DataFrame(columns=["layer", "expert", "load_fraction"]))
+    assert len(fig.data) == 0 and "Nothing recorded" in fig.layout.annotations[0].text
+    assert _title(fig)
+
+
+def test_missing_columns_are_a_clear_error():
+    with pytest.raises(charts.ChartDataError, match=r"needs columns \['load_fraction'\]"):
+        charts.load_heatmap(pd.DataFrame({"layer": [0], "expert": [0]}))
+
+
+def test_lines_one_trace_per_layer_with_reference_lines():
+    df = pd.DataFrame({"step": [0, 1, 2] * 2, "layer": [0] * 3 + [1] * 3, "aux_loss": [1.2, 1.1, 1.05, 2.0, 1.5, 1.3]})
+    fig = charts.aux_loss_lines(df, bound=0.53)
+    assert [t.name for t in fig.data] == ["layer 0", "layer 1"]
+    assert list(fig.data[1].y) == [2.0, 1.5, 1.3]
+    refs = sorted(s.y0 for s in fig.layout.shapes)
+    assert refs == [0.53, 1.0]
+    texts = " ".join(a.text for a in fig.layout.annotations)
+    assert "uniform routing = 1" in texts and "true lower bound = 0.53" in texts
+    assert _axis_titles(fig)[0] == "step" and "Σ" in _axis_titles(fig)[1]
+
+
+def test_lines_sort_by_x_within_each_series():
+    df = pd.DataFrame({"step": [2, 0, 1], "layer": [0, 0, 0], "z_loss": [3.0, 1.0, 2.0]})
+    fig = charts.z_loss_lines(df)
+    assert list(fig.data[0].x) == [0, 1, 2] and list(fig.data[0].y) == [1.0, 2.0, 3.0]
+
+
+def test_imbalance_lines_label_the_metric():
+    df = pd.DataFrame({"step": [0, 1], "layer": [0, 0], "cv": [0.5, 0.7], "tokens": [10, 10]})
+    fig = charts.imbalance_lines(df, "cv")
+    assert "coefficient of variation" in _title(fig)
+    assert fig.layout.shapes[0].y0 == 0.0  # balanced reference
+
+
+def test_small_multiples_one_panel_per_layer():
+    df = pd.DataFrame([{"step": s, "layer": l, "expert": e, "load_fraction": 0.25, "n_experts": 4}
+                       for s in range(3) for l in range(5) for e in range(4)])
+    fig = charts.load_small_multiples(df)
+    assert len(fig.data) == 5 * 4  # one line per expert in each of 5 panels
+    assert [a.text for a in fig.layout.annotations][:5] == [f"layer {l}" for l in range(5)]
+    # legend shows each expert once
+    assert sum(bool(t.showlegend) for t in fig.data) == 4
+
+
+def test_token_routes_colours_each_cell_by_its_top_expert():
+    r = synthetic_routing(n_steps=1, n_layers=2, n_experts=6, top_k=2, seqs_per_step=1, seq_len=7, seed=3)
+    con = store_from_routing(**r)
+    con.execute("INSERT INTO vocab SELECT 'run0', i, 'tok' || i FROM range(100) r(i)")
+    from moeviz.queries import sequence_routes
+
+    df = sequence_routes(con, "run0", 0, 0, 0)
+    fig = charts.token_routes(df, n_experts=6)
+    (hm,) = fig.data
+    np.testing.assert_array_equal(np.asarray(hm.z, float), r["index"][:, :, 0].T)  # [layers, tokens]
+    assert list(hm.text[0]) == [f"tok{t}" for t in r["token_ids"]]
+    # hover lists both chosen experts with their weights
+    t, layer = 4, 1
+    e0, e1 = r["index"][t, layer]
+    w0, w1 = r["weights"][t, layer]
+    assert hm.customdata[layer][t][1] == f"e{e0} ({w0:.3f}), e{e1} ({w1:.3f})"
+    assert hm.zmin == -0.5 and hm.zmax == 5.5
+    assert _axis_titles(fig) == ("token position in the sequence", "MoE layer")
+
+
+def test_token_routes_makes_whitespace_visible():
+    df = pd.DataFrame({"pos": [0, 1], "text": [" the", "\n"], "layer": [0, 0], "slot": [0, 0], "expert": [1, 0],
+                       "weight": [1.0, 1.0]})
+    assert list(charts.token_routes(df, n_experts=2).data[0].text[0]) == ["·the", "⏎"]
+
+
+def test_sankey_links_carry_the_flows():
+    df = pd.DataFrame({"from_expert": [0, 0, 1], "to_expert": [1, 2, 1], "tokens": [5, 3, 7]})
+    fig = charts.sankey(df, source="from_expert", target="to_expert", value="tokens", source_label="L0 e",
+                        target_label="L1 e", title="flow")
+    (sk,) = fig.data
+    assert list(sk.node.label) == ["L0 e 0", "L0 e 1", "L1 e 1", "L1 e 2"]
+    assert list(sk.link.source) == [0, 0, 1] and list(sk.link.target) == [2, 3, 2]
+    assert list(sk.link.value) == [5.0, 3.0, 7.0]
+
+
+def test_drop_curve_marks_the_current_factor():
+    df = pd.DataFrame({"capacity_factor": [0.5, 1.0, 2.0], "drop_rate": [0.5, 0.2, 0.0]})
+    fig = charts.drop_curve(df, current_cf=1.25)
+    assert fig.layout.shapes[0].x0 == 1.25
+    assert "capacity factor" in _axis_titles(fig)[0]
+
+
+def test_bars_group_by_colour_and_keep_hover_counts():
+    df = pd.DataFrame({"layer": [0, 1, 0, 1], "run_id": ["a", "a", "b", "b"], "drop_rate": [0.1, 0.2, 0.3, 0.4],
+                       "dropped": [1, 2, 3, 4], "assigned": [10] * 4})
+    fig = charts.bars(df, x="layer", y="drop_rate", color="run_id", title="t", x_title="MoE layer",
+                      y_title="dropped / assigned", hover=["dropped", "assigned"])
+    assert [t.name for t in fig.data] == ["run id a", "run id b"]
+    assert list(fig.data[1].y) == [0.3, 0.4]
+    assert fig.data[1].customdata[0][0] == 3
+
+
+def test_compare_heatmaps_share_one_colour_scale(load_rows):
+    both = pd.concat([load_rows, load_rows.assign(run_id="s", relative_load=load_rows.relative_load * 2)])
+    fig = charts.compare_heatmaps(both, runs=("r", "s"))
+    assert len(fig.data) == 2
+    assert fig.data[0].zmax == fig.data[1].zmax == pytest.approx(both.relative_load.max())
+    assert [a.text for a in fig.layout.annotations] == ["run r", "run s"]

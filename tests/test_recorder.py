@@ -1,0 +1,429 @@
+"""Recorder: exact aggregates and routes against a numpy brute force from transformers' own router logits,
+masking, gradient accumulation, the sampling policy, hook removal on error, writer errors, and no host sync in
+the hooks (a TorchDispatchMode that fails on any op which would make the CPU wait for the device)."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from collectors import Recorder
+from collectors.recorder import RecorderError
+from collectors.testing import tiny_model
+
+K = 2  # tiny Mixtral: 4 experts, top-2
+E = 4
+
+
+def read(path, sql: str):
+    from moeviz.store import open_store
+
+    con = open_store(path)
+    try:
+        return con.execute(sql).df()
+    finally:
+        con.close()
+
+
+# ---------------------------------------------------------------------------------------------- references
+
+
+def np_softmax(x):
+    x = np.asarray(x, dtype=np.float64)
+    e = np.exp(x - x.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def brute_force(logits, mask, k=K):
+    """Per-layer aggregates from router logits [N, E] and a 0/1 mask [N], by explicit loops where it is cheap."""
+    logits = np.asarray(logits, dtype=np.float64)
+    mask = np.asarray(mask).astype(bool)
+    p = np_softmax(logits)
+    top = np.argsort(-p, axis=1, kind="stable")[:, :k]  # [N, k]
+    n_exp = logits.shape[1]
+    assigned = np.zeros(n_exp, dtype=np.int64)
+    first = np.zeros(n_exp, dtype=np.int64)
+    for t in range(len(logits)):
+        if not mask[t]:
+            continue
+        first[top[t, 0]] += 1
+        for j in range(k):
+            assigned[top[t, j]] += 1
+    lse = np.log(np.exp(logits).sum(1))
+    entropy = -(p * np.log(p)).sum(1)
+    return dict(
+        tokens=int(mask.sum()),
+        assigned=assigned,
+        first_choice=first,
+        prob_sum=(p * mask[:, None]).sum(0),
+        z_loss_sum=float((lse**2)[mask].sum()),
+        entropy_sum=float(entropy[mask].sum()),
+        top=top,
+        p=p,
+    )
+
+
+def forward_with_reference(model, ids, mask):
+    """Run a forward that the hooks see, returning transformers' own router logits per layer [B*S, E]."""
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, output_router_logits=True)
+    return [t.float().numpy() for t in out.router_logits]
+
+
+def padded_batch(gen, batch, seq, lengths):
+    ids = torch.randint(2, 128, (batch, seq), generator=gen)
+    mask = torch.zeros(batch, seq, dtype=torch.long)
+    for b, n in enumerate(lengths):
+        mask[b, :n] = 1
+    ids = ids * mask  # pad id 0
+    return ids, mask
+
+
+@pytest.fixture(scope="module")
+def mixtral():
+    model, _ = tiny_model("mixtral")
+    return model
+
+
+# ---------------------------------------------------------------------------------------------- aggregates
+
+
+def test_exact_aggregates_match_brute_force_with_masks_and_accumulation(mixtral, tmp_path):
+    gen = torch.Generator().manual_seed(3)
+    # step 0: two forwards (gradient accumulation) of different lengths; step 1: one forward.
+    batches = {0: [padded_batch(gen, 3, 9, [9, 5, 1]), padded_batch(gen, 2, 6, [6, 3])], 1: [padded_batch(gen, 4, 7, [7, 7, 2, 4])]}
+    ref_logits, ref_masks = {}, {}
+    with Recorder(mixtral, tmp_path / "run", flush_every=100) as rec:
+        for step, fwds in batches.items():
+            per_layer = None
+            for ids, mask in fwds:
+                logits = forward_with_reference(mixtral, ids, mask)
+                per_layer = logits if per_layer is None else [np.concatenate([a, b]) for a, b in zip(per_layer, logits)]
+            ref_logits[step] = per_layer
+            ref_masks[step] = np.concatenate([m.reshape(-1).numpy() for _, m in fwds])
+            rec.step(step)
+
+    ss = read(tmp_path / "run", "SELECT * FROM step_stats ORDER BY step, layer, expert")
+    ls = read(tmp_path / "run", "SELECT * FROM layer_stats ORDER BY step, layer")
+    assert sorted(ss.step.unique()) == [0, 1]
+    assert len(ss) == 2 * 2 * E and len(ls) == 2 * 2
+    for step in batches:
+        for layer in range(2):
+            ref = brute_force(ref_logits[step][layer], ref_masks[step])
+            got = ss[(ss.step == step) & (ss.layer == layer)]
+            assert (got.tokens == ref["tokens"]).all()
+            np.testing.assert_array_equal(got.assigned.to_numpy(), ref["assigned"])
+            np.testing.assert_array_equal(got.first_choice.to_numpy(), ref["first_choice"])
+            np.testing.assert_allclose(got.prob_sum.to_numpy(), ref["prob_sum"], rtol=1e-5)
+            np.testing.assert_array_equal(got.dropped.to_numpy(), np.zeros(E))
+            row = ls[(ls.step == step) & (ls.layer == layer)].iloc[0]
+            assert row.tokens == ref["tokens"] and row.dropped == 0
+            assert row.z_loss_sum == pytest.approx(ref["z_loss_sum"], rel=1e-5)
+            assert row.entropy_sum == pytest.approx(ref["entropy_sum"], rel=1e-5)
+    # padding made a difference: the masked token count is below batch * seq
+    assert ss[ss.step == 0].tokens.iloc[0] == 9 + 5 + 1 + 6 + 3 < 3 * 9 + 2 * 6
+
+    seqs = read(tmp_path / "run", "SELECT * FROM sequences ORDER BY step, seq")
+    assert seqs[seqs.step == 0].n_tokens.tolist() == [9, 5, 1, 6, 3]
+    assert seqs[seqs.step == 1].n_tokens.tolist() == [7, 7, 2, 4]
+    assert set(seqs.tag) == {"train"} and seqs.domain.isna().all()
+
+
+def test_routes_equal_the_models_routing(mixtral, tmp_path):
+    gen = torch.Generator().manual_seed(5)
+    ids, mask = padded_batch(gen, 3, 8, [8, 6, 3])
+    with Recorder(mixtral, tmp_path / "run") as rec:
+        logits = forward_with_reference(mixtral, ids, mask)
+        rec.step(7, domain=["code", "prose", "code"], tag="eval")
+    routes = read(tmp_path / "run", "SELECT * FROM routes ORDER BY layer, seq, pos, slot")
+    assert set(routes.step) == {7} and set(routes["rank"]) == {0}
+    for layer in range(2):
+        ref = brute_force(logits[layer], mask.reshape(-1).numpy())
+        got = routes[routes.layer == layer]
+        flat = np.flatnonzero(mask.reshape(-1).numpy())  # tokens inside the mask, in (seq, pos) order
+        assert len(got) == len(flat) * K  # no padded token recorded
+        seq, pos = flat // 8, flat % 8
+        np.testing.assert_array_equal(got.seq.to_numpy().reshape(-1, K)[:, 0], seq)
+        np.testing.assert_array_equal(got.pos.to_numpy().reshape(-1, K)[:, 0], pos)
+        np.testing.assert_array_equal(got.token_id.to_numpy().reshape(-1, K)[:, 0], ids.reshape(-1).numpy()[flat])
+        np.testing.assert_array_equal(got.slot.to_numpy().reshape(-1, K), np.tile(np.arange(K), (len(flat), 1)))
+        np.testing.assert_array_equal(got.expert.to_numpy().reshape(-1, K), ref["top"][flat])
+        # Mixtral renormalises the top-k probabilities
+        top_p = np.take_along_axis(ref["p"][flat], ref["top"][flat], 1)
+        np.testing.assert_allclose(got.weight.to_numpy().reshape(-1, K), top_p / top_p.sum(1, keepdims=True), atol=2e-5)
+    seqs = read(tmp_path / "run", "SELECT * FROM sequences ORDER BY seq")
+    assert seqs.domain.tolist() == ["code", "prose", "code"] and set(seqs.tag) == {"eval"}
+
+
+def test_sampling_policy_keeps_first_tokens_of_sampled_steps(mixtral, tmp_path):
+    gen = torch.Generator().manual_seed(11)
+    batches = [padded_batch(gen, 3, 6, [2, 6, 4]) for _ in range(4)]
+    with Recorder(mixtral, tmp_path / "run", sample_every=2, max_tokens_per_step=5, flush_every=3) as rec:
+        for step, (ids, mask) in enumerate(batches):
+            with torch.no_grad():
+                mixtral(input_ids=ids, attention_mask=mask)
+            rec.step(step)
+    routes = read(tmp_path / "run", "SELECT DISTINCT step, seq, pos FROM routes ORDER BY step, seq, pos")
+    assert sorted(routes.step.unique()) == [0, 2]  # every 2nd step
+    # first 5 tokens inside the mask in (seq, pos) order: seq 0 has 2 tokens, then 3 of seq 1
+    expected = [(0, 0), (0, 1), (1, 0), (1, 1), (1, 2)]
+    for step in (0, 2):
+        got = routes[routes.step == step]
+        assert list(zip(got.seq, got.pos)) == expected
+    # the aggregates still cover every token of every step
+    tokens = read(tmp_path / "run", "SELECT step, tokens FROM layer_stats WHERE layer = 0 ORDER BY step")
+    assert tokens.step.tolist() == [0, 1, 2, 3] and tokens.tokens.tolist() == [12, 12, 12, 12]
+    runs = read(tmp_path / "run", "SELECT sample_every, max_tokens_per_step FROM runs")
+    assert runs.iloc[0].tolist() == [2, 5]
+
+
+def test_explicit_token_ids_and_mask_override_the_captured_ones(mixtral, tmp_path):
+    gen = torch.Generator().manual_seed(2)
+    ids, mask = padded_batch(gen, 2, 5, [5, 2])
+    with Recorder(mixtral, tmp_path / "run") as rec:
+        with torch.no_grad():
+            mixtral(ids)  # positional, no mask: every token counts for the model
+        rec.step(0, token_ids=ids + 1, attention_mask=mask, domain="it")
+        with torch.no_grad():
+            mixtral(ids)
+        rec.step(1)
+    routes = read(tmp_path / "run", "SELECT * FROM routes WHERE layer = 0 AND slot = 0 ORDER BY step, seq, pos")
+    r0 = routes[routes.step == 0]
+    assert len(r0) == 7 and r0.token_id.tolist() == (ids + 1)[mask.bool()].tolist()
+    assert len(routes[routes.step == 1]) == 10  # captured positional input_ids, no mask
+    assert routes[routes.step == 1].token_id.tolist() == ids.reshape(-1).tolist()
+    seqs = read(tmp_path / "run", "SELECT step, seq, domain, n_tokens FROM sequences ORDER BY step, seq")
+    rows = [[r.step, r.seq, None if r.domain is None or r.domain != r.domain else r.domain, r.n_tokens]
+            for r in seqs.itertuples()]
+    assert rows == [[0, 0, "it", 5], [0, 1, "it", 2], [1, 0, None, 5], [1, 1, None, 5]]
+
+
+def test_wrong_number_of_domain_labels_is_a_clear_error(mixtral, tmp_path):
+    with pytest.raises(RecorderError, match="2 sequences"):
+        with Recorder(mixtral, tmp_path / "run") as rec:
+            with torch.no_grad():
+                mixtral(torch.ones(2, 4, dtype=torch.long))
+            rec.step(0, domain=["a", "b", "c"])
+
+
+def test_run_metadata_layers_and_vocab(mixtral, tmp_path):
+    class Tok:
+        def __len__(self):
+            return 130
+
+        def convert_ids_to_tokens(self, ids):
+            return [f"t{i}" for i in ids]
+
+    with Recorder(mixtral, tmp_path / "run", run_name="meta", tokenizer=Tok()) as rec:
+        with torch.no_grad():
+            mixtral(torch.ones(1, 3, dtype=torch.long))
+        rec.step(0)
+    run = read(tmp_path / "run", "SELECT * FROM runs").iloc[0]
+    assert (run.run_name, run.model_class, run.n_layers, run.n_experts, run.top_k) == (
+        "meta", "MixtralForCausalLM", 2, 4, 2)
+    assert run.status == "finished" and run.world_size == 1
+    import json
+
+    assert json.loads(run.config)["num_local_experts"] == 4
+    layers = read(tmp_path / "run", "SELECT * FROM layers ORDER BY layer")
+    assert layers.module_name.tolist() == ["model.layers.0.mlp.gate", "model.layers.1.mlp.gate"]
+    assert layers.block_index.tolist() == [0, 1] and set(layers.n_experts) == {4}
+    vocab = read(tmp_path / "run", "SELECT * FROM vocab ORDER BY token_id")
+    assert len(vocab) == 130 and vocab.text.iloc[129] == "t129"
+
+
+def test_activation_checkpointing_recompute_is_not_counted_twice(tmp_path):
+    model, _ = tiny_model("mixtral")
+    model.train()
+    model.gradient_checkpointing_enable()
+    ids = torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(0))
+    with Recorder(model, tmp_path / "run") as rec:
+        model(input_ids=ids, labels=ids).loss.backward()
+        rec.step(0)
+    ls = read(tmp_path / "run", "SELECT tokens FROM layer_stats")
+    assert ls.tokens.tolist() == [12, 12]
+
+
+# ---------------------------------------------------------------------------------------------- errors
+
+
+def _hooks_left(model) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+def test_hooks_removed_and_run_failed_when_the_body_raises(mixtral, tmp_path):
+    assert _hooks_left(mixtral) == 0
+    with pytest.raises(ValueError, match="boom"):
+        with Recorder(mixtral, tmp_path / "run", flush_every=1) as rec:
+            assert _hooks_left(mixtral) == 3  # model pre-hook + one per router
+            for step in range(2):
+                with torch.no_grad():
+                    mixtral(torch.full((1, 4), 3))
+                rec.step(step)
+            with torch.no_grad():
+                mixtral(torch.full((1, 4), 3))  # captured but never stepped: discarded
+            raise ValueError("boom")
+    assert _hooks_left(mixtral) == 0
+    run = read(tmp_path / "run", "SELECT status, error FROM runs").iloc[0]
+    assert run.status == "failed" and "ValueError: boom" in run.error
+    assert read(tmp_path / "run", "SELECT DISTINCT step FROM step_stats ORDER BY step").step.tolist() == [0, 1]
+    with pytest.raises(RecorderError, match="closed"):
+        rec.step(3)
+
+
+def test_writer_thread_error_surfaces_on_next_step_and_keeps_written_data(mixtral, tmp_path, monkeypatch):
+    from moeviz import store
+
+    real = store.RunWriter.write_flush
+    calls = {"n": 0}
+
+    def flaky(self, tables):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError("disk full (simulated)")
+        return real(self, tables)
+
+    monkeypatch.setattr(store.RunWriter, "write_flush", flaky)
+    with pytest.raises(RecorderError, match="disk full"):
+        with Recorder(mixtral, tmp_path / "run", flush_every=1) as rec:
+            for step in range(10):
+                with torch.no_grad():
+                    mixtral(torch.full((1, 4), 3))
+                rec.step(step)
+                time.sleep(0.05)  # let the writer thread take the flush
+    assert _hooks_left(mixtral) == 0
+    run = read(tmp_path / "run", "SELECT status, error FROM runs").iloc[0]
+    assert run.status == "failed" and "disk full" in run.error
+    assert read(tmp_path / "run", "SELECT DISTINCT step FROM step_stats").step.tolist() == [0]
+
+
+def test_bad_arguments_are_clear_errors(mixtral, tmp_path):
+    with pytest.raises(RecorderError, match="sample_every"):
+        Recorder(mixtral, tmp_path / "r", sample_every=0)
+    with pytest.raises(RecorderError, match="nn.Module"):
+        Recorder("not a model", tmp_path / "r")
+    rec = Recorder(mixtral, tmp_path / "r")
+    with pytest.raises(RecorderError, match="not started"):
+        rec.step(0)
+
+
+# ---------------------------------------------------------------------------------------------- no host sync
+
+
+class HostSync(AssertionError):
+    pass
+
+
+class SyncDetector(TorchDispatchMode):
+    """Fails on every op that makes the host wait for the device: reading a scalar (`.item()`, `bool()`),
+    ops whose output size depends on the data (nonzero, boolean indexing, unique, bincount without a size,
+    masked_select), and device-to-host copies."""
+
+    DATA_DEPENDENT = ("nonzero", "masked_select", "unique", "_unique", "bincount", "repeat_interleave", "nonzero_static")
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func.overloadpacket.__name__
+        if name == "_local_scalar_dense" or name.startswith(self.DATA_DEPENDENT):
+            raise HostSync(f"host sync: aten.{name}")
+        if name == "index" and any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] or [])):
+            raise HostSync("host sync: boolean-mask indexing")
+        if name == "_to_copy" and kwargs.get("device") is not None and torch.device(kwargs["device"]).type == "cpu":
+            if args[0].device.type != "cpu":
+                raise HostSync("host sync: device-to-host copy")
+        if name == "copy_" and args[0].device.type == "cpu" and args[1].device.type != "cpu":
+            raise HostSync("host sync: device-to-host copy")
+        return func(*args, **kwargs)
+
+
+class WatchedRecorder(Recorder):
+    """The real Recorder with its hooks and step() run under the SyncDetector (the model's own code is not)."""
+
+    def _on_model_call(self, *a):
+        with SyncDetector():
+            return super()._on_model_call(*a)
+
+    def _on_router(self, *a):
+        with SyncDetector():
+            return super()._on_router(*a)
+
+    def step(self, *a, **kw):
+        with SyncDetector():
+            return super().step(*a, **kw)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+def test_hooks_and_step_do_not_sync_with_the_device(tmp_path, family):
+    model, _ = tiny_model(family)
+    gen = torch.Generator().manual_seed(1)
+    ids, mask = padded_batch(gen, 2, 6, [6, 4])
+    with WatchedRecorder(model, tmp_path / "run", max_tokens_per_step=5, flush_every=100) as rec:
+        for step in range(2):
+            with torch.no_grad():
+                model(input_ids=ids, attention_mask=mask)
+                model(input_ids=ids[:1], attention_mask=mask[:1])
+            rec.step(step, domain="x")
+    assert read(tmp_path / "run", "SELECT count(*) AS n FROM layer_stats").n[0] == 2 * len(rec.sites)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        lambda out: out.logits.sum().item(),
+        lambda out: out.logits[out.logits > 0],
+        lambda out: bool(out.weights.max() > 0.5),
+        lambda out: torch.bincount(out.index.reshape(-1)),
+    ],
+    ids=["item", "bool-index", "bool", "bincount"],
+)
+def test_sync_detector_catches_a_syncing_hook(mixtral, tmp_path, bad):
+    """Negative control: the same detector fails a hook that does what the Recorder must not."""
+
+    class Syncing(WatchedRecorder):
+        def _on_router(self, site_index, module, inputs, output):
+            with SyncDetector():
+                bad(self.sites[site_index].extract(module, inputs, output))
+
+    with pytest.raises(HostSync):
+        with Syncing(mixtral, tmp_path / "run") as rec:
+            with torch.no_grad():
+                mixtral(torch.ones(1, 4, dtype=torch.long))
+            rec.step(0)
+    assert _hooks_left(mixtral) == 0
+
+
+@pytest.mark.gpu
+def test_no_sync_on_cuda_under_sync_debug_mode(tmp_path):
+    """On a GPU, torch's own sync detector (set_sync_debug_mode('error')) guards the hooks and step()."""
+    model, _ = tiny_model("mixtral")
+    model = model.cuda()
+
+    class CudaWatched(Recorder):
+        def _guard(self, fn, *a, **kw):
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                return fn(*a, **kw)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+
+        def _on_model_call(self, *a):
+            return self._guard(super()._on_model_call, *a)
+
+        def _on_router(self, *a):
+            return self._guard(super()._on_router, *a)
+
+        def step(self, *a, **kw):
+            return self._guard(super().step, *a, **kw)
+
+    ids = torch.randint(0, 128, (2, 8), device="cuda")
+    mask = torch.ones_like(ids)
+    with CudaWatched(model, tmp_path / "run", max_tokens_per_step=6, flush_every=100) as rec:
+        for step in range(3):
+            with torch.no_grad():
+                model(input_ids=ids, attention_mask=mask)
+            rec.step(step)
+    assert read(tmp_path / "run", "SELECT sum(tokens) AS n FROM layer_stats").n[0] == 3 * 16 * 2
