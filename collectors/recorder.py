@@ -637,7 +637,8 @@ class Recorder:
                 text = None if failure is None else _error_text(failure)
                 wt.submit(lambda w: w.close(status=status, error=text), always=True)
                 wt.stop()
-                if own_error is None and wt.error is not None:
+                already_raised = error is not None and (error is wt.error or error.__cause__ is wt.error)
+                if own_error is None and wt.error is not None and not already_raised:
                     own_error = RecorderError(
                         f"moeviz could not write the run at {self.path}: {wt.error!r}. What was written before "
                         f"is intact and readable. Writer traceback:\n{wt.error_trace}"

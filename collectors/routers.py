@@ -341,7 +341,10 @@ def _make_extract(adapter: Callable, n_experts: int, top_k: int, where: str):
     """The site's `extract`: the adapter's output, finalised."""
 
     def extract(module, inputs, output) -> RouterOutput:
-        return _finalize(adapter(module, inputs, output), n_experts, top_k, where)
+        import torch
+
+        with torch.no_grad():  # recording never builds autograd graph (during training the router's params need grad)
+            return _finalize(adapter(module, inputs, output), n_experts, top_k, where)
 
     extract.adapter = adapter  # type: ignore[attr-defined]  # for introspection in tests and error messages
     return extract

@@ -329,10 +329,11 @@ def _sync_reason(func, args, kwargs) -> str | None:
     name = func._schema.name.split("::")[-1]
     if name in _SYNC_OPS:
         return "its result (or its output size) depends on tensor values, so the host must wait for the device"
-    if name == "repeat_interleave" and "output_size" not in kwargs and any(isinstance(a, torch.Tensor) for a in args[1:2]):
+    bound = dict(zip((a.name for a in func._schema.arguments), args), **kwargs)
+    if name == "repeat_interleave" and isinstance(bound.get("repeats"), torch.Tensor) and bound.get("output_size") is None:
         return "repeat_interleave with tensor repeats and no output_size reads the repeats on the host"
     if name in ("index", "index_put", "index_put_", "_index_put_impl_"):
-        indices = args[1] if len(args) > 1 else kwargs.get("indices", ())
+        indices = bound.get("indices", ())
         if any(isinstance(t, torch.Tensor) and t.dtype in (torch.bool, torch.uint8) for t in indices or ()):
             return "boolean-mask indexing has a value-dependent output size"
     if name in ("_to_copy", "copy_"):
@@ -344,85 +345,81 @@ def _sync_reason(func, args, kwargs) -> str | None:
 
 
 class SyncGuard:
-    """A TorchDispatchMode plus Tensor-method patches that raise HostSyncError on anything that would sync a GPU,
-    but only inside `with guard.watching():` (the model around the hook may sync as it likes: transformers'
-    eager expert loops call nonzero).
+    """Raises HostSyncError on anything that would make the host wait for a GPU, but only inside
+    `guard.call(fn, ...)` / `with guard.watching():`, i.e. only for hook code (the model around the hook may
+    sync as it likes: transformers' eager expert loops call nonzero).
 
-    Caught: `.item()`, `bool(t)`/`if t:`, `int(t)`/`float(t)`, `.tolist()`, `.numpy()`, `.cpu()`, `.to('cpu')`,
-    `torch.nonzero`, one-argument `torch.where`, boolean-mask indexing, `masked_select`, `unique`, `bincount`,
-    `torch.equal`, `repeat_interleave` with tensor repeats, device-to-host copies. Usage:
+    While watching, a TorchDispatchMode checks every aten op and the Tensor methods that leave torch without an
+    aten op on CPU (`.tolist()`, `.numpy()`, `.cpu()`, `.to('cpu')`, `.item()`, `int()`/`float()`/`bool()`) are
+    patched to raise. Caught: those, `if t:`, `torch.nonzero`, one-argument `torch.where`, boolean-mask indexing,
+    `masked_select`, `unique`, `bincount`, `torch.equal`, `repeat_interleave` with tensor repeats and no
+    output_size, device-to-host copies. Usage:
 
         guard = SyncGuard()
-        with guard:                                   # installs the dispatch mode
-            model.layer.register_forward_hook(lambda m, i, o: guard.call(site.extract, m, i, o))
-            model(x)
+        handle = router.register_forward_hook(lambda m, i, o: [guard.call(site.extract, m, i, o)] and None)
+        model(x)                                  # raises HostSyncError if extract syncs
         assert guard.checked_calls > 0
     """
 
-    _PATCHED = ("item", "tolist", "numpy", "cpu", "__int__", "__float__", "__bool__", "__array__")
+    _PATCHED = ("item", "tolist", "numpy", "cpu", "__int__", "__float__", "__bool__", "__array__", "to")
 
     def __init__(self):
-        from torch.utils._python_dispatch import TorchDispatchMode
-
-        guard = self
-
-        class _Mode(TorchDispatchMode):
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                kwargs = kwargs or {}
-                if guard.active:
-                    reason = _sync_reason(func, args, kwargs)
-                    if reason is not None:
-                        raise HostSyncError(f"{func} inside a hook: {reason}")
-                return func(*args, **kwargs)
-
-        self._mode = _Mode()
         self.active = False
         self.checked_calls = 0
 
-    def __enter__(self):
-        self._mode.__enter__()
+    def __enter__(self):  # kept so that `with SyncGuard() as guard:` reads naturally; checking is per call
         return self
 
     def __exit__(self, *exc):
-        return self._mode.__exit__(*exc)
+        return False
 
     def call(self, fn, *args, **kwargs):
         """fn(*args, **kwargs) with checking on."""
-        import contextlib
-
-        with self.watching() if not self.active else contextlib.nullcontext():
+        if self.active:
+            return fn(*args, **kwargs)
+        with self.watching():
             self.checked_calls += 1
             return fn(*args, **kwargs)
 
     def watching(self):
+        """Context manager: check everything run inside it."""
         import contextlib
 
         import torch
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                kwargs = kwargs or {}
+                reason = _sync_reason(func, args, kwargs)
+                if reason is not None:
+                    raise HostSyncError(f"{func} inside a hook: {reason}")
+                return func(*args, **kwargs)
+
+        original_to = torch.Tensor.to
+
+        def forbid(name):
+            def method(t, *a, **k):
+                raise HostSyncError(f"Tensor.{name}() inside a hook: it copies to the host and waits for the device")
+
+            return method
+
+        def checked_to(t, *a, **k):
+            device = torch._C._nn._parse_to(*a, **k)[0]
+            if device is not None and device.type == "cpu":
+                raise HostSyncError("Tensor.to('cpu') inside a hook: a device-to-host copy")
+            return original_to(t, *a, **k)
 
         @contextlib.contextmanager
         def _watching():
-            names = [name for name in (*self._PATCHED, "to") if hasattr(torch.Tensor, name)]
+            names = [name for name in self._PATCHED if hasattr(torch.Tensor, name)]
             own = {name: torch.Tensor.__dict__[name] for name in names if name in torch.Tensor.__dict__}
-
-            def forbid(name):
-                def method(t, *a, **k):
-                    raise HostSyncError(f"Tensor.{name}() inside a hook: it copies to the host and waits for the device")
-
-                return method
-
-            original_to = torch.Tensor.to  # bound lookup before patching
-
-            def checked_to(t, *a, **k):
-                device = torch._C._nn._parse_to(*a, **k)[0]
-                if device is not None and device.type == "cpu":
-                    raise HostSyncError("Tensor.to('cpu') inside a hook: a device-to-host copy")
-                return original_to(t, *a, **k)
-
             self.active = True
             try:
                 for name in names:
                     setattr(torch.Tensor, name, checked_to if name == "to" else forbid(name))
-                yield self
+                with _Mode():
+                    yield self
             finally:
                 self.active = False
                 for name in names:  # restore exactly: own attributes back, inherited ones by deleting the patch

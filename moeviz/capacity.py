@@ -26,7 +26,7 @@ from moeviz.selection import Selection
 
 __all__ = ["capacity_drops", "drop_curve", "expert_capacity"]
 
-BY_DIMS = ("layer", "expert", "step", "rank", "seq", "slot", "domain", "tag")
+BY_DIMS = ("layer", "expert", "step", "rank", "seq", "pos", "slot", "domain", "tag")
 _GROUP_KEYS = {"step": ("run_id", "step", "rank", "layer"), "sequence": ("run_id", "step", "rank", "seq", "layer")}
 _PRIORITY = {"position": "slot, seq, pos", "probability": "weight DESC, slot, seq, pos"}
 # C = ceil(CF * T * k / E); rounding to 9 decimals first keeps 1.25 * 64 * 2 / 8 from becoming 20.000000001
@@ -82,7 +82,7 @@ def _cells_sql(sel: Selection, group: str) -> tuple[str, list]:
         where, params = sel.where("s")
         return (
             f"""SELECT s.run_id, s.step, s.rank, s.layer, s.expert, s.assigned AS n, s.tokens AS group_tokens
-                FROM step_stats s WHERE {where}""",
+                FROM step_stats s WHERE {where} AND s.assigned > 0""",  # rows like the routes path's
             params,
         )
     # per-sequence groups (labels are constant in a group, so a domain filter can apply before counting)

@@ -584,3 +584,102 @@ def compare_lines(df: pd.DataFrame, *, y: str, y_title: str, title: str, x: str 
     """A metric over steps, colour = layer, dash = run: two runs on the same axes."""
     return lines(df, x=x, y=y, color="layer" if "layer" in df.columns else None, dash="run_id", title=title,
                  x_title=x, y_title=y_title)
+
+
+# --- specialization ------------------------------------------------------------------------------------------------
+
+
+def domain_heatmap(df: pd.DataFrame, *, layer: int | None = None, value: str = "ratio") -> go.Figure:
+    """Expert × domain heat map for one layer (`moeviz.specialization.domain_share`): the ratio to the uniform
+    share (1 = what balanced routing gives, white), hover with the share and counts."""
+    d = df if layer is None else df[df["layer"] == layer]
+    d = d.assign(domain=d["domain"].fillna("(none)")) if "domain" in d.columns else d
+    where = f" in layer {layer}" if layer is not None else ""
+    z_title = "share ÷ uniform share" if value == "ratio" else _fmt(value)
+    return heatmap(d, x="expert", y="domain", z=value, title=f"Expert share of each domain{where}, against uniform",
+                   x_title="expert", y_title="domain", z_title=z_title, zmid=1.0 if value == "ratio" else None,
+                   hover=[c for c in ("share", "uniform", "assigned", "tokens") if c in d.columns], reverse_y=True)
+
+
+def position_heatmap(df: pd.DataFrame, *, layer: int | None = None) -> go.Figure:
+    """Expert × position-bucket heat map for one layer (`position_share`), as a ratio to the uniform share."""
+    d = df if layer is None else df[df["layer"] == layer]
+    if not d.empty:
+        hi = d["pos_hi"].astype("Int64")
+        d = d.assign(positions=[f"{lo}–{h - 1}" if pd.notna(h) else f"{lo}+" for lo, h in zip(d["pos_lo"], hi)])
+        order = d.drop_duplicates("bucket").sort_values("bucket")["positions"].tolist()
+        d = d.assign(positions=pd.Categorical(d["positions"], categories=order, ordered=True))
+    else:
+        d = d.assign(positions=[])
+    where = f" in layer {layer}" if layer is not None else ""
+    return heatmap(d, x="expert", y="positions", z="ratio", title=f"Expert share by token position{where}, against uniform",
+                   x_title="expert", y_title="token positions", z_title="share ÷ uniform share", zmid=1.0,
+                   hover=[c for c in ("share", "assigned", "tokens") if c in d.columns])
+
+
+def coactivation_heatmap(df: pd.DataFrame, *, layer: int | None = None) -> go.Figure:
+    """P(j | i): how often expert j is chosen with expert i for the same token (`coactivation`), one layer."""
+    d = df if layer is None else df[df["layer"] == layer]
+    where = f" in layer {layer}" if layer is not None else ""
+    i_col = "expert_i" if "expert_i" in d.columns else "i"
+    j_col = "expert_j" if "expert_j" in d.columns else "j"
+    hover = [c for c in ("both", "n_i", "count", "baseline") if c in d.columns]
+    return heatmap(d, x=j_col, y=i_col, z="p", title=f"Co-activation P(expert j | expert i){where}",
+                   x_title="expert j (chosen with i)", y_title="expert i", z_title="P(j | i)", zmin=0, hover=hover)
+
+
+def consecutive_agreement_bars(df: pd.DataFrame) -> go.Figure:
+    """Per layer: how often consecutive tokens agree (three measures), against the baseline of routing blind to
+    the neighbour and against balanced routing (`consecutive_agreement`, Mixtral Table 5)."""
+    measures = [("first", "same first choice", "baseline_first"),
+                ("first_in_topk", "next first choice in top-k", "baseline_first_in_topk"),
+                ("topk_overlap", "top-k sets overlap", None)]
+    rows = []
+    for m, label, base in measures:
+        if f"rate_{m}" not in df.columns:
+            continue
+        for _, r in df.iterrows():
+            rows.append({"layer": r["layer"], "measure": label, "kind": "observed", "rate": r[f"rate_{m}"], "pairs": r["pairs"]})
+            if base and base in df.columns:
+                rows.append({"layer": r["layer"], "measure": label, "kind": "neighbour-blind baseline", "rate": r[base], "pairs": r["pairs"]})
+            if f"uniform_{m}" in df.columns:
+                rows.append({"layer": r["layer"], "measure": label, "kind": "uniform routing", "rate": r[f"uniform_{m}"], "pairs": r["pairs"]})
+    long = pd.DataFrame(rows, columns=["layer", "measure", "kind", "rate", "pairs"])
+    title = "Consecutive tokens routed alike, against chance"
+    if long.empty:
+        return empty_figure(title)
+    long["series"] = long["measure"] + " · " + long["kind"]
+    fig = bars(long, x="layer", y="rate", color="series", title=title, x_title="MoE layer",
+               y_title="share of consecutive token pairs", hover=["pairs"])
+    for t in fig.data:
+        if "baseline" in t.name:
+            t.marker.pattern.shape = "/"
+        elif "uniform" in t.name:
+            t.marker.pattern.shape = "."
+    return fig
+
+
+def layer_flow_sankey(df: pd.DataFrame, layer_a: int, layer_b: int) -> go.Figure:
+    """Sankey of tokens from the experts of layer a to those of layer b (`layer_flow`)."""
+    return sankey(df, source="expert_a", target="expert_b", value="tokens", source_label=f"L{layer_a} e",
+                  target_label=f"L{layer_b} e", title=f"Token flow from layer {layer_a} to layer {layer_b} (first choices)")
+
+
+def per_layer_bars(df: pd.DataFrame, *, y: str, title: str, y_title: str, color: str | None = None,
+                   reference: tuple[str, float] | None = None, hover: Sequence[str] = ()) -> go.Figure:
+    """One bar per layer (grouped by `color`), e.g. vocabulary specialization, saturation, mutual information."""
+    return bars(df, x="layer", y=y, color=color, title=title, x_title="MoE layer", y_title=y_title,
+                reference=reference, hover=[h for h in hover if h in df.columns])
+
+
+def top_tokens_bars(df: pd.DataFrame, *, layer: int, expert: int, by: str = "count") -> go.Figure:
+    """The top tokens of one expert (`top_tokens`), ranked by count or lift."""
+    d = df[(df["layer"] == layer) & (df["expert"] == expert) & (df["by"] == by)].sort_values("rank")
+    d = d.assign(token=[_visible(t) if t is not None and t == t else str(i) for t, i in zip(d["text"], d["token_id"])])
+    y = "count" if by == "count" else "lift"
+    y_title = "occurrences routed to the expert" if by == "count" else "lift P(token | expert) / P(token)"
+    fig = bars(d, x="token", y=y, title=f"Top tokens of expert {expert} in layer {layer}, by {by}", x_title="token",
+               y_title=y_title, hover=[c for c in ("token_id", "token_count", "expert_share", "lift", "count") if c in d.columns],
+               reference=("no preference", 1.0) if by == "lift" else None)
+    fig.update_xaxes(categoryorder="array", categoryarray=d["token"].tolist())
+    return fig

@@ -31,7 +31,7 @@ def dashboard_command(path: str | os.PathLike, port: int = 8501, host: str = "12
     return [
         sys.executable, "-m", "streamlit", "run", str(app_main_path()),
         "--server.port", str(int(port)), "--server.address", host, "--server.headless", "true",
-        "--browser.gatherUsageStats", "false", "--", str(Path(path).resolve()),
+        "--browser.gatherUsageStats", "false", "--server.fileWatcherType", "none", "--", str(Path(path).resolve()),
     ]
 
 

@@ -139,8 +139,8 @@ class RunWriter:
             raise StoreError(f"write_flush got unknown tables {sorted(unknown)}; allowed: {', '.join(sg.DATA_TABLES)}")
         built = {name: self._data_table(name, cols) for name, cols in tables.items()}  # validate all, then write
         for name, data in built.items():
-            if data is not None:
-                self._write(name, data)
+            for part in (_routes_segments(data) if name == "routes" else [data]) if data is not None else []:
+                self._write(name, part)
         self._heartbeat()
 
     # ------------------------------------------------------------------------------------------------ close
@@ -202,6 +202,9 @@ class RunWriter:
             raise StoreError(f"write_flush: table {table!r} " + (f"lacks columns {sorted(missing)} " if missing else "")
                              + (f"has unknown columns {sorted(extra)} " if extra else "")
                              + f"(expected {', '.join(expected)})")
+        if any(np.ndim(v) > 1 for v in cols.values()):
+            raise StoreError(f"write_flush: columns of {table!r} must be 1-D (flatten [tokens, k] arrays "
+                             f"layer-major, then token, then slot)")
         lengths = {c: len(v) for c, v in cols.items() if np.ndim(v) == 1 or isinstance(v, (list, tuple))}
         if len(set(lengths.values())) > 1:
             raise StoreError(f"write_flush: columns of {table!r} differ in length: {lengths}")
@@ -245,6 +248,23 @@ class RunWriter:
         return np.rint(np.clip(w, 0.0, 1.0) * sg.WEIGHT_SCALE).astype(np.uint16)
 
 
+def _routes_segments(routes: pa.Table) -> list[pa.Table]:
+    """A layer-major routes table cut along the token axis into segments of at most ROUTES_ROWS_PER_LAYER rows
+    per layer (and ROW_GROUP_ROWS in all), each still layer-major: see segments.ROUTES_ROWS_PER_LAYER."""
+    layer = routes.column("layer").to_numpy()
+    starts = np.concatenate([[0], np.flatnonzero(layer[1:] != layer[:-1]) + 1, [len(layer)]])  # [n_layers + 1]
+    lengths = np.diff(starts)
+    parts = max(-(-int(lengths.max()) // sg.ROUTES_ROWS_PER_LAYER), -(-len(layer) // sg.ROW_GROUP_ROWS))
+    if parts <= 1:
+        return [routes]
+    out = []
+    for j in range(parts):
+        pieces = [routes.slice(int(a + n * j // parts), int(n * (j + 1) // parts - n * j // parts))
+                  for a, n in zip(starts[:-1], lengths)]
+        out.append(pa.concat_tables(pieces))
+    return out
+
+
 def _broadcast(v, n: int) -> np.ndarray:
     a = np.asarray(v)
     return np.full(n, a) if a.ndim == 0 else a
@@ -266,9 +286,19 @@ def _int_column(table: str, name: str, a: np.ndarray, dtype) -> np.ndarray:
     return a.astype(dtype)
 
 
+def _plain_value(v):
+    """numpy scalars to Python; NaN (pandas' missing value) to None, i.e. SQL NULL."""
+    if isinstance(v, np.generic):
+        v = v.item()
+    if isinstance(v, float) and v != v:
+        return None
+    return v
+
+
 def _rows_to_table(table: str, rows: list[dict]) -> pa.Table:
     """A small metadata table from Python dicts, typed as on disk (with clear errors for bad values)."""
     schema = sg.DISK_SCHEMAS[table]
+    rows = [{k: _plain_value(v) for k, v in r.items()} for r in rows]
     try:
         return pa.Table.from_pylist(rows, schema=schema)
     except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, OverflowError) as e:

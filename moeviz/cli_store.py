@@ -1,0 +1,151 @@
+"""`moeviz sql`, `moeviz info`, `moeviz compact`, `moeviz schema`: the store from the command line.
+
+    moeviz sql runs/exp1 "SELECT layer, expert, count(*) AS n FROM routes GROUP BY ALL ORDER BY n DESC"
+    moeviz info runs/            # runs, status, segments, rows, bytes per route
+    moeviz compact runs/exp1     # fold finished runs' segments into run.duckdb
+    moeviz schema --markdown     # the public SQL schema (the README's schema section)
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import decimal
+import json
+import sys
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("sql", help="run one read-only SELECT on a run or a folder of runs",
+                              description="Run one read-only SELECT over the store's tables (see `moeviz schema`).")
+    p.add_argument("path", help="a run folder, or a folder of run folders")
+    p.add_argument("query", help='e.g. "SELECT layer, expert, count(*) FROM routes GROUP BY ALL"')
+    p.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    p.add_argument("--max-rows", type=int, default=1000, metavar="N",
+                   help="print at most N rows and say when there were more (default 1000; 0 = no limit)")
+    p.set_defaults(func=cmd_sql)
+
+    p = subparsers.add_parser("info", help="what a store holds: runs, status, segments, rows, bytes per route")
+    p.add_argument("path")
+    p.add_argument("--json", action="store_true", help="print the full store_info() dictionary as JSON")
+    p.set_defaults(func=cmd_info)
+
+    p = subparsers.add_parser("compact", help="fold a run's Parquet segments into its run.duckdb",
+                              description="Fold the segments of a run (or of every run in a folder) into "
+                                          "run.duckdb. Refuses runs whose writer is still alive.")
+    p.add_argument("path")
+    p.set_defaults(func=cmd_compact)
+
+    p = subparsers.add_parser("schema", help="print the public SQL schema (tables, columns, types, meanings)")
+    p.add_argument("--markdown", action="store_true", help="Markdown tables, as in the README")
+    p.set_defaults(func=cmd_schema)
+
+
+def cmd_sql(args) -> int:
+    from moeviz.errors import StoreError
+    from moeviz.store_reader import open_store, read_only_query
+
+    if args.max_rows < 0:
+        raise StoreError("--max-rows must be >= 0 (0 = no limit)")
+    con = open_store(args.path)
+    try:
+        columns, rows, truncated = read_only_query(con, args.query, max_rows=args.max_rows or None)
+    finally:
+        con.close()
+    out = sys.stdout
+    if args.format == "csv":
+        w = csv.writer(out, lineterminator="\n")
+        w.writerow(columns)
+        w.writerows([[_plain(v) for v in r] for r in rows])
+    elif args.format == "json":
+        json.dump([{c: _plain(v) for c, v in zip(columns, r)} for r in rows], out, indent=1, default=str)
+        out.write("\n")
+    else:
+        out.write(format_table(columns, rows) + "\n")
+    if truncated:
+        print(f"(showing the first {args.max_rows} rows; there are more: raise --max-rows, or add LIMIT/WHERE)",
+              file=sys.stderr)
+    return 0
+
+
+def cmd_info(args) -> int:
+    from moeviz.store_reader import store_info
+
+    info = store_info(args.path)
+    if args.json:
+        print(json.dumps(info, indent=1, default=str))
+        return 0
+    for run in info["runs"]:
+        print(f"run {run['run_id']}  [{run['status']}]  {run['run_dir']}")
+        print(f"  world_size {run['world_size']}, schema v{run['schema_version']}, started {run['started_at']}, "
+              f"ended {run['ended_at']}" + (f", error: {run['error']}" if run["error"] else ""))
+        rows = [[t, v["segments"], v["segment_rows"], v["segment_bytes"], v["compacted_rows"]]
+                for t, v in run["tables"].items()]
+        table = format_table(["table", "segments", "segment rows", "segment bytes", "compacted rows"], rows)
+        print("  " + table.replace("\n", "\n  "))
+        print(f"  routes {run['routes']:,}; run.duckdb {run['compacted_bytes']:,} bytes; bytes/route: "
+              f"segments {_fmt(run['bytes_per_route_segments'])}, compacted {_fmt(run['bytes_per_route_compacted'])}")
+        if run["skipped_files"]:
+            print(f"  skipped {len(run['skipped_files'])} incomplete Parquet file(s): {run['skipped_files'][:3]}")
+    return 0
+
+
+def cmd_compact(args) -> int:
+    from moeviz.store import compact
+
+    for r in compact(args.path)["runs"]:
+        print(f"run {r['run_id']}: folded {r['segments_folded']} segment(s) ({r['segment_bytes_folded']:,} bytes), "
+              f"run.duckdb {r['compacted_bytes']:,} bytes, {r['rows'].get('routes', 0):,} routes, "
+              f"{_fmt(r['bytes_per_route'])} bytes/route")
+    return 0
+
+
+def cmd_schema(args) -> int:
+    from moeviz.schema import TABLES, schema_markdown
+
+    if args.markdown:
+        print(schema_markdown())
+        return 0
+    for t in TABLES.values():
+        print(f"{t.name}: {t.doc}")
+        print("  " + format_table(["column", "type", "meaning"], [[c.name, c.sql_type, c.doc] for c in t.columns])
+              .replace("\n", "\n  "))
+        print()
+    return 0
+
+
+def _plain(v):
+    """A JSON/CSV-friendly value (timestamps as ISO text, decimals as float)."""
+    if isinstance(v, (dt.datetime, dt.date, dt.time)):
+        return v.isoformat()
+    if isinstance(v, decimal.Decimal):
+        return float(v)
+    return v
+
+
+def _fmt(x) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
+def format_table(columns: list[str], rows: list) -> str:
+    """A plain aligned text table (numbers right-aligned, NULL shown as NULL)."""
+    def cell(v) -> str:
+        if v is None:
+            return "NULL"
+        if isinstance(v, float):
+            return f"{v:.6g}"
+        return str(_plain(v))
+
+    text = [[cell(v) for v in r] for r in rows]
+    numeric = [all(isinstance(r[i], (int, float)) or r[i] is None for r in rows) and rows != [] for i in range(len(columns))]
+    widths = [max([len(c)] + [len(r[i]) for r in text]) for i, c in enumerate(columns)]
+
+    def line(vals):
+        return "  ".join(v.rjust(w) if num else v.ljust(w) for v, w, num in zip(vals, widths, numeric)).rstrip()
+
+    out = [line(columns), "  ".join("-" * w for w in widths)]
+    out += [line(r) for r in text]
+    if not rows:
+        out.append("(no rows)")
+    return "\n".join(out)
+

@@ -1,0 +1,746 @@
+"""Expert specialization: what the experts of each layer have learned to take (domains, tokens, positions),
+which experts fire together, how routing of neighbouring tokens and of successive layers relates, and how
+settled the router is between two checkpoints.
+
+Every function is `f(con, sel, ...) -> pandas.DataFrame` over the public schema (`moeviz.schema`), reads the
+per-token detail in `routes` (joined with `sequences` for domains and tags) and carries `run_id` so that two runs
+compare side by side. The metrics follow the papers that introduced them:
+
+- Mixtral (Jiang et al. 2024, §5 "Routing analysis"): expert share per domain and layer; repeated assignments of
+  consecutive tokens (first choice, and first-or-second choice) against their random baselines.
+- OLMoE (Muennighoff et al. 2024, §5): domain and vocabulary specialization (the fraction of a domain's or a
+  token's occurrences routed to an expert, the chosen experts being all k of the top-k), co-activation, and router
+  saturation (overlap of the top-k sets of the same tokens at two checkpoints).
+
+How it runs (why the SQL looks the way it does): each run is queried on its own (`run_id = ?`), so that grouping
+keys are small integers, never strings. Analyses that need one row per token (co-activation, consecutive tokens,
+layer flow) pack (step, rank, seq, pos) into one BIGINT from the selection's extents (`_TokenKey`), and hold the
+set of a token's experts as a bitmask (`bit_or(1 << expert)`) when the layer has at most 64 experts, as a sorted
+list otherwise. Every route of a token is assumed to be recorded (the collectors write all k slots of a kept
+token); each token has exactly one slot-0 route per layer, so `count(*) FILTER (slot = 0)` counts tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+from moeviz.errors import MoevizError
+from moeviz.selection import Selection
+
+__all__ = [
+    "SpecializationError",
+    "DEFAULT_POSITION_BINS",
+    "domain_share",
+    "domain_share_first_choice",
+    "vocab_specialization",
+    "vocab_specialization_summary",
+    "top_tokens",
+    "position_share",
+    "coactivation",
+    "consecutive_agreement",
+    "layer_flow",
+    "router_saturation",
+    "saturation_curve",
+    "mutual_information",
+]
+
+# Left edges of the position buckets: 0, 1, 2-3, 4-7, ... (the first tokens behave unlike the rest).
+DEFAULT_POSITION_BINS: tuple[int, ...] = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+_MASK_MAX_EXPERTS = 64  # experts that fit a UBIGINT bitmask
+
+
+class SpecializationError(MoevizError, ValueError):
+    """A specialization analysis got arguments it cannot work with, or the store lacks what it needs."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# shared plumbing
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _df(con, sql: str, params: list) -> pd.DataFrame:
+    import duckdb
+
+    try:
+        return con.execute(sql, params).df()
+    except duckdb.CatalogException as e:
+        raise SpecializationError(
+            f"the connection does not expose the moeviz tables this analysis reads ({e}); open a store with "
+            "moeviz.store.open_store(path), or build one with moeviz.testing.store_from_routing(...)"
+        ) from e
+
+
+def _run_ids(con, sel: Selection) -> list[str]:
+    """The runs of the selection that the store holds, in a stable order."""
+    where, params = Selection(run_ids=sel.run_ids).where()
+    return [r[0] for r in _df(con, f"SELECT run_id FROM runs WHERE {where} ORDER BY run_id", params).itertuples(index=False)]
+
+
+def _per_run(con, sel: Selection, columns: list[str], one_run) -> pd.DataFrame:
+    """`one_run(run_id) -> DataFrame` for each run of the selection, stacked, with `run_id` first."""
+    frames = []
+    for run_id in _run_ids(con, sel):
+        df = one_run(run_id)
+        if len(df):
+            df.insert(0, "run_id", run_id)
+            frames.append(df[columns])
+    if not frames:
+        return pd.DataFrame({c: pd.Series(dtype="object" if c in ("run_id", "domain", "text", "by", "variable", "slots") else "float64") for c in columns})
+    return pd.concat(frames, ignore_index=True)
+
+
+def _routes(sel: Selection, run_id: str, cols: str, *, domain: bool = False, extra: str = "") -> tuple[str, list]:
+    """A SELECT of one run's routes in the selection (alias r), with the sequence's domain (s.domain) if asked."""
+    one = sel.with_(run_ids=None)
+    join = domain or one.needs_sequences
+    where, params = one.where("r", per_token=True, seq_alias="s")
+    seq_join = (
+        "LEFT JOIN sequences s ON s.run_id = r.run_id AND s.step = r.step AND s.rank = r.rank AND s.seq = r.seq"
+        if join
+        else ""
+    )
+    sql = f"SELECT {cols} FROM routes r {seq_join} WHERE r.run_id = ? AND {where} {('AND ' + extra) if extra else ''}"
+    return sql, [run_id, *params]
+
+
+def _dims_sql() -> str:
+    """Per layer of one run (parameter: run_id): n_experts and top_k, from `layers`, else from `runs`."""
+    return (
+        "SELECT l.layer, coalesce(l.n_experts, u.n_experts) AS n_experts, coalesce(l.top_k, u.top_k) AS top_k "
+        "FROM layers l LEFT JOIN runs u ON u.run_id = l.run_id WHERE l.run_id = ?"
+    )
+
+
+def _max_experts(con, run_id: str) -> int:
+    row = con.execute(f"SELECT max(n_experts) FROM ({_dims_sql()})", [run_id]).fetchone()
+    if row is None or row[0] is None:
+        raise SpecializationError(
+            f"run {run_id!r} has no rows in `layers`, so its number of experts is unknown; "
+            "the store writer records them (RunWriter.write_layers) — rebuild or repair the run"
+        )
+    return int(row[0])
+
+
+@dataclass(frozen=True)
+class _TokenKey:
+    """Integer keys for one run's selected tokens: `seq` packs (step, rank, seq), `tok` adds pos.
+
+    Packing is exact (mixed radix over the selection's extents), so a BIGINT key replaces a 4-column key in
+    GROUP BY, joins and window partitions; when the extents would overflow 62 bits the keys are HUGEINT.
+    """
+
+    seq: str
+    tok: str
+
+    @staticmethod
+    def of(con, sel: Selection, run_id: str) -> "_TokenKey":
+        sql, params = _routes(
+            sel.with_(domains=None, tags=None), run_id,
+            "min(r.step), max(r.step), min(r.rank), max(r.rank), min(r.seq), max(r.seq), min(r.pos), max(r.pos)",
+        )
+        ext = con.execute(sql, params).fetchone()
+        if ext is None or ext[0] is None:
+            ext = (0, 0, 0, 0, 0, 0, 0, 0)
+        s0, s1, r0, r1, q0, q1, p0, p1 = (int(x) for x in ext)
+        n_r, n_q, n_p = r1 - r0 + 1, q1 - q0 + 1, p1 - p0 + 1
+        wide = (s1 - s0 + 1) * n_r * n_q * n_p >= 2**62
+        step = f"CAST(r.step - {s0} AS HUGEINT)" if wide else f"(r.step - {s0})"
+        seq = f"(({step} * {n_r} + (r.rank - {r0})) * {n_q} + (r.seq - {q0}))"
+        return _TokenKey(seq=seq, tok=f"({seq} * {n_p} + (r.pos - {p0}))")
+
+
+def _expert_set(n_experts: int) -> tuple[str, str]:
+    """SQL aggregate of a token's experts (a bitmask or a sorted list) and the SQL list of the set's experts
+    given that aggregate as `m` (for expanding a set back into experts)."""
+    if n_experts <= _MASK_MAX_EXPERTS:
+        return (
+            "bit_or(CAST(1 AS UBIGINT) << CAST(r.expert AS INTEGER))",
+            f"list_filter(range({n_experts}), lambda e: ((m >> CAST(e AS INTEGER)) & CAST(1 AS UBIGINT)) = 1)",
+        )
+    return "list_sort(list(r.expert))", "m"
+
+
+def _check_positive(name: str, value: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise SpecializationError(f"{name} must be a positive integer; got {value!r}")
+    return int(value)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# domain share
+# ---------------------------------------------------------------------------------------------------------------
+
+_SHARE_COLUMNS = ["run_id", "layer", "domain", "expert", "tokens", "assigned", "share", "uniform", "ratio"]
+
+
+def domain_share(con, sel: Selection, *, slot0_only: bool = False) -> pd.DataFrame:
+    """Expert share per domain and layer against the uniform baseline (Mixtral §5, OLMoE's domain specialization).
+
+    One row per run, layer, domain and expert (every expert of the layer, 0 when it got nothing):
+      tokens    tokens of the domain that reached the layer
+      assigned  of those, the tokens routed to the expert (any of the k slots; slot 0 only if `slot0_only`)
+      share     assigned / tokens: the fraction of the domain's tokens the expert takes; sums to k over experts
+                (to 1 with `slot0_only`)
+      uniform   k / E (1 / E with `slot0_only`): the share of every expert under perfectly balanced routing
+      ratio     share / uniform: > 1 where the expert takes more than its even share of the domain
+    Tokens whose sequence has no domain are grouped under domain NULL.
+    """
+    assigned = "count(*) FILTER (WHERE slot = 0)" if slot0_only else "count(*)"
+
+    def one(run_id: str) -> pd.DataFrame:
+        src, params = _routes(sel, run_id, "r.layer, s.domain, r.expert, r.slot", domain=True)
+        sql = f"""
+            WITH c AS (
+                SELECT layer, domain, expert, {assigned} AS assigned,
+                       count(*) FILTER (WHERE slot = 0) AS first
+                FROM ({src}) r GROUP BY ALL),
+            t AS (SELECT layer, domain, sum(first) AS tokens FROM c GROUP BY ALL),
+            d AS ({_dims_sql()}),
+            g AS (SELECT t.layer, t.domain, t.tokens, d.n_experts, d.top_k,
+                         unnest(range(d.n_experts)) AS expert
+                  FROM t JOIN d ON d.layer = t.layer)
+            SELECT g.layer, g.domain, g.expert, g.tokens, coalesce(c.assigned, 0) AS assigned,
+                   coalesce(c.assigned, 0) / g.tokens AS share,
+                   {('1.0' if slot0_only else 'g.top_k')} / g.n_experts AS uniform,
+                   (coalesce(c.assigned, 0) / g.tokens) / ({('1.0' if slot0_only else 'g.top_k')} / g.n_experts) AS ratio
+            FROM g LEFT JOIN c ON c.layer = g.layer AND c.expert = g.expert
+                               AND c.domain IS NOT DISTINCT FROM g.domain
+            ORDER BY g.layer, g.domain NULLS LAST, g.expert"""
+        return _typed(_df(con, sql, params + [run_id]), ints=("layer", "expert", "tokens", "assigned"))
+
+    return _per_run(con, sel, _SHARE_COLUMNS, one)
+
+
+def domain_share_first_choice(con, sel: Selection) -> pd.DataFrame:
+    """`domain_share` counting only the top (slot 0) choice: the share of the domain's tokens whose first choice
+    is the expert (sums to 1 over experts), against 1/E."""
+    return domain_share(con, sel, slot0_only=True)
+
+
+def _typed(df: pd.DataFrame, ints: Sequence[str] = ()) -> pd.DataFrame:
+    """Integer columns as int64 (DuckDB aggregates come back as floats or HUGEINT-floats otherwise)."""
+    for c in ints:
+        if c in df.columns and len(df):
+            df[c] = df[c].astype("int64")
+    return df
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# vocabulary specialization and top tokens
+# ---------------------------------------------------------------------------------------------------------------
+
+_VOCAB_COLUMNS = ["run_id", "layer", "token_id", "text", "count", "expert", "routed", "specialization", "uniform"]
+
+
+def vocab_specialization(con, sel: Selection, *, min_count: int = 5, slot0_only: bool = False) -> pd.DataFrame:
+    """For each token id seen at least `min_count` times, the share of its occurrences routed to its most
+    frequent expert (OLMoE's vocabulary specialization, the max over experts).
+
+    Choice (as in OLMoE, where a token "is routed to" each of its top-k experts): an occurrence counts as routed
+    to expert e when e is any of its k chosen experts, so `specialization` = routed / count lies in [k/E, 1] and is
+    1 when some expert takes every occurrence of the token. With `slot0_only` only the first choice counts
+    (range [1/E, 1]); that is the stricter "which expert does this token go to first" reading.
+    Ties between experts go to the lowest expert index. Tokens recorded without ids (token_id = -1) are left out.
+
+    Columns: run_id, layer, token_id, text (from `vocab`, NULL if absent), count (occurrences in the layer),
+    expert (the most frequent), routed (occurrences routed to it), specialization, uniform (k/E or 1/E: the
+    value under routing independent of the token).
+    """
+    min_count = _check_positive("min_count", min_count)
+    n = "f" if slot0_only else "n"
+
+    def one(run_id: str) -> pd.DataFrame:
+        src, params = _routes(sel, run_id, "r.layer, r.token_id, r.expert, r.slot", extra="r.token_id <> -1")
+        sql = f"""
+            WITH c AS (
+                SELECT layer, token_id, expert, count(*) AS n, count(*) FILTER (WHERE slot = 0) AS f
+                FROM ({src}) r GROUP BY ALL),
+            t AS (
+                SELECT layer, token_id, sum(f) AS count,
+                       arg_max(expert, CAST({n} AS BIGINT) * 65536 - expert) AS expert, max({n}) AS routed
+                FROM c GROUP BY ALL HAVING sum(f) >= ?),
+            d AS ({_dims_sql()})
+            SELECT t.layer, t.token_id, v.text, t.count, t.expert, t.routed, t.routed / t.count AS specialization,
+                   {('1.0' if slot0_only else 'd.top_k')} / d.n_experts AS uniform
+            FROM t JOIN d ON d.layer = t.layer
+            LEFT JOIN vocab v ON v.run_id = ? AND v.token_id = t.token_id
+            ORDER BY t.layer, t.count DESC, t.token_id"""
+        return _typed(_df(con, sql, params + [min_count, run_id, run_id]),
+                      ints=("layer", "token_id", "count", "expert", "routed"))
+
+    return _per_run(con, sel, _VOCAB_COLUMNS, one)
+
+
+def vocab_specialization_summary(con, sel: Selection, *, min_count: int = 5, slot0_only: bool = False) -> pd.DataFrame:
+    """Per run and layer: the vocabulary specialization of `vocab_specialization` averaged over token ids,
+    weighted by their counts (so it reads "the fraction of the layer's token occurrences that go to their token's
+    favourite expert"), with the number of distinct tokens and occurrences it covers and the uniform baseline."""
+    per_token = vocab_specialization(con, sel, min_count=min_count, slot0_only=slot0_only)
+    cols = ["run_id", "layer", "token_ids", "occurrences", "specialization", "uniform"]
+    if per_token.empty:
+        return pd.DataFrame({c: pd.Series(dtype="object" if c == "run_id" else "float64") for c in cols})
+    out = per_token.groupby(["run_id", "layer"], as_index=False).agg(
+        token_ids=("token_id", "size"), occurrences=("count", "sum"), routed=("routed", "sum"), uniform=("uniform", "first")
+    )
+    out["specialization"] = out["routed"] / out["occurrences"]
+    return out[cols]
+
+
+_TOP_COLUMNS = ["run_id", "layer", "expert", "by", "rank", "token_id", "text", "count", "token_count",
+                "expert_share", "lift"]
+
+
+def top_tokens(con, sel: Selection, *, n: int = 10, min_count: int = 5, slot0_only: bool = False) -> pd.DataFrame:
+    """The top `n` token ids of each expert of each layer, twice: by count (`by` = 'count') and by lift
+    (`by` = 'lift').
+
+      count         occurrences of the token routed to the expert (any slot; slot 0 only with `slot0_only`)
+      token_count   occurrences of the token in the layer
+      expert_share  count / (all occurrences routed to the expert): P(token | expert)
+      lift          P(token | expert) / P(token), P(token) = token_count / tokens in the layer; 1 when routing
+                    ignores the token, large when the expert singles it out
+    Lift ranks only tokens seen at least `min_count` times (rare tokens have huge, meaningless lifts); ties are
+    broken by count, then token id. Tokens without ids (-1) are left out.
+    """
+    n = _check_positive("n", n)
+    min_count = _check_positive("min_count", min_count)
+    m = "f" if slot0_only else "n"
+
+    def one(run_id: str) -> pd.DataFrame:
+        src, params = _routes(sel, run_id, "r.layer, r.token_id, r.expert, r.slot", extra="r.token_id <> -1")
+        sql = f"""
+            WITH c AS (
+                SELECT layer, token_id, expert, count(*) AS n, count(*) FILTER (WHERE slot = 0) AS f
+                FROM ({src}) r GROUP BY ALL),
+            x AS (
+                SELECT layer, token_id, expert, {m} AS count,
+                       sum(f) OVER (PARTITION BY layer, token_id) AS token_count,
+                       sum({m}) OVER (PARTITION BY layer, expert) AS expert_total,
+                       sum(f) OVER (PARTITION BY layer) AS layer_tokens
+                FROM c),
+            y AS (
+                SELECT *, count / expert_total AS expert_share,
+                       (count / expert_total) / (token_count / layer_tokens) AS lift
+                FROM x WHERE count > 0),
+            ranked AS (
+                SELECT *,
+                    row_number() OVER (PARTITION BY layer, expert ORDER BY count DESC, token_id) AS rank_count,
+                    row_number() OVER (PARTITION BY layer, expert
+                        ORDER BY (token_count >= ?) DESC, lift DESC, count DESC, token_id) AS rank_lift
+                FROM y),
+            picked AS (
+                SELECT layer, expert, 'count' AS by, rank_count AS rank, token_id, count, token_count,
+                       expert_share, lift FROM ranked WHERE rank_count <= ?
+                UNION ALL
+                SELECT layer, expert, 'lift' AS by, rank_lift AS rank, token_id, count, token_count,
+                       expert_share, lift FROM ranked WHERE rank_lift <= ? AND token_count >= ?)
+            SELECT p.layer, p.expert, p.by, p.rank, p.token_id, v.text, p.count, p.token_count, p.expert_share, p.lift
+            FROM picked p LEFT JOIN vocab v ON v.run_id = ? AND v.token_id = p.token_id
+            ORDER BY p.layer, p.expert, p.by, p.rank"""
+        return _typed(_df(con, sql, params + [min_count, n, n, min_count, run_id]),
+                      ints=("layer", "expert", "rank", "token_id", "count", "token_count"))
+
+    return _per_run(con, sel, _TOP_COLUMNS, one)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# position
+# ---------------------------------------------------------------------------------------------------------------
+
+_POSITION_COLUMNS = ["run_id", "layer", "bucket", "pos_lo", "pos_hi", "expert", "tokens", "assigned", "share",
+                     "uniform", "ratio"]
+
+
+def _check_bins(bins: Sequence[int]) -> list[int]:
+    try:
+        edges = [int(b) for b in bins]
+    except (TypeError, ValueError):
+        raise SpecializationError(f"bins must be a sequence of integer left edges, e.g. (0, 1, 2, 4, 8); got {bins!r}") from None
+    if not edges or any(b < 0 for b in edges) or any(b2 <= b1 for b1, b2 in zip(edges, edges[1:])):
+        raise SpecializationError(
+            f"bins must be non-empty, non-negative and strictly increasing left edges of position buckets; got {edges}"
+        )
+    return edges
+
+
+def position_share(con, sel: Selection, *, bins: Sequence[int] = DEFAULT_POSITION_BINS,
+                   slot0_only: bool = False) -> pd.DataFrame:
+    """Expert share per position bucket and layer: do some experts take the first tokens of a sequence?
+
+    `bins` are the buckets' left edges: bucket i holds positions [bins[i], bins[i+1]) and the last one is open
+    (`pos_hi` NULL); positions below bins[0] are left out. Same columns and meaning as `domain_share`, with the
+    bucket in place of the domain: share = assigned / tokens in the bucket (sums to k over experts, 1 with
+    `slot0_only`), uniform = k/E (1/E), ratio = share / uniform.
+    """
+    edges = _check_bins(bins)
+    assigned = "count(*) FILTER (WHERE slot = 0)" if slot0_only else "count(*)"
+
+    def one(run_id: str) -> pd.DataFrame:
+        src, params = _routes(sel, run_id, "r.layer, r.pos, r.expert, r.slot")
+        sql = f"""
+            WITH b0 AS (SELECT unnest(CAST(? AS BIGINT[])) AS pos_lo),
+            b AS (SELECT row_number() OVER (ORDER BY pos_lo) - 1 AS bucket, pos_lo,
+                         lead(pos_lo) OVER (ORDER BY pos_lo) AS pos_hi FROM b0),
+            c AS (
+                SELECT layer, pos, expert, {assigned} AS assigned, count(*) FILTER (WHERE slot = 0) AS first
+                FROM ({src}) r GROUP BY ALL),
+            cb AS (
+                SELECT c.layer, b.bucket, c.expert, sum(c.assigned) AS assigned, sum(c.first) AS first
+                FROM c JOIN b ON c.pos >= b.pos_lo AND (b.pos_hi IS NULL OR c.pos < b.pos_hi) GROUP BY ALL),
+            t AS (SELECT layer, bucket, sum(first) AS tokens FROM cb GROUP BY ALL),
+            d AS ({_dims_sql()}),
+            g AS (SELECT t.layer, t.bucket, t.tokens, d.n_experts, d.top_k, unnest(range(d.n_experts)) AS expert
+                  FROM t JOIN d ON d.layer = t.layer)
+            SELECT g.layer, g.bucket, b.pos_lo, b.pos_hi, g.expert, g.tokens, coalesce(cb.assigned, 0) AS assigned,
+                   coalesce(cb.assigned, 0) / g.tokens AS share,
+                   {('1.0' if slot0_only else 'g.top_k')} / g.n_experts AS uniform,
+                   (coalesce(cb.assigned, 0) / g.tokens) / ({('1.0' if slot0_only else 'g.top_k')} / g.n_experts) AS ratio
+            FROM g JOIN b ON b.bucket = g.bucket
+            LEFT JOIN cb ON cb.layer = g.layer AND cb.bucket = g.bucket AND cb.expert = g.expert
+            ORDER BY g.layer, g.bucket, g.expert"""
+        df = _df(con, sql, [edges] + params + [run_id])
+        df["pos_hi"] = df["pos_hi"].astype("Int64")
+        return _typed(df, ints=("layer", "bucket", "pos_lo", "expert", "tokens", "assigned"))
+
+    return _per_run(con, sel, _POSITION_COLUMNS, one)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# co-activation
+# ---------------------------------------------------------------------------------------------------------------
+
+_COACT_COLUMNS = ["run_id", "layer", "expert_i", "expert_j", "tokens_i", "tokens_ij", "p_j_given_i", "baseline"]
+
+
+def coactivation(con, sel: Selection) -> pd.DataFrame:
+    """How often experts fire together: P(j | i) = tokens routed to both i and j / tokens routed to i, over the
+    k experts chosen for the same token in the same layer (OLMoE §5 co-activation), for every ordered pair
+    i != j of the layer's experts (0 counts included; p is NaN where i took no token).
+
+    `baseline` = (k-1)/(E-1): P(j | i) when each token's k experts are a uniformly random k-subset.
+    """
+
+    def one(run_id: str) -> pd.DataFrame:
+        key = _TokenKey.of(con, sel, run_id)
+        agg, members = _expert_set(_max_experts(con, run_id))
+        src, params = _routes(sel, run_id, f"r.layer, {key.tok} AS tok, r.expert")
+        sql = f"""
+            WITH t AS (SELECT layer, {agg} AS m FROM ({src}) r GROUP BY layer, tok),
+            sets AS (SELECT layer, m, count(*) AS n FROM t GROUP BY ALL),
+            mem AS (SELECT layer, n, {members} AS ex FROM sets),
+            one AS (SELECT layer, n, ex, unnest(ex) AS i FROM mem),
+            pairs AS (SELECT layer, n, i, unnest(ex) AS j FROM one),
+            pc AS (SELECT layer, i, j, sum(n) AS c FROM pairs GROUP BY ALL),
+            d AS ({_dims_sql()}),
+            lay AS (SELECT DISTINCT layer FROM sets),
+            gi AS (SELECT d.layer, d.n_experts, d.top_k, unnest(range(d.n_experts)) AS i FROM d JOIN lay USING (layer)),
+            g AS (SELECT gi.*, unnest(range(gi.n_experts)) AS j FROM gi)
+            SELECT g.layer, g.i AS expert_i, g.j AS expert_j, coalesce(ci.c, 0) AS tokens_i,
+                   coalesce(cij.c, 0) AS tokens_ij,
+                   CASE WHEN coalesce(ci.c, 0) > 0 THEN coalesce(cij.c, 0) / ci.c END AS p_j_given_i,
+                   CASE WHEN g.n_experts > 1 THEN (g.top_k - 1) / (g.n_experts - 1) END AS baseline
+            FROM g
+            LEFT JOIN pc ci ON ci.layer = g.layer AND ci.i = g.i AND ci.j = g.i
+            LEFT JOIN pc cij ON cij.layer = g.layer AND cij.i = g.i AND cij.j = g.j
+            WHERE g.i <> g.j
+            ORDER BY g.layer, g.i, g.j"""
+        df = _df(con, sql, params + [run_id])
+        df["p_j_given_i"] = df["p_j_given_i"].astype("float64")
+        df["baseline"] = df["baseline"].astype("float64")
+        return _typed(df, ints=("layer", "expert_i", "expert_j", "tokens_i", "tokens_ij"))
+
+    return _per_run(con, sel, _COACT_COLUMNS, one)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# consecutive tokens
+# ---------------------------------------------------------------------------------------------------------------
+
+_CONSEC_COLUMNS = ["run_id", "layer", "pairs", "same_first", "rate_first", "baseline_first", "uniform_first",
+                   "first_in_topk", "rate_first_in_topk", "baseline_first_in_topk", "uniform_first_in_topk",
+                   "topk_overlap", "rate_topk_overlap", "uniform_topk_overlap"]
+
+
+def consecutive_agreement(con, sel: Selection) -> pd.DataFrame:
+    """How often consecutive tokens (pos and pos+1 of the same sequence, both recorded) share experts, per layer
+    (Mixtral §5, Table 5), each against what routing blind to the neighbour would give:
+
+      rate_first              first choices equal
+        baseline_first          Σ p_i², p_i = fraction of the layer's tokens whose first choice is i
+        uniform_first           1/E (balanced routing)
+      rate_first_in_topk      first choice of token t+1 is among the k experts of token t
+        baseline_first_in_topk  Σ p_i q_i, q_i = fraction of tokens having i among their k
+        uniform_first_in_topk   k/E
+      rate_topk_overlap       the k-sets of t and t+1 share an expert (Mixtral's "first or second choice")
+        uniform_topk_overlap    1 - C(E-k, k) / C(E, k)  (Mixtral: 1 - 6/8 * 5/7 ≈ 46% for E=8, k=2)
+    `pairs` counts consecutive pairs; `same_first`, `first_in_topk`, `topk_overlap` the pairs that agree.
+    """
+
+    def one(run_id: str) -> pd.DataFrame:
+        key = _TokenKey.of(con, sel, run_id)
+        n_exp = _max_experts(con, run_id)
+        agg, _ = _expert_set(n_exp)
+        if n_exp <= _MASK_MAX_EXPERTS:
+            has_first = "((pm >> CAST(f AS INTEGER)) & CAST(1 AS UBIGINT)) = 1"
+            overlap = "(pm & m) <> 0"
+        else:
+            has_first = "list_contains(pm, f)"
+            overlap = "list_has_any(pm, m)"
+        src, params = _routes(sel, run_id, f"r.layer, {key.seq} AS sk, r.pos, r.expert, r.slot")
+        sql = f"""
+            WITH t AS (
+                SELECT layer, sk, pos, {agg} AS m, min(expert) FILTER (WHERE slot = 0) AS f
+                FROM ({src}) r GROUP BY layer, sk, pos),
+            w AS (
+                SELECT layer, pos, m, f, lag(pos) OVER win AS pp, lag(f) OVER win AS pf, lag(m) OVER win AS pm
+                FROM t WINDOW win AS (PARTITION BY layer, sk ORDER BY pos)),
+            agree AS (
+                SELECT layer, count(*) AS pairs, count(*) FILTER (WHERE f = pf) AS same_first,
+                       count(*) FILTER (WHERE {has_first}) AS first_in_topk,
+                       count(*) FILTER (WHERE {overlap}) AS topk_overlap
+                FROM w WHERE pp = pos - 1 GROUP BY layer),
+            fr AS (
+                SELECT layer, f AS expert, count(*) AS n FROM t GROUP BY ALL),
+            ex AS (
+                SELECT r.layer, r.expert, count(*) AS n FROM ({src}) r GROUP BY ALL),
+            tot AS (SELECT layer, count(*) AS tokens FROM t GROUP BY layer),
+            p AS (SELECT fr.layer, fr.expert, fr.n / tot.tokens AS p FROM fr JOIN tot ON tot.layer = fr.layer),
+            q AS (SELECT ex.layer, ex.expert, ex.n / tot.tokens AS q FROM ex JOIN tot ON tot.layer = ex.layer),
+            base AS (
+                SELECT p.layer, sum(p.p * p.p) AS baseline_first, sum(p.p * coalesce(q.q, 0)) AS baseline_first_in_topk
+                FROM p LEFT JOIN q ON q.layer = p.layer AND q.expert = p.expert GROUP BY p.layer),
+            d AS ({_dims_sql()})
+            SELECT a.layer, a.pairs, a.same_first, a.same_first / a.pairs AS rate_first, b.baseline_first,
+                   1.0 / d.n_experts AS uniform_first,
+                   a.first_in_topk, a.first_in_topk / a.pairs AS rate_first_in_topk, b.baseline_first_in_topk,
+                   d.top_k / d.n_experts AS uniform_first_in_topk,
+                   a.topk_overlap, a.topk_overlap / a.pairs AS rate_topk_overlap, d.n_experts, d.top_k
+            FROM agree a JOIN base b ON b.layer = a.layer JOIN d ON d.layer = a.layer
+            ORDER BY a.layer"""
+        df = _df(con, sql, params + params + [run_id])
+        df["uniform_topk_overlap"] = [
+            1.0 - math.comb(int(e) - int(k), int(k)) / math.comb(int(e), int(k)) for e, k in zip(df["n_experts"], df["top_k"])
+        ]
+        return _typed(df, ints=("layer", "pairs", "same_first", "first_in_topk", "topk_overlap"))
+
+    return _per_run(con, sel, _CONSEC_COLUMNS, one)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# layer flow
+# ---------------------------------------------------------------------------------------------------------------
+
+_FLOW_COLUMNS = ["run_id", "layer_a", "expert_a", "layer_b", "expert_b", "tokens", "share_of_a"]
+
+
+def layer_flow(con, sel: Selection, layer_a: int, layer_b: int, *, slot0_only: bool = True) -> pd.DataFrame:
+    """Tokens going from expert i of `layer_a` to expert j of `layer_b` (the links of a Sankey diagram).
+
+    With `slot0_only` a token counts once, for its first choices in both layers; otherwise once for every pair
+    (i among its k experts in layer_a, j among its k in layer_b), so a token adds k_a * k_b links. Only tokens
+    recorded in both layers count. `share_of_a` = tokens / all links leaving expert i of layer_a. The selection's
+    `layers` are ignored (the two layers are given); only pairs with tokens > 0 are listed.
+    """
+    layer_a, layer_b = int(layer_a), int(layer_b)
+    sel2 = sel.with_(layers=(layer_a, layer_b))
+
+    def one(run_id: str) -> pd.DataFrame:
+        key = _TokenKey.of(con, sel2, run_id)
+        if slot0_only:
+            src, params = _routes(sel2, run_id, f"{key.tok} AS tok, r.layer, r.expert", extra="r.slot = 0")
+            sql = f"""
+                WITH t AS (
+                    SELECT min(expert) FILTER (WHERE layer = ?) AS ea, min(expert) FILTER (WHERE layer = ?) AS eb
+                    FROM ({src}) r GROUP BY tok)
+                SELECT ea AS expert_a, eb AS expert_b, count(*) AS tokens FROM t
+                WHERE ea IS NOT NULL AND eb IS NOT NULL GROUP BY ALL"""
+            df = _df(con, sql, [layer_a, layer_b] + params)
+        else:
+            src_a, pa = _routes(sel.with_(layers=(layer_a,)), run_id, f"{key.tok} AS tok, r.expert")
+            src_b, pb = _routes(sel.with_(layers=(layer_b,)), run_id, f"{key.tok} AS tok, r.expert")
+            sql = f"""
+                SELECT a.expert AS expert_a, b.expert AS expert_b, count(*) AS tokens
+                FROM ({src_a}) a JOIN ({src_b}) b ON a.tok = b.tok GROUP BY ALL"""
+            df = _df(con, sql, pa + pb)
+        df.insert(0, "layer_a", layer_a)
+        df.insert(2, "layer_b", layer_b)
+        df["share_of_a"] = df["tokens"] / df.groupby("expert_a")["tokens"].transform("sum")
+        df = df.sort_values(["expert_a", "expert_b"], ignore_index=True)
+        return _typed(df, ints=("expert_a", "expert_b", "tokens"))
+
+    return _per_run(con, sel, _FLOW_COLUMNS, one)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# router saturation
+# ---------------------------------------------------------------------------------------------------------------
+
+_SAT_COLUMNS = ["run_id", "step", "ref_step", "layer", "tokens", "overlap", "saturation", "top1_agreement"]
+
+
+def router_saturation(con, sel: Selection, step_a: int, step_b: int) -> pd.DataFrame:
+    """OLMoE's router saturation between two checkpoints: for the same tokens (same run, rank, seq and pos, e.g. a
+    fixed probe batch recorded with tag='probe' at steps a and b), the mean of |topk_a ∩ topk_b| / k, per layer;
+    `top1_agreement` is the fraction whose first choice is the same.
+
+    Columns: run_id, step (= step_a), ref_step (= step_b), layer, tokens (matched tokens), overlap (Σ |∩|),
+    saturation, top1_agreement. The selection's `steps` are ignored (the two steps are given); restrict it to the
+    probe batch with `tags=('probe',)`. Raises if the two steps hold different token ids at the same positions.
+    """
+    return _saturation(con, sel, int(step_b), steps_a=[int(step_a)])
+
+
+def saturation_curve(con, sel: Selection, ref_step: int | None = None) -> pd.DataFrame:
+    """Router saturation of every selected step against `ref_step` (default: the last selected step of each run),
+    as OLMoE plots it against the final checkpoint. Same columns as `router_saturation`, one row per step and
+    layer (the reference step itself included, at saturation 1)."""
+    return _saturation(con, sel, None if ref_step is None else int(ref_step), steps_a=None)
+
+
+def _saturation(con, sel: Selection, ref_step: int | None, steps_a: list[int] | None) -> pd.DataFrame:
+    def one(run_id: str) -> pd.DataFrame:
+        ref = ref_step
+        if ref is None:
+            src, params = _routes(sel, run_id, "max(r.step)")
+            ref = con.execute(src, params).fetchone()[0]
+            if ref is None:
+                return pd.DataFrame()
+        if steps_a is None:
+            sel_a = sel
+        else:
+            sel_a = sel.with_(steps=None)
+        src_a, pa = _routes(sel_a, run_id, "r.step, r.rank, r.seq, r.pos, r.layer, r.slot, r.expert, r.token_id",
+                            extra=(f"r.step IN ({', '.join('?' for _ in steps_a)})" if steps_a is not None else ""))
+        pa = pa + (steps_a or [])
+        src_b, pb = _routes(sel.with_(steps=(ref, ref)), run_id,
+                            "r.rank, r.seq, r.pos, r.layer, r.slot, r.expert, r.token_id")
+        sql = f"""
+            WITH a AS ({src_a}), b AS ({src_b}),
+            top AS (
+                SELECT a.step, a.layer, count(*) AS tokens, count(*) FILTER (WHERE a.expert = b.expert) AS top1,
+                       count(*) FILTER (WHERE a.token_id <> b.token_id) AS mismatched
+                FROM a JOIN b ON a.rank = b.rank AND a.seq = b.seq AND a.pos = b.pos AND a.layer = b.layer
+                WHERE a.slot = 0 AND b.slot = 0 GROUP BY ALL),
+            ov AS (
+                SELECT a.step, a.layer, count(*) AS overlap
+                FROM a JOIN b ON a.rank = b.rank AND a.seq = b.seq AND a.pos = b.pos AND a.layer = b.layer
+                             AND a.expert = b.expert
+                GROUP BY ALL),
+            d AS ({_dims_sql()})
+            SELECT top.step, top.layer, top.tokens, coalesce(ov.overlap, 0) AS overlap,
+                   coalesce(ov.overlap, 0) / (top.tokens * d.top_k) AS saturation,
+                   top.top1 / top.tokens AS top1_agreement, top.mismatched
+            FROM top JOIN d ON d.layer = top.layer
+            LEFT JOIN ov ON ov.step = top.step AND ov.layer = top.layer
+            ORDER BY top.step, top.layer"""
+        df = _df(con, sql, pa + pb + [run_id])
+        bad = df[df["mismatched"] > 0]
+        if len(bad):
+            raise SpecializationError(
+                f"run {run_id!r}: step(s) {sorted(set(bad['step'].astype(int)))} and step {ref} hold different token "
+                "ids at the same (rank, seq, pos), so their routing cannot be compared token by token; record a "
+                "fixed probe batch (tag='probe') at each checkpoint and select it with Selection(tags=('probe',))"
+            )
+        if steps_a is not None and df.empty:
+            raise SpecializationError(
+                f"run {run_id!r}: no token is recorded at both step {steps_a[0]} and step {ref} (same rank, seq, pos) "
+                "in this selection; router saturation compares the same tokens at two checkpoints — record a fixed "
+                "probe batch (tag='probe') at both"
+            )
+        df.insert(1, "ref_step", ref)
+        return _typed(df, ints=("step", "ref_step", "layer", "tokens", "overlap"))
+
+    return _per_run(con, sel, _SAT_COLUMNS, one)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# mutual information
+# ---------------------------------------------------------------------------------------------------------------
+
+_MI_COLUMNS = ["run_id", "layer", "variable", "slots", "n", "mi", "h_expert", "h_variable", "nmi"]
+
+
+def mutual_information(con, sel: Selection, *, variables: Sequence[str] = ("token", "domain")) -> pd.DataFrame:
+    """Normalized mutual information between the expert and the token id, and between the expert and the domain,
+    per layer: how much knowing one tells about the other (0 = independent, 1 = each determines the other).
+
+    Two joint distributions per variable X (column `slots`):
+      'first'  one observation per token: (X, its first-choice expert)
+      'all'    one observation per route: (X, expert) for each of the token's k experts
+    MI and entropies are in nats; NMI uses the arithmetic mean, as scikit-learn's default
+    (`normalized_mutual_info_score(average_method='arithmetic')`): NMI = I(E; X) / ((H(E) + H(X)) / 2), with
+    sklearn's conventions: 1 when both variables are constant, 0 when only one is.
+    Tokens without ids (-1) are left out of 'token'; tokens without a domain are left out of 'domain'.
+    """
+    unknown = set(variables) - {"token", "domain"}
+    if unknown or not variables:
+        raise SpecializationError(f"variables must be a non-empty subset of ('token', 'domain'); got {tuple(variables)}")
+
+    def sums(run_id: str, variable: str) -> pd.DataFrame:
+        """Per layer and slots: N and Σ c ln c over the joint cells and both marginals."""
+        if variable == "token":
+            src, params = _routes(sel, run_id, "r.layer, r.token_id AS x, r.expert, r.slot", extra="r.token_id <> -1")
+        else:
+            src, params = _routes(sel, run_id, "r.layer, s.domain AS x, r.expert, r.slot", domain=True,
+                                  extra="s.domain IS NOT NULL")
+        sql = f"""
+            WITH c AS (
+                SELECT layer, x, expert, count(*) AS n, count(*) FILTER (WHERE slot = 0) AS f
+                FROM ({src}) r GROUP BY ALL),
+            j AS (
+                SELECT layer, sum(f) AS n_first, sum(n) AS n_all,
+                       sum(CASE WHEN f > 0 THEN f * ln(f) END) AS sxy_first, sum(n * ln(n)) AS sxy_all
+                FROM c GROUP BY layer),
+            mx AS (
+                SELECT layer, sum(CASE WHEN vf > 0 THEN vf * ln(vf) END) AS sx_first, count(*) FILTER (WHERE vf > 0) AS nx_first,
+                       sum(vn * ln(vn)) AS sx_all, count(*) AS nx_all
+                FROM (SELECT layer, x, sum(f) AS vf, sum(n) AS vn FROM c GROUP BY ALL) GROUP BY layer),
+            my AS (
+                SELECT layer, sum(CASE WHEN vf > 0 THEN vf * ln(vf) END) AS se_first, count(*) FILTER (WHERE vf > 0) AS ne_first,
+                       sum(vn * ln(vn)) AS se_all, count(*) AS ne_all
+                FROM (SELECT layer, expert, sum(f) AS vf, sum(n) AS vn FROM c GROUP BY ALL) GROUP BY layer)
+            SELECT * FROM j JOIN mx USING (layer) JOIN my USING (layer) ORDER BY layer"""
+        wide = _df(con, sql, params)
+        return pd.concat([
+            pd.DataFrame({
+                "slots": slots, "layer": wide["layer"], "n": wide[f"n_{slots}"], "s_xy": wide[f"sxy_{slots}"],
+                "s_x": wide[f"sx_{slots}"], "s_y": wide[f"se_{slots}"], "nx": wide[f"nx_{slots}"],
+                "ny": wide[f"ne_{slots}"],
+            })
+            for slots in ("first", "all")
+        ], ignore_index=True)
+
+    def one(run_id: str) -> pd.DataFrame:
+        frames = []
+        for variable in variables:
+            s = sums(run_id, variable)
+            if s.empty:
+                continue
+            s["variable"] = variable
+            frames.append(s)
+        if not frames:
+            return pd.DataFrame()
+        s = pd.concat(frames, ignore_index=True)
+        s[["s_xy", "s_x", "s_y"]] = s[["s_xy", "s_x", "s_y"]].astype("float64").fillna(0.0)
+        n = s["n"].astype("float64")
+        ln_n = np.log(n)
+        h_xy = ln_n - s["s_xy"] / n
+        h_x = ln_n - s["s_x"] / n
+        h_e = ln_n - s["s_y"] / n
+        mi = (h_x + h_e - h_xy).clip(lower=0.0)
+        denom = (h_x + h_e) / 2
+        both_constant = (s["nx"] <= 1) & (s["ny"] <= 1)
+        nmi = np.where(both_constant, 1.0, np.where(denom > 0, mi / denom.where(denom > 0, 1.0), 0.0))
+        out = pd.DataFrame({
+            "layer": s["layer"].astype("int64"), "variable": s["variable"], "slots": s["slots"],
+            "n": n.astype("int64"), "mi": mi, "h_expert": h_e.clip(lower=0.0), "h_variable": h_x.clip(lower=0.0),
+            "nmi": np.clip(nmi, 0.0, 1.0),
+        })
+        return out.sort_values(["layer", "variable", "slots"], ignore_index=True)
+
+    return _per_run(con, sel, _MI_COLUMNS, one)

@@ -1,0 +1,311 @@
+"""The dashboard, page by page, with Streamlit's AppTest on real stores written by moeviz.store.RunWriter.
+
+Values shown are checked against numpy computed from the routing arrays the store was written from (load shares,
+Switch loss, capacity drops, the tokens' experts, SQL counts), not only "no exception". Error cases (empty
+folder, nonexistent path, newer schema, a truncated segment, a run still being written, one layer with one
+expert) must show a message, never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("streamlit")
+from streamlit.testing.v1 import AppTest  # noqa: E402
+
+from moeviz.testing import softmax, store_from_routing, synthetic_routing  # noqa: E402
+
+APP = str(Path(__file__).resolve().parents[1] / "app" / "main.py")
+PAGES = ["overview", "load", "aux_loss", "capacity", "specialization", "tokens", "bounds", "toy", "sql", "compare"]
+
+
+# --- writing real stores ----------------------------------------------------------------------------------------
+
+
+def write_run_dir(run_dir, routing: dict, *, run_id: str, close: bool = True, vocab: list[str] | None = None, **meta):
+    """Write routing arrays as a real run folder (one flush per step), through moeviz.store.RunWriter.
+
+    The tables come from moeviz.testing.store_from_routing (aggregates over every token), so the run holds exactly
+    what the collectors would have recorded for these arrays.
+    """
+    from moeviz.store import RunWriter
+
+    mem = store_from_routing(**routing, run_id=run_id, **meta)
+    w = RunWriter(run_dir, run_id=run_id, run_name=run_id)
+    run = mem.execute("SELECT * FROM runs").df().iloc[0]
+
+    def plain(v):
+        return None if v is None or (isinstance(v, float) and math.isnan(v)) else (v.item() if hasattr(v, "item") else v)
+
+    w.write_run({k: plain(run[k]) for k in ("model_class", "n_layers", "n_experts", "top_k", "capacity_factor",
+                                            "config", "sample_every")})
+    w.write_layers(mem.execute("SELECT * EXCLUDE (run_id) FROM layers").df().to_dict("records"))
+    if vocab:
+        w.write_vocab(list(range(len(vocab))), vocab)
+    for step in sorted(mem.execute("SELECT DISTINCT step FROM step_stats").df()["step"]):
+        tables = {}
+        for t in ("routes", "step_stats", "layer_stats", "sequences"):
+            df = mem.execute(f"SELECT * EXCLUDE (run_id) FROM {t} WHERE step = ?", [int(step)]).df()
+            tables[t] = {c: df[c].to_numpy() for c in df.columns}
+        w.write_flush(tables)
+    if close:
+        w.close()
+    return w
+
+
+MAIN = dict(n_steps=4, n_layers=3, n_experts=8, top_k=2, seqs_per_step=3, seq_len=16, skew=1.0, seed=0)
+SMALL = dict(n_steps=3, n_layers=2, n_experts=4, top_k=1, seqs_per_step=2, seq_len=8, seed=3, domains=None)
+VOCAB = [f"<{i}>" for i in range(100)]
+
+
+@pytest.fixture(scope="module")
+def routing():
+    return synthetic_routing(**MAIN)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, routing):
+    root = tmp_path_factory.mktemp("runs")
+    write_run_dir(root / "small", synthetic_routing(**SMALL), run_id="small")
+    write_run_dir(root / "main", routing, run_id="main", vocab=VOCAB)
+    return root
+
+
+def open_app(path, run: str | None = "main", page: str | None = None) -> AppTest:
+    at = AppTest.from_file(APP, default_timeout=60)
+    at.session_state["store_path"] = str(path)
+    if run:
+        at.session_state["run_id"] = run
+    if page:  # file-based pages keep their file's name as url path, so this works before the first run
+        at.switch_page(f"views/{page}.py")
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def charts(at) -> list[dict]:
+    return [json.loads(el.proto.spec) for el in at.get("plotly_chart")]
+
+
+def arr(v) -> np.ndarray:
+    """A trace array from a figure's JSON (plotly 6 sends numpy arrays as typed base64 `bdata`)."""
+    if isinstance(v, dict) and "bdata" in v:
+        import base64
+
+        a = np.frombuffer(base64.b64decode(v["bdata"]), dtype=np.dtype(v["dtype"]))
+        shape = v.get("shape")
+        return a.reshape([int(x) for x in str(shape).split(",")]) if shape else a
+    return np.asarray(v, dtype=float)
+
+
+def chart(at, title_part: str) -> dict:
+    found = [c for c in charts(at) if title_part in c["layout"]["title"]["text"]]
+    assert found, f"no chart titled *{title_part}*; titles: {[c['layout']['title']['text'] for c in charts(at)]}"
+    return found[0]
+
+
+def metric(at, label: str) -> str:
+    return next(m.value for m in at.metric if m.label == label)
+
+
+def texts(at, kind: str) -> str:
+    return " | ".join(str(e.value) for e in getattr(at, kind))
+
+
+# --- numpy references -------------------------------------------------------------------------------------------
+
+
+def load_share(r, step=None) -> np.ndarray:
+    """[layers, experts] share of each layer's assignments (all k slots)."""
+    idx = r["index"] if step is None else r["index"][r["steps"] == step]
+    n_lay, n_exp = idx.shape[1], r["logits"].shape[2]
+    counts = np.stack([np.bincount(idx[:, l, :].ravel(), minlength=n_exp) for l in range(n_lay)])
+    return counts / counts.sum(1, keepdims=True)
+
+
+def switch_loss(r, step: int, layer: int) -> float:
+    sel = r["steps"] == step
+    idx, probs = r["index"][sel, layer], softmax(r["logits"][sel, layer])
+    n_exp = probs.shape[1]
+    f = np.bincount(idx.ravel(), minlength=n_exp) / idx.size
+    return float(n_exp * (f * probs.mean(0)).sum())
+
+
+def dropped_position(r, cf: float) -> tuple[int, int]:
+    """(dropped, assigned) of a capacity-limited router, groups = one step's tokens per layer."""
+    k, n_exp = r["index"].shape[2], r["logits"].shape[2]
+    dropped = assigned = 0
+    for s in np.unique(r["steps"]):
+        idx = r["index"][r["steps"] == s]
+        cap = math.ceil(round(cf * len(idx) * k / n_exp, 9))
+        for l in range(idx.shape[1]):
+            n = np.bincount(idx[:, l, :].ravel(), minlength=n_exp)
+            dropped += int(np.maximum(n - cap, 0).sum())
+            assigned += int(n.sum())
+    return dropped, assigned
+
+
+# --- every page on a real store ---------------------------------------------------------------------------------
+
+
+def test_overview_shows_the_run_and_its_health(store, routing):
+    at = open_app(store)
+    assert metric(at, "Experts") == "8" and metric(at, "Top-k") == "2" and metric(at, "MoE layers") == "3"
+    assert metric(at, "Steps recorded") == "4"
+    assert metric(at, "Tokens") == f"{len(routing['steps']):,}"
+    assert "finished" in metric(at, "Status")
+    assert {c["layout"]["title"]["text"] for c in charts(at)} == {
+        "Load per expert over steps, one panel per layer",
+        "Switch load-balancing loss over steps, one panel per layer",
+    }
+    # the health summary reports (skewed routing: some expert is starved) as messages, worst first
+    assert "errors" in texts(at, "markdown") or at.success
+    # load small multiples: 3 panels x 8 experts
+    assert len(chart(at, "Load per expert over steps")["data"]) == 3 * 8
+
+
+def test_load_heatmap_matches_numpy_and_follows_the_step_slider(store, routing):
+    at = open_app(store, page="load")
+    hm = chart(at, "Load per expert and layer over the selected steps")["data"][0]
+    np.testing.assert_allclose(arr(hm["z"]), load_share(routing), atol=1e-12)
+    assert len(charts(at)) == 2
+    at.select_slider(key="load_step").set_value(2).run()
+    hm = chart(at, "at step 2")["data"][0]
+    np.testing.assert_allclose(arr(hm["z"]), load_share(routing, step=2), atol=1e-12)
+    assert not np.allclose(load_share(routing, step=2), load_share(routing))
+    # imbalance chart: one line per layer over the 4 steps
+    imb = chart(at, "Imbalance per layer over steps")
+    assert [len(arr(t["x"])) for t in imb["data"]] == [4, 4, 4]
+
+
+def test_aux_loss_page_matches_numpy_switch_loss(store, routing):
+    at = open_app(store, page="aux_loss")
+    fig = chart(at, "Switch load-balancing loss per layer")
+    for layer, trace in enumerate(fig["data"]):
+        expected = [switch_loss(routing, s, layer) for s in range(4)]
+        np.testing.assert_allclose(arr(trace["y"]), expected, rtol=1e-9)
+    refs = sorted(s["y0"] for s in fig["layout"]["shapes"])
+    assert 1.0 in refs  # the uniform value
+    assert len(charts(at)) >= 4  # per layer, pooled, z-loss, entropy
+
+
+def test_capacity_slider_changes_the_dropped_share(store, routing):
+    at = open_app(store, page="capacity")
+    at.slider(key="cap_cf").set_value(1.0).run()
+    d1, a1 = dropped_position(routing, 1.0)
+    assert metric(at, "Dropped assignments") == f"{d1:,}" and metric(at, "Assignments") == f"{a1:,}"
+    assert metric(at, "Dropped share") == f"{d1 / a1:.2%}"
+    at.slider(key="cap_cf").set_value(2.0).run()
+    d2, _ = dropped_position(routing, 2.0)
+    assert metric(at, "Dropped assignments") == f"{d2:,}" and d2 < d1
+    curve = chart(at, "Dropped share over capacity factor")
+    assert any(s.get("x0") == 2.0 for s in curve["layout"]["shapes"])  # current CF marked
+    assert len(charts(at)) == 4  # per layer, per domain, per expert, curve
+
+
+def test_tokens_page_colours_tokens_by_their_top_expert(store, routing):
+    at = open_app(store, page="tokens")
+    hm = chart(at, "Top expert of each token")["data"][0]
+    sel = (routing["steps"] == 3) & (routing["seqs"] == 0)  # newest step, first sequence: the default
+    np.testing.assert_array_equal(arr(hm["z"]), routing["index"][sel, :, 0].T)
+    assert hm["text"][0] == [VOCAB[t] for t in routing["token_ids"][sel]]
+
+
+def test_sql_console_runs_queries_and_refuses_bad_ones(store, routing):
+    at = open_app(store, page="sql")
+    at.text_area(key="sql_text").set_value("SELECT count(*) AS n FROM routes WHERE run_id = 'main'").run()
+    assert "1 rows" in texts(at, "success")
+    assert int(at.dataframe[0].value["n"][0]) == len(routing["steps"]) * 3 * 2
+    at.text_area(key="sql_text").set_value("DELETE FROM runs").run()
+    assert "read-only" in texts(at, "error")
+    at.text_area(key="sql_text").set_value("SELECT * FROM read_csv('/etc/passwd')").run()
+    assert "not allowed" in texts(at, "error").lower() or "permission" in texts(at, "error").lower()
+    at.text_area(key="sql_text").set_value("SELECT * FROM range(5000)").run()
+    at.number_input(key="sql_rows").set_value(100).run()
+    assert "100 rows (cut at 100" in texts(at, "success")
+
+
+def test_compare_puts_two_runs_on_shared_axes(store):
+    at = open_app(store, page="compare")
+    hm = chart(at, "run by run")
+    assert [t.get("zmax") for t in hm["data"]][0] == hm["data"][1]["zmax"]
+    aux = chart(at, "pooled over layers")
+    assert {t["name"] for t in aux["data"]} == {"run id main", "run id small"}
+
+
+def test_picking_another_run_changes_every_number(store):
+    at = open_app(store)
+    at.selectbox(key="run_id").set_value("small").run()
+    assert metric(at, "Experts") == "4" and metric(at, "Top-k") == "1" and metric(at, "Steps recorded") == "3"
+    assert not at.exception
+
+
+@pytest.mark.parametrize("page", ["specialization", "bounds", "toy"])
+def test_other_pages_render_without_a_trace(store, page):
+    at = open_app(store, page=page)
+    assert not at.exception
+    assert at.title[0].value
+
+
+# --- error cases ------------------------------------------------------------------------------------------------
+
+
+def test_nonexistent_path_is_a_message(tmp_path):
+    at = open_app(tmp_path / "nope", run=None)
+    assert "No such file or folder" in texts(at, "error")
+
+
+def test_empty_folder_is_a_message(tmp_path):
+    at = open_app(tmp_path, run=None)
+    assert texts(at, "error") or texts(at, "info")
+    assert re.search(r"no run|holds no runs|Could not open", texts(at, "error") + texts(at, "info"), re.I)
+
+
+def test_newer_schema_is_refused_with_a_message(tmp_path):
+    write_run_dir(tmp_path / "r", synthetic_routing(**SMALL), run_id="r")
+    manifest = tmp_path / "r" / "moeviz.json"
+    data = json.loads(manifest.read_text())
+    data["schema_version"] = 99
+    manifest.write_text(json.dumps(data))
+    at = open_app(tmp_path, run=None)
+    assert "schema" in texts(at, "error").lower()
+
+
+def test_a_run_being_written_and_a_tiny_model(tmp_path):
+    one = dict(SMALL, n_layers=1, n_experts=1, top_k=1)
+    writer = write_run_dir(tmp_path / "live", synthetic_routing(**one), run_id="live", close=False)
+    try:
+        at = open_app(tmp_path, run="live")
+        assert "running" in metric(at, "Status") and metric(at, "Experts") == "1"
+        assert at.toggle(key="live").value  # a running run turns live refresh on
+        for page in PAGES[1:]:
+            at.switch_page(f"views/{page}.py").run()
+            assert not at.exception, (page, [e.value for e in at.exception])
+    finally:
+        writer.close()
+
+
+def test_a_truncated_segment_is_skipped_not_fatal(tmp_path):
+    write_run_dir(tmp_path / "r", synthetic_routing(**SMALL), run_id="r", close=False)
+    seg = sorted((tmp_path / "r" / "routes").rglob("*.parquet"))[-1]
+    seg.write_bytes(seg.read_bytes()[:100])
+    with pytest.warns(Warning):
+        at = open_app(tmp_path, run="r")
+    assert metric(at, "Experts") == "4"
+
+
+def test_app_files_hold_no_sql():
+    """The app composes: SQL lives in moeviz (queries, analyses), never in app/."""
+    root = Path(APP).parent
+    offenders = []
+    for f in root.rglob("*.py"):
+        for i, line in enumerate(f.read_text().splitlines(), 1):
+            if re.search(r"\bSELECT\b|\bFROM\b|\bWHERE\b|\bGROUP BY\b", line):
+                offenders.append(f"{f.relative_to(root)}:{i}: {line.strip()}")
+    assert not offenders, offenders

@@ -1,0 +1,230 @@
+"""moeviz.capacity against hand-computed cases, a brute-force Python loop, and Switch Transformers' own router."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from moeviz.capacity import capacity_drops, drop_curve, expert_capacity
+from moeviz.load import AnalysisError
+from moeviz.selection import Selection
+from moeviz.testing import store_from_routing, synthetic_routing
+
+
+# ---- brute force: the capacity rule written as a plain loop ----------------------------------------------------
+
+def brute_force_dropped(r: dict, cf: float, policy: str, group: str, n_experts: int) -> np.ndarray:
+    """[T, L, k] bool: which assignments a capacity-limited router drops, one group and expert at a time."""
+    index, weights = r["index"], r["weights"]
+    n_tok, n_lay, k = index.shape
+    dropped = np.zeros(index.shape, dtype=bool)
+    groups: dict[tuple, list[int]] = {}
+    for t in range(n_tok):
+        key = (r["steps"][t], r["ranks"][t]) + ((r["seqs"][t],) if group == "sequence" else ())
+        groups.setdefault(key, []).append(t)
+    for tokens in groups.values():
+        cap = math.ceil(cf * len(tokens) * k / n_experts - 1e-9)
+        for layer in range(n_lay):
+            for e in range(n_experts):
+                queue = [(t, s) for t in tokens for s in range(k) if index[t, layer, s] == e]
+                if policy == "position":
+                    queue.sort(key=lambda ts: (ts[1], r["seqs"][ts[0]], r["pos"][ts[0]]))
+                else:
+                    queue.sort(key=lambda ts: (-weights[ts[0], layer, ts[1]], ts[1], r["seqs"][ts[0]], r["pos"][ts[0]]))
+                for t, s in queue[cap:]:
+                    dropped[t, layer, s] = True
+    return dropped
+
+
+@pytest.fixture(scope="module")
+def routing():
+    return synthetic_routing(n_steps=3, n_layers=2, n_experts=6, top_k=2, seqs_per_step=4, seq_len=9, n_ranks=2,
+                             domains=("code", "prose", "math"), skew=1.2, seed=21)
+
+
+@pytest.fixture(scope="module")
+def store(routing):
+    return store_from_routing(**routing)
+
+
+# ---- hand-computed ----------------------------------------------------------------------------------------------
+
+def test_top1_first_come_first_served():
+    # one sequence of 4 tokens, 2 experts, k=1: experts [0, 0, 0, 1]; CF 1 -> C = ceil(4 / 2) = 2
+    con = store_from_routing(np.array([0, 0, 0, 1]).reshape(4, 1, 1), n_experts=2)
+    df = capacity_drops(con, Selection(), 1.0, by=("pos",))
+    assert df.set_index("pos")["dropped"].tolist() == [0, 0, 1, 0]
+    assert capacity_drops(con, Selection(), 1.0, by=()).iloc[0][["assigned", "dropped"]].tolist() == [4, 1]
+    assert capacity_drops(con, Selection(), 0.5, by=("expert",))["dropped"].tolist() == [2, 0]  # C = 1
+    assert capacity_drops(con, Selection(), 1.5, by=())["dropped"].iloc[0] == 0  # C = 3
+
+
+def test_slot0_choices_are_served_before_slot1_choices():
+    # 2 experts, k = 2 (every token picks both); E=2, T=2, CF=0.5 -> C = ceil(0.5 * 2 * 2 / 2) = 1
+    # token 0: [0, 1], token 1: [1, 0] -> every expert has one slot-0 and one slot-1 claim: the slot-1 loses
+    # even though it comes from the earlier token
+    index = np.array([[[0, 1]], [[1, 0]]])
+    con = store_from_routing(index, n_experts=2)
+    df = capacity_drops(con, Selection(), 0.5, by=("pos", "slot")).set_index(["pos", "slot"])["dropped"]
+    assert df.to_dict() == {(0, 0): 0, (0, 1): 1, (1, 0): 0, (1, 1): 1}
+
+
+def test_probability_policy_keeps_the_highest_weights():
+    # 3 tokens to expert 0 with weights 0.2, 0.9, 0.5; C = 2 (fixed): position drops token 2, probs token 0
+    index = np.zeros((3, 1, 1), dtype=int)
+    weights = np.array([0.2, 0.9, 0.5]).reshape(3, 1, 1)
+    con = store_from_routing(index, weights, n_experts=2)
+    pos = capacity_drops(con, Selection(), capacity=2, by=("pos",), with_weight=True)
+    prob = capacity_drops(con, Selection(), capacity=2, by=("pos",), policy="probability", with_weight=True)
+    assert pos["dropped"].tolist() == [0, 0, 1]
+    assert prob["dropped"].tolist() == [1, 0, 0]
+    total = capacity_drops(con, Selection(), capacity=2, by=(), policy="probability", with_weight=True).iloc[0]
+    assert total["dropped_weight"] == pytest.approx(0.2)
+    assert total["weight_drop_rate"] == pytest.approx(0.2 / 1.6)
+
+
+def test_expert_capacity_formula():
+    assert expert_capacity(1.25, 64, 2, 8) == 20  # exactly 20, not 21 through float error
+    assert expert_capacity(1.0, 10, 1, 4) == 3
+    assert expert_capacity(0.1, 3, 1, 8) == 1
+
+
+# ---- brute force over random routing ---------------------------------------------------------------------------
+
+def _mask_to_frame(r, dropped, by, token_mask=None):
+    import pandas as pd
+
+    n_tok, n_lay, k = r["index"].shape
+    cols = {
+        "step": np.broadcast_to(r["steps"][:, None, None], dropped.shape),
+        "rank": np.broadcast_to(r["ranks"][:, None, None], dropped.shape),
+        "seq": np.broadcast_to(r["seqs"][:, None, None], dropped.shape),
+        "domain": np.broadcast_to(r["domains"][:, None, None], dropped.shape),
+        "layer": np.broadcast_to(np.arange(n_lay)[None, :, None], dropped.shape),
+        "slot": np.broadcast_to(np.arange(k)[None, None, :], dropped.shape),
+        "expert": r["index"],
+    }
+    keep = np.ones(dropped.shape, bool) if token_mask is None else np.broadcast_to(token_mask[:, None, None], dropped.shape)
+    df = pd.DataFrame({c: cols[c][keep].ravel() for c in by} | {"dropped": dropped[keep].ravel().astype(int)})
+    return df.groupby(list(by)).agg(assigned=("dropped", "size"), dropped=("dropped", "sum")).reset_index() \
+        if by else pd.DataFrame({"assigned": [int(keep.sum())], "dropped": [int(dropped[keep].sum())]})
+
+
+@pytest.mark.parametrize("policy", ["position", "probability"])
+@pytest.mark.parametrize("group", ["step", "sequence"])
+@pytest.mark.parametrize("by", [("layer", "expert"), ("layer", "step", "rank"), ("slot",), ("domain", "layer"), ()])
+def test_drops_match_brute_force(routing, store, policy, group, by):
+    for cf in (0.6, 1.0, 1.3):
+        want = _mask_to_frame(routing, brute_force_dropped(routing, cf, policy, group, 6), by)
+        got = capacity_drops(store, Selection(), cf, policy=policy, group=group, by=by)
+        for col in list(by) + ["assigned", "dropped"]:
+            assert [str(v) for v in got[col]] == [str(v) for v in want[col]], (col, cf, policy, group, by)
+        np.testing.assert_allclose(got["drop_rate"], want["dropped"] / want["assigned"])
+
+
+@pytest.mark.parametrize("group", ["step", "sequence"])
+def test_domain_selection_ranks_all_tokens_then_filters(routing, store, group):
+    """At group='step' the other domains' tokens compete for the same slots: filter after ranking."""
+    dropped = brute_force_dropped(routing, 0.9, "position", group, 6)
+    mask = np.isin(routing["domains"], ["code"])
+    want = _mask_to_frame(routing, dropped, ("layer",), token_mask=mask)
+    got = capacity_drops(store, Selection(domains=("code",)), 0.9, group=group, by=("layer",))
+    assert got["dropped"].tolist() == want["dropped"].tolist()
+    assert got["assigned"].tolist() == want["assigned"].tolist()
+
+
+def test_selection_by_steps_layers_ranks_is_a_filter(routing, store):
+    dropped = brute_force_dropped(routing, 1.0, "position", "step", 6)
+    sel = Selection(steps=(1, 2), layers=(1,), ranks=(0,))
+    mask = (routing["steps"] >= 1) & (routing["ranks"] == 0)
+    want = _mask_to_frame(routing, dropped, ("layer",), token_mask=mask)
+    want = want[want.layer == 1]
+    got = capacity_drops(store, sel, 1.0, by=("layer",))
+    assert got["dropped"].tolist() == want["dropped"].tolist()
+
+
+@pytest.mark.parametrize("policy, group, by", [
+    ("position", "step", ()), ("probability", "sequence", ("layer",)), ("position", "step", ("slot",)),
+    ("probability", "step", ("domain",)),
+])
+def test_drop_curve_equals_drops_at_each_factor(routing, store, policy, group, by):
+    factors = [0.25, 0.5, 1.0, 1.25, 2.0, 4.0]
+    curve = drop_curve(store, Selection(), factors, policy=policy, group=group, by=by)
+    assert sorted(curve["capacity_factor"].unique()) == factors
+    for cf in factors:
+        want = _mask_to_frame(routing, brute_force_dropped(routing, cf, policy, group, 6), by)
+        got = curve[curve.capacity_factor == cf]
+        assert got["dropped"].astype(int).tolist() == want["dropped"].astype(int).tolist(), cf
+        assert got["assigned"].astype(int).tolist() == want["assigned"].astype(int).tolist()
+    total = curve.groupby("capacity_factor")["dropped"].sum()
+    assert total.is_monotonic_decreasing and total.iloc[-1] == 0
+
+
+def test_two_runs_side_by_side():
+    con = store_from_routing(**synthetic_routing(seed=3, skew=0.0), run_id="a")
+    store_from_routing(**synthetic_routing(seed=3, skew=3.0), run_id="b", con=con)
+    df = capacity_drops(con, Selection(), 1.0, by=()).set_index("run_id")
+    assert df.loc["b", "drop_rate"] > df.loc["a", "drop_rate"]
+    assert set(drop_curve(con, Selection(), [1.0, 2.0])["run_id"]) == {"a", "b"}
+
+
+def test_bad_arguments(store):
+    with pytest.raises(AnalysisError, match="policy"):
+        capacity_drops(store, Selection(), 1.0, policy="random")
+    with pytest.raises(AnalysisError, match="group"):
+        capacity_drops(store, Selection(), 1.0, group="batch")
+    with pytest.raises(AnalysisError, match="by takes"):
+        capacity_drops(store, Selection(), 1.0, by=("token",))
+    with pytest.raises(AnalysisError, match="exactly one"):
+        capacity_drops(store, Selection(), 1.0, capacity=3)
+    with pytest.raises(AnalysisError, match="> 0"):
+        drop_curve(store, Selection(), [1.0, 0.0])
+
+
+# ---- the real check: Switch Transformers applies capacity itself -------------------------------------------------
+
+def test_predicted_drops_equal_switch_transformers_drops():
+    """Record which tokens a tiny Switch Transformers encoder dropped, store its routing without capacity
+    (the argmax expert) and require moeviz to predict exactly those drops. transformers 5.x caps per batch row:
+    `token_priority = cumsum(one_hot(argmax), dim=-2)` over the sequence of each row -> group='sequence',
+    first come first served in position order, C = config.expert_capacity."""
+    torch = pytest.importorskip("torch")
+    torch.set_num_threads(1)  # tiny tensors: threads only contend on a shared 2-core machine (100x slower)
+    from transformers import SwitchTransformersConfig
+    from transformers.models.switch_transformers.modeling_switch_transformers import (
+        SwitchTransformersEncoderModel, SwitchTransformersTop1Router)
+
+    batch, seq_len, n_experts = 3, 12, 4
+    for capacity in (1, 2, 3, 5):
+        torch.manual_seed(capacity)
+        config = SwitchTransformersConfig(
+            vocab_size=50, d_model=16, d_kv=4, d_ff=32, num_layers=2, num_heads=2, num_experts=n_experts,
+            expert_capacity=capacity, encoder_sparse_step=1, router_jitter_noise=0.0)
+        model = SwitchTransformersEncoderModel(config).eval()
+        with torch.no_grad():  # skew layer 0's router so that drops are frequent
+            model.encoder.block[0].layer[1].mlp.router.classifier.weight[0] += 0.5
+        captured: list[tuple] = []
+        routers = [m for m in model.modules() if isinstance(m, SwitchTransformersTop1Router)]
+        handles = [m.register_forward_hook(lambda mod, args, out: captured.append(out)) for m in routers]
+        try:
+            with torch.no_grad():
+                model(input_ids=torch.randint(0, 50, (batch, seq_len)))
+        finally:
+            for h in handles:
+                h.remove()
+        assert len(captured) == len(routers) == 2
+
+        logits = torch.stack([c[2].reshape(-1, n_experts) for c in captured], dim=1)  # [T, L, E]
+        model_dropped = torch.stack([c[0].reshape(-1, n_experts).sum(-1) == 0 for c in captured], dim=1)  # [T, L]
+        seqs, pos = np.divmod(np.arange(batch * seq_len), seq_len)
+        con = store_from_routing(logits=logits.double().numpy(), top_k=1, seqs=seqs, pos=pos)
+        cf = capacity * n_experts / seq_len  # so that ceil(CF * seq_len * 1 / E) = expert_capacity
+        got = capacity_drops(con, Selection(), cf, group="sequence", by=("layer", "seq", "pos"))
+        got_mask = got["dropped"].to_numpy().reshape(2, batch * seq_len).T  # rows ordered layer, seq, pos
+        want = model_dropped.numpy()
+        assert want.any() or capacity >= 5
+        np.testing.assert_array_equal(got_mask.astype(bool), want, err_msg=f"capacity {capacity}")
+        fixed = capacity_drops(con, Selection(), capacity=capacity, group="sequence", by=("layer",))
+        assert fixed["dropped"].tolist() == want.sum(0).tolist()

@@ -1,0 +1,525 @@
+"""moeviz.store on real files: writer -> Parquet segments -> read-only views -> compaction, in one process.
+
+The reference for every value read back is the arrays handed to the writer (weights within half a
+quantisation step, 0.5/65535); multi-process cases live in test_store_live.py and test_store_kill.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pandas as pd
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+import pytest
+
+from moeviz import segments as sg
+from moeviz.errors import SchemaVersionError, StoreError, StoreNotFoundError
+from moeviz.schema import SCHEMA_VERSION, TABLES
+from moeviz.store import RunWriter, StoreWarning, compact, open_store, store_info
+from moeviz.store_reader import read_only_query
+
+LAYERS, EXPERTS, K, SEQS, SEQ_LEN = 3, 4, 2, 2, 5
+HALF_STEP = 0.5 / 65535 + 1e-12
+
+
+def make_flush(rng: np.random.Generator, step: int, rank: int = 0) -> dict:
+    """A flush with known values: routes layer-major (then token, then slot) and the three small tables."""
+    tokens = SEQS * SEQ_LEN
+    seq, pos = np.repeat(np.arange(SEQS), SEQ_LEN), np.tile(np.arange(SEQ_LEN), SEQS)  # [tokens]
+    token_id = rng.integers(0, 50_000, tokens)  # [tokens] wider than int16 on purpose
+    logits = rng.normal(size=(LAYERS, tokens, EXPERTS))  # [layers, tokens, experts]
+    index = np.argsort(-logits, axis=-1)[..., :K]  # [layers, tokens, k]
+    w = np.exp(np.take_along_axis(logits, index, -1))
+    w /= w.sum(-1, keepdims=True)
+    shape = (LAYERS, tokens, K)
+    routes = {
+        "step": np.full(LAYERS * tokens * K, step), "rank": np.full(LAYERS * tokens * K, rank),
+        "seq": np.broadcast_to(seq[None, :, None], shape).ravel(), "pos": np.broadcast_to(pos[None, :, None], shape).ravel(),
+        "token_id": np.broadcast_to(token_id[None, :, None], shape).ravel(),
+        "layer": np.broadcast_to(np.arange(LAYERS)[:, None, None], shape).ravel(),
+        "slot": np.broadcast_to(np.arange(K)[None, None, :], shape).ravel(), "expert": index.ravel(), "weight": w.ravel(),
+    }
+    le = np.array([(l, e) for l in range(LAYERS) for e in range(EXPERTS)])
+    step_stats = {"step": np.full(len(le), step), "rank": np.full(len(le), rank), "layer": le[:, 0], "expert": le[:, 1],
+                  "tokens": np.full(len(le), tokens), "assigned": rng.integers(0, 20, len(le)),
+                  "first_choice": rng.integers(0, 10, len(le)), "prob_sum": rng.random(len(le)) * 3,
+                  "dropped": rng.integers(0, 2, len(le))}
+    layer_stats = {"step": np.full(LAYERS, step), "rank": np.full(LAYERS, rank), "layer": np.arange(LAYERS),
+                   "tokens": np.full(LAYERS, tokens), "z_loss_sum": rng.random(LAYERS) * 10,
+                   "entropy_sum": rng.random(LAYERS), "dropped": np.zeros(LAYERS, int)}
+    sequences = {"step": np.full(SEQS, step), "rank": np.full(SEQS, rank), "seq": np.arange(SEQS),
+                 "domain": np.array(["code", None], dtype=object), "tag": "train", "n_tokens": np.full(SEQS, SEQ_LEN)}
+    return {"routes": routes, "step_stats": step_stats, "layer_stats": layer_stats, "sequences": sequences}
+
+
+META = {"model_class": "TinyMoE", "n_layers": LAYERS, "n_experts": EXPERTS, "top_k": K, "capacity_factor": 1.25,
+        "config": {"hidden": 8, "name": "tiny"}, "sample_every": 2, "max_tokens_per_step": 128}
+LAYER_ROWS = [{"layer": i, "module_name": f"model.layers.{i}.mlp.gate", "n_experts": EXPERTS, "top_k": K,
+               "block_index": i, "stack": "decoder"} for i in range(LAYERS)]
+
+
+def write_run(run_dir, *, steps=(0, 1), rank=0, world_size=1, run_id=None, close=True, compact_on_close=True,
+              seed=0) -> tuple[RunWriter, dict[str, pd.DataFrame]]:
+    """A whole run through the public writer API; returns the writer and the flushed tables as DataFrames."""
+    rng = np.random.default_rng(seed)
+    w = RunWriter(run_dir, run_id=run_id, run_name="exp", rank=rank, world_size=world_size,
+                  compact_on_close=compact_on_close)
+    w.write_run(META)
+    w.write_layers(LAYER_ROWS)
+    w.write_vocab([0, 1, 49_999], ["<s>", "hello", " wörld's"])
+    flushed: dict[str, list] = {t: [] for t in sg.DATA_TABLES}
+    for step in steps:
+        tables = make_flush(rng, step, rank)
+        w.write_flush(tables)
+        for t, cols in tables.items():
+            n = max(np.size(v) for v in cols.values())
+            flushed[t].append(pd.DataFrame({c: (np.full(n, v, dtype=object) if np.ndim(v) == 0 else v)
+                                            for c, v in cols.items()}))
+    if close:
+        w.close()
+    return w, {t: pd.concat(v, ignore_index=True) for t, v in flushed.items()}
+
+
+def sorted_frame(df: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    return df.sort_values(keys).reset_index(drop=True)
+
+
+def check_tables_equal(con, expected: dict[str, pd.DataFrame], run_id: str) -> None:
+    keys = {"routes": ["step", "rank", "layer", "seq", "pos", "slot"], "step_stats": ["step", "rank", "layer", "expert"],
+            "layer_stats": ["step", "rank", "layer"], "sequences": ["step", "rank", "seq"]}
+    for t, exp in expected.items():
+        got = con.execute(f"SELECT * FROM {t} WHERE run_id = ?", [run_id]).df()
+        assert (got["run_id"] == run_id).all()
+        got, exp = sorted_frame(got.drop(columns="run_id"), keys[t]), sorted_frame(exp, keys[t])
+        assert list(got.columns) == [c for c in TABLES[t].column_names if c != "run_id"]
+        assert len(got) == len(exp), t
+        for c in got.columns:
+            if t == "routes" and c == "weight":
+                assert np.abs(got[c].to_numpy() - exp[c].to_numpy(dtype=float)).max() <= HALF_STEP
+            elif got[c].dtype.kind in "iuf":
+                np.testing.assert_array_equal(got[c].to_numpy(), exp[c].to_numpy().astype(got[c].dtype), err_msg=f"{t}.{c}")
+            else:
+                assert [None if pd.isna(v) else v for v in got[c]] == [None if pd.isna(v) else v for v in exp[c]], f"{t}.{c}"
+
+
+# ---------------------------------------------------------------------------------------------------- round trip
+
+
+@pytest.mark.parametrize("compacted", [False, True], ids=["segments", "compacted"])
+def test_round_trip_every_table(tmp_path, compacted):
+    run_dir = tmp_path / "exp1"
+    _, expected = write_run(run_dir, compact_on_close=compacted)
+    assert (run_dir / "run.duckdb").exists() == compacted
+    con = open_store(run_dir)
+    check_tables_equal(con, expected, "exp1")
+
+    run = con.execute("SELECT * FROM runs").df()
+    assert len(run) == 1
+    r = run.iloc[0]
+    assert (r.run_id, r.run_name, r.model_class, r.n_layers, r.n_experts, r.top_k) == ("exp1", "exp", "TinyMoE", 3, 4, 2)
+    assert (r.capacity_factor, r.sample_every, r.max_tokens_per_step, r.world_size) == (1.25, 2, 128, 1)
+    assert json.loads(r.config) == META["config"]
+    assert (r.status, r.error, r.schema_version) == ("finished", None, SCHEMA_VERSION)
+    assert r.started_at <= r.ended_at
+    layers = con.execute("SELECT * EXCLUDE (run_id) FROM layers ORDER BY layer").df().to_dict("records")
+    assert layers == LAYER_ROWS
+    vocab = con.execute("SELECT token_id, text FROM vocab ORDER BY token_id").fetchall()
+    assert vocab == [(0, "<s>"), (1, "hello"), (49_999, " wörld's")]
+
+
+def test_views_have_the_schema_names_order_and_types(tmp_path):
+    write_run(tmp_path / "r", close=False)
+    con = open_store(tmp_path / "r")
+    for t in TABLES.values():
+        got = [(r[0], r[1]) for r in con.execute(f"DESCRIBE {t.name}").fetchall()]
+        assert got == [(c.name, c.sql_type) for c in t.columns], t.name
+
+
+def test_segments_are_hive_parquet_with_narrow_types_and_constant_run_id(tmp_path):
+    run_dir = tmp_path / "exp"
+    write_run(run_dir, close=False)
+    files = sorted(run_dir.glob("*/rank=*/*.parquet"))
+    assert files and all(re.fullmatch(r"[a-z_]+/rank=0/part-\d{8}-[0-9a-f]{8}\.parquet",
+                                      f.relative_to(run_dir).as_posix()) for f in files)
+    routes = ds.dataset(run_dir / "routes", format="parquet", partitioning="hive")  # as Spark/Polars would
+    t = routes.to_table()
+    assert t.schema.field("weight_q").type == "uint16" and t.schema.field("slot").type == "int8"
+    assert t.schema.field("layer").type == "int16" and t.schema.field("expert").type == "int16"
+    assert set(t.column("run_id").to_pylist()) == {"exp"}
+    for f in files:
+        assert set(pq.read_table(f, columns=["run_id"]).column("run_id").to_pylist()) == {"exp"}
+
+
+def test_routes_are_stored_layer_major_keeping_token_and_slot_order(tmp_path):
+    """Rows handed over token-major come back on disk layer-major, tokens and slots in their given order."""
+    rng = np.random.default_rng(1)
+    tables = make_flush(rng, 0)
+    r = tables["routes"]
+    order = np.lexsort((r["layer"], r["slot"], r["pos"], r["seq"]))  # by seq, pos, slot, then layer: token-major
+    shuffled = {c: (v[order] if np.ndim(v) else v) for c, v in r.items()}
+    assert not np.all(np.diff(shuffled["layer"]) >= 0)
+    w = RunWriter(tmp_path / "r", compact_on_close=False)
+    w.write_flush({"routes": shuffled})
+    (f,) = (tmp_path / "r" / "routes" / "rank=0").glob("*.parquet")
+    disk = pq.read_table(f).to_pandas()
+    assert (np.diff(disk["layer"]) >= 0).all()
+    for layer in range(LAYERS):
+        d = disk[disk.layer == layer]
+        keep = shuffled["layer"] == layer
+        np.testing.assert_array_equal(d["pos"], shuffled["pos"][keep])
+        np.testing.assert_array_equal(d["slot"], shuffled["slot"][keep])
+        np.testing.assert_array_equal(d["expert"], shuffled["expert"][keep])
+
+
+def test_weight_quantisation_is_round_to_nearest(tmp_path):
+    w = RunWriter(tmp_path / "r", compact_on_close=False)
+    weights = np.array([0.0, 1.0, 0.5, 1 / 65535, 0.49 / 65535, 0.51 / 65535, 0.123456789])
+    n = len(weights)
+    w.write_flush({"routes": {"step": 0, "seq": 0, "pos": np.arange(n), "token_id": 7, "layer": 0, "slot": 0,
+                              "expert": 1, "weight": weights}})
+    (f,) = (tmp_path / "r" / "routes" / "rank=0").glob("*.parquet")
+    q = pq.read_table(f).column("weight_q").to_pylist()
+    assert q == [0, 65535, 32768, 1, 0, 1, 8091]  # round(0.123456789 * 65535) = 8090.9 -> 8091
+    got = open_store(tmp_path / "r").execute("SELECT weight FROM routes ORDER BY pos").fetchall()
+    assert [g[0] for g in got] == pytest.approx([v / 65535 for v in q], abs=0)
+
+
+def test_large_flush_splits_into_layer_major_segments_without_losing_rows(tmp_path, monkeypatch):
+    monkeypatch.setattr(sg, "ROUTES_ROWS_PER_LAYER", 7)
+    rng = np.random.default_rng(2)
+    tables = make_flush(rng, 5)
+    w = RunWriter(tmp_path / "r", compact_on_close=False)
+    w.write_flush({"routes": tables["routes"]})
+    files = sorted((tmp_path / "r" / "routes" / "rank=0").glob("*.parquet"))
+    assert len(files) == 3  # 20 rows per layer, at most 7 per layer and segment
+    for f in files:
+        assert (np.diff(pq.read_table(f).column("layer").to_numpy()) >= 0).all()
+    check_tables_equal(open_store(tmp_path / "r"), {"routes": pd.DataFrame(tables["routes"])}, "r")
+
+
+def zipf_flush(rng, step, layers=8, experts=8, k=2, seqs=8, seq_len=512, vocab=32_000) -> dict:
+    """A realistic flush: Zipf-distributed token ids, softmax top-2 weights, positions 0..511."""
+    p = 1.0 / np.arange(1, vocab + 1) ** 1.1
+    token_id = rng.permutation(vocab)[rng.choice(vocab, seqs * seq_len, p=p / p.sum())]  # [tokens]
+    logits = rng.normal(0, 1.5, (layers, seqs * seq_len, experts))  # [layers, tokens, experts]
+    index = np.argsort(-logits, -1)[..., :k]
+    w = np.exp(np.take_along_axis(logits, index, -1))
+    w /= w.sum(-1, keepdims=True)
+    shape = (layers, seqs * seq_len, k)
+    b = lambda a: np.broadcast_to(a, shape).ravel()  # noqa: E731
+    return {"routes": {"step": step, "seq": b(np.repeat(np.arange(seqs), seq_len)[None, :, None]),
+                       "pos": b(np.tile(np.arange(seq_len), seqs)[None, :, None]), "token_id": b(token_id[None, :, None]),
+                       "layer": b(np.arange(layers)[:, None, None]), "slot": b(np.arange(k)[None, None, :]),
+                       "expert": index.ravel(), "weight": w.ravel()}}
+
+
+def test_realistic_routes_cost_at_most_4_bytes_per_route_on_disk(tmp_path):
+    rng = np.random.default_rng(3)
+    w = RunWriter(tmp_path / "r", compact_on_close=False)
+    for step in range(4):
+        w.write_flush(zipf_flush(rng, step))
+    info = store_info(tmp_path / "r")["runs"][0]
+    assert info["tables"]["routes"]["segment_rows"] == 4 * 8 * 8 * 512 * 2
+    assert info["bytes_per_route_segments"] <= 4.0, info["bytes_per_route_segments"]
+    w.close()
+    compact(tmp_path / "r")
+    info = store_info(tmp_path / "r")["runs"][0]
+    assert info["compacted"] and info["tables"]["routes"]["compacted_rows"] == 4 * 8 * 8 * 512 * 2
+    # DuckDB's lighter compression, plus ~2.5 MB of 256 KiB blocks whatever the size (uncompressed on-disk
+    # types would cost ~30 B/route); bench/bench_store.py measures ~7 B/route at 20M routes
+    assert info["bytes_per_route_compacted"] < 16
+
+
+# ---------------------------------------------------------------------------------------------------- errors
+
+
+def test_a_newer_schema_version_is_refused_with_both_versions(tmp_path):
+    run_dir = tmp_path / "r"
+    write_run(run_dir)
+    manifest = json.loads((run_dir / "moeviz.json").read_text())
+    manifest["schema_version"] = SCHEMA_VERSION + 1
+    (run_dir / "moeviz.json").write_text(json.dumps(manifest))
+    for action in (open_store, compact, store_info, lambda p: RunWriter(p)):
+        with pytest.raises(SchemaVersionError, match=rf"version {SCHEMA_VERSION + 1}.*up to {SCHEMA_VERSION}.*upgrade"):
+            action(run_dir)
+
+
+def test_missing_store_says_what_was_looked_for(tmp_path):
+    with pytest.raises(StoreNotFoundError, match="does not exist"):
+        open_store(tmp_path / "nope")
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    with pytest.raises(StoreNotFoundError, match=r"moeviz\.json"):
+        open_store(tmp_path / "empty")
+    with pytest.raises(StoreNotFoundError):
+        store_info(tmp_path / "empty")
+
+
+def test_writer_refuses_bad_input_with_clear_errors(tmp_path):
+    w = RunWriter(tmp_path / "r", compact_on_close=False)
+    good = make_flush(np.random.default_rng(0), 0)["routes"]
+    with pytest.raises(StoreError, match="unknown tables"):
+        w.write_flush({"route": good})
+    with pytest.raises(StoreError, match=r"lacks columns \['weight'\]"):
+        w.write_flush({"routes": {k: v for k, v in good.items() if k != "weight"}})
+    with pytest.raises(StoreError, match="differ in length"):
+        w.write_flush({"routes": dict(good, pos=good["pos"][:-1])})
+    with pytest.raises(StoreError, match=r"outside int16"):
+        w.write_flush({"routes": dict(good, expert=good["expert"] + 40_000)})
+    with pytest.raises(StoreError, match="NaN"):
+        w.write_flush({"routes": dict(good, weight=np.full(len(good["weight"]), np.nan))})
+    with pytest.raises(StoreError, match="must hold integers"):
+        w.write_flush({"routes": dict(good, pos=good["pos"] + 0.5)})
+    with pytest.raises(StoreError, match="1-D"):
+        w.write_flush({"routes": dict(good, expert=good["expert"].reshape(-1, 2))})
+    with pytest.raises(StoreError, match="unknown keys"):
+        w.write_run({"n_layer": 3})
+    assert not (tmp_path / "r" / "routes").exists()  # nothing half-written by the refused flushes
+    with pytest.warns(StoreWarning, match="clipped"):
+        w.write_flush({"routes": dict(good, weight=good["weight"] * 2.5)})
+    w.close()
+    with pytest.raises(StoreError, match="closed"):
+        w.write_flush({"routes": good})
+    with pytest.raises(StoreError, match="closed"):
+        w.write_run(META)
+    w.close()  # closing twice is harmless
+    with pytest.raises(StoreError, match="rank must be"):
+        RunWriter(tmp_path / "x", rank=2, world_size=2)
+    with pytest.raises(StoreError, match="already holds run 'r'"):
+        RunWriter(tmp_path / "r", run_id="other")
+
+
+def test_incomplete_parquet_files_are_skipped_with_a_warning(tmp_path):
+    run_dir = tmp_path / "r"
+    _, expected = write_run(run_dir, close=False)
+    folder = run_dir / "routes" / "rank=0"
+    real = sorted(folder.glob("*.parquet"))[0]
+    data = real.read_bytes()
+    (folder / "part-00000090-deadbeef.parquet").write_bytes(data[: len(data) // 2])  # truncated copy
+    (folder / "part-00000091-deadbeef.parquet").write_bytes(b"PAR1 this is not parquet at all")
+    (folder / "part-00000092-deadbeef.parquet").write_bytes(b"")
+    (folder / ".part-00000093-cafecafe.parquet.tmp").write_bytes(data[:100])  # a writer's temp file: ignored
+    with pytest.warns(StoreWarning, match=r"skipped 3 incomplete Parquet file\(s\).*part-00000090"):
+        con = open_store(run_dir)
+    check_tables_equal(con, expected, "r")
+    assert len(store_info(run_dir)["runs"][0]["skipped_files"]) == 3
+
+
+# ---------------------------------------------------------------------------------------------------- status
+
+
+def test_status_running_finished_failed_and_interrupted(tmp_path):
+    def status(path):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return open_store(path).execute("SELECT status, error, ended_at IS NULL FROM runs").fetchall()[0]
+
+    w, _ = write_run(tmp_path / "live", close=False)
+    assert status(tmp_path / "live") == ("running", None, True)
+    w.close()
+    assert status(tmp_path / "live") == ("finished", None, False)
+
+    with pytest.raises(ZeroDivisionError):
+        with RunWriter(tmp_path / "bad") as w:
+            w.write_flush(make_flush(np.random.default_rng(0), 0))
+            1 / 0
+    st = status(tmp_path / "bad")
+    assert st[0] == "failed" and "ZeroDivisionError" in st[1] and st[2] is False
+
+    # a writer that died: its status file says running, but its pid is gone
+    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    write_run(tmp_path / "dead", close=False)
+    path = tmp_path / "dead" / "_status" / "rank=0.json"
+    body = json.loads(path.read_text())
+    path.write_text(json.dumps(dict(body, pid=int(proc.stdout), proc_start=None)))
+    assert status(tmp_path / "dead") == ("interrupted", None, True)
+
+    # another host: alive while its heartbeat is fresh, interrupted once it is stale
+    path.write_text(json.dumps(dict(body, hostname=socket.gethostname() + "-elsewhere", heartbeat=sg.utc_iso())))
+    assert status(tmp_path / "dead")[0] == "running"
+    path.write_text(json.dumps(dict(body, hostname="elsewhere", heartbeat="2020-01-01T00:00:00")))
+    assert status(tmp_path / "dead")[0] == "interrupted"
+
+
+def test_world_size_counts_ranks_until_all_close(tmp_path):
+    run_dir = tmp_path / "ddp"
+    w0, e0 = write_run(run_dir, rank=0, world_size=2, run_id="ddp", close=False, seed=1)
+    w1, e1 = write_run(run_dir, rank=1, world_size=2, run_id="ddp", close=False, seed=2)
+    w0.close()
+    assert not (run_dir / "run.duckdb").exists()  # rank 1 still writing: no compaction yet
+    con = open_store(run_dir)
+    assert con.execute("SELECT world_size, status FROM runs").fetchall() == [(2, "running")]
+    w1.close()
+    assert (run_dir / "run.duckdb").exists()  # the last rank to close compacted the run
+    assert not list(run_dir.glob("routes/rank=*/*.parquet"))
+    con = open_store(run_dir)
+    assert con.execute("SELECT count(*), min(world_size), min(status) FROM runs").fetchall() == [(1, 2, "finished")]
+    both = {t: pd.concat([e0[t], e1[t]], ignore_index=True) for t in e0}
+    check_tables_equal(con, both, "ddp")
+    assert con.execute("SELECT count(*) FROM layers").fetchone()[0] == LAYERS  # one row per layer, not per rank
+
+
+def test_a_folder_of_runs_is_queried_together(tmp_path):
+    _, ea = write_run(tmp_path / "a", seed=1)
+    _, eb = write_run(tmp_path / "b", seed=2, close=False)
+    (tmp_path / "not-a-run").mkdir()
+    con = open_store(tmp_path)
+    assert con.execute("SELECT run_id, status FROM runs ORDER BY run_id").fetchall() == [("a", "finished"), ("b", "running")]
+    check_tables_equal(con, ea, "a")
+    check_tables_equal(con, eb, "b")
+
+
+# ---------------------------------------------------------------------------------------------------- compaction
+
+
+def test_compaction_is_idempotent_and_never_double_counts(tmp_path):
+    run_dir = tmp_path / "r"
+    _, expected = write_run(run_dir, compact_on_close=False)
+    segs = sorted(run_dir.glob("*/rank=0/*.parquet"))
+    keep = {p: p.read_bytes() for p in segs}
+    first = compact(run_dir)["runs"][0]
+    assert first["segments_folded"] == len(segs) and first["segments_deleted"] == len(segs)
+    assert first["rows"]["routes"] == len(expected["routes"])
+    assert not list(run_dir.glob("*/rank=0/*.parquet"))
+    again = compact(run_dir)["runs"][0]
+    assert again["segments_folded"] == 0 and again["rows"] == first["rows"]
+    # a crash between the rename and the deletion leaves folded segments behind: not counted twice, then removed
+    for p, data in keep.items():
+        p.write_bytes(data)
+    check_tables_equal(open_store(run_dir), expected, "r")
+    assert compact(run_dir)["runs"][0]["segments_deleted"] == len(segs)
+    # more data later (a resumed rank 0) is folded on top of the compacted tables
+    _, more = write_run(run_dir, run_id="r", steps=(7,), seed=5)
+    both = {t: pd.concat([expected[t], more[t]], ignore_index=True) for t in expected}
+    check_tables_equal(open_store(run_dir), both, "r")
+    con = duckdb.connect(str(run_dir / "run.duckdb"), read_only=True)
+    # 3 metadata segments + 4 tables of one flush written by the second writer
+    assert con.execute("SELECT count(*), count(DISTINCT file) FROM _segments").fetchone() == (len(segs) + 7,) * 2
+    con.close()
+
+
+def test_compaction_refuses_a_live_writer(tmp_path):
+    w, _ = write_run(tmp_path / "r", close=False)
+    with pytest.raises(StoreError, match=rf"still being written.*pid {os.getpid()}"):
+        compact(tmp_path / "r")
+    w.close()
+    assert compact(tmp_path / "r")["runs"][0]["segments_folded"] == 0  # close already compacted it
+
+
+def test_compaction_failure_at_close_keeps_the_segments(tmp_path, monkeypatch):
+    import moeviz.store as store
+
+    def broken(path):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(store, "compact", broken)
+    w, expected = write_run(tmp_path / "r", close=False)
+    with pytest.warns(StoreWarning, match="disk full.*segments are kept"):
+        w.close()
+    assert not (tmp_path / "r" / "run.duckdb").exists()
+    check_tables_equal(open_store(tmp_path / "r"), expected, "r")
+
+
+def test_compaction_while_a_reader_process_has_the_store_open(tmp_path):
+    run_dir = tmp_path / "r"
+    write_run(run_dir)  # compacted at close: the reader will hold run.duckdb open
+    n0 = len(make_flush(np.random.default_rng(0), 0)["routes"]["step"]) * 2
+    reader = subprocess.Popen(
+        [sys.executable, "-c", READER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        env=_env(), cwd=str(tmp_path))
+    try:
+        reader.stdin.write(f"{run_dir}\n")
+        reader.stdin.flush()
+        assert int(reader.stdout.readline()) == n0
+        write_run(run_dir, run_id="r", steps=(9,), seed=4)  # close compacts again: run.duckdb replaced
+        reader.stdin.write("again\n")
+        reader.stdin.flush()
+        assert int(reader.stdout.readline()) == n0  # the old connection still reads its (old) file
+        reader.stdin.write("reopen\n")
+        reader.stdin.flush()
+        assert int(reader.stdout.readline()) == n0 * 3 // 2
+    finally:
+        reader.stdin.close()
+        reader.wait(timeout=30)
+    assert reader.returncode == 0
+
+
+READER = """
+import sys
+from moeviz.store import open_store
+path = sys.stdin.readline().strip()
+con = open_store(path)
+print(con.execute("SELECT count(*) FROM routes").fetchone()[0], flush=True)
+sys.stdin.readline()
+print(con.execute("SELECT count(*) FROM routes").fetchone()[0], flush=True)
+sys.stdin.readline()
+print(open_store(path).execute("SELECT count(*) FROM routes").fetchone()[0], flush=True)
+"""
+
+
+def _env() -> dict:
+    root = str(Path(__file__).resolve().parents[1])
+    return dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+
+
+# ---------------------------------------------------------------------------------------------------- lock-down
+
+
+@pytest.mark.parametrize("compacted", [False, True], ids=["segments", "compacted"])
+def test_user_sql_cannot_touch_files_or_write(tmp_path, compacted):
+    run_dir = tmp_path / "r"
+    write_run(run_dir, compact_on_close=compacted)
+    seg = next(iter(run_dir.glob("routes/rank=0/*.parquet")), None)
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file() and "_status" not in p.parts}
+    con = open_store(run_dir)
+    attacks = {
+        "COPY": f"COPY (SELECT 1) TO '{tmp_path / 'x.csv'}'",
+        "COPY over a segment": f"COPY (SELECT 1 AS a) TO '{seg or run_dir / 'routes.parquet'}' (FORMAT parquet, USE_TMP_FILE false)",
+        "COPY over run.duckdb": f"COPY (SELECT 1 AS a) TO '{run_dir / 'run.duckdb'}' (FORMAT csv, USE_TMP_FILE false)",
+        "read_csv": "SELECT * FROM read_csv('/etc/passwd')",
+        "read_parquet": f"SELECT * FROM read_parquet('{run_dir}/**/*.parquet')",
+        "ATTACH": f"ATTACH '{tmp_path / 'evil.duckdb'}' AS evil",
+        "INSTALL": "INSTALL httpfs",
+        "CREATE TABLE": "CREATE TABLE t AS SELECT 1",
+        "SET": "SET enable_external_access = true",
+    }
+    for name, sql in attacks.items():
+        with pytest.raises(duckdb.Error):
+            con.execute(sql)
+        with pytest.raises(StoreError, match="read-only|not allowed|SELECT"):
+            read_only_query(con, sql)
+    with pytest.raises(StoreError, match=r"not allowed: .*never files"):
+        read_only_query(con, "SELECT * FROM read_csv('/etc/passwd')")
+    with pytest.raises(StoreError, match="only SELECT queries are allowed, not COPY"):
+        read_only_query(con, attacks["COPY"])
+    assert not (tmp_path / "x.csv").exists() and not (tmp_path / "evil.duckdb").exists()
+    after = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file() and "_status" not in p.parts}
+    assert after == before
+    cols, rows, truncated = read_only_query(con, "SELECT count(*) AS n FROM routes")
+    assert cols == ["n"] and rows[0][0] > 0 and not truncated
+
+
+def test_read_only_query_limits_rows_and_reports_truncation(tmp_path):
+    write_run(tmp_path / "r")
+    con = open_store(tmp_path / "r")
+    n = con.execute("SELECT count(*) FROM routes").fetchone()[0]
+    cols, rows, truncated = read_only_query(con, "SELECT * FROM routes", max_rows=5)
+    assert len(rows) == 5 and truncated and cols == TABLES["routes"].column_names
+    _, rows, truncated = read_only_query(con, "SELECT * FROM routes", max_rows=n)
+    assert len(rows) == n and not truncated
+    with pytest.raises(StoreError, match="exactly one"):
+        read_only_query(con, "SELECT 1; SELECT 2")
+    with pytest.raises(StoreError, match="syntax error"):
+        read_only_query(con, "SELEC 1")
+    with pytest.raises(StoreError, match="tables: runs, layers, routes"):
+        read_only_query(con, "SELECT * FROM rout")
