@@ -219,7 +219,8 @@ class TopKRouterAdapter(RouterAdapter):
         """(logits or None, weights, index) from a router's tuple output, by dtype and last dim."""
         import torch
 
-        tensors = [t for t in (output if isinstance(output, (tuple, list)) else (output,)) if isinstance(t, torch.Tensor)]
+        items = output if isinstance(output, (tuple, list)) else (output,)
+        tensors = [t for t in items if isinstance(t, torch.Tensor)]
         ints = [t for t in tensors if not t.is_floating_point() and t.dim() >= 1 and t.shape[-1] == self.top_k]
         floats = [t for t in tensors if t.is_floating_point() and t.dim() >= 1]
         if not ints:
@@ -489,85 +490,80 @@ def _module_tree(model):
     return out
 
 
+def _is_class_router(module, parent, config) -> bool:
+    """Named like a router and routing to a known number (>= 2) of experts with a known top-k."""
+    if not _matches_router_class(type(module).__name__):
+        return False
+    n_experts = _n_experts(module, parent, config)
+    return n_experts is not None and n_experts >= 2 and _top_k(module, parent, config) is not None
+
+
+def _is_builtin_router(module, parent, config) -> bool:
+    """What the built-in search takes: a class-named router, or a 4.x linear gate in a block that has no
+    class-named router (a block has one router)."""
+    if _is_class_router(module, parent, config):
+        return True
+    return (
+        _is_linear_gate(module, parent, _n_experts(module, parent, config))
+        and _top_k(module, parent, config) is not None
+        and not any(_is_class_router(c, parent, config) for c in parent.children())
+    )
+
+
+def _site(name, module, parent, config, adapter, layer: int) -> RouterSite:
+    """The RouterSite of a chosen router module; RouterError if its sizes or its reader are unknown."""
+    n_experts = _int_attr((adapter,), ("n_experts",)) or _n_experts(module, parent, config)
+    top_k = _int_attr((adapter,), ("top_k",)) or _top_k(module, parent, config)
+    where = f"{name} ({type(module).__name__})"
+    if n_experts is None or top_k is None:
+        raise RouterError(
+            f"{where} was selected by predicate= but its number of experts ({n_experts}) or top_k ({top_k}) is "
+            "unknown: give the module `num_experts`/`top_k` attributes or pass adapter= a RouterAdapter with "
+            "`n_experts` and `top_k` set"
+        )
+    if adapter is not None:
+        read, kind = adapter, "custom"
+    else:
+        auto = _auto_adapter(module, parent, config, n_experts, top_k)
+        if auto is None:
+            raise RouterError(
+                f"{where} was selected by predicate= but no built-in adapter reads it: pass "
+                "adapter=fn(module, inputs, output) -> RouterOutput (see collectors.routers docs)"
+            )
+        read, kind = auto
+    factor, expert_capacity = _capacity(module, config)
+    return RouterSite(
+        name=name,
+        module=module,
+        layer=layer,
+        n_experts=n_experts,
+        top_k=top_k,
+        block_index=_block_index(name),
+        stack=_stack(name),
+        capacity_factor=factor,
+        extract=_make_extract(read, n_experts, top_k, where),
+        expert_capacity=expert_capacity,
+        kind=kind,
+    )
+
+
 def find_routers(model, *, predicate=None, adapter=None) -> list[RouterSite]:
-    """One RouterSite per MoE router in `model`, in module order.
+    """One RouterSite per MoE router in `model`, in module order (`layer` = position in that list).
 
     predicate(name, module) -> bool: take exactly the modules it accepts (instead of the built-in search).
     adapter: `adapter(module, inputs, output) -> RouterOutput` (a function or a `RouterAdapter`) used for every
     site instead of the built-in one; required for modules the built-in rules do not know.
-    Raises NoRoutersFoundError when nothing is found, RouterError when a site's n_experts/top_k are unknown."""
+    Raises NoRoutersFoundError when nothing is found, RouterError when a chosen module's n_experts/top_k or
+    reader are unknown. Submodules of a chosen router (Switch's `classifier`) are never routers themselves."""
     config = _text_config(model)
     tree = _module_tree(model)
     sites: list[RouterSite] = []
-    taken: list[str] = []  # names of routers taken: their descendants are never routers themselves
-    blocks_with_router: set[int] = set()
-
-    # Class-name matches first, so that a block whose router we know by class is never matched by structure.
-    candidates = []
     for name, module, parent in tree:
-        if not name:
+        if not name or any(name.startswith(s.name + ".") for s in sites):
             continue
-        if predicate is not None:
-            if predicate(name, module):
-                candidates.append((name, module, parent))
-        elif _matches_router_class(type(module).__name__) or _is_linear_gate(module, parent, _n_experts(module, parent, config)):
-            candidates.append((name, module, parent))
-
-    ordered = sorted(candidates, key=lambda c: 0 if _matches_router_class(type(c[1]).__name__) else 1)
-    chosen = []
-    for name, module, parent in ordered:
-        if any(name.startswith(t + ".") for t in taken):
-            continue
-        n_experts = _n_experts(module, parent, config)
-        top_k = _top_k(module, parent, config)
-        if adapter is not None:
-            n_experts = _int_attr((adapter,), ("n_experts",)) or n_experts
-            top_k = _int_attr((adapter,), ("top_k",)) or top_k
-        if predicate is None:
-            if n_experts is None or n_experts < 2 or top_k is None:
-                continue  # a class named like a router that routes to no experts (a gate of something else)
-            if not _matches_router_class(type(module).__name__) and parent is not None and id(parent) in blocks_with_router:
-                continue  # the block's router is already known by class name
-        elif n_experts is None or top_k is None:
-            raise RouterError(
-                f"{name} ({type(module).__name__}) was selected by predicate= but its number of experts "
-                f"({n_experts}) or top_k ({top_k}) is unknown: give the module `num_experts`/`top_k` attributes "
-                "or pass adapter= a RouterAdapter with `n_experts` and `top_k` set"
-            )
-        if adapter is not None:
-            read, kind = adapter, "custom"
-        else:
-            auto = _auto_adapter(module, parent, config, n_experts, top_k)
-            if auto is None:
-                raise RouterError(
-                    f"{name} ({type(module).__name__}) was selected by predicate= but no built-in adapter reads it: "
-                    "pass adapter=fn(module, inputs, output) -> RouterOutput (see collectors.routers docs)"
-                )
-            read, kind = auto
-        taken.append(name)
-        if parent is not None:
-            blocks_with_router.add(id(parent))
-        chosen.append((name, module, parent, n_experts, top_k, read, kind))
-
-    order = {name: i for i, (name, _, _) in enumerate(tree)}
-    chosen.sort(key=lambda c: order[c[0]])
-    for layer, (name, module, parent, n_experts, top_k, read, kind) in enumerate(chosen):
-        factor, expert_capacity = _capacity(module, config)
-        sites.append(
-            RouterSite(
-                name=name,
-                module=module,
-                layer=layer,
-                n_experts=n_experts,
-                top_k=top_k,
-                block_index=_block_index(name),
-                stack=_stack(name),
-                capacity_factor=factor,
-                extract=_make_extract(read, n_experts, top_k, f"{name} ({type(module).__name__})"),
-                expert_capacity=expert_capacity,
-                kind=kind,
-            )
-        )
+        chosen = predicate(name, module) if predicate is not None else _is_builtin_router(module, parent, config)
+        if chosen:
+            sites.append(_site(name, module, parent, config, adapter, layer=len(sites)))
     if not sites:
         raise NoRoutersFoundError(_no_routers_message(model, tree, predicate))
     return sites

@@ -330,7 +330,8 @@ def _sync_reason(func, args, kwargs) -> str | None:
     if name in _SYNC_OPS:
         return "its result (or its output size) depends on tensor values, so the host must wait for the device"
     bound = dict(zip((a.name for a in func._schema.arguments), args), **kwargs)
-    if name == "repeat_interleave" and isinstance(bound.get("repeats"), torch.Tensor) and bound.get("output_size") is None:
+    repeats = bound.get("repeats")
+    if name == "repeat_interleave" and isinstance(repeats, torch.Tensor) and bound.get("output_size") is None:
         return "repeat_interleave with tensor repeats and no output_size reads the repeats on the host"
     if name in ("index", "index_put", "index_put_", "_index_put_impl_"):
         indices = bound.get("indices", ())

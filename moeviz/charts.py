@@ -621,10 +621,8 @@ def coactivation_heatmap(df: pd.DataFrame, *, layer: int | None = None) -> go.Fi
     """P(j | i): how often expert j is chosen with expert i for the same token (`coactivation`), one layer."""
     d = df if layer is None else df[df["layer"] == layer]
     where = f" in layer {layer}" if layer is not None else ""
-    i_col = "expert_i" if "expert_i" in d.columns else "i"
-    j_col = "expert_j" if "expert_j" in d.columns else "j"
-    hover = [c for c in ("both", "n_i", "count", "baseline") if c in d.columns]
-    return heatmap(d, x=j_col, y=i_col, z="p", title=f"Co-activation P(expert j | expert i){where}",
+    hover = [c for c in ("tokens_ij", "tokens_i", "baseline") if c in d.columns]
+    return heatmap(d, x="expert_j", y="expert_i", z="p_j_given_i", title=f"Co-activation P(expert j | expert i){where}",
                    x_title="expert j (chosen with i)", y_title="expert i", z_title="P(j | i)", zmin=0, hover=hover)
 
 

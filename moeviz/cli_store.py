@@ -94,6 +94,9 @@ def cmd_compact(args) -> int:
     from moeviz.store import compact
 
     for r in compact(args.path)["runs"]:
+        if "skipped" in r:
+            print(f"run {r['run_id']}: skipped: {r['skipped']}")
+            continue
         print(f"run {r['run_id']}: folded {r['segments_folded']} segment(s) ({r['segment_bytes_folded']:,} bytes), "
               f"run.duckdb {r['compacted_bytes']:,} bytes, {r['rows'].get('routes', 0):,} routes, "
               f"{_fmt(r['bytes_per_route'])} bytes/route")

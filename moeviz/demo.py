@@ -248,7 +248,7 @@ class _VocabView:
         return self.tok.get_vocab_size()
 
     def decode(self, ids: list[int]) -> str:
-        return self.tok.decode(ids)
+        return self.tok.decode(ids, skip_special_tokens=False)
 
 
 def _fresh_run_dir(path: Path) -> None:

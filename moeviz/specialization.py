@@ -327,11 +327,13 @@ def top_tokens(con, sel: Selection, *, n: int = 10, min_count: int = 5, slot0_on
                 SELECT *, count / expert_total AS expert_share,
                        (count / expert_total) / (token_count / layer_tokens) AS lift
                 FROM x WHERE count > 0),
+            -- within one (layer, expert) lift orders as count / token_count: one correctly rounded division, so
+            -- equal ratios tie exactly and the tie-breaks below decide
             ranked AS (
                 SELECT *,
                     row_number() OVER (PARTITION BY layer, expert ORDER BY count DESC, token_id) AS rank_count,
                     row_number() OVER (PARTITION BY layer, expert
-                        ORDER BY (token_count >= ?) DESC, lift DESC, count DESC, token_id) AS rank_lift
+                        ORDER BY (token_count >= ?) DESC, count / token_count DESC, count DESC, token_id) AS rank_lift
                 FROM y),
             picked AS (
                 SELECT layer, expert, 'count' AS by, rank_count AS rank, token_id, count, token_count,

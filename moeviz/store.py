@@ -219,8 +219,11 @@ class RunWriter:
                 continue
             t = schema.field(c).type
             if t == pa.string():
-                arrays[c] = pa.array([v] * n if np.ndim(v) == 0 and not isinstance(v, (list, tuple)) else list(v),
-                                     pa.string())
+                try:
+                    arrays[c] = pa.array([v] * n if np.ndim(v) == 0 and not isinstance(v, (list, tuple)) else list(v),
+                                         pa.string())
+                except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+                    raise StoreError(f"{table}.{c} must hold strings or None: {e}") from None
             elif t == pa.float64():
                 arrays[c] = np.asarray(_broadcast(v, n), dtype=np.float64)
             else:
@@ -316,7 +319,20 @@ def compact(path) -> dict:
     its inode; a reader that lists segments and then opens the new file skips those recorded in `_segments`, so
     no row is counted twice. Refuses a run whose writer is still alive. Idempotent.
     """
-    return {"runs": [_compact_run(run_dir) for run_dir in sg.find_runs(path)]}
+    run_dirs = sg.find_runs(path)
+    if len(run_dirs) == 1 and sg.is_run_dir(Path(path).expanduser()):
+        return {"runs": [_compact_run(run_dirs[0])]}
+    out = []
+    for run_dir in run_dirs:  # a folder of runs: compact what can be, say why the others were left alone
+        try:
+            out.append(_compact_run(run_dir))
+        except _LiveRun as e:
+            out.append({"run_id": sg.read_manifest(run_dir).get("run_id"), "run_dir": str(run_dir), "skipped": str(e)})
+    return {"runs": out}
+
+
+class _LiveRun(StoreError):
+    """The run still has a live writer."""
 
 
 class _CompactionLock:
@@ -352,7 +368,7 @@ def _compact_run(run_dir: Path) -> dict:
     live = [s for s in statuses.values() if sg.writer_alive(s)]
     if live:
         s = live[0]
-        raise StoreError(f"run {manifest.get('run_id')!r} at {run_dir} is still being written (rank {s.get('rank')}, "
+        raise _LiveRun(f"run {manifest.get('run_id')!r} at {run_dir} is still being written (rank {s.get('rank')}, "
                          f"pid {s.get('pid')} on {s.get('hostname')}): compaction waits until every writer closed; "
                          f"readers see the segments meanwhile")
     target = run_dir / sg.COMPACTED

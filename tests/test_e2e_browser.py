@@ -27,19 +27,24 @@ CHROMIUM = os.environ.get("MOEVIZ_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync"]
 
-# url path, screenshot name, charts the page must show at least, a selector that proves the page's content
+# url path (also the screenshot's name), charts the page must show at least, a selector proving its content
 PAGES = [
-    ("", "overview", 2, None),
-    ("load", "load", 2, None),
-    ("aux_loss", "aux_loss", 4, None),
-    ("capacity", "capacity", 4, None),
-    ("specialization", "specialization", 1, None),
-    ("tokens", "tokens", 1, None),
-    ("bounds", "bounds", 1, None),
-    ("toy", "toy", 1, None),
-    ("sql", "sql", 0, '[data-testid="stDataFrame"]'),
-    ("compare", "compare", 4, None),
+    ("overview", 2, None),
+    ("load", 2, None),
+    ("aux_loss", 4, None),
+    ("capacity", 4, None),
+    ("specialization", 6, None),
+    ("tokens", 1, None),
+    ("bounds", 1, None),
+    ("toy", 1, None),
+    ("sql", 0, '[data-testid="stDataFrame"]'),
+    ("compare", 4, None),
 ]
+TITLES = {"overview": "Overview", "load": "Load balance", "aux_loss": "Aux loss", "capacity": "Capacity",
+          "specialization": "Specialization", "tokens": "Tokens", "bounds": "Bound explorer", "toy": "Toy MoE",
+          "sql": "SQL console", "compare": "Compare"}
+# pages whose analysis module may not be installed: then an info box is what they must show
+OPTIONAL = {"bounds": "moeviz.bounds", "toy": "moeviz.toy"}
 
 
 def _free_port() -> int:
@@ -115,37 +120,70 @@ def _settle(page, timeout_ms: int = 60_000) -> None:
         " || !document.querySelector('[data-testid=\"stStatusWidget\"]').innerText.includes('Running')",
         timeout=timeout_ms,
     )
+    # elements of the previous run are drawn faded ("stale") until the new run replaces them
+    page.wait_for_function("() => !document.querySelector('[data-stale=\"true\"]')", timeout=timeout_ms)
+
+
+def _visit(page, server: str, name: str, min_charts: int, selector: str | None, first_page: bool) -> float:
+    """Open a page and wait for its content; returns seconds until its charts (or the selector) are there.
+
+    The first page is loaded by URL (a cold start: Streamlit's and Plotly's JavaScript load too); the others by
+    clicking the sidebar navigation, as a user does, so the time is the page's own (script run + charts)."""
+    t0 = time.perf_counter()
+    if first_page:
+        page.goto(f"{server}/{name}?run=main", wait_until="domcontentloaded")
+    else:
+        page.locator(f'[data-testid="stSidebarNav"] a[href$="/{name}"]').click()
+        page.wait_for_url(f"**/{name}*", timeout=30_000)
+    page.locator("h1", has_text=TITLES[name]).first.wait_for(timeout=90_000)
+    _settle(page)
+    if min_charts:
+        page.wait_for_function("n => document.querySelectorAll('.js-plotly-plot .main-svg').length >= n",
+                               arg=min_charts, timeout=90_000)
+    if selector:
+        page.wait_for_selector(selector, timeout=90_000)
+    elapsed = time.perf_counter() - t0
+    _settle(page)
+    return elapsed
+
+
+def _screenshot(page, path: Path, width: int) -> None:
+    """A screenshot of the whole page: Streamlit scrolls inside its main block, so grow the viewport to fit it."""
+    height = page.evaluate("() => { const m = document.querySelector('[data-testid=\"stMain\"]');"
+                           " return m ? m.scrollHeight : document.body.scrollHeight; }")
+    page.set_viewport_size({"width": width, "height": max(900, min(int(height) + 40, 9000))})
+    page.wait_for_function("() => document.readyState === 'complete'")
+    page.screenshot(path=str(path), full_page=True)
+    page.set_viewport_size({"width": width, "height": 1000})
 
 
 def test_every_page_renders_in_chromium(server, browser):
+    import importlib.util
+
     SHOTS.mkdir(parents=True, exist_ok=True)
     ctx = browser.new_context(viewport={"width": 1500, "height": 1000})
     page = ctx.new_page()
     timings: dict[str, float | None] = {}
     failures = []
-    for path, name, min_charts, selector in PAGES:
-        t0 = time.perf_counter()
-        page.goto(f"{server}/{path}?run=main", wait_until="domcontentloaded")
-        first = None
-        if min_charts:
-            page.wait_for_selector('[data-testid="stPlotlyChart"] .js-plotly-plot', timeout=90_000)
-            first = time.perf_counter() - t0
-            page.wait_for_function("n => document.querySelectorAll('.js-plotly-plot .main-svg').length >= n",
-                                   arg=min_charts, timeout=90_000)
-        if selector:
-            page.wait_for_selector(selector, timeout=90_000)
-            first = first or time.perf_counter() - t0
-        _settle(page)
+    for i, (name, min_charts, selector) in enumerate(PAGES):
+        if name in OPTIONAL and importlib.util.find_spec(OPTIONAL[name]) is None:
+            min_charts, selector = 0, '[data-testid="stAlert"]'
+        try:
+            first = _visit(page, server, name, min_charts, selector, first_page=i == 0)
+        except Exception as e:  # noqa: BLE001 - record the page and go on, so every page gets its screenshot
+            failures.append((name, f"{type(e).__name__}: {str(e).splitlines()[0]}"))
+            first = None
         timings[name] = round(first, 3) if first is not None else None
         n_charts = page.locator(".js-plotly-plot").count()
         errors = page.locator('[data-testid="stException"]').all_inner_texts()
-        page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
+        _screenshot(page, SHOTS / f"{name}.png", 1500)
         if errors or n_charts < min_charts:
             failures.append((name, n_charts, errors[:1]))
-    (SHOTS / "timings.json").write_text(json.dumps({"time_to_first_chart_s": timings}, indent=2) + "\n")
+    (SHOTS / "timings.json").write_text(json.dumps({"time_to_charts_s": timings, "note": "first page by URL (cold), "
+                                         "the others by clicking the sidebar navigation"}, indent=2) + "\n")
     ctx.close()
-    assert not failures, failures
     print("time to first chart (s):", timings)
+    assert not failures, failures
 
 
 def test_sql_console_in_the_browser(server, browser):

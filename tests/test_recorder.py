@@ -447,3 +447,36 @@ def test_no_sync_on_cuda_under_sync_debug_mode(tmp_path):
                 model(input_ids=ids, attention_mask=mask)
             rec.step(step)
     assert read(tmp_path / "run", "SELECT sum(tokens) AS n FROM layer_stats").n[0] == 3 * 16 * 2
+
+
+def test_switch_encoder_decoder_streams_and_capacity_drops(tmp_path):
+    """Switch Transformers: encoder routers see input_ids (masked), decoder routers the labels' length; drops
+    equal a recount of the capacity rule (top-1, at most expert_capacity tokens per expert and sequence)."""
+    model, config = tiny_model("switch_transformers")
+    gen = torch.Generator().manual_seed(4)
+    ids, mask = padded_batch(gen, 3, 10, [10, 6, 9])
+    labels = torch.randint(2, 100, (3, 5), generator=gen)
+    with Recorder(model, tmp_path / "run") as rec:
+        with torch.no_grad():
+            out = model(input_ids=ids, attention_mask=mask, labels=labels, output_router_logits=True)
+        rec.step(0)
+    ls = read(tmp_path / "run", "SELECT layer, tokens, dropped FROM layer_stats ORDER BY layer")
+    layers = read(tmp_path / "run", "SELECT layer, stack FROM layers ORDER BY layer")
+    assert layers["stack"].tolist() == ["encoder", "encoder", "decoder", "decoder"]
+    cap = config.expert_capacity
+    refs = [(lg, mask) for lg in out.encoder_router_logits] + [(lg, torch.ones(3, 5)) for lg in out.decoder_router_logits]
+    total_dropped = 0
+    for layer, (lg, m) in enumerate(refs):
+        lg = (lg[0] if isinstance(lg, tuple) else lg).float().numpy()  # [B, S, E]
+        expert = lg.argmax(-1)  # [B, S]
+        dropped = 0
+        for b in range(lg.shape[0]):
+            real = expert[b][m[b].numpy().astype(bool)]  # right padding: real tokens come first in priority
+            counts = np.bincount(real, minlength=lg.shape[-1])
+            dropped += int(np.clip(counts - cap, 0, None).sum())
+        row = ls[ls.layer == layer].iloc[0]
+        assert (row.tokens, row.dropped) == (int(m.sum()), dropped)
+        total_dropped += dropped
+    assert total_dropped > 0  # the capacity is small on purpose: the test exercises drops
+    st = read(tmp_path / "run", "SELECT layer, sum(dropped) AS d FROM step_stats GROUP BY layer ORDER BY layer")
+    assert st.d.tolist() == ls.dropped.tolist()

@@ -403,11 +403,12 @@ def test_extract_never_syncs_under_dispatch_guard(family):
 def test_linear_gate_and_custom_adapter_never_sync():
     model, _ = tiny_linear_gate_moe()
     toy = nn.Sequential(ToyMoE(), ToyMoE())
+    toy_sites = find_routers(toy, predicate=lambda n, m: isinstance(m, ToyMoE), adapter=ToyAdapter())
     guard = SyncGuard()
     with guard:
         for m, sites, x in (
             (model, find_routers(model), torch.randint(0, 64, (2, 7))),
-            (toy, find_routers(toy, predicate=lambda n, m: isinstance(m, ToyMoE), adapter=ToyAdapter()), torch.randn(2, 7, 8)),
+            (toy, toy_sites, torch.randn(2, 7, 8)),
         ):
             captured, handles = hooked(sites, wrap=guard.call)
             try:

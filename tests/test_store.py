@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import socket
 import subprocess
 import sys
@@ -412,6 +411,9 @@ def test_compaction_refuses_a_live_writer(tmp_path):
     w, _ = write_run(tmp_path / "r", close=False)
     with pytest.raises(StoreError, match=rf"still being written.*pid {os.getpid()}"):
         compact(tmp_path / "r")
+    write_run(tmp_path / "done", compact_on_close=False)
+    result = {r["run_id"]: r for r in compact(tmp_path)["runs"]}  # a folder: compact what can be, skip the live
+    assert result["done"]["segments_folded"] == 11 and "still being written" in result["r"]["skipped"]
     w.close()
     assert compact(tmp_path / "r")["runs"][0]["segments_folded"] == 0  # close already compacted it
 

@@ -79,7 +79,7 @@ def _expected():
 def test_a_second_process_sees_the_run_grow_while_it_is_written(tmp_path):
     run_dir = tmp_path / "live"
     flushes = 8
-    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(run_dir), "0", "1", str(flushes), "0.5"],
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(run_dir), "0", "1", str(flushes), "0.8"],
                               stdout=subprocess.PIPE, text=True, env=_env())
     try:
         assert writer.stdout.readline().strip() == "started"

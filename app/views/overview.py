@@ -10,21 +10,20 @@ from app.components import guarded, run_page, show_chart, show_table
 from app.state import Ctx
 from moeviz import charts
 
-STATUS_ICON = {"running": "🟢", "finished": "✅", "failed": "❌", "interrupted": "⚠️"}
-
-
 def _header(ctx: Ctx) -> None:
     run = ctx.run
     status = str(run.get("status"))
     st.subheader(f"{run.get('run_name') or ctx.run_id} · {run.get('model_class')}")
-    cols = st.columns(7)
-    cols[0].metric("Status", f"{STATUS_ICON.get(status, '')} {status}")
-    cols[1].metric("MoE layers", int(run.get("n_layers") or 0))
-    cols[2].metric("Experts", ctx.n_experts)
-    cols[3].metric("Top-k", ctx.top_k)
-    cols[4].metric("Steps recorded", f"{int(run.get('steps') or 0):,}")
-    cols[5].metric("Tokens", f"{int(run.get('tokens') or 0):,}")
-    cols[6].metric("Tokens with detail", f"{int(run.get('routed_tokens') or 0):,}")
+    top = st.columns(4)
+    top[0].metric("Status", status)
+    top[1].metric("MoE layers", int(run.get("n_layers") or 0))
+    top[2].metric("Experts", ctx.n_experts)
+    top[3].metric("Top-k", ctx.top_k)
+    low = st.columns(4)
+    low[0].metric("Steps recorded", f"{int(run.get('steps') or 0):,}")
+    low[1].metric("Tokens", f"{int(run.get('tokens') or 0):,}")
+    low[2].metric("Tokens with detail", f"{int(run.get('routed_tokens') or 0):,}")
+    low[3].metric("Sequences", f"{int(run.get('sequences') or 0):,}")
     if status == "failed" and run.get("error"):
         st.error(f"The run failed: {run['error']}")
     elif status == "interrupted":
@@ -61,7 +60,7 @@ def _health(ctx: Ctx) -> None:
         return
     n_err = int((bad["severity"] == "error").sum()) if "severity" in bad.columns else 0
     st.markdown(f"**{n_err} errors, {len(bad) - n_err} warnings** (worst first)")
-    for _, row in bad.head(5).iterrows():
+    for _, row in bad.head(3).iterrows():
         (st.error if row.get("severity") == "error" else st.warning)(str(row.get("message")))
     with st.expander(f"All {len(health)} findings"):
         show_table(health, "health")

@@ -1,15 +1,129 @@
-"""Specialization: which experts take which domains, tokens and positions, and how routes flow between layers."""
+"""Specialization: which experts take which domains, tokens and positions, which fire together, whether
+neighbouring tokens share experts, how tokens flow between layers, and how settled the router is."""
 
 from __future__ import annotations
 
 import streamlit as st
 
-from app.components import run_page
+from app.components import guarded, run_page, show_chart, show_table
 from app.state import Ctx
+from moeviz import charts
+from moeviz.errors import MoevizError
+
+
+def _layer_picker(ctx: Ctx, label: str, key: str, index: int = 0) -> int:
+    layers = list(ctx.chosen_layers) or [0]
+    return int(st.selectbox(label, layers, index=min(index, len(layers) - 1), key=key))
+
+
+def _domains(ctx: Ctx, layer: int) -> None:
+    if not ctx.domains:
+        st.info("This run's sequences carry no domain labels (give `domain=` to the Recorder).")
+        return
+    share = ctx.q("moeviz.specialization.domain_share", ctx.sel)
+    show_chart(charts.domain_heatmap(share, layer=layer), share, "domain-share",
+               caption="Red: the expert takes more of the domain's tokens than balanced routing would (k/E); "
+               "blue: less.")
+
+
+def _tokens(ctx: Ctx, layer: int) -> None:
+    c1, c2, c3 = st.columns(3)
+    expert = int(c1.selectbox("Expert", list(range(ctx.n_experts)), key="spec_expert"))
+    by = c2.radio("Rank tokens by", ["count", "lift"], horizontal=True, key="spec_by")
+    min_count = int(c3.number_input("Min. occurrences (lift)", 1, 1000, 5, key="spec_min_count"))
+    top = ctx.q("moeviz.specialization.top_tokens", ctx.sel, n=15, min_count=min_count)
+    show_chart(charts.top_tokens_bars(top, layer=layer, expert=expert, by=by), top, "top-tokens")
+
+
+def _vocab_and_position(ctx: Ctx, layer: int) -> None:
+    left, right = st.columns(2)
+    with left, guarded("Vocabulary specialization"):
+        summary = ctx.q("moeviz.specialization.vocab_specialization_summary", ctx.sel, min_count=3)
+        uniform = float(summary["uniform"].iloc[0]) if len(summary) else None
+        show_chart(charts.per_layer_bars(summary, y="specialization", title="Vocabulary specialization per layer",
+                                         y_title="share of a token's occurrences sent to its favourite expert",
+                                         reference=("independent of the token", uniform),
+                                         hover=("token_ids", "occurrences")), summary, "vocab-specialization")
+    with right, guarded("Position specialization"):
+        pos = ctx.q("moeviz.specialization.position_share", ctx.sel)
+        show_chart(charts.position_heatmap(pos, layer=layer), pos, "position-share")
+
+
+def _coactivation_and_agreement(ctx: Ctx, layer: int) -> None:
+    left, right = st.columns(2)
+    with left, guarded("Co-activation"):
+        if ctx.top_k < 2:
+            st.info("Co-activation needs top-k ≥ 2: with k = 1 no two experts serve the same token.")
+        else:
+            co = ctx.q("moeviz.specialization.coactivation", ctx.sel)
+            show_chart(charts.coactivation_heatmap(co, layer=layer), co, "coactivation")
+    with right, guarded("Consecutive tokens"):
+        agree = ctx.q("moeviz.specialization.consecutive_agreement", ctx.sel)
+        show_chart(charts.consecutive_agreement_bars(agree), agree, "consecutive-agreement")
+
+
+def _flow(ctx: Ctx) -> None:
+    layers = list(ctx.layers)
+    if len(layers) < 2:
+        st.info("Token flow needs two MoE layers; this run has one.")
+        return
+    c1, c2 = st.columns(2)
+    a = int(c1.selectbox("From layer", layers, index=0, key="flow_a"))
+    b = int(c2.selectbox("To layer", layers, index=1, key="flow_b"))
+    flow = ctx.q("moeviz.specialization.layer_flow", ctx.sel, a, b)
+    show_chart(charts.layer_flow_sankey(flow, a, b), flow, "layer-flow")
+
+
+def _saturation(ctx: Ctx) -> None:
+    steps = list(ctx.steps)
+    if len(steps) < 2:
+        st.info("Router saturation compares two steps; this run has one.")
+        return
+    c1, c2 = st.columns(2)
+    a = int(c1.selectbox("Step", steps, index=0, key="sat_a"))
+    b = int(c2.selectbox("Against step", steps, index=len(steps) - 1, key="sat_b"))
+    tags = ctx.q("moeviz.queries.tag_list", ctx.run_id)
+    sel = ctx.sel.with_(steps=None, tags=("probe",) if "probe" in tags else None)
+    try:
+        sat = ctx.q("moeviz.specialization.router_saturation", sel, a, b)
+    except MoevizError as e:
+        st.info(f"Router saturation compares the same tokens at two steps: {e}")
+        return
+    show_chart(charts.per_layer_bars(sat, y="saturation", title=f"Router saturation: step {a} against step {b}",
+                                     y_title="mean |top-k(a) ∩ top-k(b)| / k", reference=("identical routing", 1.0),
+                                     hover=("tokens", "top1_agreement")), sat, "router-saturation")
+
+
+def _mutual_information(ctx: Ctx) -> None:
+    mi = ctx.q("moeviz.specialization.mutual_information", ctx.sel)
+    first = mi[mi["slots"] == "first"] if "slots" in mi.columns else mi
+    show_chart(charts.per_layer_bars(first, y="nmi", color="variable", title="Normalised mutual information with the first-choice expert",
+                                     y_title="NMI (0 = independent, 1 = determined)", hover=("mi", "n")), mi, "mutual-information")
 
 
 def render(ctx: Ctx) -> None:
-    st.info("Specialization needs moeviz.specialization.")
+    if int(ctx.run.get("routed_tokens") or 0) == 0:
+        st.info("This run kept no per-token detail, which every specialization view reads.")
+        return
+    layer = _layer_picker(ctx, "Layer for the per-layer maps", "spec_layer")
+    st.subheader("Domains")
+    with guarded("Domain specialization"):
+        _domains(ctx, layer)
+    st.subheader("Tokens")
+    with guarded("Top tokens"):
+        _tokens(ctx, layer)
+    _vocab_and_position(ctx, layer)
+    st.subheader("Experts together and in sequence")
+    _coactivation_and_agreement(ctx, layer)
+    st.subheader("Flow between layers")
+    with guarded("Token flow"):
+        _flow(ctx)
+    st.subheader("Router saturation and mutual information")
+    left, right = st.columns(2)
+    with left, guarded("Router saturation"):
+        _saturation(ctx)
+    with right, guarded("Mutual information"):
+        _mutual_information(ctx)
 
 
 if __name__ == "__main__":

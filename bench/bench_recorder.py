@@ -1,0 +1,108 @@
+"""Recorder overhead: training-step time of a real HF MoE with and without full per-token recording.
+
+The model is a transformers `MixtralForCausalLM` (hidden 512, 8 experts, top-2) built from a config, trained
+with AdamW on random tokens. Baseline and recorded blocks alternate (A B A B ...) so that drift in this noisy
+machine's speed hits both alike; the figure is the ratio of median step times, measured in one run.
+Recording is the default policy: every token of every step, per-token routes plus exact aggregates, a flush
+(one device-to-host copy, writer thread) every 10 steps. Start-up and the final close/compaction are timed
+separately, since they happen once per run, not per step.
+
+    python bench/bench_recorder.py                       # CPU, the README figure
+    python bench/bench_recorder.py --device cuda         # on a GPU machine
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+
+def build_model(args):
+    import torch
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(0)
+    config = MixtralConfig(
+        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.hidden * 2,
+        num_hidden_layers=args.layers, num_attention_heads=8, num_key_value_heads=8,
+        num_local_experts=args.experts, num_experts_per_tok=args.top_k, max_position_embeddings=args.seq_len,
+        output_router_logits=False,
+    )
+    return MixtralForCausalLM(config).to(args.device).train()
+
+
+def timed_steps(model, opt, batches, rec=None, start_step=0) -> list[float]:
+    """Seconds per training step (forward, backward, optimizer, and rec.step when recording)."""
+    import torch
+
+    times = []
+    for i, ids in enumerate(batches):
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = model(input_ids=ids, labels=ids)
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if rec is not None:
+            rec.step(start_step + i, token_ids=ids)
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def main(args) -> None:
+    import torch
+
+    from collectors import Recorder
+
+    model = build_model(args)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    gen = torch.Generator().manual_seed(0)
+
+    def batches(n):
+        return [torch.randint(0, args.vocab, (args.batch, args.seq_len), generator=gen).to(args.device) for _ in range(n)]
+
+    timed_steps(model, opt, batches(args.warmup))  # warm-up: allocator, kernels
+    base, rec_times, setup, close = [], [], [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(args.repeats):
+            base += timed_steps(model, opt, batches(args.block))
+            t0 = time.perf_counter()
+            rec = Recorder(model, Path(tmp) / f"run{r}", run_name=f"bench{r}", flush_every=10).start()
+            setup.append(time.perf_counter() - t0)
+            rec_times += timed_steps(model, opt, batches(args.block), rec=rec, start_step=r * args.block)
+            t0 = time.perf_counter()
+            rec.close()
+            close.append(time.perf_counter() - t0)
+    tokens = args.batch * args.seq_len
+    routes = tokens * args.layers * args.top_k
+    b, rc = statistics.median(base), statistics.median(rec_times)
+    print(f"| device | hidden | layers | E/k | tokens/step | routes/step | step (no rec) | step (rec) | overhead | start | close |")
+    print(f"|---|---|---|---|---|---|---|---|---|---|---|")
+    print(
+        f"| {args.device} ({torch.get_num_threads()} threads) | {args.hidden} | {args.layers} | {args.experts}/{args.top_k} "
+        f"| {tokens} | {routes} | {b * 1e3:.1f} ms | {rc * 1e3:.1f} ms | {100 * (rc / b - 1):+.1f}% "
+        f"| {statistics.median(setup) * 1e3:.0f} ms | {statistics.median(close) * 1e3:.0f} ms |"
+    )
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--hidden", type=int, default=512)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--experts", type=int, default=8)
+    p.add_argument("--top-k", type=int, default=2)
+    p.add_argument("--vocab", type=int, default=8000)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--block", type=int, default=10)
+    p.add_argument("--repeats", type=int, default=4)
+    args = p.parse_args()
+    main(args)
