@@ -3,8 +3,9 @@
 Everything here runs on the router's device with fixed output sizes, so that it never waits for the GPU:
 no `.item()`, no `.tolist()`, no boolean indexing, no `nonzero`, no `bincount` without a size. Counts use
 `scatter_add_` into zero tensors of known size; masked sums use `torch.where` (a padded token's logits may be
-anything, NaN included, and must not leak into a sum). Results are packed into float64 vectors so that a whole
-flush leaves the device in one copy; float64 holds every count below 2**53 exactly.
+anything, NaN included, and must not leak into a sum). Aggregates are packed into float64 vectors (float64
+holds every count below 2**53 exactly), routes into int32 / float32 matrices; the Recorder copies a whole flush
+off the device as one byte buffer.
 """
 
 from __future__ import annotations
@@ -83,13 +84,13 @@ def kept_token_slots(mask: Tensor, max_tokens: int | None) -> tuple[Tensor, Tens
 
 def packed_routes(
     sel: Tensor, valid: Tensor, seq: Tensor, pos: Tensor, token_id: Tensor, index: Tensor, weights: Tensor
-) -> Tensor:
-    """Per-token detail of one layer for the kept tokens, packed as float64 [M, 4 + 2k].
+) -> tuple[Tensor, Tensor]:
+    """Per-token detail of one layer for the kept tokens: (ints int32 [M, 4 + k], weights float32 [M, k]).
 
-    Columns: valid, seq, pos, token_id, expert[k], weight[k]. sel/valid come from `kept_token_slots`;
-    seq/pos/token_id [N] describe the token stream; index/weights [N, k] are the layer's routing.
+    Int columns: valid, seq, pos, token_id, expert[k]. sel/valid come from `kept_token_slots`; seq/pos/token_id
+    [N] describe the token stream; index/weights [N, k] are the layer's routing. 32-bit columns halve what a
+    flush copies compared with float64 (routes are most of a flush).
     """
     cols = torch.stack([valid.to(torch.int64), seq[sel], pos[sel], token_id[sel]], dim=1)  # [M, 4]
-    return torch.cat(
-        [cols.to(torch.float64), index[sel].to(torch.float64), weights[sel].to(torch.float64)], dim=1
-    )  # [M, 4 + 2k]
+    ints = torch.cat([cols, index[sel].to(torch.int64)], dim=1).to(torch.int32)  # [M, 4 + k]
+    return ints, weights[sel].to(torch.float32)  # [M, 4 + k], [M, k]

@@ -13,8 +13,8 @@ How it stays out of the way of training:
   gradient accumulation (several forwards per step) and padding are handled without the user passing them.
 - At `step()` the exact aggregates (counts, router-probability sums, z-loss and entropy sums) and the kept
   per-token detail are computed on the device with fixed-size ops (`collectors.aggregates`).
-- Every `flush_every` steps the buffered results are concatenated into one float64 tensor and copied to the
-  host once: the only CPU-GPU sync point. A background thread turns the arrays into rows and writes them with
+- Every `flush_every` steps the buffered results are concatenated into one byte tensor and copied to the host
+  once: the only CPU-GPU sync point. A background thread turns the arrays into rows and writes them with
   `moeviz.store.RunWriter`, behind a bounded queue, so that slow disks slow training down instead of filling
   memory.
 - Hooks are removed in `finally`, whatever happened; the run is closed as finished, or failed with the
@@ -44,7 +44,6 @@ from collectors.aggregates import (
     LAYER_SCALARS,
     kept_token_slots,
     layer_aggregates,
-    packed_aggregate_size,
     packed_routes,
 )
 from moeviz.errors import MoevizError
@@ -182,10 +181,20 @@ def _concat_captured(segments: Sequence[_Segment]) -> tuple[Tensor | None, Tenso
 
 @dataclass
 class _Piece:
-    kind: str  # 'agg' (layer aggregates), 'routes' (per-token detail), 'seqs' (tokens per sequence)
+    kind: str  # 'agg' (layer aggregates), 'route_ints' / 'route_weights' (per-token detail), 'seqs'
     layer: int | None  # MoE layer index (site.layer); None for 'seqs'
-    shape: tuple[int, ...]  # shape of the packed float64 tensor
+    shape: tuple[int, ...]  # shape of the packed tensor
+    dtype: str  # its numpy dtype name: the host reads the flush's bytes back with it
     tensor: Tensor | None = None  # dropped before the layout goes to the writer thread
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape)) * np.dtype(self.dtype).itemsize
+
+
+def _piece(kind: str, layer: int | None, tensor: Tensor) -> _Piece:
+    dtype = str(tensor.dtype).removeprefix("torch.")
+    return _Piece(kind, layer, tuple(tensor.shape), dtype, tensor)
 
 
 @dataclass
@@ -206,10 +215,10 @@ def _tables_from_host(host: np.ndarray, records: list[_StepRecord], rank: int, l
 
     off = 0
     for rec in records:
+        route_ints = None
         for pc in rec.pieces:
-            size = int(np.prod(pc.shape))
-            arr = host[off : off + size].reshape(pc.shape)
-            off += size
+            arr = host[off : off + pc.nbytes].view(pc.dtype).reshape(pc.shape)
+            off += pc.nbytes
             if pc.kind == "agg":
                 n_exp = layer_experts[pc.layer]
                 tokens, z, ent, dropped = arr[: len(LAYER_SCALARS)]
@@ -219,14 +228,16 @@ def _tables_from_host(host: np.ndarray, records: list[_StepRecord], rank: int, l
                 add("step_stats", step=np.full(n_exp, rec.step), layer=np.full(n_exp, pc.layer),
                     expert=np.arange(n_exp), tokens=np.full(n_exp, tokens), assigned=vec[0], first_choice=vec[1],
                     prob_sum=vec[2], dropped=vec[3])
-            elif pc.kind == "routes":
-                k = (pc.shape[1] - 4) // 2
-                rows = arr[arr[:, 0] > 0]  # [M_valid, 4 + 2k]
+            elif pc.kind == "route_ints":
+                route_ints = arr  # [M, 4 + k]; its weights come next
+            elif pc.kind == "route_weights":
+                k = pc.shape[1]
+                keep = route_ints[:, 0] > 0
+                rows, w = route_ints[keep], arr[keep]  # [M_valid, 4 + k], [M_valid, k]
                 m = rows.shape[0]
                 add("routes", step=np.full(m * k, rec.step), seq=np.repeat(rows[:, 1], k),
                     pos=np.repeat(rows[:, 2], k), token_id=np.repeat(rows[:, 3], k), layer=np.full(m * k, pc.layer),
-                    slot=np.tile(np.arange(k), m), expert=rows[:, 4 : 4 + k].reshape(-1),
-                    weight=rows[:, 4 + k :].reshape(-1))
+                    slot=np.tile(np.arange(k), m), expert=rows[:, 4:].reshape(-1), weight=w.reshape(-1))
             elif pc.kind == "seqs":
                 n = pc.shape[0]
                 add("sequences", step=np.full(n, rec.step), seq=np.arange(n),
@@ -520,13 +531,13 @@ class Recorder:
             else:
                 mask = torch.ones(logits.shape[0], dtype=torch.bool, device=dev)
             agg = layer_aggregates(logits, index, dropped, mask)
-            record.pieces.append(_Piece("agg", site.layer, tuple(agg.shape), agg))
+            record.pieces.append(_piece("agg", site.layer, agg))
             if sampled and stream is not None and self.max_tokens_per_step != 0:
                 sel, valid = stream.kept(dev, self.max_tokens_per_step)
-                routes = packed_routes(sel, valid, seq, pos, tid, index, weights)
-                record.pieces.append(_Piece("routes", site.layer, tuple(routes.shape), routes))
+                ints, w = packed_routes(sel, valid, seq, pos, tid, index, weights)
+                record.pieces += [_piece("route_ints", site.layer, ints), _piece("route_weights", site.layer, w)]
         if main is not None:
-            record.pieces.append(_Piece("seqs", None, (n_seqs,), main.n_per_seq.to(torch.float64)))
+            record.pieces.append(_piece("seqs", None, main.n_per_seq.to(torch.int64)))
         return record
 
     def _main_stream(self, segments, token_ids, attention_mask, device) -> _Stream | None:
@@ -586,7 +597,9 @@ class Recorder:
         if not pieces:
             return
         device = pieces[0].tensor.device
-        flat = torch.cat([pc.tensor.reshape(-1).to(device, non_blocking=True) for pc in pieces])  # [total]
+        flat = torch.cat(
+            [pc.tensor.contiguous().reshape(-1).view(torch.uint8).to(device, non_blocking=True) for pc in pieces]
+        )  # [total bytes]
         host = flat.cpu().numpy()  # note: the one CPU-GPU sync point per flush
         for pc in pieces:
             pc.tensor = None  # the layout travels to the writer thread, the device memory is freed here

@@ -108,7 +108,8 @@ def _stable_order(docs: list[Document]) -> list[Document]:
 
 
 def code_documents() -> list[Document]:
-    """Python standard-library modules of this interpreter (tests, site-packages and pydoc_data left out)."""
+    """Python standard-library modules of this interpreter (tests, site-packages and pydoc_data left out), the
+    first 40 kB of each, cut into ~8 kB pieces at blank lines."""
     root = Path(sysconfig.get_paths()["stdlib"])
     skip = {"test", "tests", "idle_test", "site-packages", "pydoc_data", "__pycache__", "encodings"}
     docs = []
@@ -120,7 +121,8 @@ def code_documents() -> list[Document]:
             text = path.read_text(encoding="utf-8")
         except (UnicodeDecodeError, OSError):
             continue
-        docs.append(Document("code", f"stdlib/{rel.as_posix()}", text[:40_000]))
+        for i, piece in enumerate(chunks(text[:40_000], 8_000)):  # pieces, so that the split is fine-grained
+            docs.append(Document("code", f"stdlib/{rel.as_posix()}#{i}", piece))
     if not docs:
         raise CorpusError(f"found no Python sources under the standard library folder {root}")
     return docs

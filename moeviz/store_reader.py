@@ -280,7 +280,7 @@ def store_info(path) -> dict:
         for t in sg.SEGMENT_TABLES:
             live = [p for p in run.segments[t] if sg.relative_name(run_dir, p) not in comp["folded"]]
             tables[t] = {"segments": len(live), "segment_rows": sum(_parquet_rows(p) for p in live),
-                         "segment_bytes": sum(p.stat().st_size for p in live),
+                         "segment_bytes": sum(_file_size(p) for p in live),
                          "compacted_rows": comp["rows"].get(t, 0)}
         r = tables["routes"]
         routes = r["segment_rows"] + r["compacted_rows"]
@@ -295,6 +295,14 @@ def store_info(path) -> dict:
             "bytes_per_route": ((r["segment_bytes"] + comp["bytes"]) / routes) if routes else None,
         })
     return out
+
+
+def _file_size(p: Path) -> int:
+    """Size of a file, 0 if a concurrent compaction deleted it since it was listed."""
+    try:
+        return p.stat().st_size
+    except OSError:
+        return 0
 
 
 def _parquet_rows(p: Path) -> int:

@@ -162,8 +162,8 @@ def test_loss_decreases_on_a_tiny_batch():
         opt.zero_grad()
         loss.backward()
         opt.step()
-        first = float(loss) if first is None else first
-    assert float(loss) < 0.5 * first
+        first = float(loss.detach()) if first is None else first
+    assert float(loss.detach()) < 0.5 * first
 
 
 def test_recorder_finds_the_routers_by_class_and_adapter_reports_drops():
