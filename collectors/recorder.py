@@ -314,6 +314,11 @@ class Recorder:
       cover every token. flush_every: steps between two device-to-host copies. rank/world_size: default from
       torch.distributed when initialised. domain: default domain label of every sequence. config: a dict
       stored as the run's config (default `model.config.to_dict()`).
+
+    Memory: until step(), the router outputs of the step's forwards stay on the device (per layer: tokens x
+    (experts + 2k) values, small next to the activations); pending flushes hold only the aggregates and the
+    kept routes ((4 + 2k) x 4 bytes per kept token and layer): set max_tokens_per_step on large runs.
+    Use `paused()` or `discard()` for forwards that belong to no step (evaluation inside training).
     """
 
     def __init__(
@@ -402,6 +407,8 @@ class Recorder:
             )
         self.sites = sites
         self._calls = [[] for _ in sites]
+        stacks = {s.stack for s in sites}
+        self._is_encoder_decoder |= {"encoder", "decoder"} <= stacks  # also when a wrapper hides the config
         writer = RunWriter(
             self.path, run_id=self.run_id, run_name=self.run_name, rank=self.rank, world_size=self.world_size
         )
@@ -441,10 +448,7 @@ class Recorder:
     # -- hooks -------------------------------------------------------------------------------------------------
 
     def _attach_hooks(self) -> None:
-        try:
-            self._forward_params = list(inspect.signature(self.model.forward).parameters)
-        except (TypeError, ValueError):
-            self._forward_params = []
+        self._forward_params = _positional_params(self.model.forward)
         self._handles.append(self.model.register_forward_pre_hook(self._on_model_call, with_kwargs=True))
         for i, site in enumerate(self.sites):
             self._handles.append(site.module.register_forward_hook(functools.partial(self._on_router, i)))
@@ -460,6 +464,8 @@ class Recorder:
             return
         bound = dict(zip(self._forward_params, args))
         bound.update(kwargs)
+        if bound.get("input_ids") is None and bound.get("inputs_embeds") is None and args:
+            bound["input_ids"] = args[0]  # wrappers (DDP: forward(*inputs, **kwargs)) hide the names
         main = _segment(bound.get("input_ids"), bound.get("attention_mask"), bound.get("inputs_embeds"))
         dec = None
         if self._is_encoder_decoder:
@@ -560,13 +566,13 @@ class Recorder:
 
     def _stream_for(self, site, n_tokens: int, main: _Stream | None, dec: _Stream | None) -> _Stream | None:
         """The token stream whose layout matches what this router saw, or None (warned once per layer)."""
-        if dec is not None and site.stack == "decoder" and dec.n == n_tokens:
-            return dec
+        if self._is_encoder_decoder and site.stack == "decoder":  # never align decoder tokens to encoder inputs
+            main = dec
         if main is not None and main.n == n_tokens:
             return main
         if site.layer not in self._warned_layers:
             self._warned_layers.add(site.layer)
-            known = ", ".join(f"{s.n}" for s in (main, dec) if s is not None) or "none captured"
+            known = f"{main.n}" if main is not None else "none captured"
             warnings.warn(
                 f"moeviz: router {site.name} saw {n_tokens} tokens in a step, which matches no input batch "
                 f"(tokens per step: {known}); its aggregates count every token it saw (no mask) and no per-token "
@@ -703,6 +709,20 @@ def _concat_calls(calls: list) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
             [c[3] if c[3] is not None else torch.zeros(c[1].shape, dtype=torch.bool, device=c[1].device) for c in calls]
         )  # [N, k]
     return logits, index, weights, dropped
+
+
+def _positional_params(forward: Callable) -> list[str]:
+    """Names of the parameters that positional arguments of `forward` bind to (stops at *args)."""
+    try:
+        params = inspect.signature(forward).parameters.values()
+    except (TypeError, ValueError):
+        return []
+    names = []
+    for p in params:
+        if p.kind not in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
+            break
+        names.append(p.name)
+    return names
 
 
 def _distributed_rank_and_size() -> tuple[int, int]:

@@ -59,11 +59,27 @@ def _check_factor(cf: float) -> float:
     return cf
 
 
-def _needs_ranking(sel: Selection, group: str, by: tuple[str, ...], with_weight: bool) -> bool:
-    """Whether the answer depends on which assignments are dropped, not only on how many per expert."""
-    group_level = {"layer", "expert", "step", "rank"} | ({"seq", "domain", "tag"} if group == "sequence" else set())
+def _granularity(sel: Selection, group: str, policy: str, by: tuple[str, ...], with_weight: bool) -> str:
+    """The coarsest unit of assignments whose drops follow from counts alone (see the module docstring).
+
+    'expert': one unit per group, layer and expert (drops = max(0, n - C), whatever the policy);
+    'slot':   per expert and slot (position policy: slot 0 claims are served first);
+    'seq':    per expert, slot and sequence (position policy: sequences are served in order; one sequence
+              has one domain and tag, so breakdowns by them need no per-token order);
+    'assignment': every assignment ranked by a window (probability policy, by='pos', with_weight).
+    """
     per_token_filter = sel.needs_sequences and group == "step"
-    return with_weight or per_token_filter or not set(by) <= group_level
+    seq_level = {"seq", "domain", "tag"}
+    group_level = {"layer", "expert", "step", "rank"} | (seq_level if group == "sequence" else set())
+    if with_weight or "pos" in by:
+        return "assignment"
+    if set(by) <= group_level and not per_token_filter:
+        return "expert"
+    if policy == "probability":
+        return "assignment"
+    if per_token_filter or (set(by) & seq_level and group == "step"):
+        return "seq"
+    return "slot"
 
 
 def _shape_sql(sel: Selection) -> tuple[str, list]:
@@ -76,54 +92,63 @@ def _shape_sql(sel: Selection) -> tuple[str, list]:
     )
 
 
-def _cells_sql(sel: Selection, group: str) -> tuple[str, list]:
-    """Assignments per group, layer and expert (n) with the group's tokens (group_tokens), and group labels."""
-    if group == "step" and not sel.needs_sequences:
+_SEQ_JOIN = "LEFT JOIN sequences q ON q.run_id = u.run_id AND q.step = u.step AND q.rank = u.rank AND q.seq = u.seq"
+_NO_LABELS = "CAST(NULL AS VARCHAR) AS domain, CAST(NULL AS VARCHAR) AS tag"
+
+
+def _units_sql(sel: Selection, group: str, policy: str, unit: str, labels: bool) -> tuple[str, list]:
+    """Units of assignments: run_id, step, rank, layer, expert, [slot, seq, pos,] domain, tag, n (assignments),
+    before (assignments of the same expert and group served before the unit), weight (unit 'assignment'),
+    group_tokens. An assignment of the unit is dropped at capacity C when its rank before + i > C, so the unit
+    drops clamp(before + n - C, 0, n). Domain/tag filters are NOT applied here (see `_post_filter`): at
+    group='step' other domains' tokens compete for the same slots."""
+    gkeys = _GROUP_KEYS[group]
+    if unit == "expert" and group == "step":
         where, params = sel.where("s")
-        return (
-            f"""SELECT s.run_id, s.step, s.rank, s.layer, s.expert, s.assigned AS n, s.tokens AS group_tokens
-                FROM step_stats s WHERE {where} AND s.assigned > 0""",  # rows like the routes path's
-            params,
-        )
-    # per-sequence groups (labels are constant in a group, so a domain filter can apply before counting)
-    where, params = sel.where("r", per_token=True, seq_alias="q")
-    return (
-        f"""SELECT *, sum(n_first) OVER (PARTITION BY run_id, step, rank, seq, layer) AS group_tokens
-            FROM (SELECT r.run_id, r.step, r.rank, r.seq, r.layer, r.expert, count(*) AS n,
-                         count(*) FILTER (WHERE r.slot = 0) AS n_first,
-                         any_value(q.domain) AS domain, any_value(q.tag) AS tag
-                  FROM routes r LEFT JOIN sequences q
-                       ON q.run_id = r.run_id AND q.step = r.step AND q.rank = r.rank AND q.seq = r.seq
-                  WHERE {where} GROUP BY r.run_id, r.step, r.rank, r.seq, r.layer, r.expert)""",
-        params,
-    )
+        sql = f"""
+            SELECT s.run_id, s.step, s.rank, s.layer, s.expert, {_NO_LABELS},
+                   s.assigned AS n, 0 AS before, s.tokens AS group_tokens
+            FROM step_stats s WHERE {where} AND s.assigned > 0"""  # expert rows like the routes paths'
+        return sql, params
 
-
-def _ranked_sql(sel: Selection, group: str, policy: str, labels: bool) -> tuple[str, list]:
-    """Every selected assignment with its rank among its expert's assignments in its group (1 = first served)
-    and its group's token count. Domain/tag filters are NOT applied here: other domains' tokens compete for
-    the same slots when groups are steps."""
     pre, params = sel.with_(domains=None, tags=None).where("r")
-    gkeys = ", ".join(_GROUP_KEYS[group])
-    label_cols = "q.domain, q.tag" if labels else "CAST(NULL AS VARCHAR) AS domain, CAST(NULL AS VARCHAR) AS tag"
-    label_join = (
-        "LEFT JOIN sequences q ON q.run_id = r.run_id AND q.step = r.step AND q.rank = r.rank AND q.seq = r.seq"
-        if labels else ""
-    )
+    g = ", ".join(gkeys)
+    label_cols = "q.domain, q.tag" if labels else _NO_LABELS
+    label_join = _SEQ_JOIN if labels else ""
+    if unit == "assignment":
+        order = ", ".join("u." + c.replace(" DESC", "") + (" DESC" if "DESC" in c else "")
+                          for c in _PRIORITY[policy].split(", "))
+        sql = f"""
+            WITH u AS (
+                SELECT r.run_id, r.step, r.rank, r.seq, r.pos, r.layer, r.slot, r.expert, r.weight
+                FROM routes r WHERE {pre}),
+            gt AS (SELECT {g}, count(*) FILTER (WHERE slot = 0) AS group_tokens FROM u GROUP BY {g})
+            SELECT u.*, {label_cols}, 1 AS n, gt.group_tokens,
+                   row_number() OVER (PARTITION BY {', '.join('u.' + c for c in gkeys)}, u.expert ORDER BY {order})
+                       - 1 AS before
+            FROM u JOIN gt ON {' AND '.join(f'gt.{c} = u.{c}' for c in gkeys)} {label_join}"""
+        return sql, params
+
+    # counts per expert[, slot[, seq]]: a window over the (much smaller) counts, not over the routes
+    cols = {"expert": [], "slot": ["slot"], "seq": ["slot", "seq"]}[unit]
+    keys = list(dict.fromkeys(list(gkeys) + ["expert"] + cols))
+    order = ", ".join(c for c in cols if c not in gkeys) or "expert"
     sql = f"""
-        WITH a AS (
-            SELECT r.run_id, r.step, r.rank, r.seq, r.pos, r.layer, r.slot, r.expert, r.weight, {label_cols}
-            FROM routes r {label_join}
-            WHERE {pre}),
-        gt AS (SELECT {gkeys}, count(*) FILTER (WHERE slot = 0) AS group_tokens FROM a GROUP BY {gkeys})
-        SELECT a.*, gt.group_tokens,
-               row_number() OVER (PARTITION BY {', '.join('a.' + c for c in _GROUP_KEYS[group])}, a.expert
-                                  ORDER BY {', '.join('a.' + c for c in _PRIORITY[policy].split(', '))}) AS rnk
-        FROM a JOIN gt USING ({gkeys})"""
+        WITH c AS (
+            SELECT r.run_id, r.step, r.rank, {'r.seq, ' if 'seq' in keys else ''}r.layer, r.expert,
+                   {'r.slot, ' if 'slot' in keys else ''}count(*) AS n,
+                   count(*) FILTER (WHERE r.slot = 0) AS n_first
+            FROM routes r WHERE {pre} GROUP BY ALL),
+        u AS (
+            SELECT *, sum(n_first) OVER (PARTITION BY {g}) AS group_tokens,
+                   coalesce(sum(n) OVER (PARTITION BY {g}, expert ORDER BY {order}
+                                         ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0) AS before
+            FROM c)
+        SELECT u.*, {label_cols} FROM u {label_join}"""
     return sql, params
 
 
-def _needs_labels(sel: Selection, by: tuple[str, ...]) -> bool:
+def _needs_labels(sel: Selection, by: tuple[str, ...], group: str) -> bool:
     return sel.needs_sequences or "domain" in by or "tag" in by
 
 
@@ -132,6 +157,11 @@ def _post_filter(sel: Selection, alias: str) -> tuple[str, list]:
     if not sel.needs_sequences:
         return "TRUE", []
     return Selection(domains=sel.domains, tags=sel.tags).where(alias, per_token=True, seq_alias=alias)
+
+
+def _dropped(cap: str) -> str:
+    """SQL: assignments of a unit beyond capacity `cap`."""
+    return f"greatest(0, least(x.n, x.before + x.n - {cap}))"
 
 
 def capacity_drops(
@@ -162,36 +192,23 @@ def capacity_drops(
     cap_sql = _CAPACITY.format(t="1", k="1", e="1") if capacity is not None else None
     by_cols = "".join(f", {d}" for d in by)
     shape, sparams = _shape_sql(sel)
-
-    if not _needs_ranking(sel, group, by, with_weight):
-        cells, params = _cells_sql(sel, group)
-        cap = cap_sql or _CAPACITY.format(t="c.group_tokens", k="sh.top_k", e="sh.n_experts")
-        sql = f"""
-            WITH c AS ({cells}), sh AS ({shape}),
-            capped AS (
-                SELECT c.*, greatest(c.n - {cap}, 0) AS n_dropped
-                FROM c JOIN sh ON sh.run_id = c.run_id AND sh.layer = c.layer)
-            SELECT run_id{by_cols}, CAST(sum(n) AS BIGINT) AS assigned, CAST(sum(n_dropped) AS BIGINT) AS dropped,
-                   sum(n_dropped) / nullif(sum(n), 0) AS drop_rate
-            FROM capped GROUP BY run_id{by_cols} ORDER BY run_id{by_cols}"""
-        return run_query(con, sql, params + sparams + [cap_param])
-
-    ranked, params = _ranked_sql(sel, group, policy, _needs_labels(sel, by))
+    unit = _granularity(sel, group, policy, by, with_weight)
+    units, params = _units_sql(sel, group, policy, unit, labels=_needs_labels(sel, by, group))
     post, pparams = _post_filter(sel, "x")
     cap = cap_sql or _CAPACITY.format(t="x.group_tokens", k="sh.top_k", e="sh.n_experts")
     weight = (
-        ", sum(weight) FILTER (WHERE is_dropped) AS dropped_weight,"
-        " sum(weight) FILTER (WHERE is_dropped) / nullif(sum(weight), 0) AS weight_drop_rate"
+        ", sum(weight) FILTER (WHERE n_dropped > 0) AS dropped_weight,"
+        " sum(weight) FILTER (WHERE n_dropped > 0) / nullif(sum(weight), 0) AS weight_drop_rate"
         if with_weight else ""
     )
     sql = f"""
-        WITH x AS ({ranked}), sh AS ({shape}),
+        WITH x AS ({units}), sh AS ({shape}),
         flagged AS (
-            SELECT x.*, x.rnk > {cap} AS is_dropped
+            SELECT x.*, {_dropped(cap)} AS n_dropped
             FROM x JOIN sh ON sh.run_id = x.run_id AND sh.layer = x.layer
             WHERE {post})
-        SELECT run_id{by_cols}, count(*) AS assigned, count(*) FILTER (WHERE is_dropped) AS dropped,
-               count(*) FILTER (WHERE is_dropped) / nullif(count(*), 0) AS drop_rate{weight}
+        SELECT run_id{by_cols}, CAST(sum(n) AS BIGINT) AS assigned, CAST(sum(n_dropped) AS BIGINT) AS dropped,
+               sum(n_dropped) / nullif(sum(n), 0) AS drop_rate{weight}
         FROM flagged GROUP BY run_id{by_cols} ORDER BY run_id{by_cols}"""
     return run_query(con, sql, params + sparams + [cap_param] + pparams)
 
@@ -217,40 +234,21 @@ def drop_curve(
         raise AnalysisError("give at least one capacity factor")
     by_cols = "".join(f", {d}" for d in by)
     shape, sparams = _shape_sql(sel)
-    cap = _CAPACITY.replace("CAST(? AS DOUBLE)", "f.cf")
-
-    if not _needs_ranking(sel, group, by, False):
-        cells, params = _cells_sql(sel, group)
-        # histogram first: how many cells share (labels, group size, shape, n); then one row per factor
-        sql = f"""
-            WITH c AS ({cells}), sh AS ({shape}),
-            hist AS (
-                SELECT c.run_id{''.join(f', c.{d}' for d in by)}, c.group_tokens, sh.top_k, sh.n_experts, c.n,
-                       count(*) AS cells
-                FROM c JOIN sh ON sh.run_id = c.run_id AND sh.layer = c.layer GROUP BY ALL),
-            f AS (SELECT unnest(CAST(? AS DOUBLE[])) AS cf)
-            SELECT run_id, f.cf AS capacity_factor{by_cols},
-                   CAST(sum(n * cells) AS BIGINT) AS assigned,
-                   CAST(sum(greatest(n - {cap.format(t='group_tokens', k='top_k', e='n_experts')}, 0) * cells)
-                        AS BIGINT) AS dropped,
-                   sum(greatest(n - {cap.format(t='group_tokens', k='top_k', e='n_experts')}, 0) * cells)
-                       / nullif(sum(n * cells), 0) AS drop_rate
-            FROM hist CROSS JOIN f GROUP BY ALL ORDER BY run_id, capacity_factor{by_cols}"""
-        return run_query(con, sql, params + sparams + [cfs])
-
-    ranked, params = _ranked_sql(sel, group, policy, _needs_labels(sel, by))
+    unit = _granularity(sel, group, policy, by, False)
+    units, params = _units_sql(sel, group, policy, unit, labels=_needs_labels(sel, by, group))
     post, pparams = _post_filter(sel, "x")
+    cap = _CAPACITY.replace("CAST(? AS DOUBLE)", "f.cf").format(t="h.group_tokens", k="h.top_k", e="h.n_experts")
+    # histogram first: how many units share (labels, group size, shape, before, n); then one row per factor
     sql = f"""
-        WITH x AS ({ranked}), sh AS ({shape}),
+        WITH x AS ({units}), sh AS ({shape}),
         hist AS (
-            SELECT x.run_id{''.join(f', x.{d}' for d in by)}, x.group_tokens, sh.top_k, sh.n_experts, x.rnk,
-                   count(*) AS cnt
+            SELECT x.run_id{''.join(f', x.{d}' for d in by)}, x.group_tokens, sh.top_k, sh.n_experts,
+                   x.n, x.before, count(*) AS units
             FROM x JOIN sh ON sh.run_id = x.run_id AND sh.layer = x.layer WHERE {post} GROUP BY ALL),
         f AS (SELECT unnest(CAST(? AS DOUBLE[])) AS cf)
-        SELECT run_id, f.cf AS capacity_factor{by_cols}, CAST(sum(cnt) AS BIGINT) AS assigned,
-               CAST(coalesce(sum(cnt) FILTER (WHERE rnk > {cap.format(t='group_tokens', k='top_k', e='n_experts')}), 0)
-                    AS BIGINT) AS dropped,
-               coalesce(sum(cnt) FILTER (WHERE rnk > {cap.format(t='group_tokens', k='top_k', e='n_experts')}), 0)
-                   / nullif(sum(cnt), 0) AS drop_rate
-        FROM hist CROSS JOIN f GROUP BY ALL ORDER BY run_id, capacity_factor{by_cols}"""
+        SELECT run_id, f.cf AS capacity_factor{by_cols}, CAST(sum(h.n * h.units) AS BIGINT) AS assigned,
+               CAST(sum(greatest(0, least(h.n, h.before + h.n - {cap})) * h.units) AS BIGINT) AS dropped,
+               sum(greatest(0, least(h.n, h.before + h.n - {cap})) * h.units) / nullif(sum(h.n * h.units), 0)
+                   AS drop_rate
+        FROM hist h CROSS JOIN f GROUP BY ALL ORDER BY run_id, capacity_factor{by_cols}"""
     return run_query(con, sql, params + sparams + pparams + [cfs])

@@ -58,6 +58,7 @@ class DemoConfig:
     chars_per_domain: int = 1_200_000  # corpus size per domain (train + eval)
     seed: int = 0
     device: str = "cpu"
+    threads: int | None = None  # torch CPU threads while training (None: torch's default, one per core)
     cache_dir: str | None = None  # corpus and tokenizer cache (default ~/.cache/moeviz or $MOEVIZ_CACHE)
     runs: tuple[str, ...] = ("aux", "noaux")  # which runs to train
     record: bool = True  # False: train without recording (tests of the loop alone)
@@ -95,8 +96,20 @@ class RunResult:
             "run": self.name, "wall_s": round(self.wall_s, 1), "final_loss": round(self.final_loss, 4),
             "final_aux": round(self.final_aux, 4), "eval_loss": {k: round(v, 4) for k, v in self.eval_loss.items()},
             "imbalance_max_over_mean": [round(float(x), 3) for x in self.imbalance()],
+            "nmi_expert_domain": [round(normalized_mutual_information(c), 3) for c in self.counts],
             "top_experts_by_domain": top_experts_by_domain(self.counts),
         }
+
+
+def normalized_mutual_information(table: np.ndarray) -> float:
+    """NMI of a [domain, expert] count table: I(domain; expert) / mean(H(domain), H(expert)); 0 = experts ignore
+    the domain, 1 = each domain has its own experts."""
+    p = table / table.sum()
+    pd, pe = p.sum(axis=1), p.sum(axis=0)
+    nz = p > 0
+    mi = float(np.sum(p[nz] * np.log(p[nz] / np.outer(pd, pe)[nz])))
+    hd, he = (-float(np.sum(q[q > 0] * np.log(q[q > 0]))) for q in (pd, pe))
+    return mi / ((hd + he) / 2) if hd + he > 0 else 0.0
 
 
 def top_experts_by_domain(counts: np.ndarray, n: int = 2) -> dict[str, list[list[int]]]:
@@ -358,7 +371,17 @@ def run_demo(cfg: DemoConfig, out: str | Path | None) -> list[RunResult]:
     unknown = set(cfg.runs) - {"aux", "noaux"}
     if unknown:
         raise DemoError(f"unknown demo runs {sorted(unknown)}; choose among aux, noaux")
+    if cfg.threads is not None and cfg.threads < 1:
+        raise DemoError(f"threads must be at least 1; got {cfg.threads}")
     resolve_device(cfg.device)  # fail before building anything
+    import torch
+
     data = prepare_data(cfg)
     coefs = {"aux": cfg.aux_loss_coef, "noaux": 0.0}
-    return [train_run(cfg, data, name, coefs[name], None if out is None else Path(out)) for name in cfg.runs]
+    threads = torch.get_num_threads()
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)  # small models on busy machines run faster on fewer threads
+    try:
+        return [train_run(cfg, data, name, coefs[name], None if out is None else Path(out)) for name in cfg.runs]
+    finally:
+        torch.set_num_threads(threads)

@@ -108,6 +108,30 @@ def _routes(sel: Selection, run_id: str, cols: str, *, domain: bool = False, ext
     return sql, [run_id, *params]
 
 
+def _counts_by_domain(sel: Selection, run_id: str, keys: Sequence[str], *, known_domain: bool = False) -> tuple[str, list]:
+    """A SELECT of one run's route counts per `keys` (routes columns) and domain: n (routes), f (slot-0 routes).
+
+    Routes are first counted per sequence and then joined with `sequences`, so the join touches one row per
+    sequence, layer and key instead of one per route (about twice as fast as joining every route). The
+    selection's domains and tags filter the sequences; `known_domain` also drops sequences without a domain.
+    """
+    cols = ", ".join(f"r.{k}" for k in keys)
+    src, p1 = _routes(sel.with_(domains=None, tags=None), run_id,
+                      f"r.step, r.rank, r.seq, {cols}, count(*) AS n, count(*) FILTER (WHERE r.slot = 0) AS f")
+    swhere, p2 = Selection(domains=sel.domains, tags=sel.tags).where("s", per_token=True)
+    if known_domain:
+        swhere += " AND s.domain IS NOT NULL"
+    join = "JOIN" if (sel.needs_sequences or known_domain) else "LEFT JOIN"
+    outer = ", ".join(f"c.{k}" for k in keys)
+    sql = f"""
+        SELECT {outer}, s.domain, sum(c.n) AS n, sum(c.f) AS f
+        FROM ({src} GROUP BY ALL) c
+        {join} (SELECT step, rank, seq, domain FROM sequences s WHERE s.run_id = ? AND {swhere}) s
+            ON s.step = c.step AND s.rank = c.rank AND s.seq = c.seq
+        GROUP BY ALL"""
+    return sql, [*p1, run_id, *p2]
+
+
 def _dims_sql() -> str:
     """Per layer of one run (parameter: run_id): n_experts and top_k, from `layers`, else from `runs`."""
     return (
@@ -190,15 +214,12 @@ def domain_share(con, sel: Selection, *, slot0_only: bool = False) -> pd.DataFra
       ratio     share / uniform: > 1 where the expert takes more than its even share of the domain
     Tokens whose sequence has no domain are grouped under domain NULL.
     """
-    assigned = "count(*) FILTER (WHERE slot = 0)" if slot0_only else "count(*)"
+    assigned = "f" if slot0_only else "n"
 
     def one(run_id: str) -> pd.DataFrame:
-        src, params = _routes(sel, run_id, "r.layer, s.domain, r.expert, r.slot", domain=True)
+        src, params = _counts_by_domain(sel, run_id, ["layer", "expert"])
         sql = f"""
-            WITH c AS (
-                SELECT layer, domain, expert, {assigned} AS assigned,
-                       count(*) FILTER (WHERE slot = 0) AS first
-                FROM ({src}) r GROUP BY ALL),
+            WITH c AS (SELECT layer, domain, expert, {assigned} AS assigned, f AS first FROM ({src})),
             t AS (SELECT layer, domain, sum(first) AS tokens FROM c GROUP BY ALL),
             d AS ({_dims_sql()}),
             g AS (SELECT t.layer, t.domain, t.tokens, d.n_experts, d.top_k,
@@ -312,39 +333,41 @@ def top_tokens(con, sel: Selection, *, n: int = 10, min_count: int = 5, slot0_on
     m = "f" if slot0_only else "n"
 
     def one(run_id: str) -> pd.DataFrame:
-        src, params = _routes(sel, run_id, "r.layer, r.token_id, r.expert, r.slot", extra="r.token_id <> -1")
+        src, params = _routes(sel, run_id, "r.layer, r.token_id, r.expert, count(*) AS n, "
+                              "count(*) FILTER (WHERE r.slot = 0) AS f", extra="r.token_id <> -1")
+        # top n per expert with max_by(.., n) (a heap per group) rather than row_number() windows (a sort of every
+        # (layer, token, expert) cell). Orders: count desc, token id asc; and count / token_count desc (within one
+        # expert that orders as the lift; one correctly rounded division, so equal ratios tie exactly), count
+        # desc, token id asc.
         sql = f"""
-            WITH c AS (
-                SELECT layer, token_id, expert, count(*) AS n, count(*) FILTER (WHERE slot = 0) AS f
-                FROM ({src}) r GROUP BY ALL),
+            WITH c AS ({src} GROUP BY ALL),
+            tc AS (SELECT layer, token_id, sum(f) AS token_count FROM c GROUP BY ALL),
+            et AS (SELECT layer, expert, sum({m}) AS expert_total FROM c GROUP BY ALL),
+            lt AS (SELECT layer, sum(f) AS layer_tokens FROM c GROUP BY layer),
             x AS (
-                SELECT layer, token_id, expert, {m} AS count,
-                       sum(f) OVER (PARTITION BY layer, token_id) AS token_count,
-                       sum({m}) OVER (PARTITION BY layer, expert) AS expert_total,
-                       sum(f) OVER (PARTITION BY layer) AS layer_tokens
-                FROM c),
-            y AS (
-                SELECT *, count / expert_total AS expert_share,
-                       (count / expert_total) / (token_count / layer_tokens) AS lift
-                FROM x WHERE count > 0),
-            -- within one (layer, expert) lift orders as count / token_count: one correctly rounded division, so
-            -- equal ratios tie exactly and the tie-breaks below decide
-            ranked AS (
-                SELECT *,
-                    row_number() OVER (PARTITION BY layer, expert ORDER BY count DESC, token_id) AS rank_count,
-                    row_number() OVER (PARTITION BY layer, expert
-                        ORDER BY (token_count >= ?) DESC, count / token_count DESC, count DESC, token_id) AS rank_lift
-                FROM y),
-            picked AS (
-                SELECT layer, expert, 'count' AS by, rank_count AS rank, token_id, count, token_count,
-                       expert_share, lift FROM ranked WHERE rank_count <= ?
+                SELECT c.layer, c.expert, c.token_id, c.{m} AS count, tc.token_count
+                FROM c JOIN tc ON tc.layer = c.layer AND tc.token_id = c.token_id WHERE c.{m} > 0),
+            tops AS (
+                SELECT layer, expert, 'count' AS "by",
+                       max_by({{'token_id': token_id, 'count': count, 'token_count': token_count}},
+                              {{'c': count, 't': -token_id}}, ?) AS top
+                FROM x GROUP BY layer, expert
                 UNION ALL
-                SELECT layer, expert, 'lift' AS by, rank_lift AS rank, token_id, count, token_count,
-                       expert_share, lift FROM ranked WHERE rank_lift <= ? AND token_count >= ?)
-            SELECT p.layer, p.expert, p.by, p.rank, p.token_id, v.text, p.count, p.token_count, p.expert_share, p.lift
-            FROM picked p LEFT JOIN vocab v ON v.run_id = ? AND v.token_id = p.token_id
-            ORDER BY p.layer, p.expert, p.by, p.rank"""
-        return _typed(_df(con, sql, params + [min_count, n, n, min_count, run_id]),
+                SELECT layer, expert, 'lift' AS "by",
+                       max_by({{'token_id': token_id, 'count': count, 'token_count': token_count}},
+                              {{'r': count / token_count, 'c': count, 't': -token_id}}, ?) AS top
+                FROM x WHERE token_count >= ? GROUP BY layer, expert),
+            picked AS (
+                SELECT layer, expert, "by", generate_subscripts(top, 1) AS rank, unnest(top) AS p FROM tops)
+            SELECT p.layer, p.expert, p."by", p.rank, p.p.token_id AS token_id, v.text, p.p.count AS count,
+                   p.p.token_count AS token_count, p.p.count / et.expert_total AS expert_share,
+                   (p.p.count / et.expert_total) / (p.p.token_count / lt.layer_tokens) AS lift
+            FROM picked p
+            JOIN et ON et.layer = p.layer AND et.expert = p.expert
+            JOIN lt ON lt.layer = p.layer
+            LEFT JOIN vocab v ON v.run_id = ? AND v.token_id = p.p.token_id
+            ORDER BY p.layer, p.expert, p."by", p.rank"""
+        return _typed(_df(con, sql, params + [n, n, min_count, run_id]),
                       ints=("layer", "expert", "rank", "token_id", "count", "token_count"))
 
     return _per_run(con, sel, _TOP_COLUMNS, one)
@@ -468,7 +491,7 @@ _CONSEC_COLUMNS = ["run_id", "layer", "pairs", "same_first", "rate_first", "base
                    "topk_overlap", "rate_topk_overlap", "uniform_topk_overlap"]
 
 
-def consecutive_agreement(con, sel: Selection) -> pd.DataFrame:
+def consecutive_agreement(con, sel: Selection, *, topk: bool = True) -> pd.DataFrame:
     """How often consecutive tokens (pos and pos+1 of the same sequence, both recorded) share experts, per layer
     (Mixtral §5, Table 5), each against what routing blind to the neighbour would give:
 
@@ -481,6 +504,10 @@ def consecutive_agreement(con, sel: Selection) -> pd.DataFrame:
       rate_topk_overlap       the k-sets of t and t+1 share an expert (Mixtral's "first or second choice")
         uniform_topk_overlap    1 - C(E-k, k) / C(E, k)  (Mixtral: 1 - 6/8 * 5/7 ≈ 46% for E=8, k=2)
     `pairs` counts consecutive pairs; `same_first`, `first_in_topk`, `topk_overlap` the pairs that agree.
+
+    Cost: the top-k variants need each token's set of experts (one GROUP BY per token, then a window), about 3x
+    the work of the first-choice ones, which a window over the slot-0 routes alone gives; `topk=False` computes
+    only those (the top-k counts and rates are then NA).
     """
 
     def one(run_id: str) -> pd.DataFrame:
@@ -494,17 +521,21 @@ def consecutive_agreement(con, sel: Selection) -> pd.DataFrame:
             has_first = "list_contains(pm, f)"
             overlap = "list_has_any(pm, m)"
         src, params = _routes(sel, run_id, f"r.layer, {key.seq} AS sk, r.pos, r.expert, r.slot")
+        if topk:
+            tokens = f"""SELECT layer, sk, pos, {agg} AS m, min(expert) FILTER (WHERE slot = 0) AS f
+                         FROM ({src}) r GROUP BY layer, sk, pos"""
+            lags, counts = ", m, lag(m) OVER win AS pm", (
+                f"count(*) FILTER (WHERE {has_first}) AS first_in_topk, count(*) FILTER (WHERE {overlap}) AS topk_overlap")
+        else:  # one slot-0 route per token: no per-token GROUP BY needed
+            tokens = f"SELECT layer, sk, pos, expert AS f FROM ({src}) r WHERE slot = 0"
+            lags, counts = "", "CAST(NULL AS BIGINT) AS first_in_topk, CAST(NULL AS BIGINT) AS topk_overlap"
         sql = f"""
-            WITH t AS (
-                SELECT layer, sk, pos, {agg} AS m, min(expert) FILTER (WHERE slot = 0) AS f
-                FROM ({src}) r GROUP BY layer, sk, pos),
+            WITH t AS ({tokens}),
             w AS (
-                SELECT layer, pos, m, f, lag(pos) OVER win AS pp, lag(f) OVER win AS pf, lag(m) OVER win AS pm
+                SELECT layer, pos, f, lag(pos) OVER win AS pp, lag(f) OVER win AS pf{lags}
                 FROM t WINDOW win AS (PARTITION BY layer, sk ORDER BY pos)),
             agree AS (
-                SELECT layer, count(*) AS pairs, count(*) FILTER (WHERE f = pf) AS same_first,
-                       count(*) FILTER (WHERE {has_first}) AS first_in_topk,
-                       count(*) FILTER (WHERE {overlap}) AS topk_overlap
+                SELECT layer, count(*) AS pairs, count(*) FILTER (WHERE f = pf) AS same_first, {counts}
                 FROM w WHERE pp = pos - 1 GROUP BY layer),
             fr AS (
                 SELECT layer, f AS expert, count(*) AS n FROM t GROUP BY ALL),
@@ -528,6 +559,10 @@ def consecutive_agreement(con, sel: Selection) -> pd.DataFrame:
         df["uniform_topk_overlap"] = [
             1.0 - math.comb(int(e) - int(k), int(k)) / math.comb(int(e), int(k)) for e, k in zip(df["n_experts"], df["top_k"])
         ]
+        if not topk:
+            for c in ("first_in_topk", "rate_first_in_topk", "topk_overlap", "rate_topk_overlap"):
+                df[c] = df[c].astype("Float64" if c.startswith("rate") else "Int64")
+            return _typed(df, ints=("layer", "pairs", "same_first"))
         return _typed(df, ints=("layer", "pairs", "same_first", "first_in_topk", "topk_overlap"))
 
     return _per_run(con, sel, _CONSEC_COLUMNS, one)
@@ -686,14 +721,14 @@ def mutual_information(con, sel: Selection, *, variables: Sequence[str] = ("toke
     def sums(run_id: str, variable: str) -> pd.DataFrame:
         """Per layer and slots: N and Σ c ln c over the joint cells and both marginals."""
         if variable == "token":
-            src, params = _routes(sel, run_id, "r.layer, r.token_id AS x, r.expert, r.slot", extra="r.token_id <> -1")
+            src, params = _routes(sel, run_id, "r.layer, r.token_id AS x, r.expert, count(*) AS n, "
+                                  "count(*) FILTER (WHERE r.slot = 0) AS f", extra="r.token_id <> -1")
+            src += " GROUP BY ALL"
         else:
-            src, params = _routes(sel, run_id, "r.layer, s.domain AS x, r.expert, r.slot", domain=True,
-                                  extra="s.domain IS NOT NULL")
+            src, params = _counts_by_domain(sel, run_id, ["layer", "expert"], known_domain=True)
+            src = f"SELECT layer, domain AS x, expert, n, f FROM ({src})"
         sql = f"""
-            WITH c AS (
-                SELECT layer, x, expert, count(*) AS n, count(*) FILTER (WHERE slot = 0) AS f
-                FROM ({src}) r GROUP BY ALL),
+            WITH c AS ({src}),
             j AS (
                 SELECT layer, sum(f) AS n_first, sum(n) AS n_all,
                        sum(CASE WHEN f > 0 THEN f * ln(f) END) AS sxy_first, sum(n * ln(n)) AS sxy_all

@@ -30,3 +30,13 @@ def pytest_collection_modifyitems(config, items):
                 cuda = _has_cuda()
             if not cuda:
                 item.add_marker(no_gpu)
+
+
+def pytest_configure(config):
+    """One intra-op thread for torch: the tests' models are tiny, and on a 2-core machine that also runs
+    other work, torch's default thread pool makes a 10 ms forward take seconds."""
+    try:
+        import torch
+    except ImportError:
+        return
+    torch.set_num_threads(1)

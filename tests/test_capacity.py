@@ -114,7 +114,8 @@ def _mask_to_frame(r, dropped, by, token_mask=None):
 
 @pytest.mark.parametrize("policy", ["position", "probability"])
 @pytest.mark.parametrize("group", ["step", "sequence"])
-@pytest.mark.parametrize("by", [("layer", "expert"), ("layer", "step", "rank"), ("slot",), ("domain", "layer"), ()])
+@pytest.mark.parametrize("by", [("layer", "expert"), ("layer", "step", "rank"), ("slot",), ("domain", "layer"), (),
+                                ("seq", "slot")])
 def test_drops_match_brute_force(routing, store, policy, group, by):
     for cf in (0.6, 1.0, 1.3):
         want = _mask_to_frame(routing, brute_force_dropped(routing, cf, policy, group, 6), by)
@@ -147,7 +148,7 @@ def test_selection_by_steps_layers_ranks_is_a_filter(routing, store):
 
 @pytest.mark.parametrize("policy, group, by", [
     ("position", "step", ()), ("probability", "sequence", ("layer",)), ("position", "step", ("slot",)),
-    ("probability", "step", ("domain",)),
+    ("probability", "step", ("domain",)), ("position", "step", ("domain", "slot")), ("position", "sequence", ("slot",)),
 ])
 def test_drop_curve_equals_drops_at_each_factor(routing, store, policy, group, by):
     factors = [0.25, 0.5, 1.0, 1.25, 2.0, 4.0]

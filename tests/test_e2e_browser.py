@@ -133,7 +133,7 @@ def _visit(page, server: str, name: str, min_charts: int, selector: str | None, 
     if first_page:
         page.goto(f"{server}/{name}?run=main", wait_until="domcontentloaded")
     else:
-        page.locator(f'[data-testid="stSidebarNav"] a[href$="/{name}"]').click()
+        page.locator(f'a[data-testid="stSidebarNavLink"][href$="/{name}"]').click()
         page.wait_for_url(f"**/{name}*", timeout=30_000)
     page.locator("h1", has_text=TITLES[name]).first.wait_for(timeout=90_000)
     _settle(page)

@@ -9,6 +9,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from scipy.special import entr
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from collectors import Recorder
@@ -54,7 +55,7 @@ def brute_force(logits, mask, k=K):
         for j in range(k):
             assigned[top[t, j]] += 1
     lse = np.log(np.exp(logits).sum(1))
-    entropy = -(p * np.log(p)).sum(1)
+    entropy = entr(p).sum(1)  # -p log p, with 0 log 0 = 0
     return dict(
         tokens=int(mask.sum()),
         assigned=assigned,
@@ -480,3 +481,98 @@ def test_switch_encoder_decoder_streams_and_capacity_drops(tmp_path):
     assert total_dropped > 0  # the capacity is small on purpose: the test exercises drops
     st = read(tmp_path / "run", "SELECT layer, sum(dropped) AS d FROM step_stats GROUP BY layer ORDER BY layer")
     assert st.d.tolist() == ls.dropped.tolist()
+
+
+def test_wrapped_model_and_embeddings_input(mixtral, tmp_path):
+    """A DDP-style wrapper (forward(*inputs, **kwargs)) still has its positional token ids captured; a forward
+    with inputs_embeds records token_id -1 (unknown) but the right positions and mask."""
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+        def forward(self, *inputs, **kwargs):
+            return self.module(*inputs, **kwargs)
+
+    ids = torch.tensor([[5, 6, 7], [8, 9, 10]])
+    wrapped = Wrapper(mixtral)
+    with Recorder(wrapped, tmp_path / "run") as rec:
+        assert rec.sites[0].name == "module.model.layers.0.mlp.gate"
+        with torch.no_grad():
+            wrapped(ids)
+        rec.step(0)
+        with torch.no_grad():
+            embeds = mixtral.get_input_embeddings()(ids)
+            wrapped(inputs_embeds=embeds, attention_mask=torch.tensor([[1, 1, 0], [1, 1, 1]]))
+        rec.step(1)
+    r = read(tmp_path / "run", "SELECT step, seq, pos, token_id FROM routes WHERE layer = 0 AND slot = 0 ORDER BY ALL")
+    assert r[r.step == 0].token_id.tolist() == ids.reshape(-1).tolist()
+    s1 = r[r.step == 1]
+    assert list(zip(s1.seq, s1.pos)) == [(0, 0), (0, 1), (1, 0), (1, 1), (1, 2)] and set(s1.token_id) == {-1}
+
+
+def test_router_tokens_that_match_no_input_are_counted_and_warned(mixtral, tmp_path):
+    with Recorder(mixtral, tmp_path / "run") as rec:
+        with torch.no_grad():
+            mixtral(torch.ones(2, 4, dtype=torch.long))
+        with pytest.warns(UserWarning, match="saw 8 tokens in a step, which matches no input batch"):
+            rec.step(0, token_ids=torch.ones(1, 3, dtype=torch.long))
+    assert read(tmp_path / "run", "SELECT tokens FROM layer_stats").tokens.tolist() == [8, 8]
+    assert read(tmp_path / "run", "SELECT count(*) AS n FROM routes").n[0] == 0
+
+
+def test_paused_and_discarded_forwards_are_not_recorded(mixtral, tmp_path):
+    with Recorder(mixtral, tmp_path / "run") as rec:
+        with torch.no_grad():
+            mixtral(torch.ones(1, 5, dtype=torch.long))
+            with rec.paused():
+                mixtral(torch.ones(3, 5, dtype=torch.long))
+        rec.step(0)
+        with torch.no_grad():
+            mixtral(torch.ones(2, 5, dtype=torch.long))
+        rec.discard()
+        with torch.no_grad():
+            mixtral(torch.ones(1, 2, dtype=torch.long))
+        rec.step(1)
+        rec.step(2)  # nothing routed since step 1: no rows
+    ls = read(tmp_path / "run", "SELECT step, tokens FROM layer_stats WHERE layer = 0 ORDER BY step")
+    assert ls.values.tolist() == [[0, 5], [1, 2]]
+
+
+# ---------------------------------------------------------------------------------------------- aggregates.py
+
+
+def test_layer_aggregates_ignore_nan_padding_and_handle_minus_inf_logits():
+    from collectors.aggregates import layer_aggregates
+
+    logits = torch.tensor([[1.0, 2.0, -float("inf"), 0.5], [float("nan")] * 4, [0.0, 0.0, 0.0, 3.0]])
+    index = torch.tensor([[1, 0], [0, 1], [3, 0]])
+    dropped = torch.tensor([[False, True], [True, True], [False, False]])
+    mask = torch.tensor([True, False, True])
+    got = layer_aggregates(logits, index, dropped, mask).numpy()
+    keep = [0, 2]
+    ref = brute_force(np.where(np.isinf(logits.numpy()), -1e30, logits.numpy())[keep], np.ones(2))
+    tokens, z, ent, drop = got[:4]
+    assigned, first, prob, drop_e = got[4:].reshape(4, E)
+    assert (tokens, drop) == (2, 1)  # the padded token's drops do not count
+    np.testing.assert_array_equal(assigned, [2, 1, 0, 1])
+    np.testing.assert_array_equal(first, [0, 1, 0, 1])
+    np.testing.assert_array_equal(drop_e, [1, 0, 0, 0])
+    np.testing.assert_allclose(prob, ref["prob_sum"], rtol=1e-6)
+    assert z == pytest.approx(ref["z_loss_sum"], rel=1e-6)
+    # 0 log 0 = 0 for the -inf expert (a naive p * log p would give NaN)
+    assert ent == pytest.approx(ref["entropy_sum"], rel=1e-6) and np.isfinite(ent)
+
+
+@pytest.mark.parametrize("max_tokens", [None, 0, 1, 4, 100])
+def test_kept_token_slots_are_the_first_masked_in_tokens(max_tokens):
+    from collectors.aggregates import kept_token_slots
+
+    gen = torch.Generator().manual_seed(max_tokens or 0)
+    for n in (0, 1, 9, 40):
+        mask = torch.rand(n, generator=gen) < 0.6
+        sel, valid = kept_token_slots(mask, max_tokens)
+        expected = np.flatnonzero(mask.numpy())[: (n if max_tokens is None else max_tokens)]
+        assert sel.shape == valid.shape == (n if max_tokens is None else min(n, max_tokens),)
+        np.testing.assert_array_equal(sel[valid].numpy(), expected)

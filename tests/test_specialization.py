@@ -618,3 +618,13 @@ def test_bad_arguments_raise_clear_errors(runs):
         import duckdb
 
         sp.domain_share(duckdb.connect(), Selection())
+
+
+def test_consecutive_agreement_first_choice_only_agrees_with_the_full_version(runs):
+    con, _ = runs
+    full = sp.consecutive_agreement(con, Selection(steps=(0, 1)))
+    fast = sp.consecutive_agreement(con, Selection(steps=(0, 1)), topk=False)
+    cols = ["run_id", "layer", "pairs", "same_first", "rate_first", "baseline_first", "uniform_first",
+            "baseline_first_in_topk", "uniform_first_in_topk", "uniform_topk_overlap"]
+    pd.testing.assert_frame_equal(full[cols], fast[cols])
+    assert fast["rate_topk_overlap"].isna().all() and fast["first_in_topk"].isna().all()

@@ -1,9 +1,9 @@
-"""MoevizCallback with a real transformers Trainer (CPU, tiny Mixtral, gradient accumulation, padding): the
-store holds one step per optimizer step and exactly the tokens inside the attention masks of its micro-batches."""
+"""MoevizCallback with a real transformers Trainer (CPU, tiny Mixtral, gradient accumulation, padding, an
+evaluation after every step): the store holds one step per optimizer step and exactly the tokens inside the
+attention masks of its training micro-batches."""
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 SEQ = 8
@@ -51,10 +51,13 @@ def test_trainer_callback_records_every_optimizer_step(tmp_path):
         args = TrainingArguments(
             output_dir=str(tmp_path / "out"), per_device_train_batch_size=2, gradient_accumulation_steps=2,
             max_steps=3, learning_rate=1e-3, report_to=[], use_cpu=True, save_strategy="no", logging_strategy="no",
-            disable_tqdm=True, seed=0, dataloader_num_workers=0,
+            disable_tqdm=True, seed=0, dataloader_num_workers=0, eval_strategy="steps", eval_steps=1,
+            per_device_eval_batch_size=4,
         )
         callback = MoevizCallback(tmp_path / "run", run_name="hf", flush_every=2)
-        trainer = Trainer(model=model, args=args, train_dataset=PaddedLM(), callbacks=[callback])
+        # evaluation after every step: its forwards must not leak into the next training step
+        trainer = Trainer(model=model, args=args, train_dataset=PaddedLM(), eval_dataset=PaddedLM(),
+                          callbacks=[callback])
         trainer.train()
     finally:
         torch.set_num_threads(before)
