@@ -294,7 +294,7 @@ def _pour_costs(E: int, k: int, T: int) -> np.ndarray:
     two values of a, for t < R mod T and t >= R mod T.  A token pours onto the unchosen loads in ascending order
     (zeros, then q's, then (q+1)'s); within a run of equal loads the mean moves monotonically, so the best
     level is at one of the run ends, and parking (k >= 2) costs the smallest chosen load."""
-    h = np.arange(k, E + 1)
+    h = np.arange(k, min(E, T * k) + 1)  # h > T k leaves experts at 0: the same design as h = T k
     z = E - h
     q, r = np.divmod(T * k, h)
     R = r * (q + 1)
@@ -353,7 +353,7 @@ def _split_designs(E: int, T: int):
 def _scored_designs(E: int, k: int, T: int, only: str | None):
     """(float cost, (family, counts, description)) for every candidate design."""
     if only in (None, "pour"):
-        for h, cost in zip(range(k, E + 1), _pour_costs(E, k, T)):
+        for h, cost in zip(range(k, min(E, T * k) + 1), _pour_costs(E, k, T)):
             yield float(cost), lambda h=h: _pour_design(E, k, T, h)
     extra = []
     if k >= 2 and only in (None, "park"):
@@ -546,7 +546,8 @@ def _main(argv=None) -> int:
     print("| E | k | infimum | exact | family | T reaching it | blog's construction (k=1) |")
     print("|---|---|---|---|---|---|---|")
     for r in df.itertuples():
-        blog = "" if r.blog_construction is None or r.blog_construction != r.blog_construction else f"{r.blog_construction:.4f}"
+        missing = r.blog_construction is None or r.blog_construction != r.blog_construction  # None or NaN
+        blog = "" if missing else f"{r.blog_construction:.4f}"
         print(f"| {r.experts} | {r.top_k} | {r.infimum:.4f} | {r.fraction} | {r.family} | {r.tokens_used} | {blog} |")
     return 0
 

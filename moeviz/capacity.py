@@ -10,9 +10,12 @@ that expert). moeviz replays this on recorded routing, for any CF, without the m
   weights are kept (Megatron `moe_token_drop_policy="probs"`), ties broken by position.
 
 How many assignments an expert drops in a group is max(0, n - C) whatever the policy; the policy only decides
-WHICH ones, so breakdowns by layer/expert/step/rank are computed from counts (the exact `step_stats` for
-group='step'), and only breakdowns by slot, domain or tag within a step group rank each assignment (a window
-over `routes`). Computed from `routes`, results cover the tokens the run kept (all, unless it sampled).
+WHICH ones. So every answer is computed from the coarsest units whose drops follow from counts (see
+`_granularity`): per expert (breakdowns by layer/expert/step/rank; the exact `step_stats` for group='step'),
+per expert and slot, or per expert, slot and sequence (position policy: a unit served after `before` others
+drops clamp(before + n - C, 0, n)); only the probability policy broken down below the expert, by='pos' and
+with_weight rank every assignment with a window over `routes` (a sort: ~10x slower). Computed from `routes`,
+results cover the tokens the run kept (all, unless it sampled).
 """
 
 from __future__ import annotations
@@ -83,12 +86,20 @@ def _granularity(sel: Selection, group: str, policy: str, by: tuple[str, ...], w
 
 
 def _shape_sql(sel: Selection) -> tuple[str, list]:
-    where, params = Selection(run_ids=sel.run_ids, layers=sel.layers).where("l")
+    """Experts and k of every selected layer: from `layers`, else (a run whose writer wrote no layers) `runs`."""
+    part = Selection(run_ids=sel.run_ids, layers=sel.layers)
+    where, params = part.where("l")
+    fwhere, fparams = part.where("f")
     return (
         f"""SELECT l.run_id, l.layer, coalesce(l.n_experts, ru.n_experts) AS n_experts,
                   coalesce(l.top_k, ru.top_k) AS top_k
-           FROM layers l LEFT JOIN runs ru ON ru.run_id = l.run_id WHERE {where}""",
-        params,
+           FROM layers l LEFT JOIN runs ru ON ru.run_id = l.run_id WHERE {where}
+           UNION ALL
+           SELECT * FROM (
+               SELECT ru.run_id, CAST(unnest(range(ru.n_layers)) AS INTEGER) AS layer, ru.n_experts, ru.top_k
+               FROM runs ru WHERE NOT EXISTS (SELECT 1 FROM layers l WHERE l.run_id = ru.run_id)) f
+           WHERE {fwhere}""",
+        params + fparams,
     )
 
 
@@ -132,23 +143,25 @@ def _units_sql(sel: Selection, group: str, policy: str, unit: str, labels: bool)
     # counts per expert[, slot[, seq]]: a window over the (much smaller) counts, not over the routes
     cols = {"expert": [], "slot": ["slot"], "seq": ["slot", "seq"]}[unit]
     keys = list(dict.fromkeys(list(gkeys) + ["expert"] + cols))
-    order = ", ".join(c for c in cols if c not in gkeys) or "expert"
+    cols = [c for c in cols if c not in gkeys]  # the serving order within an expert and group
+    before = "0" if unit == "expert" else (
+        f"coalesce(sum(c.n) OVER (PARTITION BY {', '.join('c.' + k for k in gkeys)}, c.expert ORDER BY "
+        f"{', '.join('c.' + k for k in cols)} ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0)")
     sql = f"""
         WITH c AS (
             SELECT r.run_id, r.step, r.rank, {'r.seq, ' if 'seq' in keys else ''}r.layer, r.expert,
                    {'r.slot, ' if 'slot' in keys else ''}count(*) AS n,
                    count(*) FILTER (WHERE r.slot = 0) AS n_first
             FROM routes r WHERE {pre} GROUP BY ALL),
+        gt AS (SELECT {g}, sum(n_first) AS group_tokens FROM c GROUP BY {g}),
         u AS (
-            SELECT *, sum(n_first) OVER (PARTITION BY {g}) AS group_tokens,
-                   coalesce(sum(n) OVER (PARTITION BY {g}, expert ORDER BY {order}
-                                         ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0) AS before
-            FROM c)
+            SELECT c.*, gt.group_tokens, {before} AS before
+            FROM c JOIN gt ON {' AND '.join(f'gt.{k} = c.{k}' for k in gkeys)})
         SELECT u.*, {label_cols} FROM u {label_join}"""
     return sql, params
 
 
-def _needs_labels(sel: Selection, by: tuple[str, ...], group: str) -> bool:
+def _needs_labels(sel: Selection, by: tuple[str, ...]) -> bool:
     return sel.needs_sequences or "domain" in by or "tag" in by
 
 
@@ -193,7 +206,7 @@ def capacity_drops(
     by_cols = "".join(f", {d}" for d in by)
     shape, sparams = _shape_sql(sel)
     unit = _granularity(sel, group, policy, by, with_weight)
-    units, params = _units_sql(sel, group, policy, unit, labels=_needs_labels(sel, by, group))
+    units, params = _units_sql(sel, group, policy, unit, labels=_needs_labels(sel, by))
     post, pparams = _post_filter(sel, "x")
     cap = cap_sql or _CAPACITY.format(t="x.group_tokens", k="sh.top_k", e="sh.n_experts")
     weight = (
@@ -235,7 +248,7 @@ def drop_curve(
     by_cols = "".join(f", {d}" for d in by)
     shape, sparams = _shape_sql(sel)
     unit = _granularity(sel, group, policy, by, False)
-    units, params = _units_sql(sel, group, policy, unit, labels=_needs_labels(sel, by, group))
+    units, params = _units_sql(sel, group, policy, unit, labels=_needs_labels(sel, by))
     post, pparams = _post_filter(sel, "x")
     cap = _CAPACITY.replace("CAST(? AS DOUBLE)", "f.cf").format(t="h.group_tokens", k="h.top_k", e="h.n_experts")
     # histogram first: how many units share (labels, group size, shape, before, n); then one row per factor

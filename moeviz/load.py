@@ -37,11 +37,6 @@ def run_query(con, sql: str, params: list) -> pd.DataFrame:
         ) from e
 
 
-def _layer_only(sel: Selection) -> Selection:
-    """The part of a selection that applies to the `layers` table (runs and layers)."""
-    return Selection(run_ids=sel.run_ids, layers=sel.layers)
-
-
 def expert_counts_sql(sel: Selection, *, by_step: bool) -> tuple[str, list]:
     """SQL (a SELECT usable as a CTE) and params: one row per run[, step], layer and expert of the selection.
 
@@ -59,23 +54,29 @@ def expert_counts_sql(sel: Selection, *, by_step: bool) -> tuple[str, list]:
             FROM step_stats s WHERE {where} GROUP BY ALL"""
         per_layer_tokens = "max(c.tokens)"
     else:
-        where, params = sel.where("r", per_token=True, seq_alias="q")
+        where, params = sel.with_(domains=None, tags=None).where("r")
+        qwhere, qparams = sel.with_(layers=None).where("q", per_token=True)
+        # a semi join: the (small) selected sequences filter the routes; no sequence column is carried along
         counts = f"""
             SELECT r.run_id, {('r.step, ' if by_step else '')}r.layer, r.expert,
                    count(*) AS assigned, count(*) FILTER (WHERE r.slot = 0) AS first_choice,
                    CAST(NULL AS DOUBLE) AS prob_sum
             FROM routes r
-            JOIN sequences q ON q.run_id = r.run_id AND q.step = r.step AND q.rank = r.rank AND q.seq = r.seq
+            SEMI JOIN (SELECT q.run_id, q.step, q.rank, q.seq FROM sequences q WHERE {qwhere}) q
+                 ON q.run_id = r.run_id AND q.step = r.step AND q.rank = r.rank AND q.seq = r.seq
             WHERE {where} GROUP BY ALL"""
+        params = qparams + params
         per_layer_tokens = "CAST(sum(c.first_choice) AS BIGINT)"  # every kept token has exactly one slot-0 route per layer
-    lwhere, lparams = _layer_only(sel).where("l")
+    # the layer's shape from `layers`, else from `runs` (a writer that did not write its layers)
     sql = f"""
         WITH c AS ({counts}),
         cells AS (SELECT run_id, {step}layer, {per_layer_tokens} AS tokens FROM c GROUP BY ALL),
         shape AS (
-            SELECT l.run_id, l.layer, coalesce(l.n_experts, ru.n_experts) AS n_experts,
+            SELECT d.run_id, d.layer, coalesce(l.n_experts, ru.n_experts) AS n_experts,
                    coalesce(l.top_k, ru.top_k) AS top_k
-            FROM layers l LEFT JOIN runs ru ON ru.run_id = l.run_id WHERE {lwhere}),
+            FROM (SELECT DISTINCT run_id, layer FROM cells) d
+            LEFT JOIN layers l ON l.run_id = d.run_id AND l.layer = d.layer
+            LEFT JOIN runs ru ON ru.run_id = d.run_id),
         grid AS (
             SELECT cells.*, shape.n_experts, shape.top_k, unnest(range(shape.n_experts)) AS expert
             FROM cells JOIN shape ON shape.run_id = cells.run_id AND shape.layer = cells.layer)
@@ -84,7 +85,7 @@ def expert_counts_sql(sel: Selection, *, by_step: bool) -> tuple[str, list]:
                c.prob_sum, g.n_experts, g.top_k
         FROM grid g LEFT JOIN c ON c.run_id = g.run_id AND c.layer = g.layer AND c.expert = g.expert
              {('AND c.step = g.step' if by_step else '')}"""
-    return sql, params + lparams
+    return sql, params
 
 
 def _check_count(count: str) -> str:

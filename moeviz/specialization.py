@@ -595,7 +595,7 @@ def layer_flow(con, sel: Selection, layer_a: int, layer_b: int, *, slot0_only: b
                     SELECT min(expert) FILTER (WHERE layer = ?) AS ea, min(expert) FILTER (WHERE layer = ?) AS eb
                     FROM ({src}) r GROUP BY tok)
                 SELECT ea AS expert_a, eb AS expert_b, count(*) AS tokens FROM t
-                WHERE ea IS NOT NULL AND eb IS NOT NULL GROUP BY ALL"""
+                WHERE TRUE GROUP BY ALL"""
             df = _df(con, sql, [layer_a, layer_b] + params)
         else:
             src_a, pa = _routes(sel.with_(layers=(layer_a,)), run_id, f"{key.tok} AS tok, r.expert")

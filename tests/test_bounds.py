@@ -11,7 +11,7 @@ from fractions import Fraction
 
 import numpy as np
 import pytest
-from scipy.optimize import differential_evolution, linprog
+from scipy.optimize import dual_annealing, linprog
 
 from moeviz.bounds import BoundInputError, aux_loss_infimum, blog_construction
 from moeviz.cli import main as cli_main
@@ -159,24 +159,37 @@ def test_top1_matches_search_over_all_count_vectors(E):
 # --------------------------------------------------------------------------------- global optimisation of logits
 
 
-@pytest.mark.parametrize("E,k,T", [(2, 1, 4), (3, 1, 4), (4, 2, 3)])
-def test_global_optimisation_of_logits_never_beats_and_nearly_reaches(E, k, T):
-    def loss(x):
-        z = x.reshape(T, E)
-        p = np.exp(z - z.max(axis=1, keepdims=True))
-        p /= p.sum(axis=1, keepdims=True)
-        return loss_ref(p, k)
+def loss_of_logits(x, T, E, k):
+    """L of softmax(logits) with the rows' own top-k (vectorised twin of loss_ref, for the optimiser)."""
+    z = x.reshape(T, E)
+    p = np.exp(z - z.max(axis=1, keepdims=True))
+    p /= p.sum(axis=1, keepdims=True)
+    chosen = np.argsort(-p, axis=1, kind="stable")[:, :k]
+    counts = np.bincount(chosen.ravel(), minlength=E)
+    return E * float(np.dot(counts / (T * k), p.mean(axis=0)))
 
+
+@pytest.mark.parametrize("E,k,T", [(2, 1, 4), (4, 2, 3), (6, 1, 3)])
+def test_global_optimisation_of_logits_never_beats_and_nearly_reaches(E, k, T):
     inf = aux_loss_infimum(E, k, T).value
-    res = differential_evolution(loss, [(-8, 8)] * (T * E), seed=0, maxiter=300, tol=1e-10, polish=False)
-    assert res.fun >= inf - 1e-12  # nothing a router can do beats the infimum
-    assert res.fun <= inf + 0.06  # and a blind global search gets close to it
+    res = dual_annealing(loss_of_logits, [(-4, 4)] * (T * E), args=(T, E, k), seed=0, maxiter=400)
+    found = loss_ref(_softmax(res.x.reshape(T, E)), k)  # recomputed independently from the returned logits
+    assert min(found, res.fun) >= inf - 1e-12  # nothing a router can do beats the infimum
+    assert found <= inf + 0.05  # and a blind global search gets close to it (blog: dual annealing)
+    assert found < 1.0 - 0.05  # far below Switch's claimed minimum
+
+
+def _softmax(z):
+    p = np.exp(z - z.max(axis=1, keepdims=True))
+    return p / p.sum(axis=1, keepdims=True)
 
 
 # --------------------------------------------------------------------------------------- the returned batch itself
 
 
-@pytest.mark.parametrize("E,k,T", [(2, 1, 4), (8, 1, None), (5, 2, 4), (16, 2, None), (7, 3, 4), (32, 4, 100), (2, 2, 3)])
+@pytest.mark.parametrize(
+    "E,k,T", [(2, 1, 4), (8, 1, None), (5, 2, 4), (16, 2, None), (7, 3, 4), (32, 4, 100), (2, 2, 3)]
+)
 def test_returned_weights_attain_value_with_their_own_topk(E, k, T):
     r = aux_loss_infimum(E, k, T)
     w = r.weights
@@ -226,7 +239,9 @@ def test_top1_closed_form_for_three_or_more_experts():
         assert aux_loss_infimum(E, 1).fraction == best
 
 
-@pytest.mark.parametrize("bad", [dict(E=0), dict(E=4, k=5), dict(E=4, k=0), dict(E=4, T=0), dict(E=2.5), dict(E=4, T=-3)])
+@pytest.mark.parametrize(
+    "bad", [dict(E=0), dict(E=4, k=5), dict(E=4, k=0), dict(E=4, T=0), dict(E=2.5), dict(E=4, T=-3)]
+)
 def test_bad_input_is_a_clear_error(bad):
     with pytest.raises(BoundInputError):
         aux_loss_infimum(bad["E"], bad.get("k", 1), bad.get("T"))

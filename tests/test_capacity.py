@@ -229,3 +229,12 @@ def test_predicted_drops_equal_switch_transformers_drops():
         np.testing.assert_array_equal(got_mask.astype(bool), want, err_msg=f"capacity {capacity}")
         fixed = capacity_drops(con, Selection(), capacity=capacity, group="sequence", by=("layer",))
         assert fixed["dropped"].tolist() == want.sum(0).tolist()
+
+
+def test_layer_shape_falls_back_to_runs_when_layers_are_missing(routing, store):
+    con = store_from_routing(**routing)
+    con.execute("DELETE FROM layers")
+    for by in (("layer",), ("slot",), ("domain",)):
+        want = capacity_drops(store, Selection(), 1.0, by=by)
+        got = capacity_drops(con, Selection(), 1.0, by=by)
+        assert got["dropped"].tolist() == want["dropped"].tolist() and want["dropped"].sum() > 0

@@ -13,7 +13,7 @@ from moeviz.load import AnalysisError, expert_load, imbalance, load_matrix
 from moeviz.selection import Selection
 from moeviz.testing import store_from_routing, synthetic_routing
 
-SETTINGS = settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 # ---- numpy references ----------------------------------------------------------------------------------------
@@ -235,3 +235,12 @@ def test_missing_tables_say_what_to_do():
 def test_empty_selection_returns_empty_frame(store):
     assert imbalance(store, Selection(steps=(100, 200))).empty
     assert expert_load(store, Selection(layers=())).empty
+
+
+def test_layer_shape_falls_back_to_runs_when_layers_are_missing():
+    index = np.array([0, 0, 1]).reshape(3, 1, 1)
+    con = store_from_routing(index, n_experts=4)
+    con.execute("DELETE FROM layers")
+    df = expert_load(con, by_step=False)
+    assert df["expert"].tolist() == [0, 1, 2, 3] and (df["n_experts"] == 4).all()
+    assert imbalance(con, by_step=False).iloc[0]["dead_experts"] == 2
