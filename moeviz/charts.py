@@ -681,3 +681,97 @@ def top_tokens_bars(df: pd.DataFrame, *, layer: int, expert: int, by: str = "cou
                reference=("no preference", 1.0) if by == "lift" else None)
     fig.update_xaxes(categoryorder="array", categoryarray=d["token"].tolist())
     return fig
+
+
+# --- bounds and the toy model --------------------------------------------------------------------------------------
+
+
+def matrix_frame(weights: np.ndarray, chosen: np.ndarray | None = None) -> pd.DataFrame:
+    """Long form (token, expert, weight, chosen) of a [tokens, experts] router-probability matrix."""
+    w = np.asarray(weights, dtype=float)  # [tokens, experts]
+    tok, exp = np.meshgrid(np.arange(w.shape[0]), np.arange(w.shape[1]), indexing="ij")
+    picked = np.zeros(w.shape, dtype=bool)
+    if chosen is not None:
+        c = np.asarray(chosen).reshape(w.shape[0], -1)  # [tokens, k]
+        picked[np.arange(w.shape[0])[:, None], c] = True
+    return pd.DataFrame({"token": tok.ravel(), "expert": exp.ravel(), "weight": w.ravel(), "chosen": picked.ravel()})
+
+
+def bound_matrix(df: pd.DataFrame, *, title: str = "Router probabilities of the optimal batch") -> go.Figure:
+    """Heat map of a bound construction's router probabilities (token × expert), chosen experts outlined by hover."""
+    d = df.assign(chosen=np.where(df["chosen"], "chosen", "not chosen"))
+    return heatmap(d, x="expert", y="token", z="weight", title=title, x_title="expert", y_title="token of the batch",
+                   z_title="router probability", hover=["chosen"], zmin=0, zmax=float(max(df["weight"].max(), 1e-9)))
+
+
+def bound_curve(df: pd.DataFrame, *, current_experts: int | None = None) -> go.Figure:
+    """The infimum of the Switch loss over E (one line per k), against Switch's claimed 1 and the blog's value
+    (`moeviz.bounds.infimum_table`)."""
+    _need(df, ["experts", "top_k", "infimum"], "bound curve")
+    title = "Lower bound of the Switch loss over the number of experts"
+    if df.empty:
+        return empty_figure(title)
+    rows = [df.assign(series="true infimum, k=" + df["top_k"].astype(str), value=df["infimum"])]
+    if "blog_construction" in df.columns and df["blog_construction"].notna().any():
+        b = df[df["blog_construction"].notna()]
+        rows.append(b.assign(series="blog's construction (k=1)", value=b["blog_construction"].astype(float)))
+    long = pd.concat(rows, ignore_index=True)
+    fig = lines(long, x="experts", y="value", color="series", title=title, x_title="experts E (log scale)",
+                y_title="E · Σ fᵢ Pᵢ", references={"Switch Transformers' claimed minimum": 1.0},
+                hover=[c for c in ("fraction", "family", "tokens_used") if c in long.columns])
+    for t in fig.data:
+        t.name = t.name.replace("series ", "")
+    fig.update_xaxes(type="log")
+    if current_experts:
+        fig.add_vline(x=float(current_experts), line_dash="dash", line_color="black",
+                      annotation_text=f"E = {current_experts}", annotation_position="top right")
+    return fig
+
+
+def observed_against_bounds(df: pd.DataFrame, *, infimum: float, blog: float | None = None,
+                            value: str = "aux_loss") -> go.Figure:
+    """A run's observed per-layer Switch loss over steps, with the uniform 1, the blog's value and the infimum."""
+    refs = {"uniform (Switch's minimum)": 1.0, "true infimum": infimum}
+    if blog is not None:
+        refs["blog's construction"] = blog
+    return lines(df, x="step", y=value, color="layer", title="This run's Switch loss against the bounds",
+                 x_title="step", y_title="E · Σ fᵢ Pᵢ (dimensionless)", references=refs,
+                 hover=[c for c in ("tokens",) if c in df.columns])
+
+
+def decision_maps(df: pd.DataFrame, *, ways: Sequence[str] = ("compile", "run"), points: pd.DataFrame | None = None) -> go.Figure:
+    """The toy MoE's decision maps: P(class 1) over the plane, one row per sparsification way, one column per k
+    (`moeviz.toy.maps_frame`)."""
+    _need(df, ["way", "k", "x", "y", "prob"], "decision maps")
+    title = "Toy MoE decision maps: compile-time vs run-time sparsification to k experts"
+    if df.empty:
+        return empty_figure(title)
+    ks = sorted(df[df["way"].isin(ways)]["k"].unique())
+    names = {"compile": "compile time", "run": "run time", "dense": "dense"}
+    fig = make_subplots(rows=len(ways), cols=len(ks), shared_xaxes=True, shared_yaxes=True,
+                        subplot_titles=[f"{names.get(w, w)}, k={k}" for w in ways for k in ks],
+                        horizontal_spacing=0.015, vertical_spacing=0.08)
+    for r, way in enumerate(ways):
+        for c, k in enumerate(ks):
+            d = df[(df["way"] == way) & (df["k"] == k)]
+            grid = d.pivot_table(index="y", columns="x", values="prob", aggfunc="first").sort_index()
+            fig.add_trace(
+                go.Heatmap(z=grid.to_numpy(float), x=grid.columns.to_numpy(float), y=grid.index.to_numpy(float),
+                           zmin=0, zmax=1, colorscale=DIVERGING, showscale=(r == 0 and c == 0),
+                           colorbar=dict(title=dict(text="P(first quadrant)")),
+                           hovertemplate=f"{names.get(way, way)}, k={k}<br>x: %{{x:.2f}}<br>y: %{{y:.2f}}"
+                           "<br>P(class 1): %{z:.3f}<extra></extra>"),
+                row=r + 1, col=c + 1,
+            )
+    for c in range(1, len(ks) + 1):
+        fig.update_xaxes(title_text="x", row=len(ways), col=c)
+    for r in range(1, len(ways) + 1):
+        fig.update_yaxes(title_text="y", row=r, col=1)
+    fig.update_yaxes(scaleanchor=None)
+    return _finish(fig, title, height=260 * len(ways) + 120)
+
+
+def accuracy_lines(df: pd.DataFrame) -> go.Figure:
+    """Test accuracy of the toy MoE over k, one line per way (dense is one point at k = E)."""
+    return lines(df, x="k", y="accuracy", color="way", title="Toy MoE test accuracy over the experts kept",
+                 x_title="experts kept per input, k", y_title="test accuracy (share correct)")

@@ -230,7 +230,7 @@ def domain_share(con, sel: Selection, *, slot0_only: bool = False) -> pd.DataFra
                    {('1.0' if slot0_only else 'g.top_k')} / g.n_experts AS uniform,
                    (coalesce(c.assigned, 0) / g.tokens) / ({('1.0' if slot0_only else 'g.top_k')} / g.n_experts) AS ratio
             FROM g LEFT JOIN c ON c.layer = g.layer AND c.expert = g.expert
-                               AND c.domain IS NOT DISTINCT FROM g.domain
+                               AND (c.domain = g.domain OR c.domain IS NULL)
             ORDER BY g.layer, g.domain NULLS LAST, g.expert"""
         return _typed(_df(con, sql, params + [run_id]), ints=("layer", "expert", "tokens", "assigned"))
 
@@ -595,7 +595,7 @@ def layer_flow(con, sel: Selection, layer_a: int, layer_b: int, *, slot0_only: b
                     SELECT min(expert) FILTER (WHERE layer = ?) AS ea, min(expert) FILTER (WHERE layer = ?) AS eb
                     FROM ({src}) r GROUP BY tok)
                 SELECT ea AS expert_a, eb AS expert_b, count(*) AS tokens FROM t
-                WHERE TRUE GROUP BY ALL"""
+                WHERE ea IS NOT NULL AND eb IS NOT NULL GROUP BY ALL"""
             df = _df(con, sql, [layer_a, layer_b] + params)
         else:
             src_a, pa = _routes(sel.with_(layers=(layer_a,)), run_id, f"{key.tok} AS tok, r.expert")

@@ -24,11 +24,17 @@ def tiny_config(tmp_cache, **kw) -> D.DemoConfig:
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
+def cache(tmp_path_factory):
+    """Corpus and tokenizer cache shared by this module's trainings (built on first use)."""
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory, cache):
     """Both demo runs, trained and recorded once for the module: (config, results by name, store connection)."""
     store = pytest.importorskip("moeviz.store", reason="moeviz.store (the run store) is not in this checkout yet")
     pytest.importorskip("collectors.recorder", reason="collectors.recorder (the Recorder) is not in this checkout yet")
-    cfg = tiny_config(tmp_path_factory.mktemp("cache"))
+    cfg = tiny_config(cache)
     out = tmp_path_factory.mktemp("runs")
     results = {r.name: r for r in D.run_demo(cfg, out)}
     con = store.open_store(out)
@@ -147,8 +153,8 @@ def test_experts_specialise_by_domain_on_held_out_text(demo):
         assert observed > 0.1, (layer, observed)
 
 
-def test_training_without_recording_learns(tmp_path):
-    cfg = tiny_config(tmp_path / "cache", steps=30, record=False, runs=("noaux",), checkpoints=0)
+def test_training_without_recording_learns(cache):
+    cfg = tiny_config(cache, steps=30, record=False, runs=("noaux",), checkpoints=0)
     (res,) = D.run_demo(cfg, None)
     assert res.path is None and len(res.history) == 30
     assert np.mean([h["loss"] for h in res.history[-5:]]) < res.history[0]["loss"] - 0.5

@@ -1,16 +1,33 @@
-"""Toy MoE: decision maps of a 2-D mixture of logistic experts sparsified to k experts at compile time
-(the k largest-norm router rows) against run time (top-k per input)."""
+"""Toy MoE: decision maps of a 2-D mixture of six logistic experts sparsified to k experts at compile time
+(the k largest-norm gate rows for every input) against run time (the top-k gate logits of each input)."""
 
 from __future__ import annotations
 
 import streamlit as st
 
-from app.components import run_page
-from app.state import Ctx
+from app.components import run_page, show_chart, show_table
+from app.state import Ctx, cached_pure
+from moeviz import charts
 
 
 def render(ctx: Ctx | None) -> None:
-    st.info("The toy model needs moeviz.toy.")
+    c1, c2, c3, c4 = st.columns(4)
+    seed = int(c1.number_input("Seed", 0, 10_000, 0, key="toy_seed"))
+    n_points = int(c2.number_input("Training points", 50, 5000, 1000, step=50, key="toy_points"))
+    noise = float(c3.slider("Label noise (std)", 0.0, 0.5, 0.1, 0.01, key="toy_noise"))
+    grid = int(c4.select_slider("Map resolution", [31, 51, 81, 101], value=51, key="toy_grid"))
+    with st.spinner("Training the toy MoE..."):
+        result = cached_pure("moeviz.toy.toy_moe", seed, n_points, grid, noise=noise)
+    maps = cached_pure("moeviz.toy.maps_frame", result)
+    show_chart(charts.decision_maps(maps), maps, "toy-maps",
+               caption="Blue: class 0, red: class 1 (the first quadrant). At k = 1 the compile-time model is one "
+               "logistic regression (a straight boundary); the run-time model is already piecewise linear.")
+    left, right = st.columns(2)
+    with left:
+        show_chart(charts.accuracy_lines(result.accuracy), result.accuracy, "toy-accuracy")
+    with right:
+        st.markdown("**Test accuracy by k**")
+        show_table(result.accuracy.pivot_table(index="k", columns="way", values="accuracy").reset_index(), "toy-accuracy-table")
 
 
 if __name__ == "__main__":
