@@ -230,7 +230,7 @@ def domain_share(con, sel: Selection, *, slot0_only: bool = False) -> pd.DataFra
                    {('1.0' if slot0_only else 'g.top_k')} / g.n_experts AS uniform,
                    (coalesce(c.assigned, 0) / g.tokens) / ({('1.0' if slot0_only else 'g.top_k')} / g.n_experts) AS ratio
             FROM g LEFT JOIN c ON c.layer = g.layer AND c.expert = g.expert
-                               AND (c.domain = g.domain OR c.domain IS NULL)
+                               AND c.domain IS NOT DISTINCT FROM g.domain
             ORDER BY g.layer, g.domain NULLS LAST, g.expert"""
         return _typed(_df(con, sql, params + [run_id]), ints=("layer", "expert", "tokens", "assigned"))
 
@@ -283,7 +283,7 @@ def vocab_specialization(con, sel: Selection, *, min_count: int = 5, slot0_only:
                 FROM ({src}) r GROUP BY ALL),
             t AS (
                 SELECT layer, token_id, sum(f) AS count,
-                       arg_max(expert, CAST({n} AS BIGINT) * 65536 - expert) AS expert, max({n}) AS routed
+                       arg_max(expert, CAST({n} AS BIGINT) * 65536 + expert) AS expert, max({n}) AS routed
                 FROM c GROUP BY ALL HAVING sum(f) >= ?),
             d AS ({_dims_sql()})
             SELECT t.layer, t.token_id, v.text, t.count, t.expert, t.routed, t.routed / t.count AS specialization,

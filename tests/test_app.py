@@ -28,9 +28,11 @@ PAGES = ["overview", "load", "aux_loss", "capacity", "specialization", "tokens",
 # --- writing real stores ----------------------------------------------------------------------------------------
 
 
-def write_run_dir(run_dir, routing: dict, *, run_id: str, close: bool = True, vocab: list[str] | None = None, **meta):
+def write_run_dir(run_dir, routing: dict, *, run_id: str, close: bool = True, vocab: list[str] | None = None,
+                  hold_back: int = 0, **meta):
     """Write routing arrays as a real run folder (one flush per step), through moeviz.store.RunWriter.
 
+    `hold_back` keeps the last steps' flushes unwritten in `writer.pending` (for live-refresh tests).
     The tables come from moeviz.testing.store_from_routing (aggregates over every token), so the run holds exactly
     what the collectors would have recorded for these arrays.
     """
@@ -48,12 +50,17 @@ def write_run_dir(run_dir, routing: dict, *, run_id: str, close: bool = True, vo
     w.write_layers(mem.execute("SELECT * EXCLUDE (run_id) FROM layers").df().to_dict("records"))
     if vocab:
         w.write_vocab(list(range(len(vocab))), vocab)
+    flushes = []
     for step in sorted(mem.execute("SELECT DISTINCT step FROM step_stats").df()["step"]):
         tables = {}
         for t in ("routes", "step_stats", "layer_stats", "sequences"):
             df = mem.execute(f"SELECT * EXCLUDE (run_id) FROM {t} WHERE step = ?", [int(step)]).df()
             tables[t] = {c: df[c].to_numpy() for c in df.columns}
+        flushes.append(tables)
+    cut = len(flushes) - hold_back
+    for tables in flushes[:cut]:
         w.write_flush(tables)
+    w.pending = flushes[cut:]
     if close:
         w.close()
     return w
@@ -312,11 +319,15 @@ def test_newer_schema_is_refused_with_a_message(tmp_path):
 
 def test_a_run_being_written_and_a_tiny_model(tmp_path):
     one = dict(SMALL, n_layers=1, n_experts=1, top_k=1)
-    writer = write_run_dir(tmp_path / "live", synthetic_routing(**one), run_id="live", close=False)
+    writer = write_run_dir(tmp_path / "live", synthetic_routing(**one), run_id="live", close=False, hold_back=1)
     try:
         at = open_app(tmp_path, run="live")
         assert "running" in metric(at, "Status") and metric(at, "Experts") == "1"
         assert at.toggle(key="live").value  # a running run turns live refresh on
+        assert metric(at, "Steps recorded") == "2"
+        writer.write_flush(writer.pending[0])  # the training process flushes another step
+        at.button(key="reload").click().run()  # what the live-refresh fragment does when it sees new steps
+        assert metric(at, "Steps recorded") == "3"
         for page in PAGES[1:]:
             at.switch_page(f"views/{page}.py").run()
             assert not at.exception, (page, [e.value for e in at.exception])

@@ -628,3 +628,27 @@ def test_consecutive_agreement_first_choice_only_agrees_with_the_full_version(ru
             "baseline_first_in_topk", "uniform_first_in_topk", "uniform_topk_overlap"]
     pd.testing.assert_frame_equal(full[cols], fast[cols])
     assert fast["rate_topk_overlap"].isna().all() and fast["first_in_topk"].isna().all()
+
+
+def test_domain_share_keeps_tokens_without_a_domain_apart():
+    index = np.array([[[0]], [[1]], [[1]], [[2]]])  # k=1, E=3; seq 0 'code', seq 1 no domain
+    con = store_from_routing(index=index, n_experts=3, seqs=[0, 0, 1, 1],
+                             domains=np.array(["code", "code", None, None], dtype=object))
+    got = sp.domain_share(con, Selection())
+    assert len(got) == 6 and got["domain"].isna().sum() == 3
+    none = got[got.domain.isna()].set_index("expert")["share"]
+    code = got[got.domain == "code"].set_index("expert")["share"]
+    assert none.tolist() == [0.0, 0.5, 0.5] and code.tolist() == [0.5, 0.5, 0.0]
+    only_code = sp.domain_share(con, Selection(domains=("code",)))
+    assert (only_code.domain == "code").all() and only_code["tokens"].tolist() == [2, 2, 2]
+
+
+def test_layer_flow_counts_only_tokens_recorded_in_both_layers():
+    index = np.array([[[0], [1]], [[0], [2]], [[1], [2]]])  # [T=3, L=2, k=1]
+    con = store_from_routing(index=index, n_experts=3)
+    con.execute("DELETE FROM routes WHERE layer = 1 AND pos = 2")  # token 2 is not recorded in layer 1
+    got = sp.layer_flow(con, Selection(), 0, 1)
+    assert {(r.expert_a, r.expert_b): r.tokens for r in got.itertuples()} == {(0, 1): 1, (0, 2): 1}
+    assert got["share_of_a"].tolist() == [0.5, 0.5]
+    both = sp.layer_flow(con, Selection(), 0, 1, slot0_only=False)
+    assert both["tokens"].sum() == 2

@@ -29,7 +29,7 @@ def _header(ctx: Ctx) -> None:
     elif status == "interrupted":
         st.warning("A writer died without closing the run (kill -9, OOM, node loss): the data ends where it stopped.")
     elif status == "running":
-        st.info("The run is being written. Turn on Live refresh in the sidebar to follow it.")
+        st.info("The run is being written: with Live refresh on (sidebar) the pages reload as new steps arrive.")
     if int(run.get("steps") or 0) == 0:
         st.info("Nothing has been recorded in this run yet.")
     with st.expander("Model config and recording policy"):
