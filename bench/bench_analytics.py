@@ -565,13 +565,58 @@ class RecordingConnection:
         return getattr(self.con, name)
 
 
-def explain(con, case: Case, sel: Selection) -> str:
-    """EXPLAIN ANALYZE of the slowest query an analysis runs (time measured at execute, before fetching)."""
+def profiling_connection(store: Path):
+    """The store's views on a connection that is not locked down (open_store locks the configuration, and with
+    it profiling): built with store_reader's own steps, minus the lock-down. For EXPLAIN ANALYZE only."""
+    import duckdb
+
+    from moeviz import segments as sg
+    from moeviz import store_reader as sr
+
+    runs = [sr._RunFiles.scan(d) for d in sg.find_runs(store)]
+    con = duckdb.connect()
+    compacted = sr._attach_compacted(con, runs)
+    for i, run in enumerate(runs):
+        folded = compacted.get(i, {}).get("folded", set())
+        run.segments = {t: [p for p in ps if sg.relative_name(run.run_dir, p) not in folded]
+                        for t, ps in run.segments.items()}
+    sr._register_segments(con, runs)
+    con.register("_run_status", sr._status_table(con, runs, compacted))
+    sr._create_views(con, compacted)
+    return con
+
+
+def _operators(node: dict, out: list) -> list:
+    name = node.get("type") or node.get("operator_type") or "?"
+    extra = node.get("extra_info") or {}
+    detail = "; ".join(f"{k}: " + (", ".join(map(str, v)) if isinstance(v, list) else str(v))
+                       for k, v in extra.items() if k in ("Groups", "Aggregates", "Join Type", "Conditions",
+                                                          "Function", "Projections"))[:200]
+    out.append((float(node.get("timing", node.get("operator_timing", 0.0)) or 0.0),
+                int(node.get("intermediate_rows", node.get("operator_cardinality", 0)) or 0), name.strip(), detail))
+    for c in node.get("children", []):
+        _operators(c, out)
+    return out
+
+
+def explain(store: Path, case: Case, sel: Selection, top: int = 6) -> str:
+    """The slowest query of an analysis, profiled: total time and its most expensive operators."""
+    import json
+
+    con = profiling_connection(store)
     rec = RecordingConnection(con)
     case.moeviz(rec, sel)
-    _, sql, params = max(rec.log, key=lambda x: x[0])
-    plan = con.execute("EXPLAIN ANALYZE " + sql, params).fetchall()
-    return "\n".join(str(r[1]) for r in plan)
+    t, sql, params = max(rec.log, key=lambda x: x[0])
+    con.execute("PRAGMA enable_profiling = 'no_output'")
+    con.execute("PRAGMA profiling_mode = 'detailed'")
+    con.execute(sql, params).fetchall()
+    info = json.loads(con.get_profiling_information(format="json"))
+    con.execute("PRAGMA disable_profiling")
+    ops = sorted([o for n in info.get("operator", [info]) for o in _operators(n, [])], key=lambda x: -x[0])[:top]
+    lines = [f"slowest query: {t:.2f} s of {sum(x[0] for x in rec.log):.2f} s in {len(rec.log)} queries; "
+             f"profiled total {info.get('total_time', info.get('latency', 0)):.2f} s; top operators:"]
+    lines += [f"  {sec:7.2f} s  {rows:>12,} rows  {name}  {detail}" for sec, rows, name, detail in ops]
+    return "\n".join(lines)
 
 
 def call_with_timeout(con, fn: Callable, timeout_s: float | None):
@@ -638,7 +683,7 @@ def run(store: Path, repeats: int, pandas_routes: int | None, only: str | None, 
         print(f"moeviz: {case.name} ...", file=sys.stderr, flush=True)
         try:
             m, first = call_with_timeout(con, lambda: case.moeviz(con, sel), timeout_s)
-            n_rep = repeats if (max_repeat_s is None or first <= max_repeat_s) else min(repeats, 1)
+            n_rep = repeats if (max_repeat_s is None or first <= max_repeat_s) else 0  # slow: first call only
             reps = [call_with_timeout(con, lambda: case.moeviz(con, sel), timeout_s)[1] for _ in range(n_rep)]
             err = None
         except TimeoutError as e:
@@ -701,7 +746,8 @@ def run(store: Path, repeats: int, pandas_routes: int | None, only: str | None, 
         case = res["case"]
         limit = 1.0 if case.reads == "aggregates" else 5.0
         ms = res["rep"] if res["rep"] is not None else res["first"]
-        n_rep = "" if res.get("n_rep", repeats) == repeats else f", {res.get('n_rep')} repeat(s)"
+        n_rep = "" if res.get("n_rep", repeats) == repeats else \
+            (" = first call only" if not res.get("n_rep") else f", {res.get('n_rep')} repeat(s)")
         mtxt = f"{fmt_s(ms)} ({fmt_s(res['first'])}{n_rep})" if res["err"] is None else f"{res['err']}"
         pds = res.get("pd") or [("not reimplemented in pandas" if not case.pandas else "(pandas skipped)", None, "-")]
         for what, t, check in pds:
@@ -730,15 +776,14 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=None, help="also write the Markdown here")
     ap.add_argument("--timeout", type=float, default=None, help="interrupt a moeviz call after this many seconds")
     ap.add_argument("--max-repeat-s", type=float, default=None,
-                    help="repeat a moeviz call only once when its first call took longer than this")
+                    help="do not repeat a moeviz call whose first call took longer than this (first call only)")
     ap.add_argument("--explain", action="store_true",
                     help="print EXPLAIN ANALYZE of the slowest query of each analysis selected by --only")
     args = ap.parse_args(argv)
     if args.explain:
-        con = open_store(args.store)
         for case in cases([], 8):
             if args.only is None or args.only in case.name:
-                print(f"### {case.name}\n\n```\n{explain(con, case, Selection())}\n```\n")
+                print(f"### {case.name}\n\n```\n{explain(args.store, case, Selection())}\n```\n", flush=True)
         return 0
     text = run(args.store, args.repeats, args.pandas_routes, args.only, args.no_pandas, args.timeout,
                args.max_repeat_s)

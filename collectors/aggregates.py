@@ -83,14 +83,25 @@ def kept_token_slots(mask: Tensor, max_tokens: int | None) -> tuple[Tensor, Tens
 
 
 def packed_routes(
-    sel: Tensor, valid: Tensor, seq: Tensor, pos: Tensor, token_id: Tensor, index: Tensor, weights: Tensor
+    sel: Tensor,
+    valid: Tensor,
+    seq: Tensor,
+    pos: Tensor,
+    token_id: Tensor,
+    index: Tensor,
+    weights: Tensor,
+    weight_scale: float = 1.0,
 ) -> tuple[Tensor, Tensor]:
     """Per-token detail of one layer for the kept tokens: (ints int32 [M, 4 + k], weights float32 [M, k]).
 
     Int columns: valid, seq, pos, token_id, expert[k]. sel/valid come from `kept_token_slots`; seq/pos/token_id
     [N] describe the token stream; index/weights [N, k] are the layer's routing. 32-bit columns halve what a
-    flush copies compared with float64 (routes are most of a flush).
+    flush copies compared with float64 (routes are most of a flush). Weights are divided by `weight_scale`
+    (DeepSeek's routed_scaling_factor), so that the stored gate weights are the router's probabilities in [0, 1].
     """
     cols = torch.stack([valid.to(torch.int64), seq[sel], pos[sel], token_id[sel]], dim=1)  # [M, 4]
     ints = torch.cat([cols, index[sel].to(torch.int64)], dim=1).to(torch.int32)  # [M, 4 + k]
-    return ints, weights[sel].to(torch.float32)  # [M, 4 + k], [M, k]
+    w = weights[sel].to(torch.float32)  # [M, k]
+    if weight_scale != 1.0:
+        w = w / float(weight_scale)
+    return ints, w  # [M, 4 + k], [M, k]

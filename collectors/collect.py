@@ -75,6 +75,7 @@ def collect(
             for label, chunks in per_file:
                 for start in range(0, len(chunks), batch_size):
                     ids, mask = _padded(chunks[start : start + batch_size], seq_len, pad_id)  # [B, S] each
+                    n_tokens = int(mask.sum())  # counted on the host copy: no device sync per batch
                     ids, mask = ids.to(dev), mask.to(dev)
                     if seq2seq:  # the decoder reads the same text (teacher forcing), so both stacks see it
                         model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100),
@@ -84,7 +85,7 @@ def collect(
                     rec.step(summary.steps, domain=label, tag="eval")
                     summary.steps += 1
                     summary.sequences += ids.shape[0]
-                    summary.tokens_per_domain[label] = summary.tokens_per_domain.get(label, 0) + int(mask.sum())
+                    summary.tokens_per_domain[label] = summary.tokens_per_domain.get(label, 0) + n_tokens
                     bar.update(1)
         bar.close()
     return summary

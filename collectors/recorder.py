@@ -19,6 +19,19 @@ How it stays out of the way of training:
   memory.
 - Hooks are removed in `finally`, whatever happened; the run is closed as finished, or failed with the
   exception text, and the user's exception always propagates.
+
+What the recorded numbers mean, where model families differ:
+- `routes.weight` is the gate weight after the model's renormalisation but before a constant routed scaling
+  factor (DeepSeek-V2/V3, GLM-4-MoE `routed_scaling_factor`, in `runs.config`): the model multiplies the
+  expert output by weight * routed_scaling_factor. So weights stay in [0, 1] and compare with Megatron-LM's
+  routing probabilities.
+- `step_stats.prob_sum` and the entropy / z-loss sums are computed from softmax / logsumexp of the router
+  logits in float32 (bf16 logits are upcast first), for every family, so that load-balancing losses compare
+  across runs. For routers that score with a sigmoid (DeepSeek-V3, GLM-4-MoE), this softmax is not the score
+  the model chose on; their choice (with the correction bias) is in `assigned` / `first_choice` / `routes`.
+- `runs.capacity_factor` for Switch Transformers (a fixed `expert_capacity` tokens per expert and sequence) is
+  expert_capacity * n_experts / sequence length of the first recorded step (the encoder's); NULL for models
+  that never drop tokens.
 """
 
 from __future__ import annotations
@@ -26,6 +39,7 @@ from __future__ import annotations
 import functools
 import inspect
 import json
+import operator
 import queue
 import threading
 import traceback
@@ -131,6 +145,7 @@ class _Stream:
         self.n_per_seq = torch.cat(per_seq) if per_seq else empty  # [B_total]
         self.n = int(sum(sg.batch * sg.seq_len for sg in segments))
         self.n_seqs = offset
+        self.seq_len = segments[0].seq_len if segments else 0  # of the first forward (a capacity group, Switch)
         self._moved: dict[torch.device, tuple[Tensor, Tensor, Tensor, Tensor]] = {}
         self._kept: dict[tuple[torch.device, int | None], tuple[Tensor, Tensor]] = {}
 
@@ -379,6 +394,7 @@ class Recorder:
         self._forwards: list[tuple[_Segment | None, _Segment | None]] = []  # (main, decoder) per forward
         self._pending: list[_StepRecord] = []
         self._warned_layers: set[int] = set()
+        self._capacity_known = False  # runs.capacity_factor of fixed-capacity routers written (see step())
         self.steps_recorded = 0
         self.flushes = 0
 
@@ -508,11 +524,14 @@ class Recorder:
         used. domain: one label, or one per sequence. No host sync unless this step triggers a flush.
         """
         self._check_usable()
+        step = _step_number(step)
         calls, forwards = self._calls, self._forwards
-        self.discard()
         if not any(calls):
+            self.discard()
             return
-        record = self._step_record(int(step), calls, forwards, token_ids, attention_mask, domain, str(tag))
+        # built before discarding: if an argument is wrong, the step's routing stays buffered for a corrected call
+        record = self._step_record(step, calls, forwards, token_ids, attention_mask, domain, str(tag))
+        self.discard()
         self._pending.append(record)
         self.steps_recorded += 1
         if len(self._pending) >= self.flush_every:
@@ -526,11 +545,14 @@ class Recorder:
         sampled = step % self.sample_every == 0
         n_seqs = main.n_seqs if main is not None else 0
         record = _StepRecord(step, tag, self._domains(domain, n_seqs, step))
+        concatenated = [_concat_calls(c) if c else None for c in calls]
         for i, site in enumerate(self.sites):
-            if not calls[i]:
+            if concatenated[i] is None:
                 continue
-            logits, index, weights, dropped = _concat_calls(calls[i])
+            logits, index, weights, dropped = concatenated[i]
             stream = self._stream_for(site, logits.shape[0], main, dec)
+            if stream is not None and site.expert_capacity is not None and not self._capacity_known:
+                self._write_capacity_factor(site, stream.seq_len)
             dev = logits.device
             if stream is not None:
                 seq, pos, tid, mask = stream.on(dev)
@@ -540,7 +562,7 @@ class Recorder:
             record.pieces.append(_piece("agg", site.layer, agg))
             if sampled and stream is not None and self.max_tokens_per_step != 0:
                 sel, valid = stream.kept(dev, self.max_tokens_per_step)
-                ints, w = packed_routes(sel, valid, seq, pos, tid, index, weights)
+                ints, w = packed_routes(sel, valid, seq, pos, tid, index, weights, site.weight_scale)
                 record.pieces += [_piece("route_ints", site.layer, ints), _piece("route_weights", site.layer, w)]
         if main is not None:
             record.pieces.append(_piece("seqs", None, main.n_per_seq.to(torch.int64)))
@@ -563,6 +585,16 @@ class Recorder:
             ids = both[0] if ids is None else ids
             mask = both[1] if mask is None else mask
         return _Stream([_Segment(ids, mask, shape[0], shape[1])], device)
+
+    def _write_capacity_factor(self, site, seq_len: int) -> None:
+        """runs.capacity_factor for fixed-capacity routers (Switch: expert_capacity tokens per expert and
+        sequence), known once the first step's sequence length is: expert_capacity * n_experts / seq_len."""
+        self._capacity_known = True
+        factor = site.capacity_factor_for(seq_len)
+        if factor is None:
+            return
+        meta = dict(self._run_metadata(), capacity_factor=float(factor))
+        self._writer_thread.submit(lambda w: w.write_run(meta))  # replaces the runs row written at start()
 
     def _stream_for(self, site, n_tokens: int, main: _Stream | None, dec: _Stream | None) -> _Stream | None:
         """The token stream whose layout matches what this router saw, or None (warned once per layer)."""
@@ -695,6 +727,16 @@ class Recorder:
             )
             for s in self.sites
         ]
+
+
+def _step_number(step: Any) -> int:
+    """The step as a Python int (numpy and 0-d integer tensors accepted); RecorderError otherwise."""
+    if isinstance(step, (bool, float, str)) or step is None:
+        raise RecorderError(f"step() takes an integer step number; got {step!r} ({type(step).__name__})")
+    try:
+        return operator.index(step)
+    except TypeError:
+        raise RecorderError(f"step() takes an integer step number; got {type(step).__name__}") from None
 
 
 def _concat_calls(calls: list) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:

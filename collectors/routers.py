@@ -128,7 +128,12 @@ class RouterSite:
     `block_index` is the index of the transformer block that holds the router (the first integer in `name`).
     `capacity_factor` is the model's own capacity factor when it has one; models with a fixed per-sequence
     capacity in tokens (HF Switch Transformers' `expert_capacity`) give `expert_capacity` instead, and
-    `capacity_factor_for(tokens_per_group)` converts it."""
+    `capacity_factor_for(tokens_per_group)` converts it.
+
+    `weight_scale` is the constant the router multiplied its gate weights by after top-k and renormalisation
+    (DeepSeek-V2/V3, GLM-4-MoE, ... `routed_scaling_factor`, e.g. 2.5): `extract` returns the weights as the
+    model applied them (scaled), and the Recorder stores `weights / weight_scale`, the gate probabilities in
+    [0, 1] that users compare with Megatron-LM's routing logs (the factor is in the run's config)."""
 
     name: str
     module: nn.Module
@@ -141,6 +146,7 @@ class RouterSite:
     extract: Callable[[Any, tuple, Any], RouterOutput]
     expert_capacity: int | None = None  # tokens per expert per sequence (Switch), else None
     kind: str = ""  # which rule found it and reads it, e.g. 'topk-router', 'switch-top1', 'linear-gate', 'custom'
+    weight_scale: float = 1.0  # factor the model multiplied the gate weights by (DeepSeek's routed_scaling_factor)
 
     def capacity_factor_for(self, tokens_per_group: int) -> float | None:
         """Capacity factor at a given group size: expert_capacity * n_experts / tokens_per_group for
@@ -155,10 +161,13 @@ class RouterAdapter:
 
     Set `n_experts` and `top_k` (class or instance attributes) when the module does not carry them as
     `num_experts`/`top_k` attributes. Tensors may keep leading batch dims: they are flattened to [tokens, ...]
-    and detached afterwards. Use tensor ops only (no `.item()`, `.tolist()`, `.cpu()`, `nonzero`, mask indexing)."""
+    and detached afterwards. Use tensor ops only (no `.item()`, `.tolist()`, `.cpu()`, `nonzero`, mask indexing).
+    If the weights you return are multiplied by a constant (a routed scaling factor), set `weight_scale` to it:
+    the store keeps the gate weights before scaling, in [0, 1]."""
 
     n_experts: int | None = None
     top_k: int | None = None
+    weight_scale: float | None = None
 
     def __call__(self, module, inputs: tuple, output: Any) -> RouterOutput:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -532,6 +541,7 @@ def _site(name, module, parent, config, adapter, layer: int) -> RouterSite:
             )
         read, kind = auto
     factor, expert_capacity = _capacity(module, config)
+    scale = _weight_scale(adapter if adapter is not None else module)
     return RouterSite(
         name=name,
         module=module,
@@ -544,7 +554,18 @@ def _site(name, module, parent, config, adapter, layer: int) -> RouterSite:
         extract=_make_extract(read, n_experts, top_k, where),
         expert_capacity=expert_capacity,
         kind=kind,
+        weight_scale=scale,
     )
+
+
+def _weight_scale(obj) -> float:
+    """The routed scaling factor a router (or a user adapter, as `weight_scale`) applies to its gate weights:
+    1.0 unless it has a positive `routed_scaling_factor` / `weight_scale`."""
+    for name in ("weight_scale", "routed_scaling_factor"):
+        value = getattr(obj, name, None)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+            return float(value)
+    return 1.0
 
 
 def find_routers(model, *, predicate=None, adapter=None) -> list[RouterSite]:

@@ -174,7 +174,16 @@ def lines(
                       annotation_position="top left")
     if log_y:
         fig.update_yaxes(type="log")
+    _integer_ticks(fig, df[x])
     return _finish(fig, title, x_title, y_title, legend=dict(title=None))
+
+
+def _integer_ticks(fig: go.Figure, xs: pd.Series) -> None:
+    """Steps and k are integers: no 0.5 ticks between them."""
+    v = pd.to_numeric(xs, errors="coerce").dropna()
+    if len(v) and np.all(np.mod(v, 1) == 0):
+        span = float(v.max() - v.min())
+        fig.update_xaxes(tickformat=",d", dtick=1 if span <= 20 else None)
 
 
 def bars(
@@ -190,6 +199,7 @@ def bars(
     reference: tuple[str, float] | None = None,
     barmode: str = "group",
     categorical_x: bool = True,
+    legend_prefix: bool = True,
 ) -> go.Figure:
     """Bars of y per x (grouped by `color`), with an optional dotted reference line (label, value)."""
     _need(df, [x, y, color, *hover], title)
@@ -199,7 +209,7 @@ def bars(
     groups = df.groupby(color, sort=True) if color else [(None, df)]
     for key, g in groups:
         key = key[0] if isinstance(key, tuple) else key
-        name = f"{_fmt(color)} {key}" if color else y
+        name = (f"{_fmt(color)} {key}" if legend_prefix else str(key)) if color else y
         template = f"{_fmt(x)}: %{{x}}<br>{y_title}: %{{y:.4g}}"
         if color:
             template = f"{name}<br>" + template
@@ -257,7 +267,7 @@ def small_multiples(
             name = f"{_fmt(color)} {cv}" if color else y
             fig.add_trace(
                 go.Scatter(
-                    x=g[x], y=g[y], mode="lines", name=name, legendgroup=name, showlegend=i == 0,
+                    x=g[x], y=g[y], mode="lines", name=name, legendgroup=name, showlegend=i == 0 and color is not None,
                     line=dict(color=palette[j % len(palette)], width=1.5),
                     hovertemplate=f"{_fmt(facet)} {f}, {name}<br>{_fmt(x)}: %{{x}}<br>{y_title}: %{{y:.4g}}<extra></extra>",
                 ),
@@ -626,35 +636,27 @@ def coactivation_heatmap(df: pd.DataFrame, *, layer: int | None = None) -> go.Fi
                    x_title="expert j (chosen with i)", y_title="expert i", z_title="P(j | i)", zmin=0, hover=hover)
 
 
-def consecutive_agreement_bars(df: pd.DataFrame) -> go.Figure:
-    """Per layer: how often consecutive tokens agree (three measures), against the baseline of routing blind to
-    the neighbour and against balanced routing (`consecutive_agreement`, Mixtral Table 5)."""
+def consecutive_agreement_bars(df: pd.DataFrame, *, layer: int | None = None) -> go.Figure:
+    """How often consecutive tokens agree (three measures) in one layer, next to the baseline of routing blind to
+    the neighbour and to balanced routing (`consecutive_agreement`, Mixtral Table 5)."""
     measures = [("first", "same first choice", "baseline_first"),
                 ("first_in_topk", "next first choice in top-k", "baseline_first_in_topk"),
                 ("topk_overlap", "top-k sets overlap", None)]
+    d = df if layer is None else df[df["layer"] == layer]
     rows = []
-    for m, label, base in measures:
-        if f"rate_{m}" not in df.columns:
-            continue
-        for _, r in df.iterrows():
+    for _, r in d.iterrows():
+        for m, label, base in measures:
+            if f"rate_{m}" not in d.columns:
+                continue
             rows.append({"layer": r["layer"], "measure": label, "kind": "observed", "rate": r[f"rate_{m}"], "pairs": r["pairs"]})
-            if base and base in df.columns:
+            if base and base in d.columns:
                 rows.append({"layer": r["layer"], "measure": label, "kind": "neighbour-blind baseline", "rate": r[base], "pairs": r["pairs"]})
-            if f"uniform_{m}" in df.columns:
+            if f"uniform_{m}" in d.columns:
                 rows.append({"layer": r["layer"], "measure": label, "kind": "uniform routing", "rate": r[f"uniform_{m}"], "pairs": r["pairs"]})
     long = pd.DataFrame(rows, columns=["layer", "measure", "kind", "rate", "pairs"])
-    title = "Consecutive tokens routed alike, against chance"
-    if long.empty:
-        return empty_figure(title)
-    long["series"] = long["measure"] + " · " + long["kind"]
-    fig = bars(long, x="layer", y="rate", color="series", title=title, x_title="MoE layer",
-               y_title="share of consecutive token pairs", hover=["pairs"])
-    for t in fig.data:
-        if "baseline" in t.name:
-            t.marker.pattern.shape = "/"
-        elif "uniform" in t.name:
-            t.marker.pattern.shape = "."
-    return fig
+    where = f" in layer {layer}" if layer is not None else ""
+    return bars(long, x="measure", y="rate", color="kind", title=f"Consecutive tokens routed alike{where}, against chance",
+                x_title="measure", y_title="share of consecutive token pairs", hover=["pairs"], legend_prefix=False)
 
 
 def layer_flow_sankey(df: pd.DataFrame, layer_a: int, layer_b: int) -> go.Figure:
@@ -721,10 +723,10 @@ def bound_curve(df: pd.DataFrame, *, current_experts: int | None = None) -> go.F
                 hover=[c for c in ("fraction", "family", "tokens_used") if c in long.columns])
     for t in fig.data:
         t.name = t.name.replace("series ", "")
-    fig.update_xaxes(type="log")
-    if current_experts:
-        fig.add_vline(x=float(current_experts), line_dash="dash", line_color="black",
-                      annotation_text=f"E = {current_experts}", annotation_position="top right")
+    fig.update_xaxes(type="log", dtick=None, tickformat=None)
+    if current_experts:  # a trace, not a shape: shapes on a log axis take log10 coordinates
+        fig.add_trace(go.Scatter(x=[current_experts, current_experts], y=[0, 1.0], mode="lines", name=f"E = {current_experts}",
+                                 line=dict(dash="dash", color="black"), hoverinfo="skip"))
     return fig
 
 

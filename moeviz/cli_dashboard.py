@@ -59,12 +59,39 @@ def launch(path: str | os.PathLike, port: int = 8501, host: str = "127.0.0.1", b
     proc = subprocess.Popen(cmd, env=env)
     if not block:
         return proc
+    return _wait_forwarding_signals(proc)
+
+
+def _stop(proc: subprocess.Popen, timeout_s: float = 10.0) -> None:
+    """Terminate the server, and kill it if it has not exited after `timeout_s`."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _wait_forwarding_signals(proc: subprocess.Popen) -> int:
+    """Wait for the server; Ctrl-C or SIGTERM to this process stops the server too (never leaves it orphaned)."""
+    import signal
+    import threading
+
+    def on_term(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, on_term)
     try:
         return proc.wait()
     except KeyboardInterrupt:
-        proc.terminate()
-        proc.wait(10)
+        _stop(proc)
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _handle(args) -> int:

@@ -78,7 +78,8 @@ def _df(con, sql: str, params: list) -> pd.DataFrame:
 def _run_ids(con, sel: Selection) -> list[str]:
     """The runs of the selection that the store holds, in a stable order."""
     where, params = Selection(run_ids=sel.run_ids).where()
-    return [r[0] for r in _df(con, f"SELECT run_id FROM runs WHERE {where} ORDER BY run_id", params).itertuples(index=False)]
+    runs = _df(con, f"SELECT run_id FROM runs WHERE {where} ORDER BY run_id", params)
+    return runs["run_id"].tolist()
 
 
 def _per_run(con, sel: Selection, columns: list[str], one_run) -> pd.DataFrame:
@@ -90,25 +91,31 @@ def _per_run(con, sel: Selection, columns: list[str], one_run) -> pd.DataFrame:
             df.insert(0, "run_id", run_id)
             frames.append(df[columns])
     if not frames:
-        return pd.DataFrame({c: pd.Series(dtype="object" if c in ("run_id", "domain", "text", "by", "variable", "slots") else "float64") for c in columns})
+        text = ("run_id", "domain", "text", "by", "variable", "slots")
+        return pd.DataFrame({c: pd.Series(dtype="object" if c in text else "float64") for c in columns})
     return pd.concat(frames, ignore_index=True)
 
 
-def _routes(sel: Selection, run_id: str, cols: str, *, domain: bool = False, extra: str = "") -> tuple[str, list]:
-    """A SELECT of one run's routes in the selection (alias r), with the sequence's domain (s.domain) if asked."""
-    one = sel.with_(run_ids=None)
-    join = domain or one.needs_sequences
-    where, params = one.where("r", per_token=True, seq_alias="s")
-    seq_join = (
-        "LEFT JOIN sequences s ON s.run_id = r.run_id AND s.step = r.step AND s.rank = r.rank AND s.seq = r.seq"
-        if join
-        else ""
-    )
-    sql = f"SELECT {cols} FROM routes r {seq_join} WHERE r.run_id = ? AND {where} {('AND ' + extra) if extra else ''}"
-    return sql, [run_id, *params]
+def _routes(sel: Selection, run_id: str, cols: str, *, extra: str = "") -> tuple[str, list]:
+    """A SELECT of `cols` from one run's routes in the selection (alias r), and its parameters.
+
+    The selection's domains and tags keep the routes whose sequence matches, through a semi-join with that run's
+    `sequences` on (step, rank, seq): integer keys only, and a route is never duplicated by the join.
+    """
+    rwhere, rparams = sel.with_(run_ids=None, domains=None, tags=None).where("r")
+    seq_join, sparams = "", []
+    if sel.needs_sequences:
+        swhere, seq_params = Selection(domains=sel.domains, tags=sel.tags).where("s", per_token=True)
+        seq_join = (f"SEMI JOIN (SELECT step, rank, seq FROM sequences s WHERE s.run_id = ? AND {swhere}) s "
+                    "ON s.step = r.step AND s.rank = r.rank AND s.seq = r.seq")
+        sparams = [run_id, *seq_params]
+    sql = f"SELECT {cols} FROM routes r {seq_join} WHERE r.run_id = ? AND {rwhere} {('AND ' + extra) if extra else ''}"
+    return sql, [*sparams, run_id, *rparams]
 
 
-def _counts_by_domain(sel: Selection, run_id: str, keys: Sequence[str], *, known_domain: bool = False) -> tuple[str, list]:
+def _counts_by_domain(
+    sel: Selection, run_id: str, keys: Sequence[str], *, known_domain: bool = False
+) -> tuple[str, list]:
     """A SELECT of one run's route counts per `keys` (routes columns) and domain: n (routes), f (slot-0 routes).
 
     Routes are first counted per sequence and then joined with `sequences`, so the join touches one row per
@@ -228,7 +235,8 @@ def domain_share(con, sel: Selection, *, slot0_only: bool = False) -> pd.DataFra
             SELECT g.layer, g.domain, g.expert, g.tokens, coalesce(c.assigned, 0) AS assigned,
                    coalesce(c.assigned, 0) / g.tokens AS share,
                    {('1.0' if slot0_only else 'g.top_k')} / g.n_experts AS uniform,
-                   (coalesce(c.assigned, 0) / g.tokens) / ({('1.0' if slot0_only else 'g.top_k')} / g.n_experts) AS ratio
+                   (coalesce(c.assigned, 0) / g.tokens)
+                       / ({('1.0' if slot0_only else 'g.top_k')} / g.n_experts) AS ratio
             FROM g LEFT JOIN c ON c.layer = g.layer AND c.expert = g.expert
                                AND c.domain IS NOT DISTINCT FROM g.domain
             ORDER BY g.layer, g.domain NULLS LAST, g.expert"""
@@ -283,7 +291,7 @@ def vocab_specialization(con, sel: Selection, *, min_count: int = 5, slot0_only:
                 FROM ({src}) r GROUP BY ALL),
             t AS (
                 SELECT layer, token_id, sum(f) AS count,
-                       arg_max(expert, CAST({n} AS BIGINT) * 65536 + expert) AS expert, max({n}) AS routed
+                       arg_max(expert, CAST({n} AS BIGINT) * 65536 - expert) AS expert, max({n}) AS routed
                 FROM c GROUP BY ALL HAVING sum(f) >= ?),
             d AS ({_dims_sql()})
             SELECT t.layer, t.token_id, v.text, t.count, t.expert, t.routed, t.routed / t.count AS specialization,
@@ -306,7 +314,8 @@ def vocab_specialization_summary(con, sel: Selection, *, min_count: int = 5, slo
     if per_token.empty:
         return pd.DataFrame({c: pd.Series(dtype="object" if c == "run_id" else "float64") for c in cols})
     out = per_token.groupby(["run_id", "layer"], as_index=False).agg(
-        token_ids=("token_id", "size"), occurrences=("count", "sum"), routed=("routed", "sum"), uniform=("uniform", "first")
+        token_ids=("token_id", "size"), occurrences=("count", "sum"), routed=("routed", "sum"),
+        uniform=("uniform", "first"),
     )
     out["specialization"] = out["routed"] / out["occurrences"]
     return out[cols]
@@ -385,7 +394,9 @@ def _check_bins(bins: Sequence[int]) -> list[int]:
     try:
         edges = [int(b) for b in bins]
     except (TypeError, ValueError):
-        raise SpecializationError(f"bins must be a sequence of integer left edges, e.g. (0, 1, 2, 4, 8); got {bins!r}") from None
+        raise SpecializationError(
+            f"bins must be a sequence of integer left edges, e.g. (0, 1, 2, 4, 8); got {bins!r}"
+        ) from None
     if not edges or any(b < 0 for b in edges) or any(b2 <= b1 for b1, b2 in zip(edges, edges[1:])):
         raise SpecializationError(
             f"bins must be non-empty, non-negative and strictly increasing left edges of position buckets; got {edges}"
@@ -424,7 +435,8 @@ def position_share(con, sel: Selection, *, bins: Sequence[int] = DEFAULT_POSITIO
             SELECT g.layer, g.bucket, b.pos_lo, b.pos_hi, g.expert, g.tokens, coalesce(cb.assigned, 0) AS assigned,
                    coalesce(cb.assigned, 0) / g.tokens AS share,
                    {('1.0' if slot0_only else 'g.top_k')} / g.n_experts AS uniform,
-                   (coalesce(cb.assigned, 0) / g.tokens) / ({('1.0' if slot0_only else 'g.top_k')} / g.n_experts) AS ratio
+                   (coalesce(cb.assigned, 0) / g.tokens)
+                       / ({('1.0' if slot0_only else 'g.top_k')} / g.n_experts) AS ratio
             FROM g JOIN b ON b.bucket = g.bucket
             LEFT JOIN cb ON cb.layer = g.layer AND cb.bucket = g.bucket AND cb.expert = g.expert
             ORDER BY g.layer, g.bucket, g.expert"""
@@ -525,7 +537,8 @@ def consecutive_agreement(con, sel: Selection, *, topk: bool = True) -> pd.DataF
             tokens = f"""SELECT layer, sk, pos, {agg} AS m, min(expert) FILTER (WHERE slot = 0) AS f
                          FROM ({src}) r GROUP BY layer, sk, pos"""
             lags, counts = ", m, lag(m) OVER win AS pm", (
-                f"count(*) FILTER (WHERE {has_first}) AS first_in_topk, count(*) FILTER (WHERE {overlap}) AS topk_overlap")
+                f"count(*) FILTER (WHERE {has_first}) AS first_in_topk, "
+                f"count(*) FILTER (WHERE {overlap}) AS topk_overlap")
         else:  # one slot-0 route per token: no per-token GROUP BY needed
             tokens = f"SELECT layer, sk, pos, expert AS f FROM ({src}) r WHERE slot = 0"
             lags, counts = "", "CAST(NULL AS BIGINT) AS first_in_topk, CAST(NULL AS BIGINT) AS topk_overlap"
@@ -537,16 +550,13 @@ def consecutive_agreement(con, sel: Selection, *, topk: bool = True) -> pd.DataF
             agree AS (
                 SELECT layer, count(*) AS pairs, count(*) FILTER (WHERE f = pf) AS same_first, {counts}
                 FROM w WHERE pp = pos - 1 GROUP BY layer),
-            fr AS (
-                SELECT layer, f AS expert, count(*) AS n FROM t GROUP BY ALL),
-            ex AS (
-                SELECT r.layer, r.expert, count(*) AS n FROM ({src}) r GROUP BY ALL),
-            tot AS (SELECT layer, count(*) AS tokens FROM t GROUP BY layer),
-            p AS (SELECT fr.layer, fr.expert, fr.n / tot.tokens AS p FROM fr JOIN tot ON tot.layer = fr.layer),
-            q AS (SELECT ex.layer, ex.expert, ex.n / tot.tokens AS q FROM ex JOIN tot ON tot.layer = ex.layer),
-            base AS (
-                SELECT p.layer, sum(p.p * p.p) AS baseline_first, sum(p.p * coalesce(q.q, 0)) AS baseline_first_in_topk
-                FROM p LEFT JOIN q ON q.layer = p.layer AND q.expert = p.expert GROUP BY p.layer),
+            ex AS (  -- per expert: tokens choosing it first (f) and tokens having it among their k (n)
+                SELECT r.layer, r.expert, count(*) FILTER (WHERE r.slot = 0) AS f, count(*) AS n
+                FROM ({src}) r GROUP BY ALL),
+            pq AS (SELECT layer, f / sum(f) OVER (PARTITION BY layer) AS p, n / sum(f) OVER (PARTITION BY layer) AS q
+                   FROM ex),
+            base AS (SELECT layer, sum(p * p) AS baseline_first, sum(p * q) AS baseline_first_in_topk
+                     FROM pq GROUP BY layer),
             d AS ({_dims_sql()})
             SELECT a.layer, a.pairs, a.same_first, a.same_first / a.pairs AS rate_first, b.baseline_first,
                    1.0 / d.n_experts AS uniform_first,
@@ -557,7 +567,8 @@ def consecutive_agreement(con, sel: Selection, *, topk: bool = True) -> pd.DataF
             ORDER BY a.layer"""
         df = _df(con, sql, params + params + [run_id])
         df["uniform_topk_overlap"] = [
-            1.0 - math.comb(int(e) - int(k), int(k)) / math.comb(int(e), int(k)) for e, k in zip(df["n_experts"], df["top_k"])
+            1.0 - math.comb(int(e) - int(k), int(k)) / math.comb(int(e), int(k))
+            for e, k in zip(df["n_experts"], df["top_k"])
         ]
         if not topk:
             for c in ("first_in_topk", "rate_first_in_topk", "topk_overlap", "rate_topk_overlap"):
@@ -716,7 +727,9 @@ def mutual_information(con, sel: Selection, *, variables: Sequence[str] = ("toke
     """
     unknown = set(variables) - {"token", "domain"}
     if unknown or not variables:
-        raise SpecializationError(f"variables must be a non-empty subset of ('token', 'domain'); got {tuple(variables)}")
+        raise SpecializationError(
+            f"variables must be a non-empty subset of ('token', 'domain'); got {tuple(variables)}"
+        )
 
     def sums(run_id: str, variable: str) -> pd.DataFrame:
         """Per layer and slots: N and Σ c ln c over the joint cells and both marginals."""
@@ -734,11 +747,13 @@ def mutual_information(con, sel: Selection, *, variables: Sequence[str] = ("toke
                        sum(CASE WHEN f > 0 THEN f * ln(f) END) AS sxy_first, sum(n * ln(n)) AS sxy_all
                 FROM c GROUP BY layer),
             mx AS (
-                SELECT layer, sum(CASE WHEN vf > 0 THEN vf * ln(vf) END) AS sx_first, count(*) FILTER (WHERE vf > 0) AS nx_first,
+                SELECT layer, sum(CASE WHEN vf > 0 THEN vf * ln(vf) END) AS sx_first,
+                       count(*) FILTER (WHERE vf > 0) AS nx_first,
                        sum(vn * ln(vn)) AS sx_all, count(*) AS nx_all
                 FROM (SELECT layer, x, sum(f) AS vf, sum(n) AS vn FROM c GROUP BY ALL) GROUP BY layer),
             my AS (
-                SELECT layer, sum(CASE WHEN vf > 0 THEN vf * ln(vf) END) AS se_first, count(*) FILTER (WHERE vf > 0) AS ne_first,
+                SELECT layer, sum(CASE WHEN vf > 0 THEN vf * ln(vf) END) AS se_first,
+                       count(*) FILTER (WHERE vf > 0) AS ne_first,
                        sum(vn * ln(vn)) AS se_all, count(*) AS ne_all
                 FROM (SELECT layer, expert, sum(f) AS vf, sum(n) AS vn FROM c GROUP BY ALL) GROUP BY layer)
             SELECT * FROM j JOIN mx USING (layer) JOIN my USING (layer) ORDER BY layer"""

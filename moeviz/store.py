@@ -59,11 +59,18 @@ class RunWriter:
         self._closed = False
         self._seq: dict[str, int] = {}
         self._clipped_warned = False
+        _check_run_dir(self.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        if sg.is_run_dir(self.run_dir):  # refuse a mismatched run before touching its status files
+            sg.ensure_manifest(self.run_dir, self.run_id)
         previous = sg.read_statuses(self.run_dir).get(self.rank)
         if previous and sg.writer_alive(previous):
             raise StoreError(f"rank {self.rank} of {self.run_dir} is being written by pid {previous.get('pid')} on "
                              f"{previous.get('hostname')}: use another rank or run folder")
+        if previous and previous.get("status") in ("finished", "failed"):
+            warnings.warn(f"moeviz: appending to run {self.run_id!r} at {self.run_dir}, whose rank {self.rank} was "
+                          f"already closed ({previous.get('status')} at {previous.get('ended_at')}); steps recorded "
+                          f"again are counted twice: record a new run into a new folder", StoreWarning, stacklevel=2)
         now = sg.utc_iso()
         self._status = {
             "run_id": self.run_id, "rank": self.rank, "world_size": self.world_size, "run_name": run_name,
@@ -249,6 +256,21 @@ class RunWriter:
             warnings.warn(f"moeviz: routes.weight outside [0, 1] (min {lo:.4g}, max {hi:.4g}) clipped to [0, 1]; "
                           f"record gate weights before any routed scaling factor", StoreWarning, stacklevel=3)
         return np.rint(np.clip(w, 0.0, 1.0) * sg.WEIGHT_SCALE).astype(np.uint16)
+
+
+def _check_run_dir(run_dir: Path) -> None:
+    """Refuse a run folder that is a file, or a folder that holds other runs (the new run would hide them:
+    a folder that is itself a run is read as that run only)."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise StoreError(f"{run_dir} is a file, not a folder: give a folder path for the run (it is created)")
+    if run_dir.is_dir() and not sg.is_run_dir(run_dir):
+        inner = sorted(c.name for c in run_dir.iterdir() if c.is_dir() and sg.is_run_dir(c))
+        if inner:
+            raise StoreError(f"{run_dir} is a folder of runs ({', '.join(inner[:5])}{', ...' if len(inner) > 5 else ''}"
+                             f"), not a run: record into a new subfolder, e.g. {run_dir / 'my-run'}")
+    for parent in run_dir.parents:
+        if parent.is_file():
+            raise StoreError(f"cannot create run folder {run_dir}: {parent} is a file")
 
 
 def _routes_segments(routes: pa.Table) -> list[pa.Table]:

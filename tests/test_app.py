@@ -353,3 +353,50 @@ def test_app_files_hold_no_sql():
             if re.search(r"\bSELECT\b|\bFROM\b|\bWHERE\b|\bGROUP BY\b", line):
                 offenders.append(f"{f.relative_to(root)}:{i}: {line.strip()}")
     assert not offenders, offenders
+
+
+# --- the `moeviz dashboard` command -----------------------------------------------------------------------------
+
+
+def test_dashboard_command_refuses_a_missing_path(tmp_path, capsys):
+    from moeviz.cli import main
+
+    assert main(["dashboard", str(tmp_path / "nope")]) == 2
+    assert "no run folder or folder of runs" in capsys.readouterr().err
+
+
+def test_dashboard_command_line_runs_streamlit_on_the_app(tmp_path):
+    from moeviz.cli_dashboard import app_main_path, dashboard_command
+
+    cmd = dashboard_command(tmp_path, port=8765, host="0.0.0.0")
+    assert cmd[1:4] == ["-m", "streamlit", "run"] and Path(cmd[4]) == app_main_path() == Path(APP)
+    assert cmd[cmd.index("--server.port") + 1] == "8765" and cmd[cmd.index("--server.address") + 1] == "0.0.0.0"
+    assert cmd[cmd.index("--server.headless") + 1] == "true"
+    assert cmd[-2:] == ["--", str(tmp_path.resolve())]
+
+
+def test_launch_without_blocking_serves_and_stops(store):
+    """launch(block=False) (what `moeviz demo` calls) returns the server process; it answers, then stops."""
+    import socket
+    import time
+    import urllib.request
+
+    from moeviz.cli_dashboard import _stop, launch
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = launch(store, port=port, block=False)
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2) as r:
+                    assert r.status == 200
+                    break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, "the dashboard did not start"
+                time.sleep(0.25)  # polling the health endpoint
+    finally:
+        _stop(proc)
+    assert proc.poll() is not None

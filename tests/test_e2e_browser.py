@@ -53,6 +53,36 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _start_dashboard(path, port: int) -> subprocess.Popen:
+    """`moeviz dashboard PATH` in its own process group, so that _stop_dashboard ends it and its server."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "moeviz.cli", "dashboard", str(path), "--port", str(port), "--host", "127.0.0.1"],
+        cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+
+def _stop_dashboard(proc: subprocess.Popen) -> None:
+    """SIGTERM to the process group this test started (the CLI and its streamlit child), SIGKILL if it lingers."""
+    import signal
+
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        proc.poll()  # reap the CLI, else it lingers in the group as a zombie
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.2)  # polling for the group to exit
+    else:
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(5)
+
+
 def _wait_healthy(url: str, proc: subprocess.Popen, timeout_s: float = 90.0) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -83,23 +113,13 @@ def store(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(store):
-    port = _free_port()
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "moeviz.cli", "dashboard", str(store), "--port", str(port), "--host", "127.0.0.1"],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-    )
+    proc = _start_dashboard(store, port := _free_port())
     url = f"http://127.0.0.1:{port}"
     try:
         _wait_healthy(url, proc)
         yield url
     finally:
-        # the CLI runs streamlit as its child: end the CLI's whole process group we started, by our own pid
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        _stop_dashboard(proc)
 
 
 @pytest.fixture(scope="module")
@@ -112,15 +132,10 @@ def browser():
         b.close()
 
 
-def _settle(page, timeout_ms: int = 60_000) -> None:
-    """Wait until Streamlit has finished the script run (its 'Running...' status widget is gone)."""
-    page.wait_for_selector('[data-testid="stApp"]', timeout=timeout_ms)
-    page.wait_for_function(
-        "() => !document.querySelector('[data-testid=\"stStatusWidget\"]')"
-        " || !document.querySelector('[data-testid=\"stStatusWidget\"]').innerText.includes('Running')",
-        timeout=timeout_ms,
-    )
-    # elements of the previous run are drawn faded ("stale") until the new run replaces them
+def _settle(page, timeout_ms: int = 90_000) -> None:
+    """Wait until Streamlit has finished the script run: its root element reports the script state (the
+    attribute Streamlit's own end-to-end tests wait on), and elements left from the previous run are gone."""
+    page.wait_for_selector('[data-testid="stApp"][data-test-script-state="notRunning"]', timeout=timeout_ms)
     page.wait_for_function("() => !document.querySelector('[data-stale=\"true\"]')", timeout=timeout_ms)
 
 
@@ -137,9 +152,12 @@ def _visit(page, server: str, name: str, min_charts: int, selector: str | None, 
         page.locator(f'a[data-testid="stSidebarNavLink"][href$="/{name}"]').click()
     page.locator("h1", has_text=TITLES[name]).first.wait_for(timeout=90_000)
     _settle(page)
-    if min_charts:
-        page.wait_for_function("n => document.querySelectorAll('.js-plotly-plot .main-svg').length >= n",
-                               arg=min_charts, timeout=90_000)
+    if min_charts:  # every chart element of this run drawn by Plotly, and at least min_charts of them
+        page.wait_for_function(
+            "n => { const drawn = [...document.querySelectorAll('[data-testid=\"stPlotlyChart\"] .js-plotly-plot')]"
+            ".filter(p => p.querySelector('.main-svg')).length;"
+            " return drawn >= n && drawn >= document.querySelectorAll('[data-testid=\"stPlotlyChart\"]').length; }",
+            arg=min_charts, timeout=90_000)
     if selector:
         page.wait_for_selector(selector, timeout=90_000)
     elapsed = time.perf_counter() - t0
@@ -199,3 +217,28 @@ def test_sql_console_in_the_browser(server, browser):
     box.press("Control+Enter")
     page.wait_for_selector("text=read-only", timeout=60_000)
     page.close()
+
+
+def test_live_refresh_follows_a_run_being_written(tmp_path, browser):
+    """A running run: the page picks up a new flush by itself (the sidebar's polling fragment), no click."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_app import SMALL, write_run_dir
+
+    from moeviz.testing import synthetic_routing
+
+    writer = write_run_dir(tmp_path / "live", synthetic_routing(**SMALL), run_id="live", close=False, hold_back=1)
+    proc = _start_dashboard(tmp_path, port := _free_port())
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_healthy(url, proc)
+        page = browser.new_page(viewport={"width": 1400, "height": 900})
+        page.goto(url + "/", wait_until="domcontentloaded")
+        steps = page.locator('[data-testid="stMetric"]', has_text="Steps recorded")
+        steps.locator("text=2").first.wait_for(timeout=90_000)
+        assert page.locator('[data-testid="stMetric"]', has_text="Status").inner_text().endswith("running")
+        writer.write_flush(writer.pending[0])  # the training process writes step 2
+        steps.locator("text=3").first.wait_for(timeout=60_000)  # polled every 5 s by default
+        page.close()
+    finally:
+        writer.close()
+        _stop_dashboard(proc)

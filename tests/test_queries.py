@@ -127,3 +127,14 @@ def test_run_sql_times_out_and_interrupts(con):
         queries.run_sql(con, slow, timeout_s=0.3)
     # the connection still works afterwards
     assert queries.run_sql(con, "SELECT 42 AS x").frame["x"].tolist() == [42]
+
+
+def test_browsing_and_charts_stay_light():
+    """moeviz.queries, moeviz.charts and the dashboard command import neither torch nor streamlit."""
+    import subprocess
+    import sys
+
+    code = ("import sys, moeviz.queries, moeviz.charts, moeviz.cli_dashboard; "
+            "print(sorted(m for m in ('torch', 'streamlit') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

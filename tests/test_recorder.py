@@ -576,3 +576,93 @@ def test_kept_token_slots_are_the_first_masked_in_tokens(max_tokens):
         expected = np.flatnonzero(mask.numpy())[: (n if max_tokens is None else max_tokens)]
         assert sel.shape == valid.shape == (n if max_tokens is None else min(n, max_tokens),)
         np.testing.assert_array_equal(sel[valid].numpy(), expected)
+
+
+# ---------------------------------------------------------------------------------------------- review fixes
+
+
+def test_deepseek_weights_are_stored_before_routed_scaling_factor(tmp_path):
+    """DeepSeek-V3 multiplies its renormalised gate weights by routed_scaling_factor (2.5 here): the store keeps
+    the weights before it (in [0, 1], no clipping warning), i.e. sigmoid(logit_e) / sum over the chosen experts."""
+    import warnings
+
+    model, config = tiny_model("deepseek_v3")
+    assert config.routed_scaling_factor == 2.5 and config.norm_topk_prob
+    gen = torch.Generator().manual_seed(7)
+    ids = torch.randint(2, 100, (2, 6), generator=gen)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a clipped weight would warn (StoreWarning)
+        with Recorder(model, tmp_path / "run") as rec:
+            assert [s.weight_scale for s in rec.sites] == [2.5, 2.5]
+            logits = forward_with_reference(model, ids, torch.ones_like(ids))
+            rec.step(0)
+    routes = read(tmp_path / "run", "SELECT layer, seq, pos, expert, weight FROM routes ORDER BY layer, seq, pos, slot")
+    assert len(routes) == 2 * 12 * 2
+    for layer, lg in enumerate(logits):
+        r = routes[routes.layer == layer]
+        token = (r.seq * 6 + r.pos).to_numpy()
+        s = 1 / (1 + np.exp(-lg.astype(np.float64)))  # [N, E] sigmoid scores
+        chosen = r.expert.to_numpy().reshape(-1, 2)  # [N, k]
+        denom = np.take_along_axis(s[token[::2]], chosen, 1).sum(1).repeat(2)
+        want = s[token, r.expert.to_numpy()] / denom
+        np.testing.assert_allclose(r.weight.to_numpy(), want, atol=2e-5)
+        assert r.weight.max() <= 1.0 and r.weight.groupby([r.seq, r.pos]).sum().between(1 - 1e-4, 1 + 1e-4).all()
+
+
+def test_switch_capacity_factor_is_derived_from_expert_capacity(tmp_path):
+    """Switch has a fixed expert_capacity per sequence: runs.capacity_factor = capacity * experts / seq_len."""
+    model, config = tiny_model("switch_transformers")
+    ids = torch.randint(2, 100, (2, 10))
+    with Recorder(model, tmp_path / "run") as rec:
+        with torch.no_grad():
+            model(input_ids=ids, labels=torch.randint(2, 100, (2, 5)))
+        rec.step(0)
+        with torch.no_grad():
+            model(input_ids=ids[:, :4], labels=torch.randint(2, 100, (2, 5)))
+        rec.step(1)
+    runs = read(tmp_path / "run", "SELECT capacity_factor FROM runs")
+    assert len(runs) == 1
+    assert runs.capacity_factor[0] == pytest.approx(config.expert_capacity * config.num_experts / 10)
+
+
+def test_mixtral_capacity_factor_stays_null(mixtral, tmp_path):
+    with Recorder(mixtral, tmp_path / "run") as rec:
+        with torch.no_grad():
+            mixtral(torch.ones(1, 4, dtype=torch.long))
+        rec.step(0)
+    assert read(tmp_path / "run", "SELECT capacity_factor FROM runs").capacity_factor.isna().all()
+
+
+def test_a_rejected_step_call_keeps_the_steps_routing_for_a_corrected_call(mixtral, tmp_path):
+    """step() with a bad argument raises a clear error and loses nothing: the forwards stay buffered."""
+    with Recorder(mixtral, tmp_path / "run") as rec:
+        with torch.no_grad():
+            mixtral(torch.ones(2, 4, dtype=torch.long))
+        with pytest.raises(RecorderError, match="2 sequences"):
+            rec.step(0, domain=["a", "b", "c"])
+        with pytest.raises(RecorderError, match="integer step"):
+            rec.step(1.5)
+        with pytest.raises(RecorderError, match="same shape"):
+            rec.step(0, token_ids=torch.ones(2, 4, dtype=torch.long), attention_mask=torch.ones(2, 3))
+        rec.step(np.int64(0), domain=["a", "b"])
+    seqs = read(tmp_path / "run", "SELECT step, seq, domain FROM sequences ORDER BY seq")
+    assert seqs.values.tolist() == [[0, 0, "a"], [0, 1, "b"]]
+    assert read(tmp_path / "run", "SELECT sum(tokens) AS n FROM layer_stats").n[0] == 2 * 8
+
+
+def test_recording_into_a_file_or_a_folder_of_runs_is_a_clear_error(mixtral, tmp_path):
+    from moeviz.errors import MoevizError
+
+    (tmp_path / "file.txt").write_text("x")
+    with pytest.raises(MoevizError, match="is a file"):
+        with Recorder(mixtral, tmp_path / "file.txt"):
+            pass
+    with Recorder(mixtral, tmp_path / "runs" / "a") as rec:
+        with torch.no_grad():
+            mixtral(torch.ones(1, 4, dtype=torch.long))
+        rec.step(0)
+    with pytest.raises(MoevizError, match="folder of runs"):
+        with Recorder(mixtral, tmp_path / "runs"):
+            pass
+    assert _hooks_left(mixtral) == 0
+    assert read(tmp_path / "runs", "SELECT count(*) AS n FROM runs").n[0] == 1  # the run "a" is still intact

@@ -102,7 +102,8 @@ def ref_domain_share(routing, keep, sel, slot0_only=False):
 def test_domain_share_matches_loops(runs, sel, slot0_only):
     con, data = runs
     got = sp.domain_share(con, sel, slot0_only=slot0_only)
-    assert list(got.columns) == ["run_id", "layer", "domain", "expert", "tokens", "assigned", "share", "uniform", "ratio"]
+    assert list(got.columns) == [
+        "run_id", "layer", "domain", "expert", "tokens", "assigned", "share", "uniform", "ratio"]
     for run_id, (routing, keep) in data.items():
         ref = ref_domain_share(routing, keep, sel, slot0_only)
         g = got[got.run_id == run_id]
@@ -213,7 +214,8 @@ def test_vocab_specialization_matches_loops(runs, sel, min_count, slot0_only):
             assert row.text == (f"tok{row.token_id}" if run_id == "a" else None)
     summary = sp.vocab_specialization_summary(con, sel, min_count=min_count, slot0_only=slot0_only)
     for row in summary.itertuples():
-        ref = [v for (layer, _), v in ref_vocab(*data[row.run_id], sel, min_count, slot0_only).items() if layer == row.layer]
+        ref_all = ref_vocab(*data[row.run_id], sel, min_count, slot0_only)
+        ref = [v for (layer, _), v in ref_all.items() if layer == row.layer]
         assert row.token_ids == len(ref) and row.occurrences == sum(v[0] for v in ref)
         assert row.specialization == pytest.approx(sum(v[0] * v[3] for v in ref) / sum(v[0] for v in ref))
 
@@ -312,7 +314,8 @@ def test_position_share_default_bins_cover_every_position(runs):
 # -------------------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("sel", [Selection(), Selection(steps=(1, 1), domains=("prose",)), Selection(tags=("train",), layers=(1,))])
+@pytest.mark.parametrize("sel", [
+    Selection(), Selection(steps=(1, 1), domains=("prose",)), Selection(tags=("train",), layers=(1,))])
 def test_coactivation_matches_explicit_loops(runs, sel):
     con, data = runs
     got = sp.coactivation(con, sel)
@@ -483,7 +486,8 @@ def probe():
 def test_router_saturation_matches_set_overlap(probe):
     con, by_step, k = probe
     got = sp.router_saturation(con, Selection(tags=("probe",)), 3, 6)
-    assert list(got.columns) == ["run_id", "step", "ref_step", "layer", "tokens", "overlap", "saturation", "top1_agreement"]
+    assert list(got.columns) == [
+        "run_id", "step", "ref_step", "layer", "tokens", "overlap", "saturation", "top1_agreement"]
     a, b = by_step[3], by_step[6]
     for row in got.itertuples():
         inter = [len(set(a[t, row.layer]) & set(b[t, row.layer])) for t in range(len(a))]
@@ -543,8 +547,8 @@ def test_mutual_information_matches_contingency_formula(runs, sel):
         assert len(g) == (len(layers_of(routing, sel)) * 4 if toks else 0)  # run b has no rank 1
         for row in g.itertuples():
             key = "token" if row.variable == "token" else "domain"
-            chosen = (lambda t: t["index"][row.layer][:1]) if row.slots == "first" else (lambda t: t["index"][row.layer])
-            pairs = [(t[key], int(e)) for t in toks for e in chosen(t)]
+            width = 1 if row.slots == "first" else None
+            pairs = [(t[key], int(e)) for t in toks for e in t["index"][row.layer][:width]]
             mi, hx, he, nmi = ref_nmi(pairs)
             assert row.n == len(pairs)
             assert row.mi == pytest.approx(mi, abs=1e-9) and row.nmi == pytest.approx(nmi, abs=1e-9)
@@ -652,3 +656,21 @@ def test_layer_flow_counts_only_tokens_recorded_in_both_layers():
     assert got["share_of_a"].tolist() == [0.5, 0.5]
     both = sp.layer_flow(con, Selection(), 0, 1, slot0_only=False)
     assert both["tokens"].sum() == 2
+
+
+def test_token_keys_too_wide_for_bigint_still_pair_the_right_tokens():
+    # steps 0 and 2**40 with positions up to 4999: (steps x ranks x seqs x positions) overflows 62 bits -> HUGEINT keys
+    rng = np.random.default_rng(5)
+    T = 40
+    steps = np.repeat([0, 2**40], T // 2)
+    pos = np.tile(np.r_[np.arange(10), 4990 + np.arange(10)], 2)
+    seqs = np.tile(np.repeat([0, 4000], 10), 2)
+    index = np.stack([rng.permutation(5)[:2] for _ in range(T)])[:, None, :]  # [T, 1, 2]
+    con = store_from_routing(index=index, n_experts=5, steps=steps, seqs=seqs, pos=pos)
+    got = sp.consecutive_agreement(con, Selection()).iloc[0]
+    by = {(s, q, p): i for i, (s, q, p) in enumerate(zip(steps, seqs, pos))}
+    prev = [(by[(s, q, p - 1)], i) for (s, q, p), i in by.items() if (s, q, p - 1) in by]
+    assert got["pairs"] == len(prev) == 36
+    assert got["same_first"] == sum(index[a, 0, 0] == index[b, 0, 0] for a, b in prev)
+    co = sp.coactivation(con, Selection())
+    assert co["tokens_ij"].sum() == T * 2  # every token adds the ordered pairs (i, j) and (j, i)

@@ -525,3 +525,30 @@ def test_read_only_query_limits_rows_and_reports_truncation(tmp_path):
         read_only_query(con, "SELEC 1")
     with pytest.raises(StoreError, match="tables: runs, layers, routes"):
         read_only_query(con, "SELECT * FROM rout")
+
+
+# ---------------------------------------------------------------------------------------------------- review fixes
+
+
+def test_a_refused_writer_leaves_the_existing_runs_status_alone(tmp_path):
+    """A RunWriter refused for a wrong run_id must not rewrite the status of the run already in the folder."""
+    write_run(tmp_path / "r")
+    before = json.loads(sg.status_path(tmp_path / "r", 0).read_text())
+    with pytest.raises(StoreError, match="already holds run 'r'"):
+        RunWriter(tmp_path / "r", run_id="other")
+    assert json.loads(sg.status_path(tmp_path / "r", 0).read_text()) == before
+    assert open_store(tmp_path / "r").execute("SELECT status FROM runs").fetchall() == [("finished",)]
+
+
+def test_writer_refuses_a_file_and_a_folder_of_runs_and_warns_when_appending_to_a_closed_run(tmp_path):
+    (tmp_path / "f").write_text("not a folder")
+    with pytest.raises(StoreError, match="is a file"):
+        RunWriter(tmp_path / "f")
+    with pytest.raises(StoreError, match="is a file"):
+        RunWriter(tmp_path / "f" / "run")
+    write_run(tmp_path / "runs" / "a")
+    with pytest.raises(StoreError, match=r"folder of runs \(a\)"):
+        RunWriter(tmp_path / "runs")
+    assert not (tmp_path / "runs" / sg.MANIFEST).exists()  # the folder of runs still reads as one
+    with pytest.warns(StoreWarning, match="already closed"):
+        RunWriter(tmp_path / "runs" / "a", compact_on_close=False).close()

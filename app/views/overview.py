@@ -70,12 +70,11 @@ def render(ctx: Ctx) -> None:
     _header(ctx)
     with guarded("Health summary"):
         _health(ctx)
-    left, right = st.columns(2)
-    with left, guarded("Load over steps"):
+    with guarded("Load over steps"):
         load = ctx.q("moeviz.load.expert_load", ctx.sel, by_step=True)
         fig = charts.load_small_multiples(load)
         show_chart(fig, load, "overview-load")
-    with right, guarded("Aux loss over steps"):
+    with guarded("Aux loss over steps"):
         aux = ctx.q("moeviz.aux_loss.switch_loss", ctx.sel_exact, by_step=True)
         show_chart(charts.aux_loss_small_multiples(aux), aux, "overview-aux")
 

@@ -59,7 +59,7 @@ def _coactivation_and_agreement(ctx: Ctx, layer: int) -> None:
             show_chart(charts.coactivation_heatmap(co, layer=layer), co, "coactivation")
     with right, guarded("Consecutive tokens"):
         agree = ctx.q("moeviz.specialization.consecutive_agreement", ctx.sel)
-        show_chart(charts.consecutive_agreement_bars(agree), agree, "consecutive-agreement")
+        show_chart(charts.consecutive_agreement_bars(agree, layer=layer), agree, "consecutive-agreement")
 
 
 def _flow(ctx: Ctx) -> None:
