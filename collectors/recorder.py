@@ -674,6 +674,13 @@ class Recorder:
         own_error: BaseException | None = None
         try:
             self._remove_hooks()
+            if error is None and any(self._calls):
+                warnings.warn(
+                    f"moeviz: {max(len(c) for c in self._calls)} forward(s) since the last step() were not "
+                    f"recorded (run {self.path}): call rec.step(step) after the forwards of each step, also the "
+                    "last one",
+                    stacklevel=3,
+                )
         finally:
             self.discard()
             if self._writer_thread is not None:

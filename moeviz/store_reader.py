@@ -143,12 +143,24 @@ def _attach_compacted(con, runs: list[_RunFiles]) -> dict[int, dict]:
 
 
 def _register_segments(con, runs: list[_RunFiles]) -> None:
-    """One pyarrow dataset per table over every run's not-yet-compacted segments, registered as _seg_<table>."""
+    """One pyarrow dataset per table over every run's not-yet-compacted segments, registered as _seg_<table>.
+
+    run_id goes last in the dataset's schema: a query that needs no column (`count(*)`) or only filtered ones
+    makes DuckDB's Arrow scan read the first column of the schema, and run_id (a dictionary column decoded to
+    strings per batch) is the most expensive one: first, it made `SELECT count(*) FROM routes` over 20M live
+    routes take ~1.9 s instead of ~0.13 s."""
     import pyarrow.dataset as ds
 
     for t in sg.SEGMENT_TABLES:
         files = [str(p) for r in runs for p in r.segments[t]]
-        con.register(f"_seg_{t}", ds.dataset(files, schema=sg.DISK_SCHEMAS[t], format="parquet"))
+        con.register(f"_seg_{t}", ds.dataset(files, schema=_scan_schema(t), format="parquet"))
+
+
+def _scan_schema(table: str) -> pa.Schema:
+    """The on-disk schema of a table with run_id moved to the end (see _register_segments)."""
+    schema = sg.DISK_SCHEMAS[table]
+    i = schema.get_field_index("run_id")
+    return schema.remove(i).append(schema.field(i))
 
 
 def _status_table(con, runs: list[_RunFiles], compacted: dict[int, dict]) -> pa.Table:

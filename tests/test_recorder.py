@@ -666,3 +666,12 @@ def test_recording_into_a_file_or_a_folder_of_runs_is_a_clear_error(mixtral, tmp
             pass
     assert _hooks_left(mixtral) == 0
     assert read(tmp_path / "runs", "SELECT count(*) AS n FROM runs").n[0] == 1  # the run "a" is still intact
+
+
+def test_forwards_after_the_last_step_are_reported_at_close(mixtral, tmp_path):
+    with pytest.warns(UserWarning, match=r"2 forward\(s\) since the last step\(\) were not recorded"):
+        with Recorder(mixtral, tmp_path / "run"):
+            with torch.no_grad():
+                mixtral(torch.ones(1, 4, dtype=torch.long))
+                mixtral(torch.ones(1, 4, dtype=torch.long))
+    assert read(tmp_path / "run", "SELECT status FROM runs").status[0] == "finished"
