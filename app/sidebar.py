@@ -12,7 +12,7 @@ from pathlib import Path
 import streamlit as st
 
 from app.components import error_message
-from app.state import Ctx, cached, store_path_from_args
+from app.state import Ctx, cached, store_path_from_args, store_warnings
 from moeviz.selection import Selection
 
 TOKEN_KEY = "refresh_token"
@@ -105,7 +105,11 @@ def _fresh_progress(path: str, run_id: str) -> dict:
     from moeviz.queries import run_progress
     from moeviz.store import open_store
 
-    con = open_store(path)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the page's own connection already reported what the store skipped
+        con = open_store(path)
     try:
         return run_progress(con, run_id)
     finally:
@@ -124,6 +128,8 @@ def build() -> Ctx | None:
         except Exception as e:  # noqa: BLE001 - nonexistent, corrupt, newer-schema stores become messages
             error_message(f"Could not open the store `{path}`", e)
             return None
+        for message in store_warnings(path, token):
+            st.warning(message)
         if runs.empty:
             st.info(f"The store `{path}` holds no runs yet. Start recording, then press Reload now.")
             if st.button("Reload now", key="reload-empty"):

@@ -47,14 +47,25 @@ class SharedConnection:
 
     con: Any
     lock: threading.Lock = field(default_factory=threading.Lock)
+    warnings: tuple[str, ...] = ()  # what the store skipped or repaired while opening (e.g. truncated segments)
 
 
 @st.cache_resource(max_entries=4, show_spinner=False)
 def connection(path: str, token: int) -> SharedConnection:
     """The store's read-only DuckDB connection (one per path and refresh token, shared by sessions)."""
+    import warnings
+
     from moeviz.store import open_store
 
-    return SharedConnection(open_store(path))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        con = open_store(path)
+    return SharedConnection(con, warnings=tuple(str(w.message) for w in caught))
+
+
+def store_warnings(path: str, token: int) -> tuple[str, ...]:
+    """Warnings raised while opening the store (shown in the sidebar)."""
+    return connection(path, token).warnings
 
 
 def _resolve(func_path: str):

@@ -51,6 +51,7 @@ def collect(
     detail cap (the aggregates always cover every token).
     """
     model_dir, paths, labels = _checked_inputs(hf_model, texts, domains, seq_len, batch_size, max_tokens)
+    _check_out(Path(out))
     import torch
     from tqdm.auto import tqdm
 
@@ -124,6 +125,15 @@ def _checked_inputs(hf_model, texts, domains, seq_len, batch_size, max_tokens):
     if max_tokens is not None and max_tokens < 1:
         raise CollectError(f"--max-tokens must be >= 1 (got {max_tokens})")
     return model_dir, paths, labels
+
+
+def _check_out(out: Path) -> None:
+    """--out must be a new run folder: collecting twice into one run would count every step twice."""
+    if out.exists() and not out.is_dir():
+        raise CollectError(f"--out {out} is a file: give a folder path for the run (it is created)")
+    if (out / "moeviz.json").exists():
+        raise CollectError(f"--out {out} already holds a recorded run: give a new folder (a second collect into "
+                           "the same run would count its steps twice)")
 
 
 def _device(device: str):

@@ -71,4 +71,5 @@ class MoevizCallback(TrainerCallback):
         """Close the run: finished, or failed with `error`. Idempotent."""
         rec, self.recorder = self.recorder, None
         if rec is not None:
+            rec.discard()  # forwards after the last optimizer step (a final evaluation) belong to no step
             rec._finish(error)

@@ -36,6 +36,7 @@ What the recorded numbers mean, where model families differ:
 
 from __future__ import annotations
 
+import atexit
 import functools
 import inspect
 import json
@@ -44,6 +45,7 @@ import queue
 import threading
 import traceback
 import warnings
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -166,7 +168,13 @@ class _Stream:
 
 
 def _as_2d(x: Any, name: str) -> Tensor:
-    t = x if isinstance(x, Tensor) else torch.as_tensor(np.asarray(x))
+    if isinstance(x, Tensor):
+        t = x
+    else:
+        try:
+            t = torch.as_tensor(np.asarray(x))
+        except (TypeError, ValueError) as e:
+            raise RecorderError(f"{name} must be a [batch, seq] tensor or array (rows of equal length): {e}") from None
     if t.dim() == 1:
         t = t[None]
     if t.dim() != 2:
@@ -430,6 +438,7 @@ class Recorder:
         )
         self._writer_thread = _WriterThread(writer, self.max_pending_flushes)
         self._started = True
+        _OPEN_RECORDERS.add(self)
         try:
             meta, layers = self._run_metadata(), self._layer_rows()
             self._writer_thread.submit(lambda w: w.write_run(meta))
@@ -671,6 +680,7 @@ class Recorder:
         if self._closed:
             return
         self._closed = True
+        _OPEN_RECORDERS.discard(self)
         own_error: BaseException | None = None
         try:
             self._remove_hooks()
@@ -736,6 +746,28 @@ class Recorder:
         ]
 
 
+_OPEN_RECORDERS: "weakref.WeakSet[Recorder]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_recorders() -> None:
+    """At interpreter exit, close recorders that were started but never closed (a script that raised outside a
+    `with` block, or that ended without close()): their buffered steps are flushed and the run is marked failed
+    with the unhandled exception (or finished if there was none), instead of losing the last flush_every steps
+    and showing as interrupted. (kill -9 runs no exit handler: the run then shows as interrupted, with everything
+    flushed before.)"""
+    import sys
+
+    crash = getattr(sys, "last_exc", None) or getattr(sys, "last_value", None)  # set for an unhandled exception
+    for rec in list(_OPEN_RECORDERS):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                rec._finish(crash)
+        except Exception:  # noqa: BLE001 - nothing can be reported at exit; the segments already written stay
+            pass
+
+
 def _step_number(step: Any) -> int:
     """The step as a Python int (numpy and 0-d integer tensors accepted); RecorderError otherwise."""
     if isinstance(step, (bool, float, str)) or step is None:
@@ -795,14 +827,20 @@ def _config_dict(model: nn.Module, config: dict | None) -> dict | None:
 def _vocab_texts(tokenizer: Any) -> tuple[np.ndarray, list[str]]:
     """(token ids, texts) for every id of the tokenizer, added tokens included."""
     try:
-        n = len(tokenizer)
-    except TypeError:
-        n = int(tokenizer.vocab_size)
-    ids = list(range(n))
-    if hasattr(tokenizer, "convert_ids_to_tokens"):
-        texts = tokenizer.convert_ids_to_tokens(ids)
-    else:
-        texts = [tokenizer.decode([i]) for i in ids]
+        try:
+            n = len(tokenizer)
+        except TypeError:
+            n = int(tokenizer.vocab_size)
+        ids = list(range(n))
+        if hasattr(tokenizer, "convert_ids_to_tokens"):
+            texts = tokenizer.convert_ids_to_tokens(ids)
+        else:
+            texts = [tokenizer.decode([i]) for i in ids]
+    except (AttributeError, TypeError, ValueError) as e:
+        raise RecorderError(
+            f"tokenizer= must be a tokenizer with len() (or vocab_size) and convert_ids_to_tokens() or decode(), "
+            f"e.g. transformers.AutoTokenizer; got {type(tokenizer).__name__} ({e})"
+        ) from None
     return np.arange(n, dtype=np.int64), ["" if t is None else str(t) for t in texts]
 
 

@@ -143,6 +143,8 @@ def lines(
     groups = df.groupby([c for c in (color, dash) if c], sort=True) if (color or dash) else [((None,), df)]
     dash_styles = ["solid", "dash", "dot", "dashdot", "longdash"]
     dash_values = sorted(df[dash].unique()) if dash else []
+    color_values = sorted(df[color].unique()) if color else []
+    palette = px.colors.qualitative.Plotly
     for i, (key, g) in enumerate(groups):
         key = key if isinstance(key, tuple) else (key,)
         g = g.sort_values(x)
@@ -162,7 +164,10 @@ def lines(
                 y=g[y],
                 name=name,
                 mode="lines+markers" if markers and len(g) <= 200 else "lines",
-                line=dict(dash=dash_styles[dash_values.index(key[-1]) % len(dash_styles)]) if dash else None,
+                line=dict(
+                    dash=dash_styles[dash_values.index(key[-1]) % len(dash_styles)] if dash else None,
+                    color=palette[color_values.index(key[0]) % len(palette)] if color and dash else None,
+                ),
                 customdata=custom,
                 hovertemplate=template + "<extra></extra>",
             )
@@ -562,7 +567,8 @@ def drop_curve(df: pd.DataFrame, *, current_cf: float | None = None, color: str 
 
 
 def compare_heatmaps(df: pd.DataFrame, *, value: str = "relative_load", runs: Sequence[str] | None = None,
-                     x: str = "expert", y: str = "layer", z_title: str | None = None, title: str | None = None) -> go.Figure:
+                     x: str = "expert", y: str = "layer", z_title: str | None = None, title: str | None = None,
+                     zmid: float | None = None) -> go.Figure:
     """The same layer × expert heat map for each run, side by side on one colour scale."""
     _need(df, ["run_id", x, y, value], "compare heat maps")
     runs = list(runs) if runs is not None else sorted(df["run_id"].unique())
@@ -580,7 +586,8 @@ def compare_heatmaps(df: pd.DataFrame, *, value: str = "relative_load", runs: Se
         fig.add_trace(
             go.Heatmap(
                 z=grid.to_numpy(float), x=[str(c) for c in grid.columns], y=[str(c) for c in grid.index],
-                zmin=0, zmax=zmax, colorscale=SEQUENTIAL, showscale=i == 0, colorbar=dict(title=dict(text=z_title)),
+                zmin=0 if zmid is None else None, zmax=zmax if zmid is None else None, zmid=zmid,
+                colorscale=SEQUENTIAL if zmid is None else DIVERGING, showscale=i == 0, colorbar=dict(title=dict(text=z_title)),
                 hovertemplate=f"run {r}<br>{_fmt(x)}: %{{x}}<br>{_fmt(y)}: %{{y}}<br>{z_title}: %{{z:.4g}}<extra></extra>",
             ),
             row=1, col=i + 1,
@@ -588,6 +595,14 @@ def compare_heatmaps(df: pd.DataFrame, *, value: str = "relative_load", runs: Se
         fig.update_xaxes(title_text=_fmt(x), type="category", row=1, col=i + 1)
         fig.update_yaxes(title_text=_fmt(y) if i == 0 else None, type="category", autorange="reversed", row=1, col=i + 1)
     return _finish(fig, title)
+
+
+def compare_domain_share(df: pd.DataFrame, *, runs: Sequence[str], layer: int) -> go.Figure:
+    """Expert × domain share against uniform (`domain_share` of two runs) in one layer, run by run."""
+    d = df[df["layer"] == layer]
+    d = d.assign(domain=d["domain"].fillna("(none)"))
+    return compare_heatmaps(d, value="ratio", runs=runs, x="expert", y="domain", z_title="share ÷ uniform share",
+                            title=f"Expert share of each domain in layer {layer}, against uniform, run by run", zmid=1.0)
 
 
 def compare_lines(df: pd.DataFrame, *, y: str, y_title: str, title: str, x: str = "step") -> go.Figure:

@@ -118,3 +118,17 @@ def test_collect_bad_input_is_a_clear_error(saved_model, tmp_path, capsys, case)
     err = capsys.readouterr().err
     assert "moeviz collect: error:" in err and expect in err
     assert not (tmp_path / "run").exists()
+
+
+def test_collect_refuses_an_out_folder_that_already_holds_a_run(saved_model, tmp_path, capsys):
+    folder, _ = saved_model
+    text = tmp_path / "a.txt"
+    text.write_text(PROSE)
+    out = tmp_path / "run"
+    args = ["collect", "--hf-model", str(folder), "--text", str(text), "--out", str(out), "--no-progress",
+            "--max-tokens", "8", "--seq-len", "8"]
+    assert main(args) == 0
+    before = read(out, "SELECT count(*) AS n FROM layer_stats").n[0]
+    assert main(args) == 2
+    assert "already holds a recorded run" in capsys.readouterr().err
+    assert read(out, "SELECT count(*) AS n FROM layer_stats").n[0] == before  # nothing appended

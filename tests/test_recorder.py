@@ -377,7 +377,7 @@ class WatchedRecorder(Recorder):
             return super().step(*a, **kw)
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "deepseek_v3"])
 def test_hooks_and_step_do_not_sync_with_the_device(tmp_path, family):
     model, _ = tiny_model(family)
     gen = torch.Generator().manual_seed(1)
@@ -675,3 +675,33 @@ def test_forwards_after_the_last_step_are_reported_at_close(mixtral, tmp_path):
                 mixtral(torch.ones(1, 4, dtype=torch.long))
                 mixtral(torch.ones(1, 4, dtype=torch.long))
     assert read(tmp_path / "run", "SELECT status FROM runs").status[0] == "finished"
+
+
+def test_bad_tokenizer_and_ragged_token_ids_are_clear_errors(mixtral, tmp_path):
+    with pytest.raises(RecorderError, match="tokenizer= must be a tokenizer"):
+        Recorder(mixtral, tmp_path / "a", tokenizer=object()).start()
+    assert _hooks_left(mixtral) == 0
+    with Recorder(mixtral, tmp_path / "b") as rec:
+        with torch.no_grad():
+            mixtral(torch.ones(2, 3, dtype=torch.long))
+        with pytest.raises(RecorderError, match="rows of equal length"):
+            rec.step(0, token_ids=[[1, 2, 3], [1, 2]])
+        rec.step(0, token_ids=[[1, 2, 3], [4, 5, 6]])
+    assert read(tmp_path / "b", "SELECT count(*) AS n FROM routes WHERE slot = 0 AND layer = 0").n[0] == 6
+    assert read(tmp_path / "a", "SELECT status FROM runs").status[0] == "failed"
+
+
+
+def test_layer_aggregates_upcast_bfloat16_logits():
+    """bf16 router logits: probabilities, z-loss and entropy are computed in float32 (a bf16 softmax would be
+    off by ~1e-2 relative); the reference is float64 numpy on the same bf16 values."""
+    from collectors.aggregates import layer_aggregates
+
+    gen = torch.Generator().manual_seed(3)
+    logits = (torch.randn(64, 8, generator=gen) * 4).to(torch.bfloat16)
+    index = logits.float().topk(2, dim=-1).indices
+    mask = torch.arange(64) % 5 != 0
+    got = layer_aggregates(logits, index, None, mask).numpy()
+    ref = brute_force(logits.float().numpy(), mask.numpy(), k=2)
+    np.testing.assert_allclose(got[4 + 2 * 8 : 4 + 3 * 8], ref["prob_sum"], rtol=1e-5)
+    np.testing.assert_allclose(got[1:3], [ref["z_loss_sum"], ref["entropy_sum"]], rtol=1e-5)

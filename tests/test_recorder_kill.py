@@ -94,3 +94,43 @@ def test_sigkill_leaves_flushed_data_readable_and_run_interrupted(tmp_path):
         con.close()
     assert (per_step.t == 10).all() and (per_step.a == 20).all()  # 2 x 5 tokens, top-2, in every flushed step
     assert (n_routes.n == 10 * 2 * 2).all()
+
+
+NEVER_CLOSED = textwrap.dedent(
+    """
+    import sys
+    import torch
+    from collectors import Recorder
+    from collectors.testing import tiny_linear_gate_moe
+
+    model, _ = tiny_linear_gate_moe()
+    rec = Recorder(model, sys.argv[1], flush_every=100).start()  # never closed; nothing flushed before exit
+    for step in range(3):
+        with torch.no_grad():
+            model(torch.randint(0, 64, (2, 5)))
+        rec.step(step)
+    if sys.argv[2] == "raises":
+        raise ValueError("diverged at step 3")
+    """
+)
+
+
+@pytest.mark.parametrize("ending", ["raises", "returns"])
+def test_a_script_that_never_closes_the_recorder_loses_nothing(tmp_path, ending):
+    """start() without close(): at exit the buffered steps are written and the run is failed with the unhandled
+    exception, or finished when the script simply ended (not 'interrupted' with its last steps lost)."""
+    from moeviz.store import open_store
+
+    script = tmp_path / "script.py"
+    script.write_text(NEVER_CLOSED)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path / "run"), ending], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert (proc.returncode != 0) == (ending == "raises"), proc.stderr[-2000:]
+    con = open_store(tmp_path / "run")
+    status, error = con.execute("SELECT status, error FROM runs").fetchone()
+    if ending == "raises":
+        assert status == "failed" and "ValueError: diverged at step 3" in error
+    else:
+        assert (status, error) == ("finished", None)
+    assert con.execute("SELECT count(DISTINCT step) FROM layer_stats").fetchone()[0] == 3

@@ -569,3 +569,21 @@ def test_training_mode_records_what_the_router_did_and_backward_still_works(fami
         else:
             _, w, idx = raw[s.layer]
             assert torch.equal(got.index, idx) and torch.equal(got.weights, w.detach())
+
+
+@pytest.mark.parametrize("family, scale", [("deepseek_v3", 2.5), ("deepseek_v2", 1.5), ("mixtral", 1.0)])
+def test_weight_scale_is_the_routers_routed_scaling_factor(family, scale):
+    """The Recorder divides stored weights by site.weight_scale: it must be the factor the router multiplied by."""
+    model, config = model_of(family)
+    assert getattr(config, "routed_scaling_factor", 1.0) == scale
+    assert [s.weight_scale for s in find_routers(model)] == [scale] * len(find_routers(model))
+
+
+def test_custom_adapter_declares_its_weight_scale():
+    class Scaled(ToyAdapter):
+        weight_scale = 3.0
+
+    model = nn.Sequential(ToyMoE(), ToyMoE())
+    pick = lambda name, m: isinstance(m, ToyMoE)  # noqa: E731
+    assert [s.weight_scale for s in find_routers(model, predicate=pick, adapter=Scaled())] == [3.0, 3.0]
+    assert [s.weight_scale for s in find_routers(model, predicate=pick, adapter=ToyAdapter())] == [1.0, 1.0]

@@ -43,7 +43,12 @@ def render(ctx: Ctx) -> None:
                    drops, "compare-drops")
     with guarded("Domain specialization"):
         share = ctx.q("moeviz.specialization.domain_share", sel)
-        show_chart(charts.compare_domain_share(share, runs=(a, b)), share, "compare-domains")
+        if share["domain"].notna().any():
+            layers = sorted(share["layer"].unique())
+            layer = int(st.selectbox("Layer", layers, key="cmp_layer"))
+            show_chart(charts.compare_domain_share(share, runs=(a, b), layer=layer), share, "compare-domains")
+        else:
+            st.info("Neither run's sequences carry domain labels.")
 
 
 if __name__ == "__main__":

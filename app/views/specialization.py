@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from app.components import guarded, run_page, show_chart, show_table
+from app.components import guarded, run_page, show_chart
 from app.state import Ctx
 from moeviz import charts
 from moeviz.errors import MoevizError
