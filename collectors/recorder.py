@@ -531,6 +531,7 @@ class Recorder:
         token_ids / attention_mask [batch, seq] describe the step's tokens when given (the rows of all its
         forwards, in order); otherwise those captured from each forward's `input_ids` / `attention_mask` are
         used. domain: one label, or one per sequence. No host sync unless this step triggers a flush.
+        A bad argument raises RecorderError and keeps the step's forwards buffered: call step() again, corrected.
         """
         self._check_usable()
         step = _step_number(step)

@@ -51,7 +51,8 @@ RUNS = _t(
     ("n_layers", "INTEGER", "Number of MoE layers recorded (routers found)."),
     ("n_experts", "INTEGER", "Experts per MoE layer (the largest, if layers differ; see `layers`)."),
     ("top_k", "INTEGER", "Experts chosen per token (the largest, if layers differ; see `layers`)."),
-    ("capacity_factor", "DOUBLE", "The model's own capacity factor if it drops tokens, else NULL."),
+    ("capacity_factor", "DOUBLE", "The model's own capacity factor if it drops tokens, else NULL (Switch: "
+     "expert_capacity * n_experts / sequence length of the first recorded step)."),
     ("config", "JSON", "The model config (HF `config.to_dict()` or the user's dict)."),
     ("world_size", "INTEGER", "Number of ranks that wrote to the run."),
     ("sample_every", "INTEGER", "Per-token detail kept every N steps (1 = every step)."),
@@ -89,7 +90,8 @@ ROUTES = _t(
     ("layer", "SMALLINT", "MoE layer index (see `layers`)."),
     ("slot", "TINYINT", "Rank of the choice: 0 is the top expert, k-1 the last chosen."),
     ("expert", "SMALLINT", "Chosen expert index."),
-    ("weight", "DOUBLE", "Gate weight the model applied to this expert (after any renormalisation)."),
+    ("weight", "DOUBLE", "Gate weight the model applied to this expert (after any renormalisation), before a routed "
+     "scaling factor (DeepSeek/GLM `routed_scaling_factor`, in runs.config)."),
 )
 
 STEP_STATS = _t(
@@ -104,7 +106,8 @@ STEP_STATS = _t(
     ("tokens", "BIGINT", "Tokens that reached the layer in this step and rank (same for every expert)."),
     ("assigned", "BIGINT", "Top-k assignments of tokens to this expert (over all k slots)."),
     ("first_choice", "BIGINT", "Tokens whose top (slot 0) choice is this expert."),
-    ("prob_sum", "DOUBLE", "Sum over tokens of softmax(router_logits)[expert] (full softmax, before top-k)."),
+    ("prob_sum", "DOUBLE", "Sum over tokens of softmax(router_logits)[expert] (full float32 softmax, before top-k), "
+     "for every family; for sigmoid routers (DeepSeek-V3) this is not the score the model chose on."),
     ("dropped", "BIGINT", "Assignments to this expert that the model itself dropped (capacity), else 0."),
 )
 
