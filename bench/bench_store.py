@@ -2,7 +2,8 @@
 
 The case: 8 MoE layers of 8 experts, top-2, batches of 8 sequences x 512 positions, token ids drawn from a
 32k vocabulary with a Zipf-like law, gate weights = softmax over the top-2 router logits (Mixtral-style), one
-flush every 16 steps (~1M routes). Prints a Markdown table.
+flush every 16 steps (~1M routes). Compacts copies of the same segments both ways (routes into zstd Parquet
+files, the default, and routes into run.duckdb) and times two queries on each. Prints a Markdown table.
 
     python bench/bench_store.py [--routes 20000000] [--dir /tmp/moeviz-bench]
 """
@@ -96,36 +97,59 @@ def main() -> None:
     writer.close()
     info = store_info(run_dir)["runs"][0]
     seg_bpr = info["bytes_per_route_segments"]
+    probe_step = (n_flushes * args.steps_per_flush) // 2
+    seg = queries(run_dir, probe_step)
 
-    t0 = time.perf_counter()
-    con = open_store(run_dir)
-    open_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    n = con.execute("SELECT count(*) FROM (SELECT layer, expert, count(*), avg(weight) FROM routes GROUP BY ALL)").fetchone()
-    query_seg_s = time.perf_counter() - t0
-    con.close()
+    compacted = {}
+    for fmt in ("parquet", "duckdb"):  # the same segments, compacted each way
+        fmt_dir = root / f"bench-{fmt}"
+        shutil.rmtree(fmt_dir, ignore_errors=True)
+        shutil.copytree(run_dir, fmt_dir)
+        t0 = time.perf_counter()
+        res = compact(fmt_dir, routes_format=fmt)["runs"][0]
+        compact_s = time.perf_counter() - t0
+        assert res["rows"]["routes"] == routes
+        compacted[fmt] = (res, compact_s, queries(fmt_dir, probe_step))
 
-    t0 = time.perf_counter()
-    res = compact(run_dir)["runs"][0]
-    compact_s = time.perf_counter() - t0
-    con = open_store(run_dir)
-    t0 = time.perf_counter()
-    con.execute("SELECT count(*) FROM (SELECT layer, expert, count(*), avg(weight) FROM routes GROUP BY ALL)").fetchone()
-    query_comp_s = time.perf_counter() - t0
-    con.close()
-    assert n[0] == LAYERS * EXPERTS
-
-    print(f"| measure | value |\n|---|---|")
-    print(f"| routes written | {routes:,} in {n_flushes} flushes |")
+    print("| measure | segments | compacted, routes as Parquet (default) | compacted, routes in run.duckdb |")
+    print("|---|---|---|---|")
+    p, d = compacted["parquet"], compacted["duckdb"]
+    print(f"| routes | {routes:,} in {n_flushes} flushes | {p[0]['rows']['routes']:,} | {d[0]['rows']['routes']:,} |")
     print(f"| write throughput | {routes / write_s / 1e6:.2f} M routes/s wall ({write_s:.2f} s), "
-          f"{routes / write_cpu_s / 1e6:.2f} M routes per CPU-second |")
-    print(f"| Parquet segments | {seg_bpr:.3f} bytes/route |")
-    print(f"| compaction | {compact_s:.2f} s |")
-    print(f"| compacted run.duckdb | {res['bytes_per_route']:.3f} bytes/route (whole file / routes) |")
-    print(f"| open_store | {open_s * 1000:.0f} ms |")
-    print(f"| GROUP BY layer, expert over routes | {query_seg_s:.2f} s on segments, {query_comp_s:.2f} s compacted |")
+          f"{routes / write_cpu_s / 1e6:.2f} M routes/CPU-s | | |")
+    print(f"| bytes/route on disk (all files of the run) | {seg_bpr:.3f} | {p[0]['bytes_per_route']:.3f} "
+          f"| {d[0]['bytes_per_route']:.3f} |")
+    print(f"| compaction time | | {p[1]:.2f} s | {d[1]:.2f} s |")
+    for key, label in (("open", "open_store"), ("group", "GROUP BY layer, expert: count(*)"),
+                       ("step", f"WHERE step = {probe_step}: count(*), avg(weight)")):
+        print(f"| {label} | {fmt_s(seg[key])} | {fmt_s(p[2][key])} | {fmt_s(d[2][key])} |")
     if not args.dir:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def queries(run_dir: Path, step: int) -> dict[str, float]:
+    """Seconds to open the store and run the two reference queries (best of 3 each, after one warm-up)."""
+    t0 = time.perf_counter()
+    con = open_store(run_dir)
+    out = {"open": time.perf_counter() - t0}
+    sqls = {"group": "SELECT layer, expert, count(*) FROM routes GROUP BY ALL",
+            "step": f"SELECT count(*), avg(weight) FROM routes WHERE step = {step}"}
+    for key, sql in sqls.items():
+        rows = con.execute(sql).fetchall()
+        assert rows and (key != "group" or len(rows) == LAYERS * EXPERTS)
+        assert key != "step" or rows[0][0] == LAYERS * BATCH * SEQ_LEN * TOP_K
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            con.execute(sql).fetchall()
+            times.append(time.perf_counter() - t0)
+        out[key] = min(times)
+    con.close()
+    return out
+
+
+def fmt_s(s: float) -> str:
+    return f"{s * 1000:.0f} ms" if s < 1 else f"{s:.2f} s"
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ from moeviz.selection import Selection
 
 CAPACITY_FACTORS = (1.0, 1.25)
 POLICIES = ("position", "probability")
-DOMAIN_ORDER = ("code", "en", "it", "math")
 
 
 # ------------------------------------------------------------------------------------------------ selections
@@ -180,11 +179,19 @@ def capacity_table(con, run_id: str) -> pd.DataFrame:
 
 
 def capacity_train(con, run_id: str) -> pd.DataFrame:
-    """Overall drop rate on the late train steps (train batches are what a capacity-limited router sees)."""
+    """Drop rate on the late train steps (train batches are what a capacity-limited router sees), overall, per
+    layer and per domain, one column per capacity factor (the count of drops does not depend on the policy)."""
     steps = late_train_steps(con, run_id)
     sel = Selection(run_ids=(run_id,), steps=(steps[0], steps[-1]), tags=("train",))
-    d = capacity.drop_curve(con, sel, CAPACITY_FACTORS, policy="position", group="step")
-    return d[["run_id", "capacity_factor", "drop_rate"]]
+    rows = []
+    for by in ((), ("layer",), ("domain",)):
+        d = capacity.drop_curve(con, sel, CAPACITY_FACTORS, policy="position", group="step", by=by)
+        d["part"] = "all" if not by else d[by[0]].map(lambda v, n=by[0]: f"{n} {v}")
+        rows.append(d.pivot(index="part", columns="capacity_factor", values="drop_rate").reset_index())
+    out = pd.concat(rows, ignore_index=True)
+    out.columns = ["part"] + [f"drop_rate_cf_{c}" for c in out.columns[1:]]
+    out.insert(0, "run_id", run_id)
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ 4. other
@@ -228,6 +235,31 @@ def domain_expert_tokens(con, run_id: str, domains=("it", "math"), n: int = 8) -
     return pd.DataFrame(rows)
 
 
+def digits_outside_math(con, run_id: str) -> pd.DataFrame:
+    """Number tokens inside non-math eval text: per layer, the share whose first choice is the expert that takes
+    most number tokens in math text, against the share of the other tokens of the same sequences that go there.
+    Plain SQL over the public views (routes, sequences, vocab); tokens are numbers when their text is digits."""
+    sel = eval_selection(con, run_id)
+    step = sel.steps[0]
+    df = con.execute("""
+        WITH t AS (
+            SELECT r.layer, r.expert, s.domain, regexp_matches(trim(v.text), '^[0-9]+$') AS is_num
+            FROM routes r
+            JOIN sequences s ON s.run_id = r.run_id AND s.step = r.step AND s.rank = r.rank AND s.seq = r.seq
+            JOIN vocab v ON v.run_id = r.run_id AND v.token_id = r.token_id
+            WHERE r.run_id = ? AND r.step = ? AND s.tag = 'eval' AND r.slot = 0),
+        num_expert AS (
+            SELECT layer, mode(expert) AS expert FROM t WHERE domain = 'math' AND is_num GROUP BY layer)
+        SELECT t.layer, n.expert AS math_number_expert,
+               count(*) FILTER (WHERE is_num) AS numbers_outside_math,
+               avg(CASE WHEN t.expert = n.expert THEN 1 ELSE 0 END) FILTER (WHERE is_num) AS numbers_share,
+               avg(CASE WHEN t.expert = n.expert THEN 1 ELSE 0 END) FILTER (WHERE NOT is_num) AS other_tokens_share
+        FROM t JOIN num_expert n ON n.layer = t.layer
+        WHERE t.domain <> 'math' GROUP BY ALL ORDER BY t.layer""", [run_id, step]).df()
+    df.insert(0, "run_id", run_id)
+    return df
+
+
 def health_findings(con, run_id: str) -> pd.DataFrame:
     """moeviz's health checks over the late train steps (non-ok rows only)."""
     steps = late_train_steps(con, run_id)
@@ -257,6 +289,7 @@ def compute(con, *, shuffles: int = 50) -> dict[str, pd.DataFrame]:
         "saturation": cat(saturation),
         "agreement": cat(agreement),
         "domain_tokens": cat(domain_expert_tokens),
+        "digits_outside_math": cat(digits_outside_math),
         "health": cat(health_findings),
     }
 

@@ -2,7 +2,7 @@
 
     moeviz sql runs/exp1 "SELECT layer, expert, count(*) AS n FROM routes GROUP BY ALL ORDER BY n DESC"
     moeviz info runs/            # runs, status, segments, rows, bytes per route
-    moeviz compact runs/exp1     # fold finished runs' segments into run.duckdb
+    moeviz compact runs/exp1     # fold finished runs' segments into run.duckdb (+ Parquet files for routes)
     moeviz schema --markdown     # the public SQL schema (the README's schema section)
 """
 
@@ -30,10 +30,14 @@ def register(subparsers) -> None:
     p.add_argument("--json", action="store_true", help="print the full store_info() dictionary as JSON")
     p.set_defaults(func=cmd_info)
 
-    p = subparsers.add_parser("compact", help="fold a run's Parquet segments into its run.duckdb",
-                              description="Fold the segments of a run (or of every run in a folder) into "
-                                          "run.duckdb. Refuses runs whose writer is still alive.")
+    p = subparsers.add_parser("compact", help="fold a run's Parquet segments into its compacted files",
+                              description="Fold the segments of a run (or of every run in a folder): small tables "
+                                          "into run.duckdb, routes into large zstd Parquet files it names "
+                                          "(or into run.duckdb with --routes-format duckdb). Refuses runs whose "
+                                          "writer is still alive.")
     p.add_argument("path")
+    p.add_argument("--routes-format", choices=("parquet", "duckdb"), default="parquet",
+                   help="where compacted routes go: Parquet files (~2 bytes/route, default) or run.duckdb (~8)")
     p.set_defaults(func=cmd_compact)
 
     p = subparsers.add_parser("schema", help="print the public SQL schema (tables, columns, types, meanings)")
@@ -83,7 +87,8 @@ def cmd_info(args) -> int:
                 for t, v in run["tables"].items()]
         table = format_table(["table", "segments", "segment rows", "segment bytes", "compacted rows"], rows)
         print("  " + table.replace("\n", "\n  "))
-        print(f"  routes {run['routes']:,}; run.duckdb {run['compacted_bytes']:,} bytes; bytes/route: "
+        print(f"  routes {run['routes']:,}; compacted {run['compacted_bytes']:,} bytes "
+              f"({run['routes_files']} routes file(s) + run.duckdb); bytes/route: "
               f"segments {_fmt(run['bytes_per_route_segments'])}, compacted {_fmt(run['bytes_per_route_compacted'])}")
         if run["skipped_files"]:
             print(f"  skipped {len(run['skipped_files'])} incomplete Parquet file(s): {run['skipped_files'][:3]}")
@@ -93,12 +98,13 @@ def cmd_info(args) -> int:
 def cmd_compact(args) -> int:
     from moeviz.store import compact
 
-    for r in compact(args.path)["runs"]:
+    for r in compact(args.path, routes_format=args.routes_format)["runs"]:
         if "skipped" in r:
             print(f"run {r['run_id']}: skipped: {r['skipped']}")
             continue
         print(f"run {r['run_id']}: folded {r['segments_folded']} segment(s) ({r['segment_bytes_folded']:,} bytes), "
-              f"run.duckdb {r['compacted_bytes']:,} bytes, {r['rows'].get('routes', 0):,} routes, "
+              f"{r['compacted_bytes']:,} bytes compacted ({r['routes_files']} routes file(s) + run.duckdb), "
+              f"{r['rows'].get('routes', 0):,} routes, "
               f"{_fmt(r['bytes_per_route'])} bytes/route")
     return 0
 

@@ -6,6 +6,12 @@ A run folder looks like this (Hive-style, so Spark, Polars or `duckdb.read_parqu
     <run_dir>/_status/rank=<r>.json                         one per rank: pid, host, heartbeat, final status
     <run_dir>/<table>/rank=<r>/part-<seq:08d>-<uuid8>.parquet   immutable segments, one per flush per table
     <run_dir>/run.duckdb                                    compacted segments (`moeviz compact`, last close)
+    <run_dir>/compacted/routes/rank=<r>/part-<gen:06d>-<uuid8>.parquet   compacted routes, listed in run.duckdb
+
+Compacted routes are large zstd Parquet files (DuckDB's own storage costs ~3x more per route: it bit-packs but
+does not entropy-code). They live outside `<run_dir>/routes/` so that segment listings never see them: a reader
+reads exactly the ones run.duckdb's `_routes_files` names, so a file written by a compaction that crashed before
+publishing its run.duckdb is never read (the next compaction deletes it).
 
 Why segments: DuckDB lets one process hold a database file read-write and then no other process may open it, so
 a training process and a live dashboard cannot share one `.duckdb`. Segments are written under a hidden temporary
@@ -35,6 +41,7 @@ MANIFEST = "moeviz.json"
 STATUS_DIR = "_status"
 COMPACTED = "run.duckdb"
 LOCK_FILE = ".compact.lock"
+COMPACTED_DIR = "compacted"  # <run_dir>/compacted/routes/rank=<r>/part-<gen>-<uuid8>.parquet
 HEARTBEAT_TIMEOUT_S = 600.0  # a writer on another host counts as alive this long after its last flush
 WEIGHT_SCALE = 65535  # routes.weight is stored as weight_q = round(weight * WEIGHT_SCALE), UINT16
 
@@ -86,6 +93,27 @@ ROW_GROUP_ROWS = 1 << 22  # a segment is one row group (and one page per column)
 # in zstd's window and the next layer's identical token sequence compresses to almost nothing. Larger flushes
 # are split into several segments along the token axis (each layer-major).
 ROUTES_ROWS_PER_LAYER = 1 << 17
+
+
+# Compacted routes files: rows sorted by (step, layer, seq, pos, slot) within row groups of about this many rows
+# (bench_store.py: 2.2 bytes/route at 20M routes with zstd level 3; level 9 saves ~10 % at 3x the time; row
+# groups of 1/4 the size cost +2 % and were not measurably faster to filter). Statistics on step,
+# rank and layer let `WHERE step = ...` skip row groups.
+COMPACTED_ROW_GROUP_ROWS = 1 << 20
+COMPACTED_SORT = ("step", "layer", "seq", "pos", "slot")
+
+
+def compacted_routes_dir(run_dir: Path, rank: int) -> Path:
+    return Path(run_dir) / COMPACTED_DIR / "routes" / f"rank={int(rank)}"
+
+
+def compacted_routes_options() -> dict:
+    """pyarrow.parquet.ParquetWriter keyword arguments for compacted routes files."""
+    opts = parquet_options("routes")
+    opts.pop("row_group_size")
+    opts.update(compression_level=3, max_rows_per_page=2 * COMPACTED_ROW_GROUP_ROWS,
+                write_statistics=["step", "rank", "layer", "seq"])
+    return opts
 
 
 def parquet_options(table: str) -> dict:

@@ -9,8 +9,9 @@
 DuckDB lets one process hold a database file read-write and blocks every other process meanwhile, so the
 writer never opens a DuckDB file while it records: each `write_flush` writes one immutable Parquet segment per
 table (layout in `moeviz.segments`), and readers query the segments through views. `compact` (run by the last
-rank's `close`, or `moeviz compact`) folds the segments into `<run>/run.duckdb`, written under a new name and
-renamed over the old one, so a reader that has the old file open keeps reading it.
+rank's `close`, or `moeviz compact`) folds the small tables into `<run>/run.duckdb`, written under a new name
+and renamed over the old one, so a reader that has the old file open keeps reading it, and `routes` into large
+zstd Parquet files named in run.duckdb (~2 bytes/route; see `compact`).
 """
 
 from __future__ import annotations
@@ -333,21 +334,35 @@ def _rows_to_table(table: str, rows: list[dict]) -> pa.Table:
 # ---------------------------------------------------------------------------------------------------- compaction
 
 
-def compact(path) -> dict:
-    """Fold every complete segment of a run (or of every run in a folder) into `<run>/run.duckdb`.
+ROUTES_FORMATS = ("parquet", "duckdb")
 
-    Builds `run.duckdb.tmp` (the old compacted tables + the new segments + their names in `_segments`), fsyncs
-    it, renames it over `run.duckdb`, then deletes the folded segments. A reader that has the old file open keeps
-    its inode; a reader that lists segments and then opens the new file skips those recorded in `_segments`, so
-    no row is counted twice. Refuses a run whose writer is still alive. Idempotent.
+
+def compact(path, routes_format: str = "parquet") -> dict:
+    """Fold every complete segment of a run (or of every run in a folder) into its compacted form.
+
+    The small tables go into `<run>/run.duckdb`. `routes` (routes_format="parquet", the default) goes into one
+    new zstd Parquet file per rank and compaction, `<run>/compacted/routes/rank=<r>/part-<gen>-<uuid8>.parquet`
+    (~2 bytes/route, against ~7.7 in DuckDB's own storage), named in run.duckdb's `_routes_files`;
+    routes_format="duckdb" keeps them in run.duckdb's `routes` table as before. Either way a run can hold both.
+
+    Order, so that a crash at any point leaves a readable store that counts no row twice: (1) write each routes
+    file under a hidden name, fsync, rename (readers read only files named in a published run.duckdb, so it is
+    invisible); (2) build `run.duckdb.tmp` (old tables + new segments + their names in `_segments` + the new
+    routes files in `_routes_files`), fsync, rename it over `run.duckdb`; (3) delete the folded segments; the
+    next compaction deletes files left by a crash (unpublished routes files, folded segments). A reader that has
+    the old run.duckdb open keeps its inode, and the routes files it names are never rewritten or deleted by a
+    later compaction (each adds files), so it keeps working; a reader that lists segments and then opens the new
+    file skips those recorded in `_segments`. Refuses a run whose writer is still alive. Idempotent.
     """
+    if routes_format not in ROUTES_FORMATS:
+        raise StoreError(f"routes_format must be one of {', '.join(ROUTES_FORMATS)}, got {routes_format!r}")
     run_dirs = sg.find_runs(path)
     if len(run_dirs) == 1 and sg.is_run_dir(Path(path).expanduser()):
-        return {"runs": [_compact_run(run_dirs[0])]}
+        return {"runs": [_compact_run(run_dirs[0], routes_format)]}
     out = []
     for run_dir in run_dirs:  # a folder of runs: compact what can be, say why the others were left alone
         try:
-            out.append(_compact_run(run_dir))
+            out.append(_compact_run(run_dir, routes_format))
         except _LiveRun as e:
             out.append({"run_id": sg.read_manifest(run_dir).get("run_id"), "run_dir": str(run_dir), "skipped": str(e)})
     return {"runs": out}
@@ -382,9 +397,7 @@ class _CompactionLock:
         os.close(self.fd)
 
 
-def _compact_run(run_dir: Path) -> dict:
-    import duckdb
-
+def _compact_run(run_dir: Path, routes_format: str = "parquet") -> dict:
     manifest = sg.read_manifest(run_dir)
     statuses = sg.read_statuses(run_dir)
     live = [s for s in statuses.values() if sg.writer_alive(s)]
@@ -400,45 +413,28 @@ def _compact_run(run_dir: Path) -> dict:
         for t in sg.SEGMENT_TABLES:
             found[t], bad = sg.list_segments(run_dir, t)
             skipped += bad
-        folded = _folded_segments(target)
+        folded, published = _compacted_state(target)
+        _remove_unpublished_routes_files(run_dir, published)  # left by a compaction that crashed before step 2
         new = {t: [p for p in ps if sg.relative_name(run_dir, p) not in folded] for t, ps in found.items()}
         n_new = sum(len(v) for v in new.values())
         bytes_new = sum(p.stat().st_size for ps in new.values() for p in ps)
         rows: dict[str, int] = {}
         if n_new or not target.exists():
-            tmp = run_dir / (sg.COMPACTED + ".tmp")
-            for leftover in (tmp, Path(str(tmp) + ".wal")):
-                leftover.unlink(missing_ok=True)
-            con = duckdb.connect(str(tmp))
+            written: list[tuple[str, int, int, int]] = []  # (name, rank, rows, bytes) of new routes files
             try:
-                _create_compacted_tables(con)
-                if target.exists():
-                    con.execute("ATTACH ? AS old (READ_ONLY)", [str(target)])
-                    old_tables = {r[0] for r in con.execute(
-                        "SELECT table_name FROM duckdb_tables() WHERE database_name = 'old'").fetchall()}
-                    for t in sg.SEGMENT_TABLES + ("_segments",):
-                        if t in old_tables:
-                            con.execute(f'INSERT INTO main."{t}" BY NAME SELECT * FROM old.main."{t}"')
-                    con.execute("DETACH old")
-                for t, paths in new.items():
-                    if paths:
-                        con.execute(f'INSERT INTO main."{t}" BY NAME SELECT * FROM read_parquet(?)',
-                                    [[str(p) for p in paths]])
-                        con.executemany("INSERT INTO _segments VALUES (?, ?, ?)",
-                                        [[t, sg.relative_name(run_dir, p), p.stat().st_size] for p in paths])
-                con.executemany("INSERT INTO _rank_status VALUES (?, ?)",
-                                [[r, json.dumps(s)] for r, s in sorted(statuses.items())])
-                con.executemany("INSERT INTO _meta VALUES (?, ?)",
-                                [["schema_version", str(SCHEMA_VERSION)], ["compacted_at", sg.utc_iso()],
-                                 ["run_id", str(manifest.get("run_id"))]])
-                rows = {t: con.execute(f'SELECT count(*) FROM main."{t}"').fetchone()[0] for t in sg.SEGMENT_TABLES}
-                con.execute("CHECKPOINT")
-            finally:
-                con.close()
-            _fsync(tmp)
-            os.replace(tmp, target)
-            _fsync(run_dir)
-            folded = _folded_segments(target)
+                if routes_format == "parquet" and new["routes"]:
+                    by_rank: dict[int, list[Path]] = {}
+                    for p in new["routes"]:
+                        by_rank.setdefault(int(p.parent.name[5:]), []).append(p)
+                    for rank, paths in sorted(by_rank.items()):
+                        written.append(_write_compacted_routes(run_dir, rank, paths))
+                rows = _publish_compacted(run_dir, target, manifest, statuses, new, written,
+                                          routes_in_duckdb=routes_format == "duckdb")
+            except BaseException:
+                for name, *_ in written:  # never published: remove (a crash instead leaves them to the next run)
+                    (run_dir / name).unlink(missing_ok=True)
+                raise
+            folded, published = _compacted_state(target)
         deleted = 0
         for ps in found.values():  # also removes segments a crashed earlier compaction folded but did not delete
             for p in ps:
@@ -447,13 +443,113 @@ def _compact_run(run_dir: Path) -> dict:
                     deleted += 1
     if not rows:
         rows = _compacted_row_counts(target)
-    size = target.stat().st_size
+    size = target.stat().st_size + sum(b for _, b in published.values())
     return {
         "run_id": manifest.get("run_id"), "run_dir": str(run_dir), "segments_folded": n_new,
         "segment_bytes_folded": bytes_new, "segments_deleted": deleted, "skipped_files": [str(p) for p in skipped],
-        "rows": rows, "compacted_bytes": size,
+        "rows": rows, "compacted_bytes": size, "routes_files": len(published),
         "bytes_per_route": (size / rows["routes"]) if rows.get("routes") else None,
     }
+
+
+def _publish_compacted(run_dir: Path, target: Path, manifest: dict, statuses: dict, new: dict[str, list[Path]],
+                       written: list[tuple[str, int, int, int]], routes_in_duckdb: bool) -> dict[str, int]:
+    """Build run.duckdb.tmp (old tables + new segments), fsync it and rename it over run.duckdb: row counts."""
+    import duckdb
+
+    tmp = run_dir / (sg.COMPACTED + ".tmp")
+    for leftover in (tmp, Path(str(tmp) + ".wal")):
+        leftover.unlink(missing_ok=True)
+    con = duckdb.connect(str(tmp))
+    try:
+        _create_compacted_tables(con)
+        if target.exists():
+            con.execute("ATTACH ? AS old (READ_ONLY)", [str(target)])
+            old_tables = {r[0] for r in con.execute(
+                "SELECT table_name FROM duckdb_tables() WHERE database_name = 'old'").fetchall()}
+            for t in sg.SEGMENT_TABLES + ("_segments", "_routes_files"):
+                if t in old_tables:
+                    con.execute(f'INSERT INTO main."{t}" BY NAME SELECT * FROM old.main."{t}"')
+            con.execute("DETACH old")
+        for t, paths in new.items():
+            if paths:
+                if t != "routes" or routes_in_duckdb:
+                    con.execute(f'INSERT INTO main."{t}" BY NAME SELECT * FROM read_parquet(?)',
+                                [[str(p) for p in paths]])
+                con.executemany("INSERT INTO _segments VALUES (?, ?, ?)",
+                                [[t, sg.relative_name(run_dir, p), p.stat().st_size] for p in paths])
+        if written:
+            con.executemany("INSERT INTO _routes_files VALUES (?, ?, ?, ?)", [list(w) for w in written])
+        con.executemany("INSERT INTO _rank_status VALUES (?, ?)",
+                        [[r, json.dumps(s)] for r, s in sorted(statuses.items())])
+        con.executemany("INSERT INTO _meta VALUES (?, ?)",
+                        [["schema_version", str(SCHEMA_VERSION)], ["compacted_at", sg.utc_iso()],
+                         ["run_id", str(manifest.get("run_id"))]])
+        rows = {t: con.execute(f'SELECT count(*) FROM main."{t}"').fetchone()[0] for t in sg.SEGMENT_TABLES}
+        rows["routes"] += con.execute("SELECT coalesce(sum(rows), 0) FROM _routes_files").fetchone()[0]
+        con.execute("CHECKPOINT")
+    finally:
+        con.close()
+    _fsync(tmp)
+    os.replace(tmp, target)
+    _fsync(run_dir)
+    return rows
+
+
+def _write_compacted_routes(run_dir: Path, rank: int, paths: list[Path]) -> tuple[str, int, int, int]:
+    """One compacted routes file from one rank's segments: (name relative to the run, rank, rows, bytes).
+
+    Streams the segments in batches of about COMPACTED_ROW_GROUP_ROWS rows, each sorted by COMPACTED_SORT and
+    written as one row group, so memory stays bounded whatever the run's size. Written under a hidden name,
+    fsynced, then renamed: the file is whole or absent."""
+    import uuid
+
+    import pyarrow.parquet as pq
+
+    folder = sg.compacted_routes_dir(run_dir, rank)
+    folder.mkdir(parents=True, exist_ok=True)
+    gen = 1 + max([int(p.name[5:11]) for p in folder.glob("part-*.parquet") if p.name[5:11].isdigit()] or [-1])
+    name = f"part-{gen:06d}-{uuid.uuid4().hex[:8]}.parquet"
+    tmp = folder / f".{name}.tmp"
+    schema = sg.DISK_SCHEMAS["routes"]
+    n_rows = 0
+    try:
+        with pq.ParquetWriter(tmp, schema, **sg.compacted_routes_options()) as w:
+            pending: list[pa.Table] = []
+            pending_rows = 0
+            for p in paths:
+                part = pq.read_table(p).select(schema.names).cast(schema)
+                pending.append(part)
+                pending_rows += part.num_rows
+                if pending_rows >= sg.COMPACTED_ROW_GROUP_ROWS:
+                    n_rows += _write_sorted_row_group(w, pending)
+                    pending, pending_rows = [], 0
+            if pending:
+                n_rows += _write_sorted_row_group(w, pending)
+        _fsync(tmp)
+        os.replace(tmp, folder / name)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync(folder)
+    return sg.relative_name(run_dir, folder / name), rank, n_rows, (folder / name).stat().st_size
+
+
+def _write_sorted_row_group(writer, parts: list[pa.Table]) -> int:
+    batch = pa.concat_tables(parts).sort_by([(c, "ascending") for c in sg.COMPACTED_SORT])
+    writer.write_table(batch, row_group_size=max(1, batch.num_rows))
+    return batch.num_rows
+
+
+def _remove_unpublished_routes_files(run_dir: Path, published: dict[str, tuple[int, int]]) -> None:
+    """Delete routes files (and hidden temp files) no published run.duckdb names: a crashed compaction's."""
+    root = run_dir / sg.COMPACTED_DIR / "routes"
+    if not root.is_dir():
+        return
+    for p in root.glob("rank=*/*"):
+        if p.is_file() and sg.relative_name(run_dir, p) not in published and (
+                p.name.endswith(".parquet") or p.name.endswith(".tmp")):
+            p.unlink(missing_ok=True)
 
 
 def _create_compacted_tables(con) -> None:
@@ -461,19 +557,24 @@ def _create_compacted_tables(con) -> None:
         cols = ", ".join(f'"{f.name}" {sg.duckdb_type(f.type)}' for f in sg.DISK_SCHEMAS[t])
         con.execute(f'CREATE TABLE "{t}" ({cols})')
     con.execute("CREATE TABLE _segments (table_name VARCHAR, file VARCHAR PRIMARY KEY, bytes BIGINT)")
+    con.execute("CREATE TABLE _routes_files (file VARCHAR PRIMARY KEY, rank INTEGER, rows BIGINT, bytes BIGINT)")
     con.execute("CREATE TABLE _rank_status (rank INTEGER, status_json VARCHAR)")
     con.execute("CREATE TABLE _meta (key VARCHAR, value VARCHAR)")
 
 
-def _folded_segments(target: Path) -> set[str]:
-    """Names (relative to the run) of the segments already inside run.duckdb."""
+def _compacted_state(target: Path) -> tuple[set[str], dict[str, tuple[int, int]]]:
+    """(names of the segments already folded into run.duckdb, {routes file name: (rows, bytes)} it names)."""
     if not target.exists():
-        return set()
+        return set(), {}
     import duckdb
 
     con = duckdb.connect(str(target), read_only=True)
     try:
-        return {r[0] for r in con.execute("SELECT file FROM _segments").fetchall()}
+        folded = {r[0] for r in con.execute("SELECT file FROM _segments").fetchall()}
+        have = {r[0] for r in con.execute("SELECT table_name FROM duckdb_tables()").fetchall()}
+        files = {r[0]: (int(r[1]), int(r[2])) for r in con.execute(
+            "SELECT file, rows, bytes FROM _routes_files").fetchall()} if "_routes_files" in have else {}
+        return folded, files
     finally:
         con.close()
 
@@ -484,8 +585,11 @@ def _compacted_row_counts(target: Path) -> dict[str, int]:
     con = duckdb.connect(str(target), read_only=True)
     try:
         have = {r[0] for r in con.execute("SELECT table_name FROM duckdb_tables()").fetchall()}
-        return {t: con.execute(f'SELECT count(*) FROM "{t}"').fetchone()[0] if t in have else 0
+        rows = {t: con.execute(f'SELECT count(*) FROM "{t}"').fetchone()[0] if t in have else 0
                 for t in sg.SEGMENT_TABLES}
+        if "_routes_files" in have:
+            rows["routes"] += con.execute("SELECT coalesce(sum(rows), 0) FROM _routes_files").fetchone()[0]
+        return rows
     finally:
         con.close()
 

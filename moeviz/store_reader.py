@@ -1,5 +1,9 @@
 """Reading a moeviz store: read-only DuckDB views over compacted runs and live segments; store_info; safe SQL.
 
+A run's routes are the union of its live segments (minus those run.duckdb's `_segments` says are folded), the
+compacted Parquet files run.duckdb's `_routes_files` names, and run.duckdb's own `routes` table (compactions
+with routes_format="duckdb"). Both Parquet kinds are scanned by one pyarrow dataset.
+
 `open_store(path)` is cheap (a few tens of milliseconds plus a directory listing): a reader that wants to see
 new flushes of a live run opens the store again (the dashboard does so on refresh). A connection is a snapshot
 of the files that existed when it was opened: a flush written later is not in it, and if a compaction deletes
@@ -80,6 +84,7 @@ def open_store(path):
             folded = compacted.get(i, {}).get("folded", set())
             run.segments = {t: [p for p in ps if sg.relative_name(run.run_dir, p) not in folded]
                             for t, ps in run.segments.items()}
+            run.segments["routes"] += _published_routes_files(run, compacted.get(i, {}).get("routes_files", {}))
         _register_segments(con, runs)
         con.register("_run_status", _status_table(con, runs, compacted))
         _create_views(con, compacted)
@@ -138,7 +143,22 @@ def _attach_compacted(con, runs: list[_RunFiles]) -> dict[int, dict]:
         if "_rank_status" in cols:
             for rank, body in con.execute(f"SELECT rank, status_json FROM {alias}.main._rank_status").fetchall():
                 statuses[int(rank)] = json.loads(body)
-        out[i] = {"alias": alias, "tables": cols, "folded": folded, "statuses": statuses}
+        routes_files = {r[0]: r[1] for r in con.execute(f"SELECT file, rows FROM {alias}.main._routes_files")
+                        .fetchall()} if "_routes_files" in cols else {}
+        out[i] = {"alias": alias, "tables": cols, "folded": folded, "statuses": statuses, "routes_files": routes_files}
+    return out
+
+
+def _published_routes_files(run: _RunFiles, names) -> list[Path]:
+    """The compacted routes Parquet files a run.duckdb names (read with the segments: same on-disk schema).
+    A missing or damaged one (deleted by hand, a failed disk) is skipped with a StoreWarning, not fatal."""
+    out = []
+    for name in sorted(names):
+        p = run.run_dir / name
+        if sg.is_complete_parquet(p):
+            out.append(p)
+        else:
+            run.skipped.append(p)
     return out
 
 
@@ -300,7 +320,8 @@ def store_info(path) -> dict:
             "run_id": run.run_id, "run_dir": str(run_dir), "status": st["status"], "error": st["error"],
             "world_size": st["world_size"], "started_at": st["started_at"], "ended_at": st["ended_at"],
             "schema_version": run.manifest["written_schema_version"], "compacted": run.compacted.exists(),
-            "compacted_bytes": comp["bytes"], "tables": tables, "routes": routes,
+            "compacted_bytes": comp["bytes"], "routes_files": comp["routes_files"],
+            "routes_files_bytes": comp["routes_files_bytes"], "tables": tables, "routes": routes,
             "skipped_files": [str(p) for p in run.skipped],
             "bytes_per_route_segments": (r["segment_bytes"] / r["segment_rows"]) if r["segment_rows"] else None,
             "bytes_per_route_compacted": (comp["bytes"] / r["compacted_rows"]) if r["compacted_rows"] else None,
@@ -326,7 +347,7 @@ def _parquet_rows(p: Path) -> int:
 
 def _compacted_summary(target: Path) -> dict:
     """Row counts, folded segment names and rank statuses kept in a run.duckdb (empty if there is none)."""
-    out = {"rows": {}, "folded": set(), "statuses": {}, "bytes": 0}
+    out = {"rows": {}, "folded": set(), "statuses": {}, "bytes": 0, "routes_files": 0, "routes_files_bytes": 0}
     if not target.exists():
         return out
     import duckdb
@@ -339,6 +360,12 @@ def _compacted_summary(target: Path) -> dict:
                        if t in have}
         if "_segments" in have:
             out["folded"] = {r[0] for r in con.execute("SELECT file FROM _segments").fetchall()}
+        if "_routes_files" in have:  # compacted routes kept as Parquet files beside run.duckdb
+            files = con.execute("SELECT count(*), coalesce(sum(rows), 0), coalesce(sum(bytes), 0) "
+                                "FROM _routes_files").fetchone()
+            out["routes_files"], out["routes_files_bytes"] = int(files[0]), int(files[2])
+            out["rows"]["routes"] = out["rows"].get("routes", 0) + int(files[1])
+            out["bytes"] += int(files[2])
         if "_rank_status" in have:
             out["statuses"] = {int(r): json.loads(b) for r, b in
                                con.execute("SELECT rank, status_json FROM _rank_status").fetchall()}

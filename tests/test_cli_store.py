@@ -91,6 +91,15 @@ def test_info_and_compact(store, capsys):
                                                    "compacted_rows": 12}
     code, out, _ = run(capsys, "compact", str(store))
     assert "folded 0 segment(s)" in out
+    assert json.loads(run(capsys, "info", str(store), "--json")[1])["runs"][0]["routes_files"] == 1
+
+
+def test_compact_routes_format_duckdb_keeps_routes_in_run_duckdb(store, capsys):
+    code, out, _ = run(capsys, "compact", str(store), "--routes-format", "duckdb")
+    assert code == 0 and "folded 2 segment(s)" in out and "(0 routes file(s) + run.duckdb)" in out
+    assert not (store / "compacted").exists()
+    code, out, _ = run(capsys, "sql", str(store), "SELECT count(*) AS n, sum(expert) AS e FROM routes", "--format", "csv")
+    assert out.splitlines()[1] == "12,14"
 
 
 def test_schema(capsys):

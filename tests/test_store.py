@@ -238,6 +238,14 @@ def test_realistic_routes_cost_at_most_4_bytes_per_route_on_disk(tmp_path):
     # DuckDB's lighter compression, plus ~2.5 MB of 256 KiB blocks whatever the size (uncompressed on-disk
     # types would cost ~30 B/route); bench/bench_store.py measures ~7 B/route at 20M routes
     assert info["bytes_per_route_compacted"] < 16
+    # routes are compacted into zstd Parquet files; run.duckdb (small tables, fixed ~MB of blocks) holds none
+    files = sorted((tmp_path / "r" / "compacted" / "routes").glob("rank=0/*.parquet"))
+    assert len(files) == 1 and info["routes_files"] == 1
+    assert sum(pq.read_metadata(f).num_rows for f in files) == 4 * 8 * 8 * 512 * 2
+    assert sum(f.stat().st_size for f in files) / (4 * 8 * 8 * 512 * 2) <= 4.0
+    con = duckdb.connect(str(tmp_path / "r" / "run.duckdb"), read_only=True)
+    assert con.execute("SELECT count(*) FROM routes").fetchone()[0] == 0
+    con.close()
 
 
 # ---------------------------------------------------------------------------------------------------- errors
@@ -405,6 +413,107 @@ def test_compaction_is_idempotent_and_never_double_counts(tmp_path):
     # 3 metadata segments + 4 tables of one flush written by the second writer
     assert con.execute("SELECT count(*), count(DISTINCT file) FROM _segments").fetchone() == (len(segs) + 7,) * 2
     con.close()
+
+
+def routes_files(run_dir: Path) -> list[Path]:
+    return sorted((run_dir / "compacted" / "routes").glob("rank=*/*.parquet"))
+
+
+def test_compacted_routes_files_are_sorted_with_step_statistics_and_filter_by_step(tmp_path):
+    run_dir = tmp_path / "r"
+    _, expected = write_run(run_dir, steps=(3, 0, 2), compact_on_close=True)
+    (f,) = routes_files(run_dir)
+    got = pq.read_table(f).to_pandas()
+    order = list(sg.COMPACTED_SORT)
+    pd.testing.assert_frame_equal(got, got.sort_values(order, kind="stable").reset_index(drop=True))
+    md = pq.read_metadata(f)
+    stats = md.row_group(0).column(md.schema.names.index("step")).statistics
+    assert (stats.min, stats.max) == (0, 3)
+    con = open_store(run_dir)
+    check_tables_equal(con, expected, "r")
+    exp = expected["routes"][expected["routes"]["step"] == 2]
+    assert con.execute("SELECT count(*), sum(token_id), sum(expert) FROM routes WHERE step = 2").fetchone() == (
+        len(exp), int(exp["token_id"].sum()), int(exp["expert"].sum()))
+
+
+def test_routes_format_duckdb_then_parquet_recompaction_folds_both(tmp_path):
+    run_dir = tmp_path / "r"
+    with pytest.raises(StoreError, match="routes_format must be one of parquet, duckdb"):
+        compact(tmp_path, routes_format="csv")
+    _, first = write_run(run_dir, steps=(0, 1), compact_on_close=False)
+    res = compact(run_dir, routes_format="duckdb")["runs"][0]
+    assert res["routes_files"] == 0 and not routes_files(run_dir) and res["rows"]["routes"] == len(first["routes"])
+    con = duckdb.connect(str(run_dir / "run.duckdb"), read_only=True)
+    assert con.execute("SELECT count(*) FROM routes").fetchone()[0] == len(first["routes"])
+    con.close()
+    with pytest.warns(StoreWarning, match="appending"):
+        _, more = write_run(run_dir, run_id="r", steps=(5,), seed=7, compact_on_close=False)
+    res = compact(run_dir)["runs"][0]  # default parquet: the new routes go to a file, the old stay in run.duckdb
+    assert len(routes_files(run_dir)) == 1 and res["rows"]["routes"] == len(first["routes"]) + len(more["routes"])
+    both = {t: pd.concat([first[t], more[t]], ignore_index=True) for t in first}
+    check_tables_equal(open_store(run_dir), both, "r")
+    info = store_info(run_dir)["runs"][0]
+    assert info["tables"]["routes"]["compacted_rows"] == len(both["routes"]) and info["routes_files"] == 1
+    assert info["compacted_bytes"] == (run_dir / "run.duckdb").stat().st_size + routes_files(run_dir)[0].stat().st_size
+
+
+def test_recompaction_adds_a_routes_file_per_generation_and_never_rewrites_old_ones(tmp_path):
+    run_dir = tmp_path / "r"
+    _, first = write_run(run_dir, steps=(0,))
+    (old,) = routes_files(run_dir)
+    old_bytes = old.read_bytes()
+    with pytest.warns(StoreWarning, match="appending"):
+        _, more = write_run(run_dir, run_id="r", steps=(1, 2), seed=3)
+    files = routes_files(run_dir)
+    assert len(files) == 2 and files[0] == old and old.read_bytes() == old_bytes
+    assert [f.name[:11] for f in files] == ["part-000000", "part-000001"]
+    both = {t: pd.concat([first[t], more[t]], ignore_index=True) for t in first}
+    check_tables_equal(open_store(run_dir), both, "r")
+    assert compact(run_dir)["runs"][0]["segments_folded"] == 0 and routes_files(run_dir) == files  # twice: no-op
+
+
+def test_crash_before_run_duckdb_is_replaced_leaves_no_visible_routes_file(tmp_path, monkeypatch):
+    """Crash points of compaction, simulated: (1) an exception after the routes file was renamed into place but
+    before run.duckdb was replaced; (2) a kill at that point (an unpublished file and a temp file are left)."""
+    import moeviz.store as store
+
+    run_dir = tmp_path / "r"
+    _, expected = write_run(run_dir, compact_on_close=False)
+    segs = sorted(run_dir.glob("*/rank=0/*.parquet"))
+
+    def crash(*args, **kwargs):
+        assert len(routes_files(run_dir)) == 1  # the routes file was written and renamed before this point
+        raise OSError("disk full")
+
+    monkeypatch.setattr(store, "_publish_compacted", crash)
+    with pytest.raises(OSError, match="disk full"):
+        compact(run_dir)
+    monkeypatch.undo()
+    assert not routes_files(run_dir) and not (run_dir / "run.duckdb").exists()
+    assert sorted(run_dir.glob("*/rank=0/*.parquet")) == segs
+    check_tables_equal(open_store(run_dir), expected, "r")
+    # a kill at the same point: the routes file stays, unpublished; readers ignore it, the next compaction removes it
+    compact(run_dir)
+    (published,) = routes_files(run_dir)
+    orphan = published.with_name("part-000001-deadbeef.parquet")
+    orphan.write_bytes(published.read_bytes())
+    tmp = published.with_name(".part-000002-cafecafe.parquet.tmp")
+    tmp.write_bytes(b"PAR1 half written")
+    check_tables_equal(open_store(run_dir), expected, "r")
+    assert store_info(run_dir)["runs"][0]["routes"] == len(expected["routes"])
+    assert compact(run_dir)["runs"][0]["segments_folded"] == 0
+    assert routes_files(run_dir) == [published] and not tmp.exists()
+    check_tables_equal(open_store(run_dir), expected, "r")
+
+
+def test_a_missing_compacted_routes_file_is_skipped_with_a_warning(tmp_path):
+    run_dir = tmp_path / "r"
+    _, expected = write_run(run_dir)
+    routes_files(run_dir)[0].unlink()
+    with pytest.warns(StoreWarning, match="skipped 1 incomplete Parquet"):
+        con = open_store(run_dir)
+    assert con.execute("SELECT count(*) FROM routes").fetchone()[0] == 0
+    check_tables_equal(con, {t: v for t, v in expected.items() if t != "routes"}, "r")
 
 
 def test_compaction_refuses_a_live_writer(tmp_path):
