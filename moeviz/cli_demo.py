@@ -31,6 +31,8 @@ def register(subparsers) -> None:
     p.add_argument("--capacity-factor", type=float, default=None, help="drop assignments over capacity (default: no limit)")
     p.add_argument("--noisy-gating", action="store_true", help="Shazeer-style noisy top-k gating while training")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice, one per core)")
+    p.add_argument("--sequential", action="store_true", help="train the two runs one after the other (default: "
+                   "side by side, one process per run, when there is a CPU core for each)")
     p.add_argument("--only", choices=("aux", "noaux"), default=None, help="train just one of the two runs")
     p.set_defaults(func=_handle)
 
@@ -41,7 +43,7 @@ def _handle(args) -> int:
     cfg = DemoConfig(
         n_experts=args.experts, top_k=args.top_k, device=args.device, seed=args.seed, cache_dir=args.cache_dir,
         aux_loss_coef=args.aux_coef, capacity_factor=args.capacity_factor, noisy_gating=args.noisy_gating,
-        runs=(args.only,) if args.only else ("aux", "noaux"), threads=args.threads,
+        runs=(args.only,) if args.only else ("aux", "noaux"), threads=args.threads, parallel=not args.sequential,
     )
     if args.steps is not None:
         cfg.steps = args.steps

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import sys
 import time
@@ -63,6 +64,7 @@ class DemoConfig:
     runs: tuple[str, ...] = ("aux", "noaux")  # which runs to train
     record: bool = True  # False: train without recording (tests of the loop alone)
     progress: bool = True  # tqdm progress bar
+    parallel: bool = False  # train the runs at once, one process each, when the CPU has a core per run
 
 
 @dataclass
@@ -352,12 +354,43 @@ def _json_safe(d: dict) -> dict:
     return json.loads(json.dumps(d, default=str))
 
 
+_PROGRESS_POSITION = 0  # line of this process's progress bar when runs train in parallel processes
+
+
 def _progress(cfg: DemoConfig, name: str):
     if not cfg.progress:
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=cfg.steps, desc=f"moeviz demo [{name}]", unit="step", file=sys.stderr, dynamic_ncols=True)
+    return tqdm(total=cfg.steps, desc=f"moeviz demo [{name}]", unit="step", file=sys.stderr, dynamic_ncols=True,
+                position=_PROGRESS_POSITION)
+
+
+def _train_in_process(cfg: DemoConfig, name: str, aux_loss_coef: float, out: Path | None, position: int, threads: int):
+    """One run in its own process (spawned): the corpus and tokenizer come from the cache the parent built."""
+    import torch
+
+    global _PROGRESS_POSITION
+    _PROGRESS_POSITION = position
+    torch.set_num_threads(threads)
+    return train_run(cfg, prepare_data(cfg), name, aux_loss_coef, out)
+
+
+def _parallel_runs(cfg: DemoConfig, coefs: dict[str, float], out: Path | None) -> list[RunResult]:
+    """Train the runs side by side, one process and an equal share of the cores each.
+
+    Why: the runs are independent and the demo's model is small, so two single-threaded processes use two cores
+    better than one process with two threads (measured: docs/benchmarks.md); wall time roughly halves.
+    """
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    threads = cfg.threads or max(1, (os.cpu_count() or 1) // len(cfg.runs))
+    ctx = multiprocessing.get_context("spawn")  # fork after torch's thread pools started is unsafe
+    with ProcessPoolExecutor(max_workers=len(cfg.runs), mp_context=ctx) as pool:
+        futures = [pool.submit(_train_in_process, cfg, name, coefs[name], out, i, threads)
+                   for i, name in enumerate(cfg.runs)]
+        return [f.result() for f in futures]
 
 
 def run_demo(cfg: DemoConfig, out: str | Path | None) -> list[RunResult]:
@@ -378,6 +411,8 @@ def run_demo(cfg: DemoConfig, out: str | Path | None) -> list[RunResult]:
 
     data = prepare_data(cfg)
     coefs = {"aux": cfg.aux_loss_coef, "noaux": 0.0}
+    if cfg.parallel and cfg.device == "cpu" and len(cfg.runs) > 1 and (os.cpu_count() or 1) >= len(cfg.runs):
+        return _parallel_runs(cfg, coefs, None if out is None else Path(out))
     threads = torch.get_num_threads()
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)  # small models on busy machines run faster on fewer threads
