@@ -1,7 +1,7 @@
 """Compute every number in docs/findings.md from a moeviz store, with moeviz's public analysis functions only.
 
-    python bench/findings.py /work/demo-runs/demo            # Markdown tables on stdout
-    python bench/findings.py /work/demo-runs/demo --json out.json
+    python bench/findings.py runs/demo            # Markdown tables on stdout
+    python bench/findings.py runs/demo --json out.json
 
 Why a script: the findings in the docs must be reproducible from the recorded store, not hand-copied. Every
 table printed here names the analysis that made it. Defaults follow docs/findings.md: held-out text
