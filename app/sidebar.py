@@ -17,6 +17,7 @@ from moeviz.selection import Selection
 
 TOKEN_KEY = "refresh_token"
 SEEN_KEY = "_moeviz_seen_progress"
+ROUTE_BUDGET = 2_000_000  # route rows the per-token analyses read by default
 
 
 def _store_path() -> str | None:
@@ -62,6 +63,32 @@ def _pick_steps(steps: list[int]) -> tuple[int, int] | None:
         return (steps[0], steps[0])
     lo, hi = st.select_slider("Steps", options=steps, value=(steps[0], steps[-1]), key="steps")
     return (int(lo), int(hi))
+
+
+def _pick_route_window(steps: list[int], step_sel: tuple[int, int] | None, per_step: int) -> tuple[int, int] | None:
+    """How many of the selected steps (the last ones) the per-token analyses read: by default as many as hold
+    ROUTE_BUDGET routes, so that those pages answer in seconds on a store of any size."""
+    from moeviz.queries import route_window
+
+    lo, hi = step_sel or (steps[0], steps[-1]) if steps else (0, 0)
+    chosen = [s for s in steps if lo <= s <= hi]
+    if not chosen:
+        return None
+    default = route_window(chosen, per_step, ROUTE_BUDGET)
+    if int(st.session_state.get("route_window_steps") or 0) > len(chosen):  # the step range shrank under it
+        st.session_state["route_window_steps"] = len(chosen)
+    n_default = sum(1 for s in chosen if default[0] <= s <= default[1])
+    if n_default >= len(chosen) and "route_window_steps" not in st.session_state:
+        return None  # every selected step fits: nothing to cut, nothing to ask
+    n = int(st.number_input(
+        "Per-token window (steps)", min_value=1, max_value=len(chosen), value=min(n_default, len(chosen)), step=1,
+        key="route_window_steps",
+        help=f"Specialization, Tokens and the per-domain drops read per-token routes (~{per_step:,} a step at "
+             f"most): they use the last N selected steps. The default keeps them near {ROUTE_BUDGET / 1e6:g} M "
+             "routes; more steps take longer (a spinner shows progress).",
+    ))
+    n = min(n, len(chosen))
+    return (int(chosen[-n]), int(chosen[-1]))
 
 
 def _pick_many(label: str, options: list, key: str, help: str) -> tuple | None:
@@ -138,7 +165,8 @@ def build() -> Ctx | None:
             return None
         run_id = _pick_run(runs)
         try:
-            overview = cached("moeviz.queries.run_overview", path, token, run_id)
+            overview = cached("moeviz.queries.run_overview", path, token, run_id, count_routes=False)
+            per_step = cached("moeviz.queries.routes_per_step", path, token, run_id)
             steps = cached("moeviz.queries.steps_list", path, token, run_id)
             layers = cached("moeviz.queries.layer_list", path, token, run_id)["layer"].astype(int).tolist()
             ranks = cached("moeviz.queries.rank_list", path, token, run_id)
@@ -148,6 +176,7 @@ def build() -> Ctx | None:
             error_message(f"Could not read run `{run_id}`", e)
             return None
         step_sel = _pick_steps(steps)
+        route_steps = _pick_route_window(steps, step_sel, per_step)
         layer_sel = _pick_many("Layers", layers, "layers", "MoE layers to include (empty = all).")
         rank_sel = _pick_many("Ranks", ranks, "ranks", "Ranks (GPUs) to include (empty = all).")
         domain_sel = _pick_many("Domains", domains, "domains",
@@ -159,5 +188,6 @@ def build() -> Ctx | None:
     run = overview.iloc[0].to_dict()
     return Ctx(
         path=path, token=token, run_id=run_id, run=run, sel=sel, steps=tuple(steps), layers=tuple(layers),
-        domains=tuple(domains), runs=tuple(runs["run_id"].tolist()),
+        domains=tuple(domains), runs=tuple(runs["run_id"].tolist()), route_steps=route_steps,
+        routes_per_step=int(per_step),
     )

@@ -115,10 +115,43 @@ class Ctx:
     layers: tuple[int, ...] = ()  # every MoE layer of the run
     domains: tuple[str, ...] = ()  # every domain label of the run
     runs: tuple[str, ...] = field(default=())  # every run id in the store (for Compare)
+    # the steps the per-token analyses read (the last steps of the selection, a few million routes), and an
+    # upper bound of the route rows one step holds; None = every selected step
+    route_steps: tuple[int, int] | None = None
+    routes_per_step: int = 0
 
     def q(self, func_path: str, *args, **kwargs) -> Any:
         """A cached query or analysis on this store: `ctx.q("moeviz.load.imbalance", ctx.sel)`."""
         return cached(func_path, self.path, self.token, *args, **kwargs)
+
+    def q_slow(self, message: str, func_path: str, *args, **kwargs) -> Any:
+        """`q` for an analysis that reads per-token routes: a spinner with `message` while it runs (a cached
+        result comes back before the spinner shows)."""
+        with st.spinner(message, show_time=True):
+            return self.q(func_path, *args, **kwargs)
+
+    @property
+    def sel_routes(self) -> Selection:
+        """The selection for analyses that read per-token routes: the sidebar's, cut to the per-token window."""
+        return self.sel if self.route_steps is None else self.sel.with_(steps=self.route_steps)
+
+    @property
+    def window_steps(self) -> list[int]:
+        """The recorded steps inside the per-token window."""
+        lo, hi = self.route_steps or self.sel.steps or (min(self.steps, default=0), max(self.steps, default=0))
+        return [s for s in self.steps if lo <= s <= hi]
+
+    @property
+    def route_note(self) -> str:
+        """What the per-token analyses read, as the note every such page shows."""
+        steps = self.window_steps
+        if not steps:
+            return "Per-token analyses: no steps selected."
+        rows = len(steps) * self.routes_per_step
+        size = f"~{rows / 1e6:.1f} M routes" if rows >= 100_000 else f"~{rows:,} routes"
+        span = f"{steps[0]}–{steps[-1]}" if len(steps) > 1 else f"{steps[0]}"
+        return (f"Per-token analyses use steps {span} ({size} at most, {len(steps)} of {len(self.steps)} steps); "
+                "widen in the sidebar (Per-token window).")
 
     @property
     def n_experts(self) -> int:

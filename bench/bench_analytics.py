@@ -210,7 +210,6 @@ def pd_health(f: Frames, window: float = 0.25) -> pd.DataFrame:
         imb = pd_imbalance(f, ss)
         early = imb[imb["step"].isin(first)].groupby("layer")["max_vio"].mean()
         late = imb[imb["step"].isin(last)].groupby("layer")["max_vio"].mean()
-        t = imb.groupby("layer")["step"].size()  # noqa: F841 (same tokens every step)
         tok = ss.drop_duplicates(["step", "layer"]).groupby("layer")["tokens"].mean()
         noise = np.maximum(0.05, np.sqrt(2 * math.log(E) * E / (tok * k)))
         thr = 2.0 * np.maximum(early, noise)
@@ -421,7 +420,6 @@ def cases(probe_steps: list[int], n_layers: int) -> list[Case]:
     from_aggs = "pandas over step_stats"
     el_cols = ["assigned", "first_choice", "load_fraction", "relative_load", "token_share"]
     sat_a, sat_ref = (probe_steps[0], probe_steps[-1]) if len(probe_steps) >= 2 else (None, None)
-    probe = Selection(tags=("probe",))
     out = [
         Case("load.expert_load (by step)", agg, lambda c, s: load.expert_load(c, s),
              ["step", "layer", "expert"], el_cols + ["prob_sum"],
@@ -501,7 +499,6 @@ def cases(probe_steps: list[int], n_layers: int) -> list[Case]:
                  ["tokens", "overlap", "saturation", "top1_agreement"],
                  [(from_routes, lambda f: pd_saturation(f, probe_steps, probe_steps[-1]))]),
         ]
-    del probe
     return out
 
 

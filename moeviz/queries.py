@@ -51,13 +51,39 @@ def _check_run(con, run_id: str) -> None:
         )
 
 
-def run_overview(con, run_id: str) -> pd.DataFrame:
+def run_overview(con, run_id: str, *, count_routes: bool = True) -> pd.DataFrame:
     """One row: the run's metadata plus what was recorded (steps, tokens, sampled routes, sequences).
 
     `tokens` counts every token that reached the first MoE layer, summed over steps and ranks (exact, from
     `layer_stats`); `routed_tokens` counts the tokens kept with per-token detail (from `routes`).
+    Counting routes scans the whole routes table (seconds at 100 M routes): with `count_routes=False` the two
+    route columns are NULL and only the run row and the aggregates are read (what a page header needs at once;
+    `route_counts` gives them later).
     """
     _check_run(con, run_id)
+    if not count_routes:
+        return _df(
+            con,
+            """
+            WITH ls AS (
+                SELECT count(DISTINCT step) AS steps, min(step) AS first_step, max(step) AS last_step,
+                       sum(tokens) FILTER (WHERE layer = (SELECT min(layer) FROM layer_stats WHERE run_id = $1))
+                           AS tokens,
+                       sum(dropped) AS dropped
+                FROM layer_stats WHERE run_id = $1
+            ),
+            sq AS (SELECT count(*) AS sequences, count(DISTINCT domain) AS domains FROM sequences WHERE run_id = $1)
+            SELECT r.run_id, r.run_name, r.model_class, r.n_layers, r.n_experts, r.top_k, r.capacity_factor,
+                   r.world_size, r.sample_every, r.max_tokens_per_step, r.status, r.error, r.started_at, r.ended_at,
+                   r.schema_version, CAST(r.config AS VARCHAR) AS config,
+                   coalesce(ls.steps, 0) AS steps, ls.first_step, ls.last_step,
+                   coalesce(ls.tokens, 0) AS tokens, coalesce(ls.dropped, 0) AS dropped,
+                   CAST(NULL AS BIGINT) AS routed_tokens, CAST(NULL AS BIGINT) AS route_rows,
+                   coalesce(sq.sequences, 0) AS sequences, coalesce(sq.domains, 0) AS domains
+            FROM runs r, ls, sq WHERE r.run_id = $1
+            """,
+            [run_id],
+        )
     return _df(
         con,
         """
@@ -86,6 +112,57 @@ def run_overview(con, run_id: str) -> pd.DataFrame:
         """,
         [run_id],
     )
+
+
+def route_counts(con, run_id: str) -> dict:
+    """{'routed_tokens', 'route_rows'}: tokens kept with per-token detail (slot-0 rows of the first layer that has
+    routes) and all route rows of the run. Scans the routes table: seconds at 100 M routes, so pages ask for it
+    after their charts."""
+    first = con.execute("SELECT min(layer) FROM layers WHERE run_id = ?", [run_id]).fetchone()[0]
+    if first is not None and con.execute(
+        "SELECT count(*) FROM (SELECT 1 FROM routes WHERE run_id = ? AND layer = ? LIMIT 1)", [run_id, first]
+    ).fetchone()[0] == 0:
+        first = None  # the first declared layer kept no detail: find the first one that did
+    if first is None:
+        first = con.execute("SELECT min(layer) FROM routes WHERE run_id = ?", [run_id]).fetchone()[0]
+    routed, rows = con.execute(
+        "SELECT count(*) FILTER (WHERE slot = 0 AND layer = ?), count(*) FROM routes WHERE run_id = ?",
+        [first, run_id],
+    ).fetchone()
+    return {"routed_tokens": int(routed or 0), "route_rows": int(rows or 0)}
+
+
+def has_routes(con, run_id: str) -> bool:
+    """Whether the run kept any per-token detail (stops at the first route row)."""
+    return con.execute("SELECT count(*) FROM (SELECT 1 FROM routes WHERE run_id = ? LIMIT 1)", [run_id]).fetchone()[0] > 0
+
+
+def routes_per_step(con, run_id: str) -> int:
+    """An upper bound of the route rows one step holds: the largest step's tokens summed over MoE layers (and
+    ranks), times each layer's top-k, from the exact aggregates in `layer_stats` (milliseconds, whatever the size
+    of `routes`). Sampling (sample_every, max_tokens_per_step) only keeps fewer. 0 for a run with no steps."""
+    row = con.execute(
+        """
+        SELECT max(n) FROM (
+            SELECT ls.step, sum(ls.tokens * coalesce(l.top_k, r.top_k, 1)) AS n
+            FROM layer_stats ls
+                 JOIN runs r ON r.run_id = ls.run_id
+                 LEFT JOIN layers l ON l.run_id = ls.run_id AND l.layer = ls.layer
+            WHERE ls.run_id = ? GROUP BY ls.step)
+        """,
+        [run_id],
+    ).fetchone()
+    return int(row[0] or 0)
+
+
+def route_window(steps: list[int] | tuple[int, ...], per_step: int, budget: int = 2_000_000) -> tuple[int, int] | None:
+    """The last steps of `steps` (ascending) whose routes fit in `budget` rows at `per_step` rows a step, at least
+    one step: the default window of the per-token analyses, so that they read a few million routes whatever the
+    size of the store. None when there are no steps."""
+    if not steps:
+        return None
+    n = len(steps) if per_step <= 0 else max(1, min(len(steps), budget // per_step))
+    return (int(steps[-n]), int(steps[-1]))
 
 
 def step_range(con, run_id: str) -> tuple[int, int] | None:
@@ -137,20 +214,33 @@ def tag_list(con, run_id: str) -> list[str]:
     return [r[0] for r in rows]
 
 
-def sequence_list(con, run_id: str, *, step: int | None = None, limit: int = 500, preview_tokens: int = 12) -> pd.DataFrame:
+def sequence_list(con, run_id: str, *, step: int | None = None, steps: tuple[int, int] | None = None,
+                  limit: int = 500, preview_tokens: int = 12) -> pd.DataFrame:
     """Sequences that have per-token detail, newest step first: step, rank, seq, domain, tag, n_tokens,
-    kept_tokens, preview (the first tokens' text, when the run has a vocabulary)."""
+    kept_tokens, preview (the first tokens' text, when the run has a vocabulary).
+
+    `step` keeps one step, `steps` an inclusive (first, last) range: on a large store give one, since listing
+    every sequence scans the whole routes table."""
+    clauses, params = ["run_id = $run"], {"run": run_id, "preview": int(preview_tokens), "limit": int(limit)}
+    if step is not None:
+        clauses.append("step = $step")
+        params["step"] = int(step)
+    if steps is not None:
+        clauses.append("step BETWEEN $lo AND $hi")  # constant bounds, so the scan skips other steps' row groups
+        params["lo"], params["hi"] = int(steps[0]), int(steps[1])
+    where = " AND ".join(clauses)
     return _df(
         con,
-        """
-        WITH first_layer AS (SELECT min(layer) AS layer FROM routes WHERE run_id = $run),
+        f"""
+        WITH r AS (SELECT * FROM routes WHERE {where}),
+        first_layer AS (SELECT min(layer) AS layer FROM r),
         kept AS (
             SELECT r.step, r.rank, r.seq, count(*) AS kept_tokens,
                    string_agg(coalesce(v.text, CAST(r.token_id AS VARCHAR)), '' ORDER BY r.pos)
                        FILTER (WHERE r.pos < $preview) AS preview
-            FROM routes r JOIN first_layer f ON r.layer = f.layer
+            FROM r JOIN first_layer f ON r.layer = f.layer
                  LEFT JOIN vocab v ON v.run_id = r.run_id AND v.token_id = r.token_id
-            WHERE r.run_id = $run AND r.slot = 0 AND ($step IS NULL OR r.step = $step)
+            WHERE r.slot = 0
             GROUP BY ALL
         )
         SELECT k.step, k.rank, k.seq, s.domain, s.tag, s.n_tokens, k.kept_tokens, k.preview
@@ -158,7 +248,7 @@ def sequence_list(con, run_id: str, *, step: int | None = None, limit: int = 500
         ORDER BY k.step DESC, k.rank, k.seq
         LIMIT $limit
         """,
-        {"run": run_id, "preview": int(preview_tokens), "step": None if step is None else int(step), "limit": int(limit)},
+        params,
     )
 
 

@@ -417,3 +417,74 @@ def test_launch_without_blocking_serves_and_stops(store):
     finally:
         _stop(proc)
     assert proc.poll() is not None
+
+
+# --- bounded per-token windows (large stores) -------------------------------------------------------------------
+
+
+def test_route_budget_queries_match_the_store(store, routing):
+    """routes_per_step from the aggregates, route_counts and has_routes from routes, against the arrays."""
+    from moeviz import queries
+    from moeviz.store import open_store
+
+    con = open_store(store)
+    try:
+        tokens_per_step = MAIN["seqs_per_step"] * MAIN["seq_len"]
+        assert queries.routes_per_step(con, "main") == tokens_per_step * MAIN["n_layers"] * MAIN["top_k"]
+        assert queries.route_counts(con, "main") == {"routed_tokens": len(routing["steps"]),
+                                                     "route_rows": len(routing["steps"]) * 3 * 2}
+        assert queries.has_routes(con, "main")
+        ov = queries.run_overview(con, "main", count_routes=False).iloc[0]
+        assert ov["tokens"] == len(routing["steps"]) and ov["steps"] == 4
+        seqs = queries.sequence_list(con, "main", steps=(2, 3))
+        assert sorted(set(seqs["step"])) == [2, 3] and len(seqs) == 2 * MAIN["seqs_per_step"]
+    finally:
+        con.close()
+    # the last steps that fit the budget, at least one, None without steps
+    assert queries.route_window([0, 1, 2, 3], 100, 250) == (2, 3)
+    assert queries.route_window([0, 1, 2, 3], 100, 10) == (3, 3)
+    assert queries.route_window([0, 5, 9], 100, 10**9) == (0, 9)
+    assert queries.route_window([0, 1], 0, 10) == (0, 1)
+    assert queries.route_window([], 100, 10) is None
+
+
+def domain_ratio(r, domain: str, steps, layer: int = 0, k: int = 2, n_exp: int = 8) -> np.ndarray:
+    sel = (r["domains"] == domain) & np.isin(r["steps"], steps)
+    counts = np.bincount(r["index"][sel, layer, :].ravel(), minlength=n_exp)
+    return counts / sel.sum() / (k / n_exp)
+
+
+def test_per_token_pages_read_only_the_window_and_widen_on_request(store, routing, monkeypatch):
+    """With a budget of two steps' routes the Specialization page reads steps 2-3 only (numpy over those steps),
+    says so, and reads every step after the sidebar's window is widened to 4 steps."""
+    import app.sidebar
+
+    per_step = MAIN["seqs_per_step"] * MAIN["seq_len"] * MAIN["n_layers"] * MAIN["top_k"]
+    monkeypatch.setattr(app.sidebar, "ROUTE_BUDGET", 2 * per_step)
+    at = open_app(store, page="specialization")
+    assert "Per-token analyses use steps 2–3" in texts(at, "info")
+    hm = chart(at, "Expert share of each domain in layer 0")["data"][0]
+    for row, dom in enumerate(hm["y"]):
+        np.testing.assert_allclose(arr(hm["z"])[row], domain_ratio(routing, dom, [2, 3]), rtol=1e-9)
+    assert not np.allclose(domain_ratio(routing, hm["y"][0], [2, 3]), domain_ratio(routing, hm["y"][0], [0, 1, 2, 3]))
+    at.number_input(key="route_window_steps").set_value(4).run()
+    assert "Per-token analyses use steps 0–3" in texts(at, "info")
+    hm = chart(at, "Expert share of each domain in layer 0")["data"][0]
+    for row, dom in enumerate(hm["y"]):
+        np.testing.assert_allclose(arr(hm["z"])[row], domain_ratio(routing, dom, [0, 1, 2, 3]), rtol=1e-9)
+    # the Tokens page lists only the window's sequences; aggregate pages still use every step
+    tok = open_app(store, page="tokens")
+    assert {o.split(" · ")[0] for o in tok.selectbox(key="tokens_seq").options} == {"step 3", "step 2"}
+    ov = open_app(store)
+    assert metric(ov, "Steps recorded") == "4" and metric(ov, "Tokens with detail") == f"{len(routing['steps']):,}"
+    assert list(arr(chart(ov, "Load per expert over steps")["data"][0]["x"])) == [0, 1, 2, 3]
+
+
+def test_capacity_curve_marks_the_chosen_factor_with_its_drop_rate(store, routing):
+    at = open_app(store, page="capacity")
+    at.slider(key="cap_cf").set_value(1.1).run()
+    d, a = dropped_position(routing, 1.1)
+    curve = chart(at, "Dropped share over capacity factor")["data"][0]
+    xs, ys = arr(curve["x"]), arr(curve["y"])
+    assert list(xs) == sorted(xs) and 1.1 in set(np.round(xs, 6))
+    assert ys[list(np.round(xs, 6)).index(1.1)] == pytest.approx(d / a)

@@ -3,6 +3,7 @@ and domain, and the drop rate over capacity factors with the current choice mark
 
 from __future__ import annotations
 
+import pandas as pd
 import streamlit as st
 
 from app.components import guarded, run_page, show_chart
@@ -25,8 +26,13 @@ def render(ctx: Ctx) -> None:
     recorded = int(ctx.run.get("dropped") or 0)
     if recorded:
         st.info(f"The model itself dropped {recorded:,} assignments while recording (its own capacity factor: {model_cf}).")
+    routes_sel = ctx.sel_routes if ctx.sel.needs_sequences else ctx.sel  # a domain filter reads per-token routes
+    if ctx.sel.needs_sequences or ctx.domains:
+        st.info(ctx.route_note + (" The domain filter makes every chart here read them." if ctx.sel.needs_sequences
+                                  else " Here: the drops per domain."), icon=":material/speed:")
+    total = None
     with guarded("Dropped share"):
-        total = ctx.q("moeviz.capacity.capacity_drops", ctx.sel, cf, policy=policy, group=group, by=())
+        total = ctx.q("moeviz.capacity.capacity_drops", routes_sel, cf, policy=policy, group=group, by=())
         assigned = int(total["assigned"].sum())
         dropped = int(total["dropped"].sum())
         m1, m2, m3 = st.columns(3)
@@ -35,20 +41,26 @@ def render(ctx: Ctx) -> None:
         m3.metric("Assignments", f"{assigned:,}")
     left, right = st.columns(2)
     with left, guarded("Drops per layer"):
-        by_layer = ctx.q("moeviz.capacity.capacity_drops", ctx.sel, cf, policy=policy, group=group, by=("layer",))
+        by_layer = ctx.q("moeviz.capacity.capacity_drops", routes_sel, cf, policy=policy, group=group, by=("layer",))
         show_chart(charts.drop_bars(by_layer, by="layer", cf=cf), by_layer, "drops-layer")
     with right, guarded("Drops per domain"):
         if ctx.domains:
-            by_domain = ctx.q("moeviz.capacity.capacity_drops", ctx.sel, cf, policy=policy, group=group, by=("domain",))
+            by_domain = ctx.q_slow("Drops per domain from the per-token routes...", "moeviz.capacity.capacity_drops",
+                                   ctx.sel_routes, cf, policy=policy, group=group, by=("domain",))
             show_chart(charts.drop_bars(by_domain, by="domain", cf=cf), by_domain, "drops-domain")
         else:
             st.info("This run has no domain labels.")
     with guarded("Drops per expert"):
-        by_expert = ctx.q("moeviz.capacity.capacity_drops", ctx.sel, cf, policy=policy, group=group, by=("layer", "expert"))
+        by_expert = ctx.q("moeviz.capacity.capacity_drops", routes_sel, cf, policy=policy, group=group,
+                          by=("layer", "expert"))
         show_chart(charts.drop_heatmap(by_expert, cf=cf), by_expert, "drops-expert")
     with guarded("Drop-rate curve"):
-        factors = tuple(sorted(set(CURVE_FACTORS) | {round(cf, 4)}))
-        curve = ctx.q("moeviz.capacity.drop_curve", ctx.sel, factors, policy=policy, group=group, by=())
+        # the fixed factors once (cached whatever the slider does), plus the chosen CF from `total` above
+        curve = ctx.q_slow("Drop rate over capacity factors...", "moeviz.capacity.drop_curve", routes_sel,
+                           CURVE_FACTORS, policy=policy, group=group, by=())
+        if round(cf, 4) not in set(CURVE_FACTORS) and total is not None:
+            curve = pd.concat([curve, total.assign(capacity_factor=cf)[curve.columns]], ignore_index=True)
+            curve = curve.sort_values(["run_id", "capacity_factor"], ignore_index=True)
         show_chart(charts.drop_curve(curve, current_cf=cf), curve, "drop-curve")
 
 

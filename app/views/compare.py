@@ -42,7 +42,9 @@ def render(ctx: Ctx) -> None:
                                x_title="MoE layer", y_title="dropped / assigned", hover=["dropped", "assigned"]),
                    drops, "compare-drops")
     with guarded("Domain specialization"):
-        share = ctx.q("moeviz.specialization.domain_share", sel)
+        st.caption(ctx.route_note)
+        share = ctx.q_slow("Domain shares of both runs' per-token routes...", "moeviz.specialization.domain_share",
+                           sel.with_(steps=ctx.route_steps))
         if share["domain"].notna().any():
             layers = sorted(share["layer"].unique())
             layer = int(st.selectbox("Layer", layers, key="cmp_layer"))

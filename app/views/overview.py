@@ -10,7 +10,8 @@ from app.components import guarded, run_page, show_chart, show_table
 from app.state import Ctx
 from moeviz import charts
 
-def _header(ctx: Ctx) -> None:
+def _header(ctx: Ctx):
+    """The run's header; returns the placeholder of the "Tokens with detail" metric, filled in last."""
     run = ctx.run
     status = str(run.get("status"))
     st.subheader(f"{run.get('run_name') or ctx.run_id} · {run.get('model_class')}")
@@ -22,8 +23,10 @@ def _header(ctx: Ctx) -> None:
     low = st.columns(4)
     low[0].metric("Steps recorded", f"{int(run.get('steps') or 0):,}")
     low[1].metric("Tokens", f"{int(run.get('tokens') or 0):,}")
-    low[2].metric("Tokens with detail", f"{int(run.get('routed_tokens') or 0):,}")
+    detail = low[2].empty()  # counting the routes scans them all: filled in after the charts (see render)
+    detail.metric("Tokens with detail", "…")
     low[3].metric("Sequences", f"{int(run.get('sequences') or 0):,}")
+    return detail
     if status == "failed" and run.get("error"):
         st.error(f"The run failed: {run['error']}")
     elif status == "interrupted":
@@ -67,9 +70,8 @@ def _health(ctx: Ctx) -> None:
 
 
 def render(ctx: Ctx) -> None:
-    _header(ctx)
-    with guarded("Health summary"):
-        _health(ctx)
+    detail = _header(ctx)
+    health_box = st.container()  # drawn above the charts, computed after them: the charts come first
     with guarded("Load over steps"):
         load = ctx.q("moeviz.load.expert_load", ctx.sel, by_step=True)
         fig = charts.load_small_multiples(load)
@@ -77,6 +79,12 @@ def render(ctx: Ctx) -> None:
     with guarded("Aux loss over steps"):
         aux = ctx.q("moeviz.aux_loss.switch_loss", ctx.sel_exact, by_step=True)
         show_chart(charts.aux_loss_small_multiples(aux), aux, "overview-aux")
+    with health_box, guarded("Health summary"), st.spinner("Checking the run's health...", show_time=True):
+        _health(ctx)
+    with guarded("Tokens with detail"), st.spinner("Counting the per-token routes...", show_time=True):
+        counts = ctx.q("moeviz.queries.route_counts", ctx.run_id)
+        detail.metric("Tokens with detail", f"{counts['routed_tokens']:,}",
+                      help=f"{counts['route_rows']:,} route rows (token × layer × slot)")
 
 
 if __name__ == "__main__":

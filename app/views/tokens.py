@@ -16,7 +16,10 @@ def _label(row) -> str:
 
 
 def render(ctx: Ctx) -> None:
-    seqs = ctx.q("moeviz.queries.sequence_list", ctx.run_id)
+    st.info(ctx.route_note, icon=":material/speed:")
+    window = ctx.route_steps or ctx.sel.steps
+    seqs = ctx.q_slow("Listing the sequences with per-token detail...", "moeviz.queries.sequence_list", ctx.run_id,
+                      steps=None if window is None else tuple(window))
     if seqs.empty:
         st.info("This run kept no per-token detail (see the recording policy: sample_every, max_tokens_per_step).")
         return

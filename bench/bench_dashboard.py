@@ -1,0 +1,329 @@
+"""Dashboard timings in a real browser: `moeviz dashboard STORE` driven page by page in headless Chromium.
+
+    .venv/bin/python bench/bench_dashboard.py --store bench/out/store100m [--port 0] [--out docs/dashboard-timings.md]
+
+For every page it measures
+  * first chart s: from the navigation (the first page by URL, a cold start; the others by clicking the sidebar
+    link, as a user does) until the first Plotly chart is drawn (`.js-plotly-plot` with its SVG), or for pages
+    without charts until their content (SQL: the result table);
+  * settled s: until Streamlit's script run is over (its running indicator `[data-testid="stStatusWidget"]` gone,
+    no stale elements left);
+  * widget change s: one widget changed the way a user does (keyboard on a slider, a click on a radio or select
+    option, typing in a box), until the page has settled again and the chart (or SQL result) it drives has changed.
+Targets (issue #4): first chart <= 3 s, widget change <= 1 s. Prints a Markdown table and writes it, with the
+store, the machine load (`uptime`) and the date, to --out. Never sleeps to wait for the page: it waits on the DOM.
+Uses /usr/bin/chromium; never runs `playwright install`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = os.environ.get("MOEVIZ_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+FIRST_CHART_TARGET_S = 3.0
+WIDGET_TARGET_S = 1.0
+TIMEOUT_MS = 180_000
+
+# JS: a fingerprint of every drawn Plotly chart (its title and data size), to tell when a chart was redrawn
+CHART_SIGNATURE = """() => [...document.querySelectorAll('[data-testid="stMain"] .js-plotly-plot')].map(gd => {
+    const t = gd.layout && gd.layout.title ? (gd.layout.title.text || '') : '';
+    let n = ''; try { n = JSON.stringify(gd.data).length + ':' + JSON.stringify(gd.data).slice(0, 4000).split('').reduce((h, c) => (h * 31 + c.charCodeAt(0)) | 0, 0); } catch (e) {}
+    return t + '#' + n; }).join('|')"""
+SETTLED = """() => { const app = document.querySelector('[data-testid="stApp"]');
+    return app && app.getAttribute('data-test-script-state') === 'notRunning'
+        && !document.querySelector('[data-testid="stStatusWidget"]')
+        && !document.querySelector('[data-stale="true"]'); }"""
+FIRST_CHART = """() => !!document.querySelector('[data-testid="stMain"] [data-testid="stPlotlyChart"] .js-plotly-plot .main-svg')"""
+
+
+@dataclass
+class Page:
+    path: str  # url path ('' for the default page)
+    title: str  # the page's h1
+    widget: str  # what the widget change does, for the table
+    change: Callable | None  # page -> None: performs the change
+    content: str | None = None  # selector proving a chart-less page's content
+    watch: str = "chart"  # what must change after the widget: 'chart' (a Plotly chart) or a selector's text
+
+
+def _slider_right(label: str, presses: int = 1):
+    def go(page):
+        thumb = page.locator('[data-testid="stMain"] [data-testid="stSlider"]', has_text=label).locator('[role="slider"]').first
+        thumb.focus()
+        for _ in range(presses):
+            thumb.press("ArrowRight")
+    return go
+
+
+def _radio(option: str):
+    def go(page):
+        page.locator('[data-testid="stMain"] [data-testid="stRadio"] label', has_text=option).first.click()
+    return go
+
+
+def _select(label: str, option: str):
+    def go(page):
+        box = page.locator('[data-testid="stMain"] [data-testid="stSelectbox"]', has_text=label).first
+        box.locator('[data-baseweb="select"]').click()
+        page.locator('[role="option"]', has_text=option).first.click()
+    return go
+
+
+def _number(label: str, value: str):
+    def go(page):
+        box = page.locator('[data-testid="stMain"] [data-testid="stNumberInput"]', has_text=label).locator("input").first
+        box.fill(value)
+        box.press("Enter")
+    return go
+
+
+def _sql(query: str):
+    def go(page):
+        box = page.locator('[data-testid="stMain"] textarea').first
+        box.fill(query)
+        box.press("Control+Enter")
+    return go
+
+
+PAGES = [
+    Page("", "Overview", "sidebar Layers: pick layer 1", None),  # the change is set up in main() (sidebar)
+    Page("load", "Load balance", "Step slider: all steps -> first step", _slider_right("Step")),
+    Page("aux_loss", "Aux loss", "Pooled loss scale radio", _radio("as transformers reports it")),
+    Page("capacity", "Capacity", "Capacity factor slider +0.05", _slider_right("Capacity factor")),
+    Page("specialization", "Specialization", "Layer select: 0 -> 1", _select("Layer for the per-layer maps", "1")),
+    Page("tokens", "Tokens", "First token shown slider +8", _slider_right("First token shown")),
+    Page("bounds", "Bound explorer", "Experts E: 16", _number("Experts E", "16")),
+    Page("toy", "Toy MoE", "Map resolution: 51 -> 81", _slider_right("Map resolution")),
+    Page("sql", "SQL console", "Run a query on step_stats", _sql(
+        "SELECT layer, sum(assigned) AS assigned FROM step_stats GROUP BY layer ORDER BY layer"),
+        content='[data-testid="stDataFrame"]', watch='[data-testid="stMain"] [data-testid="stAlert"]'),
+    Page("compare", "Compare", "Imbalance metric select", _select("Imbalance metric", "coefficient")),
+]
+
+
+def _sidebar_layer(page):
+    box = page.locator('[data-testid="stSidebar"] [data-testid="stMultiSelect"]', has_text="Layers").first
+    box.locator('[data-baseweb="select"]').click()
+    page.locator('[role="option"]', has_text="1").first.click()
+    page.keyboard.press("Escape")
+
+
+def _clear_sidebar_layer(page):
+    box = page.locator('[data-testid="stSidebar"] [data-testid="stMultiSelect"]', has_text="Layers").first
+    clear = box.locator('[role="button"][aria-label*="Clear"], [data-baseweb="tag"] [role="presentation"]').first
+    if clear.count():
+        clear.click()
+
+
+PAGES[0].change = _sidebar_layer
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_dashboard(store: str, port: int) -> subprocess.Popen:
+    """`moeviz dashboard STORE` in its own process group (stop_dashboard ends it and its streamlit child)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "moeviz.cli", "dashboard", str(store), "--port", str(port), "--host", "127.0.0.1"],
+        cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+
+def stop_dashboard(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    try:
+        proc.wait(15)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(5)
+
+
+def wait_healthy(url: str, proc: subprocess.Popen, timeout_s: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the dashboard exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url + "/_stcore/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.25)  # polling the health endpoint until the server is up
+    raise TimeoutError(f"the dashboard did not answer at {url} within {timeout_s} s")
+
+
+def _settle(page) -> None:
+    page.wait_for_function(SETTLED, timeout=TIMEOUT_MS, polling=50)
+
+
+def _open(page, url: str, spec: Page, first: bool) -> tuple[float | None, float, str]:
+    """(first chart s or None, settled s, note) of opening one page."""
+    t0 = time.perf_counter()
+    if first:
+        page.goto(f"{url}/{spec.path}", wait_until="commit")
+    else:
+        page.locator(f'[data-testid="stSidebarNav"] a[href$="/{spec.path}"]').first.click()
+    page.locator("h1", has_text=spec.title).first.wait_for(timeout=TIMEOUT_MS)
+    first_chart = None
+    if spec.content:
+        page.wait_for_selector(spec.content, timeout=TIMEOUT_MS)
+        first_chart = time.perf_counter() - t0
+        _settle(page)
+    else:
+        # the first chart, or the end of the run (a page that shows a message instead of charts)
+        page.wait_for_function(f"() => ({FIRST_CHART})() || ({SETTLED})()", timeout=TIMEOUT_MS, polling=50)
+        if page.evaluate(FIRST_CHART):
+            first_chart = time.perf_counter() - t0
+        _settle(page)
+        if first_chart is None and page.evaluate(FIRST_CHART):  # drawn in the same poll as the settle
+            first_chart = time.perf_counter() - t0
+    settled = time.perf_counter() - t0
+    note = ""
+    if first_chart is None:
+        alerts = page.locator('[data-testid="stMain"] [data-testid="stAlert"]').all_inner_texts()
+        note = (alerts[0] if alerts else "no chart").splitlines()[0][:90]
+    errors = page.locator('[data-testid="stMain"] [data-testid="stException"]').count()
+    if errors:
+        note = (note + f" {errors} exception(s)").strip()
+    return first_chart, settled, note
+
+
+def _change(page, spec: Page) -> tuple[float | None, str]:
+    """Seconds from the widget change until the page settled and what it drives changed, or None + why."""
+    if spec.change is None:
+        return None, "no widget"
+    if spec.watch == "chart":
+        before = page.evaluate(CHART_SIGNATURE)
+        if not before:
+            return None, "no chart to change"
+    else:
+        before = " ".join(page.locator(spec.watch).all_inner_texts())
+    t0 = time.perf_counter()
+    try:
+        spec.change(page)
+    except Exception as e:  # noqa: BLE001 - a widget this store does not show (e.g. one run: no Compare)
+        return None, f"widget not shown ({type(e).__name__})"
+    if spec.watch == "chart":
+        page.wait_for_function(f"before => ({CHART_SIGNATURE})() !== before && ({SETTLED})()", arg=before,
+                               timeout=TIMEOUT_MS, polling=50)
+    else:
+        page.wait_for_function(
+            "([sel, before]) => [...document.querySelectorAll(sel)].map(e => e.innerText).join(' ') !== before",
+            arg=[spec.watch, before], timeout=TIMEOUT_MS, polling=50)
+        _settle(page)
+    return time.perf_counter() - t0, ""
+
+
+def _fmt(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.2f}"
+
+
+def run(store: str, port: int, run_id: str | None, pages: list[str] | None) -> list[dict]:
+    from playwright.sync_api import sync_playwright
+
+    proc = start_dashboard(store, port)
+    url = f"http://127.0.0.1:{port}"
+    rows = []
+    try:
+        wait_healthy(url, proc)
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+            page = browser.new_page(viewport={"width": 1500, "height": 1000})
+            chosen = [s for s in PAGES if pages is None or (s.path or "overview") in pages]
+            for i, spec in enumerate(chosen):
+                if i == 0 and run_id:
+                    spec = Page(f"{spec.path}?run={run_id}", spec.title, spec.widget, spec.change, spec.content, spec.watch)
+                try:
+                    first, settled, note = _open(page, url, spec, first=i == 0)
+                    change, why = _change(page, spec)
+                    if spec.change is _sidebar_layer:
+                        _clear_sidebar_layer(page)
+                        _settle(page)
+                except Exception as e:  # noqa: BLE001 - report the page and go on to the next one
+                    first = settled = change = None
+                    note, why = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:80]}", ""
+                    page.goto(f"{url}/", wait_until="commit")
+                    _settle(page)
+                ok_first = first is not None and first <= FIRST_CHART_TARGET_S
+                ok_change = change is not None and change <= WIDGET_TARGET_S
+                if first is None and change is None:
+                    met = "n/a"
+                else:
+                    met = "yes" if (ok_first or first is None) and (ok_change or change is None) else "no"
+                rows.append({"page": spec.title, "first": first, "settled": settled, "widget": spec.widget,
+                             "change": change, "met": met, "note": "; ".join(x for x in (note, why) if x)})
+                print(f"{spec.title}: first chart {_fmt(first)} s, settled {_fmt(settled)} s, "
+                      f"{spec.widget}: {_fmt(change)} s {note} {why}", flush=True)
+            browser.close()
+    finally:
+        stop_dashboard(proc)
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| page | first chart s | page settled s | widget | widget change s | target met | note |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['page']} | {_fmt(r['first'])} | {_fmt(r['settled'])} | {r['widget']} | {_fmt(r['change'])} "
+                     f"| {r['met']} | {r['note'].replace('|', '/')} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--store", required=True, help="a run folder or folder of runs")
+    ap.add_argument("--port", type=int, default=0, help="port of the dashboard (0 = a free one)")
+    ap.add_argument("--run", default=None, help="run id to open (default: the dashboard's first)")
+    ap.add_argument("--pages", default=None, help="comma-separated url paths (overview,load,...) to time only those")
+    ap.add_argument("--out", default=str(ROOT / "docs" / "dashboard-timings.md"), help="Markdown file to write ('' = none)")
+    args = ap.parse_args(argv)
+    if not Path(args.store).exists():
+        print(f"no such store: {args.store}", file=sys.stderr)
+        return 2
+    if not Path(CHROMIUM).exists():
+        print(f"no Chromium at {CHROMIUM} (set MOEVIZ_CHROMIUM)", file=sys.stderr)
+        return 2
+    load_before = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    started = dt.datetime.now(dt.timezone.utc)
+    rows = run(args.store, args.port or free_port(), args.run, args.pages.split(",") if args.pages else None)
+    load_after = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    md = table(rows)
+    print(md)
+    if args.out:
+        head = (f"# Dashboard timings in the browser\n\n"
+                f"Store: `{args.store}`. Date: {started:%Y-%m-%d %H:%M} UTC. Machine: {platform.node()}, "
+                f"{os.cpu_count()} cores. Load (`uptime`) before: `{load_before}`; after: `{load_after}`.\n\n"
+                f"Measured by `bench/bench_dashboard.py` in headless Chromium (Playwright). First chart: from the "
+                f"navigation (first page by URL, cold; the others by the sidebar link) to the first drawn Plotly "
+                f"chart (the SQL page: its result table). Page settled: Streamlit's running indicator gone. Widget "
+                f"change: from the input to the page settled with the chart (or result) changed. Targets: first "
+                f"chart <= {FIRST_CHART_TARGET_S:g} s, widget change <= {WIDGET_TARGET_S:g} s.\n\n")
+        Path(args.out).write_text(head + md + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
