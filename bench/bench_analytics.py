@@ -565,13 +565,13 @@ class RecordingConnection:
 def profiling_connection(store: Path):
     """The store's views on a connection that is not locked down (open_store locks the configuration, and with
     it profiling): built with store_reader's own steps, minus the lock-down. For EXPLAIN ANALYZE only."""
-    import duckdb
+    from moeviz import duckdb_compat
 
     from moeviz import segments as sg
     from moeviz import store_reader as sr
 
     runs = [sr._RunFiles.scan(d) for d in sg.find_runs(store)]
-    con = duckdb.connect()
+    con = duckdb_compat.connect()
     compacted = sr._attach_compacted(con, runs)
     for i, run in enumerate(runs):
         folded = compacted.get(i, {}).get("folded", set())

@@ -34,13 +34,13 @@ def build_model(args):
     return MixtralForCausalLM(config).to(args.device).train()
 
 
-def timed_steps(model, opt, batches, rec=None, start_step=0) -> list[float]:
+def timed_steps(model, opt, batches, device: str, rec=None, start_step=0) -> list[float]:
     """Seconds per training step (forward, backward, optimizer, and rec.step when recording)."""
     import torch
 
     times = []
     for i, ids in enumerate(batches):
-        if args.device == "cuda":
+        if device == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         out = model(input_ids=ids, labels=ids)
@@ -49,7 +49,7 @@ def timed_steps(model, opt, batches, rec=None, start_step=0) -> list[float]:
         opt.zero_grad(set_to_none=True)
         if rec is not None:
             rec.step(start_step + i, token_ids=ids)
-        if args.device == "cuda":
+        if device == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     return times
@@ -67,23 +67,23 @@ def main(args) -> None:
     def batches(n):
         return [torch.randint(0, args.vocab, (args.batch, args.seq_len), generator=gen).to(args.device) for _ in range(n)]
 
-    timed_steps(model, opt, batches(args.warmup))  # warm-up: allocator, kernels
+    timed_steps(model, opt, batches(args.warmup), args.device)  # warm-up: allocator, kernels
     base, rec_times, setup, close = [], [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.repeats):
-            base += timed_steps(model, opt, batches(args.block))
+            base += timed_steps(model, opt, batches(args.block), args.device)
             t0 = time.perf_counter()
             rec = Recorder(model, Path(tmp) / f"run{r}", run_name=f"bench{r}", flush_every=10).start()
             setup.append(time.perf_counter() - t0)
-            rec_times += timed_steps(model, opt, batches(args.block), rec=rec, start_step=r * args.block)
+            rec_times += timed_steps(model, opt, batches(args.block), args.device, rec=rec, start_step=r * args.block)
             t0 = time.perf_counter()
             rec.close()
             close.append(time.perf_counter() - t0)
     tokens = args.batch * args.seq_len
     routes = tokens * args.layers * args.top_k
     b, rc = statistics.median(base), statistics.median(rec_times)
-    print(f"| device | hidden | layers | E/k | tokens/step | routes/step | step (no rec) | step (rec) | overhead | start | close |")
-    print(f"|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| device | hidden | layers | E/k | tokens/step | routes/step | step (no rec) | step (rec) | overhead | start | close |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     print(
         f"| {args.device} ({torch.get_num_threads()} threads) | {args.hidden} | {args.layers} | {args.experts}/{args.top_k} "
         f"| {tokens} | {routes} | {b * 1e3:.1f} ms | {rc * 1e3:.1f} ms | {100 * (rc / b - 1):+.1f}% "

@@ -86,10 +86,10 @@ def top_experts_by_domain(con, run_id: str, n: int = 2) -> pd.DataFrame:
 
 def _eval_copy(con, run_id: str, sel: Selection):
     """A private in-memory DuckDB with the public tables of one run restricted to `sel`'s step (for shuffling)."""
-    import duckdb
+    from moeviz import duckdb_compat
 
     step = sel.steps[0]
-    mem = duckdb.connect()
+    mem = duckdb_compat.connect()
     frames = {
         "runs": con.execute("SELECT * FROM runs WHERE run_id = ?", [run_id]).df(),
         "layers": con.execute("SELECT * FROM layers WHERE run_id = ?", [run_id]).df(),

@@ -455,16 +455,16 @@ def _compact_run(run_dir: Path, routes_format: str = "parquet") -> dict:
 def _publish_compacted(run_dir: Path, target: Path, manifest: dict, statuses: dict, new: dict[str, list[Path]],
                        written: list[tuple[str, int, int, int]], routes_in_duckdb: bool) -> dict[str, int]:
     """Build run.duckdb.tmp (old tables + new segments), fsync it and rename it over run.duckdb: row counts."""
-    import duckdb
+    from moeviz import duckdb_compat
 
     tmp = run_dir / (sg.COMPACTED + ".tmp")
     for leftover in (tmp, Path(str(tmp) + ".wal")):
         leftover.unlink(missing_ok=True)
-    con = duckdb.connect(str(tmp))
+    con = duckdb_compat.connect(str(tmp))
     try:
         _create_compacted_tables(con)
         if target.exists():
-            con.execute("ATTACH ? AS old (READ_ONLY)", [str(target)])
+            con.execute(f"ATTACH {duckdb_compat.sql_string(str(target))} AS old (READ_ONLY)")
             old_tables = {r[0] for r in con.execute(
                 "SELECT table_name FROM duckdb_tables() WHERE database_name = 'old'").fetchall()}
             for t in sg.SEGMENT_TABLES + ("_segments", "_routes_files"):
@@ -566,9 +566,9 @@ def _compacted_state(target: Path) -> tuple[set[str], dict[str, tuple[int, int]]
     """(names of the segments already folded into run.duckdb, {routes file name: (rows, bytes)} it names)."""
     if not target.exists():
         return set(), {}
-    import duckdb
+    from moeviz import duckdb_compat
 
-    con = duckdb.connect(str(target), read_only=True)
+    con = duckdb_compat.connect(str(target), read_only=True)
     try:
         folded = {r[0] for r in con.execute("SELECT file FROM _segments").fetchall()}
         have = {r[0] for r in con.execute("SELECT table_name FROM duckdb_tables()").fetchall()}
@@ -580,9 +580,9 @@ def _compacted_state(target: Path) -> tuple[set[str], dict[str, tuple[int, int]]
 
 
 def _compacted_row_counts(target: Path) -> dict[str, int]:
-    import duckdb
+    from moeviz import duckdb_compat
 
-    con = duckdb.connect(str(target), read_only=True)
+    con = duckdb_compat.connect(str(target), read_only=True)
     try:
         have = {r[0] for r in con.execute("SELECT table_name FROM duckdb_tables()").fetchall()}
         rows = {t: con.execute(f'SELECT count(*) FROM "{t}"').fetchone()[0] if t in have else 0

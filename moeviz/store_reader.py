@@ -103,13 +103,14 @@ def open_store(path):
 def _read_only_connection():
     """A connection to an empty database opened read-only (so CREATE TABLE and INSERT fail in it)."""
     import duckdb
+    from moeviz import duckdb_compat
 
     fd, tmp = tempfile.mkstemp(prefix="moeviz-views-", suffix=".duckdb")
     os.close(fd)
     os.unlink(tmp)
     try:
         duckdb.connect(tmp).close()
-        con = duckdb.connect(tmp, read_only=True, config={
+        con = duckdb_compat.connect(tmp, read_only=True, config={
             "autoinstall_known_extensions": False, "allow_community_extensions": False,
             "allow_persistent_secrets": False, "temp_directory": ""})
     finally:
@@ -122,13 +123,15 @@ def _read_only_connection():
 
 def _attach_compacted(con, runs: list[_RunFiles]) -> dict[int, dict]:
     """ATTACH each run.duckdb READ_ONLY as run<i>: {i: {"alias", "tables": {table: columns}, "folded": names}}."""
+    from moeviz import duckdb_compat
+
     out = {}
     for i, run in enumerate(runs):
         if not run.compacted.exists():
             continue
         alias = f"run{i}"
         try:
-            con.execute(f"ATTACH ? AS {alias} (READ_ONLY)", [str(run.compacted)])
+            con.execute(f"ATTACH {duckdb_compat.sql_string(str(run.compacted))} AS {alias} (READ_ONLY)")
         except Exception as e:
             warnings.warn(f"moeviz: cannot open {run.compacted} ({e}); reading the run's segments only",
                           StoreWarning, stacklevel=3)
@@ -350,10 +353,10 @@ def _compacted_summary(target: Path) -> dict:
     out = {"rows": {}, "folded": set(), "statuses": {}, "bytes": 0, "routes_files": 0, "routes_files_bytes": 0}
     if not target.exists():
         return out
-    import duckdb
+    from moeviz import duckdb_compat
 
     out["bytes"] = target.stat().st_size
-    con = duckdb.connect(str(target), read_only=True)
+    con = duckdb_compat.connect(str(target), read_only=True)
     try:
         have = {r[0] for r in con.execute("SELECT table_name FROM duckdb_tables()").fetchall()}
         out["rows"] = {t: con.execute(f'SELECT count(*) FROM "{t}"').fetchone()[0] for t in sg.SEGMENT_TABLES

@@ -144,7 +144,7 @@ def store_from_routing(
     Call again with the same `con` and another `run_id` to put two runs side by side.
     Returns the connection.
     """
-    import duckdb
+    from moeviz import duckdb_compat
 
     if logits is not None:
         logits = np.asarray(logits, dtype=np.float64)
@@ -186,7 +186,7 @@ def store_from_routing(
     dom = None if domains is None else _per_token("domains", np.asarray(domains, dtype=object), n_tok, None)
     tag = None if tags is None else _per_token("tags", np.asarray(tags, dtype=object), n_tok, None)
 
-    con = con if con is not None else duckdb.connect(":memory:")
+    con = con if con is not None else duckdb_compat.connect(":memory:")
     create_schema(con)
     existing = con.execute("SELECT count(*) FROM runs WHERE run_id = ?", [run_id]).fetchall()[0][0]
     if existing:
