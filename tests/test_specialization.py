@@ -497,6 +497,15 @@ def test_router_saturation_matches_set_overlap(probe):
     assert (got["saturation"] < 1).any()
 
 
+def test_router_saturation_ignores_the_selected_steps_also_with_tags(probe):
+    """router_saturation widens the selection's steps to the two it is given; the constant step prefilter that
+    tags and domains add must not narrow it back (it is computed without the selection's steps)."""
+    con, _, _ = probe
+    whole = sp.router_saturation(con, Selection(tags=("probe",)), 3, 6)
+    narrowed = sp.router_saturation(con, Selection(tags=("probe",), steps=(6, 6)), 3, 6)
+    assert len(whole) and narrowed.equals(whole)
+
+
 def test_saturation_curve_reaches_one_at_the_reference(probe):
     con, by_step, k = probe
     got = sp.saturation_curve(con, Selection(tags=("probe",)))
