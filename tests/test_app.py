@@ -342,6 +342,8 @@ def test_a_run_being_written_and_a_tiny_model(tmp_path):
         assert "running" in metric(at, "Status") and metric(at, "Experts") == "1"
         assert at.toggle(key="live").value  # a running run turns live refresh on
         assert metric(at, "Steps recorded") == "2"
+        assert "being written" in texts(at, "info")  # the header explains the status
+        assert any(e.label == "Model config and recording policy" for e in at.expander)
         writer.write_flush(writer.pending[0])  # the training process flushes another step
         at.button(key="reload").click().run()  # what the live-refresh fragment does when it sees new steps
         assert metric(at, "Steps recorded") == "3"

@@ -26,7 +26,6 @@ def _header(ctx: Ctx):
     detail = low[2].empty()  # counting the routes scans them all: filled in after the charts (see render)
     detail.metric("Tokens with detail", "…")
     low[3].metric("Sequences", f"{int(run.get('sequences') or 0):,}")
-    return detail
     if status == "failed" and run.get("error"):
         st.error(f"The run failed: {run['error']}")
     elif status == "interrupted":
@@ -52,6 +51,7 @@ def _header(ctx: Ctx):
                 "schema_version": run.get("schema_version"),
             }
         )
+    return detail
 
 
 def _health(ctx: Ctx) -> None:
