@@ -442,6 +442,14 @@ def test_route_budget_queries_match_the_store(store, routing):
         assert sorted(set(seqs["step"])) == [2, 3] and len(seqs) == 2 * MAIN["seqs_per_step"]
     finally:
         con.close()
+    # beside another run, each run counts its own routes only (the one-run shortcut must not apply)
+    small = synthetic_routing(**SMALL)
+    two = store_from_routing(**routing, run_id="a")
+    store_from_routing(**small, run_id="b", con=two)
+    assert queries.route_counts(two, "a") == {"routed_tokens": len(routing["steps"]),
+                                              "route_rows": len(routing["steps"]) * 3 * 2}
+    assert queries.route_counts(two, "b") == {"routed_tokens": len(small["steps"]),
+                                              "route_rows": len(small["steps"]) * 2 * 1}
     # the last steps that fit the budget, at least one, None without steps
     assert queries.route_window([0, 1, 2, 3], 100, 250) == (2, 3)
     assert queries.route_window([0, 1, 2, 3], 100, 10) == (3, 3)
