@@ -61,32 +61,14 @@ def run_overview(con, run_id: str, *, count_routes: bool = True) -> pd.DataFrame
     `route_counts` gives them later).
     """
     _check_run(con, run_id)
-    if not count_routes:
-        return _df(
-            con,
-            """
-            WITH ls AS (
-                SELECT count(DISTINCT step) AS steps, min(step) AS first_step, max(step) AS last_step,
-                       sum(tokens) FILTER (WHERE layer = (SELECT min(layer) FROM layer_stats WHERE run_id = $1))
-                           AS tokens,
-                       sum(dropped) AS dropped
-                FROM layer_stats WHERE run_id = $1
-            ),
-            sq AS (SELECT count(*) AS sequences, count(DISTINCT domain) AS domains FROM sequences WHERE run_id = $1)
-            SELECT r.run_id, r.run_name, r.model_class, r.n_layers, r.n_experts, r.top_k, r.capacity_factor,
-                   r.world_size, r.sample_every, r.max_tokens_per_step, r.status, r.error, r.started_at, r.ended_at,
-                   r.schema_version, CAST(r.config AS VARCHAR) AS config,
-                   coalesce(ls.steps, 0) AS steps, ls.first_step, ls.last_step,
-                   coalesce(ls.tokens, 0) AS tokens, coalesce(ls.dropped, 0) AS dropped,
-                   CAST(NULL AS BIGINT) AS routed_tokens, CAST(NULL AS BIGINT) AS route_rows,
-                   coalesce(sq.sequences, 0) AS sequences, coalesce(sq.domains, 0) AS domains
-            FROM runs r, ls, sq WHERE r.run_id = $1
-            """,
-            [run_id],
-        )
+    if count_routes:
+        counts = route_counts(con, run_id)
+        routed, rows = f"{counts['routed_tokens']} AS routed_tokens", f"{counts['route_rows']} AS route_rows"
+    else:
+        routed, rows = "CAST(NULL AS BIGINT) AS routed_tokens", "CAST(NULL AS BIGINT) AS route_rows"
     return _df(
         con,
-        """
+        f"""
         WITH ls AS (
             SELECT count(DISTINCT step) AS steps, min(step) AS first_step, max(step) AS last_step,
                    sum(tokens) FILTER (WHERE layer = (SELECT min(layer) FROM layer_stats WHERE run_id = $1))
@@ -94,21 +76,15 @@ def run_overview(con, run_id: str, *, count_routes: bool = True) -> pd.DataFrame
                    sum(dropped) AS dropped
             FROM layer_stats WHERE run_id = $1
         ),
-        rt AS (
-            SELECT count(*) FILTER (WHERE slot = 0 AND layer = (SELECT min(layer) FROM routes WHERE run_id = $1))
-                       AS routed_tokens,
-                   count(*) AS route_rows
-            FROM routes WHERE run_id = $1
-        ),
         sq AS (SELECT count(*) AS sequences, count(DISTINCT domain) AS domains FROM sequences WHERE run_id = $1)
         SELECT r.run_id, r.run_name, r.model_class, r.n_layers, r.n_experts, r.top_k, r.capacity_factor,
                r.world_size, r.sample_every, r.max_tokens_per_step, r.status, r.error, r.started_at, r.ended_at,
                r.schema_version, CAST(r.config AS VARCHAR) AS config,
                coalesce(ls.steps, 0) AS steps, ls.first_step, ls.last_step,
                coalesce(ls.tokens, 0) AS tokens, coalesce(ls.dropped, 0) AS dropped,
-               coalesce(rt.routed_tokens, 0) AS routed_tokens, coalesce(rt.route_rows, 0) AS route_rows,
+               {routed}, {rows},
                coalesce(sq.sequences, 0) AS sequences, coalesce(sq.domains, 0) AS domains
-        FROM runs r, ls, rt, sq WHERE r.run_id = $1
+        FROM runs r, ls, sq WHERE r.run_id = $1
         """,
         [run_id],
     )
