@@ -285,6 +285,14 @@ def test_specialization_domain_map_matches_numpy(store, routing):
     # the Sankey's links carry every token once (first choices): 192 tokens from layer 0 to layer 1
     sk = chart(at, "Token flow")["data"][0]
     assert sum(arr(sk["link"]["value"])) == len(routing["steps"])
+    # the layer picker drives the per-layer maps (a fragment): layer 2's map, against numpy, the other charts kept
+    at.selectbox(key="spec_layer").set_value(2).run()
+    hm = chart(at, "Expert share of each domain in layer 2")["data"][0]
+    for row, dom in enumerate(hm["y"]):
+        sel = routing["domains"] == dom
+        counts = np.bincount(routing["index"][sel, 2, :].ravel(), minlength=n_exp)
+        np.testing.assert_allclose(arr(hm["z"])[row], counts / sel.sum() / (k / n_exp), rtol=1e-9)
+    assert "Token flow from layer 0 to layer 1" in " | ".join(c["layout"]["title"]["text"] for c in charts(at))
 
 
 def test_bound_explorer_shows_the_infimum_for_the_runs_e_and_k(store):

@@ -104,11 +104,10 @@ def _mutual_information(ctx: Ctx) -> None:
                                      y_title="NMI (0 = independent, 1 = determined)", hover=("mi", "n")), mi, "mutual-information")
 
 
-def render(ctx: Ctx) -> None:
-    if not ctx.q("moeviz.queries.has_routes", ctx.run_id):
-        st.info("This run kept no per-token detail, which every specialization view reads.")
-        return
-    st.info(ctx.route_note, icon=":material/speed:")
+@st.fragment
+def _per_layer_maps(ctx: Ctx) -> None:
+    """The layer picker and the maps it drives. A fragment: changing the layer re-runs and redraws this part only,
+    not the flow, saturation and mutual-information sections below."""
     layer = _layer_picker(ctx, "Layer for the per-layer maps", "spec_layer")
     st.subheader("Domains")
     with guarded("Domain specialization"):
@@ -119,6 +118,14 @@ def render(ctx: Ctx) -> None:
     _vocab_and_position(ctx, layer)
     st.subheader("Experts together and in sequence")
     _coactivation_and_agreement(ctx, layer)
+
+
+def render(ctx: Ctx) -> None:
+    if not ctx.q("moeviz.queries.has_routes", ctx.run_id):
+        st.info("This run kept no per-token detail, which every specialization view reads.")
+        return
+    st.info(ctx.route_note, icon=":material/speed:")
+    _per_layer_maps(ctx)
     st.subheader("Flow between layers")
     with guarded("Token flow"):
         _flow(ctx)
