@@ -1,6 +1,6 @@
 """Dashboard timings in a real browser: `moeviz dashboard STORE` driven page by page in headless Chromium.
 
-    .venv/bin/python bench/bench_dashboard.py --store bench/out/store100m [--port 0] [--out docs/dashboard-timings.md]
+    .venv/bin/python bench/bench_dashboard.py --store bench/out/store100m [--port 0] [--out bench/out/dashboard.md]
 
 For every page it measures
   * first chart s: from the navigation (the first page by URL, a cold start; the others by clicking the sidebar
@@ -317,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--port", type=int, default=0, help="port of the dashboard (0 = a free one)")
     ap.add_argument("--run", default=None, help="run id to open (default: the dashboard's first)")
     ap.add_argument("--pages", default=None, help="comma-separated url paths (overview,load,...) to time only those")
-    ap.add_argument("--out", default=str(ROOT / "docs" / "dashboard-timings.md"), help="Markdown file to write ('' = none)")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "out" / "dashboard.md"), help="Markdown file to write ('' = none)")
     args = ap.parse_args(argv)
     if not Path(args.store).exists():
         print(f"no such store: {args.store}", file=sys.stderr)
@@ -340,6 +340,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"chart (the SQL page: its result table). Page settled: Streamlit's running indicator gone. Widget "
                 f"change: from the input to the page settled with the chart (or result) changed. Targets: first "
                 f"chart <= {FIRST_CHART_TARGET_S:g} s, widget change <= {WIDGET_TARGET_S:g} s.\n\n")
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(head + md + "\n")
     return 0
 
