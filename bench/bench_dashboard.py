@@ -21,17 +21,17 @@ import argparse
 import datetime as dt
 import os
 import platform
-import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run as a script from a checkout: moeviz importable without installing
+from moeviz.dashboard_process import serving  # noqa: E402
+
 CHROMIUM = os.environ.get("MOEVIZ_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync"]
@@ -143,48 +143,6 @@ def _clear_sidebar_layer(page):
 PAGES[0].change = _sidebar_layer
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_dashboard(store: str, port: int) -> subprocess.Popen:
-    """`moeviz dashboard STORE` in its own process group (stop_dashboard ends it and its streamlit child)."""
-    return subprocess.Popen(
-        [sys.executable, "-m", "moeviz.cli", "dashboard", str(store), "--port", str(port), "--host", "127.0.0.1"],
-        cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-
-
-def stop_dashboard(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    try:
-        proc.wait(15)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(5)
-
-
-def wait_healthy(url: str, proc: subprocess.Popen, timeout_s: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the dashboard exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(url + "/_stcore/health", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.25)  # polling the health endpoint until the server is up
-    raise TimeoutError(f"the dashboard did not answer at {url} within {timeout_s} s")
-
-
 def _settle(page) -> None:
     page.wait_for_function(SETTLED, timeout=TIMEOUT_MS, polling=50)
 
@@ -258,47 +216,41 @@ def _fmt(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.2f}"
 
 
-def run(store: str, port: int, run_id: str | None, pages: list[str] | None) -> list[dict]:
+def run(store: str, port: int | None, run_id: str | None, pages: list[str] | None) -> list[dict]:
     from playwright.sync_api import sync_playwright
 
-    proc = start_dashboard(store, port)
-    url = f"http://127.0.0.1:{port}"
     rows = []
-    try:
-        wait_healthy(url, proc)
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-            page = browser.new_page(viewport={"width": 1500, "height": 1000})
-            page.set_default_timeout(20_000)  # finding and using widgets; the waits on the app pass their own
-            chosen = [s for s in PAGES if pages is None or (s.path or "overview") in pages]
-            cold = cold_start(page, url, run_id)
-            rows.append({"page": "(cold start: app by URL, Bound explorer)", "first": None, "settled": cold,
-                         "widget": "", "change": None, "met": "n/a", "note": "browser loads Streamlit, server opens the store"})
-            print(f"cold start {cold:.2f} s", flush=True)
-            for spec in chosen:
-                try:
-                    first, settled, note = _open(page, url, spec)
-                    change, why = _change(page, spec)
-                    if spec.change is _sidebar_layer:
-                        _clear_sidebar_layer(page)
-                        _settle(page)
-                except Exception as e:  # noqa: BLE001 - report the page and go on to the next one
-                    first = settled = change = None
-                    note, why = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:80]}", ""
-                    cold_start(page, url, run_id)
-                ok_first = first is not None and first <= FIRST_CHART_TARGET_S
-                ok_change = change is not None and change <= WIDGET_TARGET_S
-                if first is None and change is None:
-                    met = "n/a"
-                else:
-                    met = "yes" if (ok_first or first is None) and (ok_change or change is None) else "no"
-                rows.append({"page": spec.title, "first": first, "settled": settled, "widget": spec.widget,
-                             "change": change, "met": met, "note": "; ".join(x for x in (note, why) if x)})
-                print(f"{spec.title}: first chart {_fmt(first)} s, settled {_fmt(settled)} s, "
-                      f"{spec.widget}: {_fmt(change)} s {note} {why}", flush=True)
-            browser.close()
-    finally:
-        stop_dashboard(proc)
+    with serving(store, port=port) as url, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        page = browser.new_page(viewport={"width": 1500, "height": 1000})
+        page.set_default_timeout(20_000)  # finding and using widgets; the waits on the app pass their own
+        chosen = [s for s in PAGES if pages is None or (s.path or "overview") in pages]
+        cold = cold_start(page, url, run_id)
+        rows.append({"page": "(cold start: app by URL, Bound explorer)", "first": None, "settled": cold,
+                     "widget": "", "change": None, "met": "n/a", "note": "browser loads Streamlit, server opens the store"})
+        print(f"cold start {cold:.2f} s", flush=True)
+        for spec in chosen:
+            try:
+                first, settled, note = _open(page, url, spec)
+                change, why = _change(page, spec)
+                if spec.change is _sidebar_layer:
+                    _clear_sidebar_layer(page)
+                    _settle(page)
+            except Exception as e:  # noqa: BLE001 - report the page and go on to the next one
+                first = settled = change = None
+                note, why = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:80]}", ""
+                cold_start(page, url, run_id)
+            ok_first = first is not None and first <= FIRST_CHART_TARGET_S
+            ok_change = change is not None and change <= WIDGET_TARGET_S
+            if first is None and change is None:
+                met = "n/a"
+            else:
+                met = "yes" if (ok_first or first is None) and (ok_change or change is None) else "no"
+            rows.append({"page": spec.title, "first": first, "settled": settled, "widget": spec.widget,
+                         "change": change, "met": met, "note": "; ".join(x for x in (note, why) if x)})
+            print(f"{spec.title}: first chart {_fmt(first)} s, settled {_fmt(settled)} s, "
+                  f"{spec.widget}: {_fmt(change)} s {note} {why}", flush=True)
+        browser.close()
     return rows
 
 
@@ -327,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     load_before = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     started = dt.datetime.now(dt.timezone.utc)
-    rows = run(args.store, args.port or free_port(), args.run, args.pages.split(",") if args.pages else None)
+    rows = run(args.store, args.port or None, args.run, args.pages.split(",") if args.pages else None)
     load_after = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     md = table(rows)
     print(md)

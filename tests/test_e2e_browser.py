@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
+
+from moeviz.dashboard_process import serving
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -47,57 +46,6 @@ TITLES = {"overview": "Overview", "load": "Load balance", "aux_loss": "Aux loss"
 OPTIONAL = {"bounds": "moeviz.bounds", "toy": "moeviz.toy"}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start_dashboard(path, port: int) -> subprocess.Popen:
-    """`moeviz dashboard PATH` in its own process group, so that _stop_dashboard ends it and its server."""
-    return subprocess.Popen(
-        [sys.executable, "-m", "moeviz.cli", "dashboard", str(path), "--port", str(port), "--host", "127.0.0.1"],
-        cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-
-
-def _stop_dashboard(proc: subprocess.Popen) -> None:
-    """SIGTERM to the process group this test started (the CLI and its streamlit child), SIGKILL if it lingers."""
-    import signal
-
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        proc.poll()  # reap the CLI, else it lingers in the group as a zombie
-        try:
-            os.killpg(proc.pid, 0)
-        except ProcessLookupError:
-            break
-        time.sleep(0.2)  # polling for the group to exit
-    else:
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(5)
-
-
-def _wait_healthy(url: str, proc: subprocess.Popen, timeout_s: float = 90.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the dashboard exited with {proc.returncode}: {proc.stdout.read().decode()[-2000:]}")
-        try:
-            with urllib.request.urlopen(url + "/_stcore/health", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.25)  # polling the server's health endpoint, not waiting for the page
-    raise TimeoutError(f"the dashboard did not answer at {url} within {timeout_s} s")
-
-
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     sys.path.insert(0, str(Path(__file__).parent))
@@ -113,13 +61,8 @@ def store(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(store):
-    proc = _start_dashboard(store, port := _free_port())
-    url = f"http://127.0.0.1:{port}"
-    try:
-        _wait_healthy(url, proc)
+    with serving(store, timeout_s=90) as url:  # `moeviz dashboard STORE` in a child process group
         yield url
-    finally:
-        _stop_dashboard(proc)
 
 
 @pytest.fixture(scope="module")
@@ -227,18 +170,15 @@ def test_live_refresh_follows_a_run_being_written(tmp_path, browser):
     from moeviz.testing import synthetic_routing
 
     writer = write_run_dir(tmp_path / "live", synthetic_routing(**SMALL), run_id="live", close=False, hold_back=1)
-    proc = _start_dashboard(tmp_path, port := _free_port())
-    url = f"http://127.0.0.1:{port}"
     try:
-        _wait_healthy(url, proc)
-        page = browser.new_page(viewport={"width": 1400, "height": 900})
-        page.goto(url + "/", wait_until="domcontentloaded")
-        steps = page.locator('[data-testid="stMetric"]', has_text="Steps recorded")
-        steps.locator("text=2").first.wait_for(timeout=90_000)
-        assert page.locator('[data-testid="stMetric"]', has_text="Status").inner_text().endswith("running")
-        writer.write_flush(writer.pending[0])  # the training process writes step 2
-        steps.locator("text=3").first.wait_for(timeout=60_000)  # polled every 5 s by default
-        page.close()
+        with serving(tmp_path, timeout_s=90) as url:
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            page.goto(url + "/", wait_until="domcontentloaded")
+            steps = page.locator('[data-testid="stMetric"]', has_text="Steps recorded")
+            steps.locator("text=2").first.wait_for(timeout=90_000)
+            assert page.locator('[data-testid="stMetric"]', has_text="Status").inner_text().endswith("running")
+            writer.write_flush(writer.pending[0])  # the training process writes step 2
+            steps.locator("text=3").first.wait_for(timeout=60_000)  # polled every 5 s by default
+            page.close()
     finally:
         writer.close()
-        _stop_dashboard(proc)
