@@ -24,14 +24,14 @@ class AnalysisError(MoevizError, ValueError):
     """An analysis was asked for something it cannot compute from this store or with these arguments."""
 
 
-def run_query(con, sql: str, params: list) -> pd.DataFrame:
-    """Run parameterized SQL, turning a missing public table into an error that says what to do."""
+def run_query(con, sql: str, params: list, *, error: type[MoevizError] = AnalysisError) -> pd.DataFrame:
+    """Run parameterized SQL, turning a missing public table into `error` with a message that says what to do."""
     import duckdb
 
     try:
         return con.execute(sql, params).df()
     except duckdb.CatalogException as e:
-        raise AnalysisError(
+        raise error(
             f"the connection does not expose the moeviz tables this analysis reads ({e}); open a store with "
             "moeviz.store.open_store(path), or build one with moeviz.testing.store_from_routing(...)"
         ) from e

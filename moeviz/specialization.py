@@ -30,6 +30,7 @@ import numpy as np
 import pandas as pd
 
 from moeviz.errors import MoevizError
+from moeviz.load import run_query
 from moeviz.selection import Selection
 
 __all__ = [
@@ -64,15 +65,7 @@ class SpecializationError(MoevizError, ValueError):
 
 
 def _df(con, sql: str, params: list) -> pd.DataFrame:
-    import duckdb
-
-    try:
-        return con.execute(sql, params).df()
-    except duckdb.CatalogException as e:
-        raise SpecializationError(
-            f"the connection does not expose the moeviz tables this analysis reads ({e}); open a store with "
-            "moeviz.store.open_store(path), or build one with moeviz.testing.store_from_routing(...)"
-        ) from e
+    return run_query(con, sql, params, error=SpecializationError)
 
 
 def _run_ids(con, sel: Selection) -> list[str]:
