@@ -54,25 +54,18 @@ def show_chart(fig, data: pd.DataFrame, key: str, *, caption: str | None = None)
     st.plotly_chart(fig, width="stretch", key=f"chart-{key}")
     if caption:
         st.caption(caption)
-    st.download_button(
-        "Download data (CSV)",
-        data=data.to_csv(index=False).encode("utf-8"),
-        file_name=f"{_slug(key)}.csv",
-        mime="text/csv",
-        key=f"dl-{key}",
-    )
+    _csv_download("Download data (CSV)", data, key)
 
 
 def show_table(data: pd.DataFrame, key: str, *, height: int | None = None) -> None:
     """A data table with a CSV download."""
     st.dataframe(data, width="stretch", hide_index=True, height=height or "auto", key=f"table-{key}")
-    st.download_button(
-        "Download table (CSV)",
-        data=data.to_csv(index=False).encode("utf-8"),
-        file_name=f"{_slug(key)}.csv",
-        mime="text/csv",
-        key=f"dl-{key}",
-    )
+    _csv_download("Download table (CSV)", data, key)
+
+
+def _csv_download(label: str, data: pd.DataFrame, key: str) -> None:
+    st.download_button(label, data=data.to_csv(index=False).encode("utf-8"), file_name=f"{_slug(key)}.csv",
+                       mime="text/csv", key=f"dl-{key}")
 
 
 def run_page(title: str, render: Callable[[Ctx], None], *, needs_run: bool = True) -> None:
