@@ -31,7 +31,7 @@ import pyarrow as pa
 from moeviz import segments as sg
 from moeviz.errors import StoreError
 from moeviz.schema import SCHEMA_VERSION, TABLES
-from moeviz.store_reader import StoreWarning, open_store, store_info  # noqa: F401  (public API of moeviz.store)
+from moeviz.store_reader import StoreWarning, open_store, query, store_info  # noqa: F401  (public API of moeviz.store)
 
 __all__ = ["RunWriter", "open_store", "compact", "store_info", "StoreWarning"]
 

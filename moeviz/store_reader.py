@@ -271,6 +271,16 @@ def check_select_only(con, sql: str) -> None:
         raise StoreError(f"the store is read-only: only SELECT queries are allowed, not {kind.name}")
 
 
+def query(path, sql: str, params=None):
+    """One query on the store at `path` as a DataFrame: opens it (open_store), runs `sql`, closes it. For a
+    notebook cell or a test; keep an `open_store` connection for many queries (opening lists every segment)."""
+    con = open_store(path)
+    try:
+        return con.execute(sql, params or []).df()
+    finally:
+        con.close()
+
+
 def read_only_query(con, sql: str, params=None, max_rows: int | None = 1000) -> tuple[list[str], list[tuple], bool]:
     """Run one user SELECT: (column names, at most max_rows rows, truncated?). Fetches max_rows + 1 rows to know
     whether more exist, never the whole result. DuckDB errors become a StoreError with a one-line message."""

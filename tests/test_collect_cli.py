@@ -7,19 +7,10 @@ import pytest
 import torch
 
 from moeviz.cli import main
+from moeviz.store import query
 
 CODE = "def f ( x ) : return x + 1\n" * 7  # 10 words a line
 PROSE = "the cat sat on the mat and the dog ran off quickly " * 5  # 12 words a repeat
-
-
-def read(path, sql):
-    from moeviz.store import open_store
-
-    con = open_store(path)
-    try:
-        return con.execute(sql).df()
-    finally:
-        con.close()
 
 
 @pytest.fixture(scope="module")
@@ -54,23 +45,23 @@ def test_collect_records_each_file_as_a_domain(saved_model, tmp_path):
                "--run-name", "eval1", "--no-progress"])
     assert rc == 0
     n_code, n_prose = len(CODE.split()), len(PROSE.split())  # 70 and 60 words: one token each
-    per_domain = read(out, "SELECT domain, sum(n_tokens) AS n, count(*) AS seqs FROM sequences GROUP BY domain ORDER BY domain")
+    per_domain = query(out, "SELECT domain, sum(n_tokens) AS n, count(*) AS seqs FROM sequences GROUP BY domain ORDER BY domain")
     assert per_domain.domain.tolist() == ["code", "prose"]
     assert per_domain.n.tolist() == [n_code, n_prose]
     assert per_domain.seqs.tolist() == [-(-n_code // 16), -(-n_prose // 16)]  # 5 and 4 sequences of <= 16
     # one step per batch of 2 sequences, never mixing files: 3 + 2 steps
-    steps = read(out, "SELECT step, min(domain) AS d, max(domain) AS d2 FROM sequences GROUP BY step ORDER BY step")
+    steps = query(out, "SELECT step, min(domain) AS d, max(domain) AS d2 FROM sequences GROUP BY step ORDER BY step")
     assert steps.step.tolist() == [0, 1, 2, 3, 4] and (steps.d == steps.d2).all()
-    totals = read(out, "SELECT layer, sum(tokens) AS n FROM layer_stats GROUP BY layer ORDER BY layer")
+    totals = query(out, "SELECT layer, sum(tokens) AS n FROM layer_stats GROUP BY layer ORDER BY layer")
     assert totals.n.tolist() == [n_code + n_prose] * 2
     # the routes of the first code sequence carry the tokenizer's ids of its first words, in order
-    first = read(out, "SELECT token_id FROM routes WHERE step = 0 AND seq = 0 AND layer = 0 AND slot = 0 ORDER BY pos")
+    first = query(out, "SELECT token_id FROM routes WHERE step = 0 AND seq = 0 AND layer = 0 AND slot = 0 ORDER BY pos")
     assert first.token_id.tolist() == tok.convert_tokens_to_ids(CODE.split()[:16])
-    run = read(out, "SELECT run_name, model_class, status FROM runs").iloc[0].tolist()
+    run = query(out, "SELECT run_name, model_class, status FROM runs").iloc[0].tolist()
     assert run == ["eval1", "MixtralForCausalLM", "finished"]
-    tags = read(out, "SELECT DISTINCT tag FROM sequences")
+    tags = query(out, "SELECT DISTINCT tag FROM sequences")
     assert tags.tag.tolist() == ["eval"]
-    vocab = read(out, f"SELECT text FROM vocab WHERE token_id = {int(tok.convert_tokens_to_ids('cat'))}")
+    vocab = query(out, f"SELECT text FROM vocab WHERE token_id = {int(tok.convert_tokens_to_ids('cat'))}")
     assert vocab.text.tolist() == ["cat"]
 
 
@@ -81,7 +72,7 @@ def test_collect_uses_file_stems_and_max_tokens(saved_model, tmp_path):
     out = tmp_path / "run"
     assert main(["collect", "--hf-model", str(folder), "--text", str(code), "--out", str(out), "--max-tokens", "20",
                  "--seq-len", "8", "--no-progress"]) == 0
-    seqs = read(out, "SELECT domain, n_tokens FROM sequences ORDER BY step, seq")
+    seqs = query(out, "SELECT domain, n_tokens FROM sequences ORDER BY step, seq")
     assert seqs.domain.tolist() == ["snippets"] * 3 and seqs.n_tokens.tolist() == [8, 8, 4]
 
 
@@ -128,7 +119,7 @@ def test_collect_refuses_an_out_folder_that_already_holds_a_run(saved_model, tmp
     args = ["collect", "--hf-model", str(folder), "--text", str(text), "--out", str(out), "--no-progress",
             "--max-tokens", "8", "--seq-len", "8"]
     assert main(args) == 0
-    before = read(out, "SELECT count(*) AS n FROM layer_stats").n[0]
+    before = query(out, "SELECT count(*) AS n FROM layer_stats").n[0]
     assert main(args) == 2
     assert "already holds a recorded run" in capsys.readouterr().err
-    assert read(out, "SELECT count(*) AS n FROM layer_stats").n[0] == before  # nothing appended
+    assert query(out, "SELECT count(*) AS n FROM layer_stats").n[0] == before  # nothing appended

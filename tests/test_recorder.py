@@ -15,19 +15,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from collectors import Recorder
 from collectors.recorder import RecorderError
 from collectors.testing import tiny_model
+from moeviz.store import query
 
 K = 2  # tiny Mixtral: 4 experts, top-2
 E = 4
-
-
-def read(path, sql: str):
-    from moeviz.store import open_store
-
-    con = open_store(path)
-    try:
-        return con.execute(sql).df()
-    finally:
-        con.close()
 
 
 # ---------------------------------------------------------------------------------------------- references
@@ -117,8 +108,8 @@ def test_exact_aggregates_match_brute_force_with_masks_and_accumulation(mixtral,
             ref_masks[step] = np.concatenate([m.reshape(-1).numpy() for _, m in fwds])
             rec.step(step)
 
-    ss = read(tmp_path / "run", "SELECT * FROM step_stats ORDER BY step, layer, expert")
-    ls = read(tmp_path / "run", "SELECT * FROM layer_stats ORDER BY step, layer")
+    ss = query(tmp_path / "run", "SELECT * FROM step_stats ORDER BY step, layer, expert")
+    ls = query(tmp_path / "run", "SELECT * FROM layer_stats ORDER BY step, layer")
     assert sorted(ss.step.unique()) == [0, 1]
     assert len(ss) == 2 * 2 * E and len(ls) == 2 * 2
     for step in batches:
@@ -137,7 +128,7 @@ def test_exact_aggregates_match_brute_force_with_masks_and_accumulation(mixtral,
     # padding made a difference: the masked token count is below batch * seq
     assert ss[ss.step == 0].tokens.iloc[0] == 9 + 5 + 1 + 6 + 3 < 3 * 9 + 2 * 6
 
-    seqs = read(tmp_path / "run", "SELECT * FROM sequences ORDER BY step, seq")
+    seqs = query(tmp_path / "run", "SELECT * FROM sequences ORDER BY step, seq")
     assert seqs[seqs.step == 0].n_tokens.tolist() == [9, 5, 1, 6, 3]
     assert seqs[seqs.step == 1].n_tokens.tolist() == [7, 7, 2, 4]
     assert set(seqs.tag) == {"train"} and seqs.domain.isna().all()
@@ -149,7 +140,7 @@ def test_routes_equal_the_models_routing(mixtral, tmp_path):
     with Recorder(mixtral, tmp_path / "run") as rec:
         logits = forward_with_reference(mixtral, ids, mask)
         rec.step(7, domain=["code", "prose", "code"], tag="eval")
-    routes = read(tmp_path / "run", "SELECT * FROM routes ORDER BY layer, seq, pos, slot")
+    routes = query(tmp_path / "run", "SELECT * FROM routes ORDER BY layer, seq, pos, slot")
     assert set(routes.step) == {7} and set(routes["rank"]) == {0}
     for layer in range(2):
         ref = brute_force(logits[layer], mask.reshape(-1).numpy())
@@ -165,7 +156,7 @@ def test_routes_equal_the_models_routing(mixtral, tmp_path):
         # Mixtral renormalises the top-k probabilities
         top_p = np.take_along_axis(ref["p"][flat], ref["top"][flat], 1)
         np.testing.assert_allclose(got.weight.to_numpy().reshape(-1, K), top_p / top_p.sum(1, keepdims=True), atol=2e-5)
-    seqs = read(tmp_path / "run", "SELECT * FROM sequences ORDER BY seq")
+    seqs = query(tmp_path / "run", "SELECT * FROM sequences ORDER BY seq")
     assert seqs.domain.tolist() == ["code", "prose", "code"] and set(seqs.tag) == {"eval"}
 
 
@@ -177,7 +168,7 @@ def test_sampling_policy_keeps_first_tokens_of_sampled_steps(mixtral, tmp_path):
             with torch.no_grad():
                 mixtral(input_ids=ids, attention_mask=mask)
             rec.step(step)
-    routes = read(tmp_path / "run", "SELECT DISTINCT step, seq, pos FROM routes ORDER BY step, seq, pos")
+    routes = query(tmp_path / "run", "SELECT DISTINCT step, seq, pos FROM routes ORDER BY step, seq, pos")
     assert sorted(routes.step.unique()) == [0, 2]  # every 2nd step
     # first 5 tokens inside the mask in (seq, pos) order: seq 0 has 2 tokens, then 3 of seq 1
     expected = [(0, 0), (0, 1), (1, 0), (1, 1), (1, 2)]
@@ -185,9 +176,9 @@ def test_sampling_policy_keeps_first_tokens_of_sampled_steps(mixtral, tmp_path):
         got = routes[routes.step == step]
         assert list(zip(got.seq, got.pos)) == expected
     # the aggregates still cover every token of every step
-    tokens = read(tmp_path / "run", "SELECT step, tokens FROM layer_stats WHERE layer = 0 ORDER BY step")
+    tokens = query(tmp_path / "run", "SELECT step, tokens FROM layer_stats WHERE layer = 0 ORDER BY step")
     assert tokens.step.tolist() == [0, 1, 2, 3] and tokens.tokens.tolist() == [12, 12, 12, 12]
-    runs = read(tmp_path / "run", "SELECT sample_every, max_tokens_per_step FROM runs")
+    runs = query(tmp_path / "run", "SELECT sample_every, max_tokens_per_step FROM runs")
     assert runs.iloc[0].tolist() == [2, 5]
 
 
@@ -201,12 +192,12 @@ def test_explicit_token_ids_and_mask_override_the_captured_ones(mixtral, tmp_pat
         with torch.no_grad():
             mixtral(ids)
         rec.step(1)
-    routes = read(tmp_path / "run", "SELECT * FROM routes WHERE layer = 0 AND slot = 0 ORDER BY step, seq, pos")
+    routes = query(tmp_path / "run", "SELECT * FROM routes WHERE layer = 0 AND slot = 0 ORDER BY step, seq, pos")
     r0 = routes[routes.step == 0]
     assert len(r0) == 7 and r0.token_id.tolist() == (ids + 1)[mask.bool()].tolist()
     assert len(routes[routes.step == 1]) == 10  # captured positional input_ids, no mask
     assert routes[routes.step == 1].token_id.tolist() == ids.reshape(-1).tolist()
-    seqs = read(tmp_path / "run", "SELECT step, seq, domain, n_tokens FROM sequences ORDER BY step, seq")
+    seqs = query(tmp_path / "run", "SELECT step, seq, domain, n_tokens FROM sequences ORDER BY step, seq")
     rows = [[r.step, r.seq, None if r.domain is None or r.domain != r.domain else r.domain, r.n_tokens]
             for r in seqs.itertuples()]
     assert rows == [[0, 0, "it", 5], [0, 1, "it", 2], [1, 0, None, 5], [1, 1, None, 5]]
@@ -232,17 +223,17 @@ def test_run_metadata_layers_and_vocab(mixtral, tmp_path):
         with torch.no_grad():
             mixtral(torch.ones(1, 3, dtype=torch.long))
         rec.step(0)
-    run = read(tmp_path / "run", "SELECT * FROM runs").iloc[0]
+    run = query(tmp_path / "run", "SELECT * FROM runs").iloc[0]
     assert (run.run_name, run.model_class, run.n_layers, run.n_experts, run.top_k) == (
         "meta", "MixtralForCausalLM", 2, 4, 2)
     assert run.status == "finished" and run.world_size == 1
     import json
 
     assert json.loads(run.config)["num_local_experts"] == 4
-    layers = read(tmp_path / "run", "SELECT * FROM layers ORDER BY layer")
+    layers = query(tmp_path / "run", "SELECT * FROM layers ORDER BY layer")
     assert layers.module_name.tolist() == ["model.layers.0.mlp.gate", "model.layers.1.mlp.gate"]
     assert layers.block_index.tolist() == [0, 1] and set(layers.n_experts) == {4}
-    vocab = read(tmp_path / "run", "SELECT * FROM vocab ORDER BY token_id")
+    vocab = query(tmp_path / "run", "SELECT * FROM vocab ORDER BY token_id")
     assert len(vocab) == 130 and vocab.text.iloc[129] == "t129"
 
 
@@ -254,7 +245,7 @@ def test_activation_checkpointing_recompute_is_not_counted_twice(tmp_path):
     with Recorder(model, tmp_path / "run") as rec:
         model(input_ids=ids, labels=ids).loss.backward()
         rec.step(0)
-    ls = read(tmp_path / "run", "SELECT tokens FROM layer_stats")
+    ls = query(tmp_path / "run", "SELECT tokens FROM layer_stats")
     assert ls.tokens.tolist() == [12, 12]
 
 
@@ -289,9 +280,9 @@ def test_hooks_removed_and_run_failed_when_the_body_raises(mixtral, tmp_path):
                 mixtral(torch.full((1, 4), 3))  # captured but never stepped: discarded
             raise ValueError("boom")
     assert _hooks_left(mixtral) == 0
-    run = read(tmp_path / "run", "SELECT status, error FROM runs").iloc[0]
+    run = query(tmp_path / "run", "SELECT status, error FROM runs").iloc[0]
     assert run.status == "failed" and "ValueError: boom" in run.error
-    assert read(tmp_path / "run", "SELECT DISTINCT step FROM step_stats ORDER BY step").step.tolist() == [0, 1]
+    assert query(tmp_path / "run", "SELECT DISTINCT step FROM step_stats ORDER BY step").step.tolist() == [0, 1]
     with pytest.raises(RecorderError, match="closed"):
         rec.step(3)
 
@@ -317,9 +308,9 @@ def test_writer_thread_error_surfaces_on_next_step_and_keeps_written_data(mixtra
                 rec.step(step)
                 time.sleep(0.05)  # let the writer thread take the flush
     assert _hooks_left(mixtral) == 0
-    run = read(tmp_path / "run", "SELECT status, error FROM runs").iloc[0]
+    run = query(tmp_path / "run", "SELECT status, error FROM runs").iloc[0]
     assert run.status == "failed" and "disk full" in run.error
-    assert read(tmp_path / "run", "SELECT DISTINCT step FROM step_stats").step.tolist() == [0]
+    assert query(tmp_path / "run", "SELECT DISTINCT step FROM step_stats").step.tolist() == [0]
 
 
 def test_bad_arguments_are_clear_errors(mixtral, tmp_path):
@@ -388,7 +379,7 @@ def test_hooks_and_step_do_not_sync_with_the_device(tmp_path, family):
                 model(input_ids=ids, attention_mask=mask)
                 model(input_ids=ids[:1], attention_mask=mask[:1])
             rec.step(step, domain="x")
-    assert read(tmp_path / "run", "SELECT count(*) AS n FROM layer_stats").n[0] == 2 * len(rec.sites)
+    assert query(tmp_path / "run", "SELECT count(*) AS n FROM layer_stats").n[0] == 2 * len(rec.sites)
 
 
 @pytest.mark.parametrize(
@@ -447,7 +438,7 @@ def test_no_sync_on_cuda_under_sync_debug_mode(tmp_path):
             with torch.no_grad():
                 model(input_ids=ids, attention_mask=mask)
             rec.step(step)
-    assert read(tmp_path / "run", "SELECT sum(tokens) AS n FROM layer_stats").n[0] == 3 * 16 * 2
+    assert query(tmp_path / "run", "SELECT sum(tokens) AS n FROM layer_stats").n[0] == 3 * 16 * 2
 
 
 def test_switch_encoder_decoder_streams_and_capacity_drops(tmp_path):
@@ -461,8 +452,8 @@ def test_switch_encoder_decoder_streams_and_capacity_drops(tmp_path):
         with torch.no_grad():
             out = model(input_ids=ids, attention_mask=mask, labels=labels, output_router_logits=True)
         rec.step(0)
-    ls = read(tmp_path / "run", "SELECT layer, tokens, dropped FROM layer_stats ORDER BY layer")
-    layers = read(tmp_path / "run", "SELECT layer, stack FROM layers ORDER BY layer")
+    ls = query(tmp_path / "run", "SELECT layer, tokens, dropped FROM layer_stats ORDER BY layer")
+    layers = query(tmp_path / "run", "SELECT layer, stack FROM layers ORDER BY layer")
     assert layers["stack"].tolist() == ["encoder", "encoder", "decoder", "decoder"]
     cap = config.expert_capacity
     refs = [(lg, mask) for lg in out.encoder_router_logits] + [(lg, torch.ones(3, 5)) for lg in out.decoder_router_logits]
@@ -479,7 +470,7 @@ def test_switch_encoder_decoder_streams_and_capacity_drops(tmp_path):
         assert (row.tokens, row.dropped) == (int(m.sum()), dropped)
         total_dropped += dropped
     assert total_dropped > 0  # the capacity is small on purpose: the test exercises drops
-    st = read(tmp_path / "run", "SELECT layer, sum(dropped) AS d FROM step_stats GROUP BY layer ORDER BY layer")
+    st = query(tmp_path / "run", "SELECT layer, sum(dropped) AS d FROM step_stats GROUP BY layer ORDER BY layer")
     assert st.d.tolist() == ls.dropped.tolist()
 
 
@@ -506,7 +497,7 @@ def test_wrapped_model_and_embeddings_input(mixtral, tmp_path):
             embeds = mixtral.get_input_embeddings()(ids)
             wrapped(inputs_embeds=embeds, attention_mask=torch.tensor([[1, 1, 0], [1, 1, 1]]))
         rec.step(1)
-    r = read(tmp_path / "run", "SELECT step, seq, pos, token_id FROM routes WHERE layer = 0 AND slot = 0 ORDER BY ALL")
+    r = query(tmp_path / "run", "SELECT step, seq, pos, token_id FROM routes WHERE layer = 0 AND slot = 0 ORDER BY ALL")
     assert r[r.step == 0].token_id.tolist() == ids.reshape(-1).tolist()
     s1 = r[r.step == 1]
     assert list(zip(s1.seq, s1.pos)) == [(0, 0), (0, 1), (1, 0), (1, 1), (1, 2)] and set(s1.token_id) == {-1}
@@ -518,8 +509,8 @@ def test_router_tokens_that_match_no_input_are_counted_and_warned(mixtral, tmp_p
             mixtral(torch.ones(2, 4, dtype=torch.long))
         with pytest.warns(UserWarning, match="saw 8 tokens in a step, which matches no input batch"):
             rec.step(0, token_ids=torch.ones(1, 3, dtype=torch.long))
-    assert read(tmp_path / "run", "SELECT tokens FROM layer_stats").tokens.tolist() == [8, 8]
-    assert read(tmp_path / "run", "SELECT count(*) AS n FROM routes").n[0] == 0
+    assert query(tmp_path / "run", "SELECT tokens FROM layer_stats").tokens.tolist() == [8, 8]
+    assert query(tmp_path / "run", "SELECT count(*) AS n FROM routes").n[0] == 0
 
 
 def test_paused_and_discarded_forwards_are_not_recorded(mixtral, tmp_path):
@@ -536,7 +527,7 @@ def test_paused_and_discarded_forwards_are_not_recorded(mixtral, tmp_path):
             mixtral(torch.ones(1, 2, dtype=torch.long))
         rec.step(1)
         rec.step(2)  # nothing routed since step 1: no rows
-    ls = read(tmp_path / "run", "SELECT step, tokens FROM layer_stats WHERE layer = 0 ORDER BY step")
+    ls = query(tmp_path / "run", "SELECT step, tokens FROM layer_stats WHERE layer = 0 ORDER BY step")
     assert ls.values.tolist() == [[0, 5], [1, 2]]
 
 
@@ -596,7 +587,7 @@ def test_deepseek_weights_are_stored_before_routed_scaling_factor(tmp_path):
             assert [s.weight_scale for s in rec.sites] == [2.5, 2.5]
             logits = forward_with_reference(model, ids, torch.ones_like(ids))
             rec.step(0)
-    routes = read(tmp_path / "run", "SELECT layer, seq, pos, expert, weight FROM routes ORDER BY layer, seq, pos, slot")
+    routes = query(tmp_path / "run", "SELECT layer, seq, pos, expert, weight FROM routes ORDER BY layer, seq, pos, slot")
     assert len(routes) == 2 * 12 * 2
     for layer, lg in enumerate(logits):
         r = routes[routes.layer == layer]
@@ -620,7 +611,7 @@ def test_switch_capacity_factor_is_derived_from_expert_capacity(tmp_path):
         with torch.no_grad():
             model(input_ids=ids[:, :4], labels=torch.randint(2, 100, (2, 5)))
         rec.step(1)
-    runs = read(tmp_path / "run", "SELECT capacity_factor FROM runs")
+    runs = query(tmp_path / "run", "SELECT capacity_factor FROM runs")
     assert len(runs) == 1
     assert runs.capacity_factor[0] == pytest.approx(config.expert_capacity * config.num_experts / 10)
 
@@ -630,7 +621,7 @@ def test_mixtral_capacity_factor_stays_null(mixtral, tmp_path):
         with torch.no_grad():
             mixtral(torch.ones(1, 4, dtype=torch.long))
         rec.step(0)
-    assert read(tmp_path / "run", "SELECT capacity_factor FROM runs").capacity_factor.isna().all()
+    assert query(tmp_path / "run", "SELECT capacity_factor FROM runs").capacity_factor.isna().all()
 
 
 def test_a_rejected_step_call_keeps_the_steps_routing_for_a_corrected_call(mixtral, tmp_path):
@@ -645,9 +636,9 @@ def test_a_rejected_step_call_keeps_the_steps_routing_for_a_corrected_call(mixtr
         with pytest.raises(RecorderError, match="same shape"):
             rec.step(0, token_ids=torch.ones(2, 4, dtype=torch.long), attention_mask=torch.ones(2, 3))
         rec.step(np.int64(0), domain=["a", "b"])
-    seqs = read(tmp_path / "run", "SELECT step, seq, domain FROM sequences ORDER BY seq")
+    seqs = query(tmp_path / "run", "SELECT step, seq, domain FROM sequences ORDER BY seq")
     assert seqs.values.tolist() == [[0, 0, "a"], [0, 1, "b"]]
-    assert read(tmp_path / "run", "SELECT sum(tokens) AS n FROM layer_stats").n[0] == 2 * 8
+    assert query(tmp_path / "run", "SELECT sum(tokens) AS n FROM layer_stats").n[0] == 2 * 8
 
 
 def test_recording_into_a_file_or_a_folder_of_runs_is_a_clear_error(mixtral, tmp_path):
@@ -665,7 +656,7 @@ def test_recording_into_a_file_or_a_folder_of_runs_is_a_clear_error(mixtral, tmp
         with Recorder(mixtral, tmp_path / "runs"):
             pass
     assert _hooks_left(mixtral) == 0
-    assert read(tmp_path / "runs", "SELECT count(*) AS n FROM runs").n[0] == 1  # the run "a" is still intact
+    assert query(tmp_path / "runs", "SELECT count(*) AS n FROM runs").n[0] == 1  # the run "a" is still intact
 
 
 def test_forwards_after_the_last_step_are_reported_at_close(mixtral, tmp_path):
@@ -674,7 +665,7 @@ def test_forwards_after_the_last_step_are_reported_at_close(mixtral, tmp_path):
             with torch.no_grad():
                 mixtral(torch.ones(1, 4, dtype=torch.long))
                 mixtral(torch.ones(1, 4, dtype=torch.long))
-    assert read(tmp_path / "run", "SELECT status FROM runs").status[0] == "finished"
+    assert query(tmp_path / "run", "SELECT status FROM runs").status[0] == "finished"
 
 
 def test_bad_tokenizer_and_ragged_token_ids_are_clear_errors(mixtral, tmp_path):
@@ -687,8 +678,8 @@ def test_bad_tokenizer_and_ragged_token_ids_are_clear_errors(mixtral, tmp_path):
         with pytest.raises(RecorderError, match="rows of equal length"):
             rec.step(0, token_ids=[[1, 2, 3], [1, 2]])
         rec.step(0, token_ids=[[1, 2, 3], [4, 5, 6]])
-    assert read(tmp_path / "b", "SELECT count(*) AS n FROM routes WHERE slot = 0 AND layer = 0").n[0] == 6
-    assert read(tmp_path / "a", "SELECT status FROM runs").status[0] == "failed"
+    assert query(tmp_path / "b", "SELECT count(*) AS n FROM routes WHERE slot = 0 AND layer = 0").n[0] == 6
+    assert query(tmp_path / "a", "SELECT status FROM runs").status[0] == "failed"
 
 
 

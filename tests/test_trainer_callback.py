@@ -6,22 +6,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from moeviz.store import query
 
 # the final evaluation's forwards (after the last optimizer step) belong to no step: closing must not warn
 pytestmark = pytest.mark.filterwarnings("error:moeviz:UserWarning")
 
 SEQ = 8
 LENGTHS = [8, 3, 5, 8, 2, 7, 6, 8, 4, 1, 8, 5]  # 12 sequences = 3 steps x (batch 2 x accumulation 2)
-
-
-def read(path, sql):
-    from moeviz.store import open_store
-
-    con = open_store(path)
-    try:
-        return con.execute(sql).df()
-    finally:
-        con.close()
 
 
 class PaddedLM(torch.utils.data.Dataset):
@@ -69,17 +60,17 @@ def test_trainer_callback_records_every_optimizer_step(tmp_path):
     assert callback.recorder is None  # closed at on_train_end
     hooks = [h for m in model.modules() for h in [*m._forward_hooks.values(), *m._forward_pre_hooks.values()]]
     assert not any("Recorder." in repr(h) for h in hooks)  # ours are (partials of) Recorder methods
-    run = read(tmp_path / "run", "SELECT run_name, status, model_class FROM runs").iloc[0].tolist()
+    run = query(tmp_path / "run", "SELECT run_name, status, model_class FROM runs").iloc[0].tolist()
     assert run == ["hf", "finished", "MixtralForCausalLM"]
-    ls = read(tmp_path / "run", "SELECT step, layer, tokens FROM layer_stats ORDER BY step, layer")
+    ls = query(tmp_path / "run", "SELECT step, layer, tokens FROM layer_stats ORDER BY step, layer")
     assert ls.step.unique().tolist() == [1, 2, 3]  # state.global_step after each optimizer step
     # one epoch of 12 sequences in 3 steps: every sequence once, padding excluded
     per_layer = ls.groupby("layer").tokens.sum()
     assert per_layer.tolist() == [sum(LENGTHS)] * 2
-    seqs = read(tmp_path / "run", "SELECT step, count(*) AS seqs, sum(n_tokens) AS n FROM sequences GROUP BY step ORDER BY step")
+    seqs = query(tmp_path / "run", "SELECT step, count(*) AS seqs, sum(n_tokens) AS n FROM sequences GROUP BY step ORDER BY step")
     assert seqs.seqs.tolist() == [4, 4, 4]  # both micro-batches of each step
     # sequences and aggregates agree step by step, whatever order the sampler chose
     assert seqs.n.tolist() == ls[ls.layer == 0].tokens.tolist()
-    assert sorted(read(tmp_path / "run", "SELECT n_tokens FROM sequences").n_tokens.tolist()) == sorted(LENGTHS)
-    routes = read(tmp_path / "run", "SELECT count(*) AS n FROM routes")
+    assert sorted(query(tmp_path / "run", "SELECT n_tokens FROM sequences").n_tokens.tolist()) == sorted(LENGTHS)
+    routes = query(tmp_path / "run", "SELECT count(*) AS n FROM routes")
     assert routes.n[0] == sum(LENGTHS) * 2 * 2  # every kept token x 2 layers x top-2
