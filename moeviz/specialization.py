@@ -31,6 +31,7 @@ import pandas as pd
 
 from moeviz.errors import MoevizError
 from moeviz.load import run_query
+from moeviz.store_reader import holds_one_run
 from moeviz.selection import Selection
 
 __all__ = [
@@ -78,9 +79,7 @@ def _run_ids(con, sel: Selection) -> list[str]:
 class _RunId(str):
     """A run id with what `_routes` needs to know of the run beyond its id.
 
-    `alone`: the store holds this run only. `routes.run_id` is a dictionary-encoded string column; filtering on it
-    decodes a string per route, which costs as much as the rest of a simple aggregate (0.55 s of 0.85 s over 10M
-    routes). When `runs` lists a single run, every route belongs to it, so the predicate is left out.
+    `alone`: the store holds this run only (`store_reader.holds_one_run`), so the run_id predicate is left out.
 
     `seq_steps`: the steps holding a sequence of the selection's domains and tags (None: the selection has none,
     or too many steps match to help). The semi-join with `sequences` must look at every route; a constant
@@ -115,8 +114,9 @@ def _sequence_steps(con, sel: Selection, run_id: str) -> tuple[int, ...] | None:
 def _per_run(con, sel: Selection, columns: list[str], one_run) -> pd.DataFrame:
     """`one_run(run_id) -> DataFrame` for each run of the selection, stacked, with `run_id` first."""
     frames = []
-    alone = _df(con, "SELECT count(DISTINCT run_id) AS n FROM runs", [])["n"].iloc[0] == 1
-    for run_id in _run_ids(con, sel):
+    run_ids = _run_ids(con, sel)  # first: a connection without the moeviz tables gets SpecializationError here
+    alone = holds_one_run(con)
+    for run_id in run_ids:
         run_id = _RunId.of(run_id, alone, _sequence_steps(con, sel, run_id))
         df = one_run(run_id)
         if len(df):

@@ -249,6 +249,14 @@ def _lock_down(con) -> None:
     con.execute("SET lock_configuration = true")
 
 
+def holds_one_run(con) -> bool:
+    """Whether the store behind `con` holds a single run, so a query over `routes` may leave out its run_id
+    predicate: every route belongs to a run of `runs`. Why bother: `routes.run_id` is a dictionary-encoded string
+    column and filtering on it decodes a string per route, which costs as much as a simple aggregate itself
+    (count over 100 M routes: 3.0 s with the predicate, 0.45 s without)."""
+    return con.execute("SELECT count(DISTINCT run_id) FROM runs").fetchone()[0] == 1
+
+
 # ---------------------------------------------------------------------------------------------------- SQL from users
 
 
