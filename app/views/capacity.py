@@ -33,12 +33,11 @@ def render(ctx: Ctx) -> None:
     total = None
     with guarded("Dropped share"):
         total = ctx.q("moeviz.capacity.capacity_drops", routes_sel, cf, policy=policy, group=group, by=())
-        assigned = int(total["assigned"].sum())
-        dropped = int(total["dropped"].sum())
+        row = total.iloc[0] if len(total) else None  # one run, no breakdown: one row
         m1, m2, m3 = st.columns(3)
-        m1.metric("Dropped share", f"{dropped / assigned:.2%}" if assigned else "n/a")
-        m2.metric("Dropped assignments", f"{dropped:,}")
-        m3.metric("Assignments", f"{assigned:,}")
+        m1.metric("Dropped share", "n/a" if row is None or not row["assigned"] else f"{row['drop_rate']:.2%}")
+        m2.metric("Dropped assignments", f"{int(row['dropped']) if row is not None else 0:,}")
+        m3.metric("Assignments", f"{int(row['assigned']) if row is not None else 0:,}")
     left, right = st.columns(2)
     with left, guarded("Drops per layer"):
         by_layer = ctx.q("moeviz.capacity.capacity_drops", routes_sel, cf, policy=policy, group=group, by=("layer",))
