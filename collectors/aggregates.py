@@ -13,8 +13,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-# Layout of one layer's packed aggregates (see `layer_aggregates`): 4 scalars, then 4 vectors of n_experts.
-LAYER_SCALARS = ("tokens", "z_loss_sum", "entropy_sum", "dropped")
+# Layout of one layer's packed aggregates (see `layer_aggregates`): 8 scalars, then 4 vectors of n_experts.
+LAYER_SCALARS = ("tokens", "z_loss_sum", "entropy_sum", "dropped",
+                 "adjacent_pairs", "same_first", "first_in_topk", "topk_overlap")
 EXPERT_VECTORS = ("assigned", "first_choice", "prob_sum", "dropped")
 
 
@@ -23,13 +24,17 @@ def packed_aggregate_size(n_experts: int) -> int:
     return len(LAYER_SCALARS) + len(EXPERT_VECTORS) * n_experts
 
 
-def layer_aggregates(logits: Tensor, index: Tensor, dropped: Tensor | None, mask: Tensor) -> Tensor:
-    """Exact aggregates of one layer over one step, packed as float64 [4 + 4 * n_experts].
+def layer_aggregates(
+    logits: Tensor, index: Tensor, dropped: Tensor | None, mask: Tensor, seq: Tensor | None = None,
+    pos: Tensor | None = None,
+) -> Tensor:
+    """Exact aggregates of one layer over one step, packed as float64 [8 + 4 * n_experts].
 
     logits [N, E] router logits; index [N, k] chosen experts (slot 0 first); dropped [N, k] bool or None;
-    mask [N] bool, False for tokens outside the attention mask (they count nowhere).
-    Layout: tokens, z_loss_sum, entropy_sum, dropped_total, assigned[E], first_choice[E], prob_sum[E],
-    dropped[E].
+    mask [N] bool, False for tokens outside the attention mask (they count nowhere); seq/pos [N] the token
+    layout (None when unknown: the adjacency counts are then NaN, stored as NULL).
+    Layout: tokens, z_loss_sum, entropy_sum, dropped_total, adjacent_pairs, same_first, first_in_topk,
+    topk_overlap, assigned[E], first_choice[E], prob_sum[E], dropped[E].
     """
     n, n_experts = logits.shape
     k = index.shape[1]
@@ -54,12 +59,52 @@ def layer_aggregates(logits: Tensor, index: Tensor, dropped: Tensor | None, mask
     if dropped is not None:
         dropped_e.scatter_add_(0, idx.reshape(-1), (dropped.to(torch.int64) * m_slots).reshape(-1))  # [E]
 
-    scalars = torch.stack(
-        [m.sum().to(torch.float64), z_loss_sum, entropy_sum, dropped_e.sum().to(torch.float64)]
-    )  # [4]
+    if seq is not None and pos is not None:
+        adjacency = adjacency_counts(idx, keep, seq, pos)  # [4]
+    else:
+        adjacency = torch.full((4,), float("nan"), dtype=torch.float64, device=logits.device)
+    scalars = torch.cat([
+        torch.stack([m.sum().to(torch.float64), z_loss_sum, entropy_sum, dropped_e.sum().to(torch.float64)]),
+        adjacency,
+    ])  # [8]
     return torch.cat(
         [scalars, assigned.to(torch.float64), first.to(torch.float64), prob_sum, dropped_e.to(torch.float64)]
     )
+
+
+def adjacency_counts(index: Tensor, keep: Tensor, seq: Tensor, pos: Tensor) -> Tensor:
+    """How often consecutive tokens share experts (Mixtral §5), as float64 [4]: adjacent_pairs, same_first,
+    first_in_topk, topk_overlap.
+
+    index [N, k]; keep/seq/pos [N]. Tokens n and n+1 of the stream form a pair when both are inside the mask and
+    they are positions p and p+1 of one sequence (the stream is batch-major, so a sequence's tokens are contiguous).
+    """
+    adj = keep[:-1] & keep[1:] & (seq[1:] == seq[:-1]) & (pos[1:] == pos[:-1] + 1)  # [N-1]
+    prev, nxt = index[:-1], index[1:]  # [N-1, k]
+    same_first = prev[:, 0] == nxt[:, 0]  # [N-1]
+    first_in_topk = (prev == nxt[:, :1]).any(-1)  # [N-1]
+    overlap = (prev[:, :, None] == nxt[:, None, :]).flatten(1).any(-1)  # [N-1]; [N-1, k, k] compared
+    hits = torch.stack([adj, adj & same_first, adj & first_in_topk, adj & overlap])  # [4, N-1]
+    return hits.sum(-1, dtype=torch.float64)  # [4]
+
+
+def pair_counts(index: Tensor, mask: Tensor, n_experts: int) -> Tensor:
+    """Tokens that chose both experts i < j, for every pair (upper triangle, row-major), as int32 [E(E-1)/2].
+
+    index [N, k]; mask [N]. One scatter into E*E counts (for each of the k(k-1)/2 slot pairs of each token), then
+    the upper triangle: for E = 256 that is a 256 KiB scratch buffer and a 130 KiB result per layer and step.
+    """
+    n, k = index.shape
+    dev = index.device
+    idx = index.to(torch.int64)
+    a, b = torch.triu_indices(k, k, offset=1, device=dev)  # [P] slot pairs, P = k(k-1)/2
+    lo = torch.minimum(idx[:, a], idx[:, b])  # [N, P]
+    hi = torch.maximum(idx[:, a], idx[:, b])  # [N, P]
+    counted = mask.to(torch.bool)[:, None] & (lo != hi)  # [N, P]; a repeated expert is no pair
+    counts = torch.zeros(n_experts * n_experts, dtype=torch.int64, device=dev)
+    counts.scatter_add_(0, (lo * n_experts + hi).reshape(-1), counted.to(torch.int64).reshape(-1))  # [E*E]
+    i, j = torch.triu_indices(n_experts, n_experts, offset=1, device=dev)  # [E(E-1)/2]
+    return counts[i * n_experts + j].to(torch.int32)
 
 
 def kept_token_slots(mask: Tensor, max_tokens: int | None) -> tuple[Tensor, Tensor]:

@@ -61,6 +61,7 @@ from collectors.aggregates import (
     kept_token_slots,
     layer_aggregates,
     packed_routes,
+    pair_counts,
 )
 from moeviz.errors import MoevizError
 
@@ -204,7 +205,8 @@ def _concat_captured(segments: Sequence[_Segment]) -> tuple[Tensor | None, Tenso
 
 @dataclass
 class _Piece:
-    kind: str  # 'agg' (layer aggregates), 'route_ints' / 'route_weights' (per-token detail), 'seqs'
+    kind: str  # 'agg' (layer aggregates), 'pairs' (co-activation counts), 'route_ints' / 'route_weights'
+    # (per-token detail), 'seqs'
     layer: int | None  # MoE layer index (site.layer); None for 'seqs'
     shape: tuple[int, ...]  # shape of the packed tensor
     dtype: str  # its numpy dtype name: the host reads the flush's bytes back with it
@@ -230,7 +232,8 @@ class _StepRecord:
 
 def _tables_from_host(host: np.ndarray, records: list[_StepRecord], rank: int, layer_experts: dict[int, int]) -> dict:
     """Turn one flush's host copy back into the store's column arrays (runs in the writer thread)."""
-    cols: dict[str, dict[str, list]] = {t: {} for t in ("step_stats", "layer_stats", "routes", "sequences")}
+    cols: dict[str, dict[str, list]] = {t: {} for t in ("step_stats", "layer_stats", "routes", "sequences",
+                                                         "pair_stats")}
 
     def add(table: str, **arrays) -> None:
         for name, arr in arrays.items():
@@ -244,13 +247,22 @@ def _tables_from_host(host: np.ndarray, records: list[_StepRecord], rank: int, l
             off += pc.nbytes
             if pc.kind == "agg":
                 n_exp = layer_experts[pc.layer]
-                tokens, z, ent, dropped = arr[: len(LAYER_SCALARS)]
+                tokens, z, ent, dropped, adj, same, first_in, overlap = arr[: len(LAYER_SCALARS)]
                 vec = arr[len(LAYER_SCALARS) :].reshape(len(EXPERT_VECTORS), n_exp)  # [4, E]
                 add("layer_stats", step=np.array([rec.step]), layer=np.array([pc.layer]), tokens=np.array([tokens]),
-                    z_loss_sum=np.array([z]), entropy_sum=np.array([ent]), dropped=np.array([dropped]))
+                    z_loss_sum=np.array([z]), entropy_sum=np.array([ent]), dropped=np.array([dropped]),
+                    adjacent_pairs=np.array([adj]), same_first=np.array([same]),
+                    first_in_topk=np.array([first_in]), topk_overlap=np.array([overlap]),
+                    coactive_pairs=np.array([np.nan]))  # set by the 'pairs' piece that follows, if recorded
                 add("step_stats", step=np.full(n_exp, rec.step), layer=np.full(n_exp, pc.layer),
                     expert=np.arange(n_exp), tokens=np.full(n_exp, tokens), assigned=vec[0], first_choice=vec[1],
                     prob_sum=vec[2], dropped=vec[3])
+            elif pc.kind == "pairs":  # [E(E-1)/2] upper triangle of the layer's co-activation counts
+                cols["layer_stats"]["coactive_pairs"][-1] = np.array([arr.sum(dtype=np.int64)], dtype=np.float64)
+                i, j = np.triu_indices(layer_experts[pc.layer], k=1)
+                nz = np.flatnonzero(arr)
+                add("pair_stats", step=np.full(len(nz), rec.step), layer=np.full(len(nz), pc.layer),
+                    expert_i=i[nz], expert_j=j[nz], tokens=arr[nz])
             elif pc.kind == "route_ints":
                 route_ints = arr  # [M, 4 + k]; its weights come next
             elif pc.kind == "route_weights":
@@ -270,6 +282,8 @@ def _tables_from_host(host: np.ndarray, records: list[_StepRecord], rank: int, l
         "step": np.int64, "layer": np.int16, "expert": np.int16, "tokens": np.int64, "assigned": np.int64,
         "first_choice": np.int64, "prob_sum": np.float64, "dropped": np.int64, "z_loss_sum": np.float64,
         "entropy_sum": np.float64, "seq": np.int32, "pos": np.int32, "token_id": np.int32, "slot": np.int8,
+        "expert_i": np.int16, "expert_j": np.int16, "adjacent_pairs": np.float64, "same_first": np.float64,
+        "first_in_topk": np.float64, "topk_overlap": np.float64, "coactive_pairs": np.float64,  # NaN = NULL
         "weight": np.float64, "n_tokens": np.int32, "domain": object, "tag": object,
     }
     tables: dict[str, dict[str, np.ndarray]] = {}
@@ -336,7 +350,10 @@ class Recorder:
       the first M tokens (in sequence, position order) of a step on this rank; the per-step aggregates always
       cover every token. flush_every: steps between two device-to-host copies. rank/world_size: default from
       torch.distributed when initialised. domain: default domain label of every sequence. config: a dict
-      stored as the run's config (default `model.config.to_dict()`).
+      stored as the run's config (default `model.config.to_dict()`). pair_stats: count, per layer and step, the
+      tokens that chose each pair of experts together (`pair_stats`, for co-activation without reading routes):
+      E(E-1)/2 int32 per layer and step copied off the device (130 KiB for E = 256), so switch it off for very
+      wide layers on long runs if that matters.
 
     Memory: until step(), the router outputs of the step's forwards stay on the device (per layer: tokens x
     (experts + 2k) values, small next to the activations); pending flushes hold only the aggregates and the
@@ -362,6 +379,7 @@ class Recorder:
         domain: str | None = None,
         config: dict | None = None,
         max_pending_flushes: int = 4,
+        pair_stats: bool = True,
     ):
         if not isinstance(model, nn.Module):
             raise RecorderError(f"Recorder needs a torch.nn.Module; got {type(model).__name__}")
@@ -389,6 +407,7 @@ class Recorder:
         self.domain = domain
         self.config = config
         self.max_pending_flushes = max_pending_flushes
+        self.pair_stats = bool(pair_stats)
 
         self.sites: list = []
         self._handles: list = []
@@ -568,8 +587,13 @@ class Recorder:
                 seq, pos, tid, mask = stream.on(dev)
             else:
                 mask = torch.ones(logits.shape[0], dtype=torch.bool, device=dev)
-            agg = layer_aggregates(logits, index, dropped, mask)
+            if stream is not None:
+                agg = layer_aggregates(logits, index, dropped, mask, seq, pos)
+            else:
+                agg = layer_aggregates(logits, index, dropped, mask)
             record.pieces.append(_piece("agg", site.layer, agg))
+            if self.pair_stats:
+                record.pieces.append(_piece("pairs", site.layer, pair_counts(index, mask, int(site.n_experts))))
             if sampled and stream is not None and self.max_tokens_per_step != 0:
                 sel, valid = stream.kept(dev, self.max_tokens_per_step)
                 ints, w = packed_routes(sel, valid, seq, pos, tid, index, weights, site.weight_scale)

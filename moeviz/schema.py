@@ -62,6 +62,8 @@ RUNS = _t(
     ("status", "VARCHAR", "running | finished | failed | interrupted."),
     ("error", "VARCHAR", "The exception that failed the run, if any."),
     ("schema_version", "INTEGER", "Schema version the run was written with."),
+    ("route_stats_complete", "BOOLEAN", "`token_stats` and `sequence_stats` hold every route of the run (it was "
+     "compacted and no routes were written since); while false the analyses read `routes`."),
 )
 
 LAYERS = _t(
@@ -122,6 +124,28 @@ LAYER_STATS = _t(
     ("z_loss_sum", "DOUBLE", "Sum over tokens of logsumexp(router_logits)^2 (ST-MoE router z-loss numerator)."),
     ("entropy_sum", "DOUBLE", "Sum over tokens of the entropy (nats) of softmax(router_logits)."),
     ("dropped", "BIGINT", "Assignments the model itself dropped in this layer (capacity), else 0."),
+    ("adjacent_pairs", "BIGINT", "Pairs of consecutive tokens (pos and pos+1 of one sequence, both inside the "
+     "attention mask). This and the next three columns are NULL when the recorder did not know the token layout "
+     "or predates them: the analyses then read `routes`."),
+    ("same_first", "BIGINT", "Adjacent pairs whose first (slot 0) choices are the same expert."),
+    ("first_in_topk", "BIGINT", "Adjacent pairs where the first choice of token pos+1 is among the k experts of "
+     "token pos."),
+    ("topk_overlap", "BIGINT", "Adjacent pairs whose k-sets of experts share at least one expert."),
+    ("coactive_pairs", "BIGINT", "Pairs of experts chosen together, summed over tokens (tokens * k(k-1)/2): equals "
+     "sum(pair_stats.tokens) of this step, rank and layer; NULL when `pair_stats` was not recorded."),
+)
+
+PAIR_STATS = _t(
+    "pair_stats",
+    "Exact per-step co-activation counts over every token that reached the layer: one row per step, rank, layer "
+    "and pair of experts chosen together by at least one token (pairs with no token are left out).",
+    ("run_id", "VARCHAR", "Run id."),
+    ("step", "BIGINT", "Step."),
+    ("rank", "INTEGER", "Rank."),
+    ("layer", "SMALLINT", "MoE layer index."),
+    ("expert_i", "SMALLINT", "The lower expert index of the pair."),
+    ("expert_j", "SMALLINT", "The higher expert index of the pair (expert_i < expert_j)."),
+    ("tokens", "BIGINT", "Tokens whose k chosen experts include both expert_i and expert_j."),
 )
 
 SEQUENCES = _t(
@@ -144,7 +168,41 @@ VOCAB = _t(
     ("text", "VARCHAR", "Decoded text of the token."),
 )
 
-TABLES: dict[str, Table] = {t.name: t for t in (RUNS, LAYERS, ROUTES, STEP_STATS, LAYER_STATS, SEQUENCES, VOCAB)}
+TOKEN_STATS = _t(
+    "token_stats",
+    "Routes counted per token id, layer and expert over all steps: built from `routes` when a run is compacted "
+    "(so it holds the sampled tokens, like `routes`), for the vocabulary analyses over a whole run.",
+    ("run_id", "VARCHAR", "Run id."),
+    ("rank", "INTEGER", "Rank."),
+    ("layer", "SMALLINT", "MoE layer index."),
+    ("token_id", "INTEGER", "Vocabulary id of the token (-1: no token ids were given)."),
+    ("expert", "SMALLINT", "Chosen expert index."),
+    ("assigned", "BIGINT", "Routes of this token id to this expert (over all k slots)."),
+    ("first_choice", "BIGINT", "Of those, routes in slot 0 (the token's top choice)."),
+)
+
+SEQUENCE_STATS = _t(
+    "sequence_stats",
+    "Routes counted per sequence, layer and expert: built from `routes` when a run is compacted, for the "
+    "analyses by domain and tag (join `sequences` on run_id, step, rank, seq).",
+    ("run_id", "VARCHAR", "Run id."),
+    ("step", "BIGINT", "Step."),
+    ("rank", "INTEGER", "Rank."),
+    ("seq", "INTEGER", "Sequence index within the step and rank."),
+    ("layer", "SMALLINT", "MoE layer index."),
+    ("expert", "SMALLINT", "Chosen expert index."),
+    ("assigned", "BIGINT", "Routes of this sequence's tokens to this expert (over all k slots)."),
+    ("first_choice", "BIGINT", "Of those, routes in slot 0."),
+)
+
+TABLES: dict[str, Table] = {t.name: t for t in (RUNS, LAYERS, ROUTES, STEP_STATS, LAYER_STATS, PAIR_STATS, SEQUENCES,
+                                                 TOKEN_STATS, SEQUENCE_STATS, VOCAB)}
+
+# Columns added after the first release of a table: a writer may leave them out (they read as NULL), so that
+# code written against the older schema (RunWriter.write_flush callers) keeps working.
+OPTIONAL_COLUMNS: dict[str, frozenset[str]] = {
+    "layer_stats": frozenset({"adjacent_pairs", "same_first", "first_in_topk", "topk_overlap", "coactive_pairs"}),
+}
 
 
 def schema_markdown() -> str:

@@ -46,7 +46,9 @@ HEARTBEAT_TIMEOUT_S = 600.0  # a writer on another host counts as alive this lon
 WEIGHT_SCALE = 65535  # routes.weight is stored as weight_q = round(weight * WEIGHT_SCALE), UINT16
 
 # Tables written per flush (data) and once per run (metadata). Order = the order views are built in.
-DATA_TABLES = ("routes", "step_stats", "layer_stats", "sequences")
+DATA_TABLES = ("routes", "step_stats", "layer_stats", "sequences", "pair_stats")
+# Tables that compaction builds from the routes it folds (in run.duckdb only; see store._fold_route_stats).
+ROUTE_STATS_TABLES = ("token_stats", "sequence_stats")
 META_TABLES = ("runs", "layers", "vocab")
 SEGMENT_TABLES = META_TABLES + DATA_TABLES
 
@@ -60,7 +62,15 @@ DISK_SCHEMAS: dict[str, pa.Schema] = {
                              ("tokens", _I64), ("assigned", _I64), ("first_choice", _I64), ("prob_sum", _F64),
                              ("dropped", _I64)]),
     "layer_stats": pa.schema([("run_id", _S), ("step", _I64), ("rank", _I32), ("layer", _I16), ("tokens", _I64),
-                              ("z_loss_sum", _F64), ("entropy_sum", _F64), ("dropped", _I64)]),
+                              ("z_loss_sum", _F64), ("entropy_sum", _F64), ("dropped", _I64),
+                              ("adjacent_pairs", _I64), ("same_first", _I64), ("first_in_topk", _I64),
+                              ("topk_overlap", _I64), ("coactive_pairs", _I64)]),
+    "pair_stats": pa.schema([("run_id", _S), ("step", _I64), ("rank", _I32), ("layer", _I16), ("expert_i", _I16),
+                             ("expert_j", _I16), ("tokens", _I64)]),
+    "token_stats": pa.schema([("run_id", _S), ("rank", _I32), ("layer", _I16), ("token_id", _I32), ("expert", _I16),
+                              ("assigned", _I64), ("first_choice", _I64)]),
+    "sequence_stats": pa.schema([("run_id", _S), ("step", _I64), ("rank", _I32), ("seq", _I32), ("layer", _I16),
+                                 ("expert", _I16), ("assigned", _I64), ("first_choice", _I64)]),
     "sequences": pa.schema([("run_id", _S), ("step", _I64), ("rank", _I32), ("seq", _I32), ("domain", _S),
                             ("tag", _S), ("n_tokens", _I32)]),
     "runs": pa.schema([("run_id", _S), ("rank", _I32), ("written_at", pa.timestamp("us")), ("run_name", _S),
@@ -86,7 +96,7 @@ def duckdb_type(arrow_type: pa.DataType) -> str:
 # 20k rows per page hides them); dictionary+RLE for the low-cardinality columns; delta for positions; plain
 # pages for token_id/weight_q, which beat dictionary pages under zstd. Only encodings every Parquet reader
 # knows (no BYTE_STREAM_SPLIT on integers, which Spark < 4 cannot read).
-_LOW_CARDINALITY = ["run_id", "step", "rank", "seq", "layer", "slot", "expert", "domain", "tag", "module_name",
+_LOW_CARDINALITY = ["run_id", "step", "rank", "seq", "layer", "slot", "expert", "expert_i", "expert_j", "domain", "tag", "module_name",
                     "stack", "run_name", "model_class"]
 ROW_GROUP_ROWS = 1 << 22  # a segment is one row group (and one page per column)
 # A routes segment holds at most this many rows per layer, so that one layer of token_id (4 bytes a row) fits

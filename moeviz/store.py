@@ -30,7 +30,7 @@ import pyarrow as pa
 
 from moeviz import segments as sg
 from moeviz.errors import StoreError
-from moeviz.schema import SCHEMA_VERSION, TABLES
+from moeviz.schema import OPTIONAL_COLUMNS, SCHEMA_VERSION, TABLES
 from moeviz.store_reader import StoreWarning, open_store, query, store_info  # noqa: F401  (public API of moeviz.store)
 
 __all__ = ["RunWriter", "open_store", "compact", "store_info", "StoreWarning"]
@@ -205,6 +205,8 @@ class RunWriter:
         expected = [c for c in TABLES[table].column_names if c != "run_id"]
         cols = dict(cols)
         cols.setdefault("rank", self.rank)
+        for c in OPTIONAL_COLUMNS.get(table, ()):
+            cols.setdefault(c, None)
         missing, extra = set(expected) - set(cols), set(cols) - set(expected)
         if missing or extra:
             raise StoreError(f"write_flush: table {table!r} " + (f"lacks columns {sorted(missing)} " if missing else "")
@@ -234,6 +236,8 @@ class RunWriter:
                     raise StoreError(f"{table}.{c} must hold strings or None: {e}") from None
             elif t == pa.float64():
                 arrays[c] = np.asarray(_broadcast(v, n), dtype=np.float64)
+            elif c in OPTIONAL_COLUMNS.get(table, ()):
+                arrays[c] = _nullable_int_column(table, c, v, n, t)
             else:
                 arrays[c] = _int_column(table, c, _broadcast(v, n), t.to_pandas_dtype())
         if table == "routes":
@@ -310,6 +314,20 @@ def _int_column(table: str, name: str, a: np.ndarray, dtype) -> np.ndarray:
             raise StoreError(f"{table}.{name} holds values in [{lo}, {hi}], outside {np.dtype(dtype).name} "
                              f"[{info.min}, {info.max}]")
     return a.astype(dtype)
+
+
+def _nullable_int_column(table: str, name: str, v, n: int, arrow_type: pa.DataType) -> pa.Array:
+    """An optional integer column: None (all NULL) or numbers where NaN marks a NULL (the recorder packs its
+    aggregates as float64 and writes NaN where a count is unknown)."""
+    if v is None:
+        return pa.nulls(n, arrow_type)
+    a = np.asarray(_broadcast(v, n))
+    if a.dtype.kind == "f":
+        missing = np.isnan(a)
+        if np.any(a[~missing] != np.rint(a[~missing])):
+            raise StoreError(f"{table}.{name} must hold integers (or NaN for unknown)")
+        return pa.array(np.where(missing, 0, a).astype(np.int64), pa.int64(), mask=missing).cast(arrow_type)
+    return pa.array(_int_column(table, name, a, arrow_type.to_pandas_dtype()), arrow_type)
 
 
 def _plain_value(v):
@@ -463,11 +481,12 @@ def _publish_compacted(run_dir: Path, target: Path, manifest: dict, statuses: di
     con = duckdb_compat.connect(str(tmp))
     try:
         _create_compacted_tables(con)
+        old_tables: set[str] = set()
         if target.exists():
             con.execute(f"ATTACH {duckdb_compat.sql_string(str(target))} AS old (READ_ONLY)")
             old_tables = {r[0] for r in con.execute(
                 "SELECT table_name FROM duckdb_tables() WHERE database_name = 'old'").fetchall()}
-            for t in sg.SEGMENT_TABLES + ("_segments", "_routes_files"):
+            for t in sg.SEGMENT_TABLES + sg.ROUTE_STATS_TABLES + ("_segments", "_routes_files"):
                 if t in old_tables:
                     con.execute(f'INSERT INTO main."{t}" BY NAME SELECT * FROM old.main."{t}"')
             con.execute("DETACH old")
@@ -480,6 +499,7 @@ def _publish_compacted(run_dir: Path, target: Path, manifest: dict, statuses: di
                                 [[t, sg.relative_name(run_dir, p), p.stat().st_size] for p in paths])
         if written:
             con.executemany("INSERT INTO _routes_files VALUES (?, ?, ?, ?)", [list(w) for w in written])
+        _fold_route_stats(con, run_dir, new["routes"], rebuild=not set(sg.ROUTE_STATS_TABLES) <= old_tables)
         con.executemany("INSERT INTO _rank_status VALUES (?, ?)",
                         [[r, json.dumps(s)] for r, s in sorted(statuses.items())])
         con.executemany("INSERT INTO _meta VALUES (?, ?)",
@@ -494,6 +514,52 @@ def _publish_compacted(run_dir: Path, target: Path, manifest: dict, statuses: di
     os.replace(tmp, target)
     _fsync(run_dir)
     return rows
+
+
+# The tables compaction derives from routes: (table, grouping columns). Counting once at compaction is what
+# makes the vocabulary and domain analyses of a finished run read ~10^2 fewer rows than `routes`.
+_ROUTE_STATS_KEYS = {
+    "token_stats": ("run_id", "rank", "layer", "token_id", "expert"),
+    "sequence_stats": ("run_id", "step", "rank", "seq", "layer", "expert"),
+}
+
+
+def _fold_route_stats(con, run_dir: Path, new_routes: list[Path], rebuild: bool) -> None:
+    """Add the routes of this compaction to token_stats and sequence_stats in the run.duckdb being built.
+
+    Counts are additive, so the new segments' counts are summed with the rows copied from the old run.duckdb.
+    `rebuild`: the old run.duckdb predates these tables, so they are counted from every route of the run (its
+    `routes` table and every Parquet file `_routes_files` names, this compaction's included) instead."""
+    # explicit casts: without them DuckDB 1.5 fails an internal statistics assertion ("SetMin or SetMax called
+    # with Value that does not match") when segment files are aggregated in a UNION with the typed tables
+    cols = ", ".join(f'CAST("{f.name}" AS {sg.duckdb_type(f.type)}) AS "{f.name}"' for f in sg.DISK_SCHEMAS["routes"]
+                     if f.name in ("run_id", "step", "rank", "seq", "token_id", "layer", "slot", "expert"))
+    if rebuild:
+        files = [str(run_dir / r[0]) for r in con.execute("SELECT file FROM _routes_files ORDER BY file").fetchall()]
+        parts = [f"SELECT {cols} FROM main.routes"]
+        params: list = []
+        if files:
+            parts.append(f"SELECT {cols} FROM read_parquet(?)")
+            params.append(files)
+        source = " UNION ALL ".join(parts)
+    elif new_routes:
+        source, params = f"SELECT {cols} FROM read_parquet(?)", [[str(p) for p in new_routes]]
+    else:
+        return
+    for table, keys in _ROUTE_STATS_KEYS.items():
+        k = ", ".join(keys)
+        typed = ", ".join(f'CAST("{f.name}" AS {sg.duckdb_type(f.type)}) AS "{f.name}"'
+                          for f in sg.DISK_SCHEMAS[table])
+        con.execute(f'ALTER TABLE main."{table}" RENAME TO "_old_{table}"')
+        con.execute(f"""
+            CREATE TABLE main."{table}" AS SELECT {typed} FROM (
+                SELECT {k}, sum(assigned) AS assigned, sum(first_choice) AS first_choice FROM (
+                    SELECT {k}, assigned, first_choice FROM main."_old_{table}"
+                    UNION ALL
+                    SELECT {k}, count(*) AS assigned, count(*) FILTER (WHERE slot = 0) AS first_choice
+                    FROM ({source}) GROUP BY ALL)
+                GROUP BY ALL ORDER BY {k})""", params)
+        con.execute(f'DROP TABLE main."_old_{table}"')
 
 
 def _write_compacted_routes(run_dir: Path, rank: int, paths: list[Path]) -> tuple[str, int, int, int]:
@@ -553,7 +619,7 @@ def _remove_unpublished_routes_files(run_dir: Path, published: dict[str, tuple[i
 
 
 def _create_compacted_tables(con) -> None:
-    for t in sg.SEGMENT_TABLES:
+    for t in sg.SEGMENT_TABLES + sg.ROUTE_STATS_TABLES:
         cols = ", ".join(f'"{f.name}" {sg.duckdb_type(f.type)}' for f in sg.DISK_SCHEMAS[t])
         con.execute(f'CREATE TABLE "{t}" ({cols})')
     con.execute("CREATE TABLE _segments (table_name VARCHAR, file VARCHAR PRIMARY KEY, bytes BIGINT)")

@@ -48,6 +48,7 @@ class _RunFiles:
     statuses: dict[int, dict]
     segments: dict[str, list[Path]]
     skipped: list[Path] = field(default_factory=list)
+    route_stats_complete: bool = False  # run.duckdb's token_stats/sequence_stats count every route (no live ones)
 
     @classmethod
     def scan(cls, run_dir: Path) -> "_RunFiles":
@@ -84,6 +85,8 @@ def open_store(path):
             folded = compacted.get(i, {}).get("folded", set())
             run.segments = {t: [p for p in ps if sg.relative_name(run.run_dir, p) not in folded]
                             for t, ps in run.segments.items()}
+            tables = compacted.get(i, {}).get("tables", {})
+            run.route_stats_complete = set(sg.ROUTE_STATS_TABLES) <= set(tables) and not run.segments["routes"]
             run.segments["routes"] += _published_routes_files(run, compacted.get(i, {}).get("routes_files", {}))
         _register_segments(con, runs)
         con.register("_run_status", _status_table(con, runs, compacted))
@@ -194,10 +197,12 @@ def _status_table(con, runs: list[_RunFiles], compacted: dict[int, dict]) -> pa.
         st = sg.run_status(statuses)
         rows.append({"run_id": run.run_id, "run_name": st["run_name"], "world_size": st["world_size"],
                      "started_at": st["started_at"], "ended_at": st["ended_at"], "status": st["status"],
-                     "error": st["error"], "schema_version": int(run.manifest["written_schema_version"])})
+                     "error": st["error"], "schema_version": int(run.manifest["written_schema_version"]),
+                     "route_stats_complete": run.route_stats_complete})
     schema = pa.schema([("run_id", pa.string()), ("run_name", pa.string()), ("world_size", pa.int32()),
                         ("started_at", pa.timestamp("us")), ("ended_at", pa.timestamp("us")),
-                        ("status", pa.string()), ("error", pa.string()), ("schema_version", pa.int32())])
+                        ("status", pa.string()), ("error", pa.string()), ("schema_version", pa.int32()),
+                        ("route_stats_complete", pa.bool_())])
     return pa.Table.from_pylist(rows, schema=schema)
 
 
@@ -228,13 +233,19 @@ def _create_views(con, compacted: dict[int, dict]) -> None:
     weight = f"CAST(weight_q AS DOUBLE) / {sg.WEIGHT_SCALE}"
     for t in sg.DATA_TABLES:
         con.execute(f"CREATE TEMP VIEW {t} AS " + _public_select(t, {"weight": weight}, f"_disk_{t}"))
+    for t in sg.ROUTE_STATS_TABLES:  # only in run.duckdb (built by compaction); typed and empty elsewhere
+        parts = [_disk_select(t, f'{info["alias"]}.main."{t}"', info["tables"][t])
+                 for info in compacted.values() if t in info["tables"]]
+        source = " UNION ALL ".join(parts) if parts else _disk_select(t, "(SELECT 1 WHERE FALSE) AS none", [])
+        con.execute(f"CREATE TEMP VIEW {t} AS " + _public_select(t, {}, f"({source})"))
     con.execute("CREATE TEMP VIEW layers AS " + _public_select(
         "layers", {}, "_disk_layers QUALIFY row_number() OVER (PARTITION BY run_id, layer ORDER BY rank) = 1"))
     con.execute("CREATE TEMP VIEW vocab AS " + _public_select(
         "vocab", {}, "_disk_vocab QUALIFY row_number() OVER (PARTITION BY run_id, token_id ORDER BY rank) = 1"))
     runs_from = ("_run_status s LEFT JOIN (SELECT * FROM _disk_runs QUALIFY row_number() OVER "
                  "(PARTITION BY run_id ORDER BY rank, written_at DESC) = 1) m ON m.run_id = s.run_id")
-    from_status = {"run_id", "world_size", "started_at", "ended_at", "status", "error", "schema_version"}
+    from_status = {"run_id", "world_size", "started_at", "ended_at", "status", "error", "schema_version",
+                   "route_stats_complete"}
     overrides = {c: f"CAST(s.{c} AS {TABLES['runs'].columns[i].sql_type})"
                  for i, c in enumerate(TABLES["runs"].column_names) if c in from_status}
     overrides["run_name"] = "coalesce(m.run_name, s.run_name)"

@@ -127,6 +127,7 @@ def store_from_routing(
     capacity_factor: float | None = None,
     model_class: str = "SyntheticMoE",
     sample_every: int = 1,
+    extra_stats: bool = True,
     con=None,
 ):
     """An in-memory DuckDB (or `con`, added to) holding one run built from routing arrays.
@@ -141,6 +142,9 @@ def store_from_routing(
       domains, tags  [T] str or None, constant within a sequence (step, rank, seq); stored in `sequences`
       dropped  [T, L, k] bool  assignments the model itself dropped (capacity); summed into the aggregates
       keep     [T] bool  tokens kept in `routes` (the sampling policy); aggregates always cover every token
+    `extra_stats`: also fill `pair_stats`, the adjacency and co-activation columns of `layer_stats` (over every
+    token, as the Recorder does) and `token_stats`/`sequence_stats` (over the kept routes, as compaction does);
+    False gives a store as a moeviz without them wrote it, whose specialization analyses read `routes`.
     Call again with the same `con` and another `run_id` to put two runs side by side.
     Returns the connection.
     """
@@ -200,7 +204,7 @@ def store_from_routing(
         "config": [json.dumps({"num_experts": n_exp, "top_k": k, "num_layers": n_lay})],
         "world_size": [int(ranks.max()) + 1 if n_tok else 1], "sample_every": [sample_every],
         "max_tokens_per_step": [None], "started_at": [now], "ended_at": [now], "status": ["finished"],
-        "error": [None], "schema_version": [SCHEMA_VERSION],
+        "error": [None], "schema_version": [SCHEMA_VERSION], "route_stats_complete": [bool(extra_stats)],
     })
     _insert(con, "layers", {
         "run_id": [run_id] * n_lay, "layer": list(range(n_lay)),
@@ -242,11 +246,21 @@ def store_from_routing(
         e_sum = np.bincount(cell2, weights=ent.ravel(), minlength=gl)
     else:
         z_sum = e_sum = np.full(gl, np.nan)
-    _insert(con, "layer_stats", {
+    layer_cols = {
         "run_id": np.full(gl, run_id, dtype=object), "step": groups[gi2, 0], "rank": groups[gi2, 1],
         "layer": li2, "tokens": tok_g[gi2], "z_loss_sum": z_sum, "entropy_sum": e_sum,
         "dropped": np.rint(np.bincount(cell2, weights=dropped.sum(-1).ravel().astype(np.float64), minlength=gl)).astype(np.int64),
-    })
+    }
+    if extra_stats:
+        layer_cols.update(_adjacency_counts(index, steps, ranks, seqs, pos, g, gl))
+        pairs = _pair_counts(index, g, n_grp, n_exp)  # [G, L, E, E], upper triangle
+        layer_cols["coactive_pairs"] = pairs.sum(axis=(2, 3)).ravel()
+        pg, pl, pi, pj = np.nonzero(pairs)
+        _insert(con, "pair_stats", {
+            "run_id": np.full(len(pg), run_id, dtype=object), "step": groups[pg, 0], "rank": groups[pg, 1],
+            "layer": pl, "expert_i": pi, "expert_j": pj, "tokens": pairs[pg, pl, pi, pj],
+        })
+    _insert(con, "layer_stats", layer_cols)
 
     # -- sequences: one row per (step, rank, seq) --------------------------------------------------------------
     if n_tok:
@@ -282,7 +296,56 @@ def store_from_routing(
         "slot": np.broadcast_to(np.arange(k)[None, None, :], shape).ravel(),
         "expert": index[kt].ravel(), "weight": weights[kt].ravel(),
     })
+    if extra_stats:
+        _insert_route_stats(con, run_id)
     return con
+
+
+def _adjacency_counts(index, steps, ranks, seqs, pos, g, gl: int) -> dict[str, np.ndarray]:
+    """layer_stats' adjacency columns over every token: pairs (pos, pos+1) of one (step, rank, seq), counted in
+    the group (step, rank) g of the pair, per layer. index [T, L, k]; steps/ranks/seqs/pos/g [T]. Each [G * L]."""
+    order = np.lexsort((pos, seqs, ranks, steps))  # [T] tokens by (step, rank, seq, pos)
+    a, b = order[:-1], order[1:]  # candidate pairs: neighbours in that order
+    adj = (steps[a] == steps[b]) & (ranks[a] == ranks[b]) & (seqs[a] == seqs[b]) & (pos[b] == pos[a] + 1)
+    a, b = a[adj], b[adj]  # [P] token t and t+1
+    n_lay = index.shape[1]
+    ia, ib = index[a], index[b]  # [P, L, k]
+    same = ia[..., 0] == ib[..., 0]  # [P, L]
+    first_in = (ia == ib[..., :1]).any(-1)  # [P, L]
+    overlap = (ia[..., :, None] == ib[..., None, :]).any((-1, -2))  # [P, L]
+    cell = (g[a][:, None] * n_lay + np.arange(n_lay)[None, :]).ravel()  # [P * L]
+    ones = np.ones(len(cell))
+    return {
+        "adjacent_pairs": np.bincount(cell, weights=ones, minlength=gl).astype(np.int64),
+        "same_first": np.bincount(cell, weights=same.ravel(), minlength=gl).astype(np.int64),
+        "first_in_topk": np.bincount(cell, weights=first_in.ravel(), minlength=gl).astype(np.int64),
+        "topk_overlap": np.bincount(cell, weights=overlap.ravel(), minlength=gl).astype(np.int64),
+    }
+
+
+def _pair_counts(index, g, n_grp: int, n_exp: int) -> np.ndarray:
+    """Tokens choosing both experts i < j, per group (step, rank) and layer: [G, L, E, E] (zero below the
+    diagonal). index [T, L, k]; g [T]."""
+    n_tok, n_lay, k = index.shape
+    out = np.zeros((n_grp, n_lay, n_exp, n_exp), dtype=np.int64)
+    for a in range(k):
+        for b in range(a + 1, k):
+            lo, hi = np.minimum(index[..., a], index[..., b]), np.maximum(index[..., a], index[..., b])  # [T, L]
+            ok = lo != hi
+            gg = np.broadcast_to(g[:, None], lo.shape)
+            ll = np.broadcast_to(np.arange(n_lay)[None, :], lo.shape)
+            np.add.at(out, (gg[ok], ll[ok], lo[ok], hi[ok]), 1)
+    return out
+
+
+def _insert_route_stats(con, run_id: str) -> None:
+    """token_stats and sequence_stats of one run from its routes, as compaction builds them."""
+    con.execute("""
+        INSERT INTO token_stats SELECT run_id, rank, layer, token_id, expert, count(*),
+            count(*) FILTER (WHERE slot = 0) FROM routes WHERE run_id = ? GROUP BY ALL""", [run_id])
+    con.execute("""
+        INSERT INTO sequence_stats SELECT run_id, step, rank, seq, layer, expert, count(*),
+            count(*) FILTER (WHERE slot = 0) FROM routes WHERE run_id = ? GROUP BY ALL""", [run_id])
 
 
 def synthetic_routing(

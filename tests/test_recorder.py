@@ -134,6 +134,54 @@ def test_exact_aggregates_match_brute_force_with_masks_and_accumulation(mixtral,
     assert set(seqs.tag) == {"train"} and seqs.domain.isna().all()
 
 
+def test_adjacency_and_pair_stats_match_brute_force_over_the_recorded_routes(mixtral, tmp_path):
+    """layer_stats' adjacency counts and pair_stats, computed on the device, equal Python loops over the routes
+    (every token recorded), with padding and two forwards in one step."""
+    from itertools import combinations
+
+    gen = torch.Generator().manual_seed(5)
+    batches = {0: [padded_batch(gen, 3, 9, [9, 5, 1]), padded_batch(gen, 2, 6, [6, 3])], 1: [padded_batch(gen, 4, 7, [7, 7, 2, 4])]}
+    with Recorder(mixtral, tmp_path / "run", flush_every=100) as rec:
+        for step, fwds in batches.items():
+            for ids, mask in fwds:
+                mixtral(input_ids=ids, attention_mask=mask)
+            rec.step(step)
+    routes = query(tmp_path / "run", "SELECT step, layer, seq, pos, slot, expert FROM routes ORDER BY ALL")
+    experts: dict[tuple, list[int]] = {}
+    for r in routes.itertuples():
+        experts.setdefault((r.step, r.layer, r.seq, r.pos), []).append(r.expert)  # slot order
+    want_adj: dict[tuple, list[int]] = {}
+    want_pairs: dict[tuple, int] = {}
+    for (step, layer, seq, pos), ex in experts.items():
+        counts = want_adj.setdefault((step, layer), [0, 0, 0, 0])
+        nxt = experts.get((step, layer, seq, pos + 1))
+        if nxt is not None:
+            counts[0] += 1
+            counts[1] += ex[0] == nxt[0]
+            counts[2] += nxt[0] in ex
+            counts[3] += bool(set(ex) & set(nxt))
+        for i, j in combinations(sorted(set(ex)), 2):
+            want_pairs[(step, layer, i, j)] = want_pairs.get((step, layer, i, j), 0) + 1
+    ls = query(tmp_path / "run", "SELECT step, layer, adjacent_pairs, same_first, first_in_topk, topk_overlap, "
+                                 "coactive_pairs, tokens FROM layer_stats ORDER BY step, layer")
+    assert len(ls) == 4
+    for r in ls.itertuples():
+        assert [r.adjacent_pairs, r.same_first, r.first_in_topk, r.topk_overlap] == want_adj[(r.step, r.layer)]
+        assert r.coactive_pairs == r.tokens  # k = 2: one pair per token
+    assert want_adj[(0, 0)][0] == (9 - 1) + (5 - 1) + 0 + (6 - 1) + (3 - 1)  # pairs never cross sequences
+    ps = query(tmp_path / "run", "SELECT step, layer, expert_i, expert_j, tokens FROM pair_stats")
+    assert {(r.step, r.layer, r.expert_i, r.expert_j): r.tokens for r in ps.itertuples()} == want_pairs
+
+
+def test_pair_stats_can_be_switched_off(mixtral, tmp_path):
+    with Recorder(mixtral, tmp_path / "run", pair_stats=False) as rec:
+        mixtral(input_ids=torch.tensor([[1, 2, 3]]))
+        rec.step(0)
+    ls = query(tmp_path / "run", "SELECT coactive_pairs, adjacent_pairs FROM layer_stats")
+    assert ls.coactive_pairs.isna().all() and (ls.adjacent_pairs == 2).all()
+    assert query(tmp_path / "run", "SELECT count(*) AS n FROM pair_stats").n[0] == 0
+
+
 def test_routes_equal_the_models_routing(mixtral, tmp_path):
     gen = torch.Generator().manual_seed(5)
     ids, mask = padded_batch(gen, 3, 8, [8, 6, 3])
@@ -545,7 +593,8 @@ def test_layer_aggregates_ignore_nan_padding_and_handle_minus_inf_logits():
     keep = [0, 2]
     ref = brute_force(np.where(np.isinf(logits.numpy()), -1e30, logits.numpy())[keep], np.ones(2))
     tokens, z, ent, drop = got[:4]
-    assigned, first, prob, drop_e = got[4:].reshape(4, E)
+    assert np.isnan(got[4:8]).all()  # no token layout given: adjacency unknown (NULL in the store)
+    assigned, first, prob, drop_e = got[8:].reshape(4, E)
     assert (tokens, drop) == (2, 1)  # the padded token's drops do not count
     np.testing.assert_array_equal(assigned, [2, 1, 0, 1])
     np.testing.assert_array_equal(first, [0, 1, 0, 1])
@@ -554,6 +603,31 @@ def test_layer_aggregates_ignore_nan_padding_and_handle_minus_inf_logits():
     assert z == pytest.approx(ref["z_loss_sum"], rel=1e-6)
     # 0 log 0 = 0 for the -inf expert (a naive p * log p would give NaN)
     assert ent == pytest.approx(ref["entropy_sum"], rel=1e-6) and np.isfinite(ent)
+
+
+def test_adjacency_counts_by_hand():
+    from collectors.aggregates import adjacency_counts
+
+    # two sequences of 3 and 4 tokens, batch-major; token 5 is padding (outside the mask)
+    seq = torch.tensor([0, 0, 0, 1, 1, 1, 1])
+    pos = torch.tensor([0, 1, 2, 0, 1, 2, 3])
+    keep = torch.tensor([True, True, True, True, True, False, True])
+    index = torch.tensor([[1, 2], [1, 3], [3, 1], [3, 1], [0, 2], [0, 2], [0, 2]])
+    got = adjacency_counts(index, keep, seq, pos).tolist()
+    # pairs: (0,1) (1,2) in seq 0; (3,4) in seq 1; (4,5) and (5,6) touch the padded token; (2,3) crosses sequences
+    # (0,1): first 1 = 1 -> same, first-in, overlap. (1,2): 1 vs 3: first 3 in {1,3} -> first-in, overlap.
+    # (3,4): 3 vs 0: {3,1} vs {0,2} -> nothing.
+    assert got == [3, 1, 2, 2]
+
+
+def test_pair_counts_by_hand():
+    from collectors.aggregates import pair_counts
+
+    index = torch.tensor([[0, 2, 3], [2, 0, 1], [3, 2, 0], [1, 1, 3]])  # the last token repeats expert 1
+    mask = torch.tensor([True, True, True, False])
+    got = pair_counts(index, mask, 4).tolist()  # pairs (0,1) (0,2) (0,3) (1,2) (1,3) (2,3)
+    assert got == [1, 3, 2, 1, 0, 2]
+    assert pair_counts(index[:, :1], mask, 4).tolist() == [0] * 6  # k = 1: no pairs
 
 
 @pytest.mark.parametrize("max_tokens", [None, 0, 1, 4, 100])
@@ -694,5 +768,6 @@ def test_layer_aggregates_upcast_bfloat16_logits():
     mask = torch.arange(64) % 5 != 0
     got = layer_aggregates(logits, index, None, mask).numpy()
     ref = brute_force(logits.float().numpy(), mask.numpy(), k=2)
-    np.testing.assert_allclose(got[4 + 2 * 8 : 4 + 3 * 8], ref["prob_sum"], rtol=1e-5)
+    n_scalars = 8  # tokens, z, entropy, dropped, 4 adjacency counts
+    np.testing.assert_allclose(got[n_scalars + 2 * 8 : n_scalars + 3 * 8], ref["prob_sum"], rtol=1e-5)
     np.testing.assert_allclose(got[1:3], [ref["z_loss_sum"], ref["entropy_sum"]], rtol=1e-5)

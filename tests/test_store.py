@@ -56,10 +56,16 @@ def make_flush(rng: np.random.Generator, step: int, rank: int = 0) -> dict:
                   "dropped": rng.integers(0, 2, len(le))}
     layer_stats = {"step": np.full(LAYERS, step), "rank": np.full(LAYERS, rank), "layer": np.arange(LAYERS),
                    "tokens": np.full(LAYERS, tokens), "z_loss_sum": rng.random(LAYERS) * 10,
-                   "entropy_sum": rng.random(LAYERS), "dropped": np.zeros(LAYERS, int)}
+                   "entropy_sum": rng.random(LAYERS), "dropped": np.zeros(LAYERS, int),
+                   "adjacent_pairs": np.full(LAYERS, 8.0), "same_first": np.array([1.0, np.nan, 3.0]),  # NaN = NULL
+                   "first_in_topk": np.array([2, 3, 4]), "topk_overlap": np.array([5, 6, 7]),
+                   "coactive_pairs": np.full(LAYERS, tokens)}
+    pair_stats = {"step": np.full(2, step), "rank": np.full(2, rank), "layer": [0, 2], "expert_i": [0, 1],
+                  "expert_j": [3, 2], "tokens": rng.integers(1, 10, 2)}
     sequences = {"step": np.full(SEQS, step), "rank": np.full(SEQS, rank), "seq": np.arange(SEQS),
                  "domain": np.array(["code", None], dtype=object), "tag": "train", "n_tokens": np.full(SEQS, SEQ_LEN)}
-    return {"routes": routes, "step_stats": step_stats, "layer_stats": layer_stats, "sequences": sequences}
+    return {"routes": routes, "step_stats": step_stats, "layer_stats": layer_stats, "sequences": sequences,
+            "pair_stats": pair_stats}
 
 
 META = {"model_class": "TinyMoE", "n_layers": LAYERS, "n_experts": EXPERTS, "top_k": K, "capacity_factor": 1.25,
@@ -96,7 +102,8 @@ def sorted_frame(df: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
 
 def check_tables_equal(con, expected: dict[str, pd.DataFrame], run_id: str) -> None:
     keys = {"routes": ["step", "rank", "layer", "seq", "pos", "slot"], "step_stats": ["step", "rank", "layer", "expert"],
-            "layer_stats": ["step", "rank", "layer"], "sequences": ["step", "rank", "seq"]}
+            "layer_stats": ["step", "rank", "layer"], "sequences": ["step", "rank", "seq"],
+            "pair_stats": ["step", "rank", "layer", "expert_i"]}
     for t, exp in expected.items():
         got = con.execute(f"SELECT * FROM {t} WHERE run_id = ?", [run_id]).df()
         assert (got["run_id"] == run_id).all()
@@ -106,8 +113,9 @@ def check_tables_equal(con, expected: dict[str, pd.DataFrame], run_id: str) -> N
         for c in got.columns:
             if t == "routes" and c == "weight":
                 assert np.abs(got[c].to_numpy() - exp[c].to_numpy(dtype=float)).max() <= HALF_STEP
-            elif got[c].dtype.kind in "iuf":
-                np.testing.assert_array_equal(got[c].to_numpy(), exp[c].to_numpy().astype(got[c].dtype), err_msg=f"{t}.{c}")
+            elif got[c].dtype.kind in "iuf" or isinstance(got[c].dtype, pd.Int64Dtype):  # Int64: a NULL read
+                np.testing.assert_array_equal(got[c].to_numpy(float, na_value=np.nan),
+                                              exp[c].to_numpy(float), err_msg=f"{t}.{c}")
             else:
                 assert [None if pd.isna(v) else v for v in got[c]] == [None if pd.isna(v) else v for v in exp[c]], f"{t}.{c}"
 
@@ -410,9 +418,36 @@ def test_compaction_is_idempotent_and_never_double_counts(tmp_path):
     both = {t: pd.concat([expected[t], more[t]], ignore_index=True) for t in expected}
     check_tables_equal(open_store(run_dir), both, "r")
     con = duckdb.connect(str(run_dir / "run.duckdb"), read_only=True)
-    # 3 metadata segments + 4 tables of one flush written by the second writer
-    assert con.execute("SELECT count(*), count(DISTINCT file) FROM _segments").fetchone() == (len(segs) + 7,) * 2
+    # 3 metadata segments + 5 tables of one flush written by the second writer
+    assert con.execute("SELECT count(*), count(DISTINCT file) FROM _segments").fetchone() == (len(segs) + 8,) * 2
     con.close()
+    check_route_stats(open_store(run_dir), both["routes"])
+
+
+def check_route_stats(con, routes: pd.DataFrame) -> None:
+    """token_stats and sequence_stats (built by compaction) equal pandas counts of the written routes."""
+    assert con.execute("SELECT route_stats_complete FROM runs").fetchone()[0] is True
+    for table, keys in (("token_stats", ["rank", "layer", "token_id", "expert"]),
+                        ("sequence_stats", ["step", "rank", "seq", "layer", "expert"])):
+        r = routes.astype({k: "int64" for k in keys})
+        exp = r.groupby(keys).agg(assigned=("slot", "size"), first_choice=("slot", lambda x: int((x == 0).sum())))
+        got = con.execute(f"SELECT * EXCLUDE (run_id) FROM {table}").df().astype("int64").set_index(keys)
+        pd.testing.assert_frame_equal(got.sort_index(), exp.sort_index(), check_dtype=False, check_names=False)
+
+
+def test_route_stats_cover_a_run_only_once_every_route_is_compacted(tmp_path):
+    run_dir = tmp_path / "r"
+    live, first = write_run(run_dir, steps=(0, 1), close=False)
+    con = open_store(run_dir)
+    assert con.execute("SELECT route_stats_complete FROM runs").fetchone()[0] is False  # live segments only
+    assert con.execute("SELECT count(*) FROM token_stats").fetchone()[0] == 0  # the view exists, empty
+    live.close()  # compacts
+    check_route_stats(open_store(run_dir), first["routes"])
+    rank1, more = write_run(run_dir, run_id="r", rank=1, world_size=2, steps=(2,), seed=3, close=False)
+    con = open_store(run_dir)
+    assert con.execute("SELECT route_stats_complete FROM runs").fetchone()[0] is False  # rank 1's routes are live
+    rank1.close()  # the second compaction adds rank 1's counts to rank 0's
+    check_route_stats(open_store(run_dir), pd.concat([first["routes"], more["routes"]], ignore_index=True))
 
 
 def routes_files(run_dir: Path) -> list[Path]:
@@ -522,7 +557,7 @@ def test_compaction_refuses_a_live_writer(tmp_path):
         compact(tmp_path / "r")
     write_run(tmp_path / "done", compact_on_close=False)
     result = {r["run_id"]: r for r in compact(tmp_path)["runs"]}  # a folder: compact what can be, skip the live
-    assert result["done"]["segments_folded"] == 11 and "still being written" in result["r"]["skipped"]
+    assert result["done"]["segments_folded"] == 13 and "still being written" in result["r"]["skipped"]
     w.close()
     assert compact(tmp_path / "r")["runs"][0]["segments_folded"] == 0  # close already compacted it
 
@@ -672,3 +707,21 @@ def test_count_star_over_live_segments_does_not_decode_run_id(tmp_path):
     scan = plan[plan.index("ARROW_SCAN"):]  # PYTHON_ARROW_SCAN in DuckDB 2, ARROW_SCAN (no projections shown) in 1.x
     assert "run_id" not in scan
     assert con.execute("SELECT count(*) FROM routes").fetchone()[0] == len(con.execute("SELECT * FROM routes").fetchall())
+
+
+def test_write_flush_without_the_later_layer_stats_columns_reads_them_as_null(tmp_path):
+    """Code written against the first schema (no adjacency or co-activation columns) keeps working."""
+    w = RunWriter(tmp_path / "r")
+    w.write_run(META)
+    w.write_layers(LAYER_ROWS)
+    tables = make_flush(np.random.default_rng(0), 0)
+    for c in ("adjacent_pairs", "same_first", "first_in_topk", "topk_overlap", "coactive_pairs"):
+        del tables["layer_stats"][c]
+    del tables["pair_stats"]
+    w.write_flush(tables)
+    got = open_store(tmp_path / "r").execute(
+        "SELECT count(*), count(adjacent_pairs), count(coactive_pairs) FROM layer_stats").fetchone()
+    assert got == (LAYERS, 0, 0)
+    with pytest.raises(StoreError, match="must hold integers"):
+        w.write_flush({"layer_stats": dict(make_flush(np.random.default_rng(0), 1)["layer_stats"],
+                                           same_first=np.array([0.5, 1.0, 2.0]))})
