@@ -2,9 +2,21 @@
 which experts fire together, how routing of neighbouring tokens and of successive layers relates, and how
 settled the router is between two checkpoints.
 
-Every function is `f(con, sel, ...) -> pandas.DataFrame` over the public schema (`moeviz.schema`), reads the
-per-token detail in `routes` (joined with `sequences` for domains and tags) and carries `run_id` so that two runs
-compare side by side. The metrics follow the papers that introduced them:
+Every function is `f(con, sel, ...) -> pandas.DataFrame` over the public schema (`moeviz.schema`) and carries
+`run_id` so that two runs compare side by side. Where counts suffice, the functions taking `source` read tables
+~10^2-10^4 times smaller than `routes` (`source="auto"`, the default, whenever those cover the selection):
+
+- co-activation and consecutive-token agreement: `pair_stats` and `layer_stats`' adjacency columns, counted by
+  the Recorder on the device over every token of every step (not only the sampled ones); not for selections
+  with domains or tags, which select tokens;
+- vocabulary specialization, top tokens, NMI with the token: `token_stats` (routes counted per token id, layer
+  and expert by compaction), for selections of whole runs (no steps, domains or tags);
+- domain shares and NMI with the domain: `sequence_stats` (routes counted per sequence), for any selection.
+
+Otherwise they read the per-token detail in `routes` (joined with `sequences` for domains and tags), as do the
+analyses that need each token's identity (position, layer flow, router saturation). `source="routes"` forces
+the routes; `source="aggregates"` raises a SpecializationError saying why when the tables cannot serve. The
+metrics follow the papers that introduced them:
 
 - Mixtral (Jiang et al. 2024, §5 "Routing analysis"): expert share per domain and layer; repeated assignments of
   consecutive tokens (first choice, and first-or-second choice) against their random baselines.
@@ -36,6 +48,7 @@ from moeviz.selection import Selection
 
 __all__ = [
     "SpecializationError",
+    "SOURCES",
     "DEFAULT_POSITION_BINS",
     "domain_share",
     "domain_share_first_choice",
@@ -85,16 +98,71 @@ class _RunId(str):
     or too many steps match to help). The semi-join with `sequences` must look at every route; a constant
     `step IN (...)` lets the scan skip the row groups of other steps first. A saturation curve over the 12 probe
     steps of a 100M-route store went from 14.2 s to 1.0 s.
+
+    `route_stats`: `token_stats` and `sequence_stats` count every route of the run (`runs.route_stats_complete`).
+    `source`: the caller's choice among SOURCES (see `_from_aggregates`).
     """
 
     alone: bool = False
     seq_steps: tuple[int, ...] | None = None
+    route_stats: bool = False
+    source: str = "auto"
 
     @staticmethod
-    def of(run_id: str, alone: bool, seq_steps: tuple[int, ...] | None = None) -> "_RunId":
+    def of(run_id: str, alone: bool, seq_steps: tuple[int, ...] | None = None, route_stats: bool = False,
+           source: str = "auto") -> "_RunId":
         r = _RunId(run_id)
-        r.alone, r.seq_steps = alone, seq_steps
+        r.alone, r.seq_steps, r.route_stats, r.source = alone, seq_steps, route_stats, source
         return r
+
+
+# Where an analysis reads its counts: "auto" = the aggregate tables when they cover the selection, else `routes`;
+# "aggregates" = the aggregate tables or a SpecializationError saying why not; "routes" = always the routes.
+SOURCES = ("auto", "aggregates", "routes")
+
+
+def _check_source(source: str) -> str:
+    if source not in SOURCES:
+        raise SpecializationError(f"source must be one of {', '.join(SOURCES)}; got {source!r}")
+    return source
+
+
+def _from_aggregates(run_id: "_RunId", usable: bool, why_not: str) -> bool:
+    """Whether to read the aggregate tables for this run: `usable` says whether they cover the selection."""
+    if run_id.source == "routes":
+        return False
+    if run_id.source == "aggregates" and not usable:
+        raise SpecializationError(f"run {str(run_id)!r}: {why_not}; use source='auto' or 'routes'")
+    return usable
+
+
+def _token_stats_usable(sel: Selection, run_id: "_RunId") -> bool:
+    """token_stats count routes over all steps and sequences: usable for a selection of layers and ranks only."""
+    return _from_aggregates(
+        run_id, run_id.route_stats and sel.steps is None and not sel.needs_sequences,
+        "token_stats covers whole runs (no step, domain or tag selection) once they are compacted")
+
+
+def _sequence_stats_usable(run_id: "_RunId") -> bool:
+    return _from_aggregates(run_id, run_id.route_stats,
+                            "sequence_stats exists once a run is compacted and no routes were written since")
+
+
+def _layer_stats_cover(con, sel: Selection, run_id: "_RunId", column: str) -> bool:
+    """Whether layer_stats' `column` (filled by the Recorder on the device) is known for every selected step,
+    rank and layer, so an analysis may read the exact aggregates. Domains and tags select tokens, which the
+    aggregates do not break down."""
+    if run_id.source == "routes":
+        return False
+    usable = not sel.needs_sequences
+    if usable:
+        where, params = sel.with_(run_ids=None).where("l")
+        n, known = con.execute(f"SELECT count(*), count({column}) FROM layer_stats l WHERE l.run_id = ? AND {where}",
+                               [str(run_id), *params]).fetchone()
+        usable = n > 0 and n == known
+    return _from_aggregates(run_id, usable, f"layer_stats.{column} is not recorded for every selected step and layer "
+                            "(a store written before it existed, or by RunWriter without it) or the selection has "
+                            "domains or tags")
 
 
 _MAX_PREFILTER_STEPS = 256  # longer IN lists prune little and cost a hash probe per route
@@ -111,13 +179,15 @@ def _sequence_steps(con, sel: Selection, run_id: str) -> tuple[int, ...] | None:
     return tuple(int(x) for x in steps) if len(steps) <= _MAX_PREFILTER_STEPS else None
 
 
-def _per_run(con, sel: Selection, columns: list[str], one_run) -> pd.DataFrame:
+def _per_run(con, sel: Selection, columns: list[str], one_run, source: str = "auto") -> pd.DataFrame:
     """`one_run(run_id) -> DataFrame` for each run of the selection, stacked, with `run_id` first."""
+    _check_source(source)
     frames = []
     run_ids = _run_ids(con, sel)  # first: a connection without the moeviz tables gets SpecializationError here
     alone = holds_one_run(con)
+    complete = dict(con.execute("SELECT run_id, coalesce(route_stats_complete, FALSE) FROM runs").fetchall())
     for run_id in run_ids:
-        run_id = _RunId.of(run_id, alone, _sequence_steps(con, sel, run_id))
+        run_id = _RunId.of(run_id, alone, _sequence_steps(con, sel, run_id), bool(complete.get(run_id)), source)
         df = one_run(run_id)
         if len(df):
             df.insert(0, "run_id", run_id)
@@ -164,9 +234,17 @@ def _counts_by_domain(
     `slot0_only` reads the slot-0 routes alone (then n = f), half the rows to aggregate.
     """
     cols = ", ".join(f"r.{k}" for k in keys)
-    src, p1 = _routes(sel.with_(domains=None, tags=None), run_id,
-                      f"r.step, r.rank, r.seq, {cols}, count(*) AS n, count(*) FILTER (WHERE r.slot = 0) AS f",
-                      extra="r.slot = 0" if slot0_only else "")
+    if set(keys) <= {"layer", "expert"} and _sequence_stats_usable(run_id):
+        rwhere, rparams = sel.with_(run_ids=None, domains=None, tags=None).where("r")
+        n = "r.first_choice" if slot0_only else "r.assigned"
+        src = (f"SELECT r.step, r.rank, r.seq, {cols}, {n} AS n, r.first_choice AS f FROM sequence_stats r "
+               f"WHERE r.run_id = ? AND {rwhere}")
+        p1 = [str(run_id), *rparams]
+    else:
+        src, p1 = _routes(sel.with_(domains=None, tags=None), run_id,
+                          f"r.step, r.rank, r.seq, {cols}, count(*) AS n, count(*) FILTER (WHERE r.slot = 0) AS f",
+                          extra="r.slot = 0" if slot0_only else "")
+        src += " GROUP BY ALL"
     swhere, p2 = Selection(domains=sel.domains, tags=sel.tags).where("s", per_token=True)
     if known_domain:
         swhere += " AND s.domain IS NOT NULL"
@@ -174,7 +252,7 @@ def _counts_by_domain(
     outer = ", ".join(f"c.{k}" for k in keys)
     sql = f"""
         SELECT {outer}, s.domain, sum(c.n) AS n, sum(c.f) AS f
-        FROM ({src} GROUP BY ALL) c
+        FROM ({src}) c
         {join} (SELECT step, rank, seq, domain FROM sequences s WHERE s.run_id = ? AND {swhere}) s
             ON s.step = c.step AND s.rank = c.rank AND s.seq = c.seq
         GROUP BY ALL"""
@@ -203,7 +281,13 @@ def _token_cells(sel: Selection, run_id: str) -> tuple[str, list]:
     """A SELECT of one run's (layer, token_id, expert) cells with routes: n (routes), f (slot-0 routes).
     Tokens without ids (-1) are left out. A pivot over experts (`count(*) FILTER (WHERE expert = e)` per expert,
     grouped by (layer, token_id)) was tried and measured slower on 10M routes: it evaluates 2E predicates per
-    route."""
+    route. A compacted run has these cells counted over all its steps in `token_stats` (used when the selection
+    covers every step and sequence)."""
+    if _token_stats_usable(sel, run_id):
+        where, params = sel.with_(run_ids=None).where("t")
+        return (f"SELECT t.layer, t.token_id, t.expert, sum(t.assigned) AS n, sum(t.first_choice) AS f "
+                f"FROM token_stats t WHERE t.run_id = ? AND t.token_id <> -1 AND {where} GROUP BY ALL",
+                [str(run_id), *params])
     src, params = _routes(sel, run_id, "r.layer, r.token_id, r.expert, count(*) AS n, "
                           "count(*) FILTER (WHERE r.slot = 0) AS f", extra="r.token_id <> -1")
     return src + " GROUP BY ALL", params
@@ -260,7 +344,7 @@ def _check_positive(name: str, value: int) -> int:
 _SHARE_COLUMNS = ["run_id", "layer", "domain", "expert", "tokens", "assigned", "share", "uniform", "ratio"]
 
 
-def domain_share(con, sel: Selection, *, slot0_only: bool = False) -> pd.DataFrame:
+def domain_share(con, sel: Selection, *, slot0_only: bool = False, source: str = "auto") -> pd.DataFrame:
     """Expert share per domain and layer against the uniform baseline (Mixtral §5, OLMoE's domain specialization).
 
     One row per run, layer, domain and expert (every expert of the layer, 0 when it got nothing):
@@ -293,13 +377,13 @@ def domain_share(con, sel: Selection, *, slot0_only: bool = False) -> pd.DataFra
             ORDER BY g.layer, g.domain NULLS LAST, g.expert"""
         return _typed(_df(con, sql, params + [run_id]), ints=("layer", "expert", "tokens", "assigned"))
 
-    return _per_run(con, sel, _SHARE_COLUMNS, one)
+    return _per_run(con, sel, _SHARE_COLUMNS, one, source)
 
 
-def domain_share_first_choice(con, sel: Selection) -> pd.DataFrame:
+def domain_share_first_choice(con, sel: Selection, *, source: str = "auto") -> pd.DataFrame:
     """`domain_share` counting only the top (slot 0) choice: the share of the domain's tokens whose first choice
     is the expert (sums to 1 over experts), against 1/E."""
-    return domain_share(con, sel, slot0_only=True)
+    return domain_share(con, sel, slot0_only=True, source=source)
 
 
 def _typed(df: pd.DataFrame, ints: Sequence[str] = ()) -> pd.DataFrame:
@@ -317,7 +401,8 @@ def _typed(df: pd.DataFrame, ints: Sequence[str] = ()) -> pd.DataFrame:
 _VOCAB_COLUMNS = ["run_id", "layer", "token_id", "text", "count", "expert", "routed", "specialization", "uniform"]
 
 
-def vocab_specialization(con, sel: Selection, *, min_count: int = 5, slot0_only: bool = False) -> pd.DataFrame:
+def vocab_specialization(con, sel: Selection, *, min_count: int = 5, slot0_only: bool = False,
+                         source: str = "auto") -> pd.DataFrame:
     """For each token id seen at least `min_count` times, the share of its occurrences routed to its most
     frequent expert (OLMoE's vocabulary specialization, the max over experts).
 
@@ -351,14 +436,15 @@ def vocab_specialization(con, sel: Selection, *, min_count: int = 5, slot0_only:
         return _typed(_df(con, sql, params + [min_count, run_id, run_id]),
                       ints=("layer", "token_id", "count", "expert", "routed"))
 
-    return _per_run(con, sel, _VOCAB_COLUMNS, one)
+    return _per_run(con, sel, _VOCAB_COLUMNS, one, source)
 
 
-def vocab_specialization_summary(con, sel: Selection, *, min_count: int = 5, slot0_only: bool = False) -> pd.DataFrame:
+def vocab_specialization_summary(con, sel: Selection, *, min_count: int = 5, slot0_only: bool = False,
+                                 source: str = "auto") -> pd.DataFrame:
     """Per run and layer: the vocabulary specialization of `vocab_specialization` averaged over token ids,
     weighted by their counts (so it reads "the fraction of the layer's token occurrences that go to their token's
     favourite expert"), with the number of distinct tokens and occurrences it covers and the uniform baseline."""
-    per_token = vocab_specialization(con, sel, min_count=min_count, slot0_only=slot0_only)
+    per_token = vocab_specialization(con, sel, min_count=min_count, slot0_only=slot0_only, source=source)
     cols = ["run_id", "layer", "token_ids", "occurrences", "specialization", "uniform"]
     if per_token.empty:
         return pd.DataFrame({c: pd.Series(dtype="object" if c == "run_id" else "float64") for c in cols})
@@ -374,7 +460,8 @@ _TOP_COLUMNS = ["run_id", "layer", "expert", "by", "rank", "token_id", "text", "
                 "expert_share", "lift"]
 
 
-def top_tokens(con, sel: Selection, *, n: int = 10, min_count: int = 5, slot0_only: bool = False) -> pd.DataFrame:
+def top_tokens(con, sel: Selection, *, n: int = 10, min_count: int = 5, slot0_only: bool = False,
+               source: str = "auto") -> pd.DataFrame:
     """The top `n` token ids of each expert of each layer, twice: by count (`by` = 'count') and by lift
     (`by` = 'lift').
 
@@ -427,7 +514,7 @@ def top_tokens(con, sel: Selection, *, n: int = 10, min_count: int = 5, slot0_on
         return _typed(_df(con, sql, params + [n, n, min_count, run_id]),
                       ints=("layer", "expert", "rank", "token_id", "count", "token_count"))
 
-    return _per_run(con, sel, _TOP_COLUMNS, one)
+    return _per_run(con, sel, _TOP_COLUMNS, one, source)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -502,7 +589,7 @@ def position_share(con, sel: Selection, *, bins: Sequence[int] = DEFAULT_POSITIO
 _COACT_COLUMNS = ["run_id", "layer", "expert_i", "expert_j", "tokens_i", "tokens_ij", "p_j_given_i", "baseline"]
 
 
-def coactivation(con, sel: Selection) -> pd.DataFrame:
+def coactivation(con, sel: Selection, *, source: str = "auto") -> pd.DataFrame:
     """How often experts fire together: P(j | i) = tokens routed to both i and j / tokens routed to i, over the
     k experts chosen for the same token in the same layer (OLMoE §5 co-activation), for every ordered pair
     i != j of the layer's experts (0 counts included; p is NaN where i took no token).
@@ -511,18 +598,14 @@ def coactivation(con, sel: Selection) -> pd.DataFrame:
     """
 
     def one(run_id: str) -> pd.DataFrame:
-        key = _TokenKey.of(con, sel, run_id)
-        agg, members = _expert_set(_max_experts(con, run_id))
-        src, params = _routes(sel, run_id, f"r.layer, {key.tok} AS tok, r.expert")
+        if _layer_stats_cover(con, sel, run_id, "coactive_pairs"):
+            pc, lay, params = _coactivation_from_aggregates(sel, run_id)
+        else:
+            pc, lay, params = _coactivation_from_routes(con, sel, run_id)
         sql = f"""
-            WITH t AS (SELECT layer, {agg} AS m FROM ({src}) r GROUP BY layer, tok),
-            sets AS (SELECT layer, m, count(*) AS n FROM t GROUP BY ALL),
-            mem AS (SELECT layer, n, {members} AS ex FROM sets),
-            one AS (SELECT layer, n, ex, unnest(ex) AS i FROM mem),
-            pairs AS (SELECT layer, n, i, unnest(ex) AS j FROM one),
-            pc AS (SELECT layer, i, j, sum(n) AS c FROM pairs GROUP BY ALL),
+            WITH {pc},
+            lay AS ({lay}),
             d AS ({_dims_sql()}),
-            lay AS (SELECT DISTINCT layer FROM sets),
             gi AS (SELECT d.layer, d.n_experts, d.top_k, unnest(range(d.n_experts)) AS i FROM d JOIN lay USING (layer)),
             g AS (SELECT gi.*, unnest(range(gi.n_experts)) AS j FROM gi)
             SELECT g.layer, g.i AS expert_i, g.j AS expert_j, coalesce(ci.c, 0) AS tokens_i,
@@ -539,7 +622,41 @@ def coactivation(con, sel: Selection) -> pd.DataFrame:
         df["baseline"] = df["baseline"].astype("float64")
         return _typed(df, ints=("layer", "expert_i", "expert_j", "tokens_i", "tokens_ij"))
 
-    return _per_run(con, sel, _COACT_COLUMNS, one)
+    return _per_run(con, sel, _COACT_COLUMNS, one, source)
+
+
+def _coactivation_from_routes(con, sel: Selection, run_id: str) -> tuple[str, str, list]:
+    """CTEs of `coactivation` from the routes: pc(layer, i, j, c) with c = tokens having both i and j (and
+    c = tokens having i where i = j), the layers with tokens, and their parameters. Each token's set of experts
+    is one GROUP BY over its routes; sets are counted, then expanded into pairs (few distinct sets)."""
+    key = _TokenKey.of(con, sel, run_id)
+    agg, members = _expert_set(_max_experts(con, run_id))
+    src, params = _routes(sel, run_id, f"r.layer, {key.tok} AS tok, r.expert")
+    pc = f"""t AS (SELECT layer, {agg} AS m FROM ({src}) r GROUP BY layer, tok),
+            sets AS (SELECT layer, m, count(*) AS n FROM t GROUP BY ALL),
+            mem AS (SELECT layer, n, {members} AS ex FROM sets),
+            one AS (SELECT layer, n, ex, unnest(ex) AS i FROM mem),
+            pairs AS (SELECT layer, n, i, unnest(ex) AS j FROM one),
+            pc AS (SELECT layer, i, j, sum(n) AS c FROM pairs GROUP BY ALL)"""
+    return pc, "SELECT DISTINCT layer FROM sets", params
+
+
+def _coactivation_from_aggregates(sel: Selection, run_id: str) -> tuple[str, str, list]:
+    """The same CTEs from the exact aggregates: pair_stats (i < j, mirrored) and step_stats.assigned (i = j,
+    the tokens that chose i). These count every token of every selected step, not only the sampled ones."""
+    where, wparams = sel.with_(run_ids=None).where("x")
+    pc = f"""pc AS (
+                SELECT layer, expert_i AS i, expert_j AS j, sum(tokens) AS c FROM pair_stats x
+                WHERE x.run_id = ? AND {where} GROUP BY ALL
+                UNION ALL
+                SELECT layer, expert_j AS i, expert_i AS j, sum(tokens) AS c FROM pair_stats x
+                WHERE x.run_id = ? AND {where} GROUP BY ALL
+                UNION ALL
+                SELECT layer, expert AS i, expert AS j, sum(assigned) AS c FROM step_stats x
+                WHERE x.run_id = ? AND {where} GROUP BY ALL)"""
+    lay = f"SELECT layer FROM layer_stats x WHERE x.run_id = ? AND {where} GROUP BY layer HAVING sum(tokens) > 0"
+    params = [str(run_id), *wparams] * 4
+    return pc, lay, params
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -551,7 +668,7 @@ _CONSEC_COLUMNS = ["run_id", "layer", "pairs", "same_first", "rate_first", "base
                    "topk_overlap", "rate_topk_overlap", "uniform_topk_overlap"]
 
 
-def consecutive_agreement(con, sel: Selection, *, topk: bool = True) -> pd.DataFrame:
+def consecutive_agreement(con, sel: Selection, *, topk: bool = True, source: str = "auto") -> pd.DataFrame:
     """How often consecutive tokens (pos and pos+1 of the same sequence, both recorded) share experts, per layer
     (Mixtral §5, Table 5), each against what routing blind to the neighbour would give:
 
@@ -571,36 +688,13 @@ def consecutive_agreement(con, sel: Selection, *, topk: bool = True) -> pd.DataF
     """
 
     def one(run_id: str) -> pd.DataFrame:
-        key = _TokenKey.of(con, sel, run_id)
-        n_exp = _max_experts(con, run_id)
-        agg, _ = _expert_set(n_exp)
-        if n_exp <= _MASK_MAX_EXPERTS:
-            has_first = "((pm >> CAST(f AS INTEGER)) & CAST(1 AS UBIGINT)) = 1"
-            overlap = "(pm & m) <> 0"
+        if _layer_stats_cover(con, sel, run_id, "adjacent_pairs"):
+            agree, ex, params = _consecutive_from_aggregates(sel, run_id)
         else:
-            has_first = "list_contains(pm, f)"
-            overlap = "list_has_any(pm, m)"
-        src, params = _routes(sel, run_id, f"r.layer, {key.seq} AS sk, r.pos, r.expert, r.slot")
-        if topk:
-            tokens = f"""SELECT layer, sk, pos, {agg} AS m, min(expert) FILTER (WHERE slot = 0) AS f
-                         FROM ({src}) r GROUP BY layer, sk, pos"""
-            lags, counts = ", m, lag(m) OVER win AS pm", (
-                f"count(*) FILTER (WHERE {has_first}) AS first_in_topk, "
-                f"count(*) FILTER (WHERE {overlap}) AS topk_overlap")
-        else:  # one slot-0 route per token: no per-token GROUP BY needed
-            tokens = f"SELECT layer, sk, pos, expert AS f FROM ({src}) r WHERE slot = 0"
-            lags, counts = "", "CAST(NULL AS BIGINT) AS first_in_topk, CAST(NULL AS BIGINT) AS topk_overlap"
+            agree, ex, params = _consecutive_from_routes(con, sel, run_id, topk)
         sql = f"""
-            WITH t AS ({tokens}),
-            w AS (
-                SELECT layer, pos, f, lag(pos) OVER win AS pp, lag(f) OVER win AS pf{lags}
-                FROM t WINDOW win AS (PARTITION BY layer, sk ORDER BY pos)),
-            agree AS (
-                SELECT layer, count(*) AS pairs, count(*) FILTER (WHERE f = pf) AS same_first, {counts}
-                FROM w WHERE pp = pos - 1 GROUP BY layer),
-            ex AS (  -- per expert: tokens choosing it first (f) and tokens having it among their k (n)
-                SELECT r.layer, r.expert, count(*) FILTER (WHERE r.slot = 0) AS f, count(*) AS n
-                FROM ({src}) r GROUP BY ALL),
+            WITH {agree},
+            ex AS ({ex}),
             pq AS (SELECT layer, f / sum(f) OVER (PARTITION BY layer) AS p, n / sum(f) OVER (PARTITION BY layer) AS q
                    FROM ex),
             base AS (SELECT layer, sum(p * p) AS baseline_first, sum(p * q) AS baseline_first_in_topk
@@ -613,18 +707,66 @@ def consecutive_agreement(con, sel: Selection, *, topk: bool = True) -> pd.DataF
                    a.topk_overlap, a.topk_overlap / a.pairs AS rate_topk_overlap, d.n_experts, d.top_k
             FROM agree a JOIN base b ON b.layer = a.layer JOIN d ON d.layer = a.layer
             ORDER BY a.layer"""
-        df = _df(con, sql, params + params + [run_id])
+        df = _df(con, sql, params + [run_id])
         df["uniform_topk_overlap"] = [
             1.0 - math.comb(int(e) - int(k), int(k)) / math.comb(int(e), int(k))
             for e, k in zip(df["n_experts"], df["top_k"])
         ]
         if not topk:
             for c in ("first_in_topk", "rate_first_in_topk", "topk_overlap", "rate_topk_overlap"):
-                df[c] = df[c].astype("Float64" if c.startswith("rate") else "Int64")
+                df[c] = pd.Series(pd.NA, index=df.index, dtype="Float64" if c.startswith("rate") else "Int64")
             return _typed(df, ints=("layer", "pairs", "same_first"))
         return _typed(df, ints=("layer", "pairs", "same_first", "first_in_topk", "topk_overlap"))
 
-    return _per_run(con, sel, _CONSEC_COLUMNS, one)
+    return _per_run(con, sel, _CONSEC_COLUMNS, one, source)
+
+
+def _consecutive_from_aggregates(sel: Selection, run_id: str) -> tuple[str, str, list]:
+    """CTE `agree` (per layer: pairs and the pairs that agree) and the SELECT of `ex` (per layer and expert:
+    f = tokens choosing it first, n = tokens having it among their k) from layer_stats and step_stats, with their
+    parameters. Exact over every token of the selected steps."""
+    where, wparams = sel.with_(run_ids=None).where("x")
+    agree = f"""agree AS (
+                SELECT layer, sum(adjacent_pairs) AS pairs, sum(same_first) AS same_first,
+                       sum(first_in_topk) AS first_in_topk, sum(topk_overlap) AS topk_overlap
+                FROM layer_stats x WHERE x.run_id = ? AND {where} GROUP BY layer HAVING sum(adjacent_pairs) > 0)"""
+    ex = (f"SELECT layer, expert, sum(first_choice) AS f, sum(assigned) AS n FROM step_stats x "
+          f"WHERE x.run_id = ? AND {where} GROUP BY ALL")
+    return agree, ex, [str(run_id), *wparams] * 2
+
+
+def _consecutive_from_routes(con, sel: Selection, run_id: str, topk: bool) -> tuple[str, str, list]:
+    """The same from the routes: a window over each sequence's recorded tokens (pairs: pos and pos + 1 both
+    recorded). `topk=False` skips the per-token sets of experts (the top-k counts are then NULL)."""
+    key = _TokenKey.of(con, sel, run_id)
+    n_exp = _max_experts(con, run_id)
+    agg, _ = _expert_set(n_exp)
+    if n_exp <= _MASK_MAX_EXPERTS:
+        has_first = "((pm >> CAST(f AS INTEGER)) & CAST(1 AS UBIGINT)) = 1"
+        overlap = "(pm & m) <> 0"
+    else:
+        has_first = "list_contains(pm, f)"
+        overlap = "list_has_any(pm, m)"
+    src, params = _routes(sel, run_id, f"r.layer, {key.seq} AS sk, r.pos, r.expert, r.slot")
+    if topk:
+        tokens = f"""SELECT layer, sk, pos, {agg} AS m, min(expert) FILTER (WHERE slot = 0) AS f
+                     FROM ({src}) r GROUP BY layer, sk, pos"""
+        lags, counts = ", m, lag(m) OVER win AS pm", (
+            f"count(*) FILTER (WHERE {has_first}) AS first_in_topk, "
+            f"count(*) FILTER (WHERE {overlap}) AS topk_overlap")
+    else:  # one slot-0 route per token: no per-token GROUP BY needed
+        tokens = f"SELECT layer, sk, pos, expert AS f FROM ({src}) r WHERE slot = 0"
+        lags, counts = "", "CAST(NULL AS BIGINT) AS first_in_topk, CAST(NULL AS BIGINT) AS topk_overlap"
+    agree = f"""t AS ({tokens}),
+            w AS (
+                SELECT layer, pos, f, lag(pos) OVER win AS pp, lag(f) OVER win AS pf{lags}
+                FROM t WINDOW win AS (PARTITION BY layer, sk ORDER BY pos)),
+            agree AS (
+                SELECT layer, count(*) AS pairs, count(*) FILTER (WHERE f = pf) AS same_first, {counts}
+                FROM w WHERE pp = pos - 1 GROUP BY layer)"""
+    ex = (f"SELECT r.layer, r.expert, count(*) FILTER (WHERE r.slot = 0) AS f, count(*) AS n "
+          f"FROM ({src}) r GROUP BY ALL")
+    return agree, ex, params + params
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -761,7 +903,8 @@ def _saturation(con, sel: Selection, ref_step: int | None, steps_a: list[int] | 
 _MI_COLUMNS = ["run_id", "layer", "variable", "slots", "n", "mi", "h_expert", "h_variable", "nmi"]
 
 
-def mutual_information(con, sel: Selection, *, variables: Sequence[str] = ("token", "domain")) -> pd.DataFrame:
+def mutual_information(con, sel: Selection, *, variables: Sequence[str] = ("token", "domain"),
+                       source: str = "auto") -> pd.DataFrame:
     """Normalized mutual information between the expert and the token id, and between the expert and the domain,
     per layer: how much knowing one tells about the other (0 = independent, 1 = each determines the other).
 
@@ -842,4 +985,4 @@ def mutual_information(con, sel: Selection, *, variables: Sequence[str] = ("toke
         })
         return out.sort_values(["layer", "variable", "slots"], ignore_index=True)
 
-    return _per_run(con, sel, _MI_COLUMNS, one)
+    return _per_run(con, sel, _MI_COLUMNS, one, source)

@@ -314,14 +314,21 @@ def test_position_share_default_bins_cover_every_position(runs):
 # -------------------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("source", ["routes", "aggregates"])
 @pytest.mark.parametrize("sel", [
-    Selection(), Selection(steps=(1, 1), domains=("prose",)), Selection(tags=("train",), layers=(1,))])
-def test_coactivation_matches_explicit_loops(runs, sel):
+    Selection(), Selection(steps=(1, 1), domains=("prose",)), Selection(tags=("train",), layers=(1,)),
+    Selection(steps=(1, 2), ranks=(0,), layers=(0,))])
+def test_coactivation_matches_explicit_loops(runs, sel, source):
+    """From the routes: over the kept tokens. From the aggregates (pair_stats): over every token."""
     con, data = runs
-    got = sp.coactivation(con, sel)
+    if source == "aggregates" and sel.needs_sequences:
+        with pytest.raises(sp.SpecializationError, match="domains or tags"):
+            sp.coactivation(con, sel, source=source)
+        return
+    got = sp.coactivation(con, sel, source=source)
     for run_id, (routing, keep) in data.items():
         E, k = routing["logits"].shape[2], routing["index"].shape[2]
-        toks = tokens_of(routing, keep, sel)
+        toks = tokens_of(routing, keep if source == "routes" else np.ones_like(keep), sel)
         g = got[got.run_id == run_id]
         assert len(g) == len(layers_of(routing, sel)) * E * (E - 1)
         for layer in layers_of(routing, sel):
@@ -388,12 +395,21 @@ def ref_consecutive(routing, keep, sel):
     return out
 
 
-@pytest.mark.parametrize("sel", [Selection(), Selection(steps=(1, 2), ranks=(0,)), Selection(domains=("code",))])
-def test_consecutive_agreement_matches_loops(runs, sel):
+@pytest.mark.parametrize("source", ["routes", "aggregates", "auto"])
+@pytest.mark.parametrize("sel", [Selection(), Selection(steps=(1, 2), ranks=(0,), layers=(1,)),
+                                 Selection(domains=("code",))])
+def test_consecutive_agreement_matches_loops(runs, sel, source):
+    """From the routes: pairs of kept tokens. From the aggregates (layer_stats): pairs of all tokens. `auto` takes
+    the aggregates unless the selection has domains or tags, which only the routes can apply."""
     con, data = runs
-    got = sp.consecutive_agreement(con, sel)
+    if source == "aggregates" and sel.needs_sequences:
+        with pytest.raises(sp.SpecializationError, match="domains or tags"):
+            sp.consecutive_agreement(con, sel, source=source)
+        return
+    got = sp.consecutive_agreement(con, sel, source=source)
+    from_routes = source == "routes" or (source == "auto" and sel.needs_sequences)
     for run_id, (routing, keep) in data.items():
-        ref = ref_consecutive(routing, keep, sel)
+        ref = ref_consecutive(routing, keep if from_routes else np.ones_like(keep), sel)
         g = got[got.run_id == run_id].set_index("layer")
         assert sorted(g.index) == sorted(ref)
         for layer, exp in ref.items():
@@ -676,10 +692,61 @@ def test_token_keys_too_wide_for_bigint_still_pair_the_right_tokens():
     seqs = np.tile(np.repeat([0, 4000], 10), 2)
     index = np.stack([rng.permutation(5)[:2] for _ in range(T)])[:, None, :]  # [T, 1, 2]
     con = store_from_routing(index=index, n_experts=5, steps=steps, seqs=seqs, pos=pos)
-    got = sp.consecutive_agreement(con, Selection()).iloc[0]
+    got = sp.consecutive_agreement(con, Selection(), source="routes").iloc[0]
     by = {(s, q, p): i for i, (s, q, p) in enumerate(zip(steps, seqs, pos))}
     prev = [(by[(s, q, p - 1)], i) for (s, q, p), i in by.items() if (s, q, p - 1) in by]
     assert got["pairs"] == len(prev) == 36
     assert got["same_first"] == sum(index[a, 0, 0] == index[b, 0, 0] for a, b in prev)
-    co = sp.coactivation(con, Selection())
+    co = sp.coactivation(con, Selection(), source="routes")
     assert co["tokens_ij"].sum() == T * 2  # every token adds the ordered pairs (i, j) and (j, i)
+
+
+# -------------------------------------------------------------------------------------------------------------------
+# sources: the aggregate tables (pair_stats, layer_stats' adjacency, token_stats, sequence_stats) against routes
+# -------------------------------------------------------------------------------------------------------------------
+
+ROUTE_STATS_FUNCTIONS = {
+    "domain_share": lambda con, sel, source: sp.domain_share(con, sel, source=source),
+    "domain_share_first_choice": lambda con, sel, source: sp.domain_share_first_choice(con, sel, source=source),
+    "vocab_specialization": lambda con, sel, source: sp.vocab_specialization(con, sel, min_count=2, source=source),
+    "vocab_specialization_slot0": lambda con, sel, source: sp.vocab_specialization(
+        con, sel, min_count=2, slot0_only=True, source=source),
+    "vocab_specialization_summary": lambda con, sel, source: sp.vocab_specialization_summary(con, sel, source=source),
+    "top_tokens": lambda con, sel, source: sp.top_tokens(con, sel, n=3, min_count=2, source=source),
+    "mutual_information": lambda con, sel, source: sp.mutual_information(con, sel, source=source),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ROUTE_STATS_FUNCTIONS))
+@pytest.mark.parametrize("sel", [Selection(), Selection(ranks=(1,), layers=(1,)), Selection(steps=(1, 2)),
+                                 Selection(domains=("code", "math"), tags=("train",))])
+def test_token_and_sequence_stats_give_what_the_routes_give(runs, name, sel):
+    """token_stats and sequence_stats count the same (kept) routes, so every analysis reading them must equal its
+    routes version exactly, for every selection they can serve; `auto` picks them when they can."""
+    con, _ = runs
+    fn = ROUTE_STATS_FUNCTIONS[name]
+    want = fn(con, sel, "routes")
+    assert len(want)
+    pd.testing.assert_frame_equal(fn(con, sel, "auto"), want)
+    by_token = name.startswith(("vocab", "top_tokens", "mutual"))
+    if by_token and (sel.steps is not None or sel.needs_sequences):
+        with pytest.raises(sp.SpecializationError, match="token_stats covers whole runs"):
+            fn(con, sel, "aggregates")
+    else:
+        pd.testing.assert_frame_equal(fn(con, sel, "aggregates"), want)
+
+
+def test_auto_reads_routes_when_the_aggregates_are_missing_and_aggregates_says_why():
+    """A store written without the newer aggregates (an older moeviz, RunWriter without them, a live run)."""
+    r, keep = _routing(7, n_steps=2, n_layers=2, n_experts=6, top_k=2, seqs_per_step=2, seq_len=10)
+    old = store_from_routing(**r, keep=keep, extra_stats=False)
+    new = store_from_routing(**r, keep=keep)
+    sel = Selection()
+    pd.testing.assert_frame_equal(sp.coactivation(old, sel), sp.coactivation(new, sel, source="routes"))
+    pd.testing.assert_frame_equal(sp.vocab_specialization(old, sel), sp.vocab_specialization(new, sel))
+    with pytest.raises(sp.SpecializationError, match="layer_stats.coactive_pairs is not recorded"):
+        sp.coactivation(old, sel, source="aggregates")
+    with pytest.raises(sp.SpecializationError, match="sequence_stats exists once a run is compacted"):
+        sp.domain_share(old, sel, source="aggregates")
+    with pytest.raises(sp.SpecializationError, match="source must be one of"):
+        sp.coactivation(new, sel, source="parquet")
