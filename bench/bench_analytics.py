@@ -458,35 +458,10 @@ def cases(probe_steps: list[int], n_layers: int) -> list[Case]:
         Case("health.health_summary", agg,
              lambda c, s: health.health_summary(c, s).fillna({"layer": -1, "expert": -1}),
              ["check", "layer", "expert"], ["value"], [(from_aggs, pd_health)]),
-        Case("specialization.domain_share", rts, lambda c, s: spec.domain_share(c, s),
-             ["layer", "domain", "expert"], ["assigned", "share", "ratio"],
-             [(from_routes, lambda f: pd_domain_share(f, False))], fill_missing=True),
-        Case("specialization.domain_share_first_choice", rts, lambda c, s: spec.domain_share_first_choice(c, s),
-             ["layer", "domain", "expert"], ["assigned", "share", "ratio"],
-             [(from_routes, lambda f: pd_domain_share(f, True))], fill_missing=True),
-        Case("specialization.vocab_specialization", rts, lambda c, s: spec.vocab_specialization(c, s),
-             ["layer", "token_id"], ["count", "expert", "routed", "specialization"],
-             [(from_routes, pd_vocab_specialization)]),
-        Case("specialization.vocab_specialization_summary", rts,
-             lambda c, s: spec.vocab_specialization_summary(c, s), ["layer"],
-             ["token_ids", "occurrences", "specialization"], [(from_routes, pd_vocab_summary)]),
-        Case("specialization.top_tokens (n=10)", rts, lambda c, s: spec.top_tokens(c, s),
-             ["layer", "expert", "by", "rank"], ["token_id", "count", "token_count", "lift"],
-             [(from_routes, pd_top_tokens)]),
-        Case("specialization.position_share", rts, lambda c, s: spec.position_share(c, s),
-             ["layer", "bucket", "expert"], ["assigned", "share"],
-             [(from_routes, pd_position_share)], fill_missing=True),
-        Case("specialization.coactivation", rts, lambda c, s: spec.coactivation(c, s),
-             ["layer", "expert_i", "expert_j"], ["tokens_i", "tokens_ij", "p_j_given_i"],
-             [(from_routes, pd_coactivation)]),
-        Case("specialization.consecutive_agreement", rts, lambda c, s: spec.consecutive_agreement(c, s),
-             ["layer"], ["pairs", "same_first", "first_in_topk", "topk_overlap", "baseline_first",
-                         "baseline_first_in_topk"], [(from_routes, pd_consecutive)]),
+        *specialization_cases(rts, from_routes),
         Case(f"specialization.layer_flow (0 -> {n_layers - 1})", rts,
              lambda c, s: spec.layer_flow(c, s, 0, n_layers - 1), ["expert_a", "expert_b"],
              ["tokens", "share_of_a"], [(from_routes, lambda f: pd_layer_flow(f, 0, n_layers - 1))]),
-        Case("specialization.mutual_information", rts, lambda c, s: spec.mutual_information(c, s),
-             ["layer", "variable", "slots"], ["n", "mi", "nmi"], [(from_routes, pd_mutual_information)]),
     ]
     if sat_a is not None:
         out += [
@@ -498,6 +473,53 @@ def cases(probe_steps: list[int], n_layers: int) -> list[Case]:
                  lambda c, s: spec.saturation_curve(c, s.with_(tags=("probe",))), ["step", "layer"],
                  ["tokens", "overlap", "saturation", "top1_agreement"],
                  [(from_routes, lambda f: pd_saturation(f, probe_steps, probe_steps[-1]))]),
+        ]
+    return out
+
+
+def specialization_cases(rts: str, from_routes: str) -> list[Case]:
+    """The specialization analyses that have aggregate tables, twice: from those tables (source='aggregates',
+    which raises if they cannot serve; 'auto', the default, picks them for this whole-run selection) and forced
+    to read the routes (source='routes'); plus position share, which always reads the routes."""
+    out = [Case("specialization.position_share", rts, lambda c, s: spec.position_share(c, s),
+                ["layer", "bucket", "expert"], ["assigned", "share"],
+                [(from_routes, pd_position_share)], fill_missing=True)]
+    for src in ("aggregates", "routes"):
+        tag = "" if src == "aggregates" else " [source=routes]"
+
+        def reads(table: str, src=src) -> str:
+            return f"aggregates ({table})" if src == "aggregates" else rts
+
+        def with_source(fn: Callable, src=src, **kw) -> Callable:
+            return lambda c, s: fn(c, s, source=src, **kw)
+
+        out += [
+            Case(f"specialization.domain_share{tag}", reads("sequence_stats"), with_source(spec.domain_share),
+                 ["layer", "domain", "expert"], ["assigned", "share", "ratio"],
+                 [(from_routes, lambda f: pd_domain_share(f, False))], fill_missing=True),
+            Case(f"specialization.domain_share_first_choice{tag}", reads("sequence_stats"),
+                 with_source(spec.domain_share_first_choice), ["layer", "domain", "expert"],
+                 ["assigned", "share", "ratio"], [(from_routes, lambda f: pd_domain_share(f, True))],
+                 fill_missing=True),
+            Case(f"specialization.vocab_specialization{tag}", reads("token_stats"),
+                 with_source(spec.vocab_specialization), ["layer", "token_id"],
+                 ["count", "expert", "routed", "specialization"], [(from_routes, pd_vocab_specialization)]),
+            Case(f"specialization.vocab_specialization_summary{tag}", reads("token_stats"),
+                 with_source(spec.vocab_specialization_summary), ["layer"],
+                 ["token_ids", "occurrences", "specialization"], [(from_routes, pd_vocab_summary)]),
+            Case(f"specialization.top_tokens (n=10){tag}", reads("token_stats"), with_source(spec.top_tokens),
+                 ["layer", "expert", "by", "rank"], ["token_id", "count", "token_count", "lift"],
+                 [(from_routes, pd_top_tokens)]),
+            Case(f"specialization.coactivation{tag}", reads("pair_stats"), with_source(spec.coactivation),
+                 ["layer", "expert_i", "expert_j"], ["tokens_i", "tokens_ij", "p_j_given_i"],
+                 [(from_routes, pd_coactivation)]),
+            Case(f"specialization.consecutive_agreement{tag}", reads("layer_stats"),
+                 with_source(spec.consecutive_agreement), ["layer"],
+                 ["pairs", "same_first", "first_in_topk", "topk_overlap", "baseline_first",
+                  "baseline_first_in_topk"], [(from_routes, pd_consecutive)]),
+            Case(f"specialization.mutual_information{tag}", reads("token_stats + sequence_stats"),
+                 with_source(spec.mutual_information), ["layer", "variable", "slots"], ["n", "mi", "nmi"],
+                 [(from_routes, pd_mutual_information)]),
         ]
     return out
 
@@ -741,7 +763,7 @@ def run(store: Path, repeats: int, pandas_routes: int | None, only: str | None, 
     ]
     for res in results:
         case = res["case"]
-        limit = 1.0 if case.reads == "aggregates" else 5.0
+        limit = 1.0 if case.reads.startswith("aggregates") else 5.0
         ms = res["rep"] if res["rep"] is not None else res["first"]
         n_rep = "" if res.get("n_rep", repeats) == repeats else \
             (" = first call only" if not res.get("n_rep") else f", {res.get('n_rep')} repeat(s)")

@@ -141,7 +141,11 @@ def flush_tables(router: Router, rng, shape: Shape, seqs: dict[str, np.ndarray])
                   "dropped": 0}
     layer_stats = {"step": np.tile(steps_u, L), "layer": np.repeat(np.arange(L), S),
                    "tokens": np.tile(tokens, L), "z_loss_sum": z_sum.ravel(), "entropy_sum": ent_sum.ravel(),
-                   "dropped": 0}
+                   "dropped": 0, **adjacency_columns(idx, step_local, S, P)}
+    pairs = pair_counts(idx, step_local, S, E)  # [L, S, E, E], upper triangle
+    layer_stats["coactive_pairs"] = pairs.sum(axis=(2, 3)).ravel()
+    pl, ps, pi, pj = np.nonzero(pairs)
+    pair_stats = {"step": steps_u[ps], "layer": pl, "expert_i": pi, "expert_j": pj, "tokens": pairs[pl, ps, pi, pj]}
     sequences = {"step": step, "seq": seqs["seq"], "domain": [DOMAINS[d] for d in domain], "tag": seqs["tag"],
                  "n_tokens": np.full(n, P, np.int32)}
 
@@ -154,7 +158,37 @@ def flush_tables(router: Router, rng, shape: Shape, seqs: dict[str, np.ndarray])
         "slot": np.broadcast_to(np.arange(k, dtype=np.int8)[None, None, :], shp).ravel(),
         "expert": idx.ravel(), "weight": w.ravel(),
     }
-    return {"routes": routes, "step_stats": step_stats, "layer_stats": layer_stats, "sequences": sequences}
+    return {"routes": routes, "step_stats": step_stats, "layer_stats": layer_stats, "sequences": sequences,
+            "pair_stats": pair_stats}
+
+
+def adjacency_columns(idx: np.ndarray, step_local: np.ndarray, S: int, P: int) -> dict[str, np.ndarray]:
+    """layer_stats' adjacency counts per (layer, step), layer-major [L * S]: tokens t and t+1 of one sequence
+    (every token is inside the mask; sequences are P tokens long). idx [L, T, k]; step_local [T]."""
+    L, T, _ = idx.shape
+    a = np.flatnonzero(np.arange(T - 1) % P != P - 1)  # [pairs]: t with t + 1 in the same sequence
+    prev, nxt = idx[:, a], idx[:, a + 1]  # [L, pairs, k]
+    flags = {
+        "adjacent_pairs": np.ones(prev.shape[:2], bool),
+        "same_first": prev[..., 0] == nxt[..., 0],
+        "first_in_topk": (prev == nxt[..., :1]).any(-1),
+        "topk_overlap": (prev[..., :, None] == nxt[..., None, :]).any((-1, -2)),
+    }
+    cell = (np.arange(L)[:, None] * S + step_local[a][None, :]).ravel()  # [L * pairs]
+    return {c: np.bincount(cell, weights=f.ravel(), minlength=L * S).astype(np.int64) for c, f in flags.items()}
+
+
+def pair_counts(idx: np.ndarray, step_local: np.ndarray, S: int, E: int) -> np.ndarray:
+    """Tokens choosing both experts i < j, per layer and step: [L, S, E, E]. idx [L, T, k]; step_local [T]."""
+    L, T, k = idx.shape
+    base = (np.arange(L)[:, None] * S + step_local[None, :]) * E * E  # [L, T]
+    out = np.zeros(L * S * E * E, dtype=np.int64)
+    for a in range(k):
+        for b in range(a + 1, k):
+            lo = np.minimum(idx[..., a], idx[..., b]).astype(np.int64)
+            hi = np.maximum(idx[..., a], idx[..., b]).astype(np.int64)
+            out += np.bincount((base + lo * E + hi).ravel(), minlength=L * S * E * E)
+    return out.reshape(L, S, E, E)
 
 
 def plan_steps(shape: Shape, routes: int) -> list[tuple[int, str]]:

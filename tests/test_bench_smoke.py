@@ -72,6 +72,9 @@ def test_benchmark_runs_and_pandas_equals_moeviz(tiny_store):
     assert "MISMATCH" not in text and "error" not in text, text
     equal = [r.split(" | ")[6] for r in rows]
     assert sum(e.startswith("ok") for e in equal) >= 25, text
+    reads = {r.split(" | ")[0][2:]: r.split(" | ")[1] for r in rows}
+    assert reads["specialization.coactivation"] == "aggregates (pair_stats)"  # source='aggregates' ran, no error
+    assert reads["specialization.coactivation [source=routes]"] == "routes"
 
 
 def test_compare_detects_a_difference(tiny_store):
