@@ -480,10 +480,8 @@ def cases(probe_steps: list[int], n_layers: int) -> list[Case]:
 def specialization_cases(rts: str, from_routes: str) -> list[Case]:
     """The specialization analyses that have aggregate tables, twice: from those tables (source='aggregates',
     which raises if they cannot serve; 'auto', the default, picks them for this whole-run selection) and forced
-    to read the routes (source='routes'); plus position share, which always reads the routes."""
-    out = [Case("specialization.position_share", rts, lambda c, s: spec.position_share(c, s),
-                ["layer", "bucket", "expert"], ["assigned", "share"],
-                [(from_routes, pd_position_share)], fill_missing=True)]
+    to read the routes (source='routes')."""
+    out = []
     for src in ("aggregates", "routes"):
         tag = "" if src == "aggregates" else " [source=routes]"
 
@@ -510,6 +508,9 @@ def specialization_cases(rts: str, from_routes: str) -> list[Case]:
             Case(f"specialization.top_tokens (n=10){tag}", reads("token_stats"), with_source(spec.top_tokens),
                  ["layer", "expert", "by", "rank"], ["token_id", "count", "token_count", "lift"],
                  [(from_routes, pd_top_tokens)]),
+            Case(f"specialization.position_share{tag}", reads("position_stats"), with_source(spec.position_share),
+                 ["layer", "bucket", "expert"], ["assigned", "share"],
+                 [(from_routes, pd_position_share)], fill_missing=True),
             Case(f"specialization.coactivation{tag}", reads("pair_stats"), with_source(spec.coactivation),
                  ["layer", "expert_i", "expert_j"], ["tokens_i", "tokens_ij", "p_j_given_i"],
                  [(from_routes, pd_coactivation)]),

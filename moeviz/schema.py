@@ -62,7 +62,7 @@ RUNS = _t(
     ("status", "VARCHAR", "running | finished | failed | interrupted."),
     ("error", "VARCHAR", "The exception that failed the run, if any."),
     ("schema_version", "INTEGER", "Schema version the run was written with."),
-    ("route_stats_complete", "BOOLEAN", "`token_stats` and `sequence_stats` hold every route of the run (it was "
+    ("route_stats_complete", "BOOLEAN", "`token_stats`, `position_stats` and `sequence_stats` hold every route of the run (it was "
      "compacted and no routes were written since); while false the analyses read `routes`."),
 )
 
@@ -181,6 +181,19 @@ TOKEN_STATS = _t(
     ("first_choice", "BIGINT", "Of those, routes in slot 0 (the token's top choice)."),
 )
 
+POSITION_STATS = _t(
+    "position_stats",
+    "Routes counted per position, layer and expert over all steps: built from `routes` when a run is compacted, "
+    "for the position analyses over a whole run.",
+    ("run_id", "VARCHAR", "Run id."),
+    ("rank", "INTEGER", "Rank."),
+    ("layer", "SMALLINT", "MoE layer index."),
+    ("pos", "INTEGER", "Token position within the sequence."),
+    ("expert", "SMALLINT", "Chosen expert index."),
+    ("assigned", "BIGINT", "Routes of tokens at this position to this expert (over all k slots)."),
+    ("first_choice", "BIGINT", "Of those, routes in slot 0."),
+)
+
 SEQUENCE_STATS = _t(
     "sequence_stats",
     "Routes counted per sequence, layer and expert: built from `routes` when a run is compacted, for the "
@@ -196,7 +209,7 @@ SEQUENCE_STATS = _t(
 )
 
 TABLES: dict[str, Table] = {t.name: t for t in (RUNS, LAYERS, ROUTES, STEP_STATS, LAYER_STATS, PAIR_STATS, SEQUENCES,
-                                                 TOKEN_STATS, SEQUENCE_STATS, VOCAB)}
+                                                 TOKEN_STATS, POSITION_STATS, SEQUENCE_STATS, VOCAB)}
 
 # Columns added after the first release of a table: a writer may leave them out (they read as NULL), so that
 # code written against the older schema (RunWriter.write_flush callers) keeps working.

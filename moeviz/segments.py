@@ -48,7 +48,7 @@ WEIGHT_SCALE = 65535  # routes.weight is stored as weight_q = round(weight * WEI
 # Tables written per flush (data) and once per run (metadata). Order = the order views are built in.
 DATA_TABLES = ("routes", "step_stats", "layer_stats", "sequences", "pair_stats")
 # Tables that compaction builds from the routes it folds (in run.duckdb only; see store._fold_route_stats).
-ROUTE_STATS_TABLES = ("token_stats", "sequence_stats")
+ROUTE_STATS_TABLES = ("token_stats", "position_stats", "sequence_stats")
 META_TABLES = ("runs", "layers", "vocab")
 SEGMENT_TABLES = META_TABLES + DATA_TABLES
 
@@ -69,6 +69,8 @@ DISK_SCHEMAS: dict[str, pa.Schema] = {
                              ("expert_j", _I16), ("tokens", _I64)]),
     "token_stats": pa.schema([("run_id", _S), ("rank", _I32), ("layer", _I16), ("token_id", _I32), ("expert", _I16),
                               ("assigned", _I64), ("first_choice", _I64)]),
+    "position_stats": pa.schema([("run_id", _S), ("rank", _I32), ("layer", _I16), ("pos", _I32), ("expert", _I16),
+                                 ("assigned", _I64), ("first_choice", _I64)]),
     "sequence_stats": pa.schema([("run_id", _S), ("step", _I64), ("rank", _I32), ("seq", _I32), ("layer", _I16),
                                  ("expert", _I16), ("assigned", _I64), ("first_choice", _I64)]),
     "sequences": pa.schema([("run_id", _S), ("step", _I64), ("rank", _I32), ("seq", _I32), ("domain", _S),

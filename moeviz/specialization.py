@@ -9,12 +9,13 @@ Every function is `f(con, sel, ...) -> pandas.DataFrame` over the public schema 
 - co-activation and consecutive-token agreement: `pair_stats` and `layer_stats`' adjacency columns, counted by
   the Recorder on the device over every token of every step (not only the sampled ones); not for selections
   with domains or tags, which select tokens;
-- vocabulary specialization, top tokens, NMI with the token: `token_stats` (routes counted per token id, layer
-  and expert by compaction), for selections of whole runs (no steps, domains or tags);
+- vocabulary specialization, top tokens, NMI with the token, position shares: `token_stats` and
+  `position_stats` (routes counted per token id / position, layer and expert by compaction), for selections of
+  whole runs (no steps, domains or tags);
 - domain shares and NMI with the domain: `sequence_stats` (routes counted per sequence), for any selection.
 
 Otherwise they read the per-token detail in `routes` (joined with `sequences` for domains and tags), as do the
-analyses that need each token's identity (position, layer flow, router saturation). `source="routes"` forces
+analyses that need each token's identity (layer flow, router saturation). `source="routes"` forces
 the routes; `source="aggregates"` raises a SpecializationError saying why when the tables cannot serve. The
 metrics follow the papers that introduced them:
 
@@ -136,11 +137,12 @@ def _from_aggregates(run_id: "_RunId", usable: bool, why_not: str) -> bool:
     return usable
 
 
-def _token_stats_usable(sel: Selection, run_id: "_RunId") -> bool:
-    """token_stats count routes over all steps and sequences: usable for a selection of layers and ranks only."""
+def _whole_run_stats_usable(sel: Selection, run_id: "_RunId", table: str) -> bool:
+    """token_stats and position_stats count routes over all steps and sequences: usable for a selection of
+    layers and ranks only."""
     return _from_aggregates(
         run_id, run_id.route_stats and sel.steps is None and not sel.needs_sequences,
-        "token_stats covers whole runs (no step, domain or tag selection) once they are compacted")
+        f"{table} covers whole runs (no step, domain or tag selection) once they are compacted")
 
 
 def _sequence_stats_usable(run_id: "_RunId") -> bool:
@@ -283,7 +285,7 @@ def _token_cells(sel: Selection, run_id: str) -> tuple[str, list]:
     grouped by (layer, token_id)) was tried and measured slower on 10M routes: it evaluates 2E predicates per
     route. A compacted run has these cells counted over all its steps in `token_stats` (used when the selection
     covers every step and sequence)."""
-    if _token_stats_usable(sel, run_id):
+    if _whole_run_stats_usable(sel, run_id, "token_stats"):
         where, params = sel.with_(run_ids=None).where("t")
         return (f"SELECT t.layer, t.token_id, t.expert, sum(t.assigned) AS n, sum(t.first_choice) AS f "
                 f"FROM token_stats t WHERE t.run_id = ? AND t.token_id <> -1 AND {where} GROUP BY ALL",
@@ -540,7 +542,7 @@ def _check_bins(bins: Sequence[int]) -> list[int]:
 
 
 def position_share(con, sel: Selection, *, bins: Sequence[int] = DEFAULT_POSITION_BINS,
-                   slot0_only: bool = False) -> pd.DataFrame:
+                   slot0_only: bool = False, source: str = "auto") -> pd.DataFrame:
     """Expert share per position bucket and layer: do some experts take the first tokens of a sequence?
 
     `bins` are the buckets' left edges: bucket i holds positions [bins[i], bins[i+1]) and the last one is open
@@ -552,14 +554,21 @@ def position_share(con, sel: Selection, *, bins: Sequence[int] = DEFAULT_POSITIO
     assigned = "count(*) FILTER (WHERE slot = 0)" if slot0_only else "count(*)"
 
     def one(run_id: str) -> pd.DataFrame:
-        src, params = _routes(sel, run_id, "r.layer, r.pos, r.expert, r.slot")
+        if _whole_run_stats_usable(sel, run_id, "position_stats"):
+            where, params = sel.with_(run_ids=None).where("p")
+            params = [str(run_id), *params]
+            counts = f"""SELECT layer, pos, expert, sum({'first_choice' if slot0_only else 'assigned'}) AS assigned,
+                                sum(first_choice) AS first
+                         FROM position_stats p WHERE p.run_id = ? AND {where} GROUP BY ALL"""
+        else:
+            src, params = _routes(sel, run_id, "r.layer, r.pos, r.expert, r.slot")
+            counts = f"""SELECT layer, pos, expert, {assigned} AS assigned, count(*) FILTER (WHERE slot = 0) AS first
+                         FROM ({src}) r GROUP BY ALL"""
         sql = f"""
             WITH b0 AS (SELECT unnest(CAST(? AS BIGINT[])) AS pos_lo),
             b AS (SELECT row_number() OVER (ORDER BY pos_lo) - 1 AS bucket, pos_lo,
                          lead(pos_lo) OVER (ORDER BY pos_lo) AS pos_hi FROM b0),
-            c AS (
-                SELECT layer, pos, expert, {assigned} AS assigned, count(*) FILTER (WHERE slot = 0) AS first
-                FROM ({src}) r GROUP BY ALL),
+            c AS ({counts}),
             cb AS (
                 SELECT c.layer, b.bucket, c.expert, sum(c.assigned) AS assigned, sum(c.first) AS first
                 FROM c JOIN b ON c.pos >= b.pos_lo AND (b.pos_hi IS NULL OR c.pos < b.pos_hi) GROUP BY ALL),
@@ -579,7 +588,7 @@ def position_share(con, sel: Selection, *, bins: Sequence[int] = DEFAULT_POSITIO
         df["pos_hi"] = df["pos_hi"].astype("Int64")
         return _typed(df, ints=("layer", "bucket", "pos_lo", "expert", "tokens", "assigned"))
 
-    return _per_run(con, sel, _POSITION_COLUMNS, one)
+    return _per_run(con, sel, _POSITION_COLUMNS, one, source)
 
 
 # ---------------------------------------------------------------------------------------------------------------

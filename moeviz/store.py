@@ -520,6 +520,7 @@ def _publish_compacted(run_dir: Path, target: Path, manifest: dict, statuses: di
 # makes the vocabulary and domain analyses of a finished run read ~10^2 fewer rows than `routes`.
 _ROUTE_STATS_KEYS = {
     "token_stats": ("run_id", "rank", "layer", "token_id", "expert"),
+    "position_stats": ("run_id", "rank", "layer", "pos", "expert"),
     "sequence_stats": ("run_id", "step", "rank", "seq", "layer", "expert"),
 }
 
@@ -533,10 +534,10 @@ def _fold_route_stats(con, run_dir: Path, new_routes: list[Path], rebuild: bool)
     # explicit casts: without them DuckDB 1.5 fails an internal statistics assertion ("SetMin or SetMax called
     # with Value that does not match") when segment files are aggregated in a UNION with the typed tables
     cols = ", ".join(f'CAST("{f.name}" AS {sg.duckdb_type(f.type)}) AS "{f.name}"' for f in sg.DISK_SCHEMAS["routes"]
-                     if f.name in ("run_id", "step", "rank", "seq", "token_id", "layer", "slot", "expert"))
+                     if f.name in ("run_id", "step", "rank", "seq", "pos", "token_id", "layer", "slot", "expert"))
     if rebuild:
         files = [str(run_dir / r[0]) for r in con.execute("SELECT file FROM _routes_files ORDER BY file").fetchall()]
-        parts = [f"SELECT {cols} FROM main.routes"]
+        parts = [f"SELECT {cols} FROM main.routes"]  # routes_format="duckdb" compactions
         params: list = []
         if files:
             parts.append(f"SELECT {cols} FROM read_parquet(?)")

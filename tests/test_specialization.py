@@ -714,6 +714,8 @@ ROUTE_STATS_FUNCTIONS = {
     "vocab_specialization_summary": lambda con, sel, source: sp.vocab_specialization_summary(con, sel, source=source),
     "top_tokens": lambda con, sel, source: sp.top_tokens(con, sel, n=3, min_count=2, source=source),
     "mutual_information": lambda con, sel, source: sp.mutual_information(con, sel, source=source),
+    "position_share": lambda con, sel, source: sp.position_share(con, sel, bins=(0, 2, 5), source=source),
+    "position_share_slot0": lambda con, sel, source: sp.position_share(con, sel, slot0_only=True, source=source),
 }
 
 
@@ -728,9 +730,9 @@ def test_token_and_sequence_stats_give_what_the_routes_give(runs, name, sel):
     want = fn(con, sel, "routes")
     assert len(want)
     pd.testing.assert_frame_equal(fn(con, sel, "auto"), want)
-    by_token = name.startswith(("vocab", "top_tokens", "mutual"))
-    if by_token and (sel.steps is not None or sel.needs_sequences):
-        with pytest.raises(sp.SpecializationError, match="token_stats covers whole runs"):
+    whole_run = name.startswith(("vocab", "top_tokens", "mutual", "position"))
+    if whole_run and (sel.steps is not None or sel.needs_sequences):
+        with pytest.raises(sp.SpecializationError, match="_stats covers whole runs"):
             fn(con, sel, "aggregates")
     else:
         pd.testing.assert_frame_equal(fn(con, sel, "aggregates"), want)

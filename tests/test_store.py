@@ -425,9 +425,10 @@ def test_compaction_is_idempotent_and_never_double_counts(tmp_path):
 
 
 def check_route_stats(con, routes: pd.DataFrame) -> None:
-    """token_stats and sequence_stats (built by compaction) equal pandas counts of the written routes."""
+    """token_stats, position_stats and sequence_stats (built by compaction) equal pandas counts of the routes."""
     assert con.execute("SELECT route_stats_complete FROM runs").fetchone()[0] is True
     for table, keys in (("token_stats", ["rank", "layer", "token_id", "expert"]),
+                        ("position_stats", ["rank", "layer", "pos", "expert"]),
                         ("sequence_stats", ["step", "rank", "seq", "layer", "expert"])):
         r = routes.astype({k: "int64" for k in keys})
         exp = r.groupby(keys).agg(assigned=("slot", "size"), first_choice=("slot", lambda x: int((x == 0).sum())))
