@@ -39,11 +39,36 @@ FIRST_CHART_TARGET_S = 3.0
 WIDGET_TARGET_S = 1.0
 TIMEOUT_MS = 180_000
 
-# JS: a fingerprint of every drawn Plotly chart (its title and data size), to tell when a chart was redrawn
-CHART_SIGNATURE = """() => [...document.querySelectorAll('[data-testid="stMain"] .js-plotly-plot')].map(gd => {
-    const t = gd.layout && gd.layout.title ? (gd.layout.title.text || '') : '';
-    let n = ''; try { n = JSON.stringify(gd.data).length + ':' + JSON.stringify(gd.data).slice(0, 4000).split('').reduce((h, c) => (h * 31 + c.charCodeAt(0)) | 0, 0); } catch (e) {}
-    return t + '#' + n; }).join('|')"""
+# JS: a fingerprint of every drawn Plotly chart (its title and a checksum of its traces), to tell when a chart
+# was redrawn. Cheap on purpose: it runs every 50 ms while the page draws, so a JSON.stringify of the data (what it
+# once was) took 0.1 s a poll on the Toy MoE's maps and slowed the very drawing it timed. Long strings (base64
+# arrays) are sampled at a stride of at most 20,000 characters; arrays are summed with position weights.
+CHART_SIGNATURE = """() => {
+    const h = (v, d) => {
+        if (v === null || v === undefined) return 0;
+        if (typeof v === 'number') return Number.isFinite(v) ? v : 7;
+        if (typeof v === 'boolean') return v ? 1 : 0;
+        if (typeof v === 'string') {
+            const step = Math.max(1, Math.ceil(v.length / 20000)); let s = v.length;
+            for (let i = 0; i < v.length; i += step) s = (s * 31 + v.charCodeAt(i)) % 1000000007;
+            return s; }
+        if (ArrayBuffer.isView(v)) {
+            let s = v.length;
+            for (let i = 0; i < v.length; i++) s = (s + (Number.isFinite(v[i]) ? v[i] : 7) * ((i % 89) + 1)) % 1e12;
+            return s; }
+        if (Array.isArray(v)) {
+            let s = v.length;
+            for (let i = 0; i < v.length; i++) s = (s + h(v[i], d + 1) * ((i % 89) + 1)) % 1e12;
+            return s; }
+        if (typeof v === 'object' && d < 6) {
+            let s = 0;
+            for (const k of Object.keys(v)) if (k[0] !== '_') s = (s * 7 + h(k, d + 1) + h(v[k], d + 1)) % 1e12;
+            return s; }
+        return 0; };
+    return [...document.querySelectorAll('[data-testid="stMain"] .js-plotly-plot')].map(gd => {
+        const t = gd.layout && gd.layout.title ? (gd.layout.title.text || '') : '';
+        let n = ''; try { n = (gd.data || []).length + ':' + h(gd.data || [], 0); } catch (e) {}
+        return t + '#' + n; }).join('|'); }"""
 SETTLED = """() => { const app = document.querySelector('[data-testid="stApp"]');
     return app && app.getAttribute('data-test-script-state') === 'notRunning'
         && !document.querySelector('[data-testid="stStatusWidget"]')
@@ -84,7 +109,10 @@ def _radio(option: str):
 
 
 def _pick_option(page, box, option: str) -> None:
-    opener = box.locator('[role="combobox"], [data-baseweb="select"], button').first
+    """Open a select or multiselect and click `option` in its listbox. The opener is the widget's combobox input:
+    a label with a help tooltip puts a button before it (what made the sidebar's Layers multiselect time out)."""
+    combo = box.locator('[role="combobox"]')
+    opener = combo.first if combo.count() else box.locator('[data-baseweb="select"], button').first
     opener.click()
     page.get_by_role("option", name=option, exact=True).first.click()
 
@@ -135,8 +163,9 @@ def _sidebar_layer(page):
 
 def _clear_sidebar_layer(page):
     box = _labelled(page, "stMultiSelect", "Layers", area="stSidebar")
-    box.click()
-    box.locator("input").first.press("Backspace")
+    field = box.locator('[role="combobox"]').first
+    field.click()
+    field.press("Backspace")
     page.keyboard.press("Escape")
 
 

@@ -312,10 +312,33 @@ def test_toy_page_shows_maps_and_accuracy(store):
     at = open_app(store, page="toy")
     maps = chart(at, "decision maps")
     assert len(maps["data"]) == 12  # 2 ways x k = 1..6
+    # every map is the model's P(class 1) on the page's default grid (seed 0, 1000 points, noise 0.1, 51 x 51)
+    from moeviz.toy import toy_moe
+
+    model = toy_moe(0, 1000, 51, noise=0.1)
+    for i, key in [(0, ("compile", 1)), (5, ("compile", 6)), (6, ("run", 1)), (11, ("run", 6))]:
+        trace = maps["data"][i]
+        np.testing.assert_allclose(arr(trace["z"]), model.maps[key], atol=6e-4)  # float32, 3 decimals
+        np.testing.assert_allclose(arr(trace["x"]), model.grid)
+        assert "P(class 1)" in trace["hovertemplate"]
+    at.select_slider(key="toy_grid").set_value(81).run()
+    assert arr(chart(at, "decision maps")["data"][0]["z"]).shape == (81, 81)
     table = at.dataframe[0].value.set_index("k")
     assert list(table.index) == [1, 2, 3, 4, 5, 6]
     # the post's finding: one compile-time expert is a linear classifier, far worse than one run-time expert
     assert table.loc[1, "compile"] < table.loc[1, "run"] - 0.1
+
+
+def test_chart_downloads_write_the_charts_data_as_csv_on_demand():
+    import io
+
+    import pandas as pd
+
+    from app.components import csv_of
+
+    df = pd.DataFrame({"layer": [0, 1], "drop_rate": [0.25, 0.5]})
+    make = csv_of(df)  # called by Streamlit only when the user clicks the download button
+    pd.testing.assert_frame_equal(pd.read_csv(io.BytesIO(make())), df)
 
 
 # --- error cases ------------------------------------------------------------------------------------------------

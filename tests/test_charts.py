@@ -158,3 +158,22 @@ def test_compare_heatmaps_share_one_colour_scale(load_rows):
     assert len(fig.data) == 2
     assert fig.data[0].zmax == fig.data[1].zmax == pytest.approx(both.relative_load.max())
     assert [a.text for a in fig.layout.annotations] == ["run r", "run s"]
+
+
+def test_decision_maps_place_each_probability_at_its_point():
+    xs, ys = np.linspace(-1, 1, 5), np.linspace(-1, 1, 4)
+    gx, gy = np.meshgrid(xs, ys)
+    rows = []
+    for way in ("compile", "run"):
+        for k in (1, 2):
+            prob = (gx + 2 * gy + k + (way == "run")) / 10
+            rows.append(pd.DataFrame({"way": way, "k": k, "x": gx.ravel(), "y": gy.ravel(), "prob": prob.ravel()}))
+    df = pd.concat(rows, ignore_index=True).sample(frac=1.0, random_state=0)  # row order must not matter
+    fig = charts.decision_maps(df)
+    assert [t.hovertemplate.split("<br>")[0] for t in fig.data] == [
+        "compile time, k=1", "compile time, k=2", "run time, k=1", "run time, k=2"]
+    run2 = fig.data[3]
+    np.testing.assert_allclose(run2.x, xs) and np.testing.assert_allclose(run2.y, ys)
+    np.testing.assert_allclose(np.asarray(run2.z, float), np.round((gx + 2 * gy + 3) / 10, 3), atol=1e-6)
+    assert "P(class 1)" in run2.hovertemplate
+    assert sum(bool(t.showscale) for t in fig.data) == 1  # one colour legend for all maps

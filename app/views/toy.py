@@ -11,6 +11,13 @@ from moeviz import charts
 
 
 def render(ctx: Ctx | None) -> None:
+    _toy_model()
+
+
+@st.fragment
+def _toy_model() -> None:
+    """The toy's inputs and everything they drive. A fragment: changing an input re-runs and redraws this part
+    only, not the sidebar and the rest of the app around it (the toy needs no store)."""
     c1, c2, c3, c4 = st.columns(4)
     seed = int(c1.number_input("Seed", 0, 10_000, 0, key="toy_seed"))
     n_points = int(c2.number_input("Training points", 50, 5000, 1000, step=50, key="toy_points"))
