@@ -768,36 +768,44 @@ def _map_grid(d: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 def decision_maps(df: pd.DataFrame, *, ways: Sequence[str] = ("compile", "run"), points: pd.DataFrame | None = None) -> go.Figure:
     """The toy MoE's decision maps: P(class 1) over the plane, one row per sparsification way, one column per k
-    (`moeviz.toy.maps_frame`)."""
+    (`moeviz.toy.maps_frame`).
+
+    All maps share one pair of axes, each panel shifted by its column and row, with the plane's own coordinates
+    as tick labels under every panel and the panel titles as annotations. Twelve subplots (twelve axis pairs)
+    took the browser about twice as long to draw inside the dashboard, which redraws the figure on every change
+    of an input. The price: hover names the map and P(class 1), not the point's x and y.
+    """
     _need(df, ["way", "k", "x", "y", "prob"], "decision maps")
     title = "Toy MoE decision maps: compile-time vs run-time sparsification to k experts"
     if df.empty:
         return empty_figure(title)
     ks = sorted(df[df["way"].isin(ways)]["k"].unique())
     names = {"compile": "compile time", "run": "run time", "dense": "dense"}
-    fig = make_subplots(rows=len(ways), cols=len(ks), shared_xaxes=True, shared_yaxes=True,
-                        subplot_titles=[f"{names.get(w, w)}, k={k}" for w in ways for k in ks],
-                        horizontal_spacing=0.015, vertical_spacing=0.08)
     groups = {key: d for key, d in df.groupby(["way", "k"], sort=False)}
+    traces, notes, shift, rise = [], [], None, None
     for r, way in enumerate(ways):
         for c, k in enumerate(ks):
             d = groups.get((way, k))
             if d is None:
                 continue
             xs, ys, z = _map_grid(d)
-            fig.add_trace(
-                go.Heatmap(z=z, x=xs, y=ys,
-                           zmin=0, zmax=1, colorscale=DIVERGING, showscale=(r == 0 and c == 0),
-                           colorbar=dict(title=dict(text="P(first quadrant)")),
-                           hovertemplate=f"{names.get(way, way)}, k={k}<br>x: %{{x:.2f}}<br>y: %{{y:.2f}}"
-                           "<br>P(class 1): %{z:.3f}<extra></extra>"),
-                row=r + 1, col=c + 1,
-            )
-    for c in range(1, len(ks) + 1):
-        fig.update_xaxes(title_text="x", row=len(ways), col=c)
-    for r in range(1, len(ways) + 1):
-        fig.update_yaxes(title_text="y", row=r, col=1)
-    fig.update_yaxes(scaleanchor=None)
+            if shift is None:  # panel pitch: the plane's extent plus a gap (between rows: room for the titles)
+                lo, hi = float(min(xs[0], ys[0])), float(max(xs[-1], ys[-1]))
+                shift, rise = (hi - lo) * 1.1, (hi - lo) * 1.25
+            label = f"{names.get(way, way)}, k={k}"
+            traces.append(go.Heatmap(
+                z=z, x=xs + c * shift, y=ys - r * rise, zmin=0, zmax=1, colorscale=DIVERGING,
+                showscale=not traces, colorbar=dict(title=dict(text="P(first quadrant)")),
+                hovertemplate=f"{label}<br>P(class 1): %{{z:.3f}}<extra></extra>", name=label))
+            notes.append(dict(text=label, x=(lo + hi) / 2 + c * shift, y=hi - r * rise, xref="x", yref="y",
+                              yanchor="bottom", showarrow=False, font=dict(size=12)))
+    fig = go.Figure(traces, layout=dict(annotations=notes))
+    ticks = [lo, (lo + hi) / 2, hi]
+    fig.update_xaxes(title_text="x", tickvals=[t + c * shift for c in range(len(ks)) for t in ticks],
+                     ticktext=[f"{t:g}" for _ in ks for t in ticks], showgrid=False, zeroline=False)
+    fig.update_yaxes(title_text="y", tickvals=[t - r * rise for r in range(len(ways)) for t in ticks],
+                     ticktext=[f"{t:g}" for _ in ways for t in ticks], showgrid=False, zeroline=False,
+                     scaleanchor="x", constrain="domain")
     return _finish(fig, title, height=260 * len(ways) + 120)
 
 

@@ -319,8 +319,12 @@ def test_toy_page_shows_maps_and_accuracy(store):
     for i, key in [(0, ("compile", 1)), (5, ("compile", 6)), (6, ("run", 1)), (11, ("run", 6))]:
         trace = maps["data"][i]
         np.testing.assert_allclose(arr(trace["z"]), model.maps[key], atol=6e-4)  # float32, 3 decimals
-        np.testing.assert_allclose(arr(trace["x"]), model.grid)
-        assert "P(class 1)" in trace["hovertemplate"]
+        x, y = arr(trace["x"]), arr(trace["y"])  # the panel's grid, shifted to its place on the shared axes
+        np.testing.assert_allclose(x - x[0], model.grid - model.grid[0], atol=1e-12)
+        np.testing.assert_allclose(y - y[0], model.grid - model.grid[0], atol=1e-12)
+        assert trace["hovertemplate"].startswith(trace["name"] + "<br>P(class 1): %{z")
+    titles = [a["text"] for a in maps["layout"]["annotations"]]
+    assert titles[:2] == ["compile time, k=1", "compile time, k=2"] and titles[6] == "run time, k=1"
     at.select_slider(key="toy_grid").set_value(81).run()
     assert arr(chart(at, "decision maps")["data"][0]["z"]).shape == (81, 81)
     table = at.dataframe[0].value.set_index("k")

@@ -170,10 +170,15 @@ def test_decision_maps_place_each_probability_at_its_point():
             rows.append(pd.DataFrame({"way": way, "k": k, "x": gx.ravel(), "y": gy.ravel(), "prob": prob.ravel()}))
     df = pd.concat(rows, ignore_index=True).sample(frac=1.0, random_state=0)  # row order must not matter
     fig = charts.decision_maps(df)
-    assert [t.hovertemplate.split("<br>")[0] for t in fig.data] == [
-        "compile time, k=1", "compile time, k=2", "run time, k=1", "run time, k=2"]
-    run2 = fig.data[3]
-    np.testing.assert_allclose(run2.x, xs) and np.testing.assert_allclose(run2.y, ys)
+    labels = ["compile time, k=1", "compile time, k=2", "run time, k=1", "run time, k=2"]
+    assert [t.hovertemplate.split("<br>")[0] for t in fig.data] == labels
+    assert [a.text for a in fig.layout.annotations] == labels  # panel titles
+    # one pair of axes: panels side by side (columns: k) and stacked (rows: way), none overlapping
+    run2, compile1 = fig.data[3], fig.data[0]
+    np.testing.assert_allclose(compile1.x, xs) and np.testing.assert_allclose(compile1.y, ys)
+    assert run2.x[0] > compile1.x[-1] and run2.y[-1] < compile1.y[0]
+    np.testing.assert_allclose(np.diff(run2.x), np.diff(xs)) and np.testing.assert_allclose(np.diff(run2.y), np.diff(ys))
+    assert _axis_titles(fig) == ("x", "y") and list(fig.layout.xaxis.ticktext[:3]) == ["-1", "0", "1"]
     np.testing.assert_allclose(np.asarray(run2.z, float), np.round((gx + 2 * gy + 3) / 10, 3), atol=1e-6)
     assert "P(class 1)" in run2.hovertemplate
     assert sum(bool(t.showscale) for t in fig.data) == 1  # one colour legend for all maps

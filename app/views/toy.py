@@ -3,11 +3,37 @@
 
 from __future__ import annotations
 
+import dataclasses
+
+import numpy as np
 import streamlit as st
 
 from app.components import run_page, show_chart, show_table
 from app.state import Ctx, cached_pure
 from moeviz import charts
+
+
+FIT_GRID = 2  # the grid toy_moe draws its own maps on: the smallest it takes, as the page redraws them below
+
+
+@st.cache_data(max_entries=50, show_spinner=False)
+def _toy_at(seed: int, n_points: int, noise: float, grid: int):
+    """The toy fitted for (seed, points, noise), with its maps on a `grid` x `grid` plane.
+
+    `moeviz.toy.toy_moe` fits the model and draws the maps in one call, so a change of the map resolution alone
+    refitted the model (0.4-0.7 s of the 2 s that change took). Here the fit is cached without the resolution and
+    the maps are evaluated from its parameters, the way toy_moe evaluates them."""
+    from moeviz.toy import N_EXPERTS, predict
+
+    fitted = cached_pure("moeviz.toy.toy_moe", seed, n_points, FIT_GRID, noise=noise)
+    axis = np.linspace(-1.0, 1.0, grid)
+    gx, gy = np.meshgrid(axis, axis)  # row = y, column = x
+    plane = np.column_stack([gx.ravel(), gy.ravel()])
+    maps = {("dense", N_EXPERTS): predict(fitted.params, plane).reshape(grid, grid)}
+    for way in ("compile", "run"):
+        for k in range(1, N_EXPERTS + 1):
+            maps[(way, k)] = predict(fitted.params, plane, way, k).reshape(grid, grid)
+    return dataclasses.replace(fitted, maps=maps, grid=axis)
 
 
 def render(ctx: Ctx | None) -> None:
@@ -24,7 +50,7 @@ def _toy_model() -> None:
     noise = float(c3.slider("Label noise (std)", 0.0, 0.5, 0.1, 0.01, key="toy_noise"))
     grid = int(c4.select_slider("Map resolution", [31, 51, 81, 101], value=51, key="toy_grid"))
     with st.spinner("Training the toy MoE..."):
-        result = cached_pure("moeviz.toy.toy_moe", seed, n_points, grid, noise=noise)
+        result = _toy_at(seed, n_points, noise, grid)
     maps = cached_pure("moeviz.toy.maps_frame", result)
     show_chart(charts.decision_maps(maps), maps, "toy-maps",
                caption="Blue: class 0, red: class 1 (the first quadrant). At k = 1 the compile-time model is one "
