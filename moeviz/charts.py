@@ -303,7 +303,12 @@ def _expert_colorscale(n_experts: int) -> list[list]:
 
 def token_routes(df: pd.DataFrame, *, n_experts: int, title: str = "Experts chosen for each token", max_label: int = 12) -> go.Figure:
     """The Mixtral paper's figure: a sequence's tokens in order, one row per MoE layer, each cell coloured by the
-    token's top (slot 0) expert and labelled with the token text; hover lists every chosen expert and weight.
+    token's top (slot 0) expert; the token texts label the x axis (position and text); hover lists the token and
+    every chosen expert and weight.
+
+    The texts are axis labels, not cell labels: a column is one token in every layer, so the cells repeated each
+    text once per layer (512 SVG texts for 64 tokens and 8 layers, most of the 0.25 s a draw took in the
+    browser, and unreadable at the dashboard's column width); the axis draws it once per token.
 
     `df` is `moeviz.queries.sequence_routes` output: pos, text, layer, slot, expert, weight.
     """
@@ -332,9 +337,6 @@ def token_routes(df: pd.DataFrame, *, n_experts: int, title: str = "Experts chos
             z=top.to_numpy(float),
             x=[str(p) for p in positions],
             y=[str(l) for l in layers],
-            text=[label] * len(layers),
-            texttemplate="%{text}",
-            textfont=dict(size=11),
             customdata=custom,
             hovertemplate="position %{x}, layer %{y}<br>token: %{customdata[0]}<br>top expert: %{z}"
             "<br>experts (weight): %{customdata[1]}<extra></extra>",
@@ -346,9 +348,13 @@ def token_routes(df: pd.DataFrame, *, n_experts: int, title: str = "Experts chos
             colorbar=dict(title=dict(text="top expert"), tickvals=list(range(n_experts)), ticktext=[str(e) for e in range(n_experts)]),
         )
     )
-    fig.update_xaxes(type="category", title_text="token position in the sequence")
+    fig.update_xaxes(type="category", title_text="token in the sequence (position and text)", tickmode="array",
+                     tickvals=[str(p) for p in positions], ticktext=[f"{p} {t}" for p, t in zip(positions, label)],
+                     tickangle=-90, tickfont=dict(size=11))
     fig.update_yaxes(type="category", autorange="reversed", title_text="MoE layer")
-    return _finish(fig, title, height=max(250, 40 * len(layers) + 140), width=max(700, 60 * len(positions) + 150))
+    # no layout width: the dashboard stretches the chart to its column anyway, and a figure width (60 px a token)
+    # made the browser draw it first at that width (about 4,000 px), then again at the column's
+    return _finish(fig, title, height=max(300, 40 * len(layers) + 200))  # +60 px: the vertical token labels
 
 
 def _visible(text) -> str:

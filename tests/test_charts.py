@@ -109,20 +109,23 @@ def test_token_routes_colours_each_cell_by_its_top_expert():
     fig = charts.token_routes(df, n_experts=6)
     (hm,) = fig.data
     np.testing.assert_array_equal(np.asarray(hm.z, float), r["index"][:, :, 0].T)  # [layers, tokens]
-    assert list(hm.text[0]) == [f"tok{t}" for t in r["token_ids"]]
+    assert list(fig.layout.xaxis.ticktext) == [f"{p} tok{t}" for p, t in enumerate(r["token_ids"])]  # each token once
+    assert list(fig.layout.xaxis.tickvals) == list(hm.x) and hm.text is None
     # hover lists both chosen experts with their weights
     t, layer = 4, 1
     e0, e1 = r["index"][t, layer]
     w0, w1 = r["weights"][t, layer]
     assert hm.customdata[layer][t][1] == f"e{e0} ({w0:.3f}), e{e1} ({w1:.3f})"
     assert hm.zmin == -0.5 and hm.zmax == 5.5
-    assert _axis_titles(fig) == ("token position in the sequence", "MoE layer")
+    assert _axis_titles(fig) == ("token in the sequence (position and text)", "MoE layer")
 
 
 def test_token_routes_makes_whitespace_visible():
     df = pd.DataFrame({"pos": [0, 1], "text": [" the", "\n"], "layer": [0, 0], "slot": [0, 0], "expert": [1, 0],
                        "weight": [1.0, 1.0]})
-    assert list(charts.token_routes(df, n_experts=2).data[0].text[0]) == ["·the", "⏎"]
+    fig = charts.token_routes(df, n_experts=2)
+    assert list(fig.layout.xaxis.ticktext) == ["0 ·the", "1 ⏎"]
+    assert [c[0] for c in fig.data[0].customdata[0]] == ["·the", "⏎"]  # hover: the token
 
 
 def test_sankey_links_carry_the_flows():

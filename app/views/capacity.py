@@ -14,6 +14,13 @@ CURVE_FACTORS = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 4.0)
 
 
 def render(ctx: Ctx) -> None:
+    _drops(ctx)
+
+
+@st.fragment
+def _drops(ctx: Ctx) -> None:
+    """The capacity factor, policy and group inputs and everything they drive. A fragment: changing an input
+    re-runs and redraws this part only, not the sidebar around it."""
     model_cf = ctx.run.get("capacity_factor")
     default_cf = float(model_cf) if model_cf and model_cf == model_cf else 1.25
     c1, c2, c3 = st.columns([2, 1, 1])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pandas as pd
 import streamlit as st
 
 from app.components import run_page, show_chart, show_table
@@ -38,6 +39,15 @@ def render(ctx: Ctx) -> None:
     routes = ctx.q("moeviz.queries.sequence_routes", ctx.run_id, int(row["step"]), int(row["rank"]), int(row["seq"]))
     if ctx.sel.layers is not None:
         routes = routes[routes["layer"].isin(ctx.sel.layers)]
+    _token_window(routes, row, ctx.n_experts)
+    with st.expander("All routes of this sequence"):
+        show_table(routes, "sequence-routes")
+
+
+@st.fragment
+def _token_window(routes: pd.DataFrame, row: pd.Series, n_experts: int) -> None:
+    """The "First token shown" slider and the chart it drives. A fragment: moving the window re-runs and redraws
+    this part only, not the sidebar, the sequence list and the table of the sequence's routes."""
     n_pos = int(routes["pos"].nunique()) if not routes.empty else 0
     window = 64
     start = 0
@@ -45,13 +55,10 @@ def render(ctx: Ctx) -> None:
         start = st.slider("First token shown", 0, n_pos - window, 0, step=8, key="tokens_start")
     positions = sorted(routes["pos"].unique())[start : start + window]
     shown = routes[routes["pos"].isin(positions)]
-    fig = charts.token_routes(shown, n_experts=ctx.n_experts,
+    fig = charts.token_routes(shown, n_experts=n_experts,
                               title=f"Top expert of each token, per layer (step {row['step']}, sequence {row['seq']})")
     show_chart(fig, shown, "token-routes", caption="Each cell is a token at one MoE layer, coloured by its top "
                "expert; hover shows every chosen expert and its gate weight.")
-    with st.expander("All routes of this sequence"):
-        show_table(routes, "sequence-routes")
-
 
 if __name__ == "__main__":
     run_page("Tokens", render)
