@@ -185,3 +185,20 @@ def test_decision_maps_place_each_probability_at_its_point():
     np.testing.assert_allclose(np.asarray(run2.z, float), np.round((gx + 2 * gy + 3) / 10, 3), atol=1e-6)
     assert "P(class 1)" in run2.hovertemplate
     assert sum(bool(t.showscale) for t in fig.data) == 1  # one colour legend for all maps
+
+
+def test_charts_use_plotly_white_for_every_trace_type_they_draw():
+    import re
+    from pathlib import Path
+
+    import plotly.io as pio
+
+    white = pio.templates["plotly_white"]
+    template = charts._LAYOUT["template"]
+    assert template.layout.to_plotly_json() == white.layout.to_plotly_json()
+    for t in charts.TRACE_TYPES:
+        assert template.data[t] == white.data[t]
+    drawn = set(re.findall(r"go\.([A-Z][a-zA-Z]*)\(", Path(charts.__file__).read_text())) - {"Figure"}
+    assert {d.lower() for d in drawn} <= set(charts.TRACE_TYPES)
+    fig = charts.drop_bars(pd.DataFrame({"layer": [0, 1], "drop_rate": [0.1, 0.2]}), by="layer", cf=1.0)
+    assert fig.layout.template.layout.plot_bgcolor == "white"
