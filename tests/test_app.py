@@ -231,6 +231,29 @@ def test_capacity_slider_changes_the_dropped_share(store, routing):
     assert len(charts(at)) == 4  # per layer, per domain, per expert, curve
 
 
+@pytest.mark.parametrize("policy", ["position", "probability"])
+def test_capacity_drops_per_domain_match_the_analysis_at_the_chosen_factor(store, policy):
+    """The page picks the per-domain drops out of one query for every slider value: the same numbers as the
+    analysis at that one factor."""
+    from moeviz.capacity import capacity_drops
+    from moeviz.selection import Selection
+    from moeviz.store import open_store
+
+    at = open_app(store, page="capacity")
+    at.radio(key="cap_policy").set_value(policy).run()
+    con = open_store(store)
+    try:
+        for cf in (0.75, 1.15):
+            at.slider(key="cap_cf").set_value(cf).run()
+            want = capacity_drops(con, Selection(run_ids=("main",)), cf, policy=policy, by=("domain",))
+            bars = chart(at, "Dropped share per domain")["data"]
+            got = {str(x): y for t in bars for x, y in zip(t["x"], arr(t["y"]))}
+            assert got == pytest.approx(dict(zip(want["domain"].astype(str), want["drop_rate"])), abs=1e-12)
+            assert want["dropped"].sum() > 0  # the factor drops something: the comparison is not all zeros
+    finally:
+        con.close()
+
+
 def test_tokens_page_colours_tokens_by_their_top_expert(store, routing):
     at = open_app(store, page="tokens")
     hm = chart(at, "Top expert of each token")["data"][0]
