@@ -81,6 +81,26 @@ def _hover(cols: Sequence[str], start: int = 0) -> str:
 # --- generic building blocks ------------------------------------------------------------------------------------
 
 
+def _cell_grids(df: pd.DataFrame, x: str, y: str, cols: Sequence[str], xs: Sequence, ys: Sequence) -> list[np.ndarray]:
+    """Each column of `cols` as a [len(ys), len(xs)] grid of the cell's first row: the first (z) as floats with
+    NaN where no row falls, the others as objects with None. One placement for all columns: a pivot_table per column took ~10 ms, 0.13 s of the heat maps a
+    Specialization layer change redraws."""
+    d = df.drop_duplicates([y, x])
+    yi = pd.Index(list(ys)).get_indexer(d[y])
+    xi = pd.Index(list(xs)).get_indexer(d[x])
+    keep = (yi >= 0) & (xi >= 0)
+    grids = []
+    for i, c in enumerate(cols):
+        if i == 0:  # the heat map's z: floats, NaN where no row (or a null) falls
+            g = np.full((len(ys), len(xs)), np.nan)
+            g[yi[keep], xi[keep]] = pd.to_numeric(d[c], errors="coerce").to_numpy(float, na_value=np.nan)[keep]
+        else:
+            g = np.full((len(ys), len(xs)), None, dtype=object)
+            g[yi[keep], xi[keep]] = d[c].to_numpy(object)[keep]
+        grids.append(g)
+    return grids
+
+
 def heatmap(
     df: pd.DataFrame,
     *,
@@ -105,19 +125,13 @@ def heatmap(
         return empty_figure(title)
     xs = sorted(df[x].unique())
     ys = sorted(df[y].unique())
-    grid = df.pivot_table(index=y, columns=x, values=z, aggfunc="first").reindex(index=ys, columns=xs)
-    custom = None
-    if hover:
-        layers = [
-            df.pivot_table(index=y, columns=x, values=h, aggfunc="first").reindex(index=ys, columns=xs).to_numpy(object)
-            for h in hover
-        ]
-        custom = np.stack(layers, axis=-1)
+    grids = _cell_grids(df, x, y, [z, *hover], xs, ys)
+    custom = np.stack(grids[1:], axis=-1) if hover else None
     hovertemplate = f"{_fmt(x)}: %{{x}}<br>{_fmt(y)}: %{{y}}<br>{z_title}: %{{z:.4g}}"
     if hover:
         hovertemplate += "<br>" + _hover(hover)
     trace = go.Heatmap(
-        z=grid.to_numpy(float),
+        z=grids[0],
         x=[str(v) for v in xs],
         y=[str(v) for v in ys],
         customdata=custom,

@@ -202,3 +202,11 @@ def test_charts_use_plotly_white_for_every_trace_type_they_draw():
     assert {d.lower() for d in drawn} <= set(charts.TRACE_TYPES)
     fig = charts.drop_bars(pd.DataFrame({"layer": [0, 1], "drop_rate": [0.1, 0.2]}), by="layer", cf=1.0)
     assert fig.layout.template.layout.plot_bgcolor == "white"
+
+
+def test_heatmap_places_rows_in_any_order_and_leaves_missing_cells_empty():
+    df = pd.DataFrame({"expert": [2, 0, 1, 0], "layer": [1, 1, 0, 0], "v": [0.5, 0.3, 0.2, 0.1], "n": [5, 3, 2, 1]})
+    (hm,) = charts.heatmap(df, x="expert", y="layer", z="v", title="t", x_title="x", y_title="y", z_title="z",
+                           hover=["n"]).data
+    np.testing.assert_array_equal(np.asarray(hm.z, float), [[0.1, 0.2, np.nan], [0.3, np.nan, 0.5]])
+    assert [[c[0] for c in row] for row in hm.customdata] == [[1, 2, None], [3, None, 5]]
