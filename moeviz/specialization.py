@@ -101,19 +101,21 @@ class _RunId(str):
     steps of a 100M-route store went from 14.2 s to 1.0 s.
 
     `route_stats`: `token_stats` and `sequence_stats` count every route of the run (`runs.route_stats_complete`).
+    `one_rank`: the run has a single rank, so the rows of token_stats/position_stats are already one per cell.
     `source`: the caller's choice among SOURCES (see `_from_aggregates`).
     """
 
     alone: bool = False
     seq_steps: tuple[int, ...] | None = None
     route_stats: bool = False
+    one_rank: bool = False
     source: str = "auto"
 
     @staticmethod
     def of(run_id: str, alone: bool, seq_steps: tuple[int, ...] | None = None, route_stats: bool = False,
-           source: str = "auto") -> "_RunId":
+           one_rank: bool = False, source: str = "auto") -> "_RunId":
         r = _RunId(run_id)
-        r.alone, r.seq_steps, r.route_stats, r.source = alone, seq_steps, route_stats, source
+        r.alone, r.seq_steps, r.route_stats, r.one_rank, r.source = alone, seq_steps, route_stats, one_rank, source
         return r
 
 
@@ -187,9 +189,12 @@ def _per_run(con, sel: Selection, columns: list[str], one_run, source: str = "au
     frames = []
     run_ids = _run_ids(con, sel)  # first: a connection without the moeviz tables gets SpecializationError here
     alone = holds_one_run(con)
-    complete = dict(con.execute("SELECT run_id, coalesce(route_stats_complete, FALSE) FROM runs").fetchall())
+    runs = {r[0]: r[1:] for r in con.execute(
+        "SELECT run_id, coalesce(route_stats_complete, FALSE), coalesce(world_size, 0) = 1 FROM runs").fetchall()}
     for run_id in run_ids:
-        run_id = _RunId.of(run_id, alone, _sequence_steps(con, sel, run_id), bool(complete.get(run_id)), source)
+        complete, one_rank = runs.get(run_id, (False, False))
+        one_rank = one_rank or (sel.ranks is not None and len(set(sel.ranks)) == 1)
+        run_id = _RunId.of(run_id, alone, _sequence_steps(con, sel, run_id), bool(complete), bool(one_rank), source)
         df = one_run(run_id)
         if len(df):
             df.insert(0, "run_id", run_id)
@@ -287,6 +292,9 @@ def _token_cells(sel: Selection, run_id: str) -> tuple[str, list]:
     covers every step and sequence)."""
     if _whole_run_stats_usable(sel, run_id, "token_stats"):
         where, params = sel.with_(run_ids=None).where("t")
+        if run_id.one_rank:  # one row per cell already: a GROUP BY over ~2M cells would cost 2/3 of the query
+            return (f"SELECT t.layer, t.token_id, t.expert, t.assigned AS n, t.first_choice AS f "
+                    f"FROM token_stats t WHERE t.run_id = ? AND t.token_id <> -1 AND {where}", [str(run_id), *params])
         return (f"SELECT t.layer, t.token_id, t.expert, sum(t.assigned) AS n, sum(t.first_choice) AS f "
                 f"FROM token_stats t WHERE t.run_id = ? AND t.token_id <> -1 AND {where} GROUP BY ALL",
                 [str(run_id), *params])
