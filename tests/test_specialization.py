@@ -752,3 +752,23 @@ def test_auto_reads_routes_when_the_aggregates_are_missing_and_aggregates_says_w
         sp.domain_share(old, sel, source="aggregates")
     with pytest.raises(sp.SpecializationError, match="source must be one of"):
         sp.coactivation(new, sel, source="parquet")
+
+
+def test_auto_reads_routes_on_a_connection_without_the_aggregate_tables():
+    """A user's own copy of a few tables (runs still says the route stats are complete; layer_stats in its first
+    form, without the adjacency columns): every analysis still answers, from routes."""
+    import duckdb
+
+    r, keep = _routing(8, n_steps=2, n_layers=2, n_experts=5, top_k=2, seqs_per_step=2, seq_len=8)
+    full = store_from_routing(**r, keep=keep)
+    copy = duckdb.connect()
+    for t in ("runs", "layers", "routes", "sequences", "step_stats", "vocab"):
+        copy.register("_t", full.execute(f"SELECT * FROM {t}").df())
+        copy.execute(f"CREATE TABLE {t} AS SELECT * FROM _t")
+    copy.register("_t", full.execute("SELECT run_id, step, rank, layer, tokens, z_loss_sum, entropy_sum, dropped "
+                                     "FROM layer_stats").df())
+    copy.execute("CREATE TABLE layer_stats AS SELECT * FROM _t")
+    sel = Selection()
+    for fn in (sp.coactivation, sp.consecutive_agreement, sp.domain_share, sp.vocab_specialization,
+               sp.position_share, sp.mutual_information):
+        pd.testing.assert_frame_equal(fn(copy, sel), fn(full, sel, source="routes"))
