@@ -172,14 +172,7 @@ def toy_moe(seed: int = 0, n_points: int = 1000, grid: int = 101, *, noise: floa
             rows.append({"k": k, "way": way, "accuracy": _accuracy(params, X_test, y_test, way, k)})
     accuracy = pd.DataFrame(rows)
 
-    axis = np.linspace(-extent, extent, grid)  # [grid]
-    gx, gy = np.meshgrid(axis, axis)  # [grid, grid]; row = y, column = x
-    G = np.column_stack([gx.ravel(), gy.ravel()])  # [grid^2, 2]
-    maps = {("dense", N_EXPERTS): predict(params, G).reshape(grid, grid)}
-    for way in ("compile", "run"):
-        for k in range(1, N_EXPERTS + 1):
-            maps[(way, k)] = predict(params, G, way, k).reshape(grid, grid)
-
+    axis, maps = decision_maps(params, grid, extent)
     points = pd.concat(
         [
             pd.DataFrame({"x": X[:, 0], "y": X[:, 1], "label": y.astype(int), "split": "train"}),
@@ -190,6 +183,20 @@ def toy_moe(seed: int = 0, n_points: int = 1000, grid: int = 101, *, noise: floa
     order = compile_time_experts(params, N_EXPERTS)
     return ToyResult(params=params, accuracy=accuracy, maps=maps, grid=axis, points=points,
                      compile_order=order, train_loss=train_loss)
+
+
+def decision_maps(params: ToyParams, grid: int, extent: float = 1.0) -> tuple[np.ndarray, dict]:
+    """P(class 1) on a grid x grid plane over [-extent, extent]^2 for the dense model and both sparsifications at
+    every k: (axis [grid], {(way, k): [grid, grid], row = y, column = x}). Separate from `toy_moe` so that a new
+    resolution redraws the maps of an already fitted model (the dashboard's resolution slider)."""
+    axis = np.linspace(-extent, extent, grid)  # [grid]
+    gx, gy = np.meshgrid(axis, axis)  # [grid, grid]; row = y, column = x
+    G = np.column_stack([gx.ravel(), gy.ravel()])  # [grid^2, 2]
+    maps = {("dense", N_EXPERTS): predict(params, G).reshape(grid, grid)}
+    for way in ("compile", "run"):
+        for k in range(1, N_EXPERTS + 1):
+            maps[(way, k)] = predict(params, G, way, k).reshape(grid, grid)
+    return axis, maps
 
 
 def _accuracy(params, X, y, way, k) -> float:

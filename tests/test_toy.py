@@ -130,3 +130,17 @@ def test_bad_way_or_k(res):
         predict(res.params, X, "sometimes", 2)
     with pytest.raises(ToyInputError):
         predict(res.params, X, "run", 7)
+
+
+def test_decision_maps_at_a_new_resolution_are_the_models_predictions():
+    """The dashboard redraws the maps of a fitted model at another resolution: each cell must be predict() at that
+    cell's (x, y), row = y and column = x."""
+    from moeviz.toy import decision_maps
+
+    fitted = toy_moe(seed=1, n_points=300, grid=5)
+    axis, maps = decision_maps(fitted.params, 7)
+    assert axis.tolist() == np.linspace(-1, 1, 7).tolist() and len(maps) == 13
+    for (way, k), grid in maps.items():
+        for i, j in ((0, 6), (3, 1), (6, 4)):
+            want = predict(fitted.params, np.array([[axis[j], axis[i]]]), way, k)[0]
+            assert grid[i, j] == want

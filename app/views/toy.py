@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import numpy as np
 import streamlit as st
 
 from app.components import run_page, show_chart, show_table
@@ -22,17 +21,11 @@ def _toy_at(seed: int, n_points: int, noise: float, grid: int):
 
     `moeviz.toy.toy_moe` fits the model and draws the maps in one call, so a change of the map resolution alone
     refitted the model (0.4-0.7 s of the 2 s that change took). Here the fit is cached without the resolution and
-    the maps are evaluated from its parameters, the way toy_moe evaluates them."""
-    from moeviz.toy import N_EXPERTS, predict
+    the maps are redrawn from its parameters (`moeviz.toy.decision_maps`)."""
+    from moeviz.toy import decision_maps
 
     fitted = cached_pure("moeviz.toy.toy_moe", seed, n_points, FIT_GRID, noise=noise)
-    axis = np.linspace(-1.0, 1.0, grid)
-    gx, gy = np.meshgrid(axis, axis)  # row = y, column = x
-    plane = np.column_stack([gx.ravel(), gy.ravel()])
-    maps = {("dense", N_EXPERTS): predict(fitted.params, plane).reshape(grid, grid)}
-    for way in ("compile", "run"):
-        for k in range(1, N_EXPERTS + 1):
-            maps[(way, k)] = predict(fitted.params, plane, way, k).reshape(grid, grid)
+    axis, maps = decision_maps(fitted.params, grid)
     return dataclasses.replace(fitted, maps=maps, grid=axis)
 
 
