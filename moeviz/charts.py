@@ -293,23 +293,30 @@ def small_multiples(
     )
     color_values = sorted(df[color].unique()) if color else [None]
     palette = EXPERT_COLORS
+    groups = dict(iter(df.sort_values(x).groupby([facet, color] if color else [facet], sort=False)))
+    traces, rows, cols, shapes = [], [], [], []
     for i, f in enumerate(facets):
         r, c = divmod(i, n_cols)
-        sub = df[df[facet] == f]
         for j, cv in enumerate(color_values):
-            g = (sub[sub[color] == cv] if color else sub).sort_values(x)
+            g = groups.get((f, cv) if color else (f,))
+            if g is None:
+                continue
             name = f"{_fmt(color)} {cv}" if color else y
-            fig.add_trace(
-                go.Scatter(
-                    x=g[x], y=g[y], mode="lines", name=name, legendgroup=name, showlegend=i == 0 and color is not None,
-                    line=dict(color=palette[j % len(palette)], width=1.5),
-                    hovertemplate=f"{_fmt(facet)} {f}, {name}<br>{_fmt(x)}: %{{x}}<br>{y_title}: %{{y:.4g}}<extra></extra>",
-                ),
-                row=r + 1, col=c + 1,
-            )
-        for label, value in (references or {}).items():
-            if value is not None:
-                fig.add_hline(y=float(value), line_dash="dot", line_color="gray", row=r + 1, col=c + 1)
+            traces.append(go.Scatter(
+                x=g[x].to_numpy(), y=g[y].to_numpy(), mode="lines", name=name, legendgroup=name,
+                showlegend=i == 0 and color is not None, line=dict(color=palette[j % len(palette)], width=1.5),
+                hovertemplate=f"{_fmt(facet)} {f}, {name}<br>{_fmt(x)}: %{{x}}<br>{y_title}: %{{y:.4g}}<extra></extra>",
+            ))
+            rows.append(r + 1)
+            cols.append(c + 1)
+        axes = fig.get_subplot(r + 1, c + 1)
+        xref, yref = axes.xaxis.plotly_name.replace("axis", ""), axes.yaxis.plotly_name.replace("axis", "")
+        for value in (references or {}).values():
+            if value is not None:  # plain shape dicts: add_hline per panel cost 35 ms each (0.28 s of 0.94 s)
+                shapes.append(dict(type="line", xref=f"{xref} domain", x0=0, x1=1, yref=yref, y0=float(value),
+                                   y1=float(value), line=dict(dash="dot", color="gray")))
+    fig.add_traces(traces, rows=rows, cols=cols)
+    fig.update_layout(shapes=shapes)
     for c in range(1, n_cols + 1):
         fig.update_xaxes(title_text=x_title, row=n_rows, col=c)
     for r in range(1, n_rows + 1):

@@ -97,6 +97,9 @@ def test_small_multiples_one_panel_per_layer():
     assert [a.text for a in fig.layout.annotations][:5] == [f"layer {l}" for l in range(5)]
     # legend shows each expert once
     assert sum(bool(t.showlegend) for t in fig.data) == 4
+    # each panel's lines and its uniform 1/E line share that panel's axes
+    assert [(s.yref, s.y0) for s in fig.layout.shapes] == [(t.yaxis, 0.25) for t in fig.data[::4]]
+    assert {s.xref for s in fig.layout.shapes} == {f"{t.xaxis} domain" for t in fig.data}
 
 
 def test_token_routes_colours_each_cell_by_its_top_expert():
