@@ -509,6 +509,9 @@ def test_route_budget_queries_match_the_store(store, routing):
                                               "route_rows": len(routing["steps"]) * 3 * 2}
     assert queries.route_counts(two, "b") == {"routed_tokens": len(small["steps"]),
                                               "route_rows": len(small["steps"]) * 2 * 1}
+    # the same from the routes themselves, on a store without position_stats (a live or older run)
+    bare = store_from_routing(**routing, run_id="a", extra_stats=False)
+    assert queries.route_counts(bare, "a") == queries.route_counts(two, "a")
     # the last steps that fit the budget, at least one, None without steps
     assert queries.route_window([0, 1, 2, 3], 100, 250) == (2, 3)
     assert queries.route_window([0, 1, 2, 3], 100, 10) == (3, 3)
