@@ -816,26 +816,17 @@ def layer_flow(con, sel: Selection, layer_a: int, layer_b: int, *, slot0_only: b
     `layers` are ignored (the two layers are given); only pairs with tokens > 0 are listed.
     """
     layer_a, layer_b = int(layer_a), int(layer_b)
-    sel2 = sel.with_(layers=(layer_a, layer_b))
 
     def one(run_id: str) -> pd.DataFrame:
-        key = _TokenKey.of(con, sel2, run_id)
-        if slot0_only:
-            src, params = _routes(sel2, run_id, f"{key.tok} AS tok, r.layer, r.expert", extra="r.slot = 0")
-            sql = f"""
-                WITH t AS (
-                    SELECT min(expert) FILTER (WHERE layer = ?) AS ea, min(expert) FILTER (WHERE layer = ?) AS eb
-                    FROM ({src}) r GROUP BY tok)
-                SELECT ea AS expert_a, eb AS expert_b, count(*) AS tokens FROM t
-                WHERE ea IS NOT NULL AND eb IS NOT NULL GROUP BY ALL"""
-            df = _df(con, sql, [layer_a, layer_b] + params)
-        else:
-            src_a, pa = _routes(sel.with_(layers=(layer_a,)), run_id, f"{key.tok} AS tok, r.expert")
-            src_b, pb = _routes(sel.with_(layers=(layer_b,)), run_id, f"{key.tok} AS tok, r.expert")
-            sql = f"""
-                SELECT a.expert AS expert_a, b.expert AS expert_b, count(*) AS tokens
-                FROM ({src_a}) a JOIN ({src_b}) b ON a.tok = b.tok GROUP BY ALL"""
-            df = _df(con, sql, pa + pb)
+        # a join of the two layers' routes on the token's own keys: no pass over the routes for the extents a
+        # packed key needs (_TokenKey), and no GROUP BY into one group per token (100M routes: 5.0-5.4 s -> 3.0-3.5 s)
+        slot = "r.slot = 0" if slot0_only else ""
+        src_a, pa = _routes(sel.with_(layers=(layer_a,)), run_id, "r.step, r.rank, r.seq, r.pos, r.expert", extra=slot)
+        src_b, pb = _routes(sel.with_(layers=(layer_b,)), run_id, "r.step, r.rank, r.seq, r.pos, r.expert", extra=slot)
+        sql = f"""
+            SELECT a.expert AS expert_a, b.expert AS expert_b, count(*) AS tokens
+            FROM ({src_a}) a JOIN ({src_b}) b USING (step, rank, seq, pos) GROUP BY ALL"""
+        df = _df(con, sql, pa + pb)
         df.insert(0, "layer_a", layer_a)
         df.insert(2, "layer_b", layer_b)
         df["share_of_a"] = df["tokens"] / df.groupby("expert_a")["tokens"].transform("sum")
