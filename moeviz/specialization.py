@@ -201,8 +201,9 @@ def _per_run(con, sel: Selection, columns: list[str], one_run, source: str = "au
     frames = []
     run_ids = _run_ids(con, sel)  # first: a connection without the moeviz tables gets SpecializationError here
     alone = holds_one_run(con)
+    complete_col = "route_stats_complete" if "route_stats_complete" in _columns(con, "runs") else "FALSE"
     runs = {r[0]: r[1:] for r in con.execute(
-        "SELECT run_id, coalesce(route_stats_complete, FALSE), coalesce(world_size, 0) = 1 FROM runs").fetchall()}
+        f"SELECT run_id, coalesce({complete_col}, FALSE), coalesce(world_size, 0) = 1 FROM runs").fetchall()}
     have = _tables(con)
     for run_id in run_ids:
         complete, one_rank = runs.get(run_id, (False, False))

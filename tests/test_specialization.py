@@ -755,8 +755,8 @@ def test_auto_reads_routes_when_the_aggregates_are_missing_and_aggregates_says_w
 
 
 def test_auto_reads_routes_on_a_connection_without_the_aggregate_tables():
-    """A user's own copy of a few tables (runs still says the route stats are complete; layer_stats in its first
-    form, without the adjacency columns): every analysis still answers, from routes."""
+    """A user's own copy of a few tables in their first form (runs without route_stats_complete, layer_stats
+    without the adjacency columns, no pair/token/position/sequence stats): every analysis answers, from routes."""
     import duckdb
 
     r, keep = _routing(8, n_steps=2, n_layers=2, n_experts=5, top_k=2, seqs_per_step=2, seq_len=8)
@@ -765,6 +765,7 @@ def test_auto_reads_routes_on_a_connection_without_the_aggregate_tables():
     for t in ("runs", "layers", "routes", "sequences", "step_stats", "vocab"):
         copy.register("_t", full.execute(f"SELECT * FROM {t}").df())
         copy.execute(f"CREATE TABLE {t} AS SELECT * FROM _t")
+    copy.execute("ALTER TABLE runs DROP COLUMN route_stats_complete")  # `runs` as the first schema had it
     copy.register("_t", full.execute("SELECT run_id, step, rank, layer, tokens, z_loss_sum, entropy_sum, dropped "
                                      "FROM layer_stats").df())
     copy.execute("CREATE TABLE layer_stats AS SELECT * FROM _t")
