@@ -585,12 +585,10 @@ class Recorder:
             dev = logits.device
             if stream is not None:
                 seq, pos, tid, mask = stream.on(dev)
-            else:
+            else:  # no token layout: every token counts, adjacency is unknown (NULL)
+                seq = pos = tid = None
                 mask = torch.ones(logits.shape[0], dtype=torch.bool, device=dev)
-            if stream is not None:
-                agg = layer_aggregates(logits, index, dropped, mask, seq, pos)
-            else:
-                agg = layer_aggregates(logits, index, dropped, mask)
+            agg = layer_aggregates(logits, index, dropped, mask, seq, pos)
             record.pieces.append(_piece("agg", site.layer, agg))
             if self.pair_stats:
                 record.pieces.append(_piece("pairs", site.layer, pair_counts(index, mask, int(site.n_experts))))
