@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import pandas as pd
 
 from moeviz.errors import MoevizError
-from moeviz.store_reader import holds_one_run
+from moeviz.store_reader import holds_one_run, route_stats_complete
 
 
 class RunNotFoundError(MoevizError, LookupError):
@@ -95,7 +95,7 @@ def route_counts(con, run_id: str) -> dict:
     """{'routed_tokens', 'route_rows'}: tokens kept with per-token detail (slot-0 rows of the first layer that has
     routes) and all route rows of the run. From `position_stats` when it covers the run (milliseconds), else a scan
     of the routes (1-2 s at 100 M routes, so pages ask for it after their charts)."""
-    if _route_stats_complete(con, run_id):
+    if route_stats_complete(con).get(run_id):
         routed, rows = con.execute(
             "SELECT sum(first_choice) FILTER (WHERE layer = (SELECT min(layer) FROM position_stats WHERE run_id = ?)),"
             " sum(assigned) FROM position_stats WHERE run_id = ?", [run_id, run_id]).fetchone()
@@ -115,17 +115,6 @@ def route_counts(con, run_id: str) -> dict:
         [first] if alone else [first, run_id],
     ).fetchone()
     return {"routed_tokens": int(routed or 0), "route_rows": int(rows or 0)}
-
-
-def _route_stats_complete(con, run_id: str) -> bool:
-    """Whether position_stats counts every route of the run (runs.route_stats_complete, on a store that has it)."""
-    have = {r[0] for r in con.execute("SELECT column_name FROM information_schema.columns WHERE table_name = 'runs'")
-            .fetchall()}
-    if "route_stats_complete" not in have or not con.execute(
-            "SELECT count(*) FROM information_schema.tables WHERE table_name = 'position_stats'").fetchone()[0]:
-        return False
-    row = con.execute("SELECT route_stats_complete FROM runs WHERE run_id = ?", [run_id]).fetchone()
-    return bool(row and row[0])
 
 
 def has_routes(con, run_id: str) -> bool:

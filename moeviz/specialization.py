@@ -44,7 +44,7 @@ import pandas as pd
 
 from moeviz.errors import MoevizError
 from moeviz.load import run_query
-from moeviz.store_reader import holds_one_run
+from moeviz.store_reader import column_names, holds_one_run, route_stats_complete, table_names
 from moeviz.selection import Selection
 
 __all__ = [
@@ -152,20 +152,14 @@ def _sequence_stats_usable(run_id: "_RunId") -> bool:
                             "sequence_stats exists once a run is compacted and no routes were written since")
 
 
-def _tables(con) -> set[str]:
-    """Names of the tables and views `con` can query (a user's own connection may lack the aggregate tables,
-    e.g. a private copy of a few tables: the analyses then read routes)."""
-    return {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
-
-
 def _layer_stats_cover(con, sel: Selection, run_id: "_RunId", column: str) -> bool:
     """Whether layer_stats' `column` (filled by the Recorder on the device) is known for every selected step,
     rank and layer, so an analysis may read the exact aggregates. Domains and tags select tokens, which the
     aggregates do not break down."""
     if run_id.source == "routes":
         return False
-    usable = not sel.needs_sequences and column in _columns(con, "layer_stats") and (
-        column != "coactive_pairs" or "pair_stats" in _tables(con))
+    usable = not sel.needs_sequences and column in column_names(con, "layer_stats") and (
+        column != "coactive_pairs" or "pair_stats" in table_names(con))
     if usable:
         where, params = sel.with_(run_ids=None).where("l")
         n, known = con.execute(f"SELECT count(*), count({column}) FROM layer_stats l WHERE l.run_id = ? AND {where}",
@@ -177,11 +171,6 @@ def _layer_stats_cover(con, sel: Selection, run_id: "_RunId", column: str) -> bo
 
 
 _MAX_PREFILTER_STEPS = 256  # longer IN lists prune little and cost a hash probe per route
-
-
-def _columns(con, table: str) -> set[str]:
-    return {r[0] for r in con.execute("SELECT column_name FROM information_schema.columns WHERE table_name = ?",
-                                      [table]).fetchall()}
 
 
 def _sequence_steps(con, sel: Selection, run_id: str) -> tuple[int, ...] | None:
@@ -201,15 +190,12 @@ def _per_run(con, sel: Selection, columns: list[str], one_run, source: str = "au
     frames = []
     run_ids = _run_ids(con, sel)  # first: a connection without the moeviz tables gets SpecializationError here
     alone = holds_one_run(con)
-    complete_col = "route_stats_complete" if "route_stats_complete" in _columns(con, "runs") else "FALSE"
-    runs = {r[0]: r[1:] for r in con.execute(
-        f"SELECT run_id, coalesce({complete_col}, FALSE), coalesce(world_size, 0) = 1 FROM runs").fetchall()}
-    have = _tables(con)
+    complete = route_stats_complete(con)
+    one_rank_runs = {r[0] for r in con.execute("SELECT run_id FROM runs WHERE world_size = 1").fetchall()}
     for run_id in run_ids:
-        complete, one_rank = runs.get(run_id, (False, False))
-        complete = complete and {"token_stats", "position_stats", "sequence_stats"} <= have
-        one_rank = one_rank or (sel.ranks is not None and len(set(sel.ranks)) == 1)
-        run_id = _RunId.of(run_id, alone, _sequence_steps(con, sel, run_id), bool(complete), bool(one_rank), source)
+        one_rank = run_id in one_rank_runs or (sel.ranks is not None and len(set(sel.ranks)) == 1)
+        run_id = _RunId.of(run_id, alone, _sequence_steps(con, sel, run_id), complete.get(run_id, False), one_rank,
+                           source)
         df = one_run(run_id)
         if len(df):
             df.insert(0, "run_id", run_id)

@@ -268,6 +268,25 @@ def holds_one_run(con) -> bool:
     return con.execute("SELECT count(DISTINCT run_id) FROM runs").fetchone()[0] == 1
 
 
+def table_names(con) -> set[str]:
+    """Tables and views `con` can query. A user's own connection may lack the aggregate tables (e.g. a private
+    copy of a few tables), and the analyses then read `routes`."""
+    return {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
+
+
+def column_names(con, table: str) -> set[str]:
+    return {r[0] for r in con.execute("SELECT column_name FROM information_schema.columns WHERE table_name = ?",
+                                      [table]).fetchall()}
+
+
+def route_stats_complete(con) -> dict[str, bool]:
+    """Per run id: whether `token_stats`, `position_stats` and `sequence_stats` count every route of the run
+    (`runs.route_stats_complete`, on a connection that has those tables), so analyses may read them for `routes`."""
+    if not set(sg.ROUTE_STATS_TABLES) <= table_names(con) or "route_stats_complete" not in column_names(con, "runs"):
+        return {}
+    return {r[0]: bool(r[1]) for r in con.execute("SELECT run_id, route_stats_complete FROM runs").fetchall()}
+
+
 # ---------------------------------------------------------------------------------------------------- SQL from users
 
 
