@@ -133,7 +133,11 @@ class Ctx:
     @property
     def sel_routes(self) -> Selection:
         """The selection for analyses that read per-token routes: the sidebar's, cut to the per-token window."""
-        return self.sel if self.route_steps is None else self.sel.with_(steps=self.route_steps)
+        return self.in_route_window(self.sel)
+
+    def in_route_window(self, sel: Selection) -> Selection:
+        """`sel` cut to the per-token window (Compare applies it to a two-run selection)."""
+        return sel if self.route_steps is None else sel.with_(steps=self.route_steps)
 
     @property
     def window_steps(self) -> list[int]:

@@ -44,7 +44,7 @@ def render(ctx: Ctx) -> None:
     with guarded("Domain specialization"):
         st.caption(ctx.route_note)
         share = ctx.q_slow("Domain shares of both runs' per-token routes...", "moeviz.specialization.domain_share",
-                           sel if ctx.route_steps is None else sel.with_(steps=ctx.route_steps))
+                           ctx.in_route_window(sel))
         if share["domain"].notna().any():
             layers = sorted(share["layer"].unique())
             layer = int(st.selectbox("Layer", layers, key="cmp_layer"))

@@ -23,7 +23,7 @@ def _header(ctx: Ctx):
     low = st.columns(4)
     low[0].metric("Steps recorded", f"{int(run.get('steps') or 0):,}")
     low[1].metric("Tokens", f"{int(run.get('tokens') or 0):,}")
-    detail = low[2].empty()  # counting the routes scans them all: filled in after the charts (see render)
+    detail = low[2].empty()  # filled in after the charts (see render): on a live run the count scans the routes
     detail.metric("Tokens with detail", "…")
     low[3].metric("Sequences", f"{int(run.get('sequences') or 0):,}")
     if status == "failed" and run.get("error"):
@@ -82,6 +82,7 @@ def render(ctx: Ctx) -> None:
     with health_box, guarded("Health summary"), st.spinner("Checking the run's health...", show_time=True):
         _health(ctx)
     with guarded("Tokens with detail"), st.spinner("Counting the per-token routes...", show_time=True):
+        # milliseconds from position_stats on a compacted run, a scan of the routes (seconds) on a live one
         counts = ctx.q("moeviz.queries.route_counts", ctx.run_id)
         detail.metric("Tokens with detail", f"{counts['routed_tokens']:,}",
                       help=f"{counts['route_rows']:,} route rows (token × layer × slot)")
