@@ -458,10 +458,7 @@ def cases(probe_steps: list[int], n_layers: int) -> list[Case]:
         Case("health.health_summary", agg,
              lambda c, s: health.health_summary(c, s).fillna({"layer": -1, "expert": -1}),
              ["check", "layer", "expert"], ["value"], [(from_aggs, pd_health)]),
-        *specialization_cases(rts, from_routes),
-        Case(f"specialization.layer_flow (0 -> {n_layers - 1})", rts,
-             lambda c, s: spec.layer_flow(c, s, 0, n_layers - 1), ["expert_a", "expert_b"],
-             ["tokens", "share_of_a"], [(from_routes, lambda f: pd_layer_flow(f, 0, n_layers - 1))]),
+        *specialization_cases(rts, from_routes, n_layers),
     ]
     if sat_a is not None:
         out += [
@@ -477,7 +474,7 @@ def cases(probe_steps: list[int], n_layers: int) -> list[Case]:
     return out
 
 
-def specialization_cases(rts: str, from_routes: str) -> list[Case]:
+def specialization_cases(rts: str, from_routes: str, n_layers: int) -> list[Case]:
     """The specialization analyses that have aggregate tables, twice: from those tables (source='aggregates',
     which raises if they cannot serve; 'auto', the default, picks them for this whole-run selection) and forced
     to read the routes (source='routes')."""
@@ -521,6 +518,10 @@ def specialization_cases(rts: str, from_routes: str) -> list[Case]:
             Case(f"specialization.mutual_information{tag}", reads("token_stats + sequence_stats"),
                  with_source(spec.mutual_information), ["layer", "variable", "slots"], ["n", "mi", "nmi"],
                  [(from_routes, pd_mutual_information)]),
+            *(Case(f"specialization.layer_flow ({a} -> {b}){tag}", reads("flow_stats"),
+                   lambda c, s, a=a, b=b, src=src: spec.layer_flow(c, s, a, b, source=src), ["expert_a", "expert_b"],
+                   ["tokens", "share_of_a"], [(from_routes, lambda f, a=a, b=b: pd_layer_flow(f, a, b))])
+              for a, b in ((0, 1), (0, n_layers - 1))),
         ]
     return out
 

@@ -105,7 +105,7 @@ def route(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     return idx.astype(np.int16), (w / w.sum(-1, keepdims=True)).astype(np.float32)
 
 
-def flush_tables(router: Router, rng, shape: Shape, seqs: dict[str, np.ndarray]) -> dict:
+def flush_tables(router: Router, rng, shape: Shape, seqs: dict[str, np.ndarray], every_pair: bool = True) -> dict:
     """One flush from a batch of sequences: seqs has step, seq, domain (index), tag, token_id [n, P];
     sequences are sorted by step. Returns the four data tables of RunWriter.write_flush."""
     L, E, k, P = shape.layers, shape.experts, shape.top_k, shape.seq_len
@@ -159,7 +159,7 @@ def flush_tables(router: Router, rng, shape: Shape, seqs: dict[str, np.ndarray])
         "expert": idx.ravel(), "weight": w.ravel(),
     }
     return {"routes": routes, "step_stats": step_stats, "layer_stats": layer_stats, "sequences": sequences,
-            "pair_stats": pair_stats}
+            "pair_stats": pair_stats, "flow_stats": flow_table(idx, step_local, steps_u, E, every_pair)}
 
 
 def adjacency_columns(idx: np.ndarray, step_local: np.ndarray, S: int, P: int) -> dict[str, np.ndarray]:
@@ -189,6 +189,29 @@ def pair_counts(idx: np.ndarray, step_local: np.ndarray, S: int, E: int) -> np.n
             hi = np.maximum(idx[..., a], idx[..., b]).astype(np.int64)
             out += np.bincount((base + lo * E + hi).ravel(), minlength=L * S * E * E)
     return out.reshape(L, S, E, E)
+
+
+def flow_table(idx: np.ndarray, step_local: np.ndarray, steps_u: np.ndarray, E: int, every_pair: bool) -> dict:
+    """flow_stats rows (as Recorder(flow_stats='all' | 'adjacent') writes them) for layer pairs a < b: tokens
+    per (first choice in a, first choice in b) and k x k pairs, per step. idx [L, T, k]; step_local [T]."""
+    L, T, k = idx.shape
+    S = len(steps_u)
+    cols: dict[str, list] = {c: [] for c in ("step", "layer_a", "layer_b", "expert_a", "expert_b", "first_tokens",
+                                             "topk_pairs")}
+    base = step_local.astype(np.int64) * E * E  # [T]
+    for a in range(L):
+        for b in range(a + 1, L if every_pair else min(a + 2, L)):
+            ia, ib = idx[a].astype(np.int64), idx[b].astype(np.int64)  # [T, k]
+            first = np.bincount(base + ia[:, 0] * E + ib[:, 0], minlength=S * E * E)
+            pairs = (base[:, None, None] + ia[:, :, None] * E + ib[:, None, :]).ravel()  # [T * k * k]
+            both = np.bincount(pairs, minlength=S * E * E)
+            nz = np.flatnonzero(both)
+            s_i, cell = np.divmod(nz, E * E)
+            for c, v in (("step", steps_u[s_i]), ("layer_a", np.full(len(nz), a)), ("layer_b", np.full(len(nz), b)),
+                         ("expert_a", cell // E), ("expert_b", cell % E), ("first_tokens", first[nz]),
+                         ("topk_pairs", both[nz])):
+                cols[c].append(v)
+    return {c: np.concatenate(v) for c, v in cols.items()}
 
 
 def plan_steps(shape: Shape, routes: int) -> list[tuple[int, str]]:
@@ -222,7 +245,7 @@ def _folder_bytes(path: Path) -> int:
 
 
 def generate(out: Path, routes: int, shape: Shape = Shape(), *, seed: int = 0, steps_per_flush: int = 8,
-             quiet: bool = False, routes_format: str | None = None) -> dict:
+             quiet: bool = False, routes_format: str | None = None, flow: str = "all") -> dict:
     """Write and compact the run; returns figures (routes, seconds, bytes per route)."""
     rng = np.random.default_rng(seed)
     plan = plan_steps(shape, routes)
@@ -254,7 +277,7 @@ def generate(out: Path, routes: int, shape: Shape = Shape(), *, seed: int = 0, s
                           "tag": [tag] * n, "token_id": toks})
         seqs = {c: (np.concatenate([p[c] for p in parts]) if c != "tag" else sum((p[c] for p in parts), []))
                 for c in parts[0]}
-        tables = flush_tables(router, rng, shape, seqs)
+        tables = flush_tables(router, rng, shape, seqs, every_pair=flow == "all")
         w.write_flush(tables)
         written += len(tables["routes"]["expert"])
         if not quiet and (i // steps_per_flush) % 10 == 0:
@@ -284,11 +307,14 @@ def main(argv=None) -> int:
     ap.add_argument("--steps-per-flush", type=int, default=8)
     ap.add_argument("--routes-format", default=None, help="compact(routes_format=...): 'parquet' or 'duckdb' "
                     "(default: moeviz's default)")
+    ap.add_argument("--flow", choices=("all", "adjacent"), default="all",
+                    help="flow_stats for every pair of layers (as Recorder(flow_stats='all')) or each layer and the "
+                         "next (the Recorder's default)")
     args = ap.parse_args(argv)
     shape = Shape(layers=args.layers, experts=args.experts, top_k=args.top_k, batch=args.batch,
                   seq_len=args.seq_len)
     r = generate(args.out, args.routes, shape, seed=args.seed, steps_per_flush=args.steps_per_flush,
-                 routes_format=args.routes_format)
+                 routes_format=args.routes_format, flow=args.flow)
     print("| measure | value |\n|---|---|")
     print(f"| routes | {r['routes']:,} ({r['steps']} steps, {r['probe_steps']} of them probe steps) |")
     print(f"| generate + write segments | {r['generate_write_s']:.1f} s ({r['routes'] / r['generate_write_s'] / 1e6:.2f} M routes/s) |")

@@ -150,3 +150,24 @@ def packed_routes(
     if weight_scale != 1.0:
         w = w / float(weight_scale)
     return ints, w  # [M, 4 + k], [M, k]
+
+
+def flow_counts(index_a: Tensor, index_b: Tensor, mask: Tensor, n_a: int, n_b: int) -> Tensor:
+    """How the tokens of one step flow from the experts of layer a to those of layer b, as int32 [2, n_a * n_b]
+    (row-major: cell i * n_b + j). Row 0: tokens whose first choice is i in a and j in b. Row 1: (i, j) pairs
+    with i among the token's k_a experts in a and j among its k_b in b, summed over tokens (k_a * k_b per token).
+
+    index_a [N, k_a], index_b [N, k_b]: the same N tokens, in the same order, routed by two layers of one
+    forward; mask [N]. Two scatters into zero tensors of fixed size (64 Ki cells each for E = 256): no sync.
+    """
+    n, ka = index_a.shape
+    kb = index_b.shape[1]
+    dev = index_a.device
+    a = index_a.to(torch.int64)  # [N, k_a]
+    b = index_b.to(device=dev, dtype=torch.int64)  # [N, k_b]; a pipeline stage may hold layer b elsewhere
+    m = mask.to(device=dev, dtype=torch.int64)  # [N]
+    counts = torch.zeros(2, n_a * n_b, dtype=torch.int64, device=dev)
+    counts[0].scatter_add_(0, a[:, 0] * n_b + b[:, 0], m)  # [n_a * n_b]
+    cells = a[:, :, None] * n_b + b[:, None, :]  # [N, k_a, k_b]
+    counts[1].scatter_add_(0, cells.reshape(-1), m[:, None, None].expand(n, ka, kb).reshape(-1))
+    return counts.to(torch.int32)

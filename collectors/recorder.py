@@ -58,6 +58,7 @@ from torch import Tensor, nn
 from collectors.aggregates import (
     EXPERT_VECTORS,
     LAYER_SCALARS,
+    flow_counts,
     kept_token_slots,
     layer_aggregates,
     packed_routes,
@@ -66,6 +67,8 @@ from collectors.aggregates import (
 from moeviz.errors import MoevizError
 
 __all__ = ["Recorder", "RecorderError"]
+
+FLOW_CHOICES = ("adjacent", "all", None)  # Recorder(flow_stats=...): which pairs of layers get flow counts
 
 
 class RecorderError(MoevizError, RuntimeError):
@@ -205,21 +208,22 @@ def _concat_captured(segments: Sequence[_Segment]) -> tuple[Tensor | None, Tenso
 
 @dataclass
 class _Piece:
-    kind: str  # 'agg' (layer aggregates), 'pairs' (co-activation counts), 'route_ints' / 'route_weights'
-    # (per-token detail), 'seqs'
+    kind: str  # 'agg' (layer aggregates), 'pairs' (co-activation counts), 'flow' (layer-to-layer counts),
+    # 'route_ints' / 'route_weights' (per-token detail), 'seqs'
     layer: int | None  # MoE layer index (site.layer); None for 'seqs'
     shape: tuple[int, ...]  # shape of the packed tensor
     dtype: str  # its numpy dtype name: the host reads the flush's bytes back with it
     tensor: Tensor | None = None  # dropped before the layout goes to the writer thread
+    layer_b: int | None = None  # 'flow': the layer the tokens flow to
 
     @property
     def nbytes(self) -> int:
         return int(np.prod(self.shape)) * np.dtype(self.dtype).itemsize
 
 
-def _piece(kind: str, layer: int | None, tensor: Tensor) -> _Piece:
+def _piece(kind: str, layer: int | None, tensor: Tensor, layer_b: int | None = None) -> _Piece:
     dtype = str(tensor.dtype).removeprefix("torch.")
-    return _Piece(kind, layer, tuple(tensor.shape), dtype, tensor)
+    return _Piece(kind, layer, tuple(tensor.shape), dtype, tensor, layer_b)
 
 
 @dataclass
@@ -233,7 +237,7 @@ class _StepRecord:
 def _tables_from_host(host: np.ndarray, records: list[_StepRecord], rank: int, layer_experts: dict[int, int]) -> dict:
     """Turn one flush's host copy back into the store's column arrays (runs in the writer thread)."""
     cols: dict[str, dict[str, list]] = {t: {} for t in ("step_stats", "layer_stats", "routes", "sequences",
-                                                         "pair_stats")}
+                                                         "pair_stats", "flow_stats")}
 
     def add(table: str, **arrays) -> None:
         for name, arr in arrays.items():
@@ -263,6 +267,12 @@ def _tables_from_host(host: np.ndarray, records: list[_StepRecord], rank: int, l
                 nz = np.flatnonzero(arr)
                 add("pair_stats", step=np.full(len(nz), rec.step), layer=np.full(len(nz), pc.layer),
                     expert_i=i[nz], expert_j=j[nz], tokens=arr[nz])
+            elif pc.kind == "flow":  # [2, E_a * E_b]: first-choice tokens, then top-k pairs
+                n_b = layer_experts[pc.layer_b]
+                nz = np.flatnonzero(arr[1])  # a cell with first-choice tokens has pairs too
+                add("flow_stats", step=np.full(len(nz), rec.step), layer_a=np.full(len(nz), pc.layer),
+                    layer_b=np.full(len(nz), pc.layer_b), expert_a=nz // n_b, expert_b=nz % n_b,
+                    first_tokens=arr[0][nz], topk_pairs=arr[1][nz])
             elif pc.kind == "route_ints":
                 route_ints = arr  # [M, 4 + k]; its weights come next
             elif pc.kind == "route_weights":
@@ -282,7 +292,9 @@ def _tables_from_host(host: np.ndarray, records: list[_StepRecord], rank: int, l
         "step": np.int64, "layer": np.int16, "expert": np.int16, "tokens": np.int64, "assigned": np.int64,
         "first_choice": np.int64, "prob_sum": np.float64, "dropped": np.int64, "z_loss_sum": np.float64,
         "entropy_sum": np.float64, "seq": np.int32, "pos": np.int32, "token_id": np.int32, "slot": np.int8,
-        "expert_i": np.int16, "expert_j": np.int16, "adjacent_pairs": np.float64, "same_first": np.float64,
+        "expert_i": np.int16, "expert_j": np.int16,
+        "layer_a": np.int16, "layer_b": np.int16, "expert_a": np.int16, "expert_b": np.int16, "first_tokens": np.int64,
+        "topk_pairs": np.int64, "adjacent_pairs": np.float64, "same_first": np.float64,
         "first_in_topk": np.float64, "topk_overlap": np.float64, "coactive_pairs": np.float64,  # NaN = NULL
         "weight": np.float64, "n_tokens": np.int32, "domain": object, "tag": object,
     }
@@ -353,7 +365,10 @@ class Recorder:
       stored as the run's config (default `model.config.to_dict()`). pair_stats: count, per layer and step, the
       tokens that chose each pair of experts together (`pair_stats`, for co-activation without reading routes):
       E(E-1)/2 int32 per layer and step copied off the device (130 KiB for E = 256), so switch it off for very
-      wide layers on long runs if that matters.
+      wide layers on long runs if that matters. flow_stats: count, per step, how tokens go from the experts of
+      one MoE layer to those of another (`flow_stats`, for the layer-flow Sankey without reading routes):
+      "adjacent" (default) for each layer and the next, "all" for every pair of layers (L(L-1)/2 pairs: for
+      small models), None for none; 2 x E_a x E_b int32 per pair and step (512 KiB for E = 256).
 
     Memory: until step(), the router outputs of the step's forwards stay on the device (per layer: tokens x
     (experts + 2k) values, small next to the activations); pending flushes hold only the aggregates and the
@@ -380,6 +395,7 @@ class Recorder:
         config: dict | None = None,
         max_pending_flushes: int = 4,
         pair_stats: bool = True,
+        flow_stats: str | None = "adjacent",
     ):
         if not isinstance(model, nn.Module):
             raise RecorderError(f"Recorder needs a torch.nn.Module; got {type(model).__name__}")
@@ -389,6 +405,8 @@ class Recorder:
             raise RecorderError(f"max_tokens_per_step must be >= 0 or None (all tokens); got {max_tokens_per_step}")
         if int(flush_every) < 1:
             raise RecorderError(f"flush_every must be >= 1; got {flush_every}")
+        if flow_stats not in FLOW_CHOICES:
+            raise RecorderError(f"flow_stats must be one of {FLOW_CHOICES}; got {flow_stats!r}")
         if domain is not None and not isinstance(domain, str):
             raise RecorderError("Recorder(domain=...) takes one label; give per-sequence labels to step(domain=[...])")
         self.model = model
@@ -408,6 +426,7 @@ class Recorder:
         self.config = config
         self.max_pending_flushes = max_pending_flushes
         self.pair_stats = bool(pair_stats)
+        self.flow_stats = flow_stats
 
         self.sites: list = []
         self._handles: list = []
@@ -575,6 +594,7 @@ class Recorder:
         n_seqs = main.n_seqs if main is not None else 0
         record = _StepRecord(step, tag, self._domains(domain, n_seqs, step))
         concatenated = [_concat_calls(c) if c else None for c in calls]
+        routed: list[tuple] = []  # (site, stream, index, mask) of the layers that saw a known token stream
         for i, site in enumerate(self.sites):
             if concatenated[i] is None:
                 continue
@@ -588,6 +608,8 @@ class Recorder:
             else:  # no token layout: every token counts, adjacency is unknown (NULL)
                 seq = pos = tid = None
                 mask = torch.ones(logits.shape[0], dtype=torch.bool, device=dev)
+            if stream is not None:
+                routed.append((site, stream, index, mask))
             agg = layer_aggregates(logits, index, dropped, mask, seq, pos)
             record.pieces.append(_piece("agg", site.layer, agg))
             if self.pair_stats:
@@ -596,9 +618,24 @@ class Recorder:
                 sel, valid = stream.kept(dev, self.max_tokens_per_step)
                 ints, w = packed_routes(sel, valid, seq, pos, tid, index, weights, site.weight_scale)
                 record.pieces += [_piece("route_ints", site.layer, ints), _piece("route_weights", site.layer, w)]
+        for (a, _, index_a, mask), (b, _, index_b, _) in self._flow_pairs(routed):
+            counts = flow_counts(index_a, index_b, mask, int(a.n_experts), int(b.n_experts))
+            record.pieces.append(_piece("flow", a.layer, counts, layer_b=b.layer))
         if main is not None:
             record.pieces.append(_piece("seqs", None, main.n_per_seq.to(torch.int64)))
         return record
+
+    def _flow_pairs(self, routed: list[tuple]) -> list[tuple[tuple, tuple]]:
+        """The pairs of layers (in model order) whose flow is counted: both routed the same tokens in the same
+        order (one stream: an encoder's layers pair among themselves, a decoder's among themselves)."""
+        if self.flow_stats is None:
+            return []
+        same = [(x, y) for i, x in enumerate(routed) for y in routed[i + 1 :]
+                if x[1] is y[1] and x[2].shape[0] == y[2].shape[0]]
+        if self.flow_stats == "all":
+            return same
+        nxt = {id(x[0]): y[0] for x, y in zip(routed, routed[1:])}
+        return [(x, y) for x, y in same if nxt.get(id(x[0])) is y[0]]
 
     def _main_stream(self, segments, token_ids, attention_mask, device) -> _Stream | None:
         """The step's token layout: explicit token_ids/attention_mask win, else the captured forwards."""

@@ -148,6 +148,23 @@ PAIR_STATS = _t(
     ("tokens", "BIGINT", "Tokens whose k chosen experts include both expert_i and expert_j."),
 )
 
+FLOW_STATS = _t(
+    "flow_stats",
+    "Exact per-step flow of tokens between the experts of two MoE layers, over every token that reached both: "
+    "one row per step, rank, pair of layers and pair of experts with at least one token. The Recorder counts "
+    "each layer and the next by default (`Recorder(flow_stats='all')`: every pair of layers).",
+    ("run_id", "VARCHAR", "Run id."),
+    ("step", "BIGINT", "Step."),
+    ("rank", "INTEGER", "Rank."),
+    ("layer_a", "SMALLINT", "The MoE layer the tokens leave."),
+    ("layer_b", "SMALLINT", "A later MoE layer the same tokens reach (layer_a + 1 by default)."),
+    ("expert_a", "SMALLINT", "Expert of layer_a."),
+    ("expert_b", "SMALLINT", "Expert of layer_b."),
+    ("first_tokens", "BIGINT", "Tokens whose first (slot 0) choice is expert_a in layer_a and expert_b in layer_b."),
+    ("topk_pairs", "BIGINT", "Tokens having expert_a among their k experts in layer_a and expert_b among their k "
+     "in layer_b, summed over tokens (a token adds k_a * k_b over all cells)."),
+)
+
 SEQUENCES = _t(
     "sequences",
     "One row per recorded sequence (batch row) per step and rank.",
@@ -208,8 +225,8 @@ SEQUENCE_STATS = _t(
     ("first_choice", "BIGINT", "Of those, routes in slot 0."),
 )
 
-TABLES: dict[str, Table] = {t.name: t for t in (RUNS, LAYERS, ROUTES, STEP_STATS, LAYER_STATS, PAIR_STATS, SEQUENCES,
-                                                 TOKEN_STATS, POSITION_STATS, SEQUENCE_STATS, VOCAB)}
+TABLES: dict[str, Table] = {t.name: t for t in (RUNS, LAYERS, ROUTES, STEP_STATS, LAYER_STATS, PAIR_STATS, FLOW_STATS,
+                                                 SEQUENCES, TOKEN_STATS, POSITION_STATS, SEQUENCE_STATS, VOCAB)}
 
 # Columns added after the first release of a table: a writer may leave them out (they read as NULL), so that
 # code written against the older schema (RunWriter.write_flush callers) keeps working.

@@ -46,7 +46,7 @@ HEARTBEAT_TIMEOUT_S = 600.0  # a writer on another host counts as alive this lon
 WEIGHT_SCALE = 65535  # routes.weight is stored as weight_q = round(weight * WEIGHT_SCALE), UINT16
 
 # Tables written per flush (data) and once per run (metadata). Order = the order views are built in.
-DATA_TABLES = ("routes", "step_stats", "layer_stats", "sequences", "pair_stats")
+DATA_TABLES = ("routes", "step_stats", "layer_stats", "sequences", "pair_stats", "flow_stats")
 # Tables that compaction builds from the routes it folds (in run.duckdb only; see store._fold_route_stats).
 ROUTE_STATS_TABLES = ("token_stats", "position_stats", "sequence_stats")
 META_TABLES = ("runs", "layers", "vocab")
@@ -67,6 +67,8 @@ DISK_SCHEMAS: dict[str, pa.Schema] = {
                               ("topk_overlap", _I64), ("coactive_pairs", _I64)]),
     "pair_stats": pa.schema([("run_id", _S), ("step", _I64), ("rank", _I32), ("layer", _I16), ("expert_i", _I16),
                              ("expert_j", _I16), ("tokens", _I64)]),
+    "flow_stats": pa.schema([("run_id", _S), ("step", _I64), ("rank", _I32), ("layer_a", _I16), ("layer_b", _I16),
+                             ("expert_a", _I16), ("expert_b", _I16), ("first_tokens", _I64), ("topk_pairs", _I64)]),
     "token_stats": pa.schema([("run_id", _S), ("rank", _I32), ("layer", _I16), ("token_id", _I32), ("expert", _I16),
                               ("assigned", _I64), ("first_choice", _I64)]),
     "position_stats": pa.schema([("run_id", _S), ("rank", _I32), ("layer", _I16), ("pos", _I32), ("expert", _I16),

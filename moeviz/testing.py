@@ -142,8 +142,8 @@ def store_from_routing(
       domains, tags  [T] str or None, constant within a sequence (step, rank, seq); stored in `sequences`
       dropped  [T, L, k] bool  assignments the model itself dropped (capacity); summed into the aggregates
       keep     [T] bool  tokens kept in `routes` (the sampling policy); aggregates always cover every token
-    `extra_stats`: also fill `pair_stats`, the adjacency and co-activation columns of `layer_stats` (over every
-    token, as the Recorder does) and `token_stats`/`position_stats`/`sequence_stats` (over the kept routes, as compaction
+    `extra_stats`: also fill `pair_stats`, `flow_stats` (each layer to the next), the adjacency and co-activation
+    columns of `layer_stats` (over every token, as the Recorder does) and `token_stats`/`position_stats`/`sequence_stats` (over the kept routes, as compaction
     does);
     False gives a store as a moeviz without them wrote it, whose specialization analyses read `routes`.
     Call again with the same `con` and another `run_id` to put two runs side by side.
@@ -261,6 +261,13 @@ def store_from_routing(
             "run_id": np.full(len(pg), run_id, dtype=object), "step": groups[pg, 0], "rank": groups[pg, 1],
             "layer": pl, "expert_i": pi, "expert_j": pj, "tokens": pairs[pg, pl, pi, pj],
         })
+        flow = _flow_counts(index, g, n_grp, n_exp)  # [G, L-1, E, E, 2]
+        fg, fl, fa, fb = np.nonzero(flow[..., 1])
+        _insert(con, "flow_stats", {
+            "run_id": np.full(len(fg), run_id, dtype=object), "step": groups[fg, 0], "rank": groups[fg, 1],
+            "layer_a": fl, "layer_b": fl + 1, "expert_a": fa, "expert_b": fb,
+            "first_tokens": flow[fg, fl, fa, fb, 0], "topk_pairs": flow[fg, fl, fa, fb, 1],
+        })
     _insert(con, "layer_stats", layer_cols)
 
     # -- sequences: one row per (step, rank, seq) --------------------------------------------------------------
@@ -336,6 +343,20 @@ def _pair_counts(index, g, n_grp: int, n_exp: int) -> np.ndarray:
             gg = np.broadcast_to(g[:, None], lo.shape)
             ll = np.broadcast_to(np.arange(n_lay)[None, :], lo.shape)
             np.add.at(out, (gg[ok], ll[ok], lo[ok], hi[ok]), 1)
+    return out
+
+
+def _flow_counts(index, g, n_grp: int, n_exp: int) -> np.ndarray:
+    """Flow from layer l to l+1, per group (step, rank): [G, L-1, E, E, 2], [..., 0] tokens whose first choices
+    are (i, j), [..., 1] pairs (i among the token's k experts in l, j among its k in l+1). index [T, L, k]; g [T]."""
+    n_tok, n_lay, k = index.shape
+    out = np.zeros((n_grp, max(n_lay - 1, 0), n_exp, n_exp, 2), dtype=np.int64)
+    for layer in range(n_lay - 1):
+        a, b = index[:, layer], index[:, layer + 1]  # [T, k]
+        np.add.at(out, (g, layer, a[:, 0], b[:, 0], 0), 1)
+        for i in range(k):
+            for j in range(k):
+                np.add.at(out, (g, layer, a[:, i], b[:, j], 1), 1)
     return out
 
 

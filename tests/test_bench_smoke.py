@@ -75,6 +75,8 @@ def test_benchmark_runs_and_pandas_equals_moeviz(tiny_store):
     reads = {r.split(" | ")[0][2:]: r.split(" | ")[1] for r in rows}
     assert reads["specialization.coactivation"] == "aggregates (pair_stats)"  # source='aggregates' ran, no error
     assert reads["specialization.coactivation [source=routes]"] == "routes"
+    flows = [name for name in reads if name.startswith("specialization.layer_flow")]
+    assert len(flows) == 4 and all(reads[n] == ("routes" if "routes" in n else "aggregates (flow_stats)") for n in flows)
 
 
 def test_compare_detects_a_difference(tiny_store):

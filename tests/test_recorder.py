@@ -182,6 +182,52 @@ def test_pair_stats_can_be_switched_off(mixtral, tmp_path):
     assert query(tmp_path / "run", "SELECT count(*) AS n FROM pair_stats").n[0] == 0
 
 
+@pytest.mark.parametrize("flow", ["adjacent", "all"])
+def test_flow_stats_match_brute_force_over_the_recorded_routes(tmp_path, flow):
+    """flow_stats, counted on the device, equal Python loops pairing each token's experts in two layers of the
+    recorded routes (every token recorded), with padding and two forwards in one step; 'adjacent' counts layer
+    l -> l+1 only, 'all' every pair of layers. The model has 3 layers, so the two differ by the pair 0 -> 2."""
+    model, config = tiny_model("qwen2_moe", num_hidden_layers=3)
+    gen = torch.Generator().manual_seed(11)
+    batches = {0: [padded_batch(gen, 3, 9, [9, 5, 1]), padded_batch(gen, 2, 6, [6, 3])], 1: [padded_batch(gen, 2, 7, [7, 2])]}
+    with Recorder(model, tmp_path / "run", flush_every=100, flow_stats=flow) as rec:
+        for step, fwds in batches.items():
+            for ids, mask in fwds:
+                model(input_ids=ids, attention_mask=mask)
+            rec.step(step)
+    routes = query(tmp_path / "run", "SELECT step, layer, seq, pos, slot, expert FROM routes ORDER BY ALL")
+    experts: dict[tuple, list[int]] = {}
+    for r in routes.itertuples():
+        experts.setdefault((r.step, r.seq, r.pos, r.layer), []).append(r.expert)  # slot order
+    layer_pairs = [(0, 1), (1, 2)] + ([(0, 2)] if flow == "all" else [])
+    want: dict[tuple, list[int]] = {}
+    for (step, seq, pos, la), ex_a in experts.items():
+        for a, b in layer_pairs:
+            if la != a:
+                continue
+            ex_b = experts[(step, seq, pos, b)]
+            cell = want.setdefault((step, a, b, ex_a[0], ex_b[0]), [0, 0])
+            cell[0] += 1
+            for i in ex_a:
+                for j in ex_b:
+                    want.setdefault((step, a, b, i, j), [0, 0])[1] += 1
+    got = query(tmp_path / "run", "SELECT * FROM flow_stats")
+    assert {(r.step, r.layer_a, r.layer_b, r.expert_a, r.expert_b): [r.first_tokens, r.topk_pairs]
+            for r in got.itertuples()} == want
+    k = config.num_experts_per_tok  # every token adds k * k pairs and one first-choice link per pair of layers
+    n_tokens = 9 + 5 + 1 + 6 + 3 + 7 + 2
+    assert got.first_tokens.sum() == n_tokens * len(layer_pairs) and got.topk_pairs.sum() == n_tokens * len(layer_pairs) * k * k
+
+
+def test_flow_stats_can_be_switched_off_and_reject_unknown_choices(mixtral, tmp_path):
+    with Recorder(mixtral, tmp_path / "run", flow_stats=None) as rec:
+        mixtral(input_ids=torch.tensor([[1, 2, 3]]))
+        rec.step(0)
+    assert query(tmp_path / "run", "SELECT count(*) AS n FROM flow_stats").n[0] == 0
+    with pytest.raises(RecorderError, match="flow_stats must be one of"):
+        Recorder(mixtral, tmp_path / "run2", flow_stats="next")
+
+
 def test_routes_equal_the_models_routing(mixtral, tmp_path):
     gen = torch.Generator().manual_seed(5)
     ids, mask = padded_batch(gen, 3, 8, [8, 6, 3])
@@ -628,6 +674,20 @@ def test_pair_counts_by_hand():
     got = pair_counts(index, mask, 4).tolist()  # pairs (0,1) (0,2) (0,3) (1,2) (1,3) (2,3)
     assert got == [1, 3, 2, 1, 0, 2]
     assert pair_counts(index[:, :1], mask, 4).tolist() == [0] * 6  # k = 1: no pairs
+
+
+def test_flow_counts_by_hand():
+    from collectors.aggregates import flow_counts
+
+    # 3 tokens, E_a = 3, E_b = 2, k = 2 in both layers; token 2 is padding
+    index_a = torch.tensor([[0, 2], [2, 1], [1, 0]])
+    index_b = torch.tensor([[1, 0], [1, 0], [0, 1]])
+    mask = torch.tensor([True, True, False])
+    got = flow_counts(index_a, index_b, mask, 3, 2).tolist()  # cells (i, j) row-major: i * 2 + j
+    # first choices: token 0 (0 -> 1), token 1 (2 -> 1)
+    assert got[0] == [0, 1, 0, 0, 0, 1]
+    # all pairs: token 0 {0,2} x {1,0}: (0,1) (0,0) (2,1) (2,0); token 1 {2,1} x {1,0}: (2,1) (2,0) (1,1) (1,0)
+    assert got[1] == [1, 1, 1, 1, 2, 2]
 
 
 @pytest.mark.parametrize("max_tokens", [None, 0, 1, 4, 100])

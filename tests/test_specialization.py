@@ -437,14 +437,16 @@ def test_consecutive_agreement_uniform_overlap_is_mixtrals_46_percent():
 # -------------------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("source", ["routes", "aggregates"])
 @pytest.mark.parametrize("slot0_only", [True, False])
-def test_layer_flow_matches_loops(runs, slot0_only):
+def test_layer_flow_matches_loops(runs, slot0_only, source):
+    """From the routes: over the kept tokens. From the aggregates (flow_stats): over every token."""
     con, data = runs
     sel = Selection(steps=(0, 1), layers=(1,))  # the selection's layers are replaced by the two asked for
-    got = sp.layer_flow(con, sel, 0, 1, slot0_only=slot0_only)
+    got = sp.layer_flow(con, sel, 0, 1, slot0_only=slot0_only, source=source)
     for run_id, (routing, keep) in data.items():
         links = Counter()
-        for t in tokens_of(routing, keep, sel):
+        for t in tokens_of(routing, keep if source == "routes" else np.ones_like(keep), sel):
             a = t["index"][0][:1] if slot0_only else t["index"][0]
             b = t["index"][1][:1] if slot0_only else t["index"][1]
             for i in a:
@@ -672,14 +674,30 @@ def test_domain_share_keeps_tokens_without_a_domain_apart():
     assert (only_code.domain == "code").all() and only_code["tokens"].tolist() == [2, 2, 2]
 
 
+def test_layer_flow_reads_flow_stats_only_where_they_hold_the_two_layers():
+    """flow_stats holds each layer and the next: other pairs and domain selections read the routes ('auto'),
+    or raise with the reason ('aggregates'); without sampling both sources agree."""
+    r, _ = _routing(9, n_steps=2, n_layers=3, n_experts=5, top_k=2, seqs_per_step=2, seq_len=10,
+                    domains=("code", "prose"))
+    con = store_from_routing(**r)
+    for a, b in ((0, 1), (1, 2)):
+        pd.testing.assert_frame_equal(sp.layer_flow(con, Selection(), a, b, source="aggregates"),
+                                      sp.layer_flow(con, Selection(), a, b, source="routes"))
+    far = sp.layer_flow(con, Selection(), 0, 2)  # not in flow_stats: from the routes
+    pd.testing.assert_frame_equal(far, sp.layer_flow(con, Selection(), 0, 2, source="routes"))
+    for sel, a, b in ((Selection(), 0, 2), (Selection(domains=("code",)), 0, 1), (Selection(), 1, 0)):
+        with pytest.raises(sp.SpecializationError, match=f"flow_stats does not hold layers {a} -> {b}"):
+            sp.layer_flow(con, sel, a, b, source="aggregates")
+
+
 def test_layer_flow_counts_only_tokens_recorded_in_both_layers():
     index = np.array([[[0], [1]], [[0], [2]], [[1], [2]]])  # [T=3, L=2, k=1]
     con = store_from_routing(index=index, n_experts=3)
     con.execute("DELETE FROM routes WHERE layer = 1 AND pos = 2")  # token 2 is not recorded in layer 1
-    got = sp.layer_flow(con, Selection(), 0, 1)
+    got = sp.layer_flow(con, Selection(), 0, 1, source="routes")
     assert {(r.expert_a, r.expert_b): r.tokens for r in got.itertuples()} == {(0, 1): 1, (0, 2): 1}
     assert got["share_of_a"].tolist() == [0.5, 0.5]
-    both = sp.layer_flow(con, Selection(), 0, 1, slot0_only=False)
+    both = sp.layer_flow(con, Selection(), 0, 1, slot0_only=False, source="routes")
     assert both["tokens"].sum() == 2
 
 

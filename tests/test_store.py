@@ -62,10 +62,12 @@ def make_flush(rng: np.random.Generator, step: int, rank: int = 0) -> dict:
                    "coactive_pairs": np.full(LAYERS, tokens)}
     pair_stats = {"step": np.full(2, step), "rank": np.full(2, rank), "layer": [0, 2], "expert_i": [0, 1],
                   "expert_j": [3, 2], "tokens": rng.integers(1, 10, 2)}
+    flow_stats = {"step": np.full(3, step), "rank": np.full(3, rank), "layer_a": [0, 0, 1], "layer_b": [1, 1, 2],
+                  "expert_a": [0, 3, 1], "expert_b": [2, 2, 0], "first_tokens": [4, 0, 2], "topk_pairs": [9, 1, 5]}
     sequences = {"step": np.full(SEQS, step), "rank": np.full(SEQS, rank), "seq": np.arange(SEQS),
                  "domain": np.array(["code", None], dtype=object), "tag": "train", "n_tokens": np.full(SEQS, SEQ_LEN)}
     return {"routes": routes, "step_stats": step_stats, "layer_stats": layer_stats, "sequences": sequences,
-            "pair_stats": pair_stats}
+            "pair_stats": pair_stats, "flow_stats": flow_stats}
 
 
 META = {"model_class": "TinyMoE", "n_layers": LAYERS, "n_experts": EXPERTS, "top_k": K, "capacity_factor": 1.25,
@@ -103,7 +105,8 @@ def sorted_frame(df: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
 def check_tables_equal(con, expected: dict[str, pd.DataFrame], run_id: str) -> None:
     keys = {"routes": ["step", "rank", "layer", "seq", "pos", "slot"], "step_stats": ["step", "rank", "layer", "expert"],
             "layer_stats": ["step", "rank", "layer"], "sequences": ["step", "rank", "seq"],
-            "pair_stats": ["step", "rank", "layer", "expert_i"]}
+            "pair_stats": ["step", "rank", "layer", "expert_i"],
+            "flow_stats": ["step", "rank", "layer_a", "expert_a"]}
     for t, exp in expected.items():
         got = con.execute(f"SELECT * FROM {t} WHERE run_id = ?", [run_id]).df()
         assert (got["run_id"] == run_id).all()
@@ -418,8 +421,8 @@ def test_compaction_is_idempotent_and_never_double_counts(tmp_path):
     both = {t: pd.concat([expected[t], more[t]], ignore_index=True) for t in expected}
     check_tables_equal(open_store(run_dir), both, "r")
     con = duckdb.connect(str(run_dir / "run.duckdb"), read_only=True)
-    # 3 metadata segments + 5 tables of one flush written by the second writer
-    assert con.execute("SELECT count(*), count(DISTINCT file) FROM _segments").fetchone() == (len(segs) + 8,) * 2
+    # 3 metadata segments + 6 tables of one flush written by the second writer
+    assert con.execute("SELECT count(*), count(DISTINCT file) FROM _segments").fetchone() == (len(segs) + 9,) * 2
     con.close()
     check_route_stats(open_store(run_dir), both["routes"])
 
@@ -558,7 +561,7 @@ def test_compaction_refuses_a_live_writer(tmp_path):
         compact(tmp_path / "r")
     write_run(tmp_path / "done", compact_on_close=False)
     result = {r["run_id"]: r for r in compact(tmp_path)["runs"]}  # a folder: compact what can be, skip the live
-    assert result["done"]["segments_folded"] == 13 and "still being written" in result["r"]["skipped"]
+    assert result["done"]["segments_folded"] == 15 and "still being written" in result["r"]["skipped"]
     w.close()
     assert compact(tmp_path / "r")["runs"][0]["segments_folded"] == 0  # close already compacted it
 
