@@ -302,10 +302,21 @@ def test_specialization_domain_map_matches_numpy(store, routing):
         sel = routing["domains"] == dom
         counts = np.bincount(routing["index"][sel, 0, :].ravel(), minlength=n_exp)
         np.testing.assert_allclose(arr(hm["z"])[row], counts / sel.sum() / (k / n_exp), rtol=1e-9)
+    # the per-layer maps sit in tabs that run only when open: the first tab's map, then each tab's own charts
     titles = " | ".join(c["layout"]["title"]["text"] for c in charts(at))
-    for part in ("Top tokens of expert 0", "Vocabulary specialization", "by token position", "Co-activation",
-                 "Consecutive tokens", "Token flow from layer 0 to layer 1", "mutual information"):
-        assert part in titles, part
+    assert "Top tokens of expert 0" not in titles and "Co-activation" not in titles
+    for tab, parts in (("Tokens", ["Top tokens of expert 0"]),
+                       ("Vocabulary and positions", ["Vocabulary specialization", "by token position"]),
+                       ("Experts together and in sequence", ["Co-activation", "Consecutive tokens"])):
+        at.session_state["spec_tab"] = tab
+        at.run()
+        assert not at.exception and not at.error, texts(at, "error")
+        titles = " | ".join(c["layout"]["title"]["text"] for c in charts(at))
+        assert "Expert share of each domain" not in titles, tab
+        for part in parts + ["Token flow from layer 0 to layer 1", "mutual information"]:
+            assert part in titles, (tab, part)
+    at.session_state["spec_tab"] = "Domains"
+    at.run()
     # the Sankey's links carry every token once (first choices): 192 tokens from layer 0 to layer 1
     sk = chart(at, "Token flow")["data"][0]
     assert sum(arr(sk["link"]["value"])) == len(routing["steps"])

@@ -32,7 +32,7 @@ PAGES = [
     ("load", 2, None),
     ("aux_loss", 4, None),
     ("capacity", 4, None),
-    ("specialization", 6, None),
+    ("specialization", 3, None),  # the open tab's map, token flow, mutual information (the other tabs: below)
     ("tokens", 1, None),
     ("bounds", 1, None),
     ("toy", 1, None),
@@ -159,6 +159,20 @@ def test_sql_console_in_the_browser(server, browser):
     box.fill("DROP TABLE runs")
     box.press("Control+Enter")
     page.wait_for_selector("text=read-only", timeout=60_000)
+    page.close()
+
+
+def test_specialization_tabs_draw_their_maps(server, browser):
+    """The per-layer maps sit in tabs that run only when opened: each tab, clicked, draws its own charts."""
+    page = browser.new_page(viewport={"width": 1400, "height": 900})
+    page.goto(f"{server}/specialization?run=main", wait_until="domcontentloaded")
+    _settle(page)
+    for tab, title in (("Tokens", "Top tokens of expert 0"), ("Vocabulary and positions", "by token position"),
+                       ("Experts together and in sequence", "Co-activation"), ("Domains", "Expert share of each domain")):
+        page.get_by_role("tab", name=tab).click()
+        page.locator('[data-testid="stPlotlyChart"] .js-plotly-plot .gtitle', has_text=title).first.wait_for(timeout=90_000)
+        _settle(page)
+    assert not page.locator('[data-testid="stException"]').count()
     page.close()
 
 
