@@ -461,15 +461,18 @@ def cases(probe_steps: list[int], n_layers: int) -> list[Case]:
         *specialization_cases(rts, from_routes, n_layers),
     ]
     if sat_a is not None:
+        sources = (("aggregates", "", "aggregates (probe_sets)"), ("routes", " [source=routes]", rts))
         out += [
-            Case(f"specialization.router_saturation ({sat_a} vs {sat_ref})", rts,
-                 lambda c, s: spec.router_saturation(c, s, sat_a, sat_ref), ["step", "layer"],
-                 ["tokens", "overlap", "saturation", "top1_agreement"],
-                 [(from_routes, lambda f: pd_saturation(f, [sat_a], sat_ref))]),
-            Case("specialization.saturation_curve (probe steps)", rts,
-                 lambda c, s: spec.saturation_curve(c, s.with_(tags=("probe",))), ["step", "layer"],
-                 ["tokens", "overlap", "saturation", "top1_agreement"],
-                 [(from_routes, lambda f: pd_saturation(f, probe_steps, probe_steps[-1]))]),
+            *(Case(f"specialization.router_saturation ({sat_a} vs {sat_ref}){tag}", reads,
+                   lambda c, s, src=src: spec.router_saturation(c, s, sat_a, sat_ref, source=src), ["step", "layer"],
+                   ["tokens", "overlap", "saturation", "top1_agreement"],
+                   [(from_routes, lambda f: pd_saturation(f, [sat_a], sat_ref))])
+              for src, tag, reads in sources),
+            *(Case(f"specialization.saturation_curve (probe steps){tag}", reads,
+                   lambda c, s, src=src: spec.saturation_curve(c, s.with_(tags=("probe",)), source=src),
+                   ["step", "layer"], ["tokens", "overlap", "saturation", "top1_agreement"],
+                   [(from_routes, lambda f: pd_saturation(f, probe_steps, probe_steps[-1]))])
+              for src, tag, reads in sources),
         ]
     return out
 

@@ -164,8 +164,8 @@ def flow_counts(index_a: Tensor, index_b: Tensor, mask: Tensor, n_a: int, n_b: i
     kb = index_b.shape[1]
     dev = index_a.device
     a = index_a.to(torch.int64)  # [N, k_a]
-    b = index_b.to(device=dev, dtype=torch.int64)  # [N, k_b]; a pipeline stage may hold layer b elsewhere
-    m = mask.to(device=dev, dtype=torch.int64)  # [N]
+    b = index_b.to(device=dev, dtype=torch.int64, non_blocking=True)  # [N, k_b]; a pipeline stage may hold b elsewhere
+    m = mask.to(device=dev, dtype=torch.int64, non_blocking=True)  # [N]
     counts = torch.zeros(2, n_a * n_b, dtype=torch.int64, device=dev)
     counts[0].scatter_add_(0, a[:, 0] * n_b + b[:, 0], m)  # [n_a * n_b]
     cells = a[:, :, None] * n_b + b[:, None, :]  # [N, k_a, k_b]

@@ -225,8 +225,26 @@ SEQUENCE_STATS = _t(
     ("first_choice", "BIGINT", "Of those, routes in slot 0."),
 )
 
+PROBE_SETS = _t(
+    "probe_sets",
+    "The experts each token of a probe step chose: one row per token and layer of the sequences tagged 'probe', "
+    "built from `routes` when a run is compacted, for router saturation (the same tokens at two checkpoints) "
+    "without reading routes.",
+    ("run_id", "VARCHAR", "Run id."),
+    ("step", "BIGINT", "Step."),
+    ("rank", "INTEGER", "Rank."),
+    ("seq", "INTEGER", "Sequence index within the step and rank."),
+    ("pos", "INTEGER", "Position within the sequence."),
+    ("layer", "SMALLINT", "MoE layer index."),
+    ("token_id", "INTEGER", "Vocabulary id of the token."),
+    ("first_expert", "SMALLINT", "The token's first (slot 0) choice."),
+    ("experts", "UBIGINT", "The token's chosen experts as a bitmask (bit e set for expert e); NULL when the layer "
+     "has more than 64 experts (the analyses then read `routes`)."),
+)
+
 TABLES: dict[str, Table] = {t.name: t for t in (RUNS, LAYERS, ROUTES, STEP_STATS, LAYER_STATS, PAIR_STATS, FLOW_STATS,
-                                                 SEQUENCES, TOKEN_STATS, POSITION_STATS, SEQUENCE_STATS, VOCAB)}
+                                                 SEQUENCES, TOKEN_STATS, POSITION_STATS, SEQUENCE_STATS, PROBE_SETS,
+                                                 VOCAB)}
 
 # Columns added after the first release of a table: a writer may leave them out (they read as NULL), so that
 # code written against the older schema (RunWriter.write_flush callers) keeps working.

@@ -49,6 +49,10 @@ WEIGHT_SCALE = 65535  # routes.weight is stored as weight_q = round(weight * WEI
 DATA_TABLES = ("routes", "step_stats", "layer_stats", "sequences", "pair_stats", "flow_stats")
 # Tables that compaction builds from the routes it folds (in run.duckdb only; see store._fold_route_stats).
 ROUTE_STATS_TABLES = ("token_stats", "position_stats", "sequence_stats")
+# ... and the per-token expert sets of the probe steps (router saturation); not part of `route_stats_complete`, so
+# that a run.duckdb compacted before it existed keeps its other tables in use.
+PROBE_SETS = "probe_sets"
+COMPACTION_TABLES = ROUTE_STATS_TABLES + (PROBE_SETS,)
 META_TABLES = ("runs", "layers", "vocab")
 SEGMENT_TABLES = META_TABLES + DATA_TABLES
 
@@ -75,6 +79,8 @@ DISK_SCHEMAS: dict[str, pa.Schema] = {
                                  ("assigned", _I64), ("first_choice", _I64)]),
     "sequence_stats": pa.schema([("run_id", _S), ("step", _I64), ("rank", _I32), ("seq", _I32), ("layer", _I16),
                                  ("expert", _I16), ("assigned", _I64), ("first_choice", _I64)]),
+    "probe_sets": pa.schema([("run_id", _S), ("step", _I64), ("rank", _I32), ("seq", _I32), ("pos", _I32),
+                             ("layer", _I16), ("token_id", _I32), ("first_expert", _I16), ("experts", pa.uint64())]),
     "sequences": pa.schema([("run_id", _S), ("step", _I64), ("rank", _I32), ("seq", _I32), ("domain", _S),
                             ("tag", _S), ("n_tokens", _I32)]),
     "runs": pa.schema([("run_id", _S), ("rank", _I32), ("written_at", pa.timestamp("us")), ("run_name", _S),
@@ -88,7 +94,8 @@ DISK_SCHEMAS: dict[str, pa.Schema] = {
 
 # DuckDB types of the on-disk columns (for the compacted run.duckdb tables).
 _DUCK = {pa.string(): "VARCHAR", pa.int64(): "BIGINT", pa.int32(): "INTEGER", pa.int16(): "SMALLINT",
-         pa.int8(): "TINYINT", pa.uint16(): "USMALLINT", pa.float64(): "DOUBLE", pa.timestamp("us"): "TIMESTAMP"}
+         pa.int8(): "TINYINT", pa.uint16(): "USMALLINT", pa.uint64(): "UBIGINT", pa.float64(): "DOUBLE",
+         pa.timestamp("us"): "TIMESTAMP"}
 
 
 def duckdb_type(arrow_type: pa.DataType) -> str:

@@ -12,10 +12,11 @@ Every function is `f(con, sel, ...) -> pandas.DataFrame` over the public schema 
 - vocabulary specialization, top tokens, NMI with the token, position shares: `token_stats` and
   `position_stats` (routes counted per token id / position, layer and expert by compaction), for selections of
   whole runs (no steps, domains or tags);
-- domain shares and NMI with the domain: `sequence_stats` (routes counted per sequence), for any selection.
+- domain shares and NMI with the domain: `sequence_stats` (routes counted per sequence), for any selection;
+- router saturation: `probe_sets` (each probe token's set of experts, built by compaction), for the probe batch.
 
-Otherwise they read the per-token detail in `routes` (joined with `sequences` for domains and tags), as do the
-analyses that need each token's identity (layer flow, router saturation). `source="routes"` forces
+Otherwise they read the per-token detail in `routes` (joined with `sequences` for domains and tags).
+`source="routes"` forces
 the routes; `source="aggregates"` raises a SpecializationError saying why when the tables cannot serve. The
 metrics follow the papers that introduced them:
 
@@ -865,7 +866,7 @@ def _flow_stats_cover(con, sel: Selection, run_id: "_RunId", layer_a: int, layer
 _SAT_COLUMNS = ["run_id", "step", "ref_step", "layer", "tokens", "overlap", "saturation", "top1_agreement"]
 
 
-def router_saturation(con, sel: Selection, step_a: int, step_b: int) -> pd.DataFrame:
+def router_saturation(con, sel: Selection, step_a: int, step_b: int, *, source: str = "auto") -> pd.DataFrame:
     """OLMoE's router saturation between two checkpoints: for the same tokens (same run, rank, seq and pos, e.g. a
     fixed probe batch recorded with tag='probe' at steps a and b), the mean of |topk_a ∩ topk_b| / k, per layer;
     `top1_agreement` is the fraction whose first choice is the same.
@@ -873,54 +874,42 @@ def router_saturation(con, sel: Selection, step_a: int, step_b: int) -> pd.DataF
     Columns: run_id, step (= step_a), ref_step (= step_b), layer, tokens (matched tokens), overlap (Σ |∩|),
     saturation, top1_agreement. The selection's `steps` are ignored (the two steps are given); restrict it to the
     probe batch with `tags=('probe',)`. Raises if the two steps hold different token ids at the same positions.
+    Reads `probe_sets` (the probe tokens' expert sets, built at compaction) when both steps are probe steps of a
+    compacted run and the selection has no domains; otherwise the routes.
     """
-    return _saturation(con, sel, int(step_b), steps_a=[int(step_a)])
+    return _saturation(con, sel, int(step_b), steps_a=[int(step_a)], source=source)
 
 
-def saturation_curve(con, sel: Selection, ref_step: int | None = None) -> pd.DataFrame:
+def saturation_curve(con, sel: Selection, ref_step: int | None = None, *, source: str = "auto") -> pd.DataFrame:
     """Router saturation of every selected step against `ref_step` (default: the last selected step of each run),
     as OLMoE plots it against the final checkpoint. Same columns as `router_saturation`, one row per step and
-    layer (the reference step itself included, at saturation 1)."""
-    return _saturation(con, sel, None if ref_step is None else int(ref_step), steps_a=None)
+    layer (the reference step itself included, at saturation 1). Reads `probe_sets` for a selection of the probe
+    batch (`tags=('probe',)`, no domains) of a compacted run; otherwise the routes."""
+    return _saturation(con, sel, None if ref_step is None else int(ref_step), steps_a=None, source=source)
 
 
-def _saturation(con, sel: Selection, ref_step: int | None, steps_a: list[int] | None) -> pd.DataFrame:
+def _saturation(con, sel: Selection, ref_step: int | None, steps_a: list[int] | None, source: str) -> pd.DataFrame:
     def one(run_id: str) -> pd.DataFrame:
         ref = ref_step
+        probe = _probe_sets_cover(con, sel, run_id, ref, steps_a)
         if ref is None:
-            src, params = _routes(sel, run_id, "max(r.step)")
+            if probe:
+                where, params = sel.with_(run_ids=None, layers=None, tags=None).where("x")
+                src, params = f"SELECT max(x.step) FROM probe_sets x WHERE x.run_id = ? AND {where}", [run_id, *params]
+            else:
+                src, params = _routes(sel, run_id, "max(r.step)")
             ref = con.execute(src, params).fetchone()[0]
             if ref is None:
                 return pd.DataFrame()
-        if steps_a is None:
-            sel_a = sel
-        else:
-            sel_a = sel.with_(steps=None)
-        src_a, pa = _routes(sel_a, run_id, "r.step, r.rank, r.seq, r.pos, r.layer, r.slot, r.expert, r.token_id",
-                            extra=(f"r.step IN ({', '.join('?' for _ in steps_a)})" if steps_a is not None else ""))
-        pa = pa + (steps_a or [])
-        src_b, pb = _routes(sel.with_(steps=(ref, ref)), run_id,
-                            "r.rank, r.seq, r.pos, r.layer, r.slot, r.expert, r.token_id")
+        pairs, params = (_saturation_from_probe_sets if probe else _saturation_from_routes)(sel, run_id, ref, steps_a)
         sql = f"""
-            WITH a AS ({src_a}), b AS ({src_b}),
-            top AS (
-                SELECT a.step, a.layer, count(*) AS tokens, count(*) FILTER (WHERE a.expert = b.expert) AS top1,
-                       count(*) FILTER (WHERE a.token_id <> b.token_id) AS mismatched
-                FROM a JOIN b ON a.rank = b.rank AND a.seq = b.seq AND a.pos = b.pos AND a.layer = b.layer
-                WHERE a.slot = 0 AND b.slot = 0 GROUP BY ALL),
-            ov AS (
-                SELECT a.step, a.layer, count(*) AS overlap
-                FROM a JOIN b ON a.rank = b.rank AND a.seq = b.seq AND a.pos = b.pos AND a.layer = b.layer
-                             AND a.expert = b.expert
-                GROUP BY ALL),
+            WITH {pairs},
             d AS ({_dims_sql()})
-            SELECT top.step, top.layer, top.tokens, coalesce(ov.overlap, 0) AS overlap,
-                   coalesce(ov.overlap, 0) / (top.tokens * d.top_k) AS saturation,
-                   top.top1 / top.tokens AS top1_agreement, top.mismatched
-            FROM top JOIN d ON d.layer = top.layer
-            LEFT JOIN ov ON ov.step = top.step AND ov.layer = top.layer
-            ORDER BY top.step, top.layer"""
-        df = _df(con, sql, pa + pb + [run_id])
+            SELECT p.step, p.layer, p.tokens, p.overlap, p.overlap / (p.tokens * d.top_k) AS saturation,
+                   p.top1 / p.tokens AS top1_agreement, p.mismatched
+            FROM p JOIN d ON d.layer = p.layer
+            ORDER BY p.step, p.layer"""
+        df = _df(con, sql, params + [run_id])
         bad = df[df["mismatched"] > 0]
         if len(bad):
             raise SpecializationError(
@@ -937,7 +926,81 @@ def _saturation(con, sel: Selection, ref_step: int | None, steps_a: list[int] | 
         df.insert(1, "ref_step", ref)
         return _typed(df, ints=("step", "ref_step", "layer", "tokens", "overlap"))
 
-    return _per_run(con, sel, _SAT_COLUMNS, one)
+    return _per_run(con, sel, _SAT_COLUMNS, one, source)
+
+
+def _saturation_from_routes(sel: Selection, run_id: "_RunId", ref: int, steps_a: list[int] | None) -> tuple[str, list]:
+    """CTEs ending in p(step, layer, tokens, top1, mismatched, overlap) from the routes of the compared steps."""
+    sel_a = sel if steps_a is None else sel.with_(steps=None)
+    src_a, pa = _routes(sel_a, run_id, "r.step, r.rank, r.seq, r.pos, r.layer, r.slot, r.expert, r.token_id",
+                        extra=(f"r.step IN ({', '.join('?' for _ in steps_a)})" if steps_a is not None else ""))
+    pa = pa + (steps_a or [])
+    src_b, pb = _routes(sel.with_(steps=(ref, ref)), run_id,
+                        "r.rank, r.seq, r.pos, r.layer, r.slot, r.expert, r.token_id")
+    ctes = f"""a AS ({src_a}), b AS ({src_b}),
+        top AS (
+            SELECT a.step, a.layer, count(*) AS tokens, count(*) FILTER (WHERE a.expert = b.expert) AS top1,
+                   count(*) FILTER (WHERE a.token_id <> b.token_id) AS mismatched
+            FROM a JOIN b ON a.rank = b.rank AND a.seq = b.seq AND a.pos = b.pos AND a.layer = b.layer
+            WHERE a.slot = 0 AND b.slot = 0 GROUP BY ALL),
+        ov AS (
+            SELECT a.step, a.layer, count(*) AS overlap
+            FROM a JOIN b ON a.rank = b.rank AND a.seq = b.seq AND a.pos = b.pos AND a.layer = b.layer
+                         AND a.expert = b.expert
+            GROUP BY ALL),
+        p AS (SELECT top.*, coalesce(ov.overlap, 0) AS overlap FROM top
+              LEFT JOIN ov ON ov.step = top.step AND ov.layer = top.layer)"""
+    return ctes, pa + pb
+
+
+def _saturation_from_probe_sets(sel: Selection, run_id: "_RunId", ref: int,
+                                steps_a: list[int] | None) -> tuple[str, list]:
+    """The same p from probe_sets: one row per token and layer, its experts as a bitmask, so a token's overlap
+    is bit_count(a & b) and no routes are read (100 M routes: 12 probe steps of 2,048 tokens)."""
+    base = sel.with_(run_ids=None, tags=None)
+    wa, pa = (base if steps_a is None else base.with_(steps=None)).where("x")
+    wb, pb = base.with_(steps=(ref, ref)).where("x")
+    in_a = f" AND x.step IN ({', '.join('?' for _ in steps_a)})" if steps_a is not None else ""
+    cols = "x.step, x.rank, x.seq, x.pos, x.layer, x.token_id, x.first_expert, x.experts"
+    ctes = f"""a AS (SELECT {cols} FROM probe_sets x WHERE x.run_id = ? AND {wa}{in_a}),
+        b AS (SELECT {cols} FROM probe_sets x WHERE x.run_id = ? AND {wb}),
+        p AS (
+            SELECT a.step, a.layer,
+                   count(*) FILTER (WHERE a.first_expert IS NOT NULL AND b.first_expert IS NOT NULL) AS tokens,
+                   count(*) FILTER (WHERE a.first_expert = b.first_expert) AS top1,
+                   count(*) FILTER (WHERE a.first_expert IS NOT NULL AND b.first_expert IS NOT NULL
+                                    AND a.token_id <> b.token_id) AS mismatched,
+                   sum(bit_count(a.experts & b.experts)) AS overlap
+            FROM a JOIN b ON a.rank = b.rank AND a.seq = b.seq AND a.pos = b.pos AND a.layer = b.layer
+            GROUP BY ALL HAVING tokens > 0)"""
+    return ctes, [str(run_id), *pa, *(steps_a or []), str(run_id), *pb]
+
+
+def _probe_sets_cover(con, sel: Selection, run_id: "_RunId", ref: int | None, steps_a: list[int] | None) -> bool:
+    """Whether probe_sets holds every token the routes version would compare: the run is compacted (no live
+    routes), the selection has no domains, the layers have at most 64 experts, and either the selection is the
+    probe batch (tags = ('probe',)) or every sequence of the two given steps is a probe sequence."""
+    if run_id.source == "routes":
+        return False
+    only_probe = sel.tags is not None and set(sel.tags) == {"probe"}
+    usable = (run_id.route_stats and "probe_sets" in table_names(con) and sel.domains is None
+              and (only_probe or (steps_a is not None and ref is not None)))
+    if usable:
+        steps = None if steps_a is None else sorted({*steps_a, ref})
+        rwhere, rparams = Selection(ranks=sel.ranks).where("q")
+        step_in = f" AND q.step IN ({', '.join('?' for _ in steps)})" if steps is not None else ""
+        non_probe = 0 if only_probe else con.execute(
+            f"SELECT count(*) FROM sequences q WHERE q.run_id = ? AND {rwhere}{step_in} AND q.tag IS DISTINCT FROM 'probe'",
+            [str(run_id), *rparams, *(steps or [])]).fetchone()[0]
+        xwhere, xparams = sel.with_(run_ids=None, tags=None, steps=None if steps is not None else sel.steps).where("x")
+        x_in = f" AND x.step IN ({', '.join('?' for _ in steps)})" if steps is not None else ""
+        have, wide = con.execute(
+            f"SELECT count(DISTINCT x.step), count(*) FILTER (WHERE x.experts IS NULL) FROM probe_sets x "
+            f"WHERE x.run_id = ? AND {xwhere}{x_in}", [str(run_id), *xparams, *(steps or [])]).fetchone()
+        usable = non_probe == 0 and wide == 0 and have == (len(steps) if steps is not None else have) and have > 0
+    return _from_aggregates(run_id, usable, "probe_sets holds the probe steps of compacted runs with at most 64 "
+                            "experts per layer: select the probe batch (tags=('probe',)) or two steps whose sequences "
+                            "are all probe sequences, without domains")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -437,7 +437,8 @@ def _compact_run(run_dir: Path, routes_format: str = "parquet") -> dict:
         n_new = sum(len(v) for v in new.values())
         bytes_new = sum(p.stat().st_size for ps in new.values() for p in ps)
         rows: dict[str, int] = {}
-        if n_new or not target.exists():
+        # also when nothing is new but run.duckdb predates a derived table: a newer moeviz builds it on `compact`
+        if n_new or not target.exists() or _missing_compaction_tables(target):
             written: list[tuple[str, int, int, int]] = []  # (name, rank, rows, bytes) of new routes files
             try:
                 if routes_format == "parquet" and new["routes"]:
@@ -486,7 +487,7 @@ def _publish_compacted(run_dir: Path, target: Path, manifest: dict, statuses: di
             con.execute(f"ATTACH {duckdb_compat.sql_string(str(target))} AS old (READ_ONLY)")
             old_tables = {r[0] for r in con.execute(
                 "SELECT table_name FROM duckdb_tables() WHERE database_name = 'old'").fetchall()}
-            for t in sg.SEGMENT_TABLES + sg.ROUTE_STATS_TABLES + ("_segments", "_routes_files"):
+            for t in sg.SEGMENT_TABLES + sg.COMPACTION_TABLES + ("_segments", "_routes_files"):
                 if t in old_tables:
                     con.execute(f'INSERT INTO main."{t}" BY NAME SELECT * FROM old.main."{t}"')
             con.execute("DETACH old")
@@ -499,7 +500,7 @@ def _publish_compacted(run_dir: Path, target: Path, manifest: dict, statuses: di
                                 [[t, sg.relative_name(run_dir, p), p.stat().st_size] for p in paths])
         if written:
             con.executemany("INSERT INTO _routes_files VALUES (?, ?, ?, ?)", [list(w) for w in written])
-        _fold_route_stats(con, run_dir, new["routes"], rebuild=not set(sg.ROUTE_STATS_TABLES) <= old_tables)
+        _fold_route_stats(con, run_dir, new["routes"], rebuild=set(sg.COMPACTION_TABLES) - old_tables)
         con.executemany("INSERT INTO _rank_status VALUES (?, ?)",
                         [[r, json.dumps(s)] for r, s in sorted(statuses.items())])
         con.executemany("INSERT INTO _meta VALUES (?, ?)",
@@ -526,31 +527,30 @@ _ROUTE_STATS_KEYS = {
 }
 
 
-def _fold_route_stats(con, run_dir: Path, new_routes: list[Path], rebuild: bool) -> None:
-    """Add the routes of this compaction to token_stats, position_stats and sequence_stats in the run.duckdb
-    being built.
+def _fold_route_stats(con, run_dir: Path, new_routes: list[Path], rebuild: set[str]) -> None:
+    """Add the routes of this compaction to the tables compaction derives from them (`sg.COMPACTION_TABLES`) in
+    the run.duckdb being built.
 
-    Counts are additive, so the new segments' counts are summed with the rows copied from the old run.duckdb.
-    `rebuild`: the old run.duckdb predates these tables, so they are counted from every route of the run (its
-    `routes` table and every Parquet file `_routes_files` names, this compaction's included) instead."""
+    Counts are additive, so the new segments' counts are summed with the rows copied from the old run.duckdb;
+    probe_sets rows are per token, so the new ones are appended. `rebuild`: the tables the old run.duckdb lacks
+    (it predates them, or there is none): those are built from every route of the run (its `routes` table and
+    every Parquet file `_routes_files` names, this compaction's included) instead."""
     # explicit casts: without them DuckDB 1.5 fails an internal statistics assertion ("SetMin or SetMax called
     # with Value that does not match") when segment files are aggregated in a UNION with the typed tables
     cols = ", ".join(f'CAST("{f.name}" AS {sg.duckdb_type(f.type)}) AS "{f.name}"' for f in sg.DISK_SCHEMAS["routes"]
                      if f.name in ("run_id", "step", "rank", "seq", "pos", "token_id", "layer", "slot", "expert"))
-    if rebuild:
-        files = [str(run_dir / r[0]) for r in con.execute("SELECT file FROM _routes_files ORDER BY file").fetchall()]
-        parts = [f"SELECT {cols} FROM main.routes"]  # routes_format="duckdb" compactions
-        params: list = []
-        if files:
-            parts.append(f"SELECT {cols} FROM read_parquet(?)")
-            params.append(files)
-        source = " UNION ALL ".join(parts)
-    elif new_routes:
-        source, params = f"SELECT {cols} FROM read_parquet(?)", [[str(p) for p in new_routes]]
-    else:
-        return
-    for table, keys in _ROUTE_STATS_KEYS.items():
-        k = ", ".join(keys)
+    files = [str(run_dir / r[0]) for r in con.execute("SELECT file FROM _routes_files ORDER BY file").fetchall()]
+    every = (f"SELECT {cols} FROM main.routes" + (f" UNION ALL SELECT {cols} FROM read_parquet(?)" if files else ""),
+             [files] if files else [])  # routes_format="duckdb" compactions keep routes in main.routes
+    fresh = (f"SELECT {cols} FROM read_parquet(?)", [[str(p) for p in new_routes]]) if new_routes else None
+    for table in sg.COMPACTION_TABLES:
+        source, params = every if table in rebuild else (fresh or (None, None))
+        if source is None:
+            continue
+        if table == sg.PROBE_SETS:
+            con.execute(f'INSERT INTO main."{table}" {_PROBE_SETS_SQL.format(source=source)}', params)
+            continue
+        k = ", ".join(_ROUTE_STATS_KEYS[table])
         typed = ", ".join(f'CAST("{f.name}" AS {sg.duckdb_type(f.type)}) AS "{f.name}"'
                           for f in sg.DISK_SCHEMAS[table])
         con.execute(f'ALTER TABLE main."{table}" RENAME TO "_old_{table}"')
@@ -563,6 +563,20 @@ def _fold_route_stats(con, run_dir: Path, new_routes: list[Path], rebuild: bool)
                     FROM ({source}) GROUP BY ALL)
                 GROUP BY ALL ORDER BY {k})""", params)
         con.execute(f'DROP TABLE main."_old_{table}"')
+
+
+# One row per token and layer of the sequences tagged 'probe' (joined from `sequences`, which compaction has
+# folded before): its slot-0 expert and its set of experts as a bitmask (NULL past 64 experts).
+_PROBE_SETS_SQL = """
+    SELECT r.run_id, r.step, r.rank, r.seq, r.pos, r.layer, CAST(min(r.token_id) AS INTEGER) AS token_id,
+           CAST(min(r.expert) FILTER (WHERE r.slot = 0) AS SMALLINT) AS first_expert,
+           CASE WHEN max(r.expert) < 64  -- the shift is clamped: the aggregate runs on every row whatever the CASE
+                THEN bit_or(CAST(1 AS UBIGINT) << CAST(least(r.expert, 63) AS UBIGINT)) END AS experts
+    FROM ({source}) r
+    SEMI JOIN (SELECT run_id, step, rank, seq FROM main.sequences WHERE tag = 'probe') q
+        ON q.run_id = r.run_id AND q.step = r.step AND q.rank = r.rank AND q.seq = r.seq
+    GROUP BY r.run_id, r.step, r.rank, r.seq, r.pos, r.layer
+    ORDER BY r.step, r.rank, r.layer, r.seq, r.pos"""
 
 
 def _write_compacted_routes(run_dir: Path, rank: int, paths: list[Path]) -> tuple[str, int, int, int]:
@@ -622,7 +636,7 @@ def _remove_unpublished_routes_files(run_dir: Path, published: dict[str, tuple[i
 
 
 def _create_compacted_tables(con) -> None:
-    for t in sg.SEGMENT_TABLES + sg.ROUTE_STATS_TABLES:
+    for t in sg.SEGMENT_TABLES + sg.COMPACTION_TABLES:
         cols = ", ".join(f'"{f.name}" {sg.duckdb_type(f.type)}' for f in sg.DISK_SCHEMAS[t])
         con.execute(f'CREATE TABLE "{t}" ({cols})')
     con.execute("CREATE TABLE _segments (table_name VARCHAR, file VARCHAR PRIMARY KEY, bytes BIGINT)")
@@ -644,6 +658,17 @@ def _compacted_state(target: Path) -> tuple[set[str], dict[str, tuple[int, int]]
         files = {r[0]: (int(r[1]), int(r[2])) for r in con.execute(
             "SELECT file, rows, bytes FROM _routes_files").fetchall()} if "_routes_files" in have else {}
         return folded, files
+    finally:
+        con.close()
+
+
+def _missing_compaction_tables(target: Path) -> set[str]:
+    """The tables compaction derives from routes (sg.COMPACTION_TABLES) that run.duckdb lacks."""
+    from moeviz import duckdb_compat
+
+    con = duckdb_compat.connect(str(target), read_only=True)
+    try:
+        return set(sg.COMPACTION_TABLES) - {r[0] for r in con.execute("SELECT table_name FROM duckdb_tables()").fetchall()}
     finally:
         con.close()
 

@@ -233,7 +233,7 @@ def _create_views(con, compacted: dict[int, dict]) -> None:
     weight = f"CAST(weight_q AS DOUBLE) / {sg.WEIGHT_SCALE}"
     for t in sg.DATA_TABLES:
         con.execute(f"CREATE TEMP VIEW {t} AS " + _public_select(t, {"weight": weight}, f"_disk_{t}"))
-    for t in sg.ROUTE_STATS_TABLES:  # only in run.duckdb (built by compaction); typed and empty elsewhere
+    for t in sg.COMPACTION_TABLES:  # only in run.duckdb (built by compaction); typed and empty elsewhere
         parts = [_disk_select(t, f'{info["alias"]}.main."{t}"', info["tables"][t])
                  for info in compacted.values() if t in info["tables"]]
         source = " UNION ALL ".join(parts) if parts else _disk_select(t, "(SELECT 1 WHERE FALSE) AS none", [])

@@ -143,8 +143,8 @@ def store_from_routing(
       dropped  [T, L, k] bool  assignments the model itself dropped (capacity); summed into the aggregates
       keep     [T] bool  tokens kept in `routes` (the sampling policy); aggregates always cover every token
     `extra_stats`: also fill `pair_stats`, `flow_stats` (each layer to the next), the adjacency and co-activation
-    columns of `layer_stats` (over every token, as the Recorder does) and `token_stats`/`position_stats`/`sequence_stats` (over the kept routes, as compaction
-    does);
+    columns of `layer_stats` (over every token, as the Recorder does) and `token_stats`, `position_stats`,
+    `sequence_stats`, `probe_sets` (over the kept routes, as compaction does);
     False gives a store as a moeviz without them wrote it, whose specialization analyses read `routes`.
     Call again with the same `con` and another `run_id` to put two runs side by side.
     Returns the connection.
@@ -361,7 +361,12 @@ def _flow_counts(index, g, n_grp: int, n_exp: int) -> np.ndarray:
 
 
 def _insert_route_stats(con, run_id: str) -> None:
-    """token_stats, position_stats and sequence_stats of one run from its routes, as compaction builds them."""
+    """token_stats, position_stats, sequence_stats and probe_sets of one run from its routes, as compaction builds
+    them (probe_sets with compaction's own query)."""
+    from moeviz.store import _PROBE_SETS_SQL
+
+    con.execute(f"INSERT INTO probe_sets {_PROBE_SETS_SQL.format(source='SELECT * FROM routes WHERE run_id = ?')}",
+                [run_id])
     con.execute("""
         INSERT INTO token_stats SELECT run_id, rank, layer, token_id, expert, count(*),
             count(*) FILTER (WHERE slot = 0) FROM routes WHERE run_id = ? GROUP BY ALL""", [run_id])

@@ -501,9 +501,10 @@ def probe():
     return con, by_step, k
 
 
-def test_router_saturation_matches_set_overlap(probe):
+@pytest.mark.parametrize("source", ["routes", "aggregates"])
+def test_router_saturation_matches_set_overlap(probe, source):
     con, by_step, k = probe
-    got = sp.router_saturation(con, Selection(tags=("probe",)), 3, 6)
+    got = sp.router_saturation(con, Selection(tags=("probe",)), 3, 6, source=source)
     assert list(got.columns) == [
         "run_id", "step", "ref_step", "layer", "tokens", "overlap", "saturation", "top1_agreement"]
     a, b = by_step[3], by_step[6]
@@ -515,24 +516,58 @@ def test_router_saturation_matches_set_overlap(probe):
     assert (got["saturation"] < 1).any()
 
 
-def test_router_saturation_ignores_the_selected_steps_also_with_tags(probe):
+@pytest.mark.parametrize("source", ["routes", "aggregates"])
+def test_router_saturation_ignores_the_selected_steps_also_with_tags(probe, source):
     """router_saturation widens the selection's steps to the two it is given; the constant step prefilter that
     tags and domains add must not narrow it back (it is computed without the selection's steps)."""
     con, _, _ = probe
-    whole = sp.router_saturation(con, Selection(tags=("probe",)), 3, 6)
-    narrowed = sp.router_saturation(con, Selection(tags=("probe",), steps=(6, 6)), 3, 6)
+    whole = sp.router_saturation(con, Selection(tags=("probe",)), 3, 6, source=source)
+    narrowed = sp.router_saturation(con, Selection(tags=("probe",), steps=(6, 6)), 3, 6, source=source)
     assert len(whole) and narrowed.equals(whole)
 
 
-def test_saturation_curve_reaches_one_at_the_reference(probe):
+@pytest.mark.parametrize("source", ["routes", "aggregates"])
+def test_saturation_curve_reaches_one_at_the_reference(probe, source):
     con, by_step, k = probe
-    got = sp.saturation_curve(con, Selection(tags=("probe",)))
+    got = sp.saturation_curve(con, Selection(tags=("probe",)), source=source)
     assert sorted(set(got["step"])) == [0, 3, 6] and (got["ref_step"] == 6).all()
     assert (got[got.step == 6]["saturation"] == 1.0).all()
     first = got[got.step == 0].set_index("layer")["saturation"]
     for layer, s in first.items():
         a, b = by_step[0][:, layer], by_step[6][:, layer]
         assert s == pytest.approx(np.mean([len(set(x) & set(y)) for x, y in zip(a, b)]) / k)
+
+
+@pytest.mark.parametrize("sel", [Selection(tags=("probe",)), Selection(tags=("probe",), layers=(1,), steps=(3, 6)),
+                                 Selection()])
+def test_saturation_from_probe_sets_equals_the_routes_version(probe, sel):
+    """probe_sets holds the probe tokens' expert sets: 'auto' reads it where it covers the comparison and gives
+    exactly what the routes give; where it cannot (the curve over every step, train steps included; a domain),
+    'aggregates' says why."""
+    con, _, _ = probe
+    pd.testing.assert_frame_equal(sp.router_saturation(con, sel, 0, 6),
+                                  sp.router_saturation(con, sel, 0, 6, source="routes"))
+    if sel.tags:
+        pd.testing.assert_frame_equal(sp.saturation_curve(con, sel), sp.saturation_curve(con, sel, source="routes"))
+    else:
+        with pytest.raises(sp.SpecializationError, match="probe_sets holds the probe steps"):
+            sp.saturation_curve(con, sel, source="aggregates")
+    with pytest.raises(sp.SpecializationError, match="probe_sets holds the probe steps"):
+        sp.router_saturation(con, sel.with_(domains=("code",)), 0, 6, source="aggregates")
+
+
+def test_saturation_over_more_than_64_experts_reads_the_routes():
+    """probe_sets stores expert sets as 64-bit masks: wider layers read the routes."""
+    rng = np.random.default_rng(3)
+    T, E, k = 12, 70, 2
+    index = np.stack([np.stack([rng.permutation(E)[:k]]) for _ in range(2 * T)])  # [2T, L=1, k]
+    con = store_from_routing(index=index, n_experts=E, steps=np.repeat([0, 1], T), tags=np.array(["probe"] * (2 * T), dtype=object),
+                             token_ids=np.tile(np.arange(T), 2))
+    with pytest.raises(sp.SpecializationError, match="probe_sets holds the probe steps"):
+        sp.router_saturation(con, Selection(), 0, 1, source="aggregates")
+    got = sp.router_saturation(con, Selection(), 0, 1)
+    want = sum(len(set(index[t, 0]) & set(index[T + t, 0])) for t in range(T))
+    assert got["overlap"].tolist() == [want] and got["tokens"].tolist() == [T]
 
 
 def test_router_saturation_refuses_different_tokens_and_missing_steps(probe):

@@ -454,6 +454,68 @@ def test_route_stats_cover_a_run_only_once_every_route_is_compacted(tmp_path):
     check_route_stats(open_store(run_dir), pd.concat([first["routes"], more["routes"]], ignore_index=True))
 
 
+def expected_probe_sets(routes: pd.DataFrame, sequences: pd.DataFrame) -> dict[tuple, tuple]:
+    """probe_sets by hand: {(step, rank, seq, pos, layer): (token_id, slot-0 expert, bitmask of the experts)} for
+    the tokens of sequences tagged 'probe'."""
+    probe = {(r.step, r.rank, r.seq) for r in sequences.itertuples() if r.tag == "probe"}
+    out: dict[tuple, list] = {}
+    for r in routes.itertuples():
+        if (r.step, r.rank, r.seq) in probe:
+            cell = out.setdefault((r.step, r.rank, r.seq, r.pos, r.layer), [r.token_id, None, 0])
+            cell[1] = r.expert if r.slot == 0 else cell[1]
+            cell[2] |= 1 << int(r.expert)
+    return {k: tuple(int(x) for x in v) for k, v in out.items()}
+
+
+def test_compaction_builds_probe_sets_and_rebuilds_them_for_an_older_run_duckdb(tmp_path):
+    """probe_sets (router saturation) holds the probe sequences' tokens; a run.duckdb compacted before the table
+    existed gets it built from every route at its next compaction, without counting the other tables twice."""
+    run_dir = tmp_path / "r"
+    rng = np.random.default_rng(2)
+    w = RunWriter(run_dir, run_id="r", compact_on_close=False)
+    w.write_run(META)
+    written = {"routes": [], "sequences": []}
+    for step in (0, 1, 2):
+        tables = make_flush(rng, step)
+        tables["sequences"]["tag"] = np.array(["probe", "train"] if step != 1 else ["train", "train"], dtype=object)
+        w.write_flush(tables)
+        for t in written:
+            cols = tables[t]
+            n = max(np.size(v) for v in cols.values())
+            written[t].append(pd.DataFrame({c: (np.full(n, v) if np.ndim(v) == 0 else v) for c, v in cols.items()}))
+    w.close()
+    compact(run_dir)
+    routes, seqs = (pd.concat(written[t], ignore_index=True).assign(rank=0) for t in ("routes", "sequences"))
+
+    def got() -> dict:
+        df = open_store(run_dir).execute("SELECT * EXCLUDE (run_id) FROM probe_sets").df()
+        return {(r.step, r.rank, r.seq, r.pos, r.layer): (r.token_id, r.first_expert, r.experts) for r in df.itertuples()}
+
+    want = expected_probe_sets(routes, seqs)
+    assert len(want) == 2 * SEQ_LEN * LAYERS and got() == want  # seq 0 of steps 0 and 2
+    # an older run.duckdb: no probe_sets table; a resumed writer adds step 3, and compaction rebuilds the table
+    con = duckdb.connect(str(run_dir / "run.duckdb"))
+    con.execute("DROP TABLE probe_sets")
+    con.close()
+    compact(run_dir)  # nothing new to fold, but the missing table is built
+    assert got() == want
+    con = duckdb.connect(str(run_dir / "run.duckdb"))
+    con.execute("DROP TABLE probe_sets")
+    con.close()
+    with pytest.warns(StoreWarning, match="already closed"):
+        w = RunWriter(run_dir, run_id="r", compact_on_close=False)
+    tables = make_flush(rng, 3)
+    tables["sequences"]["tag"] = np.array(["train", "probe"], dtype=object)
+    w.write_flush(tables)
+    w.close()
+    compact(run_dir)
+    more = {t: pd.DataFrame({c: (np.full(max(np.size(v) for v in tables[t].values()), v) if np.ndim(v) == 0 else v)
+                             for c, v in tables[t].items()}).assign(rank=0) for t in ("routes", "sequences")}
+    routes, seqs = pd.concat([routes, more["routes"]]), pd.concat([seqs, more["sequences"]])
+    assert got() == expected_probe_sets(routes, seqs)
+    check_route_stats(open_store(run_dir), routes)
+
+
 def routes_files(run_dir: Path) -> list[Path]:
     return sorted((run_dir / "compacted" / "routes").glob("rank=*/*.parquet"))
 
