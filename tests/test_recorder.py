@@ -134,6 +134,21 @@ def test_exact_aggregates_match_brute_force_with_masks_and_accumulation(mixtral,
     assert set(seqs.tag) == {"train"} and seqs.domain.isna().all()
 
 
+def record_batches(model, run_dir, batches: dict, **recorder_kwargs) -> dict[tuple, list[int]]:
+    """Record {step: [(input_ids, attention_mask), ...]} (several forwards per step) with every token kept, and
+    return the recorded routes as {(step, layer, seq, pos): [expert of slot 0, slot 1, ...]}."""
+    with Recorder(model, run_dir, flush_every=100, **recorder_kwargs) as rec:
+        for step, fwds in batches.items():
+            for ids, mask in fwds:
+                model(input_ids=ids, attention_mask=mask)
+            rec.step(step)
+    routes = query(run_dir, "SELECT step, layer, seq, pos, slot, expert FROM routes ORDER BY ALL")
+    experts: dict[tuple, list[int]] = {}
+    for r in routes.itertuples():
+        experts.setdefault((r.step, r.layer, r.seq, r.pos), []).append(r.expert)  # slot order
+    return experts
+
+
 def test_adjacency_and_pair_stats_match_brute_force_over_the_recorded_routes(mixtral, tmp_path):
     """layer_stats' adjacency counts and pair_stats, computed on the device, equal Python loops over the routes
     (every token recorded), with padding and two forwards in one step."""
@@ -141,15 +156,7 @@ def test_adjacency_and_pair_stats_match_brute_force_over_the_recorded_routes(mix
 
     gen = torch.Generator().manual_seed(5)
     batches = {0: [padded_batch(gen, 3, 9, [9, 5, 1]), padded_batch(gen, 2, 6, [6, 3])], 1: [padded_batch(gen, 4, 7, [7, 7, 2, 4])]}
-    with Recorder(mixtral, tmp_path / "run", flush_every=100) as rec:
-        for step, fwds in batches.items():
-            for ids, mask in fwds:
-                mixtral(input_ids=ids, attention_mask=mask)
-            rec.step(step)
-    routes = query(tmp_path / "run", "SELECT step, layer, seq, pos, slot, expert FROM routes ORDER BY ALL")
-    experts: dict[tuple, list[int]] = {}
-    for r in routes.itertuples():
-        experts.setdefault((r.step, r.layer, r.seq, r.pos), []).append(r.expert)  # slot order
+    experts = record_batches(mixtral, tmp_path / "run", batches)
     want_adj: dict[tuple, list[int]] = {}
     want_pairs: dict[tuple, int] = {}
     for (step, layer, seq, pos), ex in experts.items():
@@ -190,15 +197,8 @@ def test_flow_stats_match_brute_force_over_the_recorded_routes(tmp_path, flow):
     model, config = tiny_model("qwen2_moe", num_hidden_layers=3)
     gen = torch.Generator().manual_seed(11)
     batches = {0: [padded_batch(gen, 3, 9, [9, 5, 1]), padded_batch(gen, 2, 6, [6, 3])], 1: [padded_batch(gen, 2, 7, [7, 2])]}
-    with Recorder(model, tmp_path / "run", flush_every=100, flow_stats=flow) as rec:
-        for step, fwds in batches.items():
-            for ids, mask in fwds:
-                model(input_ids=ids, attention_mask=mask)
-            rec.step(step)
-    routes = query(tmp_path / "run", "SELECT step, layer, seq, pos, slot, expert FROM routes ORDER BY ALL")
-    experts: dict[tuple, list[int]] = {}
-    for r in routes.itertuples():
-        experts.setdefault((r.step, r.seq, r.pos, r.layer), []).append(r.expert)  # slot order
+    experts = {(step, seq, pos, layer): ex
+               for (step, layer, seq, pos), ex in record_batches(model, tmp_path / "run", batches, flow_stats=flow).items()}
     layer_pairs = [(0, 1), (1, 2)] + ([(0, 2)] if flow == "all" else [])
     want: dict[tuple, list[int]] = {}
     for (step, seq, pos, la), ex_a in experts.items():
