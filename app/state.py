@@ -124,6 +124,11 @@ class Ctx:
         """A cached query or analysis on this store: `ctx.q("moeviz.load.imbalance", ctx.sel)`."""
         return cached(func_path, self.path, self.token, *args, **kwargs)
 
+    def q_started(self, func_path: str, *args, **kwargs) -> "Started":
+        """`q` started in a worker thread: its DuckDB work runs while this thread builds and sends figures (DuckDB
+        releases the GIL). `.result()` waits for it. Queries still take turns on the shared connection."""
+        return Started(self.q, func_path, *args, **kwargs)
+
     def q_slow(self, message: str, func_path: str, *args, **kwargs) -> Any:
         """`q` for an analysis that reads per-token routes: a spinner with `message` while it runs (a cached
         result comes back before the spinner shows)."""
@@ -173,6 +178,34 @@ class Ctx:
     @property
     def chosen_layers(self) -> tuple[int, ...]:
         return tuple(self.sel.layers) if self.sel.layers is not None else self.layers
+
+
+class Started:
+    """A call running in a worker thread; `result()` joins it and returns its value or raises its exception.
+
+    The worker carries the page's script-run context, so the cached call in it behaves (and logs) as it would in
+    the page's own thread."""
+
+    def __init__(self, fn, *args, **kwargs) -> None:
+        from streamlit.runtime.scriptrunner import add_script_run_ctx, get_script_run_ctx
+
+        self._value: Any = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(fn, args, kwargs), daemon=True)
+        add_script_run_ctx(self._thread, get_script_run_ctx())
+        self._thread.start()
+
+    def _run(self, fn, args, kwargs) -> None:
+        try:
+            self._value = fn(*args, **kwargs)
+        except BaseException as e:  # noqa: BLE001 - handed to the page's thread by result()
+            self._error = e
+
+    def result(self) -> Any:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._value
 
 
 def set_context(ctx: Ctx | None) -> None:

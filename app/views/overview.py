@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pandas as pd
 import streamlit as st
 
 from app.components import guarded, run_page, show_chart, show_table
@@ -54,9 +55,8 @@ def _header(ctx: Ctx):
     return detail
 
 
-def _health(ctx: Ctx) -> None:
+def _health(health: pd.DataFrame) -> None:
     st.subheader("Health")
-    health = ctx.q("moeviz.health.health_summary", ctx.sel_exact)
     bad = health[health["severity"].isin(["error", "warn"])] if "severity" in health.columns else health
     if bad.empty:
         st.success("No problems found: no collapsed or dead experts, no growing imbalance, no heavy drops.")
@@ -71,16 +71,22 @@ def _health(ctx: Ctx) -> None:
 
 def render(ctx: Ctx) -> None:
     detail = _header(ctx)
-    health_box = st.container()  # drawn above the charts, computed after them: the charts come first
+    health_box = st.container()  # drawn above the charts, filled in after them: the charts come first
+    load = aux = None
     with guarded("Load over steps"):
         load = ctx.q("moeviz.load.expert_load", ctx.sel, by_step=True)
-        fig = charts.load_small_multiples(load)
-        show_chart(fig, load, "overview-load")
     with guarded("Aux loss over steps"):
         aux = ctx.q("moeviz.aux_loss.switch_loss", ctx.sel_exact, by_step=True)
-        show_chart(charts.aux_loss_small_multiples(aux), aux, "overview-aux")
+    # the health checks (the page's longest query, 0.15-0.3 s over 100M routes) run while the figures are built
+    health = ctx.q_started("moeviz.health.health_summary", ctx.sel_exact)
+    if load is not None:
+        with guarded("Load over steps"):
+            show_chart(charts.load_small_multiples(load), load, "overview-load")
+    if aux is not None:
+        with guarded("Aux loss over steps"):
+            show_chart(charts.aux_loss_small_multiples(aux), aux, "overview-aux")
     with health_box, guarded("Health summary"), st.spinner("Checking the run's health...", show_time=True):
-        _health(ctx)
+        _health(health.result())
     with guarded("Tokens with detail"), st.spinner("Counting the per-token routes...", show_time=True):
         # milliseconds from position_stats on a compacted run, a scan of the routes (seconds) on a live one
         counts = ctx.q("moeviz.queries.route_counts", ctx.run_id)
