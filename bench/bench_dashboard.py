@@ -40,25 +40,25 @@ WIDGET_TARGET_S = 1.0
 TIMEOUT_MS = 180_000
 
 # JS: a fingerprint of every drawn Plotly chart (its title and a checksum of its traces), to tell when a chart
-# was redrawn. Cheap on purpose: it runs every 50 ms while the page draws, so a JSON.stringify of the data (what it
-# once was) took 0.1 s a poll on the Toy MoE's maps and slowed the very drawing it timed. Long strings (base64
-# arrays) are sampled at a stride of at most 20,000 characters; arrays are summed with position weights.
+# was redrawn. Cheap on purpose: it runs every 50 ms on the browser's main thread, the thread that draws what is
+# timed. A JSON.stringify of the data (what it once was) took 0.1 s a poll on the Toy MoE's maps; summing every
+# array element still cost the Overview's layer pick ~0.13 s of main thread per change (8 layers x 8 experts x
+# 392 steps). So arrays and long strings (base64 arrays) are sampled: their length and at most SAMPLES elements
+# (characters) at an even stride, which any of the widget changes timed here alters.
 CHART_SIGNATURE = """() => {
+    const SAMPLES = 256;
     const h = (v, d) => {
         if (v === null || v === undefined) return 0;
         if (typeof v === 'number') return Number.isFinite(v) ? v : 7;
         if (typeof v === 'boolean') return v ? 1 : 0;
         if (typeof v === 'string') {
-            const step = Math.max(1, Math.ceil(v.length / 20000)); let s = v.length;
+            const step = Math.max(1, Math.ceil(v.length / SAMPLES)); let s = v.length;
             for (let i = 0; i < v.length; i += step) s = (s * 31 + v.charCodeAt(i)) % 1000000007;
             return s; }
-        if (ArrayBuffer.isView(v)) {
-            let s = v.length;
-            for (let i = 0; i < v.length; i++) s = (s + (Number.isFinite(v[i]) ? v[i] : 7) * ((i % 89) + 1)) % 1e12;
-            return s; }
-        if (Array.isArray(v)) {
-            let s = v.length;
-            for (let i = 0; i < v.length; i++) s = (s + h(v[i], d + 1) * ((i % 89) + 1)) % 1e12;
+        if (ArrayBuffer.isView(v) || Array.isArray(v)) {
+            const step = Math.max(1, Math.ceil(v.length / SAMPLES)); let s = v.length;
+            for (let i = 0; i < v.length; i += step) s = (s + h(v[i], d + 1) * ((i % 89) + 1)) % 1e12;
+            if (v.length) s = (s + h(v[v.length - 1], d + 1)) % 1e12;
             return s; }
         if (typeof v === 'object' && d < 6) {
             let s = 0;
