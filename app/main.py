@@ -17,6 +17,7 @@ import streamlit as st  # noqa: E402
 
 from app import sidebar, state  # noqa: E402
 from app.components import guarded  # noqa: E402
+from moeviz import charts  # noqa: E402
 
 # (file under app/, title, icon); the order is the order in the navigation
 PAGES = [
@@ -35,6 +36,7 @@ PAGES = [
 
 def main() -> None:
     st.set_page_config(page_title="moeviz", page_icon=":material/hub:", layout="wide")
+    charts.use_moeviz_template_by_default()  # this process draws moeviz charts only: ~20 -> 3 ms a figure
     nav = st.navigation([st.Page(path, title=title, icon=icon) for path, title, icon in PAGES])
     ctx = None
     with guarded("Sidebar"):

@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import plotly.express as px
 import plotly.graph_objects as go
+import plotly.io as pio
 from plotly.subplots import make_subplots
 
 from moeviz.errors import MoevizError
@@ -33,13 +34,22 @@ def _white_template() -> go.layout.Template:
     The full template carries defaults for 24 trace types: assigning it took 36 ms per figure (validation and
     copies), 0.3 s of the eight charts a Specialization layer change rebuilds. This one takes a third of that
     and draws the same charts, since no other trace type is used."""
-    import plotly.io as pio
-
     white = pio.templates["plotly_white"]
     return go.layout.Template(layout=white.layout, data={t: white.data[t] for t in TRACE_TYPES if t in white.data})
 
 
-_LAYOUT = dict(template=_white_template(), margin=dict(l=60, r=30, t=60, b=50), hovermode="closest")
+TEMPLATE = "moeviz"  # registered with Plotly under this name
+pio.templates[TEMPLATE] = _white_template()
+_LAYOUT = dict(margin=dict(l=60, r=30, t=60, b=50), hovermode="closest")
+
+
+def use_moeviz_template_by_default() -> None:
+    """Make moeviz's template Plotly's default in this process, as the dashboard does (it draws moeviz charts only).
+
+    Figures then carry no template of their own and Plotly adds it when it writes them out: 3 ms a figure instead
+    of ~20 ms, since assigning a template to a figure validates and copies it. Elsewhere (notebooks) each figure
+    gets the template assigned, and the user's own Plotly default is left alone."""
+    pio.templates.default = TEMPLATE
 
 
 class ChartDataError(MoevizError, ValueError):
@@ -53,7 +63,8 @@ def _need(df: pd.DataFrame, cols: Iterable[str | None], chart: str) -> None:
 
 
 def _finish(fig: go.Figure, title: str, x_title: str | None = None, y_title: str | None = None, **layout) -> go.Figure:
-    fig.update_layout(title=dict(text=title, x=0.01), **_LAYOUT, **layout)
+    template = {} if pio.templates.default == TEMPLATE else {"template": TEMPLATE}
+    fig.update_layout(title=dict(text=title, x=0.01), **_LAYOUT, **template, **layout)
     if x_title is not None:
         fig.update_xaxes(title_text=x_title)
     if y_title is not None:

@@ -197,7 +197,7 @@ def test_charts_use_plotly_white_for_every_trace_type_they_draw():
     import plotly.io as pio
 
     white = pio.templates["plotly_white"]
-    template = charts._LAYOUT["template"]
+    template = pio.templates[charts.TEMPLATE]
     assert template.layout.to_plotly_json() == white.layout.to_plotly_json()
     for t in charts.TRACE_TYPES:
         assert template.data[t] == white.data[t]
@@ -205,6 +205,21 @@ def test_charts_use_plotly_white_for_every_trace_type_they_draw():
     assert {d.lower() for d in drawn} <= set(charts.TRACE_TYPES)
     fig = charts.drop_bars(pd.DataFrame({"layer": [0, 1], "drop_rate": [0.1, 0.2]}), by="layer", cf=1.0)
     assert fig.layout.template.layout.plot_bgcolor == "white"
+
+
+def test_moeviz_template_as_plotly_default_writes_out_the_same_figure():
+    """The dashboard makes moeviz's template Plotly's default (figures then skip assigning it, 3 vs ~20 ms a
+    figure); what a chart writes out must be the same as with the template assigned to it."""
+    import plotly.io as pio
+
+    df = pd.DataFrame({"layer": [0, 1], "drop_rate": [0.1, 0.2]})
+    assigned = pio.to_json(charts.drop_bars(df, by="layer", cf=1.0), validate=False)
+    before = pio.templates.default
+    try:
+        charts.use_moeviz_template_by_default()
+        assert pio.to_json(charts.drop_bars(df, by="layer", cf=1.0), validate=False) == assigned
+    finally:
+        pio.templates.default = before
 
 
 def test_heatmap_places_rows_in_any_order_and_leaves_missing_cells_empty():
