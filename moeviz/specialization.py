@@ -45,7 +45,7 @@ import pandas as pd
 
 from moeviz.errors import MoevizError
 from moeviz.load import run_query
-from moeviz.store_reader import column_names, holds_one_run, route_stats_complete, table_names
+from moeviz.store_reader import column_names, route_stats_complete, table_names
 from moeviz.selection import Selection
 
 __all__ = [
@@ -82,13 +82,6 @@ class SpecializationError(MoevizError, ValueError):
 
 def _df(con, sql: str, params: list) -> pd.DataFrame:
     return run_query(con, sql, params, error=SpecializationError)
-
-
-def _run_ids(con, sel: Selection) -> list[str]:
-    """The runs of the selection that the store holds, in a stable order."""
-    where, params = Selection(run_ids=sel.run_ids).where()
-    runs = _df(con, f"SELECT run_id FROM runs WHERE {where} ORDER BY run_id", params)
-    return runs["run_id"].tolist()
 
 
 class _RunId(str):
@@ -189,10 +182,14 @@ def _per_run(con, sel: Selection, columns: list[str], one_run, source: str = "au
     """`one_run(run_id) -> DataFrame` for each run of the selection, stacked, with `run_id` first."""
     _check_source(source)
     frames = []
-    run_ids = _run_ids(con, sel)  # first: a connection without the moeviz tables gets SpecializationError here
-    alone = holds_one_run(con)
-    complete = route_stats_complete(con)
-    one_rank_runs = {r[0] for r in con.execute("SELECT run_id FROM runs WHERE world_size = 1").fetchall()}
+    # one read of `runs` for what every run needs (which runs, alone, complete, one rank); first, so that a
+    # connection without the moeviz tables gets SpecializationError here
+    runs = _df(con, "SELECT * FROM runs ORDER BY run_id", [])
+    all_ids = [str(r) for r in runs["run_id"].drop_duplicates()]
+    run_ids = [r for r in all_ids if sel.run_ids is None or r in sel.run_ids]
+    alone = len(all_ids) == 1  # as store_reader.holds_one_run
+    complete = route_stats_complete(con, runs)
+    one_rank_runs = set(runs.loc[runs["world_size"] == 1, "run_id"]) if "world_size" in runs.columns else set()
     for run_id in run_ids:
         one_rank = run_id in one_rank_runs or (sel.ranks is not None and len(set(sel.ranks)) == 1)
         run_id = _RunId.of(run_id, alone, _sequence_steps(con, sel, run_id), complete.get(run_id, False), one_rank,

@@ -289,12 +289,19 @@ def column_names(con, table: str) -> set[str]:
         return set()
 
 
-def route_stats_complete(con) -> dict[str, bool]:
+def route_stats_complete(con, runs=None) -> dict[str, bool]:
     """Per run id: whether `token_stats`, `position_stats` and `sequence_stats` count every route of the run
-    (`runs.route_stats_complete`, on a connection that has those tables), so analyses may read them for `routes`."""
-    if not set(sg.ROUTE_STATS_TABLES) <= table_names(con) or "route_stats_complete" not in column_names(con, "runs"):
+    (`runs.route_stats_complete`, on a connection that has those tables), so analyses may read them for `routes`.
+    `runs`: the `runs` table as a DataFrame, when the caller has read it already."""
+    if not set(sg.ROUTE_STATS_TABLES) <= table_names(con):
         return {}
-    return {r[0]: bool(r[1]) for r in con.execute("SELECT run_id, route_stats_complete FROM runs").fetchall()}
+    if runs is None:
+        if "route_stats_complete" not in column_names(con, "runs"):
+            return {}
+        runs = con.execute("SELECT run_id, route_stats_complete FROM runs").df()
+    if "route_stats_complete" not in runs.columns:
+        return {}
+    return {str(r): bool(c) for r, c in zip(runs["run_id"], runs["route_stats_complete"])}
 
 
 # ---------------------------------------------------------------------------------------------------- SQL from users
