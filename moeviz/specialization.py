@@ -97,6 +97,7 @@ class _RunId(str):
     `route_stats`: `token_stats` and `sequence_stats` count every route of the run (`runs.route_stats_complete`).
     `one_rank`: the run has a single rank, so the rows of token_stats/position_stats are already one per cell.
     `source`: the caller's choice among SOURCES (see `_from_aggregates`).
+    `tables`: the tables and views the connection has (`store_reader.table_names`), read once per call.
     """
 
     alone: bool = False
@@ -104,12 +105,14 @@ class _RunId(str):
     route_stats: bool = False
     one_rank: bool = False
     source: str = "auto"
+    tables: frozenset[str] = frozenset()
 
     @staticmethod
     def of(run_id: str, alone: bool, seq_steps: tuple[int, ...] | None = None, route_stats: bool = False,
-           one_rank: bool = False, source: str = "auto") -> "_RunId":
+           one_rank: bool = False, source: str = "auto", tables: frozenset[str] = frozenset()) -> "_RunId":
         r = _RunId(run_id)
         r.alone, r.seq_steps, r.route_stats, r.one_rank, r.source = alone, seq_steps, route_stats, one_rank, source
+        r.tables = tables
         return r
 
 
@@ -153,7 +156,7 @@ def _layer_stats_cover(con, sel: Selection, run_id: "_RunId", column: str) -> bo
     if run_id.source == "routes":
         return False
     usable = not sel.needs_sequences and column in column_names(con, "layer_stats") and (
-        column != "coactive_pairs" or "pair_stats" in table_names(con))
+        column != "coactive_pairs" or "pair_stats" in run_id.tables)
     if usable:
         where, params = sel.with_(run_ids=None).where("l")
         n, known = con.execute(f"SELECT count(*), count({column}) FROM layer_stats l WHERE l.run_id = ? AND {where}",
@@ -188,12 +191,13 @@ def _per_run(con, sel: Selection, columns: list[str], one_run, source: str = "au
     all_ids = [str(r) for r in runs["run_id"].drop_duplicates()]
     run_ids = [r for r in all_ids if sel.run_ids is None or r in sel.run_ids]
     alone = len(all_ids) == 1  # as store_reader.holds_one_run
-    complete = route_stats_complete(con, runs)
+    tables = frozenset(table_names(con))
+    complete = route_stats_complete(con, runs, tables)
     one_rank_runs = set(runs.loc[runs["world_size"] == 1, "run_id"]) if "world_size" in runs.columns else set()
     for run_id in run_ids:
         one_rank = run_id in one_rank_runs or (sel.ranks is not None and len(set(sel.ranks)) == 1)
         run_id = _RunId.of(run_id, alone, _sequence_steps(con, sel, run_id), complete.get(run_id, False), one_rank,
-                           source)
+                           source, tables)
         df = one_run(run_id)
         if len(df):
             df.insert(0, "run_id", run_id)
@@ -841,7 +845,7 @@ def _flow_stats_cover(con, sel: Selection, run_id: "_RunId", layer_a: int, layer
     tokens. Domains and tags select tokens, which flow_stats does not break down."""
     if run_id.source == "routes":
         return False
-    usable = not sel.needs_sequences and "flow_stats" in table_names(con)
+    usable = not sel.needs_sequences and "flow_stats" in run_id.tables
     if usable:
         where, params = sel.with_(run_ids=None, layers=None).where("x")
         have, want = con.execute(
@@ -980,20 +984,20 @@ def _probe_sets_cover(con, sel: Selection, run_id: "_RunId", ref: int | None, st
     if run_id.source == "routes":
         return False
     only_probe = sel.tags is not None and set(sel.tags) == {"probe"}
-    usable = (run_id.route_stats and "probe_sets" in table_names(con) and sel.domains is None
+    usable = (run_id.route_stats and "probe_sets" in run_id.tables and sel.domains is None
               and (only_probe or (steps_a is not None and ref is not None)))
     if usable:
         steps = None if steps_a is None else sorted({*steps_a, ref})
+        step_in = f" AND {{a}}.step IN ({', '.join('?' for _ in steps)})" if steps is not None else ""
         rwhere, rparams = Selection(ranks=sel.ranks).where("q")
-        step_in = f" AND q.step IN ({', '.join('?' for _ in steps)})" if steps is not None else ""
-        non_probe = 0 if only_probe else con.execute(
-            f"SELECT count(*) FROM sequences q WHERE q.run_id = ? AND {rwhere}{step_in} AND q.tag IS DISTINCT FROM 'probe'",
-            [str(run_id), *rparams, *(steps or [])]).fetchone()[0]
+        non_probe, nparams = ("0", []) if only_probe else (  # sequences the routes version would compare too
+            f"(SELECT count(*) FROM sequences q WHERE q.run_id = ? AND {rwhere}{step_in.format(a='q')} "
+            "AND q.tag IS DISTINCT FROM 'probe')", [str(run_id), *rparams, *(steps or [])])
         xwhere, xparams = sel.with_(run_ids=None, tags=None, steps=None if steps is not None else sel.steps).where("x")
-        x_in = f" AND x.step IN ({', '.join('?' for _ in steps)})" if steps is not None else ""
-        have, wide = con.execute(
-            f"SELECT count(DISTINCT x.step), count(*) FILTER (WHERE x.experts IS NULL) FROM probe_sets x "
-            f"WHERE x.run_id = ? AND {xwhere}{x_in}", [str(run_id), *xparams, *(steps or [])]).fetchone()
+        non_probe, have, wide = con.execute(
+            f"SELECT {non_probe}, count(DISTINCT x.step), count(*) FILTER (WHERE x.experts IS NULL) FROM probe_sets x "
+            f"WHERE x.run_id = ? AND {xwhere}{step_in.format(a='x')}",
+            [*nparams, str(run_id), *xparams, *(steps or [])]).fetchone()
         usable = non_probe == 0 and wide == 0 and have == (len(steps) if steps is not None else have) and have > 0
     return _from_aggregates(run_id, usable, "probe_sets holds the probe steps of compacted runs with at most 64 "
                             "experts per layer: select the probe batch (tags=('probe',)) or two steps whose sequences "

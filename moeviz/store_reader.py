@@ -289,11 +289,11 @@ def column_names(con, table: str) -> set[str]:
         return set()
 
 
-def route_stats_complete(con, runs=None) -> dict[str, bool]:
+def route_stats_complete(con, runs=None, tables: set[str] | None = None) -> dict[str, bool]:
     """Per run id: whether `token_stats`, `position_stats` and `sequence_stats` count every route of the run
     (`runs.route_stats_complete`, on a connection that has those tables), so analyses may read them for `routes`.
-    `runs`: the `runs` table as a DataFrame, when the caller has read it already."""
-    if not set(sg.ROUTE_STATS_TABLES) <= table_names(con):
+    `runs` (the `runs` table as a DataFrame) and `tables` (`table_names(con)`): when the caller has them."""
+    if not set(sg.ROUTE_STATS_TABLES) <= (table_names(con) if tables is None else tables):
         return {}
     if runs is None:
         if "route_stats_complete" not in column_names(con, "runs"):
