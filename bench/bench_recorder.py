@@ -73,7 +73,9 @@ def main(args) -> None:
         for r in range(args.repeats):
             base += timed_steps(model, opt, batches(args.block), args.device)
             t0 = time.perf_counter()
-            rec = Recorder(model, Path(tmp) / f"run{r}", run_name=f"bench{r}", flush_every=10).start()
+            rec = Recorder(model, Path(tmp) / f"run{r}", run_name=f"bench{r}", flush_every=10,
+                           flow_stats=None if args.flow_stats == "none" else args.flow_stats,
+                           pair_stats=not args.no_pair_stats).start()
             setup.append(time.perf_counter() - t0)
             rec_times += timed_steps(model, opt, batches(args.block), args.device, rec=rec, start_step=r * args.block)
             t0 = time.perf_counter()
@@ -104,5 +106,8 @@ if __name__ == "__main__":
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--block", type=int, default=10)
     p.add_argument("--repeats", type=int, default=4)
+    p.add_argument("--flow-stats", choices=("adjacent", "all", "none"), default="adjacent",
+                   help="Recorder(flow_stats=...): the layer-to-layer flow counts (default: the Recorder's)")
+    p.add_argument("--no-pair-stats", action="store_true", help="Recorder(pair_stats=False)")
     args = p.parse_args()
     main(args)
