@@ -16,9 +16,8 @@ Every function is `f(con, sel, ...) -> pandas.DataFrame` over the public schema 
 - router saturation: `probe_sets` (each probe token's set of experts, built by compaction), for the probe batch.
 
 Otherwise they read the per-token detail in `routes` (joined with `sequences` for domains and tags).
-`source="routes"` forces
-the routes; `source="aggregates"` raises a SpecializationError saying why when the tables cannot serve. The
-metrics follow the papers that introduced them:
+`source="routes"` forces the routes; `source="aggregates"` raises a SpecializationError saying why when the tables
+cannot serve. The metrics follow the papers that introduced them:
 
 - Mixtral (Jiang et al. 2024, §5 "Routing analysis"): expert share per domain and layer; repeated assignments of
   consecutive tokens (first choice, and first-or-second choice) against their random baselines.
@@ -896,7 +895,8 @@ def _saturation(con, sel: Selection, ref_step: int | None, steps_a: list[int] | 
         if ref is None:
             if probe:
                 where, params = sel.with_(run_ids=None, layers=None, tags=None).where("x")
-                src, params = f"SELECT max(x.step) FROM probe_sets x WHERE x.run_id = ? AND {where}", [run_id, *params]
+                src = f"SELECT max(x.step) FROM probe_sets x WHERE x.run_id = ? AND {where}"
+                params = [str(run_id), *params]
             else:
                 src, params = _routes(sel, run_id, "max(r.step)")
             ref = con.execute(src, params).fetchone()[0]
