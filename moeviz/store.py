@@ -668,7 +668,8 @@ def _missing_compaction_tables(target: Path) -> set[str]:
 
     con = duckdb_compat.connect(str(target), read_only=True)
     try:
-        return set(sg.COMPACTION_TABLES) - {r[0] for r in con.execute("SELECT table_name FROM duckdb_tables()").fetchall()}
+        have = {r[0] for r in con.execute("SELECT table_name FROM duckdb_tables()").fetchall()}
+        return set(sg.COMPACTION_TABLES) - have
     finally:
         con.close()
 

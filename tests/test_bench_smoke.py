@@ -76,7 +76,8 @@ def test_benchmark_runs_and_pandas_equals_moeviz(tiny_store):
     assert reads["specialization.coactivation"] == "aggregates (pair_stats)"  # source='aggregates' ran, no error
     assert reads["specialization.coactivation [source=routes]"] == "routes"
     flows = [name for name in reads if name.startswith("specialization.layer_flow")]
-    assert len(flows) == 4 and all(reads[n] == ("routes" if "routes" in n else "aggregates (flow_stats)") for n in flows)
+    assert len(flows) == 4
+    assert all(reads[n] == ("routes" if "routes" in n else "aggregates (flow_stats)") for n in flows)
     sat = [name for name in reads if "saturation" in name]
     assert len(sat) == 4 and all(reads[n] == ("routes" if "routes" in n else "aggregates (probe_sets)") for n in sat)
 

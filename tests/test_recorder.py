@@ -197,8 +197,8 @@ def test_flow_stats_match_brute_force_over_the_recorded_routes(tmp_path, flow):
     model, config = tiny_model("qwen2_moe", num_hidden_layers=3)
     gen = torch.Generator().manual_seed(11)
     batches = {0: [padded_batch(gen, 3, 9, [9, 5, 1]), padded_batch(gen, 2, 6, [6, 3])], 1: [padded_batch(gen, 2, 7, [7, 2])]}
-    experts = {(step, seq, pos, layer): ex
-               for (step, layer, seq, pos), ex in record_batches(model, tmp_path / "run", batches, flow_stats=flow).items()}
+    recorded = record_batches(model, tmp_path / "run", batches, flow_stats=flow)
+    experts = {(step, seq, pos, layer): ex for (step, layer, seq, pos), ex in recorded.items()}
     layer_pairs = [(0, 1), (1, 2)] + ([(0, 2)] if flow == "all" else [])
     want: dict[tuple, list[int]] = {}
     for (step, seq, pos, la), ex_a in experts.items():
@@ -216,7 +216,8 @@ def test_flow_stats_match_brute_force_over_the_recorded_routes(tmp_path, flow):
             for r in got.itertuples()} == want
     k = config.num_experts_per_tok  # every token adds k * k pairs and one first-choice link per pair of layers
     n_tokens = 9 + 5 + 1 + 6 + 3 + 7 + 2
-    assert got.first_tokens.sum() == n_tokens * len(layer_pairs) and got.topk_pairs.sum() == n_tokens * len(layer_pairs) * k * k
+    links = n_tokens * len(layer_pairs)
+    assert got.first_tokens.sum() == links and got.topk_pairs.sum() == links * k * k
 
 
 def test_flow_stats_can_be_switched_off_and_reject_unknown_choices(mixtral, tmp_path):

@@ -561,8 +561,8 @@ def test_saturation_over_more_than_64_experts_reads_the_routes():
     rng = np.random.default_rng(3)
     T, E, k = 12, 70, 2
     index = np.stack([np.stack([rng.permutation(E)[:k]]) for _ in range(2 * T)])  # [2T, L=1, k]
-    con = store_from_routing(index=index, n_experts=E, steps=np.repeat([0, 1], T), tags=np.array(["probe"] * (2 * T), dtype=object),
-                             token_ids=np.tile(np.arange(T), 2))
+    con = store_from_routing(index=index, n_experts=E, steps=np.repeat([0, 1], T),
+                             tags=np.array(["probe"] * (2 * T), dtype=object), token_ids=np.tile(np.arange(T), 2))
     with pytest.raises(sp.SpecializationError, match="probe_sets holds the probe steps"):
         sp.router_saturation(con, Selection(), 0, 1, source="aggregates")
     got = sp.router_saturation(con, Selection(), 0, 1)

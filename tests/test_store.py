@@ -489,7 +489,8 @@ def test_compaction_builds_probe_sets_and_rebuilds_them_for_an_older_run_duckdb(
 
     def got() -> dict:
         df = open_store(run_dir).execute("SELECT * EXCLUDE (run_id) FROM probe_sets").df()
-        return {(r.step, r.rank, r.seq, r.pos, r.layer): (r.token_id, r.first_expert, r.experts) for r in df.itertuples()}
+        return {(r.step, r.rank, r.seq, r.pos, r.layer): (r.token_id, r.first_expert, r.experts)
+                for r in df.itertuples()}
 
     want = expected_probe_sets(routes, seqs)
     assert len(want) == 2 * SEQ_LEN * LAYERS and got() == want  # seq 0 of steps 0 and 2
