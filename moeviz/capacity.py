@@ -25,6 +25,7 @@ from typing import Iterable, Sequence
 
 import pandas as pd
 
+from moeviz import probability_drops
 from moeviz.load import AnalysisError, run_query
 from moeviz.selection import Selection
 
@@ -162,6 +163,20 @@ def _units_sql(sel: Selection, group: str, policy: str, unit: str, labels: bool)
     return sql, params
 
 
+def _from_weight_hist(con, sel: Selection, group: str, policy: str, unit: str, source: str) -> bool:
+    """Whether the probability policy per assignment is computed from weight_hist (moeviz.probability_drops)."""
+    wanted = unit == "assignment" and policy == "probability" and group == "step"
+    if not wanted or source == "routes":
+        return False
+    if probability_drops.covers(con, sel):
+        return True
+    if source == "aggregates":
+        raise AnalysisError("weight_hist does not cover this selection: it holds compacted runs with no live routes "
+                            "(run `moeviz compact`, which also adds it to a run compacted by an older moeviz); "
+                            "use source='auto' or 'routes'")
+    return False
+
+
 def _needs_labels(sel: Selection, by: tuple[str, ...]) -> bool:
     return sel.needs_sequences or "domain" in by or "tag" in by
 
@@ -188,6 +203,7 @@ def capacity_drops(
     group: str = "step",
     by: Sequence[str] = ("layer", "expert"),
     with_weight: bool = False,
+    source: str = "auto",
 ) -> pd.DataFrame:
     """Assignments a capacity-limited router would drop at `capacity_factor` (or a fixed `capacity` per expert
     and group, as Switch Transformers' `expert_capacity`), broken down by any of `BY_DIMS`.
@@ -195,8 +211,15 @@ def capacity_drops(
     Columns: run_id, *by, assigned, dropped, drop_rate, and with `with_weight` dropped_weight (sum of the
     dropped gate weights) and weight_drop_rate (its share of all gate weight): the 'probability' policy
     trades the same number of drops for less lost weight.
+
+    `source`: 'auto' ranks the probability policy's assignments (with_weight, or by below the expert) from
+    `weight_hist` and one pass over `routes` when the runs are compacted (see moeviz.probability_drops),
+    else with a window over every route; 'routes' forces the window; 'aggregates' raises if weight_hist does
+    not cover the selection.
     """
     by = _check(policy, group, by)
+    if source not in ("auto", "aggregates", "routes"):
+        raise AnalysisError(f"source must be 'auto', 'aggregates' or 'routes'; got {source!r}")
     if (capacity_factor is None) == (capacity is None):
         raise AnalysisError("give exactly one of capacity_factor (C = ceil(CF * tokens * k / E)) or capacity (C)")
     if capacity is not None and int(capacity) < 0:
@@ -207,6 +230,16 @@ def capacity_drops(
     by_cols = "".join(f", {d}" for d in by)
     shape, sparams = _shape_sql(sel)
     unit = _granularity(sel, group, policy, by, with_weight)
+    if _from_weight_hist(con, sel, group, policy, unit, source):
+        cap = cap_sql or _CAPACITY.format(t="g.group_tokens", k="sh.top_k", e="sh.n_experts")
+        weight = (", sum(dropped_weight) FILTER (WHERE n_dropped > 0) AS dropped_weight,"
+                  " sum(dropped_weight) FILTER (WHERE n_dropped > 0) / nullif(sum(weight), 0) AS weight_drop_rate"
+                  if with_weight else "")
+        return probability_drops.drops(con, sel, by, with_weight, (shape, sparams), cap, cap_param,
+                                       labels=_needs_labels(sel, by), aggregate=f"""
+            SELECT run_id{by_cols}, CAST(sum(n) AS BIGINT) AS assigned, CAST(sum(n_dropped) AS BIGINT) AS dropped,
+                   sum(n_dropped) / nullif(sum(n), 0) AS drop_rate{weight}
+            FROM flagged GROUP BY run_id{by_cols} ORDER BY run_id{by_cols}""")
     units, params = _units_sql(sel, group, policy, unit, labels=_needs_labels(sel, by))
     post, pparams = _post_filter(sel, "x")
     cap = cap_sql or _CAPACITY.format(t="x.group_tokens", k="sh.top_k", e="sh.n_experts")

@@ -40,3 +40,16 @@ def connect(database: str = ":memory:", *, read_only: bool = False, config: dict
     """duckdb.connect(database, read_only=..., config=...), after checking the DuckDB version."""
     check_version()
     return duckdb.connect(database, read_only=read_only, config=config or {})
+
+
+def arrow_table(result):
+    """A query result as a pyarrow Table (`to_arrow_table` in DuckDB 1.5, `fetch_arrow_table` before)."""
+    fetch = getattr(result, "to_arrow_table", None) or result.fetch_arrow_table
+    return fetch()
+
+
+def arrow_reader(result):
+    """A query result as a streaming pyarrow RecordBatchReader (`to_arrow_reader` in DuckDB 1.5,
+    `fetch_record_batch` before)."""
+    fetch = getattr(result, "to_arrow_reader", None) or result.fetch_record_batch
+    return fetch()

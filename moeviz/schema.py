@@ -242,9 +242,27 @@ PROBE_SETS = _t(
      "has more than 64 experts (the analyses then read `routes`)."),
 )
 
+WEIGHT_HIST = _t(
+    "weight_hist",
+    "Each expert's gate weights per step, counted in 256 bins: built from `routes` when a run is compacted, so "
+    "that the probability capacity policy (highest weights kept) finds each expert's cut-off bin without ranking "
+    "every route.",
+    ("run_id", "VARCHAR", "Run id."),
+    ("step", "BIGINT", "Step."),
+    ("rank", "INTEGER", "Rank."),
+    ("layer", "SMALLINT", "MoE layer index."),
+    ("expert", "SMALLINT", "Chosen expert index."),
+    ("bin", "SMALLINT", "Weight bin: `routes.weight_q >> 8` (0-255; bin b holds weights in [b/256, (b+1)/256) "
+     "of WEIGHT_SCALE)."),
+    ("assigned", "BIGINT", "Routes of this step, rank, layer and expert whose weight falls in the bin."),
+    ("first_choice", "BIGINT", "Of those, routes in slot 0."),
+    ("weight_q_sum", "BIGINT", "Sum of their `weight_q` (divide by 65535 for gate weight)."),
+    ("above", "BIGINT", "Routes of the same step, rank, layer and expert in higher bins."),
+)
+
 TABLES: dict[str, Table] = {t.name: t for t in (RUNS, LAYERS, ROUTES, STEP_STATS, LAYER_STATS, PAIR_STATS, FLOW_STATS,
                                                  SEQUENCES, TOKEN_STATS, POSITION_STATS, SEQUENCE_STATS, PROBE_SETS,
-                                                 VOCAB)}
+                                                 WEIGHT_HIST, VOCAB)}
 
 # Columns added after the first release of a table: a writer may leave them out (they read as NULL), so that
 # code written against the older schema (RunWriter.write_flush callers) keeps working.

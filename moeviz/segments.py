@@ -52,7 +52,10 @@ ROUTE_STATS_TABLES = ("token_stats", "position_stats", "sequence_stats")
 # ... and the per-token expert sets of the probe steps (router saturation); not part of `route_stats_complete`, so
 # that a run.duckdb compacted before it existed keeps its other tables in use.
 PROBE_SETS = "probe_sets"
-COMPACTION_TABLES = ROUTE_STATS_TABLES + (PROBE_SETS,)
+# ... and each expert's gate weights per step counted in bins (the probability capacity policy); like probe_sets.
+WEIGHT_HIST = "weight_hist"
+WEIGHT_BIN_SHIFT = 8  # weight_hist.bin = weight_q >> 8: 256 bins of 1/256 of the weight range each
+COMPACTION_TABLES = ROUTE_STATS_TABLES + (PROBE_SETS, WEIGHT_HIST)
 META_TABLES = ("runs", "layers", "vocab")
 SEGMENT_TABLES = META_TABLES + DATA_TABLES
 
@@ -81,6 +84,9 @@ DISK_SCHEMAS: dict[str, pa.Schema] = {
                                  ("expert", _I16), ("assigned", _I64), ("first_choice", _I64)]),
     "probe_sets": pa.schema([("run_id", _S), ("step", _I64), ("rank", _I32), ("seq", _I32), ("pos", _I32),
                              ("layer", _I16), ("token_id", _I32), ("first_expert", _I16), ("experts", pa.uint64())]),
+    "weight_hist": pa.schema([("run_id", _S), ("step", _I64), ("rank", _I32), ("layer", _I16), ("expert", _I16),
+                              ("bin", _I16), ("assigned", _I64), ("first_choice", _I64), ("weight_q_sum", _I64),
+                              ("above", _I64)]),
     "sequences": pa.schema([("run_id", _S), ("step", _I64), ("rank", _I32), ("seq", _I32), ("domain", _S),
                             ("tag", _S), ("n_tokens", _I32)]),
     "runs": pa.schema([("run_id", _S), ("rank", _I32), ("written_at", pa.timestamp("us")), ("run_name", _S),

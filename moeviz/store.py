@@ -538,7 +538,8 @@ def _fold_route_stats(con, run_dir: Path, new_routes: list[Path], rebuild: set[s
     # explicit casts: without them DuckDB 1.5 fails an internal statistics assertion ("SetMin or SetMax called
     # with Value that does not match") when segment files are aggregated in a UNION with the typed tables
     cols = ", ".join(f'CAST("{f.name}" AS {sg.duckdb_type(f.type)}) AS "{f.name}"' for f in sg.DISK_SCHEMAS["routes"]
-                     if f.name in ("run_id", "step", "rank", "seq", "pos", "token_id", "layer", "slot", "expert"))
+                     if f.name in ("run_id", "step", "rank", "seq", "pos", "token_id", "layer", "slot", "expert",
+                                   "weight_q"))
     files = [str(run_dir / r[0]) for r in con.execute("SELECT file FROM _routes_files ORDER BY file").fetchall()]
     every = (f"SELECT {cols} FROM main.routes" + (f" UNION ALL SELECT {cols} FROM read_parquet(?)" if files else ""),
              [files] if files else [])  # routes_format="duckdb" compactions keep routes in main.routes
@@ -549,6 +550,9 @@ def _fold_route_stats(con, run_dir: Path, new_routes: list[Path], rebuild: set[s
             continue
         if table == sg.PROBE_SETS:
             con.execute(f'INSERT INTO main."{table}" {_PROBE_SETS_SQL.format(source=source)}', params)
+            continue
+        if table == sg.WEIGHT_HIST:
+            _fold_weight_hist(con, source, params)
             continue
         k = ", ".join(_ROUTE_STATS_KEYS[table])
         typed = ", ".join(f'CAST("{f.name}" AS {sg.duckdb_type(f.type)}) AS "{f.name}"'
@@ -563,6 +567,36 @@ def _fold_route_stats(con, run_dir: Path, new_routes: list[Path], rebuild: set[s
                     FROM ({source}) GROUP BY ALL)
                 GROUP BY ALL ORDER BY {k})""", params)
         con.execute(f'DROP TABLE main."_old_{table}"')
+
+
+def _fold_weight_hist(con, source: str, params: list) -> None:
+    """weight_hist = the old table's counts plus the new routes', with `above` recomputed over the sums (a step
+    whose routes span two compactions gets one set of bins)."""
+    k = "run_id, step, rank, layer, expert, bin"
+    typed = ", ".join(f'CAST("{f.name}" AS {sg.duckdb_type(f.type)}) AS "{f.name}"'
+                      for f in sg.DISK_SCHEMAS[sg.WEIGHT_HIST])
+    con.execute(f'ALTER TABLE main."{sg.WEIGHT_HIST}" RENAME TO "_old_{sg.WEIGHT_HIST}"')
+    con.execute(f"""
+        CREATE TABLE main."{sg.WEIGHT_HIST}" AS SELECT {typed} FROM (
+            SELECT *, coalesce(sum(assigned) OVER (PARTITION BY run_id, step, rank, layer, expert ORDER BY bin DESC
+                                                   ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0) AS above
+            FROM (
+                SELECT {k}, sum(assigned) AS assigned, sum(first_choice) AS first_choice,
+                       sum(weight_q_sum) AS weight_q_sum FROM (
+                    SELECT {k}, assigned, first_choice, weight_q_sum FROM main."_old_{sg.WEIGHT_HIST}"
+                    UNION ALL
+                    {_WEIGHT_HIST_SQL.format(source=source)})
+                GROUP BY ALL))
+        ORDER BY run_id, step, rank, layer, expert, bin DESC""", params)
+    con.execute(f'DROP TABLE main."_old_{sg.WEIGHT_HIST}"')
+
+
+# Each expert's routes per step counted by weight bin (the counts weight_hist sums; `above` is added over the sums).
+_WEIGHT_HIST_SQL = f"""
+    SELECT run_id, step, rank, layer, expert, CAST(weight_q >> {sg.WEIGHT_BIN_SHIFT} AS SMALLINT) AS bin,
+           count(*) AS assigned, count(*) FILTER (WHERE slot = 0) AS first_choice,
+           sum(weight_q) AS weight_q_sum
+    FROM ({{source}}) GROUP BY ALL"""
 
 
 # One row per token and layer of the sequences tagged 'probe' (joined from `sequences`, which compaction has

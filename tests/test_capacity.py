@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from moeviz.capacity import capacity_drops, drop_curve, expert_capacity
@@ -81,8 +82,8 @@ def test_probability_policy_keeps_the_highest_weights():
     assert pos["dropped"].tolist() == [0, 0, 1]
     assert prob["dropped"].tolist() == [1, 0, 0]
     total = capacity_drops(con, Selection(), capacity=2, by=(), policy="probability", with_weight=True).iloc[0]
-    assert total["dropped_weight"] == pytest.approx(0.2)
-    assert total["weight_drop_rate"] == pytest.approx(0.2 / 1.6)
+    assert total["dropped_weight"] == pytest.approx(0.2, abs=1e-5)  # stores keep weights to 1/65535
+    assert total["weight_drop_rate"] == pytest.approx(0.2 / 1.6, abs=1e-5)
 
 
 def test_expert_capacity_formula():
@@ -93,11 +94,15 @@ def test_expert_capacity_formula():
 
 # ---- brute force over random routing ---------------------------------------------------------------------------
 
-def _mask_to_frame(r, dropped, by, token_mask=None):
-    import pandas as pd
+def _mask_to_frame(r, dropped, by, token_mask=None, cell_mask=None, weights=None):
+    """Brute-force counts per `by` from a [T, L, k] drop mask; `cell_mask` picks the assignments counted, and
+    `weights` adds dropped_weight and weight_drop_rate."""
+    if cell_mask is not None:
+        return _cells_to_frame(r, dropped, by, cell_mask, weights)
 
     n_tok, n_lay, k = r["index"].shape
     cols = {
+        "pos": np.broadcast_to(r["pos"][:, None, None], dropped.shape),
         "step": np.broadcast_to(r["steps"][:, None, None], dropped.shape),
         "rank": np.broadcast_to(r["ranks"][:, None, None], dropped.shape),
         "seq": np.broadcast_to(r["seqs"][:, None, None], dropped.shape),
@@ -110,6 +115,22 @@ def _mask_to_frame(r, dropped, by, token_mask=None):
     df = pd.DataFrame({c: cols[c][keep].ravel() for c in by} | {"dropped": dropped[keep].ravel().astype(int)})
     return df.groupby(list(by)).agg(assigned=("dropped", "size"), dropped=("dropped", "sum")).reset_index() \
         if by else pd.DataFrame({"assigned": [int(keep.sum())], "dropped": [int(dropped[keep].sum())]})
+
+
+def _cells_to_frame(r, dropped, by, cell, weights):
+    cols = {
+        "pos": r["pos"][:, None, None], "step": r["steps"][:, None, None], "rank": r["ranks"][:, None, None],
+        "seq": r["seqs"][:, None, None], "domain": r["domains"][:, None, None],
+        "layer": np.arange(dropped.shape[1])[None, :, None], "slot": np.arange(dropped.shape[2])[None, None, :],
+        "expert": r["index"],
+    }
+    df = pd.DataFrame({c: np.broadcast_to(cols[c], dropped.shape)[cell].ravel() for c in by}
+                      | {"dropped": dropped[cell].ravel().astype(int), "w": weights[cell].ravel(),
+                         "dw": np.where(dropped, weights, 0.0)[cell].ravel()})
+    agg = dict(assigned=("dropped", "size"), dropped=("dropped", "sum"), dropped_weight=("dw", "sum"), w=("w", "sum"))
+    out = df.assign(all=0).groupby(list(by) or ["all"]).agg(**agg).reset_index()
+    out["weight_drop_rate"] = out["dropped_weight"] / out["w"]
+    return out
 
 
 @pytest.mark.parametrize("policy", ["position", "probability"])
@@ -161,6 +182,90 @@ def test_drop_curve_equals_drops_at_each_factor(routing, store, policy, group, b
         assert got["assigned"].astype(int).tolist() == want["assigned"].astype(int).tolist()
     total = curve.groupby("capacity_factor")["dropped"].sum()
     assert total.is_monotonic_decreasing and total.iloc[-1] == 0
+
+
+# ---- the probability policy per assignment from weight_hist (moeviz.probability_drops) --------------------------
+
+@pytest.fixture(scope="module")
+def tied():
+    """Routing whose gate weights sit on a grid of eighths: many exact ties, broken by slot, seq, pos."""
+    r = synthetic_routing(n_steps=3, n_layers=2, n_experts=6, top_k=2, seqs_per_step=4, seq_len=9, n_ranks=2,
+                          domains=("code", "prose", "math"), skew=1.2, seed=5)
+    r["weights"] = np.round(r["weights"] * 8) / 8
+    return r
+
+
+@pytest.mark.parametrize("by, with_weight", [
+    (("layer", "expert"), True), (("step", "rank"), True), ((), True), (("domain",), False),
+    (("domain", "layer"), False), (("seq", "slot"), False), (("pos",), False), (("slot", "expert"), True),
+    (("domain",), True), (("pos", "layer"), True)])
+def test_probability_policy_from_weight_hist_matches_brute_force(tied, by, with_weight):
+    """The cut-bin reduction (weight_hist + one pass) against the plain loop, with ties at every cut."""
+    con = store_from_routing(**tied)
+    weights = np.round(tied["weights"] * 65535) / 65535  # as the store keeps them
+    sels = [(Selection(), None), (Selection(domains=("code",)), np.isin(tied["domains"], ["code"])),
+            (Selection(steps=(1, 2), layers=(1,)), tied["steps"] >= 1), (Selection(ranks=(1,)), tied["ranks"] == 1)]
+    for cf in (0.5, 1.0, 1.4, None):
+        for sel, mask in sels:
+            if cf is None:  # a fixed capacity of 3 assignments per expert and step
+                got = capacity_drops(con, sel, capacity=3, policy="probability", by=by, with_weight=with_weight,
+                                     source="aggregates")
+                dropped = brute_force_fixed(tied, 3, weights)
+            else:
+                got = capacity_drops(con, sel, cf, policy="probability", by=by, with_weight=with_weight,
+                                     source="aggregates")
+                dropped = brute_force_dropped(dict(tied, weights=weights), cf, "probability", "step", 6)
+            if sel.layers:
+                dropped = dropped & (np.arange(2) == 1)[None, :, None]
+                keep_layer = np.broadcast_to((np.arange(2) == 1)[None, :, None], dropped.shape)
+            else:
+                keep_layer = np.ones(dropped.shape, bool)
+            tok = np.ones(len(tied["steps"]), bool) if mask is None else mask
+            cell = np.broadcast_to(tok[:, None, None], dropped.shape) & keep_layer
+            want = _mask_to_frame(tied, dropped & cell, by, token_mask=None, cell_mask=cell, weights=weights)
+            for col in list(by) + ["assigned", "dropped"]:
+                assert [str(v) for v in got[col]] == [str(v) for v in want[col]], (col, cf, sel, by)
+            if with_weight:
+                np.testing.assert_allclose(got["dropped_weight"].fillna(0), want["dropped_weight"], atol=1e-9)
+                np.testing.assert_allclose(got["weight_drop_rate"].fillna(0), want["weight_drop_rate"].fillna(0), atol=1e-12)
+
+
+def brute_force_fixed(r: dict, cap: int, weights: np.ndarray) -> np.ndarray:
+    """[T, L, k] bool: drops at a fixed capacity per expert and step, probability policy, as a plain loop."""
+    index = r["index"]
+    dropped = np.zeros(index.shape, dtype=bool)
+    for key in {(s, k) for s, k in zip(r["steps"], r["ranks"])}:
+        tokens = [t for t in range(len(r["steps"])) if (r["steps"][t], r["ranks"][t]) == key]
+        for layer in range(index.shape[1]):
+            for e in range(6):
+                queue = [(t, s) for t in tokens for s in range(index.shape[2]) if index[t, layer, s] == e]
+                queue.sort(key=lambda ts: (-weights[ts[0], layer, ts[1]], ts[1], r["seqs"][ts[0]], r["pos"][ts[0]]))
+                for t, s in queue[cap:]:
+                    dropped[t, layer, s] = True
+    return dropped
+
+
+def test_weight_hist_path_equals_the_window_over_two_runs():
+    """Two runs side by side (the run_id joins) and a capacity of 0: the weight_hist path equals the window."""
+    con = store_from_routing(**synthetic_routing(seed=3, skew=0.5, n_ranks=2), run_id="a")
+    store_from_routing(**synthetic_routing(seed=4, skew=2.0, domains=("x", "y")), run_id="b", con=con)
+    for kw in ({"by": ("layer", "expert"), "with_weight": True}, {"by": ("domain",)}, {"by": ("pos", "slot")},
+               {"by": ("seq",), "with_weight": True}):
+        for cap in ({"capacity_factor": 0.8}, {"capacity": 0}, {"capacity": 2}):
+            for sel in (Selection(), Selection(run_ids=("b",)), Selection(domains=("x",))):
+                fast = capacity_drops(con, sel, policy="probability", source="aggregates", **cap, **kw)
+                window = capacity_drops(con, sel, policy="probability", source="routes", **cap, **kw)
+                pd.testing.assert_frame_equal(fast, window, check_dtype=False, atol=1e-9)
+
+
+def test_weight_hist_source_errors():
+    con = store_from_routing(**synthetic_routing(seed=1), extra_stats=False)  # no weight_hist
+    with pytest.raises(AnalysisError, match="weight_hist does not cover"):
+        capacity_drops(con, Selection(), 1.0, policy="probability", by=("pos",), source="aggregates")
+    with pytest.raises(AnalysisError, match="source must be"):
+        capacity_drops(con, Selection(), 1.0, policy="probability", source="parquet")
+    got = capacity_drops(con, Selection(), 1.0, policy="probability", by=("pos",))  # 'auto': the window
+    assert got["dropped"].sum() > 0
 
 
 def test_two_runs_side_by_side():

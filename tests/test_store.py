@@ -26,6 +26,7 @@ from moeviz import segments as sg
 from moeviz.errors import SchemaVersionError, StoreError, StoreNotFoundError
 from moeviz.schema import SCHEMA_VERSION, TABLES
 from moeviz.store import RunWriter, StoreWarning, compact, open_store, store_info
+from moeviz.selection import Selection
 from moeviz.store_reader import read_only_query
 
 LAYERS, EXPERTS, K, SEQS, SEQ_LEN = 3, 4, 2, 2, 5
@@ -246,9 +247,10 @@ def test_realistic_routes_cost_at_most_4_bytes_per_route_on_disk(tmp_path):
     compact(tmp_path / "r")
     info = store_info(tmp_path / "r")["runs"][0]
     assert info["compacted"] and info["tables"]["routes"]["compacted_rows"] == 4 * 8 * 8 * 512 * 2
-    # DuckDB's lighter compression, plus ~2.5 MB of 256 KiB blocks whatever the size (uncompressed on-disk
-    # types would cost ~30 B/route); bench/bench_store.py measures ~7 B/route at 20M routes
-    assert info["bytes_per_route_compacted"] < 16
+    # DuckDB's lighter compression, plus ~2.5 MB of 256 KiB blocks whatever the size (a block or two per
+    # table: weight_hist took this from 15.x to 16.2; uncompressed on-disk types would cost ~30 B/route);
+    # at scale the compacted run costs 2.8 B/route (docs/benchmarks.md)
+    assert info["bytes_per_route_compacted"] < 17
     # routes are compacted into zstd Parquet files; run.duckdb (small tables, fixed ~MB of blocks) holds none
     files = sorted((tmp_path / "r" / "compacted" / "routes").glob("rank=0/*.parquet"))
     assert len(files) == 1 and info["routes_files"] == 1
@@ -428,7 +430,8 @@ def test_compaction_is_idempotent_and_never_double_counts(tmp_path):
 
 
 def check_route_stats(con, routes: pd.DataFrame) -> None:
-    """token_stats, position_stats and sequence_stats (built by compaction) equal pandas counts of the routes."""
+    """token_stats, position_stats, sequence_stats and weight_hist (built by compaction) equal pandas counts of
+    the routes."""
     assert con.execute("SELECT route_stats_complete FROM runs").fetchone()[0] is True
     for table, keys in (("token_stats", ["rank", "layer", "token_id", "expert"]),
                         ("position_stats", ["rank", "layer", "pos", "expert"]),
@@ -437,6 +440,25 @@ def check_route_stats(con, routes: pd.DataFrame) -> None:
         exp = r.groupby(keys).agg(assigned=("slot", "size"), first_choice=("slot", lambda x: int((x == 0).sum())))
         got = con.execute(f"SELECT * EXCLUDE (run_id) FROM {table}").df().astype("int64").set_index(keys)
         pd.testing.assert_frame_equal(got.sort_index(), exp.sort_index(), check_dtype=False, check_names=False)
+    got = con.execute("SELECT * EXCLUDE (run_id) FROM weight_hist").df().astype("int64")
+    assert got.set_index(["step", "rank", "layer", "expert", "bin"]).sort_index().to_dict("index") == \
+        expected_weight_hist(routes)
+
+
+def expected_weight_hist(routes: pd.DataFrame) -> dict[tuple, dict]:
+    """weight_hist by hand: {(step, rank, layer, expert, bin): counts} with bin = round(weight * 65535) // 256 and
+    `above` = the routes of the same step, rank, layer and expert in higher bins."""
+    cells: dict[tuple, dict] = {}
+    for r in routes.itertuples():
+        q = int(round(float(r.weight) * 65535))
+        c = cells.setdefault((int(r.step), int(r.rank), int(r.layer), int(r.expert), q // 256),
+                             {"assigned": 0, "first_choice": 0, "weight_q_sum": 0})
+        c["assigned"] += 1
+        c["first_choice"] += int(r.slot == 0)
+        c["weight_q_sum"] += q
+    for key, c in cells.items():
+        c["above"] = sum(o["assigned"] for k, o in cells.items() if k[:4] == key[:4] and k[4] > key[4])
+    return dict(sorted(cells.items()))
 
 
 def test_route_stats_cover_a_run_only_once_every_route_is_compacted(tmp_path):
@@ -515,6 +537,28 @@ def test_compaction_builds_probe_sets_and_rebuilds_them_for_an_older_run_duckdb(
     routes, seqs = pd.concat([routes, more["routes"]]), pd.concat([seqs, more["sequences"]])
     assert got() == expected_probe_sets(routes, seqs)
     check_route_stats(open_store(run_dir), routes)
+
+
+def test_an_older_run_duckdb_gets_weight_hist_at_its_next_compaction(tmp_path):
+    """weight_hist (the probability capacity policy) is built from every route when run.duckdb lacks it, and the
+    probability policy reads the routes until then."""
+    from moeviz.capacity import capacity_drops
+    from moeviz.load import AnalysisError
+
+    run_dir = tmp_path / "r"
+    _, flushed = write_run(run_dir, steps=(0, 1, 2))
+    con = duckdb.connect(str(run_dir / "run.duckdb"))
+    con.execute("DROP TABLE weight_hist")
+    con.close()
+    older = open_store(run_dir)
+    with pytest.raises(AnalysisError, match="weight_hist does not cover"):
+        capacity_drops(older, Selection(), 1.0, policy="probability", by=("pos",), source="aggregates")
+    by_routes = capacity_drops(older, Selection(), 1.0, policy="probability", by=("pos",))  # 'auto': the window
+    compact(run_dir)  # nothing new to fold, but the missing table is built
+    con = open_store(run_dir)
+    check_route_stats(con, flushed["routes"].assign(rank=0))
+    pd.testing.assert_frame_equal(
+        capacity_drops(con, Selection(), 1.0, policy="probability", by=("pos",), source="aggregates"), by_routes)
 
 
 def routes_files(run_dir: Path) -> list[Path]:

@@ -1,0 +1,258 @@
+"""The probability capacity policy per assignment without ranking every route: weight_hist's cut-off bins, then
+one pass over the routes.
+
+Under the probability policy (Megatron's "probs": highest gate weights kept, ties broken by slot, seq, pos) an
+expert that received n > C assignments in a step drops its n - C lowest-priority ones. Which ones, and so the
+dropped gate weight and the drops by domain, sequence, position or slot, used to need each route's rank within
+its expert: a window over every route (a sort: > 60 s over 100 M routes on 2 cores).
+
+Reduction (exact). Bin each route by b = weight_q >> 8 (`weight_hist`, built at compaction, stores per bin the
+routes of the same step and expert in higher bins: `above`). The priority order sorts by weight first, so every
+route of a higher bin outranks every route of a lower one, and with capacity C the kept routes are:
+- every route of the bins with above + assigned <= C;
+- none of the bins with above >= C;
+- in the one bin with above < C < above + assigned (the cut bin, where the cut falls inside a bin), the first
+  keep = C - above routes in priority order.
+So only the cut bins' routes (~1/100 of an expert's routes) are ordered. The cut bins are a filter over
+weight_hist (no window: `above` is stored); one pass over the routes joined to the overloaded experts' cut bins
+classifies every route: dropped below its expert's cut bin, kept above it, ordered within it.
+
+Where the pass runs. The locked-down store connection (store_reader.open_store) scans compacted routes through
+pyarrow, ~2x slower than DuckDB's own Parquet reader, and DuckDB cannot estimate that scan's size (it assumes
+1 row, duckdb/duckdb#25631), so a join builds its hash table on the 100 M routes. The pass therefore runs in a
+private in-memory connection that reads the compacted Parquet files the store's run.duckdb names; the small
+inputs (cut bins, per-expert totals, sequence counts, labels) are computed on the store connection and handed
+over as Arrow tables. No SQL typed by a user reaches that connection. Stores without such files (moeviz.testing,
+or routes kept inside run.duckdb) stream their routes from the store connection instead.
+
+Three shapes of the pass, fastest first (docs/benchmarks.md has the figures):
+- breakdowns by layer/expert/step/rank with `with_weight`: counts and weights from weight_hist; the pass reads
+  only the cut bins' weights (which of two equal weights is dropped does not change a sum);
+- breakdowns by sequence, domain or tag (or a domain/tag filter) without weights: the pass keeps only the
+  routes at or below the cut bins, `assigned` comes from sequence_stats, and positions are not read (routes of
+  one sequence with equal weight and slot drop in position order, which no per-sequence count can tell apart);
+- anything else (by position or slot, or weights by sequence): every route is counted in the pass.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from moeviz import duckdb_compat
+from moeviz import segments as sg
+from moeviz.selection import Selection
+
+GROUP_KEYS = ("step", "rank", "layer", "expert")
+_LABEL_KEYS = ("step", "rank", "seq")
+_ROUTE_DIMS = ("layer", "expert", "step", "rank", "seq", "pos", "slot")
+_SEQ_LEVEL = {"run_id", "step", "rank", "seq", "layer", "expert"}
+
+
+def covers(con, sel: Selection) -> bool:
+    """Whether weight_hist holds every route of the selected runs: each is compacted with no live routes
+    (`runs.route_stats_complete`) and its run.duckdb has the table (an older one lacks it until `moeviz compact`)."""
+    from moeviz.store_reader import column_names, table_names
+
+    if not {"weight_hist", "sequence_stats"} <= table_names(con) or \
+            "route_stats_complete" not in column_names(con, "runs"):
+        return False
+    where, params = Selection(run_ids=sel.run_ids).where("ru")
+    runs = con.execute(f"SELECT run_id, route_stats_complete FROM runs ru WHERE {where}", params).fetchall()
+    if not runs or not all(c for _, c in runs):
+        return False
+    have = {r[0] for r in con.execute("SELECT run_id FROM weight_hist GROUP BY run_id").fetchall()}
+    return all(r in have for r, _ in runs)
+
+
+def compacted_routes_files(con) -> list[str] | None:
+    """The compacted routes Parquet files of every run attached to a store connection, or None when a run keeps
+    routes elsewhere (inside run.duckdb, or a connection that is not a store's): those are then streamed."""
+    from moeviz.store_reader import table_names
+
+    if "_disk_routes" not in table_names(con):
+        return None
+    files = []
+    for name, path in con.execute("SELECT database_name, path FROM duckdb_databases() "
+                                  "WHERE regexp_matches(database_name, '^run[0-9]+$')").fetchall():
+        if con.execute(f"SELECT count(*) FROM {name}.main.routes").fetchone()[0]:
+            return None
+        files += [str(Path(path).parent / f) for (f,) in
+                  con.execute(f"SELECT file FROM {name}.main._routes_files ORDER BY file").fetchall()]
+    return files
+
+
+def drops(con, sel: Selection, by: tuple[str, ...], with_weight: bool, shape: tuple[str, list], cap_sql: str,
+          cap_param: float, labels: bool, aggregate: str) -> pd.DataFrame:
+    """`aggregate` (a SELECT over `flagged`) run over the rows `flagged`: run_id, every name of `by` (domain and
+    tag when `labels`), n (assignments), n_dropped, weight and dropped_weight (gate weight units), covering the
+    selection, with its domain/tag filters applied after the ranking (at group='step' other domains compete for
+    the same slots). Several rows of `flagged` may share a key: the aggregate sums them.
+
+    `cap_sql` computes C from `g.group_tokens`, `sh.top_k` and `sh.n_experts` (capacity.py's formula) with one
+    `?` bound to `cap_param`; `shape` is capacity.py's per-layer (run_id, layer, n_experts, top_k) query."""
+    one_run, many_ranks, only_run = con.execute(
+        "SELECT count(DISTINCT run_id) = 1, count(DISTINCT rank) > 1, any_value(run_id) FROM weight_hist").fetchone()
+    gk = ([] if one_run else ["run_id"]) + [k for k in GROUP_KEYS if many_ranks or k != "rank"]
+    hsel = sel.with_(domains=None, tags=None)
+    experts_sql, eparams = _experts_sql(hsel, shape, cap_sql)
+    experts = duckdb_compat.arrow_table(con.execute(experts_sql, eparams[:len(shape[1])] + [cap_param]
+                                                    + eparams[len(shape[1]):]))
+    inputs = {"experts": experts}
+    # the run_id predicate decodes a string per route; with one run in the store it selects all of them or none
+    rsel = hsel.with_(run_ids=None) if one_run and (sel.run_ids is None or only_run in sel.run_ids) else hsel
+    rwhere, rparams = rsel.where("r")
+    group_level = set(by) <= set(GROUP_KEYS) and not sel.needs_sequences
+    keys = list(dict.fromkeys(([] if one_run else ["run_id"]) + [d for d in by if d in _ROUTE_DIMS]
+                              + (list(_LABEL_KEYS) if labels else [])))
+    seq_level = not group_level and set(keys) <= _SEQ_LEVEL and not with_weight
+    if seq_level:
+        qwhere, qparams = hsel.where("q")
+        inputs["totals"] = duckdb_compat.arrow_table(con.execute(
+            f"SELECT {', '.join('q.' + k for k in keys)}, sum(q.assigned) AS n, 0 AS w FROM sequence_stats q "
+            f"WHERE {qwhere} GROUP BY ALL", qparams))
+    if labels:
+        inputs["labels"] = duckdb_compat.arrow_table(con.execute(
+            "SELECT run_id, step, rank, seq, domain, tag FROM sequences"))
+    files = compacted_routes_files(con)
+    work = duckdb_compat.connect()
+    try:
+        for name, table in inputs.items():
+            work.register(name, table)
+        # the experts that drop anything: the pass joins the routes to these only
+        work.register("cut", duckdb_compat.arrow_table(work.execute("SELECT * FROM experts WHERE nd > 0 OR partial")))
+        if files:
+            # not hive_partitioning: the files sit in rank=<r>/ folders, and a `rank` taken from the path (BIGINT)
+            # next to the file's statistics (INTEGER) breaks DuckDB's perfect-hash aggregates
+            src = f"read_parquet({_sql_list(files)}, hive_partitioning = false)"
+        else:  # stream: the pass scans it once
+            src = "routes_stream"
+            work.register(src, duckdb_compat.arrow_reader(con.execute(
+                f"SELECT *, CAST(round(weight * {sg.WEIGHT_SCALE}) AS INTEGER) AS weight_q FROM routes r "
+                f"WHERE {rwhere}", rparams)))
+        if group_level:
+            sql = _group_level_sql(gk, by, src, rwhere)
+        else:
+            sql = _below_expert_sql(gk, by, keys, src, rwhere, seq_level, labels, one_run)
+        post, pparams = ("TRUE", []) if not sel.needs_sequences else \
+            Selection(domains=sel.domains, tags=sel.tags).where("x", per_token=True, seq_alias="x")
+        run_param = [only_run] if one_run and not group_level else []
+        return work.execute(f"WITH flagged AS (SELECT * FROM ({sql}) x WHERE {post}) {aggregate}",
+                            rparams + run_param + pparams).df()
+    finally:
+        work.close()
+
+
+def _sql_list(files: list[str]) -> str:
+    return "[" + ", ".join(duckdb_compat.sql_string(f) for f in files) + "]"
+
+
+def _experts_sql(hsel: Selection, shape: tuple[str, list], cap_sql: str) -> tuple[str, list]:
+    """SQL (store connection): one row per step, rank, layer and expert of the selection with n and w (its
+    routes and their summed weight_q), nd and wd (those in bins wholly past the capacity: dropped), and the cut:
+    routes below cut_bin are dropped and `keep` routes of cut_bin are kept (`partial`: some of cut_bin are
+    dropped). An expert with capacity 0 gets cut_bin 256, keep 0: all dropped."""
+    hwhere, hparams = hsel.where("h")
+    qwhere, qparams = hsel.where("q")
+    shape_sql, shape_params = shape
+    sql = f"""
+        WITH sh AS ({shape_sql}),
+        caps AS (
+            SELECT g.*, {cap_sql} AS cap FROM (
+                SELECT run_id, step, rank, layer, sum(first_choice) AS group_tokens FROM sequence_stats q
+                WHERE {qwhere} GROUP BY ALL) g
+            JOIN sh ON sh.run_id = g.run_id AND sh.layer = g.layer)
+        SELECT h.run_id, h.step, h.rank, h.layer, h.expert, sum(h.assigned) AS n, sum(h.weight_q_sum) AS w,
+               coalesce(sum(h.assigned) FILTER (WHERE h.above >= c.cap), 0) AS nd,
+               coalesce(sum(h.weight_q_sum) FILTER (WHERE h.above >= c.cap), 0) AS wd,
+               -- the lowest bin not wholly dropped has the largest `above` (and above + assigned) among them
+               coalesce(min(h.bin) FILTER (WHERE h.above < c.cap), 256) AS cut_bin,
+               any_value(c.cap) - coalesce(max(h.above) FILTER (WHERE h.above < c.cap), any_value(c.cap)) AS keep,
+               coalesce(max(h.above + h.assigned) FILTER (WHERE h.above < c.cap), 0) > any_value(c.cap) AS partial
+        FROM weight_hist h JOIN caps c ON c.run_id = h.run_id AND c.step = h.step AND c.rank = h.rank
+                                      AND c.layer = h.layer
+        WHERE {hwhere} GROUP BY h.run_id, h.step, h.rank, h.layer, h.expert"""
+    return sql, shape_params + qparams + hparams
+
+
+def _on(gk: list[str], a: str, b: str, prefix: str = "") -> str:
+    return " AND ".join(f"{a}.{k} = {b}.{prefix}{k}" for k in gk)
+
+
+_BIN = f"(r.weight_q >> {sg.WEIGHT_BIN_SHIFT})"
+_SCALE = float(sg.WEIGHT_SCALE)
+
+
+def _group_level_sql(gk: list[str], by: tuple[str, ...], src: str, rwhere: str) -> str:
+    """Per step and expert from `experts` (weight_hist), plus the cut bins' lowest weights from one pass."""
+    return f"""
+        WITH edge AS (
+            SELECT {', '.join('r.' + k for k in gk)}, r.weight_q, count(*) AS c
+            FROM {src} r JOIN cut u ON {_on(gk, 'u', 'r')}
+            WHERE {rwhere} AND u.partial AND {_BIN} = u.cut_bin GROUP BY ALL),
+        edge_dropped AS (  -- lowest weights first out
+            SELECT {', '.join('e.' + k for k in gk)},
+                   sum(greatest(0, least(e.c, e.before + e.c - cut.keep))) AS nd,
+                   sum(greatest(0, least(e.c, e.before + e.c - cut.keep)) * e.weight_q) AS wd
+            FROM (SELECT *, coalesce(sum(c) OVER (PARTITION BY {', '.join(gk)} ORDER BY weight_q DESC
+                                                  ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0) AS before
+                  FROM edge) e
+            JOIN cut ON {_on(gk, 'cut', 'e')}
+            GROUP BY ALL)
+        SELECT p.run_id{''.join(', p.' + d for d in by)},
+               p.n, p.nd + coalesce(ed.nd, 0) AS n_dropped, p.w / {_SCALE} AS weight,
+               (p.wd + coalesce(ed.wd, 0)) / {_SCALE} AS dropped_weight
+        FROM experts p LEFT JOIN edge_dropped ed ON {_on(gk, 'ed', 'p')}"""
+
+
+def _below_expert_sql(gk: list[str], by: tuple[str, ...], keys: list[str], src: str, rwhere: str, seq_level: bool,
+                      labels: bool, one_run: bool) -> str:
+    """Per `keys` from one pass over the routes; the cut bins' routes travel as lists and are ordered after."""
+    # a cut-bin route's group and order, less what the row's keys already hold
+    fields = ([] if one_run else ["run_id"]) + ["step", "rank", "layer", "expert", "weight_q", "slot", "seq"] + \
+        ([] if seq_level else ["pos"])
+    edge_struct = ", ".join(f"'e_{f}': r.{f}" for f in fields if f not in keys)
+
+    def col(f: str) -> str:
+        return f if f in keys else f"e_{f}"
+
+    order = f"e.{col('weight_q')} DESC, e.{col('slot')}, e.{col('seq')}" + ("" if seq_level else f", e.{col('pos')}")
+    kcols = ", ".join(f"r.{k}" for k in keys)
+    usekeys = ", ".join(keys)
+    if seq_level:  # only routes at or below a cut bin; assigned from sequence_stats
+        pass_sql = f"""
+            SELECT {kcols}, count(*) FILTER (WHERE {_BIN} < u.cut_bin) AS nd, 0 AS wd,
+                   list({{{edge_struct}}}) FILTER (WHERE u.partial AND {_BIN} = u.cut_bin) AS edges
+            FROM {src} r JOIN cut u ON {_on(gk, 'u', 'r')}
+            WHERE {rwhere} AND {_BIN} <= u.cut_bin GROUP BY ALL"""
+        base = f"totals t LEFT JOIN p USING ({usekeys})"
+        totals = "t.n, t.w"
+    else:  # every route counted
+        pass_sql = f"""
+            SELECT {kcols}, count(*) AS n, sum(r.weight_q) AS w,
+                   count(*) FILTER (WHERE {_BIN} < u.cut_bin) AS nd,
+                   coalesce(sum(r.weight_q) FILTER (WHERE {_BIN} < u.cut_bin), 0) AS wd,
+                   list({{{edge_struct}}}) FILTER (WHERE u.partial AND {_BIN} = u.cut_bin) AS edges
+            FROM {src} r LEFT JOIN cut u ON {_on(gk, 'u', 'r')}
+            WHERE {rwhere} GROUP BY ALL"""
+        base, totals = "p", "p.n, p.w"
+    label_join = ("LEFT JOIN labels q ON " + ("" if one_run else "q.run_id = x.run_id AND ")
+                  + "q.step = x.step AND q.rank = x.rank AND q.seq = x.seq") if labels else ""
+    return f"""
+        WITH p AS ({pass_sql}),
+        e AS (SELECT {usekeys}, unnest(edges, recursive := true) FROM p WHERE len(edges) > 0),
+        edge_dropped AS (  -- the cut bin's routes in priority order: weight, slot, seq, pos
+            SELECT {usekeys}, count(*) AS nd, sum({col('weight_q')}) AS wd FROM (
+                SELECT e.*, cut.keep, row_number() OVER (PARTITION BY {', '.join('e.' + col(k) for k in gk)}
+                                                         ORDER BY {order}) AS place
+                FROM e JOIN cut ON {' AND '.join(f'cut.{k} = e.{col(k)}' for k in gk)})
+            WHERE place > keep GROUP BY ALL),
+        x AS (
+            SELECT {usekeys}, {totals}, coalesce(p.nd, 0) + coalesce(ed.nd, 0) AS nd,
+                   coalesce(p.wd, 0) + coalesce(ed.wd, 0) AS wd
+            FROM {base} LEFT JOIN edge_dropped ed USING ({usekeys}))
+        SELECT {'CAST(? AS VARCHAR) AS run_id' if one_run else 'x.run_id'}{''.join(', x.' + d for d in by if d in _ROUTE_DIMS)}
+               {', q.domain, q.tag' if labels else ''},
+               x.n, x.nd AS n_dropped, x.w / {_SCALE} AS weight, x.wd / {_SCALE} AS dropped_weight
+        FROM x {label_join}"""
