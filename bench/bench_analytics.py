@@ -169,8 +169,9 @@ def pd_drop_curve(f: Frames, ss: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def pd_capacity_probability(f: Frames) -> pd.DataFrame:
-    """Probability policy with dropped weight: rank every assignment within (step, layer, expert) by weight."""
+def pd_capacity_probability(f: Frames, by: tuple[str, ...] = ("layer", "expert")) -> pd.DataFrame:
+    """Probability policy with dropped weight: rank every assignment within (step, layer, expert) by weight
+    (ties by slot, seq, pos), drop the ranks past C, then count per `by` (layer, expert, pos or domain)."""
     r = f.routes
     order = np.lexsort((r["pos"].values, r["seq"].values, r["slot"].values, -r["weight"].values,
                         r["expert"].values, r["layer"].values, r["step"].values))
@@ -180,10 +181,16 @@ def pd_capacity_probability(f: Frames) -> pd.DataFrame:
     t = tokens.reindex(pd.MultiIndex.from_arrays([s["step"].values, s["layer"].values])).values
     cap = _capacity(1.0, t, f.top_k, f.n_experts)
     w = s["weight"].values.astype("float64")
-    d = pd.DataFrame({"layer": s["layer"].values, "expert": s["expert"].values, "dropped": rank >= cap, "w": w})
+    d = pd.DataFrame({"dropped": rank >= cap, "w": w})
+    for c in by:
+        if c == "domain":
+            dom = f.seqs.set_index(["step", "seq"])["domain"]
+            d[c] = dom.reindex(pd.MultiIndex.from_arrays([s["step"].values, s["seq"].values])).astype(str).values
+        else:
+            d[c] = s[c].values
     d["dw"] = np.where(d["dropped"], w, 0.0)
-    out = d.groupby(["layer", "expert"]).agg(assigned=("w", "size"), dropped=("dropped", "sum"),
-                                             dropped_weight=("dw", "sum"), wsum=("w", "sum"))
+    out = d.groupby(list(by)).agg(assigned=("w", "size"), dropped=("dropped", "sum"),
+                                  dropped_weight=("dw", "sum"), wsum=("w", "sum"))
     out["drop_rate"] = out["dropped"] / out["assigned"]
     out["weight_drop_rate"] = out["dropped_weight"] / out["wsum"]
     return out.reset_index()
@@ -416,6 +423,7 @@ class Case:
 
 def cases(probe_steps: list[int], n_layers: int) -> list[Case]:
     agg, rts = "aggregates", "routes"
+    hist = "weight_hist + one pass over routes"
     from_routes = "pandas over routes"
     from_aggs = "pandas over step_stats"
     el_cols = ["assigned", "first_choice", "load_fraction", "relative_load", "token_share"]
@@ -446,10 +454,18 @@ def cases(probe_steps: list[int], n_layers: int) -> list[Case]:
              lambda c, s: capacity.capacity_drops(c, s, 1.0, policy="probability"),
              ["layer", "expert"], ["assigned", "dropped", "drop_rate"],
              [(from_aggs, lambda f: pd_capacity_counts(f, f.step_stats))]),
-        Case("capacity_drops CF 1.0 probability, with_weight", rts,
+        Case("capacity_drops CF 1.0 probability, with_weight", hist,
              lambda c, s: capacity.capacity_drops(c, s, 1.0, policy="probability", with_weight=True),
              ["layer", "expert"], ["assigned", "dropped", "drop_rate", "dropped_weight", "weight_drop_rate"],
              [(from_routes, pd_capacity_probability)], null_is_zero=("dropped_weight", "weight_drop_rate")),
+        Case("capacity_drops CF 1.0 probability, by domain", hist,
+             lambda c, s: capacity.capacity_drops(c, s, 1.0, policy="probability", by=("domain",)),
+             ["domain"], ["assigned", "dropped", "drop_rate"],
+             [(from_routes, lambda f: pd_capacity_probability(f, ("domain",)))]),
+        Case("capacity_drops CF 1.0 probability, by pos", hist,
+             lambda c, s: capacity.capacity_drops(c, s, 1.0, policy="probability", by=("pos",)),
+             ["pos"], ["assigned", "dropped", "drop_rate"],
+             [(from_routes, lambda f: pd_capacity_probability(f, ("pos",)))]),
         Case(f"capacity.drop_curve ({len(CF_CURVE)} factors)", agg,
              lambda c, s: capacity.drop_curve(c, s, CF_CURVE), ["capacity_factor"],
              ["assigned", "dropped", "drop_rate"],

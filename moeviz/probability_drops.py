@@ -220,6 +220,7 @@ def _below_expert_sql(gk: list[str], by: tuple[str, ...], keys: list[str], src: 
     order = f"e.{col('weight_q')} DESC, e.{col('slot')}, e.{col('seq')}" + ("" if seq_level else f", e.{col('pos')}")
     kcols = ", ".join(f"r.{k}" for k in keys)
     usekeys = ", ".join(keys)
+    by_cols = "".join(", x." + d for d in by if d in _ROUTE_DIMS)
     if seq_level:  # only routes at or below a cut bin; assigned from sequence_stats
         pass_sql = f"""
             SELECT {kcols}, count(*) FILTER (WHERE {_BIN} < u.cut_bin) AS nd, 0 AS wd,
@@ -252,7 +253,6 @@ def _below_expert_sql(gk: list[str], by: tuple[str, ...], keys: list[str], src: 
             SELECT {usekeys}, {totals}, coalesce(p.nd, 0) + coalesce(ed.nd, 0) AS nd,
                    coalesce(p.wd, 0) + coalesce(ed.wd, 0) AS wd
             FROM {base} LEFT JOIN edge_dropped ed USING ({usekeys}))
-        SELECT {'CAST(? AS VARCHAR) AS run_id' if one_run else 'x.run_id'}{''.join(', x.' + d for d in by if d in _ROUTE_DIMS)}
-               {', q.domain, q.tag' if labels else ''},
+        SELECT {'CAST(? AS VARCHAR) AS run_id' if one_run else 'x.run_id'}{by_cols}{', q.domain, q.tag' if labels else ''},
                x.n, x.nd AS n_dropped, x.w / {_SCALE} AS weight, x.wd / {_SCALE} AS dropped_weight
         FROM x {label_join}"""

@@ -227,7 +227,8 @@ def test_probability_policy_from_weight_hist_matches_brute_force(tied, by, with_
                 assert [str(v) for v in got[col]] == [str(v) for v in want[col]], (col, cf, sel, by)
             if with_weight:
                 np.testing.assert_allclose(got["dropped_weight"].fillna(0), want["dropped_weight"], atol=1e-9)
-                np.testing.assert_allclose(got["weight_drop_rate"].fillna(0), want["weight_drop_rate"].fillna(0), atol=1e-12)
+                np.testing.assert_allclose(got["weight_drop_rate"].fillna(0), want["weight_drop_rate"].fillna(0),
+                                           atol=1e-12)
 
 
 def brute_force_fixed(r: dict, cap: int, weights: np.ndarray) -> np.ndarray:
