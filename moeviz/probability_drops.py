@@ -14,24 +14,30 @@ route of a higher bin outranks every route of a lower one, and with capacity C t
 - in the one bin with above < C < above + assigned (the cut bin, where the cut falls inside a bin), the first
   keep = C - above routes in priority order.
 So only the cut bins' routes (~1/100 of an expert's routes) are ordered. The cut bins are a filter over
-weight_hist (no window: `above` is stored); one pass over the routes joined to the overloaded experts' cut bins
-classifies every route: dropped below its expert's cut bin, kept above it, ordered within it.
+weight_hist (no window: `above` is stored); one pass over the routes joined to their expert's cut bin classifies
+every route: dropped below its expert's cut bin, kept above it, ordered within it.
+
+The join. Every expert of the selection (step, rank, layer, expert, and run) gets one dense integer key, and the
+pass joins each route to its expert on that key alone: DuckDB then builds a perfect hash join (an array lookup)
+where a hash join on the four columns probed ~2x slower; the bin comparisons are written so that they stay out of
+the join condition. With more than ~1-2 M experts in a selection (DuckDB's limit) it falls back to a hash join.
 
 Where the pass runs. The locked-down store connection (store_reader.open_store) scans compacted routes through
 pyarrow, ~2x slower than DuckDB's own Parquet reader, and DuckDB cannot estimate that scan's size (it assumes
 1 row, duckdb/duckdb#25631), so a join builds its hash table on the 100 M routes. The pass therefore runs in a
 private in-memory connection that reads the compacted Parquet files the store's run.duckdb names; the small
-inputs (cut bins, per-expert totals, sequence counts, labels) are computed on the store connection and handed
-over as Arrow tables. No SQL typed by a user reaches that connection. Stores without such files (moeviz.testing,
-or routes kept inside run.duckdb) stream their routes from the store connection instead.
+inputs (cut bins, sequence or position counts, labels) are computed on the store connection and handed over as
+Arrow tables. No SQL typed by a user reaches that connection. Stores without such files (moeviz.testing, or
+routes kept inside run.duckdb) stream their routes from the store connection instead.
 
 Three shapes of the pass, fastest first (docs/benchmarks.md has the figures):
-- breakdowns by layer/expert/step/rank with `with_weight`: counts and weights from weight_hist; the pass reads
+- breakdowns by layer/expert/step/rank with `with_weight`: counts and weights from weight_hist; the pass keeps
   only the cut bins' weights (which of two equal weights is dropped does not change a sum);
-- breakdowns by sequence, domain or tag (or a domain/tag filter) without weights: the pass keeps only the
-  routes at or below the cut bins, `assigned` comes from sequence_stats, and positions are not read (routes of
-  one sequence with equal weight and slot drop in position order, which no per-sequence count can tell apart);
-- anything else (by position or slot, or weights by sequence): every route is counted in the pass.
+- breakdowns whose counts a compaction table holds (by sequence, domain or tag from sequence_stats; by position
+  over whole runs from position_stats), without weights: the pass keeps only the routes at or below a cut bin,
+  and by sequence it does not read positions (routes of one sequence with equal weight and slot drop in position
+  order, which no per-sequence count can tell apart);
+- anything else (by slot, by position over a step range, weights by sequence): the pass counts every route.
 """
 
 from __future__ import annotations
@@ -47,7 +53,8 @@ from moeviz.selection import Selection
 GROUP_KEYS = ("step", "rank", "layer", "expert")
 _LABEL_KEYS = ("step", "rank", "seq")
 _ROUTE_DIMS = ("layer", "expert", "step", "rank", "seq", "pos", "slot")
-_SEQ_LEVEL = {"run_id", "step", "rank", "seq", "layer", "expert"}
+_SEQ_LEVEL = {"run_id", "step", "rank", "seq", "layer", "expert"}  # sequence_stats' keys
+_POSITION_LEVEL = {"run_id", "rank", "layer", "pos", "expert"}  # position_stats' keys (summed over steps)
 
 
 def covers(con, sel: Selection) -> bool:
@@ -66,20 +73,21 @@ def covers(con, sel: Selection) -> bool:
     return all(r in have for r, _ in runs)
 
 
-def compacted_routes_files(con) -> list[str] | None:
-    """The compacted routes Parquet files of every run attached to a store connection, or None when a run keeps
-    routes elsewhere (inside run.duckdb, or a connection that is not a store's): those are then streamed."""
+def compacted_routes_files(con) -> dict[str, list[str]] | None:
+    """The compacted routes Parquet files of each run attached to a store connection, by run_id, or None when a
+    run keeps routes elsewhere (inside run.duckdb, or a connection that is not a store's): those are streamed."""
     from moeviz.store_reader import table_names
 
     if "_disk_routes" not in table_names(con):
         return None
-    files = []
+    files = {}
     for name, path in con.execute("SELECT database_name, path FROM duckdb_databases() "
                                   "WHERE regexp_matches(database_name, '^run[0-9]+$')").fetchall():
         if con.execute(f"SELECT count(*) FROM {name}.main.routes").fetchone()[0]:
             return None
-        files += [str(Path(path).parent / f) for (f,) in
-                  con.execute(f"SELECT file FROM {name}.main._routes_files ORDER BY file").fetchall()]
+        for (run_id,) in con.execute(f"SELECT DISTINCT run_id FROM {name}.main.runs").fetchall():
+            files[run_id] = [str(Path(path).parent / f) for (f,) in
+                             con.execute(f"SELECT file FROM {name}.main._routes_files ORDER BY file").fetchall()]
     return files
 
 
@@ -94,7 +102,6 @@ def drops(con, sel: Selection, by: tuple[str, ...], with_weight: bool, shape: tu
     `?` bound to `cap_param`; `shape` is capacity.py's per-layer (run_id, layer, n_experts, top_k) query."""
     one_run, many_ranks, only_run = con.execute(
         "SELECT count(DISTINCT run_id) = 1, count(DISTINCT rank) > 1, any_value(run_id) FROM weight_hist").fetchone()
-    gk = ([] if one_run else ["run_id"]) + [k for k in GROUP_KEYS if many_ranks or k != "rank"]
     hsel = sel.with_(domains=None, tags=None)
     experts_sql, eparams = _experts_sql(hsel, shape, cap_sql)
     experts = duckdb_compat.arrow_table(con.execute(experts_sql, eparams[:len(shape[1])] + [cap_param]
@@ -106,11 +113,14 @@ def drops(con, sel: Selection, by: tuple[str, ...], with_weight: bool, shape: tu
     group_level = set(by) <= set(GROUP_KEYS) and not sel.needs_sequences
     keys = list(dict.fromkeys(([] if one_run else ["run_id"]) + [d for d in by if d in _ROUTE_DIMS]
                               + (list(_LABEL_KEYS) if labels else [])))
-    seq_level = not group_level and set(keys) <= _SEQ_LEVEL and not with_weight
-    if seq_level:
+    # n per key from a compaction table where one holds it (weights are in no table finer than weight_hist)
+    counted_in = None if group_level or with_weight else \
+        "sequence_stats" if set(keys) <= _SEQ_LEVEL else \
+        "position_stats" if set(keys) <= _POSITION_LEVEL and sel.steps is None else None  # whole runs only
+    if counted_in:
         qwhere, qparams = hsel.where("q")
         inputs["totals"] = duckdb_compat.arrow_table(con.execute(
-            f"SELECT {', '.join('q.' + k for k in keys)}, sum(q.assigned) AS n, 0 AS w FROM sequence_stats q "
+            f"SELECT {', '.join('q.' + k for k in keys)}, sum(q.assigned) AS n, 0 AS w FROM {counted_in} q "
             f"WHERE {qwhere} GROUP BY ALL", qparams))
     if labels:
         inputs["labels"] = duckdb_compat.arrow_table(con.execute(
@@ -120,21 +130,33 @@ def drops(con, sel: Selection, by: tuple[str, ...], with_weight: bool, shape: tu
     try:
         for name, table in inputs.items():
             work.register(name, table)
-        # the experts that drop anything: the pass joins the routes to these only
-        work.register("cut", duckdb_compat.arrow_table(work.execute("SELECT * FROM experts WHERE nd > 0 OR partial")))
+        runs = [r for (r,) in work.execute("SELECT DISTINCT run_id FROM experts ORDER BY run_id").fetchall()]
+        dims = _key_dims(work, runs, many_ranks)
+        # every expert of the selection under one dense integer key: the pass joins each route to its expert on
+        # that key alone, which DuckDB answers with a perfect hash join (an array lookup, ~4x a hash join on
+        # (step, layer, expert) over 100 M routes; a second condition in the join would turn it off)
+        work.execute(f"""
+            CREATE TABLE cut AS SELECT *, {_key_sql('x', dims)} AS k,
+                   CASE WHEN partial THEN cut_bin ELSE -1 END AS edge_bin,  -- the bin whose routes are ordered
+                   CASE WHEN nd > 0 OR partial THEN cut_bin ELSE -1 END AS reach  -- no route above drops
+            FROM (SELECT *, list_position(?, run_id) - 1 AS run_idx FROM experts) x""", [runs])
         if files:
             # not hive_partitioning: the files sit in rank=<r>/ folders, and a `rank` taken from the path (BIGINT)
             # next to the file's statistics (INTEGER) breaks DuckDB's perfect-hash aggregates
-            src = f"read_parquet({_sql_list(files)}, hive_partitioning = false)"
+            src = "(" + " UNION ALL ".join(
+                f"SELECT * REPLACE ({duckdb_compat.sql_string(run)} AS run_id), {i} AS run_idx "
+                f"FROM read_parquet({_sql_list(files[run])}, hive_partitioning = false)"
+                for i, run in enumerate(runs) if run in files) + ")"
         else:  # stream: the pass scans it once
             src = "routes_stream"
             work.register(src, duckdb_compat.arrow_reader(con.execute(
-                f"SELECT *, CAST(round(weight * {sg.WEIGHT_SCALE}) AS INTEGER) AS weight_q FROM routes r "
-                f"WHERE {rwhere}", rparams)))
+                f"SELECT *, CAST(round(weight * {sg.WEIGHT_SCALE}) AS INTEGER) AS weight_q, "
+                f"list_position(?, r.run_id) - 1 AS run_idx FROM routes r WHERE {rwhere}", [runs] + rparams)))
+        join = f"{src} r JOIN cut u ON u.k = {_key_sql('r', dims)}"
         if group_level:
-            sql = _group_level_sql(gk, by, src, rwhere)
+            sql = _group_level_sql(by, join, rwhere)
         else:
-            sql = _below_expert_sql(gk, by, keys, src, rwhere, seq_level, labels, one_run)
+            sql = _below_expert_sql(by, keys, join, rwhere, "totals" if counted_in else None, labels, one_run)
         post, pparams = ("TRUE", []) if not sel.needs_sequences else \
             Selection(domains=sel.domains, tags=sel.tags).where("x", per_token=True, seq_alias="x")
         run_param = [only_run] if one_run and not group_level else []
@@ -142,6 +164,28 @@ def drops(con, sel: Selection, by: tuple[str, ...], with_weight: bool, shape: tu
                             rparams + run_param + pparams).df()
     finally:
         work.close()
+
+
+def _key_dims(work, runs: list[str], many_ranks: bool) -> list[tuple[str, int, int]]:
+    """(column, lowest value, span) of each part of the experts' key, outermost first; a part with one value
+    (one run, one rank) is left out. The span is the part's range in `experts`: every selected route falls in it
+    (weight_hist holds every route of the selection), so no two experts share a key."""
+    lo_step, hi_step, lo_layer, hi_layer, lo_expert, hi_expert, lo_rank, hi_rank = work.execute(
+        "SELECT min(step), max(step), min(layer), max(layer), min(expert), max(expert), min(rank), max(rank) "
+        "FROM experts").fetchone()
+    dims = [("run_idx", 0, len(runs)), ("step", lo_step, hi_step - lo_step + 1)]
+    if many_ranks:
+        dims.append(("rank", lo_rank, hi_rank - lo_rank + 1))
+    dims += [("layer", lo_layer, hi_layer - lo_layer + 1), ("expert", lo_expert, hi_expert - lo_expert + 1)]
+    return [d for d in dims if d[2] > 1]
+
+
+def _key_sql(alias: str, dims: list[tuple[str, int, int]]) -> str:
+    """The mixed-radix key ((a - a0) * span_b + (b - b0)) * span_c + ... as a BIGINT expression."""
+    sql = "CAST(0 AS BIGINT)"
+    for column, lo, span in dims:
+        sql = f"({sql} * {span} + ({alias}.{column} - {lo}))"
+    return sql
 
 
 def _sql_list(files: list[str]) -> str:
@@ -176,68 +220,60 @@ def _experts_sql(hsel: Selection, shape: tuple[str, list], cap_sql: str) -> tupl
     return sql, shape_params + qparams + hparams
 
 
-def _on(gk: list[str], a: str, b: str, prefix: str = "") -> str:
-    return " AND ".join(f"{a}.{k} = {b}.{prefix}{k}" for k in gk)
-
-
 _BIN = f"(r.weight_q >> {sg.WEIGHT_BIN_SHIFT})"
 _SCALE = float(sg.WEIGHT_SCALE)
+# a route's bin against a column of its expert, written as a difference: a comparison of the two sides would
+# become a second join condition (and a perfect hash join needs one); as a difference it filters the join's output
+_IN_EDGE = f"{_BIN} - u.edge_bin = 0"
 
 
-def _group_level_sql(gk: list[str], by: tuple[str, ...], src: str, rwhere: str) -> str:
-    """Per step and expert from `experts` (weight_hist), plus the cut bins' lowest weights from one pass."""
+def _group_level_sql(by: tuple[str, ...], join: str, rwhere: str) -> str:
+    """Per step and expert from `cut` (weight_hist), plus the cut bins' lowest weights from one pass."""
     return f"""
         WITH edge AS (
-            SELECT {', '.join('r.' + k for k in gk)}, r.weight_q, count(*) AS c
-            FROM {src} r JOIN cut u ON {_on(gk, 'u', 'r')}
-            WHERE {rwhere} AND u.partial AND {_BIN} = u.cut_bin GROUP BY ALL),
+            SELECT u.k, r.weight_q, count(*) AS c FROM {join}
+            WHERE {rwhere} AND {_IN_EDGE} GROUP BY ALL),
         edge_dropped AS (  -- lowest weights first out
-            SELECT {', '.join('e.' + k for k in gk)},
-                   sum(greatest(0, least(e.c, e.before + e.c - cut.keep))) AS nd,
+            SELECT e.k, sum(greatest(0, least(e.c, e.before + e.c - cut.keep))) AS nd,
                    sum(greatest(0, least(e.c, e.before + e.c - cut.keep)) * e.weight_q) AS wd
-            FROM (SELECT *, coalesce(sum(c) OVER (PARTITION BY {', '.join(gk)} ORDER BY weight_q DESC
+            FROM (SELECT *, coalesce(sum(c) OVER (PARTITION BY k ORDER BY weight_q DESC
                                                   ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0) AS before
                   FROM edge) e
-            JOIN cut ON {_on(gk, 'cut', 'e')}
+            JOIN cut ON cut.k = e.k
             GROUP BY ALL)
         SELECT p.run_id{''.join(', p.' + d for d in by)},
                p.n, p.nd + coalesce(ed.nd, 0) AS n_dropped, p.w / {_SCALE} AS weight,
                (p.wd + coalesce(ed.wd, 0)) / {_SCALE} AS dropped_weight
-        FROM experts p LEFT JOIN edge_dropped ed ON {_on(gk, 'ed', 'p')}"""
+        FROM cut p LEFT JOIN edge_dropped ed ON ed.k = p.k"""
 
 
-def _below_expert_sql(gk: list[str], by: tuple[str, ...], keys: list[str], src: str, rwhere: str, seq_level: bool,
+def _below_expert_sql(by: tuple[str, ...], keys: list[str], join: str, rwhere: str, totals: str | None,
                       labels: bool, one_run: bool) -> str:
-    """Per `keys` from one pass over the routes; the cut bins' routes travel as lists and are ordered after."""
-    # a cut-bin route's group and order, less what the row's keys already hold
-    fields = ([] if one_run else ["run_id"]) + ["step", "rank", "layer", "expert", "weight_q", "slot", "seq"] + \
-        ([] if seq_level else ["pos"])
-    edge_struct = ", ".join(f"'e_{f}': r.{f}" for f in fields if f not in keys)
+    """Per `keys` from one pass over the routes: with n and w per key from `totals` (a relation of keys, n, w),
+    the pass keeps only the routes at or below their expert's cut bin, else it counts every route. The cut bins'
+    routes travel as lists and are ordered after."""
+    pos_free = set(keys) <= _SEQ_LEVEL  # routes of one sequence with equal weight and slot: no key tells them apart
+    # a cut-bin route's expert (its key) and order, less what the row's keys already hold
+    fields = ["weight_q", "slot", "seq"] + ([] if pos_free else ["pos"])
+    edge_struct = ", ".join(["'e_k': u.k"] + [f"'e_{f}': r.{f}" for f in fields if f not in keys])
 
     def col(f: str) -> str:
         return f if f in keys else f"e_{f}"
 
-    order = f"e.{col('weight_q')} DESC, e.{col('slot')}, e.{col('seq')}" + ("" if seq_level else f", e.{col('pos')}")
+    order = ", ".join([f"e.{col('weight_q')} DESC"] + [f"e.{col(f)}" for f in fields[1:]])
     kcols = ", ".join(f"r.{k}" for k in keys)
     usekeys = ", ".join(keys)
     by_cols = "".join(", x." + d for d in by if d in _ROUTE_DIMS)
-    if seq_level:  # only routes at or below a cut bin; assigned from sequence_stats
-        pass_sql = f"""
-            SELECT {kcols}, count(*) FILTER (WHERE {_BIN} < u.cut_bin) AS nd, 0 AS wd,
-                   list({{{edge_struct}}}) FILTER (WHERE u.partial AND {_BIN} = u.cut_bin) AS edges
-            FROM {src} r JOIN cut u ON {_on(gk, 'u', 'r')}
-            WHERE {rwhere} AND {_BIN} <= u.cut_bin GROUP BY ALL"""
-        base = f"totals t LEFT JOIN p USING ({usekeys})"
-        totals = "t.n, t.w"
-    else:  # every route counted
-        pass_sql = f"""
-            SELECT {kcols}, count(*) AS n, sum(r.weight_q) AS w,
-                   count(*) FILTER (WHERE {_BIN} < u.cut_bin) AS nd,
+    dropped = f"""count(*) FILTER (WHERE {_BIN} < u.cut_bin) AS nd,
                    coalesce(sum(r.weight_q) FILTER (WHERE {_BIN} < u.cut_bin), 0) AS wd,
-                   list({{{edge_struct}}}) FILTER (WHERE u.partial AND {_BIN} = u.cut_bin) AS edges
-            FROM {src} r LEFT JOIN cut u ON {_on(gk, 'u', 'r')}
-            WHERE {rwhere} GROUP BY ALL"""
-        base, totals = "p", "p.n, p.w"
+                   list({{{edge_struct}}}) FILTER (WHERE {_BIN} = u.edge_bin) AS edges"""
+    if totals is not None:  # the routes above their expert's reach (most of them) leave after the join
+        pass_sql = f"SELECT {kcols}, {dropped} FROM {join} WHERE {rwhere} AND {_BIN} - u.reach <= 0 GROUP BY ALL"
+        base, counted = f"{totals} t LEFT JOIN p USING ({usekeys})", "t.n, t.w"
+    else:  # every route counted
+        pass_sql = f"SELECT {kcols}, count(*) AS n, sum(r.weight_q) AS w, {dropped} FROM {join} " \
+                   f"WHERE {rwhere} GROUP BY ALL"
+        base, counted = "p", "p.n, p.w"
     label_join = ("LEFT JOIN labels q ON " + ("" if one_run else "q.run_id = x.run_id AND ")
                   + "q.step = x.step AND q.rank = x.rank AND q.seq = x.seq") if labels else ""
     return f"""
@@ -245,12 +281,11 @@ def _below_expert_sql(gk: list[str], by: tuple[str, ...], keys: list[str], src: 
         e AS (SELECT {usekeys}, unnest(edges, recursive := true) FROM p WHERE len(edges) > 0),
         edge_dropped AS (  -- the cut bin's routes in priority order: weight, slot, seq, pos
             SELECT {usekeys}, count(*) AS nd, sum({col('weight_q')}) AS wd FROM (
-                SELECT e.*, cut.keep, row_number() OVER (PARTITION BY {', '.join('e.' + col(k) for k in gk)}
-                                                         ORDER BY {order}) AS place
-                FROM e JOIN cut ON {' AND '.join(f'cut.{k} = e.{col(k)}' for k in gk)})
+                SELECT e.*, cut.keep, row_number() OVER (PARTITION BY e.e_k ORDER BY {order}) AS place
+                FROM e JOIN cut ON cut.k = e.e_k)
             WHERE place > keep GROUP BY ALL),
         x AS (
-            SELECT {usekeys}, {totals}, coalesce(p.nd, 0) + coalesce(ed.nd, 0) AS nd,
+            SELECT {usekeys}, {counted}, coalesce(p.nd, 0) + coalesce(ed.nd, 0) AS nd,
                    coalesce(p.wd, 0) + coalesce(ed.wd, 0) AS wd
             FROM {base} LEFT JOIN edge_dropped ed USING ({usekeys}))
         SELECT {'CAST(? AS VARCHAR) AS run_id' if one_run else 'x.run_id'}{by_cols}{', q.domain, q.tag' if labels else ''},

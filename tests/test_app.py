@@ -30,7 +30,8 @@ PAGES = ["overview", "load", "aux_loss", "capacity", "specialization", "tokens",
 
 def write_run_dir(run_dir, routing: dict, *, run_id: str, close: bool = True, vocab: list[str] | None = None,
                   hold_back: int = 0, **meta):
-    """Write routing arrays as a real run folder (one flush per step), through moeviz.store.RunWriter.
+    """Write routing arrays as a real run folder (one flush per step and rank, one writer per rank), through
+    moeviz.store.RunWriter; returns the writer of the last rank.
 
     `hold_back` keeps the last steps' flushes unwritten in `writer.pending` (for live-refresh tests).
     The tables come from moeviz.testing.store_from_routing (aggregates over every token), so the run holds exactly
@@ -39,30 +40,33 @@ def write_run_dir(run_dir, routing: dict, *, run_id: str, close: bool = True, vo
     from moeviz.store import RunWriter
 
     mem = store_from_routing(**routing, run_id=run_id, **meta)
-    w = RunWriter(run_dir, run_id=run_id, run_name=run_id)
     run = mem.execute("SELECT * FROM runs").df().iloc[0]
+    ranks = sorted(int(r) for r in mem.execute("SELECT DISTINCT rank FROM step_stats").df()["rank"])
 
     def plain(v):
         return None if v is None or (isinstance(v, float) and math.isnan(v)) else (v.item() if hasattr(v, "item") else v)
 
-    w.write_run({k: plain(run[k]) for k in ("model_class", "n_layers", "n_experts", "top_k", "capacity_factor",
-                                            "config", "sample_every")})
-    w.write_layers(mem.execute("SELECT * EXCLUDE (run_id) FROM layers").df().to_dict("records"))
-    if vocab:
-        w.write_vocab(list(range(len(vocab))), vocab)
-    flushes = []
-    for step in sorted(mem.execute("SELECT DISTINCT step FROM step_stats").df()["step"]):
-        tables = {}
-        for t in ("routes", "step_stats", "layer_stats", "sequences"):
-            df = mem.execute(f"SELECT * EXCLUDE (run_id) FROM {t} WHERE step = ?", [int(step)]).df()
-            tables[t] = {c: df[c].to_numpy() for c in df.columns}
-        flushes.append(tables)
-    cut = len(flushes) - hold_back
-    for tables in flushes[:cut]:
-        w.write_flush(tables)
-    w.pending = flushes[cut:]
-    if close:
-        w.close()
+    for rank in ranks:
+        w = RunWriter(run_dir, run_id=run_id, run_name=run_id, rank=rank, world_size=len(ranks))
+        w.write_run({k: plain(run[k]) for k in ("model_class", "n_layers", "n_experts", "top_k", "capacity_factor",
+                                                "config", "sample_every")})
+        w.write_layers(mem.execute("SELECT * EXCLUDE (run_id) FROM layers").df().to_dict("records"))
+        if vocab:
+            w.write_vocab(list(range(len(vocab))), vocab)
+        flushes = []
+        for step in sorted(mem.execute("SELECT DISTINCT step FROM step_stats").df()["step"]):
+            tables = {}
+            for t in ("routes", "step_stats", "layer_stats", "sequences"):
+                df = mem.execute(f"SELECT * EXCLUDE (run_id) FROM {t} WHERE step = ? AND rank = ?",
+                                 [int(step), rank]).df()
+                tables[t] = {c: df[c].to_numpy() for c in df.columns}
+            flushes.append(tables)
+        cut = len(flushes) - hold_back
+        for tables in flushes[:cut]:
+            w.write_flush(tables)
+        w.pending = flushes[cut:]
+        if close:
+            w.close()
     return w
 
 

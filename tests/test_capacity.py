@@ -259,6 +259,31 @@ def test_weight_hist_path_equals_the_window_over_two_runs():
                 pd.testing.assert_frame_equal(fast, window, check_dtype=False, atol=1e-9)
 
 
+def test_weight_hist_path_over_compacted_parquet_equals_the_window(tmp_path):
+    """Real run folders (compacted: the pass reads their Parquet files in a private connection under one key per
+    run, step, rank, layer and expert): two runs, two ranks in one, steps that start above 0; every shape of the
+    pass equals the window, which the brute-force loop above checks."""
+    from test_app import write_run_dir
+
+    from moeviz.store_reader import open_store
+
+    write_run_dir(tmp_path / "a", synthetic_routing(seed=5, skew=0.5, n_ranks=2, n_steps=3), run_id="a")
+    write_run_dir(tmp_path / "b", synthetic_routing(seed=6, skew=2.0, domains=("x", "y")), run_id="b")
+    con = open_store(tmp_path)
+    assert con.execute("SELECT count(DISTINCT rank) FROM weight_hist WHERE run_id = 'a'").fetchone()[0] == 2
+    one = open_store(tmp_path / "b")
+    for kw in ({"by": ("layer", "expert"), "with_weight": True}, {"by": ("domain",)}, {"by": ("pos",)},
+               {"by": ("pos", "slot"), "with_weight": True}, {"by": ("seq",), "with_weight": True},
+               {"by": ("step", "layer")}):
+        for cap in ({"capacity_factor": 0.8}, {"capacity": 0}, {"capacity": 1}):
+            for c, sel in ((con, Selection()), (con, Selection(run_ids=("a",), steps=(1, 2), layers=(0, 2))),
+                           (con, Selection(domains=("x",))), (one, Selection()), (one, Selection(steps=(2, 3)))):
+                fast = capacity_drops(c, sel, policy="probability", source="aggregates", **cap, **kw)
+                window = capacity_drops(c, sel, policy="probability", source="routes", **cap, **kw)
+                assert len(fast) > 0
+                pd.testing.assert_frame_equal(fast, window, check_dtype=False, atol=1e-9)
+
+
 def test_weight_hist_source_errors():
     con = store_from_routing(**synthetic_routing(seed=1), extra_stats=False)  # no weight_hist
     with pytest.raises(AnalysisError, match="weight_hist does not cover"):
