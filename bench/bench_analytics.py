@@ -466,6 +466,11 @@ def cases(probe_steps: list[int], n_layers: int) -> list[Case]:
              lambda c, s: capacity.capacity_drops(c, s, 1.0, policy="probability", by=("pos",)),
              ["pos"], ["assigned", "dropped", "drop_rate"],
              [(from_routes, lambda f: pd_capacity_probability(f, ("pos",)))]),
+        Case("capacity_drops CF 1.0 probability, with_weight by slot", hist,  # the pass that counts every route
+             lambda c, s: capacity.capacity_drops(c, s, 1.0, policy="probability", with_weight=True, by=("slot",)),
+             ["slot"], ["assigned", "dropped", "drop_rate", "dropped_weight", "weight_drop_rate"],
+             [(from_routes, lambda f: pd_capacity_probability(f, ("slot",)))],
+             null_is_zero=("dropped_weight", "weight_drop_rate")),
         Case(f"capacity.drop_curve ({len(CF_CURVE)} factors)", agg,
              lambda c, s: capacity.drop_curve(c, s, CF_CURVE), ["capacity_factor"],
              ["assigned", "dropped", "drop_rate"],

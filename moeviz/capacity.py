@@ -15,7 +15,7 @@ WHICH ones. So every answer is computed from the coarsest units whose drops foll
 per expert and slot, or per expert, slot and sequence (position policy: a unit served after `before` others
 drops clamp(before + n - C, 0, n)); only the probability policy broken down below the expert, by='pos' and
 with_weight need each assignment's place in its expert's queue. For compacted runs at group='step' that comes
-from `weight_hist` and one pass over the routes (moeviz.probability_drops: 2.5-4.5 s over 100 M routes);
+from `weight_hist` and one pass over the routes (moeviz.probability_drops: 2.5-4.3 s over 100 M routes);
 otherwise a window ranks every route (a sort: over 100 M routes > 60 s and ~17 GB on 2 cores: select a step
 window). Computed from `routes`, results cover the tokens the run kept (all, unless it sampled).
 """

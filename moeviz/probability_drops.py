@@ -264,15 +264,17 @@ def _below_expert_sql(by: tuple[str, ...], keys: list[str], join: str, rwhere: s
     kcols = ", ".join(f"r.{k}" for k in keys)
     usekeys = ", ".join(keys)
     by_cols = "".join(", x." + d for d in by if d in _ROUTE_DIMS)
-    dropped = f"""count(*) FILTER (WHERE {_BIN} < u.cut_bin) AS nd,
-                   coalesce(sum(r.weight_q) FILTER (WHERE {_BIN} < u.cut_bin), 0) AS wd,
-                   list({{{edge_struct}}}) FILTER (WHERE {_BIN} = u.edge_bin) AS edges"""
+    # each route classified once (below its cut bin: dropped; in it: ordered after), then counted per key
+    classified = f"""SELECT {kcols}, r.weight_q, {_BIN} < u.cut_bin AS below, {_BIN} = u.edge_bin AS edge,
+                       {{{edge_struct}}} AS es
+                FROM {join} WHERE {rwhere}"""
+    dropped = "count(*) FILTER (WHERE below) AS nd, coalesce(sum(weight_q) FILTER (WHERE below), 0) AS wd, " \
+              "list(es) FILTER (WHERE edge) AS edges"
     if totals is not None:  # the routes above their expert's reach (most of them) leave after the join
-        pass_sql = f"SELECT {kcols}, {dropped} FROM {join} WHERE {rwhere} AND {_BIN} - u.reach <= 0 GROUP BY ALL"
+        pass_sql = f"SELECT {usekeys}, {dropped} FROM ({classified} AND {_BIN} - u.reach <= 0) GROUP BY ALL"
         base, counted = f"{totals} t LEFT JOIN p USING ({usekeys})", "t.n, t.w"
     else:  # every route counted
-        pass_sql = f"SELECT {kcols}, count(*) AS n, sum(r.weight_q) AS w, {dropped} FROM {join} " \
-                   f"WHERE {rwhere} GROUP BY ALL"
+        pass_sql = f"SELECT {usekeys}, count(*) AS n, sum(weight_q) AS w, {dropped} FROM ({classified}) GROUP BY ALL"
         base, counted = "p", "p.n, p.w"
     label_join = ("LEFT JOIN labels q ON " + ("" if one_run else "q.run_id = x.run_id AND ")
                   + "q.step = x.step AND q.rank = x.rank AND q.seq = x.seq") if labels else ""

@@ -78,8 +78,8 @@ def test_benchmark_runs_and_pandas_equals_moeviz(tiny_store):
     flows = [name for name in reads if name.startswith("specialization.layer_flow")]
     assert len(flows) == 4
     assert all(reads[n] == ("routes" if "routes" in n else "aggregates (flow_stats)") for n in flows)
-    probs = [r for r in rows if r.startswith("| capacity_drops CF 1.0 probability, ")]  # with_weight, domain, pos
-    assert len(probs) == 3 and all(r.split(" | ")[6].startswith("ok") for r in probs), probs
+    probs = [r for r in rows if r.startswith("| capacity_drops CF 1.0 probability, ")]  # with_weight, domain, pos, slot
+    assert len(probs) == 4 and all(r.split(" | ")[6].startswith("ok") for r in probs), probs
     sat = [name for name in reads if "saturation" in name]
     assert len(sat) == 4 and all(reads[n] == ("routes" if "routes" in n else "aggregates (probe_sets)") for n in sat)
 
