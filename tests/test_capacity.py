@@ -261,8 +261,8 @@ def test_weight_hist_path_equals_the_window_over_two_runs():
 
 def test_weight_hist_path_over_compacted_parquet_equals_the_window(tmp_path):
     """Real run folders (compacted: the pass reads their Parquet files in a private connection under one key per
-    run, step, rank, layer and expert): two runs, two ranks in one, steps that start above 0; every shape of the
-    pass equals the window, which the brute-force loop above checks."""
+    run, step, rank, layer and expert): two runs, two ranks in one, selections of steps and layers that start
+    above 0; every shape of the pass equals the window, which the brute-force loop above checks."""
     from test_app import write_run_dir
 
     from moeviz.store_reader import open_store
