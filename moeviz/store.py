@@ -576,17 +576,13 @@ def _fold_weight_hist(con, source: str, params: list) -> None:
     typed = ", ".join(f'CAST("{f.name}" AS {sg.duckdb_type(f.type)}) AS "{f.name}"'
                       for f in sg.DISK_SCHEMAS[sg.WEIGHT_HIST])
     con.execute(f'ALTER TABLE main."{sg.WEIGHT_HIST}" RENAME TO "_old_{sg.WEIGHT_HIST}"')
+    counts = f"""
+        SELECT {k}, sum(assigned) AS assigned, sum(first_choice) AS first_choice, sum(weight_q_sum) AS weight_q_sum
+        FROM (SELECT {k}, assigned, first_choice, weight_q_sum FROM main."_old_{sg.WEIGHT_HIST}"
+              UNION ALL {_WEIGHT_HIST_SQL.format(source=source)})
+        GROUP BY ALL"""
     con.execute(f"""
-        CREATE TABLE main."{sg.WEIGHT_HIST}" AS SELECT {typed} FROM (
-            SELECT *, coalesce(sum(assigned) OVER (PARTITION BY run_id, step, rank, layer, expert ORDER BY bin DESC
-                                                   ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0) AS above
-            FROM (
-                SELECT {k}, sum(assigned) AS assigned, sum(first_choice) AS first_choice,
-                       sum(weight_q_sum) AS weight_q_sum FROM (
-                    SELECT {k}, assigned, first_choice, weight_q_sum FROM main."_old_{sg.WEIGHT_HIST}"
-                    UNION ALL
-                    {_WEIGHT_HIST_SQL.format(source=source)})
-                GROUP BY ALL))
+        CREATE TABLE main."{sg.WEIGHT_HIST}" AS SELECT {typed} FROM ({_WEIGHT_HIST_ABOVE_SQL.format(counts=counts)})
         ORDER BY run_id, step, rank, layer, expert, bin DESC""", params)
     con.execute(f'DROP TABLE main."_old_{sg.WEIGHT_HIST}"')
 
@@ -597,6 +593,12 @@ _WEIGHT_HIST_SQL = f"""
            count(*) AS assigned, count(*) FILTER (WHERE slot = 0) AS first_choice,
            sum(weight_q) AS weight_q_sum
     FROM ({{source}}) GROUP BY ALL"""
+# weight_hist's rows from such counts: `above`, the routes of the same step and expert in higher bins, which the
+# probability policy's cut-off bin is found by (moeviz.probability_drops)
+_WEIGHT_HIST_ABOVE_SQL = """
+    SELECT *, coalesce(sum(assigned) OVER (PARTITION BY run_id, step, rank, layer, expert ORDER BY bin DESC
+                                           ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0) AS above
+    FROM ({counts})"""
 
 
 # One row per token and layer of the sequences tagged 'probe' (joined from `sequences`, which compaction has

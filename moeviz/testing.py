@@ -22,6 +22,7 @@ import numpy as np
 
 from moeviz.errors import MoevizError
 from moeviz.schema import SCHEMA_VERSION, TABLES
+from moeviz.segments import WEIGHT_SCALE
 
 __all__ = ["store_from_routing", "synthetic_routing", "synthetic_store", "create_schema", "softmax"]
 
@@ -302,8 +303,8 @@ def store_from_routing(
         "seq": per_route(seqs), "pos": per_route(pos), "token_id": per_route(token_ids),
         "layer": np.broadcast_to(lay[None, :, None], shape).ravel(),
         "slot": np.broadcast_to(np.arange(k)[None, None, :], shape).ravel(),
-        # stored as a store stores it: quantised to 1/WEIGHT_SCALE (segments.WEIGHT_SCALE)
-        "expert": index[kt].ravel(), "weight": np.round(weights[kt].ravel() * 65535) / 65535,
+        # stored as a store stores it: quantised to 1/WEIGHT_SCALE
+        "expert": index[kt].ravel(), "weight": np.round(weights[kt].ravel() * WEIGHT_SCALE) / WEIGHT_SCALE,
     })
     if extra_stats:
         _insert_route_stats(con, run_id)
@@ -364,15 +365,13 @@ def _flow_counts(index, g, n_grp: int, n_exp: int) -> np.ndarray:
 def _insert_route_stats(con, run_id: str) -> None:
     """token_stats, position_stats, sequence_stats and probe_sets of one run from its routes, as compaction builds
     them (probe_sets with compaction's own query)."""
-    from moeviz.store import _PROBE_SETS_SQL, _WEIGHT_HIST_SQL
+    from moeviz.store import _PROBE_SETS_SQL, _WEIGHT_HIST_ABOVE_SQL, _WEIGHT_HIST_SQL
 
     con.execute(f"INSERT INTO probe_sets {_PROBE_SETS_SQL.format(source='SELECT * FROM routes WHERE run_id = ?')}",
                 [run_id])
-    con.execute(f"""
-        INSERT INTO weight_hist SELECT *, coalesce(sum(assigned) OVER (PARTITION BY step, rank, layer, expert
-            ORDER BY bin DESC ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0) AS above
-        FROM ({_WEIGHT_HIST_SQL.format(source="SELECT *, CAST(round(weight * 65535) AS USMALLINT) AS weight_q "
-                                               "FROM routes WHERE run_id = ?")})""", [run_id])
+    counts = _WEIGHT_HIST_SQL.format(source=f"SELECT *, CAST(round(weight * {WEIGHT_SCALE}) AS USMALLINT) AS weight_q "
+                                            "FROM routes WHERE run_id = ?")
+    con.execute(f"INSERT INTO weight_hist {_WEIGHT_HIST_ABOVE_SQL.format(counts=counts)}", [run_id])
     con.execute("""
         INSERT INTO token_stats SELECT run_id, rank, layer, token_id, expert, count(*),
             count(*) FILTER (WHERE slot = 0) FROM routes WHERE run_id = ? GROUP BY ALL""", [run_id])
