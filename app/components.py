@@ -10,7 +10,7 @@ from typing import Callable
 import pandas as pd
 import streamlit as st
 
-from app.state import AnalysisUnavailable, Ctx, current_context
+from app.state import Ctx, current_context
 from moeviz.errors import MoevizError
 
 log = logging.getLogger("moeviz.app")
@@ -22,9 +22,7 @@ def _slug(text: str) -> str:
 
 def error_message(what: str, e: BaseException) -> None:
     """Show a failure as a message (never a stack trace); the traceback goes to the server log."""
-    if isinstance(e, AnalysisUnavailable):
-        st.info(f"{what}: {e}.")
-    elif isinstance(e, MoevizError):
+    if isinstance(e, MoevizError):
         st.error(f"{what}: {e}")
     else:
         import duckdb

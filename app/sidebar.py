@@ -14,6 +14,16 @@ import streamlit as st
 from app.components import error_message
 from app.state import Ctx, cached, store_path_from_args, store_warnings
 from moeviz.selection import Selection
+from moeviz.store.catalog import (
+    domain_list,
+    layer_list,
+    list_runs,
+    rank_list,
+    routes_per_step,
+    run_overview,
+    run_progress,
+    steps_list,
+)
 
 TOKEN_KEY = "refresh_token"
 SEEN_KEY = "_moeviz_seen_progress"
@@ -68,7 +78,7 @@ def _pick_steps(steps: list[int]) -> tuple[int, int] | None:
 def _pick_route_window(steps: list[int], step_sel: tuple[int, int] | None, per_step: int) -> tuple[int, int] | None:
     """How many of the selected steps (the last ones) the per-token analyses read: by default as many as hold
     ROUTE_BUDGET routes, so that those pages answer in seconds on a store of any size."""
-    from moeviz.queries import route_window
+    from moeviz.store.catalog import route_window
 
     lo, hi = step_sel or (steps[0], steps[-1]) if steps else (0, 0)
     chosen = [s for s in steps if lo <= s <= hi]
@@ -129,10 +139,10 @@ def _live_refresh(path: str, token: int, run_id: str, progress: dict) -> None:
 
 
 def _fresh_progress(path: str, run_id: str) -> dict:
-    from moeviz.queries import run_progress
-    from moeviz.store import open_store
-
     import warnings
+
+    from moeviz.store import open_store
+    from moeviz.store.catalog import run_progress
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the page's own connection already reported what the store skipped
@@ -151,7 +161,7 @@ def build() -> Ctx | None:
             return None
         token = int(st.session_state.setdefault(TOKEN_KEY, 0))
         try:
-            runs = cached("moeviz.queries.list_runs", path, token)
+            runs = cached(list_runs, path, token)
         except Exception as e:  # noqa: BLE001 - nonexistent, corrupt, newer-schema stores become messages
             error_message(f"Could not open the store `{path}`", e)
             return None
@@ -165,13 +175,13 @@ def build() -> Ctx | None:
             return None
         run_id = _pick_run(runs)
         try:
-            overview = cached("moeviz.queries.run_overview", path, token, run_id, count_routes=False)
-            per_step = cached("moeviz.queries.routes_per_step", path, token, run_id)
-            steps = cached("moeviz.queries.steps_list", path, token, run_id)
-            layers = cached("moeviz.queries.layer_list", path, token, run_id)["layer"].astype(int).tolist()
-            ranks = cached("moeviz.queries.rank_list", path, token, run_id)
-            domains = cached("moeviz.queries.domain_list", path, token, run_id)
-            progress = cached("moeviz.queries.run_progress", path, token, run_id)
+            overview = cached(run_overview, path, token, run_id, count_routes=False)
+            per_step = cached(routes_per_step, path, token, run_id)
+            steps = cached(steps_list, path, token, run_id)
+            layers = cached(layer_list, path, token, run_id)["layer"].astype(int).tolist()
+            ranks = cached(rank_list, path, token, run_id)
+            domains = cached(domain_list, path, token, run_id)
+            progress = cached(run_progress, path, token, run_id)
         except Exception as e:  # noqa: BLE001
             error_message(f"Could not read run `{run_id}`", e)
             return None

@@ -2,31 +2,26 @@
 
 The read-only store connection is a shared resource (`st.cache_resource`), keyed by the store path and a refresh
 token: live refresh bumps the token, which opens the store again so that segments written since are seen.
-Query and analysis results are data (`st.cache_data`), keyed by the function's dotted name, path, token and
-arguments; calls on the shared connection are serialised by a lock.
+Query and analysis results are data (`st.cache_data`), keyed by the function's qualified name, path, token and
+arguments; views pass the function itself, so an editor follows every call. Calls on the shared connection are
+serialised by a lock.
 """
 
 from __future__ import annotations
 
-import importlib
 import os
 import sys
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import streamlit as st
 
-from moeviz.errors import MoevizError
 from moeviz.selection import Selection
 
 CTX_KEY = "_moeviz_ctx"
 STORE_ENV = "MOEVIZ_STORE"
-
-
-class AnalysisUnavailable(MoevizError):
-    """The analysis module or function this view needs is not in this installation."""
 
 
 def store_path_from_args(argv: list[str] | None = None) -> str | None:
@@ -68,38 +63,37 @@ def store_warnings(path: str, token: int) -> tuple[str, ...]:
     return connection(path, token).warnings
 
 
-def _resolve(func_path: str):
-    module_name, name = func_path.rsplit(".", 1)
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as e:
-        if e.name and module_name.startswith(e.name):
-            raise AnalysisUnavailable(f"`{module_name}` is not available in this installation yet") from None
-        raise
-    fn = getattr(module, name, None)
-    if fn is None:
-        raise AnalysisUnavailable(f"`{func_path}` is not available in this installation yet")
-    return fn
+def qualified_name(fn) -> str:
+    """`moeviz.analyses.load.imbalance`: what a cached result is keyed by (a function object is not hashed)."""
+    return f"{fn.__module__}.{fn.__qualname__}"
 
 
-def call(func_path: str, path: str, token: int, *args, **kwargs) -> Any:
-    """Call `func_path(con, *args, **kwargs)` on the store's shared connection, one call at a time (not cached)."""
-    fn = _resolve(func_path)
+def call(fn: Callable, path: str, token: int, *args, **kwargs) -> Any:
+    """`fn(con, *args, **kwargs)` on the store's shared connection, one call at a time (not cached)."""
     shared = connection(path, token)
     with shared.lock:
         return fn(shared.con, *args, **kwargs)
 
 
 @st.cache_data(max_entries=1000, ttl=3600, show_spinner=False)
-def cached(func_path: str, path: str, token: int, *args, **kwargs) -> Any:
-    """`call`, cached as data: the same query with the same arguments on the same store version runs once."""
-    return call(func_path, path, token, *args, **kwargs)
+def _cached_call(name: str, _fn: Callable, path: str, token: int, *args, **kwargs) -> Any:
+    # `_fn` is left out of the cache key (Streamlit skips parameters named with a leading underscore): `name` is it
+    return call(_fn, path, token, *args, **kwargs)
+
+
+def cached(fn: Callable, path: str, token: int, *args, **kwargs) -> Any:
+    """`call`, cached as data: the same function with the same arguments on the same store version runs once."""
+    return _cached_call(qualified_name(fn), fn, path, token, *args, **kwargs)
 
 
 @st.cache_data(max_entries=200, ttl=3600, show_spinner=False)
-def cached_pure(func_path: str, *args, **kwargs) -> Any:
+def _cached_pure_call(name: str, _fn: Callable, *args, **kwargs) -> Any:
+    return _fn(*args, **kwargs)
+
+
+def cached_pure(fn: Callable, *args, **kwargs) -> Any:
     """A cached call of a function that needs no store (bounds, toy model)."""
-    return _resolve(func_path)(*args, **kwargs)
+    return _cached_pure_call(qualified_name(fn), fn, *args, **kwargs)
 
 
 @dataclass(frozen=True)
@@ -120,20 +114,20 @@ class Ctx:
     route_steps: tuple[int, int] | None = None
     routes_per_step: int = 0
 
-    def q(self, func_path: str, *args, **kwargs) -> Any:
-        """A cached query or analysis on this store: `ctx.q("moeviz.load.imbalance", ctx.sel)`."""
-        return cached(func_path, self.path, self.token, *args, **kwargs)
+    def q(self, fn: Callable, *args, **kwargs) -> Any:
+        """A cached query or analysis on this store: `ctx.q(imbalance, ctx.sel)`."""
+        return cached(fn, self.path, self.token, *args, **kwargs)
 
-    def q_started(self, func_path: str, *args, **kwargs) -> "Started":
+    def q_started(self, fn: Callable, *args, **kwargs) -> "Started":
         """`q` started in a worker thread: its DuckDB work runs while this thread builds and sends figures (DuckDB
         releases the GIL). `.result()` waits for it. Queries still take turns on the shared connection."""
-        return Started(self.q, func_path, *args, **kwargs)
+        return Started(self.q, fn, *args, **kwargs)
 
-    def q_slow(self, message: str, func_path: str, *args, **kwargs) -> Any:
+    def q_slow(self, message: str, fn: Callable, *args, **kwargs) -> Any:
         """`q` for an analysis that reads per-token routes: a spinner with `message` while it runs (a cached
         result comes back before the spinner shows)."""
         with st.spinner(message, show_time=True):
-            return self.q(func_path, *args, **kwargs)
+            return self.q(fn, *args, **kwargs)
 
     @property
     def sel_routes(self) -> Selection:

@@ -35,7 +35,7 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from moeviz import aux_loss, capacity, health, load, specialization as spec  # noqa: E402
+from moeviz.analyses import aux_loss, capacity, health, load, specialization as spec  # noqa: E402
 from moeviz.selection import Selection  # noqa: E402
 from moeviz.store import open_store  # noqa: E402
 
@@ -613,17 +613,17 @@ class RecordingConnection:
 def profiling_connection(store: Path):
     """The store's views on a connection that is not locked down (open_store locks the configuration, and with
     it profiling): built with store_reader's own steps, minus the lock-down. For EXPLAIN ANALYZE only."""
-    from moeviz import duckdb_compat
+    from moeviz.store import duckdb_compat
 
-    from moeviz import segments as sg
-    from moeviz import store_reader as sr
+    from moeviz.store import layout
+    from moeviz.store import reader as sr
 
-    runs = [sr._RunFiles.scan(d) for d in sg.find_runs(store)]
+    runs = [sr._RunFiles.scan(d) for d in layout.find_runs(store)]
     con = duckdb_compat.connect()
     compacted = sr._attach_compacted(con, runs)
     for i, run in enumerate(runs):
         folded = compacted.get(i, {}).get("folded", set())
-        run.segments = {t: [p for p in ps if sg.relative_name(run.run_dir, p) not in folded]
+        run.segments = {t: [p for p in ps if layout.relative_name(run.run_dir, p) not in folded]
                         for t, ps in run.segments.items()}
     sr._register_segments(con, runs)
     con.register("_run_status", sr._status_table(con, runs, compacted))

@@ -30,7 +30,7 @@ from typing import Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from a checkout: moeviz importable without installing
-from moeviz.dashboard_process import serving  # noqa: E402
+from moeviz.cli.dashboard_process import serving  # noqa: E402
 
 CHROMIUM = os.environ.get("MOEVIZ_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",

@@ -20,8 +20,8 @@ import sys
 import numpy as np
 import pandas as pd
 
-from moeviz import aux_loss, capacity, health, load, specialization
-from moeviz.bounds import aux_loss_infimum
+from moeviz.analyses import aux_loss, capacity, health, load, specialization
+from moeviz.analyses.bounds import aux_loss_infimum
 from moeviz.selection import Selection
 
 CAPACITY_FACTORS = (1.0, 1.25)
@@ -86,7 +86,7 @@ def top_experts_by_domain(con, run_id: str, n: int = 2) -> pd.DataFrame:
 
 def _eval_copy(con, run_id: str, sel: Selection):
     """A private in-memory DuckDB with the public tables of one run restricted to `sel`'s step (for shuffling)."""
-    from moeviz import duckdb_compat
+    from moeviz.store import duckdb_compat
 
     step = sel.steps[0]
     mem = duckdb_compat.connect()

@@ -357,7 +357,7 @@ def token_routes(df: pd.DataFrame, *, n_experts: int, title: str = "Experts chos
     text once per layer (512 SVG texts for 64 tokens and 8 layers, most of the 0.25 s a draw took in the
     browser, and unreadable at the dashboard's column width); the axis draws it once per token.
 
-    `df` is `moeviz.queries.sequence_routes` output: pos, text, layer, slot, expert, weight.
+    `df` is `moeviz.store.catalog.sequence_routes` output: pos, text, layer, slot, expert, weight.
     """
     _need(df, ["pos", "text", "layer", "slot", "expert", "weight"], title)
     if df.empty:
@@ -503,7 +503,7 @@ IMBALANCE_METRICS: dict[str, str] = {
 
 
 def load_heatmap(df: pd.DataFrame, *, value: str = "load_fraction", title: str | None = None) -> go.Figure:
-    """Layer × expert heat map of the load (`moeviz.load.load_matrix` rows); hover shows the counts."""
+    """Layer × expert heat map of the load (`moeviz.analyses.load.load_matrix` rows); hover shows the counts."""
     title = title or "Share of assignments per expert and layer"
     z_title = {"load_fraction": "share of layer's assignments", "relative_load": "load × E (1 = uniform)"}.get(value, _fmt(value))
     zmid = 1.0 if value == "relative_load" else None
@@ -513,7 +513,7 @@ def load_heatmap(df: pd.DataFrame, *, value: str = "load_fraction", title: str |
 
 
 def load_small_multiples(df: pd.DataFrame, *, value: str = "load_fraction") -> go.Figure:
-    """Per-layer panels of each expert's load over steps (`moeviz.load.expert_load` with by_step=True)."""
+    """Per-layer panels of each expert's load over steps (`moeviz.analyses.load.expert_load` with by_step=True)."""
     _need(df, ["step", "layer", "expert", value], "load over steps")
     ref = None
     if value == "load_fraction" and not df.empty and "n_experts" in df.columns:
@@ -524,7 +524,7 @@ def load_small_multiples(df: pd.DataFrame, *, value: str = "load_fraction") -> g
 
 
 def imbalance_lines(df: pd.DataFrame, metric: str = "max_vio") -> go.Figure:
-    """One imbalance metric (`moeviz.load.imbalance` column) per layer over steps."""
+    """One imbalance metric (`moeviz.analyses.load.imbalance` column) per layer over steps."""
     label = IMBALANCE_METRICS.get(metric, _fmt(metric))
     refs = {"balanced": 0.0} if metric in ("max_vio", "cv", "dead_share") else {"balanced": 1.0} if metric in ("max_over_mean", "norm_entropy") else None
     hover = [c for c in ("tokens", "n_experts", "dead_experts") if c in df.columns]
@@ -610,7 +610,7 @@ def drop_heatmap(df: pd.DataFrame, *, cf: float | None = None) -> go.Figure:
 
 
 def drop_curve(df: pd.DataFrame, *, current_cf: float | None = None, color: str | None = None) -> go.Figure:
-    """Drop rate over capacity factors (`moeviz.capacity.drop_curve`), the current choice marked."""
+    """Drop rate over capacity factors (`moeviz.analyses.capacity.drop_curve`), the current choice marked."""
     return curve_with_marker(df, x="capacity_factor", y="drop_rate", color=color, marker_x=current_cf,
                              title="Dropped share over capacity factor", x_title="capacity factor (× uniform share)",
                              y_title="dropped / assigned", marker_label="chosen CF")
@@ -668,7 +668,7 @@ def compare_lines(df: pd.DataFrame, *, y: str, y_title: str, title: str, x: str 
 
 
 def domain_heatmap(df: pd.DataFrame, *, layer: int | None = None, value: str = "ratio") -> go.Figure:
-    """Expert × domain heat map for one layer (`moeviz.specialization.domain_share`): the ratio to the uniform
+    """Expert × domain heat map for one layer (`moeviz.analyses.specialization.domain_share`): the ratio to the uniform
     share (1 = what balanced routing gives, white), hover with the share and counts."""
     d = df if layer is None else df[df["layer"] == layer]
     d = d.assign(domain=d["domain"].fillna("(none)")) if "domain" in d.columns else d
@@ -776,7 +776,7 @@ def bound_matrix(df: pd.DataFrame, *, title: str = "Router probabilities of the 
 
 def bound_curve(df: pd.DataFrame, *, current_experts: int | None = None) -> go.Figure:
     """The infimum of the Switch loss over E (one line per k), against Switch's claimed 1 and the blog's value
-    (`moeviz.bounds.infimum_table`)."""
+    (`moeviz.analyses.bounds.infimum_table`)."""
     _need(df, ["experts", "top_k", "infimum"], "bound curve")
     title = "Lower bound of the Switch loss over the number of experts"
     if df.empty:
@@ -821,7 +821,7 @@ def _map_grid(d: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 def decision_maps(df: pd.DataFrame, *, ways: Sequence[str] = ("compile", "run"), points: pd.DataFrame | None = None) -> go.Figure:
     """The toy MoE's decision maps: P(class 1) over the plane, one row per sparsification way, one column per k
-    (`moeviz.toy.maps_frame`).
+    (`moeviz.analyses.toy.maps_frame`).
 
     All maps share one pair of axes, each panel shifted by its column and row, with the plane's own coordinates
     as tick labels under every panel and the panel titles as annotations. Twelve subplots (twelve axis pairs)

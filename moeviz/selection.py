@@ -1,6 +1,6 @@
 """What part of a store an analysis looks at: runs, steps, layers, ranks, domains, tags.
 
-Every analysis in moeviz takes a DuckDB connection that exposes the public schema (see `moeviz.schema`) and a
+Every analysis in moeviz takes a DuckDB connection that exposes the public schema (see `moeviz.store.schema`) and a
 `Selection`; the selection turns into one parameterized SQL predicate, so no caller ever formats user values
 into SQL text.
 """

@@ -1,6 +1,6 @@
 """Build an in-memory moeviz store from plain numpy routing arrays, for tests, notebooks and benchmarks.
 
-Every analysis in moeviz reads a DuckDB connection exposing the public schema (`moeviz.schema`). Tests need
+Every analysis in moeviz reads a DuckDB connection exposing the public schema (`moeviz.store.schema`). Tests need
 such a connection filled with routing whose right answer they can compute independently (numpy brute force,
 transformers' own loss functions). `store_from_routing` turns arrays shaped like a router's output
 (`index [T, L, k]`, `weights [T, L, k]`, `logits [T, L, E]`, one row per token) into the seven public tables,
@@ -21,8 +21,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from moeviz.errors import MoevizError
-from moeviz.schema import SCHEMA_VERSION, TABLES
-from moeviz.segments import WEIGHT_SCALE
+from moeviz.store.schema import SCHEMA_VERSION, TABLES
+from moeviz.store.layout import WEIGHT_SCALE
 
 __all__ = ["store_from_routing", "synthetic_routing", "synthetic_store", "create_schema", "softmax"]
 
@@ -150,7 +150,7 @@ def store_from_routing(
     Call again with the same `con` and another `run_id` to put two runs side by side.
     Returns the connection.
     """
-    from moeviz import duckdb_compat
+    from moeviz.store import duckdb_compat
 
     if logits is not None:
         logits = np.asarray(logits, dtype=np.float64)
@@ -365,7 +365,7 @@ def _flow_counts(index, g, n_grp: int, n_exp: int) -> np.ndarray:
 def _insert_route_stats(con, run_id: str) -> None:
     """token_stats, position_stats, sequence_stats and probe_sets of one run from its routes, as compaction builds
     them (probe_sets with compaction's own query)."""
-    from moeviz.store import _PROBE_SETS_SQL, _WEIGHT_HIST_ABOVE_SQL, _WEIGHT_HIST_SQL
+    from moeviz.store.compaction import _PROBE_SETS_SQL, _WEIGHT_HIST_ABOVE_SQL, _WEIGHT_HIST_SQL
 
     con.execute(f"INSERT INTO probe_sets {_PROBE_SETS_SQL.format(source='SELECT * FROM routes WHERE run_id = ?')}",
                 [run_id])

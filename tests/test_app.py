@@ -239,7 +239,7 @@ def test_capacity_slider_changes_the_dropped_share(store, routing):
 def test_capacity_drops_per_domain_match_the_analysis_at_the_chosen_factor(store, policy):
     """The page picks the per-domain drops out of one query for every slider value: the same numbers as the
     analysis at that one factor."""
-    from moeviz.capacity import capacity_drops
+    from moeviz.analyses.capacity import capacity_drops
     from moeviz.selection import Selection
     from moeviz.store import open_store
 
@@ -352,7 +352,7 @@ def test_toy_page_shows_maps_and_accuracy(store):
     maps = chart(at, "decision maps")
     assert len(maps["data"]) == 12  # 2 ways x k = 1..6
     # every map is the model's P(class 1) on the page's default grid (seed 0, 1000 points, noise 0.1, 51 x 51)
-    from moeviz.toy import toy_moe
+    from moeviz.analyses.toy import toy_moe
 
     model = toy_moe(0, 1000, 51, noise=0.1)
     for i, key in [(0, ("compile", 1)), (5, ("compile", 6)), (6, ("run", 1)), (11, ("run", 6))]:
@@ -459,7 +459,7 @@ def test_dashboard_command_refuses_a_missing_path(tmp_path, capsys):
 
 
 def test_dashboard_command_line_runs_streamlit_on_the_app(tmp_path):
-    from moeviz.cli_dashboard import app_main_path, dashboard_command
+    from moeviz.cli.dashboard import app_main_path, dashboard_command
 
     cmd = dashboard_command(tmp_path, port=8765, host="0.0.0.0")
     assert cmd[1:4] == ["-m", "streamlit", "run"] and Path(cmd[4]) == app_main_path() == Path(APP)
@@ -474,7 +474,7 @@ def test_launch_without_blocking_serves_and_stops(store):
     import time
     import urllib.request
 
-    from moeviz.cli_dashboard import _stop, launch
+    from moeviz.cli.dashboard import _stop, launch
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -500,7 +500,7 @@ def test_launch_without_blocking_serves_and_stops(store):
 
 def test_route_budget_queries_match_the_store(store, routing):
     """routes_per_step from the aggregates, route_counts and has_routes from routes, against the arrays."""
-    from moeviz import queries
+    from moeviz.store import catalog as queries
     from moeviz.store import open_store
 
     con = open_store(store)

@@ -1,4 +1,4 @@
-"""moeviz.aux_loss against transformers' own loss functions fed the same router logits, and numpy."""
+"""moeviz.analyses.aux_loss against transformers' own loss functions fed the same router logits, and numpy."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from moeviz.aux_loss import pooled_switch_loss, switch_loss, z_loss
-from moeviz.load import AnalysisError
+from moeviz.analyses.aux_loss import pooled_switch_loss, switch_loss, z_loss
+from moeviz.analyses.load import AnalysisError
 from moeviz.selection import Selection
 from moeviz.testing import softmax, store_from_routing, synthetic_routing
 

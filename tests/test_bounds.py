@@ -1,4 +1,4 @@
-"""moeviz.bounds against independent references: hand constructions, exhaustive search over designs with an LP
+"""moeviz.analyses.bounds against independent references: hand constructions, exhaustive search over designs with an LP
 per token (scipy linprog, which does not know the vertex lemma), global optimisation of softmax logits."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from scipy.optimize import dual_annealing, linprog
 
-from moeviz.bounds import BoundInputError, aux_loss_infimum, blog_construction
+from moeviz.analyses.bounds import BoundInputError, aux_loss_infimum, blog_construction
 from moeviz.cli import main as cli_main
 
 
@@ -278,5 +278,5 @@ def test_cli_bad_input_exits_2(argv, capsys):
 
 
 def test_table_script_runs():
-    out = subprocess.run([sys.executable, "-m", "moeviz.bounds", "--table"], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-m", "moeviz.analyses.bounds", "--table"], capture_output=True, text=True, check=True)
     assert "| 256 | 2 |" in out.stdout

@@ -1,4 +1,4 @@
-"""moeviz.capacity against hand-computed cases, a brute-force Python loop, and Switch Transformers' own router."""
+"""moeviz.analyses.capacity against hand-computed cases, a brute-force Python loop, and Switch Transformers' own router."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from moeviz.capacity import capacity_drops, drop_curve, expert_capacity
-from moeviz.load import AnalysisError
+from moeviz.analyses.capacity import capacity_drops, drop_curve, expert_capacity
+from moeviz.analyses.load import AnalysisError
 from moeviz.selection import Selection
 from moeviz.testing import store_from_routing, synthetic_routing
 
@@ -184,7 +184,7 @@ def test_drop_curve_equals_drops_at_each_factor(routing, store, policy, group, b
     assert total.is_monotonic_decreasing and total.iloc[-1] == 0
 
 
-# ---- the probability policy per assignment from weight_hist (moeviz.probability_drops) --------------------------
+# ---- the probability policy per assignment from weight_hist (moeviz.analyses.probability_drops) --------------------------
 
 @pytest.fixture(scope="module")
 def tied():
@@ -265,7 +265,7 @@ def test_weight_hist_path_over_compacted_parquet_equals_the_window(tmp_path):
     above 0; every shape of the pass equals the window, which the brute-force loop above checks."""
     from test_app import write_run_dir
 
-    from moeviz.store_reader import open_store
+    from moeviz.store.reader import open_store
 
     write_run_dir(tmp_path / "a", synthetic_routing(seed=5, skew=0.5, n_ranks=2, n_steps=3), run_id="a")
     write_run_dir(tmp_path / "b", synthetic_routing(seed=6, skew=2.0, domains=("x", "y")), run_id="b")

@@ -21,7 +21,7 @@ def _axis_titles(fig: go.Figure) -> tuple[str, str]:
 
 @pytest.fixture(scope="module")
 def load_rows():
-    """Long-form load rows as moeviz.load.load_matrix returns them, built by hand."""
+    """Long-form load rows as moeviz.analyses.load.load_matrix returns them, built by hand."""
     rng = np.random.default_rng(0)
     rows = []
     for layer in range(3):
@@ -106,7 +106,7 @@ def test_token_routes_colours_each_cell_by_its_top_expert():
     r = synthetic_routing(n_steps=1, n_layers=2, n_experts=6, top_k=2, seqs_per_step=1, seq_len=7, seed=3)
     con = store_from_routing(**r)
     con.execute("INSERT INTO vocab SELECT 'run0', i, 'tok' || i FROM range(100) r(i)")
-    from moeviz.queries import sequence_routes
+    from moeviz.store.catalog import sequence_routes
 
     df = sequence_routes(con, "run0", 0, 0, 0)
     fig = charts.token_routes(df, n_experts=6)

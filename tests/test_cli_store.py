@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from moeviz.cli import main
-from moeviz.schema import TABLES, schema_markdown
+from moeviz.store.schema import TABLES, schema_markdown
 from moeviz.store import RunWriter
 
 ROOT = str(Path(__file__).resolve().parents[1])

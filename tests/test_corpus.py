@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from moeviz import corpus as C
+from moeviz.demo import corpus as C
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 

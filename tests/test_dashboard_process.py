@@ -1,10 +1,10 @@
-"""moeviz.dashboard_process: a dashboard that cannot start says why (the server's own message), not a timeout."""
+"""moeviz.cli.dashboard_process: a dashboard that cannot start says why (the server's own message), not a timeout."""
 
 from __future__ import annotations
 
 import pytest
 
-from moeviz.dashboard_process import serving
+from moeviz.cli.dashboard_process import serving
 
 
 def test_a_missing_store_fails_fast_with_the_clis_message(tmp_path):

@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from moeviz import demo as D
-from moeviz.corpus import DOMAINS
+from moeviz.demo import run as D
+from moeviz.demo.corpus import DOMAINS
 
 STEPS = 80
 
@@ -181,7 +181,7 @@ def test_cuda_request_without_cuda_is_a_clear_error(tmp_path):
 
 
 def test_cli_passes_flags_and_starts_the_dashboard(monkeypatch, tmp_path, capsys):
-    import moeviz.cli_dashboard as dash
+    import moeviz.cli.dashboard as dash
     from moeviz import cli
 
     seen = {}
@@ -207,6 +207,6 @@ def test_demo_modules_import_without_torch():
     import subprocess
     import sys
 
-    code = "import sys, moeviz.demo, moeviz.cli_demo, moeviz.corpus; print('torch' in sys.modules)"
+    code = "import sys, moeviz.demo, moeviz.cli.demo, moeviz.demo.corpus; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from collectors.demo_model import (
+from moeviz.demo.model import (
     DemoMoE,
     DemoMoEConfig,
     MoELayer,

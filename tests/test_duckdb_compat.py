@@ -1,4 +1,4 @@
-"""moeviz.duckdb_compat: DuckDB version differences (ATTACH without parameters, the broken 2.0.0 release)."""
+"""moeviz.store.duckdb_compat: DuckDB version differences (ATTACH without parameters, the broken 2.0.0 release)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import warnings
 import duckdb
 import pytest
 
-from moeviz import duckdb_compat
+from moeviz.store import duckdb_compat
 
 
 def test_sql_string_round_trips_quotes_and_attaches_such_a_path(tmp_path):

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from moeviz.dashboard_process import serving
+from moeviz.cli.dashboard_process import serving
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -43,7 +43,7 @@ TITLES = {"overview": "Overview", "load": "Load balance", "aux_loss": "Aux loss"
           "specialization": "Specialization", "tokens": "Tokens", "bounds": "Bound explorer", "toy": "Toy MoE",
           "sql": "SQL console", "compare": "Compare"}
 # pages whose analysis module may not be installed: then an info box is what they must show
-OPTIONAL = {"bounds": "moeviz.bounds", "toy": "moeviz.toy"}
+OPTIONAL = {"bounds": "moeviz.analyses.bounds", "toy": "moeviz.analyses.toy"}
 
 
 @pytest.fixture(scope="module")

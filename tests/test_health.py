@@ -1,4 +1,4 @@
-"""moeviz.health and `moeviz check` on routing built to be healthy or to show one specific disease."""
+"""moeviz.analyses.health and `moeviz check` on routing built to be healthy or to show one specific disease."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from moeviz.health import COLUMNS, health_summary
-from moeviz.load import AnalysisError
+from moeviz.analyses.health import COLUMNS, health_summary
+from moeviz.analyses.load import AnalysisError
 from moeviz.selection import Selection
 from moeviz.testing import store_from_routing
 
@@ -218,7 +218,7 @@ def test_cli_check_exit_codes(tmp_path, capsys):
 
 
 def test_cli_steps_parsing():
-    from moeviz.cli_analysis import CheckArgumentError, parse_steps
+    from moeviz.cli.check import CheckArgumentError, parse_steps
 
     assert parse_steps("3:7") == (3, 7)
     assert parse_steps("5") == (5, 5)

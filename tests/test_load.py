@@ -1,4 +1,4 @@
-"""moeviz.load against hand-computed cases and a numpy brute force over random routing."""
+"""moeviz.analyses.load against hand-computed cases and a numpy brute force over random routing."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from moeviz.load import AnalysisError, expert_load, imbalance, load_matrix
+from moeviz.analyses.load import AnalysisError, expert_load, imbalance, load_matrix
 from moeviz.selection import Selection
 from moeviz.testing import store_from_routing, synthetic_routing
 

@@ -1,4 +1,4 @@
-"""moeviz.queries: store browsing and the guarded SQL console, checked against numpy on known routing."""
+"""moeviz.store.catalog: store browsing and the guarded SQL console, checked against numpy on known routing."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from moeviz import queries
+from moeviz.store import catalog as queries
+from moeviz.store import sql as console
 from moeviz.errors import MoevizError
 from moeviz.testing import store_from_routing, synthetic_routing
 
@@ -90,19 +91,19 @@ def test_sequence_routes_match_the_arrays(con, routing):
 
 
 def test_run_sql_limits_rows_and_flags_truncation(con):
-    res = queries.run_sql(con, "SELECT * FROM range(50)", max_rows=10)
+    res = console.run_sql(con, "SELECT * FROM range(50)", max_rows=10)
     assert len(res.frame) == 10 and res.truncated
-    res = queries.run_sql(con, "SELECT * FROM range(10);", max_rows=10)
+    res = console.run_sql(con, "SELECT * FROM range(10);", max_rows=10)
     assert len(res.frame) == 10 and not res.truncated
-    res = queries.run_sql(con, queries.EXAMPLE_QUERIES["Load per layer and expert"])
+    res = console.run_sql(con, console.EXAMPLE_QUERIES["Load per layer and expert"])
     assert isinstance(res.frame, pd.DataFrame) and not res.truncated
     # the load fractions of each run's layer sum to one over experts (runs a and b pooled per layer)
     assert np.allclose(res.frame.groupby("layer")["load_fraction"].sum(), 1.0)
 
 
 def test_every_example_query_runs(con):
-    for name, sql in queries.EXAMPLE_QUERIES.items():
-        assert not queries.run_sql(con, sql).frame.empty, name
+    for name, sql in console.EXAMPLE_QUERIES.items():
+        assert not console.run_sql(con, sql).frame.empty, name
 
 
 @pytest.mark.parametrize(
@@ -117,25 +118,25 @@ def test_every_example_query_runs(con):
     ],
 )
 def test_run_sql_refuses_or_reports_bad_queries(con, sql, message):
-    with pytest.raises(queries.SqlError, match=message) as info:
-        queries.run_sql(con, sql)
+    with pytest.raises(console.SqlError, match=message) as info:
+        console.run_sql(con, sql)
     assert isinstance(info.value, MoevizError)
 
 
 def test_run_sql_times_out_and_interrupts(con):
     slow = "SELECT count(*) FROM range(100000000000) a"
-    with pytest.raises(queries.SqlTimeoutError, match="longer than 0.3 s"):
-        queries.run_sql(con, slow, timeout_s=0.3)
+    with pytest.raises(console.SqlTimeoutError, match="longer than 0.3 s"):
+        console.run_sql(con, slow, timeout_s=0.3)
     # the connection still works afterwards
-    assert queries.run_sql(con, "SELECT 42 AS x").frame["x"].tolist() == [42]
+    assert console.run_sql(con, "SELECT 42 AS x").frame["x"].tolist() == [42]
 
 
 def test_browsing_and_charts_stay_light():
-    """moeviz.queries, moeviz.charts and the dashboard command import neither torch nor streamlit."""
+    """moeviz.store.catalog, moeviz.charts and the dashboard command import neither torch nor streamlit."""
     import subprocess
     import sys
 
-    code = ("import sys, moeviz.queries, moeviz.charts, moeviz.cli_dashboard; "
+    code = ("import sys, moeviz.store.catalog, moeviz.charts, moeviz.cli.dashboard; "
             "print(sorted(m for m in ('torch', 'streamlit') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

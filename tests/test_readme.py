@@ -1,4 +1,4 @@
-"""The README is part of the contract: its schema section is generated from moeviz.schema, and its example
+"""The README is part of the contract: its schema section is generated from moeviz.store.schema, and its example
 queries run against a store."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from moeviz.schema import TABLES, schema_markdown
+from moeviz.store.schema import TABLES, schema_markdown
 from moeviz.testing import synthetic_store
 
 README = Path(__file__).resolve().parents[1] / "README.md"

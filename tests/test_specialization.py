@@ -1,4 +1,4 @@
-"""moeviz.specialization, each metric against an independent reference: plain-Python loops over the routing arrays
+"""moeviz.analyses.specialization, each metric against an independent reference: plain-Python loops over the routing arrays
 the store was built from (no SQL), hand-computed tiny cases, and properties (relabelling experts relabels the
 results, balanced routing gives k/E, perfectly specialised routing gives 1, shuffled routing gives ~0)."""
 
@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from moeviz import specialization as sp
+from moeviz.analyses import specialization as sp
 from moeviz.errors import MoevizError
 from moeviz.selection import Selection
 from moeviz.testing import store_from_routing, synthetic_routing

@@ -22,12 +22,12 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
-from moeviz import segments as sg
+from moeviz.store import layout
 from moeviz.errors import SchemaVersionError, StoreError, StoreNotFoundError
-from moeviz.schema import SCHEMA_VERSION, TABLES
+from moeviz.store.schema import SCHEMA_VERSION, TABLES
 from moeviz.store import RunWriter, StoreWarning, compact, open_store, store_info
 from moeviz.selection import Selection
-from moeviz.store_reader import read_only_query
+from moeviz.store.sql import read_only_query
 
 LAYERS, EXPERTS, K, SEQS, SEQ_LEN = 3, 4, 2, 2, 5
 HALF_STEP = 0.5 / 65535 + 1e-12
@@ -86,7 +86,7 @@ def write_run(run_dir, *, steps=(0, 1), rank=0, world_size=1, run_id=None, close
     w.write_run(META)
     w.write_layers(LAYER_ROWS)
     w.write_vocab([0, 1, 49_999], ["<s>", "hello", " wörld's"])
-    flushed: dict[str, list] = {t: [] for t in sg.DATA_TABLES}
+    flushed: dict[str, list] = {t: [] for t in layout.DATA_TABLES}
     for step in steps:
         tables = make_flush(rng, step, rank)
         w.write_flush(tables)
@@ -207,7 +207,7 @@ def test_weight_quantisation_is_round_to_nearest(tmp_path):
 
 
 def test_large_flush_splits_into_layer_major_segments_without_losing_rows(tmp_path, monkeypatch):
-    monkeypatch.setattr(sg, "ROUTES_ROWS_PER_LAYER", 7)
+    monkeypatch.setattr(layout, "ROUTES_ROWS_PER_LAYER", 7)
     rng = np.random.default_rng(2)
     tables = make_flush(rng, 5)
     w = RunWriter(tmp_path / "r", compact_on_close=False)
@@ -365,7 +365,7 @@ def test_status_running_finished_failed_and_interrupted(tmp_path):
     assert status(tmp_path / "dead") == ("interrupted", None, True)
 
     # another host: alive while its heartbeat is fresh, interrupted once it is stale
-    path.write_text(json.dumps(dict(body, hostname=socket.gethostname() + "-elsewhere", heartbeat=sg.utc_iso())))
+    path.write_text(json.dumps(dict(body, hostname=socket.gethostname() + "-elsewhere", heartbeat=layout.utc_iso())))
     assert status(tmp_path / "dead")[0] == "running"
     path.write_text(json.dumps(dict(body, hostname="elsewhere", heartbeat="2020-01-01T00:00:00")))
     assert status(tmp_path / "dead")[0] == "interrupted"
@@ -542,8 +542,8 @@ def test_compaction_builds_probe_sets_and_rebuilds_them_for_an_older_run_duckdb(
 def test_an_older_run_duckdb_gets_weight_hist_at_its_next_compaction(tmp_path):
     """weight_hist (the probability capacity policy) is built from every route when run.duckdb lacks it, and the
     probability policy reads the routes until then."""
-    from moeviz.capacity import capacity_drops
-    from moeviz.load import AnalysisError
+    from moeviz.analyses.capacity import capacity_drops
+    from moeviz.analyses.load import AnalysisError
 
     run_dir = tmp_path / "r"
     _, flushed = write_run(run_dir, steps=(0, 1, 2))
@@ -570,7 +570,7 @@ def test_compacted_routes_files_are_sorted_with_step_statistics_and_filter_by_st
     _, expected = write_run(run_dir, steps=(3, 0, 2), compact_on_close=True)
     (f,) = routes_files(run_dir)
     got = pq.read_table(f).to_pandas()
-    order = list(sg.COMPACTED_SORT)
+    order = list(layout.COMPACTED_SORT)
     pd.testing.assert_frame_equal(got, got.sort_values(order, kind="stable").reset_index(drop=True))
     md = pq.read_metadata(f)
     stats = md.row_group(0).column(md.schema.names.index("step")).statistics
@@ -621,7 +621,7 @@ def test_recompaction_adds_a_routes_file_per_generation_and_never_rewrites_old_o
 def test_crash_before_run_duckdb_is_replaced_leaves_no_visible_routes_file(tmp_path, monkeypatch):
     """Crash points of compaction, simulated: (1) an exception after the routes file was renamed into place but
     before run.duckdb was replaced; (2) a kill at that point (an unpublished file and a temp file are left)."""
-    import moeviz.store as store
+    import moeviz.store.compaction as store
 
     run_dir = tmp_path / "r"
     _, expected = write_run(run_dir, compact_on_close=False)
@@ -674,7 +674,7 @@ def test_compaction_refuses_a_live_writer(tmp_path):
 
 
 def test_compaction_failure_at_close_keeps_the_segments(tmp_path, monkeypatch):
-    import moeviz.store as store
+    import moeviz.store.writer as store
 
     def broken(path):
         raise OSError("disk full")
@@ -788,10 +788,10 @@ def test_read_only_query_limits_rows_and_reports_truncation(tmp_path):
 def test_a_refused_writer_leaves_the_existing_runs_status_alone(tmp_path):
     """A RunWriter refused for a wrong run_id must not rewrite the status of the run already in the folder."""
     write_run(tmp_path / "r")
-    before = json.loads(sg.status_path(tmp_path / "r", 0).read_text())
+    before = json.loads(layout.status_path(tmp_path / "r", 0).read_text())
     with pytest.raises(StoreError, match="already holds run 'r'"):
         RunWriter(tmp_path / "r", run_id="other")
-    assert json.loads(sg.status_path(tmp_path / "r", 0).read_text()) == before
+    assert json.loads(layout.status_path(tmp_path / "r", 0).read_text()) == before
     assert open_store(tmp_path / "r").execute("SELECT status FROM runs").fetchall() == [("finished",)]
 
 
@@ -804,7 +804,7 @@ def test_writer_refuses_a_file_and_a_folder_of_runs_and_warns_when_appending_to_
     write_run(tmp_path / "runs" / "a")
     with pytest.raises(StoreError, match=r"folder of runs \(a\)"):
         RunWriter(tmp_path / "runs")
-    assert not (tmp_path / "runs" / sg.MANIFEST).exists()  # the folder of runs still reads as one
+    assert not (tmp_path / "runs" / layout.MANIFEST).exists()  # the folder of runs still reads as one
     with pytest.warns(StoreWarning, match="already closed"):
         RunWriter(tmp_path / "runs" / "a", compact_on_close=False).close()
 

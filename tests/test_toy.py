@@ -1,4 +1,4 @@
-"""moeviz.toy: the blog's 2-D toy MoE, checked against hand-written references (no use of the module's own
+"""moeviz.analyses.toy: the blog's 2-D toy MoE, checked against hand-written references (no use of the module's own
 gate code for the expected values)."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from moeviz.toy import ToyInputError, ToyParams, _loss_and_grad, maps_frame, predict, toy_data, toy_moe
+from moeviz.analyses.toy import ToyInputError, ToyParams, _loss_and_grad, maps_frame, predict, toy_data, toy_moe
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +135,7 @@ def test_bad_way_or_k(res):
 def test_decision_maps_at_a_new_resolution_are_the_models_predictions():
     """The dashboard redraws the maps of a fitted model at another resolution: each cell must be predict() at that
     cell's (x, y), row = y and column = x."""
-    from moeviz.toy import decision_maps
+    from moeviz.analyses.toy import decision_maps
 
     fitted = toy_moe(seed=1, n_points=300, grid=5)
     axis, maps = decision_maps(fitted.params, 7)

@@ -9,6 +9,7 @@ from app.components import guarded, run_page, show_chart
 from app.state import Ctx
 from app.views.bounds import infimum_value
 from moeviz import charts
+from moeviz.analyses.aux_loss import pooled_switch_loss, switch_loss, z_loss
 
 
 def render(ctx: Ctx) -> None:
@@ -23,10 +24,10 @@ def render(ctx: Ctx) -> None:
     st.caption(f"E = {ctx.n_experts} experts, k = {ctx.top_k}: uniform routing gives 1; the true lower bound "
                f"(infimum over routings) is {bound_text}, not the 1 of the Switch paper nor the blog's 1/2.")
     with guarded("Switch loss per layer"):
-        per_layer = ctx.q("moeviz.aux_loss.switch_loss", sel, by_step=True)
+        per_layer = ctx.q(switch_loss, sel, by_step=True)
         show_chart(charts.aux_loss_lines(per_layer, bound=bound), per_layer, "switch-loss")
     with guarded("Pooled Switch loss"):
-        pooled = ctx.q("moeviz.aux_loss.pooled_switch_loss", sel, by_step=True)
+        pooled = ctx.q(pooled_switch_loss, sel, by_step=True)
         scale = st.radio("Pooled loss scale", ["aux_loss_per_slot", "aux_loss"], horizontal=True, key="aux_scale",
                          format_func={"aux_loss_per_slot": "per slot (1 = uniform)",
                                       "aux_loss": "as transformers reports it (k = uniform)"}.get)
@@ -37,7 +38,7 @@ def render(ctx: Ctx) -> None:
         )
         show_chart(fig, pooled, "pooled-switch-loss")
     with guarded("Router z-loss"):
-        z = ctx.q("moeviz.aux_loss.z_loss", sel, by_step=True)
+        z = ctx.q(z_loss, sel, by_step=True)
         show_chart(charts.z_loss_lines(z), z, "z-loss")
         show_chart(charts.entropy_lines(z, n_experts=ctx.n_experts), z, "router-entropy")
 

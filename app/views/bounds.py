@@ -8,15 +8,17 @@ import streamlit as st
 from app.components import guarded, run_page, show_chart
 from app.state import Ctx, cached_pure
 from moeviz import charts
+from moeviz.analyses.aux_loss import switch_loss
+from moeviz.analyses.bounds import aux_loss_infimum, blog_construction, infimum_table
 
 CURVE_EXPERTS = (2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 
 
 def infimum_value(n_experts: int, top_k: int, tokens: int | None = None) -> float | None:
-    """The infimum of the Switch loss for E and k (raises AnalysisUnavailable when moeviz.bounds is absent)."""
+    """The infimum of the Switch loss for E and k."""
     if n_experts < 2 or top_k >= n_experts:
         return 1.0  # one expert, or every expert chosen: every routing gives exactly 1
-    return float(cached_pure("moeviz.bounds.aux_loss_infimum", int(n_experts), int(top_k), tokens).value)
+    return float(cached_pure(aux_loss_infimum, int(n_experts), int(top_k), tokens).value)
 
 
 def _controls(ctx: Ctx | None) -> tuple[int, int, int | None]:
@@ -33,8 +35,8 @@ def _controls(ctx: Ctx | None) -> tuple[int, int, int | None]:
 
 def render(ctx: Ctx | None) -> None:
     e, k, t = _controls(ctx)
-    res = cached_pure("moeviz.bounds.aux_loss_infimum", e, k, t)
-    blog = cached_pure("moeviz.bounds.blog_construction", e).value if k == 1 else None
+    res = cached_pure(aux_loss_infimum, e, k, t)
+    blog = cached_pure(blog_construction, e).value if k == 1 else None
     m = st.columns(4)
     m[0].metric("True infimum", f"{res.value:.4f}", help=f"exactly {res.fraction}")
     m[1].metric("Switch's claimed minimum", "1")
@@ -47,7 +49,7 @@ def render(ctx: Ctx | None) -> None:
         show_chart(charts.bound_matrix(frame, title=f"Router probabilities of the optimal batch (E={e}, k={k})"),
                    frame, "bound-matrix")
     with right, guarded("Bound over E"):
-        table = cached_pure("moeviz.bounds.infimum_table", tuple(x for x in CURVE_EXPERTS if x > k), (k,) if k > 1 else (1,))
+        table = cached_pure(infimum_table, tuple(x for x in CURVE_EXPERTS if x > k), (k,) if k > 1 else (1,))
         show_chart(charts.bound_curve(table, current_experts=e), table, "bound-curve")
     if ctx is None:
         st.info("Open a run in the sidebar to see its observed losses against these bounds.")
@@ -56,8 +58,8 @@ def render(ctx: Ctx | None) -> None:
         if (e, k) != (ctx.n_experts, ctx.top_k):
             st.caption(f"The run has E = {ctx.n_experts}, k = {ctx.top_k}; its bounds are drawn below.")
         run_inf = infimum_value(ctx.n_experts, ctx.top_k)
-        run_blog = cached_pure("moeviz.bounds.blog_construction", ctx.n_experts).value if ctx.top_k == 1 and ctx.n_experts > 1 else None
-        observed = ctx.q("moeviz.aux_loss.switch_loss", ctx.sel_exact, by_step=True)
+        run_blog = cached_pure(blog_construction, ctx.n_experts).value if ctx.top_k == 1 and ctx.n_experts > 1 else None
+        observed = ctx.q(switch_loss, ctx.sel_exact, by_step=True)
         show_chart(charts.observed_against_bounds(observed, infimum=run_inf, blog=run_blog), observed, "bound-observed")
 
 

@@ -10,6 +10,7 @@ import streamlit as st
 from app.components import guarded, run_page, show_chart
 from app.state import Ctx
 from moeviz import charts
+from moeviz.analyses.capacity import capacity_drops, drop_curve
 
 CURVE_FACTORS = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 4.0)
 SLIDER = (0.25, 4.0, 0.05)  # the capacity-factor slider: min, max, step
@@ -29,11 +30,11 @@ def _domain_drops(ctx: Ctx, cf: float, default_cf: float, policy: str, group: st
     call (on the 100 M store's 1.8 M-route window: 0.3 s with the position policy, 1.4-1.6 s with the probability
     one, which ranks the window's routes once), so moving the slider runs no query. One factor alone by the
     probability policy takes 0.2 s (weight_hist's cut bins and one pass), but that is one pass per factor."""
-    curve = ctx.q_slow("Drops per domain from the per-token routes...", "moeviz.capacity.drop_curve", ctx.sel_routes,
+    curve = ctx.q_slow("Drops per domain from the per-token routes...", drop_curve, ctx.sel_routes,
                        _slider_factors(default_cf), policy=policy, group=group, by=("domain",))
     at = curve[np.isclose(curve["capacity_factor"], cf, rtol=0, atol=1e-9)]
     if at.empty:  # a factor off the slider's grid
-        return ctx.q_slow("Drops per domain from the per-token routes...", "moeviz.capacity.capacity_drops",
+        return ctx.q_slow("Drops per domain from the per-token routes...", capacity_drops,
                           ctx.sel_routes, cf, policy=policy, group=group, by=("domain",))
     return at.drop(columns="capacity_factor").reset_index(drop=True)
 
@@ -64,7 +65,7 @@ def _drops(ctx: Ctx) -> None:
                                   else " Here: the drops per domain."), icon=":material/speed:")
     total = None
     with guarded("Dropped share"):
-        total = ctx.q("moeviz.capacity.capacity_drops", routes_sel, cf, policy=policy, group=group, by=())
+        total = ctx.q(capacity_drops, routes_sel, cf, policy=policy, group=group, by=())
         row = total.iloc[0] if len(total) else None  # one run, no breakdown: one row
         m1, m2, m3 = st.columns(3)
         m1.metric("Dropped share", "n/a" if row is None or not row["assigned"] else f"{row['drop_rate']:.2%}")
@@ -72,7 +73,7 @@ def _drops(ctx: Ctx) -> None:
         m3.metric("Assignments", f"{int(row['assigned']) if row is not None else 0:,}")
     left, right = st.columns(2)
     with left, guarded("Drops per layer"):
-        by_layer = ctx.q("moeviz.capacity.capacity_drops", routes_sel, cf, policy=policy, group=group, by=("layer",))
+        by_layer = ctx.q(capacity_drops, routes_sel, cf, policy=policy, group=group, by=("layer",))
         show_chart(charts.drop_bars(by_layer, by="layer", cf=cf), by_layer, "drops-layer")
     with right, guarded("Drops per domain"):
         if ctx.domains:
@@ -81,12 +82,12 @@ def _drops(ctx: Ctx) -> None:
         else:
             st.info("This run has no domain labels.")
     with guarded("Drops per expert"):
-        by_expert = ctx.q("moeviz.capacity.capacity_drops", routes_sel, cf, policy=policy, group=group,
+        by_expert = ctx.q(capacity_drops, routes_sel, cf, policy=policy, group=group,
                           by=("layer", "expert"))
         show_chart(charts.drop_heatmap(by_expert, cf=cf), by_expert, "drops-expert")
     with guarded("Drop-rate curve"):
         # the fixed factors once (cached whatever the slider does), plus the chosen CF from `total` above
-        curve = ctx.q_slow("Drop rate over capacity factors...", "moeviz.capacity.drop_curve", routes_sel,
+        curve = ctx.q_slow("Drop rate over capacity factors...", drop_curve, routes_sel,
                            CURVE_FACTORS, policy=policy, group=group, by=())
         if round(cf, 4) not in set(CURVE_FACTORS) and total is not None:
             curve = pd.concat([curve, total.assign(capacity_factor=cf)[curve.columns]], ignore_index=True)

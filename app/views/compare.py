@@ -7,6 +7,10 @@ import streamlit as st
 from app.components import guarded, run_page, show_chart
 from app.state import Ctx
 from moeviz import charts
+from moeviz.analyses.aux_loss import pooled_switch_loss
+from moeviz.analyses.capacity import capacity_drops
+from moeviz.analyses.load import imbalance, load_matrix
+from moeviz.analyses.specialization import domain_share
 from moeviz.selection import Selection
 
 
@@ -21,15 +25,15 @@ def render(ctx: Ctx) -> None:
     sel = Selection(run_ids=(a, b))
     st.caption("Every step of both runs; the sidebar's step and layer choices apply to the selected run only.")
     with guarded("Load per expert and layer"):
-        load = ctx.q("moeviz.load.load_matrix", sel)
+        load = ctx.q(load_matrix, sel)
         show_chart(charts.compare_heatmaps(load, value="relative_load", runs=(a, b)), load, "compare-load")
     with guarded("Switch loss"):
-        pooled = ctx.q("moeviz.aux_loss.pooled_switch_loss", sel, by_step=True)
+        pooled = ctx.q(pooled_switch_loss, sel, by_step=True)
         fig = charts.aux_loss_lines(pooled, value="aux_loss_per_slot", color="run_id",
                                     title="Load-balancing loss pooled over layers, per slot (1 = uniform)")
         show_chart(fig, pooled, "compare-aux")
     with guarded("Imbalance"):
-        imb = ctx.q("moeviz.load.imbalance", sel, by_step=True)
+        imb = ctx.q(imbalance, sel, by_step=True)
         metric = st.selectbox("Imbalance metric", list(charts.IMBALANCE_METRICS), key="cmp_metric",
                               format_func=charts.IMBALANCE_METRICS.get)
         show_chart(charts.compare_lines(imb, y=metric, y_title=charts.IMBALANCE_METRICS[metric],
@@ -37,13 +41,13 @@ def render(ctx: Ctx) -> None:
                    imb, "compare-imbalance")
     with guarded("Capacity drops"):
         cf = st.slider("Capacity factor", 0.25, 4.0, 1.25, 0.05, key="cmp_cf")
-        drops = ctx.q("moeviz.capacity.capacity_drops", sel, cf, by=("layer",))
+        drops = ctx.q(capacity_drops, sel, cf, by=("layer",))
         show_chart(charts.bars(drops, x="layer", y="drop_rate", color="run_id", title=f"Dropped share per layer at CF {cf:g}",
                                x_title="MoE layer", y_title="dropped / assigned", hover=["dropped", "assigned"]),
                    drops, "compare-drops")
     with guarded("Domain specialization"):
         st.caption(ctx.route_note)
-        share = ctx.q_slow("Domain shares of both runs' per-token routes...", "moeviz.specialization.domain_share",
+        share = ctx.q_slow("Domain shares of both runs' per-token routes...", domain_share,
                            ctx.in_route_window(sel))
         if share["domain"].notna().any():
             layers = sorted(share["layer"].unique())

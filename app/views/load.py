@@ -7,6 +7,7 @@ import streamlit as st
 from app.components import guarded, run_page, show_chart
 from app.state import Ctx
 from moeviz import charts
+from moeviz.analyses.load import imbalance, load_matrix
 
 ALL = "all selected steps"
 
@@ -29,15 +30,15 @@ def render(ctx: Ctx) -> None:
                      format_func={"load_fraction": "share", "relative_load": "× uniform"}.get)
     sel = ctx.sel if step == ALL else ctx.sel.with_(steps=(int(step), int(step)))
     with guarded("Load heat map"):
-        matrix = ctx.q("moeviz.load.load_matrix", sel)
+        matrix = ctx.q(load_matrix, sel)
         where = "over the selected steps" if step == ALL else f"at step {step}"
         show_chart(charts.load_heatmap(matrix, value=value, title=f"Load per expert and layer {where}"), matrix, "load-matrix")
     with guarded("Imbalance over steps"):
         metric = st.selectbox("Imbalance metric", list(charts.IMBALANCE_METRICS), key="imbalance_metric",
                               format_func=charts.IMBALANCE_METRICS.get)
-        imb = ctx.q("moeviz.load.imbalance", ctx.sel, by_step=True)
+        imb = ctx.q(imbalance, ctx.sel, by_step=True)
         show_chart(charts.imbalance_lines(imb, metric), imb, "imbalance")
-        pooled = ctx.q("moeviz.load.imbalance", sel, by_step=False)
+        pooled = ctx.q(imbalance, sel, by_step=False)
         st.dataframe(pooled, hide_index=True, width="stretch", key="imbalance-table")
 
 

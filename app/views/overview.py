@@ -10,6 +10,11 @@ import streamlit as st
 from app.components import guarded, run_page, show_chart, show_table
 from app.state import Ctx
 from moeviz import charts
+from moeviz.analyses.aux_loss import switch_loss
+from moeviz.analyses.health import health_summary
+from moeviz.analyses.load import expert_load
+from moeviz.store.catalog import route_counts
+
 
 def _header(ctx: Ctx):
     """The run's header; returns the placeholder of the "Tokens with detail" metric, filled in last."""
@@ -74,11 +79,11 @@ def render(ctx: Ctx) -> None:
     health_box = st.container()  # drawn above the charts, filled in after them: the charts come first
     load = aux = None
     with guarded("Load over steps"):
-        load = ctx.q("moeviz.load.expert_load", ctx.sel, by_step=True)
+        load = ctx.q(expert_load, ctx.sel, by_step=True)
     with guarded("Aux loss over steps"):
-        aux = ctx.q("moeviz.aux_loss.switch_loss", ctx.sel_exact, by_step=True)
+        aux = ctx.q(switch_loss, ctx.sel_exact, by_step=True)
     # the health checks (the page's longest query, 0.15-0.3 s over 100M routes) run while the figures are built
-    health = ctx.q_started("moeviz.health.health_summary", ctx.sel_exact)
+    health = ctx.q_started(health_summary, ctx.sel_exact)
     if load is not None:
         with guarded("Load over steps"):
             show_chart(charts.load_small_multiples(load), load, "overview-load")
@@ -89,7 +94,7 @@ def render(ctx: Ctx) -> None:
         _health(health.result())
     with guarded("Tokens with detail"), st.spinner("Counting the per-token routes...", show_time=True):
         # milliseconds from position_stats on a compacted run, a scan of the routes (seconds) on a live one
-        counts = ctx.q("moeviz.queries.route_counts", ctx.run_id)
+        counts = ctx.q(route_counts, ctx.run_id)
         detail.metric("Tokens with detail", f"{counts['routed_tokens']:,}",
                       help=f"{counts['route_rows']:,} route rows (token × layer × slot)")
 

@@ -8,7 +8,19 @@ import streamlit as st
 from app.components import guarded, run_page, show_chart
 from app.state import Ctx
 from moeviz import charts
+from moeviz.analyses.specialization import (
+    coactivation,
+    consecutive_agreement,
+    domain_share,
+    layer_flow,
+    mutual_information,
+    position_share,
+    router_saturation,
+    top_tokens,
+    vocab_specialization_summary,
+)
 from moeviz.errors import MoevizError
+from moeviz.store.catalog import has_routes, tag_list
 
 
 def _layer_picker(ctx: Ctx, label: str, key: str, index: int = 0) -> int:
@@ -20,7 +32,7 @@ def _domains(ctx: Ctx, layer: int) -> None:
     if not ctx.domains:
         st.info("This run's sequences carry no domain labels (give `domain=` to the Recorder).")
         return
-    share = ctx.q_slow("Domain shares of the per-token routes...", "moeviz.specialization.domain_share", ctx.sel_routes)
+    share = ctx.q_slow("Domain shares of the per-token routes...", domain_share, ctx.sel_routes)
     show_chart(charts.domain_heatmap(share, layer=layer), share, "domain-share",
                caption="Red: the expert takes more of the domain's tokens than balanced routing would (k/E); "
                "blue: less.")
@@ -31,7 +43,7 @@ def _tokens(ctx: Ctx, layer: int) -> None:
     expert = int(c1.selectbox("Expert", list(range(ctx.n_experts)), key="spec_expert"))
     by = c2.radio("Rank tokens by", ["count", "lift"], horizontal=True, key="spec_by")
     min_count = int(c3.number_input("Min. occurrences (lift)", 1, 1000, 5, key="spec_min_count"))
-    top = ctx.q_slow("Top tokens per expert...", "moeviz.specialization.top_tokens", ctx.sel_routes, n=15,
+    top = ctx.q_slow("Top tokens per expert...", top_tokens, ctx.sel_routes, n=15,
                     min_count=min_count)
     show_chart(charts.top_tokens_bars(top, layer=layer, expert=expert, by=by), top, "top-tokens")
 
@@ -39,7 +51,7 @@ def _tokens(ctx: Ctx, layer: int) -> None:
 def _vocab_and_position(ctx: Ctx, layer: int) -> None:
     left, right = st.columns(2)
     with left, guarded("Vocabulary specialization"):
-        summary = ctx.q_slow("Vocabulary specialization...", "moeviz.specialization.vocab_specialization_summary",
+        summary = ctx.q_slow("Vocabulary specialization...", vocab_specialization_summary,
                              ctx.sel_routes, min_count=3)
         uniform = float(summary["uniform"].iloc[0]) if len(summary) else None
         show_chart(charts.per_layer_bars(summary, y="specialization", title="Vocabulary specialization per layer",
@@ -47,7 +59,7 @@ def _vocab_and_position(ctx: Ctx, layer: int) -> None:
                                          reference=("independent of the token", uniform),
                                          hover=("token_ids", "occurrences")), summary, "vocab-specialization")
     with right, guarded("Position specialization"):
-        pos = ctx.q_slow("Position shares...", "moeviz.specialization.position_share", ctx.sel_routes)
+        pos = ctx.q_slow("Position shares...", position_share, ctx.sel_routes)
         show_chart(charts.position_heatmap(pos, layer=layer), pos, "position-share")
 
 
@@ -57,10 +69,10 @@ def _coactivation_and_agreement(ctx: Ctx, layer: int) -> None:
         if ctx.top_k < 2:
             st.info("Co-activation needs top-k ≥ 2: with k = 1 no two experts serve the same token.")
         else:
-            co = ctx.q_slow("Co-activation of expert pairs...", "moeviz.specialization.coactivation", ctx.sel_routes)
+            co = ctx.q_slow("Co-activation of expert pairs...", coactivation, ctx.sel_routes)
             show_chart(charts.coactivation_heatmap(co, layer=layer), co, "coactivation")
     with right, guarded("Consecutive tokens"):
-        agree = ctx.q_slow("Experts of consecutive tokens...", "moeviz.specialization.consecutive_agreement",
+        agree = ctx.q_slow("Experts of consecutive tokens...", consecutive_agreement,
                            ctx.sel_routes)
         show_chart(charts.consecutive_agreement_bars(agree, layer=layer), agree, "consecutive-agreement")
 
@@ -73,7 +85,7 @@ def _flow(ctx: Ctx) -> None:
     c1, c2 = st.columns(2)
     a = int(c1.selectbox("From layer", layers, index=0, key="flow_a"))
     b = int(c2.selectbox("To layer", layers, index=1, key="flow_b"))
-    flow = ctx.q_slow("Token flow between the two layers...", "moeviz.specialization.layer_flow", ctx.sel_routes, a, b)
+    flow = ctx.q_slow("Token flow between the two layers...", layer_flow, ctx.sel_routes, a, b)
     show_chart(charts.layer_flow_sankey(flow, a, b), flow, "layer-flow")
 
 
@@ -85,10 +97,10 @@ def _saturation(ctx: Ctx) -> None:
     c1, c2 = st.columns(2)
     a = int(c1.selectbox("Step", steps, index=0, key="sat_a"))
     b = int(c2.selectbox("Against step", steps, index=len(steps) - 1, key="sat_b"))
-    tags = ctx.q("moeviz.queries.tag_list", ctx.run_id)
+    tags = ctx.q(tag_list, ctx.run_id)
     sel = ctx.sel.with_(steps=None, tags=("probe",) if "probe" in tags else None)
     try:
-        sat = ctx.q_slow("Router saturation...", "moeviz.specialization.router_saturation", sel, a, b)
+        sat = ctx.q_slow("Router saturation...", router_saturation, sel, a, b)
     except MoevizError as e:
         st.info(f"Router saturation compares the same tokens at two steps: {e}")
         return
@@ -98,7 +110,7 @@ def _saturation(ctx: Ctx) -> None:
 
 
 def _mutual_information(ctx: Ctx) -> None:
-    mi = ctx.q_slow("Mutual information...", "moeviz.specialization.mutual_information", ctx.sel_routes)
+    mi = ctx.q_slow("Mutual information...", mutual_information, ctx.sel_routes)
     first = mi[mi["slots"] == "first"] if "slots" in mi.columns else mi
     show_chart(charts.per_layer_bars(first, y="nmi", color="variable", title="Normalised mutual information with the first-choice expert",
                                      y_title="NMI (0 = independent, 1 = determined)", hover=("mi", "n")), mi, "mutual-information")
@@ -142,7 +154,7 @@ def _per_layer_maps(ctx: Ctx) -> None:
 
 
 def render(ctx: Ctx) -> None:
-    if not ctx.q("moeviz.queries.has_routes", ctx.run_id):
+    if not ctx.q(has_routes, ctx.run_id):
         st.info("This run kept no per-token detail, which every specialization view reads.")
         return
     st.info(ctx.route_note, icon=":material/speed:")

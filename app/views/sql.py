@@ -7,8 +7,8 @@ import streamlit as st
 
 from app.components import error_message, run_page, show_table
 from app.state import Ctx, call
-from moeviz.queries import EXAMPLE_QUERIES
-from moeviz.schema import TABLES
+from moeviz.store.schema import TABLES
+from moeviz.store.sql import EXAMPLE_QUERIES, run_sql
 
 
 def _schema_help() -> None:
@@ -36,7 +36,7 @@ def render(ctx: Ctx) -> None:
     c3.button("Run query", type="primary", key="sql_run", help="Ctrl+Enter in the box runs it too.")
     if sql.strip():
         try:
-            result = call("moeviz.queries.run_sql", ctx.path, ctx.token, sql, max_rows=int(max_rows), timeout_s=float(timeout))
+            result = call(run_sql, ctx.path, ctx.token, sql, max_rows=int(max_rows), timeout_s=float(timeout))
         except Exception as e:  # noqa: BLE001
             error_message("Query refused", e)
         else:

@@ -8,6 +8,7 @@ import streamlit as st
 from app.components import run_page, show_chart, show_table
 from app.state import Ctx
 from moeviz import charts
+from moeviz.store.catalog import sequence_list, sequence_routes
 
 
 def _label(row) -> str:
@@ -19,7 +20,7 @@ def _label(row) -> str:
 def render(ctx: Ctx) -> None:
     st.info(ctx.route_note, icon=":material/speed:")
     window = ctx.route_steps or ctx.sel.steps
-    seqs = ctx.q_slow("Listing the sequences with per-token detail...", "moeviz.queries.sequence_list", ctx.run_id,
+    seqs = ctx.q_slow("Listing the sequences with per-token detail...", sequence_list, ctx.run_id,
                       steps=None if window is None else tuple(window))
     if seqs.empty:
         st.info("This run kept no per-token detail (see the recording policy: sample_every, max_tokens_per_step).")
@@ -36,7 +37,7 @@ def render(ctx: Ctx) -> None:
     rows = seqs.reset_index(drop=True)
     pick = st.selectbox("Sequence", list(labels), format_func=labels.get, key="tokens_seq")
     row = rows.iloc[int(pick)]
-    routes = ctx.q("moeviz.queries.sequence_routes", ctx.run_id, int(row["step"]), int(row["rank"]), int(row["seq"]))
+    routes = ctx.q(sequence_routes, ctx.run_id, int(row["step"]), int(row["rank"]), int(row["seq"]))
     if ctx.sel.layers is not None:
         routes = routes[routes["layer"].isin(ctx.sel.layers)]
     _token_window(routes, row, ctx.n_experts)

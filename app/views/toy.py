@@ -10,7 +10,7 @@ import streamlit as st
 from app.components import run_page, show_chart, show_table
 from app.state import Ctx, cached_pure
 from moeviz import charts
-
+from moeviz.analyses.toy import maps_frame, toy_moe
 
 FIT_GRID = 2  # the grid toy_moe draws its own maps on: the smallest it takes, as the page redraws them below
 
@@ -19,12 +19,12 @@ FIT_GRID = 2  # the grid toy_moe draws its own maps on: the smallest it takes, a
 def _toy_at(seed: int, n_points: int, noise: float, grid: int):
     """The toy fitted for (seed, points, noise), with its maps on a `grid` x `grid` plane.
 
-    `moeviz.toy.toy_moe` fits the model and draws the maps in one call, so a change of the map resolution alone
+    `moeviz.analyses.toy.toy_moe` fits the model and draws the maps in one call, so a change of the map resolution alone
     refitted the model (0.4-0.7 s of the 2 s that change took). Here the fit is cached without the resolution and
-    the maps are redrawn from its parameters (`moeviz.toy.decision_maps`)."""
-    from moeviz.toy import decision_maps
+    the maps are redrawn from its parameters (`moeviz.analyses.toy.decision_maps`)."""
+    from moeviz.analyses.toy import decision_maps
 
-    fitted = cached_pure("moeviz.toy.toy_moe", seed, n_points, FIT_GRID, noise=noise)
+    fitted = cached_pure(toy_moe, seed, n_points, FIT_GRID, noise=noise)
     axis, maps = decision_maps(fitted.params, grid)
     return dataclasses.replace(fitted, maps=maps, grid=axis)
 
@@ -44,7 +44,7 @@ def _toy_model() -> None:
     grid = int(c4.select_slider("Map resolution", [31, 51, 81, 101], value=51, key="toy_grid"))
     with st.spinner("Training the toy MoE..."):
         result = _toy_at(seed, n_points, noise, grid)
-    maps = cached_pure("moeviz.toy.maps_frame", result)
+    maps = cached_pure(maps_frame, result)
     show_chart(charts.decision_maps(maps), maps, "toy-maps",
                caption="Blue: class 0, red: class 1 (the first quadrant). At k = 1 the compile-time model is one "
                "logistic regression (a straight boundary); the run-time model is already piecewise linear.")

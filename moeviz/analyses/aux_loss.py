@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from moeviz.load import AnalysisError, expert_counts_sql, run_query
+from moeviz.analyses.load import AnalysisError, expert_counts_sql, run_query
 from moeviz.selection import Selection
 
 __all__ = ["switch_loss", "pooled_switch_loss", "z_loss"]

@@ -536,7 +536,7 @@ def infimum_table(experts=(2, 4, 8, 16, 32, 64, 128, 256), top_ks=(1, 2)):
 def _main(argv=None) -> int:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m moeviz.bounds")
+    parser = argparse.ArgumentParser(prog="python -m moeviz.analyses.bounds")
     parser.add_argument("--table", action="store_true", help="print the markdown table of infima for the docs")
     args = parser.parse_args(argv)
     if not args.table:

@@ -15,7 +15,7 @@ WHICH ones. So every answer is computed from the coarsest units whose drops foll
 per expert and slot, or per expert, slot and sequence (position policy: a unit served after `before` others
 drops clamp(before + n - C, 0, n)); only the probability policy broken down below the expert, by='pos' and
 with_weight need each assignment's place in its expert's queue. For compacted runs at group='step' that comes
-from `weight_hist` and one pass over the routes (moeviz.probability_drops: 2.5-4.3 s over 100 M routes);
+from `weight_hist` and one pass over the routes (moeviz.analyses.probability_drops: 2.5-4.3 s over 100 M routes);
 otherwise a window ranks every route (a sort: over 100 M routes > 60 s and ~17 GB on 2 cores: select a step
 window). Computed from `routes`, results cover the tokens the run kept (all, unless it sampled).
 """
@@ -26,8 +26,8 @@ from typing import Iterable, Sequence
 
 import pandas as pd
 
-from moeviz import probability_drops
-from moeviz.load import AnalysisError, run_query
+from moeviz.analyses import probability_drops
+from moeviz.analyses.load import AnalysisError, run_query
 from moeviz.selection import Selection
 
 __all__ = ["capacity_drops", "drop_curve", "expert_capacity"]
@@ -165,7 +165,7 @@ def _units_sql(sel: Selection, group: str, policy: str, unit: str, labels: bool)
 
 
 def _from_weight_hist(con, sel: Selection, group: str, policy: str, unit: str, source: str) -> bool:
-    """Whether the probability policy per assignment is computed from weight_hist (moeviz.probability_drops)."""
+    """Whether the probability policy per assignment is computed from weight_hist (moeviz.analyses.probability_drops)."""
     wanted = unit == "assignment" and policy == "probability" and group == "step"
     if not wanted or source == "routes":
         return False
@@ -214,7 +214,7 @@ def capacity_drops(
     trades the same number of drops for less lost weight.
 
     `source`: 'auto' ranks the probability policy's assignments (with_weight, or by below the expert) from
-    `weight_hist` and one pass over `routes` when the runs are compacted (see moeviz.probability_drops),
+    `weight_hist` and one pass over `routes` when the runs are compacted (see moeviz.analyses.probability_drops),
     else with a window over every route; 'routes' forces the window; 'aggregates' raises if weight_hist does
     not cover the selection.
     """

@@ -4,7 +4,7 @@
 finding (severity 'warn' or 'error') and one 'ok' row per check and run that found nothing, so the table also
 says what was checked. Collapse and dead experts are judged on the most recent window of the selected steps
 (the state the model is in now, not diluted by a healthy start); imbalance growth compares the first window
-with the last. All numbers come from the functions of `moeviz.load` and `moeviz.capacity`.
+with the last. All numbers come from the functions of `moeviz.analyses.load` and `moeviz.analyses.capacity`.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import math
 
 import pandas as pd
 
-from moeviz.capacity import capacity_drops
-from moeviz.load import AnalysisError, expert_load, imbalance, run_query
+from moeviz.analyses.capacity import capacity_drops
+from moeviz.analyses.load import AnalysisError, expert_load, imbalance, run_query
 from moeviz.selection import Selection
 
 __all__ = ["health_summary", "COLUMNS", "SEVERITIES"]
@@ -167,7 +167,7 @@ def health_summary(
       (or than the MaxVio uniform random routing shows by chance at this step size, if larger), for runs
       with two or more selected steps;
     - capacity_drops (warn): at capacity_factor (None skips it), a layer would drop more than
-      drop_rate_threshold of its assignments (see `moeviz.capacity`);
+      drop_rate_threshold of its assignments (see `moeviz.analyses.capacity`);
     - model_drops (warn): the model's own recorded drops exceed drop_rate_threshold;
     - no_data (error): the run has no recorded step in the selection.
     `window` is the share of the selected steps in the first/last windows (at least one step each).

@@ -1,7 +1,7 @@
 """Expert load: how many assignments each expert of each layer received, and how unevenly they are spread.
 
 All functions are `f(con, sel, ...) -> pandas.DataFrame` and run as one parameterized DuckDB query over the
-public schema (`moeviz.schema`). They read the exact per-step aggregates (`step_stats`, summed over the
+public schema (`moeviz.store.schema`). They read the exact per-step aggregates (`step_stats`, summed over the
 selected ranks) unless the selection asks for domains or tags, which only per-token detail knows: then they
 count `routes` joined with `sequences` (a sample of the tokens when the run kept only some; `prob_sum` is then
 NULL, since routes hold only the chosen experts' gate weights, not the router's full distribution).

@@ -46,8 +46,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from moeviz import duckdb_compat
-from moeviz import segments as sg
+from moeviz.store import duckdb_compat
+from moeviz.store import layout
 from moeviz.selection import Selection
 
 GROUP_KEYS = ("step", "rank", "layer", "expert")
@@ -60,7 +60,7 @@ _POSITION_LEVEL = {"run_id", "rank", "layer", "pos", "expert"}  # position_stats
 def covers(con, sel: Selection) -> bool:
     """Whether weight_hist holds every route of the selected runs: each is compacted with no live routes
     (`runs.route_stats_complete`) and its run.duckdb has the table (an older one lacks it until `moeviz compact`)."""
-    from moeviz.store_reader import column_names, table_names
+    from moeviz.store.reader import column_names, table_names
 
     if not {"weight_hist", "sequence_stats"} <= table_names(con) or \
             "route_stats_complete" not in column_names(con, "runs"):
@@ -76,7 +76,7 @@ def covers(con, sel: Selection) -> bool:
 def compacted_routes_files(con) -> dict[str, list[str]] | None:
     """The compacted routes Parquet files of each run attached to a store connection, by run_id, or None when a
     run keeps routes elsewhere (inside run.duckdb, or a connection that is not a store's): those are streamed."""
-    from moeviz.store_reader import table_names
+    from moeviz.store.reader import table_names
 
     if "_disk_routes" not in table_names(con):
         return None
@@ -150,7 +150,7 @@ def drops(con, sel: Selection, by: tuple[str, ...], with_weight: bool, shape: tu
         else:  # stream: the pass scans it once
             src = "routes_stream"
             work.register(src, duckdb_compat.arrow_reader(con.execute(
-                f"SELECT *, CAST(round(weight * {sg.WEIGHT_SCALE}) AS INTEGER) AS weight_q, "
+                f"SELECT *, CAST(round(weight * {layout.WEIGHT_SCALE}) AS INTEGER) AS weight_q, "
                 f"list_position(?, r.run_id) - 1 AS run_idx FROM routes r WHERE {rwhere}", [runs] + rparams)))
         join = f"{src} r JOIN cut u ON u.k = {_key_sql('r', dims)}"
         if group_level:
@@ -220,8 +220,8 @@ def _experts_sql(hsel: Selection, shape: tuple[str, list], cap_sql: str) -> tupl
     return sql, shape_params + qparams + hparams
 
 
-_BIN = f"(r.weight_q >> {sg.WEIGHT_BIN_SHIFT})"
-_SCALE = float(sg.WEIGHT_SCALE)
+_BIN = f"(r.weight_q >> {layout.WEIGHT_BIN_SHIFT})"
+_SCALE = float(layout.WEIGHT_SCALE)
 # a route's bin against a column of its expert, written as a difference: a comparison of the two sides would
 # become a second join condition (and a perfect hash join needs one); as a difference it filters the join's output
 _IN_EDGE = f"{_BIN} - u.edge_bin = 0"

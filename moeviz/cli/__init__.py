@@ -1,4 +1,4 @@
-"""The `moeviz` command: one subcommand per module, each module registering its own parser.
+"""The `moeviz` command: one subcommand (or group) per module of this package, each registering its own parser.
 
 A subcommand module must stay light at import time (no torch, no streamlit): it imports heavy dependencies
 inside its handler, so that `moeviz sql` starts in a fraction of a second.
@@ -7,30 +7,26 @@ inside its handler, so that `moeviz sql` starts in a fraction of a second.
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 
-# module path -> holds `register(subparsers)`, which adds parsers whose `func(args) -> int` runs the command
+from moeviz.cli import bound, check, collect, dashboard, demo, store
+from moeviz.errors import MoevizError
+
+# each holds `register(subparsers)`, which adds parsers whose `func(args) -> int` runs the command
 COMMAND_MODULES = (
-    "moeviz.cli_store",  # sql, info, compact, schema
-    "moeviz.cli_collect",  # collect
-    "moeviz.cli_analysis",  # check
-    "moeviz.cli_bounds",  # bound
-    "moeviz.cli_demo",  # demo
-    "moeviz.cli_dashboard",  # dashboard
+    store,  # sql, info, compact, schema
+    collect,  # collect
+    check,  # check
+    bound,  # bound
+    demo,  # demo
+    dashboard,  # dashboard
 )
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moeviz", description="See where the tokens of a Mixture-of-Experts model go.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name != name:
-                raise
-            continue
+    for module in COMMAND_MODULES:
         module.register(sub)
     return parser
 
@@ -53,9 +49,3 @@ def main(argv: list[str] | None = None) -> int:
     except MoevizError as e:
         print(f"moeviz {args.command}: error: {e}", file=sys.stderr)
         return 2
-
-
-from moeviz.errors import MoevizError  # noqa: E402
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -40,7 +40,7 @@ def run_bound(args: argparse.Namespace) -> int:
 
     import numpy as np
 
-    from moeviz.bounds import aux_loss_infimum
+    from moeviz.analyses.bounds import aux_loss_infimum
 
     r = aux_loss_infimum(args.experts, args.top_k, args.tokens)
     if args.json:

@@ -1,6 +1,6 @@
 """`moeviz check PATH`: routing health of a run (or a folder of runs) for training scripts and CI.
 
-Prints `moeviz.health.health_summary` as a table (or JSON) and exits 1 when anything is flagged, 0 when every
+Prints `moeviz.analyses.health.health_summary` as a table (or JSON) and exits 1 when anything is flagged, 0 when every
 check is ok (2 on a usage or store error, from `moeviz.cli`).
 """
 
@@ -62,7 +62,7 @@ def register(subparsers) -> None:
 
 
 def run_check(args: argparse.Namespace) -> int:
-    from moeviz.health import health_summary
+    from moeviz.analyses.health import health_summary
     from moeviz.selection import Selection
     from moeviz.store import open_store
 

@@ -18,7 +18,7 @@ def app_main_path() -> Path:
     candidates = []
     if spec is not None and spec.submodule_search_locations:
         candidates += [Path(p) / "main.py" for p in spec.submodule_search_locations]
-    candidates.append(Path(__file__).resolve().parents[1] / "app" / "main.py")
+    candidates.append(Path(__file__).resolve().parents[2] / "app" / "main.py")
     for c in candidates:
         if c.is_file() and (c.parent / "views").is_dir():
             return c

@@ -38,7 +38,7 @@ def register(subparsers) -> None:
 
 
 def _handle(args) -> int:
-    from moeviz.demo import DemoConfig, DemoError, run_demo
+    from moeviz.demo.run import DemoConfig, DemoError, run_demo
 
     cfg = DemoConfig(
         n_experts=args.experts, top_k=args.top_k, device=args.device, seed=args.seed, cache_dir=args.cache_dir,
@@ -65,9 +65,9 @@ def _handle(args) -> int:
 
 
 def _serve(out: Path, port: int, host: str) -> int:
-    """Start the dashboard through moeviz.cli_dashboard.launch when it exists, else say how to start it."""
+    """Start the dashboard through moeviz.cli.dashboard.launch when it exists, else say how to start it."""
     try:
-        from moeviz.cli_dashboard import launch
+        from moeviz.cli.dashboard import launch
     except ImportError:
         print(f"moeviz demo: the dashboard is not installed here; start it with: "
               f"python -m streamlit run app/main.py -- {out}", file=sys.stderr)

@@ -47,7 +47,8 @@ def register(subparsers) -> None:
 
 def cmd_sql(args) -> int:
     from moeviz.errors import StoreError
-    from moeviz.store_reader import open_store, read_only_query
+    from moeviz.store.reader import open_store
+    from moeviz.store.sql import read_only_query
 
     if args.max_rows < 0:
         raise StoreError("--max-rows must be >= 0 (0 = no limit)")
@@ -73,7 +74,7 @@ def cmd_sql(args) -> int:
 
 
 def cmd_info(args) -> int:
-    from moeviz.store_reader import store_info
+    from moeviz.store.reader import store_info
 
     info = store_info(args.path)
     if args.json:
@@ -110,7 +111,7 @@ def cmd_compact(args) -> int:
 
 
 def cmd_schema(args) -> int:
-    from moeviz.schema import TABLES, schema_markdown
+    from moeviz.store.schema import TABLES, schema_markdown
 
     if args.markdown:
         print(schema_markdown())

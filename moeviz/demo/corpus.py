@@ -71,7 +71,7 @@ def default_cache_dir() -> Path:
 def data_dir() -> Path:
     """Folder with the shipped extracts: $MOEVIZ_DATA_DIR, else the repository's data/ folder."""
     env = os.environ.get("MOEVIZ_DATA_DIR")
-    return Path(env) if env else Path(__file__).resolve().parent.parent / "data"
+    return Path(env) if env else Path(__file__).resolve().parents[2] / "data"
 
 
 def _read_extract(name: str) -> list[dict]:

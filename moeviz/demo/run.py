@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from moeviz.corpus import DOMAINS, build_corpus, default_cache_dir, token_arrays, train_tokenizer
+from moeviz.demo.corpus import DOMAINS, build_corpus, default_cache_dir, token_arrays, train_tokenizer
 from moeviz.errors import MoevizError
 
 
@@ -184,7 +184,7 @@ def learning_rate(step: int, cfg: DemoConfig) -> float:
 
 
 def model_config(cfg: DemoConfig, aux_loss_coef: float):
-    from collectors.demo_model import DemoMoEConfig
+    from moeviz.demo.model import DemoMoEConfig
 
     return DemoMoEConfig(
         vocab_size=cfg.vocab_size, block_size=cfg.seq_len, n_layer=cfg.n_layer, n_head=cfg.n_head,
@@ -284,7 +284,7 @@ def train_run(cfg: DemoConfig, data: DemoData, name: str, aux_loss_coef: float, 
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)  # same data order in both runs
-    from collectors.demo_model import DemoMoE, router_adapter
+    from moeviz.demo.model import DemoMoE, router_adapter
 
     mcfg = model_config(cfg, aux_loss_coef)
     model = DemoMoE(mcfg).to(device)

@@ -1,33 +1,20 @@
-"""Store browsing for the dashboard and notebooks: which runs exist, what each holds, one sequence's routes, and a
-guarded SQL console.
+"""What a store holds, for the dashboard's lists and notebooks: which runs exist, their steps, layers, ranks,
+domains and sequences, one sequence's routes, and how far a live run has been written.
 
-Every function takes a DuckDB connection exposing the public schema (`moeviz.schema`) and returns plain Python
-values or a pandas DataFrame. User values always travel as SQL parameters; the only SQL text that comes from a
-user is `run_sql`'s, which is checked to be one read-only SELECT, row-limited and time-limited.
+Every function takes a DuckDB connection exposing the public schema (`moeviz.store.schema`) and returns plain Python
+values or a pandas DataFrame. User values always travel as SQL parameters (a user's own SQL is `moeviz.store.sql`'s).
 """
 
 from __future__ import annotations
 
-import threading
-import time
-from dataclasses import dataclass
-
 import pandas as pd
 
 from moeviz.errors import MoevizError
-from moeviz.store_reader import holds_one_run, route_stats_complete
+from moeviz.store.reader import holds_one_run, route_stats_complete
 
 
 class RunNotFoundError(MoevizError, LookupError):
     """The run id is not in the store."""
-
-
-class SqlError(MoevizError):
-    """A console query was refused or failed; the message says why."""
-
-
-class SqlTimeoutError(SqlError):
-    """A console query ran past its time limit and was interrupted."""
 
 
 def _df(con, sql: str, params: list | tuple | dict = ()) -> pd.DataFrame:
@@ -254,110 +241,6 @@ def sequence_routes(con, run_id: str, step: int, rank: int, seq: int) -> pd.Data
         """,
         [run_id, int(step), int(rank), int(seq)],
     )
-
-
-# --- the SQL console --------------------------------------------------------------------------------------------
-
-EXAMPLE_QUERIES: dict[str, str] = {
-    "Load per layer and expert": (
-        "SELECT layer, expert, sum(assigned) AS assigned,\n"
-        "       sum(assigned) / sum(sum(assigned)) OVER (PARTITION BY layer) AS load_fraction\n"
-        "FROM step_stats GROUP BY layer, expert ORDER BY layer, expert"
-    ),
-    "Router z-loss per step": (
-        "SELECT step, layer, sum(z_loss_sum) / sum(tokens) AS z_loss\n"
-        "FROM layer_stats GROUP BY step, layer ORDER BY step, layer"
-    ),
-    "Top experts of a token": (
-        "SELECT v.text, r.layer, r.expert, count(*) AS n\n"
-        "FROM routes r JOIN vocab v USING (run_id, token_id)\n"
-        "WHERE r.slot = 0 GROUP BY ALL ORDER BY n DESC LIMIT 50"
-    ),
-    "Sequences per domain": "SELECT domain, tag, count(*) AS sequences, sum(n_tokens) AS tokens\nFROM sequences GROUP BY ALL ORDER BY tokens DESC",
-    "Runs": "SELECT run_id, model_class, n_layers, n_experts, top_k, status FROM runs",
-}
-
-# Statement kinds a console query may be: reading only. EXPLAIN is allowed because it shows plans without running.
-_READ_ONLY_KINDS = ("SELECT", "EXPLAIN")
-
-
-@dataclass
-class SqlResult:
-    frame: pd.DataFrame  # at most max_rows rows
-    truncated: bool  # the query had more than max_rows rows
-    elapsed_s: float
-
-
-def _single_read_statement(sql: str) -> str:
-    import duckdb
-
-    if not sql or not sql.strip():
-        raise SqlError("the query is empty: write a SELECT over runs, layers, routes, step_stats, ...")
-    try:
-        statements = duckdb.extract_statements(sql)
-    except duckdb.Error as e:
-        raise SqlError(f"the query does not parse: {e}") from None
-    if len(statements) != 1:
-        raise SqlError(f"one statement at a time, please (got {len(statements)})")
-    kind = statements[0].type.name
-    if kind not in _READ_ONLY_KINDS:
-        raise SqlError(f"the console is read-only: {kind} statements are refused; write a SELECT")
-    return statements[0].query.strip().rstrip(";")
-
-
-def _one_line(e: Exception) -> str:
-    """The first line of a DuckDB error, with what the console allows when it is a permission error."""
-    import duckdb
-
-    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    if isinstance(e, duckdb.PermissionException):
-        return f"not allowed: {first} (the console reads only the store's tables, never files)"
-    return first
-
-
-def run_sql(con, sql: str, *, max_rows: int = 1000, timeout_s: float = 10.0) -> SqlResult:
-    """Run one read-only SELECT, returning at most `max_rows` rows and whether more existed.
-
-    Asks DuckDB for max_rows + 1 rows (a LIMIT pushed onto the lazy relation, so a huge result is never
-    materialised) to know whether the result was cut. A worker thread runs the query; past
-    `timeout_s` the main thread interrupts it and raises SqlTimeoutError. Refuses anything but one SELECT (or
-    EXPLAIN); the store's read-only connection refuses writes and file access as a second line.
-    """
-    import duckdb
-
-    if max_rows < 1:
-        raise SqlError(f"max_rows must be at least 1, got {max_rows}")
-    query = _single_read_statement(sql)
-    box: dict = {}
-
-    def work() -> None:
-        try:
-            rel = con.sql(query)
-            box["frame"] = rel.limit(max_rows + 1).df() if rel is not None else pd.DataFrame()
-        except BaseException as e:  # handed to the caller's thread below
-            box["error"] = e
-
-    # The query runs on `con` itself, not a cursor: a store's views are TEMP views and registered Arrow
-    # datasets, which only the connection that made them can see. The caller must not share `con` meanwhile.
-    t0 = time.perf_counter()
-    worker = threading.Thread(target=work, name="moeviz-sql", daemon=True)
-    worker.start()
-    worker.join(timeout_s)
-    if worker.is_alive():
-        con.interrupt()
-        worker.join(5.0)
-        raise SqlTimeoutError(
-            f"the query ran longer than {timeout_s:g} s and was stopped; aggregate with GROUP BY, filter with "
-            "WHERE, or query step_stats/layer_stats instead of routes"
-        )
-    if "error" in box:
-        e = box["error"]
-        if isinstance(e, duckdb.Error):
-            raise SqlError(_one_line(e)) from None
-        raise e
-    frame = box["frame"]
-    truncated = len(frame) > max_rows
-    return SqlResult(frame.head(max_rows).reset_index(drop=True), truncated, time.perf_counter() - t0)
 
 
 def run_progress(con, run_id: str) -> dict:

@@ -35,7 +35,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from moeviz.errors import SchemaVersionError, StoreError, StoreNotFoundError
-from moeviz.schema import SCHEMA_VERSION
+from moeviz.store.schema import SCHEMA_VERSION
 
 MANIFEST = "moeviz.json"
 STATUS_DIR = "_status"

@@ -1,4 +1,4 @@
-"""Reading a moeviz store: read-only DuckDB views over compacted runs and live segments; store_info; safe SQL.
+"""Reading a moeviz store: read-only DuckDB views over compacted runs and live segments; query; store_info.
 
 A run's routes are the union of its live segments (minus those run.duckdb's `_segments` says are folded), the
 compacted Parquet files run.duckdb's `_routes_files` names, and run.duckdb's own `routes` table (compactions
@@ -30,9 +30,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from moeviz import segments as sg
-from moeviz.errors import StoreError
-from moeviz.schema import TABLES
+from moeviz.store import layout
+from moeviz.store.schema import TABLES
 
 
 class StoreWarning(UserWarning):
@@ -52,12 +51,12 @@ class _RunFiles:
 
     @classmethod
     def scan(cls, run_dir: Path) -> "_RunFiles":
-        manifest = sg.read_manifest(run_dir)  # refuses a store newer than this moeviz
+        manifest = layout.read_manifest(run_dir)  # refuses a store newer than this moeviz
         segments, skipped = {}, []
-        for t in sg.SEGMENT_TABLES:
-            segments[t], bad = sg.list_segments(run_dir, t)
+        for t in layout.SEGMENT_TABLES:
+            segments[t], bad = layout.list_segments(run_dir, t)
             skipped += bad
-        return cls(run_dir, manifest, sg.read_statuses(run_dir), segments, skipped)
+        return cls(run_dir, manifest, layout.read_statuses(run_dir), segments, skipped)
 
     @property
     def run_id(self) -> str:
@@ -65,28 +64,28 @@ class _RunFiles:
 
     @property
     def compacted(self) -> Path:
-        return self.run_dir / sg.COMPACTED
+        return self.run_dir / layout.COMPACTED
 
 
 # ---------------------------------------------------------------------------------------------------- open_store
 
 
 def open_store(path):
-    """A read-only, locked-down DuckDB connection with the views of moeviz.schema over a run or a folder of runs.
+    """A read-only, locked-down DuckDB connection with the views of moeviz.store.schema over a run or a folder of runs.
 
     Raises StoreNotFoundError when `path` holds no run, SchemaVersionError when a run is newer than this moeviz.
     Incomplete Parquet files (a copy in progress, a truncated file) are skipped with a StoreWarning.
     """
-    runs = [_RunFiles.scan(d) for d in sg.find_runs(path)]  # 1. list segments ...
+    runs = [_RunFiles.scan(d) for d in layout.find_runs(path)]  # 1. list segments ...
     con = _read_only_connection()
     try:
         compacted = _attach_compacted(con, runs)  # 2. ... then open run.duckdb: a segment listed in 1 and
         for i, run in enumerate(runs):  # folded by a compaction in between is found in `_segments` here
             folded = compacted.get(i, {}).get("folded", set())
-            run.segments = {t: [p for p in ps if sg.relative_name(run.run_dir, p) not in folded]
+            run.segments = {t: [p for p in ps if layout.relative_name(run.run_dir, p) not in folded]
                             for t, ps in run.segments.items()}
             tables = compacted.get(i, {}).get("tables", {})
-            run.route_stats_complete = set(sg.ROUTE_STATS_TABLES) <= set(tables) and not run.segments["routes"]
+            run.route_stats_complete = set(layout.ROUTE_STATS_TABLES) <= set(tables) and not run.segments["routes"]
             run.segments["routes"] += _published_routes_files(run, compacted.get(i, {}).get("routes_files", {}))
         _register_segments(con, runs)
         con.register("_run_status", _status_table(con, runs, compacted))
@@ -106,7 +105,8 @@ def open_store(path):
 def _read_only_connection():
     """A connection to an empty database opened read-only (so CREATE TABLE and INSERT fail in it)."""
     import duckdb
-    from moeviz import duckdb_compat
+
+    from moeviz.store import duckdb_compat
 
     fd, tmp = tempfile.mkstemp(prefix="moeviz-views-", suffix=".duckdb")
     os.close(fd)
@@ -126,7 +126,7 @@ def _read_only_connection():
 
 def _attach_compacted(con, runs: list[_RunFiles]) -> dict[int, dict]:
     """ATTACH each run.duckdb READ_ONLY as run<i>: {i: {"alias", "tables": {table: columns}, "folded": names}}."""
-    from moeviz import duckdb_compat
+    from moeviz.store import duckdb_compat
 
     out = {}
     for i, run in enumerate(runs):
@@ -161,7 +161,7 @@ def _published_routes_files(run: _RunFiles, names) -> list[Path]:
     out = []
     for name in sorted(names):
         p = run.run_dir / name
-        if sg.is_complete_parquet(p):
+        if layout.is_complete_parquet(p):
             out.append(p)
         else:
             run.skipped.append(p)
@@ -177,14 +177,14 @@ def _register_segments(con, runs: list[_RunFiles]) -> None:
     routes take ~1.9 s instead of ~0.13 s."""
     import pyarrow.dataset as ds
 
-    for t in sg.SEGMENT_TABLES:
+    for t in layout.SEGMENT_TABLES:
         files = [str(p) for r in runs for p in r.segments[t]]
         con.register(f"_seg_{t}", ds.dataset(files, schema=_scan_schema(t), format="parquet"))
 
 
 def _scan_schema(table: str) -> pa.Schema:
     """The on-disk schema of a table with run_id moved to the end (see _register_segments)."""
-    schema = sg.DISK_SCHEMAS[table]
+    schema = layout.DISK_SCHEMAS[table]
     i = schema.get_field_index("run_id")
     return schema.remove(i).append(schema.field(i))
 
@@ -194,7 +194,7 @@ def _status_table(con, runs: list[_RunFiles], compacted: dict[int, dict]) -> pa.
     rows = []
     for i, run in enumerate(runs):
         statuses = run.statuses or compacted.get(i, {}).get("statuses", {})
-        st = sg.run_status(statuses)
+        st = layout.run_status(statuses)
         rows.append({"run_id": run.run_id, "run_name": st["run_name"], "world_size": st["world_size"],
                      "started_at": st["started_at"], "ended_at": st["ended_at"], "status": st["status"],
                      "error": st["error"], "schema_version": int(run.manifest["written_schema_version"]),
@@ -209,11 +209,11 @@ def _status_table(con, runs: list[_RunFiles], compacted: dict[int, dict]) -> pa.
 def _disk_select(table: str, source: str, have: list[str] | None) -> str:
     """SELECT of the on-disk columns from one source; columns an older file lacks read as NULL."""
     exprs = []
-    for f in sg.DISK_SCHEMAS[table]:
+    for f in layout.DISK_SCHEMAS[table]:
         if have is None or f.name in have:
             exprs.append(f'"{f.name}"')
         else:
-            exprs.append(f'CAST(NULL AS {sg.duckdb_type(f.type)}) AS "{f.name}"')
+            exprs.append(f'CAST(NULL AS {layout.duckdb_type(f.type)}) AS "{f.name}"')
     return f"SELECT {', '.join(exprs)} FROM {source}"
 
 
@@ -224,16 +224,16 @@ def _public_select(table: str, overrides: dict[str, str], source: str) -> str:
 
 
 def _create_views(con, compacted: dict[int, dict]) -> None:
-    for t in sg.SEGMENT_TABLES:
+    for t in layout.SEGMENT_TABLES:
         parts = [_disk_select(t, f"_seg_{t}", None)]
         for info in compacted.values():
             if t in info["tables"]:
                 parts.append(_disk_select(t, f'{info["alias"]}.main."{t}"', info["tables"][t]))
         con.execute(f"CREATE TEMP VIEW _disk_{t} AS " + " UNION ALL ".join(parts))
-    weight = f"CAST(weight_q AS DOUBLE) / {sg.WEIGHT_SCALE}"
-    for t in sg.DATA_TABLES:
+    weight = f"CAST(weight_q AS DOUBLE) / {layout.WEIGHT_SCALE}"
+    for t in layout.DATA_TABLES:
         con.execute(f"CREATE TEMP VIEW {t} AS " + _public_select(t, {"weight": weight}, f"_disk_{t}"))
-    for t in sg.COMPACTION_TABLES:  # only in run.duckdb (built by compaction); typed and empty elsewhere
+    for t in layout.COMPACTION_TABLES:  # only in run.duckdb (built by compaction); typed and empty elsewhere
         parts = [_disk_select(t, f'{info["alias"]}.main."{t}"', info["tables"][t])
                  for info in compacted.values() if t in info["tables"]]
         source = " UNION ALL ".join(parts) if parts else _disk_select(t, "(SELECT 1 WHERE FALSE) AS none", [])
@@ -293,7 +293,7 @@ def route_stats_complete(con, runs=None, tables: set[str] | None = None) -> dict
     """Per run id: whether `token_stats`, `position_stats` and `sequence_stats` count every route of the run
     (`runs.route_stats_complete`, on a connection that has those tables), so analyses may read them for `routes`.
     `runs` (the `runs` table as a DataFrame) and `tables` (`table_names(con)`): when the caller has them."""
-    if not set(sg.ROUTE_STATS_TABLES) <= (table_names(con) if tables is None else tables):
+    if not set(layout.ROUTE_STATS_TABLES) <= (table_names(con) if tables is None else tables):
         return {}
     if runs is None:
         if "route_stats_complete" not in column_names(con, "runs"):
@@ -302,28 +302,6 @@ def route_stats_complete(con, runs=None, tables: set[str] | None = None) -> dict
     if "route_stats_complete" not in runs.columns:
         return {}
     return {str(r): bool(c) for r, c in zip(runs["run_id"], runs["route_stats_complete"])}
-
-
-# ---------------------------------------------------------------------------------------------------- SQL from users
-
-
-def check_select_only(con, sql: str) -> None:
-    """Refuse anything but one SELECT (also DESCRIBE/SHOW/SUMMARIZE/VALUES), with a clear StoreError.
-
-    The connection itself cannot touch files or its databases (see the module docstring); this check also keeps
-    temp tables, SET and transactions out of user SQL and makes the message plain.
-    """
-    import duckdb
-
-    try:
-        statements = con.extract_statements(sql)
-    except duckdb.Error as e:
-        raise StoreError(sql_error_message(e)) from None
-    if len(statements) != 1:
-        raise StoreError(f"give exactly one SQL statement (got {len(statements)})")
-    kind = statements[0].type
-    if kind != duckdb.StatementType.SELECT:
-        raise StoreError(f"the store is read-only: only SELECT queries are allowed, not {kind.name}")
 
 
 def query(path, sql: str, params=None):
@@ -336,35 +314,6 @@ def query(path, sql: str, params=None):
         con.close()
 
 
-def read_only_query(con, sql: str, params=None, max_rows: int | None = 1000) -> tuple[list[str], list[tuple], bool]:
-    """Run one user SELECT: (column names, at most max_rows rows, truncated?). Fetches max_rows + 1 rows to know
-    whether more exist, never the whole result. DuckDB errors become a StoreError with a one-line message."""
-    import duckdb
-
-    check_select_only(con, sql)
-    try:
-        rel = con.execute(sql, params or [])
-        columns = [d[0] for d in rel.description]
-        rows = rel.fetchall() if max_rows is None else rel.fetchmany(max_rows + 1)
-    except duckdb.Error as e:
-        raise StoreError(sql_error_message(e)) from None
-    truncated = max_rows is not None and len(rows) > max_rows
-    return columns, rows[:max_rows] if truncated else rows, truncated
-
-
-def sql_error_message(e: Exception) -> str:
-    """One line that says what went wrong with a user's SQL and what the store allows."""
-    import duckdb
-
-    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    if isinstance(e, duckdb.PermissionException):
-        return f"not allowed: {first} (store SQL can read only the store's tables, never files)"
-    if "read-only mode" in first or "read_only" in first.lower():
-        return f"the store is read-only: only SELECT queries are allowed ({first})"
-    if isinstance(e, duckdb.CatalogException):
-        return f"{first} (tables: {', '.join(TABLES)})"
-    return first
-
 
 # ---------------------------------------------------------------------------------------------------- store_info
 
@@ -372,13 +321,13 @@ def sql_error_message(e: Exception) -> str:
 def store_info(path) -> dict:
     """What a store holds, without opening views: runs, status, segment and row counts, bytes per route."""
     out = {"path": str(Path(path).expanduser().resolve()), "runs": []}
-    for run_dir in sg.find_runs(path):
+    for run_dir in layout.find_runs(path):
         run = _RunFiles.scan(run_dir)
         comp = _compacted_summary(run.compacted)
-        st = sg.run_status(run.statuses or comp["statuses"])
+        st = layout.run_status(run.statuses or comp["statuses"])
         tables = {}
-        for t in sg.SEGMENT_TABLES:
-            live = [p for p in run.segments[t] if sg.relative_name(run_dir, p) not in comp["folded"]]
+        for t in layout.SEGMENT_TABLES:
+            live = [p for p in run.segments[t] if layout.relative_name(run_dir, p) not in comp["folded"]]
             tables[t] = {"segments": len(live), "segment_rows": sum(_parquet_rows(p) for p in live),
                          "segment_bytes": sum(_file_size(p) for p in live),
                          "compacted_rows": comp["rows"].get(t, 0)}
@@ -418,13 +367,13 @@ def _compacted_summary(target: Path) -> dict:
     out = {"rows": {}, "folded": set(), "statuses": {}, "bytes": 0, "routes_files": 0, "routes_files_bytes": 0}
     if not target.exists():
         return out
-    from moeviz import duckdb_compat
+    from moeviz.store import duckdb_compat
 
     out["bytes"] = target.stat().st_size
     con = duckdb_compat.connect(str(target), read_only=True)
     try:
         have = {r[0] for r in con.execute("SELECT table_name FROM duckdb_tables()").fetchall()}
-        out["rows"] = {t: con.execute(f'SELECT count(*) FROM "{t}"').fetchone()[0] for t in sg.SEGMENT_TABLES
+        out["rows"] = {t: con.execute(f'SELECT count(*) FROM "{t}"').fetchone()[0] for t in layout.SEGMENT_TABLES
                        if t in have}
         if "_segments" in have:
             out["folded"] = {r[0] for r in con.execute("SELECT file FROM _segments").fetchall()}
