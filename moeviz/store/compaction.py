@@ -143,7 +143,7 @@ def _compact_run(run_dir: Path, routes_format: str = "parquet") -> dict:
 def _publish_compacted(run_dir: Path, target: Path, manifest: dict, statuses: dict, new: dict[str, list[Path]],
                        written: list[tuple[str, int, int, int]], routes_in_duckdb: bool) -> dict[str, int]:
     """Build run.duckdb.tmp (old tables + new segments), fsync it and rename it over run.duckdb: row counts."""
-    from moeviz import duckdb_compat
+    from moeviz.store import duckdb_compat
 
     tmp = run_dir / (layout.COMPACTED + ".tmp")
     for leftover in (tmp, Path(str(tmp) + ".wal")):
@@ -263,7 +263,7 @@ _WEIGHT_HIST_SQL = f"""
            sum(weight_q) AS weight_q_sum
     FROM ({{source}}) GROUP BY ALL"""
 # weight_hist's rows from such counts: `above`, the routes of the same step and expert in higher bins, which the
-# probability policy's cut-off bin is found by (moeviz.probability_drops)
+# probability policy's cut-off bin is found by (moeviz.analyses.probability_drops)
 _WEIGHT_HIST_ABOVE_SQL = """
     SELECT *, coalesce(sum(assigned) OVER (PARTITION BY run_id, step, rank, layer, expert ORDER BY bin DESC
                                            ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0) AS above
@@ -354,7 +354,7 @@ def _compacted_state(target: Path) -> tuple[set[str], dict[str, tuple[int, int]]
     """(names of the segments already folded into run.duckdb, {routes file name: (rows, bytes)} it names)."""
     if not target.exists():
         return set(), {}
-    from moeviz import duckdb_compat
+    from moeviz.store import duckdb_compat
 
     con = duckdb_compat.connect(str(target), read_only=True)
     try:
@@ -369,7 +369,7 @@ def _compacted_state(target: Path) -> tuple[set[str], dict[str, tuple[int, int]]
 
 def _missing_compaction_tables(target: Path) -> set[str]:
     """The tables compaction derives from routes (layout.COMPACTION_TABLES) that run.duckdb lacks."""
-    from moeviz import duckdb_compat
+    from moeviz.store import duckdb_compat
 
     con = duckdb_compat.connect(str(target), read_only=True)
     try:
@@ -380,7 +380,7 @@ def _missing_compaction_tables(target: Path) -> set[str]:
 
 
 def _compacted_row_counts(target: Path) -> dict[str, int]:
-    from moeviz import duckdb_compat
+    from moeviz.store import duckdb_compat
 
     con = duckdb_compat.connect(str(target), read_only=True)
     try:
