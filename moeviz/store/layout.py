@@ -1,10 +1,12 @@
-"""The on-disk layout of a moeviz run folder: Parquet segments, status files, the manifest.
+"""The on-disk layout of a moeviz run folder: Parquet segments, the commits that name them, status files, the
+manifest.
 
 A run folder looks like this (Hive-style, so Spark, Polars or `duckdb.read_parquet` read it as it is):
 
     <run_dir>/moeviz.json                                   manifest: schema_version, run_id
     <run_dir>/_status/rank=<r>.json                         one per rank: pid, host, heartbeat, final status
     <run_dir>/<table>/rank=<r>/part-<seq:08d>-<uuid8>.parquet   immutable segments, one per flush per table
+    <run_dir>/_commits/rank=<r>/commit-<seq:08d>.json       one per flush: the segments it made visible
     <run_dir>/run.duckdb                                    compacted segments (`moeviz compact`, last close)
     <run_dir>/compacted/routes/rank=<r>/part-<gen:06d>-<uuid8>.parquet   compacted routes, listed in run.duckdb
 
@@ -18,6 +20,13 @@ a training process and a live dashboard cannot share one `.duckdb`. Segments are
 name and renamed into place (atomic on POSIX), so a reader sees whole files or nothing; a reader still checks
 the Parquet footer, because a copy, a full disk or a crash on another filesystem can leave a truncated file.
 
+A flush is a transaction (the way Delta Lake's `_delta_log` and Iceberg's manifests make one): its segment files
+are written first, under names no reader reads yet, then one commit record naming them is renamed into place.
+A reader reads the segments that commits name and never globs a folder for data, so a kill between two files of
+a flush leaves either the whole flush or none of it visible; what no commit names is a dead writer's leftover,
+which compaction removes. The commit records are plain JSON: any engine can read the list (`committed_files`).
+Runs of schema version 1 have no commits; their complete segment files are read as before.
+
 This module knows files only; `moeviz.store` builds the writer, the reader views and compaction on top of it.
 """
 
@@ -28,6 +37,7 @@ import json
 import os
 import socket
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -255,6 +265,110 @@ def list_segments(run_dir: Path, table: str) -> tuple[list[Path], list[Path]]:
     return good, bad
 
 
+# ---------------------------------------------------------------------------------------------------- commits
+
+
+COMMITS_DIR = "_commits"
+
+
+def commit_dir(run_dir: Path, rank: int) -> Path:
+    return Path(run_dir) / COMMITS_DIR / f"rank={int(rank)}"
+
+
+def write_commit(run_dir: Path, rank: int, seq: int, files: list[tuple[str, Path, int]]) -> Path:
+    """Make one flush's segments visible at once: a JSON record naming each (table, file, rows), written under a
+    hidden temporary name, fsynced, and renamed into place. Rename is atomic: a reader sees all of it or none."""
+    folder = commit_dir(run_dir, rank)
+    folder.mkdir(parents=True, exist_ok=True)
+    body = {"rank": int(rank), "seq": int(seq), "committed_at": utc_iso(),
+            "files": [{"table": t, "path": relative_name(run_dir, f), "rows": int(n)} for t, f, n in files]}
+    path = folder / f"commit-{int(seq):08d}.json"
+    tmp = folder / f".{path.name}.{uuid.uuid4().hex[:8]}.tmp"
+    try:
+        with open(tmp, "w") as f:
+            json.dump(body, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def next_commit_seq(run_dir: Path, rank: int) -> int:
+    """1 + the largest commit number of a rank (0 if none): a restarted writer goes on after its last commit."""
+    best = -1
+    folder = commit_dir(run_dir, rank)
+    if folder.is_dir():
+        for name in os.listdir(folder):
+            if name.startswith("commit-") and name.endswith(".json"):
+                try:
+                    best = max(best, int(name[7:15]))
+                except ValueError:
+                    pass
+    return best + 1
+
+
+def commit_records(run_dir: Path) -> tuple[list[tuple[Path, dict]], list[Path]]:
+    """(every readable commit record with its path, sorted by rank and number; records that cannot be read)."""
+    root = Path(run_dir) / COMMITS_DIR
+    records, bad = [], []
+    if not root.is_dir():
+        return records, bad
+    for rank_name in sorted(os.listdir(root)):
+        folder = root / rank_name
+        if not rank_name.startswith("rank=") or not folder.is_dir():
+            continue
+        for name in sorted(n for n in os.listdir(folder) if n.startswith("commit-") and n.endswith(".json")):
+            try:
+                body = json.loads((folder / name).read_text())
+                files = body["files"]
+                if not isinstance(files, list) or not all({"table", "path"} <= set(e) for e in files):
+                    raise ValueError("no list of files")
+            except (OSError, ValueError, KeyError, TypeError):
+                bad.append(folder / name)
+                continue
+            records.append((folder / name, body))
+    return records, bad
+
+
+@dataclass
+class Segments:
+    """The data files of a run a reader may read, and what it must leave out."""
+
+    tables: dict[str, list[Path]]  # table -> committed, complete segments, by rank then part number
+    damaged: list[Path]  # named by a commit (or, without commits, found) but missing or not whole Parquet
+    uncommitted: list[Path]  # segment files no commit names: a flush in progress, or a dead writer's leftovers
+    commits: list[Path]  # the commit records read
+
+
+def committed_files(run_dir: Path, manifest: dict) -> Segments:
+    """The segments of every table that commits name (schema version 1 runs: every complete segment file)."""
+    found = {t: list_segments(run_dir, t) for t in SEGMENT_TABLES}
+    if not manifest.get("commits"):
+        return Segments({t: good for t, (good, _) in found.items()}, [p for _, bad in found.values() for p in bad],
+                        [], [])
+    records, bad_records = commit_records(run_dir)
+    named: set[str] = set()
+    tables: dict[str, list[Path]] = {t: [] for t in SEGMENT_TABLES}
+    damaged = list(bad_records)
+    for _, body in records:
+        for e in body["files"]:
+            named.add(e["path"])
+            p = Path(run_dir) / e["path"]
+            if e["table"] not in tables:
+                damaged.append(p)
+            elif is_complete_parquet(p):
+                tables[e["table"]].append(p)
+            else:
+                damaged.append(p)
+    for t in tables:
+        tables[t].sort(key=lambda p: (int(p.parent.name[5:]) if p.parent.name[5:].isdigit() else -1, p.name))
+    uncommitted = [p for good, bad in found.values() for p in good + bad if relative_name(run_dir, p) not in named]
+    return Segments(tables, damaged, uncommitted, [p for p, _ in records])
+
+
 def relative_name(run_dir: Path, path: Path) -> str:
     """The name a segment is recorded under in run.duckdb's `_segments` (POSIX path relative to the run)."""
     return Path(path).relative_to(run_dir).as_posix()
@@ -268,11 +382,10 @@ def migrate_manifest(manifest: dict, where: Path) -> dict:
 
     Readers never write, so a step describes how to read the older layout rather than rewriting files:
     columns added at the end of a table need no step (missing Parquet columns read as NULL, and the reader
-    fills columns a compacted run.duckdb lacks with NULL). A step is needed for renames or changed meanings:
+    fills columns a compacted run.duckdb lacks with NULL). A step is needed for renames or changed meanings.
 
-        if version == 1:
-            manifest.setdefault("renamed", {})["routes"] = {"old": "new"}
-            version = 2
+    Version 2 added commit records (`_commits/`); a version 1 run has none, and its complete segment files are read
+    as they are (`commits: False`).
     """
     version = int(manifest.get("schema_version", 0))
     if version > SCHEMA_VERSION:
@@ -283,7 +396,9 @@ def migrate_manifest(manifest: dict, where: Path) -> dict:
     if version < 1:
         raise SchemaVersionError(f"{where} has no valid schema_version ({manifest.get('schema_version')!r}): "
                                  f"it was not written by moeviz, or the file is damaged")
-    # version ladder: no steps yet, version 1 is the first schema.
+    if version == 1:  # no commit records: every complete segment file is data
+        manifest = dict(manifest, commits=False)
+        version = 2
     if version != SCHEMA_VERSION:
         raise SchemaVersionError(f"{where}: no migration from schema version {version} to {SCHEMA_VERSION}")
     return dict(manifest, schema_version=version, written_schema_version=int(manifest["schema_version"]))
@@ -305,7 +420,8 @@ def ensure_manifest(run_dir: Path, run_id: str) -> dict:
     """Create moeviz.json (first rank wins, atomically) or check that an existing one matches this writer."""
     path = Path(run_dir) / MANIFEST
     if not path.exists():
-        body = {"format": "moeviz-run", "schema_version": SCHEMA_VERSION, "run_id": run_id, "created_at": utc_iso()}
+        body = {"format": "moeviz-run", "schema_version": SCHEMA_VERSION, "run_id": run_id, "created_at": utc_iso(),
+                "commits": True}
         tmp = path.with_name(f".{MANIFEST}.{uuid.uuid4().hex[:8]}.tmp")
         tmp.write_text(json.dumps(body, indent=1))
         try:

@@ -47,16 +47,14 @@ class _RunFiles:
     statuses: dict[int, dict]
     segments: dict[str, list[Path]]
     skipped: list[Path] = field(default_factory=list)
+    uncommitted: list[Path] = field(default_factory=list)  # segment files no commit names (see layout)
     route_stats_complete: bool = False  # run.duckdb's token_stats/sequence_stats count every route (no live ones)
 
     @classmethod
     def scan(cls, run_dir: Path) -> "_RunFiles":
         manifest = layout.read_manifest(run_dir)  # refuses a store newer than this moeviz
-        segments, skipped = {}, []
-        for t in layout.SEGMENT_TABLES:
-            segments[t], bad = layout.list_segments(run_dir, t)
-            skipped += bad
-        return cls(run_dir, manifest, layout.read_statuses(run_dir), segments, skipped)
+        found = layout.committed_files(run_dir, manifest)  # only what commits name: never half a flush
+        return cls(run_dir, manifest, layout.read_statuses(run_dir), found.tables, found.damaged, found.uncommitted)
 
     @property
     def run_id(self) -> str:
@@ -84,6 +82,8 @@ def open_store(path):
             folded = compacted.get(i, {}).get("folded", set())
             run.segments = {t: [p for p in ps if layout.relative_name(run.run_dir, p) not in folded]
                             for t, ps in run.segments.items()}
+            run.skipped = [p for p in run.skipped if layout.relative_name(run.run_dir, p) not in folded]
+            run.uncommitted = [p for p in run.uncommitted if layout.relative_name(run.run_dir, p) not in folded]
             tables = compacted.get(i, {}).get("tables", {})
             run.route_stats_complete = set(layout.ROUTE_STATS_TABLES) <= set(tables) and not run.segments["routes"]
             run.segments["routes"] += _published_routes_files(run, compacted.get(i, {}).get("routes_files", {}))
@@ -94,6 +94,11 @@ def open_store(path):
     except BaseException:
         con.close()
         raise
+    leftovers = [p for r in runs if not any(map(layout.writer_alive, r.statuses.values())) for p in r.uncommitted]
+    if leftovers:  # a live writer's uncommitted files are a flush in progress: nothing to say about them
+        warnings.warn(f"moeviz: left out {len(leftovers)} segment file(s) that no commit names (a flush interrupted "
+                      f"by a crash; `moeviz compact` removes them): " + ", ".join(map(str, leftovers[:5]))
+                      + (" ..." if len(leftovers) > 5 else ""), StoreWarning, stacklevel=2)
     skipped = [p for r in runs for p in r.skipped]
     if skipped:
         warnings.warn(f"moeviz: skipped {len(skipped)} incomplete Parquet file(s) (being copied, or truncated): "
@@ -339,7 +344,8 @@ def store_info(path) -> dict:
             "schema_version": run.manifest["written_schema_version"], "compacted": run.compacted.exists(),
             "compacted_bytes": comp["bytes"], "routes_files": comp["routes_files"],
             "routes_files_bytes": comp["routes_files_bytes"], "tables": tables, "routes": routes,
-            "skipped_files": [str(p) for p in run.skipped],
+            "skipped_files": [str(p) for p in run.skipped if layout.relative_name(run_dir, p) not in comp["folded"]],
+            "uncommitted_files": [str(p) for p in run.uncommitted],
             "bytes_per_route_segments": (r["segment_bytes"] / r["segment_rows"]) if r["segment_rows"] else None,
             "bytes_per_route_compacted": (comp["bytes"] / r["compacted_rows"]) if r["compacted_rows"] else None,
             "bytes_per_route": ((r["segment_bytes"] + comp["bytes"]) / routes) if routes else None,
