@@ -341,7 +341,7 @@ def test_files_no_commit_names_are_never_read_and_damaged_committed_files_are_sk
 
     lost = pq.read_table(second).num_rows
     second.write_bytes(second.read_bytes()[:-40])
-    with pytest.warns(StoreWarning, match=rf"skipped 1 incomplete Parquet file\(s\).*{second.name}"):
+    with pytest.warns(StoreWarning, match=rf"skipped 1 damaged Parquet file\(s\).*{second.name}"):
         con = open_store(run_dir)
     assert con.execute("SELECT count(*) FROM routes").fetchone()[0] == len(expected["routes"]) - lost
     check_tables_equal(con, {t: v for t, v in expected.items() if t != "routes"}, "r")
@@ -674,7 +674,7 @@ def test_a_missing_compacted_routes_file_is_skipped_with_a_warning(tmp_path):
     run_dir = tmp_path / "r"
     _, expected = write_run(run_dir)
     routes_files(run_dir)[0].unlink()
-    with pytest.warns(StoreWarning, match="skipped 1 incomplete Parquet"):
+    with pytest.warns(StoreWarning, match="skipped 1 damaged Parquet"):
         con = open_store(run_dir)
     assert con.execute("SELECT count(*) FROM routes").fetchone()[0] == 0
     check_tables_equal(con, {t: v for t, v in expected.items() if t != "routes"}, "r")

@@ -50,13 +50,16 @@ def compact(path, routes_format: str = "parquet") -> dict:
     for run_dir in run_dirs:  # a folder of runs: compact what can be, say why the others were left alone
         try:
             out.append(_compact_run(run_dir, routes_format))
-        except _LiveRun as e:
-            out.append({"run_id": layout.read_manifest(run_dir).get("run_id"), "run_dir": str(run_dir), "skipped": str(e)})
+        except StoreError as e:  # a live writer, a damaged run.duckdb: the other runs are still compacted
+            out.append({"run_id": _run_id(run_dir), "run_dir": str(run_dir), "skipped": str(e)})
     return {"runs": out}
 
 
-class _LiveRun(StoreError):
-    """The run still has a live writer."""
+def _run_id(run_dir: Path) -> str:
+    try:
+        return str(layout.read_manifest(run_dir).get("run_id") or run_dir.name)
+    except StoreError:
+        return run_dir.name
 
 
 class _CompactionLock:
@@ -90,7 +93,7 @@ def _compact_run(run_dir: Path, routes_format: str = "parquet") -> dict:
     live = [s for s in statuses.values() if layout.writer_alive(s)]
     if live:
         s = live[0]
-        raise _LiveRun(f"run {manifest.get('run_id')!r} at {run_dir} is still being written (rank {s.get('rank')}, "
+        raise StoreError(f"run {manifest.get('run_id')!r} at {run_dir} is still being written (rank {s.get('rank')}, "
                          f"pid {s.get('pid')} on {s.get('hostname')}): compaction waits until every writer closed; "
                          f"readers see the segments meanwhile")
     target = run_dir / layout.COMPACTED
@@ -380,7 +383,13 @@ def _compacted_state(target: Path) -> tuple[set[str], dict[str, tuple[int, int]]
         return set(), {}
     from moeviz.store import duckdb_compat
 
-    con = duckdb_compat.connect(str(target), read_only=True)
+    try:
+        con = duckdb_compat.connect(str(target), read_only=True)
+        con.execute("SELECT count(*) FROM _segments").fetchone()
+    except Exception as e:  # noqa: BLE001 - never fold more into, or over, a run.duckdb that cannot be read
+        from moeviz.store.reader import compacted_damage
+
+        raise StoreError(compacted_damage(target, e)) from None
     try:
         folded = {r[0] for r in con.execute("SELECT file FROM _segments").fetchall()}
         have = {r[0] for r in con.execute("SELECT table_name FROM duckdb_tables()").fetchall()}

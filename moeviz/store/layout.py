@@ -244,6 +244,38 @@ def is_complete_parquet(path: Path) -> bool:
     return tail[4:] == b"PAR1" and 0 < footer_len <= size - 12
 
 
+_CHECKED: dict[tuple[str, int, int], str | None] = {}  # (path, size, mtime_ns) -> segment_problem's answer
+
+
+def segment_problem(path: Path, table: str) -> str | None:
+    """Why a segment file cannot be read as `table` (None when it can): missing, truncated, a footer that does not
+    parse (a scrambled file), or the columns of another table (a foreign file). Reads the footer only.
+
+    Segments are immutable, so the answer is kept per (path, size, mtime) for the life of the process: a
+    dashboard that re-opens the store on every refresh checks each file once."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return "missing"
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    if key not in _CHECKED:
+        _CHECKED[key] = _footer_problem(path, table)
+    return _CHECKED[key]
+
+
+def _footer_problem(path: Path, table: str) -> str | None:
+    if not is_complete_parquet(path):
+        return "not a whole Parquet file (truncated, or still being copied)"
+    try:
+        names = pq.read_schema(path).names
+    except Exception as e:  # noqa: BLE001 - any failure to parse the footer means the file is damaged
+        return f"its Parquet footer cannot be read ({str(e).splitlines()[0][:120]})"
+    expected = DISK_SCHEMAS[table].names
+    if not set(names) <= set(expected) or table not in META_TABLES and "step" not in names:
+        return f"its columns are not those of {table} (a file of another table?)"
+    return None
+
+
 def list_segments(run_dir: Path, table: str) -> tuple[list[Path], list[Path]]:
     """(complete segments, incomplete files) of one table, sorted by rank then part number."""
     root = Path(run_dir) / table
@@ -261,7 +293,7 @@ def list_segments(run_dir: Path, table: str) -> tuple[list[Path], list[Path]]:
     for _, folder in sorted(rank_dirs):
         for name in sorted(n for n in os.listdir(folder) if n.endswith(".parquet") and not n.startswith(".")):
             p = folder / name
-            (good if is_complete_parquet(p) else bad).append(p)
+            (good if segment_problem(p, table) is None else bad).append(p)
     return good, bad
 
 
@@ -357,9 +389,7 @@ def committed_files(run_dir: Path, manifest: dict) -> Segments:
         for e in body["files"]:
             named.add(e["path"])
             p = Path(run_dir) / e["path"]
-            if e["table"] not in tables:
-                damaged.append(p)
-            elif is_complete_parquet(p):
+            if e["table"] in tables and segment_problem(p, e["table"]) is None:
                 tables[e["table"]].append(p)
             else:
                 damaged.append(p)
