@@ -245,3 +245,62 @@ def test_a_garbage_run_duckdb_is_reported_everywhere_without_a_traceback(tmp_pat
         p = cli(*args)
         assert p.returncode == code and "Traceback" not in p.stderr, (args, p.stderr)
         assert "damaged" in p.stdout + p.stderr or "cannot be opened" in p.stdout + p.stderr, (args, p.stdout)
+
+
+# --- other engines -----------------------------------------------------------------------------------------------
+
+
+def committed_routes(run_dir: Path) -> pa.Table:
+    """The routes a run's commit records name, read with pyarrow alone (no moeviz reader)."""
+    named = []
+    for f in sorted(run_dir.glob("_commits/rank=*/commit-*.json")):
+        named += [e["path"] for e in json.loads(f.read_text())["files"] if e["table"] == "routes"]
+    return pa.concat_tables([pq.read_table(run_dir / p) for p in named])
+
+
+def test_export_is_read_alike_by_pyarrow_pandas_and_polars(tmp_path):
+    """A folder with a compacted run and a live one (with a torn flush on disk): the export holds the committed
+    rows of both, once, and three engines read the same rows from one path per table."""
+    import pandas as pd
+    import polars as pl
+    import pyarrow.dataset as ds
+
+    runs = tmp_path / "runs"
+    kill_writer(runs / "done", "between_routes_files")
+    expected_done = committed_routes(runs / "done")
+    compact(runs / "done")
+    kill_writer(runs / "torn", "before_commit")
+    expected = pa.concat_tables([expected_done, committed_routes(runs / "torn")])
+    out = tmp_path / "export"
+    p = cli("export", str(runs), str(out))
+    assert p.returncode == 0, p.stderr
+
+    key = ["run_id", "step", "layer", "seq", "pos", "slot"]
+    want = expected.to_pandas()
+    want["run_id"] = ["done"] * expected_done.num_rows + ["torn"] * (len(want) - expected_done.num_rows)
+    want["weight"] = want.pop("weight_q") / 65535
+    want = want.sort_values(key).reset_index(drop=True)
+    frames = {
+        "pyarrow": ds.dataset(out / "routes").to_table().to_pandas(),
+        "pandas": pd.read_parquet(out / "routes"),
+        "polars": pl.scan_parquet(str(out / "routes" / "*.parquet")).collect().to_pandas(),
+    }
+    for engine, got in frames.items():
+        got = got.sort_values(key).reset_index(drop=True)
+        assert len(got) == len(want) == 4 * WHOLE["routes"], engine
+        for c in ("step", "layer", "seq", "pos", "slot", "expert", "token_id"):
+            assert (got[c].to_numpy() == want[c].to_numpy()).all(), (engine, c)
+        assert (got["run_id"].astype(str).to_numpy() == want["run_id"].to_numpy()).all(), engine
+        assert abs(got["weight"].to_numpy() - want["weight"].to_numpy()).max() < 1e-9, engine
+    steps = pd.read_parquet(out / "step_stats").groupby(["run_id", "step"]).size().to_dict()
+    assert steps == {(r, s): WHOLE["step_stats"] for r in ("done", "torn") for s in (0, 1)}
+    assert sorted(pl.read_parquet(out / "runs" / "*.parquet")["run_id"].to_list()) == ["done", "torn"]
+
+
+def test_export_refuses_a_folder_that_is_not_empty(tmp_path):
+    kill_writer(tmp_path / "run", "between_tables")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    p = cli("export", str(tmp_path / "run"), str(tmp_path / "out"))
+    assert p.returncode == 2 and "not empty" in p.stderr and "Traceback" not in p.stderr
+    assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
