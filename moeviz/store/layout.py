@@ -37,6 +37,7 @@ import json
 import os
 import socket
 import uuid
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -244,7 +245,42 @@ def is_complete_parquet(path: Path) -> bool:
     return tail[4:] == b"PAR1" and 0 < footer_len <= size - 12
 
 
+def footer_checksum(path: Path) -> tuple[int, int | None]:
+    """(file size, CRC-32 of the Parquet footer and its length field), or None for the CRC when the file does not
+    end like a Parquet file. Two small reads: the last 8 bytes, then the footer."""
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        size = f.tell()
+        if size < 12:
+            return size, None
+        f.seek(size - 8)
+        tail = f.read(8)
+        footer_len = int.from_bytes(tail[:4], "little")
+        if tail[4:] != b"PAR1" or not 0 < footer_len <= size - 12:
+            return size, None
+        f.seek(size - 8 - footer_len)
+        return size, zlib.crc32(f.read(footer_len) + tail)
+
+
+def committed_problem(path: Path, entry: dict) -> str | None:
+    """Why a file a commit names cannot be read (None when it can): gone, another size than when committed
+    (truncated, or replaced), or a footer whose checksum changed (scrambled). Commits without sizes and checksums
+    fall back to parsing the footer."""
+    if "footer_crc32" not in entry or "bytes" not in entry:
+        return segment_problem(path, entry["table"])
+    try:
+        size, crc = footer_checksum(path)
+    except OSError:
+        return "missing"
+    if size != entry["bytes"]:
+        return f"{size:,} bytes, not the {entry['bytes']:,} committed (truncated, or replaced)"
+    if crc != entry["footer_crc32"]:
+        return "its Parquet footer is damaged (checksum differs from the commit)"
+    return None
+
+
 _CHECKED: dict[tuple[str, int, int], str | None] = {}  # (path, size, mtime_ns) -> segment_problem's answer
+PROBLEMS: dict[str, str] = {}  # path -> what committed_problem found, for the reader's warning
 
 
 def segment_problem(path: Path, table: str) -> str | None:
@@ -276,13 +312,11 @@ def _footer_problem(path: Path, table: str) -> str | None:
     return None
 
 
-def list_segments(run_dir: Path, table: str) -> tuple[list[Path], list[Path]]:
-    """(complete segments, incomplete files) of one table, sorted by rank then part number."""
+def segment_files(run_dir: Path, table: str) -> list[Path]:
+    """Every segment file in a table's rank folders (hidden temp files excluded), by rank then part number."""
     root = Path(run_dir) / table
-    good: list[Path] = []
-    bad: list[Path] = []
     if not root.is_dir():
-        return good, bad
+        return []
     rank_dirs = []
     for e in os.scandir(root):
         if e.is_dir() and e.name.startswith("rank="):
@@ -290,10 +324,16 @@ def list_segments(run_dir: Path, table: str) -> tuple[list[Path], list[Path]]:
                 rank_dirs.append((int(e.name[5:]), Path(e.path)))
             except ValueError:
                 continue
-    for _, folder in sorted(rank_dirs):
-        for name in sorted(n for n in os.listdir(folder) if n.endswith(".parquet") and not n.startswith(".")):
-            p = folder / name
-            (good if segment_problem(p, table) is None else bad).append(p)
+    return [folder / name for _, folder in sorted(rank_dirs)
+            for name in sorted(n for n in os.listdir(folder) if n.endswith(".parquet") and not n.startswith("."))]
+
+
+def list_segments(run_dir: Path, table: str) -> tuple[list[Path], list[Path]]:
+    """(readable segments, damaged files) of one table, for runs without commit records (schema version 1)."""
+    good: list[Path] = []
+    bad: list[Path] = []
+    for p in segment_files(run_dir, table):
+        (good if segment_problem(p, table) is None else bad).append(p)
     return good, bad
 
 
@@ -308,12 +348,18 @@ def commit_dir(run_dir: Path, rank: int) -> Path:
 
 
 def write_commit(run_dir: Path, rank: int, seq: int, files: list[tuple[str, Path, int]]) -> Path:
-    """Make one flush's segments visible at once: a JSON record naming each (table, file, rows), written under a
-    hidden temporary name, fsynced, and renamed into place. Rename is atomic: a reader sees all of it or none."""
+    """Make one flush's segments visible at once: a JSON record naming each (table, file, rows, bytes, CRC-32 of
+    the Parquet footer), written under a hidden temporary name, fsynced, and renamed into place. Rename is atomic:
+    a reader sees all of it or none. The size and footer checksum let a reader tell a damaged file from a whole
+    one with a small read, without parsing the footer (`committed_problem`)."""
     folder = commit_dir(run_dir, rank)
     folder.mkdir(parents=True, exist_ok=True)
-    body = {"rank": int(rank), "seq": int(seq), "committed_at": utc_iso(),
-            "files": [{"table": t, "path": relative_name(run_dir, f), "rows": int(n)} for t, f, n in files]}
+    entries = []
+    for t, f, n in files:
+        size, crc = footer_checksum(f)
+        entries.append({"table": t, "path": relative_name(run_dir, f), "rows": int(n), "bytes": size,
+                        "footer_crc32": crc})
+    body = {"rank": int(rank), "seq": int(seq), "committed_at": utc_iso(), "files": entries}
     path = folder / f"commit-{int(seq):08d}.json"
     tmp = folder / f".{path.name}.{uuid.uuid4().hex[:8]}.tmp"
     try:
@@ -377,8 +423,8 @@ class Segments:
 
 def committed_files(run_dir: Path, manifest: dict) -> Segments:
     """The segments of every table that commits name (schema version 1 runs: every complete segment file)."""
-    found = {t: list_segments(run_dir, t) for t in SEGMENT_TABLES}
     if not manifest.get("commits"):
+        found = {t: list_segments(run_dir, t) for t in SEGMENT_TABLES}
         return Segments({t: good for t, (good, _) in found.items()}, [p for _, bad in found.values() for p in bad],
                         [], [])
     records, bad_records = commit_records(run_dir)
@@ -389,13 +435,16 @@ def committed_files(run_dir: Path, manifest: dict) -> Segments:
         for e in body["files"]:
             named.add(e["path"])
             p = Path(run_dir) / e["path"]
-            if e["table"] in tables and segment_problem(p, e["table"]) is None:
+            problem = committed_problem(p, e) if e["table"] in tables else f"unknown table {e['table']!r}"
+            if problem is None:
                 tables[e["table"]].append(p)
             else:
                 damaged.append(p)
+                PROBLEMS[str(p)] = problem
     for t in tables:
         tables[t].sort(key=lambda p: (int(p.parent.name[5:]) if p.parent.name[5:].isdigit() else -1, p.name))
-    uncommitted = [p for good, bad in found.values() for p in good + bad if relative_name(run_dir, p) not in named]
+    uncommitted = [p for t in SEGMENT_TABLES for p in segment_files(run_dir, t)
+                   if relative_name(run_dir, p) not in named]
     return Segments(tables, damaged, uncommitted, [p for p, _ in records])
 
 

@@ -120,7 +120,9 @@ def is_stale(e: BaseException) -> bool:
 
 
 def damage(path: Path) -> str:
-    """What is wrong with a skipped file: the reason `layout.segment_problem` found (for any of the tables)."""
+    """What is wrong with a skipped file, as the check that skipped it found."""
+    if str(path) in layout.PROBLEMS:
+        return layout.PROBLEMS[str(path)]
     table = path.parent.parent.name
     if table in layout.DISK_SCHEMAS:
         return layout.segment_problem(path, table) or "unreadable"
