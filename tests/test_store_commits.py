@@ -304,3 +304,51 @@ def test_export_refuses_a_folder_that_is_not_empty(tmp_path):
     p = cli("export", str(tmp_path / "run"), str(tmp_path / "out"))
     assert p.returncode == 2 and "not empty" in p.stderr and "Traceback" not in p.stderr
     assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
+
+
+RECORDING = """
+import os, sys, torch
+from collectors import Recorder
+from collectors.testing import tiny_linear_gate_moe
+from moeviz.store import layout
+
+boundary, state = sys.argv[2], {"routes_files": 0}
+layout.ROUTES_ROWS_PER_LAYER = 4  # 2 x 5 tokens x top-2 = 20 routes per layer and step: 5 files per flush
+real_segment = layout.write_segment
+
+def write_segment(run_dir, table, rank, seq, data):  # runs in the Recorder's writer thread
+    if table == "routes" and data.column("step")[0].as_py() == 3:
+        state["routes_files"] += 1
+        if boundary == "between_tables" or state["routes_files"] == 3:
+            os._exit(9)
+    return real_segment(run_dir, table, rank, seq, data)
+
+layout.write_segment = write_segment
+torch.set_num_threads(1)
+model, _ = tiny_linear_gate_moe()
+gen = torch.Generator().manual_seed(0)
+rec = Recorder(model, sys.argv[1], run_name="doomed", flush_every=1).start()
+for step in range(6):
+    model(torch.randint(0, 64, (2, 5), generator=gen))
+    rec.step(step)
+    rec.flush()  # the flush of this step is written before the next step starts
+rec.close()
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("boundary", ["between_tables", "between_routes_files"])
+def test_a_recording_training_process_killed_inside_a_flush_leaves_only_whole_steps(tmp_path, boundary):
+    """The same with a real model recorded by the Recorder: its writer thread dies inside the flush of step 3."""
+    run_dir = tmp_path / "run"
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    p = subprocess.run([sys.executable, "-c", RECORDING, str(run_dir), boundary], env=env, capture_output=True,
+                       text=True, timeout=180)
+    assert p.returncode == 9, p.stderr
+    for when in ("before compact", "after compact"):
+        counts = rows_per_step(run_dir)
+        steps = {t: sorted(c) for t, c in counts.items() if t != "sequences"}
+        assert steps == {"routes": [0, 1, 2], "step_stats": [0, 1, 2], "layer_stats": [0, 1, 2]}, (when, steps)
+        assert set(counts["routes"].values()) == {2 * 5 * 2 * 2}, when  # 2 layers x 10 tokens x top-2, every step
+        if when == "before compact":
+            assert compact(run_dir)["runs"][0]["leftovers_removed"] > 0
