@@ -352,3 +352,32 @@ def test_a_recording_training_process_killed_inside_a_flush_leaves_only_whole_st
         assert set(counts["routes"].values()) == {2 * 5 * 2 * 2}, when  # 2 layers x 10 tokens x top-2, every step
         if when == "before compact":
             assert compact(run_dir)["runs"][0]["leftovers_removed"] > 0
+
+
+def test_a_read_only_file_system_is_said_in_one_line(tmp_path, monkeypatch):
+    """Root ignores permission bits, so the refusal is injected where the file system would give it."""
+    import errno
+
+    from moeviz.errors import StoreError
+    from moeviz.store import RunWriter, compaction, writer
+
+    kill_writer(tmp_path / "run", "between_tables")
+    real_open = os.open
+
+    def read_only_open(path, flags, *args):
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(compaction.os, "open", read_only_open)
+    with pytest.raises(StoreError, match=r"cannot compact .*Read-only file system.*still reads as it is"):
+        compact(tmp_path / "run")
+    monkeypatch.undo()
+    assert_every_step_whole_or_absent(tmp_path / "run", [0, 1])
+
+    def read_only_touch(self, *args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", str(self))
+
+    monkeypatch.setattr(writer.Path, "touch", read_only_touch)
+    with pytest.raises(StoreError, match=r"cannot write into .*Read-only file system"):
+        RunWriter(tmp_path / "new")

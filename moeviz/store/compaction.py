@@ -45,14 +45,25 @@ def compact(path, routes_format: str = "parquet") -> dict:
         raise StoreError(f"routes_format must be one of {', '.join(ROUTES_FORMATS)}, got {routes_format!r}")
     run_dirs = layout.find_runs(path)
     if len(run_dirs) == 1 and layout.is_run_dir(Path(path).expanduser()):
-        return {"runs": [_compact_run(run_dirs[0], routes_format)]}
+        return {"runs": [_compact_run_or_say_why(run_dirs[0], routes_format)]}
     out = []
     for run_dir in run_dirs:  # a folder of runs: compact what can be, say why the others were left alone
         try:
-            out.append(_compact_run(run_dir, routes_format))
+            out.append(_compact_run_or_say_why(run_dir, routes_format))
         except StoreError as e:  # a live writer, a damaged run.duckdb: the other runs are still compacted
             out.append({"run_id": _run_id(run_dir), "run_dir": str(run_dir), "skipped": str(e)})
     return {"runs": out}
+
+
+def _compact_run_or_say_why(run_dir: Path, routes_format: str) -> dict:
+    """`_compact_run`, with a file system that refuses writes (read-only, full, no permission) said in one line:
+    what was written is removed by the next compaction, and the store still reads as it was."""
+    try:
+        return _compact_run(run_dir, routes_format)
+    except OSError as e:
+        raise StoreError(f"cannot compact {run_dir}: {e.strerror or e} ({e.filename or run_dir}); compaction writes "
+                         f"beside the segments, so run it where the folder is writable and has space. The store "
+                         f"still reads as it is") from None
 
 
 def _run_id(run_dir: Path) -> str:

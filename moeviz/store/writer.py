@@ -55,7 +55,14 @@ class RunWriter:
         self._commit_seq: int | None = None
         self._clipped_warned = False
         _check_run_dir(self.run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            probe = self.run_dir / f".write-test-{os.getpid()}"
+            probe.touch()
+            probe.unlink()
+        except OSError as e:
+            raise StoreError(f"cannot write into {self.run_dir}: {e.strerror or e}; record into a folder on a "
+                             f"writable file system") from None
         if layout.is_run_dir(self.run_dir):  # refuse a mismatched run before touching its status files
             layout.ensure_manifest(self.run_dir, self.run_id)
         previous = layout.read_statuses(self.run_dir).get(self.rank)
