@@ -257,3 +257,158 @@ def test_two_sessions_one_attacks_the_other_is_unaffected_and_not_held(sandbox, 
     assert answered - t0 < 2.0 and runaway.is_alive()  # answered while session 1's query still runs
     runaway.join(10)
     assert stopped["at"] > answered
+
+
+# --- the SQL page (AppTest): the same attacks, two sessions, the server's limits ----------------------------------
+
+
+def _page(store, monkeypatch=None, **env):
+    """The SQL page on `store`, as a new browser session would open it."""
+    st = pytest.importorskip("streamlit")
+    from streamlit.testing.v1 import AppTest
+
+    from app.state import sql_sandbox
+
+    if env:
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+        sql_sandbox.clear()  # the server's sandbox is made once, from the environment
+    app = str(__import__("pathlib").Path(__file__).resolve().parents[1] / "app" / "main.py")
+    at = AppTest.from_file(app, default_timeout=60)
+    at.session_state["store_path"] = str(store)
+    at.session_state["run_id"] = "r"
+    at.switch_page("views/sql.py")
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert st is not None
+    return at
+
+
+def _ask(at, sql: str):
+    at.text_area(key="sql_text").set_value(sql).run()
+    assert not at.exception, [e.value for e in at.exception]
+    errors = " | ".join(str(e.value) for e in at.error)
+    frame = at.dataframe[0].value if not errors and at.dataframe else None
+    return frame, errors
+
+
+def test_the_sql_page_refuses_each_attack_and_another_session_sees_the_same_store(store, tmp_path):
+    other = _page(store)
+    before = {name: _ask(other, sql)[0].to_dict("list") for name, sql in PROBES.items()}
+    attacker = _page(store)
+    for name, sql in attacks(tmp_path).items():
+        frame, errors = _ask(attacker, sql)
+        assert frame is None and ("read-only" in errors or "one statement" in errors or "not allowed" in errors), name
+        assert "Traceback" not in errors
+    after = {name: _ask(other, sql)[0].to_dict("list") for name, sql in PROBES.items()}
+    assert after == before and before["runs"]["n_experts"] == [4]
+    assert not (tmp_path / "x.csv").exists() and not (tmp_path / "evil.duckdb").exists()
+
+
+def test_the_sql_page_widgets_stop_at_the_servers_limits(store, monkeypatch):
+    at = _page(store, monkeypatch, MOEVIZ_SQL_TIMEOUT="3", MOEVIZ_SQL_MEMORY="2GiB")
+    try:
+        assert at.number_input(key="sql_timeout").proto.max == 3 and at.number_input(key="sql_timeout").value == 3
+        assert at.number_input(key="sql_memory").proto.max == 2048
+        t0 = time.monotonic()
+        frame, errors = _ask(at, "SELECT length(repeat('x', 900000000))")
+        assert "longer than 3 s and was stopped" in errors and time.monotonic() - t0 < 8
+        at.number_input(key="sql_memory").set_value(128).run()
+        frame, errors = _ask(at, "SELECT length(list(range(100000000)))")
+        assert "more memory than its cap (128 MiB)" in errors
+        frame, errors = _ask(at, "SELECT current_setting('memory_limit') AS m")
+        assert frame["m"][0] in ("128.0 MiB", "128 MiB")
+    finally:
+        from app.state import sql_sandbox
+
+        sql_sandbox.clear()
+
+
+def test_a_runaway_query_in_one_page_session_does_not_hold_another(store):
+    """Two browser sessions: session 1's query cannot be interrupted by DuckDB; session 2's query, asked while
+    session 1's runs, answers well within session 2's own time limit."""
+    s1, s2 = _page(store), _page(store)
+    s1.number_input(key="sql_timeout").set_value(4).run()
+    s2.number_input(key="sql_timeout").set_value(2).run()
+    _ask(s2, "SELECT 1")  # the pool has a spare worker started
+    runaway = threading.Thread(target=_ask, args=(s1, "SELECT length(repeat('x', 900000000))"))
+    runaway.start()
+    time.sleep(0.5)
+    t0 = time.monotonic()
+    frame, errors = _ask(s2, PROBES["routes"])
+    assert not errors and frame["n"].tolist() == [len(synthetic_routing(**ROUTING)["steps"]) * 2 * 2]
+    assert time.monotonic() - t0 < 2.0 and runaway.is_alive()
+    runaway.join(15)
+    assert "longer than 4 s" in " | ".join(str(e.value) for e in s1.error)
+
+
+# --- `moeviz sql` in a real process: the same attacks, the time limit, Ctrl-C ------------------------------------
+
+
+def _cli(*args, **popen):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parents[1])
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.Popen([sys.executable, "-m", "moeviz.cli", "sql", *map(str, args)], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **popen)
+
+
+def test_moeviz_sql_refuses_each_attack_in_one_line(store, tmp_path):
+    for name, sql in attacks(tmp_path).items():
+        out, err = _cli(store, sql).communicate(timeout=60)
+        assert out == "" and err.startswith("moeviz sql: error: ") and err.count("\n") == 1, (name, err)
+    out, err = _cli(store, PROBES["runs"], "--format", "csv").communicate(timeout=60)
+    assert out.splitlines() == ["run_id,n_experts,status", "r,4,finished"], err
+    assert not (tmp_path / "x.csv").exists() and not (tmp_path / "evil.duckdb").exists()
+
+
+def test_moeviz_sql_stops_at_its_timeout_with_exit_2_and_one_line(store):
+    t0 = time.monotonic()
+    p = _cli(store, "SELECT length(repeat('x', 900000000))", "--timeout", "1", "--memory", "2GB")
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 2 and out == ""
+    assert err.startswith("moeviz sql: error: the query ran longer than 1 s and was stopped") and err.count("\n") == 1
+    assert time.monotonic() - t0 < 8  # interpreter start (~1-2 s on 2 busy cores) + 1 s
+    p = _cli(store, "SELECT length(list(range(300000000)))", "--memory", "256MiB")
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 2 and "more memory than its cap (256 MiB)" in err and err.count("\n") == 1
+
+
+def _children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(c) for c in f.read().split()]
+
+
+def _cpu_ticks(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])  # utime + stime
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/task"), reason="reads /proc (Linux)")
+def test_ctrl_c_stops_moeviz_sql_at_once_with_exit_130_and_one_line(store):
+    import os
+    import signal
+
+    p = _cli(store, "SELECT length(repeat('x', 900000000))", "--memory", "2GB", start_new_session=True)
+    deadline, worker = time.monotonic() + 30, None
+    while time.monotonic() < deadline:  # until the worker is inside the query (it burns CPU)
+        kids = _children(p.pid)
+        if kids:
+            worker, ticks = kids[0], _cpu_ticks(kids[0])
+            time.sleep(0.3)
+            if _cpu_ticks(worker) - ticks >= 0.2 * os.sysconf("SC_CLK_TCK"):
+                break
+        time.sleep(0.1)
+    assert worker is not None
+    t0 = time.monotonic()
+    os.killpg(p.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: SIGINT to the whole foreground group
+    out, err = p.communicate(timeout=10)
+    assert time.monotonic() - t0 < 2.0
+    assert p.returncode == 130 and out == "" and err == "moeviz sql: interrupted; the query was stopped\n"
+    time.sleep(0.5)
+    assert not os.path.exists(f"/proc/{worker}") or "State:\tZ" in open(f"/proc/{worker}/status").read()
