@@ -412,3 +412,25 @@ def test_ctrl_c_stops_moeviz_sql_at_once_with_exit_130_and_one_line(store):
     assert p.returncode == 130 and out == "" and err == "moeviz sql: interrupted; the query was stopped\n"
     time.sleep(0.5)
     assert not os.path.exists(f"/proc/{worker}") or "State:\tZ" in open(f"/proc/{worker}/status").read()
+
+
+def test_moeviz_dashboard_hands_its_sql_limits_to_the_app(store, monkeypatch, capsys):
+    """--sql-timeout/--sql-memory reach the Streamlit process as the environment SqlLimits.from_env reads; a bad
+    size is refused before any server starts."""
+    from moeviz.cli import dashboard, main
+
+    started = {}
+
+    class FakeServer:
+        def __init__(self, cmd, env):
+            started["env"] = env
+
+        def wait(self):
+            return 0
+
+    monkeypatch.setattr(dashboard.subprocess, "Popen", FakeServer)
+    assert main(["dashboard", str(store), "--sql-timeout", "5", "--sql-memory", "1GiB"]) == 0
+    assert SqlLimits.from_env(started.pop("env")) == SqlLimits(timeout_s=5, memory_bytes=GiB)
+    assert main(["dashboard", str(store), "--sql-memory", "lots"]) == 2 and "env" not in started
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1].startswith("moeviz dashboard: error: bad SQL limit") and "not a size" in err

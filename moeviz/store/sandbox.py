@@ -122,10 +122,11 @@ class _Worker:
         self.is_ready = False
 
     def ready(self, timeout_s: float) -> bool:
+        """Whether the worker has started, waiting up to `timeout_s`; EOFError if it died instead."""
         if not self.is_ready and self.conn.poll(max(0.0, timeout_s)):
-            self.is_ready = self.conn.recv() == "ready"
-            if not self.is_ready:
-                raise SqlError("an SQL worker failed to start")
+            if self.conn.recv() != "ready":
+                raise EOFError("an SQL worker failed to start")
+            self.is_ready = True
         return self.is_ready
 
     def kill(self) -> None:

@@ -14,12 +14,12 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import pandas as pd
-
 from moeviz.errors import MoevizError
 from moeviz.store.schema import TABLES
 
 if TYPE_CHECKING:
+    import pandas as pd
+
     from moeviz.store.sandbox import SqlSandbox
 
 
