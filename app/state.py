@@ -64,10 +64,11 @@ def connection(path: str, token: int) -> SharedConnection:
 @st.cache_resource(show_spinner=False)
 def sql_sandbox():
     """The SQL page's worker pool, one for the server, under the limits `moeviz dashboard --sql-timeout
-    --sql-memory` set ($MOEVIZ_SQL_TIMEOUT, $MOEVIZ_SQL_MEMORY)."""
+    --sql-memory` set ($MOEVIZ_SQL_TIMEOUT, $MOEVIZ_SQL_MEMORY). A query gets half the cores, so that one user's
+    SQL leaves the others' pages some."""
     from moeviz.store.sandbox import SqlLimits, SqlSandbox
 
-    return SqlSandbox(SqlLimits.from_env())
+    return SqlSandbox(SqlLimits.from_env(), threads=max(1, (os.cpu_count() or 2) // 2))
 
 
 def store_warnings(path: str, token: int) -> tuple[str, ...]:
