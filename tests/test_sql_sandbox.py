@@ -452,3 +452,12 @@ def test_moeviz_dashboard_hands_its_sql_limits_to_the_app(store, monkeypatch, ca
     assert main(["dashboard", str(store), "--sql-memory", "lots"]) == 2 and "env" not in started
     err = capsys.readouterr().err
     assert err.splitlines()[-1].startswith("moeviz dashboard: error: bad SQL limit") and "not a size" in err
+
+
+def test_a_worker_still_starting_at_the_deadline_is_kept_for_the_next_query(store):
+    with SqlSandbox(SqlLimits(timeout_s=30), spare=0, max_workers=1) as box:
+        with pytest.raises(SqlTimeoutError, match="longer than 0.01 s"):
+            run_sql(box, store, "SELECT 1", timeout_s=0.01)  # the interpreter takes longer than that to start
+        (worker,) = box._idle
+        assert run_sql(box, store, "SELECT 42 AS x").frame["x"].tolist() == [42]
+        assert box._idle == [worker] and worker.proc.poll() is None

@@ -221,8 +221,9 @@ class SqlSandbox:
             code = worker.proc.poll()
             raise SqlError(f"the SQL worker died (exit code {code}) while running the query; if it was large, "
                            f"it may have gone past the memory cap ({format_size(limits.memory_bytes)})") from None
-        except BaseException:  # KeyboardInterrupt too: the query stops with the caller
-            alive = False
+        except BaseException as e:  # KeyboardInterrupt too: the query stops with the caller
+            if not isinstance(e, SqlError):  # ours are raised above, having said whether the worker lives
+                alive = False
             raise
         finally:
             self._give_back(worker, alive)
