@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from moeviz.errors import MoevizError
+from moeviz.store.reader import STALE_MESSAGE, is_stale
 from moeviz.store.schema import TABLES
 
 if TYPE_CHECKING:
@@ -82,6 +83,8 @@ def sql_error_message(e: Exception) -> str:
     import duckdb
 
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if is_stale(e):
+        return STALE_MESSAGE
     if isinstance(e, duckdb.PermissionException):
         return f"not allowed: {first} (store SQL can read only the store's tables, never files)"
     if "read-only mode" in first or "read_only" in first.lower():
