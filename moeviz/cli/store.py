@@ -23,6 +23,10 @@ def register(subparsers) -> None:
     p.add_argument("--format", choices=("table", "csv", "json"), default="table")
     p.add_argument("--max-rows", type=int, default=1000, metavar="N",
                    help="print at most N rows and say when there were more (default 1000; 0 = no limit)")
+    p.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS",
+                   help="stop the query after this many seconds (default 60)")
+    p.add_argument("--memory", default="4GiB", metavar="SIZE",
+                   help="stop the query when it needs more memory than this (default 4GiB; e.g. 512MB, 16GB)")
     p.set_defaults(func=cmd_sql)
 
     p = subparsers.add_parser("info", help="what a store holds: runs, status, segments, rows, bytes per route")
@@ -46,17 +50,28 @@ def register(subparsers) -> None:
 
 
 def cmd_sql(args) -> int:
+    """The query runs in a worker process (moeviz.store.sandbox), as on the dashboard's SQL page: killed at
+    --timeout, capped at --memory; Ctrl-C kills it at once (exit 130, one line)."""
     from moeviz.errors import StoreError
-    from moeviz.store.reader import open_store
-    from moeviz.store.sql import read_only_query
+    from moeviz.store.sandbox import SqlLimits, SqlSandbox, parse_size
+    from moeviz.store.sql import run_sql
 
     if args.max_rows < 0:
         raise StoreError("--max-rows must be >= 0 (0 = no limit)")
-    con = open_store(args.path)
     try:
-        columns, rows, truncated = read_only_query(con, args.query, max_rows=args.max_rows or None)
-    finally:
-        con.close()
+        memory = parse_size(args.memory)
+    except ValueError as e:
+        raise StoreError(f"--memory: {e}") from None
+    limits = SqlLimits(max_rows=args.max_rows or None, timeout_s=args.timeout, memory_bytes=memory)
+    try:
+        with SqlSandbox(limits, max_workers=1, spare=0) as sandbox:
+            result = run_sql(sandbox, args.path, args.query, as_rows=True)
+    except KeyboardInterrupt:
+        print("moeviz sql: interrupted; the query was stopped", file=sys.stderr)
+        return 130
+    for w in result.warnings:
+        print(f"moeviz sql: warning: {w}", file=sys.stderr)
+    columns, rows, truncated = result.columns, result.rows, result.truncated
     out = sys.stdout
     if args.format == "csv":
         w = csv.writer(out, lineterminator="\n")

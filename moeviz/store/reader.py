@@ -69,14 +69,16 @@ class _RunFiles:
 # ---------------------------------------------------------------------------------------------------- open_store
 
 
-def open_store(path):
+def open_store(path, *, memory_limit: int | None = None, threads: int | None = None):
     """A read-only, locked-down DuckDB connection with the views of moeviz.store.schema over a run or a folder of runs.
 
+    `memory_limit` (bytes) and `threads` set DuckDB's settings of those names before the configuration is locked
+    (default: DuckDB's own, 80% of the RAM and one thread per core); the SQL sandbox sets them for user queries.
     Raises StoreNotFoundError when `path` holds no run, SchemaVersionError when a run is newer than this moeviz.
     Incomplete Parquet files (a copy in progress, a truncated file) are skipped with a StoreWarning.
     """
     runs = [_RunFiles.scan(d) for d in layout.find_runs(path)]  # 1. list segments ...
-    con = _read_only_connection()
+    con = _read_only_connection(memory_limit, threads)
     try:
         compacted = _attach_compacted(con, runs)  # 2. ... then open run.duckdb: a segment listed in 1 and
         for i, run in enumerate(runs):  # folded by a compaction in between is found in `_segments` here
@@ -129,7 +131,7 @@ def damage(path: Path) -> str:
     return "missing" if not path.exists() else "not a whole Parquet file"
 
 
-def _read_only_connection():
+def _read_only_connection(memory_limit: int | None = None, threads: int | None = None):
     """A connection to an empty database opened read-only (so CREATE TABLE and INSERT fail in it)."""
     import duckdb
 
@@ -138,11 +140,15 @@ def _read_only_connection():
     fd, tmp = tempfile.mkstemp(prefix="moeviz-views-", suffix=".duckdb")
     os.close(fd)
     os.unlink(tmp)
+    config = {"autoinstall_known_extensions": False, "allow_community_extensions": False,
+              "allow_persistent_secrets": False, "temp_directory": ""}
+    if memory_limit is not None:
+        config["memory_limit"] = f"{int(memory_limit) // 1024}KiB"
+    if threads is not None:
+        config["threads"] = int(threads)
     try:
         duckdb.connect(tmp).close()
-        con = duckdb_compat.connect(tmp, read_only=True, config={
-            "autoinstall_known_extensions": False, "allow_community_extensions": False,
-            "allow_persistent_secrets": False, "temp_directory": ""})
+        con = duckdb_compat.connect(tmp, read_only=True, config=config)
     finally:
         for leftover in (tmp, tmp + ".wal"):
             if os.path.exists(leftover):
