@@ -404,6 +404,80 @@ def token_routes(df: pd.DataFrame, *, n_experts: int, title: str = "Experts chos
     return _finish(fig, title, height=max(300, 40 * len(layers) + 200))  # +60 px: the vertical token labels
 
 
+def _contrast_text(color: str) -> str:
+    """Black or white, whichever reads better on `color` (a #rrggbb or rgb() colour), by its relative luminance."""
+    rgb = _rgb(color)
+    if rgb is None:
+        return "#000"
+    lum = sum(w * (c / 255) ** 2.2 for w, c in zip((0.2126, 0.7152, 0.0722), rgb))
+    return "#000" if lum > 0.2 else "#fff"
+
+
+def _rgb(color: str) -> tuple[int, int, int] | None:
+    if color.startswith("#") and len(color) == 7:
+        return tuple(int(color[i : i + 2], 16) for i in (1, 3, 5))  # type: ignore[return-value]
+    if color.startswith("rgb"):
+        parts = color[color.index("(") + 1 : color.index(")")].split(",")
+        return tuple(int(float(p)) for p in parts[:3])  # type: ignore[return-value]
+    return None
+
+
+def token_text_html(df: pd.DataFrame, *, n_experts: int) -> str:
+    """The Mixtral paper's figure as HTML: the sequence's text itself, once per MoE layer, each token on the
+    background colour of its top (slot 0) expert, with a legend of the experts' colours. Hovering a token (its
+    `title`) names the token, the layer and every chosen expert with its gate weight.
+
+    Real text, not axis labels: it wraps to the page's width and reads as the sentence it is. Spaces are kept
+    (`white-space: pre-wrap`), a newline token shows as ⏎ and breaks the line, a tab as ⇥. Every token carries
+    `data-layer`, `data-pos` and `data-expert`, so a test (or a user's script) can read back what is drawn.
+    `df` is `moeviz.store.catalog.sequence_routes` output: pos, text, layer, slot, expert, weight."""
+    import html
+
+    _need(df, ["pos", "text", "layer", "slot", "expert", "weight"], "token text")
+    if df.empty:
+        return "<p><em>This sequence has no per-token detail.</em></p>"
+    d = df.sort_values(["layer", "pos", "slot"])
+    texts = d[d["slot"] == 0].drop_duplicates("pos").set_index("pos")["text"]
+    pairs = d.assign(pair=lambda x: "e" + x["expert"].astype(str) + " " + x["weight"].map("{:.3f}".format))
+    chosen = pairs.groupby(["layer", "pos"], sort=True)["pair"].agg(", ".join)
+    top = d[d["slot"] == 0].set_index(["layer", "pos"])["expert"]
+    colors = [EXPERT_COLORS[e % len(EXPERT_COLORS)] for e in range(max(1, n_experts))]
+
+    def span(layer, pos) -> str:
+        text = "" if pd.isna(texts.get(pos)) else str(texts.get(pos))
+        expert = top.get((layer, pos))
+        shown = html.escape(text.replace("\n", "⏎").replace("\t", "⇥") or "∅")
+        tip = html.escape(f"token {pos}: {text!r} · layer {layer}\nexperts (weight): {chosen.get((layer, pos), '')}",
+                          quote=True)
+        if expert is None or pd.isna(expert):
+            style = "background:#eee;color:#555"
+            expert_attr = ""
+        else:
+            bg = colors[int(expert) % len(colors)]
+            style = f"background:{bg};color:{_contrast_text(bg)}"
+            expert_attr = f' data-expert="{int(expert)}"'
+        brk = "<br>" if "\n" in text else ""
+        return (f'<span class="moeviz-token" data-layer="{int(layer)}" data-pos="{int(pos)}"{expert_attr} '
+                f'title="{tip}" style="{style};border-radius:3px;padding:1px 0;white-space:pre-wrap">{shown}</span>'
+                + brk)
+
+    positions = sorted(texts.index)
+    rows = []
+    for layer in sorted(d["layer"].unique()):
+        tokens = "".join(span(layer, p) for p in positions)
+        rows.append(
+            f'<div class="moeviz-layer" data-layer="{int(layer)}" style="display:flex;gap:0.8em;margin:0 0 0.7em 0">'
+            f'<div style="flex:0 0 4.5em;color:#666;font-size:0.85em;padding-top:0.15em">layer {int(layer)}</div>'
+            f'<div style="flex:1;line-height:1.9;font-family:ui-monospace,SFMono-Regular,Menlo,monospace;'
+            f'font-size:0.92em">{tokens}</div></div>'
+        )
+    legend = " ".join(
+        f'<span style="background:{c};color:{_contrast_text(c)};border-radius:3px;padding:1px 6px;'
+        f'font-size:0.85em">expert {e}</span>' for e, c in enumerate(colors))
+    return (f'<div class="moeviz-tokens"><div style="margin-bottom:0.8em">Top expert: {legend}</div>'
+            + "".join(rows) + "</div>")
+
+
 def _visible(text) -> str:
     """Token text with whitespace made visible (a leading space as '·', newline as '⏎')."""
     s = "" if text is None else str(text)
