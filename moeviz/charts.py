@@ -25,6 +25,27 @@ EXPERT_COLORS: list[str] = list(px.colors.qualitative.Dark24) + list(px.colors.q
 )[:16]
 SEQUENTIAL = "Viridis"
 DIVERGING = "RdBu_r"
+# A ratio to uniform (× uniform) is never below 0: its scale runs 0 … max with 1 white, blue below, red above
+_RATIO_BLUE = ("#2166ac", "#92c5de")  # 0, ½ (of the way to 1)
+_RATIO_RED = ("#f4a582", "#b2182b")  # half way to the top, the top
+RATIO_WHITE = "#f7f7f7"
+
+
+def ratio_colorscale(zmax: float) -> list[list]:
+    """A colour scale for ratios on [0, zmax] (zmax ≥ 1): 0 deep blue, 1 white, zmax deep red. A symmetric range
+    around 1 (zmid=1) would run below 0, which a ratio cannot be, and paint a dead expert (0×) mid-blue."""
+    one = 1.0 / max(float(zmax), 1.0)
+    if one >= 1.0:
+        return [[0.0, _RATIO_BLUE[0]], [0.5, _RATIO_BLUE[1]], [1.0, RATIO_WHITE]]
+    return [[0.0, _RATIO_BLUE[0]], [one / 2, _RATIO_BLUE[1]], [one, RATIO_WHITE], [(one + 1) / 2, _RATIO_RED[0]],
+            [1.0, _RATIO_RED[1]]]
+
+
+def ratio_range(values) -> float:
+    """The top of a ratio scale: the largest value, at least 2 (so that 1, white, sits at most half way up)."""
+    v = pd.to_numeric(pd.Series(values, dtype=object), errors="coerce").to_numpy(float)
+    v = v[np.isfinite(v)]
+    return float(max(2.0, v.max())) if len(v) else 2.0
 TRACE_TYPES = ("bar", "heatmap", "sankey", "scatter", "table")  # every trace type these charts draw
 
 
@@ -129,14 +150,22 @@ def heatmap(
     colorscale: str | None = None,
     text_format: str | None = None,
     reverse_y: bool = True,
+    ratio: bool = False,
+    y_order: Sequence | None = None,
 ) -> go.Figure:
-    """A heat map of z over (x, y) from long-format rows; extra `hover` columns appear on hover."""
+    """A heat map of z over (x, y) from long-format rows; extra `hover` columns appear on hover.
+
+    `ratio`: z is a ratio to uniform (never below 0): the colour scale runs 0 … max with 1 white
+    (`ratio_colorscale`). `y_order`: the rows in this order (default: sorted values of `y`)."""
     _need(df, [x, y, z, *hover], title)
     if df.empty:
         return empty_figure(title)
     xs = sorted(df[x].unique())
-    ys = sorted(df[y].unique())
+    ys = list(y_order) if y_order is not None else sorted(df[y].unique())
     grids = _cell_grids(df, x, y, [z, *hover], xs, ys)
+    if ratio:
+        zmin, zmax, zmid = 0.0, ratio_range(df[z]), None
+        colorscale = ratio_colorscale(zmax)
     custom = np.stack(grids[1:], axis=-1) if hover else None
     hovertemplate = f"{_fmt(x)}: %{{x}}<br>{_fmt(y)}: %{{y}}<br>{z_title}: %{{z:.4g}}"
     if hover:
@@ -580,10 +609,10 @@ def load_heatmap(df: pd.DataFrame, *, value: str = "load_fraction", title: str |
     """Layer × expert heat map of the load (`moeviz.analyses.load.load_matrix` rows); hover shows the counts."""
     title = title or "Share of assignments per expert and layer"
     z_title = {"load_fraction": "share of layer's assignments", "relative_load": "load × E (1 = uniform)"}.get(value, _fmt(value))
-    zmid = 1.0 if value == "relative_load" else None
+    ratio = value == "relative_load"
     hover = [c for c in ("assigned", "first_choice", "tokens") if c in df.columns]
     return heatmap(df, x="expert", y="layer", z=value, title=title, x_title="expert", y_title="MoE layer",
-                   z_title=z_title, hover=hover, zmid=zmid, zmin=0 if zmid is None else None)
+                   z_title=z_title, hover=hover, ratio=ratio, zmin=None if ratio else 0)
 
 
 def load_small_multiples(df: pd.DataFrame, *, value: str = "load_fraction") -> go.Figure:
@@ -695,8 +724,10 @@ def drop_curve(df: pd.DataFrame, *, current_cf: float | None = None, color: str 
 
 def compare_heatmaps(df: pd.DataFrame, *, value: str = "relative_load", runs: Sequence[str] | None = None,
                      x: str = "expert", y: str = "layer", z_title: str | None = None, title: str | None = None,
-                     zmid: float | None = None) -> go.Figure:
-    """The same layer × expert heat map for each run, side by side on one colour scale."""
+                     zmid: float | None = None, ratio: bool | None = None) -> go.Figure:
+    """The same layer × expert heat map for each run, side by side on one colour scale. `ratio` (default: for
+    `relative_load`): a ratio to uniform, on a 0 … max scale with 1 white (`ratio_colorscale`)."""
+    ratio = value == "relative_load" if ratio is None else ratio
     _need(df, ["run_id", x, y, value], "compare heat maps")
     runs = list(runs) if runs is not None else sorted(df["run_id"].unique())
     title = title or f"{_fmt(value)} per {x} and {y}, run by run"
@@ -704,6 +735,9 @@ def compare_heatmaps(df: pd.DataFrame, *, value: str = "relative_load", runs: Se
     if df.empty:
         return empty_figure(title)
     zmax = float(df[value].max()) if df[value].notna().any() else 1.0
+    if ratio:  # one 0 … max scale for every run, 1 white
+        zmax, zmid = ratio_range(df[value]), None
+    scale = ratio_colorscale(zmax) if ratio else SEQUENTIAL if zmid is None else DIVERGING
     fig = make_subplots(rows=1, cols=len(runs), subplot_titles=[f"run {r}" for r in runs], horizontal_spacing=0.08)
     for i, r in enumerate(runs):
         d = df[df["run_id"] == r]
@@ -714,7 +748,7 @@ def compare_heatmaps(df: pd.DataFrame, *, value: str = "relative_load", runs: Se
             go.Heatmap(
                 z=grid.to_numpy(float), x=[str(c) for c in grid.columns], y=[str(c) for c in grid.index],
                 zmin=0 if zmid is None else None, zmax=zmax if zmid is None else None, zmid=zmid,
-                colorscale=SEQUENTIAL if zmid is None else DIVERGING, showscale=i == 0, colorbar=dict(title=dict(text=z_title)),
+                colorscale=scale, showscale=i == 0, colorbar=dict(title=dict(text=z_title)),
                 hovertemplate=f"run {r}<br>{_fmt(x)}: %{{x}}<br>{_fmt(y)}: %{{y}}<br>{z_title}: %{{z:.4g}}<extra></extra>",
             ),
             row=1, col=i + 1,
@@ -729,7 +763,7 @@ def compare_domain_share(df: pd.DataFrame, *, runs: Sequence[str], layer: int) -
     d = df[df["layer"] == layer]
     d = d.assign(domain=d["domain"].fillna("(none)"))
     return compare_heatmaps(d, value="ratio", runs=runs, x="expert", y="domain", z_title="share ÷ uniform share",
-                            title=f"Expert share of each domain in layer {layer}, against uniform, run by run", zmid=1.0)
+                            title=f"Expert share of each domain in layer {layer}, against uniform, run by run", ratio=True)
 
 
 def compare_lines(df: pd.DataFrame, *, y: str, y_title: str, title: str, x: str = "step") -> go.Figure:
@@ -749,24 +783,32 @@ def domain_heatmap(df: pd.DataFrame, *, layer: int | None = None, value: str = "
     where = f" in layer {layer}" if layer is not None else ""
     z_title = "share ÷ uniform share" if value == "ratio" else _fmt(value)
     return heatmap(d, x="expert", y="domain", z=value, title=f"Expert share of each domain{where}, against uniform",
-                   x_title="expert", y_title="domain", z_title=z_title, zmid=1.0 if value == "ratio" else None,
+                   x_title="expert", y_title="domain", z_title=z_title, ratio=value == "ratio",
                    hover=[c for c in ("share", "uniform", "assigned", "tokens") if c in d.columns], reverse_y=True)
 
 
 def position_heatmap(df: pd.DataFrame, *, layer: int | None = None) -> go.Figure:
-    """Expert × position-bucket heat map for one layer (`position_share`), as a ratio to the uniform share."""
+    """Expert × position-bucket heat map for one layer (`position_share`), as a ratio to the uniform share.
+    Rows in position order; a bucket of one position reads "5", a range "16–31", the last open one "512+"."""
     d = df if layer is None else df[df["layer"] == layer]
+    order = None
     if not d.empty:
         hi = d["pos_hi"].astype("Int64")
-        d = d.assign(positions=[f"{lo}–{h - 1}" if pd.notna(h) else f"{lo}+" for lo, h in zip(d["pos_lo"], hi)])
-        order = d.drop_duplicates("bucket").sort_values("bucket")["positions"].tolist()
-        d = d.assign(positions=pd.Categorical(d["positions"], categories=order, ordered=True))
+        d = d.assign(positions=[_bucket_label(int(lo), None if pd.isna(h) else int(h)) for lo, h in zip(d["pos_lo"], hi)])
+        order = d.sort_values(["bucket", "pos_lo"]).drop_duplicates("positions")["positions"].tolist()
     else:
         d = d.assign(positions=[])
     where = f" in layer {layer}" if layer is not None else ""
     return heatmap(d, x="expert", y="positions", z="ratio", title=f"Expert share by token position{where}, against uniform",
-                   x_title="expert", y_title="token positions", z_title="share ÷ uniform share", zmid=1.0,
-                   hover=[c for c in ("share", "assigned", "tokens") if c in d.columns])
+                   x_title="expert", y_title="token positions", z_title="share ÷ uniform share", ratio=True,
+                   y_order=order, hover=[c for c in ("share", "assigned", "tokens") if c in d.columns])
+
+
+def _bucket_label(lo: int, hi: int | None) -> str:
+    """Positions lo … hi-1 as a label: "5" for one position, "16–31" for a range, "512+" when open-ended."""
+    if hi is None:
+        return f"{lo}+"
+    return str(lo) if hi - 1 <= lo else f"{lo}–{hi - 1}"
 
 
 def coactivation_heatmap(df: pd.DataFrame, *, layer: int | None = None) -> go.Figure:

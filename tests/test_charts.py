@@ -48,9 +48,10 @@ def test_load_heatmap_draws_the_pivot_with_counts_on_hover(load_rows):
     assert hm.colorbar.title.text == "share of layer's assignments"
 
 
-def test_relative_load_heatmap_is_centred_on_uniform(load_rows):
+def test_relative_load_heatmap_runs_from_0_with_uniform_white(load_rows):
     hm = charts.load_heatmap(load_rows, value="relative_load").data[0]
-    assert hm.zmid == 1.0
+    assert hm.zmid is None and hm.zmin == 0 and hm.zmax == max(2.0, load_rows.relative_load.max())
+    assert [1 / hm.zmax, charts.RATIO_WHITE] in [list(c) for c in hm.colorscale]  # 1 × uniform is white
 
 
 def test_empty_frame_gives_a_titled_message_not_an_error():

@@ -90,6 +90,69 @@ def test_token_text_of_an_empty_sequence_says_so():
     assert "no per-token detail" in charts.token_text_html(empty, n_experts=4)
 
 
+
+# --- ratios to uniform: a colour scale that cannot go below 0 ------------------------------------------------------
+
+
+def _color_at(trace, z: float) -> str:
+    """The colour scale's stop at value z (the stops of ratio_colorscale sit at 0, ½, 1, … of the ratio)."""
+    pos = (z - trace.zmin) / (trace.zmax - trace.zmin)
+    stops = {round(float(p), 9): c for p, c in trace.colorscale}
+    return stops[round(pos, 9)]
+
+
+def _ratio_scale_checks(trace, values) -> None:
+    v = np.asarray(values, float)
+    assert trace.zmid is None and trace.zmin == 0  # no impossible negative ratios on the bar
+    assert trace.zmax == pytest.approx(max(2.0, np.nanmax(v)))  # the largest ratio is on the bar
+    assert _color_at(trace, 1.0) == charts.RATIO_WHITE  # uniform is white
+    assert _color_at(trace, 0.0) == trace.colorscale[0][1] != charts.RATIO_WHITE  # a dead expert: the deepest blue
+
+
+def test_every_times_uniform_heat_map_starts_at_0_with_1_white():
+    rows = [{"run_id": "r", "layer": l, "expert": e, "relative_load": [0.0, 0.5, 1.0, 6.5][e], "load_fraction": 0.25,
+             "domain": d, "ratio": [0.0, 1.0, 3.0, 0.2][e] * (1 + l), "share": 0.1, "bucket": b, "pos_lo": lo,
+             "pos_hi": hi}
+            for l in range(2) for e in range(4) for d, (b, lo, hi) in zip(["code", "math"], [(0, 0, 1), (1, 1, None)])]
+    df = pd.DataFrame(rows)
+    df["pos_hi"] = df["pos_hi"].astype("Int64")
+    _ratio_scale_checks(charts.load_heatmap(df.drop_duplicates(["layer", "expert"]), value="relative_load").data[0],
+                        df["relative_load"])
+    _ratio_scale_checks(charts.domain_heatmap(df, layer=1).data[0], df[df.layer == 1]["ratio"])
+    _ratio_scale_checks(charts.position_heatmap(df, layer=0).data[0], df[df.layer == 0]["ratio"])
+    both = pd.concat([df, df.assign(run_id="s", ratio=df.ratio / 2, relative_load=df.relative_load / 4)])
+    fig = charts.compare_domain_share(both, runs=("r", "s"), layer=1)
+    for t in fig.data:  # both runs on one scale: 0 … the larger run's max
+        _ratio_scale_checks(t, both[both.layer == 1]["ratio"])
+    for t in charts.compare_heatmaps(both.drop_duplicates(["run_id", "layer", "expert"]), value="relative_load",
+                                     runs=("r", "s")).data:
+        _ratio_scale_checks(t, both["relative_load"])
+    # a small ratio still gets a bar up to 2, with 1 in the middle
+    small = df.assign(relative_load=df.relative_load.clip(upper=1.2)).drop_duplicates(["layer", "expert"])
+    assert charts.load_heatmap(small, value="relative_load").data[0].zmax == 2.0
+
+
+# --- position buckets: in position order, "0" not "0–0" -------------------------------------------------------------
+
+
+def test_position_heat_map_rows_are_in_position_order_and_single_positions_read_as_one_number():
+    r = synthetic_routing(n_steps=1, n_layers=1, n_experts=4, top_k=1, seqs_per_step=2, seq_len=80, seed=1)
+    con = store_from_routing(**r)
+    from moeviz.analyses.specialization import position_share
+    from moeviz.selection import Selection
+
+    pos = position_share(con, Selection())
+    hm = charts.position_heatmap(pos, layer=0).data[0]
+    assert list(hm.y) == ["0", "1", "2–3", "4–7", "8–15", "16–31", "32–63", "64–127"]  # the buckets with tokens
+    # each row holds its own bucket's ratios, independently: the share of the bucket's tokens sent to each expert
+    positions = np.tile(np.arange(80), 2)
+    edges = [0, 1, 2, 4, 8, 16, 32, 64, 128]
+    for row, (lo, hi) in enumerate(zip(edges, edges[1:])):
+        in_bucket = (positions >= lo) & (positions < hi)
+        want = np.bincount(r["index"][in_bucket, 0, 0], minlength=4) / in_bucket.sum() / (1 / 4)
+        np.testing.assert_allclose(np.asarray(hm.z, float)[row], want, rtol=1e-9)
+
+
 # --- pages, on the real store of tests/test_app.py ------------------------------------------------------------------
 
 sys.path.insert(0, str(Path(__file__).parent))
