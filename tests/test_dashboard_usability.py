@@ -179,3 +179,48 @@ def test_tokens_page_shows_the_text_coloured_by_expert(store, routing):
         line = [s for s in spans if s["layer"] == layer]
         assert [s["text"] for s in line] == [VOCAB[t] for t in routing["token_ids"][sel]]
         np.testing.assert_array_equal([s["expert"] for s in line], routing["index"][sel, layer, 0])
+
+
+# --- a run with train, eval and probe steps, as the demo records them ----------------------------------------------
+
+TAGS = ["train", "probe", "train", "eval", "train", "probe", "train", "probe"]  # step -> tag
+
+
+@pytest.fixture(scope="module")
+def tagged_routing():
+    r = synthetic_routing(n_steps=len(TAGS), n_layers=2, n_experts=4, top_k=2, seqs_per_step=2, seq_len=8, seed=5)
+    steps = r["steps"]
+    r["tags"] = np.asarray([TAGS[s] for s in steps], dtype=object)
+    first_probe = steps == TAGS.index("probe")
+    for s in np.flatnonzero(np.asarray(TAGS) == "probe"):  # the probe batch: the same tokens at every probe step
+        r["token_ids"][steps == s] = r["token_ids"][first_probe]
+    return r
+
+
+@pytest.fixture(scope="module")
+def tagged_store(tmp_path_factory, tagged_routing):
+    from test_app import write_run_dir
+
+    root = tmp_path_factory.mktemp("tagged")
+    write_run_dir(root / "tagged", tagged_routing, run_id="tagged", vocab=VOCAB)
+    return root
+
+
+def _saturation(r, a: int, b: int, layer: int) -> float:
+    ia, ib = r["index"][r["steps"] == a, layer], r["index"][r["steps"] == b, layer]  # [tokens, k], same order
+    k = ia.shape[1]
+    return float(np.mean([len(set(x) & set(y)) / k for x, y in zip(ia, ib)]))
+
+
+def test_router_saturation_opens_on_the_probe_steps_and_names_them(tagged_store, tagged_routing):
+    at = open_app(tagged_store, run="tagged", page="specialization")
+    probes = [s for s, t in enumerate(TAGS) if t == "probe"]
+    assert at.selectbox(key="sat_a").options == [str(s) for s in probes]
+    assert (at.selectbox(key="sat_a").value, at.selectbox(key="sat_b").value) == (probes[0], probes[-1])
+    assert "recorded at steps 1, 5, 7" in texts(at, "caption")
+    bars = chart(at, f"Router saturation: step {probes[0]} against step {probes[-1]}")["data"][0]
+    np.testing.assert_allclose(arr(bars["y"]), [_saturation(tagged_routing, probes[0], probes[-1], l) for l in (0, 1)],
+                               rtol=1e-12)
+    at.selectbox(key="sat_a").set_value(5).run()
+    bars = chart(at, "Router saturation: step 5 against step 7")["data"][0]
+    np.testing.assert_allclose(arr(bars["y"]), [_saturation(tagged_routing, 5, 7, l) for l in (0, 1)], rtol=1e-12)
