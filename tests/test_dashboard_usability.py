@@ -224,3 +224,29 @@ def test_router_saturation_opens_on_the_probe_steps_and_names_them(tagged_store,
     at.selectbox(key="sat_a").set_value(5).run()
     bars = chart(at, "Router saturation: step 5 against step 7")["data"][0]
     np.testing.assert_allclose(arr(bars["y"]), [_saturation(tagged_routing, 5, 7, l) for l in (0, 1)], rtol=1e-12)
+
+
+# --- the sidebar's per-token window follows the Steps range ----------------------------------------------------------
+
+
+def test_per_token_window_comes_back_after_the_steps_range_is_narrowed_and_widened(store, monkeypatch):
+    import app.sidebar
+
+    per_step = MAIN["seqs_per_step"] * MAIN["seq_len"] * MAIN["n_layers"] * MAIN["top_k"]
+    monkeypatch.setattr(app.sidebar, "ROUTE_BUDGET", 2 * per_step)  # the default window: two steps
+    at = open_app(store, page="specialization")
+    assert at.number_input(key="route_window_steps").value == 2
+    at.select_slider(key="steps").set_range(3, 3).run()
+    assert "Per-token analyses use steps 3 (" in texts(at, "info")  # one step fits: no window to ask for
+    at.select_slider(key="steps").set_range(0, 3).run()  # widened again: the default window, not stuck at 1
+    assert at.number_input(key="route_window_steps").value == 2
+    assert "Per-token analyses use steps 2–3" in texts(at, "info")
+    # a window the user chose is kept through the same narrowing and widening
+    at.number_input(key="route_window_steps").set_value(3).run()
+    assert "Per-token analyses use steps 1–3" in texts(at, "info")
+    at.select_slider(key="steps").set_range(2, 3).run()
+    assert at.number_input(key="route_window_steps").value == 2
+    at.select_slider(key="steps").set_range(0, 3).run()
+    assert at.number_input(key="route_window_steps").value == 3
+    assert "Per-token analyses use steps 1–3" in texts(at, "info")
+    assert not at.exception and not at.error
