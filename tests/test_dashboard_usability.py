@@ -250,3 +250,49 @@ def test_per_token_window_comes_back_after_the_steps_range_is_narrowed_and_widen
     assert at.number_input(key="route_window_steps").value == 3
     assert "Per-token analyses use steps 1–3" in texts(at, "info")
     assert not at.exception and not at.error
+
+
+# --- health: the worst findings of each kind first -----------------------------------------------------------------
+
+SKEWED = dict(n_steps=4, n_layers=3, n_experts=8, top_k=2, seqs_per_step=3, seq_len=16, skew=2.5, seed=0)
+
+
+def _drop_rate(r, layer: int, cf: float) -> float:
+    """A capacity-limited router's dropped share in one layer, groups = one step's tokens (numpy)."""
+    k, n_exp = r["index"].shape[2], r["logits"].shape[2]
+    dropped = assigned = 0
+    for s in np.unique(r["steps"]):
+        idx = r["index"][r["steps"] == s, layer]
+        cap = int(np.ceil(round(cf * len(idx) * k / n_exp, 9)))
+        n = np.bincount(idx.ravel(), minlength=n_exp)
+        dropped, assigned = dropped + int(np.maximum(n - cap, 0).sum()), assigned + int(n.sum())
+    return dropped / assigned
+
+
+def test_health_lists_the_worst_finding_of_each_kind_first():
+    from moeviz.analyses.health import health_summary
+
+    r = synthetic_routing(**SKEWED)
+    df = health_summary(store_from_routing(**r))
+    bad = df[df.severity != "ok"]
+    assert list(dict.fromkeys(bad.check)) == ["collapsed_expert", "dead_expert", "capacity_drops"]
+    drops = bad[bad.check == "capacity_drops"]
+    want = sorted(range(3), key=lambda l: -_drop_rate(r, l, 1.25))  # the largest drop first, not layer 0 first
+    assert drops.layer.tolist() == want != sorted(want)
+    np.testing.assert_allclose(drops.value, [_drop_rate(r, l, 1.25) for l in want])
+    collapsed = bad[bad.check == "collapsed_expert"]
+    assert list(collapsed.value) == sorted(collapsed.value, reverse=True)
+    dead = bad[bad.check == "dead_expert"]
+    assert list(dead.value) == sorted(dead.value) and list(dead.severity) == sorted(dead.severity)  # error < warn
+
+
+def test_overview_shows_the_worst_of_each_kind_with_a_count(tmp_path):
+    from test_app import write_run_dir
+
+    write_run_dir(tmp_path / "skewed", synthetic_routing(**SKEWED), run_id="skewed")
+    at = open_app(tmp_path, run="skewed")
+    boxes = [str(e.value) for e in (*at.error, *at.warning)]
+    assert any("is the top choice of 75% of layer 2" in b and "2 more like it" in b for b in boxes)
+    assert any("received no token" in b and "8 more like it" in b for b in boxes)
+    assert any("capacity-limited router" in b and b.startswith("layer 2:") for b in boxes)
+    assert "3 collapsed expert, 9 dead expert, 3 capacity drops" in texts(at, "markdown")
