@@ -203,8 +203,13 @@ def lines(
     dash: str | None = None,
     markers: bool = True,
     log_y: bool = False,
+    fit_y: Sequence[float] | None = None,
 ) -> go.Figure:
-    """One line per value of `color` (e.g. layer or run), with dotted horizontal reference lines by label."""
+    """One line per value of `color` (e.g. layer or run), with dotted horizontal reference lines by label.
+
+    `fit_y`: the y axis spans the data and these values only (e.g. uniform 1), not every reference line: a
+    reference far from the data (a lower bound) would squash the curves into a strip. A reference outside that
+    span is named in a note at the bottom ("… is below the axis") instead of drawn."""
     _need(df, [x, y, color, dash, *hover], title)
     if df.empty:
         return empty_figure(title)
@@ -241,15 +246,38 @@ def lines(
                 hovertemplate=template + "<extra></extra>",
             )
         )
+    y_range = None
+    if fit_y is not None and not log_y:
+        vals = np.concatenate([pd.to_numeric(df[y], errors="coerce").to_numpy(float), np.asarray(list(fit_y), float)])
+        vals = vals[np.isfinite(vals)]
+        if len(vals):
+            lo, hi = float(vals.min()), float(vals.max())
+            pad = 0.06 * (hi - lo) or 0.05 * max(abs(hi), 1e-9)
+            y_range = [lo - pad, hi + pad]
+            fig.update_yaxes(range=y_range)
+    off_axis = []
     for label, value in (references or {}).items():
         if value is None:
             continue
-        fig.add_hline(y=float(value), line_dash="dot", line_color="gray", annotation_text=f"{label} = {value:.4g}",
-                      annotation_position="top left")
+        if y_range is not None and not y_range[0] <= float(value) <= y_range[1]:
+            off_axis.append(f"{label} = {value:.4g} ({'below' if value < y_range[0] else 'above'} the axis)")
+            continue
+        _reference_line(fig, float(value), f"{label} = {value:.4g}")
+    if off_axis:
+        fig.add_annotation(text="; ".join(off_axis), xref="paper", yref="paper", x=0, y=0, xanchor="left",
+                           yanchor="bottom", showarrow=False, font=dict(size=11, color="gray"),
+                           bgcolor="rgba(255,255,255,0.85)")
     if log_y:
         fig.update_yaxes(type="log")
     _integer_ticks(fig, df[x])
     return _finish(fig, title, x_title, y_title, legend=dict(title=None))
+
+
+def _reference_line(fig: go.Figure, value: float, label: str, **kwargs) -> None:
+    """A dotted horizontal reference line; its label on a white box above the line at the right, drawn over the
+    data so that lines and markers never hide it."""
+    fig.add_hline(y=value, line_dash="dot", line_color="gray", annotation_text=label, annotation_position="top right",
+                  annotation=dict(bgcolor="rgba(255,255,255,0.85)", font=dict(size=11, color="#444")), **kwargs)
 
 
 def _integer_ticks(fig: go.Figure, xs: pd.Series) -> None:
@@ -299,8 +327,7 @@ def bars(
             )
         )
     if reference is not None and reference[1] is not None:
-        fig.add_hline(y=float(reference[1]), line_dash="dot", line_color="gray",
-                      annotation_text=f"{reference[0]} = {reference[1]:.4g}", annotation_position="top left")
+        _reference_line(fig, float(reference[1]), f"{reference[0]} = {reference[1]:.4g}")
     if categorical_x:
         fig.update_xaxes(type="category")
     return _finish(fig, title, x_title, y_title, barmode=barmode, showlegend=bool(color))
@@ -674,7 +701,7 @@ def aux_loss_lines(
         refs[bound_label] = bound
     hover = [c for c in ("tokens", "worst_layer", "mean_entropy") if c in df.columns]
     return lines(df, x="step", y=value, color=color, dash=dash, title=title, x_title="step", y_title=y_title,
-                 hover=hover, references=refs)
+                 hover=hover, references=refs, fit_y=[] if uniform is None else [uniform])
 
 
 def z_loss_lines(df: pd.DataFrame) -> go.Figure:

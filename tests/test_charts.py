@@ -67,13 +67,13 @@ def test_missing_columns_are_a_clear_error():
 
 def test_lines_one_trace_per_layer_with_reference_lines():
     df = pd.DataFrame({"step": [0, 1, 2] * 2, "layer": [0] * 3 + [1] * 3, "aux_loss": [1.2, 1.1, 1.05, 2.0, 1.5, 1.3]})
-    fig = charts.aux_loss_lines(df, bound=0.53)
+    fig = charts.aux_loss_lines(df, bound=0.98)
     assert [t.name for t in fig.data] == ["layer 0", "layer 1"]
     assert list(fig.data[1].y) == [2.0, 1.5, 1.3]
     refs = sorted(s.y0 for s in fig.layout.shapes)
-    assert refs == [0.53, 1.0]
+    assert refs == [0.98, 1.0]
     texts = " ".join(a.text for a in fig.layout.annotations)
-    assert "uniform routing = 1" in texts and "true lower bound = 0.53" in texts
+    assert "uniform routing = 1" in texts and "true lower bound = 0.98" in texts
     assert _axis_titles(fig)[0] == "step" and "Σ" in _axis_titles(fig)[1]
 
 

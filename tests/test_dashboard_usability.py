@@ -296,3 +296,44 @@ def test_overview_shows_the_worst_of_each_kind_with_a_count(tmp_path):
     assert any("received no token" in b and "8 more like it" in b for b in boxes)
     assert any("capacity-limited router" in b and b.startswith("layer 2:") for b in boxes)
     assert "3 collapsed expert, 9 dead expert, 3 capacity drops" in texts(at, "markdown")
+
+
+# --- aux loss: one kind of step per curve, an axis that fits the curves ---------------------------------------------
+
+
+def test_aux_loss_axis_fits_the_curves_and_uniform_not_a_far_bound():
+    df = pd.DataFrame({"step": [0, 1, 2] * 2, "layer": [0] * 3 + [1] * 3,
+                       "aux_loss": [1.04, 1.02, 1.01, 1.05, 1.03, 1.02]})
+    fig = charts.aux_loss_lines(df, bound=0.5714)
+    lo, hi = fig.layout.yaxis.range
+    assert 0.99 < lo < 1.0 and 1.05 < hi < 1.06  # the data (1.01-1.05) and uniform (1) fill the axis
+    assert [s.y0 for s in fig.layout.shapes] == [1.0]  # uniform drawn; the bound is named, not drawn off-axis
+    notes = [a.text for a in fig.layout.annotations]
+    assert any("true lower bound = 0.5714 (below the axis)" in t for t in notes)
+    # reference labels sit on a white box, so that the data never hides them
+    assert all(a.bgcolor for a in fig.layout.annotations)
+
+
+def _switch_loss(r, step: int, layer: int) -> float:
+    sel = r["steps"] == step
+    idx, logits = r["index"][sel, layer], r["logits"][sel, layer]
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    f = np.bincount(idx.ravel(), minlength=p.shape[1]) / idx.size
+    return float(p.shape[1] * (f * p.mean(0)).sum())
+
+
+def test_aux_loss_page_shows_training_steps_by_default_and_each_kind_on_request(tagged_store, tagged_routing):
+    at = open_app(tagged_store, run="tagged", page="aux_loss")
+    assert at.radio(key="aux_steps").value == "train"
+    for kind in ("train", "probe", "eval", "all steps"):
+        if kind != "train":
+            at.radio(key="aux_steps").set_value(kind).run()
+        want = [s for s, t in enumerate(TAGS) if t == kind or kind == "all steps"]
+        fig = chart(at, "Switch load-balancing loss per layer")
+        for layer, trace in enumerate(fig["data"]):
+            assert list(arr(trace["x"])) == want
+            np.testing.assert_allclose(arr(trace["y"]), [_switch_loss(tagged_routing, s, layer) for s in want],
+                                       rtol=1e-9)
+        assert list(arr(chart(at, "pooled over layers")["data"][0]["x"])) == want
+        assert list(arr(chart(at, "Router z-loss")["data"][0]["x"])) == want
