@@ -911,10 +911,20 @@ def matrix_frame(weights: np.ndarray, chosen: np.ndarray | None = None) -> pd.Da
 
 
 def bound_matrix(df: pd.DataFrame, *, title: str = "Router probabilities of the optimal batch") -> go.Figure:
-    """Heat map of a bound construction's router probabilities (token × expert), chosen experts outlined by hover."""
+    """Heat map of a bound construction's router probabilities (token × expert), each chosen (top-k) expert marked
+    with a ring, so that a chosen expert at probability ~0 (a tie at the k-th place, in the ε → 0 limit) shows."""
     d = df.assign(chosen=np.where(df["chosen"], "chosen", "not chosen"))
-    return heatmap(d, x="expert", y="token", z="weight", title=title, x_title="expert", y_title="token of the batch",
-                   z_title="router probability", hover=["chosen"], zmin=0, zmax=float(max(df["weight"].max(), 1e-9)))
+    fig = heatmap(d, x="expert", y="token", z="weight", title=title, x_title="expert", y_title="token of the batch",
+                  z_title="router probability", hover=["chosen"], zmin=0, zmax=float(max(df["weight"].max(), 1e-9)))
+    picked = df[df["chosen"].astype(bool)] if not df.empty else df
+    if len(picked):
+        fig.add_trace(go.Scatter(
+            x=picked["expert"].astype(str), y=picked["token"].astype(str), mode="markers", name="chosen (top-k)",
+            marker=dict(symbol="circle-open", size=11, color="black", line=dict(width=2)),
+            customdata=picked["weight"].to_numpy(float),
+            hovertemplate="token %{y}, expert %{x}: chosen<br>router probability: %{customdata:.4g}<extra></extra>"))
+        fig.update_layout(showlegend=True, legend=dict(orientation="h", yanchor="bottom", y=1.0, xanchor="right", x=1))
+    return fig
 
 
 def bound_curve(df: pd.DataFrame, *, current_experts: int | None = None) -> go.Figure:
@@ -934,7 +944,11 @@ def bound_curve(df: pd.DataFrame, *, current_experts: int | None = None) -> go.F
                 hover=[c for c in ("fraction", "family", "tokens_used") if c in long.columns])
     for t in fig.data:
         t.name = t.name.replace("series ", "")
-    fig.update_xaxes(type="log", dtick=None, tickformat=None)
+    # log axis, ticks at the powers of two in range: Plotly's own log ticks read "5, 10, 2, 5, 100, 2"
+    lo, hi = float(df["experts"].min()), float(df["experts"].max())
+    ticks = [2 ** i for i in range(0, 21) if lo <= 2 ** i <= hi] or sorted(df["experts"].unique().tolist())
+    fig.update_xaxes(type="log", dtick=None, tickformat=None, tickmode="array", tickvals=ticks,
+                     ticktext=[f"{t:,}" for t in ticks])
     if current_experts:  # a trace, not a shape: shapes on a log axis take log10 coordinates
         fig.add_trace(go.Scatter(x=[current_experts, current_experts], y=[0, 1.0], mode="lines", name=f"E = {current_experts}",
                                  line=dict(dash="dash", color="black"), hoverinfo="skip"))

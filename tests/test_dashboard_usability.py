@@ -337,3 +337,30 @@ def test_aux_loss_page_shows_training_steps_by_default_and_each_kind_on_request(
                                        rtol=1e-9)
         assert list(arr(chart(at, "pooled over layers")["data"][0]["x"])) == want
         assert list(arr(chart(at, "Router z-loss")["data"][0]["x"])) == want
+
+
+# --- bound explorer: readable log ticks, the chosen experts marked ---------------------------------------------------
+
+
+def test_bound_curve_ticks_read_as_numbers_of_experts():
+    from moeviz.analyses.bounds import infimum_table
+
+    table = infimum_table((2, 3, 4, 8, 16, 64, 256), (1,))
+    xa = charts.bound_curve(table, current_experts=8).layout.xaxis
+    assert xa.type == "log" and list(xa.tickvals) == [2, 4, 8, 16, 32, 64, 128, 256]
+    assert list(xa.ticktext) == ["2", "4", "8", "16", "32", "64", "128", "256"]
+
+
+@pytest.mark.parametrize("e,k", [(8, 2), (8, 1), (6, 3)])
+def test_bound_matrix_rings_exactly_the_chosen_experts(e, k):
+    from moeviz.analyses.bounds import aux_loss_infimum
+
+    res = aux_loss_infimum(e, k, None)
+    fig = charts.bound_matrix(charts.matrix_frame(res.weights, res.chosen))
+    hm, rings = fig.data
+    np.testing.assert_allclose(np.asarray(hm.z, float), res.weights)
+    got = sorted(zip(map(int, rings.y), map(int, rings.x)))
+    assert got == sorted((t, int(c)) for t in range(len(res.chosen)) for c in res.chosen[t])
+    if (e, k) == (8, 2):  # expert 0 is chosen by every token although its probability is 0 in the limit drawn
+        assert all(int(c) == 0 for c in res.chosen[:, 0]) and np.all(res.weights[:, 0] < 1e-6)
+        assert {(t, 0) for t in range(len(res.chosen))} <= set(got)
