@@ -85,7 +85,7 @@ def _need(df: pd.DataFrame, cols: Iterable[str | None], chart: str) -> None:
 
 def _finish(fig: go.Figure, title: str, x_title: str | None = None, y_title: str | None = None, **layout) -> go.Figure:
     template = {} if pio.templates.default == TEMPLATE else {"template": TEMPLATE}
-    fig.update_layout(title=dict(text=title, x=0.01), **_LAYOUT, **template, **layout)
+    fig.update_layout(title=dict(text=title, x=0.01), **{**_LAYOUT, **template, **layout})
     if x_title is not None:
         fig.update_xaxes(title_text=x_title)
     if y_title is not None:
@@ -104,6 +104,14 @@ def empty_figure(title: str, message: str = "Nothing recorded for this selection
 
 def _fmt(col: str) -> str:
     return col.replace("_", " ")
+
+
+def _series_name(col: str, value) -> str:
+    """A legend entry: a number needs its column to mean anything ("layer 2", "expert 5"); a name stands alone
+    ("aux", "domain", "compile", not "run id aux", "variable domain", "way compile")."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        return str(value)
+    return f"{_fmt(col)} {value:g}" if isinstance(value, (float, np.floating)) else f"{_fmt(col)} {value}"
 
 
 def _hover(cols: Sequence[str], start: int = 0) -> str:
@@ -224,9 +232,9 @@ def lines(
         g = g.sort_values(x)
         parts = []
         if color:
-            parts.append(f"{_fmt(color)} {key[0]}")
+            parts.append(_series_name(color, key[0]))
         if dash:
-            parts.append(f"{_fmt(dash)} {key[-1]}")
+            parts.append(_series_name(dash, key[-1]))
         name = ", ".join(parts) or y
         custom = g[list(hover)].to_numpy(object) if hover else None
         template = f"{name}<br>{_fmt(x)}: %{{x}}<br>{y_title}: %{{y:.5g}}"
@@ -311,7 +319,7 @@ def bars(
     groups = df.groupby(color, sort=True) if color else [(None, df)]
     for key, g in groups:
         key = key[0] if isinstance(key, tuple) else key
-        name = (f"{_fmt(color)} {key}" if legend_prefix else str(key)) if color else y
+        name = (_series_name(color, key) if legend_prefix else str(key)) if color else y
         template = f"{_fmt(x)}: %{{x}}<br>{y_title}: %{{y:.4g}}"
         if color:
             template = f"{name}<br>" + template
@@ -368,7 +376,7 @@ def small_multiples(
             g = groups.get((f, cv) if color else (f,))
             if g is None:
                 continue
-            name = f"{_fmt(color)} {cv}" if color else y
+            name = _series_name(color, cv) if color else y
             traces.append(go.Scatter(
                 x=g[x].to_numpy(), y=g[y].to_numpy(), mode="lines", name=name, legendgroup=name,
                 showlegend=i == 0 and color is not None, line=dict(color=palette[j % len(palette)], width=1.5),
@@ -388,7 +396,17 @@ def small_multiples(
         fig.update_xaxes(title_text=x_title, row=n_rows, col=c)
     for r in range(1, n_rows + 1):
         fig.update_yaxes(title_text=y_title, row=r, col=1)
-    return _finish(fig, title, height=max(300, 220 * n_rows + 80))
+    height = max(300, 220 * n_rows + 80)
+    if color is None:
+        return _finish(fig, title, height=height)
+    # the legend in rows above the panels, never a scrolling column beside them that hides the last entries
+    per_row = 12
+    legend_rows = -(-len(color_values) // per_row)
+    height += 22 * legend_rows
+    top = 70 + 22 * legend_rows
+    fig.update_layout(legend=dict(orientation="h", yanchor="bottom", y=1.0 + 30 / (height - top - 50), x=0,
+                                  xanchor="left", entrywidth=70, title=None))
+    return _finish(fig, title, height=height, margin=dict(l=60, r=30, t=top + 30, b=50))
 
 
 # --- charts with their own shape --------------------------------------------------------------------------------

@@ -154,7 +154,7 @@ def test_bars_group_by_colour_and_keep_hover_counts():
                        "dropped": [1, 2, 3, 4], "assigned": [10] * 4})
     fig = charts.bars(df, x="layer", y="drop_rate", color="run_id", title="t", x_title="MoE layer",
                       y_title="dropped / assigned", hover=["dropped", "assigned"])
-    assert [t.name for t in fig.data] == ["run id a", "run id b"]
+    assert [t.name for t in fig.data] == ["a", "b"]  # run ids stand alone in the legend (#16)
     assert list(fig.data[1].y) == [0.3, 0.4]
     assert fig.data[1].customdata[0][0] == 3
 

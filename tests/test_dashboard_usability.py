@@ -364,3 +364,35 @@ def test_bound_matrix_rings_exactly_the_chosen_experts(e, k):
     if (e, k) == (8, 2):  # expert 0 is chosen by every token although its probability is 0 in the limit drawn
         assert all(int(c) == 0 for c in res.chosen[:, 0]) and np.all(res.weights[:, 0] < 1e-6)
         assert {(t, 0) for t in range(len(res.chosen))} <= set(got)
+
+
+# --- labels: legends that name things, not columns; a legend that shows every expert --------------------------------
+
+
+def test_legends_name_the_series_not_the_column():
+    runs = pd.DataFrame({"step": [0, 1] * 2, "run_id": ["aux"] * 2 + ["noaux"] * 2, "aux_loss_per_slot": [1.1, 1.0] * 2})
+    assert [t.name for t in charts.aux_loss_lines(runs, value="aux_loss_per_slot", color="run_id").data] == ["aux", "noaux"]
+    mi = pd.DataFrame({"layer": [0, 0, 1, 1], "variable": ["domain", "token"] * 2, "nmi": [0.1, 0.2, 0.3, 0.4]})
+    assert [t.name for t in charts.per_layer_bars(mi, y="nmi", color="variable", title="t", y_title="y").data] == \
+        ["domain", "token"]
+    acc = pd.DataFrame({"k": [1, 2, 1, 2], "way": ["compile"] * 2 + ["run"] * 2, "accuracy": [0.7, 0.9, 0.95, 0.96]})
+    assert [t.name for t in charts.accuracy_lines(acc).data] == ["compile", "run"]
+    by_layer = pd.DataFrame({"step": [0, 1] * 2, "layer": [0, 0, 1, 1], "aux_loss": [1.1, 1.0] * 2})
+    assert [t.name for t in charts.aux_loss_lines(by_layer).data] == ["layer 0", "layer 1"]  # numbers keep the column
+
+
+def test_overview_load_legend_shows_every_expert_in_rows_above_the_panels():
+    n_exp = 16
+    df = pd.DataFrame([{"step": s, "layer": l, "expert": e, "load_fraction": 1 / n_exp, "n_experts": n_exp}
+                       for s in range(3) for l in range(3) for e in range(n_exp)])
+    fig = charts.load_small_multiples(df)
+    shown = [t.name for t in fig.data if t.showlegend]
+    assert shown == [f"expert {e}" for e in range(n_exp)]
+    assert fig.layout.legend.orientation == "h" and fig.layout.legend.y > 1  # above the panels: nothing scrolls
+    assert fig.layout.margin.t >= 70 + 22 * 2  # room for two rows of 12 entries under the title
+
+
+def test_toy_accuracy_table_shows_no_none(store):
+    at = open_app(store, page="toy")
+    shown = at.dataframe[0].value
+    assert not shown.isna().any().any()  # a missing value is drawn as "None" by the browser's table
