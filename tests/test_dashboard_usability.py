@@ -396,3 +396,26 @@ def test_toy_accuracy_table_shows_no_none(store):
     at = open_app(store, page="toy")
     shown = at.dataframe[0].value
     assert not shown.isna().any().any()  # a missing value is drawn as "None" by the browser's table
+
+
+# --- compare: the sidebar's steps and layers apply to both runs ------------------------------------------------------
+
+
+def test_compare_applies_the_sidebars_steps_and_layers_to_both_runs(store, routing):
+    from test_app import SMALL, load_share
+
+    small = synthetic_routing(**SMALL)
+    at = open_app(store, page="compare")
+    at.select_slider(key="steps").set_range(1, 2).run()
+    at.multiselect(key="layers").set_value([0]).run()
+    assert "Both runs, steps 1–2, layers 0" in texts(at, "caption")
+    hm = chart(at, "run by run")
+    main_t, small_t = hm["data"]
+    def share(r, steps):
+        sel = np.isin(r["steps"], steps)
+        return load_share({"index": r["index"][sel], "logits": r["logits"][sel], "steps": r["steps"][sel]})
+    n_main, n_small = MAIN["n_experts"], SMALL["n_experts"]
+    np.testing.assert_allclose(arr(main_t["z"]).reshape(-1, n_main), n_main * share(routing, [1, 2])[:1], rtol=1e-9)
+    np.testing.assert_allclose(arr(small_t["z"]).reshape(-1, n_small), n_small * share(small, [1, 2])[:1], rtol=1e-9)
+    aux = chart(at, "pooled over layers")
+    assert all(list(arr(t["x"])) == [1, 2] for t in aux["data"])
