@@ -419,3 +419,18 @@ def test_compare_applies_the_sidebars_steps_and_layers_to_both_runs(store, routi
     np.testing.assert_allclose(arr(small_t["z"]).reshape(-1, n_small), n_small * share(small, [1, 2])[:1], rtol=1e-9)
     aux = chart(at, "pooled over layers")
     assert all(list(arr(t["x"])) == [1, 2] for t in aux["data"])
+
+
+# --- offline: no request to the internet, no Deploy button -----------------------------------------------------------
+
+
+def test_the_page_icon_is_a_local_file_and_the_dashboard_hides_deploy(store):
+    """A `:material/…:` page icon makes the browser fetch the favicon from fonts.gstatic.com (fails offline); a
+    file is served by the dashboard itself. (The Chromium test checks that a page load asks no other host.)"""
+    from moeviz.cli.dashboard import dashboard_command
+
+    src = (Path(__file__).parents[1] / "app" / "main.py").read_text()
+    assert "page_icon=FAVICON" in src and ":material/hub:" not in src
+    assert (Path(__file__).parents[1] / "app" / "favicon.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    cmd = dashboard_command(store)
+    assert cmd[cmd.index("--client.toolbarMode") + 1] == "minimal"

@@ -30,11 +30,14 @@ def dashboard_command(path: str | os.PathLike, port: int = 8501, host: str = "12
     """The `streamlit run` command line that serves the dashboard on `path`.
 
     `runner.postScriptGC false`: Streamlit otherwise runs a full garbage collection after every script and
-    fragment run, 0.12-0.22 s of CPU while the browser draws the charts that run sent (2 cores)."""
+    fragment run, 0.12-0.22 s of CPU while the browser draws the charts that run sent (2 cores).
+    `client.toolbarMode minimal`: the menu without Streamlit's "Deploy" button (also in .streamlit/config.toml,
+    for `streamlit run app/main.py` from the repository root)."""
     return [
         sys.executable, "-m", "streamlit", "run", str(app_main_path()),
         "--server.port", str(int(port)), "--server.address", host, "--server.headless", "true",
         "--browser.gatherUsageStats", "false", "--server.fileWatcherType", "none", "--runner.postScriptGC", "false",
+        "--client.toolbarMode", "minimal",  # no "Deploy" button: this is a local tool
         "--", str(Path(path).resolve()),
     ]
 
