@@ -295,7 +295,7 @@ def test_overview_shows_the_worst_of_each_kind_with_a_count(tmp_path):
     assert any("is the top choice of 75% of layer 2" in b and "2 more like it" in b for b in boxes)
     assert any("received no token" in b and "8 more like it" in b for b in boxes)
     assert any("capacity-limited router" in b and b.startswith("layer 2:") for b in boxes)
-    assert "3 collapsed expert, 9 dead expert, 3 capacity drops" in texts(at, "markdown")
+    assert "collapsed expert (3), dead expert (9), capacity drops (3)" in texts(at, "markdown")
 
 
 # --- aux loss: one kind of step per curve, an axis that fits the curves ---------------------------------------------

@@ -69,7 +69,7 @@ def _health(health: pd.DataFrame) -> None:
     n_err = int((bad["severity"] == "error").sum()) if "severity" in bad.columns else 0
     per_check = bad.groupby("check", sort=False).size()  # health_summary sorts worst first: keeps that order
     st.markdown(f"**{n_err} errors, {len(bad) - n_err} warnings**, worst first: "
-                + ", ".join(f"{n} {check.replace('_', ' ')}" for check, n in per_check.items()))
+                + ", ".join(f"{check.replace('_', ' ')} ({n})" for check, n in per_check.items()))
     for _, row in bad.drop_duplicates("check").head(4).iterrows():  # the worst finding of each kind
         more = int(per_check[row["check"]]) - 1
         (st.error if row.get("severity") == "error" else st.warning)(
