@@ -81,6 +81,11 @@ def _collapse_rows(load: pd.DataFrame, run_id: str, collapse_share: float, span:
     return rows
 
 
+def _ratio(v: float) -> str:
+    """0.05x, 0.00034x: two significant digits below 0.1 (not "0.00x" for 0.000341)."""
+    return f"{v:.2f}x" if v >= 0.1 else f"{v:.2g}x"
+
+
 def _dead_rows(load: pd.DataFrame, run_id: str, dead_threshold: float, span: str) -> list[dict]:
     dead = load[load["relative_load"].notna() & (load["relative_load"] < dead_threshold)]
     rows = []
@@ -89,7 +94,7 @@ def _dead_rows(load: pd.DataFrame, run_id: str, dead_threshold: float, span: str
         rows.append(_row(
             run_id, "error" if never else "warn", "dead_expert",
             f"expert {int(r.expert)} of layer {int(r.layer)} "
-            + ("received no token" if never else f"received {r.relative_load:.2f}x its uniform share")
+            + ("received no token" if never else f"received {_ratio(r.relative_load)} its uniform share")
             + f" ({span}); its parameters are wasted: check the balancing loss, or re-initialise it",
             layer=int(r.layer), expert=int(r.expert), value=float(r.relative_load), threshold=dead_threshold))
     return rows
