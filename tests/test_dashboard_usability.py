@@ -434,3 +434,29 @@ def test_the_page_icon_is_a_local_file_and_the_dashboard_hides_deploy(store):
     assert (Path(__file__).parents[1] / "app" / "favicon.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     cmd = dashboard_command(store)
     assert cmd[cmd.index("--client.toolbarMode") + 1] == "minimal"
+
+
+# --- the dashboard command: a busy port, --version ---------------------------------------------------------------------
+
+
+def test_dashboard_on_a_busy_port_fails_before_saying_serving(store, capsys):
+    import socket
+
+    from moeviz.cli import main
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        assert main(["dashboard", str(store), "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert "serving" not in err and f"cannot serve at 127.0.0.1:{port}" in err and "--port" in err
+
+
+def test_version_flag(capsys):
+    from moeviz import __version__
+    from moeviz.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"moeviz {__version__}"

@@ -107,8 +107,32 @@ def _handle(args) -> int:
     except StoreNotFoundError as e:
         print(f"moeviz dashboard: error: {e}", file=sys.stderr)
         return 2
+    busy = port_in_use(args.host, args.port)
+    if busy:
+        print(f"moeviz dashboard: error: cannot serve at {args.host}:{args.port}: {busy}; pick another port with "
+              "--port", file=sys.stderr)
+        return 2
     print(f"moeviz dashboard: serving {Path(args.path).resolve()} at http://{args.host}:{args.port}", file=sys.stderr)
     return int(launch(args.path, port=args.port, host=args.host, block=True) or 0)
+
+
+def port_in_use(host: str, port: int) -> str | None:
+    """Why `host:port` cannot be bound (e.g. "[Errno 98] Address already in use"), or None when it can: checked
+    before saying "serving", which Streamlit would otherwise contradict a moment later."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as e:
+        return str(e)
+    family, _, _, _, addr = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as Tornado binds: a port in TIME_WAIT is free
+        try:
+            s.bind(addr)
+        except OSError as e:
+            return str(e)
+    return None
 
 
 def register(subparsers) -> None:
