@@ -460,3 +460,36 @@ def test_version_flag(capsys):
     with pytest.raises(SystemExit) as e:
         main(["--version"])
     assert e.value.code == 0 and capsys.readouterr().out.strip() == f"moeviz {__version__}"
+
+
+# --- the demo's summary and closing command ------------------------------------------------------------------------------
+
+
+def test_demo_prints_a_readable_summary_and_a_command_that_runs(monkeypatch, tmp_path, capsys):
+    import shlex
+    import subprocess
+
+    import moeviz.demo.run as D
+    from moeviz import cli
+
+    class Result:
+        def summary(self):
+            return {"run": "aux", "wall_s": 33.4, "final_loss": 3.2101, "final_aux": 1.0213,
+                    "eval_loss": {"code": 2.5, "math": 1.25}, "imbalance_max_over_mean": [1.21, 1.5],
+                    "nmi_expert_domain": [0.1, 0.42], "top_experts_by_domain": {"code": [[1, 2], [3, 7]],
+                                                                               "math": [[0, 4], [0, 5]]}}
+
+    monkeypatch.setattr(D, "run_demo", lambda cfg, out: [Result()])
+    assert cli.main(["demo", "--steps", "1", "--out", str(tmp_path / "demo"), "--no-dashboard"]) == 0
+    out, err = capsys.readouterr()
+    assert "{" not in out and out.startswith("aux: 33 s, final training loss 3.210, Switch aux loss 1.021")
+    assert "held-out loss: code 2.500, math 1.250" in out and "top experts in the last layer (1): code -> 3, 7" in out
+    command = err.rsplit("open the dashboard with: ", 1)[1].strip()
+    argv = shlex.split(command)
+    assert argv[-2:] == ["dashboard", str(tmp_path / "demo")]
+    # it runs as printed, without an active venv: --help of the same program answers
+    help_run = subprocess.run(argv[:-2] + ["dashboard", "--help"], capture_output=True, text=True, timeout=60,
+                              env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(Path(__file__).parents[1])})
+    assert help_run.returncode == 0 and "PATH" in help_run.stdout
+    assert cli.main(["demo", "--steps", "1", "--out", str(tmp_path / "demo"), "--no-dashboard", "--json"]) == 0
+    assert '"run": "aux"' in capsys.readouterr().out
