@@ -742,16 +742,22 @@ def entropy_lines(df: pd.DataFrame, *, n_experts: int | None = None) -> go.Figur
 # --- capacity ------------------------------------------------------------------------------------------------------
 
 
-def drop_bars(df: pd.DataFrame, *, by: str, cf: float | None = None) -> go.Figure:
-    """Share of assignments dropped per `by` value (layer, domain, ...) at one capacity factor."""
-    at = f" at capacity factor {cf:g}" if cf is not None else ""
+def _capacity_at(cf: float | None, capacity: int | None) -> str:
+    if capacity is not None:
+        return f" at a fixed capacity of {capacity:,} per expert"
+    return f" at capacity factor {cf:g}" if cf is not None else ""
+
+
+def drop_bars(df: pd.DataFrame, *, by: str, cf: float | None = None, capacity: int | None = None) -> go.Figure:
+    """Share of assignments dropped per `by` value (layer, domain, ...) at one capacity factor (or fixed capacity)."""
+    at = _capacity_at(cf, capacity)
     return bars(df, x=by, y="drop_rate", title=f"Dropped share per {_fmt(by)}{at}", x_title=_fmt(by),
                 y_title="dropped / assigned", hover=[c for c in ("dropped", "assigned") if c in df.columns])
 
 
-def drop_heatmap(df: pd.DataFrame, *, cf: float | None = None) -> go.Figure:
-    """Layer × expert heat map of the dropped share at one capacity factor."""
-    at = f" at capacity factor {cf:g}" if cf is not None else ""
+def drop_heatmap(df: pd.DataFrame, *, cf: float | None = None, capacity: int | None = None) -> go.Figure:
+    """Layer × expert heat map of the dropped share at one capacity factor (or fixed capacity)."""
+    at = _capacity_at(cf, capacity)
     return heatmap(df, x="expert", y="layer", z="drop_rate", title=f"Dropped share per expert and layer{at}",
                    x_title="expert", y_title="MoE layer", z_title="dropped / assigned", zmin=0,
                    hover=[c for c in ("dropped", "assigned") if c in df.columns], colorscale="Reds")

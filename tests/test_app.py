@@ -29,17 +29,20 @@ PAGES = ["overview", "load", "aux_loss", "capacity", "specialization", "tokens",
 
 
 def write_run_dir(run_dir, routing: dict, *, run_id: str, close: bool = True, vocab: list[str] | None = None,
-                  hold_back: int = 0, **meta):
+                  hold_back: int = 0, config: dict | None = None, **meta):
     """Write routing arrays as a real run folder (one flush per step and rank, one writer per rank), through
     moeviz.store.RunWriter; returns the writer of the last rank.
 
-    `hold_back` keeps the last steps' flushes unwritten in `writer.pending` (for live-refresh tests).
+    `hold_back` keeps the last steps' flushes unwritten in `writer.pending` (for live-refresh tests); `config`
+    replaces the runs.config JSON (e.g. a Switch model's expert_capacity).
     The tables come from moeviz.testing.store_from_routing (aggregates over every token), so the run holds exactly
     what the collectors would have recorded for these arrays.
     """
     from moeviz.store import RunWriter
 
     mem = store_from_routing(**routing, run_id=run_id, **meta)
+    if config is not None:
+        mem.execute("UPDATE runs SET config = ?", [json.dumps(config)])
     run = mem.execute("SELECT * FROM runs").df().iloc[0]
     ranks = sorted(int(r) for r in mem.execute("SELECT DISTINCT rank FROM step_stats").df()["rank"])
 

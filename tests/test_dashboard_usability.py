@@ -493,3 +493,45 @@ def test_demo_prints_a_readable_summary_and_a_command_that_runs(monkeypatch, tmp
     assert help_run.returncode == 0 and "PATH" in help_run.stdout
     assert cli.main(["demo", "--steps", "1", "--out", str(tmp_path / "demo"), "--no-dashboard", "--json"]) == 0
     assert '"run": "aux"' in capsys.readouterr().out
+
+
+# --- capacity: a fixed expert_capacity and the model's own grouping ----------------------------------------------------
+
+
+def test_capacity_page_starts_on_the_models_own_fixed_capacity_per_sequence_and_reproduces_its_drops(tmp_path):
+    from test_app import metric, write_run_dir
+
+    cap, seq_len = 3, 12
+    r = synthetic_routing(n_steps=2, n_layers=2, n_experts=4, top_k=1, seqs_per_step=3, seq_len=seq_len, skew=1.5,
+                          seed=2, domains=None)
+    # what Switch does: each sequence on its own, the first `cap` tokens of an expert kept, the rest dropped
+    dropped = np.zeros(r["index"].shape, dtype=bool)
+    for start in range(0, len(r["steps"]), seq_len):
+        for layer in range(2):
+            seen: dict[int, int] = {}
+            for t in range(start, start + seq_len):
+                e = int(r["index"][t, layer, 0])
+                seen[e] = seen.get(e, 0) + 1
+                dropped[t, layer, 0] = seen[e] > cap
+    assert dropped.sum() > 0
+    write_run_dir(tmp_path / "switch", {**r, "dropped": dropped}, run_id="switch",
+                  config={"model_type": "switch_transformers", "num_experts": 4, "expert_capacity": cap},
+                  capacity_factor=cap * 4 / seq_len)
+    at = open_app(tmp_path, run="switch", page="capacity")
+    assert at.radio(key="cap_mode").value == "fixed" and at.number_input(key="cap_slots").value == cap
+    assert at.radio(key="cap_group").value == "sequence"
+    assert metric(at, "Dropped assignments") == f"{int(dropped.sum()):,}"  # the model's own drops, reproduced
+    assert f"The model itself dropped {int(dropped.sum()):,} assignments" in texts(at, "info")
+    layer_bars = chart(at, f"Dropped share per layer at a fixed capacity of {cap} per expert")["data"][0]
+    np.testing.assert_allclose(arr(layer_bars["y"]), dropped.sum(axis=(0, 2)) / dropped.shape[0], rtol=1e-12)
+    # a capacity factor remains one click away
+    at.radio(key="cap_mode").set_value("factor").run()
+    assert at.slider(key="cap_cf").value == pytest.approx(cap * 4 / seq_len)
+
+
+def test_model_capacity_reads_the_config():
+    from moeviz.analyses.capacity import model_capacity
+
+    assert model_capacity('{"expert_capacity": 64}', 1.0) == {"capacity": 64, "capacity_factor": 1.0, "group": "sequence"}
+    assert model_capacity({"num_experts": 8}, None) == {"capacity": None, "capacity_factor": None, "group": "step"}
+    assert model_capacity("not json", float("nan"))["capacity_factor"] is None
