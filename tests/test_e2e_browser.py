@@ -3,8 +3,9 @@
 Asserts each page renders its charts (waiting for Plotly's DOM, never sleeping) and no exception box, saves a
 screenshot per page to <SHOTS>/<page>.png and the time to first chart per page to <SHOTS>/timings.json. SHOTS is
 test-artifacts/screenshots (git-ignored), so that running the tests leaves the tree as it was; the README's
-screenshots are made on purpose with `MOEVIZ_SCREENSHOTS=docs/screenshots python -m pytest -q
-tests/test_e2e_browser.py -k every_page`. Skipped (by the `browser` marker in conftest) where /usr/bin/chromium
+screenshots are made on purpose, on the demo's store, with `MOEVIZ_SCREENSHOTS=docs/screenshots
+MOEVIZ_E2E_STORE=runs/demo MOEVIZ_E2E_RUN=aux python -m pytest -q tests/test_e2e_browser.py -k every_page`
+(MOEVIZ_E2E_STORE replaces the synthetic test store, so only that test is meant to run with it). Skipped (by the `browser` marker in conftest) where /usr/bin/chromium
 is absent; never runs `playwright install`.
 """
 
@@ -50,8 +51,13 @@ TITLES = {"overview": "Overview", "load": "Load balance", "aux_loss": "Aux loss"
 OPTIONAL = {"bounds": "moeviz.analyses.bounds", "toy": "moeviz.analyses.toy"}
 
 
+RUN = os.environ.get("MOEVIZ_E2E_RUN") or "main"  # the run every page is opened on
+
+
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
+    if os.environ.get("MOEVIZ_E2E_STORE"):  # e.g. the demo's runs/demo, for the README's screenshots
+        return Path(os.environ["MOEVIZ_E2E_STORE"]).resolve()
     sys.path.insert(0, str(Path(__file__).parent))
     from test_app import MAIN, SMALL, VOCAB, write_run_dir
 
@@ -94,7 +100,7 @@ def _visit(page, server: str, name: str, min_charts: int, selector: str | None, 
     t0 = time.perf_counter()
     if first_page:
         path = "" if name == "overview" else name  # the default page lives at /
-        page.goto(f"{server}/{path}?run=main", wait_until="domcontentloaded")
+        page.goto(f"{server}/{path}?run={RUN}", wait_until="domcontentloaded")
     else:
         page.locator(f'a[data-testid="stSidebarNavLink"][href$="/{name}"]').click()
     page.locator("h1", has_text=TITLES[name]).first.wait_for(timeout=90_000)
