@@ -234,6 +234,13 @@ def test_per_token_window_comes_back_after_the_steps_range_is_narrowed_and_widen
 
     per_step = MAIN["seqs_per_step"] * MAIN["seq_len"] * MAIN["n_layers"] * MAIN["top_k"]
     monkeypatch.setattr(app.sidebar, "ROUTE_BUDGET", 2 * per_step)  # the default window: two steps
+    # Streamlit warns ("created with a default value but also had its value set via the Session State API")
+    # when a widget gets value= and a session-state value: the window's number input must get only the latter
+    import streamlit
+
+    calls = []
+    real = streamlit.number_input
+    monkeypatch.setattr(streamlit, "number_input", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
     at = open_app(store, page="specialization")
     assert at.number_input(key="route_window_steps").value == 2
     at.select_slider(key="steps").set_range(3, 3).run()
@@ -250,6 +257,8 @@ def test_per_token_window_comes_back_after_the_steps_range_is_narrowed_and_widen
     assert at.number_input(key="route_window_steps").value == 3
     assert "Per-token analyses use steps 1–3" in texts(at, "info")
     assert not at.exception and not at.error
+    window_calls = [kw for kw in calls if kw.get("key") == "route_window_steps"]
+    assert window_calls and not any("value" in kw for kw in window_calls)
 
 
 # --- health: the worst findings of each kind first -----------------------------------------------------------------
