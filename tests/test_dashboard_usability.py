@@ -7,6 +7,7 @@ from, not only "something is shown"."""
 from __future__ import annotations
 
 import html
+import json
 import re
 import sys
 from html.parser import HTMLParser
@@ -544,3 +545,16 @@ def test_model_capacity_reads_the_config():
     assert model_capacity('{"expert_capacity": 64}', 1.0) == {"capacity": 64, "capacity_factor": 1.0, "group": "sequence"}
     assert model_capacity({"num_experts": 8}, None) == {"capacity": None, "capacity_factor": None, "group": "step"}
     assert model_capacity("not json", float("nan"))["capacity_factor"] is None
+
+
+def test_load_page_table_has_readable_headers_and_the_numbers_of_the_analysis(store, routing):
+    at = open_app(store, page="load")
+    table = at.dataframe[0]
+    labels = {k: v["label"] for k, v in json.loads(table.proto.columns).items() if v.get("label")}
+    assert labels["max_over_mean"] == "busiest / mean" and labels["norm_entropy"] == "norm. entropy"
+    shown = table.value
+    assert "run_id" not in shown.columns
+    from test_app import load_share
+
+    share = load_share(routing)  # [layers, experts] over every step
+    np.testing.assert_allclose(shown["max_over_mean"], share.max(1) / share.mean(1), rtol=1e-9)
