@@ -36,7 +36,9 @@ def render(ctx: Ctx) -> None:
     st.caption(_scope(sel))
     with guarded("Load per expert and layer"):
         load = ctx.q(load_matrix, sel)
-        show_chart(charts.compare_heatmaps(load, value="relative_load", runs=(a, b)), load, "compare-load")
+        show_chart(charts.compare_heatmaps(load, value="relative_load", runs=(a, b),
+                                           title="Load per expert and layer against uniform, run by run"),
+                   load, "compare-load")
     with guarded("Switch loss"):
         pooled = ctx.q(pooled_switch_loss, sel, by_step=True)
         fig = charts.aux_loss_lines(pooled, value="aux_loss_per_slot", color="run_id",
