@@ -67,9 +67,13 @@ def _health(health: pd.DataFrame) -> None:
         st.success("No problems found: no collapsed or dead experts, no growing imbalance, no heavy drops.")
         return
     n_err = int((bad["severity"] == "error").sum()) if "severity" in bad.columns else 0
-    st.markdown(f"**{n_err} errors, {len(bad) - n_err} warnings** (worst first)")
-    for _, row in bad.head(3).iterrows():
-        (st.error if row.get("severity") == "error" else st.warning)(str(row.get("message")))
+    per_check = bad.groupby("check", sort=False).size()  # health_summary sorts worst first: keeps that order
+    st.markdown(f"**{n_err} errors, {len(bad) - n_err} warnings**, worst first: "
+                + ", ".join(f"{check.replace('_', ' ')} ({n})" for check, n in per_check.items()))
+    for _, row in bad.drop_duplicates("check").head(4).iterrows():  # the worst finding of each kind
+        more = int(per_check[row["check"]]) - 1
+        (st.error if row.get("severity") == "error" else st.warning)(
+            str(row.get("message")) + (f" (and {more} more like it below)" if more else ""))
     with st.expander(f"All {len(health)} findings"):
         show_table(health, "health")
 

@@ -25,7 +25,10 @@ COMMAND_MODULES = (
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from moeviz import __version__
+
     parser = argparse.ArgumentParser(prog="moeviz", description="See where the tokens of a Mixture-of-Experts model go.")
+    parser.add_argument("--version", action="version", version=f"moeviz {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module in COMMAND_MODULES:
         module.register(sub)

@@ -30,11 +30,14 @@ def dashboard_command(path: str | os.PathLike, port: int = 8501, host: str = "12
     """The `streamlit run` command line that serves the dashboard on `path`.
 
     `runner.postScriptGC false`: Streamlit otherwise runs a full garbage collection after every script and
-    fragment run, 0.12-0.22 s of CPU while the browser draws the charts that run sent (2 cores)."""
+    fragment run, 0.12-0.22 s of CPU while the browser draws the charts that run sent (2 cores).
+    `client.toolbarMode minimal`: the menu without Streamlit's "Deploy" button (also in .streamlit/config.toml,
+    for `streamlit run app/main.py` from the repository root)."""
     return [
         sys.executable, "-m", "streamlit", "run", str(app_main_path()),
         "--server.port", str(int(port)), "--server.address", host, "--server.headless", "true",
         "--browser.gatherUsageStats", "false", "--server.fileWatcherType", "none", "--runner.postScriptGC", "false",
+        "--client.toolbarMode", "minimal",  # no "Deploy" button: this is a local tool
         "--", str(Path(path).resolve()),
     ]
 
@@ -116,6 +119,11 @@ def _handle(args) -> int:
         return 2
     from moeviz.errors import MoevizError
 
+    busy = port_in_use(args.host, args.port)
+    if busy:
+        print(f"moeviz dashboard: error: cannot serve at {args.host}:{args.port}: {busy}; pick another port with "
+              "--port", file=sys.stderr)
+        return 2
     print(f"moeviz dashboard: serving {Path(args.path).resolve()} at http://{args.host}:{args.port}", file=sys.stderr)
     try:
         return int(launch(args.path, port=args.port, host=args.host, block=True, sql_timeout=args.sql_timeout,
@@ -123,6 +131,25 @@ def _handle(args) -> int:
     except MoevizError as e:
         print(f"moeviz dashboard: error: {e}", file=sys.stderr)
         return 2
+
+
+def port_in_use(host: str, port: int) -> str | None:
+    """Why `host:port` cannot be bound (e.g. "[Errno 98] Address already in use"), or None when it can: checked
+    before saying "serving", which Streamlit would otherwise contradict a moment later."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as e:
+        return str(e)
+    family, _, _, _, addr = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as Tornado binds: a port in TIME_WAIT is free
+        try:
+            s.bind(addr)
+        except OSError as e:
+            return str(e)
+    return None
 
 
 def register(subparsers) -> None:
