@@ -103,9 +103,10 @@ def cmd_info(args) -> int:
                 for t, v in run["tables"].items()]
         table = format_table(["table", "segments", "segment rows", "segment bytes", "compacted rows"], rows)
         print("  " + table.replace("\n", "\n  "))
-        print(f"  routes {run['routes']:,}; compacted {run['compacted_bytes']:,} bytes "
-              f"({run['routes_files']} routes file(s) + run.duckdb); bytes/route: "
-              f"segments {_fmt(run['bytes_per_route_segments'])}, compacted {_fmt(run['bytes_per_route_compacted'])}")
+        print(f"  routes {run['routes']:,}; compacted: {run['routes_files']} routes file(s) of "
+              f"{run['routes_files_bytes']:,} bytes + run.duckdb of {run['run_duckdb_bytes']:,} bytes (the other "
+              f"tables); bytes/route: segments {_fmt(run['bytes_per_route_segments'])}, compacted routes files "
+              f"{_fmt(run['bytes_per_route_compacted'])}, every file of the run {_fmt(run['bytes_per_route'])}")
         if run["damaged"]:
             print(f"  DAMAGED: {run['damaged']}")
         if run["skipped_files"]:
@@ -122,6 +123,11 @@ def cmd_compact(args) -> int:
     for r in compact(args.path, routes_format=args.routes_format)["runs"]:
         if "skipped" in r:
             print(f"run {r['run_id']}: skipped: {r['skipped']}")
+            continue
+        if args.routes_format == "duckdb" and not r["segments_folded"] and r["routes_files"]:
+            print(f"run {r['run_id']}: nothing new to fold; its routes were compacted earlier into "
+                  f"{r['routes_files']} Parquet file(s), which stay there: --routes-format applies to the segments "
+                  f"a compaction folds, not to routes already compacted")
             continue
         print(f"run {r['run_id']}: folded {r['segments_folded']} segment(s) ({r['segment_bytes_folded']:,} bytes), "
               f"{r['compacted_bytes']:,} bytes compacted ({r['routes_files']} routes file(s) + run.duckdb), "
@@ -160,6 +166,17 @@ def _fmt(x) -> str:
     return "-" if x is None else f"{x:.3f}"
 
 
+_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _visible(text: str) -> str:
+    """A cell on one line: a newline, tab or other control character (a whitespace token's text) as an escape,
+    so that it neither splits the row nor hides."""
+    if text.isprintable():
+        return text
+    return "".join(_ESCAPES.get(ch) or (ch if ch.isprintable() else f"\\x{ord(ch):02x}") for ch in text)
+
+
 def format_table(columns: list[str], rows: list) -> str:
     """A plain aligned text table (numbers right-aligned, NULL shown as NULL)."""
     def cell(v) -> str:
@@ -167,7 +184,7 @@ def format_table(columns: list[str], rows: list) -> str:
             return "NULL"
         if isinstance(v, float):
             return f"{v:.6g}"
-        return str(_plain(v))
+        return _visible(str(_plain(v)))
 
     text = [[cell(v) for v in r] for r in rows]
     numeric = [all(isinstance(r[i], (int, float)) or r[i] is None for r in rows) and rows != [] for i in range(len(columns))]

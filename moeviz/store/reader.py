@@ -371,13 +371,14 @@ def store_info(path) -> dict:
         if comp.get("damaged"):
             st.update(status="damaged", error=comp["damaged"])
         tables = {}
-        for t in layout.SEGMENT_TABLES:
-            live = [p for p in run.segments[t] if layout.relative_name(run_dir, p) not in comp["folded"]]
+        for t in layout.SEGMENT_TABLES + layout.COMPACTION_TABLES:  # the latter only ever in run.duckdb
+            live = [p for p in run.segments.get(t, []) if layout.relative_name(run_dir, p) not in comp["folded"]]
             tables[t] = {"segments": len(live), "segment_rows": sum(_parquet_rows(p) for p in live),
                          "segment_bytes": sum(_file_size(p) for p in live),
                          "compacted_rows": comp["rows"].get(t, 0)}
         r = tables["routes"]
         routes = r["segment_rows"] + r["compacted_rows"]
+        in_files = r["compacted_rows"] - comp.get("routes_in_duckdb", 0)  # compacted routes kept as Parquet files
         out["runs"].append({
             "run_id": run.run_id, "run_dir": str(run_dir), "status": st["status"], "error": st["error"],
             "world_size": st["world_size"], "started_at": st["started_at"], "ended_at": st["ended_at"],
@@ -388,8 +389,10 @@ def store_info(path) -> dict:
             "damaged": comp.get("damaged"),
             "uncommitted_files": [str(p) for p in run.uncommitted],
             "bytes_per_route_segments": (r["segment_bytes"] / r["segment_rows"]) if r["segment_rows"] else None,
-            "bytes_per_route_compacted": (comp["bytes"] / r["compacted_rows"]) if r["compacted_rows"] else None,
-            "bytes_per_route": ((r["segment_bytes"] + comp["bytes"]) / routes) if routes else None,
+            # the compacted routes files alone (routes compacted into run.duckdb share it with the other tables)
+            "bytes_per_route_compacted": (comp["routes_files_bytes"] / in_files) if in_files > 0 else None,
+            "run_duckdb_bytes": comp["bytes"] - comp["routes_files_bytes"],
+            "bytes_per_route": ((r["segment_bytes"] + comp["bytes"]) / routes) if routes else None,  # every file
         })
     return out
 
@@ -424,8 +427,9 @@ def _compacted_summary(target: Path) -> dict:
         return out
     try:
         have = {r[0] for r in con.execute("SELECT table_name FROM duckdb_tables()").fetchall()}
-        out["rows"] = {t: con.execute(f'SELECT count(*) FROM "{t}"').fetchone()[0] for t in layout.SEGMENT_TABLES
-                       if t in have}
+        out["rows"] = {t: con.execute(f'SELECT count(*) FROM "{t}"').fetchone()[0]
+                       for t in layout.SEGMENT_TABLES + layout.COMPACTION_TABLES if t in have}
+        out["routes_in_duckdb"] = out["rows"].get("routes", 0)
         if "_segments" in have:
             out["folded"] = {r[0] for r in con.execute("SELECT file FROM _segments").fetchall()}
         if "_routes_files" in have:  # compacted routes kept as Parquet files beside run.duckdb
