@@ -151,16 +151,19 @@ def balanced_placement(load, gpus: int, *, redundant: int = 0, nodes: int = 1) -
     Algorithm, per layer (vectorised over layers):
     1. nodes > 1: experts to nodes, heaviest first, each to the least loaded node with room (ceil(E/N) experts);
     2. replicas: one at a time to the expert with the largest load per replica (D'Hondt's rule) whose node has a
-       free slot, which minimises the largest load per replica (no other choice of counts has a smaller one);
+       free slot; with one node this minimises the largest load per replica over every choice of counts;
     3. replicas onto GPUs, heaviest first, each to the least loaded GPU of its node with a free slot that holds no
        replica of the same expert (longest processing time first);
     4. local search: move or swap one replica between the busiest GPU and another GPU of its node while that lowers
        the larger of the two loads;
-    5. if contiguous has a lower busiest GPU, contiguous is returned for that layer.
-    Guarantee: never worse than contiguous (step 5), by construction. Against the optimum (exhaustive search over
-    every placement, E <= 8, G <= 4, R <= 2, tests/test_placement.py) the worst ratio found is stated in the README;
-    the busiest GPU is at least max(total / G, the largest load per replica of step 2), a lower bound the tests
-    also check against. Runs in well under a second for 58 layers x 256 experts x 64 GPUs with 32 replicas.
+    5. steps 2-4 run with R, R // 2 and 0 replicas (an expert split in two must use two GPUs, which can hurt), and
+       with nodes > 1 also with the contiguous layout's experts per node instead of step 1's; the layer keeps the
+       best, and contiguous itself if that is better still.
+    Guarantee: never worse than contiguous (step 5), by construction. With one node the busiest GPU of any
+    placement is at least max(total / G, step 2's largest load per replica), a lower bound to compare with. Against
+    the optimum (exhaustive search over every placement for 90 cases with E <= 8, G <= 4, R <= 2, one or two nodes;
+    tests/test_placement.py) the worst ratio found is 1.096 (1.020 with one node), optimal in 69 of 90: measured,
+    not proved. 58 layers x 256 experts x 64 GPUs with 32 replicas take ~0.25 s (docs/benchmarks.md).
     """
     layers = None
     if isinstance(load, pd.DataFrame):
@@ -200,11 +203,38 @@ def _busiest(load: np.ndarray, share: np.ndarray) -> np.ndarray:
 
 
 def _balanced_shares(load: np.ndarray, gpus: int, redundant: int, nodes: int) -> np.ndarray:
-    """Steps 1-5 of `balanced_placement` on load [L, E]: shares [L, E, G]."""
+    """`balanced_placement` on load [L, E]: shares [L, E, G], per layer the best of a few candidates.
+
+    Candidates: the steps 1-4 with R, R // 2 and no replicas (splitting an expert forces its parts onto distinct
+    GPUs, which can hurt: the best use of replicas is not always all of them), and with nodes > 1 also with the contiguous layout's experts per
+    node instead of step 1's; then contiguous itself (step 5). Ties go to the earlier candidate."""
     n_lay, n_exp = load.shape
-    cap = slots_per_gpu(n_exp, gpus, redundant)
     per_node = gpus // nodes
-    node_of = _experts_to_nodes(load, nodes)  # [L, E]
+    node_choices = [_experts_to_nodes(load, nodes)]  # [L, E] each
+    if nodes > 1:
+        node_choices.append(np.broadcast_to(np.arange(n_exp) * nodes // n_exp, (n_lay, n_exp)).copy())
+    best = best_busy = None
+    for node_of in node_choices:
+        for reps in dict.fromkeys([redundant, redundant // 2, 0]):
+            share = _balanced_candidate(load, gpus, reps, per_node, node_of)  # [L, E, G]
+            busy = _busiest(load, share)  # [L]
+            if best is None:
+                best, best_busy = share, busy
+                continue
+            better = busy < best_busy * (1 - _TOL)
+            best[better], best_busy[better] = share[better], busy[better]
+    contiguous = _fixed_shares(n_exp, gpus, "contiguous")  # [E, G]
+    worse = best_busy > _busiest(load, contiguous) * (1 + _TOL)  # [L]
+    best[worse] = contiguous
+    return best
+
+
+def _balanced_candidate(load: np.ndarray, gpus: int, redundant: int, per_node: int,
+                        node_of: np.ndarray) -> np.ndarray:
+    """Steps 2-4 of `balanced_placement` for given experts per node: shares [L, E, G]."""
+    n_lay, n_exp = load.shape
+    nodes = gpus // per_node
+    cap = slots_per_gpu(n_exp, gpus, redundant)
     reps = _replica_counts(load, node_of, nodes, redundant, per_node, cap * per_node)  # [L, E]
     share = np.zeros((n_lay, n_exp, gpus))  # [L, E, G]
     gpu_node = np.arange(gpus) // per_node  # [G]
@@ -215,9 +245,6 @@ def _balanced_shares(load: np.ndarray, gpus: int, redundant: int, nodes: int) ->
         a = _deal(e, node_of[row], per_node) if stuck[row] else assign[row, valid]
         a = _improve(a, w, e, gpu_node, cap, n_exp)
         np.add.at(share[row], (e, a), 1.0 / reps[row, e])
-    contiguous = _fixed_shares(n_exp, gpus, "contiguous")  # [E, G]
-    worse = _busiest(load, share) > _busiest(load, contiguous) * (1 + _TOL)  # [L]
-    share[worse] = contiguous
     return share
 
 
