@@ -75,9 +75,10 @@ def render(ctx: Ctx) -> None:
         show_chart(charts.busiest_gpu_lines(per_step, layer=layer), per_step, "ep-busiest")
 
     with guarded("Traffic matrix"):
+        # balanced: the placement of the heat map (fitted on every selected step), not one fitted on the window
         traffic = ctx.q_slow("Counting the routes between GPUs...", dispatch_traffic, ctx.sel_routes, gpus,
                              placement=kind, source=source, redundant=redundant if kind == "balanced" else 0,
-                             nodes=nodes)
+                             nodes=nodes, fit_steps=(steps[0], steps[-1]) if kind == "balanced" else None)
         show_chart(charts.traffic_heatmap(traffic, layer=layer), traffic, "ep-traffic",
                    caption=f"Placement: {kind}. " + ctx.route_note)
         show_table(local_share(traffic, gpus=gpus, nodes=nodes), "ep-local-share")
