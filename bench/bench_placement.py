@@ -24,6 +24,7 @@ from moeviz.analyses.placement import (  # noqa: E402
     gpu_load,
     placement_comparison,
     placement_staleness,
+    placement_summary,
 )
 from moeviz.selection import Selection  # noqa: E402
 from moeviz.store import open_store  # noqa: E402
@@ -81,6 +82,8 @@ def main() -> None:
          lambda: dispatch_traffic(con, sel, g, source="sequence")),
         ("dispatch_traffic balanced R=2, source=rank", lambda: dispatch_traffic(con, sel, g, placement="balanced",
                                                                                  redundant=2, source="rank")),
+        ("placement_summary R=2 (`moeviz placement`: 4 placements, one scan of the routes)",
+         lambda: placement_summary(con, sel, g, redundant=2)),
     ]
     for name, fn in cases:
         first, med, out = timed(fn, args.repeats)

@@ -771,6 +771,12 @@ def dispatch_traffic(
         _as_int("hidden_size", hidden_size, 1)
     _as_int("bytes_per_value", bytes_per_value, 1)
     counts = _route_counts(con, sel, g, source)
+    return _traffic(con, sel, counts, g, placement, r, n, fit_steps, hidden_size, bytes_per_value)
+
+
+def _traffic(con, sel: Selection, counts: pd.DataFrame, gpus: int, placement, redundant: int, nodes: int, fit_steps,
+             hidden_size: int | None, bytes_per_value: int) -> pd.DataFrame:
+    """`dispatch_traffic` from the route counts of `_route_counts` (so that several placements share one scan)."""
     fits = _fit_counts(con, sel, placement, fit_steps)
     frames = []
     # the sources stand in for steps: run.steps holds the sources present, run.counts is [src, L, E]
@@ -780,8 +786,8 @@ def dispatch_traffic(
         run.n_experts = _layer_experts(con, run_id, run.layers, run.counts.shape[2])
         run.counts = _widen(run.counts, int(run.n_experts.max()))
         fit = fits.get(run_id) if fits is not None else None
-        share = _shares(placement, run, g, r, n, fit, run_id)  # [L, E, G]
-        per = np.zeros((g, len(run.layers), g))  # [src, L, G]
+        share = _shares(placement, run, gpus, redundant, nodes, fit, run_id)  # [L, E, G]
+        per = np.zeros((gpus, len(run.layers), gpus))  # [src, L, G]
         per[run.steps] = np.einsum("sle,leg->slg", run.counts, share)
         si, li, gi = np.unravel_index(np.arange(per.size), per.shape)
         frames.append(pd.DataFrame({"run_id": run_id, "layer": run.layers[li], "src": si.astype(np.int64),
@@ -865,12 +871,14 @@ def placement_summary(
     g, r, n = _check_shape(gpus, redundant, nodes)
     comparison = placement_comparison(con, sel, g, redundant=r, nodes=n, fit_steps=fit_steps, eval_steps=eval_steps)
     tsel = traffic_sel if traffic_sel is not None else _steps_sel(sel, eval_steps)
+    if source not in SOURCES:
+        raise PlacementError(f"source must be 'rank' (the recording rank) or 'sequence' (seq mod G); got {source!r}")
+    counts = _route_counts(con, tsel, g, source)  # one scan of the routes for every placement
     rows = []
     for (kind, reps), _ in comparison.groupby(["placement", "redundant"], sort=False):
         # balanced: fitted on the same steps as in the comparison (fit_steps, else the whole selection)
         fit = (fit_steps if fit_steps is not None else sel.steps or (-(2**62), 2**62)) if kind == "balanced" else None
-        traffic = dispatch_traffic(con, tsel, g, placement=kind, source=source, redundant=reps, nodes=n,
-                                   fit_steps=fit)
+        traffic = _traffic(con, tsel, counts, g, kind, reps, n, fit, None, 2)
         loc = local_share(traffic, gpus=g, nodes=n).assign(placement=kind, redundant=reps)
         rows.append(loc)
     local = pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(
