@@ -476,3 +476,22 @@ def test_placement_command_refuses_bad_input_in_one_line(run_dir, args, message)
 def test_placement_command_on_a_missing_store(tmp_path):
     p = moeviz("placement", tmp_path / "nothing", "--gpus", "2")
     assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and "Traceback" not in p.stderr
+
+
+def test_traffic_from_sequence_stats_equals_traffic_from_routes(routing):
+    """A compacted run's sequence_stats and a live run's routes give the same traffic (two runs in one store)."""
+    both = store_from_routing(**routing, run_id="compacted")
+    store_from_routing(**routing, run_id="live", extra_stats=False, con=both)
+    for source in ("rank", "sequence"):
+        df = dispatch_traffic(both, Selection(domains=("prose",)), 4, source=source)
+        a = df[df.run_id == "compacted"].drop(columns="run_id").reset_index(drop=True)
+        b = df[df.run_id == "live"].drop(columns="run_id").reset_index(drop=True)
+        assert len(a) == 3 * 16 and a["tokens"].sum() > 0
+        pd.testing.assert_frame_equal(a, b)
+        scanned = dispatch_traffic(both, Selection(domains=("prose",)), 4, source=source, from_routes=True)
+        pd.testing.assert_frame_equal(scanned, df)
+        for run in ("compacted", "live"):  # one run of two: each reads only its own counts
+            one = dispatch_traffic(both, Selection(run_ids=(run,), domains=("prose",)), 4, source=source)
+            assert set(one.run_id) == {run}
+            pd.testing.assert_frame_equal(one.drop(columns="run_id"), a)
+    assert dispatch_traffic(both, Selection(run_ids=()), 4).empty

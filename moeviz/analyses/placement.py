@@ -724,21 +724,48 @@ def placement_staleness(
 # --- dispatch traffic -------------------------------------------------------------------------------------------
 
 
-def _route_counts(con, sel: Selection, gpus: int, source: str) -> pd.DataFrame:
-    """Routes per run, layer, source GPU and expert: run_id, layer, src, expert, n."""
+def _route_counts(con, sel: Selection, gpus: int, source: str, from_routes: bool = False) -> pd.DataFrame:
+    """Routes per run, layer, source GPU and expert: run_id, layer, src, expert, n.
+
+    A compacted run's `sequence_stats` holds the routes counted per sequence, layer and expert (every route while
+    `runs.route_stats_complete`): read there, a source needs no scan of the routes (100 M routes: 8.4 s -> see
+    docs/benchmarks.md); other runs count their routes."""
+    from moeviz.store.reader import route_stats_complete
+
     col = {"rank": "rank", "sequence": "seq"}[source]
-    where, params = sel.with_(domains=None, tags=None).where("r")
-    semi = ""
-    if sel.needs_sequences:
-        qwhere, qparams = sel.with_(layers=None).where("q", per_token=True)
-        semi = f"""SEMI JOIN (SELECT q.run_id, q.step, q.rank, q.seq FROM sequences q WHERE {qwhere}) q
-                   ON q.run_id = r.run_id AND q.step = r.step AND q.rank = r.rank AND q.seq = r.seq"""
-        params = qparams + params
-    sql = f"""
-        SELECT r.run_id, CAST(r.layer AS INTEGER) AS layer, CAST(r.{col} % ? AS INTEGER) AS src,
-               CAST(r.expert AS INTEGER) AS expert, count(*) AS n
-        FROM routes r {semi} WHERE {where} GROUP BY ALL"""
-    return run_query(con, sql, [int(gpus)] + params)
+    complete = [] if from_routes else sorted(r for r, ok in route_stats_complete(con).items() if ok)
+    runs = [str(r) for r in run_query(con, "SELECT DISTINCT run_id FROM runs", [])["run_id"]]
+    chosen = [r for r in runs if sel.run_ids is None or r in sel.run_ids]
+    complete = [r for r in complete if r in chosen]
+    live = [r for r in chosen if r not in complete]
+    # routes are counted one run at a time, without run_id in the GROUP BY (a string key per route: 100 M routes
+    # 7-10 s with it, 1.8 s without), and without a run_id predicate when the store holds that run only
+    parts = ([("sequence_stats", "CAST(sum(r.assigned) AS BIGINT)", complete)] if complete else [])
+    parts += [("routes", "count(*)", [r]) for r in live]
+    frames = []
+    for table, n, run_ids in parts:
+        alone = table == "routes" and len(runs) == 1
+        where, params = sel.with_(domains=None, tags=None, run_ids=None if alone else tuple(run_ids)).where("r")
+        semi = ""
+        if sel.needs_sequences:
+            qwhere, qparams = sel.with_(layers=None).where("q", per_token=True)
+            semi = f"""SEMI JOIN (SELECT q.run_id, q.step, q.rank, q.seq FROM sequences q WHERE {qwhere}) q
+                       ON q.run_id = r.run_id AND q.step = r.step AND q.rank = r.rank AND q.seq = r.seq"""
+            params = qparams + params
+        keys = "r.run_id, " if table == "sequence_stats" else ""
+        sql = f"""
+            SELECT {keys}CAST(r.layer AS INTEGER) AS layer, CAST(r.{col} % ? AS INTEGER) AS src,
+                   CAST(r.expert AS INTEGER) AS expert, {n} AS n
+            FROM {table} r {semi} WHERE {where} GROUP BY ALL"""
+        df = run_query(con, sql, [int(gpus)] + params)
+        if table == "routes":
+            df.insert(0, "run_id", run_ids[0])
+        frames.append(df)
+    if not frames:
+        return pd.DataFrame({"run_id": pd.Series(dtype=object), "layer": pd.Series(dtype=np.int64),
+                             "src": pd.Series(dtype=np.int64), "expert": pd.Series(dtype=np.int64),
+                             "n": pd.Series(dtype=np.int64)})
+    return pd.concat(frames, ignore_index=True)
 
 
 def dispatch_traffic(
@@ -753,6 +780,7 @@ def dispatch_traffic(
     redundant: int = 0,
     nodes: int = 1,
     fit_steps: tuple[int, int] | None = None,
+    from_routes: bool = False,
 ) -> pd.DataFrame:
     """Token copies sent from each source GPU to each GPU per run and layer, from the per-token routes.
 
@@ -762,7 +790,8 @@ def dispatch_traffic(
     sequence `seq` of each step and rank starts on GPU seq mod G (the batch dealt to G data-parallel ranks).
     Every (src, gpu) pair has a row. `local_share` turns this into the share that stays local. Covers the tokens
     the run kept per token (all, unless it sampled); a balanced placement is fitted on the aggregates of the same
-    selection (or `fit_steps`). One scan of the selected routes.
+    selection (or `fit_steps`). A compacted run's counts come from `sequence_stats` (the routes counted per
+    sequence at compaction); others, or `from_routes=True`, take one scan of the selected routes.
     """
     g, r, n = _check_shape(gpus, redundant, nodes)
     if source not in SOURCES:
@@ -770,7 +799,7 @@ def dispatch_traffic(
     if hidden_size is not None:
         _as_int("hidden_size", hidden_size, 1)
     _as_int("bytes_per_value", bytes_per_value, 1)
-    counts = _route_counts(con, sel, g, source)
+    counts = _route_counts(con, sel, g, source, from_routes)
     return _traffic(con, sel, counts, g, placement, r, n, fit_steps, hidden_size, bytes_per_value)
 
 
