@@ -163,7 +163,7 @@ def balanced_placement(load, gpus: int, *, redundant: int = 0, nodes: int = 1) -
     placement is at least max(total / G, step 2's largest load per replica), a lower bound to compare with. Against
     the optimum (exhaustive search over every placement for 90 cases with E <= 8, G <= 4, R <= 2, one or two nodes;
     tests/test_placement.py) the worst ratio found is 1.096 (1.020 with one node), optimal in 69 of 90: measured,
-    not proved. 58 layers x 256 experts x 64 GPUs with 32 replicas take ~0.25 s (docs/benchmarks.md).
+    not proved. 58 layers x 256 experts x 64 GPUs with 32 replicas take about 0.3 s (docs/benchmarks.md).
     """
     layers = None
     if isinstance(load, pd.DataFrame):
