@@ -495,3 +495,23 @@ def test_traffic_from_sequence_stats_equals_traffic_from_routes(routing):
             assert set(one.run_id) == {run}
             pd.testing.assert_frame_equal(one.drop(columns="run_id"), a)
     assert dispatch_traffic(both, Selection(run_ids=()), 4).empty
+
+
+def test_the_pages_charts_draw_real_and_empty_frames(con):
+    from moeviz import charts
+
+    per_step = placement_comparison(con, Selection(), 4, redundant=2, by_step=True)
+    fig = charts.busiest_gpu_lines(per_step, layer=1)
+    assert {t.name for t in fig.data} == {"placement contiguous", "placement round_robin", "placement balanced",
+                                          "placement balanced + 2 replicas"}
+    traffic = dispatch_traffic(con, Selection(), 4)
+    assert charts.traffic_heatmap(traffic, layer=0).data[0].z.shape == (4, 4)
+    assert charts.gpu_load_heatmap(gpu_load(con, Selection(), 4)).data[0].z.shape == (3, 4)
+    stale = placement_staleness(con, Selection(), 4, (0, 1))
+    assert len(charts.staleness_lines(stale, layer=2).data) == 3
+    empty = Selection(run_ids=())
+    for fig in (charts.busiest_gpu_lines(placement_comparison(con, empty, 4, by_step=True), layer=0),
+                charts.traffic_heatmap(dispatch_traffic(con, empty, 4), layer=0),
+                charts.gpu_load_heatmap(gpu_load(con, empty, 4)),
+                charts.staleness_lines(placement_staleness(con, empty, 4, (0, 1)), layer=0)):
+        assert "Nothing recorded" in fig.layout.annotations[0].text
