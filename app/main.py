@@ -26,6 +26,7 @@ PAGES = [
     ("views/load.py", "Load balance", ":material/balance:"),
     ("views/aux_loss.py", "Aux loss", ":material/functions:"),
     ("views/capacity.py", "Capacity", ":material/filter_alt:"),
+    ("views/expert_parallel.py", "Expert parallel", ":material/device_hub:"),
     ("views/specialization.py", "Specialization", ":material/category:"),
     ("views/tokens.py", "Tokens", ":material/text_fields:"),
     ("views/bounds.py", "Bound explorer", ":material/calculate:"),

@@ -1047,3 +1047,55 @@ def accuracy_lines(df: pd.DataFrame) -> go.Figure:
     """Test accuracy of the toy MoE over k, one line per way (dense is one point at k = E)."""
     return lines(df, x="k", y="accuracy", color="way", title="Toy MoE test accuracy over the experts kept",
                  x_title="experts kept per input, k", y_title="test accuracy (share correct)")
+
+
+# --- expert parallelism --------------------------------------------------------------------------------------------
+
+
+def _placement_label(df: pd.DataFrame) -> pd.Series:
+    """'balanced' or 'balanced + 2 replicas' (placement_comparison rows): a legend label, no arithmetic."""
+    if "redundant" not in df.columns:
+        return df["placement"]
+    return df["placement"].where(df["redundant"] == 0, df["placement"] + " + " + df["redundant"].astype(str) + " replicas")
+
+
+def gpu_load_heatmap(df: pd.DataFrame, *, title: str | None = None) -> go.Figure:
+    """GPU × layer heat map of each GPU's share of the layer's assignments (`moeviz.analyses.placement.gpu_load`
+    rows, pooled); hover shows the assignments and the layer's busiest/mean GPU."""
+    title = title or "Share of each layer's assignments per GPU"
+    return heatmap(df, x="gpu", y="layer", z="share", title=title, x_title="GPU", y_title="MoE layer",
+                   z_title="share of layer's assignments", hover=["tokens", "max_over_mean"], zmin=0)
+
+
+def busiest_gpu_lines(df: pd.DataFrame, *, layer: int) -> go.Figure:
+    """The busiest GPU over the mean GPU per step, one line per placement, for one layer
+    (`moeviz.analyses.placement.placement_comparison` rows with by_step=True)."""
+    _need(df, ["step", "layer", "placement", "max_over_mean"], "busiest GPU over steps")
+    d = df[df["layer"] == layer]
+    d = d.assign(placement=_placement_label(d))
+    return lines(d, x="step", y="max_over_mean", color="placement", hover=["busiest", "mean"],
+                 title=f"Busiest GPU over the mean GPU per step, layer {layer}", x_title="step",
+                 y_title="busiest GPU ÷ mean GPU", references={"even": 1.0})
+
+
+def traffic_heatmap(df: pd.DataFrame, *, layer: int) -> go.Figure:
+    """Source × GPU matrix of the token copies one layer dispatches (`moeviz.analyses.placement.dispatch_traffic`)."""
+    _need(df, ["layer", "src", "gpu", "tokens"], "dispatch traffic")
+    d = df[df["layer"] == layer]
+    return heatmap(d, x="gpu", y="src", z="tokens", title=f"Token copies sent from each source to each GPU, layer {layer}",
+                   x_title="destination GPU (holds the expert)", y_title="source GPU (where the token starts)",
+                   z_title="token copies", hover=[c for c in ("bytes",) if c in d.columns], zmin=0)
+
+
+def staleness_lines(df: pd.DataFrame, *, layer: int) -> go.Figure:
+    """A placement fitted on early steps against one refitted every step and the contiguous layout, for one layer
+    (`moeviz.analyses.placement.placement_staleness` rows)."""
+    _need(df, ["step", "layer", "fitted", "refit", "contiguous"], "placement staleness")
+    d = df[df["layer"] == layer]
+    names = {"fitted": "balanced, fitted on the window", "refit": "balanced, refitted every step",
+             "contiguous": "contiguous"}
+    long = d.melt(id_vars=["step", "layer"], value_vars=list(names), var_name="placement", value_name="max_over_mean")
+    long["placement"] = long["placement"].map(names)
+    return lines(long, x="step", y="max_over_mean", color="placement",
+                 title=f"How a fitted placement goes stale, layer {layer}", x_title="step",
+                 y_title="busiest GPU ÷ mean GPU", references={"even": 1.0})

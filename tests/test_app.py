@@ -22,7 +22,7 @@ from streamlit.testing.v1 import AppTest  # noqa: E402
 from moeviz.testing import softmax, store_from_routing, synthetic_routing  # noqa: E402
 
 APP = str(Path(__file__).resolve().parents[1] / "app" / "main.py")
-PAGES = ["overview", "load", "aux_loss", "capacity", "specialization", "tokens", "bounds", "toy", "sql", "compare"]
+PAGES = ["overview", "load", "aux_loss", "capacity", "expert_parallel", "specialization", "tokens", "bounds", "toy", "sql", "compare"]
 
 
 # --- writing real stores ----------------------------------------------------------------------------------------
@@ -599,3 +599,24 @@ def test_capacity_curve_marks_the_chosen_factor_with_its_drop_rate(store, routin
     xs, ys = arr(curve["x"]), arr(curve["y"])
     assert list(xs) == sorted(xs) and 1.1 in set(np.round(xs, 6))
     assert ys[list(np.round(xs, 6)).index(1.1)] == pytest.approx(d / a)
+
+
+def test_expert_parallel_page_shows_gpu_load_traffic_and_staleness(store, routing):
+    """The GPU x layer map of the contiguous placement against numpy (expert e on GPU floor(e*4/8)), then the
+    balanced placement with replicas and two nodes: every chart, no error."""
+    at = open_app(store, page="expert_parallel")
+    heat = chart(at, "per GPU, contiguous")["data"][0]
+    z = arr(heat["z"]).reshape(3, 4)
+    for layer in range(3):
+        counts = np.bincount(routing["index"][:, layer].ravel(), minlength=8)
+        per_gpu = np.bincount(np.arange(8) * 4 // 8, weights=counts, minlength=4)
+        assert np.allclose(z[layer], per_gpu / per_gpu.sum())
+    for title in ("Busiest GPU over the mean GPU", "Token copies sent", "goes stale"):
+        chart(at, title)
+    at.radio(key="ep_placement").set_value("balanced").run()
+    at.number_input(key="ep_redundant").set_value(2).run()
+    at.number_input(key="ep_nodes").set_value(2).run()
+    assert not at.exception and not at.error, texts(at, "error")
+    chart(at, "per GPU, balanced")
+    at.number_input(key="ep_gpus").set_value(16).run()  # more GPUs than experts + replicas: a message, no trace
+    assert not at.exception and "exceed" in texts(at, "error")
