@@ -502,8 +502,8 @@ def test_the_pages_charts_draw_real_and_empty_frames(con):
 
     per_step = placement_comparison(con, Selection(), 4, redundant=2, by_step=True)
     fig = charts.busiest_gpu_lines(per_step, layer=1)
-    assert {t.name for t in fig.data} == {"placement contiguous", "placement round_robin", "placement balanced",
-                                          "placement balanced + 2 replicas"}
+    # legends name the series, not the column (issue 16)
+    assert {t.name for t in fig.data} == {"contiguous", "round_robin", "balanced", "balanced + 2 replicas"}
     traffic = dispatch_traffic(con, Selection(), 4)
     assert charts.traffic_heatmap(traffic, layer=0).data[0].z.shape == (4, 4)
     assert charts.gpu_load_heatmap(gpu_load(con, Selection(), 4)).data[0].z.shape == (3, 4)
