@@ -347,6 +347,71 @@ def _finalize(out: RouterOutput, n_experts: int, top_k: int, where: str) -> Rout
     return RouterOutput(logits=logits, index=index, weights=fields["weights"], dropped=dropped)
 
 
+def check_router_output(site: "RouterSite", out: RouterOutput) -> None:
+    """Raise RouterOutputError, naming the router and what to pass, if a finalised output is not a routing
+    decision moeviz can store as it is: indices outside [0, n_experts) or repeated within a token, logits that are
+    NaN or look like probabilities / sigmoid scores (rows in [0, 1]: the aggregates would softmax them again),
+    gate weights that are negative or exceed the declared `weight_scale` (the store keeps weights / weight_scale
+    in [0, 1] and would clip them without saying which router was wrong).
+
+    Reads values: a host sync. The Recorder calls it once per router, on the router's first recorded forward
+    and before anything of that forward is stored, never again."""
+    import torch
+
+    where = f"router {site.name} ({type(site.module).__name__}, read as {site.kind or 'custom'})"
+    fix = (
+        "pass find_routers/Recorder adapter= a RouterAdapter that returns the router's logits, top-k indices and "
+        "the gate weights it applied, with `weight_scale` set to any constant the weights were multiplied by"
+    )
+    logits, index, weights = out.logits, out.index, out.weights  # [T, E], [T, k], [T, k]
+    if logits.shape[0] == 0:
+        return
+    with torch.no_grad():
+        lg = logits.float()  # [T, E]
+        w = weights.float()  # [T, k]
+        # note: CPU-GPU sync point, once per router on its first recorded forward
+        stats = torch.stack(
+            [
+                index.min().float(),
+                index.max().float(),
+                torch.isnan(lg).any().float(),
+                lg.min(),
+                lg.max(),
+                (lg.sum(-1) - 1).abs().max(),
+                torch.isnan(w).any().float(),
+                w.min(),
+                w.max(),
+                (index.sort(-1).values.diff(dim=-1) == 0).any().float() if index.shape[1] > 1 else lg.new_zeros(()),
+            ]
+        ).cpu().tolist()
+    i_min, i_max, lg_nan, lg_min, lg_max, row_err, w_nan, w_min, w_max, repeated = stats
+    if i_min < 0 or i_max >= site.n_experts:
+        raise RouterOutputError(
+            f"{where}: expert indices range over [{i_min:.0f}, {i_max:.0f}] but the router has n_experts="
+            f"{site.n_experts}; {fix} (and n_experts/top_k set)"
+        )
+    if repeated:
+        raise RouterOutputError(f"{where}: a token has the same expert in two of its top_k={site.top_k} slots; {fix}")
+    if lg_nan:
+        raise RouterOutputError(f"{where}: the router logits contain NaN; {fix}")
+    if site.n_experts >= 2 and lg_min >= 0.0 and lg_max <= 1.0:
+        what = "probabilities (every row sums to 1)" if row_err < 1e-3 else "sigmoid scores (every value in [0, 1])"
+        raise RouterOutputError(
+            f"{where}: the values read as router logits look like {what}, not logits; moeviz takes softmax of "
+            f"the logits for prob_sum, entropy and z-loss, so these would be stored wrong. {fix}, where `logits` "
+            "are the pre-activation scores (e.g. the gate linear's output)"
+        )
+    if w_nan or w_min < -1e-6:
+        raise RouterOutputError(f"{where}: gate weights are NaN or negative (min {w_min:.4g}); {fix}")
+    tol = 1e-3 * max(1.0, site.weight_scale)
+    if w_max > site.weight_scale + tol:
+        raise RouterOutputError(
+            f"{where}: gate weights reach {w_max:.4g} but the declared weight_scale is {site.weight_scale:g}: the "
+            "store keeps weight / weight_scale in [0, 1] and would clip them. If the model multiplies its gate "
+            f"weights by a constant, {fix}"
+        )
+
+
 def _make_extract(adapter: Callable, n_experts: int, top_k: int, where: str):
     """The site's `extract`: the adapter's output, finalised."""
 
