@@ -145,7 +145,7 @@ class RouterSite:
     capacity_factor: float | None
     extract: Callable[[Any, tuple, Any], RouterOutput]
     expert_capacity: int | None = None  # tokens per expert per sequence (Switch), else None
-    kind: str = ""  # which rule found it and reads it, e.g. 'topk-router', 'switch-top1', 'linear-gate', 'custom'
+    kind: str = ""  # which rule found it and reads it, e.g. 'topk-router', 'switch-top1', 'megatron-topk', 'custom'
     weight_scale: float = 1.0  # factor the model multiplied the gate weights by (DeepSeek's routed_scaling_factor)
 
     def capacity_factor_for(self, tokens_per_group: int) -> float | None:
@@ -522,6 +522,11 @@ def _stack(name: str) -> str | None:
 
 def _auto_adapter(module, parent, config, n_experts: int, top_k: int) -> tuple[Callable, str] | None:
     """The built-in adapter for a router module and its kind, or None if it is not a router we know."""
+    from collectors import frameworks
+
+    found = frameworks.auto_adapter(module, n_experts, top_k)  # Megatron-Core, ...: known by class and package
+    if found is not None:
+        return found
     cls_name = type(module).__name__
     if _matches_router_class(cls_name):
         if fnmatch.fnmatchcase(cls_name, "*Top1Router") and hasattr(module, "expert_capacity"):
@@ -606,7 +611,11 @@ def _site(name, module, parent, config, adapter, layer: int) -> RouterSite:
             )
         read, kind = auto
     factor, expert_capacity = _capacity(module, config)
-    scale = _weight_scale(adapter if adapter is not None else module)
+    own = getattr(read, "capacity_factor", None)  # an adapter that knows the router's capacity factor
+    if isinstance(own, (int, float)) and not isinstance(own, bool) and own > 0:
+        factor = float(own)
+    # the scale a user adapter declares, else the built-in adapter's (Megatron), else the module's own attribute
+    scale = _weight_scale(adapter if adapter is not None else read if _declares_scale(read) else module)
     return RouterSite(
         name=name,
         module=module,
@@ -621,6 +630,11 @@ def _site(name, module, parent, config, adapter, layer: int) -> RouterSite:
         kind=kind,
         weight_scale=scale,
     )
+
+
+def _declares_scale(obj) -> bool:
+    value = getattr(obj, "weight_scale", None)
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
 
 
 def _weight_scale(obj) -> float:
