@@ -37,6 +37,7 @@ What the recorded numbers mean, where model families differ:
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import functools
 import inspect
 import json
@@ -993,10 +994,15 @@ def _distributed_rank_and_size() -> tuple[int, int]:
 
 
 def _config_dict(model: nn.Module, config: dict | None) -> dict | None:
-    """The run's config as JSON-safe data: the user's dict, else the HF config's `to_dict()`."""
+    """The run's config as JSON-safe data: the user's dict, else the HF config's `to_dict()`, else the fields of a
+    dataclass config (Megatron-Core's TransformerConfig: its routing settings, e.g. the scaling factor that
+    stored weights were divided by); values JSON cannot hold are stored as their str()."""
     if config is None:
         cfg = getattr(model, "config", None)
-        config = cfg.to_dict() if hasattr(cfg, "to_dict") else None
+        if hasattr(cfg, "to_dict"):
+            config = cfg.to_dict()
+        elif dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
+            config = {f.name: getattr(cfg, f.name, None) for f in dataclasses.fields(cfg)}
     if config is None:
         return None
     return json.loads(json.dumps(config, default=str))

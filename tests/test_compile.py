@@ -1,4 +1,4 @@
-"""The Recorder under torch.compile (backend aot_eager, on a tiny Mixtral): hooks attached before or after
+"""The Recorder under torch.compile (backend aot_eager, and inductor marked slow, on a tiny Mixtral): hooks attached before or after
 compiling record exactly what the model routed, and the recorder adds no graph break and no graph.
 
 Reference: the router module's own return value `(router_logits, top_k_weights, top_k_index)` in an eager run of
@@ -85,19 +85,23 @@ def _record(rec, compiled, batches) -> None:
         rec.step(step)
 
 
-def test_hooks_attached_before_compile_record_exactly_in_one_graph(tmp_path, fresh_dynamo):
+@pytest.mark.parametrize(
+    "backend",
+    ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)],  # inductor: ~60 s on 2 cores (C++ builds)
+)
+def test_hooks_attached_before_compile_record_exactly_in_one_graph(tmp_path, fresh_dynamo, backend):
     model, config = tiny_model("mixtral")
     batches = _inputs(config.vocab_size)
     reference = _eager_reference(model, batches)
 
-    baseline = CompileCounterWithBackend("aot_eager")
+    baseline = CompileCounterWithBackend(backend)
     with torch.no_grad():
         torch.compile(model, backend=baseline)(batches[0][0])
     assert baseline.frame_count == 1  # the model alone compiles to one graph
     torch._dynamo.reset()
     counters.clear()
 
-    cnt = CompileCounterWithBackend("aot_eager")
+    cnt = CompileCounterWithBackend(backend)
     with Recorder(model, tmp_path / "run") as rec:
         compiled = torch.compile(model, backend=cnt)
         _record(rec, compiled, batches)

@@ -42,6 +42,11 @@ from moeviz.store import query  # noqa: E402
 
 BATCH, SEQ = 2, 8
 
+pytestmark = [  # Megatron's own notices on a CPU without Transformer Engine / Apex
+    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+    pytest.mark.filterwarnings("ignore:.*(Apex|Transformer Engine|full scope).*:UserWarning"),
+]
+
 CONFIGS = {
     "softmax": {},
     "pre_softmax": dict(moe_router_pre_softmax=True),
@@ -175,7 +180,7 @@ def test_recorder_stores_megatrons_routing_in_token_order(megatron_run, tmp_path
         np.testing.assert_array_equal(r.seq.to_numpy(), np.repeat(np.arange(BATCH), SEQ * k))
         np.testing.assert_array_equal(r.pos.to_numpy(), np.tile(np.repeat(np.arange(SEQ), k), BATCH))
         np.testing.assert_array_equal(r.expert.to_numpy().reshape(-1, k), out.index.numpy())
-        recorded = torch.as_tensor(r.expert.to_numpy().reshape(-1, k), dtype=torch.long)  # [B*S, k] by (seq, pos)
+        recorded = torch.tensor(r.expert.to_numpy().reshape(-1, k), dtype=torch.long)  # [B*S, k] by (seq, pos)
         recorded_map = torch.zeros(BATCH * SEQ, E, dtype=torch.bool).scatter(1, recorded, True)
         kept_by_megatron = _to_batch_major(got[s.layer]["routing_map"])  # straight from Megatron, not via `out`
         assert bool((recorded_map | ~kept_by_megatron).all())  # every expert a token was sent to is recorded
@@ -186,3 +191,45 @@ def test_recorder_stores_megatrons_routing_in_token_order(megatron_run, tmp_path
         want_dropped = torch.zeros(E, dtype=torch.long).scatter_add(0, out.index[dropped], torch.ones_like(out.index[dropped]))
         np.testing.assert_array_equal(st.dropped.to_numpy(), want_dropped.numpy())
         np.testing.assert_array_equal(st.assigned.to_numpy() - st.dropped.to_numpy(), kept_map.sum(0).numpy())
+
+
+def test_training_with_aux_loss_and_expert_bias_records_what_the_router_did(tmp_path):
+    """model.train() with aux and z losses (Megatron attaches them to probs through autograd functions), sigmoid
+    scores with expert_bias, forward and backward for two steps: each step's routes equal the routing_map and
+    probs Megatron returned in that step, and the router still gets its gradient."""
+    overrides = dict(
+        moe_router_load_balancing_type="aux_loss", moe_aux_loss_coeff=0.01, moe_z_loss_coeff=0.001,
+        moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True,
+    )
+    with megatron_on_cpu():
+        model, cfg = tiny_megatron_gpt(seed=4, **overrides)
+        model.train()
+        sites = find_routers(model)
+        seen: list[dict] = []
+        raw = [s.module.register_forward_hook(
+            lambda m, i, o, s=s: seen[-1].__setitem__(s.layer, (o[0].detach().clone(), o[1].clone())))
+            for s in sites]
+        try:
+            with Recorder(model, tmp_path / "run", flush_every=1) as rec:
+                for step in range(2):
+                    ids, pos, mask = megatron_gpt_inputs(BATCH, SEQ, seed=10 + step)
+                    seen.append({})
+                    model.zero_grad()
+                    model(ids, pos, mask).float().pow(2).mean().backward()
+                    assert all(s.module.weight.grad is not None for s in sites)
+                    rec.step(step)
+        finally:
+            for h in raw:
+                h.remove()
+    k = cfg.moe_router_topk
+    routes = query(tmp_path / "run", "SELECT step, layer, seq, pos, slot, expert, weight FROM routes ORDER BY ALL")
+    for step in range(2):
+        for s in sites:
+            probs, routing_map = (_to_batch_major(t) for t in seen[step][s.layer])  # [B*S, E]
+            r = routes[(routes.step == step) & (routes.layer == s.layer)]
+            index = torch.tensor(r.expert.to_numpy().reshape(-1, k), dtype=torch.long)  # [B*S, k]
+            recorded = torch.zeros_like(routing_map).scatter(1, index, True)
+            assert torch.equal(recorded, routing_map)
+            np.testing.assert_allclose(r.weight.to_numpy().reshape(-1, k), probs.gather(1, index).numpy(), atol=2e-5)
+    config = query(tmp_path / "run", "SELECT config FROM runs").config[0]
+    assert '"moe_router_score_function": "sigmoid"' in config  # the TransformerConfig, stored as the run's config
