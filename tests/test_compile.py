@@ -163,3 +163,27 @@ def test_a_run_whose_hooks_never_fired_warns_at_close_with_the_cause(tmp_path):
             with torch.no_grad():
                 model(ids)
             rec.step(0)
+
+
+@pytest.mark.slow  # ~24 s on 2 shared cores: AOT-compiling the backward
+def test_training_under_compile_records_each_forward_once_and_backward_works(tmp_path, fresh_dynamo):
+    """model.train(), forward + backward through the compiled graph (aot_eager compiles the backward too): the
+    routes are the eager router's, counted once per forward (the backward calls no hook), gradients reach the
+    router, and the Recorder adds no graph and no graph break."""
+    model, config = tiny_model("mixtral")
+    model.train()
+    batches = _inputs(config.vocab_size)
+    reference = _eager_reference(model, batches)  # no dropout in the tiny config: train routing = eval routing
+    cnt = CompileCounterWithBackend("aot_eager")
+    router = next(m for m in model.modules() if type(m).__name__.endswith("TopKRouter"))
+    with Recorder(model, tmp_path / "run") as rec:
+        compiled = torch.compile(model, backend=cnt)
+        for step, forwards in enumerate(batches):
+            for ids in forwards:
+                model.zero_grad()
+                compiled(input_ids=ids, labels=ids).loss.backward()
+                assert router.weight.grad is not None and bool(router.weight.grad.abs().sum() > 0)
+            rec.step(step)
+    assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
+    assert cnt.frame_count == 1
+    _assert_routes_equal_reference(tmp_path / "run", reference, config.num_experts_per_tok)
