@@ -338,7 +338,12 @@ def _finalize(out: RouterOutput, n_experts: int, top_k: int, where: str) -> Rout
                 f"top_k={top_k} (logits give {tokens} tokens)"
             )
         fields[field] = t.detach().reshape(tokens, top_k)
+    for field, t in (("logits", logits), ("weights", fields["weights"])):
+        if not t.is_floating_point():
+            raise RouterOutputError(f"{where}: {field} have dtype {t.dtype}, expected a float dtype")
     index = fields["index"]
+    if index.is_floating_point() or index.dtype == torch.bool:
+        raise RouterOutputError(f"{where}: index has dtype {index.dtype}, expected integer expert ids")
     if index.dtype != torch.int64:
         index = index.to(torch.int64)
     dropped = fields["dropped"]

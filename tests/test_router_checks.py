@@ -110,3 +110,20 @@ def test_the_check_runs_once_per_router(tmp_path, monkeypatch):
                 model(input_ids=ids)
             rec.step(step)
     assert sorted(calls) == [0, 1]
+
+
+@pytest.mark.parametrize(
+    "spoil, says",
+    [
+        (lambda o: RouterOutput(o.logits, o.index.float(), o.weights), "index has dtype torch.float32"),
+        (lambda o: RouterOutput(o.logits, o.index, (o.weights * 100).long()), "weights have dtype torch.int64"),
+    ],
+    ids=["float index", "integer weights"],
+)
+def test_wrong_dtypes_raise_at_extraction(spoil, says):
+    model, config = tiny_model("mixtral")
+    site = find_routers(model, adapter=_Wrong(spoil))[0]
+    with pytest.raises(RouterOutputError, match=says):
+        site.module.register_forward_hook(lambda m, i, o: site.extract(m, i, o))
+        with torch.no_grad():
+            model(input_ids=torch.ones(1, 3, dtype=torch.long))
