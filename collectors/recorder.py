@@ -515,7 +515,10 @@ class Recorder:
         from collectors.routers import find_routers
         from moeviz.store import RunWriter
 
-        sites = list(find_routers(self.model, predicate=self.predicate, adapter=self.adapter))
+        # a torch.compile result (OptimizedModule) routes through its original module: name the routers as in
+        # an uncompiled run (no `_orig_mod.` prefix), so that runs compare layer by layer
+        inner = self.model._orig_mod if isinstance(getattr(self.model, "_orig_mod", None), nn.Module) else self.model
+        sites = list(find_routers(inner, predicate=self.predicate, adapter=self.adapter))
         if not sites:
             raise RecorderError(
                 f"no MoE router found in {type(self.model).__name__}: pass predicate=(name, module) -> bool "
@@ -572,7 +575,8 @@ class Recorder:
         are frames of their own, outside the model's graph, so this costs no graph break); the router hooks are
         traceable and are compiled into the graph. Code that torch.compile built before the hooks existed does
         not call them (Dynamo does not guard on module hooks), so its caches are reset here: one recompile."""
-        self._forward_params = _positional_params(self.model.forward)
+        inner = getattr(self.model, "_orig_mod", self.model)  # a torch.compile result: its module's signature
+        self._forward_params = _positional_params(inner.forward)
         self._handles.append(
             self.model.register_forward_pre_hook(torch.compiler.disable(self._on_model_call), with_kwargs=True)
         )

@@ -125,6 +125,8 @@ def test_hooks_attached_after_compile_and_warm_up_record_exactly(tmp_path, fresh
     assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
     assert cnt.frame_count == 2  # one recompile, to trace the hooks; none per forward or step
     _assert_routes_equal_reference(tmp_path / "run", reference, config.num_experts_per_tok)
+    names = query(tmp_path / "run", "SELECT module_name FROM layers ORDER BY layer").module_name.tolist()
+    assert names == [f"model.layers.{i}.mlp.gate" for i in range(config.num_hidden_layers)]  # as if uncompiled
 
     # after close the hooks are gone from the compiled code too: nothing is left in the recorder's sinks
     with torch.no_grad():
