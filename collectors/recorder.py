@@ -19,6 +19,13 @@ How it stays out of the way of training:
   memory.
 - Hooks are removed in `finally`, whatever happened; the run is closed as finished, or failed with the
   exception text, and the user's exception always propagates.
+- Under `torch.compile` the router hooks are traced into the model's graph (no graph break; they leave their
+  outputs in a `_Sink`, which needs no recompilation per forward) and the model's pre/post hooks run outside it.
+  Hooks attached or removed after something was compiled reset torch.compile's caches (one recompilation),
+  since Dynamo does not notice new module hooks by itself.
+- Each router's first output is checked (`collectors.routers.check_router_output`: one host sync per router,
+  once per run) at the end of the first forward, before anything of it can be stored; a run whose router
+  hooks never fired warns at close.
 
 What the recorded numbers mean, where model families differ:
 - `routes.weight` is the gate weight after the model's renormalisation but before a constant routed scaling
