@@ -471,7 +471,7 @@ def megatron_on_cpu():
 
 def tiny_megatron_gpt(*, seed: int = 0, vocab_size: int = 128, max_sequence_length: int = 32, **overrides):
     """A seeded random Megatron-Core GPTModel with MoE MLPs (local spec, allgather token dispatcher), eval mode,
-    float32, and its TransformerConfig; `overrides` go to the config. Call it, and the model, inside
+    float32 (bfloat16 with `bf16=True, params_dtype=torch.bfloat16`), and its TransformerConfig; `overrides` go to the config. Call it, and the model, inside
     `megatron_on_cpu()`. Router weights get std 0.5 so that routing is neither uniform nor trivial; with
     `moe_router_enable_expert_bias=True` the (zero at init) expert bias is set to random values."""
     import torch
@@ -500,6 +500,8 @@ def tiny_megatron_gpt(*, seed: int = 0, vocab_size: int = 128, max_sequence_leng
     model = GPTModel(
         config=config, transformer_layer_spec=spec, vocab_size=vocab_size, max_sequence_length=max_sequence_length
     )
+    if config.bf16:
+        model = model.bfloat16()  # what Megatron's Float16Module does; the routers keep expert_bias in float32
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for module in model.modules():

@@ -62,6 +62,11 @@ CONFIGS = {
         moe_router_enable_expert_bias=True,
         moe_expert_capacity_factor=0.5,
     ),
+    "bf16": dict(bf16=True, params_dtype=torch.bfloat16),
+    "bf16_fp32_router_sigmoid_bias": dict(
+        bf16=True, params_dtype=torch.bfloat16, moe_router_dtype="fp32", moe_router_score_function="sigmoid",
+        moe_router_enable_expert_bias=True,
+    ),
 }
 
 
@@ -179,12 +184,12 @@ def test_recorder_stores_megatrons_routing_in_token_order(megatron_run, tmp_path
         assert len(r) == BATCH * SEQ * k
         np.testing.assert_array_equal(r.seq.to_numpy(), np.repeat(np.arange(BATCH), SEQ * k))
         np.testing.assert_array_equal(r.pos.to_numpy(), np.tile(np.repeat(np.arange(SEQ), k), BATCH))
-        np.testing.assert_array_equal(r.expert.to_numpy().reshape(-1, k), out.index.numpy())
+        np.testing.assert_array_equal(r.expert.to_numpy().reshape(-1, k), out.index.numpy())  # int64
         recorded = torch.tensor(r.expert.to_numpy().reshape(-1, k), dtype=torch.long)  # [B*S, k] by (seq, pos)
         recorded_map = torch.zeros(BATCH * SEQ, E, dtype=torch.bool).scatter(1, recorded, True)
         kept_by_megatron = _to_batch_major(got[s.layer]["routing_map"])  # straight from Megatron, not via `out`
         assert bool((recorded_map | ~kept_by_megatron).all())  # every expert a token was sent to is recorded
-        np.testing.assert_allclose(r.weight.to_numpy().reshape(-1, k), out.weights.numpy() / scale, atol=2e-5)
+        np.testing.assert_allclose(r.weight.to_numpy().reshape(-1, k), out.weights.float().numpy() / scale, atol=2e-5)
         st = stats[stats.layer == s.layer]
         kept_map = _to_batch_major(got[s.layer]["routing_map"])
         dropped = out.dropped if out.dropped is not None else torch.zeros_like(out.index, dtype=torch.bool)
