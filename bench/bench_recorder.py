@@ -100,13 +100,14 @@ def main(args) -> None:
     tokens = args.batch * args.seq_len
     routes = tokens * args.layers * args.top_k
     b, rc = statistics.median(base), statistics.median(rec_times)
-    print("| device | compile | hidden | layers | E/k | tokens/step | routes/step | step (no rec) | step (rec) | overhead "
-          "| start | close | recompile |")
+    print("| device | compile | hidden | layers | E/k | tokens/step | routes/step | step (no rec) | step (rec) "
+          "| overhead | start | close | recompile |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     print(
         f"| {args.device} ({torch.get_num_threads()} threads) | {args.compile} | {args.hidden} | {args.layers} "
         f"| {args.experts}/{args.top_k} | {tokens} | {routes} | {b * 1e3:.1f} ms | {rc * 1e3:.1f} ms "
-        f"| {100 * (rc / b - 1):+.1f}% | {statistics.median(setup) * 1e3:.0f} ms | {statistics.median(close) * 1e3:.0f} ms "
+        f"| {100 * (rc / b - 1):+.1f}% | {statistics.median(setup) * 1e3:.0f} ms "
+        f"| {statistics.median(close) * 1e3:.0f} ms "
         f"| {statistics.median(recompile) if recompile else 0:.1f} s |"
     )
 

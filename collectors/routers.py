@@ -146,7 +146,8 @@ class RouterSite:
     extract: Callable[[Any, tuple, Any], RouterOutput]
     expert_capacity: int | None = None  # tokens per expert per sequence (Switch), else None
     kind: str = ""  # which rule found it and reads it, e.g. 'topk-router', 'switch-top1', 'megatron-topk', 'custom'
-    weight_scale: float = 1.0  # factor the model multiplied the gate weights by (DeepSeek's routed_scaling_factor)
+    weight_scale: float = 1.0  # factor the model multiplied the gate weights by (DeepSeek's routed_scaling_factor,
+    # Megatron's moe_router_topk_scaling_factor)
 
     def capacity_factor_for(self, tokens_per_group: int) -> float | None:
         """Capacity factor at a given group size: expert_capacity * n_experts / tokens_per_group for

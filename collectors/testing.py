@@ -463,7 +463,9 @@ def megatron_on_cpu():
     stack = contextlib.ExitStack()
     stack.enter_context(mock.patch.object(torch.cuda, "current_device", lambda: "cpu"))
     stack.enter_context(
-        mock.patch.object(megatron_random.CudaRNGStatesTracker, "fork", lambda self, name=None: contextlib.nullcontext())
+        mock.patch.object(
+            megatron_random.CudaRNGStatesTracker, "fork", lambda self, name=None: contextlib.nullcontext()
+        )
     )
     stack.enter_context(mock.patch.object(moe_utils, "te_general_gemm", None, create=True))
     return stack
@@ -471,9 +473,10 @@ def megatron_on_cpu():
 
 def tiny_megatron_gpt(*, seed: int = 0, vocab_size: int = 128, max_sequence_length: int = 32, **overrides):
     """A seeded random Megatron-Core GPTModel with MoE MLPs (local spec, allgather token dispatcher), eval mode,
-    float32 (bfloat16 with `bf16=True, params_dtype=torch.bfloat16`), and its TransformerConfig; `overrides` go to the config. Call it, and the model, inside
-    `megatron_on_cpu()`. Router weights get std 0.5 so that routing is neither uniform nor trivial; with
-    `moe_router_enable_expert_bias=True` the (zero at init) expert bias is set to random values."""
+    float32 (bfloat16 with `bf16=True, params_dtype=torch.bfloat16`), and its TransformerConfig; `overrides` go
+    to the config. Call it, and the model, inside `megatron_on_cpu()`. Weights are initialised with std 0.5 so
+    that routing is neither uniform nor trivial; with `moe_router_enable_expert_bias=True` the (zero at init)
+    expert bias is set to random values."""
     import torch
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.models.gpt.gpt_model import GPTModel

@@ -1,5 +1,6 @@
-"""The Recorder under torch.compile (backend aot_eager, and inductor marked slow, on a tiny Mixtral): hooks attached before or after
-compiling record exactly what the model routed, and the recorder adds no graph break and no graph.
+"""The Recorder under torch.compile (backend aot_eager, and inductor marked slow, on a tiny Mixtral): hooks
+attached before or after compiling record exactly what the model routed, and the recorder adds no graph break
+and no graph.
 
 Reference: the router module's own return value `(router_logits, top_k_weights, top_k_index)` in an eager run of
 the same model on the same inputs, captured by a raw forward hook that does not use collectors.routers. Graphs
@@ -16,7 +17,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-import torch._dynamo  # noqa: E402
+import torch._dynamo  # noqa: E402, F811 (the submodule, for torch._dynamo.reset)
 from torch._dynamo.testing import CompileCounterWithBackend  # noqa: E402
 from torch._dynamo.utils import counters  # noqa: E402
 
@@ -55,7 +56,9 @@ def _eager_reference(model, batches) -> list[dict[int, tuple[np.ndarray, np.ndar
 
 
 def _assert_routes_equal_reference(path, reference, k: int) -> None:
-    routes = query(path, "SELECT step, seq, pos, layer, slot, expert, weight FROM routes ORDER BY step, seq, pos, layer, slot")
+    routes = query(
+        path, "SELECT step, seq, pos, layer, slot, expert, weight FROM routes ORDER BY step, seq, pos, layer, slot"
+    )
     n_layers = len(reference[0])
     assert len(routes) == STEPS * FORWARDS * BATCH * SEQ * n_layers * k
     for step in range(STEPS):

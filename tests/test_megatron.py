@@ -176,7 +176,9 @@ def test_recorder_stores_megatrons_routing_in_token_order(megatron_run, tmp_path
             with torch.no_grad():
                 model(ids, pos, mask)
             rec.step(0)
-    routes = query(tmp_path / "run", "SELECT seq, pos, layer, slot, expert, weight FROM routes ORDER BY layer, seq, pos, slot")
+    routes = query(
+        tmp_path / "run", "SELECT seq, pos, layer, slot, expert, weight FROM routes ORDER BY layer, seq, pos, slot"
+    )
     stats = query(tmp_path / "run", "SELECT layer, expert, assigned, dropped FROM step_stats ORDER BY layer, expert")
     for s in sites:
         out = got[s.layer]["out"]  # checked against Megatron above
@@ -193,7 +195,10 @@ def test_recorder_stores_megatrons_routing_in_token_order(megatron_run, tmp_path
         st = stats[stats.layer == s.layer]
         kept_map = _to_batch_major(got[s.layer]["routing_map"])
         dropped = out.dropped if out.dropped is not None else torch.zeros_like(out.index, dtype=torch.bool)
-        want_dropped = torch.zeros(E, dtype=torch.long).scatter_add(0, out.index[dropped], torch.ones_like(out.index[dropped]))
+        dropped_experts = out.index[dropped]  # [n_dropped]
+        want_dropped = torch.zeros(E, dtype=torch.long).scatter_add(
+            0, dropped_experts, torch.ones_like(dropped_experts)
+        )
         np.testing.assert_array_equal(st.dropped.to_numpy(), want_dropped.numpy())
         np.testing.assert_array_equal(st.assigned.to_numpy() - st.dropped.to_numpy(), kept_map.sum(0).numpy())
 

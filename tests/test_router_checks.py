@@ -13,7 +13,13 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from collectors.recorder import Recorder  # noqa: E402
-from collectors.routers import RouterAdapter, RouterOutput, RouterOutputError, check_router_output, find_routers  # noqa: E402
+from collectors.routers import (  # noqa: E402
+    RouterAdapter,
+    RouterOutput,
+    RouterOutputError,
+    check_router_output,
+    find_routers,
+)
 from collectors.testing import FAMILIES, ENCODER_DECODER_FAMILIES, tiny_model  # noqa: E402
 from moeviz.store import query  # noqa: E402
 
@@ -53,8 +59,12 @@ class _Wrong(RouterAdapter):
 
 
 MISTAKES = {
-    "probabilities as logits": (lambda o: RouterOutput(o.logits.softmax(-1), o.index, o.weights), "look like probabilities"),
-    "sigmoid scores as logits": (lambda o: RouterOutput(o.logits.sigmoid(), o.index, o.weights), "look like sigmoid scores"),
+    "probabilities as logits": (
+        lambda o: RouterOutput(o.logits.softmax(-1), o.index, o.weights), "look like probabilities"
+    ),
+    "sigmoid scores as logits": (
+        lambda o: RouterOutput(o.logits.sigmoid(), o.index, o.weights), "look like sigmoid scores"
+    ),
     "scaled weights, no weight_scale": (lambda o: RouterOutput(o.logits, o.index, o.weights * 2.5), "weight_scale"),
     "index out of range": (lambda o: RouterOutput(o.logits, o.index + 3, o.weights), "n_experts=4"),
     "same expert twice": (lambda o: RouterOutput(o.logits, o.index[:, :1].expand(-1, 2), o.weights), "same expert"),
@@ -92,7 +102,8 @@ def test_declared_weight_scale_makes_scaled_weights_pass(tmp_path):
     weights = query(tmp_path / "run", "SELECT weight FROM routes ORDER BY pos, layer, slot").weight.to_numpy()
     probs = out.router_logits[0].softmax(-1).topk(2).values  # Mixtral renormalises its top-2: the stored weight
     probs = probs / probs.sum(-1, keepdim=True)
-    torch.testing.assert_close(torch.tensor(weights[: 5 * 2 * 2]).reshape(5, 2, 2)[:, 0], probs.double(), atol=2e-5, rtol=0)
+    layer0 = torch.tensor(weights[: 5 * 2 * 2]).reshape(5, 2, 2)[:, 0]  # [pos, slot] of layer 0
+    torch.testing.assert_close(layer0, probs.double(), atol=2e-5, rtol=0)
 
 
 def test_the_check_runs_once_per_router(tmp_path, monkeypatch):
@@ -121,7 +132,7 @@ def test_the_check_runs_once_per_router(tmp_path, monkeypatch):
     ids=["float index", "integer weights"],
 )
 def test_wrong_dtypes_raise_at_extraction(spoil, says):
-    model, config = tiny_model("mixtral")
+    model, _ = tiny_model("mixtral")
     site = find_routers(model, adapter=_Wrong(spoil))[0]
     with pytest.raises(RouterOutputError, match=says):
         site.module.register_forward_hook(lambda m, i, o: site.extract(m, i, o))
