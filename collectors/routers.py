@@ -356,7 +356,8 @@ def _finalize(out: RouterOutput, n_experts: int, top_k: int, where: str) -> Rout
 def check_router_output(site: "RouterSite", out: RouterOutput) -> None:
     """Raise RouterOutputError, naming the router and what to pass, if a finalised output is not a routing
     decision moeviz can store as it is: indices outside [0, n_experts) or repeated within a token, logits that are
-    NaN or look like probabilities / sigmoid scores (rows in [0, 1]: the aggregates would softmax them again),
+    NaN or look like probabilities (rows in [0, 1] summing to 1) or sigmoid scores (all strictly inside (0, 1)):
+    the aggregates would softmax them again,
     gate weights that are negative or exceed the declared `weight_scale` (the store keeps weights / weight_scale
     in [0, 1] and would clip them without saying which router was wrong).
 
@@ -400,8 +401,13 @@ def check_router_output(site: "RouterSite", out: RouterOutput) -> None:
         raise RouterOutputError(f"{where}: a token has the same expert in two of its top_k={site.top_k} slots; {fix}")
     if lg_nan:
         raise RouterOutputError(f"{where}: the router logits contain NaN; {fix}")
-    if site.n_experts >= 2 and lg_min >= 0.0 and lg_max <= 1.0:
-        what = "probabilities (every row sums to 1)" if row_err < 1e-3 else "sigmoid scores (every value in [0, 1])"
+    # probabilities: every row in [0, 1] and summing to 1. Sigmoid scores: every value strictly inside (0, 1),
+    # over enough values that real logits would have shown a sign or a size (all-zero logits of a router whose
+    # weights are still zero-initialised are logits, and pass)
+    looks_like_probs = lg_min >= 0.0 and lg_max <= 1.0 and row_err < 1e-3
+    looks_like_scores = lg_min > 0.0 and lg_max < 1.0 and logits.numel() >= 64
+    if site.n_experts >= 2 and (looks_like_probs or looks_like_scores):
+        what = "probabilities (every row sums to 1)" if looks_like_probs else "sigmoid scores (every value in (0, 1))"
         raise RouterOutputError(
             f"{where}: the values read as router logits look like {what}, not logits; moeviz takes softmax of "
             f"the logits for prob_sum, entropy and z-loss, so these would be stored wrong. {fix}, where `logits` "

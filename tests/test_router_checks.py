@@ -76,7 +76,7 @@ MISTAKES = {
 def test_a_wrong_reading_raises_at_the_first_forward_and_nothing_is_stored(tmp_path, mistake):
     spoil, says = MISTAKES[mistake]
     model, config = tiny_model("mixtral")
-    ids = torch.randint(2, config.vocab_size, (2, 6), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(2, config.vocab_size, (2, 8), generator=torch.Generator().manual_seed(0))  # 64 logits
     with pytest.raises(RouterOutputError, match=says) as err:
         with Recorder(model, tmp_path / "run", adapter=_Wrong(spoil), flush_every=1) as rec:
             with torch.no_grad():
@@ -138,3 +138,17 @@ def test_wrong_dtypes_raise_at_extraction(spoil, says):
         site.module.register_forward_hook(lambda m, i, o: site.extract(m, i, o))
         with torch.no_grad():
             model(input_ids=torch.ones(1, 3, dtype=torch.long))
+
+
+def test_zero_initialised_router_logits_pass(tmp_path):
+    """A router whose weight is still zero (transformers initialises some routers so) gives all-zero logits:
+    logits all the same, not probabilities; recording from step 0 of a training run must not fail."""
+    model, config = tiny_model("qwen3_moe")
+    for s in find_routers(model):
+        torch.nn.init.zeros_(s.module.weight)
+    ids = torch.randint(2, config.vocab_size, (2, 8), generator=torch.Generator().manual_seed(0))
+    with Recorder(model, tmp_path / "run") as rec:
+        with torch.no_grad():
+            model(input_ids=ids)
+        rec.step(0)
+    assert query(tmp_path / "run", "SELECT count(*) AS n FROM routes").n[0] == 2 * 8 * config.num_hidden_layers * 2
