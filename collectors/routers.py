@@ -355,11 +355,11 @@ def _finalize(out: RouterOutput, n_experts: int, top_k: int, where: str) -> Rout
 
 def check_router_output(site: "RouterSite", out: RouterOutput) -> None:
     """Raise RouterOutputError, naming the router and what to pass, if a finalised output is not a routing
-    decision moeviz can store as it is: indices outside [0, n_experts) or repeated within a token, logits that are
-    NaN or look like probabilities (rows in [0, 1] summing to 1) or sigmoid scores (all strictly inside (0, 1)):
-    the aggregates would softmax them again,
-    gate weights that are negative or exceed the declared `weight_scale` (the store keeps weights / weight_scale
-    in [0, 1] and would clip them without saying which router was wrong).
+    decision moeviz can store as it is: indices outside [0, n_experts) or repeated within a token; logits that are
+    NaN or look like probabilities (rows in [0, 1] summing to 1) or sigmoid scores (all strictly inside (0, 1)),
+    which the aggregates would softmax again; gate weights that are negative or exceed the declared
+    `weight_scale` (the store keeps weights / weight_scale in [0, 1] and would clip them without saying which
+    router was wrong).
 
     Reads values: a host sync. The Recorder calls it once per router, on the router's first recorded forward
     and before anything of that forward is stored, never again."""
