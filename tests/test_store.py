@@ -207,6 +207,17 @@ def test_weight_quantisation_is_round_to_nearest(tmp_path):
     assert [g[0] for g in got] == pytest.approx([v / 65535 for v in q], abs=0)
 
 
+def test_clipped_weights_warn_naming_the_layers_and_their_routers(tmp_path):
+    w = RunWriter(tmp_path / "r", compact_on_close=False)
+    w.write_layers([{"layer": 0, "module_name": "model.layers.0.mlp.gate"},
+                    {"layer": 1, "module_name": "model.layers.1.mlp.gate"}])
+    weights = np.array([0.5, 0.9, 2.5, 0.1])  # layer 1 holds a weight times a routed scaling factor
+    with pytest.warns(StoreWarning, match=r"in layer\(s\) 1 \(model\.layers\.1\.mlp\.gate\), clipped"):
+        w.write_flush({"routes": {"step": 0, "seq": 0, "pos": np.arange(4), "token_id": 7,
+                                  "layer": np.array([0, 0, 1, 1]), "slot": 0, "expert": 1, "weight": weights}})
+    w.close()
+
+
 def test_large_flush_splits_into_layer_major_segments_without_losing_rows(tmp_path, monkeypatch):
     monkeypatch.setattr(layout, "ROUTES_ROWS_PER_LAYER", 7)
     rng = np.random.default_rng(2)
