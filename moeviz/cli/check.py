@@ -9,35 +9,20 @@ from __future__ import annotations
 
 import argparse
 
-from moeviz.errors import MoevizError
-
-_OPEN_END = 2**62
+from moeviz.cli.args import ArgumentError, int_list, step_range
 
 
-class CheckArgumentError(MoevizError, ValueError):
-    """A `moeviz check` argument is malformed."""
+class CheckArgumentError(ArgumentError):
+    """A `moeviz check` argument is malformed, or selects nothing."""
 
 
 def parse_steps(text: str | None) -> tuple[int, int] | None:
     """'A:B' (inclusive), 'A:' or ':B' -> (first, last); None -> every step."""
-    if text is None:
-        return None
-    first, sep, last = text.partition(":")
-    try:
-        if not sep:
-            return int(text), int(text)
-        return (int(first) if first.strip() else -_OPEN_END, int(last) if last.strip() else _OPEN_END)
-    except ValueError:
-        raise CheckArgumentError(f"--steps takes A:B (inclusive), A: or :B with integer steps; got {text!r}") from None
+    return step_range(text, "--steps", CheckArgumentError)
 
 
 def parse_int_list(text: str | None, what: str) -> tuple[int, ...] | None:
-    if text is None:
-        return None
-    try:
-        return tuple(int(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise CheckArgumentError(f"{what} takes comma-separated integers, e.g. 0,3,5; got {text!r}") from None
+    return int_list(text, what, CheckArgumentError)
 
 
 def register(subparsers) -> None:

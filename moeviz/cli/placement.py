@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import argparse
 
-from moeviz.errors import MoevizError
-
-_OPEN_END = 2**62
+from moeviz.cli.args import ArgumentError, int_list, step_range
 
 
-class PlacementArgumentError(MoevizError, ValueError):
+class PlacementArgumentError(ArgumentError):
     """A `moeviz placement` argument is malformed."""
 
 
@@ -29,19 +27,6 @@ def _int(text: str, flag: str, lowest: int) -> int:
         # the analysis' own wording, so that a script sees one message for one mistake
         raise PlacementArgumentError(f"{flag.lstrip('-')} must be an integer >= {lowest}; got {value}")
     return value
-
-
-def _range(text: str | None, flag: str) -> tuple[int, int] | None:
-    """'A:B' (inclusive), 'A:' or ':B' -> (first, last); None -> None."""
-    if text is None:
-        return None
-    first, sep, last = text.partition(":")
-    try:
-        if not sep:
-            return int(text), int(text)
-        return (int(first) if first.strip() else -_OPEN_END, int(last) if last.strip() else _OPEN_END)
-    except ValueError:
-        raise PlacementArgumentError(f"{flag} takes A:B (inclusive), A: or :B with integer steps; got {text!r}") from None
 
 
 def register(subparsers) -> None:
@@ -75,13 +60,9 @@ def run_placement(args: argparse.Namespace) -> int:
     gpus = _int(args.gpus, "--gpus", 1)
     redundant = _int(args.redundant, "--redundant", 0)
     nodes = _int(args.nodes, "--nodes", 1)
-    fit, evaluate = _range(args.fit, "--fit"), _range(args.eval_steps, "--eval")
-    layers = None
-    if args.layers:
-        try:
-            layers = tuple(int(x) for x in args.layers.split(",") if x.strip())
-        except ValueError:
-            raise PlacementArgumentError(f"--layers takes comma-separated integers; got {args.layers!r}") from None
+    fit = step_range(args.fit, "--fit", PlacementArgumentError)
+    evaluate = step_range(args.eval_steps, "--eval", PlacementArgumentError)
+    layers = int_list(args.layers or None, "--layers", PlacementArgumentError)
     sel = Selection(run_ids=tuple(args.runs) if args.runs else None, layers=layers, steps=evaluate)
     con = open_store(args.path)
     try:
@@ -100,7 +81,7 @@ def run_placement(args: argparse.Namespace) -> int:
     local.columns = [f"local:{c}" for c in local.columns]
     table = pd.concat([load, local], axis=1).reset_index()
     steps = "all steps" if evaluate is None else f"steps {args.eval_steps}"
-    fitted = f"fitted on steps {args.fit}" if args.fit else f"fitted on the same steps"
+    fitted = f"fitted on steps {args.fit}" if args.fit else "fitted on the same steps"
     print(f"max/mean GPU load over {gpus} GPUs ({nodes} node(s)), {steps}; balanced {fitted}. "
           f"local: share of token copies that stay on their GPU (source: {args.source}).")
     print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
