@@ -382,7 +382,7 @@ def test_hooks_removed_and_run_failed_when_the_body_raises(mixtral, tmp_path):
         rec.step(3)
 
 
-def test_writer_thread_error_surfaces_on_next_step_and_keeps_written_data(mixtral, tmp_path, monkeypatch):
+def test_strict_writer_thread_error_surfaces_on_next_step_and_keeps_written_data(mixtral, tmp_path, monkeypatch):
     from moeviz import store
 
     real = store.RunWriter.write_flush
@@ -395,8 +395,8 @@ def test_writer_thread_error_surfaces_on_next_step_and_keeps_written_data(mixtra
         return real(self, tables)
 
     monkeypatch.setattr(store.RunWriter, "write_flush", flaky)
-    with pytest.raises(RecorderError, match="disk full"):
-        with Recorder(mixtral, tmp_path / "run", flush_every=1) as rec:
+    with pytest.raises(RecorderError, match="disk full"):  # strict: the default warns and goes on (test_recording_errors)
+        with Recorder(mixtral, tmp_path / "run", flush_every=1, strict=True) as rec:
             for step in range(10):
                 with torch.no_grad():
                     mixtral(torch.full((1, 4), 3))
@@ -641,7 +641,8 @@ def test_layer_aggregates_ignore_nan_padding_and_handle_minus_inf_logits():
     ref = brute_force(np.where(np.isinf(logits.numpy()), -1e30, logits.numpy())[keep], np.ones(2))
     tokens, z, ent, drop = got[:4]
     assert np.isnan(got[4:8]).all()  # no token layout given: adjacency unknown (NULL in the store)
-    assigned, first, prob, drop_e = got[8:].reshape(4, E)
+    assert got[8] == 0  # the NaN token is padding: not a non-finite token
+    assigned, first, prob, drop_e = got[9:].reshape(4, E)
     assert (tokens, drop) == (2, 1)  # the padded token's drops do not count
     np.testing.assert_array_equal(assigned, [2, 1, 0, 1])
     np.testing.assert_array_equal(first, [0, 1, 0, 1])
@@ -829,6 +830,6 @@ def test_layer_aggregates_upcast_bfloat16_logits():
     mask = torch.arange(64) % 5 != 0
     got = layer_aggregates(logits, index, None, mask).numpy()
     ref = brute_force(logits.float().numpy(), mask.numpy(), k=2)
-    n_scalars = 8  # tokens, z, entropy, dropped, 4 adjacency counts
+    n_scalars = 9  # tokens, z, entropy, dropped, 4 adjacency counts, nonfinite_tokens
     np.testing.assert_allclose(got[n_scalars + 2 * 8 : n_scalars + 3 * 8], ref["prob_sum"], rtol=1e-5)
     np.testing.assert_allclose(got[1:3], [ref["z_loss_sum"], ref["entropy_sum"]], rtol=1e-5)
