@@ -38,6 +38,10 @@ def _header(ctx: Ctx):
         st.warning("A writer died without closing the run (kill -9, OOM, node loss): the data ends where it stopped.")
     elif status == "running":
         st.info("The run is being written: with Live refresh on (sidebar) the pages reload as new steps arrive.")
+    lost = run.get("recording_errors")
+    if lost is not None and not pd.isna(lost) and int(lost) > 0:  # training went on, some steps were not written
+        st.warning(f"The recording lost data ({int(lost)} recording error(s); training went on): "
+                   f"{run.get('recording_error')}. The pages show what was written.")
     if int(run.get("steps") or 0) == 0:
         st.info("Nothing has been recorded in this run yet.")
     with st.expander("Model config and recording policy"):
@@ -60,15 +64,22 @@ def _header(ctx: Ctx):
     return detail
 
 
+# findings that say the recorded numbers are incomplete: always shown, whatever else was found
+_ALWAYS_SHOWN = ("nonfinite_router", "recording_errors")
+
+
 def _health(health: pd.DataFrame) -> None:
     st.subheader("Health")
     bad = health[health["severity"].isin(["error", "warn"])] if "severity" in health.columns else health
     if bad.empty:
-        st.success("No problems found: no collapsed or dead experts, no growing imbalance, no heavy drops.")
+        st.success("No problems found: no collapsed or dead experts, no growing imbalance, no heavy drops, no NaN "
+                   "router outputs.")
         return
     n_err = int((bad["severity"] == "error").sum()) if "severity" in bad.columns else 0
     st.markdown(f"**{n_err} errors, {len(bad) - n_err} warnings** (worst first)")
-    for _, row in bad.head(3).iterrows():
+    always = bad["check"].isin(_ALWAYS_SHOWN) if "check" in bad.columns else pd.Series(False, index=bad.index)
+    shown = pd.concat([bad[always], bad[~always].head(max(0, 3 - int(always.sum())))])
+    for _, row in shown.iterrows():
         (st.error if row.get("severity") == "error" else st.warning)(str(row.get("message")))
     with st.expander(f"All {len(health)} findings"):
         show_table(health, "health")
