@@ -631,7 +631,7 @@ class Recorder:
         try:
             record = self._step_record(step, calls, forwards, token_ids, attention_mask, domain, str(tag),
                                        seq_offset or 0)
-        except RecorderError:
+        except (RecorderError, AssertionError):  # misuse, or a test's guard (a host-sync detector): never hidden
             raise
         except Exception as e:
             if self.strict:

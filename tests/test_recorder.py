@@ -477,6 +477,32 @@ def test_hooks_and_step_do_not_sync_with_the_device(tmp_path, family):
     assert query(tmp_path / "run", "SELECT count(*) AS n FROM layer_stats").n[0] == 2 * len(rec.sites)
 
 
+def test_nonfinite_counts_do_not_sync_with_the_device(mixtral, tmp_path):
+    """NaN router logits are counted (layer_stats.nonfinite_tokens) by the same sync-free step()."""
+    from collectors import RecordingWarning
+    from collectors.routers import find_routers
+
+    def nan_logit(module, args, out):  # registered before the Recorder's hooks: they see what it returns
+        logits = out[0].clone()
+        logits[1] = float("nan")
+        return (logits,) + tuple(out[1:])
+
+    handle = find_routers(mixtral)[0].module.register_forward_hook(nan_logit)
+    gen = torch.Generator().manual_seed(2)
+    ids, mask = padded_batch(gen, 2, 6, [6, 4])
+    try:
+        with pytest.warns(RecordingWarning, match="NaN or infinite"):
+            with WatchedRecorder(mixtral, tmp_path / "run", max_tokens_per_step=5, flush_every=100) as rec:
+                for step in range(2):
+                    with torch.no_grad():
+                        mixtral(input_ids=ids, attention_mask=mask)
+                    rec.step(step)
+    finally:
+        handle.remove()
+    ls = query(tmp_path / "run", "SELECT layer, tokens, nonfinite_tokens FROM layer_stats ORDER BY step, layer")
+    assert ls.nonfinite_tokens.tolist() == [1, 0, 1, 0] and ls.tokens.tolist() == [9, 10, 9, 10]
+
+
 @pytest.mark.parametrize(
     "bad",
     [

@@ -44,7 +44,8 @@ RUNS = _t(
     "runs",
     "One row per run: the model and how it was recorded. `status` is derived at read time: "
     "'running' while a writer is alive, 'finished' or 'failed' once every rank closed, "
-    "'interrupted' when a writer died without closing (kill -9, OOM, node loss).",
+    "'interrupted' when a writer died without closing (kill -9, OOM, node loss). A recording that lost data while "
+    "training went on keeps its status (training finished): `recording_errors` says so.",
     ("run_id", "VARCHAR", "Unique id of the run (the run folder's name unless given)."),
     ("run_name", "VARCHAR", "Human name given to the Recorder."),
     ("model_class", "VARCHAR", "Python class of the recorded model, e.g. MixtralForCausalLM."),
