@@ -26,14 +26,20 @@ def packed_aggregate_size(n_experts: int) -> int:
     return len(LAYER_SCALARS) + len(EXPERT_VECTORS) * n_experts
 
 
-def finite_tokens(logits: Tensor, weights: Tensor | None = None) -> Tensor:
+def router_lse(logits: Tensor) -> Tensor:
+    """logsumexp of the router logits in float32, [N]: computed once per layer and step, shared by
+    `finite_tokens` and `layer_aggregates` (it is most of their cost for wide layers)."""
+    return torch.logsumexp(logits.float(), dim=-1)
+
+
+def finite_tokens(logits: Tensor, weights: Tensor | None = None, lse: Tensor | None = None) -> Tensor:
     """Which tokens have usable router outputs, as bool [N] (computed on the device: no sync).
 
-    logits [N, E]; weights [N, k] or None. A token is finite when logsumexp of its logits is finite (no NaN, no
-    +inf, not every expert at -inf: then its softmax, z-loss and entropy are finite too; single experts masked
-    with -inf are fine) and all its gate weights are finite.
+    logits [N, E]; weights [N, k] or None; lse [N] from `router_lse` (None: computed here). A token is finite
+    when logsumexp of its logits is finite (no NaN, no +inf, not every expert at -inf: then its softmax, z-loss
+    and entropy are finite too; single experts masked with -inf are fine) and all its gate weights are finite.
     """
-    ok = torch.isfinite(torch.logsumexp(logits.float(), dim=-1))  # [N]
+    ok = torch.isfinite(router_lse(logits) if lse is None else lse)  # [N]
     if weights is not None:
         ok = ok & torch.isfinite(weights.float()).all(-1)  # [N]
     return ok
@@ -41,32 +47,33 @@ def finite_tokens(logits: Tensor, weights: Tensor | None = None) -> Tensor:
 
 def layer_aggregates(
     logits: Tensor, index: Tensor, dropped: Tensor | None, mask: Tensor, seq: Tensor | None = None,
-    pos: Tensor | None = None, finite: Tensor | None = None,
+    pos: Tensor | None = None, finite: Tensor | None = None, lse: Tensor | None = None,
 ) -> Tensor:
     """Exact aggregates of one layer over one step, packed as float64 [9 + 4 * n_experts].
 
     logits [N, E] router logits; index [N, k] chosen experts (slot 0 first); dropped [N, k] bool or None;
     mask [N] bool, False for tokens outside the attention mask (they count nowhere); seq/pos [N] the token
     layout (None when unknown: the adjacency counts are then NaN, stored as NULL); finite [N] bool from
-    `finite_tokens` (None: computed from the logits alone). Tokens inside the mask that are not finite are
-    counted in nonfinite_tokens and nowhere else.
+    `finite_tokens` (None: computed from the logits alone); lse [N] from `router_lse` (None: computed here).
+    Tokens inside the mask that are not finite are counted in nonfinite_tokens and nowhere else.
     Layout: tokens, z_loss_sum, entropy_sum, dropped_total, adjacent_pairs, same_first, first_in_topk,
     topk_overlap, nonfinite_tokens, assigned[E], first_choice[E], prob_sum[E], dropped[E].
     """
     n, n_experts = logits.shape
     k = index.shape[1]
     inside = mask.to(torch.bool)  # [N]
+    lse = router_lse(logits) if lse is None else lse  # [N] float32
     if finite is None:
-        finite = finite_tokens(logits)
+        finite = finite_tokens(logits, lse=lse)
     keep = inside & finite  # [N]
     nonfinite = (inside & ~finite).sum(dtype=torch.float64)  # []
     m = keep.to(torch.int64)  # [N]
-    logp = torch.log_softmax(logits.float(), dim=-1)  # [N, E]
+    logp = logits.float() - lse[:, None]  # [N, E]: log_softmax, reusing the logsumexp
     p = logp.exp()  # [N, E]
 
     prob_sum = torch.where(keep[:, None], p, 0.0).sum(0, dtype=torch.float64)  # [E]
-    lse = torch.logsumexp(logits.float(), dim=-1).to(torch.float64)  # [N]
-    z_loss_sum = torch.where(keep, lse * lse, 0.0).sum()  # []
+    lse64 = lse.to(torch.float64)  # [N]
+    z_loss_sum = torch.where(keep, lse64 * lse64, 0.0).sum()  # []
     plogp = torch.where(p > 0, p * logp, 0.0)  # [N, E]; 0 log 0 = 0 for experts masked with -inf
     entropy_sum = torch.where(keep, -plogp.sum(-1), 0.0).sum(dtype=torch.float64)  # []
 

@@ -70,6 +70,7 @@ from collectors.aggregates import (
     layer_aggregates,
     packed_routes,
     pair_counts,
+    router_lse,
 )
 from moeviz.errors import MoevizError
 
@@ -671,11 +672,12 @@ class Recorder:
                 seq = pos = tid = None
                 mask = torch.ones(logits.shape[0], dtype=torch.bool, device=dev)
             # NaN/inf logits or weights: counted in the aggregates, left out of everything else (no sync here)
-            finite = finite_tokens(logits, weights)  # [N]
+            lse = router_lse(logits)  # [N]
+            finite = finite_tokens(logits, weights, lse=lse)  # [N]
             keep = mask & finite  # [N]
             if stream is not None:
                 routed.append((site, stream, index, keep))
-            agg = layer_aggregates(logits, index, dropped, mask, seq, pos, finite=finite)
+            agg = layer_aggregates(logits, index, dropped, mask, seq, pos, finite=finite, lse=lse)
             record.pieces.append(_piece("agg", site.layer, agg))
             if self.pair_stats:
                 record.pieces.append(_piece("pairs", site.layer, pair_counts(index, keep, int(site.n_experts))))
