@@ -512,9 +512,13 @@ class Recorder:
         self._calls = [[] for _ in sites]
         stacks = {s.stack for s in sites}
         self._is_encoder_decoder |= {"encoder", "decoder"} <= stacks  # also when a wrapper hides the config
-        writer = RunWriter(
-            self.path, run_id=self.run_id, run_name=self.run_name, rank=self.rank, world_size=self.world_size
-        )
+        try:
+            writer = RunWriter(
+                self.path, run_id=self.run_id, run_name=self.run_name, rank=self.rank, world_size=self.world_size
+            )
+        except OSError as e:  # before training starts: the caller can fix it (a read-only or full filesystem)
+            raise RecorderError(f"cannot record into {self.path}: {_error_text(e)}; give a folder on a writable "
+                                "filesystem with free space") from e
         self._writer_thread = _WriterThread(writer, self.max_pending_flushes, strict=self.strict)
         self._started = True
         _OPEN_RECORDERS.add(self)

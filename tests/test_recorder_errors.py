@@ -473,3 +473,21 @@ def test_nonfinite_counts_do_not_sync_and_run_on_the_meta_device(tmp_path):
     msgs = recording_warnings(caught)
     assert len(msgs) == 1 and "steps 0-1" in msgs[0], msgs
     assert query(tmp_path / "run", "SELECT status, recording_errors FROM runs").values.tolist() == [["finished", 1]]
+
+
+def test_an_unwritable_run_folder_is_a_clear_error_at_start(mixtral, tmp_path, monkeypatch):
+    """Before training starts the caller can fix it: a RecorderError that says what to do, not a raw OSError
+    (a read-only filesystem, simulated: these tests may run as root, which writes into read-only folders)."""
+    from moeviz.store import layout
+
+    def read_only(*a, **kw):
+        raise OSError(30, "Read-only file system")
+
+    def n_hooks():  # transformers installs its own output-capturing hooks: count, do not expect none
+        return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in mixtral.modules())
+
+    before = n_hooks()
+    monkeypatch.setattr(layout, "write_json_atomic", read_only)
+    with pytest.raises(RecorderError, match="Read-only file system.*writable"):
+        Recorder(mixtral, tmp_path / "run").start()
+    assert n_hooks() == before

@@ -226,7 +226,10 @@ class RunWriter:
 
     def _heartbeat(self) -> None:
         self._status["heartbeat"] = layout.utc_iso()
-        layout.write_json_atomic(layout.status_path(self.run_dir, self.rank), self._status)
+        try:  # advisory (liveness seen from another host): a full disk must not fail a flush already written
+            layout.write_json_atomic(layout.status_path(self.run_dir, self.rank), self._status)
+        except OSError:
+            pass
 
     def _data_table(self, table: str, cols: Mapping[str, Any]) -> pa.Table | None:
         """Validate and convert one table of a flush to its on-disk Arrow form (None if it has no rows)."""
