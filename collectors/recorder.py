@@ -773,7 +773,8 @@ class Recorder:
         """Copy the buffered steps to the host (one copy) and hand them to the writer thread.
 
         If the copy fails, or later the writer thread cannot write them, these steps are lost on their own: one
-        RecordingWarning, the run marked degraded, training goes on (strict=True: RecorderError).
+        RecordingWarning, the run marked degraded, training goes on (strict=True: the copy's error propagates, the
+        writer thread's is raised as RecorderError at the next call).
         """
         self._raise_writer_error()
         records, self._pending = self._pending, []
@@ -787,6 +788,8 @@ class Recorder:
                 [pc.tensor.contiguous().reshape(-1).view(torch.uint8).to(device, non_blocking=True) for pc in pieces]
             )  # [total bytes]
             host = flat.cpu().numpy()  # note: the one CPU-GPU sync point per flush
+        except AssertionError:  # a test's guard: never hidden
+            raise
         except Exception as e:
             if self.strict:
                 raise
@@ -817,7 +820,7 @@ class Recorder:
         if kind not in self._warned:
             self._warned.add(kind)
             warnings.warn(text + " Further such problems of this Recorder are not warned about.", RecordingWarning,
-                          stacklevel=4)
+                          stacklevel=_caller_stacklevel())
 
     def _recording_failed(self, what: str, error: BaseException) -> None:
         """Data of a failed step or flush (on the training thread) is lost: count it in the run, warn once."""
@@ -977,6 +980,17 @@ def _step_number(step: Any) -> int:
         return operator.index(step)
     except TypeError:
         raise RecorderError(f"step() takes an integer step number; got {type(step).__name__}") from None
+
+
+def _caller_stacklevel() -> int:
+    """The warnings.warn stacklevel, for a warn() in the function that calls this, that points at the first frame
+    outside this module: the user's step() / with-block line, whichever path inside the Recorder got there."""
+    import sys
+
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename == __file__:
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _steps_text(steps: Sequence[int], most: int = 8) -> str:
