@@ -18,7 +18,9 @@ from typing import Any, Callable
 
 import streamlit as st
 
+from moeviz.errors import StaleStoreError
 from moeviz.selection import Selection
+from moeviz.store.reader import is_stale
 
 CTX_KEY = "_moeviz_ctx"
 STORE_ENV = "MOEVIZ_STORE"
@@ -69,7 +71,18 @@ def qualified_name(fn) -> str:
 
 
 def call(fn: Callable, path: str, token: int, *args, **kwargs) -> Any:
-    """`fn(con, *args, **kwargs)` on the store's shared connection, one call at a time (not cached)."""
+    """`fn(con, *args, **kwargs)` on the store's shared connection, one call at a time (not cached).
+
+    A compaction that folds segments the connection was reading makes it stale: then the store is opened again
+    (for every session: they share the connection) and the call runs once more."""
+    shared = connection(path, token)
+    try:
+        with shared.lock:
+            return fn(shared.con, *args, **kwargs)
+    except Exception as e:  # noqa: BLE001 - re-raised unless the connection went stale
+        if not (isinstance(e, StaleStoreError) or is_stale(e)):
+            raise
+    connection.clear()
     shared = connection(path, token)
     with shared.lock:
         return fn(shared.con, *args, **kwargs)

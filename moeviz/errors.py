@@ -15,3 +15,7 @@ class SchemaVersionError(MoevizError):
 
 class StoreError(MoevizError):
     pass
+
+
+class StaleStoreError(StoreError):
+    """A file this connection read was removed since it was opened (a compaction folded it): open the store again."""

@@ -482,7 +482,23 @@ def test_a_truncated_segment_is_skipped_not_fatal(tmp_path):
     seg.write_bytes(seg.read_bytes()[:100])
     at = open_app(tmp_path, run="r")
     assert metric(at, "Experts") == "4"
-    assert "skipped 1 incomplete Parquet file" in texts(at, "warning")
+    assert "skipped 1 damaged Parquet file" in texts(at, "warning")
+
+
+def test_a_compaction_under_the_dashboard_is_read_again_not_shown_as_an_error(tmp_path):
+    """The shared connection lists segments when it opens; a compaction then folds and deletes them. The next
+    query re-opens the store (app/state.call) instead of showing "Failed to open local file"."""
+    routing = synthetic_routing(**SMALL)
+    writer = write_run_dir(tmp_path / "r", routing, run_id="r", close=False)
+    at = open_app(tmp_path, run="r", page="load")
+    at.toggle(key="live").set_value(False).run()  # live refresh would re-open the store on its own
+    assert not at.exception and not texts(at, "error")
+    writer.close()  # the last rank closes: compaction folds the segments the open connection reads
+    assert not list((tmp_path / "r" / "routes").rglob("*.parquet"))
+    at.switch_page("views/aux_loss.py").run()
+    assert not at.exception and not texts(at, "error"), texts(at, "error")
+    at.switch_page("views/tokens.py").run()
+    assert not at.exception and not texts(at, "error"), texts(at, "error")
 
 
 def test_app_files_hold_no_sql():

@@ -319,20 +319,38 @@ def test_writer_refuses_bad_input_with_clear_errors(tmp_path):
         RunWriter(tmp_path / "r", run_id="other")
 
 
-def test_incomplete_parquet_files_are_skipped_with_a_warning(tmp_path):
+def test_files_no_commit_names_are_never_read_and_damaged_committed_files_are_skipped(tmp_path):
+    """Readers read what commits name: a whole valid copy dropped into a segment folder (globbing would count it
+    twice), garbage, an empty file and a writer's temp file are left out without a word while the writer lives;
+    a committed segment truncated later (a failed disk, a bad copy) is skipped with a warning naming it; closing
+    the writer compacts and removes the leftovers, saying how many."""
     run_dir = tmp_path / "r"
-    _, expected = write_run(run_dir, close=False)
+    w, expected = write_run(run_dir, close=False)
     folder = run_dir / "routes" / "rank=0"
-    real = sorted(folder.glob("*.parquet"))[0]
-    data = real.read_bytes()
-    (folder / "part-00000090-deadbeef.parquet").write_bytes(data[: len(data) // 2])  # truncated copy
+    first, second = sorted(folder.glob("*.parquet"))[:2]
+    data = first.read_bytes()
+    (folder / "part-00000090-deadbeef.parquet").write_bytes(data)
     (folder / "part-00000091-deadbeef.parquet").write_bytes(b"PAR1 this is not parquet at all")
     (folder / "part-00000092-deadbeef.parquet").write_bytes(b"")
-    (folder / ".part-00000093-cafecafe.parquet.tmp").write_bytes(data[:100])  # a writer's temp file: ignored
-    with pytest.warns(StoreWarning, match=r"skipped 3 incomplete Parquet file\(s\).*part-00000090"):
+    (folder / ".part-00000093-cafecafe.parquet.tmp").write_bytes(data[:100])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         con = open_store(run_dir)
     check_tables_equal(con, expected, "r")
-    assert len(store_info(run_dir)["runs"][0]["skipped_files"]) == 3
+    assert len(store_info(run_dir)["runs"][0]["uncommitted_files"]) == 3
+
+    lost = pq.read_table(second).num_rows
+    second.write_bytes(second.read_bytes()[:-40])
+    with pytest.warns(StoreWarning, match=rf"skipped 1 damaged Parquet file\(s\).*{second.name}"):
+        con = open_store(run_dir)
+    assert con.execute("SELECT count(*) FROM routes").fetchone()[0] == len(expected["routes"]) - lost
+    check_tables_equal(con, {t: v for t, v in expected.items() if t != "routes"}, "r")
+    assert store_info(run_dir)["runs"][0]["skipped_files"] == [str(second)]
+
+    w.close()  # the last rank closes: compaction folds what commits name and removes the rest
+    assert sorted(p.name for p in folder.iterdir()) == [second.name]  # the damaged one is kept for its owner
+    result = compact(run_dir)["runs"][0]
+    assert result["leftovers_removed"] == 0 and result["skipped_files"] == [str(second)]
 
 
 # ---------------------------------------------------------------------------------------------------- status
@@ -656,7 +674,7 @@ def test_a_missing_compacted_routes_file_is_skipped_with_a_warning(tmp_path):
     run_dir = tmp_path / "r"
     _, expected = write_run(run_dir)
     routes_files(run_dir)[0].unlink()
-    with pytest.warns(StoreWarning, match="skipped 1 incomplete Parquet"):
+    with pytest.warns(StoreWarning, match="skipped 1 damaged Parquet"):
         con = open_store(run_dir)
     assert con.execute("SELECT count(*) FROM routes").fetchone()[0] == 0
     check_tables_equal(con, {t: v for t, v in expected.items() if t != "routes"}, "r")

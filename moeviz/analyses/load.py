@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import pandas as pd
 
-from moeviz.errors import MoevizError
+from moeviz.errors import MoevizError, StaleStoreError
 from moeviz.selection import Selection
+from moeviz.store.reader import STALE_MESSAGE, is_stale
 
 __all__ = ["expert_load", "load_matrix", "imbalance", "expert_counts_sql", "run_query", "AnalysisError"]
 
@@ -35,6 +36,10 @@ def run_query(con, sql: str, params: list, *, error: type[MoevizError] = Analysi
             f"the connection does not expose the moeviz tables this analysis reads ({e}); open a store with "
             "moeviz.store.open_store(path), or build one with moeviz.testing.store_from_routing(...)"
         ) from e
+    except duckdb.Error as e:
+        if is_stale(e):
+            raise StaleStoreError(STALE_MESSAGE) from e
+        raise
 
 
 def expert_counts_sql(sel: Selection, *, by_step: bool) -> tuple[str, list]:

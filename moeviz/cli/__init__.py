@@ -9,12 +9,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from moeviz.cli import bound, check, collect, dashboard, demo, store
+from moeviz.cli import bound, check, collect, dashboard, demo, export, store
 from moeviz.errors import MoevizError
 
 # each holds `register(subparsers)`, which adds parsers whose `func(args) -> int` runs the command
 COMMAND_MODULES = (
     store,  # sql, info, compact, schema
+    export,  # export
     collect,  # collect
     check,  # check
     bound,  # bound

@@ -1,6 +1,7 @@
 """`moeviz check PATH`: routing health of a run (or a folder of runs) for training scripts and CI.
 
-Prints `moeviz.analyses.health.health_summary` as a table (or JSON) and exits 1 when anything is flagged, 0 when every
+Prints `moeviz.analyses.health.health_summary` as a table (or JSON), with the store damage found while opening it
+(a skipped file, an unreadable run.duckdb) as `store` findings, and exits 1 when anything is flagged, 0 when every
 check is ok (2 on a usage or store error, from `moeviz.cli`).
 """
 
@@ -62,16 +63,23 @@ def register(subparsers) -> None:
 
 
 def run_check(args: argparse.Namespace) -> int:
+    import warnings
+
+    import pandas as pd
+
     from moeviz.analyses.health import health_summary
     from moeviz.selection import Selection
-    from moeviz.store import open_store
+    from moeviz.store import StoreWarning, open_store
 
     sel = Selection(
         run_ids=tuple(args.runs) if args.runs else None,
         steps=parse_steps(args.steps),
         layers=parse_int_list(args.layers, "--layers"),
     )
-    con = open_store(args.path)
+    with warnings.catch_warnings(record=True) as caught:  # store damage is a finding too
+        warnings.simplefilter("always", StoreWarning)
+        con = open_store(args.path)
+    damage = [str(w.message) for w in caught if issubclass(w.category, StoreWarning)]
     try:
         df = health_summary(
             con, sel,
@@ -82,6 +90,10 @@ def run_check(args: argparse.Namespace) -> int:
         )
     finally:
         con.close()
+    if damage:
+        store_rows = pd.DataFrame([{"run_id": None, "severity": "error", "check": "store", "message": m}
+                                   for m in damage], columns=df.columns)
+        df = pd.concat([store_rows, df], ignore_index=True)
     if args.json:
         print(df.to_json(orient="records", indent=1))
     elif df.empty:

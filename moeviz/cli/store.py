@@ -91,8 +91,13 @@ def cmd_info(args) -> int:
         print(f"  routes {run['routes']:,}; compacted {run['compacted_bytes']:,} bytes "
               f"({run['routes_files']} routes file(s) + run.duckdb); bytes/route: "
               f"segments {_fmt(run['bytes_per_route_segments'])}, compacted {_fmt(run['bytes_per_route_compacted'])}")
+        if run["damaged"]:
+            print(f"  DAMAGED: {run['damaged']}")
         if run["skipped_files"]:
-            print(f"  skipped {len(run['skipped_files'])} incomplete Parquet file(s): {run['skipped_files'][:3]}")
+            print(f"  skipped {len(run['skipped_files'])} damaged Parquet file(s): {run['skipped_files'][:3]}")
+        if run["uncommitted_files"]:
+            print(f"  {len(run['uncommitted_files'])} segment file(s) no commit names (a flush in progress, or "
+                  f"left by a crash: `moeviz compact` removes those)")
     return 0
 
 
@@ -106,7 +111,10 @@ def cmd_compact(args) -> int:
         print(f"run {r['run_id']}: folded {r['segments_folded']} segment(s) ({r['segment_bytes_folded']:,} bytes), "
               f"{r['compacted_bytes']:,} bytes compacted ({r['routes_files']} routes file(s) + run.duckdb), "
               f"{r['rows'].get('routes', 0):,} routes, "
-              f"{_fmt(r['bytes_per_route'])} bytes/route")
+              f"{_fmt(r['bytes_per_route'])} bytes/route"
+              + (f"; removed {r['leftovers_removed']} file(s) no commit named" if r.get("leftovers_removed") else "")
+              + (f"; skipped {len(r['skipped_files'])} damaged file(s): {r['skipped_files'][:3]}"
+                 if r.get("skipped_files") else ""))
     return 0
 
 

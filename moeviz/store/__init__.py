@@ -10,6 +10,7 @@ package, and nothing in it imports an analysis.
     reader         open_store, query, store_info: read-only views over a run or a folder of runs
     catalog        what a store holds, as DataFrames (runs, steps, layers, sequences): the dashboard's lists
     sql            a user's SQL: one read-only statement, row-limited and time-limited
+    export         a store as plain Parquet, one folder per table, for Spark, Polars, pandas and pyarrow
     duckdb_compat  the one place that opens DuckDB connections and knows its releases
 """
 
@@ -17,12 +18,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__all__ = ["RunWriter", "compact", "open_store", "query", "store_info", "StoreWarning", "ROUTES_FORMATS"]
+__all__ = ["RunWriter", "compact", "export", "open_store", "query", "store_info", "StoreWarning", "ROUTES_FORMATS"]
 
 # Loaded on first use, so that `import moeviz` (which reads moeviz.store.schema) does not load pyarrow.
 _WHERE = {
     "RunWriter": "moeviz.store.writer",
     "compact": "moeviz.store.compaction",
+    "export": "moeviz.store.export",
     "ROUTES_FORMATS": "moeviz.store.compaction",
     "open_store": "moeviz.store.reader",
     "query": "moeviz.store.reader",
@@ -32,6 +34,7 @@ _WHERE = {
 
 if TYPE_CHECKING:  # pragma: no cover
     from moeviz.store.compaction import ROUTES_FORMATS, compact
+    from moeviz.store.export import export
     from moeviz.store.reader import StoreWarning, open_store, query, store_info
     from moeviz.store.writer import RunWriter
 

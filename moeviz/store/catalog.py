@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import pandas as pd
 
-from moeviz.errors import MoevizError
-from moeviz.store.reader import column_names, holds_one_run, route_stats_complete
+from moeviz.errors import MoevizError, StaleStoreError
+from moeviz.store.reader import STALE_MESSAGE, column_names, holds_one_run, is_stale, route_stats_complete
 
 
 class RunNotFoundError(MoevizError, LookupError):
@@ -18,7 +18,14 @@ class RunNotFoundError(MoevizError, LookupError):
 
 
 def _df(con, sql: str, params: list | tuple | dict = ()) -> pd.DataFrame:
-    return con.execute(sql, params if isinstance(params, dict) else list(params)).df()
+    import duckdb
+
+    try:
+        return con.execute(sql, params if isinstance(params, dict) else list(params)).df()
+    except duckdb.Error as e:
+        if is_stale(e):
+            raise StaleStoreError(STALE_MESSAGE) from e
+        raise
 
 
 def list_runs(con) -> pd.DataFrame:

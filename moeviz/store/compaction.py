@@ -45,18 +45,32 @@ def compact(path, routes_format: str = "parquet") -> dict:
         raise StoreError(f"routes_format must be one of {', '.join(ROUTES_FORMATS)}, got {routes_format!r}")
     run_dirs = layout.find_runs(path)
     if len(run_dirs) == 1 and layout.is_run_dir(Path(path).expanduser()):
-        return {"runs": [_compact_run(run_dirs[0], routes_format)]}
+        return {"runs": [_compact_run_or_say_why(run_dirs[0], routes_format)]}
     out = []
     for run_dir in run_dirs:  # a folder of runs: compact what can be, say why the others were left alone
         try:
-            out.append(_compact_run(run_dir, routes_format))
-        except _LiveRun as e:
-            out.append({"run_id": layout.read_manifest(run_dir).get("run_id"), "run_dir": str(run_dir), "skipped": str(e)})
+            out.append(_compact_run_or_say_why(run_dir, routes_format))
+        except StoreError as e:  # a live writer, a damaged run.duckdb: the other runs are still compacted
+            out.append({"run_id": _run_id(run_dir), "run_dir": str(run_dir), "skipped": str(e)})
     return {"runs": out}
 
 
-class _LiveRun(StoreError):
-    """The run still has a live writer."""
+def _compact_run_or_say_why(run_dir: Path, routes_format: str) -> dict:
+    """`_compact_run`, with a file system that refuses writes (read-only, full, no permission) said in one line:
+    what was written is removed by the next compaction, and the store still reads as it was."""
+    try:
+        return _compact_run(run_dir, routes_format)
+    except OSError as e:
+        raise StoreError(f"cannot compact {run_dir}: {e.strerror or e} ({e.filename or run_dir}); compaction writes "
+                         f"beside the segments, so run it where the folder is writable and has space. The store "
+                         f"still reads as it is") from None
+
+
+def _run_id(run_dir: Path) -> str:
+    try:
+        return str(layout.read_manifest(run_dir).get("run_id") or run_dir.name)
+    except StoreError:
+        return run_dir.name
 
 
 class _CompactionLock:
@@ -90,17 +104,15 @@ def _compact_run(run_dir: Path, routes_format: str = "parquet") -> dict:
     live = [s for s in statuses.values() if layout.writer_alive(s)]
     if live:
         s = live[0]
-        raise _LiveRun(f"run {manifest.get('run_id')!r} at {run_dir} is still being written (rank {s.get('rank')}, "
+        raise StoreError(f"run {manifest.get('run_id')!r} at {run_dir} is still being written (rank {s.get('rank')}, "
                          f"pid {s.get('pid')} on {s.get('hostname')}): compaction waits until every writer closed; "
                          f"readers see the segments meanwhile")
     target = run_dir / layout.COMPACTED
     with _CompactionLock(run_dir):
-        found: dict[str, list[Path]] = {}
-        skipped: list[Path] = []
-        for t in layout.SEGMENT_TABLES:
-            found[t], bad = layout.list_segments(run_dir, t)
-            skipped += bad
+        committed = layout.committed_files(run_dir, manifest)  # only whole flushes: never half of one
+        found = committed.tables
         folded, published = _compacted_state(target)
+        skipped = [p for p in committed.damaged if layout.relative_name(run_dir, p) not in folded]
         _remove_unpublished_routes_files(run_dir, published)  # left by a compaction that crashed before step 2
         new = {t: [p for p in ps if layout.relative_name(run_dir, p) not in folded] for t, ps in found.items()}
         n_new = sum(len(v) for v in new.values())
@@ -123,21 +135,47 @@ def _compact_run(run_dir: Path, routes_format: str = "parquet") -> dict:
                     (run_dir / name).unlink(missing_ok=True)
                 raise
             folded, published = _compacted_state(target)
+        # Commit records first, then their segments: a crash in between leaves folded segments that no commit
+        # names, which readers leave out and the next compaction removes (never a commit naming a missing file).
+        for path in committed.commits:
+            body = json.loads(path.read_text())
+            if all(e["path"] in folded for e in body["files"]):
+                path.unlink(missing_ok=True)
         deleted = 0
         for ps in found.values():  # also removes segments a crashed earlier compaction folded but did not delete
             for p in ps:
                 if layout.relative_name(run_dir, p) in folded:
                     p.unlink(missing_ok=True)
                     deleted += 1
+        for p in committed.uncommitted:  # folded, then cut from their commit by a crash before their deletion
+            if layout.relative_name(run_dir, p) in folded:
+                p.unlink(missing_ok=True)
+                deleted += 1
+        leftovers = _remove_leftovers(run_dir, [p for p in committed.uncommitted if p.exists()])
     if not rows:
         rows = _compacted_row_counts(target)
     size = target.stat().st_size + sum(b for _, b in published.values())
     return {
         "run_id": manifest.get("run_id"), "run_dir": str(run_dir), "segments_folded": n_new,
         "segment_bytes_folded": bytes_new, "segments_deleted": deleted, "skipped_files": [str(p) for p in skipped],
+        "leftovers_removed": leftovers,
         "rows": rows, "compacted_bytes": size, "routes_files": len(published),
         "bytes_per_route": (size / rows["routes"]) if rows.get("routes") else None,
     }
+
+
+def _remove_leftovers(run_dir: Path, uncommitted: list[Path]) -> int:
+    """Delete what no commit names (compaction runs only when no writer is alive, so nothing of it can still
+    become visible): segments of a flush cut by a crash, hidden temp files of a killed write. How many."""
+    n = 0
+    for p in uncommitted:
+        p.unlink(missing_ok=True)
+        n += 1
+    for folder in [run_dir / t for t in layout.SEGMENT_TABLES] + [run_dir / layout.COMMITS_DIR]:
+        for tmp in folder.glob("rank=*/.*.tmp") if folder.is_dir() else []:
+            tmp.unlink(missing_ok=True)
+            n += 1
+    return n
 
 
 def _publish_compacted(run_dir: Path, target: Path, manifest: dict, statuses: dict, new: dict[str, list[Path]],
@@ -356,7 +394,13 @@ def _compacted_state(target: Path) -> tuple[set[str], dict[str, tuple[int, int]]
         return set(), {}
     from moeviz.store import duckdb_compat
 
-    con = duckdb_compat.connect(str(target), read_only=True)
+    try:
+        con = duckdb_compat.connect(str(target), read_only=True)
+        con.execute("SELECT count(*) FROM _segments").fetchone()
+    except Exception as e:  # noqa: BLE001 - never fold more into, or over, a run.duckdb that cannot be read
+        from moeviz.store.reader import compacted_damage
+
+        raise StoreError(compacted_damage(target, e)) from None
     try:
         folded = {r[0] for r in con.execute("SELECT file FROM _segments").fetchall()}
         have = {r[0] for r in con.execute("SELECT table_name FROM duckdb_tables()").fetchall()}

@@ -1,10 +1,12 @@
-"""The on-disk layout of a moeviz run folder: Parquet segments, status files, the manifest.
+"""The on-disk layout of a moeviz run folder: Parquet segments, the commits that name them, status files, the
+manifest.
 
 A run folder looks like this (Hive-style, so Spark, Polars or `duckdb.read_parquet` read it as it is):
 
     <run_dir>/moeviz.json                                   manifest: schema_version, run_id
     <run_dir>/_status/rank=<r>.json                         one per rank: pid, host, heartbeat, final status
     <run_dir>/<table>/rank=<r>/part-<seq:08d>-<uuid8>.parquet   immutable segments, one per flush per table
+    <run_dir>/_commits/rank=<r>/commit-<seq:08d>.json       one per flush: the segments it made visible
     <run_dir>/run.duckdb                                    compacted segments (`moeviz compact`, last close)
     <run_dir>/compacted/routes/rank=<r>/part-<gen:06d>-<uuid8>.parquet   compacted routes, listed in run.duckdb
 
@@ -18,6 +20,13 @@ a training process and a live dashboard cannot share one `.duckdb`. Segments are
 name and renamed into place (atomic on POSIX), so a reader sees whole files or nothing; a reader still checks
 the Parquet footer, because a copy, a full disk or a crash on another filesystem can leave a truncated file.
 
+A flush is a transaction (the way Delta Lake's `_delta_log` and Iceberg's manifests make one): its segment files
+are written first, under names no reader reads yet, then one commit record naming them is renamed into place.
+A reader reads the segments that commits name and never globs a folder for data, so a kill between two files of
+a flush leaves either the whole flush or none of it visible; what no commit names is a dead writer's leftover,
+which compaction removes. The commit records are plain JSON: any engine can read the list (`committed_files`).
+Runs of schema version 1 have no commits; their complete segment files are read as before.
+
 This module knows files only; `moeviz.store` builds the writer, the reader views and compaction on top of it.
 """
 
@@ -28,6 +37,8 @@ import json
 import os
 import socket
 import uuid
+import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -235,13 +246,78 @@ def is_complete_parquet(path: Path) -> bool:
     return tail[4:] == b"PAR1" and 0 < footer_len <= size - 12
 
 
-def list_segments(run_dir: Path, table: str) -> tuple[list[Path], list[Path]]:
-    """(complete segments, incomplete files) of one table, sorted by rank then part number."""
+def footer_checksum(path: Path) -> tuple[int, int | None]:
+    """(file size, CRC-32 of the Parquet footer and its length field), or None for the CRC when the file does not
+    end like a Parquet file. Two small reads: the last 8 bytes, then the footer."""
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        size = f.tell()
+        if size < 12:
+            return size, None
+        f.seek(size - 8)
+        tail = f.read(8)
+        footer_len = int.from_bytes(tail[:4], "little")
+        if tail[4:] != b"PAR1" or not 0 < footer_len <= size - 12:
+            return size, None
+        f.seek(size - 8 - footer_len)
+        return size, zlib.crc32(f.read(footer_len) + tail)
+
+
+def committed_problem(path: Path, entry: dict) -> str | None:
+    """Why a file a commit names cannot be read (None when it can): gone, another size than when committed
+    (truncated, or replaced), or a footer whose checksum changed (scrambled). Commits without sizes and checksums
+    fall back to parsing the footer."""
+    if "footer_crc32" not in entry or "bytes" not in entry:
+        return segment_problem(path, entry["table"])
+    try:
+        size, crc = footer_checksum(path)
+    except OSError:
+        return "missing"
+    if size != entry["bytes"]:
+        return f"{size:,} bytes, not the {entry['bytes']:,} committed (truncated, or replaced)"
+    if crc != entry["footer_crc32"]:
+        return "its Parquet footer is damaged (checksum differs from the commit)"
+    return None
+
+
+_CHECKED: dict[tuple[str, int, int], str | None] = {}  # (path, size, mtime_ns) -> segment_problem's answer
+PROBLEMS: dict[str, str] = {}  # path -> what committed_problem found, for the reader's warning
+
+
+def segment_problem(path: Path, table: str) -> str | None:
+    """Why a segment file cannot be read as `table` (None when it can): missing, truncated, a footer that does not
+    parse (a scrambled file), or the columns of another table (a foreign file). Reads the footer only.
+
+    Segments are immutable, so the answer is kept per (path, size, mtime) for the life of the process: a
+    dashboard that re-opens the store on every refresh checks each file once."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return "missing"
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    if key not in _CHECKED:
+        _CHECKED[key] = _footer_problem(path, table)
+    return _CHECKED[key]
+
+
+def _footer_problem(path: Path, table: str) -> str | None:
+    if not is_complete_parquet(path):
+        return "not a whole Parquet file (truncated, or still being copied)"
+    try:
+        names = pq.read_schema(path).names
+    except Exception as e:  # noqa: BLE001 - any failure to parse the footer means the file is damaged
+        return f"its Parquet footer cannot be read ({str(e).splitlines()[0][:120]})"
+    expected = DISK_SCHEMAS[table].names
+    if not set(names) <= set(expected) or table not in META_TABLES and "step" not in names:
+        return f"its columns are not those of {table} (a file of another table?)"
+    return None
+
+
+def segment_files(run_dir: Path, table: str) -> list[Path]:
+    """Every segment file in a table's rank folders (hidden temp files excluded), by rank then part number."""
     root = Path(run_dir) / table
-    good: list[Path] = []
-    bad: list[Path] = []
     if not root.is_dir():
-        return good, bad
+        return []
     rank_dirs = []
     for e in os.scandir(root):
         if e.is_dir() and e.name.startswith("rank="):
@@ -249,11 +325,128 @@ def list_segments(run_dir: Path, table: str) -> tuple[list[Path], list[Path]]:
                 rank_dirs.append((int(e.name[5:]), Path(e.path)))
             except ValueError:
                 continue
-    for _, folder in sorted(rank_dirs):
-        for name in sorted(n for n in os.listdir(folder) if n.endswith(".parquet") and not n.startswith(".")):
-            p = folder / name
-            (good if is_complete_parquet(p) else bad).append(p)
+    return [folder / name for _, folder in sorted(rank_dirs)
+            for name in sorted(n for n in os.listdir(folder) if n.endswith(".parquet") and not n.startswith("."))]
+
+
+def list_segments(run_dir: Path, table: str) -> tuple[list[Path], list[Path]]:
+    """(readable segments, damaged files) of one table, for runs without commit records (schema version 1)."""
+    good: list[Path] = []
+    bad: list[Path] = []
+    for p in segment_files(run_dir, table):
+        (good if segment_problem(p, table) is None else bad).append(p)
     return good, bad
+
+
+# ---------------------------------------------------------------------------------------------------- commits
+
+
+COMMITS_DIR = "_commits"
+
+
+def commit_dir(run_dir: Path, rank: int) -> Path:
+    return Path(run_dir) / COMMITS_DIR / f"rank={int(rank)}"
+
+
+def write_commit(run_dir: Path, rank: int, seq: int, files: list[tuple[str, Path, int]]) -> Path:
+    """Make one flush's segments visible at once: a JSON record naming each (table, file, rows, bytes, CRC-32 of
+    the Parquet footer), written under a hidden temporary name, fsynced, and renamed into place. Rename is atomic:
+    a reader sees all of it or none. The size and footer checksum let a reader tell a damaged file from a whole
+    one with a small read, without parsing the footer (`committed_problem`)."""
+    folder = commit_dir(run_dir, rank)
+    folder.mkdir(parents=True, exist_ok=True)
+    entries = []
+    for t, f, n in files:
+        size, crc = footer_checksum(f)
+        entries.append({"table": t, "path": relative_name(run_dir, f), "rows": int(n), "bytes": size,
+                        "footer_crc32": crc})
+    body = {"rank": int(rank), "seq": int(seq), "committed_at": utc_iso(), "files": entries}
+    path = folder / f"commit-{int(seq):08d}.json"
+    tmp = folder / f".{path.name}.{uuid.uuid4().hex[:8]}.tmp"
+    try:
+        with open(tmp, "w") as f:
+            json.dump(body, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def next_commit_seq(run_dir: Path, rank: int) -> int:
+    """1 + the largest commit number of a rank (0 if none): a restarted writer goes on after its last commit."""
+    best = -1
+    folder = commit_dir(run_dir, rank)
+    if folder.is_dir():
+        for name in os.listdir(folder):
+            if name.startswith("commit-") and name.endswith(".json"):
+                try:
+                    best = max(best, int(name[7:15]))
+                except ValueError:
+                    pass
+    return best + 1
+
+
+def commit_records(run_dir: Path) -> tuple[list[tuple[Path, dict]], list[Path]]:
+    """(every readable commit record with its path, sorted by rank and number; records that cannot be read)."""
+    root = Path(run_dir) / COMMITS_DIR
+    records, bad = [], []
+    if not root.is_dir():
+        return records, bad
+    for rank_name in sorted(os.listdir(root)):
+        folder = root / rank_name
+        if not rank_name.startswith("rank=") or not folder.is_dir():
+            continue
+        for name in sorted(n for n in os.listdir(folder) if n.startswith("commit-") and n.endswith(".json")):
+            try:
+                body = json.loads((folder / name).read_text())
+                files = body["files"]
+                if not isinstance(files, list) or not all({"table", "path"} <= set(e) for e in files):
+                    raise ValueError("no list of files")
+            except (OSError, ValueError, KeyError, TypeError):
+                bad.append(folder / name)
+                continue
+            records.append((folder / name, body))
+    return records, bad
+
+
+@dataclass
+class Segments:
+    """The data files of a run a reader may read, and what it must leave out."""
+
+    tables: dict[str, list[Path]]  # table -> committed, complete segments, by rank then part number
+    damaged: list[Path]  # named by a commit (or, without commits, found) but missing or not whole Parquet
+    uncommitted: list[Path]  # segment files no commit names: a flush in progress, or a dead writer's leftovers
+    commits: list[Path]  # the commit records read
+
+
+def committed_files(run_dir: Path, manifest: dict) -> Segments:
+    """The segments of every table that commits name (schema version 1 runs: every complete segment file)."""
+    if not manifest.get("commits"):
+        found = {t: list_segments(run_dir, t) for t in SEGMENT_TABLES}
+        return Segments({t: good for t, (good, _) in found.items()}, [p for _, bad in found.values() for p in bad],
+                        [], [])
+    records, bad_records = commit_records(run_dir)
+    named: set[str] = set()
+    tables: dict[str, list[Path]] = {t: [] for t in SEGMENT_TABLES}
+    damaged = list(bad_records)
+    for _, body in records:
+        for e in body["files"]:
+            named.add(e["path"])
+            p = Path(run_dir) / e["path"]
+            problem = committed_problem(p, e) if e["table"] in tables else f"unknown table {e['table']!r}"
+            if problem is None:
+                tables[e["table"]].append(p)
+            else:
+                damaged.append(p)
+                PROBLEMS[str(p)] = problem
+    for t in tables:
+        tables[t].sort(key=lambda p: (int(p.parent.name[5:]) if p.parent.name[5:].isdigit() else -1, p.name))
+    uncommitted = [p for t in SEGMENT_TABLES for p in segment_files(run_dir, t)
+                   if relative_name(run_dir, p) not in named]
+    return Segments(tables, damaged, uncommitted, [p for p, _ in records])
 
 
 def relative_name(run_dir: Path, path: Path) -> str:
@@ -269,11 +462,10 @@ def migrate_manifest(manifest: dict, where: Path) -> dict:
 
     Readers never write, so a step describes how to read the older layout rather than rewriting files:
     columns added at the end of a table need no step (missing Parquet columns read as NULL, and the reader
-    fills columns a compacted run.duckdb lacks with NULL). A step is needed for renames or changed meanings:
+    fills columns a compacted run.duckdb lacks with NULL). A step is needed for renames or changed meanings.
 
-        if version == 1:
-            manifest.setdefault("renamed", {})["routes"] = {"old": "new"}
-            version = 2
+    Version 2 added commit records (`_commits/`); a version 1 run has none, and its complete segment files are read
+    as they are (`commits: False`).
     """
     version = int(manifest.get("schema_version", 0))
     if version > SCHEMA_VERSION:
@@ -284,7 +476,9 @@ def migrate_manifest(manifest: dict, where: Path) -> dict:
     if version < 1:
         raise SchemaVersionError(f"{where} has no valid schema_version ({manifest.get('schema_version')!r}): "
                                  f"it was not written by moeviz, or the file is damaged")
-    # version ladder: no steps yet, version 1 is the first schema.
+    if version == 1:  # no commit records: every complete segment file is data
+        manifest = dict(manifest, commits=False)
+        version = 2
     if version != SCHEMA_VERSION:
         raise SchemaVersionError(f"{where}: no migration from schema version {version} to {SCHEMA_VERSION}")
     return dict(manifest, schema_version=version, written_schema_version=int(manifest["schema_version"]))
@@ -306,7 +500,8 @@ def ensure_manifest(run_dir: Path, run_id: str) -> dict:
     """Create moeviz.json (first rank wins, atomically) or check that an existing one matches this writer."""
     path = Path(run_dir) / MANIFEST
     if not path.exists():
-        body = {"format": "moeviz-run", "schema_version": SCHEMA_VERSION, "run_id": run_id, "created_at": utc_iso()}
+        body = {"format": "moeviz-run", "schema_version": SCHEMA_VERSION, "run_id": run_id, "created_at": utc_iso(),
+                "commits": True}
         tmp = path.with_name(f".{MANIFEST}.{uuid.uuid4().hex[:8]}.tmp")
         tmp.write_text(json.dumps(body, indent=1))
         try:

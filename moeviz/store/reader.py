@@ -47,16 +47,15 @@ class _RunFiles:
     statuses: dict[int, dict]
     segments: dict[str, list[Path]]
     skipped: list[Path] = field(default_factory=list)
+    uncommitted: list[Path] = field(default_factory=list)  # segment files no commit names (see layout)
+    damage: str | None = None  # why run.duckdb could not be opened: the run then reads 'damaged'
     route_stats_complete: bool = False  # run.duckdb's token_stats/sequence_stats count every route (no live ones)
 
     @classmethod
     def scan(cls, run_dir: Path) -> "_RunFiles":
         manifest = layout.read_manifest(run_dir)  # refuses a store newer than this moeviz
-        segments, skipped = {}, []
-        for t in layout.SEGMENT_TABLES:
-            segments[t], bad = layout.list_segments(run_dir, t)
-            skipped += bad
-        return cls(run_dir, manifest, layout.read_statuses(run_dir), segments, skipped)
+        found = layout.committed_files(run_dir, manifest)  # only what commits name: never half a flush
+        return cls(run_dir, manifest, layout.read_statuses(run_dir), found.tables, found.damaged, found.uncommitted)
 
     @property
     def run_id(self) -> str:
@@ -84,6 +83,8 @@ def open_store(path):
             folded = compacted.get(i, {}).get("folded", set())
             run.segments = {t: [p for p in ps if layout.relative_name(run.run_dir, p) not in folded]
                             for t, ps in run.segments.items()}
+            run.skipped = [p for p in run.skipped if layout.relative_name(run.run_dir, p) not in folded]
+            run.uncommitted = [p for p in run.uncommitted if layout.relative_name(run.run_dir, p) not in folded]
             tables = compacted.get(i, {}).get("tables", {})
             run.route_stats_complete = set(layout.ROUTE_STATS_TABLES) <= set(tables) and not run.segments["routes"]
             run.segments["routes"] += _published_routes_files(run, compacted.get(i, {}).get("routes_files", {}))
@@ -94,12 +95,38 @@ def open_store(path):
     except BaseException:
         con.close()
         raise
+    leftovers = [p for r in runs if not any(map(layout.writer_alive, r.statuses.values())) for p in r.uncommitted]
+    if leftovers:  # a live writer's uncommitted files are a flush in progress: nothing to say about them
+        warnings.warn(f"moeviz: left out {len(leftovers)} segment file(s) that no commit names (a flush interrupted "
+                      f"by a crash; `moeviz compact` removes them): " + ", ".join(map(str, leftovers[:5]))
+                      + (" ..." if len(leftovers) > 5 else ""), StoreWarning, stacklevel=2)
     skipped = [p for r in runs for p in r.skipped]
     if skipped:
-        warnings.warn(f"moeviz: skipped {len(skipped)} incomplete Parquet file(s) (being copied, or truncated): "
-                      + ", ".join(map(str, skipped[:10])) + (" ..." if len(skipped) > 10 else ""),
-                      StoreWarning, stacklevel=2)
+        warnings.warn(f"moeviz: skipped {len(skipped)} damaged Parquet file(s); the rest of the store reads: "
+                      + "; ".join(f"{p} ({damage(p)})" for p in skipped[:10]) + (" ..." if len(skipped) > 10 else "")
+                      + ". A file still being copied reads once complete; otherwise move it out of the run folder "
+                      "(`moeviz check` lists the damage)", StoreWarning, stacklevel=2)
     return con
+
+
+STALE_MESSAGE = ("the store changed on disk since this connection was opened (a compaction folded segments it was "
+                 "reading): open it again with moeviz.store.open_store(path); the dashboard re-opens by itself")
+
+
+def is_stale(e: BaseException) -> bool:
+    """A query failed because a segment this connection had listed was deleted since (see the module docstring)."""
+    text = str(e)
+    return "Failed to open local file" in text and ("No such file" in text or "errno 2" in text)
+
+
+def damage(path: Path) -> str:
+    """What is wrong with a skipped file, as the check that skipped it found."""
+    if str(path) in layout.PROBLEMS:
+        return layout.PROBLEMS[str(path)]
+    table = path.parent.parent.name
+    if table in layout.DISK_SCHEMAS:
+        return layout.segment_problem(path, table) or "unreadable"
+    return "missing" if not path.exists() else "not a whole Parquet file"
 
 
 def _read_only_connection():
@@ -135,9 +162,9 @@ def _attach_compacted(con, runs: list[_RunFiles]) -> dict[int, dict]:
         alias = f"run{i}"
         try:
             con.execute(f"ATTACH {duckdb_compat.sql_string(str(run.compacted))} AS {alias} (READ_ONLY)")
-        except Exception as e:
-            warnings.warn(f"moeviz: cannot open {run.compacted} ({e}); reading the run's segments only",
-                          StoreWarning, stacklevel=3)
+        except Exception as e:  # noqa: BLE001 - whatever DuckDB says, the file cannot be read
+            run.damage = compacted_damage(run.compacted, e)
+            warnings.warn(f"moeviz: {run.damage}", StoreWarning, stacklevel=3)
             continue
         cols: dict[str, list[str]] = {}
         for t, c in con.execute("SELECT table_name, column_name FROM duckdb_columns() WHERE database_name = ? "
@@ -153,6 +180,14 @@ def _attach_compacted(con, runs: list[_RunFiles]) -> dict[int, dict]:
                         .fetchall()} if "_routes_files" in cols else {}
         out[i] = {"alias": alias, "tables": cols, "folded": folded, "statuses": statuses, "routes_files": routes_files}
     return out
+
+
+def compacted_damage(path: Path, e: BaseException) -> str:
+    """One line for a run.duckdb that cannot be opened: what failed, what is missing, what to do."""
+    first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+    return (f"{path} cannot be opened ({first}): the data compacted into it is missing, only the run's remaining "
+            f"segments are read. Restore it from a copy, or move it aside (mv {path} {path}.damaged) and run "
+            f"`moeviz compact` to fold the remaining segments")
 
 
 def _published_routes_files(run: _RunFiles, names) -> list[Path]:
@@ -195,6 +230,8 @@ def _status_table(con, runs: list[_RunFiles], compacted: dict[int, dict]) -> pa.
     for i, run in enumerate(runs):
         statuses = run.statuses or compacted.get(i, {}).get("statuses", {})
         st = layout.run_status(statuses)
+        if run.damage:  # what the run folded into run.duckdb is missing from every table: say so in `runs`
+            st.update(status="damaged", error=run.damage)
         rows.append({"run_id": run.run_id, "run_name": st["run_name"], "world_size": st["world_size"],
                      "started_at": st["started_at"], "ended_at": st["ended_at"], "status": st["status"],
                      "error": st["error"], "schema_version": int(run.manifest["written_schema_version"]),
@@ -325,6 +362,8 @@ def store_info(path) -> dict:
         run = _RunFiles.scan(run_dir)
         comp = _compacted_summary(run.compacted)
         st = layout.run_status(run.statuses or comp["statuses"])
+        if comp.get("damaged"):
+            st.update(status="damaged", error=comp["damaged"])
         tables = {}
         for t in layout.SEGMENT_TABLES:
             live = [p for p in run.segments[t] if layout.relative_name(run_dir, p) not in comp["folded"]]
@@ -339,7 +378,9 @@ def store_info(path) -> dict:
             "schema_version": run.manifest["written_schema_version"], "compacted": run.compacted.exists(),
             "compacted_bytes": comp["bytes"], "routes_files": comp["routes_files"],
             "routes_files_bytes": comp["routes_files_bytes"], "tables": tables, "routes": routes,
-            "skipped_files": [str(p) for p in run.skipped],
+            "skipped_files": [str(p) for p in run.skipped if layout.relative_name(run_dir, p) not in comp["folded"]],
+            "damaged": comp.get("damaged"),
+            "uncommitted_files": [str(p) for p in run.uncommitted],
             "bytes_per_route_segments": (r["segment_bytes"] / r["segment_rows"]) if r["segment_rows"] else None,
             "bytes_per_route_compacted": (comp["bytes"] / r["compacted_rows"]) if r["compacted_rows"] else None,
             "bytes_per_route": ((r["segment_bytes"] + comp["bytes"]) / routes) if routes else None,
@@ -370,7 +411,11 @@ def _compacted_summary(target: Path) -> dict:
     from moeviz.store import duckdb_compat
 
     out["bytes"] = target.stat().st_size
-    con = duckdb_compat.connect(str(target), read_only=True)
+    try:
+        con = duckdb_compat.connect(str(target), read_only=True)
+    except Exception as e:  # noqa: BLE001 - a damaged run.duckdb is reported, not raised
+        out["damaged"] = compacted_damage(target, e)
+        return out
     try:
         have = {r[0] for r in con.execute("SELECT table_name FROM duckdb_tables()").fetchall()}
         out["rows"] = {t: con.execute(f'SELECT count(*) FROM "{t}"').fetchone()[0] for t in layout.SEGMENT_TABLES

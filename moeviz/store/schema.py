@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -44,8 +44,9 @@ RUNS = _t(
     "runs",
     "One row per run: the model and how it was recorded. `status` is derived at read time: "
     "'running' while a writer is alive, 'finished' or 'failed' once every rank closed, "
-    "'interrupted' when a writer died without closing (kill -9, OOM, node loss). A recording that lost data while "
-    "training went on keeps its status (training finished): `recording_errors` says so.",
+    "'interrupted' when a writer died without closing (kill -9, OOM, node loss), 'damaged' when the run's "
+    "run.duckdb cannot be opened (its compacted data is then missing; `error` says what to do). A recording that "
+    "lost data while training went on keeps its status (training finished): `recording_errors` says so.",
     ("run_id", "VARCHAR", "Unique id of the run (the run folder's name unless given)."),
     ("run_name", "VARCHAR", "Human name given to the Recorder."),
     ("model_class", "VARCHAR", "Python class of the recorded model, e.g. MixtralForCausalLM."),
@@ -60,7 +61,7 @@ RUNS = _t(
     ("max_tokens_per_step", "INTEGER", "Per-token detail kept for at most M tokens per step and rank (NULL = all)."),
     ("started_at", "TIMESTAMP", "When the first rank started recording (UTC)."),
     ("ended_at", "TIMESTAMP", "When the last rank closed (UTC); NULL while running or if interrupted."),
-    ("status", "VARCHAR", "running | finished | failed | interrupted."),
+    ("status", "VARCHAR", "running | finished | failed | interrupted | damaged."),
     ("error", "VARCHAR", "The exception that failed the run, if any."),
     ("schema_version", "INTEGER", "Schema version the run was written with."),
     ("route_stats_complete", "BOOLEAN", "`token_stats`, `position_stats` and `sequence_stats` hold every route of the run (it was "
@@ -287,11 +288,16 @@ OPTIONAL_COLUMNS: dict[str, frozenset[str]] = {
 }
 
 
+def _cell(text: str) -> str:
+    """Text for a Markdown table cell: a bare | would end the cell."""
+    return text.replace("|", "\\|")
+
+
 def schema_markdown() -> str:
     """The schema as Markdown tables, for the README (kept in sync by a test)."""
     out: list[str] = []
     for t in TABLES.values():
         out.append(f"#### `{t.name}`\n\n{t.doc}\n\n| column | type | meaning |\n|---|---|---|")
-        out += [f"| `{c.name}` | {c.sql_type} | {c.doc} |" for c in t.columns]
+        out += [f"| `{c.name}` | {c.sql_type} | {_cell(c.doc)} |" for c in t.columns]
         out.append("")
     return "\n".join(out)

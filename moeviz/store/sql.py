@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import pandas as pd
 
 from moeviz.errors import MoevizError, StoreError
+from moeviz.store.reader import STALE_MESSAGE, is_stale
 from moeviz.store.schema import TABLES
 
 
@@ -69,6 +70,8 @@ def sql_error_message(e: Exception) -> str:
     import duckdb
 
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if is_stale(e):
+        return STALE_MESSAGE
     if isinstance(e, duckdb.PermissionException):
         return f"not allowed: {first} (store SQL can read only the store's tables, never files)"
     if "read-only mode" in first or "read_only" in first.lower():

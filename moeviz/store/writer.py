@@ -52,12 +52,20 @@ class RunWriter:
         self.compact_on_close = compact_on_close
         self._closed = False
         self._seq: dict[str, int] = {}
+        self._commit_seq: int | None = None
         self._clipped_warned = False
         self._recording_errors, self._recording_error = 0, None  # see record_error
         self._run_meta: dict | None = None  # the last write_run's metadata, to rewrite the row with the errors
         self._run_row_stale = False  # a record_error whose runs row could not be written yet (tried again at close)
         _check_run_dir(self.run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            probe = self.run_dir / f".write-test-{os.getpid()}"
+            probe.touch()
+            probe.unlink()
+        except OSError as e:
+            raise StoreError(f"cannot write into {self.run_dir}: {e.strerror or e}; record into a folder on a "
+                             f"writable file system") from None
         if layout.is_run_dir(self.run_dir):  # refuse a mismatched run before touching its status files
             layout.ensure_manifest(self.run_dir, self.run_id)
         previous = layout.read_statuses(self.run_dir).get(self.rank)
@@ -107,7 +115,7 @@ class RunWriter:
             "sample_every": meta.get("sample_every"), "max_tokens_per_step": meta.get("max_tokens_per_step"),
             "schema_version": SCHEMA_VERSION,
         }
-        self._write("runs", _rows_to_table("runs", [row]))
+        self._commit([self._write("runs", _rows_to_table("runs", [row]))])
 
     def write_layers(self, rows: Sequence[Mapping[str, Any]]) -> None:
         """One dict per MoE layer: layer, module_name, n_experts, top_k, block_index, stack."""
@@ -120,7 +128,7 @@ class RunWriter:
                                  f"got {sorted(r)}")
             out.append({"run_id": self.run_id, "rank": self.rank, **{k: r.get(k) for k in LAYER_KEYS}})
         if out:
-            self._write("layers", _rows_to_table("layers", out))
+            self._commit([self._write("layers", _rows_to_table("layers", out))])
 
     def write_vocab(self, token_ids, texts) -> None:
         """Token texts (decoded by the caller's tokenizer), for the vocab table."""
@@ -130,10 +138,10 @@ class RunWriter:
         if len(texts) != len(ids):
             raise StoreError(f"write_vocab: {len(ids)} token_ids but {len(texts)} texts")
         if len(ids):
-            self._write("vocab", pa.table({
+            self._commit([self._write("vocab", pa.table({
                 "run_id": layout.run_id_column(self.run_id, len(ids)),
                 "rank": pa.array(np.full(len(ids), self.rank, np.int32)),
-                "token_id": pa.array(ids), "text": pa.array(texts, pa.string())}))
+                "token_id": pa.array(ids), "text": pa.array(texts, pa.string())}))])
 
     def write_flush(self, tables: Mapping[str, Mapping[str, Any]]) -> None:
         """Append one flush: {table: {column: numpy array or scalar}} for routes, step_stats, layer_stats,
@@ -145,9 +153,11 @@ class RunWriter:
         if unknown:
             raise StoreError(f"write_flush got unknown tables {sorted(unknown)}; allowed: {', '.join(layout.DATA_TABLES)}")
         built = {name: self._data_table(name, cols) for name, cols in tables.items()}  # validate all, then write
+        written = []
         for name, data in built.items():
             for part in (_routes_segments(data) if name == "routes" else [data]) if data is not None else []:
-                self._write(name, part)
+                written.append(self._write(name, part))
+        self._commit(written)  # the flush becomes visible here, in every table at once
         self._heartbeat()
 
     def record_error(self, message: str) -> None:
@@ -218,11 +228,22 @@ class RunWriter:
             raise StoreError(f"RunWriter for {self.run_dir} (rank {self.rank}) is closed: open a new RunWriter "
                              f"to write more")
 
-    def _write(self, table: str, data: pa.Table) -> None:
+    def _write(self, table: str, data: pa.Table) -> tuple[str, Path, int]:
+        """Write one segment, not yet visible to readers: (table, file, rows) for the commit that will name it."""
         if table not in self._seq:
             self._seq[table] = layout.next_segment_seq(layout.segment_dir(self.run_dir, table, self.rank))
-        layout.write_segment(self.run_dir, table, self.rank, self._seq[table], data)
+        path = layout.write_segment(self.run_dir, table, self.rank, self._seq[table], data)
         self._seq[table] += 1
+        return table, path, data.num_rows
+
+    def _commit(self, written: list[tuple[str, Path, int]]) -> None:
+        """Name the segments just written in one commit record: readers see them from now on, all together."""
+        if not written:
+            return
+        if self._commit_seq is None:
+            self._commit_seq = layout.next_commit_seq(self.run_dir, self.rank)
+        layout.write_commit(self.run_dir, self.rank, self._commit_seq, written)
+        self._commit_seq += 1
 
     def _heartbeat(self) -> None:
         self._status["heartbeat"] = layout.utc_iso()
