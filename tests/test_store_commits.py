@@ -381,3 +381,13 @@ def test_a_read_only_file_system_is_said_in_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr(writer.Path, "touch", read_only_touch)
     with pytest.raises(StoreError, match=r"cannot write into .*Read-only file system"):
         RunWriter(tmp_path / "new")
+
+
+def test_an_unreadable_commit_record_leaves_out_its_whole_flush(tmp_path):
+    run_dir = tmp_path / "run"
+    kill_writer(run_dir, "between_tables")
+    records = sorted(run_dir.glob("_commits/rank=0/commit-*.json"))  # the runs row, then flushes 0 and 1
+    records[-1].write_text('{"rank": 0, "files": [')  # damaged after the fact (a bad disk, a bad copy)
+    with pytest.warns(StoreWarning, match=r"commit-00000002.json \(a commit record that cannot be read"):
+        open_store(run_dir).close()
+    assert_every_step_whole_or_absent(run_dir, [0])

@@ -1,7 +1,8 @@
 """The on-disk layout of a moeviz run folder: Parquet segments, the commits that name them, status files, the
 manifest.
 
-A run folder looks like this (Hive-style, so Spark, Polars or `duckdb.read_parquet` read it as it is):
+A run folder looks like this (Hive-style folders; another engine reads the files the commit records name, or a
+`moeviz export` copy):
 
     <run_dir>/moeviz.json                                   manifest: schema_version, run_id
     <run_dir>/_status/rank=<r>.json                         one per rank: pid, host, heartbeat, final status
@@ -432,6 +433,8 @@ def committed_files(run_dir: Path, manifest: dict) -> Segments:
     named: set[str] = set()
     tables: dict[str, list[Path]] = {t: [] for t in SEGMENT_TABLES}
     damaged = list(bad_records)
+    for p in bad_records:
+        PROBLEMS[str(p)] = "a commit record that cannot be read: the segments of its flush are left out"
     for _, body in records:
         for e in body["files"]:
             named.add(e["path"])
