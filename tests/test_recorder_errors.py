@@ -491,3 +491,41 @@ def test_an_unwritable_run_folder_is_a_clear_error_at_start(mixtral, tmp_path, m
     with pytest.raises(RecorderError, match="Read-only file system.*writable"):
         Recorder(mixtral, tmp_path / "run").start()
     assert n_hooks() == before
+
+
+def test_a_flush_that_fails_half_way_is_wholly_absent(mixtral, tmp_path, monkeypatch):
+    """The disk fills up after step 2's flush wrote two of its tables: no commit names them, so step 2 is absent
+    from every table (not torn), before and after compaction; steps 0, 1, 3 are whole."""
+    import moeviz.store.writer as writer_module
+    from moeviz.store import compact, layout
+
+    real = layout.write_segment
+    written = {"step2": 0}
+
+    def write_segment(run_dir, table, rank, seq, data):
+        if "step" in data.column_names and 2 in set(data.column("step").to_pylist()):
+            written["step2"] += 1
+            if written["step2"] == 3:  # two tables of the flush are on disk already
+                raise OSError(28, "No space left on device")
+        return real(run_dir, table, rank, seq, data)
+
+    monkeypatch.setattr(layout, "write_segment", write_segment)
+    monkeypatch.setattr(writer_module, "compact", lambda run_dir: None)  # read the segments first, compact below
+    tables = ("step_stats", "layer_stats", "routes", "sequences", "pair_stats", "flow_stats")
+
+    def steps_per_table():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the reader names the failed flush's uncommitted files
+            return {t: query(tmp_path / "run", f"SELECT DISTINCT step FROM {t} ORDER BY step").step.tolist()
+                    for t in tables}
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with Recorder(mixtral, tmp_path / "run", flush_every=1) as rec:
+            run_steps(mixtral, rec, range(4))
+    assert written["step2"] == 3 and len(recording_warnings(caught)) == 1
+    assert steps_per_table() == {t: [0, 1, 3] for t in tables}
+    monkeypatch.undo()
+    compact(tmp_path / "run")
+    assert steps_per_table() == {t: [0, 1, 3] for t in tables}
+    assert query(tmp_path / "run", "SELECT recording_errors FROM runs").recording_errors[0] == 1
