@@ -55,9 +55,11 @@ def show_chart(fig, data: pd.DataFrame, key: str, *, caption: str | None = None)
     _csv_download("Download data (CSV)", data, key)
 
 
-def show_table(data: pd.DataFrame, key: str, *, height: int | None = None) -> None:
-    """A data table with a CSV download."""
-    st.dataframe(data, width="stretch", hide_index=True, height=height or "auto", key=f"table-{key}")
+def show_table(data: pd.DataFrame, key: str, *, height: int | None = None, shown: pd.DataFrame | None = None) -> None:
+    """A data table with a CSV download; `shown` (default: `data`) is what the table displays, e.g. the same
+    numbers formatted, while the download keeps `data`."""
+    st.dataframe(data if shown is None else shown, width="stretch", hide_index=True, height=height or "auto",
+                 key=f"table-{key}")
     _csv_download("Download table (CSV)", data, key)
 
 

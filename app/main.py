@@ -19,12 +19,14 @@ from app import sidebar, state  # noqa: E402
 from app.components import guarded  # noqa: E402
 from moeviz import charts  # noqa: E402
 
+FAVICON = str(Path(__file__).resolve().parent / "favicon.png")
 # (file under app/, title, icon); the order is the order in the navigation
 PAGES = [
     ("views/overview.py", "Overview", ":material/dashboard:"),
     ("views/load.py", "Load balance", ":material/balance:"),
     ("views/aux_loss.py", "Aux loss", ":material/functions:"),
     ("views/capacity.py", "Capacity", ":material/filter_alt:"),
+    ("views/expert_parallel.py", "Expert parallel", ":material/device_hub:"),
     ("views/specialization.py", "Specialization", ":material/category:"),
     ("views/tokens.py", "Tokens", ":material/text_fields:"),
     ("views/bounds.py", "Bound explorer", ":material/calculate:"),
@@ -35,7 +37,9 @@ PAGES = [
 
 
 def main() -> None:
-    st.set_page_config(page_title="moeviz", page_icon=":material/hub:", layout="wide")
+    # a local file: a `:material/...:` page icon makes the browser fetch the favicon from fonts.gstatic.com,
+    # which fails on every page load offline
+    st.set_page_config(page_title="moeviz", page_icon=FAVICON, layout="wide")
     charts.use_moeviz_template_by_default()  # this process draws moeviz charts only: ~20 -> 3 ms a figure
     nav = st.navigation([st.Page(path, title=title, icon=icon) for path, title, icon in PAGES])
     ctx = None

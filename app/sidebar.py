@@ -75,9 +75,22 @@ def _pick_steps(steps: list[int]) -> tuple[int, int] | None:
     return (int(lo), int(hi))
 
 
+WINDOW_KEY = "route_window_steps"  # the number input's own state
+WINDOW_CHOICE_KEY = "_moeviz_route_window_choice"  # the number of steps the user chose, None = the default
+
+
+def _remember_window_choice() -> None:
+    st.session_state[WINDOW_CHOICE_KEY] = st.session_state.get(WINDOW_KEY)
+
+
 def _pick_route_window(steps: list[int], step_sel: tuple[int, int] | None, per_step: int) -> tuple[int, int] | None:
     """How many of the selected steps (the last ones) the per-token analyses read: by default as many as hold
-    ROUTE_BUDGET routes, so that those pages answer in seconds on a store of any size."""
+    ROUTE_BUDGET routes, so that those pages answer in seconds on a store of any size.
+
+    The number shown is the user's own choice (kept apart from the widget, which Streamlit forgets while it is
+    not drawn) cut to the selected steps, else the default: narrowing the Steps range and widening it again
+    gives the user's number (or the default) back instead of staying at the narrow range's count. The widget's
+    value is set through session state only (no `value=`), which is what Streamlit asks for."""
     from moeviz.store.catalog import route_window
 
     lo, hi = step_sel or (steps[0], steps[-1]) if steps else (0, 0)
@@ -85,14 +98,15 @@ def _pick_route_window(steps: list[int], step_sel: tuple[int, int] | None, per_s
     if not chosen:
         return None
     default = route_window(chosen, per_step, ROUTE_BUDGET)
-    if int(st.session_state.get("route_window_steps") or 0) > len(chosen):  # the step range shrank under it
-        st.session_state["route_window_steps"] = len(chosen)
     n_default = sum(1 for s in chosen if default[0] <= s <= default[1])
-    if n_default >= len(chosen) and "route_window_steps" not in st.session_state:
-        return None  # every selected step fits: nothing to cut, nothing to ask
+    choice = st.session_state.get(WINDOW_CHOICE_KEY)
+    if choice is None and n_default >= len(chosen):
+        return None  # every selected step fits and the user asked for nothing: nothing to cut, nothing to ask
+    n = max(1, min(int(choice if choice is not None else n_default), len(chosen)))
+    st.session_state[WINDOW_KEY] = n
     n = int(st.number_input(
-        "Per-token window (steps)", min_value=1, max_value=len(chosen), value=min(n_default, len(chosen)), step=1,
-        key="route_window_steps",
+        "Per-token window (steps)", min_value=1, max_value=len(chosen), step=1, key=WINDOW_KEY,
+        on_change=_remember_window_choice,
         help=f"Specialization, Tokens and the per-domain drops read per-token routes (~{per_step:,} a step at "
              f"most): they use the last N selected steps. The default keeps them near {ROUTE_BUDGET / 1e6:g} M "
              "routes; more steps take longer (a spinner shows progress).",

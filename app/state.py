@@ -5,6 +5,9 @@ token: live refresh bumps the token, which opens the store again so that segment
 Query and analysis results are data (`st.cache_data`), keyed by the function's qualified name, path, token and
 arguments; views pass the function itself, so an editor follows every call. Calls on the shared connection are
 serialised by a lock.
+
+Users' SQL (the SQL page) never touches that connection: it runs in `sql_sandbox()`, worker processes shared by
+every session, each query on a fresh connection of its own (moeviz.store.sandbox).
 """
 
 from __future__ import annotations
@@ -58,6 +61,16 @@ def connection(path: str, token: int) -> SharedConnection:
         warnings.simplefilter("always")
         con = open_store(path)
     return SharedConnection(con, warnings=tuple(str(w.message) for w in caught))
+
+
+@st.cache_resource(show_spinner=False)
+def sql_sandbox():
+    """The SQL page's worker pool, one for the server, under the limits `moeviz dashboard --sql-timeout
+    --sql-memory` set ($MOEVIZ_SQL_TIMEOUT, $MOEVIZ_SQL_MEMORY). A query gets half the cores, so that one user's
+    SQL leaves the others' pages some."""
+    from moeviz.store.sandbox import SqlLimits, SqlSandbox
+
+    return SqlSandbox(SqlLimits.from_env(), threads=max(1, (os.cpu_count() or 2) // 2))
 
 
 def store_warnings(path: str, token: int) -> tuple[str, ...]:

@@ -9,6 +9,11 @@ separately, since they happen once per run, not per step.
 
     python bench/bench_recorder.py                       # CPU, the README figure
     python bench/bench_recorder.py --device cuda         # on a GPU machine
+    python bench/bench_recorder.py --compile inductor    # the model under torch.compile (baseline compiled too)
+
+With --compile, the Recorder attaches its hooks to the compiled model (start() resets torch.compile's caches so
+that the hooks are traced, close() again to drop them): each start and close is followed by one untimed step,
+the recompilation, which is reported separately as the recompile time.
 """
 
 from __future__ import annotations
@@ -62,13 +67,22 @@ def main(args) -> None:
 
     model = build_model(args)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    if args.compile != "none":
+        model = torch.compile(model, backend=args.compile)
     gen = torch.Generator().manual_seed(0)
 
     def batches(n):
         return [torch.randint(0, args.vocab, (args.batch, args.seq_len), generator=gen).to(args.device) for _ in range(n)]
 
     timed_steps(model, opt, batches(args.warmup), args.device)  # warm-up: allocator, kernels
-    base, rec_times, setup, close = [], [], [], []
+    base, rec_times, setup, close, recompile = [], [], [], [], []
+
+    def recompiled(rec=None) -> None:  # one step after the hooks changed, timed apart: torch.compile retraces
+        if args.compile != "none":
+            recompile.append(sum(timed_steps(model, opt, batches(1), args.device)))
+            if rec is not None:
+                rec.discard()  # its routing belongs to no step
+
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.repeats):
             base += timed_steps(model, opt, batches(args.block), args.device)
@@ -77,19 +91,24 @@ def main(args) -> None:
                            flow_stats=None if args.flow_stats == "none" else args.flow_stats,
                            pair_stats=not args.no_pair_stats).start()
             setup.append(time.perf_counter() - t0)
+            recompiled(rec)
             rec_times += timed_steps(model, opt, batches(args.block), args.device, rec=rec, start_step=r * args.block)
             t0 = time.perf_counter()
             rec.close()
             close.append(time.perf_counter() - t0)
+            recompiled()
     tokens = args.batch * args.seq_len
     routes = tokens * args.layers * args.top_k
     b, rc = statistics.median(base), statistics.median(rec_times)
-    print("| device | hidden | layers | E/k | tokens/step | routes/step | step (no rec) | step (rec) | overhead | start | close |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| device | compile | hidden | layers | E/k | tokens/step | routes/step | step (no rec) | step (rec) "
+          "| overhead | start | close | recompile |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     print(
-        f"| {args.device} ({torch.get_num_threads()} threads) | {args.hidden} | {args.layers} | {args.experts}/{args.top_k} "
-        f"| {tokens} | {routes} | {b * 1e3:.1f} ms | {rc * 1e3:.1f} ms | {100 * (rc / b - 1):+.1f}% "
-        f"| {statistics.median(setup) * 1e3:.0f} ms | {statistics.median(close) * 1e3:.0f} ms |"
+        f"| {args.device} ({torch.get_num_threads()} threads) | {args.compile} | {args.hidden} | {args.layers} "
+        f"| {args.experts}/{args.top_k} | {tokens} | {routes} | {b * 1e3:.1f} ms | {rc * 1e3:.1f} ms "
+        f"| {100 * (rc / b - 1):+.1f}% | {statistics.median(setup) * 1e3:.0f} ms "
+        f"| {statistics.median(close) * 1e3:.0f} ms "
+        f"| {statistics.median(recompile) if recompile else 0:.1f} s |"
     )
 
 
@@ -109,5 +128,7 @@ if __name__ == "__main__":
     p.add_argument("--flow-stats", choices=("adjacent", "all", "none"), default="adjacent",
                    help="Recorder(flow_stats=...): the layer-to-layer flow counts (default: the Recorder's)")
     p.add_argument("--no-pair-stats", action="store_true", help="Recorder(pair_stats=False)")
+    p.add_argument("--compile", choices=("none", "aot_eager", "inductor"), default="none",
+                   help="torch.compile the model with this backend (baseline and recorded alike)")
     args = p.parse_args()
     main(args)

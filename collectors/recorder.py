@@ -19,6 +19,13 @@ How it stays out of the way of training:
   memory.
 - Hooks are removed in `finally`, whatever happened; the run is closed as finished, or failed with the
   exception text, and the user's exception always propagates.
+- Under `torch.compile` the router hooks are traced into the model's graph (no graph break; they leave their
+  outputs in a `_Sink`, which needs no recompilation per forward) and the model's pre/post hooks run outside it.
+  Hooks attached or removed after something was compiled reset torch.compile's caches (one recompilation),
+  since Dynamo does not notice new module hooks by itself.
+- Each router's first output is checked (`collectors.routers.check_router_output`: one host sync per router,
+  once per run) at the end of the first forward, before anything of it can be stored; a run whose router
+  hooks never fired warns at close.
 - Recording never stops training: a flush that cannot be written (a full disk, a failed conversion), a step
   whose aggregates cannot be computed, is lost on its own, with one RecordingWarning that says which steps, and
   the run is marked degraded (`runs.recording_errors`, `runs.recording_error`); later steps are still written.
@@ -43,6 +50,7 @@ What the recorded numbers mean, where model families differ:
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import functools
 import inspect
 import json
@@ -91,11 +99,32 @@ class RecordingWarning(RuntimeWarning):
 
 def _in_backward() -> bool:
     """True while autograd runs a backward pass: activation checkpointing then re-runs router forwards, which
-    must not be counted twice."""
+    must not be counted twice.
+
+    Under torch.compile this is False without asking autograd: Dynamo cannot trace the query (a graph break at
+    every router), and a compiled region's backward runs AOT-traced graphs, which call no Python hooks."""
+    if torch.compiler.is_compiling():
+        return False
     try:
         return torch._C._current_graph_task_id() != -1
     except AttributeError:  # very old torch: no recomputation detection
         return False
+
+
+class _Sink:
+    """Where a router hook leaves its outputs until the Recorder collects them, outside any compiled graph.
+
+    Under torch.compile the router hooks are traced into the model's graph. Appending to a list there makes
+    Dynamo guard on the list's length (a recompile for every forward of a step, then a fallback to eager once
+    the cache limit is hit) and lift the tensors already in it into graph inputs. A hook instead replaces
+    `out` with a longer tuple, which Dynamo replays after the graph; the Recorder empties it after every model
+    forward (a hook on the model that Dynamo does not trace), so each compiled forward starts from `()` and the
+    guards hold."""
+
+    __slots__ = ("out",)
+
+    def __init__(self):
+        self.out: tuple = ()  # ((logits [T, E], index [T, k], weights [T, k], dropped [T, k] | None), ...)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -213,6 +242,33 @@ def _concat_captured(segments: Sequence[_Segment]) -> tuple[Tensor | None, Tenso
             [sg.mask if sg.mask is not None else torch.ones((sg.batch, sg.seq_len), device=dev) for sg in segments]
         )
     return ids, mask, shape
+
+
+def _compiled_code_exists() -> bool:
+    """Whether torch.compile has compiled any frame in this process (without importing Dynamo if it was not)."""
+    import sys
+
+    if "torch._dynamo" not in sys.modules:
+        return False
+    try:
+        from torch._C._dynamo.eval_frame import _debug_get_cache_entry_list
+        from torch._dynamo.convert_frame import input_codes
+
+        codes = [ref() for ref in input_codes.seen]  # the code objects Dynamo has compiled frames of (weak refs)
+        return any(code is not None and _debug_get_cache_entry_list(code) for code in codes)
+    except (ImportError, AttributeError, TypeError):  # another torch: assume there may be compiled code
+        return True
+
+
+def _reset_compiled_code() -> bool:
+    """Drop torch.compile's compiled code (torch.compiler.reset) if there is any, so that the next call of a
+    compiled model retraces it with the hooks attached (or removed) now; True if it did. Dynamo does not guard
+    on nn.Module hooks (`skip_nnmodule_hook_guards`), so without this a model compiled and warmed up before
+    Recorder.start() would never call the Recorder's hooks and the run would record nothing."""
+    if not _compiled_code_exists():
+        return False
+    torch.compiler.reset()
+    return True
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -472,6 +528,11 @@ class Recorder:
         self._is_encoder_decoder = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
         self._forward_params: list[str] = []
         self._calls: list[list] = []  # per site: RouterOutputs captured since the last step()
+        self._sinks: list[_Sink] = []  # per site: outputs of the current forward, not yet collected
+        self._checked: set[int] = set()  # sites whose first output passed check_router_output
+        self._router_calls = 0  # router outputs collected over the run (0 at close: the hooks never fired)
+        self._model_calls = 0  # forwards of the model seen by its pre-hook
+        self._reset_compiled = False  # torch.compile caches were reset so that compiled code traces our hooks
         self._forwards: list[tuple[_Segment | None, _Segment | None]] = []  # (main, decoder) per forward
         self._pending: list[_StepRecord] = []
         self._warned_layers: set[int] = set()
@@ -502,7 +563,10 @@ class Recorder:
         from collectors.routers import find_routers
         from moeviz.store import RunWriter
 
-        sites = list(find_routers(self.model, predicate=self.predicate, adapter=self.adapter))
+        # a torch.compile result (OptimizedModule) routes through its original module: name the routers as in
+        # an uncompiled run (no `_orig_mod.` prefix), so that runs compare layer by layer
+        inner = self.model._orig_mod if isinstance(getattr(self.model, "_orig_mod", None), nn.Module) else self.model
+        sites = list(find_routers(inner, predicate=self.predicate, adapter=self.adapter))
         if not sites:
             raise RecorderError(
                 f"no MoE router found in {type(self.model).__name__}: pass predicate=(name, module) -> bool "
@@ -510,6 +574,7 @@ class Recorder:
             )
         self.sites = sites
         self._calls = [[] for _ in sites]
+        self._sinks = [_Sink() for _ in sites]
         stacks = {s.stack for s in sites}
         self._is_encoder_decoder |= {"encoder", "decoder"} <= stacks  # also when a wrapper hides the config
         try:
@@ -550,26 +615,68 @@ class Recorder:
 
     def discard(self) -> None:
         """Drop whatever the hooks captured since the last step() (e.g. evaluation forwards between steps)."""
+        for sink in self._sinks:
+            sink.out = ()
         self._calls = [[] for _ in self.sites]
         self._forwards = []
 
     # -- hooks -------------------------------------------------------------------------------------------------
 
     def _attach_hooks(self) -> None:
-        self._forward_params = _positional_params(self.model.forward)
-        self._handles.append(self.model.register_forward_pre_hook(self._on_model_call, with_kwargs=True))
+        """The model's pre- and post-hook run eagerly (torch.compiler.disable: under `torch.compile(model)` they
+        are frames of their own, outside the model's graph, so this costs no graph break); the router hooks are
+        traceable and are compiled into the graph. Code that torch.compile built before the hooks existed does
+        not call them (Dynamo does not guard on module hooks), so its caches are reset here: one recompile."""
+        inner = getattr(self.model, "_orig_mod", self.model)  # a torch.compile result: its module's signature
+        self._forward_params = _positional_params(inner.forward)
+        self._handles.append(
+            self.model.register_forward_pre_hook(torch.compiler.disable(self._on_model_call), with_kwargs=True)
+        )
+        self._handles.append(self.model.register_forward_hook(torch.compiler.disable(self._on_model_return)))
         for i, site in enumerate(self.sites):
             self._handles.append(site.module.register_forward_hook(functools.partial(self._on_router, i)))
+        self._reset_compiled = _reset_compiled_code()
 
     def _remove_hooks(self) -> None:
         handles, self._handles = self._handles, []
         for h in handles:
             h.remove()
+        if self._reset_compiled or _compiled_code_exists():
+            _reset_compiled_code()  # compiled graphs that call our router hooks would keep calling them
+
+    def _collect(self, check: bool = True) -> None:
+        """Move the router outputs the hooks left in the sinks into this step's buffers; check each router's
+        first output (check_router_output: a one-time host sync per router) before it can be stored."""
+        for i, sink in enumerate(self._sinks):
+            outs, sink.out = sink.out, ()
+            if not outs:
+                continue
+            self._router_calls += len(outs)
+            if check and i not in self._checked:
+                self._check_first_output(i, outs[0])
+            self._calls[i].extend(outs)
+
+    def _check_first_output(self, site_index: int, captured: tuple) -> None:
+        from collectors.routers import RouterOutput, check_router_output
+
+        logits, index, weights, dropped = captured
+        try:
+            check_router_output(self.sites[site_index], RouterOutput(logits, index, weights, dropped))
+        except Exception:
+            self.discard()  # nothing of a wrong reading is kept, let alone stored
+            raise
+        self._checked.add(site_index)
+
+    def _on_model_return(self, module: nn.Module, args: tuple, output: Any) -> None:
+        """Forward hook on the model: collect what its routers left (eager, outside any compiled graph)."""
+        self._collect()
 
     def _on_model_call(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         """Forward pre-hook: keep references to this forward's token ids and mask (no copy, no sync)."""
+        self._collect()  # outputs of router calls made outside a model forward (submodules called directly)
         if self._paused or _in_backward():
             return
+        self._model_calls += 1
         bound = dict(zip(self._forward_params, args))
         bound.update(kwargs)
         if bound.get("input_ids") is None and bound.get("inputs_embeds") is None and args:
@@ -590,14 +697,14 @@ class Recorder:
         if self._paused or _in_backward():
             return
         out = self.sites[site_index].extract(module, inputs, output)
-        self._calls[site_index].append(
-            (
-                out.logits.detach(),  # [tokens, E]
-                out.index.detach(),  # [tokens, k]
-                out.weights.detach(),  # [tokens, k]
-                None if out.dropped is None else out.dropped.detach(),  # [tokens, k]
-            )
+        captured = (
+            out.logits.detach(),  # [tokens, E]
+            out.index.detach(),  # [tokens, k]
+            out.weights.detach(),  # [tokens, k]
+            None if out.dropped is None else out.dropped.detach(),  # [tokens, k]
         )
+        sink = self._sinks[site_index]
+        sink.out = sink.out + (captured,)  # a new tuple, not an append: see _Sink
 
     # -- steps -------------------------------------------------------------------------------------------------
 
@@ -622,6 +729,7 @@ class Recorder:
         """
         self._check_usable()
         step = _step_number(step)
+        self._collect()
         calls, forwards = self._calls, self._forwards
         if not any(calls):
             self.discard()
@@ -883,6 +991,9 @@ class Recorder:
         own_error: BaseException | None = None
         try:
             self._remove_hooks()
+            self._collect(check=False)
+            if error is None and self._router_calls == 0:
+                warnings.warn(self._never_fired_message(), stacklevel=3)
             if error is None and any(self._calls):
                 warnings.warn(
                     f"moeviz: {max(len(c) for c in self._calls)} forward(s) since the last step() were not "
@@ -920,6 +1031,25 @@ class Recorder:
             if error is None:
                 raise own_error
             warnings.warn(f"moeviz: while closing after an error, the recorder also failed: {own_error!r}")
+
+    def _never_fired_message(self) -> str:
+        """Why a run recorded nothing, as far as the Recorder can tell."""
+        names = ", ".join(s.name for s in self.sites[:3]) + (", ..." if len(self.sites) > 3 else "")
+        if self._model_calls == 0:
+            cause = (
+                f"{type(self.model).__name__} itself was never called while the Recorder was open (not paused): "
+                "call the model you gave the Recorder (a DDP/FSDP wrapper or torch.compile result of it is fine), "
+                "inside the `with` block"
+            )
+        else:
+            cause = (
+                f"the model ran {self._model_calls} forward(s) but none went through its routers' hooks ({names}): "
+                "the routers were called by code that bypasses nn.Module hooks, or by a compiled function built "
+                "while torch.compile caches were not reset (call torch.compiler.reset() after Recorder.start() "
+                "if you compiled with a backend that keeps its own cache), or the Recorder was given a copy of "
+                "the model that is not the one being run"
+            )
+        return f"moeviz: no router hook fired during run {self.path}, so nothing was recorded: {cause}."
 
     # -- metadata ----------------------------------------------------------------------------------------------
 
@@ -1053,10 +1183,15 @@ def _distributed_rank_and_size() -> tuple[int, int]:
 
 
 def _config_dict(model: nn.Module, config: dict | None) -> dict | None:
-    """The run's config as JSON-safe data: the user's dict, else the HF config's `to_dict()`."""
+    """The run's config as JSON-safe data: the user's dict, else the HF config's `to_dict()`, else the fields of a
+    dataclass config (Megatron-Core's TransformerConfig: its routing settings, e.g. the scaling factor that
+    stored weights were divided by); values JSON cannot hold are stored as their str()."""
     if config is None:
         cfg = getattr(model, "config", None)
-        config = cfg.to_dict() if hasattr(cfg, "to_dict") else None
+        if hasattr(cfg, "to_dict"):
+            config = cfg.to_dict()
+        elif dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
+            config = {f.name: getattr(cfg, f.name, None) for f in dataclasses.fields(cfg)}
     if config is None:
         return None
     return json.loads(json.dumps(config, default=str))

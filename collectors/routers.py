@@ -145,8 +145,9 @@ class RouterSite:
     capacity_factor: float | None
     extract: Callable[[Any, tuple, Any], RouterOutput]
     expert_capacity: int | None = None  # tokens per expert per sequence (Switch), else None
-    kind: str = ""  # which rule found it and reads it, e.g. 'topk-router', 'switch-top1', 'linear-gate', 'custom'
-    weight_scale: float = 1.0  # factor the model multiplied the gate weights by (DeepSeek's routed_scaling_factor)
+    kind: str = ""  # which rule found it and reads it, e.g. 'topk-router', 'switch-top1', 'megatron-topk', 'custom'
+    weight_scale: float = 1.0  # factor the model multiplied the gate weights by (DeepSeek's routed_scaling_factor,
+    # Megatron's moe_router_topk_scaling_factor)
 
     def capacity_factor_for(self, tokens_per_group: int) -> float | None:
         """Capacity factor at a given group size: expert_capacity * n_experts / tokens_per_group for
@@ -338,13 +339,90 @@ def _finalize(out: RouterOutput, n_experts: int, top_k: int, where: str) -> Rout
                 f"top_k={top_k} (logits give {tokens} tokens)"
             )
         fields[field] = t.detach().reshape(tokens, top_k)
+    for field, t in (("logits", logits), ("weights", fields["weights"])):
+        if not t.is_floating_point():
+            raise RouterOutputError(f"{where}: {field} have dtype {t.dtype}, expected a float dtype")
     index = fields["index"]
+    if index.is_floating_point() or index.dtype == torch.bool:
+        raise RouterOutputError(f"{where}: index has dtype {index.dtype}, expected integer expert ids")
     if index.dtype != torch.int64:
         index = index.to(torch.int64)
     dropped = fields["dropped"]
     if dropped is not None and dropped.dtype != torch.bool:
         dropped = dropped.to(torch.bool)
     return RouterOutput(logits=logits, index=index, weights=fields["weights"], dropped=dropped)
+
+
+def check_router_output(site: "RouterSite", out: RouterOutput) -> None:
+    """Raise RouterOutputError, naming the router and what to pass, if a finalised output is not a routing
+    decision moeviz can store as it is: indices outside [0, n_experts) or repeated within a token; logits that are
+    NaN or look like probabilities (rows in [0, 1] summing to 1) or sigmoid scores (all strictly inside (0, 1)),
+    which the aggregates would softmax again; gate weights that are negative or exceed the declared
+    `weight_scale` (the store keeps weights / weight_scale in [0, 1] and would clip them without saying which
+    router was wrong).
+
+    Reads values: a host sync. The Recorder calls it once per router, on the router's first recorded forward
+    and before anything of that forward is stored, never again."""
+    import torch
+
+    where = f"router {site.name} ({type(site.module).__name__}, read as {site.kind or 'custom'})"
+    fix = (
+        "pass find_routers/Recorder adapter= a RouterAdapter that returns the router's logits, top-k indices and "
+        "the gate weights it applied, with `weight_scale` set to any constant the weights were multiplied by"
+    )
+    logits, index, weights = out.logits, out.index, out.weights  # [T, E], [T, k], [T, k]
+    if logits.shape[0] == 0 or logits.device.type == "meta":  # nothing to read (meta: shapes only)
+        return
+    with torch.no_grad():
+        lg = logits.float()  # [T, E]
+        w = weights.float()  # [T, k]
+        # note: CPU-GPU sync point, once per router on its first recorded forward
+        stats = torch.stack(
+            [
+                index.min().float(),
+                index.max().float(),
+                torch.isnan(lg).any().float(),
+                lg.min(),
+                lg.max(),
+                (lg.sum(-1) - 1).abs().max(),
+                torch.isnan(w).any().float(),
+                w.min(),
+                w.max(),
+                (index.sort(-1).values.diff(dim=-1) == 0).any().float() if index.shape[1] > 1 else lg.new_zeros(()),
+            ]
+        ).cpu().tolist()
+    i_min, i_max, lg_nan, lg_min, lg_max, row_err, w_nan, w_min, w_max, repeated = stats
+    if i_min < 0 or i_max >= site.n_experts:
+        raise RouterOutputError(
+            f"{where}: expert indices range over [{i_min:.0f}, {i_max:.0f}] but the router has n_experts="
+            f"{site.n_experts}; {fix} (and n_experts/top_k set)"
+        )
+    if repeated:
+        raise RouterOutputError(f"{where}: a token has the same expert in two of its top_k={site.top_k} slots; {fix}")
+    if lg_nan:
+        raise RouterOutputError(f"{where}: the router logits contain NaN; {fix}")
+    # probabilities: every row in [0, 1] and summing to 1. Sigmoid scores: every value strictly inside (0, 1),
+    # over enough values that real logits would have shown a sign or a size (all-zero logits of a router whose
+    # weights are still zero-initialised are logits, and pass)
+    looks_like_probs = lg_min >= 0.0 and lg_max <= 1.0 and row_err < 1e-3
+    looks_like_scores = lg_min > 0.0 and lg_max < 1.0 and logits.numel() >= 64
+    if site.n_experts >= 2 and (looks_like_probs or looks_like_scores):
+        what = "probabilities (every row sums to 1)" if looks_like_probs else "sigmoid scores (every value in (0, 1))"
+        raise RouterOutputError(
+            f"{where}: the values read as router logits look like {what}, not logits; moeviz takes softmax of "
+            f"the logits for prob_sum, entropy and z-loss, so these would be stored wrong. {fix}, where `logits` "
+            "are the pre-activation scores (e.g. the gate linear's output)"
+        )
+    if w_nan or w_min < -1e-6:
+        raise RouterOutputError(f"{where}: gate weights are NaN or negative (min {w_min:.4g}); {fix}")
+    # rounding: a weight renormalised or scaled in bfloat16 may land a few ulps above the scale
+    tol = max(1e-3, 4 * torch.finfo(weights.dtype).eps) * max(1.0, site.weight_scale)
+    if w_max > site.weight_scale + tol:
+        raise RouterOutputError(
+            f"{where}: gate weights reach {w_max:.4g} but the declared weight_scale is {site.weight_scale:g}: the "
+            "store keeps weight / weight_scale in [0, 1] and would clip them. If the model multiplies its gate "
+            f"weights by a constant, {fix}"
+        )
 
 
 def _make_extract(adapter: Callable, n_experts: int, top_k: int, where: str):
@@ -457,6 +535,11 @@ def _stack(name: str) -> str | None:
 
 def _auto_adapter(module, parent, config, n_experts: int, top_k: int) -> tuple[Callable, str] | None:
     """The built-in adapter for a router module and its kind, or None if it is not a router we know."""
+    from collectors import frameworks
+
+    found = frameworks.auto_adapter(module, n_experts, top_k)  # Megatron-Core, ...: known by class and package
+    if found is not None:
+        return found
     cls_name = type(module).__name__
     if _matches_router_class(cls_name):
         if fnmatch.fnmatchcase(cls_name, "*Top1Router") and hasattr(module, "expert_capacity"):
@@ -541,7 +624,11 @@ def _site(name, module, parent, config, adapter, layer: int) -> RouterSite:
             )
         read, kind = auto
     factor, expert_capacity = _capacity(module, config)
-    scale = _weight_scale(adapter if adapter is not None else module)
+    own = getattr(read, "capacity_factor", None)  # an adapter that knows the router's capacity factor
+    if isinstance(own, (int, float)) and not isinstance(own, bool) and own > 0:
+        factor = float(own)
+    # the scale a user adapter declares, else the built-in adapter's (Megatron), else the module's own attribute
+    scale = _weight_scale(adapter if adapter is not None else read if _declares_scale(read) else module)
     return RouterSite(
         name=name,
         module=module,
@@ -556,6 +643,11 @@ def _site(name, module, parent, config, adapter, layer: int) -> RouterSite:
         kind=kind,
         weight_scale=scale,
     )
+
+
+def _declares_scale(obj) -> bool:
+    value = getattr(obj, "weight_scale", None)
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
 
 
 def _weight_scale(obj) -> float:

@@ -430,3 +430,97 @@ class SyncGuard:
                         delattr(torch.Tensor, name)
 
         return _watching()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Megatron-Core on a CPU (test-only dependency: requirements-frameworks.txt)
+
+
+def megatron_on_cpu():
+    """A context manager under which Megatron-Core 0.16.1 builds and runs a GPTModel on a CPU, in this process:
+    a gloo process group of world size 1 and model parallel sizes 1 (initialised once, kept), and the three
+    CUDA-only calls patched for the duration:
+    - `torch.cuda.current_device()` (router buffers are created on it, and `Router.gating` moves CPU weights
+      there) returns "cpu";
+    - `CudaRNGStatesTracker.fork()` (attention dropout's RNG fork, which needs CUDA RNG states) does nothing;
+    - `moe_utils.te_general_gemm`, referenced but undefined without Transformer Engine, is None.
+    Wrap model construction and every forward in it."""
+    import contextlib
+    import tempfile
+    from unittest import mock
+
+    import torch
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import random as megatron_random
+    from megatron.core.transformer.moe import moe_utils
+
+    if not dist.is_initialized():
+        store = tempfile.NamedTemporaryFile(prefix="moeviz-gloo-", delete=False).name
+        dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(1, 1)
+    stack = contextlib.ExitStack()
+    stack.enter_context(mock.patch.object(torch.cuda, "current_device", lambda: "cpu"))
+    stack.enter_context(
+        mock.patch.object(
+            megatron_random.CudaRNGStatesTracker, "fork", lambda self, name=None: contextlib.nullcontext()
+        )
+    )
+    stack.enter_context(mock.patch.object(moe_utils, "te_general_gemm", None, create=True))
+    return stack
+
+
+def tiny_megatron_gpt(*, seed: int = 0, vocab_size: int = 128, max_sequence_length: int = 32, **overrides):
+    """A seeded random Megatron-Core GPTModel with MoE MLPs (local spec, allgather token dispatcher), eval mode,
+    float32 (bfloat16 with `bf16=True, params_dtype=torch.bfloat16`), and its TransformerConfig; `overrides` go
+    to the config. Call it, and the model, inside `megatron_on_cpu()`. Weights are initialised with std 0.5 so
+    that routing is neither uniform nor trivial; with `moe_router_enable_expert_bias=True` the (zero at init)
+    expert bias is set to random values."""
+    import torch
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.models.gpt.gpt_model import GPTModel
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    kwargs = dict(
+        num_layers=2,
+        hidden_size=32,
+        num_attention_heads=4,
+        ffn_hidden_size=64,
+        num_moe_experts=4,
+        moe_router_topk=2,
+        moe_ffn_hidden_size=32,
+        moe_token_dispatcher_type="allgather",
+        moe_router_load_balancing_type="none",
+        use_cpu_initialization=True,
+        add_bias_linear=False,
+        init_method_std=0.5,
+    )
+    kwargs.update(overrides)
+    config = TransformerConfig(**kwargs)
+    torch.manual_seed(seed)
+    spec = get_gpt_layer_local_spec(num_experts=config.num_moe_experts, moe_grouped_gemm=False)
+    model = GPTModel(
+        config=config, transformer_layer_spec=spec, vocab_size=vocab_size, max_sequence_length=max_sequence_length
+    )
+    if config.bf16:
+        model = model.bfloat16()  # what Megatron's Float16Module does; the routers keep expert_bias in float32
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for module in model.modules():
+            bias = getattr(module, "expert_bias", None)
+            if isinstance(bias, torch.Tensor):
+                bias.copy_(torch.rand(bias.shape, generator=gen) * 0.2)
+    return model.eval(), config
+
+
+def megatron_gpt_inputs(batch: int, seq: int, vocab_size: int = 128, seed: int = 0):
+    """(input_ids [B, S], position_ids [B, S], attention_mask [B, 1, S, S] bool, True = masked out) for a
+    GPTModel forward: `model(ids, pos, mask)`."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab_size, (batch, seq), generator=gen)
+    pos = torch.arange(seq)[None].expand(batch, seq)
+    mask = ~torch.ones(batch, 1, seq, seq, dtype=torch.bool).tril()
+    return ids, pos, mask

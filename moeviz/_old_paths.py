@@ -21,6 +21,8 @@ MOVED = {
     "moeviz.health": "moeviz.analyses.health",
     "moeviz.bounds": "moeviz.analyses.bounds",
     "moeviz.toy": "moeviz.analyses.toy",
+    # not an old path: the short name issue 17 gives the expert-parallel analyses (`moeviz.placement`)
+    "moeviz.placement": "moeviz.analyses.placement",
     "moeviz.schema": "moeviz.store.schema",
     "moeviz.segments": "moeviz.store.layout",
     "moeviz.store_reader": "moeviz.store.reader",

@@ -25,6 +25,27 @@ EXPERT_COLORS: list[str] = list(px.colors.qualitative.Dark24) + list(px.colors.q
 )[:16]
 SEQUENTIAL = "Viridis"
 DIVERGING = "RdBu_r"
+# A ratio to uniform (× uniform) is never below 0: its scale runs 0 … max with 1 white, blue below, red above
+_RATIO_BLUE = ("#2166ac", "#92c5de")  # 0, ½ (of the way to 1)
+_RATIO_RED = ("#f4a582", "#b2182b")  # half way to the top, the top
+RATIO_WHITE = "#f7f7f7"
+
+
+def ratio_colorscale(zmax: float) -> list[list]:
+    """A colour scale for ratios on [0, zmax] (zmax ≥ 1): 0 deep blue, 1 white, zmax deep red. A symmetric range
+    around 1 (zmid=1) would run below 0, which a ratio cannot be, and paint a dead expert (0×) mid-blue."""
+    one = 1.0 / max(float(zmax), 1.0)
+    if one >= 1.0:
+        return [[0.0, _RATIO_BLUE[0]], [0.5, _RATIO_BLUE[1]], [1.0, RATIO_WHITE]]
+    return [[0.0, _RATIO_BLUE[0]], [one / 2, _RATIO_BLUE[1]], [one, RATIO_WHITE], [(one + 1) / 2, _RATIO_RED[0]],
+            [1.0, _RATIO_RED[1]]]
+
+
+def ratio_range(values) -> float:
+    """The top of a ratio scale: the largest value, at least 2 (so that 1, white, sits at most half way up)."""
+    v = pd.to_numeric(pd.Series(values, dtype=object), errors="coerce").to_numpy(float)
+    v = v[np.isfinite(v)]
+    return float(max(2.0, v.max())) if len(v) else 2.0
 TRACE_TYPES = ("bar", "heatmap", "sankey", "scatter", "table")  # every trace type these charts draw
 
 
@@ -64,7 +85,7 @@ def _need(df: pd.DataFrame, cols: Iterable[str | None], chart: str) -> None:
 
 def _finish(fig: go.Figure, title: str, x_title: str | None = None, y_title: str | None = None, **layout) -> go.Figure:
     template = {} if pio.templates.default == TEMPLATE else {"template": TEMPLATE}
-    fig.update_layout(title=dict(text=title, x=0.01), **_LAYOUT, **template, **layout)
+    fig.update_layout(title=dict(text=title, x=0.01), **{**_LAYOUT, **template, **layout})
     if x_title is not None:
         fig.update_xaxes(title_text=x_title)
     if y_title is not None:
@@ -83,6 +104,14 @@ def empty_figure(title: str, message: str = "Nothing recorded for this selection
 
 def _fmt(col: str) -> str:
     return col.replace("_", " ")
+
+
+def _series_name(col: str, value) -> str:
+    """A legend entry: a number needs its column to mean anything ("layer 2", "expert 5"); a name stands alone
+    ("aux", "domain", "compile", not "run id aux", "variable domain", "way compile")."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        return str(value)
+    return f"{_fmt(col)} {value:g}" if isinstance(value, (float, np.floating)) else f"{_fmt(col)} {value}"
 
 
 def _hover(cols: Sequence[str], start: int = 0) -> str:
@@ -129,14 +158,22 @@ def heatmap(
     colorscale: str | None = None,
     text_format: str | None = None,
     reverse_y: bool = True,
+    ratio: bool = False,
+    y_order: Sequence | None = None,
 ) -> go.Figure:
-    """A heat map of z over (x, y) from long-format rows; extra `hover` columns appear on hover."""
+    """A heat map of z over (x, y) from long-format rows; extra `hover` columns appear on hover.
+
+    `ratio`: z is a ratio to uniform (never below 0): the colour scale runs 0 … max with 1 white
+    (`ratio_colorscale`). `y_order`: the rows in this order (default: sorted values of `y`)."""
     _need(df, [x, y, z, *hover], title)
     if df.empty:
         return empty_figure(title)
     xs = sorted(df[x].unique())
-    ys = sorted(df[y].unique())
+    ys = list(y_order) if y_order is not None else sorted(df[y].unique())
     grids = _cell_grids(df, x, y, [z, *hover], xs, ys)
+    if ratio:
+        zmin, zmax, zmid = 0.0, ratio_range(df[z]), None
+        colorscale = ratio_colorscale(zmax)
     custom = np.stack(grids[1:], axis=-1) if hover else None
     hovertemplate = f"{_fmt(x)}: %{{x}}<br>{_fmt(y)}: %{{y}}<br>{z_title}: %{{z:.4g}}"
     if hover:
@@ -174,8 +211,13 @@ def lines(
     dash: str | None = None,
     markers: bool = True,
     log_y: bool = False,
+    fit_y: Sequence[float] | None = None,
 ) -> go.Figure:
-    """One line per value of `color` (e.g. layer or run), with dotted horizontal reference lines by label."""
+    """One line per value of `color` (e.g. layer or run), with dotted horizontal reference lines by label.
+
+    `fit_y`: the y axis spans the data and these values only (e.g. uniform 1), not every reference line: a
+    reference far from the data (a lower bound) would squash the curves into a strip. A reference outside that
+    span is named in a note at the bottom ("… is below the axis") instead of drawn."""
     _need(df, [x, y, color, dash, *hover], title)
     if df.empty:
         return empty_figure(title)
@@ -190,9 +232,9 @@ def lines(
         g = g.sort_values(x)
         parts = []
         if color:
-            parts.append(f"{_fmt(color)} {key[0]}")
+            parts.append(_series_name(color, key[0]))
         if dash:
-            parts.append(f"{_fmt(dash)} {key[-1]}")
+            parts.append(_series_name(dash, key[-1]))
         name = ", ".join(parts) or y
         custom = g[list(hover)].to_numpy(object) if hover else None
         template = f"{name}<br>{_fmt(x)}: %{{x}}<br>{y_title}: %{{y:.5g}}"
@@ -212,15 +254,38 @@ def lines(
                 hovertemplate=template + "<extra></extra>",
             )
         )
+    y_range = None
+    if fit_y is not None and not log_y:
+        vals = np.concatenate([pd.to_numeric(df[y], errors="coerce").to_numpy(float), np.asarray(list(fit_y), float)])
+        vals = vals[np.isfinite(vals)]
+        if len(vals):
+            lo, hi = float(vals.min()), float(vals.max())
+            pad = 0.06 * (hi - lo) or 0.05 * max(abs(hi), 1e-9)
+            y_range = [lo - pad, hi + pad]
+            fig.update_yaxes(range=y_range)
+    off_axis = []
     for label, value in (references or {}).items():
         if value is None:
             continue
-        fig.add_hline(y=float(value), line_dash="dot", line_color="gray", annotation_text=f"{label} = {value:.4g}",
-                      annotation_position="top left")
+        if y_range is not None and not y_range[0] <= float(value) <= y_range[1]:
+            off_axis.append(f"{label} = {value:.4g} ({'below' if value < y_range[0] else 'above'} the axis)")
+            continue
+        _reference_line(fig, float(value), f"{label} = {value:.4g}")
+    if off_axis:
+        fig.add_annotation(text="; ".join(off_axis), xref="paper", yref="paper", x=0, y=0, xanchor="left",
+                           yanchor="bottom", showarrow=False, font=dict(size=11, color="gray"),
+                           bgcolor="rgba(255,255,255,0.85)")
     if log_y:
         fig.update_yaxes(type="log")
     _integer_ticks(fig, df[x])
     return _finish(fig, title, x_title, y_title, legend=dict(title=None))
+
+
+def _reference_line(fig: go.Figure, value: float, label: str, **kwargs) -> None:
+    """A dotted horizontal reference line; its label on a white box above the line at the right, drawn over the
+    data so that lines and markers never hide it."""
+    fig.add_hline(y=value, line_dash="dot", line_color="gray", annotation_text=label, annotation_position="top right",
+                  annotation=dict(bgcolor="rgba(255,255,255,0.85)", font=dict(size=11, color="#444")), **kwargs)
 
 
 def _integer_ticks(fig: go.Figure, xs: pd.Series) -> None:
@@ -254,7 +319,7 @@ def bars(
     groups = df.groupby(color, sort=True) if color else [(None, df)]
     for key, g in groups:
         key = key[0] if isinstance(key, tuple) else key
-        name = (f"{_fmt(color)} {key}" if legend_prefix else str(key)) if color else y
+        name = (_series_name(color, key) if legend_prefix else str(key)) if color else y
         template = f"{_fmt(x)}: %{{x}}<br>{y_title}: %{{y:.4g}}"
         if color:
             template = f"{name}<br>" + template
@@ -270,8 +335,7 @@ def bars(
             )
         )
     if reference is not None and reference[1] is not None:
-        fig.add_hline(y=float(reference[1]), line_dash="dot", line_color="gray",
-                      annotation_text=f"{reference[0]} = {reference[1]:.4g}", annotation_position="top left")
+        _reference_line(fig, float(reference[1]), f"{reference[0]} = {reference[1]:.4g}")
     if categorical_x:
         fig.update_xaxes(type="category")
     return _finish(fig, title, x_title, y_title, barmode=barmode, showlegend=bool(color))
@@ -312,7 +376,7 @@ def small_multiples(
             g = groups.get((f, cv) if color else (f,))
             if g is None:
                 continue
-            name = f"{_fmt(color)} {cv}" if color else y
+            name = _series_name(color, cv) if color else y
             traces.append(go.Scatter(
                 x=g[x].to_numpy(), y=g[y].to_numpy(), mode="lines", name=name, legendgroup=name,
                 showlegend=i == 0 and color is not None, line=dict(color=palette[j % len(palette)], width=1.5),
@@ -332,7 +396,17 @@ def small_multiples(
         fig.update_xaxes(title_text=x_title, row=n_rows, col=c)
     for r in range(1, n_rows + 1):
         fig.update_yaxes(title_text=y_title, row=r, col=1)
-    return _finish(fig, title, height=max(300, 220 * n_rows + 80))
+    height = max(300, 220 * n_rows + 80)
+    if color is None:
+        return _finish(fig, title, height=height)
+    # the legend in rows above the panels, never a scrolling column beside them that hides the last entries
+    per_row = 12
+    legend_rows = -(-len(color_values) // per_row)
+    height += 22 * legend_rows
+    top = 70 + 22 * legend_rows
+    fig.update_layout(legend=dict(orientation="h", yanchor="bottom", y=1.0 + 30 / (height - top - 50), x=0,
+                                  xanchor="left", entrywidth=70, title=None))
+    return _finish(fig, title, height=height, margin=dict(l=60, r=30, t=top + 30, b=50))
 
 
 # --- charts with their own shape --------------------------------------------------------------------------------
@@ -402,6 +476,80 @@ def token_routes(df: pd.DataFrame, *, n_experts: int, title: str = "Experts chos
     # no layout width: the dashboard stretches the chart to its column anyway, and a figure width (60 px a token)
     # made the browser draw it first at that width (about 4,000 px), then again at the column's
     return _finish(fig, title, height=max(300, 40 * len(layers) + 200))  # +60 px: the vertical token labels
+
+
+def _contrast_text(color: str) -> str:
+    """Black or white, whichever reads better on `color` (a #rrggbb or rgb() colour), by its relative luminance."""
+    rgb = _rgb(color)
+    if rgb is None:
+        return "#000"
+    lum = sum(w * (c / 255) ** 2.2 for w, c in zip((0.2126, 0.7152, 0.0722), rgb))
+    return "#000" if lum > 0.2 else "#fff"
+
+
+def _rgb(color: str) -> tuple[int, int, int] | None:
+    if color.startswith("#") and len(color) == 7:
+        return tuple(int(color[i : i + 2], 16) for i in (1, 3, 5))  # type: ignore[return-value]
+    if color.startswith("rgb"):
+        parts = color[color.index("(") + 1 : color.index(")")].split(",")
+        return tuple(int(float(p)) for p in parts[:3])  # type: ignore[return-value]
+    return None
+
+
+def token_text_html(df: pd.DataFrame, *, n_experts: int) -> str:
+    """The Mixtral paper's figure as HTML: the sequence's text itself, once per MoE layer, each token on the
+    background colour of its top (slot 0) expert, with a legend of the experts' colours. Hovering a token (its
+    `title`) names the token, the layer and every chosen expert with its gate weight.
+
+    Real text, not axis labels: it wraps to the page's width and reads as the sentence it is. Spaces are kept
+    (`white-space: pre-wrap`), a newline token shows as ⏎ and breaks the line, a tab as ⇥. Every token carries
+    `data-layer`, `data-pos` and `data-expert`, so a test (or a user's script) can read back what is drawn.
+    `df` is `moeviz.store.catalog.sequence_routes` output: pos, text, layer, slot, expert, weight."""
+    import html
+
+    _need(df, ["pos", "text", "layer", "slot", "expert", "weight"], "token text")
+    if df.empty:
+        return "<p><em>This sequence has no per-token detail.</em></p>"
+    d = df.sort_values(["layer", "pos", "slot"])
+    texts = d[d["slot"] == 0].drop_duplicates("pos").set_index("pos")["text"]
+    pairs = d.assign(pair=lambda x: "e" + x["expert"].astype(str) + " " + x["weight"].map("{:.3f}".format))
+    chosen = pairs.groupby(["layer", "pos"], sort=True)["pair"].agg(", ".join)
+    top = d[d["slot"] == 0].set_index(["layer", "pos"])["expert"]
+    colors = [EXPERT_COLORS[e % len(EXPERT_COLORS)] for e in range(max(1, n_experts))]
+
+    def span(layer, pos) -> str:
+        text = "" if pd.isna(texts.get(pos)) else str(texts.get(pos))
+        expert = top.get((layer, pos))
+        shown = html.escape(text.replace("\n", "⏎").replace("\t", "⇥") or "∅")
+        tip = html.escape(f"token {pos}: {text!r} · layer {layer}\nexperts (weight): {chosen.get((layer, pos), '')}",
+                          quote=True)
+        if expert is None or pd.isna(expert):
+            style = "background:#eee;color:#555"
+            expert_attr = ""
+        else:
+            bg = colors[int(expert) % len(colors)]
+            style = f"background:{bg};color:{_contrast_text(bg)}"
+            expert_attr = f' data-expert="{int(expert)}"'
+        brk = "<br>" if "\n" in text else ""
+        return (f'<span class="moeviz-token" data-layer="{int(layer)}" data-pos="{int(pos)}"{expert_attr} '
+                f'title="{tip}" style="{style};border-radius:3px;padding:1px 0;white-space:pre-wrap">{shown}</span>'
+                + brk)
+
+    positions = sorted(texts.index)
+    rows = []
+    for layer in sorted(d["layer"].unique()):
+        tokens = "".join(span(layer, p) for p in positions)
+        rows.append(
+            f'<div class="moeviz-layer" data-layer="{int(layer)}" style="display:flex;gap:0.8em;margin:0 0 0.7em 0">'
+            f'<div style="flex:0 0 4.5em;color:#666;font-size:0.85em;padding-top:0.15em">layer {int(layer)}</div>'
+            f'<div style="flex:1;line-height:1.9;font-family:ui-monospace,SFMono-Regular,Menlo,monospace;'
+            f'font-size:0.92em">{tokens}</div></div>'
+        )
+    legend = " ".join(
+        f'<span style="background:{c};color:{_contrast_text(c)};border-radius:3px;padding:1px 6px;'
+        f'font-size:0.85em">expert {e}</span>' for e, c in enumerate(colors))
+    return (f'<div class="moeviz-tokens"><div style="margin-bottom:0.8em">Top expert: {legend}</div>'
+            + "".join(rows) + "</div>")
 
 
 def _visible(text) -> str:
@@ -506,10 +654,10 @@ def load_heatmap(df: pd.DataFrame, *, value: str = "load_fraction", title: str |
     """Layer × expert heat map of the load (`moeviz.analyses.load.load_matrix` rows); hover shows the counts."""
     title = title or "Share of assignments per expert and layer"
     z_title = {"load_fraction": "share of layer's assignments", "relative_load": "load × E (1 = uniform)"}.get(value, _fmt(value))
-    zmid = 1.0 if value == "relative_load" else None
+    ratio = value == "relative_load"
     hover = [c for c in ("assigned", "first_choice", "tokens") if c in df.columns]
     return heatmap(df, x="expert", y="layer", z=value, title=title, x_title="expert", y_title="MoE layer",
-                   z_title=z_title, hover=hover, zmid=zmid, zmin=0 if zmid is None else None)
+                   z_title=z_title, hover=hover, ratio=ratio, zmin=None if ratio else 0)
 
 
 def load_small_multiples(df: pd.DataFrame, *, value: str = "load_fraction") -> go.Figure:
@@ -571,7 +719,7 @@ def aux_loss_lines(
         refs[bound_label] = bound
     hover = [c for c in ("tokens", "worst_layer", "mean_entropy") if c in df.columns]
     return lines(df, x="step", y=value, color=color, dash=dash, title=title, x_title="step", y_title=y_title,
-                 hover=hover, references=refs)
+                 hover=hover, references=refs, fit_y=[] if uniform is None else [uniform])
 
 
 def z_loss_lines(df: pd.DataFrame) -> go.Figure:
@@ -594,16 +742,22 @@ def entropy_lines(df: pd.DataFrame, *, n_experts: int | None = None) -> go.Figur
 # --- capacity ------------------------------------------------------------------------------------------------------
 
 
-def drop_bars(df: pd.DataFrame, *, by: str, cf: float | None = None) -> go.Figure:
-    """Share of assignments dropped per `by` value (layer, domain, ...) at one capacity factor."""
-    at = f" at capacity factor {cf:g}" if cf is not None else ""
+def _capacity_at(cf: float | None, capacity: int | None) -> str:
+    if capacity is not None:
+        return f" at a fixed capacity of {capacity:,} per expert"
+    return f" at capacity factor {cf:g}" if cf is not None else ""
+
+
+def drop_bars(df: pd.DataFrame, *, by: str, cf: float | None = None, capacity: int | None = None) -> go.Figure:
+    """Share of assignments dropped per `by` value (layer, domain, ...) at one capacity factor (or fixed capacity)."""
+    at = _capacity_at(cf, capacity)
     return bars(df, x=by, y="drop_rate", title=f"Dropped share per {_fmt(by)}{at}", x_title=_fmt(by),
                 y_title="dropped / assigned", hover=[c for c in ("dropped", "assigned") if c in df.columns])
 
 
-def drop_heatmap(df: pd.DataFrame, *, cf: float | None = None) -> go.Figure:
-    """Layer × expert heat map of the dropped share at one capacity factor."""
-    at = f" at capacity factor {cf:g}" if cf is not None else ""
+def drop_heatmap(df: pd.DataFrame, *, cf: float | None = None, capacity: int | None = None) -> go.Figure:
+    """Layer × expert heat map of the dropped share at one capacity factor (or fixed capacity)."""
+    at = _capacity_at(cf, capacity)
     return heatmap(df, x="expert", y="layer", z="drop_rate", title=f"Dropped share per expert and layer{at}",
                    x_title="expert", y_title="MoE layer", z_title="dropped / assigned", zmin=0,
                    hover=[c for c in ("dropped", "assigned") if c in df.columns], colorscale="Reds")
@@ -621,8 +775,10 @@ def drop_curve(df: pd.DataFrame, *, current_cf: float | None = None, color: str 
 
 def compare_heatmaps(df: pd.DataFrame, *, value: str = "relative_load", runs: Sequence[str] | None = None,
                      x: str = "expert", y: str = "layer", z_title: str | None = None, title: str | None = None,
-                     zmid: float | None = None) -> go.Figure:
-    """The same layer × expert heat map for each run, side by side on one colour scale."""
+                     zmid: float | None = None, ratio: bool | None = None) -> go.Figure:
+    """The same layer × expert heat map for each run, side by side on one colour scale. `ratio` (default: for
+    `relative_load`): a ratio to uniform, on a 0 … max scale with 1 white (`ratio_colorscale`)."""
+    ratio = value == "relative_load" if ratio is None else ratio
     _need(df, ["run_id", x, y, value], "compare heat maps")
     runs = list(runs) if runs is not None else sorted(df["run_id"].unique())
     title = title or f"{_fmt(value)} per {x} and {y}, run by run"
@@ -630,6 +786,9 @@ def compare_heatmaps(df: pd.DataFrame, *, value: str = "relative_load", runs: Se
     if df.empty:
         return empty_figure(title)
     zmax = float(df[value].max()) if df[value].notna().any() else 1.0
+    if ratio:  # one 0 … max scale for every run, 1 white
+        zmax, zmid = ratio_range(df[value]), None
+    scale = ratio_colorscale(zmax) if ratio else SEQUENTIAL if zmid is None else DIVERGING
     fig = make_subplots(rows=1, cols=len(runs), subplot_titles=[f"run {r}" for r in runs], horizontal_spacing=0.08)
     for i, r in enumerate(runs):
         d = df[df["run_id"] == r]
@@ -640,7 +799,7 @@ def compare_heatmaps(df: pd.DataFrame, *, value: str = "relative_load", runs: Se
             go.Heatmap(
                 z=grid.to_numpy(float), x=[str(c) for c in grid.columns], y=[str(c) for c in grid.index],
                 zmin=0 if zmid is None else None, zmax=zmax if zmid is None else None, zmid=zmid,
-                colorscale=SEQUENTIAL if zmid is None else DIVERGING, showscale=i == 0, colorbar=dict(title=dict(text=z_title)),
+                colorscale=scale, showscale=i == 0, colorbar=dict(title=dict(text=z_title)),
                 hovertemplate=f"run {r}<br>{_fmt(x)}: %{{x}}<br>{_fmt(y)}: %{{y}}<br>{z_title}: %{{z:.4g}}<extra></extra>",
             ),
             row=1, col=i + 1,
@@ -655,7 +814,7 @@ def compare_domain_share(df: pd.DataFrame, *, runs: Sequence[str], layer: int) -
     d = df[df["layer"] == layer]
     d = d.assign(domain=d["domain"].fillna("(none)"))
     return compare_heatmaps(d, value="ratio", runs=runs, x="expert", y="domain", z_title="share ÷ uniform share",
-                            title=f"Expert share of each domain in layer {layer}, against uniform, run by run", zmid=1.0)
+                            title=f"Expert share of each domain in layer {layer}, against uniform, run by run", ratio=True)
 
 
 def compare_lines(df: pd.DataFrame, *, y: str, y_title: str, title: str, x: str = "step") -> go.Figure:
@@ -675,24 +834,32 @@ def domain_heatmap(df: pd.DataFrame, *, layer: int | None = None, value: str = "
     where = f" in layer {layer}" if layer is not None else ""
     z_title = "share ÷ uniform share" if value == "ratio" else _fmt(value)
     return heatmap(d, x="expert", y="domain", z=value, title=f"Expert share of each domain{where}, against uniform",
-                   x_title="expert", y_title="domain", z_title=z_title, zmid=1.0 if value == "ratio" else None,
+                   x_title="expert", y_title="domain", z_title=z_title, ratio=value == "ratio",
                    hover=[c for c in ("share", "uniform", "assigned", "tokens") if c in d.columns], reverse_y=True)
 
 
 def position_heatmap(df: pd.DataFrame, *, layer: int | None = None) -> go.Figure:
-    """Expert × position-bucket heat map for one layer (`position_share`), as a ratio to the uniform share."""
+    """Expert × position-bucket heat map for one layer (`position_share`), as a ratio to the uniform share.
+    Rows in position order; a bucket of one position reads "5", a range "16–31", the last open one "512+"."""
     d = df if layer is None else df[df["layer"] == layer]
+    order = None
     if not d.empty:
         hi = d["pos_hi"].astype("Int64")
-        d = d.assign(positions=[f"{lo}–{h - 1}" if pd.notna(h) else f"{lo}+" for lo, h in zip(d["pos_lo"], hi)])
-        order = d.drop_duplicates("bucket").sort_values("bucket")["positions"].tolist()
-        d = d.assign(positions=pd.Categorical(d["positions"], categories=order, ordered=True))
+        d = d.assign(positions=[_bucket_label(int(lo), None if pd.isna(h) else int(h)) for lo, h in zip(d["pos_lo"], hi)])
+        order = d.sort_values(["bucket", "pos_lo"]).drop_duplicates("positions")["positions"].tolist()
     else:
         d = d.assign(positions=[])
     where = f" in layer {layer}" if layer is not None else ""
     return heatmap(d, x="expert", y="positions", z="ratio", title=f"Expert share by token position{where}, against uniform",
-                   x_title="expert", y_title="token positions", z_title="share ÷ uniform share", zmid=1.0,
-                   hover=[c for c in ("share", "assigned", "tokens") if c in d.columns])
+                   x_title="expert", y_title="token positions", z_title="share ÷ uniform share", ratio=True,
+                   y_order=order, hover=[c for c in ("share", "assigned", "tokens") if c in d.columns])
+
+
+def _bucket_label(lo: int, hi: int | None) -> str:
+    """Positions lo … hi-1 as a label: "5" for one position, "16–31" for a range, "512+" when open-ended."""
+    if hi is None:
+        return f"{lo}+"
+    return str(lo) if hi - 1 <= lo else f"{lo}–{hi - 1}"
 
 
 def coactivation_heatmap(df: pd.DataFrame, *, layer: int | None = None) -> go.Figure:
@@ -768,10 +935,20 @@ def matrix_frame(weights: np.ndarray, chosen: np.ndarray | None = None) -> pd.Da
 
 
 def bound_matrix(df: pd.DataFrame, *, title: str = "Router probabilities of the optimal batch") -> go.Figure:
-    """Heat map of a bound construction's router probabilities (token × expert), chosen experts outlined by hover."""
+    """Heat map of a bound construction's router probabilities (token × expert), each chosen (top-k) expert marked
+    with a ring, so that a chosen expert at probability ~0 (a tie at the k-th place, in the ε → 0 limit) shows."""
     d = df.assign(chosen=np.where(df["chosen"], "chosen", "not chosen"))
-    return heatmap(d, x="expert", y="token", z="weight", title=title, x_title="expert", y_title="token of the batch",
-                   z_title="router probability", hover=["chosen"], zmin=0, zmax=float(max(df["weight"].max(), 1e-9)))
+    fig = heatmap(d, x="expert", y="token", z="weight", title=title, x_title="expert", y_title="token of the batch",
+                  z_title="router probability", hover=["chosen"], zmin=0, zmax=float(max(df["weight"].max(), 1e-9)))
+    picked = df[df["chosen"].astype(bool)] if not df.empty else df
+    if len(picked):
+        fig.add_trace(go.Scatter(
+            x=picked["expert"].astype(str), y=picked["token"].astype(str), mode="markers", name="chosen (top-k)",
+            marker=dict(symbol="circle-open", size=11, color="black", line=dict(width=2)),
+            customdata=picked["weight"].to_numpy(float),
+            hovertemplate="token %{y}, expert %{x}: chosen<br>router probability: %{customdata:.4g}<extra></extra>"))
+        fig.update_layout(showlegend=True, legend=dict(orientation="h", yanchor="bottom", y=1.0, xanchor="right", x=1))
+    return fig
 
 
 def bound_curve(df: pd.DataFrame, *, current_experts: int | None = None) -> go.Figure:
@@ -791,7 +968,11 @@ def bound_curve(df: pd.DataFrame, *, current_experts: int | None = None) -> go.F
                 hover=[c for c in ("fraction", "family", "tokens_used") if c in long.columns])
     for t in fig.data:
         t.name = t.name.replace("series ", "")
-    fig.update_xaxes(type="log", dtick=None, tickformat=None)
+    # log axis, ticks at the powers of two in range: Plotly's own log ticks read "5, 10, 2, 5, 100, 2"
+    lo, hi = float(df["experts"].min()), float(df["experts"].max())
+    ticks = [2 ** i for i in range(0, 21) if lo <= 2 ** i <= hi] or sorted(df["experts"].unique().tolist())
+    fig.update_xaxes(type="log", dtick=None, tickformat=None, tickmode="array", tickvals=ticks,
+                     ticktext=[f"{t:,}" for t in ticks])
     if current_experts:  # a trace, not a shape: shapes on a log axis take log10 coordinates
         fig.add_trace(go.Scatter(x=[current_experts, current_experts], y=[0, 1.0], mode="lines", name=f"E = {current_experts}",
                                  line=dict(dash="dash", color="black"), hoverinfo="skip"))
@@ -866,3 +1047,55 @@ def accuracy_lines(df: pd.DataFrame) -> go.Figure:
     """Test accuracy of the toy MoE over k, one line per way (dense is one point at k = E)."""
     return lines(df, x="k", y="accuracy", color="way", title="Toy MoE test accuracy over the experts kept",
                  x_title="experts kept per input, k", y_title="test accuracy (share correct)")
+
+
+# --- expert parallelism --------------------------------------------------------------------------------------------
+
+
+def _placement_label(df: pd.DataFrame) -> pd.Series:
+    """'balanced' or 'balanced + 2 replicas' (placement_comparison rows): a legend label, no arithmetic."""
+    if "redundant" not in df.columns:
+        return df["placement"]
+    return df["placement"].where(df["redundant"] == 0, df["placement"] + " + " + df["redundant"].astype(str) + " replicas")
+
+
+def gpu_load_heatmap(df: pd.DataFrame, *, title: str | None = None) -> go.Figure:
+    """GPU × layer heat map of each GPU's share of the layer's assignments (`moeviz.analyses.placement.gpu_load`
+    rows, pooled); hover shows the assignments and the layer's busiest/mean GPU."""
+    title = title or "Share of each layer's assignments per GPU"
+    return heatmap(df, x="gpu", y="layer", z="share", title=title, x_title="GPU", y_title="MoE layer",
+                   z_title="share of layer's assignments", hover=["tokens", "max_over_mean"], zmin=0)
+
+
+def busiest_gpu_lines(df: pd.DataFrame, *, layer: int) -> go.Figure:
+    """The busiest GPU over the mean GPU per step, one line per placement, for one layer
+    (`moeviz.analyses.placement.placement_comparison` rows with by_step=True)."""
+    _need(df, ["step", "layer", "placement", "max_over_mean"], "busiest GPU over steps")
+    d = df[df["layer"] == layer]
+    d = d.assign(placement=_placement_label(d))
+    return lines(d, x="step", y="max_over_mean", color="placement", hover=["busiest", "mean"],
+                 title=f"Busiest GPU over the mean GPU per step, layer {layer}", x_title="step",
+                 y_title="busiest GPU ÷ mean GPU", references={"even": 1.0})
+
+
+def traffic_heatmap(df: pd.DataFrame, *, layer: int) -> go.Figure:
+    """Source × GPU matrix of the token copies one layer dispatches (`moeviz.analyses.placement.dispatch_traffic`)."""
+    _need(df, ["layer", "src", "gpu", "tokens"], "dispatch traffic")
+    d = df[df["layer"] == layer]
+    return heatmap(d, x="gpu", y="src", z="tokens", title=f"Token copies sent from each source to each GPU, layer {layer}",
+                   x_title="destination GPU (holds the expert)", y_title="source GPU (where the token starts)",
+                   z_title="token copies", hover=[c for c in ("bytes",) if c in d.columns], zmin=0)
+
+
+def staleness_lines(df: pd.DataFrame, *, layer: int) -> go.Figure:
+    """A placement fitted on early steps against one refitted every step and the contiguous layout, for one layer
+    (`moeviz.analyses.placement.placement_staleness` rows)."""
+    _need(df, ["step", "layer", "fitted", "refit", "contiguous"], "placement staleness")
+    d = df[df["layer"] == layer]
+    names = {"fitted": "balanced, fitted on the window", "refit": "balanced, refitted every step",
+             "contiguous": "contiguous"}
+    long = d.melt(id_vars=["step", "layer"], value_vars=list(names), var_name="placement", value_name="max_over_mean")
+    long["placement"] = long["placement"].map(names)
+    return lines(long, x="step", y="max_over_mean", color="placement",
+                 title=f"How a fitted placement goes stale, layer {layer}", x_title="step",
+                 y_title="busiest GPU ÷ mean GPU", references={"even": 1.0})

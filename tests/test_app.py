@@ -22,24 +22,27 @@ from streamlit.testing.v1 import AppTest  # noqa: E402
 from moeviz.testing import softmax, store_from_routing, synthetic_routing  # noqa: E402
 
 APP = str(Path(__file__).resolve().parents[1] / "app" / "main.py")
-PAGES = ["overview", "load", "aux_loss", "capacity", "specialization", "tokens", "bounds", "toy", "sql", "compare"]
+PAGES = ["overview", "load", "aux_loss", "capacity", "expert_parallel", "specialization", "tokens", "bounds", "toy", "sql", "compare"]
 
 
 # --- writing real stores ----------------------------------------------------------------------------------------
 
 
 def write_run_dir(run_dir, routing: dict, *, run_id: str, close: bool = True, vocab: list[str] | None = None,
-                  hold_back: int = 0, **meta):
+                  hold_back: int = 0, config: dict | None = None, **meta):
     """Write routing arrays as a real run folder (one flush per step and rank, one writer per rank), through
     moeviz.store.RunWriter; returns the writer of the last rank.
 
-    `hold_back` keeps the last steps' flushes unwritten in `writer.pending` (for live-refresh tests).
+    `hold_back` keeps the last steps' flushes unwritten in `writer.pending` (for live-refresh tests); `config`
+    replaces the runs.config JSON (e.g. a Switch model's expert_capacity).
     The tables come from moeviz.testing.store_from_routing (aggregates over every token), so the run holds exactly
     what the collectors would have recorded for these arrays.
     """
     from moeviz.store import RunWriter
 
     mem = store_from_routing(**routing, run_id=run_id, **meta)
+    if config is not None:
+        mem.execute("UPDATE runs SET config = ?", [json.dumps(config)])
     run = mem.execute("SELECT * FROM runs").df().iloc[0]
     ranks = sorted(int(r) for r in mem.execute("SELECT DISTINCT rank FROM step_stats").df()["rank"])
 
@@ -334,7 +337,7 @@ def test_compare_puts_two_runs_on_shared_axes(store):
     hm = chart(at, "run by run")
     assert [t.get("zmax") for t in hm["data"]][0] == hm["data"][1]["zmax"]
     aux = chart(at, "pooled over layers")
-    assert {t["name"] for t in aux["data"]} == {"run id main", "run id small"}
+    assert {t["name"] for t in aux["data"]} == {"main", "small"}  # run ids stand alone in the legend (#16)
     dom = chart(at, "Expert share of each domain in layer 0, against uniform, run by run")
     assert [len(arr(t["z"])) for t in dom["data"]] == [2, 1]  # main: code and prose; small: no domain
 
@@ -416,8 +419,13 @@ def test_toy_page_shows_maps_and_accuracy(store):
     assert arr(chart(at, "decision maps")["data"][0]["z"]).shape == (81, 81)
     table = at.dataframe[0].value.set_index("k")
     assert list(table.index) == [1, 2, 3, 4, 5, 6]
+    # percentages, and "—" (never "None") where dense has no model (k < E)
+    assert list(table["dense"]) == ["—"] * 5 + [table.loc[6, "dense"]] and "%" in table.loc[6, "dense"]
+    acc = table.drop(columns="dense").map(lambda v: float(v.rstrip("%")) / 100)
     # the post's finding: one compile-time expert is a linear classifier, far worse than one run-time expert
-    assert table.loc[1, "compile"] < table.loc[1, "run"] - 0.1
+    assert acc.loc[1, "compile time"] < acc.loc[1, "run time"] - 0.1
+    model_acc = model.accuracy.set_index(["way", "k"])["accuracy"]
+    assert acc.loc[1, "run time"] == pytest.approx(model_acc[("run", 1)], abs=5e-4)  # 1 decimal of a percent
 
 
 def test_chart_downloads_write_the_charts_data_as_csv_on_demand():
@@ -639,3 +647,24 @@ def test_capacity_curve_marks_the_chosen_factor_with_its_drop_rate(store, routin
     xs, ys = arr(curve["x"]), arr(curve["y"])
     assert list(xs) == sorted(xs) and 1.1 in set(np.round(xs, 6))
     assert ys[list(np.round(xs, 6)).index(1.1)] == pytest.approx(d / a)
+
+
+def test_expert_parallel_page_shows_gpu_load_traffic_and_staleness(store, routing):
+    """The GPU x layer map of the contiguous placement against numpy (expert e on GPU floor(e*4/8)), then the
+    balanced placement with replicas and two nodes: every chart, no error."""
+    at = open_app(store, page="expert_parallel")
+    heat = chart(at, "per GPU, contiguous")["data"][0]
+    z = arr(heat["z"]).reshape(3, 4)
+    for layer in range(3):
+        counts = np.bincount(routing["index"][:, layer].ravel(), minlength=8)
+        per_gpu = np.bincount(np.arange(8) * 4 // 8, weights=counts, minlength=4)
+        assert np.allclose(z[layer], per_gpu / per_gpu.sum())
+    for title in ("Busiest GPU over the mean GPU", "Token copies sent", "goes stale"):
+        chart(at, title)
+    at.radio(key="ep_placement").set_value("balanced").run()
+    at.number_input(key="ep_redundant").set_value(2).run()
+    at.number_input(key="ep_nodes").set_value(2).run()
+    assert not at.exception and not at.error, texts(at, "error")
+    chart(at, "per GPU, balanced")
+    at.number_input(key="ep_gpus").set_value(16).run()  # more GPUs than experts + replicas: a message, no trace
+    assert not at.exception and "exceed" in texts(at, "error")

@@ -48,9 +48,10 @@ def test_load_heatmap_draws_the_pivot_with_counts_on_hover(load_rows):
     assert hm.colorbar.title.text == "share of layer's assignments"
 
 
-def test_relative_load_heatmap_is_centred_on_uniform(load_rows):
+def test_relative_load_heatmap_runs_from_0_with_uniform_white(load_rows):
     hm = charts.load_heatmap(load_rows, value="relative_load").data[0]
-    assert hm.zmid == 1.0
+    assert hm.zmid is None and hm.zmin == 0 and hm.zmax == max(2.0, load_rows.relative_load.max())
+    assert [1 / hm.zmax, charts.RATIO_WHITE] in [list(c) for c in hm.colorscale]  # 1 × uniform is white
 
 
 def test_empty_frame_gives_a_titled_message_not_an_error():
@@ -66,13 +67,13 @@ def test_missing_columns_are_a_clear_error():
 
 def test_lines_one_trace_per_layer_with_reference_lines():
     df = pd.DataFrame({"step": [0, 1, 2] * 2, "layer": [0] * 3 + [1] * 3, "aux_loss": [1.2, 1.1, 1.05, 2.0, 1.5, 1.3]})
-    fig = charts.aux_loss_lines(df, bound=0.53)
+    fig = charts.aux_loss_lines(df, bound=0.98)
     assert [t.name for t in fig.data] == ["layer 0", "layer 1"]
     assert list(fig.data[1].y) == [2.0, 1.5, 1.3]
     refs = sorted(s.y0 for s in fig.layout.shapes)
-    assert refs == [0.53, 1.0]
+    assert refs == [0.98, 1.0]
     texts = " ".join(a.text for a in fig.layout.annotations)
-    assert "uniform routing = 1" in texts and "true lower bound = 0.53" in texts
+    assert "uniform routing = 1" in texts and "true lower bound = 0.98" in texts
     assert _axis_titles(fig)[0] == "step" and "Σ" in _axis_titles(fig)[1]
 
 
@@ -153,7 +154,7 @@ def test_bars_group_by_colour_and_keep_hover_counts():
                        "dropped": [1, 2, 3, 4], "assigned": [10] * 4})
     fig = charts.bars(df, x="layer", y="drop_rate", color="run_id", title="t", x_title="MoE layer",
                       y_title="dropped / assigned", hover=["dropped", "assigned"])
-    assert [t.name for t in fig.data] == ["run id a", "run id b"]
+    assert [t.name for t in fig.data] == ["a", "b"]  # run ids stand alone in the legend (#16)
     assert list(fig.data[1].y) == [0.3, 0.4]
     assert fig.data[1].customdata[0][0] == 3
 

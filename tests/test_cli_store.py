@@ -119,3 +119,33 @@ def test_nonexistent_path_in_a_real_process(tmp_path):
         assert p.returncode == 2, p.stderr
         assert p.stderr == f"moeviz {cmd[0]}: error: no moeviz store at {tmp_path / 'nope'}: the path does not exist " \
                            "(expected a run folder holding moeviz.json, or a folder of such run folders)\n"
+
+
+def test_info_lists_the_compaction_tables_and_compact_says_when_a_format_cannot_apply(store, capsys):
+    run(capsys, "compact", str(store))
+    code, out, _ = run(capsys, "info", str(store))
+    listed = {line.split()[0] for line in out.splitlines()[3:] if line.startswith("  ") and line.split()}
+    assert {"token_stats", "position_stats", "sequence_stats", "probe_sets", "weight_hist"} <= listed
+    assert "compacted routes files" in out and "every file of the run" in out
+    code, out, _ = run(capsys, "compact", str(store), "--routes-format", "duckdb")
+    assert code == 0 and "compacted earlier into 1 Parquet file(s), which stay there" in out
+
+
+def test_sql_table_keeps_a_whitespace_token_on_its_row(store, capsys):
+    code, out, _ = run(capsys, "sql", str(store), "SELECT 'a' || chr(10) || 'b' AS text, chr(9) AS tab, 1 AS n")
+    assert code == 0 and out.splitlines()[2].split() == ["a\\nb", "\\t", "1"]
+
+
+def test_a_folder_of_folders_of_runs_is_one_store_and_a_run_id_twice_is_refused(store, tmp_path, capsys):
+    """`moeviz demo --out runs/demo` writes runs/demo/aux and runs/demo/noaux: `runs/` must open."""
+    import shutil
+
+    nested = tmp_path / "runs" / "demo"
+    nested.mkdir(parents=True)
+    shutil.copytree(store, nested / "exp")
+    code, out, err = run(capsys, "sql", str(tmp_path / "runs"), "SELECT run_id, count(*) AS n FROM routes GROUP BY ALL",
+                         "--format", "csv")
+    assert code == 0 and out.splitlines()[1:] == ["exp,12"], err
+    shutil.copytree(store, tmp_path / "runs" / "again")
+    code, out, err = run(capsys, "sql", str(tmp_path / "runs"), "SELECT 1")
+    assert code == 2 and "both hold run 'exp'" in err and len(err.strip().splitlines()) == 1

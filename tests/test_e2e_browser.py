@@ -1,9 +1,12 @@
 """End to end: `moeviz dashboard` on a recorded run, every page driven in headless Chromium with Playwright.
 
 Asserts each page renders its charts (waiting for Plotly's DOM, never sleeping) and no exception box, saves a
-screenshot per page to docs/screenshots/<page>.png and the time to first chart per page to
-docs/screenshots/timings.json. Skipped (by the `browser` marker in conftest) where /usr/bin/chromium is absent;
-never runs `playwright install`.
+screenshot per page to <SHOTS>/<page>.png and the time to first chart per page to <SHOTS>/timings.json. SHOTS is
+test-artifacts/screenshots (git-ignored), so that running the tests leaves the tree as it was; the README's
+screenshots are made on purpose, on the demo's store, with `MOEVIZ_SCREENSHOTS=docs/screenshots
+MOEVIZ_E2E_STORE=runs/demo MOEVIZ_E2E_RUN=aux python -m pytest -q tests/test_e2e_browser.py -k every_page`
+(MOEVIZ_E2E_STORE replaces the synthetic test store, so only that test is meant to run with it). Skipped (by the `browser` marker in conftest) where /usr/bin/chromium
+is absent; never runs `playwright install`.
 """
 
 from __future__ import annotations
@@ -21,7 +24,9 @@ from moeviz.cli.dashboard_process import serving
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[1]
-SHOTS = ROOT / "docs" / "screenshots"
+SHOTS = Path(os.environ.get("MOEVIZ_SCREENSHOTS") or ROOT / "test-artifacts" / "screenshots")
+if not SHOTS.is_absolute():
+    SHOTS = ROOT / SHOTS
 CHROMIUM = os.environ.get("MOEVIZ_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync"]
@@ -46,8 +51,13 @@ TITLES = {"overview": "Overview", "load": "Load balance", "aux_loss": "Aux loss"
 OPTIONAL = {"bounds": "moeviz.analyses.bounds", "toy": "moeviz.analyses.toy"}
 
 
+RUN = os.environ.get("MOEVIZ_E2E_RUN") or "main"  # the run every page is opened on
+
+
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
+    if os.environ.get("MOEVIZ_E2E_STORE"):  # e.g. the demo's runs/demo, for the README's screenshots
+        return Path(os.environ["MOEVIZ_E2E_STORE"]).resolve()
     sys.path.insert(0, str(Path(__file__).parent))
     from test_app import MAIN, SMALL, VOCAB, write_run_dir
 
@@ -90,7 +100,7 @@ def _visit(page, server: str, name: str, min_charts: int, selector: str | None, 
     t0 = time.perf_counter()
     if first_page:
         path = "" if name == "overview" else name  # the default page lives at /
-        page.goto(f"{server}/{path}?run=main", wait_until="domcontentloaded")
+        page.goto(f"{server}/{path}?run={RUN}", wait_until="domcontentloaded")
     else:
         page.locator(f'a[data-testid="stSidebarNavLink"][href$="/{name}"]').click()
     page.locator("h1", has_text=TITLES[name]).first.wait_for(timeout=90_000)
@@ -196,3 +206,59 @@ def test_live_refresh_follows_a_run_being_written(tmp_path, browser):
             page.close()
     finally:
         writer.close()
+
+
+@pytest.fixture(scope="module")
+def tagged_server(tmp_path_factory):
+    """A run that tags its steps train / eval / probe with the same probe tokens each time, as the demo does."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_app import VOCAB, write_run_dir
+    from test_dashboard_usability import TAGS
+
+    from moeviz.testing import synthetic_routing
+
+    r = synthetic_routing(n_steps=len(TAGS), n_layers=2, n_experts=4, top_k=2, seqs_per_step=2, seq_len=8, seed=5)
+    r["tags"] = [TAGS[s] for s in r["steps"]]
+    for s in [i for i, t in enumerate(TAGS) if t == "probe"]:
+        r["token_ids"][r["steps"] == s] = r["token_ids"][r["steps"] == TAGS.index("probe")]
+    root = tmp_path_factory.mktemp("e2e-tagged")
+    write_run_dir(root / "tagged", r, run_id="tagged", vocab=VOCAB)
+    with serving(root, timeout_s=90) as url:
+        yield url
+
+
+def test_what_a_new_user_sees(tagged_server, browser):
+    """Issue 16 as a user sees it: the Tokens text is real text coloured by expert; router saturation draws a chart
+    on first load (the probe steps); every colour bar of a ratio to uniform starts at 0 or above; and no page
+    load asks any host but the dashboard (the favicon included), so it works offline."""
+    page = browser.new_page(viewport={"width": 1400, "height": 900})
+    foreign = []
+    page.on("request", lambda req: None if req.url.startswith(tagged_server) or req.url.startswith("data:")
+            else foreign.append(req.url))
+    page.goto(f"{tagged_server}/tokens?run=tagged", wait_until="domcontentloaded")
+    _settle(page)
+    first_line = page.locator('.moeviz-layer[data-layer="0"] .moeviz-token')
+    first_line.first.wait_for(timeout=90_000)
+    words = first_line.all_inner_texts()
+    assert len(words) == 8 and all(w.startswith("<") and w.endswith(">") for w in words), words  # VOCAB's "<id>"
+    assert page.locator(".moeviz-token").first.get_attribute("title").startswith("token 0:")
+    assert page.locator(".moeviz-token").first.evaluate("e => getComputedStyle(e).backgroundColor") != "rgba(0, 0, 0, 0)"
+
+    page.goto(f"{tagged_server}/specialization?run=tagged", wait_until="domcontentloaded")
+    _settle(page)
+    page.locator('[data-testid="stPlotlyChart"] .gtitle', has_text="Router saturation: step 1 against step 7") \
+        .first.wait_for(timeout=90_000)
+    zmins = page.evaluate("() => [...document.querySelectorAll('.js-plotly-plot')].flatMap(p => (p._fullData || [])"
+                          ".filter(t => t.type === 'heatmap').map(t => [p.layout.title.text, t.zmin]))")
+    ratio = [(title, z) for title, z in zmins if "against uniform" in title]
+    assert ratio and all(z >= 0 for _, z in ratio), zmins
+
+    page.goto(f"{tagged_server}/load?run=tagged", wait_until="domcontentloaded")
+    _settle(page)
+    page.get_by_text("× uniform").click()
+    _settle(page)
+    page.wait_for_function("() => [...document.querySelectorAll('.js-plotly-plot')].some(p => (p._fullData || [])"
+                           ".some(t => t.type === 'heatmap' && t.zmin === 0 && t.zmax >= 2))", timeout=60_000)
+    assert not page.locator('[data-testid="stException"]').count()
+    assert not foreign, foreign
+    page.close()

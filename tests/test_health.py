@@ -230,3 +230,31 @@ def test_cli_steps_parsing():
     assert parse_steps(None) is None
     with pytest.raises(CheckArgumentError):
         parse_steps("a:b")
+
+
+def test_cli_check_usage_errors_and_readable_output(tmp_path, capsys):
+    """An empty --steps range or an unknown --run is a usage error (2) that says what the store holds, not a
+    finding (1); the findings print one line each (no <NA> cells, no 260-character table), small ratios with
+    two significant digits."""
+    from moeviz.cli import main
+
+    def dead(step, layer):
+        p = np.full(E, 1.0)
+        p[4] = 0
+        return p / p.sum()
+
+    write_run(tmp_path / "sick", **routing(n_steps=4, tokens=512, seed=10, probs=dead))
+    assert main(["check", str(tmp_path / "sick"), "--steps", "300:400"]) == 2
+    err = capsys.readouterr().err
+    assert "selects no recorded step" in err and "recorded steps 0-3" in err
+    assert main(["check", str(tmp_path), "--run", "nosuch"]) == 2
+    assert "no run 'nosuch'" in (err := capsys.readouterr().err) and "its runs: sick" in err
+    assert main(["check", str(tmp_path / "sick"), "--layers", "7"]) == 2
+    assert "layers are 0, 1" in capsys.readouterr().err
+    assert main(["check", str(tmp_path / "sick")]) == 1
+    out = capsys.readouterr().out
+    assert "<NA>" not in out and max(len(line) for line in out.splitlines()) < 250
+    assert out.splitlines()[0].startswith("error  dead_expert")
+    from moeviz.analyses.health import _ratio
+
+    assert _ratio(0.000341) == "0.00034x" and _ratio(0.05) == "0.05x" and _ratio(0.5) == "0.50x"

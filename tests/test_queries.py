@@ -1,14 +1,11 @@
-"""moeviz.store.catalog: store browsing and the guarded SQL console, checked against numpy on known routing."""
+"""moeviz.store.catalog: store browsing, checked against numpy on known routing (users' SQL: test_sql_sandbox.py)."""
 
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
 import pytest
 
 from moeviz.store import catalog as queries
-from moeviz.store import sql as console
-from moeviz.errors import MoevizError
 from moeviz.testing import store_from_routing, synthetic_routing
 
 
@@ -88,47 +85,6 @@ def test_sequence_routes_match_the_arrays(con, routing):
     # run b has no vocabulary: the id stands in for the text
     b = queries.sequence_routes(con, "b", 0, 0, 0)
     assert (b["text"] == b["token_id"].astype(str)).all()
-
-
-def test_run_sql_limits_rows_and_flags_truncation(con):
-    res = console.run_sql(con, "SELECT * FROM range(50)", max_rows=10)
-    assert len(res.frame) == 10 and res.truncated
-    res = console.run_sql(con, "SELECT * FROM range(10);", max_rows=10)
-    assert len(res.frame) == 10 and not res.truncated
-    res = console.run_sql(con, console.EXAMPLE_QUERIES["Load per layer and expert"])
-    assert isinstance(res.frame, pd.DataFrame) and not res.truncated
-    # the load fractions of each run's layer sum to one over experts (runs a and b pooled per layer)
-    assert np.allclose(res.frame.groupby("layer")["load_fraction"].sum(), 1.0)
-
-
-def test_every_example_query_runs(con):
-    for name, sql in console.EXAMPLE_QUERIES.items():
-        assert not console.run_sql(con, sql).frame.empty, name
-
-
-@pytest.mark.parametrize(
-    "sql, message",
-    [
-        ("DELETE FROM runs", "read-only"),
-        ("CREATE TABLE x AS SELECT 1", "read-only"),
-        ("SELECT 1; SELECT 2", "one statement"),
-        ("   ", "empty"),
-        ("SELEC 1", "does not parse"),
-        ("SELECT no_such_column FROM runs", "no_such_column"),
-    ],
-)
-def test_run_sql_refuses_or_reports_bad_queries(con, sql, message):
-    with pytest.raises(console.SqlError, match=message) as info:
-        console.run_sql(con, sql)
-    assert isinstance(info.value, MoevizError)
-
-
-def test_run_sql_times_out_and_interrupts(con):
-    slow = "SELECT count(*) FROM range(100000000000) a"
-    with pytest.raises(console.SqlTimeoutError, match="longer than 0.3 s"):
-        console.run_sql(con, slow, timeout_s=0.3)
-    # the connection still works afterwards
-    assert console.run_sql(con, "SELECT 42 AS x").frame["x"].tolist() == [42]
 
 
 def test_browsing_and_charts_stay_light():

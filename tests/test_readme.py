@@ -64,3 +64,20 @@ def test_readme_aux_loss_query_gives_one_for_uniform_routing():
     query = [q for q in _example_queries() if "aux" in q][0]
     df = con.sql(query).df()
     assert np.allclose(df["aux"].to_numpy(), 1.0)
+
+
+def test_readme_aux_loss_query_keeps_runs_apart_on_a_folder_of_runs():
+    """Two runs in one store (as `runs/demo` holds aux and noaux): the aux loss of each run is its own value,
+    1 for a uniform run, not the sum of both runs' (2 at every step when run_id is missing from the GROUP BY)."""
+    import numpy as np
+
+    from moeviz.testing import store_from_routing
+
+    T, E, k = 16, 4, 2
+    index = np.array([[[(2 * t) % E, (2 * t + 1) % E]] for t in range(T)])
+    kw = dict(index=index, weights=np.full((T, 1, k), 0.5), logits=np.zeros((T, 1, E)), top_k=k, n_experts=E)
+    con = store_from_routing(**kw, run_id="aux")
+    store_from_routing(**kw, run_id="noaux", con=con)
+    query = [q for q in _example_queries() if "aux" in q][0]
+    df = con.sql(query).df()
+    assert sorted(df["run_id"]) == ["aux", "noaux"] and np.allclose(df["aux"].to_numpy(), 1.0)

@@ -27,7 +27,8 @@ from moeviz.errors import SchemaVersionError, StoreError, StoreNotFoundError
 from moeviz.store.schema import SCHEMA_VERSION, TABLES
 from moeviz.store import RunWriter, StoreWarning, compact, open_store, store_info
 from moeviz.selection import Selection
-from moeviz.store.sql import read_only_query
+from moeviz.store.sandbox import SqlSandbox
+from moeviz.store.sql import SqlError, run_sql
 
 LAYERS, EXPERTS, K, SEQS, SEQ_LEN = 3, 4, 2, 2, 5
 HALF_STEP = 0.5 / 65535 + 1e-12
@@ -206,6 +207,17 @@ def test_weight_quantisation_is_round_to_nearest(tmp_path):
     assert [g[0] for g in got] == pytest.approx([v / 65535 for v in q], abs=0)
 
 
+def test_clipped_weights_warn_naming_the_layers_and_their_routers(tmp_path):
+    w = RunWriter(tmp_path / "r", compact_on_close=False)
+    w.write_layers([{"layer": 0, "module_name": "model.layers.0.mlp.gate"},
+                    {"layer": 1, "module_name": "model.layers.1.mlp.gate"}])
+    weights = np.array([0.5, 0.9, 2.5, 0.1])  # layer 1 holds a weight times a routed scaling factor
+    with pytest.warns(StoreWarning, match=r"in layer\(s\) 1 \(model\.layers\.1\.mlp\.gate\), clipped"):
+        w.write_flush({"routes": {"step": 0, "seq": 0, "pos": np.arange(4), "token_id": 7,
+                                  "layer": np.array([0, 0, 1, 1]), "slot": 0, "expert": 1, "weight": weights}})
+    w.close()
+
+
 def test_large_flush_splits_into_layer_major_segments_without_losing_rows(tmp_path, monkeypatch):
     monkeypatch.setattr(layout, "ROUTES_ROWS_PER_LAYER", 7)
     rng = np.random.default_rng(2)
@@ -247,10 +259,15 @@ def test_realistic_routes_cost_at_most_4_bytes_per_route_on_disk(tmp_path):
     compact(tmp_path / "r")
     info = store_info(tmp_path / "r")["runs"][0]
     assert info["compacted"] and info["tables"]["routes"]["compacted_rows"] == 4 * 8 * 8 * 512 * 2
-    # DuckDB's lighter compression, plus ~2.5 MB of 256 KiB blocks whatever the size (a block or two per
-    # table: weight_hist took this from 15.x to 16.2; uncompressed on-disk types would cost ~30 B/route);
-    # at scale the compacted run costs 2.8 B/route (docs/benchmarks.md)
-    assert info["bytes_per_route_compacted"] < 17
+    # the compacted routes files alone: zstd Parquet, ~2 B/route
+    assert info["bytes_per_route_compacted"] < 3
+    assert info["run_duckdb_bytes"] == (tmp_path / "r" / "run.duckdb").stat().st_size
+    assert set(info["tables"]) >= {"token_stats", "position_stats", "sequence_stats", "probe_sets", "weight_hist"}
+    assert info["tables"]["weight_hist"]["compacted_rows"] > 0
+    # every file of the run: run.duckdb adds ~2.5 MB of 256 KiB blocks whatever the size (a block or two per
+    # table: weight_hist took this from 15.x to 16.2); at scale the compacted run costs 2.8 B/route
+    # (docs/benchmarks.md)
+    assert info["bytes_per_route"] < 17
     # routes are compacted into zstd Parquet files; run.duckdb (small tables, fixed ~MB of blocks) holds none
     files = sorted((tmp_path / "r" / "compacted" / "routes").glob("rank=0/*.parquet"))
     assert len(files) == 1 and info["routes_files"] == 1
@@ -771,33 +788,37 @@ def test_user_sql_cannot_touch_files_or_write(tmp_path, compacted):
     for name, sql in attacks.items():
         with pytest.raises(duckdb.Error):
             con.execute(sql)
-        with pytest.raises(StoreError, match="read-only|not allowed|SELECT"):
-            read_only_query(con, sql)
-    with pytest.raises(StoreError, match=r"not allowed: .*never files"):
-        read_only_query(con, "SELECT * FROM read_csv('/etc/passwd')")
-    with pytest.raises(StoreError, match="only SELECT queries are allowed, not COPY"):
-        read_only_query(con, attacks["COPY"])
+    with SqlSandbox(spare=0, max_workers=1) as sandbox:  # users' SQL: the same connection, in a worker process
+        for name, sql in attacks.items():
+            with pytest.raises(SqlError, match="read-only|not allowed|SELECT"):
+                run_sql(sandbox, run_dir, sql)
+        with pytest.raises(SqlError, match=r"not allowed: .*never files"):
+            run_sql(sandbox, run_dir, "SELECT * FROM read_csv('/etc/passwd')")
+        with pytest.raises(SqlError, match="only SELECT queries are allowed, not COPY"):
+            run_sql(sandbox, run_dir, attacks["COPY"])
+        res = run_sql(sandbox, run_dir, "SELECT count(*) AS n FROM routes", as_rows=True)
     assert not (tmp_path / "x.csv").exists() and not (tmp_path / "evil.duckdb").exists()
     after = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file() and "_status" not in p.parts}
     assert after == before
-    cols, rows, truncated = read_only_query(con, "SELECT count(*) AS n FROM routes")
-    assert cols == ["n"] and rows[0][0] > 0 and not truncated
+    assert res.columns == ["n"] and res.rows[0][0] > 0 and not res.truncated
 
 
-def test_read_only_query_limits_rows_and_reports_truncation(tmp_path):
+def test_user_sql_limits_rows_and_reports_truncation(tmp_path):
     write_run(tmp_path / "r")
     con = open_store(tmp_path / "r")
     n = con.execute("SELECT count(*) FROM routes").fetchone()[0]
-    cols, rows, truncated = read_only_query(con, "SELECT * FROM routes", max_rows=5)
-    assert len(rows) == 5 and truncated and cols == TABLES["routes"].column_names
-    _, rows, truncated = read_only_query(con, "SELECT * FROM routes", max_rows=n)
-    assert len(rows) == n and not truncated
-    with pytest.raises(StoreError, match="exactly one"):
-        read_only_query(con, "SELECT 1; SELECT 2")
-    with pytest.raises(StoreError, match="syntax error"):
-        read_only_query(con, "SELEC 1")
-    with pytest.raises(StoreError, match="tables: runs, layers, routes"):
-        read_only_query(con, "SELECT * FROM rout")
+    with SqlSandbox(spare=0, max_workers=1) as sandbox:
+        res = run_sql(sandbox, tmp_path / "r", "SELECT * FROM routes", max_rows=5, as_rows=True)
+        assert len(res.rows) == 5 and res.truncated and res.columns == TABLES["routes"].column_names
+        res = run_sql(sandbox, tmp_path / "r", "SELECT * FROM routes", max_rows=n, as_rows=True)
+        assert len(res.rows) == n and not res.truncated
+        assert sorted(res.rows, key=repr) == sorted(con.execute("SELECT * FROM routes").fetchall(), key=repr)
+        with pytest.raises(SqlError, match="one statement"):
+            run_sql(sandbox, tmp_path / "r", "SELECT 1; SELECT 2")
+        with pytest.raises(SqlError, match="syntax error"):
+            run_sql(sandbox, tmp_path / "r", "SELEC 1")
+        with pytest.raises(SqlError, match="tables: runs, layers, routes"):
+            run_sql(sandbox, tmp_path / "r", "SELECT * FROM rout")
 
 
 # ---------------------------------------------------------------------------------------------------- review fixes

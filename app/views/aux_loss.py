@@ -10,6 +10,30 @@ from app.state import Ctx
 from app.views.bounds import infimum_value
 from moeviz import charts
 from moeviz.analyses.aux_loss import pooled_switch_loss, switch_loss, z_loss
+from moeviz.store.catalog import step_tags
+
+ALL_STEPS = "all steps"
+
+
+def _step_kind(ctx: Ctx) -> set[int] | None:
+    """A choice of the kind of step (train, eval, probe, ...) when the run tags its steps, training by default:
+    the steps of that kind, or None for every step. An eval or probe pass routes other tokens than the training
+    batches, so mixing them into one curve makes a saw-tooth that is not the training dynamics."""
+    tagged = ctx.q(step_tags, ctx.run_id)
+    kinds = sorted(tagged["tag"].unique().tolist())
+    if len(kinds) < 2:
+        return None
+    default = "train" if "train" in kinds else kinds[0]
+    kind = st.radio("Steps", [*kinds, ALL_STEPS], index=kinds.index(default), horizontal=True, key="aux_steps",
+                    help="The run tags its steps (train, eval, probe): each curve shows one kind of step.")
+    if kind == ALL_STEPS:
+        return None
+    return {int(s) for s in tagged.loc[tagged["tag"] == kind, "step"]}
+
+
+def _only(df, steps: set[int] | None):
+    """The rows of these steps (every row when None): a per-step curve keeps its exact per-step values."""
+    return df if steps is None or df.empty else df[df["step"].isin(steps)]
 
 
 def render(ctx: Ctx) -> None:
@@ -17,6 +41,7 @@ def render(ctx: Ctx) -> None:
         st.info("The losses need the router's full probabilities, kept only as exact per-step aggregates: "
                 "the domain filter is ignored on this page.")
     sel = ctx.sel_exact
+    steps = _step_kind(ctx)
     bound = None
     with guarded("True lower bound"):
         bound = infimum_value(ctx.n_experts, ctx.top_k)
@@ -24,10 +49,10 @@ def render(ctx: Ctx) -> None:
     st.caption(f"E = {ctx.n_experts} experts, k = {ctx.top_k}: uniform routing gives 1; the true lower bound "
                f"(infimum over routings) is {bound_text}, not the 1 of the Switch paper nor the blog's 1/2.")
     with guarded("Switch loss per layer"):
-        per_layer = ctx.q(switch_loss, sel, by_step=True)
+        per_layer = _only(ctx.q(switch_loss, sel, by_step=True), steps)
         show_chart(charts.aux_loss_lines(per_layer, bound=bound), per_layer, "switch-loss")
     with guarded("Pooled Switch loss"):
-        pooled = ctx.q(pooled_switch_loss, sel, by_step=True)
+        pooled = _only(ctx.q(pooled_switch_loss, sel, by_step=True), steps)
         scale = st.radio("Pooled loss scale", ["aux_loss_per_slot", "aux_loss"], horizontal=True, key="aux_scale",
                          format_func={"aux_loss_per_slot": "per slot (1 = uniform)",
                                       "aux_loss": "as transformers reports it (k = uniform)"}.get)
@@ -38,7 +63,7 @@ def render(ctx: Ctx) -> None:
         )
         show_chart(fig, pooled, "pooled-switch-loss")
     with guarded("Router z-loss"):
-        z = ctx.q(z_loss, sel, by_step=True)
+        z = _only(ctx.q(z_loss, sel, by_step=True), steps)
         show_chart(charts.z_loss_lines(z), z, "z-loss")
         show_chart(charts.entropy_lines(z, n_experts=ctx.n_experts), z, "router-entropy")
 

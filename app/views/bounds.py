@@ -43,6 +43,10 @@ def render(ctx: Ctx | None) -> None:
     m[2].metric("Blog's construction", f"{blog:.4f}" if blog is not None else "k = 1 only")
     m[3].metric("Reached by", f"{res.tokens_used} tokens", help="attained exactly" if res.attained else "approached as eps → 0")
     st.caption(f"Construction ({res.family}): {res.description}")
+    if not res.attained:
+        st.caption("The infimum is approached, not attained: the batch drawn is the limit ε → 0. A ringed cell is a "
+                   "chosen (top-k) expert; one at probability ~0 is chosen by a tie at the k-th place, which any "
+                   "ε > 0 breaks towards it.")
     left, right = st.columns(2)
     with left, guarded("Optimal batch"):
         frame = charts.matrix_frame(res.weights[:200], res.chosen[:200])

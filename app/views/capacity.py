@@ -10,7 +10,7 @@ import streamlit as st
 from app.components import guarded, run_page, show_chart
 from app.state import Ctx
 from moeviz import charts
-from moeviz.analyses.capacity import capacity_drops, drop_curve
+from moeviz.analyses.capacity import capacity_drops, drop_curve, model_capacity
 
 CURVE_FACTORS = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 4.0)
 SLIDER = (0.25, 4.0, 0.05)  # the capacity-factor slider: min, max, step
@@ -23,13 +23,18 @@ def _slider_factors(default_cf: float) -> tuple[float, ...]:
     return tuple(sorted(grid | {round(default_cf, 4)}))
 
 
-def _domain_drops(ctx: Ctx, cf: float, default_cf: float, policy: str, group: str) -> pd.DataFrame:
+def _domain_drops(ctx: Ctx, cf: float | None, default_cf: float, policy: str, group: str,
+                  capacity: int | None = None) -> pd.DataFrame:
     """Drops per domain at `cf`, picked from the drops at every slider value, which one cached query fetches.
 
     Per domain the drops read the per-token routes of the window. `drop_curve` answers every slider value in one
     call (on the 100 M store's 1.8 M-route window: 0.3 s with the position policy, 1.4-1.6 s with the probability
     one, which ranks the window's routes once), so moving the slider runs no query. One factor alone by the
-    probability policy takes 0.2 s (weight_hist's cut bins and one pass), but that is one pass per factor."""
+    probability policy takes 0.2 s (weight_hist's cut bins and one pass), but that is one pass per factor.
+    A fixed `capacity` is one query of its own."""
+    if capacity is not None:
+        return ctx.q_slow("Drops per domain from the per-token routes...", capacity_drops, ctx.sel_routes,
+                          capacity=capacity, policy=policy, group=group, by=("domain",))
     curve = ctx.q_slow("Drops per domain from the per-token routes...", drop_curve, ctx.sel_routes,
                        _slider_factors(default_cf), policy=policy, group=group, by=("domain",))
     at = curve[np.isclose(curve["capacity_factor"], cf, rtol=0, atol=1e-9)]
@@ -48,24 +53,41 @@ def _drops(ctx: Ctx) -> None:
     """The capacity factor, policy and group inputs and everything they drive. A fragment: changing an input
     re-runs and redraws this part only, not the sidebar around it."""
     model_cf = ctx.run.get("capacity_factor")
-    default_cf = float(model_cf) if model_cf and model_cf == model_cf else 1.25
-    c1, c2, c3 = st.columns([2, 1, 1])
-    cf = c1.slider("Capacity factor", SLIDER[0], SLIDER[1], default_cf, SLIDER[2], key="cap_cf",
-                   help="Each expert gets C = ceil(CF × tokens × k / E) slots per group; assignments beyond C are dropped.")
+    own = model_capacity(ctx.run.get("config"), model_cf)
+    default_cf = own["capacity_factor"] if own["capacity_factor"] else 1.25
+    c0, c1, c2, c3 = st.columns([1, 2, 1, 1])
+    mode = c0.radio("Capacity", ["factor", "fixed"], index=1 if own["capacity"] else 0, key="cap_mode",
+                    format_func={"factor": "capacity factor", "fixed": "fixed slots per expert"}.get,
+                    help="A capacity factor scales with the group's tokens (GShard, Megatron); a fixed number of "
+                         "slots per expert and group is Switch Transformers' expert_capacity.")
+    cf, capacity = None, None
+    if mode == "fixed":
+        capacity = int(c1.number_input("Slots per expert and group (expert_capacity)", min_value=0,
+                                       max_value=10_000_000, value=own["capacity"] or 8, step=1, key="cap_slots"))
+    else:
+        cf = c1.slider("Capacity factor", SLIDER[0], SLIDER[1], default_cf, SLIDER[2], key="cap_cf",
+                       help="Each expert gets C = ceil(CF × tokens × k / E) slots per group; assignments beyond C "
+                            "are dropped.")
     policy = c2.radio("Drop policy", ["position", "probability"], key="cap_policy",
                       format_func={"position": "first come, first served", "probability": "lowest weight first"}.get)
-    group = c3.radio("Group", ["step", "sequence"], key="cap_group",
-                     format_func={"step": "per step and rank", "sequence": "per sequence"}.get)
+    group = c3.radio("Group", ["step", "sequence"], index=["step", "sequence"].index(own["group"]), key="cap_group",
+                     format_func={"step": "per step and rank", "sequence": "per sequence"}.get,
+                     help="The tokens that compete for an expert's slots. The default is the model's own: per "
+                          "sequence for a fixed expert_capacity (Switch), else per step.")
+    limit = {"capacity": capacity} if capacity is not None else {"capacity_factor": cf}
     recorded = int(ctx.run.get("dropped") or 0)
     if recorded:
-        st.info(f"The model itself dropped {recorded:,} assignments while recording (its own capacity factor: {model_cf}).")
+        own_text = (f"expert_capacity {own['capacity']} per sequence" if own["capacity"]
+                    else f"capacity factor {model_cf}")
+        st.info(f"The model itself dropped {recorded:,} assignments while recording ({own_text}); the page starts "
+                "on the model's own capacity and grouping, so the drops below reproduce them.")
     routes_sel = ctx.sel_routes if ctx.sel.needs_sequences else ctx.sel  # a domain filter reads per-token routes
     if ctx.sel.needs_sequences or ctx.domains:
         st.info(ctx.route_note + (" The domain filter makes every chart here read them." if ctx.sel.needs_sequences
                                   else " Here: the drops per domain."), icon=":material/speed:")
     total = None
     with guarded("Dropped share"):
-        total = ctx.q(capacity_drops, routes_sel, cf, policy=policy, group=group, by=())
+        total = ctx.q(capacity_drops, routes_sel, policy=policy, group=group, by=(), **limit)
         row = total.iloc[0] if len(total) else None  # one run, no breakdown: one row
         m1, m2, m3 = st.columns(3)
         m1.metric("Dropped share", "n/a" if row is None or not row["assigned"] else f"{row['drop_rate']:.2%}")
@@ -73,23 +95,22 @@ def _drops(ctx: Ctx) -> None:
         m3.metric("Assignments", f"{int(row['assigned']) if row is not None else 0:,}")
     left, right = st.columns(2)
     with left, guarded("Drops per layer"):
-        by_layer = ctx.q(capacity_drops, routes_sel, cf, policy=policy, group=group, by=("layer",))
-        show_chart(charts.drop_bars(by_layer, by="layer", cf=cf), by_layer, "drops-layer")
+        by_layer = ctx.q(capacity_drops, routes_sel, policy=policy, group=group, by=("layer",), **limit)
+        show_chart(charts.drop_bars(by_layer, by="layer", cf=cf, capacity=capacity), by_layer, "drops-layer")
     with right, guarded("Drops per domain"):
         if ctx.domains:
-            by_domain = _domain_drops(ctx, cf, default_cf, policy, group)
-            show_chart(charts.drop_bars(by_domain, by="domain", cf=cf), by_domain, "drops-domain")
+            by_domain = _domain_drops(ctx, cf, default_cf, policy, group, capacity)
+            show_chart(charts.drop_bars(by_domain, by="domain", cf=cf, capacity=capacity), by_domain, "drops-domain")
         else:
             st.info("This run has no domain labels.")
     with guarded("Drops per expert"):
-        by_expert = ctx.q(capacity_drops, routes_sel, cf, policy=policy, group=group,
-                          by=("layer", "expert"))
-        show_chart(charts.drop_heatmap(by_expert, cf=cf), by_expert, "drops-expert")
+        by_expert = ctx.q(capacity_drops, routes_sel, policy=policy, group=group, by=("layer", "expert"), **limit)
+        show_chart(charts.drop_heatmap(by_expert, cf=cf, capacity=capacity), by_expert, "drops-expert")
     with guarded("Drop-rate curve"):
         # the fixed factors once (cached whatever the slider does), plus the chosen CF from `total` above
         curve = ctx.q_slow("Drop rate over capacity factors...", drop_curve, routes_sel,
                            CURVE_FACTORS, policy=policy, group=group, by=())
-        if round(cf, 4) not in set(CURVE_FACTORS) and total is not None:
+        if cf is not None and round(cf, 4) not in set(CURVE_FACTORS) and total is not None:
             curve = pd.concat([curve, total.assign(capacity_factor=cf)[curve.columns]], ignore_index=True)
             curve = curve.sort_values(["run_id", "capacity_factor"], ignore_index=True)
         show_chart(charts.drop_curve(curve, current_cf=cf), curve, "drop-curve")

@@ -14,6 +14,16 @@ from moeviz.analyses.specialization import domain_share
 from moeviz.selection import Selection
 
 
+def _scope(sel: Selection) -> str:
+    """What of the two runs the page shows: the sidebar's steps, layers and ranks apply to both."""
+    parts = [f"steps {sel.steps[0]}–{sel.steps[1]}" if sel.steps else "every step",
+             f"layers {', '.join(str(x) for x in sel.layers)}" if sel.layers is not None else "every layer"]
+    if sel.ranks is not None:
+        parts.append(f"ranks {', '.join(str(x) for x in sel.ranks)}")
+    return (f"Both runs, {', '.join(parts)} (the sidebar's Steps, Layers and Ranks apply to both). The sidebar's "
+            "domains do not apply here.")
+
+
 def render(ctx: Ctx) -> None:
     if len(ctx.runs) < 2:
         st.info("This store holds one run. Point the dashboard at a folder of runs to compare two of them.")
@@ -22,11 +32,13 @@ def render(ctx: Ctx) -> None:
     a = c1.selectbox("Run A", ctx.runs, index=ctx.runs.index(ctx.run_id), key="cmp_a")
     others = [r for r in ctx.runs if r != a]
     b = c2.selectbox("Run B", others, key="cmp_b")
-    sel = Selection(run_ids=(a, b))
-    st.caption("Every step of both runs; the sidebar's step and layer choices apply to the selected run only.")
+    sel = Selection(run_ids=(a, b), steps=ctx.sel.steps, layers=ctx.sel.layers, ranks=ctx.sel.ranks)
+    st.caption(_scope(sel))
     with guarded("Load per expert and layer"):
         load = ctx.q(load_matrix, sel)
-        show_chart(charts.compare_heatmaps(load, value="relative_load", runs=(a, b)), load, "compare-load")
+        show_chart(charts.compare_heatmaps(load, value="relative_load", runs=(a, b),
+                                           title="Load per expert and layer against uniform, run by run"),
+                   load, "compare-load")
     with guarded("Switch loss"):
         pooled = ctx.q(pooled_switch_loss, sel, by_step=True)
         fig = charts.aux_loss_lines(pooled, value="aux_loss_per_slot", color="run_id",

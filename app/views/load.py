@@ -10,6 +10,11 @@ from moeviz import charts
 from moeviz.analyses.load import imbalance, load_matrix
 
 ALL = "all selected steps"
+# the pooled imbalance table's columns as a reader names them (the data keeps the column names)
+TABLE_LABELS = {"layer": "MoE layer", "n_experts": "experts", "top_k": "top-k", "assignments": "assignments",
+                "max_over_mean": "busiest / mean", "max_vio": "MaxVio", "cv": "CV of load",
+                "norm_entropy": "norm. entropy", "dead_experts": "dead experts", "dead_share": "dead share",
+                "top_n": "top-n", "top_n_coverage": "top-n coverage"}
 
 
 def _steps_in_selection(ctx: Ctx) -> list[int]:
@@ -29,9 +34,9 @@ def render(ctx: Ctx) -> None:
     value = c2.radio("Show", ["load_fraction", "relative_load"], key="load_value", horizontal=True,
                      format_func={"load_fraction": "share", "relative_load": "× uniform"}.get)
     sel = ctx.sel if step == ALL else ctx.sel.with_(steps=(int(step), int(step)))
+    where = "over the selected steps" if step == ALL else f"at step {step}"
     with guarded("Load heat map"):
         matrix = ctx.q(load_matrix, sel)
-        where = "over the selected steps" if step == ALL else f"at step {step}"
         show_chart(charts.load_heatmap(matrix, value=value, title=f"Load per expert and layer {where}"), matrix, "load-matrix")
     with guarded("Imbalance over steps"):
         metric = st.selectbox("Imbalance metric", list(charts.IMBALANCE_METRICS), key="imbalance_metric",
@@ -39,7 +44,9 @@ def render(ctx: Ctx) -> None:
         imb = ctx.q(imbalance, ctx.sel, by_step=True)
         show_chart(charts.imbalance_lines(imb, metric), imb, "imbalance")
         pooled = ctx.q(imbalance, sel, by_step=False)
-        st.dataframe(pooled, hide_index=True, width="stretch", key="imbalance-table")
+        st.markdown(f"**Imbalance per layer {where}**")
+        st.dataframe(pooled.drop(columns=["run_id"], errors="ignore"), hide_index=True, width="stretch",
+                     key="imbalance-table", column_config=TABLE_LABELS)
 
 
 if __name__ == "__main__":

@@ -76,11 +76,15 @@ def _health(health: pd.DataFrame) -> None:
                    "router outputs.")
         return
     n_err = int((bad["severity"] == "error").sum()) if "severity" in bad.columns else 0
-    st.markdown(f"**{n_err} errors, {len(bad) - n_err} warnings** (worst first)")
-    always = bad["check"].isin(_ALWAYS_SHOWN) if "check" in bad.columns else pd.Series(False, index=bad.index)
-    shown = pd.concat([bad[always], bad[~always].head(max(0, 3 - int(always.sum())))])
-    for _, row in shown.iterrows():
-        (st.error if row.get("severity") == "error" else st.warning)(str(row.get("message")))
+    per_check = bad.groupby("check", sort=False).size()  # health_summary sorts worst first: keeps that order
+    st.markdown(f"**{n_err} errors, {len(bad) - n_err} warnings**, worst first: "
+                + ", ".join(f"{check.replace('_', ' ')} ({n})" for check, n in per_check.items()))
+    first = bad.drop_duplicates("check")  # the worst finding of each kind
+    always = first["check"].isin(_ALWAYS_SHOWN)  # and never crowded out: the recorded numbers are incomplete
+    for _, row in first[always | (~always).cumsum().le(4)].iterrows():
+        more = int(per_check[row["check"]]) - 1
+        (st.error if row.get("severity") == "error" else st.warning)(
+            str(row.get("message")) + (f" (and {more} more like it below)" if more else ""))
     with st.expander(f"All {len(health)} findings"):
         show_table(health, "health")
 

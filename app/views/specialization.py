@@ -20,7 +20,7 @@ from moeviz.analyses.specialization import (
     vocab_specialization_summary,
 )
 from moeviz.errors import MoevizError
-from moeviz.store.catalog import has_routes, tag_list
+from moeviz.store.catalog import has_routes, step_tags
 
 
 def _layer_picker(ctx: Ctx, label: str, key: str, index: int = 0) -> int:
@@ -90,15 +90,23 @@ def _flow(ctx: Ctx) -> None:
 
 
 def _saturation(ctx: Ctx) -> None:
-    steps = list(ctx.steps)
+    tagged = ctx.q(step_tags, ctx.run_id)
+    probe_steps = sorted(int(s) for s in tagged.loc[tagged["tag"] == "probe", "step"].unique())
+    if len(probe_steps) >= 2:  # the same tokens at each checkpoint: the steps that can be compared
+        steps, tags = probe_steps, ("probe",)
+        st.caption(f"The probe batch (the same tokens each time) was recorded at steps "
+                   f"{_step_list(probe_steps)}: any two of them can be compared.")
+    else:
+        steps, tags = list(ctx.steps), None
+        st.caption("Router saturation compares the same tokens at two steps. This run recorded no probe batch "
+                   "(tag 'probe') at two steps or more, so only steps that saw the same token ids can be compared.")
     if len(steps) < 2:
         st.info("Router saturation compares two steps; this run has one.")
         return
     c1, c2 = st.columns(2)
     a = int(c1.selectbox("Step", steps, index=0, key="sat_a"))
     b = int(c2.selectbox("Against step", steps, index=len(steps) - 1, key="sat_b"))
-    tags = ctx.q(tag_list, ctx.run_id)
-    sel = ctx.sel.with_(steps=None, tags=("probe",) if "probe" in tags else None)
+    sel = ctx.sel.with_(steps=None, tags=tags)
     try:
         sat = ctx.q_slow("Router saturation...", router_saturation, sel, a, b)
     except MoevizError as e:
@@ -107,6 +115,12 @@ def _saturation(ctx: Ctx) -> None:
     show_chart(charts.per_layer_bars(sat, y="saturation", title=f"Router saturation: step {a} against step {b}",
                                      y_title="mean |top-k(a) ∩ top-k(b)| / k", reference=("identical routing", 1.0),
                                      hover=("tokens", "top1_agreement")), sat, "router-saturation")
+
+
+def _step_list(steps: list[int], most: int = 12) -> str:
+    """"1, 63, 125" (with "…" in the middle of a long list)."""
+    shown = steps if len(steps) <= most else [*steps[: most // 2], "…", *steps[-most // 2 :]]
+    return ", ".join(str(s) for s in shown)
 
 
 def _mutual_information(ctx: Ctx) -> None:

@@ -10,6 +10,8 @@ from app.state import Ctx
 from moeviz import charts
 from moeviz.store.catalog import sequence_list, sequence_routes
 
+WINDOW = 256  # tokens shown at once: the text wraps, so a long window stays readable
+
 
 def _label(row) -> str:
     preview = (row["preview"] or "").replace("\n", " ")
@@ -47,19 +49,24 @@ def render(ctx: Ctx) -> None:
 
 @st.fragment
 def _token_window(routes: pd.DataFrame, row: pd.Series, n_experts: int) -> None:
-    """The "First token shown" slider and the chart it drives. A fragment: moving the window re-runs and redraws
+    """The "First token shown" slider and the text it drives. A fragment: moving the window re-runs and redraws
     this part only, not the sidebar, the sequence list and the table of the sequence's routes."""
     n_pos = int(routes["pos"].nunique()) if not routes.empty else 0
-    window = 64
     start = 0
-    if n_pos > window:
-        start = st.slider("First token shown", 0, n_pos - window, 0, step=8, key="tokens_start")
-    positions = sorted(routes["pos"].unique())[start : start + window]
+    if n_pos > WINDOW:
+        start = st.slider("First token shown", 0, n_pos - WINDOW, 0, step=8, key="tokens_start")
+    positions = sorted(routes["pos"].unique())[start : start + WINDOW]
     shown = routes[routes["pos"].isin(positions)]
-    fig = charts.token_routes(shown, n_experts=n_experts,
-                              title=f"Top expert of each token, per layer (step {row['step']}, sequence {row['seq']})")
-    show_chart(fig, shown, "token-routes", caption="Each cell is a token at one MoE layer, coloured by its top "
-               "expert; hover shows every chosen expert and its gate weight.")
+    span = f"tokens {positions[0]}–{positions[-1]} of {n_pos}" if positions else "no tokens"
+    st.markdown(f"**The text, once per MoE layer, each token on the colour of its top expert** "
+                f"(step {row['step']}, sequence {row['seq']}, {span}). Hover a token for its experts and weights.")
+    st.html(charts.token_text_html(shown, n_experts=n_experts))
+    with st.expander("The same as a grid (token × layer)"):
+        fig = charts.token_routes(shown, n_experts=n_experts,
+                                  title=f"Top expert of each token, per layer (step {row['step']}, sequence {row['seq']})")
+        show_chart(fig, shown, "token-routes", caption="Each cell is a token at one MoE layer, coloured by its top "
+                   "expert; hover shows the token, every chosen expert and its gate weight.")
+
 
 if __name__ == "__main__":
     run_page("Tokens", render)

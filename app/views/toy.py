@@ -52,8 +52,22 @@ def _toy_model() -> None:
     with left:
         show_chart(charts.accuracy_lines(result.accuracy), result.accuracy, "toy-accuracy")
     with right:
-        st.markdown("**Test accuracy by k**")
-        show_table(result.accuracy.pivot_table(index="k", columns="way", values="accuracy").reset_index(), "toy-accuracy-table")
+        st.markdown("**Test accuracy by k** (dense: every expert, so only at k = E)")
+        table = result.accuracy.pivot_table(index="k", columns="way", values="accuracy").reset_index()
+        show_table(table, "toy-accuracy-table", shown=_accuracy_shown(table))
+
+
+WAY_NAMES = {"compile": "compile time", "run": "run time", "dense": "dense"}
+
+
+def _accuracy_shown(table):
+    """The accuracy table as the page shows it: percentages, "—" where a way has no model (dense below k = E),
+    never "None"."""
+    shown = table.rename(columns=WAY_NAMES).rename_axis(columns=None)
+    for c in shown.columns:
+        if c != "k":
+            shown[c] = [f"{v:.1%}" if v == v else "—" for v in shown[c]]
+    return shown
 
 
 if __name__ == "__main__":

@@ -39,6 +39,29 @@ _PRIORITY = {"position": "slot, seq, pos", "probability": "weight DESC, slot, se
 _CAPACITY = "CAST(ceil(round(CAST(? AS DOUBLE) * {t} * {k} / {e}, 9)) AS BIGINT)"
 
 
+def model_capacity(config, capacity_factor: float | None = None) -> dict:
+    """How the recorded model itself limits capacity, from its run row: `capacity` (a fixed number of slots per
+    expert and group: Switch Transformers' `expert_capacity`, found in runs.config), `capacity_factor` (runs'
+    column), and `group`, the model's own grouping: 'sequence' for a fixed expert_capacity (Switch routes each
+    batch row on its own), else 'step'. What the Capacity page starts on, so that the model's own drops can be
+    reproduced there. `config` is the runs.config JSON (text or dict); anything unreadable counts as absent."""
+    import json
+
+    cfg = config
+    if isinstance(cfg, str):
+        try:
+            cfg = json.loads(cfg)
+        except ValueError:
+            cfg = None
+    cap = cfg.get("expert_capacity") if isinstance(cfg, dict) else None
+    try:
+        cap = int(cap) if cap is not None and int(cap) > 0 else None
+    except (TypeError, ValueError):
+        cap = None
+    cf = float(capacity_factor) if capacity_factor is not None and capacity_factor == capacity_factor else None
+    return {"capacity": cap, "capacity_factor": cf, "group": "sequence" if cap is not None else "step"}
+
+
 def expert_capacity(capacity_factor: float, tokens: int, top_k: int, n_experts: int) -> int:
     """C = ceil(CF * tokens * k / E): the slots each expert gets in a group (the formula the SQL uses)."""
     import math

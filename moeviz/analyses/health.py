@@ -83,6 +83,11 @@ def _collapse_rows(load: pd.DataFrame, run_id: str, collapse_share: float, span:
     return rows
 
 
+def _ratio(v: float) -> str:
+    """0.05x, 0.00034x: two significant digits below 0.1 (not "0.00x" for 0.000341)."""
+    return f"{v:.2f}x" if v >= 0.1 else f"{v:.2g}x"
+
+
 def _dead_rows(load: pd.DataFrame, run_id: str, dead_threshold: float, span: str) -> list[dict]:
     dead = load[load["relative_load"].notna() & (load["relative_load"] < dead_threshold)]
     rows = []
@@ -91,7 +96,7 @@ def _dead_rows(load: pd.DataFrame, run_id: str, dead_threshold: float, span: str
         rows.append(_row(
             run_id, "error" if never else "warn", "dead_expert",
             f"expert {int(r.expert)} of layer {int(r.layer)} "
-            + ("received no token" if never else f"received {r.relative_load:.2f}x its uniform share")
+            + ("received no token" if never else f"received {_ratio(r.relative_load)} its uniform share")
             + f" ({span}); its parameters are wasted: check the balancing loss, or re-initialise it",
             layer=int(r.layer), expert=int(r.expert), value=float(r.relative_load), threshold=dead_threshold))
     return rows
@@ -209,7 +214,7 @@ def health_summary(
     capacity_factor: float | None = 1.25,
     window: float = 0.25,
 ) -> pd.DataFrame:
-    """Findings about the routing of every selected run, worst first.
+    """Findings about the routing of every selected run, worst first (see `_worst_first`).
 
     Checks (the `check` column):
     - collapsed_expert (error): in the last window, one expert is the top choice of more than
@@ -266,6 +271,22 @@ def health_summary(
     df["expert"] = df["expert"].astype("Int64")
     df["value"] = df["value"].astype("float64")
     df["threshold"] = df["threshold"].astype("float64")
-    order = df["severity"].map({s: i for i, s in enumerate(SEVERITIES)})
-    return df.assign(_o=order).sort_values(["_o", "run_id", "check", "layer", "expert"], kind="stable") \
-        .drop(columns="_o").reset_index(drop=True)
+    return _worst_first(df)
+
+
+# Within a severity, which check is worse: a run with no data, then a collapsed router, dead experts (wasted
+# parameters), the drops the model itself made, imbalance that grows, and last the drops a capacity-limited router
+# would make (a what-if).
+CHECK_ORDER = ("no_data", "collapsed_expert", "dead_expert", "model_drops", "growing_imbalance", "capacity_drops")
+
+
+def _worst_first(df: pd.DataFrame) -> pd.DataFrame:
+    """Errors, then warnings, then ok rows; within a severity by CHECK_ORDER, and within a check by how far past
+    its threshold (the largest share or drop first; for dead experts the smallest load first); then by run,
+    layer and expert so that the order is stable."""
+    sev = df["severity"].map({s: i for i, s in enumerate(SEVERITIES)})
+    check = df["check"].map({c: i for i, c in enumerate(CHECK_ORDER)}).fillna(len(CHECK_ORDER))
+    badness = df["value"].where(df["check"] != "dead_expert", -df["value"]).fillna(float("-inf"))
+    return (df.assign(_s=sev, _c=check, _b=-badness)
+            .sort_values(["_s", "_c", "_b", "run_id", "layer", "expert"], kind="stable")
+            .drop(columns=["_s", "_c", "_b"]).reset_index(drop=True))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from moeviz.cli import bound, check, collect, dashboard, demo, export, store
+from moeviz.cli import bound, check, collect, dashboard, demo, export, placement, store
 from moeviz.errors import MoevizError
 
 # each holds `register(subparsers)`, which adds parsers whose `func(args) -> int` runs the command
@@ -18,6 +18,7 @@ COMMAND_MODULES = (
     export,  # export
     collect,  # collect
     check,  # check
+    placement,  # placement
     bound,  # bound
     demo,  # demo
     dashboard,  # dashboard
@@ -25,7 +26,10 @@ COMMAND_MODULES = (
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from moeviz import __version__
+
     parser = argparse.ArgumentParser(prog="moeviz", description="See where the tokens of a Mixture-of-Experts model go.")
+    parser.add_argument("--version", action="version", version=f"moeviz {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module in COMMAND_MODULES:
         module.register(sub)

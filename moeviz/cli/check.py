@@ -81,6 +81,7 @@ def run_check(args: argparse.Namespace) -> int:
         con = open_store(args.path)
     damage = [str(w.message) for w in caught if issubclass(w.category, StoreWarning)]
     try:
+        _check_selection(con, sel, args)
         df = health_summary(
             con, sel,
             dead_threshold=args.dead_threshold,
@@ -99,8 +100,41 @@ def run_check(args: argparse.Namespace) -> int:
     elif df.empty:
         print("no run in the selection")
     else:
-        print(df.to_string(index=False, na_rep="", float_format=lambda v: f"{v:.4g}"))
+        _print_findings(df)
         flagged = df["severity"].ne("ok")
         print(f"\n{int(flagged.sum())} finding(s) in {df['run_id'].nunique()} run(s)"
               if flagged.any() else f"\nall checks ok in {df['run_id'].nunique()} run(s)")
     return 1 if df.empty or df["severity"].ne("ok").any() else 0
+
+
+def _check_selection(con, sel, args) -> None:
+    """Usage errors (exit 2), not findings (exit 1): a --run the store does not hold (the runs it holds are
+    listed), or --steps/--layers that select nothing recorded (the recorded range is named)."""
+    from moeviz.store.catalog import layer_list, list_runs, step_range
+
+    runs = list_runs(con)["run_id"].tolist()
+    missing = [r for r in (sel.run_ids or ()) if r not in runs]
+    if missing:
+        raise CheckArgumentError(f"no run {', '.join(map(repr, missing))} in {args.path}; its runs: "
+                                 f"{', '.join(runs) or 'none'}")
+    for run_id in sel.run_ids or runs:
+        span = step_range(con, run_id)
+        if span is None:
+            continue  # nothing recorded yet: health_summary reports that as a finding (no_data)
+        if sel.steps is not None and (sel.steps[1] < span[0] or sel.steps[0] > span[1]):
+            raise CheckArgumentError(f"--steps {args.steps} selects no recorded step of run {run_id!r}, which "
+                                     f"recorded steps {span[0]}-{span[1]}")
+        layers = layer_list(con, run_id)["layer"].astype(int).tolist()
+        if sel.layers is not None and not set(sel.layers) & set(layers):
+            raise CheckArgumentError(f"--layers {args.layers} selects no MoE layer of run {run_id!r}, whose layers "
+                                     f"are {', '.join(map(str, layers))}")
+
+
+def _print_findings(df) -> None:
+    """One line per finding, worst first: severity, check, (run,) message. The message names the layer, the expert
+    and the value; a table of every column was ~260 characters wide with empty <NA> cells."""
+    many_runs = df["run_id"].nunique() > 1
+    width = max(len(c) for c in df["check"])
+    for r in df.itertuples(index=False):
+        run = f"[{r.run_id}] " if many_runs else ""
+        print(f"{r.severity:<5}  {r.check:<{width}}  {run}{r.message}")

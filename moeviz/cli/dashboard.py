@@ -30,11 +30,14 @@ def dashboard_command(path: str | os.PathLike, port: int = 8501, host: str = "12
     """The `streamlit run` command line that serves the dashboard on `path`.
 
     `runner.postScriptGC false`: Streamlit otherwise runs a full garbage collection after every script and
-    fragment run, 0.12-0.22 s of CPU while the browser draws the charts that run sent (2 cores)."""
+    fragment run, 0.12-0.22 s of CPU while the browser draws the charts that run sent (2 cores).
+    `client.toolbarMode minimal`: the menu without Streamlit's "Deploy" button (also in .streamlit/config.toml,
+    for `streamlit run app/main.py` from the repository root)."""
     return [
         sys.executable, "-m", "streamlit", "run", str(app_main_path()),
         "--server.port", str(int(port)), "--server.address", host, "--server.headless", "true",
         "--browser.gatherUsageStats", "false", "--server.fileWatcherType", "none", "--runner.postScriptGC", "false",
+        "--client.toolbarMode", "minimal",  # no "Deploy" button: this is a local tool
         "--", str(Path(path).resolve()),
     ]
 
@@ -49,17 +52,27 @@ def _check_path(path) -> Path:
     return p
 
 
-def launch(path: str | os.PathLike, port: int = 8501, host: str = "127.0.0.1", block: bool = True):
+def launch(path: str | os.PathLike, port: int = 8501, host: str = "127.0.0.1", block: bool = True,
+           sql_timeout: float | None = None, sql_memory: str | None = None):
     """Serve the dashboard on `path` at http://host:port.
 
     block=True runs until the server exits (Ctrl-C) and returns its exit code; block=False returns the
     `subprocess.Popen` of the server, for callers that go on working (the demo) and stop it themselves.
+    `sql_timeout` (seconds) and `sql_memory` (a size: 2GB) are the most a query of the SQL page may take; the
+    app reads them from $MOEVIZ_SQL_TIMEOUT and $MOEVIZ_SQL_MEMORY (moeviz.store.sandbox.SqlLimits.from_env).
     """
+    from moeviz.store.sandbox import MEMORY_ENV, TIMEOUT_ENV, SqlLimits
+
     _check_path(path)
     cmd = dashboard_command(path, port, host)
     root = str(app_main_path().parents[1])
     env = dict(os.environ)
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    if sql_timeout is not None:
+        env[TIMEOUT_ENV] = str(sql_timeout)
+    if sql_memory is not None:
+        env[MEMORY_ENV] = str(sql_memory)
+    SqlLimits.from_env(env)  # a bad value is refused here, with its message, not in the app
     proc = subprocess.Popen(cmd, env=env)
     if not block:
         return proc
@@ -104,8 +117,39 @@ def _handle(args) -> int:
     except StoreNotFoundError as e:
         print(f"moeviz dashboard: error: {e}", file=sys.stderr)
         return 2
+    from moeviz.errors import MoevizError
+
+    busy = port_in_use(args.host, args.port)
+    if busy:
+        print(f"moeviz dashboard: error: cannot serve at {args.host}:{args.port}: {busy}; pick another port with "
+              "--port", file=sys.stderr)
+        return 2
     print(f"moeviz dashboard: serving {Path(args.path).resolve()} at http://{args.host}:{args.port}", file=sys.stderr)
-    return int(launch(args.path, port=args.port, host=args.host, block=True) or 0)
+    try:
+        return int(launch(args.path, port=args.port, host=args.host, block=True, sql_timeout=args.sql_timeout,
+                          sql_memory=args.sql_memory) or 0)
+    except MoevizError as e:
+        print(f"moeviz dashboard: error: {e}", file=sys.stderr)
+        return 2
+
+
+def port_in_use(host: str, port: int) -> str | None:
+    """Why `host:port` cannot be bound (e.g. "[Errno 98] Address already in use"), or None when it can: checked
+    before saying "serving", which Streamlit would otherwise contradict a moment later."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as e:
+        return str(e)
+    family, _, _, _, addr = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as Tornado binds: a port in TIME_WAIT is free
+        try:
+            s.bind(addr)
+        except OSError as e:
+            return str(e)
+    return None
 
 
 def register(subparsers) -> None:
@@ -114,4 +158,8 @@ def register(subparsers) -> None:
     p.add_argument("path", metavar="PATH", help="run folder or folder of runs")
     p.add_argument("--port", type=int, default=8501, help="port to serve on (default 8501)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 to share)")
+    p.add_argument("--sql-timeout", type=float, default=None, metavar="SECONDS",
+                   help="the longest a query of the SQL page may run (default 60); users may choose less")
+    p.add_argument("--sql-memory", default=None, metavar="SIZE",
+                   help="the most memory a query of the SQL page may use, e.g. 2GB (default 4GiB); users may choose less")
     p.set_defaults(func=_handle)

@@ -34,6 +34,7 @@ def register(subparsers) -> None:
     p.add_argument("--sequential", action="store_true", help="train the two runs one after the other (default: "
                    "side by side, one process per run, when there is a CPU core for each)")
     p.add_argument("--only", choices=("aux", "noaux"), default=None, help="train just one of the two runs")
+    p.add_argument("--json", action="store_true", help="print each run's summary as a JSON line (for scripts)")
     p.set_defaults(func=_handle)
 
 
@@ -56,10 +57,10 @@ def _handle(args) -> int:
     results = run_demo(cfg, out)
     total = time.perf_counter() - t0
     for r in results:
-        print(json.dumps(r.summary()))
+        print(json.dumps(r.summary()) if args.json else "\n".join(summary_lines(r.summary())))
     print(f"moeviz demo: done in {total:.0f} s; runs in {out.resolve()}", file=sys.stderr)
     if args.no_dashboard:
-        print(f"moeviz demo: open the dashboard with: moeviz dashboard {out}", file=sys.stderr)
+        print(f"moeviz demo: open the dashboard with: {dashboard_command_line(out)}", file=sys.stderr)
         return 0
     return _serve(out, args.port, args.host)
 
@@ -75,3 +76,37 @@ def _serve(out: Path, port: int, host: str) -> int:
     shown = "localhost" if host in ("0.0.0.0", "127.0.0.1") else host
     print(f"moeviz demo: dashboard at http://{shown}:{port}  (Ctrl-C to stop)", file=sys.stderr)
     return int(launch(out, port=port, host=host, block=True) or 0)
+
+
+def summary_lines(summary: dict) -> list[str]:
+    """A run's summary (`DemoResult.summary()`) as a few lines a person reads, not a JSON dict."""
+    def nums(xs, fmt="{:.2f}"):
+        return " ".join(fmt.format(x) for x in xs)
+
+    lines = [f"{summary.get('run')}: {summary.get('wall_s', 0):.0f} s, final training loss "
+             f"{summary.get('final_loss', float('nan')):.3f}, Switch aux loss {summary.get('final_aux', float('nan')):.3f} "
+             "(1 = balanced)"]
+    if summary.get("eval_loss"):
+        lines.append("  held-out loss: " + ", ".join(f"{d} {v:.3f}" for d, v in summary["eval_loss"].items()))
+    if summary.get("imbalance_max_over_mean"):
+        lines.append("  busiest expert / mean, per layer: " + nums(summary["imbalance_max_over_mean"]))
+    if summary.get("nmi_expert_domain"):
+        lines.append("  expert-domain NMI per layer (0 = ignore the domain, 1 = one expert each): "
+                     + nums(summary["nmi_expert_domain"]))
+    top = summary.get("top_experts_by_domain") or {}
+    if top:
+        n_layers = max(len(v) for v in top.values())
+        last = n_layers - 1
+        lines.append(f"  top experts in the last layer ({last}): "
+                     + "; ".join(f"{d} -> {', '.join(map(str, v[last]))}" for d, v in top.items() if len(v) > last))
+    return lines
+
+
+def dashboard_command_line(out: Path) -> str:
+    """`moeviz dashboard OUT` as a command that runs as printed: the console script beside this interpreter (a
+    venv's bin/, which is not on PATH unless the venv is active), else `python -m moeviz.cli`."""
+    import shlex
+
+    script = Path(sys.executable).with_name("moeviz")
+    prog = shlex.quote(str(script)) if script.is_file() else f"{shlex.quote(sys.executable)} -m moeviz.cli"
+    return f"{prog} dashboard {shlex.quote(str(out))}"

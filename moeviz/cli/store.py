@@ -23,6 +23,10 @@ def register(subparsers) -> None:
     p.add_argument("--format", choices=("table", "csv", "json"), default="table")
     p.add_argument("--max-rows", type=int, default=1000, metavar="N",
                    help="print at most N rows and say when there were more (default 1000; 0 = no limit)")
+    p.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS",
+                   help="stop the query after this many seconds (default 60)")
+    p.add_argument("--memory", default="4GiB", metavar="SIZE",
+                   help="stop the query when it needs more memory than this (default 4GiB; e.g. 512MB, 16GB)")
     p.set_defaults(func=cmd_sql)
 
     p = subparsers.add_parser("info", help="what a store holds: runs, status, segments, rows, bytes per route")
@@ -46,17 +50,28 @@ def register(subparsers) -> None:
 
 
 def cmd_sql(args) -> int:
+    """The query runs in a worker process (moeviz.store.sandbox), as on the dashboard's SQL page: killed at
+    --timeout, capped at --memory; Ctrl-C kills it at once (exit 130, one line)."""
     from moeviz.errors import StoreError
-    from moeviz.store.reader import open_store
-    from moeviz.store.sql import read_only_query
+    from moeviz.store.sandbox import SqlLimits, SqlSandbox, parse_size
+    from moeviz.store.sql import run_sql
 
     if args.max_rows < 0:
         raise StoreError("--max-rows must be >= 0 (0 = no limit)")
-    con = open_store(args.path)
     try:
-        columns, rows, truncated = read_only_query(con, args.query, max_rows=args.max_rows or None)
-    finally:
-        con.close()
+        memory = parse_size(args.memory)
+    except ValueError as e:
+        raise StoreError(f"--memory: {e}") from None
+    limits = SqlLimits(max_rows=args.max_rows or None, timeout_s=args.timeout, memory_bytes=memory)
+    try:
+        with SqlSandbox(limits, max_workers=1, spare=0) as sandbox:
+            result = run_sql(sandbox, args.path, args.query, as_rows=True)
+    except KeyboardInterrupt:
+        print("moeviz sql: interrupted; the query was stopped", file=sys.stderr)
+        return 130
+    for w in result.warnings:
+        print(f"moeviz sql: warning: {w}", file=sys.stderr)
+    columns, rows, truncated = result.columns, result.rows, result.truncated
     out = sys.stdout
     if args.format == "csv":
         w = csv.writer(out, lineterminator="\n")
@@ -88,9 +103,10 @@ def cmd_info(args) -> int:
                 for t, v in run["tables"].items()]
         table = format_table(["table", "segments", "segment rows", "segment bytes", "compacted rows"], rows)
         print("  " + table.replace("\n", "\n  "))
-        print(f"  routes {run['routes']:,}; compacted {run['compacted_bytes']:,} bytes "
-              f"({run['routes_files']} routes file(s) + run.duckdb); bytes/route: "
-              f"segments {_fmt(run['bytes_per_route_segments'])}, compacted {_fmt(run['bytes_per_route_compacted'])}")
+        print(f"  routes {run['routes']:,}; compacted: {run['routes_files']} routes file(s) of "
+              f"{run['routes_files_bytes']:,} bytes + run.duckdb of {run['run_duckdb_bytes']:,} bytes (the other "
+              f"tables); bytes/route: segments {_fmt(run['bytes_per_route_segments'])}, compacted routes files "
+              f"{_fmt(run['bytes_per_route_compacted'])}, every file of the run {_fmt(run['bytes_per_route'])}")
         if run["damaged"]:
             print(f"  DAMAGED: {run['damaged']}")
         if run["skipped_files"]:
@@ -107,6 +123,11 @@ def cmd_compact(args) -> int:
     for r in compact(args.path, routes_format=args.routes_format)["runs"]:
         if "skipped" in r:
             print(f"run {r['run_id']}: skipped: {r['skipped']}")
+            continue
+        if args.routes_format == "duckdb" and not r["segments_folded"] and r["routes_files"]:
+            print(f"run {r['run_id']}: nothing new to fold; its routes were compacted earlier into "
+                  f"{r['routes_files']} Parquet file(s), which stay there: --routes-format applies to the segments "
+                  f"a compaction folds, not to routes already compacted")
             continue
         print(f"run {r['run_id']}: folded {r['segments_folded']} segment(s) ({r['segment_bytes_folded']:,} bytes), "
               f"{r['compacted_bytes']:,} bytes compacted ({r['routes_files']} routes file(s) + run.duckdb), "
@@ -145,6 +166,17 @@ def _fmt(x) -> str:
     return "-" if x is None else f"{x:.3f}"
 
 
+_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _visible(text: str) -> str:
+    """A cell on one line: a newline, tab or other control character (a whitespace token's text) as an escape,
+    so that it neither splits the row nor hides."""
+    if text.isprintable():
+        return text
+    return "".join(_ESCAPES.get(ch) or (ch if ch.isprintable() else f"\\x{ord(ch):02x}") for ch in text)
+
+
 def format_table(columns: list[str], rows: list) -> str:
     """A plain aligned text table (numbers right-aligned, NULL shown as NULL)."""
     def cell(v) -> str:
@@ -152,7 +184,7 @@ def format_table(columns: list[str], rows: list) -> str:
             return "NULL"
         if isinstance(v, float):
             return f"{v:.6g}"
-        return str(_plain(v))
+        return _visible(str(_plain(v)))
 
     text = [[cell(v) for v in r] for r in rows]
     numeric = [all(isinstance(r[i], (int, float)) or r[i] is None for r in rows) and rows != [] for i in range(len(columns))]

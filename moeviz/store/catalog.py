@@ -197,6 +197,17 @@ def tag_list(con, run_id: str) -> list[str]:
     return [r[0] for r in rows]
 
 
+def step_tags(con, run_id: str) -> pd.DataFrame:
+    """The tag of each recorded step's sequences ('train', 'eval', 'probe', ...): columns step, tag, one row per
+    step and tag, by step. Steps whose sequences carry no tag (or that recorded no sequences) are left out.
+    What the dashboard offers for router saturation (the probe steps) and for the train/eval/probe filter."""
+    return _df(
+        con,
+        "SELECT DISTINCT step, tag FROM sequences WHERE run_id = ? AND tag IS NOT NULL ORDER BY step, tag",
+        [run_id],
+    )
+
+
 def sequence_list(con, run_id: str, *, step: int | None = None, steps: tuple[int, int] | None = None,
                   limit: int = 500, preview_tokens: int = 12) -> pd.DataFrame:
     """Sequences that have per-token detail, newest step first: step, rank, seq, domain, tag, n_tokens,

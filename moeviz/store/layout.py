@@ -528,7 +528,10 @@ def is_run_dir(path: Path) -> bool:
 
 
 def find_runs(path) -> list[Path]:
-    """The run folders at `path`: the folder itself if it is a run, else its immediate subfolders that are runs."""
+    """The run folders at `path`: the folder itself if it is a run, else the runs among its subfolders and their
+    subfolders (`runs/` after `moeviz demo --out runs/demo` holds runs/demo/aux and runs/demo/noaux).
+
+    Two folders holding the same run id would merge in every table, so that is refused."""
     p = Path(path).expanduser()
     if p.is_file() and p.name in (COMPACTED, MANIFEST):
         p = p.parent
@@ -537,11 +540,30 @@ def find_runs(path) -> list[Path]:
                                  f"(expected a run folder holding {MANIFEST}, or a folder of such run folders)")
     if is_run_dir(p):
         return [p.resolve()]
-    runs = sorted(c.resolve() for c in p.iterdir() if c.is_dir() and is_run_dir(c)) if p.is_dir() else []
+    runs = []
+    for child in sorted(c for c in p.iterdir() if c.is_dir()) if p.is_dir() else []:
+        if is_run_dir(child):
+            runs.append(child.resolve())
+        else:
+            runs += sorted(g.resolve() for g in child.iterdir() if g.is_dir() and is_run_dir(g))
     if not runs:
-        raise StoreNotFoundError(f"no moeviz run in {p}: looked for {p / MANIFEST} and for */{MANIFEST} "
-                                 f"in its subfolders; record a run first (Recorder or `moeviz demo`)")
+        raise StoreNotFoundError(f"no moeviz run in {p}: looked for {p / MANIFEST}, */{MANIFEST} and */*/{MANIFEST}; "
+                                 f"record a run first (Recorder or `moeviz demo`)")
+    seen: dict[str, Path] = {}
+    for r in runs:
+        run_id = _manifest_run_id(r)
+        if run_id in seen:
+            raise StoreError(f"{seen[run_id]} and {r} both hold run {run_id!r}; their rows would merge: open one "
+                             f"of the folders that hold them, not {p}")
+        seen[run_id] = r
     return runs
+
+
+def _manifest_run_id(run_dir: Path) -> str:
+    try:
+        return str(json.loads((run_dir / MANIFEST).read_text()).get("run_id") or run_dir.name)
+    except (OSError, ValueError, AttributeError):
+        return run_dir.name
 
 
 # ---------------------------------------------------------------------------------------------------- status

@@ -69,14 +69,16 @@ class _RunFiles:
 # ---------------------------------------------------------------------------------------------------- open_store
 
 
-def open_store(path):
+def open_store(path, *, memory_limit: int | None = None, threads: int | None = None):
     """A read-only, locked-down DuckDB connection with the views of moeviz.store.schema over a run or a folder of runs.
 
+    `memory_limit` (bytes) and `threads` set DuckDB's settings of those names before the configuration is locked
+    (default: DuckDB's own, 80% of the RAM and one thread per core); the SQL sandbox sets them for user queries.
     Raises StoreNotFoundError when `path` holds no run, SchemaVersionError when a run is newer than this moeviz.
     Incomplete Parquet files (a copy in progress, a truncated file) are skipped with a StoreWarning.
     """
     runs = [_RunFiles.scan(d) for d in layout.find_runs(path)]  # 1. list segments ...
-    con = _read_only_connection()
+    con = _read_only_connection(memory_limit, threads)
     try:
         compacted = _attach_compacted(con, runs)  # 2. ... then open run.duckdb: a segment listed in 1 and
         for i, run in enumerate(runs):  # folded by a compaction in between is found in `_segments` here
@@ -129,7 +131,7 @@ def damage(path: Path) -> str:
     return "missing" if not path.exists() else "not a whole Parquet file"
 
 
-def _read_only_connection():
+def _read_only_connection(memory_limit: int | None = None, threads: int | None = None):
     """A connection to an empty database opened read-only (so CREATE TABLE and INSERT fail in it)."""
     import duckdb
 
@@ -138,11 +140,15 @@ def _read_only_connection():
     fd, tmp = tempfile.mkstemp(prefix="moeviz-views-", suffix=".duckdb")
     os.close(fd)
     os.unlink(tmp)
+    config = {"autoinstall_known_extensions": False, "allow_community_extensions": False,
+              "allow_persistent_secrets": False, "temp_directory": ""}
+    if memory_limit is not None:
+        config["memory_limit"] = f"{int(memory_limit) // 1024}KiB"
+    if threads is not None:
+        config["threads"] = int(threads)
     try:
         duckdb.connect(tmp).close()
-        con = duckdb_compat.connect(tmp, read_only=True, config={
-            "autoinstall_known_extensions": False, "allow_community_extensions": False,
-            "allow_persistent_secrets": False, "temp_directory": ""})
+        con = duckdb_compat.connect(tmp, read_only=True, config=config)
     finally:
         for leftover in (tmp, tmp + ".wal"):
             if os.path.exists(leftover):
@@ -365,13 +371,14 @@ def store_info(path) -> dict:
         if comp.get("damaged"):
             st.update(status="damaged", error=comp["damaged"])
         tables = {}
-        for t in layout.SEGMENT_TABLES:
-            live = [p for p in run.segments[t] if layout.relative_name(run_dir, p) not in comp["folded"]]
+        for t in layout.SEGMENT_TABLES + layout.COMPACTION_TABLES:  # the latter only ever in run.duckdb
+            live = [p for p in run.segments.get(t, []) if layout.relative_name(run_dir, p) not in comp["folded"]]
             tables[t] = {"segments": len(live), "segment_rows": sum(_parquet_rows(p) for p in live),
                          "segment_bytes": sum(_file_size(p) for p in live),
                          "compacted_rows": comp["rows"].get(t, 0)}
         r = tables["routes"]
         routes = r["segment_rows"] + r["compacted_rows"]
+        in_files = r["compacted_rows"] - comp.get("routes_in_duckdb", 0)  # compacted routes kept as Parquet files
         out["runs"].append({
             "run_id": run.run_id, "run_dir": str(run_dir), "status": st["status"], "error": st["error"],
             "world_size": st["world_size"], "started_at": st["started_at"], "ended_at": st["ended_at"],
@@ -382,8 +389,10 @@ def store_info(path) -> dict:
             "damaged": comp.get("damaged"),
             "uncommitted_files": [str(p) for p in run.uncommitted],
             "bytes_per_route_segments": (r["segment_bytes"] / r["segment_rows"]) if r["segment_rows"] else None,
-            "bytes_per_route_compacted": (comp["bytes"] / r["compacted_rows"]) if r["compacted_rows"] else None,
-            "bytes_per_route": ((r["segment_bytes"] + comp["bytes"]) / routes) if routes else None,
+            # the compacted routes files alone (routes compacted into run.duckdb share it with the other tables)
+            "bytes_per_route_compacted": (comp["routes_files_bytes"] / in_files) if in_files > 0 else None,
+            "run_duckdb_bytes": comp["bytes"] - comp["routes_files_bytes"],
+            "bytes_per_route": ((r["segment_bytes"] + comp["bytes"]) / routes) if routes else None,  # every file
         })
     return out
 
@@ -418,8 +427,9 @@ def _compacted_summary(target: Path) -> dict:
         return out
     try:
         have = {r[0] for r in con.execute("SELECT table_name FROM duckdb_tables()").fetchall()}
-        out["rows"] = {t: con.execute(f'SELECT count(*) FROM "{t}"').fetchone()[0] for t in layout.SEGMENT_TABLES
-                       if t in have}
+        out["rows"] = {t: con.execute(f'SELECT count(*) FROM "{t}"').fetchone()[0]
+                       for t in layout.SEGMENT_TABLES + layout.COMPACTION_TABLES if t in have}
+        out["routes_in_duckdb"] = out["rows"].get("routes", 0)
         if "_segments" in have:
             out["folded"] = {r[0] for r in con.execute("SELECT file FROM _segments").fetchall()}
         if "_routes_files" in have:  # compacted routes kept as Parquet files beside run.duckdb

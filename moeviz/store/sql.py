@@ -1,68 +1,81 @@
-"""A user's SQL over a store: one read statement, a bounded number of rows, a time limit, a plain message.
+"""A user's SQL over a store: the statement check, the messages, and `run_sql` (the SQL page and `moeviz sql`).
 
-Two entry points: `read_only_query` (the `moeviz sql` command) and `run_sql` (the dashboard's SQL page, run in a
-worker thread with a time limit). The store's connection itself refuses writes and file access
-(`moeviz.store.reader`); the statement checks here keep SET, temp tables and transactions out and make the message
-plain.
+What keeps a user's SQL from harming anything is not this module: `run_sql` hands the query to a
+`moeviz.store.sandbox.SqlSandbox`, which runs it in a worker process on a fresh, locked-down store connection
+(`open_store`: read-only, no file access, configuration locked), kills it at its time limit and caps its memory.
+`check_statement` only gives a plain first answer to what would fail or be pointless anyway (DDL, DML, SET,
+ATTACH, COPY, EXPLAIN ANALYZE of a write, several statements): it is a message, not the guard.
 """
 
 from __future__ import annotations
 
-import threading
+import re
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import pandas as pd
-
-from moeviz.errors import MoevizError, StoreError
+from moeviz.errors import MoevizError
 from moeviz.store.reader import STALE_MESSAGE, is_stale
 from moeviz.store.schema import TABLES
 
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from moeviz.store.sandbox import SqlSandbox
+
 
 class SqlError(MoevizError):
-    """A console query was refused or failed; the message says why."""
+    """A user query was refused or failed; the message says why."""
 
 
 class SqlTimeoutError(SqlError):
-    """A console query ran past its time limit and was interrupted."""
+    """A user query ran past its time limit and was stopped."""
 
 
-# --- `moeviz sql` ------------------------------------------------------------------------------------------
+class SqlMemoryError(SqlError):
+    """A user query needed more memory than its cap and was stopped."""
 
 
-def check_select_only(con, sql: str) -> None:
-    """Refuse anything but one SELECT (also DESCRIBE/SHOW/SUMMARIZE/VALUES), with a clear StoreError.
 
-    The connection itself cannot touch files or its databases (see the module docstring); this check also keeps
-    temp tables, SET and transactions out of user SQL and makes the message plain.
-    """
+# Statement kinds a user query may be: reads. CALL runs a table function (duckdb_settings(), pragma_...); EXPLAIN
+# shows a plan (EXPLAIN ANALYZE runs the statement, so it is checked further below).
+_READ_KINDS = ("SELECT", "EXPLAIN", "CALL")
+_EXPLAIN_ANALYZE = re.compile(r"\s*EXPLAIN\s+(?:ANALY[SZ]E\b|\((?:[^)]*\bANALY[SZ]E\b[^)]*)\))(.*)", re.I | re.S)
+
+
+def check_statement(sql: str) -> None:
+    """Refuse, with a plain SqlError, what is not one read: an empty query, several statements, DDL, DML, SET,
+    PRAGMA, ATTACH, COPY, INSTALL, EXPLAIN ANALYZE of anything but a read. Allows SELECT in every form DuckDB
+    reads as one (WITH, QUALIFY, window functions, PIVOT/UNPIVOT, DESCRIBE, SUMMARIZE, SHOW, VALUES, FROM-first),
+    plain EXPLAIN and CALL. The message only: the sandbox guards the store whatever the statement."""
     import duckdb
 
+    if not sql or not sql.strip():
+        raise SqlError("the query is empty: write a SELECT over runs, layers, routes, step_stats, ...")
     try:
-        statements = con.extract_statements(sql)
+        statements = duckdb.extract_statements(sql)
     except duckdb.Error as e:
-        raise StoreError(sql_error_message(e)) from None
-    if len(statements) != 1:
-        raise StoreError(f"give exactly one SQL statement (got {len(statements)})")
-    kind = statements[0].type
-    if kind != duckdb.StatementType.SELECT:
-        raise StoreError(f"the store is read-only: only SELECT queries are allowed, not {kind.name}")
-
-
-def read_only_query(con, sql: str, params=None, max_rows: int | None = 1000) -> tuple[list[str], list[tuple], bool]:
-    """Run one user SELECT: (column names, at most max_rows rows, truncated?). Fetches max_rows + 1 rows to know
-    whether more exist, never the whole result. DuckDB errors become a StoreError with a one-line message."""
-    import duckdb
-
-    check_select_only(con, sql)
-    try:
-        rel = con.execute(sql, params or [])
-        columns = [d[0] for d in rel.description]
-        rows = rel.fetchall() if max_rows is None else rel.fetchmany(max_rows + 1)
-    except duckdb.Error as e:
-        raise StoreError(sql_error_message(e)) from None
-    truncated = max_rows is not None and len(rows) > max_rows
-    return columns, rows[:max_rows] if truncated else rows, truncated
+        raise SqlError(f"the query does not parse: {sql_error_message(e)}") from None
+    # PIVOT without an IN list comes back as two statements with no text of their own (a CREATE TYPE of the
+    # pivoted values, then the SELECT): one statement the user wrote
+    written = [s for s in statements if s.query.strip()]
+    if len(written) > 1:
+        raise SqlError(f"one statement at a time, please (got {len(written)})")
+    if not statements:
+        raise SqlError("the query is empty: write a SELECT over runs, layers, routes, step_stats, ...")
+    for s in written or statements[-1:]:
+        kind = s.type.name
+        if kind not in _READ_KINDS:
+            raise SqlError(f"the store is read-only: only SELECT queries are allowed, not {kind}")
+        analyzed = _EXPLAIN_ANALYZE.match(s.query) if kind == "EXPLAIN" else None
+        if analyzed:
+            try:
+                inner = [t.type.name for t in duckdb.extract_statements(analyzed.group(1))]
+            except duckdb.Error:
+                inner = []
+            if any(k != "SELECT" for k in inner):
+                raise SqlError(f"the store is read-only: EXPLAIN ANALYZE runs the statement, so only "
+                               f"EXPLAIN ANALYZE SELECT is allowed, not {inner[0]}")
 
 
 def sql_error_message(e: Exception) -> str:
@@ -81,7 +94,38 @@ def sql_error_message(e: Exception) -> str:
     return first
 
 
-# --- the dashboard's SQL page --------------------------------------------------------------------------------------------
+@dataclass
+class SqlResult:
+    """A user query's answer: a DataFrame (the SQL page), or columns and rows as tuples (`moeviz sql`)."""
+
+    frame: pd.DataFrame | None  # at most max_rows rows; None with as_rows
+    columns: list[str]
+    rows: list[tuple] | None  # with as_rows
+    truncated: bool  # the query had more than max_rows rows
+    elapsed_s: float
+    warnings: list[str]  # what open_store skipped or repaired (truncated segments, ...)
+
+
+def run_sql(sandbox: "SqlSandbox", path, sql: str, *, max_rows: int | None = None, timeout_s: float | None = None,
+            memory_bytes: int | None = None, as_rows: bool = False) -> SqlResult:
+    """Check `sql` (check_statement), then run it in `sandbox` on the store at `path`.
+
+    Limits left out are the sandbox's; those given may lower them, never raise them. The worker fetches
+    max_rows + 1 rows (a LIMIT on the lazy relation, so a huge result is never materialised) to know whether
+    the result was cut. Raises SqlError (SqlTimeoutError, SqlMemoryError) with a one-line message.
+    """
+    check_statement(sql)
+    t0 = time.perf_counter()
+    data, truncated, warnings = sandbox.run(path, sql, max_rows=max_rows, timeout_s=timeout_s,
+                                            memory_bytes=memory_bytes, as_rows=as_rows)
+    elapsed = time.perf_counter() - t0
+    if as_rows:
+        columns, rows = data
+        return SqlResult(None, columns, rows, truncated, elapsed, warnings)
+    return SqlResult(data, list(data.columns), None, truncated, elapsed, warnings)
+
+
+# --- the SQL page's examples ------------------------------------------------------------------------------
 
 EXAMPLE_QUERIES: dict[str, str] = {
     "Load per layer and expert": (
@@ -101,85 +145,3 @@ EXAMPLE_QUERIES: dict[str, str] = {
     "Sequences per domain": "SELECT domain, tag, count(*) AS sequences, sum(n_tokens) AS tokens\nFROM sequences GROUP BY ALL ORDER BY tokens DESC",
     "Runs": "SELECT run_id, model_class, n_layers, n_experts, top_k, status FROM runs",
 }
-
-# Statement kinds a console query may be: reading only. EXPLAIN is allowed because it shows plans without running.
-_READ_ONLY_KINDS = ("SELECT", "EXPLAIN")
-
-
-@dataclass
-class SqlResult:
-    frame: pd.DataFrame  # at most max_rows rows
-    truncated: bool  # the query had more than max_rows rows
-    elapsed_s: float
-
-
-def _single_read_statement(sql: str) -> str:
-    import duckdb
-
-    if not sql or not sql.strip():
-        raise SqlError("the query is empty: write a SELECT over runs, layers, routes, step_stats, ...")
-    try:
-        statements = duckdb.extract_statements(sql)
-    except duckdb.Error as e:
-        raise SqlError(f"the query does not parse: {e}") from None
-    if len(statements) != 1:
-        raise SqlError(f"one statement at a time, please (got {len(statements)})")
-    kind = statements[0].type.name
-    if kind not in _READ_ONLY_KINDS:
-        raise SqlError(f"the console is read-only: {kind} statements are refused; write a SELECT")
-    return statements[0].query.strip().rstrip(";")
-
-
-def _one_line(e: Exception) -> str:
-    """The first line of a DuckDB error, with what the console allows when it is a permission error."""
-    import duckdb
-
-    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    if isinstance(e, duckdb.PermissionException):
-        return f"not allowed: {first} (the console reads only the store's tables, never files)"
-    return first
-
-
-def run_sql(con, sql: str, *, max_rows: int = 1000, timeout_s: float = 10.0) -> SqlResult:
-    """Run one read-only SELECT, returning at most `max_rows` rows and whether more existed.
-
-    Asks DuckDB for max_rows + 1 rows (a LIMIT pushed onto the lazy relation, so a huge result is never
-    materialised) to know whether the result was cut. A worker thread runs the query; past
-    `timeout_s` the main thread interrupts it and raises SqlTimeoutError. Refuses anything but one SELECT (or
-    EXPLAIN); the store's read-only connection refuses writes and file access as a second line.
-    """
-    import duckdb
-
-    if max_rows < 1:
-        raise SqlError(f"max_rows must be at least 1, got {max_rows}")
-    query = _single_read_statement(sql)
-    box: dict = {}
-
-    def work() -> None:
-        try:
-            rel = con.sql(query)
-            box["frame"] = rel.limit(max_rows + 1).df() if rel is not None else pd.DataFrame()
-        except BaseException as e:  # handed to the caller's thread below
-            box["error"] = e
-
-    # The query runs on `con` itself, not a cursor: a store's views are TEMP views and registered Arrow
-    # datasets, which only the connection that made them can see. The caller must not share `con` meanwhile.
-    t0 = time.perf_counter()
-    worker = threading.Thread(target=work, name="moeviz-sql", daemon=True)
-    worker.start()
-    worker.join(timeout_s)
-    if worker.is_alive():
-        con.interrupt()
-        worker.join(5.0)
-        raise SqlTimeoutError(
-            f"the query ran longer than {timeout_s:g} s and was stopped; aggregate with GROUP BY, filter with "
-            "WHERE, or query step_stats/layer_stats instead of routes"
-        )
-    if "error" in box:
-        e = box["error"]
-        if isinstance(e, duckdb.Error):
-            raise SqlError(_one_line(e)) from None
-        raise e
-    frame = box["frame"]
-    truncated = len(frame) > max_rows
-    return SqlResult(frame.head(max_rows).reset_index(drop=True), truncated, time.perf_counter() - t0)

@@ -57,6 +57,7 @@ class RunWriter:
         self._recording_errors, self._recording_error = 0, None  # see record_error
         self._run_meta: dict | None = None  # the last write_run's metadata, to rewrite the row with the errors
         self._run_row_stale = False  # a record_error whose runs row could not be written yet (tried again at close)
+        self._module_names: dict[int, str] = {}  # layer -> router module name (write_layers), for warnings
         _check_run_dir(self.run_dir)
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -127,6 +128,8 @@ class RunWriter:
                 raise StoreError(f"write_layers row {i}: needs 'layer', allows {', '.join(LAYER_KEYS)}; "
                                  f"got {sorted(r)}")
             out.append({"run_id": self.run_id, "rank": self.rank, **{k: r.get(k) for k in LAYER_KEYS}})
+            if r.get("module_name") is not None:
+                self._module_names[int(r["layer"])] = str(r["module_name"])
         if out:
             self._commit([self._write("layers", _rows_to_table("layers", out))])
 
@@ -278,7 +281,7 @@ class RunWriter:
         for c in expected:
             v = cols[c]
             if table == "routes" and c == "weight":
-                arrays["weight_q"] = self._quantised_weights(_broadcast(v, n))
+                arrays["weight_q"] = self._quantised_weights(_broadcast(v, n), _broadcast(cols["layer"], n))
                 continue
             t = schema.field(c).type
             if t == pa.string():
@@ -303,7 +306,8 @@ class RunWriter:
                     else arrays[f.name] for f in schema if f.name != "run_id"})
         return pa.table(out)
 
-    def _quantised_weights(self, w) -> np.ndarray:
+    def _quantised_weights(self, w, layer) -> np.ndarray:
+        """weight_q: w clipped to [0, 1] and quantised; a warning names the layers (and routers) outside."""
         w = np.asarray(w, dtype=np.float64 if np.asarray(w).dtype == np.float64 else np.float32)
         if not np.isfinite(w).all():
             raise StoreError("write_flush: routes.weight holds NaN or infinite values; the router produced "
@@ -311,8 +315,12 @@ class RunWriter:
         lo, hi = float(w.min()), float(w.max())
         if (lo < -1e-6 or hi > 1 + 1e-6) and not self._clipped_warned:
             self._clipped_warned = True
-            warnings.warn(f"moeviz: routes.weight outside [0, 1] (min {lo:.4g}, max {hi:.4g}) clipped to [0, 1]; "
-                          f"record gate weights before any routed scaling factor", StoreWarning, stacklevel=3)
+            outside = np.unique(np.asarray(layer)[(w < -1e-6) | (w > 1 + 1e-6)])
+            where = ", ".join(f"{int(x)}" + (f" ({self._module_names[int(x)]})" if int(x) in self._module_names else "")
+                              for x in outside[:8]) + (", ..." if len(outside) > 8 else "")
+            warnings.warn(f"moeviz: routes.weight outside [0, 1] (min {lo:.4g}, max {hi:.4g}) in layer(s) {where}, "
+                          f"clipped to [0, 1]; record gate weights before any routed scaling factor (a router "
+                          f"adapter's weight_scale)", StoreWarning, stacklevel=3)
         return np.rint(np.clip(w, 0.0, 1.0) * layout.WEIGHT_SCALE).astype(np.uint16)
 
 

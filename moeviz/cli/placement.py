@@ -1,0 +1,107 @@
+"""`moeviz placement PATH --gpus G`: what expert parallelism over G GPUs would make of a recorded run.
+
+Per run and layer: the busiest GPU over the mean GPU (max/mean, 1 = an even spread) under the contiguous,
+round-robin and balanced placements (and balanced with R redundant replicas), and the share of token copies that
+stays on the GPU it starts on. See `moeviz.analyses.placement` for the definitions.
+
+    moeviz placement runs/exp1 --gpus 8 --redundant 2 --fit 0:99 --eval 100:
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from moeviz.errors import MoevizError
+
+_OPEN_END = 2**62
+
+
+class PlacementArgumentError(MoevizError, ValueError):
+    """A `moeviz placement` argument is malformed."""
+
+
+def _int(text: str, flag: str, lowest: int) -> int:
+    try:
+        value = int(text)
+    except (TypeError, ValueError):
+        raise PlacementArgumentError(f"{flag} takes an integer; got {text!r}") from None
+    if value < lowest:
+        # the analysis' own wording, so that a script sees one message for one mistake
+        raise PlacementArgumentError(f"{flag.lstrip('-')} must be an integer >= {lowest}; got {value}")
+    return value
+
+
+def _range(text: str | None, flag: str) -> tuple[int, int] | None:
+    """'A:B' (inclusive), 'A:' or ':B' -> (first, last); None -> None."""
+    if text is None:
+        return None
+    first, sep, last = text.partition(":")
+    try:
+        if not sep:
+            return int(text), int(text)
+        return (int(first) if first.strip() else -_OPEN_END, int(last) if last.strip() else _OPEN_END)
+    except ValueError:
+        raise PlacementArgumentError(f"{flag} takes A:B (inclusive), A: or :B with integer steps; got {text!r}") from None
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "placement",
+        help="busiest GPU and local traffic of expert-parallel placements over G GPUs",
+        description="Per layer: max/mean GPU load (1 = even) of the contiguous (expert e on GPU floor(e*G/E)), "
+        "round-robin (e mod G) and balanced placements, and the share of token copies that stays on its GPU. "
+        "Exit status 2 on bad input.",
+    )
+    p.add_argument("path", help="a run folder or a folder of runs")
+    p.add_argument("--gpus", required=True, help="expert-parallel GPUs G")
+    p.add_argument("--redundant", default="0", help="extra expert replicas for the balanced placement (default 0)")
+    p.add_argument("--nodes", default="1", help="nodes the GPUs sit in (G/N per node; default 1)")
+    p.add_argument("--fit", help="steps A:B the balanced placement is computed from (default: --eval's steps)")
+    p.add_argument("--eval", dest="eval_steps", help="steps C:D every placement is evaluated on (default: all)")
+    p.add_argument("--source", choices=("sequence", "rank"), default="sequence",
+                   help="where tokens start: sequence seq on GPU seq mod G (default), or the recording rank mod G")
+    p.add_argument("--layers", help="comma-separated MoE layers (default: all)")
+    p.add_argument("--run", action="append", dest="runs", help="run id (repeatable; default: all)")
+    p.set_defaults(func=run_placement)
+
+
+def run_placement(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from moeviz.analyses.placement import placement_summary
+    from moeviz.selection import Selection
+    from moeviz.store import open_store
+
+    gpus = _int(args.gpus, "--gpus", 1)
+    redundant = _int(args.redundant, "--redundant", 0)
+    nodes = _int(args.nodes, "--nodes", 1)
+    fit, evaluate = _range(args.fit, "--fit"), _range(args.eval_steps, "--eval")
+    layers = None
+    if args.layers:
+        try:
+            layers = tuple(int(x) for x in args.layers.split(",") if x.strip())
+        except ValueError:
+            raise PlacementArgumentError(f"--layers takes comma-separated integers; got {args.layers!r}") from None
+    sel = Selection(run_ids=tuple(args.runs) if args.runs else None, layers=layers, steps=evaluate)
+    con = open_store(args.path)
+    try:
+        df = placement_summary(con, sel, gpus, redundant=redundant, nodes=nodes,
+                               fit_steps=fit if fit is not None else evaluate, source=args.source)
+    finally:
+        con.close()
+    if df.empty:
+        print("no run in the selection")
+        return 0
+    label = df["placement"].where(df["redundant"] == 0, df["placement"] + "+" + df["redundant"].astype(str))
+    df = df.assign(placement=label)
+    order = list(dict.fromkeys(label))
+    load = df.pivot(index=["run_id", "layer"], columns="placement", values="max_over_mean")[order]
+    local = df.pivot(index=["run_id", "layer"], columns="placement", values="local_share")[order]
+    local.columns = [f"local:{c}" for c in local.columns]
+    table = pd.concat([load, local], axis=1).reset_index()
+    steps = "all steps" if evaluate is None else f"steps {args.eval_steps}"
+    fitted = f"fitted on steps {args.fit}" if args.fit else f"fitted on the same steps"
+    print(f"max/mean GPU load over {gpus} GPUs ({nodes} node(s)), {steps}; balanced {fitted}. "
+          f"local: share of token copies that stay on their GPU (source: {args.source}).")
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    return 0
