@@ -12,11 +12,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__all__ = ["Recorder", "RecorderError", "find_routers", "RouterOutput", "RouterSite", "MoevizCallback"]
+__all__ = ["Recorder", "RecorderError", "RecordingWarning", "find_routers", "RouterOutput", "RouterSite", "MoevizCallback"]
 
 _WHERE = {
     "Recorder": "collectors.recorder",
     "RecorderError": "collectors.recorder",
+    "RecordingWarning": "collectors.recorder",
     "find_routers": "collectors.routers",
     "RouterOutput": "collectors.routers",
     "RouterSite": "collectors.routers",
@@ -25,7 +26,7 @@ _WHERE = {
 
 if TYPE_CHECKING:  # pragma: no cover
     from collectors.hf_trainer import MoevizCallback
-    from collectors.recorder import Recorder, RecorderError
+    from collectors.recorder import Recorder, RecorderError, RecordingWarning
     from collectors.routers import RouterOutput, RouterSite, find_routers
 
 

@@ -3,7 +3,9 @@
 Everything here runs on the router's device with fixed output sizes, so that it never waits for the GPU:
 no `.item()`, no `.tolist()`, no boolean indexing, no `nonzero`, no `bincount` without a size. Counts use
 `scatter_add_` into zero tensors of known size; masked sums use `torch.where` (a padded token's logits may be
-anything, NaN included, and must not leak into a sum). Aggregates are packed into float64 vectors (float64
+anything, NaN included, and must not leak into a sum). A token inside the mask whose router logits or gate weights
+are NaN or infinite (`finite_tokens`) is counted in `nonfinite_tokens` and left out of everything else, the same
+way: one bad token must not turn a layer's sums into NaN, and the count (not a host-side check) says it happened. Aggregates are packed into float64 vectors (float64
 holds every count below 2**53 exactly), routes into int32 / float32 matrices; the Recorder copies a whole flush
 off the device as one byte buffer.
 """
@@ -13,9 +15,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-# Layout of one layer's packed aggregates (see `layer_aggregates`): 8 scalars, then 4 vectors of n_experts.
+# Layout of one layer's packed aggregates (see `layer_aggregates`): 9 scalars, then 4 vectors of n_experts.
 LAYER_SCALARS = ("tokens", "z_loss_sum", "entropy_sum", "dropped",
-                 "adjacent_pairs", "same_first", "first_in_topk", "topk_overlap")
+                 "adjacent_pairs", "same_first", "first_in_topk", "topk_overlap", "nonfinite_tokens")
 EXPERT_VECTORS = ("assigned", "first_choice", "prob_sum", "dropped")
 
 
@@ -24,28 +26,54 @@ def packed_aggregate_size(n_experts: int) -> int:
     return len(LAYER_SCALARS) + len(EXPERT_VECTORS) * n_experts
 
 
+def router_lse(logits: Tensor) -> Tensor:
+    """logsumexp of the router logits in float32, [N]: computed once per layer and step, shared by
+    `finite_tokens` and `layer_aggregates` (it is most of their cost for wide layers)."""
+    return torch.logsumexp(logits.float(), dim=-1)
+
+
+def finite_tokens(logits: Tensor, weights: Tensor | None = None, lse: Tensor | None = None) -> Tensor:
+    """Which tokens have usable router outputs, as bool [N] (computed on the device: no sync).
+
+    logits [N, E]; weights [N, k] or None; lse [N] from `router_lse` (None: computed here). A token is finite
+    when logsumexp of its logits is finite (no NaN, no +inf, not every expert at -inf: then its softmax, z-loss
+    and entropy are finite too; single experts masked with -inf are fine) and all its gate weights are finite.
+    """
+    ok = torch.isfinite(router_lse(logits) if lse is None else lse)  # [N]
+    if weights is not None:
+        ok = ok & torch.isfinite(weights.float()).all(-1)  # [N]
+    return ok
+
+
 def layer_aggregates(
     logits: Tensor, index: Tensor, dropped: Tensor | None, mask: Tensor, seq: Tensor | None = None,
-    pos: Tensor | None = None,
+    pos: Tensor | None = None, finite: Tensor | None = None, lse: Tensor | None = None,
 ) -> Tensor:
-    """Exact aggregates of one layer over one step, packed as float64 [8 + 4 * n_experts].
+    """Exact aggregates of one layer over one step, packed as float64 [9 + 4 * n_experts].
 
     logits [N, E] router logits; index [N, k] chosen experts (slot 0 first); dropped [N, k] bool or None;
     mask [N] bool, False for tokens outside the attention mask (they count nowhere); seq/pos [N] the token
-    layout (None when unknown: the adjacency counts are then NaN, stored as NULL).
+    layout (None when unknown: the adjacency counts are then NaN, stored as NULL); finite [N] bool from
+    `finite_tokens` (None: computed from the logits alone); lse [N] from `router_lse` (None: computed here).
+    Tokens inside the mask that are not finite are counted in nonfinite_tokens and nowhere else.
     Layout: tokens, z_loss_sum, entropy_sum, dropped_total, adjacent_pairs, same_first, first_in_topk,
-    topk_overlap, assigned[E], first_choice[E], prob_sum[E], dropped[E].
+    topk_overlap, nonfinite_tokens, assigned[E], first_choice[E], prob_sum[E], dropped[E].
     """
     n, n_experts = logits.shape
     k = index.shape[1]
-    keep = mask.to(torch.bool)  # [N]
+    inside = mask.to(torch.bool)  # [N]
+    lse = router_lse(logits) if lse is None else lse  # [N] float32
+    if finite is None:
+        finite = finite_tokens(logits, lse=lse)
+    keep = inside & finite  # [N]
+    nonfinite = (inside & ~finite).sum(dtype=torch.float64)  # []
     m = keep.to(torch.int64)  # [N]
-    logp = torch.log_softmax(logits.float(), dim=-1)  # [N, E]
+    logp = logits.float() - lse[:, None]  # [N, E]: log_softmax, reusing the logsumexp
     p = logp.exp()  # [N, E]
 
     prob_sum = torch.where(keep[:, None], p, 0.0).sum(0, dtype=torch.float64)  # [E]
-    lse = torch.logsumexp(logits.float(), dim=-1).to(torch.float64)  # [N]
-    z_loss_sum = torch.where(keep, lse * lse, 0.0).sum()  # []
+    lse64 = lse.to(torch.float64)  # [N]
+    z_loss_sum = torch.where(keep, lse64 * lse64, 0.0).sum()  # []
     plogp = torch.where(p > 0, p * logp, 0.0)  # [N, E]; 0 log 0 = 0 for experts masked with -inf
     entropy_sum = torch.where(keep, -plogp.sum(-1), 0.0).sum(dtype=torch.float64)  # []
 
@@ -66,7 +94,8 @@ def layer_aggregates(
     scalars = torch.cat([
         torch.stack([m.sum().to(torch.float64), z_loss_sum, entropy_sum, dropped_e.sum().to(torch.float64)]),
         adjacency,
-    ])  # [8]
+        nonfinite[None],
+    ])  # [9]
     return torch.cat(
         [scalars, assigned.to(torch.float64), first.to(torch.float64), prob_sum, dropped_e.to(torch.float64)]
     )

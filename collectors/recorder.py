@@ -26,6 +26,12 @@ How it stays out of the way of training:
 - Each router's first output is checked (`collectors.routers.check_router_output`: one host sync per router,
   once per run) at the end of the first forward, before anything of it can be stored; a run whose router
   hooks never fired warns at close.
+- Recording never stops training: a flush that cannot be written (a full disk, a failed conversion), a step
+  whose aggregates cannot be computed, is lost on its own, with one RecordingWarning that says which steps, and
+  the run is marked degraded (`runs.recording_errors`, `runs.recording_error`); later steps are still written.
+  Router outputs that are NaN or infinite are counted per layer and step (`layer_stats.nonfinite_tokens`, on the
+  device like every other count) and left out of the sums, so that one bad token cannot turn them into NaN.
+  `Recorder(strict=True)` raises RecorderError instead of each such warning (for tests).
 
 What the recorded numbers mean, where model families differ:
 - `routes.weight` is the gate weight after the model's renormalisation but before a constant routed scaling
@@ -66,21 +72,29 @@ from torch import Tensor, nn
 from collectors.aggregates import (
     EXPERT_VECTORS,
     LAYER_SCALARS,
+    finite_tokens,
     flow_counts,
     kept_token_slots,
     layer_aggregates,
     packed_routes,
     pair_counts,
+    router_lse,
 )
 from moeviz.errors import MoevizError
 
-__all__ = ["Recorder", "RecorderError"]
+__all__ = ["Recorder", "RecorderError", "RecordingWarning"]
 
 FLOW_CHOICES = ("adjacent", "all", None)  # Recorder(flow_stats=...): which pairs of layers get flow counts
 
 
 class RecorderError(MoevizError, RuntimeError):
-    """The Recorder was misused (bad arguments, use after close) or its writer thread failed."""
+    """The Recorder was misused (bad arguments, use after close), or, with strict=True, recording failed."""
+
+
+class RecordingWarning(RuntimeWarning):
+    """Recording lost data or saw data it could not use (a flush not written, NaN router outputs, a step number
+    given twice) and training went on; the message says what was lost and where the run records it. Each kind is
+    warned once per Recorder. `Recorder(strict=True)` raises RecorderError instead."""
 
 
 def _in_backward() -> bool:
@@ -151,9 +165,9 @@ class _Stream:
     """Token layout of one step (one or more forwards, concatenated batch-major): seq, pos, token_id and mask
     per token [N], on the device. Sequence indices continue across forwards (gradient accumulation)."""
 
-    def __init__(self, segments: Sequence[_Segment], device: torch.device):
+    def __init__(self, segments: Sequence[_Segment], device: torch.device, seq_offset: int = 0):
         seqs, poss, tids, masks, per_seq = [], [], [], [], []
-        offset = 0
+        offset = seq_offset  # > 0 when the step number was given before: its sequences are numbered on
         for sg in segments:
             b, s = sg.batch, sg.seq_len
             rows = torch.arange(b, device=device)[:, None].expand(b, s) + offset  # [B, S]
@@ -179,7 +193,7 @@ class _Stream:
         self.mask = torch.cat(masks) if masks else empty.bool()  # [N]
         self.n_per_seq = torch.cat(per_seq) if per_seq else empty  # [B_total]
         self.n = int(sum(sg.batch * sg.seq_len for sg in segments))
-        self.n_seqs = offset
+        self.n_seqs = offset - seq_offset
         self.seq_len = segments[0].seq_len if segments else 0  # of the first forward (a capacity group, Switch)
         self._moved: dict[torch.device, tuple[Tensor, Tensor, Tensor, Tensor]] = {}
         self._kept: dict[tuple[torch.device, int | None], tuple[Tensor, Tensor]] = {}
@@ -288,6 +302,7 @@ class _StepRecord:
     tag: str
     domains: list[str | None]
     pieces: list[_Piece] = field(default_factory=list)
+    seq_offset: int = 0  # sequences recorded before under the same step number (a repeated step)
 
 
 def _tables_from_host(host: np.ndarray, records: list[_StepRecord], rank: int, layer_experts: dict[int, int]) -> dict:
@@ -307,13 +322,14 @@ def _tables_from_host(host: np.ndarray, records: list[_StepRecord], rank: int, l
             off += pc.nbytes
             if pc.kind == "agg":
                 n_exp = layer_experts[pc.layer]
-                tokens, z, ent, dropped, adj, same, first_in, overlap = arr[: len(LAYER_SCALARS)]
+                tokens, z, ent, dropped, adj, same, first_in, overlap, nonfinite = arr[: len(LAYER_SCALARS)]
                 vec = arr[len(LAYER_SCALARS) :].reshape(len(EXPERT_VECTORS), n_exp)  # [4, E]
                 add("layer_stats", step=np.array([rec.step]), layer=np.array([pc.layer]), tokens=np.array([tokens]),
                     z_loss_sum=np.array([z]), entropy_sum=np.array([ent]), dropped=np.array([dropped]),
                     adjacent_pairs=np.array([adj]), same_first=np.array([same]),
                     first_in_topk=np.array([first_in]), topk_overlap=np.array([overlap]),
-                    coactive_pairs=np.array([np.nan]))  # set by the 'pairs' piece that follows, if recorded
+                    coactive_pairs=np.array([np.nan]),  # set by the 'pairs' piece that follows, if recorded
+                    nonfinite_tokens=np.array([nonfinite]))
                 add("step_stats", step=np.full(n_exp, rec.step), layer=np.full(n_exp, pc.layer),
                     expert=np.arange(n_exp), tokens=np.full(n_exp, tokens), assigned=vec[0], first_choice=vec[1],
                     prob_sum=vec[2], dropped=vec[3])
@@ -341,7 +357,7 @@ def _tables_from_host(host: np.ndarray, records: list[_StepRecord], rank: int, l
                     slot=np.tile(np.arange(k), m), expert=rows[:, 4:].reshape(-1), weight=w.reshape(-1))
             elif pc.kind == "seqs":
                 n = pc.shape[0]
-                add("sequences", step=np.full(n, rec.step), seq=np.arange(n),
+                add("sequences", step=np.full(n, rec.step), seq=np.arange(n) + rec.seq_offset,
                     domain=np.array(rec.domains, dtype=object), tag=np.array([rec.tag] * n, dtype=object),
                     n_tokens=arr)
     dtypes = {
@@ -352,6 +368,7 @@ def _tables_from_host(host: np.ndarray, records: list[_StepRecord], rank: int, l
         "layer_a": np.int16, "layer_b": np.int16, "expert_a": np.int16, "expert_b": np.int16, "first_tokens": np.int64,
         "topk_pairs": np.int64, "adjacent_pairs": np.float64, "same_first": np.float64,
         "first_in_topk": np.float64, "topk_overlap": np.float64, "coactive_pairs": np.float64,  # NaN = NULL
+        "nonfinite_tokens": np.float64,
         "weight": np.float64, "n_tokens": np.int32, "domain": object, "tag": object,
     }
     tables: dict[str, dict[str, np.ndarray]] = {}
@@ -370,20 +387,25 @@ def _tables_from_host(host: np.ndarray, records: list[_StepRecord], rank: int, l
 class _WriterThread:
     """Runs writer jobs in order on one background thread, behind a bounded queue (back-pressure).
 
-    After a job fails, later jobs are skipped (but still taken off the queue, so producers never block forever)
-    except the final close; the error is kept for the Recorder to raise on its next call.
+    Each job says what it would lose if it failed (`what`). A failed job is appended to `failures` (read and
+    warned about by the training thread, which owns the warnings) and, unless strict, counted in the run
+    (`RunWriter.record_error`) while later jobs go on: one bad flush costs only its own steps.
+    With strict=True, after a job fails later jobs are skipped (but still taken off the queue, so producers never
+    block forever) except the final close; the error is kept for the Recorder to raise on its next call.
     """
 
-    def __init__(self, writer: Any, max_pending: int):
+    def __init__(self, writer: Any, max_pending: int, strict: bool = False):
         self.writer = writer
-        self.error: BaseException | None = None
+        self.strict = strict
+        self.error: BaseException | None = None  # strict only: the first failure, raised by the Recorder
         self.error_trace = ""
+        self.failures: list[tuple[str, BaseException]] = []  # (what was lost, why); appended by this thread only
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, max_pending))
         self._thread = threading.Thread(target=self._run, name="moeviz-writer", daemon=True)
         self._thread.start()
 
-    def submit(self, job: Callable[[Any], None], *, always: bool = False) -> None:
-        self._queue.put((job, always))
+    def submit(self, job: Callable[[Any], None], what: str, *, always: bool = False) -> None:
+        self._queue.put((job, what, always))
 
     def stop(self) -> None:
         self._queue.put(None)
@@ -394,14 +416,21 @@ class _WriterThread:
             item = self._queue.get()
             if item is None:
                 return
-            job, always = item
+            job, what, always = item
             if self.error is not None and not always:
                 continue
             try:
                 job(self.writer)
-            except BaseException as e:  # kept and re-raised in the training thread
-                if self.error is None:
-                    self.error, self.error_trace = e, traceback.format_exc()
+            except BaseException as e:  # reported by the training thread: warned (default) or raised (strict)
+                self.failures.append((what, e))
+                if self.strict:
+                    if self.error is None:
+                        self.error, self.error_trace = e, traceback.format_exc()
+                    continue
+                try:
+                    self.writer.record_error(f"{what}: {_error_text(e)}")
+                except BaseException:  # noqa: BLE001 - a full disk fails this too; close() tries the row again
+                    pass
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -425,11 +454,15 @@ class Recorder:
       one MoE layer to those of another (`flow_stats`, for the layer-flow Sankey without reading routes):
       "adjacent" (default) for each layer and the next, "all" for every pair of layers (L(L-1)/2 pairs: for
       small models), None for none; 2 x E_a x E_b int32 per pair and step (512 KiB for E = 256).
+      strict: raise RecorderError where the default warns (RecordingWarning) and goes on: a flush or step that
+      could not be recorded, NaN/inf router outputs, a repeated step number. For tests; in training, a recording
+      problem should cost the steps it concerns, never the run (they are listed in `recording_errors`).
 
     Memory: until step(), the router outputs of the step's forwards stay on the device (per layer: tokens x
     (experts + 2k) values, small next to the activations); pending flushes hold only the aggregates and the
     kept routes ((4 + 2k) x 4 bytes per kept token and layer): set max_tokens_per_step on large runs.
     Use `paused()` or `discard()` for forwards that belong to no step (evaluation inside training).
+    The step numbers seen are kept (to notice a repeated one): about 100 bytes per step.
     """
 
     def __init__(
@@ -452,6 +485,7 @@ class Recorder:
         max_pending_flushes: int = 4,
         pair_stats: bool = True,
         flow_stats: str | None = "adjacent",
+        strict: bool = False,
     ):
         if not isinstance(model, nn.Module):
             raise RecorderError(f"Recorder needs a torch.nn.Module; got {type(model).__name__}")
@@ -483,6 +517,7 @@ class Recorder:
         self.max_pending_flushes = max_pending_flushes
         self.pair_stats = bool(pair_stats)
         self.flow_stats = flow_stats
+        self.strict = bool(strict)
 
         self.sites: list = []
         self._handles: list = []
@@ -504,6 +539,12 @@ class Recorder:
         self._capacity_known = False  # runs.capacity_factor of fixed-capacity routers written (see step())
         self.steps_recorded = 0
         self.flushes = 0
+        self.recording_errors: list[str] = []  # what each recording failure lost, in the order they were seen
+        self._failures_seen = 0  # of the writer thread's failures
+        self._nonfinite: list[tuple[int, int, int]] = []  # (step, layer, tokens) found by the writer thread
+        self._nonfinite_seen = 0
+        self._warned: set[str] = set()  # kinds of RecordingWarning already given: each is given once
+        self._step_seqs: dict[int, int] = {}  # step number -> sequences recorded under it (repeated steps)
 
     # -- lifecycle ---------------------------------------------------------------------------------------------
 
@@ -536,19 +577,23 @@ class Recorder:
         self._sinks = [_Sink() for _ in sites]
         stacks = {s.stack for s in sites}
         self._is_encoder_decoder |= {"encoder", "decoder"} <= stacks  # also when a wrapper hides the config
-        writer = RunWriter(
-            self.path, run_id=self.run_id, run_name=self.run_name, rank=self.rank, world_size=self.world_size
-        )
-        self._writer_thread = _WriterThread(writer, self.max_pending_flushes)
+        try:
+            writer = RunWriter(
+                self.path, run_id=self.run_id, run_name=self.run_name, rank=self.rank, world_size=self.world_size
+            )
+        except OSError as e:  # before training starts: the caller can fix it (a read-only or full filesystem)
+            raise RecorderError(f"cannot record into {self.path}: {_error_text(e)}; give a folder on a writable "
+                                "filesystem with free space") from e
+        self._writer_thread = _WriterThread(writer, self.max_pending_flushes, strict=self.strict)
         self._started = True
         _OPEN_RECORDERS.add(self)
         try:
             meta, layers = self._run_metadata(), self._layer_rows()
-            self._writer_thread.submit(lambda w: w.write_run(meta))
-            self._writer_thread.submit(lambda w: w.write_layers(layers))
+            self._writer_thread.submit(lambda w: w.write_run(meta), "the run's metadata (its runs row) was not written")
+            self._writer_thread.submit(lambda w: w.write_layers(layers), "the layers table was not written")
             if self.tokenizer is not None:
                 ids, texts = _vocab_texts(self.tokenizer)
-                self._writer_thread.submit(lambda w: w.write_vocab(ids, texts))
+                self._writer_thread.submit(lambda w: w.write_vocab(ids, texts), "the vocabulary was not written")
             self._attach_hooks()
         except BaseException as e:
             self._finish(e)
@@ -677,6 +722,10 @@ class Recorder:
         forwards, in order); otherwise those captured from each forward's `input_ids` / `attention_mask` are
         used. domain: one label, or one per sequence. No host sync unless this step triggers a flush.
         A bad argument raises RecorderError and keeps the step's forwards buffered: call step() again, corrected.
+        A step number given before adds to that step (warned once): its counts and sums then include both calls,
+        and this call's sequences are numbered after the earlier ones', as for two forwards of one step.
+        If the step's aggregates cannot be computed (say, the device runs out of memory), the step is lost, with a
+        RecordingWarning, and training goes on (strict=True: the error propagates).
         """
         self._check_usable()
         step = _step_number(step)
@@ -685,24 +734,42 @@ class Recorder:
         if not any(calls):
             self.discard()
             return
+        seq_offset = self._step_seqs.get(step)
+        if seq_offset is not None:
+            self._recording_problem("repeat", f"step {step} was given to step() twice: the store keeps both as one "
+                                    "step (its counts and sums include both calls, counted twice if it was the same "
+                                    "batch; the second call's sequences are numbered after the first's). Give each "
+                                    "step() call its own step number")
         # built before discarding: if an argument is wrong, the step's routing stays buffered for a corrected call
-        record = self._step_record(step, calls, forwards, token_ids, attention_mask, domain, str(tag))
+        try:
+            record = self._step_record(step, calls, forwards, token_ids, attention_mask, domain, str(tag),
+                                       seq_offset or 0)
+        except (RecorderError, AssertionError):  # misuse, or a test's guard (a host-sync detector): never hidden
+            raise
+        except Exception as e:
+            if self.strict:
+                raise
+            self.discard()
+            self._recording_failed(f"step {step} was not recorded (its aggregates could not be computed)", e)
+            return
         self.discard()
+        self._step_seqs[step] = (seq_offset or 0) + len(record.domains)
         self._pending.append(record)
         self.steps_recorded += 1
         if len(self._pending) >= self.flush_every:
             self.flush()
 
-    def _step_record(self, step, calls, forwards, token_ids, attention_mask, domain, tag) -> _StepRecord:
+    def _step_record(self, step, calls, forwards, token_ids, attention_mask, domain, tag,
+                     seq_offset: int = 0) -> _StepRecord:
         device = next(c[0][0].device for c in calls if c)
-        main = self._main_stream([f[0] for f in forwards], token_ids, attention_mask, device)
+        main = self._main_stream([f[0] for f in forwards], token_ids, attention_mask, device, seq_offset)
         dec_segments = [f[1] for f in forwards]
-        dec = _Stream(dec_segments, device) if dec_segments and all(dec_segments) else None
+        dec = _Stream(dec_segments, device, seq_offset) if dec_segments and all(dec_segments) else None
         sampled = step % self.sample_every == 0
         n_seqs = main.n_seqs if main is not None else 0
-        record = _StepRecord(step, tag, self._domains(domain, n_seqs, step))
+        record = _StepRecord(step, tag, self._domains(domain, n_seqs, step), seq_offset=seq_offset)
         concatenated = [_concat_calls(c) if c else None for c in calls]
-        routed: list[tuple] = []  # (site, stream, index, mask) of the layers that saw a known token stream
+        routed: list[tuple] = []  # (site, stream, index, keep) of the layers that saw a known token stream
         for i, site in enumerate(self.sites):
             if concatenated[i] is None:
                 continue
@@ -716,18 +783,23 @@ class Recorder:
             else:  # no token layout: every token counts, adjacency is unknown (NULL)
                 seq = pos = tid = None
                 mask = torch.ones(logits.shape[0], dtype=torch.bool, device=dev)
+            # NaN/inf logits or weights: counted in the aggregates, left out of everything else (no sync here)
+            lse = router_lse(logits)  # [N]
+            finite = finite_tokens(logits, weights, lse=lse)  # [N]
+            keep = mask & finite  # [N]
             if stream is not None:
-                routed.append((site, stream, index, mask))
-            agg = layer_aggregates(logits, index, dropped, mask, seq, pos)
+                routed.append((site, stream, index, keep))
+            agg = layer_aggregates(logits, index, dropped, mask, seq, pos, finite=finite, lse=lse)
             record.pieces.append(_piece("agg", site.layer, agg))
             if self.pair_stats:
-                record.pieces.append(_piece("pairs", site.layer, pair_counts(index, mask, int(site.n_experts))))
+                record.pieces.append(_piece("pairs", site.layer, pair_counts(index, keep, int(site.n_experts))))
             if sampled and stream is not None and self.max_tokens_per_step != 0:
-                sel, valid = stream.kept(dev, self.max_tokens_per_step)
-                ints, w = packed_routes(sel, valid, seq, pos, tid, index, weights, site.weight_scale)
+                sel, valid = stream.kept(dev, self.max_tokens_per_step)  # [M], [M]: the same tokens in every layer
+                ints, w = packed_routes(sel, valid & finite[sel], seq, pos, tid, index, weights, site.weight_scale)
                 record.pieces += [_piece("route_ints", site.layer, ints), _piece("route_weights", site.layer, w)]
-        for (a, _, index_a, mask), (b, _, index_b, _) in self._flow_pairs(routed):
-            counts = flow_counts(index_a, index_b, mask, int(a.n_experts), int(b.n_experts))
+        for (a, _, index_a, keep_a), (b, _, index_b, keep_b) in self._flow_pairs(routed):
+            both = keep_a & keep_b.to(keep_a.device, non_blocking=True)  # [N]: finite in both layers
+            counts = flow_counts(index_a, index_b, both, int(a.n_experts), int(b.n_experts))
             record.pieces.append(_piece("flow", a.layer, counts, layer_b=b.layer))
         if main is not None:
             record.pieces.append(_piece("seqs", None, main.n_per_seq.to(torch.int64)))
@@ -745,11 +817,11 @@ class Recorder:
         nxt = {id(x[0]): y[0] for x, y in zip(routed, routed[1:])}
         return [(x, y) for x, y in same if nxt.get(id(x[0])) is y[0]]
 
-    def _main_stream(self, segments, token_ids, attention_mask, device) -> _Stream | None:
+    def _main_stream(self, segments, token_ids, attention_mask, device, seq_offset: int = 0) -> _Stream | None:
         """The step's token layout: explicit token_ids/attention_mask win, else the captured forwards."""
         captured = segments if segments and all(sg is not None for sg in segments) else None
         if token_ids is None and attention_mask is None:
-            return _Stream(captured, device) if captured else None
+            return _Stream(captured, device, seq_offset) if captured else None
         ids = _as_2d(token_ids, "token_ids") if token_ids is not None else None
         mask = _as_2d(attention_mask, "attention_mask") if attention_mask is not None else None
         if ids is not None and mask is not None and ids.shape != mask.shape:
@@ -761,7 +833,7 @@ class Recorder:
         if both is not None and both[2] == shape:  # fill what was not given from the captured forwards
             ids = both[0] if ids is None else ids
             mask = both[1] if mask is None else mask
-        return _Stream([_Segment(ids, mask, shape[0], shape[1])], device)
+        return _Stream([_Segment(ids, mask, shape[0], shape[1])], device, seq_offset)
 
     def _write_capacity_factor(self, site, seq_len: int) -> None:
         """runs.capacity_factor for fixed-capacity routers (Switch: expert_capacity tokens per expert and
@@ -771,7 +843,8 @@ class Recorder:
         if factor is None:
             return
         meta = dict(self._run_metadata(), capacity_factor=float(factor))
-        self._writer_thread.submit(lambda w: w.write_run(meta))  # replaces the runs row written at start()
+        self._writer_thread.submit(lambda w: w.write_run(meta),  # replaces the runs row written at start()
+                                   "runs.capacity_factor was not written")
 
     def _stream_for(self, site, n_tokens: int, main: _Stream | None, dec: _Stream | None) -> _Stream | None:
         """The token stream whose layout matches what this router saw, or None (warned once per layer)."""
@@ -805,27 +878,92 @@ class Recorder:
     # -- flushing ----------------------------------------------------------------------------------------------
 
     def flush(self) -> None:
-        """Copy the buffered steps to the host (one copy) and hand them to the writer thread."""
+        """Copy the buffered steps to the host (one copy) and hand them to the writer thread.
+
+        If the copy fails, or later the writer thread cannot write them, these steps are lost on their own: one
+        RecordingWarning, the run marked degraded, training goes on (strict=True: the copy's error propagates, the
+        writer thread's is raised as RecorderError at the next call).
+        """
         self._raise_writer_error()
         records, self._pending = self._pending, []
         pieces = [pc for rec in records for pc in rec.pieces]
         if not pieces:
             return
-        device = pieces[0].tensor.device
-        flat = torch.cat(
-            [pc.tensor.contiguous().reshape(-1).view(torch.uint8).to(device, non_blocking=True) for pc in pieces]
-        )  # [total bytes]
-        host = flat.cpu().numpy()  # note: the one CPU-GPU sync point per flush
-        for pc in pieces:
-            pc.tensor = None  # the layout travels to the writer thread, the device memory is freed here
+        steps = _steps_text([rec.step for rec in records])
+        try:
+            device = pieces[0].tensor.device
+            flat = torch.cat(
+                [pc.tensor.contiguous().reshape(-1).view(torch.uint8).to(device, non_blocking=True) for pc in pieces]
+            )  # [total bytes]
+            host = flat.cpu().numpy()  # note: the one CPU-GPU sync point per flush
+        except AssertionError:  # a test's guard: never hidden
+            raise
+        except Exception as e:
+            if self.strict:
+                raise
+            self._recording_failed(f"the flush of {steps} could not be copied off the device ({steps} lost)", e)
+            return
+        finally:
+            for pc in pieces:
+                pc.tensor = None  # the layout travels to the writer thread, the device memory is freed here
         layer_experts = {site.layer: int(site.n_experts) for site in self.sites}
         rank = self.rank
+        nonfinite = self._nonfinite
 
         def write(writer) -> None:
-            writer.write_flush(_tables_from_host(host, records, rank, layer_experts))
+            tables = _tables_from_host(host, records, rank, layer_experts)
+            nonfinite.extend(_nonfinite_rows(tables.get("layer_stats")))  # warned by the training thread
+            writer.write_flush(tables)
 
-        self._writer_thread.submit(write)
+        self._writer_thread.submit(write, f"the flush of {steps} was not written ({steps} lost)")
         self.flushes += 1
+
+    # -- recording problems: warned once (or raised, strict) and kept in the run -------------------------------
+
+    def _recording_problem(self, kind: str, message: str) -> None:
+        """One RecordingWarning per kind of problem (strict: RecorderError every time)."""
+        text = f"moeviz: {message} (run {self.path})."
+        if self.strict:
+            raise RecorderError(text + " Raised because Recorder(strict=True); by default this is a warning")
+        if kind not in self._warned:
+            self._warned.add(kind)
+            warnings.warn(text + " Further such problems of this Recorder are not warned about.", RecordingWarning,
+                          stacklevel=_caller_stacklevel())
+
+    def _recording_failed(self, what: str, error: BaseException) -> None:
+        """Data of a failed step or flush (on the training thread) is lost: count it in the run, warn once."""
+        message = f"{what}: {_error_text(error)}"
+        self._writer_thread.submit(lambda w: w.record_error(message), "a recording error was not saved in the run")
+        self._lost(message)
+
+    def _lost(self, message: str) -> None:
+        self.recording_errors.append(message)
+        self._recording_problem(
+            "lost", f"recording failed and training goes on without it: {message}. The run is marked degraded "
+            "(runs.recording_errors, runs.recording_error; rec.recording_errors lists each failure); later steps "
+            "are still written when possible")
+
+    def _report(self) -> None:
+        """Warn about (or, strict, raise for) what the writer thread found since the last call: failed jobs and
+        non-finite router outputs. The writer thread only appends to lists; warnings belong to this thread."""
+        wt = self._writer_thread
+        if wt is None:
+            return
+        failures = wt.failures[self._failures_seen :]
+        self._failures_seen += len(failures)
+        for what, e in failures:
+            if not self.strict:  # strict: wt.error is raised by _raise_writer_error
+                self._lost(f"{what}: {_error_text(e)}")
+        found = self._nonfinite[self._nonfinite_seen :]
+        self._nonfinite_seen += len(found)
+        if found:
+            step, layer, n = found[0]
+            more = len(found) - 1
+            self._recording_problem(
+                "nonfinite", f"router logits or gate weights were NaN or infinite for {n} token(s) of layer {layer} "
+                f"at step {step}" + (f" (and in {more} more layer-step(s))" if more else "") + "; those tokens are "
+                "left out of the recorded sums, counts and routes, and counted in layer_stats.nonfinite_tokens "
+                "(`moeviz check` flags them)")
 
     def _check_usable(self) -> None:
         if not self._started:
@@ -833,6 +971,7 @@ class Recorder:
         if self._closed:
             raise RecorderError("Recorder is closed; make a new one to record again")
         self._raise_writer_error()
+        self._report()
 
     def _raise_writer_error(self) -> None:
         wt = self._writer_thread
@@ -874,8 +1013,13 @@ class Recorder:
                 failure = error or own_error or wt.error
                 status = "failed" if failure is not None else "finished"
                 text = None if failure is None else _error_text(failure)
-                wt.submit(lambda w: w.close(status=status, error=text), always=True)
+                wt.submit(lambda w: w.close(status=status, error=text), "the run was not closed (its status file "
+                          "was not written: it reads as interrupted)", always=True)
                 wt.stop()
+                try:
+                    self._report()  # what the writer thread found after the last step() (its last flush, close)
+                except RecorderError as e:  # strict
+                    own_error = own_error or e
                 already_raised = error is not None and (error is wt.error or error.__cause__ is wt.error)
                 if own_error is None and wt.error is not None and not already_raised:
                     own_error = RecorderError(
@@ -966,6 +1110,40 @@ def _step_number(step: Any) -> int:
         return operator.index(step)
     except TypeError:
         raise RecorderError(f"step() takes an integer step number; got {type(step).__name__}") from None
+
+
+def _caller_stacklevel() -> int:
+    """The warnings.warn stacklevel, for a warn() in the function that calls this, that points at the first frame
+    outside this module: the user's step() / with-block line, whichever path inside the Recorder got there."""
+    import sys
+
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename == __file__:
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def _steps_text(steps: Sequence[int], most: int = 8) -> str:
+    """'step 4', 'steps 4-9', 'steps 1, 3-5, 9': consecutive numbers as ranges, at most `most` parts."""
+    ranges: list[list[int]] = []
+    for x in sorted(set(steps)):
+        if ranges and x == ranges[-1][1] + 1:
+            ranges[-1][1] = x
+        else:
+            ranges.append([x, x])
+    parts = [str(a) if a == b else f"{a}-{b}" for a, b in ranges]
+    if len(parts) > most:
+        parts = parts[: most - 1] + ["...", parts[-1]]
+    one = len(ranges) == 1 and ranges[0][0] == ranges[0][1]
+    return ("step " if one else "steps ") + ", ".join(parts)
+
+
+def _nonfinite_rows(layer_stats: dict | None) -> list[tuple[int, int, int]]:
+    """(step, layer, tokens) of the layer_stats rows of a flush (host arrays) that counted non-finite tokens."""
+    if not layer_stats or "nonfinite_tokens" not in layer_stats:
+        return []
+    n = np.nan_to_num(layer_stats["nonfinite_tokens"])
+    return [(int(layer_stats["step"][i]), int(layer_stats["layer"][i]), int(n[i])) for i in np.flatnonzero(n > 0)]
 
 
 def _concat_calls(calls: list) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:

@@ -355,11 +355,13 @@ def _finalize(out: RouterOutput, n_experts: int, top_k: int, where: str) -> Rout
 
 def check_router_output(site: "RouterSite", out: RouterOutput) -> None:
     """Raise RouterOutputError, naming the router and what to pass, if a finalised output is not a routing
-    decision moeviz can store as it is: indices outside [0, n_experts) or repeated within a token; logits that are
-    NaN or look like probabilities (rows in [0, 1] summing to 1) or sigmoid scores (all strictly inside (0, 1)),
+    decision moeviz can store as it is: indices outside [0, n_experts) or repeated within a token; logits that
+    look like probabilities (rows in [0, 1] summing to 1) or sigmoid scores (all strictly inside (0, 1)),
     which the aggregates would softmax again; gate weights that are negative or exceed the declared
     `weight_scale` (the store keeps weights / weight_scale in [0, 1] and would clip them without saying which
-    router was wrong).
+    router was wrong). Tokens whose logits or weights are NaN or infinite are left out of the judgement: that is
+    the model's state, not a wrong reading, and the Recorder counts them (`layer_stats.nonfinite_tokens`) and goes
+    on; raising here would stop training on the first forward (issue 13: recording never stops training).
 
     Reads values: a host sync. The Recorder calls it once per router, on the router's first recorded forward
     and before anything of that forward is stored, never again."""
@@ -376,22 +378,24 @@ def check_router_output(site: "RouterSite", out: RouterOutput) -> None:
     with torch.no_grad():
         lg = logits.float()  # [T, E]
         w = weights.float()  # [T, k]
-        # note: CPU-GPU sync point, once per router on its first recorded forward
+        # note: CPU-GPU sync point (boolean indexing, then .cpu()), once per router on its first recorded forward
+        finite = torch.isfinite(torch.logsumexp(lg, dim=-1)) & torch.isfinite(w).all(-1)  # [T], as the Recorder's
+        lg, w, index = lg[finite], w[finite], index[finite]  # [T', E], [T', k], [T', k]
+        if lg.shape[0] == 0:  # every token NaN/inf: nothing to judge (the Recorder counts and warns)
+            return
         stats = torch.stack(
             [
                 index.min().float(),
                 index.max().float(),
-                torch.isnan(lg).any().float(),
                 lg.min(),
                 lg.max(),
                 (lg.sum(-1) - 1).abs().max(),
-                torch.isnan(w).any().float(),
                 w.min(),
                 w.max(),
                 (index.sort(-1).values.diff(dim=-1) == 0).any().float() if index.shape[1] > 1 else lg.new_zeros(()),
             ]
         ).cpu().tolist()
-    i_min, i_max, lg_nan, lg_min, lg_max, row_err, w_nan, w_min, w_max, repeated = stats
+    i_min, i_max, lg_min, lg_max, row_err, w_min, w_max, repeated = stats
     if i_min < 0 or i_max >= site.n_experts:
         raise RouterOutputError(
             f"{where}: expert indices range over [{i_min:.0f}, {i_max:.0f}] but the router has n_experts="
@@ -399,8 +403,6 @@ def check_router_output(site: "RouterSite", out: RouterOutput) -> None:
         )
     if repeated:
         raise RouterOutputError(f"{where}: a token has the same expert in two of its top_k={site.top_k} slots; {fix}")
-    if lg_nan:
-        raise RouterOutputError(f"{where}: the router logits contain NaN; {fix}")
     # probabilities: every row in [0, 1] and summing to 1. Sigmoid scores: every value strictly inside (0, 1),
     # over enough values that real logits would have shown a sign or a size (all-zero logits of a router whose
     # weights are still zero-initialised are logits, and pass)
@@ -413,8 +415,8 @@ def check_router_output(site: "RouterSite", out: RouterOutput) -> None:
             f"the logits for prob_sum, entropy and z-loss, so these would be stored wrong. {fix}, where `logits` "
             "are the pre-activation scores (e.g. the gate linear's output)"
         )
-    if w_nan or w_min < -1e-6:
-        raise RouterOutputError(f"{where}: gate weights are NaN or negative (min {w_min:.4g}); {fix}")
+    if w_min < -1e-6:
+        raise RouterOutputError(f"{where}: gate weights are negative (min {w_min:.4g}); {fix}")
     # rounding: a weight renormalised or scaled in bfloat16 may land a few ulps above the scale
     tol = max(1e-3, 4 * torch.finfo(weights.dtype).eps) * max(1.0, site.weight_scale)
     if w_max > site.weight_scale + tol:

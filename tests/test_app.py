@@ -199,6 +199,54 @@ def test_overview_shows_the_run_and_its_health(store, routing):
     assert len(chart(at, "Load per expert over steps")["data"]) == 3 * 8
 
 
+def test_overview_flags_nan_router_outputs_and_a_recording_that_lost_data(tmp_path, monkeypatch):
+    """A real recording (tiny Mixtral) with a +inf router logit at step 1 (layer 1) and a flush refused by a full
+    disk at step 3: the Overview shows both, with the layer and the steps, whatever else the health checks find."""
+    import warnings
+
+    import torch
+
+    from collectors import Recorder, RecordingWarning
+    from collectors.routers import find_routers
+    from collectors.testing import tiny_model
+    from moeviz import store as store_module
+
+    model, _ = tiny_model("mixtral")
+    poison = {"on": False}
+
+    def inf_logit(module, args, out):
+        if poison["on"]:
+            logits = out[0].clone()
+            logits[2, 0] = float("inf")
+            return (logits,) + tuple(out[1:])
+
+    real = store_module.RunWriter.write_flush
+
+    def full_at_step_3(self, tables):
+        if 3 in set(tables["layer_stats"]["step"]):
+            raise OSError(28, "No space left on device")
+        return real(self, tables)
+
+    monkeypatch.setattr(store_module.RunWriter, "write_flush", full_at_step_3)
+    handle = find_routers(model)[1].module.register_forward_hook(inf_logit)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RecordingWarning)
+            with Recorder(model, tmp_path / "sick", flush_every=1) as rec:
+                for step in range(5):
+                    poison["on"] = step == 1
+                    with torch.no_grad():
+                        model(input_ids=torch.arange(2, 34).reshape(2, 16))
+                    rec.step(step)
+    finally:
+        handle.remove()
+    at = open_app(tmp_path / "sick", run="sick")
+    errors, warned = texts(at, "error"), texts(at, "warning")
+    assert "layer 1: 1 token(s) had NaN or infinite router logits" in errors and "in step 1;" in errors
+    assert "recording lost data (1 recording error(s)" in warned and "step 3" in warned
+    assert metric(at, "Steps recorded") == "4"
+
+
 def test_load_heatmap_matches_numpy_and_follows_the_step_slider(store, routing):
     at = open_app(store, page="load")
     hm = chart(at, "Load per expert and layer over the selected steps")["data"][0]

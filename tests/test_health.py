@@ -42,7 +42,8 @@ def test_healthy_run_is_all_ok():
     df = health_summary(con)
     assert list(df.columns) == COLUMNS
     assert (df["severity"] == "ok").all(), df.to_string()
-    assert set(df["check"]) == {"collapsed_expert", "dead_expert", "growing_imbalance", "capacity_drops", "model_drops"}
+    assert set(df["check"]) == {"collapsed_expert", "dead_expert", "growing_imbalance", "capacity_drops", "model_drops",
+                                "nonfinite_router", "recording_errors"}
 
 
 def test_collapsed_expert_is_an_error_with_its_share():

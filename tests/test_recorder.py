@@ -384,7 +384,7 @@ def test_hooks_removed_and_run_failed_when_the_body_raises(mixtral, tmp_path):
         rec.step(3)
 
 
-def test_writer_thread_error_surfaces_on_next_step_and_keeps_written_data(mixtral, tmp_path, monkeypatch):
+def test_strict_writer_thread_error_surfaces_on_next_step_and_keeps_written_data(mixtral, tmp_path, monkeypatch):
     from moeviz import store
 
     real = store.RunWriter.write_flush
@@ -397,8 +397,8 @@ def test_writer_thread_error_surfaces_on_next_step_and_keeps_written_data(mixtra
         return real(self, tables)
 
     monkeypatch.setattr(store.RunWriter, "write_flush", flaky)
-    with pytest.raises(RecorderError, match="disk full"):
-        with Recorder(mixtral, tmp_path / "run", flush_every=1) as rec:
+    with pytest.raises(RecorderError, match="disk full"):  # strict: the default warns and goes on (test_recording_errors)
+        with Recorder(mixtral, tmp_path / "run", flush_every=1, strict=True) as rec:
             for step in range(10):
                 with torch.no_grad():
                     mixtral(torch.full((1, 4), 3))
@@ -477,6 +477,32 @@ def test_hooks_and_step_do_not_sync_with_the_device(tmp_path, family):
                 model(input_ids=ids[:1], attention_mask=mask[:1])
             rec.step(step, domain="x")
     assert query(tmp_path / "run", "SELECT count(*) AS n FROM layer_stats").n[0] == 2 * len(rec.sites)
+
+
+def test_nonfinite_counts_do_not_sync_with_the_device(mixtral, tmp_path):
+    """NaN router logits are counted (layer_stats.nonfinite_tokens) by the same sync-free step()."""
+    from collectors import RecordingWarning
+    from collectors.routers import find_routers
+
+    def nan_logit(module, args, out):  # registered before the Recorder's hooks: they see what it returns
+        logits = out[0].clone()
+        logits[1] = float("nan")
+        return (logits,) + tuple(out[1:])
+
+    handle = find_routers(mixtral)[0].module.register_forward_hook(nan_logit)
+    gen = torch.Generator().manual_seed(2)
+    ids, mask = padded_batch(gen, 2, 6, [6, 4])
+    try:
+        with pytest.warns(RecordingWarning, match="NaN or infinite"):
+            with WatchedRecorder(mixtral, tmp_path / "run", max_tokens_per_step=5, flush_every=100) as rec:
+                for step in range(2):
+                    with torch.no_grad():
+                        mixtral(input_ids=ids, attention_mask=mask)
+                    rec.step(step)
+    finally:
+        handle.remove()
+    ls = query(tmp_path / "run", "SELECT layer, tokens, nonfinite_tokens FROM layer_stats ORDER BY step, layer")
+    assert ls.nonfinite_tokens.tolist() == [1, 0, 1, 0] and ls.tokens.tolist() == [9, 10, 9, 10]
 
 
 @pytest.mark.parametrize(
@@ -643,7 +669,8 @@ def test_layer_aggregates_ignore_nan_padding_and_handle_minus_inf_logits():
     ref = brute_force(np.where(np.isinf(logits.numpy()), -1e30, logits.numpy())[keep], np.ones(2))
     tokens, z, ent, drop = got[:4]
     assert np.isnan(got[4:8]).all()  # no token layout given: adjacency unknown (NULL in the store)
-    assigned, first, prob, drop_e = got[8:].reshape(4, E)
+    assert got[8] == 0  # the NaN token is padding: not a non-finite token
+    assigned, first, prob, drop_e = got[9:].reshape(4, E)
     assert (tokens, drop) == (2, 1)  # the padded token's drops do not count
     np.testing.assert_array_equal(assigned, [2, 1, 0, 1])
     np.testing.assert_array_equal(first, [0, 1, 0, 1])
@@ -831,6 +858,6 @@ def test_layer_aggregates_upcast_bfloat16_logits():
     mask = torch.arange(64) % 5 != 0
     got = layer_aggregates(logits, index, None, mask).numpy()
     ref = brute_force(logits.float().numpy(), mask.numpy(), k=2)
-    n_scalars = 8  # tokens, z, entropy, dropped, 4 adjacency counts
+    n_scalars = 9  # tokens, z, entropy, dropped, 4 adjacency counts, nonfinite_tokens
     np.testing.assert_allclose(got[n_scalars + 2 * 8 : n_scalars + 3 * 8], ref["prob_sum"], rtol=1e-5)
     np.testing.assert_allclose(got[1:3], [ref["z_loss_sum"], ref["entropy_sum"]], rtol=1e-5)

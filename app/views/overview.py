@@ -38,6 +38,10 @@ def _header(ctx: Ctx):
         st.warning("A writer died without closing the run (kill -9, OOM, node loss): the data ends where it stopped.")
     elif status == "running":
         st.info("The run is being written: with Live refresh on (sidebar) the pages reload as new steps arrive.")
+    lost = run.get("recording_errors")
+    if lost is not None and not pd.isna(lost) and int(lost) > 0:  # training went on, some steps were not written
+        st.warning(f"The recording lost data ({int(lost)} recording error(s); training went on): "
+                   f"{run.get('recording_error')}. The pages show what was written.")
     if int(run.get("steps") or 0) == 0:
         st.info("Nothing has been recorded in this run yet.")
     with st.expander("Model config and recording policy"):
@@ -60,17 +64,24 @@ def _header(ctx: Ctx):
     return detail
 
 
+# findings that say the recorded numbers are incomplete: always shown, whatever else was found
+_ALWAYS_SHOWN = ("nonfinite_router", "recording_errors")
+
+
 def _health(health: pd.DataFrame) -> None:
     st.subheader("Health")
     bad = health[health["severity"].isin(["error", "warn"])] if "severity" in health.columns else health
     if bad.empty:
-        st.success("No problems found: no collapsed or dead experts, no growing imbalance, no heavy drops.")
+        st.success("No problems found: no collapsed or dead experts, no growing imbalance, no heavy drops, no NaN "
+                   "router outputs.")
         return
     n_err = int((bad["severity"] == "error").sum()) if "severity" in bad.columns else 0
     per_check = bad.groupby("check", sort=False).size()  # health_summary sorts worst first: keeps that order
     st.markdown(f"**{n_err} errors, {len(bad) - n_err} warnings**, worst first: "
                 + ", ".join(f"{check.replace('_', ' ')} ({n})" for check, n in per_check.items()))
-    for _, row in bad.drop_duplicates("check").head(4).iterrows():  # the worst finding of each kind
+    first = bad.drop_duplicates("check")  # the worst finding of each kind
+    always = first["check"].isin(_ALWAYS_SHOWN)  # and never crowded out: the recorded numbers are incomplete
+    for _, row in first[always | (~always).cumsum().le(4)].iterrows():
         more = int(per_check[row["check"]]) - 1
         (st.error if row.get("severity") == "error" else st.warning)(
             str(row.get("message")) + (f" (and {more} more like it below)" if more else ""))

@@ -1,4 +1,5 @@
-"""Routing health checks: collapsed experts, dead experts, growing imbalance, capacity drops.
+"""Routing health checks: collapsed experts, dead experts, growing imbalance, capacity drops, NaN/inf router
+outputs, and recordings that lost data.
 
 `health_summary` is what `moeviz check` prints and what a training script or CI can assert on: one row per
 finding (severity 'warn' or 'error') and one 'ok' row per check and run that found nothing, so the table also
@@ -16,6 +17,7 @@ import pandas as pd
 from moeviz.analyses.capacity import capacity_drops
 from moeviz.analyses.load import AnalysisError, expert_load, imbalance, run_query
 from moeviz.selection import Selection
+from moeviz.store.reader import column_names
 
 __all__ = ["health_summary", "COLUMNS", "SEVERITIES"]
 
@@ -150,6 +152,57 @@ def _model_drop_rows(con, sel: Selection, run_id: str, threshold: float) -> list
     return rows
 
 
+def _steps_text(steps: list[int], most: int = 6) -> str:
+    """'step 5' / 'steps 5-9' / 'steps 1, 4-6, 9' (ranges of consecutive steps, at most `most` parts)."""
+    ranges: list[list[int]] = []
+    for x in sorted(set(steps)):
+        if ranges and x == ranges[-1][1] + 1:
+            ranges[-1][1] = x
+        else:
+            ranges.append([x, x])
+    parts = [str(a) if a == b else f"{a}-{b}" for a, b in ranges]
+    if len(parts) > most:
+        parts = parts[: most - 1] + ["...", parts[-1]]
+    return ("step " if len(ranges) == 1 and ranges[0][0] == ranges[0][1] else "steps ") + ", ".join(parts)
+
+
+def _nonfinite_rows(con, sel: Selection, run_id: str) -> list[dict]:
+    """Tokens whose router logits or gate weights were NaN or infinite (layer_stats.nonfinite_tokens): the
+    recorded sums leave them out, so without this check a diverging router would look healthy. Per-step
+    aggregates hold no domain or tag, so those parts of the selection do not apply here."""
+    if "nonfinite_tokens" not in column_names(con, "layer_stats"):
+        return []
+    where, params = sel.with_(run_ids=(run_id,), domains=None, tags=None).where("s")
+    df = run_query(con, f"""
+        SELECT s.layer, s.step, sum(s.nonfinite_tokens) AS bad, sum(s.tokens) AS good
+        FROM layer_stats s WHERE {where} AND s.nonfinite_tokens > 0 GROUP BY s.layer, s.step
+        ORDER BY s.layer, s.step""", params)
+    rows = []
+    for layer, g in df.groupby("layer", sort=True):
+        bad, total = int(g["bad"].sum()), int(g["bad"].sum() + g["good"].sum())
+        steps = [int(x) for x in g["step"]]
+        rows.append(_row(
+            run_id, "error", "nonfinite_router",
+            f"layer {int(layer)}: {bad} token(s) had NaN or infinite router logits or gate weights, in "
+            f"{_steps_text(steps)}; they are left out of every recorded aggregate and route. Look for a diverging "
+            "loss, too high a learning rate, or bf16/fp16 overflow in the router's input",
+            layer=int(layer), value=bad / total if total else 1.0, threshold=0.0))
+    return rows
+
+
+def _recording_rows(con, run_id: str) -> list[dict]:
+    """A run whose recording lost data (runs.recording_errors > 0): training went on, some steps are missing."""
+    if "recording_errors" not in column_names(con, "runs"):
+        return []
+    df = run_query(con, "SELECT recording_errors, recording_error FROM runs WHERE run_id = ? AND recording_errors > 0",
+                   [run_id])
+    return [_row(run_id, "warn", "recording_errors",
+                 f"the recording lost data ({int(r.recording_errors)} recording error(s)); the first: "
+                 f"{r.recording_error}. The analyses cover what was written", value=float(r.recording_errors),
+                 threshold=0.0)
+            for r in df.itertuples(index=False)]
+
+
 def health_summary(
     con,
     sel: Selection = Selection(),
@@ -174,6 +227,9 @@ def health_summary(
     - capacity_drops (warn): at capacity_factor (None skips it), a layer would drop more than
       drop_rate_threshold of its assignments (see `moeviz.analyses.capacity`);
     - model_drops (warn): the model's own recorded drops exceed drop_rate_threshold;
+    - nonfinite_router (error): tokens whose router logits or gate weights were NaN or infinite in the selected
+      steps (layer_stats.nonfinite_tokens), per layer, with the steps; value = their share of the layer's tokens;
+    - recording_errors (warn): the Recorder lost data (a flush it could not write) and training went on;
     - no_data (error): the run has no recorded step in the selection.
     `window` is the share of the selected steps in the first/last windows (at least one step each).
     Columns: run_id, severity ('error' | 'warn' | 'ok'), check, layer, expert, value, threshold, message.
@@ -190,6 +246,7 @@ def health_summary(
         if not steps:
             rows.append(_row(run_id, "error", "no_data", "no recorded step in the selection: is the Recorder "
                              "stepping (rec.step(...)), and do --steps/--layers match the run?"))
+            rows += _recording_rows(con, run_id)  # every flush may have been lost: say why
             continue
         first, last = _windows(steps, window)
         span = f"steps {last[0]}-{last[1]}"
@@ -204,6 +261,8 @@ def health_summary(
             found["capacity_drops"] = _drop_rows(con, sel, run_id, capacity_factor, drop_rate_threshold)
         if not sel.needs_sequences:
             found["model_drops"] = _model_drop_rows(con, sel, run_id, drop_rate_threshold)
+        found["nonfinite_router"] = _nonfinite_rows(con, sel, run_id)
+        found["recording_errors"] = _recording_rows(con, run_id)
         n_layers = recent["layer"].nunique()
         for check, found_rows in found.items():
             rows += found_rows or [_row(run_id, "ok", check, f"nothing flagged in {n_layers} layers, {len(steps)} steps")]

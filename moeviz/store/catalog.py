@@ -10,7 +10,7 @@ from __future__ import annotations
 import pandas as pd
 
 from moeviz.errors import MoevizError, StaleStoreError
-from moeviz.store.reader import STALE_MESSAGE, holds_one_run, is_stale, route_stats_complete
+from moeviz.store.reader import STALE_MESSAGE, column_names, holds_one_run, is_stale, route_stats_complete
 
 
 class RunNotFoundError(MoevizError, LookupError):
@@ -61,6 +61,9 @@ def run_overview(con, run_id: str, *, count_routes: bool = True) -> pd.DataFrame
         routed, rows = f"{counts['routed_tokens']} AS routed_tokens", f"{counts['route_rows']} AS route_rows"
     else:
         routed, rows = "CAST(NULL AS BIGINT) AS routed_tokens", "CAST(NULL AS BIGINT) AS route_rows"
+    # what the Recorder lost (runs.recording_errors); NULL on a connection built before the column existed
+    recording = ("r.recording_errors, r.recording_error" if "recording_errors" in column_names(con, "runs")
+                 else "CAST(NULL AS BIGINT) AS recording_errors, CAST(NULL AS VARCHAR) AS recording_error")
     return _df(
         con,
         f"""
@@ -78,7 +81,8 @@ def run_overview(con, run_id: str, *, count_routes: bool = True) -> pd.DataFrame
                coalesce(ls.steps, 0) AS steps, ls.first_step, ls.last_step,
                coalesce(ls.tokens, 0) AS tokens, coalesce(ls.dropped, 0) AS dropped,
                {routed}, {rows},
-               coalesce(sq.sequences, 0) AS sequences, coalesce(sq.domains, 0) AS domains
+               coalesce(sq.sequences, 0) AS sequences, coalesce(sq.domains, 0) AS domains,
+               {recording}
         FROM runs r, ls, sq WHERE r.run_id = $1
         """,
         [run_id],

@@ -45,7 +45,8 @@ RUNS = _t(
     "One row per run: the model and how it was recorded. `status` is derived at read time: "
     "'running' while a writer is alive, 'finished' or 'failed' once every rank closed, "
     "'interrupted' when a writer died without closing (kill -9, OOM, node loss), 'damaged' when the run's "
-    "run.duckdb cannot be opened (its compacted data is then missing; `error` says what to do).",
+    "run.duckdb cannot be opened (its compacted data is then missing; `error` says what to do). A recording that "
+    "lost data while training went on keeps its status (training finished): `recording_errors` says so.",
     ("run_id", "VARCHAR", "Unique id of the run (the run folder's name unless given)."),
     ("run_name", "VARCHAR", "Human name given to the Recorder."),
     ("model_class", "VARCHAR", "Python class of the recorded model, e.g. MixtralForCausalLM."),
@@ -65,6 +66,12 @@ RUNS = _t(
     ("schema_version", "INTEGER", "Schema version the run was written with."),
     ("route_stats_complete", "BOOLEAN", "`token_stats`, `position_stats` and `sequence_stats` hold every route of the run (it was "
      "compacted and no routes were written since); while false the analyses read `routes`."),
+    ("recording_errors", "BIGINT", "Recording failures of the run (a flush that could not be written, a disk full, a step "
+     "whose aggregates could not be computed): training went on without them, so the run is degraded when this is "
+     "above 0: `recording_error` says what was lost. 0 for a complete recording; NULL for runs written before it "
+     "existed. Kept per rank in the status files; this column shows rank 0's (or the lowest rank's) count."),
+    ("recording_error", "VARCHAR", "The first recording failure and what it lost (e.g. 'the flush of steps 4-9 was "
+     "not written: OSError: No space left on device'); NULL when there was none."),
 )
 
 LAYERS = _t(
@@ -99,8 +106,9 @@ ROUTES = _t(
 
 STEP_STATS = _t(
     "step_stats",
-    "Exact per-step aggregates over every token that reached the layer (not only the sampled ones): "
-    "one row per step, rank, layer and expert.",
+    "Exact per-step aggregates over every token that reached the layer (not only the sampled ones) with finite "
+    "router outputs (`layer_stats.nonfinite_tokens` counts the others): one row per step, rank, layer and expert. "
+    "A step number given to Recorder.step() twice is one step here: its rows add up both calls.",
     ("run_id", "VARCHAR", "Run id."),
     ("step", "BIGINT", "Step."),
     ("rank", "INTEGER", "Rank."),
@@ -121,9 +129,11 @@ LAYER_STATS = _t(
     ("step", "BIGINT", "Step."),
     ("rank", "INTEGER", "Rank."),
     ("layer", "SMALLINT", "MoE layer index."),
-    ("tokens", "BIGINT", "Tokens that reached the layer."),
-    ("z_loss_sum", "DOUBLE", "Sum over tokens of logsumexp(router_logits)^2 (ST-MoE router z-loss numerator)."),
-    ("entropy_sum", "DOUBLE", "Sum over tokens of the entropy (nats) of softmax(router_logits)."),
+    ("tokens", "BIGINT", "Tokens that reached the layer with finite router outputs (see `nonfinite_tokens`)."),
+    ("z_loss_sum", "DOUBLE", "Sum over tokens of logsumexp(router_logits)^2 (ST-MoE router z-loss numerator); "
+     "tokens with non-finite router outputs are left out."),
+    ("entropy_sum", "DOUBLE", "Sum over tokens of the entropy (nats) of softmax(router_logits); tokens with "
+     "non-finite router outputs are left out."),
     ("dropped", "BIGINT", "Assignments the model itself dropped in this layer (capacity), else 0."),
     ("adjacent_pairs", "BIGINT", "Pairs of consecutive tokens (pos and pos+1 of one sequence, both inside the "
      "attention mask). This and the next three columns are NULL when the recorder did not know the token layout "
@@ -134,6 +144,11 @@ LAYER_STATS = _t(
     ("topk_overlap", "BIGINT", "Adjacent pairs whose k-sets of experts share at least one expert."),
     ("coactive_pairs", "BIGINT", "Pairs of experts chosen together, summed over tokens (tokens * k(k-1)/2): equals "
      "sum(pair_stats.tokens) of this step, rank and layer; NULL when `pair_stats` was not recorded."),
+    ("nonfinite_tokens", "BIGINT", "Tokens inside the attention mask whose router logits or gate weights were NaN or "
+     "infinite (an expert masked with -inf logits is fine, all of them -inf is not). They are left out of every other "
+     "column of this row and of `step_stats`, `pair_stats`, `flow_stats` and `routes` (their softmax, z-loss and "
+     "entropy are NaN and their top-k choice is arbitrary), so tokens + nonfinite_tokens tokens reached the layer. "
+     "`moeviz check` flags them (check `nonfinite_router`). NULL for data written before it existed."),
 )
 
 PAIR_STATS = _t(
@@ -268,7 +283,8 @@ TABLES: dict[str, Table] = {t.name: t for t in (RUNS, LAYERS, ROUTES, STEP_STATS
 # Columns added after the first release of a table: a writer may leave them out (they read as NULL), so that
 # code written against the older schema (RunWriter.write_flush callers) keeps working.
 OPTIONAL_COLUMNS: dict[str, frozenset[str]] = {
-    "layer_stats": frozenset({"adjacent_pairs", "same_first", "first_in_topk", "topk_overlap", "coactive_pairs"}),
+    "layer_stats": frozenset({"adjacent_pairs", "same_first", "first_in_topk", "topk_overlap", "coactive_pairs",
+                              "nonfinite_tokens"}),
 }
 
 

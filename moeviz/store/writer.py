@@ -54,6 +54,9 @@ class RunWriter:
         self._seq: dict[str, int] = {}
         self._commit_seq: int | None = None
         self._clipped_warned = False
+        self._recording_errors, self._recording_error = 0, None  # see record_error
+        self._run_meta: dict | None = None  # the last write_run's metadata, to rewrite the row with the errors
+        self._run_row_stale = False  # a record_error whose runs row could not be written yet (tried again at close)
         self._module_names: dict[int, str] = {}  # layer -> router module name (write_layers), for warnings
         _check_run_dir(self.run_dir)
         try:
@@ -80,6 +83,7 @@ class RunWriter:
             "pid": os.getpid(), "hostname": socket.gethostname(), "proc_start": layout.process_start_ticks(os.getpid()),
             "started_at": (previous or {}).get("started_at") or now, "heartbeat": now, "status": "running",
             "error": None, "ended_at": None, "schema_version": SCHEMA_VERSION,
+            "recording_errors": 0, "recording_error": None,
         }
         # status before manifest: a reader that finds the run (by its manifest) always finds a status too
         layout.write_json_atomic(layout.status_path(self.run_dir, self.rank), self._status)
@@ -102,7 +106,9 @@ class RunWriter:
                 json.loads(config)
             except ValueError as e:
                 raise StoreError(f"write_run: config is a string but not valid JSON ({e})") from e
+        self._run_meta = dict(meta)
         row = {
+            "recording_errors": self._recording_errors, "recording_error": self._recording_error,
             "run_id": self.run_id, "rank": self.rank, "written_at": layout.utc_now(),
             "run_name": meta.get("run_name", self._status["run_name"]), "model_class": meta.get("model_class"),
             "n_layers": meta.get("n_layers"), "n_experts": meta.get("n_experts"), "top_k": meta.get("top_k"),
@@ -157,6 +163,30 @@ class RunWriter:
         self._commit(written)  # the flush becomes visible here, in every table at once
         self._heartbeat()
 
+    def record_error(self, message: str) -> None:
+        """Count a recording failure of this rank: data its caller could not record (a flush that failed to
+        write, steps whose aggregates could not be computed). `message` says what was lost.
+
+        Why here: training goes on after such a failure (see collectors.Recorder), so the run would otherwise look
+        complete. The count and the first message go to this rank's status file and to its `runs` row
+        (`runs.recording_errors`, `runs.recording_error`). Best effort: on a full disk these writes fail too
+        and raise; close() tries the runs row again.
+        """
+        self._check_open()
+        self._recording_errors += 1
+        if self._recording_error is None:
+            self._recording_error = str(message)
+        self._status.update(recording_errors=self._recording_errors, recording_error=self._recording_error)
+        self._run_row_stale = self._run_meta is not None
+        layout.write_json_atomic(layout.status_path(self.run_dir, self.rank), self._status)
+        if self._run_meta is not None:
+            self.write_run(self._run_meta)
+            self._run_row_stale = False
+
+    @property
+    def recording_errors(self) -> int:
+        return self._recording_errors
+
     # ------------------------------------------------------------------------------------------------ close
 
     def close(self, status: str = "finished", error: BaseException | str | None = None) -> None:
@@ -165,6 +195,12 @@ class RunWriter:
             return
         if status not in ("finished", "failed"):
             raise StoreError(f"close(status=...) must be 'finished' or 'failed', got {status!r}")
+        if self._run_row_stale:  # a recording error's runs row failed to write (a full disk): try once more
+            try:
+                self.write_run(self._run_meta)
+                self._run_row_stale = False
+            except Exception:  # noqa: BLE001 - the status file written below still holds the count
+                pass
         self._closed = True
         now = layout.utc_iso()
         if isinstance(error, BaseException):
@@ -214,7 +250,10 @@ class RunWriter:
 
     def _heartbeat(self) -> None:
         self._status["heartbeat"] = layout.utc_iso()
-        layout.write_json_atomic(layout.status_path(self.run_dir, self.rank), self._status)
+        try:  # advisory (liveness seen from another host): a full disk must not fail a flush already written
+            layout.write_json_atomic(layout.status_path(self.run_dir, self.rank), self._status)
+        except OSError:
+            pass
 
     def _data_table(self, table: str, cols: Mapping[str, Any]) -> pa.Table | None:
         """Validate and convert one table of a flush to its on-disk Arrow form (None if it has no rows)."""
