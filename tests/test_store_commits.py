@@ -391,3 +391,23 @@ def test_an_unreadable_commit_record_leaves_out_its_whole_flush(tmp_path):
     with pytest.warns(StoreWarning, match=r"commit-00000002.json \(a commit record that cannot be read"):
         open_store(run_dir).close()
     assert_every_step_whole_or_absent(run_dir, [0])
+
+
+def test_recording_errors_of_every_rank_reach_the_runs_row(tmp_path):
+    """A runs row is written per rank and the reader shows the lowest rank's; what each rank lost while recording
+    is in its status file, and `runs` sums it."""
+    from moeviz.store import RunWriter
+
+    writers = [RunWriter(tmp_path / "r", run_id="r", rank=r, world_size=2, compact_on_close=False) for r in (0, 1)]
+    for w in writers:
+        w.write_run({"model_class": "Tiny", "n_layers": 1, "n_experts": 4, "top_k": 1})
+    writers[1].record_error("the flush of steps 4-9 was lost (No space left on device)")
+    writers[1].record_error("the flush of steps 10-19 was lost (No space left on device)")
+    for w in writers:
+        w.close()
+    for when in ("segments", "compacted"):
+        con = open_store(tmp_path / "r")
+        assert con.execute("SELECT recording_errors, recording_error FROM runs").fetchone() == (
+            2, "the flush of steps 4-9 was lost (No space left on device)"), when
+        con.close()
+        compact(tmp_path / "r")

@@ -238,14 +238,20 @@ def _status_table(con, runs: list[_RunFiles], compacted: dict[int, dict]) -> pa.
         st = layout.run_status(statuses)
         if run.damage:  # what the run folded into run.duckdb is missing from every table: say so in `runs`
             st.update(status="damaged", error=run.damage)
+        # what every rank lost while recording: a runs row holds one rank's count (the lowest rank's row is read)
+        counted = [statuses[r] for r in sorted(statuses) if "recording_errors" in statuses[r]]
+        errors = sum(int(s.get("recording_errors") or 0) for s in counted) if counted else None
+        first = next((s.get("recording_error") for s in counted if s.get("recording_error")), None)
         rows.append({"run_id": run.run_id, "run_name": st["run_name"], "world_size": st["world_size"],
                      "started_at": st["started_at"], "ended_at": st["ended_at"], "status": st["status"],
                      "error": st["error"], "schema_version": int(run.manifest["written_schema_version"]),
-                     "route_stats_complete": run.route_stats_complete})
+                     "route_stats_complete": run.route_stats_complete, "recording_errors": errors,
+                     "recording_error": first})
     schema = pa.schema([("run_id", pa.string()), ("run_name", pa.string()), ("world_size", pa.int32()),
                         ("started_at", pa.timestamp("us")), ("ended_at", pa.timestamp("us")),
                         ("status", pa.string()), ("error", pa.string()), ("schema_version", pa.int32()),
-                        ("route_stats_complete", pa.bool_())])
+                        ("route_stats_complete", pa.bool_()), ("recording_errors", pa.int64()),
+                        ("recording_error", pa.string())])
     return pa.Table.from_pylist(rows, schema=schema)
 
 
@@ -292,6 +298,8 @@ def _create_views(con, compacted: dict[int, dict]) -> None:
     overrides = {c: f"CAST(s.{c} AS {TABLES['runs'].columns[i].sql_type})"
                  for i, c in enumerate(TABLES["runs"].column_names) if c in from_status}
     overrides["run_name"] = "coalesce(m.run_name, s.run_name)"
+    for c in ("recording_errors", "recording_error"):  # summed over the ranks' status files when they have it
+        overrides[c] = f"coalesce(s.{c}, m.{c})"
     overrides.update({c.name: f"CAST(m.{c.name} AS {c.sql_type})" for c in TABLES["runs"].columns
                       if c.name not in overrides})
     # a table, not a view: every analysis asks `runs` first, and the view (status files joined with the runs
