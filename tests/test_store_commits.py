@@ -410,4 +410,6 @@ def test_recording_errors_of_every_rank_reach_the_runs_row(tmp_path):
         assert con.execute("SELECT recording_errors, recording_error FROM runs").fetchone() == (
             2, "the flush of steps 4-9 was lost (No space left on device)"), when
         con.close()
+        assert store_info(tmp_path / "r")["runs"][0]["recording_errors"] == 2, when
         compact(tmp_path / "r")
+    assert "the recording lost data 2 time(s)" in cli("info", str(tmp_path / "r")).stdout

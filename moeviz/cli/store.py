@@ -109,6 +109,8 @@ def cmd_info(args) -> int:
               f"{_fmt(run['bytes_per_route_compacted'])}, every file of the run {_fmt(run['bytes_per_route'])}")
         if run["damaged"]:
             print(f"  DAMAGED: {run['damaged']}")
+        if run["recording_errors"]:
+            print(f"  the recording lost data {run['recording_errors']} time(s) (runs.recording_error says what)")
         if run["skipped_files"]:
             print(f"  skipped {len(run['skipped_files'])} damaged Parquet file(s): {run['skipped_files'][:3]}")
         if run["uncommitted_files"]:

@@ -395,6 +395,8 @@ def store_info(path) -> dict:
             "routes_files_bytes": comp["routes_files_bytes"], "tables": tables, "routes": routes,
             "skipped_files": [str(p) for p in run.skipped if layout.relative_name(run_dir, p) not in comp["folded"]],
             "damaged": comp.get("damaged"),
+            "recording_errors": sum(int(x.get("recording_errors") or 0)
+                                    for x in (run.statuses or comp["statuses"]).values()),
             "uncommitted_files": [str(p) for p in run.uncommitted],
             "bytes_per_route_segments": (r["segment_bytes"] / r["segment_rows"]) if r["segment_rows"] else None,
             # the compacted routes files alone (routes compacted into run.duckdb share it with the other tables)
