@@ -75,7 +75,7 @@ def load_frames(con, last_step: int | None) -> Frames:
                      f"CAST(expert AS TINYINT) AS expert, tokens, assigned, first_choice, prob_sum "
                      f"FROM step_stats WHERE {cond}").df()
     ls = con.execute(f"SELECT CAST(step AS INTEGER) AS step, CAST(layer AS TINYINT) AS layer, tokens, z_loss_sum, "
-                     f"entropy_sum FROM layer_stats WHERE {cond}").df()
+                     f"entropy_sum, coalesce(nonfinite_tokens, 0) AS nonfinite_tokens FROM layer_stats WHERE {cond}").df()
     e, k = con.execute("SELECT max(n_experts), max(top_k) FROM layers").fetchone()
     return Frames(routes, seqs, ss, ls, int(e), int(k), len(routes))
 
@@ -226,6 +226,14 @@ def pd_health(f: Frames, window: float = 0.25) -> pd.DataFrame:
     drops = pd_capacity_counts(f, ss, 1.25).groupby("layer")[["assigned", "dropped"]].sum()
     rate = drops["dropped"] / drops["assigned"]
     found["capacity_drops"] = [(l, -1, v) for l, v in rate.items() if v > 0.1]
+    ls = f.layer_stats  # tokens with NaN/inf router outputs: their share of the layer's tokens
+    if "nonfinite_tokens" in ls.columns:
+        bad = ls.groupby("layer")["nonfinite_tokens"].sum()
+        share = bad / (bad + ls.groupby("layer")["tokens"].sum())
+        found["nonfinite_router"] = [(l, -1, share[l]) for l in bad.index if bad[l] > 0]
+    else:
+        found["nonfinite_router"] = []
+    found["recording_errors"] = []  # runs.recording_errors: the synthetic stores record no failure
     for check, items in found.items():
         rows += [{"check": check, "layer": int(l), "expert": int(e), "value": float(v)} for l, e, v in items] \
             or [{"check": check, "layer": -1, "expert": -1, "value": np.nan}]
