@@ -75,7 +75,8 @@ def load_frames(con, last_step: int | None) -> Frames:
                      f"CAST(expert AS TINYINT) AS expert, tokens, assigned, first_choice, prob_sum "
                      f"FROM step_stats WHERE {cond}").df()
     ls = con.execute(f"SELECT CAST(step AS INTEGER) AS step, CAST(layer AS TINYINT) AS layer, tokens, z_loss_sum, "
-                     f"entropy_sum, coalesce(nonfinite_tokens, 0) AS nonfinite_tokens FROM layer_stats WHERE {cond}").df()
+                     f"entropy_sum, coalesce(nonfinite_tokens, 0) AS nonfinite_tokens "
+                     f"FROM layer_stats WHERE {cond}").df()
     e, k = con.execute("SELECT max(n_experts), max(top_k) FROM layers").fetchone()
     return Frames(routes, seqs, ss, ls, int(e), int(k), len(routes))
 
