@@ -135,3 +135,23 @@ def test_nonsense_buckets_are_refused(con, bad):
 def test_a_bucket_needs_steps(con):
     with pytest.raises(StepBucketError, match="by_step"):
         imbalance(con, by_step=False, step_bucket=10)
+
+
+def test_long_run_benchmark_runs_at_a_tiny_size(tmp_path, monkeypatch, capsys):
+    """bench/bench_long_run.py cannot rot: at 1,600 steps every chart's 'after' row draws fewer points."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "bench_long_run.py"
+    spec = importlib.util.spec_from_file_location("_bench_long_run", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    monkeypatch.setattr(sys, "argv", ["bench_long_run.py", "--steps", "1600", "--layers", "2", "--experts", "4",
+                                      "--repeat", "1", "--dir", str(tmp_path)])
+    mod.main()
+    rows = [line.split("|") for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "MB" in line]
+    assert len(rows) == 2 * len(mod.CHARTS)
+    points = {(r[2].strip(), r[3].strip()): int(r[5].strip().replace(",", "")) for r in rows}
+    for (chart, when), n in points.items():
+        assert n == (1600 if when == "before" else 800), (chart, when, n)

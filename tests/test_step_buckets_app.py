@@ -32,6 +32,16 @@ def long_store(tmp_path_factory, agg):
     return root / "long"
 
 
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory, agg):
+    """The long run beside one of 8,000 steps: Compare must bucket by the longer one."""
+    root = tmp_path_factory.mktemp("two")
+    write_aggregates(root / "long", agg, run_id="long")
+    write_aggregates(root / "longer", long_run_aggregates(n_steps=8000, n_layers=L, n_experts=E, seed=6),
+                     run_id="longer")
+    return root
+
+
 @pytest.fixture(scope="module", autouse=True)
 def _release_cached_connections():
     yield
@@ -100,3 +110,14 @@ def test_a_narrow_step_range_draws_every_step(long_store):
     imb = chart(at, "Imbalance per layer over steps")
     assert _points(imb) == [1000] * L
     assert not any("Bucketed" in str(c.value) for c in at.caption)
+
+
+def test_compare_buckets_by_the_longer_run(two_runs):
+    at = open_app(two_runs, run="longer", page="compare")  # the sidebar's step range (0-7,999) applies to both
+    bucket = step_bucket_for(0, 7999)  # 10: 800 points for the longer run, 500 for the other
+    for title in ("pooled over layers", "Imbalance over steps"):
+        fig = chart(at, title)
+        assert set(_points(fig)) == {N_STEPS // bucket, 8000 // bucket}, title  # per run (and layer)
+        for trace in fig["data"]:
+            assert (arr(trace["x"]) % bucket == 0).all()  # shared x positions: multiples of the bucket
+    assert sum(f"each point is {bucket} steps" in str(c.value) for c in at.caption) == 2
