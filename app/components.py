@@ -11,6 +11,7 @@ import pandas as pd
 import streamlit as st
 
 from app.state import Ctx, current_context
+from moeviz.analyses.step_buckets import MAX_POINTS
 from moeviz.errors import MoevizError
 
 log = logging.getLogger("moeviz.app")
@@ -53,6 +54,15 @@ def show_chart(fig, data: pd.DataFrame, key: str, *, caption: str | None = None)
     if caption:
         st.caption(caption)
     _csv_download("Download data (CSV)", data, key)
+
+
+def bucket_note(step_bucket: int) -> str | None:
+    """The caption of a curve over steps drawn in buckets (moeviz.analyses.step_buckets), None for every step."""
+    if step_bucket <= 1:
+        return None
+    return (f"Bucketed: each point is {step_bucket:,} steps (plotted at the bucket's first step), computed from the "
+            f"summed counts of those steps, not an average of per-step values; at most {MAX_POINTS:,} points per "
+            f"line. Narrow the step range in the sidebar to see every step.")
 
 
 def show_table(data: pd.DataFrame, key: str, *, height: int | None = None, shown: pd.DataFrame | None = None) -> None:

@@ -21,6 +21,7 @@ from typing import Any, Callable
 
 import streamlit as st
 
+from moeviz.analyses.step_buckets import step_bucket_for
 from moeviz.errors import StaleStoreError
 from moeviz.selection import Selection
 from moeviz.store.reader import is_stale
@@ -181,6 +182,20 @@ class Ctx:
         span = f"{steps[0]}–{steps[-1]}" if len(steps) > 1 else f"{steps[0]}"
         return (f"Per-token analyses use steps {span} ({size} at most, {len(steps)} of {len(self.steps)} steps); "
                 "widen in the sidebar (Per-token window).")
+
+    @property
+    def step_span(self) -> tuple[int, int] | None:
+        """The first and last recorded step of the selection, or None when it holds no recorded step."""
+        lo, hi = self.sel.steps or (min(self.steps, default=0), max(self.steps, default=0))
+        chosen = [s for s in self.steps if lo <= s <= hi]
+        return (chosen[0], chosen[-1]) if chosen else None
+
+    @property
+    def step_bucket(self) -> int:
+        """Steps per point of every curve over steps: 1 while the selection spans at most ~1,500 steps, more
+        beyond, so that no trace sends more points than a screen has pixels (moeviz.analyses.step_buckets)."""
+        span = self.step_span
+        return 1 if span is None else step_bucket_for(*span)
 
     @property
     def n_experts(self) -> int:

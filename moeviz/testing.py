@@ -24,7 +24,8 @@ from moeviz.errors import MoevizError
 from moeviz.store.schema import SCHEMA_VERSION, TABLES
 from moeviz.store.layout import WEIGHT_SCALE
 
-__all__ = ["store_from_routing", "synthetic_routing", "synthetic_store", "create_schema", "softmax"]
+__all__ = ["store_from_routing", "synthetic_routing", "synthetic_store", "create_schema", "softmax",
+           "long_run_aggregates", "write_aggregates"]
 
 
 class RoutingArrayError(MoevizError, ValueError):
@@ -427,3 +428,55 @@ def synthetic_routing(
 def synthetic_store(*, run_id: str = "run0", con=None, **kwargs):
     """`store_from_routing(**synthetic_routing(**kwargs))`: a ready store of random routing (see both)."""
     return store_from_routing(**synthetic_routing(**kwargs), run_id=run_id, con=con)
+
+
+def long_run_aggregates(*, n_steps: int, n_layers: int = 4, n_experts: int = 8, top_k: int = 2,
+                        tokens_per_step: int = 512, skew: float = 1.0, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random exact per-step aggregates of a long run, without per-token routing (for curves over many steps).
+
+    Each step and layer routes `tokens_per_step` tokens x k slots over the experts by a multinomial around a
+    per-layer skewed share that drifts slowly over steps; the router probability sums follow the same share.
+    Keys: counts [S, L, E] int (assignments), first [S, L, E] int (slot 0), prob_sum [S, L, E] float,
+    tokens (int), z_loss_sum [S, L] float, entropy_sum [S, L] float.
+    """
+    rng = np.random.default_rng(seed)
+    base = skew * rng.standard_normal((n_layers, n_experts))
+    drift = np.linspace(0, 1, n_steps)[:, None, None] * rng.standard_normal((1, n_layers, n_experts))
+    share = softmax(base[None] + drift)  # [S, L, E]
+    counts = rng.multinomial(tokens_per_step * top_k, share)  # [S, L, E], one draw per step and layer
+    first = counts // top_k
+    prob_sum = share * tokens_per_step
+    z = rng.gamma(4.0, 0.5, (n_steps, n_layers)) * tokens_per_step
+    entropy = np.full((n_steps, n_layers), np.log(n_experts) * 0.9 * tokens_per_step)
+    return {"counts": counts.astype(np.int64), "first": first.astype(np.int64), "prob_sum": prob_sum,
+            "tokens": int(tokens_per_step), "z_loss_sum": z, "entropy_sum": entropy}
+
+
+def write_aggregates(run_dir, agg: dict, *, run_id: str = "long", steps_per_flush: int = 1000,
+                     compact_on_close: bool = True) -> None:
+    """`long_run_aggregates` written as a real run folder through RunWriter (rank 0; step_stats and layer_stats,
+    `steps_per_flush` steps per flush), so that benchmarks and page tests read a long run as the dashboard would."""
+    from moeviz.store import RunWriter
+
+    n_steps, n_layers, n_experts = agg["counts"].shape
+    top_k = int(round(agg["counts"][0, 0].sum() / agg["tokens"])) or 1
+    w = RunWriter(run_dir, run_id=run_id, run_name=run_id, compact_on_close=compact_on_close)
+    w.write_run({"model_class": "LongRun", "n_layers": n_layers, "n_experts": n_experts, "top_k": top_k})
+    w.write_layers([{"layer": i, "n_experts": n_experts, "top_k": top_k} for i in range(n_layers)])
+    for lo in range(0, n_steps, steps_per_flush):
+        hi = min(lo + steps_per_flush, n_steps)
+        s = np.arange(lo, hi)
+        n = len(s)
+        step_stats = {
+            "step": np.repeat(s, n_layers * n_experts), "rank": 0,
+            "layer": np.tile(np.repeat(np.arange(n_layers), n_experts), n),
+            "expert": np.tile(np.arange(n_experts), n * n_layers),
+            "tokens": np.full(n * n_layers * n_experts, agg["tokens"]),
+            "assigned": agg["counts"][lo:hi].ravel(), "first_choice": agg["first"][lo:hi].ravel(),
+            "prob_sum": agg["prob_sum"][lo:hi].ravel(), "dropped": np.zeros(n * n_layers * n_experts, np.int64)}
+        layer_stats = {
+            "step": np.repeat(s, n_layers), "rank": 0, "layer": np.tile(np.arange(n_layers), n),
+            "tokens": np.full(n * n_layers, agg["tokens"]), "z_loss_sum": agg["z_loss_sum"][lo:hi].ravel(),
+            "entropy_sum": agg["entropy_sum"][lo:hi].ravel(), "dropped": np.zeros(n * n_layers, np.int64)}
+        w.write_flush({"step_stats": step_stats, "layer_stats": layer_stats})
+    w.close()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from app.components import guarded, run_page, show_chart
+from app.components import bucket_note, guarded, run_page, show_chart
 from app.state import Ctx
 from app.views.bounds import infimum_value
 from moeviz import charts
@@ -15,10 +15,10 @@ from moeviz.store.catalog import step_tags
 ALL_STEPS = "all steps"
 
 
-def _step_kind(ctx: Ctx) -> set[int] | None:
+def _step_kind(ctx: Ctx) -> str | None:
     """A choice of the kind of step (train, eval, probe, ...) when the run tags its steps, training by default:
-    the steps of that kind, or None for every step. An eval or probe pass routes other tokens than the training
-    batches, so mixing them into one curve makes a saw-tooth that is not the training dynamics."""
+    that tag (the analyses' `step_tag`), or None for every step. An eval or probe pass routes other tokens than
+    the training batches, so mixing them into one curve makes a saw-tooth that is not the training dynamics."""
     tagged = ctx.q(step_tags, ctx.run_id)
     kinds = sorted(tagged["tag"].unique().tolist())
     if len(kinds) < 2:
@@ -26,14 +26,7 @@ def _step_kind(ctx: Ctx) -> set[int] | None:
     default = "train" if "train" in kinds else kinds[0]
     kind = st.radio("Steps", [*kinds, ALL_STEPS], index=kinds.index(default), horizontal=True, key="aux_steps",
                     help="The run tags its steps (train, eval, probe): each curve shows one kind of step.")
-    if kind == ALL_STEPS:
-        return None
-    return {int(s) for s in tagged.loc[tagged["tag"] == kind, "step"]}
-
-
-def _only(df, steps: set[int] | None):
-    """The rows of these steps (every row when None): a per-step curve keeps its exact per-step values."""
-    return df if steps is None or df.empty else df[df["step"].isin(steps)]
+    return None if kind == ALL_STEPS else kind
 
 
 def render(ctx: Ctx) -> None:
@@ -41,7 +34,10 @@ def render(ctx: Ctx) -> None:
         st.info("The losses need the router's full probabilities, kept only as exact per-step aggregates: "
                 "the domain filter is ignored on this page.")
     sel = ctx.sel_exact
-    steps = _step_kind(ctx)
+    kind = _step_kind(ctx)
+    # a long run's curves in buckets of steps (at most ~1,500 points per line), of the chosen kind of step only
+    over_steps = dict(by_step=True, step_bucket=ctx.step_bucket, step_tag=kind)
+    note = bucket_note(ctx.step_bucket)
     bound = None
     with guarded("True lower bound"):
         bound = infimum_value(ctx.n_experts, ctx.top_k)
@@ -49,10 +45,10 @@ def render(ctx: Ctx) -> None:
     st.caption(f"E = {ctx.n_experts} experts, k = {ctx.top_k}: uniform routing gives 1; the true lower bound "
                f"(infimum over routings) is {bound_text}, not the 1 of the Switch paper nor the blog's 1/2.")
     with guarded("Switch loss per layer"):
-        per_layer = _only(ctx.q(switch_loss, sel, by_step=True), steps)
-        show_chart(charts.aux_loss_lines(per_layer, bound=bound), per_layer, "switch-loss")
+        per_layer = ctx.q(switch_loss, sel, **over_steps)
+        show_chart(charts.aux_loss_lines(per_layer, bound=bound), per_layer, "switch-loss", caption=note)
     with guarded("Pooled Switch loss"):
-        pooled = _only(ctx.q(pooled_switch_loss, sel, by_step=True), steps)
+        pooled = ctx.q(pooled_switch_loss, sel, **over_steps)
         scale = st.radio("Pooled loss scale", ["aux_loss_per_slot", "aux_loss"], horizontal=True, key="aux_scale",
                          format_func={"aux_loss_per_slot": "per slot (1 = uniform)",
                                       "aux_loss": "as transformers reports it (k = uniform)"}.get)
@@ -61,11 +57,11 @@ def render(ctx: Ctx) -> None:
             pooled, value=scale, color=None, title="Load-balancing loss pooled over layers (transformers' load_balancing_loss_func)",
             uniform=k, bound=None if bound is None else bound * k,
         )
-        show_chart(fig, pooled, "pooled-switch-loss")
+        show_chart(fig, pooled, "pooled-switch-loss", caption=note)
     with guarded("Router z-loss"):
-        z = _only(ctx.q(z_loss, sel, by_step=True), steps)
-        show_chart(charts.z_loss_lines(z), z, "z-loss")
-        show_chart(charts.entropy_lines(z, n_experts=ctx.n_experts), z, "router-entropy")
+        z = ctx.q(z_loss, sel, **over_steps)
+        show_chart(charts.z_loss_lines(z), z, "z-loss", caption=note)
+        show_chart(charts.entropy_lines(z, n_experts=ctx.n_experts), z, "router-entropy", caption=note)
 
 
 if __name__ == "__main__":

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import streamlit as st
 
-from app.components import guarded, run_page, show_chart
+from app.components import bucket_note, guarded, run_page, show_chart
 from app.state import Ctx
 from moeviz import charts
 from moeviz.analyses.aux_loss import pooled_switch_loss
 from moeviz.analyses.capacity import capacity_drops
 from moeviz.analyses.load import imbalance, load_matrix
 from moeviz.analyses.specialization import domain_share
+from moeviz.analyses.step_buckets import step_bucket_for
 from moeviz.selection import Selection
+from moeviz.store.catalog import steps_list
 
 
 def _scope(sel: Selection) -> str:
@@ -24,6 +26,15 @@ def _scope(sel: Selection) -> str:
             "domains do not apply here.")
 
 
+def _step_bucket(ctx: Ctx, sel: Selection) -> int:
+    """Steps per point of both runs' curves: from the span of the selected steps either run recorded, so that
+    the longer run also stays under ~1,500 points per line and both runs' points share their x positions."""
+    steps = [s for run in sel.run_ids for s in ctx.q(steps_list, run)]
+    lo, hi = sel.steps or (min(steps, default=0), max(steps, default=0))
+    chosen = [s for s in steps if lo <= s <= hi]
+    return step_bucket_for(min(chosen), max(chosen)) if chosen else 1
+
+
 def render(ctx: Ctx) -> None:
     if len(ctx.runs) < 2:
         st.info("This store holds one run. Point the dashboard at a folder of runs to compare two of them.")
@@ -34,23 +45,24 @@ def render(ctx: Ctx) -> None:
     b = c2.selectbox("Run B", others, key="cmp_b")
     sel = Selection(run_ids=(a, b), steps=ctx.sel.steps, layers=ctx.sel.layers, ranks=ctx.sel.ranks)
     st.caption(_scope(sel))
+    bucket = _step_bucket(ctx, sel)
     with guarded("Load per expert and layer"):
         load = ctx.q(load_matrix, sel)
         show_chart(charts.compare_heatmaps(load, value="relative_load", runs=(a, b),
                                            title="Load per expert and layer against uniform, run by run"),
                    load, "compare-load")
     with guarded("Switch loss"):
-        pooled = ctx.q(pooled_switch_loss, sel, by_step=True)
+        pooled = ctx.q(pooled_switch_loss, sel, by_step=True, step_bucket=bucket)
         fig = charts.aux_loss_lines(pooled, value="aux_loss_per_slot", color="run_id",
                                     title="Load-balancing loss pooled over layers, per slot (1 = uniform)")
-        show_chart(fig, pooled, "compare-aux")
+        show_chart(fig, pooled, "compare-aux", caption=bucket_note(bucket))
     with guarded("Imbalance"):
-        imb = ctx.q(imbalance, sel, by_step=True)
+        imb = ctx.q(imbalance, sel, by_step=True, step_bucket=bucket)
         metric = st.selectbox("Imbalance metric", list(charts.IMBALANCE_METRICS), key="cmp_metric",
                               format_func=charts.IMBALANCE_METRICS.get)
         show_chart(charts.compare_lines(imb, y=metric, y_title=charts.IMBALANCE_METRICS[metric],
                                         title=f"Imbalance over steps: {charts.IMBALANCE_METRICS[metric]}"),
-                   imb, "compare-imbalance")
+                   imb, "compare-imbalance", caption=bucket_note(bucket))
     with guarded("Capacity drops"):
         cf = st.slider("Capacity factor", 0.25, 4.0, 1.25, 0.05, key="cmp_cf")
         drops = ctx.q(capacity_drops, sel, cf, by=("layer",))

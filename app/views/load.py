@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from app.components import guarded, run_page, show_chart
+from app.components import bucket_note, guarded, run_page, show_chart
 from app.state import Ctx
 from moeviz import charts
 from moeviz.analyses.load import imbalance, load_matrix
@@ -41,8 +41,9 @@ def render(ctx: Ctx) -> None:
     with guarded("Imbalance over steps"):
         metric = st.selectbox("Imbalance metric", list(charts.IMBALANCE_METRICS), key="imbalance_metric",
                               format_func=charts.IMBALANCE_METRICS.get)
-        imb = ctx.q(imbalance, ctx.sel, by_step=True)
-        show_chart(charts.imbalance_lines(imb, metric), imb, "imbalance")
+        bucket = ctx.step_bucket  # a long run's curve in buckets of steps: at most ~1,500 points per line
+        imb = ctx.q(imbalance, ctx.sel, by_step=True, step_bucket=bucket)
+        show_chart(charts.imbalance_lines(imb, metric), imb, "imbalance", caption=bucket_note(bucket))
         pooled = ctx.q(imbalance, sel, by_step=False)
         st.markdown(f"**Imbalance per layer {where}**")
         st.dataframe(pooled.drop(columns=["run_id"], errors="ignore"), hide_index=True, width="stretch",

@@ -7,7 +7,7 @@ import json
 import pandas as pd
 import streamlit as st
 
-from app.components import guarded, run_page, show_chart, show_table
+from app.components import bucket_note, guarded, run_page, show_chart, show_table
 from app.state import Ctx
 from moeviz import charts
 from moeviz.analyses.aux_loss import switch_loss
@@ -93,18 +93,19 @@ def render(ctx: Ctx) -> None:
     detail = _header(ctx)
     health_box = st.container()  # drawn above the charts, filled in after them: the charts come first
     load = aux = None
+    bucket = ctx.step_bucket  # a long run's curves in buckets of steps: at most ~1,500 points per trace
     with guarded("Load over steps"):
-        load = ctx.q(expert_load, ctx.sel, by_step=True)
+        load = ctx.q(expert_load, ctx.sel, by_step=True, step_bucket=bucket)
     with guarded("Aux loss over steps"):
-        aux = ctx.q(switch_loss, ctx.sel_exact, by_step=True)
+        aux = ctx.q(switch_loss, ctx.sel_exact, by_step=True, step_bucket=bucket)
     # the health checks (the page's longest query, 0.15-0.3 s over 100M routes) run while the figures are built
     health = ctx.q_started(health_summary, ctx.sel_exact)
     if load is not None:
         with guarded("Load over steps"):
-            show_chart(charts.load_small_multiples(load), load, "overview-load")
+            show_chart(charts.load_small_multiples(load), load, "overview-load", caption=bucket_note(bucket))
     if aux is not None:
         with guarded("Aux loss over steps"):
-            show_chart(charts.aux_loss_small_multiples(aux), aux, "overview-aux")
+            show_chart(charts.aux_loss_small_multiples(aux), aux, "overview-aux", caption=bucket_note(bucket))
     with health_box, guarded("Health summary"), st.spinner("Checking the run's health...", show_time=True):
         _health(health.result())
     with guarded("Tokens with detail"), st.spinner("Counting the per-token routes...", show_time=True):

@@ -10,6 +10,12 @@ Two conventions for the load-balancing loss are in use, and they differ by a fac
   imbalance another layer mirrors.
 Router probabilities exist only in the per-step aggregates (routes hold the chosen experts' gate weights), so
 these losses cannot be restricted to domains or tags.
+
+Over steps, every function takes `step_bucket=b`: one row per bucket of b steps, `step` its first step, the loss
+that of the bucket's steps pooled (summed counts, probability sums and z-loss sums, then the ratio: never a mean
+of per-step losses; see moeviz.analyses.step_buckets), None = every step; and `step_tag`: only the steps whose
+sequences carry that tag ('train', 'eval', 'probe': catalog.step_tags), whole steps, so that eval passes stay
+out of a training curve and the aggregates stay exact.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from __future__ import annotations
 import pandas as pd
 
 from moeviz.analyses.load import AnalysisError, expert_counts_sql, run_query
+from moeviz.analyses.step_buckets import bucketed_step_sql, check_step_bucket
 from moeviz.selection import Selection
 
 __all__ = ["switch_loss", "pooled_switch_loss", "z_loss"]
@@ -31,8 +38,9 @@ def _needs_aggregates(sel: Selection, what: str) -> None:
         )
 
 
-def _per_layer_sql(sel: Selection, by_step: bool) -> tuple[str, list]:
-    base, params = expert_counts_sql(sel, by_step=by_step)
+def _per_layer_sql(sel: Selection, by_step: bool, step_bucket: int | None = None,
+                   step_tag: str | None = None) -> tuple[str, list]:
+    base, params = expert_counts_sql(sel, by_step=by_step, step_bucket=step_bucket, step_tag=step_tag)
     keys = "run_id, step, layer" if by_step else "run_id, layer"
     sql = f"""
         WITH b AS ({base})
@@ -44,19 +52,22 @@ def _per_layer_sql(sel: Selection, by_step: bool) -> tuple[str, list]:
     return sql, params
 
 
-def switch_loss(con, sel: Selection = Selection(), *, by_step: bool = True) -> pd.DataFrame:
+def switch_loss(con, sel: Selection = Selection(), *, by_step: bool = True, step_bucket: int | None = None,
+                step_tag: str | None = None) -> pd.DataFrame:
     """Switch load-balancing loss per layer (and step): E * sum_i f_i P_i, 1 for uniform routing at any k.
 
     f_i = assigned_i / (T*k) over every token of the step (all selected ranks), P_i = prob_sum_i / T.
     Columns: run_id, [step,] layer, scope ('layer'), tokens, n_experts, top_k, aux_loss.
+    `step_bucket`, `step_tag`: see the module docstring.
     """
     _needs_aggregates(sel, "the load-balancing loss")
-    sql, params = _per_layer_sql(sel, by_step)
+    sql, params = _per_layer_sql(sel, by_step, step_bucket, step_tag)
     order = "run_id, step, layer" if by_step else "run_id, layer"
     return run_query(con, f"SELECT * FROM ({sql}) ORDER BY {order}", params)
 
 
-def pooled_switch_loss(con, sel: Selection = Selection(), *, by_step: bool = True) -> pd.DataFrame:
+def pooled_switch_loss(con, sel: Selection = Selection(), *, by_step: bool = True, step_bucket: int | None = None,
+                       step_tag: str | None = None) -> pd.DataFrame:
     """The load-balancing loss as transformers reports it, per step, pooled over the selected layers.
 
     transformers' `load_balancing_loss_func` sums assignment counts (all k slots) and router probabilities
@@ -66,10 +77,11 @@ def pooled_switch_loss(con, sel: Selection = Selection(), *, by_step: bool = Tru
     aux_loss (transformers' value), aux_loss_per_slot (aux_loss / k: 1 = uniform, comparable with
     `switch_loss`), mean_layer_loss and max_layer_loss (per-layer `switch_loss` over the same layers),
     worst_layer. aux_loss is NULL when the pooled layers differ in their number of experts.
+    `step_bucket`, `step_tag`: see the module docstring.
     """
     _needs_aggregates(sel, "the load-balancing loss")
-    base, params = expert_counts_sql(sel, by_step=by_step)
-    per_layer, lparams = _per_layer_sql(sel, by_step)
+    base, params = expert_counts_sql(sel, by_step=by_step, step_bucket=step_bucket, step_tag=step_tag)
+    per_layer, lparams = _per_layer_sql(sel, by_step, step_bucket, step_tag)
     keys = "run_id, step" if by_step else "run_id"
     pkeys = "p.run_id, p.step" if by_step else "p.run_id"
     join = "p.run_id = l.run_id AND p.step = l.step" if by_step else "p.run_id = l.run_id"
@@ -105,21 +117,28 @@ def pooled_switch_loss(con, sel: Selection = Selection(), *, by_step: bool = Tru
     return run_query(con, sql, params + lparams)
 
 
-def z_loss(con, sel: Selection = Selection(), *, by_step: bool = True, pooled: bool = False) -> pd.DataFrame:
+def z_loss(con, sel: Selection = Selection(), *, by_step: bool = True, pooled: bool = False,
+           step_bucket: int | None = None, step_tag: str | None = None) -> pd.DataFrame:
     """Router z-loss (ST-MoE, Zoph et al. 2022): mean over tokens of logsumexp(router logits)^2.
 
     Per layer (and step), or `pooled` over the selected layers, which is what Switch Transformers in
     transformers computes (`router_z_loss_func` on the router logits of all sparse layers concatenated).
     Also mean_entropy: mean entropy (nats) of the router's softmax, log E when the router is undecided.
     Columns: run_id, [step,] [layer,] scope, tokens, z_loss, mean_entropy.
+    `step_bucket`, `step_tag`: see the module docstring.
     """
     _needs_aggregates(sel, "the router z-loss")
+    step_bucket = check_step_bucket(step_bucket, by_step)
     where, params = sel.where("s")
+    if step_tag is not None:
+        where += " AND s.step IN (SELECT t.step FROM sequences t WHERE t.run_id = s.run_id AND t.tag = ?)"
+        params = params + [str(step_tag)]
     keys = ["run_id"] + (["step"] if by_step else []) + ([] if pooled else ["layer"])
     k = ", ".join(keys)
+    select = ", ".join(f"{bucketed_step_sql('s.step', step_bucket)} AS step" if c == "step" else c for c in keys)
     sql = f"""
-        SELECT {k}, '{'pooled' if pooled else 'layer'}' AS scope, CAST(sum(tokens) AS BIGINT) AS tokens,
+        SELECT {select}, '{'pooled' if pooled else 'layer'}' AS scope, CAST(sum(tokens) AS BIGINT) AS tokens,
                sum(z_loss_sum) / nullif(sum(tokens), 0) AS z_loss,
                sum(entropy_sum) / nullif(sum(tokens), 0) AS mean_entropy
-        FROM layer_stats s WHERE {where} GROUP BY {k} ORDER BY {k}"""
+        FROM layer_stats s WHERE {where} GROUP BY ALL ORDER BY {k}"""
     return run_query(con, sql, params)

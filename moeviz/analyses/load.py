@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import pandas as pd
 
+from moeviz.analyses.step_buckets import bucketed_step_sql, check_step_bucket
 from moeviz.errors import MoevizError, StaleStoreError
 from moeviz.selection import Selection
 from moeviz.store.reader import STALE_MESSAGE, is_stale
@@ -42,35 +43,44 @@ def run_query(con, sql: str, params: list, *, error: type[MoevizError] = Analysi
         raise
 
 
-def expert_counts_sql(sel: Selection, *, by_step: bool) -> tuple[str, list]:
+def expert_counts_sql(sel: Selection, *, by_step: bool, step_bucket: int | None = None,
+                      step_tag: str | None = None) -> tuple[str, list]:
     """SQL (a SELECT usable as a CTE) and params: one row per run[, step], layer and expert of the selection.
 
     Columns: run_id, [step,] layer, expert, tokens, assigned, first_choice, prob_sum, n_experts, top_k.
     `tokens` is the number of tokens that reached the layer (summed over ranks and, if not by_step, steps).
     Every expert of the layer has a row (0 when it received nothing).
+    `step_bucket` (with by_step): counts summed over buckets of that many steps, `step` = the bucket's first
+    step (see moeviz.analyses.step_buckets). `step_tag`: only the steps whose sequences carry that tag
+    ('train', 'eval', ...: catalog.step_tags), whole steps, so the aggregates stay exact.
     """
+    step_bucket = check_step_bucket(step_bucket, by_step)
     step = "step, " if by_step else ""
+    tag_sql = ("AND {a}.step IN (SELECT t.step FROM sequences t WHERE t.run_id = {a}.run_id AND t.tag = ?)"
+               if step_tag is not None else "")
+    tag_params = [str(step_tag)] if step_tag is not None else []
     if not sel.needs_sequences:
         where, params = sel.where("s")
+        params = params + tag_params
         counts = f"""
-            SELECT s.run_id, {('s.step, ' if by_step else '')}s.layer, s.expert,
+            SELECT s.run_id, {(bucketed_step_sql('s.step', step_bucket) + ' AS step, ' if by_step else '')}s.layer, s.expert,
                    CAST(sum(s.tokens) AS BIGINT) AS tokens, CAST(sum(s.assigned) AS BIGINT) AS assigned,
                    CAST(sum(s.first_choice) AS BIGINT) AS first_choice, sum(s.prob_sum) AS prob_sum
-            FROM step_stats s WHERE {where} GROUP BY ALL"""
+            FROM step_stats s WHERE {where} {tag_sql.format(a='s')} GROUP BY ALL"""
         per_layer_tokens = "max(c.tokens)"
     else:
         where, params = sel.with_(domains=None, tags=None).where("r")
         qwhere, qparams = sel.with_(layers=None).where("q", per_token=True)
         # a semi join: the (small) selected sequences filter the routes; no sequence column is carried along
         counts = f"""
-            SELECT r.run_id, {('r.step, ' if by_step else '')}r.layer, r.expert,
+            SELECT r.run_id, {(bucketed_step_sql('r.step', step_bucket) + ' AS step, ' if by_step else '')}r.layer, r.expert,
                    count(*) AS assigned, count(*) FILTER (WHERE r.slot = 0) AS first_choice,
                    CAST(NULL AS DOUBLE) AS prob_sum
             FROM routes r
             SEMI JOIN (SELECT q.run_id, q.step, q.rank, q.seq FROM sequences q WHERE {qwhere}) q
                  ON q.run_id = r.run_id AND q.step = r.step AND q.rank = r.rank AND q.seq = r.seq
-            WHERE {where} GROUP BY ALL"""
-        params = qparams + params
+            WHERE {where} {tag_sql.format(a='r')} GROUP BY ALL"""
+        params = qparams + params + tag_params
         per_layer_tokens = "CAST(sum(c.first_choice) AS BIGINT)"  # every kept token has exactly one slot-0 route per layer
     # the layer's shape from `layers`, else from `runs` (a writer that did not write its layers)
     sql = f"""
@@ -99,14 +109,17 @@ def _check_count(count: str) -> str:
     return count
 
 
-def expert_load(con, sel: Selection = Selection(), *, by_step: bool = True) -> pd.DataFrame:
+def expert_load(con, sel: Selection = Selection(), *, by_step: bool = True,
+                step_bucket: int | None = None) -> pd.DataFrame:
     """Assignments per expert and layer (and step): the raw material of every balance metric.
 
     Columns: run_id, [step,] layer, expert, tokens, assigned, first_choice, prob_sum, n_experts, top_k,
     load_fraction (share of the layer's assignments, over all k slots), relative_load (load_fraction x E:
     1 = the uniform share), token_share (share of the layer's tokens that chose the expert in any slot).
+    `step_bucket=b` (with by_step): one row per bucket of b steps, `step` its first step, every value computed
+    from the bucket's summed counts (moeviz.analyses.step_buckets); None = every step.
     """
-    base, params = expert_counts_sql(sel, by_step=by_step)
+    base, params = expert_counts_sql(sel, by_step=by_step, step_bucket=step_bucket)
     keys = "run_id, step, layer" if by_step else "run_id, layer"
     sql = f"""
         WITH b AS ({base})
@@ -134,6 +147,7 @@ def imbalance(
     dead_threshold: float = 0.1,
     top_n: int | None = None,
     count: str = "assigned",
+    step_bucket: int | None = None,
 ) -> pd.DataFrame:
     """Balance metrics per layer (and step) of the expert load.
 
@@ -144,13 +158,15 @@ def imbalance(
     1 = uniform, 0 = one expert takes all), dead_experts and dead_share (experts whose share is below
     dead_threshold x the uniform share 1/E), top_n and top_n_coverage (share taken by the N busiest experts;
     N = top_n or the layer's k). `count` picks the load: 'assigned' (all k slots) or 'first_choice' (slot 0).
+    `step_bucket=b` (with by_step): one row per bucket of b steps, `step` its first step, each metric that of the
+    bucket's summed load (not a mean of per-step metrics; moeviz.analyses.step_buckets); None = every step.
     """
     col = _check_count(count)
     if not (0 <= dead_threshold <= 1):
         raise AnalysisError(f"dead_threshold is a fraction of the uniform share, in [0, 1]; got {dead_threshold}")
     if top_n is not None and int(top_n) < 1:
         raise AnalysisError(f"top_n must be a positive number of experts; got {top_n}")
-    base, params = expert_counts_sql(sel, by_step=by_step)
+    base, params = expert_counts_sql(sel, by_step=by_step, step_bucket=step_bucket)
     keys = "run_id, step, layer" if by_step else "run_id, layer"
     sql = f"""
         WITH b AS ({base}),
