@@ -524,3 +524,80 @@ def megatron_gpt_inputs(batch: int, seq: int, vocab_size: int = 128, seed: int =
     pos = torch.arange(seq)[None].expand(batch, seq)
     mask = ~torch.ones(batch, 1, seq, seq, dtype=torch.bool).tril()
     return ids, pos, mask
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# torchtitan on a CPU (test-only dependency: requirements-frameworks.txt)
+
+
+def tiny_torchtitan_moe(
+    *,
+    seed: int = 0,
+    n_layers: int = 2,
+    dim: int = 16,
+    num_experts: int = 8,
+    top_k: int = 2,
+    vocab_size: int = 64,
+    expert_bias: bool = False,
+    dtype=None,
+    **router,
+):
+    """A seeded random stack of torchtitan 0.3.0 `MoE` layers (torchtitan's own config builders:
+    `make_moe_config`, `make_router_config`, `make_routed_experts_config`; local token dispatch), behind a token
+    embedding, each after an RMSNorm (a block's `ffn_norm`) and with residual connections: `model(input_ids [B, L]) -> [B, L, dim]`, eval mode. `router` goes to
+    `make_router_config` (score_func, route_norm, route_scale, num_expert_groups, num_limited_groups, bias). Weights
+    are drawn with std 0.5 so that routing is neither uniform nor trivial; with `expert_bias=True` each MoE's
+    `expert_bias_E` buffer (torchtitan's aux-loss-free balancing bias, zero at init) gets random values in
+    [0, 0.3), else the layers have no bias (`load_balance_coeff=None`). `dtype` (e.g. torch.bfloat16) casts the
+    model, keeping the bias buffers in float32 as torchtitan's training does."""
+    from functools import partial
+
+    import torch
+    from torch import nn
+    from torchtitan.models.common.config_utils import (
+        make_moe_config,
+        make_routed_experts_config,
+        make_router_config,
+    )
+
+    init = {"weight": partial(nn.init.normal_, std=0.5), "bias": partial(nn.init.normal_, std=0.5)}
+    experts_init = {"w1_EFD": init["weight"], "w2_EDF": init["weight"], "w3_EFD": init["weight"]}
+
+    def moe_config():
+        return make_moe_config(
+            num_experts=num_experts,
+            load_balance_coeff=1e-3 if expert_bias else None,
+            router=make_router_config(
+                dim=dim, num_experts=num_experts, gate_param_init=init, top_k=top_k, **router
+            ),
+            routed_experts=make_routed_experts_config(
+                dim=dim, hidden_dim=2 * dim, num_experts=num_experts, top_k=top_k, param_init=experts_init,
+                comm_backend="standard",
+            ),
+        )
+
+    class TinyTorchtitanMoE(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.tok_embeddings = nn.Embedding(vocab_size, dim)
+            self.norms = nn.ModuleList(nn.RMSNorm(dim) for _ in range(n_layers))  # a block's ffn_norm
+            self.layers = nn.ModuleList(moe_config().build() for _ in range(n_layers))
+
+        def forward(self, input_ids):  # [B, L] -> [B, L, dim]
+            h = self.tok_embeddings(input_ids)
+            for norm, layer in zip(self.norms, self.layers):
+                h = h + layer(norm(h))
+            return h
+
+    torch.manual_seed(seed)
+    model = TinyTorchtitanMoE()
+    for layer in model.layers:
+        layer.init_states()
+    if dtype is not None:
+        model = model.to(dtype)
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for layer in model.layers:
+            if layer.expert_bias_E is not None:
+                layer.expert_bias_E = torch.rand(num_experts, generator=gen) * 0.3  # float32
+    return model.eval()

@@ -8,9 +8,9 @@ asks these before its generic rules, so these routers need no predicate and no a
 
 from __future__ import annotations
 
-from collectors.frameworks import megatron
+from collectors.frameworks import megatron, torchtitan
 
-FRAMEWORKS = (megatron,)
+FRAMEWORKS = (megatron, torchtitan)
 
 
 def auto_adapter(module, n_experts: int | None, top_k: int | None):
