@@ -591,9 +591,11 @@ def _is_class_router(module, parent, config) -> bool:
 
 
 def _is_builtin_router(module, parent, config) -> bool:
-    """What the built-in search takes: a class-named router, or a 4.x linear gate in a block that has no
-    class-named router (a block has one router)."""
-    if _is_class_router(module, parent, config):
+    """What the built-in search takes: a training framework's router (collectors.frameworks), a class-named router,
+    or a 4.x linear gate in a block that has no class-named router (a block has one router)."""
+    from collectors import frameworks
+
+    if frameworks.recognises(module) or _is_class_router(module, parent, config):
         return True
     return (
         _is_linear_gate(module, parent, _n_experts(module, parent, config))
@@ -604,8 +606,13 @@ def _is_builtin_router(module, parent, config) -> bool:
 
 def _site(name, module, parent, config, adapter, layer: int) -> RouterSite:
     """The RouterSite of a chosen router module; RouterError if its sizes or its reader are unknown."""
-    n_experts = _int_attr((adapter,), ("n_experts",)) or _n_experts(module, parent, config)
-    top_k = _int_attr((adapter,), ("top_k",)) or _top_k(module, parent, config)
+    from collectors import frameworks
+
+    # a training framework's router: its adapter reads the sizes from the framework's own config
+    framework = frameworks.auto_adapter(module, None, None) if adapter is None else None
+    declares = adapter if adapter is not None else None if framework is None else framework[0]
+    n_experts = _int_attr((declares,), ("n_experts",)) or _n_experts(module, parent, config)
+    top_k = _int_attr((declares,), ("top_k",)) or _top_k(module, parent, config)
     where = f"{name} ({type(module).__name__})"
     if n_experts is None or top_k is None:
         raise RouterError(
@@ -616,7 +623,7 @@ def _site(name, module, parent, config, adapter, layer: int) -> RouterSite:
     if adapter is not None:
         read, kind = adapter, "custom"
     else:
-        auto = _auto_adapter(module, parent, config, n_experts, top_k)
+        auto = framework if framework is not None else _auto_adapter(module, parent, config, n_experts, top_k)
         if auto is None:
             raise RouterError(
                 f"{where} was selected by predicate= but no built-in adapter reads it: pass "
@@ -627,6 +634,8 @@ def _site(name, module, parent, config, adapter, layer: int) -> RouterSite:
     own = getattr(read, "capacity_factor", None)  # an adapter that knows the router's capacity factor
     if isinstance(own, (int, float)) and not isinstance(own, bool) and own > 0:
         factor = float(own)
+    elif framework is not None and hasattr(read, "capacity_factor"):  # a framework reader saying None: no drops
+        factor = None
     # the scale a user adapter declares, else the built-in adapter's (Megatron), else the module's own attribute
     scale = _weight_scale(adapter if adapter is not None else read if _declares_scale(read) else module)
     return RouterSite(

@@ -601,3 +601,60 @@ def tiny_torchtitan_moe(
             if layer.expert_bias_E is not None:
                 layer.expert_bias_E = torch.rand(num_experts, generator=gen) * 0.3  # float32
     return model.eval()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# DeepSpeed on a CPU (test-only dependency: requirements-frameworks.txt)
+
+
+def tiny_deepspeed_moe(
+    *,
+    seed: int = 0,
+    n_layers: int = 2,
+    hidden: int = 16,
+    num_experts: int = 4,
+    vocab_size: int = 64,
+    dtype=None,
+    **moe,
+):
+    """A seeded random stack of DeepSpeed 0.19.8 `deepspeed.moe.layer.MoE` layers (expert: Linear-GELU-Linear,
+    ep_size 1, no process group needed on a CPU), behind a token embedding, each after an RMSNorm and with residual
+    connections: `model(input_ids [B, L]) -> [B, L, hidden]`, eval mode. `moe` goes to `MoE` (k, capacity_factor,
+    eval_capacity_factor, min_capacity, drop_tokens, use_rts, top2_2nd_expert_sampling, noisy_gate_policy). The
+    gates' weights are drawn with std 0.5 so that routing is neither uniform nor trivial. `dtype` casts the model
+    (the gate computes its logits in float32 whatever the input dtype)."""
+    import logging
+
+    import torch
+    from torch import nn
+
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)  # "Creating MoE layer with num_experts ..." per layer
+    from deepspeed.moe.layer import MoE
+
+    class TinyDeepSpeedMoE(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.tok_embeddings = nn.Embedding(vocab_size, hidden)
+            self.norms = nn.ModuleList(nn.RMSNorm(hidden) for _ in range(n_layers))
+            expert = nn.Sequential(nn.Linear(hidden, 2 * hidden), nn.GELU(), nn.Linear(2 * hidden, hidden))
+            self.layers = nn.ModuleList(
+                MoE(hidden_size=hidden, expert=expert, num_experts=num_experts, **moe) for _ in range(n_layers)
+            )
+
+        def forward(self, input_ids):  # [B, L] -> [B, L, hidden]
+            h = self.tok_embeddings(input_ids)
+            for norm, layer in zip(self.norms, self.layers):
+                out, _l_aux, _exp_counts = layer(norm(h))
+                h = h + out
+            return h
+
+    torch.manual_seed(seed)
+    model = TinyDeepSpeedMoE()
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for layer in model.layers:
+            wg = layer.deepspeed_moe.gate.wg.weight
+            wg.copy_(torch.randn(wg.shape, generator=gen) * 0.5)
+    if dtype is not None:
+        model = model.to(dtype)
+    return model.eval()

@@ -37,6 +37,7 @@ sys.exit(pytest.main(["-q", "-p", "no:cacheprovider", "-rs", TESTS]))
 FRAMEWORKS = {
     "megatron-core": ("megatron", "tests/test_megatron.py"),
     "torchtitan": ("torchtitan", "tests/test_torchtitan.py"),
+    "deepspeed": ("deepspeed", "tests/test_deepspeed.py"),
 }
 
 

@@ -32,6 +32,9 @@ def is_token_choice_router(module) -> bool:
     )
 
 
+recognises = is_token_choice_router
+
+
 def auto_adapter(module, n_experts: int | None, top_k: int | None):
     if not is_token_choice_router(module):
         return None
