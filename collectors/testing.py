@@ -151,6 +151,47 @@ _COMMON_DECODER = dict(
 FAMILIES: tuple[str, ...] = tuple(_FAMILY_SPECS)
 """Families that `tiny_model` builds (transformers model types)."""
 
+# Families whose routers need their own reader (collectors.routers.Llama4RouterAdapter, NllbMoeTop2Adapter); tested
+# in tests/test_llama4_nllb.py with their own references, kept out of FAMILIES and the tests parametrised over it.
+_MORE_FAMILY_SPECS: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "llama4": (
+        "Llama4TextConfig",
+        "Llama4ForCausalLM",
+        dict(
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            intermediate_size=32,
+            intermediate_size_mlp=64,
+            head_dim=8,
+            interleave_moe_layer_step=1,
+        ),
+    ),
+    "nllb_moe": (
+        "NllbMoeConfig",
+        "NllbMoeForConditionalGeneration",
+        dict(
+            vocab_size=128,
+            d_model=32,
+            encoder_layers=2,
+            decoder_layers=2,
+            encoder_ffn_dim=64,
+            decoder_ffn_dim=64,
+            encoder_attention_heads=4,
+            decoder_attention_heads=4,
+            num_experts=4,
+            encoder_sparse_step=1,
+            decoder_sparse_step=1,
+            max_position_embeddings=64,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+            decoder_start_token_id=2,
+        ),
+    ),
+}
+MORE_FAMILIES: tuple[str, ...] = tuple(_MORE_FAMILY_SPECS)
+"""More families that `tiny_model` builds (Llama 4 text, NLLB-MoE); not in FAMILIES."""
+
 ENCODER_DECODER_FAMILIES: frozenset[str] = frozenset({"switch_transformers"})
 
 
@@ -158,10 +199,11 @@ def tiny_config(family: str, **overrides: Any):
     """The small transformers config of `family`, with `overrides` applied (for `from_pretrained` tests)."""
     import transformers
 
-    if family not in _FAMILY_SPECS:
-        raise ValueError(f"unknown family {family!r}; known: {', '.join(FAMILIES)}")
-    config_name, _, kwargs = _FAMILY_SPECS[family]
-    base = {} if family in ENCODER_DECODER_FAMILIES else dict(_COMMON_DECODER)
+    specs = {**_FAMILY_SPECS, **_MORE_FAMILY_SPECS}
+    if family not in specs:
+        raise ValueError(f"unknown family {family!r}; known: {', '.join(FAMILIES + MORE_FAMILIES)}")
+    config_name, _, kwargs = specs[family]
+    base = {} if family in ENCODER_DECODER_FAMILIES or family == "nllb_moe" else dict(_COMMON_DECODER)
     base.update(kwargs)
     base.update(overrides)
     base.setdefault("vocab_size", 128)
@@ -180,7 +222,7 @@ def tiny_model(family: str, *, seed: int = 0, dtype=None, experts_implementation
     import transformers
 
     config = tiny_config(family, **overrides)
-    _, model_name, _ = _FAMILY_SPECS[family]
+    _, model_name, _ = {**_FAMILY_SPECS, **_MORE_FAMILY_SPECS}[family]
     torch.manual_seed(seed)
     kwargs = {}
     if experts_implementation is not None:
@@ -210,6 +252,16 @@ def _randomise_router_buffers(model, seed: int) -> None:
                 and weight.device.type != "meta"
                 and bool((weight == 0).all())
             ):
+                weight.copy_(torch.randn(weight.shape, generator=gen) * 0.5)
+            # Llama 4's router is a Linear, NLLB-MoE's has a `classifier`: both drawn with std 0.02 at init, which
+            # routes nearly every token alike in a tiny model
+            router_weight = getattr(getattr(module, "classifier", None), "weight", None)
+            on_device = isinstance(weight, torch.Tensor) and weight.device.type != "meta"
+            if type(module).__name__ == "NllbMoeTop2Router" and isinstance(router_weight, torch.Tensor) and (
+                router_weight.device.type != "meta"
+            ):
+                router_weight.copy_(torch.randn(router_weight.shape, generator=gen) * 0.5)
+            if type(module).__name__ == "Llama4Router" and on_device:
                 weight.copy_(torch.randn(weight.shape, generator=gen) * 0.5)
 
 
