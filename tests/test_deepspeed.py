@@ -132,7 +132,8 @@ def test_gates_found_with_sizes_and_capacity(ds_run):
     for s in sites:
         g = _gate(s)
         assert (s.n_experts, s.top_k, s.weight_scale) == (g.wg.out_features, g.k, 1.0)
-        assert s.capacity_factor == (g.capacity_factor if g.drop_tokens else None)
+        assert not g.training  # found in eval mode: the eval capacity factor is the one in effect
+        assert s.capacity_factor == (g.eval_capacity_factor if g.drop_tokens else None)
 
 
 def test_every_token_layer_and_slot_equals_deepspeeds_routing(ds_run):
@@ -282,3 +283,39 @@ def test_extract_never_syncs():
             for h in handles:
                 h.remove()
         assert guard.checked_calls == len(sites) == len(captured) == 2
+
+
+def test_training_steps_record_what_the_gate_did(tmp_path):
+    """model.train() (capacity_factor in effect, random token selection), forward and backward for two steps: each
+    step's kept routes equal the gate's own output of that step, and the gate still gets its gradient."""
+    model = tiny_deepspeed_moe(seed=5, vocab_size=VOCAB, k=2, top2_2nd_expert_sampling=False, capacity_factor=0.5,
+                               min_capacity=0).train()
+    sites = find_routers(model)
+    seen: list[dict] = []
+    hooks = [s.module.register_forward_hook(
+        lambda m, i, o, s=s: seen[-1].__setitem__(s.layer, (o[3].t().long(), o[5].t().detach().float())))
+        for s in sites]
+    try:
+        with Recorder(model, tmp_path / "run", flush_every=1) as rec:
+            for step in range(2):
+                seen.append({})
+                model.zero_grad()
+                model(_ids(20 + step)).pow(2).mean().backward()
+                assert all(s.module.wg.weight.grad is not None for s in sites)
+                rec.step(step)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert all(s.capacity_factor == 0.5 for s in sites)
+    routes = query(tmp_path / "run", "SELECT step, layer, seq, pos, slot, expert, weight FROM routes ORDER BY ALL")
+    dropped = query(tmp_path / "run", "SELECT step, layer, sum(dropped) AS n FROM step_stats GROUP BY ALL ORDER BY ALL")
+    for step in range(2):
+        for s in sites:
+            idx, gates = seen[step][s.layer]
+            r = routes[(routes.step == step) & (routes.layer == s.layer)]
+            expert, weight = r.expert.to_numpy().reshape(-1, 2), r.weight.to_numpy().reshape(-1, 2)
+            kept = (idx >= 0).numpy()
+            np.testing.assert_array_equal(expert[kept], idx.numpy()[kept])
+            np.testing.assert_allclose(weight[kept], gates.numpy()[kept], atol=2e-5)
+            n = dropped[(dropped.step == step) & (dropped.layer == s.layer)].n.iloc[0]
+            assert n == int((~kept).sum()) > 0

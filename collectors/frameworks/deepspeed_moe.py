@@ -65,8 +65,10 @@ class DeepSpeedTopKGateAdapter(RouterAdapter):
                 "training, and a dropped route's expert is in no output: build it with noisy_gate_policy=None or "
                 "drop_tokens=False, or pass adapter="
             )
-        # the capacity factor in effect at training time (eval uses eval_capacity_factor); None: nothing dropped
-        self.capacity_factor = float(gate.capacity_factor) if self.drop_tokens else None
+        # the capacity factor of the mode the gate is in when found (training: capacity_factor, eval:
+        # eval_capacity_factor; `min_capacity` may raise the capacity above it); None: nothing dropped
+        factor = gate.capacity_factor if gate.training else gate.eval_capacity_factor
+        self.capacity_factor = float(factor) if self.drop_tokens else None
 
     def __call__(self, module, inputs, output):
         import torch
