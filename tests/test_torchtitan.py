@@ -214,3 +214,56 @@ def test_extract_never_syncs():
         for h in handles:
             h.remove()
     assert guard.checked_calls == len(sites) == len(captured) == 2
+
+
+def test_recorded_under_torch_compile_in_one_graph(tmp_path):
+    """Recorder attached, then torch.compile(backend='aot_eager'): one graph as the model alone, no graph break, no
+    recompile over 3 forwards and 2 steps, and the routes equal torchtitan's router outputs of an eager run."""
+    import torch._dynamo
+    from torch._dynamo.testing import CompileCounterWithBackend
+    from torch._dynamo.utils import counters
+
+    model = tiny_torchtitan_moe(seed=1, expert_bias=True, route_norm=True, route_scale=2.5, top_k=3,
+                                vocab_size=VOCAB)
+    sites = find_routers(model)
+    batches = [[_ids(30 + 3 * step + f) for f in range(3)] for step in range(2)]
+    eager: list[dict] = []
+    seen: dict = {}
+    hooks = [s.module.register_forward_hook(lambda m, i, o, s=s: seen.__setitem__(s.layer, (o[1], o[0])))
+             for s in sites]
+    try:
+        for forwards in batches:
+            for ids in forwards:
+                with torch.no_grad():
+                    model(ids)
+                eager.append(dict(seen))
+    finally:
+        for h in hooks:
+            h.remove()
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        cnt = CompileCounterWithBackend("aot_eager")
+        with Recorder(model, tmp_path / "run") as rec:
+            compiled = torch.compile(model, backend=cnt)
+            for step, forwards in enumerate(batches):
+                for ids in forwards:
+                    with torch.no_grad():
+                        compiled(ids)
+                rec.step(step)
+        assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
+        assert cnt.frame_count == 1
+    finally:
+        torch._dynamo.reset()
+    routes = query(tmp_path / "run", "SELECT step, seq, pos, layer, slot, expert, weight FROM routes ORDER BY ALL")
+    k = 3
+    for step in range(2):
+        for f in range(3):
+            for s in sites:
+                ids_k, w = (t.reshape(-1, k) for t in eager[step * 3 + f][s.layer])  # torchtitan's, eager
+                r = routes[(routes.step == step) & (routes.layer == s.layer) & (routes.seq // BATCH == f)]
+                expert = torch.tensor(r.expert.to_numpy().reshape(-1, k))
+                assert torch.equal(expert.sort(-1).values, ids_k.sort(-1).values)
+                order = (expert[:, :, None] == ids_k[:, None, :]).float().argmax(-1)
+                np.testing.assert_allclose(r.weight.to_numpy().reshape(-1, k), (w.gather(1, order) / 2.5).numpy(),
+                                           atol=2e-5)
