@@ -594,14 +594,16 @@ def tiny_torchtitan_moe(
     dtype=None,
     **router,
 ):
-    """A seeded random stack of torchtitan 0.3.0 `MoE` layers (torchtitan's own config builders:
-    `make_moe_config`, `make_router_config`, `make_routed_experts_config`; local token dispatch), behind a token
-    embedding, each after an RMSNorm (a block's `ffn_norm`) and with residual connections: `model(input_ids [B, L]) -> [B, L, dim]`, eval mode. `router` goes to
-    `make_router_config` (score_func, route_norm, route_scale, num_expert_groups, num_limited_groups, bias). Weights
-    are drawn with std 0.5 so that routing is neither uniform nor trivial; with `expert_bias=True` each MoE's
-    `expert_bias_E` buffer (torchtitan's aux-loss-free balancing bias, zero at init) gets random values in
-    [0, 0.3), else the layers have no bias (`load_balance_coeff=None`). `dtype` (e.g. torch.bfloat16) casts the
-    model, keeping the bias buffers in float32 as torchtitan's training does."""
+    """A seeded random stack of torchtitan 0.3.0 `MoE` layers (torchtitan's own config builders: `make_moe_config`,
+    `make_router_config`, `make_routed_experts_config`; local token dispatch), behind a token embedding, each
+    after an RMSNorm (a block's `ffn_norm`) and with residual connections: `model(input_ids [B, L]) -> [B, L,
+    dim]`, eval mode. `router` goes to `make_router_config` (score_func, route_norm, route_scale,
+    num_expert_groups, num_limited_groups, bias). Weights are drawn with std 0.5 so that routing is neither
+    uniform nor trivial; with `expert_bias=True` each MoE's `expert_bias_E` buffer (torchtitan's aux-loss-free
+    balancing bias, zero at init) gets random values in [0, 0.3), else the layers have no bias
+    (`load_balance_coeff=None`). `dtype` (e.g. torch.bfloat16) casts the model, keeping the bias buffers in
+    float32 as torchtitan's training does.
+    """
     from functools import partial
 
     import torch

@@ -319,3 +319,65 @@ def test_training_steps_record_what_the_gate_did(tmp_path):
             np.testing.assert_allclose(weight[kept], gates.numpy()[kept], atol=2e-5)
             n = dropped[(dropped.step == step) & (dropped.layer == s.layer)].n.iloc[0]
             assert n == int((~kept).sum()) > 0
+
+
+def test_recorded_under_torch_compile(tmp_path):
+    """torch.compile(backend='aot_eager') with the Recorder attached: the routes equal the gate's own outputs of an
+    eager run. DeepSpeed's MOELayer breaks the graph itself (`C = int(C)`, once per MoE layer); the Recorder adds
+    no break of its own but one recompile of the shared MOELayer frame per further MoE layer (its hook's site index
+    is a constant Dynamo guards on), which meets DeepSpeed's break again: measured here so that a change shows."""
+    import torch._dynamo
+    from torch._dynamo.testing import CompileCounterWithBackend
+    from torch._dynamo.utils import counters
+
+    kwargs = dict(k=2, top2_2nd_expert_sampling=False, **DROPS)
+    model = tiny_deepspeed_moe(seed=1, vocab_size=VOCAB, **kwargs)
+    sites = find_routers(model)
+    batches = [[_ids(40 + 2 * step + f) for f in range(2)] for step in range(2)]
+    eager, seen = [], {}
+    hooks = [s.module.register_forward_hook(
+        lambda m, i, o, s=s: seen.__setitem__(s.layer, (o[3].t().long(), o[5].t()))) for s in sites]
+    try:
+        for forwards in batches:
+            for ids in forwards:
+                with torch.no_grad():
+                    model(ids)
+                eager.append(dict(seen))
+    finally:
+        for h in hooks:
+            h.remove()
+    try:
+        frames, breaks = [], []
+        for record in (False, True):
+            torch._dynamo.reset()
+            counters.clear()
+            cnt = CompileCounterWithBackend("aot_eager")
+            compiled = torch.compile(model, backend=cnt)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # Dynamo's notice about DeepSpeed's Tensor.item()
+                rec = Recorder(model, tmp_path / "run").start() if record else None
+                for step, forwards in enumerate(batches):
+                    for ids in forwards:
+                        with torch.no_grad():
+                            compiled(ids)
+                    if rec is not None:
+                        rec.step(step)
+                if rec is not None:
+                    rec.close()
+            frames.append(cnt.frame_count)
+            breaks.append(sum(counters["graph_break"].values()))
+    finally:
+        torch._dynamo.reset()
+    assert breaks[1] == breaks[0] + len(sites) - 1 and frames[1] == frames[0] + len(sites) - 1, (frames, breaks)
+    routes = query(tmp_path / "run", "SELECT step, seq, pos, layer, slot, expert, weight FROM routes ORDER BY ALL")
+    dropped = query(tmp_path / "run", "SELECT step, layer, sum(dropped) AS n FROM step_stats GROUP BY ALL")
+    for step in range(2):
+        for f in range(2):
+            for s in sites:
+                idx, gates = eager[step * 2 + f][s.layer]
+                r = routes[(routes.step == step) & (routes.layer == s.layer) & (routes.seq // BATCH == f)]
+                expert, weight = r.expert.to_numpy().reshape(-1, 2), r.weight.to_numpy().reshape(-1, 2)
+                kept = (idx >= 0).numpy()
+                np.testing.assert_array_equal(expert[kept], idx.numpy()[kept])
+                np.testing.assert_allclose(weight[kept], gates.float().numpy()[kept], atol=2e-5)
+    assert dropped.n.sum() > 0

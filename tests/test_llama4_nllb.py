@@ -44,7 +44,8 @@ def _inputs(family, config):
     gen = torch.Generator().manual_seed(7)
     ids = torch.randint(3, config.vocab_size, (BATCH, SEQ), generator=gen)
     if family == "nllb_moe":
-        return dict(input_ids=ids, decoder_input_ids=torch.randint(3, config.vocab_size, (BATCH, DEC_SEQ), generator=gen))
+        dec = torch.randint(3, config.vocab_size, (BATCH, DEC_SEQ), generator=gen)
+        return dict(input_ids=ids, decoder_input_ids=dec)
     return dict(input_ids=ids)
 
 
@@ -56,7 +57,8 @@ def run(request):
     captured, raw = {}, {}
     handles = []
     for s in sites:
-        handles.append(s.module.register_forward_hook(lambda m, i, o, s=s: captured.__setitem__(s.layer, s.extract(m, i, o))))
+        handles.append(
+            s.module.register_forward_hook(lambda m, i, o, s=s: captured.__setitem__(s.layer, s.extract(m, i, o))))
         handles.append(s.module.register_forward_hook(lambda m, i, o, s=s: raw.__setitem__(s.layer, o)))
     inputs = _inputs(family, config)
     torch.manual_seed(11)  # NLLB's 'random' policy samples the second expert

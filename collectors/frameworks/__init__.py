@@ -1,10 +1,10 @@
 """Readers for routers of training frameworks other than transformers, one module per framework.
 
 Each module exposes `recognises(module) -> bool` and `auto_adapter(module, n_experts, top_k) -> (adapter, kind) |
-None`, which recognise the framework's router by its class and defining module (never importing the framework: a model built with it has
-already imported it) and returns the adapter that reads the router's output. `collectors.routers.find_routers`
-asks these before its generic rules, so these routers need no predicate and no adapter; the adapter's
-`n_experts` and `top_k` are the site's (DeepSpeed calls its top-k `k`).
+None`, which recognise the framework's router by its class and defining module (never importing the framework: a
+model built with it has already imported it) and returns the adapter that reads the router's output.
+`collectors.routers.find_routers` asks these before its generic rules, so these routers need no predicate and no
+adapter; the adapter's `n_experts` and `top_k` are the site's (DeepSpeed calls its top-k `k`).
 """
 
 from __future__ import annotations
