@@ -17,9 +17,11 @@ flattened to one row per token (batch * seq):
 How routers are found (never by attribute names such as `gate` alone: Qwen2-MoE also has `shared_expert_gate`,
 DeepSeek `gate_proj`):
 
+0. training frameworks' routers, by class and defining package (collectors.frameworks: Megatron-Core
+   `TopKRouter`, torchtitan `TokenChoiceTopKRouter`, DeepSpeed `TopKGate`), sizes from the framework's config;
 1. by class name: `*TopKRouter`, `*TopkRouter`, `*Top1Router`, `*Top2Router`, `*Router`, `*Gate`, `*Gating`
-   (transformers 5 MoE routers, Switch Transformers, DeepSeek's remote-code `MoEGate`, ...), when the module
-   (or its MoE block, or the model config) says how many experts it routes to;
+   (transformers 5 MoE routers, Switch Transformers, Llama 4, NLLB-MoE, DeepSeek's remote-code `MoEGate`, ...),
+   when the module (or its MoE block, or the model config) says how many experts it routes to;
 2. by structure: a plain `nn.Linear` with one output per expert that sits beside an `experts` module in the same
    block (the transformers 4.x layout, e.g. `block_sparse_moe.gate` in Mixtral); its top-k is recomputed from
    the linear's output the way the block did it (softmax -> top-k -> renormalise unless `norm_topk_prob` is
