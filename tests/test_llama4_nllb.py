@@ -225,3 +225,30 @@ def test_extract_never_syncs(family):
         for h in handles:
             h.remove()
     assert guard.checked_calls == len(sites) == len(captured)
+
+
+def test_moeviz_collect_records_a_saved_llama4(tmp_path):
+    """`moeviz collect --hf-model` on a tiny Llama 4 saved with save_pretrained: unchanged CLI, every token of the
+    text routed in every MoE layer, the run finished."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from moeviz.cli import main
+
+    text = "the cat sat on the mat and the dog ran off quickly " * 4  # 48 words: one token each
+    folder = tmp_path / "tiny-llama4"
+    model, _ = tiny_model("llama4", seed=3)
+    model.save_pretrained(folder)
+    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.train_from_iterator([text], trainers.WordLevelTrainer(special_tokens=["[PAD]", "[UNK]"]))
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]").save_pretrained(folder)
+    (tmp_path / "prose.txt").write_text(text)
+    rc = main(["collect", "--hf-model", str(folder), "--text", str(tmp_path / "prose.txt"), "--out",
+               str(tmp_path / "run"), "--seq-len", "16", "--batch-size", "2", "--no-progress"])
+    assert rc == 0
+    totals = query(tmp_path / "run", "SELECT layer, sum(tokens) AS n FROM layer_stats GROUP BY layer ORDER BY layer")
+    assert totals.n.tolist() == [48, 48]
+    assert query(tmp_path / "run", "SELECT status FROM runs").status[0] == "finished"
+    n_routes = query(tmp_path / "run", "SELECT count(*) AS n FROM routes").n[0]
+    assert n_routes == 48 * 2 * 2  # tokens x layers x top-2
