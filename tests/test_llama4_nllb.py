@@ -252,3 +252,30 @@ def test_moeviz_collect_records_a_saved_llama4(tmp_path):
     assert query(tmp_path / "run", "SELECT status FROM runs").status[0] == "finished"
     n_routes = query(tmp_path / "run", "SELECT count(*) AS n FROM routes").n[0]
     assert n_routes == 48 * 2 * 2  # tokens x layers x top-2
+
+
+@pytest.mark.parametrize("family", ["llama4", "nllb_moe"])
+def test_bfloat16_models_read_as_the_router_returned(family):
+    """bfloat16 weights (NLLB-MoE's router keeps its float32 `router_dtype`): the kept (expert, weight) pairs equal
+    the router's own return value exactly, and the first-output check accepts the reading."""
+    overrides = {"moe_eval_capacity_token_fraction": 0.3} if family == "nllb_moe" else {}
+    model, config = tiny_model(family, seed=3, dtype=torch.bfloat16, **overrides)
+    sites = find_routers(model)
+    got = {}
+    handles = [s.module.register_forward_hook(
+        lambda m, i, o, s=s: got.__setitem__(s.layer, (s.extract(m, i, o), o))) for s in sites]
+    try:
+        with torch.no_grad():
+            model(**_inputs(family, config))
+    finally:
+        for h in handles:
+            h.remove()
+    n_dropped = 0
+    for s in sites:
+        out, raw = got[s.layer]
+        check_router_output(s, out)
+        applied = raw[0 if family == "llama4" else 1].reshape(-1, s.n_experts)  # scores / combine weights
+        kept_w = out.weights if out.dropped is None else out.weights.masked_fill(out.dropped, 0)
+        assert torch.equal(torch.zeros_like(applied).scatter(1, out.index, kept_w.to(applied.dtype)), applied)
+        n_dropped += 0 if out.dropped is None else int(out.dropped.sum())
+    assert (n_dropped > 0) == (family == "nllb_moe")
