@@ -381,3 +381,24 @@ def test_recorded_under_torch_compile(tmp_path):
                 np.testing.assert_array_equal(expert[kept], idx.numpy()[kept])
                 np.testing.assert_allclose(weight[kept], gates.float().numpy()[kept], atol=2e-5)
     assert dropped.n.sum() > 0
+
+
+def test_rsample_noise_without_drops_reads_the_gates_noisy_choice():
+    """k=1 with noisy_gate_policy='RSample' in training (drop_tokens=False): the gate chooses argmax(logits +
+    Gumbel noise), not argmax of its probabilities; both the sparse and the dense output read its own choice."""
+    model = tiny_deepspeed_moe(seed=1, vocab_size=VOCAB, k=1, noisy_gate_policy="RSample", drop_tokens=False).train()
+    site = find_routers(model)[0]
+    gate = site.module
+    x = torch.randn(24, 16, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.manual_seed(0)
+        sparse = gate(x, None, True)
+        torch.manual_seed(0)
+        dense = gate(x)
+    read_sparse, read_dense = site.extract(gate, (x,), sparse), site.extract(gate, (x,), dense)
+    assert torch.equal(read_sparse.index[:, 0], sparse[3][0].long())
+    assert torch.equal(read_dense.index, read_sparse.index)
+    torch.testing.assert_close(read_dense.weights, read_sparse.weights)
+    assert not bool(read_sparse.dropped.any())
+    noiseless = torch.softmax(read_sparse.logits, -1).argmax(-1)
+    assert bool((noiseless != read_sparse.index[:, 0]).any())  # the noise changed some choices: the test bites

@@ -97,6 +97,9 @@ class DeepSpeedTopKGateAdapter(RouterAdapter):
                 first = gates.argmax(1)  # [S]
                 others = kept_map.scatter(1, first[:, None], False)  # [S, E] the kept second choice
                 index = torch.stack([first, others.float().argmax(1)], dim=1)
+            elif k == 1:  # the dispatched expert where kept ('RSample' noise in training), else argmax(gates)
+                index = torch.where(kept_map.any(-1, keepdim=True), kept_map.float().argmax(1, keepdim=True),
+                                    gates.argmax(1, keepdim=True))
             else:
                 index = self._chosen(logits, gates)
             kept = kept_map.gather(1, index)  # [S, k]
