@@ -17,9 +17,11 @@ flattened to one row per token (batch * seq):
 How routers are found (never by attribute names such as `gate` alone: Qwen2-MoE also has `shared_expert_gate`,
 DeepSeek `gate_proj`):
 
+0. training frameworks' routers, by class and defining package (collectors.frameworks: Megatron-Core
+   `TopKRouter`, torchtitan `TokenChoiceTopKRouter`, DeepSpeed `TopKGate`), sizes from the framework's config;
 1. by class name: `*TopKRouter`, `*TopkRouter`, `*Top1Router`, `*Top2Router`, `*Router`, `*Gate`, `*Gating`
-   (transformers 5 MoE routers, Switch Transformers, DeepSeek's remote-code `MoEGate`, ...), when the module
-   (or its MoE block, or the model config) says how many experts it routes to;
+   (transformers 5 MoE routers, Switch Transformers, Llama 4, NLLB-MoE, DeepSeek's remote-code `MoEGate`, ...),
+   when the module (or its MoE block, or the model config) says how many experts it routes to;
 2. by structure: a plain `nn.Linear` with one output per expert that sits beside an `experts` module in the same
    block (the transformers 4.x layout, e.g. `block_sparse_moe.gate` in Mixtral); its top-k is recomputed from
    the linear's output the way the block did it (softmax -> top-k -> renormalise unless `norm_topk_prob` is
@@ -280,6 +282,75 @@ class SwitchTop1Adapter(RouterAdapter):
         kept = dispatch.sum(-1) > 0  # [tokens]
         index = torch.where(kept, dispatch.argmax(-1), model_choice).unsqueeze(-1)  # [tokens, 1]
         return RouterOutput(logits=logits, index=index, weights=weights, dropped=~kept.unsqueeze(-1))
+
+
+class Llama4RouterAdapter(RouterAdapter):
+    """transformers' `Llama4Router` (an `nn.Linear` subclass) returning `(router_scores, router_logits)`, both
+    [tokens, experts]: `router_scores` is sigmoid of the top-k logits scattered into a -inf row, i.e. the gate
+    weight (the experts' input is multiplied by it) at the chosen experts and 0 elsewhere. The chosen experts are
+    the router's own `topk(router_logits, k)` (sorted, slot 0 = largest logit), recomputed with the same call on the
+    logits it returned; the weights are read from `router_scores`."""
+
+    def __init__(self, n_experts: int, top_k: int):
+        self.n_experts, self.top_k = n_experts, top_k
+
+    def __call__(self, module, inputs, output):
+        import torch
+
+        if not (isinstance(output, (tuple, list)) and len(output) == 2):
+            raise RouterOutputError(f"expected Llama4Router's (router_scores, router_logits), got {_describe(output)}")
+        scores, logits = output  # [T, E], [T, E]
+        logits = logits.reshape(-1, self.n_experts)
+        index = torch.topk(logits, self.top_k, dim=1).indices  # [T, k] the router's own call
+        weights = scores.reshape(-1, self.n_experts).gather(1, index)  # [T, k]
+        return RouterOutput(logits=logits, index=index, weights=weights, dropped=None)
+
+
+class NllbMoeTop2Adapter(RouterAdapter):
+    """transformers' `NllbMoeTop2Router` returning `(top_1_mask, router_probs, router_logits)`, all [tokens,
+    experts]: `top_1_mask` the one-hot first choice after the capacity limit (a zero row where it was dropped, also
+    for padding), `router_probs` the combine weights of the kept first and second choices, `router_logits` the
+    classifier's output. As the router does: the first expert is argmax of softmax(logits) (in the router dtype,
+    cast to the input dtype), the second argmax of the logits without the first (`second_expert_policy` 'all' or
+    'random'). A choice the model did not compute (capacity, padding, or 'random' not sampling the second expert) is
+    `dropped`, with its weight as computed before the drop (its probability over the two chosen ones'). Policy
+    'sampling' (a Gumbel-noised second expert) is refused at find_routers: a dropped second choice is in no output.
+    Capacity is per batch and changes with the batch (`moe_eval_capacity_token_fraction` in eval), so no fixed
+    capacity factor is recorded."""
+
+    capacity_factor = None  # declared: the batch decides it (see above)
+    expert_capacity = None
+
+    def __init__(self, module, n_experts: int):
+        self.n_experts, self.top_k = n_experts, 2
+        policy = getattr(module, "second_expert_policy", "all")
+        if policy not in ("all", "random"):
+            raise RouterError(
+                f"{type(module).__name__} with second_expert_policy={policy!r} draws each token's second expert with "
+                "random noise and a dropped second choice is in no output, so moeviz cannot record it exactly: use "
+                "second_expert_policy='all' (the default) or pass adapter= to find_routers"
+            )
+
+    def __call__(self, module, inputs, output):
+        import torch
+
+        if not (isinstance(output, (tuple, list)) and len(output) == 3):
+            raise RouterOutputError(
+                f"expected NllbMoeTop2Router's (top_1_mask, router_probs, router_logits), got {_describe(output)}"
+            )
+        top_1_mask, combine, logits = (t.reshape(-1, self.n_experts) for t in output)  # [T, E] each
+        router_dtype = getattr(module, "dtype", torch.float32)
+        router_dtype = router_dtype if isinstance(router_dtype, torch.dtype) else torch.float32
+        input_dtype = getattr(module, "input_dtype", combine.dtype)
+        probs = torch.softmax(logits, dim=-1, dtype=router_dtype).to(input_dtype)  # [T, E] as the router did
+        first = probs.argmax(-1, keepdim=True)  # [T, 1]
+        second = logits.scatter(1, first, float("-inf")).argmax(-1, keepdim=True)  # [T, 1]
+        index = torch.cat([first, second], dim=1)  # [T, 2]
+        kept = torch.cat([top_1_mask.sum(-1, keepdim=True) > 0, combine.gather(1, second) > 0], dim=1)  # [T, 2]
+        chosen = probs.gather(1, index)  # [T, 2]
+        before = chosen / chosen.sum(-1, keepdim=True).clamp(min=torch.finfo(chosen.dtype).eps)
+        weights = torch.where(kept, combine.gather(1, index), before.to(combine.dtype))
+        return RouterOutput(logits=logits, index=index, weights=weights, dropped=~kept)
 
 
 class LinearGateAdapter(RouterAdapter):
@@ -544,6 +615,11 @@ def _auto_adapter(module, parent, config, n_experts: int, top_k: int) -> tuple[C
         return found
     cls_name = type(module).__name__
     if _matches_router_class(cls_name):
+        transformers_class = type(module).__module__.startswith("transformers.")
+        if cls_name == "Llama4Router" and transformers_class:
+            return Llama4RouterAdapter(n_experts, top_k), "llama4-router"
+        if cls_name == "NllbMoeTop2Router" and transformers_class:
+            return NllbMoeTop2Adapter(module, n_experts), "nllb-top2"
         if fnmatch.fnmatchcase(cls_name, "*Top1Router") and hasattr(module, "expert_capacity"):
             return SwitchTop1Adapter(n_experts), "switch-top1"
         if hasattr(module, "e_score_correction_bias"):
@@ -593,9 +669,11 @@ def _is_class_router(module, parent, config) -> bool:
 
 
 def _is_builtin_router(module, parent, config) -> bool:
-    """What the built-in search takes: a class-named router, or a 4.x linear gate in a block that has no
-    class-named router (a block has one router)."""
-    if _is_class_router(module, parent, config):
+    """What the built-in search takes: a training framework's router (collectors.frameworks), a class-named router,
+    or a 4.x linear gate in a block that has no class-named router (a block has one router)."""
+    from collectors import frameworks
+
+    if frameworks.recognises(module) or _is_class_router(module, parent, config):
         return True
     return (
         _is_linear_gate(module, parent, _n_experts(module, parent, config))
@@ -606,8 +684,13 @@ def _is_builtin_router(module, parent, config) -> bool:
 
 def _site(name, module, parent, config, adapter, layer: int) -> RouterSite:
     """The RouterSite of a chosen router module; RouterError if its sizes or its reader are unknown."""
-    n_experts = _int_attr((adapter,), ("n_experts",)) or _n_experts(module, parent, config)
-    top_k = _int_attr((adapter,), ("top_k",)) or _top_k(module, parent, config)
+    from collectors import frameworks
+
+    # a training framework's router: its adapter reads the sizes from the framework's own config
+    framework = frameworks.auto_adapter(module, None, None) if adapter is None else None
+    declares = adapter if adapter is not None else None if framework is None else framework[0]
+    n_experts = _int_attr((declares,), ("n_experts",)) or _n_experts(module, parent, config)
+    top_k = _int_attr((declares,), ("top_k",)) or _top_k(module, parent, config)
     where = f"{name} ({type(module).__name__})"
     if n_experts is None or top_k is None:
         raise RouterError(
@@ -618,7 +701,7 @@ def _site(name, module, parent, config, adapter, layer: int) -> RouterSite:
     if adapter is not None:
         read, kind = adapter, "custom"
     else:
-        auto = _auto_adapter(module, parent, config, n_experts, top_k)
+        auto = framework if framework is not None else _auto_adapter(module, parent, config, n_experts, top_k)
         if auto is None:
             raise RouterError(
                 f"{where} was selected by predicate= but no built-in adapter reads it: pass "
@@ -629,6 +712,10 @@ def _site(name, module, parent, config, adapter, layer: int) -> RouterSite:
     own = getattr(read, "capacity_factor", None)  # an adapter that knows the router's capacity factor
     if isinstance(own, (int, float)) and not isinstance(own, bool) and own > 0:
         factor = float(own)
+    elif (framework is not None or kind == "nllb-top2") and hasattr(read, "capacity_factor"):
+        factor = None  # a built-in reader saying None: no drops, or no fixed factor
+    if kind == "nllb-top2":
+        expert_capacity = None  # NLLB-MoE's capacity is per batch and changes with it (not Switch's per sequence)
     # the scale a user adapter declares, else the built-in adapter's (Megatron), else the module's own attribute
     scale = _weight_scale(adapter if adapter is not None else read if _declares_scale(read) else module)
     return RouterSite(

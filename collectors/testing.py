@@ -151,6 +151,47 @@ _COMMON_DECODER = dict(
 FAMILIES: tuple[str, ...] = tuple(_FAMILY_SPECS)
 """Families that `tiny_model` builds (transformers model types)."""
 
+# Families whose routers need their own reader (collectors.routers.Llama4RouterAdapter, NllbMoeTop2Adapter); tested
+# in tests/test_llama4_nllb.py with their own references, kept out of FAMILIES and the tests parametrised over it.
+_MORE_FAMILY_SPECS: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "llama4": (
+        "Llama4TextConfig",
+        "Llama4ForCausalLM",
+        dict(
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            intermediate_size=32,
+            intermediate_size_mlp=64,
+            head_dim=8,
+            interleave_moe_layer_step=1,
+        ),
+    ),
+    "nllb_moe": (
+        "NllbMoeConfig",
+        "NllbMoeForConditionalGeneration",
+        dict(
+            vocab_size=128,
+            d_model=32,
+            encoder_layers=2,
+            decoder_layers=2,
+            encoder_ffn_dim=64,
+            decoder_ffn_dim=64,
+            encoder_attention_heads=4,
+            decoder_attention_heads=4,
+            num_experts=4,
+            encoder_sparse_step=1,
+            decoder_sparse_step=1,
+            max_position_embeddings=64,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+            decoder_start_token_id=2,
+        ),
+    ),
+}
+MORE_FAMILIES: tuple[str, ...] = tuple(_MORE_FAMILY_SPECS)
+"""More families that `tiny_model` builds (Llama 4 text, NLLB-MoE); not in FAMILIES."""
+
 ENCODER_DECODER_FAMILIES: frozenset[str] = frozenset({"switch_transformers"})
 
 
@@ -158,10 +199,11 @@ def tiny_config(family: str, **overrides: Any):
     """The small transformers config of `family`, with `overrides` applied (for `from_pretrained` tests)."""
     import transformers
 
-    if family not in _FAMILY_SPECS:
-        raise ValueError(f"unknown family {family!r}; known: {', '.join(FAMILIES)}")
-    config_name, _, kwargs = _FAMILY_SPECS[family]
-    base = {} if family in ENCODER_DECODER_FAMILIES else dict(_COMMON_DECODER)
+    specs = {**_FAMILY_SPECS, **_MORE_FAMILY_SPECS}
+    if family not in specs:
+        raise ValueError(f"unknown family {family!r}; known: {', '.join(FAMILIES + MORE_FAMILIES)}")
+    config_name, _, kwargs = specs[family]
+    base = {} if family in ENCODER_DECODER_FAMILIES or family == "nllb_moe" else dict(_COMMON_DECODER)
     base.update(kwargs)
     base.update(overrides)
     base.setdefault("vocab_size", 128)
@@ -180,7 +222,7 @@ def tiny_model(family: str, *, seed: int = 0, dtype=None, experts_implementation
     import transformers
 
     config = tiny_config(family, **overrides)
-    _, model_name, _ = _FAMILY_SPECS[family]
+    _, model_name, _ = {**_FAMILY_SPECS, **_MORE_FAMILY_SPECS}[family]
     torch.manual_seed(seed)
     kwargs = {}
     if experts_implementation is not None:
@@ -210,6 +252,16 @@ def _randomise_router_buffers(model, seed: int) -> None:
                 and weight.device.type != "meta"
                 and bool((weight == 0).all())
             ):
+                weight.copy_(torch.randn(weight.shape, generator=gen) * 0.5)
+            # Llama 4's router is a Linear, NLLB-MoE's has a `classifier`: both drawn with std 0.02 at init, which
+            # routes nearly every token alike in a tiny model
+            router_weight = getattr(getattr(module, "classifier", None), "weight", None)
+            on_device = isinstance(weight, torch.Tensor) and weight.device.type != "meta"
+            if type(module).__name__ == "NllbMoeTop2Router" and isinstance(router_weight, torch.Tensor) and (
+                router_weight.device.type != "meta"
+            ):
+                router_weight.copy_(torch.randn(router_weight.shape, generator=gen) * 0.5)
+            if type(module).__name__ == "Llama4Router" and on_device:
                 weight.copy_(torch.randn(weight.shape, generator=gen) * 0.5)
 
 
@@ -524,3 +576,139 @@ def megatron_gpt_inputs(batch: int, seq: int, vocab_size: int = 128, seed: int =
     pos = torch.arange(seq)[None].expand(batch, seq)
     mask = ~torch.ones(batch, 1, seq, seq, dtype=torch.bool).tril()
     return ids, pos, mask
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# torchtitan on a CPU (test-only dependency: requirements-frameworks.txt)
+
+
+def tiny_torchtitan_moe(
+    *,
+    seed: int = 0,
+    n_layers: int = 2,
+    dim: int = 16,
+    num_experts: int = 8,
+    top_k: int = 2,
+    vocab_size: int = 64,
+    expert_bias: bool = False,
+    dtype=None,
+    **router,
+):
+    """A seeded random stack of torchtitan 0.3.0 `MoE` layers (torchtitan's own config builders: `make_moe_config`,
+    `make_router_config`, `make_routed_experts_config`; local token dispatch), behind a token embedding, each
+    after an RMSNorm (a block's `ffn_norm`) and with residual connections: `model(input_ids [B, L]) -> [B, L,
+    dim]`, eval mode. `router` goes to `make_router_config` (score_func, route_norm, route_scale,
+    num_expert_groups, num_limited_groups, bias). Weights are drawn with std 0.5 so that routing is neither
+    uniform nor trivial; with `expert_bias=True` each MoE's `expert_bias_E` buffer (torchtitan's aux-loss-free
+    balancing bias, zero at init) gets random values in [0, 0.3), else the layers have no bias
+    (`load_balance_coeff=None`). `dtype` (e.g. torch.bfloat16) casts the model, keeping the bias buffers in
+    float32 as torchtitan's training does.
+    """
+    from functools import partial
+
+    import torch
+    from torch import nn
+    from torchtitan.models.common.config_utils import (
+        make_moe_config,
+        make_routed_experts_config,
+        make_router_config,
+    )
+
+    init = {"weight": partial(nn.init.normal_, std=0.5), "bias": partial(nn.init.normal_, std=0.5)}
+    experts_init = {"w1_EFD": init["weight"], "w2_EDF": init["weight"], "w3_EFD": init["weight"]}
+
+    def moe_config():
+        return make_moe_config(
+            num_experts=num_experts,
+            load_balance_coeff=1e-3 if expert_bias else None,
+            router=make_router_config(
+                dim=dim, num_experts=num_experts, gate_param_init=init, top_k=top_k, **router
+            ),
+            routed_experts=make_routed_experts_config(
+                dim=dim, hidden_dim=2 * dim, num_experts=num_experts, top_k=top_k, param_init=experts_init,
+                comm_backend="standard",
+            ),
+        )
+
+    class TinyTorchtitanMoE(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.tok_embeddings = nn.Embedding(vocab_size, dim)
+            self.norms = nn.ModuleList(nn.RMSNorm(dim) for _ in range(n_layers))  # a block's ffn_norm
+            self.layers = nn.ModuleList(moe_config().build() for _ in range(n_layers))
+
+        def forward(self, input_ids):  # [B, L] -> [B, L, dim]
+            h = self.tok_embeddings(input_ids)
+            for norm, layer in zip(self.norms, self.layers):
+                h = h + layer(norm(h))
+            return h
+
+    torch.manual_seed(seed)
+    model = TinyTorchtitanMoE()
+    for layer in model.layers:
+        layer.init_states()
+    if dtype is not None:
+        model = model.to(dtype)
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for layer in model.layers:
+            if layer.expert_bias_E is not None:
+                layer.expert_bias_E = torch.rand(num_experts, generator=gen) * 0.3  # float32
+    return model.eval()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# DeepSpeed on a CPU (test-only dependency: requirements-frameworks.txt)
+
+
+def tiny_deepspeed_moe(
+    *,
+    seed: int = 0,
+    n_layers: int = 2,
+    hidden: int = 16,
+    num_experts: int = 4,
+    vocab_size: int = 64,
+    dtype=None,
+    **moe,
+):
+    """A seeded random stack of DeepSpeed 0.19.8 `deepspeed.moe.layer.MoE` layers (expert: Linear-GELU-Linear,
+    ep_size 1, no process group needed on a CPU), behind a token embedding, each after an RMSNorm and with residual
+    connections: `model(input_ids [B, L]) -> [B, L, hidden]`, eval mode. `moe` goes to `MoE` (k, capacity_factor,
+    eval_capacity_factor, min_capacity, drop_tokens, use_rts, top2_2nd_expert_sampling, noisy_gate_policy). The
+    gates' weights are drawn with std 0.5 so that routing is neither uniform nor trivial. `dtype` casts the model
+    (the gate computes its logits in float32 whatever the input dtype)."""
+    import logging
+
+    import torch
+    from torch import nn
+
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)  # "Creating MoE layer with num_experts ..." per layer
+    from deepspeed.moe.layer import MoE
+
+    class TinyDeepSpeedMoE(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.tok_embeddings = nn.Embedding(vocab_size, hidden)
+            self.norms = nn.ModuleList(nn.RMSNorm(hidden) for _ in range(n_layers))
+            expert = nn.Sequential(nn.Linear(hidden, 2 * hidden), nn.GELU(), nn.Linear(2 * hidden, hidden))
+            self.layers = nn.ModuleList(
+                MoE(hidden_size=hidden, expert=expert, num_experts=num_experts, **moe) for _ in range(n_layers)
+            )
+
+        def forward(self, input_ids):  # [B, L] -> [B, L, hidden]
+            h = self.tok_embeddings(input_ids)
+            for norm, layer in zip(self.norms, self.layers):
+                out, _l_aux, _exp_counts = layer(norm(h))
+                h = h + out
+            return h
+
+    torch.manual_seed(seed)
+    model = TinyDeepSpeedMoE()
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for layer in model.layers:
+            wg = layer.deepspeed_moe.gate.wg.weight
+            wg.copy_(torch.randn(wg.shape, generator=gen) * 0.5)
+    if dtype is not None:
+        model = model.to(dtype)
+    return model.eval()

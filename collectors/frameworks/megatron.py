@@ -31,6 +31,9 @@ def is_topk_router(module) -> bool:
     )
 
 
+recognises = is_topk_router
+
+
 def auto_adapter(module, n_experts: int | None, top_k: int | None):
     if not is_topk_router(module):
         return None
