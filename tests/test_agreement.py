@@ -288,3 +288,93 @@ def test_two_recordings_match_by_the_key_the_recorder_wrote(tmp_path):
         sets.setdefault((row_of[(r.run_id, r.step, r.seq)], r.pos, r.layer), {})[r.run_id] = tuple(sorted(r.e))
     same = np.mean([v["A"] == v["B"] for v in sets.values()])
     assert lay["set_agreement"].mean() == pytest.approx(same) and same > 0.95
+
+
+# ---------------------------------------------------------------------------------------------------- CLI
+
+
+def write_run_folder(run_dir, mem, run_id: str) -> None:
+    """A real run folder (RunWriter, one flush) holding run `run_id` of the in-memory store `mem`."""
+    from moeviz.store import RunWriter
+
+    w = RunWriter(run_dir, run_id=run_id, run_name=run_id)
+    w.write_run({"model_class": "Synthetic", "n_layers": 3, "n_experts": 8, "top_k": 2})
+    w.write_layers(mem.execute("SELECT * EXCLUDE (run_id) FROM layers WHERE run_id = ?", [run_id]).df()
+                   .to_dict("records"))
+    tables = {}
+    for t in ("routes", "step_stats", "layer_stats", "sequences"):
+        tbl = mem.execute(f"SELECT * EXCLUDE (run_id) FROM {t} WHERE run_id = ?", [run_id]).to_arrow_table()
+        tables[t] = {c: (np.array(tbl.column(c).to_pylist(), dtype=object) if c in ("seq_key", "sample_id", "domain",
+                                                                                    "tag")
+                         else tbl.column(c).to_numpy()) for c in tbl.column_names}
+    w.write_flush(tables)
+    w.close()
+
+
+def moeviz(*args):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.run([sys.executable, "-m", "moeviz.cli", *map(str, args)], capture_output=True, text=True,
+                          env=env, timeout=120, cwd=root)
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    con, ra, rb = two_runs(seed=5)
+    root = tmp_path_factory.mktemp("agree")
+    write_run_folder(root / "A", con, "A")
+    write_run_folder(root / "B", con, "B")
+    return root, con, reference(ra, rb)
+
+
+def test_cli_table_gives_the_headline_numbers_and_the_layer_table(folders):
+    root, con, ref = folders
+    p = moeviz("agree", root / "A", root / "B")
+    assert p.returncode == 0, p.stderr
+    out = p.stdout
+    n = ref["matched"][2]
+    assert f"matched tokens: {n} (a has {ref['matched'][0]}" in out
+    lay = ref["layers"]
+    differ = float(((1 - lay["set_agreement"]) * lay["tokens"]).sum() / lay["tokens"].sum())
+    assert f"decisions with a different expert set: {100 * differ:.2f}%" in out
+    assert f"tokens with at least one differing layer: {100 * (1 - ref['hist'][0] / n):.2f}%" in out
+    lines = out.splitlines()
+    head = next(i for i, line in enumerate(lines) if line.split()[:2] == ["layer", "tokens"])
+    got = [line.split() for line in lines[head + 1:]]
+    assert [[int(r[0]), int(r[1])] + [float(x) for x in r[2:]] for r in got] == \
+        [[int(r.layer), int(r.tokens), pytest.approx(r.set_agreement, abs=5e-5), pytest.approx(r.overlap, abs=5e-5),
+          pytest.approx(r.first_choice_agreement, abs=5e-5)] for r in lay.itertuples()]
+
+
+def test_cli_csv_is_the_table_alone_and_store_run_ids_work(folders):
+    import io
+
+    root, con, ref = folders
+    p = moeviz("agree", "--store", root, "A", "B", "--format", "csv", "--layers", "0,2")
+    assert p.returncode == 0, p.stderr
+    got = pd.read_csv(io.StringIO(p.stdout))
+    want = ref["layers"][ref["layers"]["layer"].isin([0, 2])].reset_index(drop=True)
+    pd.testing.assert_frame_equal(got, want, check_dtype=False, atol=1e-9)
+    # one run against itself, two step windows: step 2 holds step 0's sequences again
+    p = moeviz("agree", root / "A", root / "A", "--steps-a", "0:0", "--steps-b", "2:", "--format", "csv")
+    assert p.returncode == 0, p.stderr
+    assert pd.read_csv(io.StringIO(p.stdout))["tokens"].min() > 0
+
+
+def test_cli_exits_2_with_one_message_when_nothing_matches(folders):
+    root, _, _ = folders
+    p = moeviz("agree", root / "A", root / "B", "--steps-a", "1:1", "--steps-b", "7:7")
+    assert p.returncode == 2
+    assert p.stdout == ""
+    err = p.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("moeviz agree: error: no token of selection a matches")
+    assert "a: 4 sequence(s) of run(s) A, steps 1-1" in err[0] and "b: 3 sequence(s) of run(s) B" in err[0]
+    p = moeviz("agree", "--store", root, "A", "nope")
+    assert p.returncode == 2 and "holds no run 'nope'" in p.stderr
+    p = moeviz("agree", root, root / "B")
+    assert p.returncode == 2 and "holds 2 runs" in p.stderr
