@@ -118,6 +118,10 @@ def check_against_reference(con, a, b, ref, layer=1):
     assert list(hist.columns) == ag.TOKEN_COLUMNS
     assert hist["layers_differing"].tolist() == list(range(len(ref["hist"])))
     assert hist["tokens"].tolist() == ref["hist"]
+    got = ag.summary(con, a, b)  # the three tables again, from one pass
+    pd.testing.assert_frame_equal(got["matched"], m)
+    pd.testing.assert_frame_equal(got["layers"], ag.layer_agreement(con, a, b))
+    pd.testing.assert_frame_equal(got["tokens"], hist)
     sw = ag.swap_matrix(con, a, b, layer)
     assert list(sw.columns) == ag.SWAP_COLUMNS
     assert {(r.expert_a, r.expert_b): r.tokens for r in sw.itertuples()} == dict(ref["swaps"][layer])
@@ -204,6 +208,21 @@ def test_known_swaps():
     assert ag.swap_matrix(con, B, A, 0).values.tolist() == [[5, 3, 1], [5, 6, 1], [7, 4, 1]]
 
 
+def test_more_than_64_experts_compare_lists_not_bitmasks():
+    # the known swaps again, with experts above 64 (sets as lists): the same figures
+    ia = np.array([[0, 1], [0, 1], [2, 3], [4, 6]])[:, None, :] + 70
+    ib = np.array([[0, 1], [1, 0], [2, 5], [7, 5]])[:, None, :] + 70
+    tok = np.array([5, 6, 7, 8])
+    con = store_from_routing(ia, n_experts=80, token_ids=tok, run_id="A")
+    store_from_routing(ib, n_experts=80, token_ids=tok, steps=np.full(4, 3), run_id="B", con=con)
+    assert ag._lists_needed(con, False)
+    lay = ag.layer_agreement(con, A, B).iloc[0]
+    assert lay["tokens"] == 4 and lay["set_agreement"] == 0.5
+    assert lay["overlap"] == pytest.approx(5 / 8) and lay["first_choice_agreement"] == 0.5
+    assert ag.summary(con, A, B)["tokens"].values.tolist() == [[0, 2], [1, 2]]
+    assert ag.swap_matrix(con, A, B, 0).values.tolist() == [[73, 75, 1], [74, 77, 1], [76, 75, 1]]
+
+
 def test_sample_ids_match_where_the_token_keys_differ():
     # B's sequence lost its last token (another length: another seq_key) but carries the same sample id
     ia = np.array([[0, 1], [2, 3], [4, 5]])[:, None, :]
@@ -222,7 +241,7 @@ def test_nothing_matches_says_what_keys_each_side_has():
     ia = np.array([[0, 1], [2, 3]])[:, None, :]
     con = store_from_routing(ia, n_experts=8, token_ids=[1, 2], run_id="A")
     store_from_routing(ia, n_experts=8, token_ids=[3, 4], sample_ids=["x", "x"], run_id="B", con=con)
-    for f in (ag.layer_agreement, ag.token_disagreement, ag.position_agreement, ag.domain_agreement):
+    for f in (ag.layer_agreement, ag.token_disagreement, ag.position_agreement, ag.domain_agreement, ag.summary):
         with pytest.raises(ag.AgreementError) as e:
             f(con, A, B)
         text = str(e.value)

@@ -11,11 +11,9 @@ from moeviz import charts
 from moeviz.analyses.agreement import (
     AgreementError,
     headline,
-    layer_agreement,
-    matched,
     position_agreement,
+    summary,
     swap_matrix,
-    token_disagreement,
 )
 from moeviz.selection import Selection
 
@@ -56,12 +54,11 @@ def render(ctx: Ctx) -> None:
     a, b, scope = picked
     st.caption(scope)
     try:
-        per_layer = ctx.q_slow("Matching the tokens of both sides...", layer_agreement, a, b)
+        got = ctx.q_slow("Matching the tokens of both sides...", summary, a, b)
     except AgreementError as e:  # nothing in common: say what keys each side has, not an error box
         st.info(str(e))
         return
-    counts = ctx.q(matched, a, b)
-    hist = ctx.q(token_disagreement, a, b)
+    per_layer, counts, hist = got["layers"], got["matched"], got["tokens"]
     h = headline(per_layer, hist, counts)
     c = st.columns(4)
     c[0].metric("Matched tokens", f"{h['matched']:,}")

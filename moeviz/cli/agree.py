@@ -56,7 +56,7 @@ def _run_of_folder(path: str) -> tuple[Path, str]:
 
 
 def run_agree(args: argparse.Namespace) -> int:
-    from moeviz.analyses.agreement import headline, layer_agreement, matched, token_disagreement
+    from moeviz.analyses.agreement import headline, layer_agreement, summary
     from moeviz.selection import Selection
     from moeviz.store import open_store
 
@@ -76,12 +76,12 @@ def run_agree(args: argparse.Namespace) -> int:
         con = open_store([dir_a] if dir_a == dir_b else [dir_a, dir_b])
     a = Selection(run_ids=(id_a,), steps=steps_a, layers=layers)
     b = Selection(run_ids=(id_b,), steps=steps_b, layers=layers)
-    try:
-        table = layer_agreement(con, a, b)  # raises AgreementError (exit 2, one message) when nothing matches
+    try:  # raises AgreementError (exit 2, one message) when nothing matches
         if args.format == "csv":
-            print(table.to_csv(index=False), end="")
+            print(layer_agreement(con, a, b).to_csv(index=False), end="")
             return 0
-        counts, hist = matched(con, a, b), token_disagreement(con, a, b)
+        got = summary(con, a, b)  # one pass over the routes for the three tables
+        table, counts, hist = got["layers"], got["matched"], got["tokens"]
     finally:
         con.close()
     h = headline(table, hist, counts)
