@@ -397,3 +397,24 @@ def test_cli_exits_2_with_one_message_when_nothing_matches(folders):
     assert p.returncode == 2 and "holds no run 'nope'" in p.stderr
     p = moeviz("agree", root, root / "B")
     assert p.returncode == 2 and "holds 2 runs" in p.stderr
+
+
+def test_sample_ids_must_give_one_id_per_sequence(tmp_path):
+    torch = pytest.importorskip("torch")
+    from collectors import Recorder, RecorderError
+    from collectors.testing import tiny_model
+    from moeviz.store import open_store
+
+    model, _ = tiny_model("mixtral")
+    ids = torch.arange(12).reshape(3, 4)
+    with Recorder(model, tmp_path / "r", run_id="r") as rec:
+        with torch.no_grad():
+            model(input_ids=ids)
+        with pytest.raises(RecorderError, match="sample_ids has 2 ids but the step has 3 sequences"):
+            rec.step(0, sample_ids=["a", "b"])
+        with pytest.raises(RecorderError, match="one id per sequence"):
+            rec.step(0, sample_ids="abc")
+        rec.step(0, sample_ids=["a", 7, None])  # the buffered forward is kept for the corrected call
+    con = open_store(tmp_path / "r")
+    assert con.execute("SELECT seq, sample_id, seq_key FROM sequences ORDER BY seq").fetchall() == \
+        [(i, s, blake_key(ids[i].numpy())) for i, s in enumerate(["a", "7", None])]
