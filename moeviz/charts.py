@@ -1139,8 +1139,9 @@ def swap_heatmap(df: pd.DataFrame, *, layer: int, n_experts: int | None = None) 
     _need(df, ["expert_a", "expert_b", "tokens"], title)
     if df.empty:
         return empty_figure(title, "No swap: both sides chose the same experts for every matched token")
-    if n_experts:  # every expert on both axes, so that two layers' maps read alike
-        full = pd.MultiIndex.from_product([range(n_experts), range(n_experts)], names=["expert_a", "expert_b"])
+    if n_experts:  # every expert on both axes, so that two layers' maps read alike (and none is cut off)
+        n = max(int(n_experts), int(df[["expert_a", "expert_b"]].max().max()) + 1)
+        full = pd.MultiIndex.from_product([range(n), range(n)], names=["expert_a", "expert_b"])
         df = df.set_index(["expert_a", "expert_b"]).reindex(full, fill_value=0).reset_index()
     return heatmap(df, x="expert_b", y="expert_a", z="tokens", title=title, x_title="expert only B chose",
                    y_title="expert only A chose", z_title="tokens")
