@@ -364,10 +364,11 @@ def _tables_from_host(host: np.ndarray, records: list[_StepRecord], rank: int, l
                 seq_ids = arr
             elif pc.kind == "seqs":
                 n = pc.shape[0]
-                keys = _sequence_keys(seq_ids, rec.seq_shapes, n) if seq_ids is not None else [None] * n
+                keys, offsets = (_sequence_keys(seq_ids, rec.seq_shapes, n) if seq_ids is not None
+                                 else ([None] * n, np.full(n, np.nan)))
                 add("sequences", step=np.full(n, rec.step), seq=np.arange(n) + rec.seq_offset,
                     domain=np.array(rec.domains, dtype=object), tag=np.array([rec.tag] * n, dtype=object),
-                    n_tokens=arr, seq_key=np.array(keys, dtype=object),
+                    n_tokens=arr, seq_key=np.array(keys, dtype=object), pos_offset=offsets,
                     sample_id=np.array(rec.sample_ids if rec.sample_ids is not None else [None] * n, dtype=object))
     dtypes = {
         "step": np.int64, "layer": np.int16, "expert": np.int16, "tokens": np.int64, "assigned": np.int64,
@@ -380,6 +381,7 @@ def _tables_from_host(host: np.ndarray, records: list[_StepRecord], rank: int, l
         "nonfinite_tokens": np.float64,
         "weight": np.float64, "n_tokens": np.int32, "domain": object, "tag": object,
         "seq_key": object, "sample_id": object,  # Python ints (full 64 bits) or None; strings or None
+        "pos_offset": np.float64,  # NaN = NULL
     }
     tables: dict[str, dict[str, np.ndarray]] = {}
     for table, arrays in cols.items():
@@ -394,18 +396,23 @@ def _tables_from_host(host: np.ndarray, records: list[_StepRecord], rank: int, l
     return tables
 
 
-def _sequence_keys(ids: np.ndarray, shapes: list[tuple[int, int]], n: int) -> list[int | None]:
-    """sequences.seq_key of each sequence of a step, on the host (writer thread): the hash of its token ids inside
-    the attention mask (`moeviz.store.layout.sequence_key`); None for a sequence with no known id."""
+def _sequence_keys(ids: np.ndarray, shapes: list[tuple[int, int]], n: int) -> tuple[list[int | None], np.ndarray]:
+    """sequences.seq_key and pos_offset of each sequence of a step, on the host (writer thread): the hash of its
+    token ids inside the attention mask (`moeviz.store.layout.sequence_key`) and the column of the first of them
+    (left padding); None / NaN for a sequence with no known id."""
     keys: list[int | None] = []
+    offsets: list[float] = []
     off = 0
     for b, s in shapes:
         rows = ids[off : off + b * s].reshape(b, s)
         off += b * s
         for row in rows:
-            real = row[row >= 0]
-            keys.append(layout.sequence_key(real) if len(real) else None)
-    return keys if len(keys) == n else [None] * n
+            inside = np.flatnonzero(row >= 0)
+            keys.append(layout.sequence_key(row[inside]) if len(inside) else None)
+            offsets.append(float(inside[0]) if len(inside) else np.nan)
+    if len(keys) != n:
+        return [None] * n, np.full(n, np.nan)
+    return keys, np.array(offsets, dtype=np.float64)
 
 
 class _WriterThread:

@@ -146,7 +146,8 @@ def store_from_routing(
       domains, tags  [T] str or None, constant within a sequence (step, rank, seq); stored in `sequences`
       sample_ids  [T] str or None, constant within a sequence: `sequences.sample_id` (the user's key)
     `sequences.seq_key` is the hash of each sequence's token ids in position order (`moeviz.store.sequence_key`,
-    as the Recorder writes it), NULL where a sequence has a token id below 0 (none given).
+    as the Recorder writes it), NULL where a sequence has a token id below 0 (none given); `pos_offset` is its
+    first position (left padding: give positions that start after the padding).
       dropped  [T, L, k] bool  assignments the model itself dropped (capacity); summed into the aggregates
       keep     [T] bool  tokens kept in `routes` (the sampling policy); aggregates always cover every token
     `extra_stats`: also fill `pair_stats`, `flow_stats` (each layer to the next), the adjacency and co-activation
@@ -287,10 +288,12 @@ def store_from_routing(
     else:
         skeys, first_tok, s_inv, s_count = np.zeros((0, 3), np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64)
     seq_keys = np.full(len(skeys), None, object)
+    pos_offset = np.zeros(len(skeys), np.int64)
     order = np.lexsort((pos, s_inv)) if n_tok else np.zeros(0, np.int64)  # tokens by sequence, then position
     bounds = np.concatenate([[0], np.cumsum(np.bincount(s_inv, minlength=len(skeys)))]) if n_tok else [0]
     for i in range(len(skeys)):
         ids = token_ids[order[bounds[i]:bounds[i + 1]]]
+        pos_offset[i] = pos[order[bounds[i]]] if bounds[i + 1] > bounds[i] else 0  # the sequence's first position
         if len(ids) and ids.min() >= 0:
             seq_keys[i] = sequence_key(ids)
     for name, lab in (("domains", dom), ("tags", tag), ("sample_ids", sid)):
@@ -302,7 +305,7 @@ def store_from_routing(
         "run_id": np.full(len(skeys), run_id, dtype=object), "step": skeys[:, 0], "rank": skeys[:, 1],
         "seq": skeys[:, 2], "domain": (dom[first_tok] if dom is not None else np.full(len(skeys), None, object)),
         "tag": (tag[first_tok] if tag is not None else np.full(len(skeys), None, object)), "n_tokens": s_count,
-        "seq_key": seq_keys, "sample_id": (sid[first_tok] if sid is not None else np.full(len(skeys), None, object)),
+        "seq_key": seq_keys, "pos_offset": pos_offset, "sample_id": (sid[first_tok] if sid is not None else np.full(len(skeys), None, object)),
     })
 
     # -- routes: one row per kept token, layer and slot ---------------------------------------------------------

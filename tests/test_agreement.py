@@ -418,3 +418,34 @@ def test_sample_ids_must_give_one_id_per_sequence(tmp_path):
     con = open_store(tmp_path / "r")
     assert con.execute("SELECT seq, sample_id, seq_key FROM sequences ORDER BY seq").fetchall() == \
         [(i, s, blake_key(ids[i].numpy())) for i, s in enumerate(["a", "7", None])]
+
+
+def test_left_padding_does_not_move_positions(tmp_path):
+    torch = pytest.importorskip("torch")
+    from collectors.testing import tiny_model
+    from moeviz.store import open_store
+
+    model, _ = tiny_model("mixtral")
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 128, (3, 8), generator=g)
+    right = torch.ones(3, 8, dtype=torch.long)
+    right[0, 5:] = 0
+    right[2, 6:] = 0
+    # the same sequences left-padded: row 0's 5 tokens in columns 3-7, row 2's 6 tokens in columns 2-7
+    left_ids, left = torch.zeros_like(ids), torch.zeros_like(right)
+    for i in range(3):
+        n = int(right[i].sum())
+        left_ids[i, 8 - n:] = ids[i, :n]
+        left[i, 8 - n:] = 1
+    record(tmp_path / "A", model, [(0, ids, right)])
+    record(tmp_path / "B", model, [(5, left_ids, left)])
+    con = open_store(tmp_path)
+    got = con.execute("SELECT run_id, seq, seq_key, pos_offset FROM sequences ORDER BY run_id, seq").fetchall()
+    keys = [blake_key(ids[i][right[i] > 0].numpy()) for i in range(3)]
+    assert got == [("A", i, keys[i], 0) for i in range(3)] + [("B", 0, keys[0], 3), ("B", 1, keys[1], 0),
+                                                               ("B", 2, keys[2], 2)]
+    n = int(right.sum())
+    assert ag.matched(con, A, B).iloc[0].tolist() == [n, n, n, 0, 0, 0, 0]
+    pos = ag.position_agreement(con, A, B, bucket=1)  # positions within the sequence, 0 .. 7
+    assert sorted(pos["pos_lo"].unique()) == list(range(8))
+    assert pos.groupby("pos_lo")["tokens"].max().tolist() == [3, 3, 3, 3, 3, 2, 1, 1]

@@ -3,7 +3,8 @@ fp32, one prompt in two batches), compared token by token and layer by layer.
 
 `a` and `b` are two `Selection`s over one connection (`open_store` of a folder holding both runs, or two step
 windows of one run). A token of `a` is matched with a token of `b` when their sequences carry the same key and
-the token sits at the same position with the same token id, whatever its step, rank or batch row. The key of a
+the token sits at the same position (`routes.pos - sequences.pos_offset`: left padding does not count) with the
+same token id, whatever its step, rank or batch row. The key of a
 sequence is its user key (`sequences.sample_id`) where both sequences have one, else the hash of its token ids
 (`sequences.seq_key`, written by the Recorder). A sequence key that occurs more than once on one side (a probe
 batch recorded at every checkpoint) is taken once, at its first occurrence (lowest step, rank, seq); the other
@@ -61,7 +62,7 @@ def _side(sel: Selection, name: str, lists: bool) -> tuple[str, list]:
             if sel.needs_sequences else "")
     sql = f"""
     s{name} AS (
-        SELECT {_SEQ}, seq_key, sample_id, domain,
+        SELECT {_SEQ}, seq_key, sample_id, domain, coalesce(pos_offset, 0) AS pos_offset,
                (seq_key IS NULL AND sample_id IS NULL) OR row_number() OVER (
                    PARTITION BY coalesce('i:' || sample_id, 'k:' || CAST(seq_key AS VARCHAR))
                    ORDER BY step, rank, seq) = 1 AS first
@@ -97,7 +98,8 @@ def _matched_ctes(con, a: Selection, b: Selection, *, lists: bool = False) -> tu
         cmp = ("a.mask = b.mask AS same, bit_count(a.mask & b.mask) AS inter, greatest(a.k, b.k) AS k, "
                "a.first = b.first AS first_same")
     cols = ("a.run_id AS a_run, a.step AS a_step, a.rank AS a_rank, a.seq AS a_seq, a.domain, "
-            "b.run_id AS b_run, b.step AS b_step, b.rank AS b_rank, b.seq AS b_seq")
+            "a.pos_offset AS a_off, b.run_id AS b_run, b.step AS b_step, b.rank AS b_rank, b.seq AS b_seq, "
+            "b.pos_offset AS b_off")
     sql = f"""WITH {sa}, {sb},
     pairs0 AS (
         SELECT {cols}, 0 AS by_key FROM sa a JOIN sb b ON a.sample_id = b.sample_id WHERE a.first AND b.first
@@ -109,11 +111,11 @@ def _matched_ctes(con, a: Selection, b: Selection, *, lists: bool = False) -> tu
     pairs AS (SELECT * FROM pairs1 QUALIFY row_number() OVER (
         PARTITION BY b_run, b_step, b_rank, b_seq ORDER BY by_key, a_run, a_step, a_rank, a_seq) = 1),
     m AS MATERIALIZED (
-        SELECT a.step, a.rank, a.seq, a.run_id, a.pos, a.layer, p.domain, {cmp}
+        SELECT a.step, a.rank, a.seq, a.run_id, a.pos - p.a_off AS pos, a.layer, p.domain, {cmp}
         FROM ta a
         JOIN pairs p ON p.a_run = a.run_id AND p.a_step = a.step AND p.a_rank = a.rank AND p.a_seq = a.seq
         JOIN tb b ON b.run_id = p.b_run AND b.step = p.b_step AND b.rank = p.b_rank AND b.seq = p.b_seq
-                 AND b.pos = a.pos AND b.layer = a.layer AND b.token_id = a.token_id)"""
+                 AND b.pos - p.b_off = a.pos - p.a_off AND b.layer = a.layer AND b.token_id = a.token_id)"""
     return sql, pa_ + pb
 
 

@@ -199,6 +199,10 @@ SEQUENCES = _t(
     ("sample_id", "VARCHAR", "The user's key for the sequence (`Recorder.step(..., sample_ids=[...])`: a request or "
      "dataset id), or NULL. Where both sides have one, `moeviz.agreement` matches sequences by it instead of "
      "`seq_key`."),
+    ("pos_offset", "INTEGER", "The batch column (`routes.pos`) of the sequence's first token inside the attention "
+     "mask: 0 for right padding or none, the padding's width for left padding, so that `pos - pos_offset` is the "
+     "token's position within the sequence (what `moeviz.agreement` matches on). NULL where the token ids were "
+     "not known and for data written before it existed (read as 0)."),
 )
 
 VOCAB = _t(
@@ -291,7 +295,7 @@ TABLES: dict[str, Table] = {t.name: t for t in (RUNS, LAYERS, ROUTES, STEP_STATS
 # Columns added after the first release of a table: a writer may leave them out (they read as NULL), so that
 # code written against the older schema (RunWriter.write_flush callers) keeps working.
 OPTIONAL_COLUMNS: dict[str, frozenset[str]] = {
-    "sequences": frozenset({"seq_key", "sample_id"}),
+    "sequences": frozenset({"seq_key", "sample_id", "pos_offset"}),
     "layer_stats": frozenset({"adjacent_pairs", "same_first", "first_in_topk", "topk_overlap", "coactive_pairs",
                               "nonfinite_tokens"}),
 }
