@@ -74,7 +74,8 @@ def reference(ra: dict, rb: dict, sid_a=None, sid_b=None) -> dict:
             ob = [e for e in tb[t][l] if e not in ta[t][l]]
             c.update(zip(oa, ob))
         swaps[l] = c
-    return {"matched": [na, nb, len(both), na - len(both), nb - len(both), rep_a, rep_b],
+    by_id = sum(1 for t in both if t[0][0] == "id")
+    return {"matched": [na, nb, len(both), na - len(both), nb - len(both), rep_a, rep_b, by_id],
             "layers": pd.DataFrame(rows, columns=ag.LAYER_COLUMNS),
             "hist": [differing.get(i, 0) for i in range(len(layers) + 1)], "swaps": swaps, "both": both,
             "ta": ta, "tb": tb}
@@ -228,7 +229,8 @@ def test_sample_ids_match_where_the_token_keys_differ():
     ia = np.array([[0, 1], [2, 3], [4, 5]])[:, None, :]
     con = store_from_routing(ia, n_experts=8, token_ids=[1, 2, 3], sample_ids=["req-7"] * 3, run_id="A")
     store_from_routing(ia[:2], n_experts=8, token_ids=[1, 2], sample_ids=["req-7"] * 2, run_id="B", con=con)
-    assert ag.matched(con, A, B).iloc[0].tolist() == [3, 2, 2, 1, 0, 0, 0]
+    assert ag.matched(con, A, B).iloc[0].tolist() == [3, 2, 2, 1, 0, 0, 0, 2]  # both tokens by sample_id
+    pd.testing.assert_frame_equal(ag.summary(con, A, B)["matched"], ag.matched(con, A, B))
     keys = con.execute("SELECT run_id, seq_key FROM sequences ORDER BY run_id").fetchall()
     assert keys == [("A", blake_key([1, 2, 3])), ("B", blake_key([1, 2]))]
     # without sample ids on one side, the token keys decide: nothing matches
@@ -294,7 +296,7 @@ def test_two_recordings_match_by_the_key_the_recorder_wrote(tmp_path):
     expect_b = [("B", 10 + i // 3, i % 3, blake_key(ids[5 - i][mask[5 - i] > 0].numpy()), None) for i in range(6)]
     assert seqs == expect_a + expect_b
     n_tokens = int(mask.sum())
-    assert ag.matched(con, A, B).iloc[0].tolist() == [n_tokens, n_tokens, n_tokens, 0, 0, 0, 0]
+    assert ag.matched(con, A, B).iloc[0].tolist() == [n_tokens, n_tokens, n_tokens, 0, 0, 0, 0, 0]
     lay = ag.layer_agreement(con, A, B)
     assert len(lay) == 2 and (lay["tokens"] == n_tokens).all()
     # the same model on the same tokens: the routes themselves, compared as sorted tuples, are the same
@@ -358,6 +360,7 @@ def test_cli_table_gives_the_headline_numbers_and_the_layer_table(folders):
     out = p.stdout
     n = ref["matched"][2]
     assert f"matched tokens: {n} (a has {ref['matched'][0]}" in out
+    assert f"matched by: the token-id hash, seq_key ({n} tokens)\n" in out
     lay = ref["layers"]
     differ = float(((1 - lay["set_agreement"]) * lay["tokens"]).sum() / lay["tokens"].sum())
     assert f"decisions with a different expert set: {100 * differ:.2f}%" in out
@@ -445,7 +448,7 @@ def test_left_padding_does_not_move_positions(tmp_path):
     assert got == [("A", i, keys[i], 0) for i in range(3)] + [("B", 0, keys[0], 3), ("B", 1, keys[1], 0),
                                                                ("B", 2, keys[2], 2)]
     n = int(right.sum())
-    assert ag.matched(con, A, B).iloc[0].tolist() == [n, n, n, 0, 0, 0, 0]
+    assert ag.matched(con, A, B).iloc[0].tolist() == [n, n, n, 0, 0, 0, 0, 0]
     pos = ag.position_agreement(con, A, B, bucket=1)  # positions within the sequence, 0 .. 7
     assert sorted(pos["pos_lo"].unique()) == list(range(8))
     assert pos.groupby("pos_lo")["tokens"].max().tolist() == [3, 3, 3, 3, 3, 2, 1, 1]

@@ -15,7 +15,7 @@ Every function reads `routes` joined with `sequences` (the per-token detail): on
 policy on both sides can be compared. Sets are compared order-insensitively; `swap_matrix` pairs the experts in
 slot order.
 
-    matched(con, a, b)              tokens_a, tokens_b, matched, unmatched_a, unmatched_b (+ repeated_a/_b)
+    matched(con, a, b)              tokens_a, tokens_b, matched, unmatched_a, unmatched_b (+ repeated, by sample_id)
     layer_agreement(con, a, b)      layer, tokens, set_agreement, overlap, first_choice_agreement
     token_disagreement(con, a, b)   layers_differing, tokens (the histogram, 0 .. number of layers)
     swap_matrix(con, a, b, layer)   expert_a, expert_b, tokens
@@ -37,7 +37,8 @@ class AgreementError(MoevizError, ValueError):
     """The two selections hold no token in common (or cannot be compared): the message says what keys each has."""
 
 
-MATCHED_COLUMNS = ["tokens_a", "tokens_b", "matched", "unmatched_a", "unmatched_b", "repeated_a", "repeated_b"]
+MATCHED_COLUMNS = ["tokens_a", "tokens_b", "matched", "unmatched_a", "unmatched_b", "repeated_a", "repeated_b",
+                   "matched_by_sample_id"]
 LAYER_COLUMNS = ["layer", "tokens", "set_agreement", "overlap", "first_choice_agreement"]
 TOKEN_COLUMNS = ["layers_differing", "tokens"]
 SWAP_COLUMNS = ["expert_a", "expert_b", "tokens"]
@@ -111,7 +112,8 @@ def _matched_ctes(con, a: Selection, b: Selection, *, lists: bool = False) -> tu
     pairs AS (SELECT * FROM pairs1 QUALIFY row_number() OVER (
         PARTITION BY b_run, b_step, b_rank, b_seq ORDER BY by_key, a_run, a_step, a_rank, a_seq) = 1),
     m AS MATERIALIZED (
-        SELECT a.step, a.rank, a.seq, a.run_id, a.pos - p.a_off AS pos, a.layer, p.domain, {cmp}
+        SELECT a.step, a.rank, a.seq, a.run_id, a.pos - p.a_off AS pos, a.layer, p.domain,
+               p.by_key = 0 AS by_sample_id, {cmp}
         FROM ta a
         JOIN pairs p ON p.a_run = a.run_id AND p.a_step = a.step AND p.a_rank = a.rank AND p.a_seq = a.seq
         JOIN tb b ON b.run_id = p.b_run AND b.step = p.b_step AND b.rank = p.b_rank AND b.seq = p.b_seq
@@ -152,7 +154,9 @@ def _check_matched(con, a: Selection, b: Selection, n: int) -> None:
 def matched(con, a: Selection, b: Selection) -> pd.DataFrame:
     """One row: tokens_a, tokens_b (kept tokens of each selection), matched (tokens found on both sides),
     unmatched_a, unmatched_b (tokens_x - matched), repeated_a, repeated_b (of the unmatched, those whose sequence
-    key occurred earlier on the same side). Never raises for zero matches: see `layer_agreement`."""
+    key occurred earlier on the same side), matched_by_sample_id (of the matched, those whose sequences matched by
+    the users' sample_id; the others by seq_key, the hash of their token ids). Never raises for zero matches: see
+    `layer_agreement`."""
     ctes, params = _matched_ctes(con, a, b)
 
     def tokens(side: str) -> str:
@@ -161,11 +165,12 @@ def matched(con, a: Selection, b: Selection) -> pd.DataFrame:
 
     df = run_query(con, f"""{ctes},
         ca AS {tokens('a')}, cb AS {tokens('b')},
-        mm AS (SELECT count(*) AS n FROM (SELECT DISTINCT run_id, step, rank, seq, pos FROM m))
-        SELECT ca.* , cb.*, mm.n FROM ca, cb, mm""", params, error=AgreementError)
-    first_a, rep_a, first_b, rep_b, n = (int(x or 0) for x in df.iloc[0].tolist())
+        mm AS (SELECT count(*) AS n, count(*) FILTER (WHERE bs) AS bs
+               FROM (SELECT bool_or(by_sample_id) AS bs FROM m GROUP BY run_id, step, rank, seq, pos))
+        SELECT ca.* , cb.*, mm.n, mm.bs FROM ca, cb, mm""", params, error=AgreementError)
+    first_a, rep_a, first_b, rep_b, n, by_id = (int(x or 0) for x in df.iloc[0].tolist())
     ta, tb = first_a + rep_a, first_b + rep_b
-    return pd.DataFrame([[ta, tb, n, ta - n, tb - n, rep_a, rep_b]], columns=MATCHED_COLUMNS)
+    return pd.DataFrame([[ta, tb, n, ta - n, tb - n, rep_a, rep_b, by_id]], columns=MATCHED_COLUMNS)
 
 
 def layer_agreement(con, a: Selection, b: Selection) -> pd.DataFrame:
@@ -261,14 +266,16 @@ def summary(con, a: Selection, b: Selection) -> dict[str, pd.DataFrame]:
     df = run_query(con, f"""{ctes},
         lay AS (SELECT layer, count(*) AS tokens, avg(CAST(same AS DOUBLE)) AS sa, avg(inter / k) AS ov,
                        avg(CAST(first_same AS DOUBLE)) AS fc FROM m GROUP BY layer),
-        pt AS (SELECT count(*) FILTER (WHERE NOT same) AS d FROM m GROUP BY run_id, step, rank, seq, pos),
+        pt AS (SELECT count(*) FILTER (WHERE NOT same) AS d, bool_or(by_sample_id) AS bs FROM m
+               GROUP BY run_id, step, rank, seq, pos),
         hist AS (SELECT g.x AS d, count(pt.d) AS n
                  FROM (SELECT count(*) AS n FROM lay) l, range(0, l.n + 1) g(x) LEFT JOIN pt ON pt.d = g.x
                  GROUP BY g.x),
         ca AS ({tokens('a')}), cb AS ({tokens('b')})
         SELECT 'layer' AS kind, layer AS x, tokens AS n, sa, ov, fc FROM lay
         UNION ALL SELECT 'hist', d, n, NULL, NULL, NULL FROM hist
-        UNION ALL SELECT 'count', 0, ca.n, ca.rep, cb.n, cb.rep FROM ca, cb""", params, error=AgreementError)
+        UNION ALL SELECT 'count', (SELECT count(*) FILTER (WHERE bs) FROM pt), ca.n, ca.rep, cb.n, cb.rep
+        FROM ca, cb""", params, error=AgreementError)
     lay = df[df["kind"] == "layer"].sort_values("x")
     _check_matched(con, a, b, len(lay))
     layers = pd.DataFrame({"layer": lay["x"].astype(int).to_numpy(), "tokens": lay["n"].astype("int64").to_numpy(),
@@ -281,7 +288,7 @@ def summary(con, a: Selection, b: Selection) -> dict[str, pd.DataFrame]:
     first_a, rep_a, first_b, rep_b = (int(c[k]) for k in ("n", "sa", "ov", "fc"))
     n = int(hist["tokens"].sum())
     ta, tb = first_a + rep_a, first_b + rep_b
-    counts = pd.DataFrame([[ta, tb, n, ta - n, tb - n, rep_a, rep_b]], columns=MATCHED_COLUMNS)
+    counts = pd.DataFrame([[ta, tb, n, ta - n, tb - n, rep_a, rep_b, int(c["x"])]], columns=MATCHED_COLUMNS)
     return {"matched": counts, "layers": layers, "tokens": hist}
 
 

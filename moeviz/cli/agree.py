@@ -94,6 +94,9 @@ def run_agree(args: argparse.Namespace) -> int:
     print(f"matched tokens: {h['matched']} (a has {h['tokens_a']}: {int(c['unmatched_a'])} unmatched, "
           f"{int(c['repeated_a'])} of them a repeated sequence; b has {h['tokens_b']}: {int(c['unmatched_b'])} "
           f"unmatched, {int(c['repeated_b'])} repeated)")
+    by_id, by_hash = int(c["matched_by_sample_id"]), h["matched"] - int(c["matched_by_sample_id"])
+    how = [f"sample_id ({by_id} tokens)" if by_id else "", f"the token-id hash, seq_key ({by_hash} tokens)" if by_hash else ""]
+    print("matched by: " + " and ".join(x for x in how if x))
     print(f"(token, layer) decisions with a different expert set: {100 * h['decisions_differing']:.2f}%")
     print(f"tokens with at least one differing layer: {100 * h['tokens_differing']:.2f}% "
           f"(of {len(table)} layer(s))")
