@@ -33,6 +33,7 @@ PAGES = [
     ("views/toy.py", "Toy MoE", ":material/scatter_plot:"),
     ("views/sql.py", "SQL", ":material/terminal:"),
     ("views/compare.py", "Compare", ":material/compare:"),
+    ("views/agreement.py", "Agreement", ":material/join_inner:"),
 ]
 
 

@@ -81,6 +81,7 @@ from collectors.aggregates import (
     router_lse,
 )
 from moeviz.errors import MoevizError
+from moeviz.store import layout
 
 __all__ = ["Recorder", "RecorderError", "RecordingWarning"]
 
@@ -194,6 +195,8 @@ class _Stream:
         self.n_per_seq = torch.cat(per_seq) if per_seq else empty  # [B_total]
         self.n = int(sum(sg.batch * sg.seq_len for sg in segments))
         self.n_seqs = offset - seq_offset
+        self.has_ids = any(sg.ids is not None for sg in segments)  # else token_id is -1 everywhere
+        self.shapes = [(sg.batch, sg.seq_len) for sg in segments]
         self.seq_len = segments[0].seq_len if segments else 0  # of the first forward (a capacity group, Switch)
         self._moved: dict[torch.device, tuple[Tensor, Tensor, Tensor, Tensor]] = {}
         self._kept: dict[tuple[torch.device, int | None], tuple[Tensor, Tensor]] = {}
@@ -303,6 +306,8 @@ class _StepRecord:
     domains: list[str | None]
     pieces: list[_Piece] = field(default_factory=list)
     seq_offset: int = 0  # sequences recorded before under the same step number (a repeated step)
+    sample_ids: list[str | None] | None = None  # the user's key per sequence (step(sample_ids=...)), or None
+    seq_shapes: list[tuple[int, int]] | None = None  # (batch, seq_len) of each forward of a 'seq_ids' piece
 
 
 def _tables_from_host(host: np.ndarray, records: list[_StepRecord], rank: int, layer_experts: dict[int, int]) -> dict:
@@ -316,7 +321,7 @@ def _tables_from_host(host: np.ndarray, records: list[_StepRecord], rank: int, l
 
     off = 0
     for rec in records:
-        route_ints = None
+        route_ints = seq_ids = None
         for pc in rec.pieces:
             arr = host[off : off + pc.nbytes].view(pc.dtype).reshape(pc.shape)
             off += pc.nbytes
@@ -355,11 +360,16 @@ def _tables_from_host(host: np.ndarray, records: list[_StepRecord], rank: int, l
                 add("routes", step=np.full(m * k, rec.step), seq=np.repeat(rows[:, 1], k),
                     pos=np.repeat(rows[:, 2], k), token_id=np.repeat(rows[:, 3], k), layer=np.full(m * k, pc.layer),
                     slot=np.tile(np.arange(k), m), expert=rows[:, 4:].reshape(-1), weight=w.reshape(-1))
+            elif pc.kind == "seq_ids":  # [N] token ids, -1 outside the attention mask (rows of rec.seq_shapes)
+                seq_ids = arr
             elif pc.kind == "seqs":
                 n = pc.shape[0]
+                keys, offsets = (_sequence_keys(seq_ids, rec.seq_shapes, n) if seq_ids is not None
+                                 else ([None] * n, np.full(n, np.nan)))
                 add("sequences", step=np.full(n, rec.step), seq=np.arange(n) + rec.seq_offset,
                     domain=np.array(rec.domains, dtype=object), tag=np.array([rec.tag] * n, dtype=object),
-                    n_tokens=arr)
+                    n_tokens=arr, seq_key=np.array(keys, dtype=object), pos_offset=offsets,
+                    sample_id=np.array(rec.sample_ids if rec.sample_ids is not None else [None] * n, dtype=object))
     dtypes = {
         "step": np.int64, "layer": np.int16, "expert": np.int16, "tokens": np.int64, "assigned": np.int64,
         "first_choice": np.int64, "prob_sum": np.float64, "dropped": np.int64, "z_loss_sum": np.float64,
@@ -370,6 +380,8 @@ def _tables_from_host(host: np.ndarray, records: list[_StepRecord], rank: int, l
         "first_in_topk": np.float64, "topk_overlap": np.float64, "coactive_pairs": np.float64,  # NaN = NULL
         "nonfinite_tokens": np.float64,
         "weight": np.float64, "n_tokens": np.int32, "domain": object, "tag": object,
+        "seq_key": object, "sample_id": object,  # Python ints (full 64 bits) or None; strings or None
+        "pos_offset": np.float64,  # NaN = NULL
     }
     tables: dict[str, dict[str, np.ndarray]] = {}
     for table, arrays in cols.items():
@@ -382,6 +394,25 @@ def _tables_from_host(host: np.ndarray, records: list[_StepRecord], rank: int, l
         out["rank"] = np.full(n_rows, rank, dtype=np.int32)
         tables[table] = out
     return tables
+
+
+def _sequence_keys(ids: np.ndarray, shapes: list[tuple[int, int]], n: int) -> tuple[list[int | None], np.ndarray]:
+    """sequences.seq_key and pos_offset of each sequence of a step, on the host (writer thread): the hash of its
+    token ids inside the attention mask (`moeviz.store.layout.sequence_key`) and the column of the first of them
+    (left padding); None / NaN for a sequence with no known id."""
+    keys: list[int | None] = []
+    offsets: list[float] = []
+    off = 0
+    for b, s in shapes:
+        rows = ids[off : off + b * s].reshape(b, s)
+        off += b * s
+        for row in rows:
+            inside = np.flatnonzero(row >= 0)
+            keys.append(layout.sequence_key(row[inside]) if len(inside) else None)
+            offsets.append(float(inside[0]) if len(inside) else np.nan)
+    if len(keys) != n:
+        return [None] * n, np.full(n, np.nan)
+    return keys, np.array(offsets, dtype=np.float64)
 
 
 class _WriterThread:
@@ -715,12 +746,17 @@ class Recorder:
         attention_mask: Any = None,
         domain: str | Sequence[str | None] | None = None,
         tag: str = "train",
+        sample_ids: Sequence[Any] | None = None,
     ) -> None:
         """Close step `step`: everything routed since the previous step() belongs to it.
 
         token_ids / attention_mask [batch, seq] describe the step's tokens when given (the rows of all its
         forwards, in order); otherwise those captured from each forward's `input_ids` / `attention_mask` are
-        used. domain: one label, or one per sequence. No host sync unless this step triggers a flush.
+        used. domain: one label, or one per sequence. sample_ids: the user's key of each sequence (a request or
+        dataset id; stored as text in sequences.sample_id), one per sequence or None. Every sequence whose token ids
+        are known also gets sequences.seq_key, a hash of its token ids computed on the host by the writer thread
+        (the ids travel with the flush's one device-to-host copy, 4 bytes per token of the step).
+        No host sync unless this step triggers a flush.
         A bad argument raises RecorderError and keeps the step's forwards buffered: call step() again, corrected.
         A step number given before adds to that step (warned once): its counts and sums then include both calls,
         and this call's sequences are numbered after the earlier ones', as for two forwards of one step.
@@ -743,7 +779,7 @@ class Recorder:
         # built before discarding: if an argument is wrong, the step's routing stays buffered for a corrected call
         try:
             record = self._step_record(step, calls, forwards, token_ids, attention_mask, domain, str(tag),
-                                       seq_offset or 0)
+                                       seq_offset or 0, sample_ids)
         except (RecorderError, AssertionError):  # misuse, or a test's guard (a host-sync detector): never hidden
             raise
         except Exception as e:
@@ -760,14 +796,15 @@ class Recorder:
             self.flush()
 
     def _step_record(self, step, calls, forwards, token_ids, attention_mask, domain, tag,
-                     seq_offset: int = 0) -> _StepRecord:
+                     seq_offset: int = 0, sample_ids: Any = None) -> _StepRecord:
         device = next(c[0][0].device for c in calls if c)
         main = self._main_stream([f[0] for f in forwards], token_ids, attention_mask, device, seq_offset)
         dec_segments = [f[1] for f in forwards]
         dec = _Stream(dec_segments, device, seq_offset) if dec_segments and all(dec_segments) else None
         sampled = step % self.sample_every == 0
         n_seqs = main.n_seqs if main is not None else 0
-        record = _StepRecord(step, tag, self._domains(domain, n_seqs, step), seq_offset=seq_offset)
+        record = _StepRecord(step, tag, self._domains(domain, n_seqs, step), seq_offset=seq_offset,
+                             sample_ids=self._sample_ids(sample_ids, n_seqs, step))
         concatenated = [_concat_calls(c) if c else None for c in calls]
         routed: list[tuple] = []  # (site, stream, index, keep) of the layers that saw a known token stream
         for i, site in enumerate(self.sites):
@@ -802,6 +839,10 @@ class Recorder:
             counts = flow_counts(index_a, index_b, both, int(a.n_experts), int(b.n_experts))
             record.pieces.append(_piece("flow", a.layer, counts, layer_b=b.layer))
         if main is not None:
+            if main.has_ids:  # the ids inside the mask, for sequences.seq_key (hashed on the host at flush)
+                ids = torch.where(main.mask, main.token_id, torch.full_like(main.token_id, -1)).to(torch.int32)
+                record.pieces.append(_piece("seq_ids", None, ids))
+                record.seq_shapes = main.shapes
             record.pieces.append(_piece("seqs", None, main.n_per_seq.to(torch.int64)))
         return record
 
@@ -862,6 +903,19 @@ class Recorder:
                 stacklevel=3,
             )
         return None
+
+    def _sample_ids(self, sample_ids, n_seqs: int, step: int) -> list[str | None] | None:
+        if sample_ids is None:
+            return None
+        if isinstance(sample_ids, (str, bytes)):
+            raise RecorderError(f"step {step}: sample_ids must be a list with one id per sequence, got a string")
+        ids = [None if x is None else str(x) for x in sample_ids]
+        if len(ids) != n_seqs:
+            raise RecorderError(
+                f"step {step}: sample_ids has {len(ids)} ids but the step has {n_seqs} sequences; give one id per "
+                "sequence (all forwards of the step, in order)"
+            )
+        return ids
 
     def _domains(self, domain, n_seqs: int, step: int) -> list[str | None]:
         d = self.domain if domain is None else domain

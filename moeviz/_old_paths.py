@@ -23,6 +23,8 @@ MOVED = {
     "moeviz.toy": "moeviz.analyses.toy",
     # not an old path: the short name issue 17 gives the expert-parallel analyses (`moeviz.placement`)
     "moeviz.placement": "moeviz.analyses.placement",
+    # nor this: issue 22's name for the routing agreement of two executions (`moeviz.agreement`)
+    "moeviz.agreement": "moeviz.analyses.agreement",
     "moeviz.schema": "moeviz.store.schema",
     "moeviz.segments": "moeviz.store.layout",
     "moeviz.store_reader": "moeviz.store.reader",

@@ -1099,3 +1099,59 @@ def staleness_lines(df: pd.DataFrame, *, layer: int) -> go.Figure:
     return lines(long, x="step", y="max_over_mean", color="placement",
                  title=f"How a fitted placement goes stale, layer {layer}", x_title="step",
                  y_title="busiest GPU ÷ mean GPU", references={"even": 1.0})
+
+
+# ---------------------------------------------------------------------------------------------------- agreement
+
+AGREEMENT_METRICS = {"set_agreement": "same expert set", "overlap": "mean overlap |A∩B|/k",
+                     "first_choice_agreement": "same first choice"}
+
+
+def agreement_bars(df: pd.DataFrame, *, title: str = "Routing agreement per layer (matched tokens)") -> go.Figure:
+    """Per layer (moeviz.agreement.layer_agreement): the three agreement shares side by side, 0 … 1."""
+    _need(df, ["layer", "tokens", *AGREEMENT_METRICS], title)
+    if df.empty:
+        return empty_figure(title)
+    long = df.melt(id_vars=["layer", "tokens"], value_vars=list(AGREEMENT_METRICS), var_name="metric",
+                   value_name="share")
+    long["metric"] = long["metric"].map(AGREEMENT_METRICS)
+    fig = bars(long, x="layer", y="share", color="metric", title=title, x_title="MoE layer",
+               y_title="share of matched tokens", hover=["tokens"], legend_prefix=False)
+    fig.update_yaxes(range=[0, 1.02])
+    return fig
+
+
+def disagreement_histogram(df: pd.DataFrame, *, title: str = "Layers whose expert set differs, per matched token"
+                           ) -> go.Figure:
+    """moeviz.agreement.token_disagreement: matched tokens by how many layers route them differently."""
+    _need(df, ["layers_differing", "tokens"], title)
+    if df.empty:
+        return empty_figure(title)
+    total = df["tokens"].sum()
+    data = df.assign(share=df["tokens"] / total if total else 0.0)
+    return bars(data, x="layers_differing", y="tokens", title=title, x_title="layers with a different expert set",
+                y_title="matched tokens", hover=["share"])
+
+
+def swap_heatmap(df: pd.DataFrame, *, layer: int, n_experts: int | None = None) -> go.Figure:
+    """moeviz.agreement.swap_matrix: tokens whose expert_a (chosen only by a) was replaced by expert_b (only b)."""
+    title = f"Swaps in layer {layer}: expert chosen only by A → expert chosen only by B"
+    _need(df, ["expert_a", "expert_b", "tokens"], title)
+    if df.empty:
+        return empty_figure(title, "No swap: both sides chose the same experts for every matched token")
+    if n_experts:  # every expert on both axes, so that two layers' maps read alike (and none is cut off)
+        n = max(int(n_experts), int(df[["expert_a", "expert_b"]].max().max()) + 1)
+        full = pd.MultiIndex.from_product([range(n), range(n)], names=["expert_a", "expert_b"])
+        df = df.set_index(["expert_a", "expert_b"]).reindex(full, fill_value=0).reset_index()
+    return heatmap(df, x="expert_b", y="expert_a", z="tokens", title=title, x_title="expert only B chose",
+                   y_title="expert only A chose", z_title="tokens")
+
+
+def position_agreement_heatmap(df: pd.DataFrame) -> go.Figure:
+    """moeviz.agreement.position_agreement: share of matched tokens with the same expert set, layer x position."""
+    title = "Same expert set by layer and position"
+    _need(df, ["layer", "pos_lo", "set_agreement", "tokens"], title)
+    if df.empty:
+        return empty_figure(title)
+    return heatmap(df, x="pos_lo", y="layer", z="set_agreement", title=title, x_title="position (bucket start)",
+                   y_title="MoE layer", z_title="same set", hover=["tokens", "pos_hi"], zmin=0.0, zmax=1.0)

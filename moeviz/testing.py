@@ -22,7 +22,7 @@ import numpy as np
 
 from moeviz.errors import MoevizError
 from moeviz.store.schema import SCHEMA_VERSION, TABLES
-from moeviz.store.layout import WEIGHT_SCALE
+from moeviz.store.layout import WEIGHT_SCALE, sequence_key
 
 __all__ = ["store_from_routing", "synthetic_routing", "synthetic_store", "create_schema", "softmax",
            "long_run_aggregates", "write_aggregates"]
@@ -59,7 +59,9 @@ def _insert(con, table: str, columns: dict[str, Any]) -> None:
 
     arrays = {}
     for name, values in columns.items():
-        if isinstance(values, np.ndarray) and values.dtype.kind == "f":
+        if name == "seq_key":  # full 64-bit hashes: never inferred as int64
+            arrays[name] = pa.array([None if v is None else int(v) for v in values], pa.uint64())
+        elif isinstance(values, np.ndarray) and values.dtype.kind == "f":
             arrays[name] = pa.array(values, mask=np.isnan(values))
         else:
             arrays[name] = pa.array(values if not isinstance(values, np.ndarray) or values.dtype != object else list(values))
@@ -120,6 +122,7 @@ def store_from_routing(
     domains=None,
     tags=None,
     token_ids=None,
+    sample_ids=None,
     dropped=None,
     keep=None,
     top_k: int | None = None,
@@ -142,6 +145,10 @@ def store_from_routing(
                gates) and `z_loss_sum`/`entropy_sum` are NULL.
       steps, seqs, pos, ranks, token_ids  [T] int (defaults 0, 0, order within (step, rank, seq), 0, -1)
       domains, tags  [T] str or None, constant within a sequence (step, rank, seq); stored in `sequences`
+      sample_ids  [T] str or None, constant within a sequence: `sequences.sample_id` (the user's key)
+    `sequences.seq_key` is the hash of each sequence's token ids in position order (`moeviz.store.sequence_key`,
+    as the Recorder writes it), NULL where a sequence has a token id below 0 (none given); `pos_offset` is its
+    first position (left padding: give positions that start after the padding).
       dropped  [T, L, k] bool  assignments the model itself dropped (capacity); summed into the aggregates
       keep     [T] bool  tokens kept in `routes` (the sampling policy); aggregates always cover every token
     `extra_stats`: also fill `pair_stats`, `flow_stats` (each layer to the next), the adjacency and co-activation
@@ -192,6 +199,7 @@ def store_from_routing(
     keep = _per_token("keep", keep, n_tok, True, bool)
     dom = None if domains is None else _per_token("domains", np.asarray(domains, dtype=object), n_tok, None)
     tag = None if tags is None else _per_token("tags", np.asarray(tags, dtype=object), n_tok, None)
+    sid = None if sample_ids is None else _per_token("sample_ids", np.asarray(sample_ids, dtype=object), n_tok, None)
 
     con = con if con is not None else duckdb_compat.connect(":memory:")
     create_schema(con)
@@ -280,7 +288,16 @@ def store_from_routing(
         s_inv = s_inv.reshape(-1)
     else:
         skeys, first_tok, s_inv, s_count = np.zeros((0, 3), np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64)
-    for name, lab in (("domains", dom), ("tags", tag)):
+    seq_keys = np.full(len(skeys), None, object)
+    pos_offset = np.zeros(len(skeys), np.int64)
+    order = np.lexsort((pos, s_inv)) if n_tok else np.zeros(0, np.int64)  # tokens by sequence, then position
+    bounds = np.concatenate([[0], np.cumsum(np.bincount(s_inv, minlength=len(skeys)))]) if n_tok else [0]
+    for i in range(len(skeys)):
+        ids = token_ids[order[bounds[i]:bounds[i + 1]]]
+        pos_offset[i] = pos[order[bounds[i]]] if bounds[i + 1] > bounds[i] else 0  # the sequence's first position
+        if len(ids) and ids.min() >= 0:
+            seq_keys[i] = sequence_key(ids)
+    for name, lab in (("domains", dom), ("tags", tag), ("sample_ids", sid)):
         if lab is not None and n_tok:
             codes = np.unique(lab.astype(str), return_inverse=True)[1].reshape(-1)
             if np.any(codes != codes[first_tok][s_inv]):
@@ -289,6 +306,7 @@ def store_from_routing(
         "run_id": np.full(len(skeys), run_id, dtype=object), "step": skeys[:, 0], "rank": skeys[:, 1],
         "seq": skeys[:, 2], "domain": (dom[first_tok] if dom is not None else np.full(len(skeys), None, object)),
         "tag": (tag[first_tok] if tag is not None else np.full(len(skeys), None, object)), "n_tokens": s_count,
+        "seq_key": seq_keys, "pos_offset": pos_offset, "sample_id": (sid[first_tok] if sid is not None else np.full(len(skeys), None, object)),
     })
 
     # -- routes: one row per kept token, layer and slot ---------------------------------------------------------

@@ -22,7 +22,7 @@ from streamlit.testing.v1 import AppTest  # noqa: E402
 from moeviz.testing import softmax, store_from_routing, synthetic_routing  # noqa: E402
 
 APP = str(Path(__file__).resolve().parents[1] / "app" / "main.py")
-PAGES = ["overview", "load", "aux_loss", "capacity", "expert_parallel", "specialization", "tokens", "bounds", "toy", "sql", "compare"]
+PAGES = ["overview", "load", "aux_loss", "capacity", "expert_parallel", "specialization", "tokens", "bounds", "toy", "sql", "compare", "agreement"]
 
 
 # --- writing real stores ----------------------------------------------------------------------------------------
@@ -668,3 +668,54 @@ def test_expert_parallel_page_shows_gpu_load_traffic_and_staleness(store, routin
     chart(at, "per GPU, balanced")
     at.number_input(key="ep_gpus").set_value(16).run()  # more GPUs than experts + replicas: a message, no trace
     assert not at.exception and "exceed" in texts(at, "error")
+
+
+# --- Agreement (issue 22) ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def agree_store(tmp_path_factory):
+    """Runs A and B: the same tokens (B at other step numbers), B routed from perturbed logits."""
+    ra = synthetic_routing(n_steps=2, n_layers=3, n_experts=8, top_k=2, seqs_per_step=3, seq_len=8, seed=4)
+    rb = dict(ra, steps=ra["steps"] + 10)
+    rb["logits"] = ra["logits"] + np.random.default_rng(1).normal(0, 0.7, ra["logits"].shape)
+    rb["index"] = np.argsort(-rb["logits"], axis=-1, kind="stable")[..., :2]
+    rb["weights"] = np.take_along_axis(softmax(rb["logits"]), rb["index"], axis=-1)
+    root = tmp_path_factory.mktemp("agree")
+    write_run_dir(root / "A", ra, run_id="A")
+    write_run_dir(root / "B", rb, run_id="B")
+    return root, ra, rb
+
+
+def test_agreement_page_matches_numpy(agree_store):
+    root, ra, rb = agree_store
+    at = open_app(root, run="A", page="agreement")
+    n_tok, n_lay = ra["index"].shape[:2]
+    same = np.array([[sorted(ra["index"][t, l]) == sorted(rb["index"][t, l]) for l in range(n_lay)]
+                     for t in range(n_tok)])  # [T, L]: sets compared as sorted tuples
+    assert metric(at, "Matched tokens") == f"{n_tok:,}"
+    assert metric(at, "Tokens with ≥ 1 differing layer") == f"{100 * (~same.all(1)).mean():.2f}%"
+    bars = {t["name"]: arr(t["y"]) for t in chart(at, "Routing agreement per layer")["data"]}
+    np.testing.assert_allclose(bars["same expert set"], same.mean(0))
+    first = (ra["index"][:, :, 0] == rb["index"][:, :, 0]).mean(0)
+    np.testing.assert_allclose(bars["same first choice"], first)
+    hist = chart(at, "Layers whose expert set differs")["data"][0]
+    np.testing.assert_array_equal(arr(hist["y"]), np.bincount((~same).sum(1), minlength=n_lay + 1))
+    sw = chart(at, "Swaps in layer 0")["data"][0]
+    want = np.zeros((8, 8))
+    for t in range(n_tok):
+        oa = [e for e in ra["index"][t, 0] if e not in rb["index"][t, 0]]
+        ob = [e for e in rb["index"][t, 0] if e not in ra["index"][t, 0]]
+        for x, y in zip(oa, ob):
+            want[x, y] += 1
+    np.testing.assert_array_equal(np.asarray(arr(sw["z"]), dtype=float).reshape(8, 8), want)
+    assert chart(at, "by layer and position")
+    # two step windows of run A hold other tokens: a message saying what keys each side has, not an error
+    at.radio(key="agree_mode").set_value("Two step windows of this run").run()
+    assert not at.exception and not at.error, texts(at, "error")
+    assert "no token of selection a matches" in texts(at, "info")
+
+
+def test_agreement_page_on_runs_without_common_tokens(store):
+    at = open_app(store, page="agreement")  # main vs small: no sequence in common
+    assert "no token of selection a matches" in texts(at, "info") and "distinct seq_key" in texts(at, "info")

@@ -229,3 +229,10 @@ def test_heatmap_places_rows_in_any_order_and_leaves_missing_cells_empty():
                            hover=["n"]).data
     np.testing.assert_array_equal(np.asarray(hm.z, float), [[0.1, 0.2, np.nan], [0.3, np.nan, 0.5]])
     assert [[c[0] for c in row] for row in hm.customdata] == [[1, 2, None], [3, None, 5]]
+
+
+def test_swap_heatmap_shows_every_expert_and_never_cuts_one_off():
+    sw = pd.DataFrame({"expert_a": [1, 5], "expert_b": [2, 0], "tokens": [3, 4]})
+    z = np.asarray(charts.swap_heatmap(sw, layer=2, n_experts=4).data[0].z, dtype=float)
+    assert z.shape == (6, 6) and z[1, 2] == 3 and z[5, 0] == 4 and z.sum() == 7  # run B had 6 experts
+    assert "No swap" in str(charts.swap_heatmap(sw.iloc[:0], layer=2).layout.annotations[0].text)

@@ -67,7 +67,10 @@ def make_flush(rng: np.random.Generator, step: int, rank: int = 0) -> dict:
     flow_stats = {"step": np.full(3, step), "rank": np.full(3, rank), "layer_a": [0, 0, 1], "layer_b": [1, 1, 2],
                   "expert_a": [0, 3, 1], "expert_b": [2, 2, 0], "first_tokens": [4, 0, 2], "topk_pairs": [9, 1, 5]}
     sequences = {"step": np.full(SEQS, step), "rank": np.full(SEQS, rank), "seq": np.arange(SEQS),
-                 "domain": np.array(["code", None], dtype=object), "tag": "train", "n_tokens": np.full(SEQS, SEQ_LEN)}
+                 "domain": np.array(["code", None], dtype=object), "tag": "train", "n_tokens": np.full(SEQS, SEQ_LEN),
+                 "seq_key": np.array([2**64 - 1 - step, None], dtype=object),  # full 64 bits; None = NULL
+                 "sample_id": np.array([f"req-{step}", None], dtype=object),
+                 "pos_offset": np.array([3.0, np.nan])}  # NaN = NULL
     return {"routes": routes, "step_stats": step_stats, "layer_stats": layer_stats, "sequences": sequences,
             "pair_stats": pair_stats, "flow_stats": flow_stats}
 

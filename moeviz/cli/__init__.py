@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from moeviz.cli import bound, check, collect, dashboard, demo, export, placement, store
+from moeviz.cli import agree, bound, check, collect, dashboard, demo, export, placement, store
 from moeviz.errors import MoevizError
 
 # each holds `register(subparsers)`, which adds parsers whose `func(args) -> int` runs the command
@@ -19,6 +19,7 @@ COMMAND_MODULES = (
     collect,  # collect
     check,  # check
     placement,  # placement
+    agree,  # agree
     bound,  # bound
     demo,  # demo
     dashboard,  # dashboard

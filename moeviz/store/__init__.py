@@ -18,7 +18,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__all__ = ["RunWriter", "compact", "export", "open_store", "query", "store_info", "StoreWarning", "ROUTES_FORMATS"]
+__all__ = ["RunWriter", "compact", "export", "open_store", "query", "store_info", "StoreWarning", "ROUTES_FORMATS",
+           "sequence_key"]
 
 # Loaded on first use, so that `import moeviz` (which reads moeviz.store.schema) does not load pyarrow.
 _WHERE = {
@@ -30,6 +31,7 @@ _WHERE = {
     "query": "moeviz.store.reader",
     "store_info": "moeviz.store.reader",
     "StoreWarning": "moeviz.store.reader",
+    "sequence_key": "moeviz.store.layout",
 }
 
 if TYPE_CHECKING:  # pragma: no cover

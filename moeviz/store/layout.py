@@ -100,7 +100,8 @@ DISK_SCHEMAS: dict[str, pa.Schema] = {
                               ("bin", _I16), ("assigned", _I64), ("first_choice", _I64), ("weight_q_sum", _I64),
                               ("above", _I64)]),
     "sequences": pa.schema([("run_id", _S), ("step", _I64), ("rank", _I32), ("seq", _I32), ("domain", _S),
-                            ("tag", _S), ("n_tokens", _I32)]),
+                            ("tag", _S), ("n_tokens", _I32), ("seq_key", pa.uint64()), ("sample_id", _S),
+                            ("pos_offset", _I32)]),
     "runs": pa.schema([("run_id", _S), ("rank", _I32), ("written_at", pa.timestamp("us")), ("run_name", _S),
                        ("model_class", _S), ("n_layers", _I32), ("n_experts", _I32), ("top_k", _I32),
                        ("capacity_factor", _F64), ("config", _S), ("sample_every", _I32),
@@ -681,3 +682,17 @@ def all_ranks_closed(statuses: dict[int, dict]) -> bool:
 def run_id_column(run_id: str, n: int) -> pa.Array:
     """A constant run_id column that costs 4 bytes per row in memory and a few bytes in Parquet."""
     return pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, dtype=np.int32)), pa.array([run_id], pa.string()))
+
+
+def sequence_key(token_ids) -> int:
+    """`sequences.seq_key` of a sequence: its token ids inside the attention mask, in position order, as
+    little-endian int64, hashed with BLAKE2b (8-byte digest) and read as a little-endian unsigned 64-bit integer.
+
+    Anyone can recompute it (an importer from an engine's token ids, a test, another language), and the same
+    tokens give the same key in every run, whatever their batch row, step, rank or padding. A 64-bit hash: two
+    different sequences collide with probability ~n^2 / 2^65 (one in ~10^7 at a million distinct sequences).
+    """
+    import hashlib
+
+    data = np.ascontiguousarray(np.asarray(token_ids, dtype="<i8").reshape(-1)).tobytes()
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")

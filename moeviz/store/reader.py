@@ -74,10 +74,12 @@ def open_store(path, *, memory_limit: int | None = None, threads: int | None = N
 
     `memory_limit` (bytes) and `threads` set DuckDB's settings of those names before the configuration is locked
     (default: DuckDB's own, 80% of the RAM and one thread per core); the SQL sandbox sets them for user queries.
+    `path` may also be a list of such paths (`moeviz agree` opens two run folders side by side); two folders
+    holding one run id are refused, as within one folder.
     Raises StoreNotFoundError when `path` holds no run, SchemaVersionError when a run is newer than this moeviz.
     Incomplete Parquet files (a copy in progress, a truncated file) are skipped with a StoreWarning.
     """
-    runs = [_RunFiles.scan(d) for d in layout.find_runs(path)]  # 1. list segments ...
+    runs = [_RunFiles.scan(d) for d in _run_dirs(path)]  # 1. list segments ...
     con = _read_only_connection(memory_limit, threads)
     try:
         compacted = _attach_compacted(con, runs)  # 2. ... then open run.duckdb: a segment listed in 1 and
@@ -109,6 +111,23 @@ def open_store(path, *, memory_limit: int | None = None, threads: int | None = N
                       + ". A file still being copied reads once complete; otherwise move it out of the run folder "
                       "(`moeviz check` lists the damage)", StoreWarning, stacklevel=2)
     return con
+
+
+def _run_dirs(path) -> list:
+    """The run folders of a path, or of a list of paths (each run once; one run id in two folders refused)."""
+    if not isinstance(path, (list, tuple)):
+        return layout.find_runs(path)
+    dirs: list = []
+    for p in path:
+        dirs += [d for d in layout.find_runs(p) if d not in dirs]
+    ids: dict[str, Path] = {}
+    for d in dirs:
+        run_id = str(layout.read_manifest(d).get("run_id") or d.name)
+        if run_id in ids:
+            raise layout.StoreError(f"{ids[run_id]} and {d} both hold run {run_id!r}; their rows would merge: "
+                                    f"open them one at a time")
+        ids[run_id] = d
+    return dirs
 
 
 STALE_MESSAGE = ("the store changed on disk since this connection was opened (a compaction folded segments it was "

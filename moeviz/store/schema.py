@@ -191,6 +191,18 @@ SEQUENCES = _t(
     ("domain", "VARCHAR", "Domain label (e.g. code, prose, it, math) or NULL."),
     ("tag", "VARCHAR", "What the step was: 'train', 'eval', 'probe' (fixed batch for router saturation), ..."),
     ("n_tokens", "INTEGER", "Tokens of the sequence inside the attention mask."),
+    ("seq_key", "UBIGINT", "The sequence's identity across runs: a 64-bit hash of its token ids inside the attention "
+     "mask, in position order (`moeviz.store.sequence_key`: BLAKE2b with an 8-byte digest of the ids as little-endian "
+     "int64, read as a little-endian unsigned integer), so that the same tokens recorded by another run (another "
+     "checkpoint, dtype or batch) join on (seq_key, pos). NULL when the token ids were not known (embeddings "
+     "given) and for data written before it existed."),
+    ("sample_id", "VARCHAR", "The user's key for the sequence (`Recorder.step(..., sample_ids=[...])`: a request or "
+     "dataset id), or NULL. Where both sides have one, `moeviz.agreement` matches sequences by it instead of "
+     "`seq_key`."),
+    ("pos_offset", "INTEGER", "The batch column (`routes.pos`) of the sequence's first token inside the attention "
+     "mask: 0 for right padding or none, the padding's width for left padding, so that `pos - pos_offset` is the "
+     "token's position within the sequence (what `moeviz.agreement` matches on). NULL where the token ids were "
+     "not known and for data written before it existed (read as 0)."),
 )
 
 VOCAB = _t(
@@ -283,6 +295,7 @@ TABLES: dict[str, Table] = {t.name: t for t in (RUNS, LAYERS, ROUTES, STEP_STATS
 # Columns added after the first release of a table: a writer may leave them out (they read as NULL), so that
 # code written against the older schema (RunWriter.write_flush callers) keeps working.
 OPTIONAL_COLUMNS: dict[str, frozenset[str]] = {
+    "sequences": frozenset({"seq_key", "sample_id", "pos_offset"}),
     "layer_stats": frozenset({"adjacent_pairs", "same_first", "first_in_topk", "topk_overlap", "coactive_pairs",
                               "nonfinite_tokens"}),
 }

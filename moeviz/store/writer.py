@@ -292,6 +292,8 @@ class RunWriter:
                     raise StoreError(f"{table}.{c} must hold strings or None: {e}") from None
             elif t == pa.float64():
                 arrays[c] = np.asarray(_broadcast(v, n), dtype=np.float64)
+            elif t == pa.uint64():  # sequences.seq_key: full 64-bit hashes (no float NaN for NULL), None = NULL
+                arrays[c] = _uint64_column(table, c, v, n)
             elif c in OPTIONAL_COLUMNS.get(table, ()):
                 arrays[c] = _nullable_int_column(table, c, v, n, t)
             else:
@@ -375,6 +377,21 @@ def _int_column(table: str, name: str, a: np.ndarray, dtype) -> np.ndarray:
             raise StoreError(f"{table}.{name} holds values in [{lo}, {hi}], outside {np.dtype(dtype).name} "
                              f"[{info.min}, {info.max}]")
     return a.astype(dtype)
+
+
+def _uint64_column(table: str, name: str, v, n: int) -> pa.Array:
+    """An optional UBIGINT column (a hash): None (all NULL), a uint64 array, or Python ints / None per row."""
+    if v is None:
+        return pa.nulls(n, pa.uint64())
+    a = np.asarray(_broadcast(v, n))
+    try:
+        if a.dtype == object:
+            return pa.array([None if x is None else int(x) for x in a], pa.uint64())
+        if a.dtype.kind not in "ui" or (a.dtype.kind == "i" and np.any(a < 0)):
+            raise StoreError(f"{table}.{name} must hold unsigned 64-bit integers (or None)")
+        return pa.array(a.astype(np.uint64), pa.uint64())
+    except (OverflowError, ValueError, TypeError, pa.ArrowInvalid) as e:
+        raise StoreError(f"{table}.{name} must hold unsigned 64-bit integers (or None): {e}") from None
 
 
 def _nullable_int_column(table: str, name: str, v, n: int, arrow_type: pa.DataType) -> pa.Array:

@@ -1,0 +1,86 @@
+"""Agreement: the same tokens routed twice (two runs, or two step windows of one run), compared token by token:
+agreement per layer, layers that disagree per token, by position, and the swap matrix of a layer."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from app.components import guarded, run_page, show_chart, show_table
+from app.state import Ctx
+from moeviz import charts
+from moeviz.analyses.agreement import (
+    AgreementError,
+    headline,
+    position_agreement,
+    summary,
+    swap_matrix,
+)
+from moeviz.selection import Selection
+
+TWO_RUNS, TWO_WINDOWS = "Two runs", "Two step windows of this run"
+
+
+def _sides(ctx: Ctx) -> tuple[Selection, Selection, str] | None:
+    """The two selections the user picked, and a caption saying what they are."""
+    modes = [TWO_RUNS, TWO_WINDOWS] if len(ctx.runs) > 1 else [TWO_WINDOWS]
+    mode = st.radio("Compare", modes, horizontal=True, key="agree_mode")
+    layers = ctx.sel.layers
+    if mode == TWO_RUNS:
+        c1, c2 = st.columns(2)
+        a = c1.selectbox("Run A", ctx.runs, index=ctx.runs.index(ctx.run_id), key="agree_a")
+        b = c2.selectbox("Run B", [r for r in ctx.runs if r != a], key="agree_b")
+        return (Selection(run_ids=(a,), layers=layers), Selection(run_ids=(b,), layers=layers),
+                f"Every recorded step of run {a} against every recorded step of run {b}; the sidebar's Layers apply.")
+    if len(ctx.steps) < 2:
+        st.info("This run has one recorded step: pick two runs, or record the same tokens at two steps (a probe "
+                "batch, tag='probe').")
+        return None
+    steps = list(ctx.steps)
+    c1, c2 = st.columns(2)
+    wa = c1.select_slider("Window A (steps)", steps, value=(steps[0], steps[0]), key="agree_wa")
+    wb = c2.select_slider("Window B (steps)", steps, value=(steps[-1], steps[-1]), key="agree_wb")
+    run = (ctx.run_id,)
+    return (Selection(run_ids=run, steps=tuple(wa), layers=layers), Selection(run_ids=run, steps=tuple(wb), layers=layers),
+            f"Run {ctx.run_id}, steps {wa[0]}–{wa[1]} against steps {wb[0]}–{wb[1]}; the sidebar's Layers apply.")
+
+
+def render(ctx: Ctx) -> None:
+    st.caption("Tokens are matched by their sequence's key (sample_id where both sides have one, else the hash of "
+               "its token ids) and position, whatever their step, rank or batch row. Only tokens whose routes were "
+               "kept on both sides are compared.")
+    picked = _sides(ctx)
+    if picked is None:
+        return
+    a, b, scope = picked
+    st.caption(scope)
+    try:
+        got = ctx.q_slow("Matching the tokens of both sides...", summary, a, b)
+    except AgreementError as e:  # nothing in common: say what keys each side has, not an error box
+        st.info(str(e))
+        return
+    per_layer, counts, hist = got["layers"], got["matched"], got["tokens"]
+    h = headline(per_layer, hist, counts)
+    c = st.columns(4)
+    c[0].metric("Matched tokens", f"{h['matched']:,}")
+    c[1].metric("Unmatched (A / B)", f"{int(counts['unmatched_a'].iloc[0]):,} / {int(counts['unmatched_b'].iloc[0]):,}")
+    c[2].metric("Decisions with another expert set", f"{100 * h['decisions_differing']:.2f}%")
+    c[3].metric("Tokens with ≥ 1 differing layer", f"{100 * h['tokens_differing']:.2f}%")
+    with guarded("Agreement per layer"):
+        show_chart(charts.agreement_bars(per_layer), per_layer, "agree-layers")
+    with guarded("Layers that differ per token"):
+        show_chart(charts.disagreement_histogram(hist), hist, "agree-hist")
+    with guarded("Agreement by position"):
+        bucket = int(st.select_slider("Position bucket (tokens)", [1, 2, 4, 8, 16, 32, 64, 128], value=16,
+                                      key="agree_bucket"))
+        pos = ctx.q(position_agreement, a, b, bucket=bucket)
+        show_chart(charts.position_agreement_heatmap(pos), pos, "agree-pos")
+    with guarded("Swap matrix"):
+        layer = int(st.selectbox("Layer", per_layer["layer"].tolist(), key="agree_layer"))
+        sw = ctx.q(swap_matrix, a, b, layer)
+        show_chart(charts.swap_heatmap(sw, layer=layer, n_experts=ctx.n_experts), sw, "agree-swaps")
+        with st.expander("Swaps as a table"):
+            show_table(sw.sort_values("tokens", ascending=False), "agree-swaps-table")
+
+
+if __name__ == "__main__":
+    run_page("Agreement", render)

@@ -1,0 +1,104 @@
+"""`moeviz agree RUN_A RUN_B`: how often two executions of the same tokens route them to the same experts.
+
+RUN_A and RUN_B are run folders (two folders are opened side by side; a folder holding several runs is refused:
+name the runs with --store), or, with `--store PATH`, run ids of the store at PATH. The same run twice with
+`--steps-a` / `--steps-b` compares two step windows of one run (two checkpoints of a fixed probe batch).
+
+    moeviz agree runs/rollout runs/trainer
+    moeviz agree --store runs/ bf16 fp32 --layers 0,1 --format csv
+    moeviz agree runs/exp runs/exp --steps-a 100:100 --steps-b 249:249
+
+Prints the matched tokens, the share of (token, layer) decisions whose expert sets differ, the share of tokens
+with at least one differing layer, then `moeviz.agreement.layer_agreement` per layer; `--format csv` prints the
+table alone. Exit status 2, with one message saying what keys each side has, when no token matches.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from moeviz.cli.args import ArgumentError, int_list, step_range
+
+
+class AgreeArgumentError(ArgumentError):
+    """A `moeviz agree` argument is malformed or names no run."""
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "agree",
+        help="routing agreement of two executions of the same tokens (two runs, or two step windows of one)",
+        description="Match the tokens of two runs by sequence key (sample_id where both have one, else the hash "
+        "of the token ids) and position, whatever their step, rank or batch row, and compare their top-k expert "
+        "sets per layer. Exit status 2 when nothing matches or on bad input.",
+    )
+    p.add_argument("run_a", metavar="RUN_A", help="a run folder (or, with --store, a run id)")
+    p.add_argument("run_b", metavar="RUN_B", help="a run folder (or, with --store, a run id); may equal RUN_A")
+    p.add_argument("--store", help="a folder of runs holding both RUN_A and RUN_B, given as run ids")
+    p.add_argument("--steps-a", help="steps A:B of RUN_A (inclusive; A: or :B open; default all)")
+    p.add_argument("--steps-b", help="steps C:D of RUN_B (default all)")
+    p.add_argument("--layers", help="comma-separated MoE layers (default: all)")
+    p.add_argument("--format", choices=("table", "csv"), default="table",
+                   help="table (headline numbers, then the per-layer table; default) or csv (the table alone)")
+    p.set_defaults(func=run_agree)
+
+
+def _run_of_folder(path: str) -> tuple[Path, str]:
+    from moeviz.store import layout
+
+    dirs = layout.find_runs(path)
+    if len(dirs) != 1:
+        raise AgreeArgumentError(
+            f"{path} holds {len(dirs)} runs; give the folder with --store and the two run ids: "
+            f"moeviz agree --store {path} RUN_A RUN_B")
+    return dirs[0], str(layout.read_manifest(dirs[0]).get("run_id") or dirs[0].name)
+
+
+def run_agree(args: argparse.Namespace) -> int:
+    from moeviz.analyses.agreement import headline, layer_agreement, summary
+    from moeviz.selection import Selection
+    from moeviz.store import open_store
+
+    steps_a = step_range(args.steps_a, "--steps-a", AgreeArgumentError)
+    steps_b = step_range(args.steps_b, "--steps-b", AgreeArgumentError)
+    layers = int_list(args.layers or None, "--layers", AgreeArgumentError)
+    if args.store:
+        con = open_store(args.store)
+        id_a, id_b = args.run_a, args.run_b
+        known = {r[0] for r in con.execute("SELECT run_id FROM runs").fetchall()}
+        for rid in (id_a, id_b):
+            if rid not in known:
+                con.close()
+                raise AgreeArgumentError(f"{args.store} holds no run {rid!r}; its runs: {', '.join(sorted(known))}")
+    else:
+        (dir_a, id_a), (dir_b, id_b) = _run_of_folder(args.run_a), _run_of_folder(args.run_b)
+        con = open_store([dir_a] if dir_a == dir_b else [dir_a, dir_b])
+    a = Selection(run_ids=(id_a,), steps=steps_a, layers=layers)
+    b = Selection(run_ids=(id_b,), steps=steps_b, layers=layers)
+    try:  # raises AgreementError (exit 2, one message) when nothing matches
+        if args.format == "csv":
+            print(layer_agreement(con, a, b).to_csv(index=False), end="")
+            return 0
+        got = summary(con, a, b)  # one pass over the routes for the three tables
+        table, counts, hist = got["layers"], got["matched"], got["tokens"]
+    finally:
+        con.close()
+    h = headline(table, hist, counts)
+    c = counts.iloc[0]
+
+    def side(name: str, rid: str, steps) -> str:
+        return f"{name} = {rid}" + ("" if steps is None else f" steps {args.steps_a if name == 'a' else args.steps_b}")
+
+    print(f"{side('a', id_a, steps_a)}; {side('b', id_b, steps_b)}")
+    print(f"matched tokens: {h['matched']} (a has {h['tokens_a']}: {int(c['unmatched_a'])} unmatched, "
+          f"{int(c['repeated_a'])} of them a repeated sequence; b has {h['tokens_b']}: {int(c['unmatched_b'])} "
+          f"unmatched, {int(c['repeated_b'])} repeated)")
+    by_id, by_hash = int(c["matched_by_sample_id"]), h["matched"] - int(c["matched_by_sample_id"])
+    how = [f"sample_id ({by_id} tokens)" if by_id else "", f"the token-id hash, seq_key ({by_hash} tokens)" if by_hash else ""]
+    print("matched by: " + " and ".join(x for x in how if x))
+    print(f"(token, layer) decisions with a different expert set: {100 * h['decisions_differing']:.2f}%")
+    print(f"tokens with at least one differing layer: {100 * h['tokens_differing']:.2f}% "
+          f"(of {len(table)} layer(s))")
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    return 0

@@ -1,0 +1,454 @@
+"""moeviz.agreement (issue 22): every figure against a numpy loop over the raw routing arrays of both sides
+(sets compared as sorted tuples), a run against itself, a hand-built pair with known swaps, matching by sample_id,
+the error when nothing matches, and two real recordings of a tiny model whose sequences sit in other rows and
+steps (matched by the key the Recorder wrote, which equals the hash recomputed here from the token ids)."""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter, defaultdict
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from moeviz.analyses import agreement as ag
+from moeviz.selection import Selection
+from moeviz.testing import store_from_routing, synthetic_routing
+
+A, B = Selection(run_ids=("A",)), Selection(run_ids=("B",))
+
+
+def blake_key(ids) -> int:
+    """sequences.seq_key recomputed from its definition (not via moeviz.store.sequence_key)."""
+    return int.from_bytes(hashlib.blake2b(np.asarray(ids, dtype="<i8").tobytes(), digest_size=8).digest(), "little")
+
+
+# ---------------------------------------------------------------------------------------------------- reference
+
+
+def side_tokens(r: dict, sample_ids=None) -> tuple[dict, int, int]:
+    """{(identity, pos, token_id): {layer: experts in slot order}} of the first occurrence of each sequence
+    identity (sample_id, else the tuple of its token ids), plus (tokens, repeated tokens)."""
+    steps, ranks, seqs, pos, tok = (np.asarray(r[c]) for c in ("steps", "ranks", "seqs", "pos", "token_ids"))
+    keep = np.asarray(r.get("keep", np.ones(len(steps), bool)))
+    by_seq = defaultdict(list)
+    for t in range(len(steps)):
+        by_seq[(steps[t], ranks[t], seqs[t])].append(t)
+    seen, out, n, repeated = set(), {}, 0, 0
+    for s in sorted(by_seq):
+        ts = sorted(by_seq[s], key=lambda t: pos[t])
+        sid = None if sample_ids is None else sample_ids[ts[0]]
+        ident = ("id", sid) if sid is not None else ("key", tuple(int(tok[t]) for t in ts))
+        first = ident not in seen
+        seen.add(ident)
+        for t in ts:
+            if not keep[t]:
+                continue
+            n += 1
+            if not first:
+                repeated += 1
+                continue
+            out[(ident, int(pos[t]), int(tok[t]))] = {l: tuple(int(e) for e in r["index"][t, l]) for l in
+                                                      range(r["index"].shape[1])}
+    return out, n, repeated
+
+
+def reference(ra: dict, rb: dict, sid_a=None, sid_b=None) -> dict:
+    ta, na, rep_a = side_tokens(ra, sid_a)
+    tb, nb, rep_b = side_tokens(rb, sid_b)
+    both = sorted(set(ta) & set(tb))
+    layers = sorted({l for t in both for l in ta[t]})
+    rows = []
+    for l in layers:
+        same = [tuple(sorted(ta[t][l])) == tuple(sorted(tb[t][l])) for t in both]
+        ov = [len(set(ta[t][l]) & set(tb[t][l])) / max(len(ta[t][l]), len(tb[t][l])) for t in both]
+        first = [ta[t][l][0] == tb[t][l][0] for t in both]
+        rows.append([l, len(both), np.mean(same), np.mean(ov), np.mean(first)])
+    differing = Counter(sum(tuple(sorted(ta[t][l])) != tuple(sorted(tb[t][l])) for l in layers) for t in both)
+    swaps = {}
+    for l in layers:
+        c = Counter()
+        for t in both:
+            oa = [e for e in ta[t][l] if e not in tb[t][l]]
+            ob = [e for e in tb[t][l] if e not in ta[t][l]]
+            c.update(zip(oa, ob))
+        swaps[l] = c
+    by_id = sum(1 for t in both if t[0][0] == "id")
+    return {"matched": [na, nb, len(both), na - len(both), nb - len(both), rep_a, rep_b, by_id],
+            "layers": pd.DataFrame(rows, columns=ag.LAYER_COLUMNS),
+            "hist": [differing.get(i, 0) for i in range(len(layers) + 1)], "swaps": swaps, "both": both,
+            "ta": ta, "tb": tb}
+
+
+def two_runs(seed: int = 0, noise: float = 0.6):
+    """Run A (2 steps x 4 sequences, one sequence repeated at a later step, a few tokens not kept) and run B: the
+    same sequences in another order and steps, routed from perturbed logits, plus one sequence only B has."""
+    rng = np.random.default_rng(seed)
+    ra = synthetic_routing(n_steps=3, n_layers=3, n_experts=8, top_k=2, seqs_per_step=4, seq_len=8, seed=seed)
+    n = len(ra["steps"])
+    ra["token_ids"] = rng.integers(0, 40, n)
+    ra["token_ids"][ra["steps"] == 2] = ra["token_ids"][ra["steps"] == 0]  # step 2 repeats step 0's sequences
+    ra["keep"] = rng.random(n) > 0.1
+    # B: sequence j of A (steps 0-1) goes to step 7 + j // 3, row 2 - j % 3; routing from perturbed logits
+    first = ra["steps"] < 2
+    seq_of = ra["steps"] * 4 + ra["seqs"]
+    rb = {k: (v[first] if isinstance(v, np.ndarray) and len(v) == n else v) for k, v in ra.items()}
+    j = seq_of[first]
+    rb["steps"], rb["seqs"] = 7 + j // 3, 2 - j % 3
+    rb["logits"] = rb["logits"] + rng.normal(0, noise, rb["logits"].shape)
+    order = np.argsort(-rb["logits"], axis=-1, kind="stable")[..., :2]
+    rb["index"] = order
+    rb["weights"] = np.full(order.shape, 0.5)
+    rb["keep"] = rng.random(len(rb["steps"])) > 0.1
+    extra = rb["steps"] == 7  # one sequence of B has other tokens: only B has it
+    rb["token_ids"] = np.where(extra & (rb["seqs"] == 0), rb["token_ids"] + 100, rb["token_ids"])
+    con = store_from_routing(**{k: v for k, v in ra.items() if k != "logits"}, run_id="A")
+    store_from_routing(**{k: v for k, v in rb.items() if k != "logits"}, run_id="B", con=con)
+    return con, ra, rb
+
+
+def check_against_reference(con, a, b, ref, layer=1):
+    m = ag.matched(con, a, b)
+    assert list(m.columns) == ag.MATCHED_COLUMNS
+    assert m.iloc[0].tolist() == ref["matched"]
+    got = ag.layer_agreement(con, a, b)
+    assert list(got.columns) == ag.LAYER_COLUMNS
+    pd.testing.assert_frame_equal(got.reset_index(drop=True), ref["layers"], check_dtype=False, atol=1e-12)
+    hist = ag.token_disagreement(con, a, b)
+    assert list(hist.columns) == ag.TOKEN_COLUMNS
+    assert hist["layers_differing"].tolist() == list(range(len(ref["hist"])))
+    assert hist["tokens"].tolist() == ref["hist"]
+    got = ag.summary(con, a, b)  # the three tables again, from one pass
+    pd.testing.assert_frame_equal(got["matched"], m)
+    pd.testing.assert_frame_equal(got["layers"], ag.layer_agreement(con, a, b))
+    pd.testing.assert_frame_equal(got["tokens"], hist)
+    sw = ag.swap_matrix(con, a, b, layer)
+    assert list(sw.columns) == ag.SWAP_COLUMNS
+    assert {(r.expert_a, r.expert_b): r.tokens for r in sw.itertuples()} == dict(ref["swaps"][layer])
+
+
+def test_every_figure_against_a_numpy_loop():
+    con, ra, rb = two_runs()
+    ref = reference(ra, rb)
+    assert ref["matched"][2] > 30 and ref["matched"][5] > 0  # the fixture matches many tokens and repeats some
+    assert 0 < ref["layers"]["set_agreement"].min() < 1
+    check_against_reference(con, A, B, ref)
+    check_against_reference(con, B, A, reference(rb, ra), layer=2)
+
+
+def test_position_and_domain_breakdowns_against_a_numpy_loop():
+    con, ra, rb = two_runs(seed=3)
+    ref = reference(ra, rb)
+    pos = ag.position_agreement(con, A, B, bucket=3)
+    assert list(pos.columns) == ag.POSITION_COLUMNS
+    exp = defaultdict(list)
+    for t in ref["both"]:
+        for l in ref["ta"][t]:
+            exp[(l, t[1] // 3)].append(sorted(ref["ta"][t][l]) == sorted(ref["tb"][t][l]))
+    assert {(r.layer, r.pos_bucket): (r.tokens, pytest.approx(r.set_agreement)) for r in pos.itertuples()} == \
+        {k: (len(v), np.mean(v)) for k, v in exp.items()}
+    assert (pos["pos_lo"] == pos["pos_bucket"] * 3).all() and (pos["pos_hi"] == pos["pos_lo"] + 2).all()
+    dom = ag.domain_agreement(con, A, B)
+    # domains of A's sequences: first token of each (step, rank, seq)
+    dom_of = {}
+    for t in range(len(ra["steps"])):
+        ids = tuple(int(x) for x in ra["token_ids"][(ra["steps"] == ra["steps"][t]) & (ra["seqs"] == ra["seqs"][t])])
+        dom_of.setdefault(("key", ids), ra["domains"][t])
+    per = defaultdict(list)
+    for t in ref["both"]:
+        same = [sorted(ref["ta"][t][l]) == sorted(ref["tb"][t][l]) for l in ref["ta"][t]]
+        per[dom_of[t[0]]].append(same)
+    for r in dom.itertuples():
+        v = per[r.domain]
+        assert r.tokens == len(v)
+        assert r.set_agreement == pytest.approx(np.mean([x for s in v for x in s]))
+        assert r.tokens_differing == pytest.approx(np.mean([not all(s) for s in v]))
+    assert set(dom["domain"]) == set(per)
+
+
+def test_a_run_against_itself_agrees_everywhere():
+    con, ra, _ = two_runs()
+    m = ag.matched(con, A, A).iloc[0]
+    assert m["matched"] == m["tokens_a"] - m["repeated_a"] and m["unmatched_a"] == m["repeated_a"] > 0
+    lay = ag.layer_agreement(con, A, A)
+    assert (lay[["set_agreement", "overlap", "first_choice_agreement"]] == 1.0).all().all()
+    hist = ag.token_disagreement(con, A, A)
+    assert hist["tokens"].iloc[0] == m["matched"] and (hist["tokens"].iloc[1:] == 0).all()
+    assert ag.swap_matrix(con, A, A, 0).empty
+    # two step windows of one run: step 2 repeats step 0's sequences with the same routing arrays? No: other
+    # logits. Windows [0, 0] and [2, 2] hold the same tokens, so every kept token of both is matched
+    w0, w2 = A.with_(steps=(0, 0)), A.with_(steps=(2, 2))
+    ref = reference({k: (v[ra["steps"] == 0] if isinstance(v, np.ndarray) and len(v) == len(ra["steps"]) else v)
+                     for k, v in ra.items()},
+                    {k: (v[ra["steps"] == 2] if isinstance(v, np.ndarray) and len(v) == len(ra["steps"]) else v)
+                     for k, v in ra.items()})
+    check_against_reference(con, w0, w2, ref)
+
+
+def test_the_short_import_path_is_the_same_module():
+    import importlib
+
+    assert importlib.import_module("moeviz.agreement") is ag  # the name users' scripts call (issue 22)
+
+
+def test_known_swaps():
+    # one layer, k=2, four tokens of one sequence; B routes them:
+    # t0 the same, t1 the same set in the other order, t2 swaps 3 -> 5, t3 swaps 4 -> 7 and 6 -> 5
+    ia = np.array([[0, 1], [0, 1], [2, 3], [4, 6]])[:, None, :]
+    ib = np.array([[0, 1], [1, 0], [2, 5], [7, 5]])[:, None, :]
+    tok = np.array([5, 6, 7, 8])
+    con = store_from_routing(ia, n_experts=8, token_ids=tok, run_id="A")
+    store_from_routing(ib, n_experts=8, token_ids=tok, steps=np.full(4, 3), run_id="B", con=con)
+    sw = ag.swap_matrix(con, A, B, 0)
+    assert sw.values.tolist() == [[3, 5, 1], [4, 7, 1], [6, 5, 1]]
+    lay = ag.layer_agreement(con, A, B).iloc[0]
+    assert lay["tokens"] == 4 and lay["set_agreement"] == 0.5
+    assert lay["overlap"] == pytest.approx((2 + 2 + 1 + 0) / 2 / 4) and lay["first_choice_agreement"] == 0.5
+    assert ag.token_disagreement(con, A, B).values.tolist() == [[0, 2], [1, 2]]
+    assert ag.swap_matrix(con, B, A, 0).values.tolist() == [[5, 3, 1], [5, 6, 1], [7, 4, 1]]
+
+
+def test_more_than_64_experts_compare_lists_not_bitmasks():
+    # the known swaps again, with experts above 64 (sets as lists): the same figures
+    ia = np.array([[0, 1], [0, 1], [2, 3], [4, 6]])[:, None, :] + 70
+    ib = np.array([[0, 1], [1, 0], [2, 5], [7, 5]])[:, None, :] + 70
+    tok = np.array([5, 6, 7, 8])
+    con = store_from_routing(ia, n_experts=80, token_ids=tok, run_id="A")
+    store_from_routing(ib, n_experts=80, token_ids=tok, steps=np.full(4, 3), run_id="B", con=con)
+    assert ag._lists_needed(con, False)
+    lay = ag.layer_agreement(con, A, B).iloc[0]
+    assert lay["tokens"] == 4 and lay["set_agreement"] == 0.5
+    assert lay["overlap"] == pytest.approx(5 / 8) and lay["first_choice_agreement"] == 0.5
+    assert ag.summary(con, A, B)["tokens"].values.tolist() == [[0, 2], [1, 2]]
+    assert ag.swap_matrix(con, A, B, 0).values.tolist() == [[73, 75, 1], [74, 77, 1], [76, 75, 1]]
+
+
+def test_sample_ids_match_where_the_token_keys_differ():
+    # B's sequence lost its last token (another length: another seq_key) but carries the same sample id
+    ia = np.array([[0, 1], [2, 3], [4, 5]])[:, None, :]
+    con = store_from_routing(ia, n_experts=8, token_ids=[1, 2, 3], sample_ids=["req-7"] * 3, run_id="A")
+    store_from_routing(ia[:2], n_experts=8, token_ids=[1, 2], sample_ids=["req-7"] * 2, run_id="B", con=con)
+    assert ag.matched(con, A, B).iloc[0].tolist() == [3, 2, 2, 1, 0, 0, 0, 2]  # both tokens by sample_id
+    pd.testing.assert_frame_equal(ag.summary(con, A, B)["matched"], ag.matched(con, A, B))
+    keys = con.execute("SELECT run_id, seq_key FROM sequences ORDER BY run_id").fetchall()
+    assert keys == [("A", blake_key([1, 2, 3])), ("B", blake_key([1, 2]))]
+    # without sample ids on one side, the token keys decide: nothing matches
+    con2 = store_from_routing(ia, n_experts=8, token_ids=[1, 2, 3], sample_ids=["req-7"] * 3, run_id="A")
+    store_from_routing(ia[:2], n_experts=8, token_ids=[1, 2], run_id="B", con=con2)
+    assert ag.matched(con2, A, B)["matched"].item() == 0
+
+
+def test_nothing_matches_says_what_keys_each_side_has():
+    ia = np.array([[0, 1], [2, 3]])[:, None, :]
+    con = store_from_routing(ia, n_experts=8, token_ids=[1, 2], run_id="A")
+    store_from_routing(ia, n_experts=8, token_ids=[3, 4], sample_ids=["x", "x"], run_id="B", con=con)
+    for f in (ag.layer_agreement, ag.token_disagreement, ag.position_agreement, ag.domain_agreement, ag.summary):
+        with pytest.raises(ag.AgreementError) as e:
+            f(con, A, B)
+        text = str(e.value)
+        assert "a: 1 sequence(s) of run(s) A" in text and "1 distinct seq_key" in text and "'x'" in text, text
+    with pytest.raises(ag.AgreementError, match="b: no sequence"):
+        ag.swap_matrix(con, A, Selection(run_ids=("C",)), 0)
+    # a run written before seq_key existed (no token ids here): no key, said so
+    con3 = store_from_routing(ia, n_experts=8, run_id="A")
+    store_from_routing(ia, n_experts=8, run_id="B", con=con3)
+    with pytest.raises(ag.AgreementError, match=r"0 distinct seq_key\(s\) \(1 sequence\(s\) without one\)"):
+        ag.layer_agreement(con3, A, B)
+
+
+# ---------------------------------------------------------------------------------------------------- recorder
+
+
+def record(run_dir, model, batches, sample_ids=None):
+    import torch
+
+    from collectors import Recorder
+
+    with Recorder(model, run_dir, run_id=run_dir.name, flush_every=2) as rec:
+        for i, (step, ids, mask) in enumerate(batches):
+            with torch.no_grad():
+                model(input_ids=ids, attention_mask=mask)
+            rec.step(step, sample_ids=None if sample_ids is None else sample_ids[i])
+
+
+def test_two_recordings_match_by_the_key_the_recorder_wrote(tmp_path):
+    torch = pytest.importorskip("torch")
+    from collectors.testing import tiny_model
+    from moeviz.store import open_store
+
+    model, _ = tiny_model("mixtral")
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 128, (6, 10), generator=g)
+    mask = torch.ones(6, 10, dtype=torch.long)
+    mask[1, 7:] = 0  # right padding: the key covers the 7 tokens inside the mask
+    mask[4, 5:] = 0
+    # run A: rows 0-2 at step 0, 3-5 at step 1; run B: the same sequences in reverse order, at steps 10 and 11
+    # (batch of three rows each time, so that every row sees the same batch shape)
+    record(tmp_path / "A", model, [(0, ids[:3], mask[:3]), (1, ids[3:], mask[3:])],
+           sample_ids=[["s0", "s1", "s2"], ["s3", "s4", "s5"]])
+    rev = torch.arange(5, -1, -1)
+    record(tmp_path / "B", model, [(10, ids[rev[:3]], mask[rev[:3]]), (11, ids[rev[3:]], mask[rev[3:]])])
+    con = open_store(tmp_path)
+    seqs = con.execute("SELECT run_id, step, seq, seq_key, sample_id FROM sequences ORDER BY run_id, step, seq") \
+        .fetchall()
+    expect_a = [("A", i // 3, i % 3, blake_key(ids[i][mask[i] > 0].numpy()), f"s{i}") for i in range(6)]
+    expect_b = [("B", 10 + i // 3, i % 3, blake_key(ids[5 - i][mask[5 - i] > 0].numpy()), None) for i in range(6)]
+    assert seqs == expect_a + expect_b
+    n_tokens = int(mask.sum())
+    assert ag.matched(con, A, B).iloc[0].tolist() == [n_tokens, n_tokens, n_tokens, 0, 0, 0, 0, 0]
+    lay = ag.layer_agreement(con, A, B)
+    assert len(lay) == 2 and (lay["tokens"] == n_tokens).all()
+    # the same model on the same tokens: the routes themselves, compared as sorted tuples, are the same
+    routes = con.execute("SELECT run_id, step, seq, pos, layer, list(expert ORDER BY slot) AS e FROM routes "
+                         "GROUP BY ALL").df()
+    row_of = {("A", s, q): 3 * s + q for s in (0, 1) for q in range(3)}
+    row_of.update({("B", 10 + s, q): 5 - (3 * s + q) for s in (0, 1) for q in range(3)})
+    sets = {}
+    for r in routes.itertuples():
+        sets.setdefault((row_of[(r.run_id, r.step, r.seq)], r.pos, r.layer), {})[r.run_id] = tuple(sorted(r.e))
+    same = np.mean([v["A"] == v["B"] for v in sets.values()])
+    assert lay["set_agreement"].mean() == pytest.approx(same) and same > 0.95
+
+
+# ---------------------------------------------------------------------------------------------------- CLI
+
+
+def write_run_folder(run_dir, mem, run_id: str) -> None:
+    """A real run folder (RunWriter, one flush) holding run `run_id` of the in-memory store `mem`."""
+    from moeviz.store import RunWriter
+
+    w = RunWriter(run_dir, run_id=run_id, run_name=run_id)
+    w.write_run({"model_class": "Synthetic", "n_layers": 3, "n_experts": 8, "top_k": 2})
+    w.write_layers(mem.execute("SELECT * EXCLUDE (run_id) FROM layers WHERE run_id = ?", [run_id]).df()
+                   .to_dict("records"))
+    tables = {}
+    for t in ("routes", "step_stats", "layer_stats", "sequences"):
+        tbl = mem.execute(f"SELECT * EXCLUDE (run_id) FROM {t} WHERE run_id = ?", [run_id]).to_arrow_table()
+        tables[t] = {c: (np.array(tbl.column(c).to_pylist(), dtype=object) if c in ("seq_key", "sample_id", "domain",
+                                                                                    "tag")
+                         else tbl.column(c).to_numpy()) for c in tbl.column_names}
+    w.write_flush(tables)
+    w.close()
+
+
+def moeviz(*args):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.run([sys.executable, "-m", "moeviz.cli", *map(str, args)], capture_output=True, text=True,
+                          env=env, timeout=120, cwd=root)
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    con, ra, rb = two_runs(seed=5)
+    root = tmp_path_factory.mktemp("agree")
+    write_run_folder(root / "A", con, "A")
+    write_run_folder(root / "B", con, "B")
+    return root, con, reference(ra, rb)
+
+
+def test_cli_table_gives_the_headline_numbers_and_the_layer_table(folders):
+    root, con, ref = folders
+    p = moeviz("agree", root / "A", root / "B")
+    assert p.returncode == 0, p.stderr
+    out = p.stdout
+    n = ref["matched"][2]
+    assert f"matched tokens: {n} (a has {ref['matched'][0]}" in out
+    assert f"matched by: the token-id hash, seq_key ({n} tokens)\n" in out
+    lay = ref["layers"]
+    differ = float(((1 - lay["set_agreement"]) * lay["tokens"]).sum() / lay["tokens"].sum())
+    assert f"decisions with a different expert set: {100 * differ:.2f}%" in out
+    assert f"tokens with at least one differing layer: {100 * (1 - ref['hist'][0] / n):.2f}%" in out
+    lines = out.splitlines()
+    head = next(i for i, line in enumerate(lines) if line.split()[:2] == ["layer", "tokens"])
+    got = [line.split() for line in lines[head + 1:]]
+    assert [[int(r[0]), int(r[1])] + [float(x) for x in r[2:]] for r in got] == \
+        [[int(r.layer), int(r.tokens), pytest.approx(r.set_agreement, abs=5e-5), pytest.approx(r.overlap, abs=5e-5),
+          pytest.approx(r.first_choice_agreement, abs=5e-5)] for r in lay.itertuples()]
+
+
+def test_cli_csv_is_the_table_alone_and_store_run_ids_work(folders):
+    import io
+
+    root, con, ref = folders
+    p = moeviz("agree", "--store", root, "A", "B", "--format", "csv", "--layers", "0,2")
+    assert p.returncode == 0, p.stderr
+    got = pd.read_csv(io.StringIO(p.stdout))
+    want = ref["layers"][ref["layers"]["layer"].isin([0, 2])].reset_index(drop=True)
+    pd.testing.assert_frame_equal(got, want, check_dtype=False, atol=1e-9)
+    # one run against itself, two step windows: step 2 holds step 0's sequences again
+    p = moeviz("agree", root / "A", root / "A", "--steps-a", "0:0", "--steps-b", "2:", "--format", "csv")
+    assert p.returncode == 0, p.stderr
+    assert pd.read_csv(io.StringIO(p.stdout))["tokens"].min() > 0
+
+
+def test_cli_exits_2_with_one_message_when_nothing_matches(folders):
+    root, _, _ = folders
+    p = moeviz("agree", root / "A", root / "B", "--steps-a", "1:1", "--steps-b", "7:7")
+    assert p.returncode == 2
+    assert p.stdout == ""
+    err = p.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("moeviz agree: error: no token of selection a matches")
+    assert "a: 4 sequence(s) of run(s) A, steps 1-1" in err[0] and "b: 3 sequence(s) of run(s) B" in err[0]
+    p = moeviz("agree", "--store", root, "A", "nope")
+    assert p.returncode == 2 and "holds no run 'nope'" in p.stderr
+    p = moeviz("agree", root, root / "B")
+    assert p.returncode == 2 and "holds 2 runs" in p.stderr
+
+
+def test_sample_ids_must_give_one_id_per_sequence(tmp_path):
+    torch = pytest.importorskip("torch")
+    from collectors import Recorder, RecorderError
+    from collectors.testing import tiny_model
+    from moeviz.store import open_store
+
+    model, _ = tiny_model("mixtral")
+    ids = torch.arange(12).reshape(3, 4)
+    with Recorder(model, tmp_path / "r", run_id="r") as rec:
+        with torch.no_grad():
+            model(input_ids=ids)
+        with pytest.raises(RecorderError, match="sample_ids has 2 ids but the step has 3 sequences"):
+            rec.step(0, sample_ids=["a", "b"])
+        with pytest.raises(RecorderError, match="one id per sequence"):
+            rec.step(0, sample_ids="abc")
+        rec.step(0, sample_ids=["a", 7, None])  # the buffered forward is kept for the corrected call
+    con = open_store(tmp_path / "r")
+    assert con.execute("SELECT seq, sample_id, seq_key FROM sequences ORDER BY seq").fetchall() == \
+        [(i, s, blake_key(ids[i].numpy())) for i, s in enumerate(["a", "7", None])]
+
+
+def test_left_padding_does_not_move_positions(tmp_path):
+    torch = pytest.importorskip("torch")
+    from collectors.testing import tiny_model
+    from moeviz.store import open_store
+
+    model, _ = tiny_model("mixtral")
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 128, (3, 8), generator=g)
+    right = torch.ones(3, 8, dtype=torch.long)
+    right[0, 5:] = 0
+    right[2, 6:] = 0
+    # the same sequences left-padded: row 0's 5 tokens in columns 3-7, row 2's 6 tokens in columns 2-7
+    left_ids, left = torch.zeros_like(ids), torch.zeros_like(right)
+    for i in range(3):
+        n = int(right[i].sum())
+        left_ids[i, 8 - n:] = ids[i, :n]
+        left[i, 8 - n:] = 1
+    record(tmp_path / "A", model, [(0, ids, right)])
+    record(tmp_path / "B", model, [(5, left_ids, left)])
+    con = open_store(tmp_path)
+    got = con.execute("SELECT run_id, seq, seq_key, pos_offset FROM sequences ORDER BY run_id, seq").fetchall()
+    keys = [blake_key(ids[i][right[i] > 0].numpy()) for i in range(3)]
+    assert got == [("A", i, keys[i], 0) for i in range(3)] + [("B", 0, keys[0], 3), ("B", 1, keys[1], 0),
+                                                               ("B", 2, keys[2], 2)]
+    n = int(right.sum())
+    assert ag.matched(con, A, B).iloc[0].tolist() == [n, n, n, 0, 0, 0, 0, 0]
+    pos = ag.position_agreement(con, A, B, bucket=1)  # positions within the sequence, 0 .. 7
+    assert sorted(pos["pos_lo"].unique()) == list(range(8))
+    assert pos.groupby("pos_lo")["tokens"].max().tolist() == [3, 3, 3, 3, 3, 2, 1, 1]
