@@ -187,8 +187,11 @@ def write_run(run_dir, **kwargs):
 
 
 def _columns(df: pd.DataFrame) -> dict:
-    """numpy columns for RunWriter.write_flush; text columns as lists with None for NULL."""
-    return {c: (df[c].to_numpy() if pd.api.types.is_numeric_dtype(df[c])
+    """numpy columns for RunWriter.write_flush; text columns as lists with None for NULL; nullable integer columns
+    (sequences.seq_key: UInt64 with <NA>) as their pandas arrays, which to_numpy() would turn into floats."""
+    return {c: (df[c].array if isinstance(df[c].dtype, pd.api.extensions.ExtensionDtype)
+                and pd.api.types.is_integer_dtype(df[c]) else df[c].to_numpy()
+                if pd.api.types.is_numeric_dtype(df[c])
                 else [None if pd.isna(v) else str(v) for v in df[c]]) for c in df.columns}
 
 

@@ -878,3 +878,17 @@ def test_write_flush_without_the_later_layer_stats_columns_reads_them_as_null(tm
     with pytest.raises(StoreError, match="must hold integers"):
         w.write_flush({"layer_stats": dict(make_flush(np.random.default_rng(0), 1)["layer_stats"],
                                            same_first=np.array([0.5, 1.0, 2.0]))})
+
+
+def test_seq_key_from_a_pandas_frame_keeps_its_64_bits(tmp_path):
+    """A sequences frame read back from a store holds seq_key as pandas UInt64 with <NA>; its to_numpy() would be
+    inexact floats (refused). The writer takes the pandas array itself, exactly."""
+    keys = pd.array([2**64 - 1, None, 2**63 + 5], dtype="UInt64")
+    w = RunWriter(tmp_path / "r", compact_on_close=False)
+    seqs = {"seq": np.arange(3), "domain": None, "tag": "train", "n_tokens": 4}
+    w.write_flush({"sequences": {"step": 0, **seqs, "seq_key": keys}})
+    with pytest.raises(StoreError, match="seq_key must hold unsigned 64-bit integers"):
+        w.write_flush({"sequences": {"step": 1, **seqs, "seq_key": keys.to_numpy()}})
+    w.close()
+    got = open_store(tmp_path / "r").execute("SELECT seq_key FROM sequences ORDER BY seq").fetchall()
+    assert [g[0] for g in got] == [2**64 - 1, None, 2**63 + 5]

@@ -383,10 +383,19 @@ def _uint64_column(table: str, name: str, v, n: int) -> pa.Array:
     """An optional UBIGINT column (a hash): None (all NULL), a uint64 array, or Python ints / None per row."""
     if v is None:
         return pa.nulls(n, pa.uint64())
+    v = getattr(v, "array", v)  # a pandas Series: its values
+    if hasattr(v, "__arrow_array__"):  # a pandas UInt64 array with <NA> (to_numpy() would give inexact floats)
+        try:
+            out = pa.array(v, pa.uint64())
+        except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError) as e:
+            raise StoreError(f"{table}.{name} must hold unsigned 64-bit integers (or None): {e}") from None
+        if len(out) != n:
+            raise StoreError(f"{table}.{name} has {len(out)} values for {n} rows")
+        return out
     a = np.asarray(_broadcast(v, n))
     try:
-        if a.dtype == object:
-            return pa.array([None if x is None else int(x) for x in a], pa.uint64())
+        if a.dtype == object:  # Python ints and None, or a pandas UInt64 column's values with <NA>
+            return pa.array(list(a), pa.uint64(), from_pandas=True)
         if a.dtype.kind not in "ui" or (a.dtype.kind == "i" and np.any(a < 0)):
             raise StoreError(f"{table}.{name} must hold unsigned 64-bit integers (or None)")
         return pa.array(a.astype(np.uint64), pa.uint64())
