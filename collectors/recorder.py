@@ -81,6 +81,7 @@ from collectors.aggregates import (
     router_lse,
 )
 from moeviz.errors import MoevizError
+from moeviz.text import steps_text
 from moeviz.store import layout
 
 __all__ = ["Recorder", "RecorderError", "RecordingWarning"]
@@ -943,7 +944,7 @@ class Recorder:
         pieces = [pc for rec in records for pc in rec.pieces]
         if not pieces:
             return
-        steps = _steps_text([rec.step for rec in records])
+        steps = steps_text([rec.step for rec in records])
         try:
             device = pieces[0].tensor.device
             flat = torch.cat(
@@ -1175,21 +1176,6 @@ def _caller_stacklevel() -> int:
     while frame is not None and frame.f_code.co_filename == __file__:
         frame, level = frame.f_back, level + 1
     return level
-
-
-def _steps_text(steps: Sequence[int], most: int = 8) -> str:
-    """'step 4', 'steps 4-9', 'steps 1, 3-5, 9': consecutive numbers as ranges, at most `most` parts."""
-    ranges: list[list[int]] = []
-    for x in sorted(set(steps)):
-        if ranges and x == ranges[-1][1] + 1:
-            ranges[-1][1] = x
-        else:
-            ranges.append([x, x])
-    parts = [str(a) if a == b else f"{a}-{b}" for a, b in ranges]
-    if len(parts) > most:
-        parts = parts[: most - 1] + ["...", parts[-1]]
-    one = len(ranges) == 1 and ranges[0][0] == ranges[0][1]
-    return ("step " if one else "steps ") + ", ".join(parts)
 
 
 def _nonfinite_rows(layer_stats: dict | None) -> list[tuple[int, int, int]]:

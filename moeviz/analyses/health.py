@@ -18,6 +18,7 @@ from moeviz.analyses.capacity import capacity_drops
 from moeviz.analyses.load import AnalysisError, expert_load, imbalance, run_query
 from moeviz.selection import Selection
 from moeviz.store.reader import column_names
+from moeviz.text import steps_text
 
 __all__ = ["health_summary", "COLUMNS", "SEVERITIES"]
 
@@ -156,20 +157,6 @@ def _model_drop_rows(con, sel: Selection, run_id: str, threshold: float) -> list
     return rows
 
 
-def _steps_text(steps: list[int], most: int = 6) -> str:
-    """'step 5' / 'steps 5-9' / 'steps 1, 4-6, 9' (ranges of consecutive steps, at most `most` parts)."""
-    ranges: list[list[int]] = []
-    for x in sorted(set(steps)):
-        if ranges and x == ranges[-1][1] + 1:
-            ranges[-1][1] = x
-        else:
-            ranges.append([x, x])
-    parts = [str(a) if a == b else f"{a}-{b}" for a, b in ranges]
-    if len(parts) > most:
-        parts = parts[: most - 1] + ["...", parts[-1]]
-    return ("step " if len(ranges) == 1 and ranges[0][0] == ranges[0][1] else "steps ") + ", ".join(parts)
-
-
 def _nonfinite_rows(con, sel: Selection, run_id: str) -> list[dict]:
     """Tokens whose router logits or gate weights were NaN or infinite (layer_stats.nonfinite_tokens): the
     recorded sums leave them out, so without this check a diverging router would look healthy. Per-step
@@ -188,8 +175,8 @@ def _nonfinite_rows(con, sel: Selection, run_id: str) -> list[dict]:
         rows.append(_row(
             run_id, "error", "nonfinite_router",
             f"layer {int(layer)}: {bad} token(s) had NaN or infinite router logits or gate weights, in "
-            f"{_steps_text(steps)}; they are left out of every recorded aggregate and route. Look for a diverging "
-            "loss, too high a learning rate, or bf16/fp16 overflow in the router's input",
+            f"{steps_text(steps, most=6)}; they are left out of every recorded aggregate and route. Look for a "
+            "diverging loss, too high a learning rate, or bf16/fp16 overflow in the router's input",
             layer=int(layer), value=bad / total if total else 1.0, threshold=0.0))
     return rows
 
