@@ -488,6 +488,27 @@ class SyncGuard:
 # Megatron-Core on a CPU (test-only dependency: requirements-frameworks.txt)
 
 
+def require_framework(module: str, package: str):
+    """Import `module` of a training framework a test module needs, or skip that test module when `package` is not
+    installed. Under MOEVIZ_REQUIRE_FRAMEWORKS=1 (set by .ci/run) a missing framework fails the run instead: there a
+    skipped framework test is not a pass (tests/test_frameworks_required.py)."""
+    import importlib
+    import os
+    import warnings
+
+    import pytest
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "Transformer Engine and Apex are not installed": expected on a CPU
+            return importlib.import_module(module)
+    except ImportError as e:
+        if os.environ.get("MOEVIZ_REQUIRE_FRAMEWORKS") == "1":
+            raise ImportError(f"{package} is required here (MOEVIZ_REQUIRE_FRAMEWORKS=1): {e}") from e
+        pytest.skip(f"{package} not installed ({e}); pip install --no-deps -r requirements-frameworks.txt",
+                    allow_module_level=True)
+
+
 def megatron_on_cpu():
     """A context manager under which Megatron-Core 0.16.1 builds and runs a GPTModel on a CPU, in this process:
     a gloo process group of world size 1 and model parallel sizes 1 (initialised once, kept), and the three

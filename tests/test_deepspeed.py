@@ -15,7 +15,6 @@ framework test is not a pass, and the import error fails the run.
 
 from __future__ import annotations
 
-import os
 import warnings
 from unittest import mock
 
@@ -24,15 +23,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-try:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        from deepspeed.moe import sharded_moe
-except ImportError as e:  # pragma: no cover - depends on the machine
-    if os.environ.get("MOEVIZ_REQUIRE_FRAMEWORKS") == "1":
-        raise ImportError(f"deepspeed is required here (MOEVIZ_REQUIRE_FRAMEWORKS=1): {e}") from e
-    pytest.skip(f"deepspeed not installed ({e}); pip install --no-deps -r requirements-frameworks.txt",
-                allow_module_level=True)
+from collectors.testing import require_framework  # noqa: E402
+
+sharded_moe = require_framework("deepspeed.moe.sharded_moe", "deepspeed")
 
 from collectors.recorder import Recorder  # noqa: E402
 from collectors.routers import RouterError, check_router_output, find_routers  # noqa: E402

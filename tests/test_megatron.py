@@ -15,7 +15,6 @@ skipped framework test is not a pass, and the import error fails the run.
 
 from __future__ import annotations
 
-import os
 import warnings
 
 import numpy as np
@@ -23,17 +22,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-try:
-    import megatron.core  # noqa: F401
-except ImportError as e:  # pragma: no cover - depends on the machine
-    if os.environ.get("MOEVIZ_REQUIRE_FRAMEWORKS") == "1":
-        raise ImportError(f"megatron-core is required here (MOEVIZ_REQUIRE_FRAMEWORKS=1): {e}") from e
-    pytest.skip(f"megatron-core not installed ({e}); pip install --no-deps -r requirements-frameworks.txt",
-                allow_module_level=True)
+from collectors.testing import require_framework  # noqa: E402
 
-with warnings.catch_warnings():
-    warnings.simplefilter("ignore")  # "Transformer Engine and Apex are not installed": expected on a CPU
-    from megatron.core.transformer.moe import moe_utils
+moe_utils = require_framework("megatron.core.transformer.moe.moe_utils", "megatron-core")
 
 from collectors.recorder import Recorder  # noqa: E402
 from collectors.routers import find_routers  # noqa: E402

@@ -15,7 +15,6 @@ skipped framework test is not a pass, and the import error fails the run.
 
 from __future__ import annotations
 
-import os
 import warnings
 
 import numpy as np
@@ -23,13 +22,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-try:
-    import torchtitan.models.common.moe  # noqa: F401
-except ImportError as e:  # pragma: no cover - depends on the machine
-    if os.environ.get("MOEVIZ_REQUIRE_FRAMEWORKS") == "1":
-        raise ImportError(f"torchtitan is required here (MOEVIZ_REQUIRE_FRAMEWORKS=1): {e}") from e
-    pytest.skip(f"torchtitan not installed ({e}); pip install --no-deps -r requirements-frameworks.txt",
-                allow_module_level=True)
+from collectors.testing import require_framework  # noqa: E402
+
+require_framework("torchtitan.models.common.moe", "torchtitan")
 
 from collectors.recorder import Recorder  # noqa: E402
 from collectors.routers import check_router_output, find_routers  # noqa: E402
