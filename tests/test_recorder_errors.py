@@ -28,15 +28,6 @@ K, E = 2, 4  # tiny Mixtral: 4 experts, top-2, 2 MoE layers
 BATCH, SEQ, LENGTHS = 3, 8, [8, 6, 3]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run much faster on one thread than on an oversubscribed pool (2 shared cores)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def mixtral():
     model, _ = tiny_model("mixtral")
