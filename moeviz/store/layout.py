@@ -283,7 +283,6 @@ def committed_problem(path: Path, entry: dict) -> str | None:
 
 
 _CHECKED: dict[tuple[str, int, int], str | None] = {}  # (path, size, mtime_ns) -> segment_problem's answer
-PROBLEMS: dict[str, str] = {}  # path -> what committed_problem found, for the reader's warning
 
 
 def segment_problem(path: Path, table: str) -> str | None:
@@ -331,12 +330,16 @@ def segment_files(run_dir: Path, table: str) -> list[Path]:
             for name in sorted(n for n in os.listdir(folder) if n.endswith(".parquet") and not n.startswith("."))]
 
 
-def list_segments(run_dir: Path, table: str) -> tuple[list[Path], list[Path]]:
-    """(readable segments, damaged files) of one table, for runs without commit records (schema version 1)."""
+def list_segments(run_dir: Path, table: str) -> tuple[list[Path], dict[Path, str]]:
+    """(readable segments, {damaged file: why}) of one table, for runs without commit records (schema version 1)."""
     good: list[Path] = []
-    bad: list[Path] = []
+    bad: dict[Path, str] = {}
     for p in segment_files(run_dir, table):
-        (good if segment_problem(p, table) is None else bad).append(p)
+        problem = segment_problem(p, table)
+        if problem is None:
+            good.append(p)
+        else:
+            bad[p] = problem
     return good, bad
 
 
@@ -419,7 +422,7 @@ class Segments:
     """The data files of a run a reader may read, and what it must leave out."""
 
     tables: dict[str, list[Path]]  # table -> committed, complete segments, by rank then part number
-    damaged: list[Path]  # named by a commit (or, without commits, found) but missing or not whole Parquet
+    damaged: dict[Path, str]  # named by a commit (or, without commits, found) but unreadable -> why
     uncommitted: list[Path]  # segment files no commit names: a flush in progress, or a dead writer's leftovers
     commits: list[Path]  # the commit records read
 
@@ -428,14 +431,12 @@ def committed_files(run_dir: Path, manifest: dict) -> Segments:
     """The segments of every table that commits name (schema version 1 runs: every complete segment file)."""
     if not manifest.get("commits"):
         found = {t: list_segments(run_dir, t) for t in SEGMENT_TABLES}
-        return Segments({t: good for t, (good, _) in found.items()}, [p for _, bad in found.values() for p in bad],
-                        [], [])
+        return Segments({t: good for t, (good, _) in found.items()},
+                        {p: why for _, bad in found.values() for p, why in bad.items()}, [], [])
     records, bad_records = commit_records(run_dir)
     named: set[str] = set()
     tables: dict[str, list[Path]] = {t: [] for t in SEGMENT_TABLES}
-    damaged = list(bad_records)
-    for p in bad_records:
-        PROBLEMS[str(p)] = "a commit record that cannot be read: the segments of its flush are left out"
+    damaged = {p: "a commit record that cannot be read: the segments of its flush are left out" for p in bad_records}
     for _, body in records:
         for e in body["files"]:
             named.add(e["path"])
@@ -444,8 +445,7 @@ def committed_files(run_dir: Path, manifest: dict) -> Segments:
             if problem is None:
                 tables[e["table"]].append(p)
             else:
-                damaged.append(p)
-                PROBLEMS[str(p)] = problem
+                damaged[p] = problem
     for t in tables:
         tables[t].sort(key=lambda p: (int(p.parent.name[5:]) if p.parent.name[5:].isdigit() else -1, p.name))
     uncommitted = [p for t in SEGMENT_TABLES for p in segment_files(run_dir, t)

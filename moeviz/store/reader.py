@@ -46,7 +46,7 @@ class _RunFiles:
     manifest: dict
     statuses: dict[int, dict]
     segments: dict[str, list[Path]]
-    skipped: list[Path] = field(default_factory=list)
+    skipped: dict[Path, str] = field(default_factory=dict)  # damaged files left out -> why
     uncommitted: list[Path] = field(default_factory=list)  # segment files no commit names (see layout)
     damage: str | None = None  # why run.duckdb could not be opened: the run then reads 'damaged'
     route_stats_complete: bool = False  # run.duckdb's token_stats/sequence_stats count every route (no live ones)
@@ -87,7 +87,8 @@ def open_store(path, *, memory_limit: int | None = None, threads: int | None = N
             folded = compacted.get(i, {}).get("folded", set())
             run.segments = {t: [p for p in ps if layout.relative_name(run.run_dir, p) not in folded]
                             for t, ps in run.segments.items()}
-            run.skipped = [p for p in run.skipped if layout.relative_name(run.run_dir, p) not in folded]
+            run.skipped = {p: why for p, why in run.skipped.items()
+                           if layout.relative_name(run.run_dir, p) not in folded}
             run.uncommitted = [p for p in run.uncommitted if layout.relative_name(run.run_dir, p) not in folded]
             tables = compacted.get(i, {}).get("tables", {})
             run.route_stats_complete = set(layout.ROUTE_STATS_TABLES) <= set(tables) and not run.segments["routes"]
@@ -104,10 +105,10 @@ def open_store(path, *, memory_limit: int | None = None, threads: int | None = N
         warnings.warn(f"moeviz: left out {len(leftovers)} segment file(s) that no commit names (a flush interrupted "
                       f"by a crash; `moeviz compact` removes them): " + ", ".join(map(str, leftovers[:5]))
                       + (" ..." if len(leftovers) > 5 else ""), StoreWarning, stacklevel=2)
-    skipped = [p for r in runs for p in r.skipped]
+    skipped = [(p, why) for r in runs for p, why in r.skipped.items()]
     if skipped:
         warnings.warn(f"moeviz: skipped {len(skipped)} damaged Parquet file(s); the rest of the store reads: "
-                      + "; ".join(f"{p} ({damage(p)})" for p in skipped[:10]) + (" ..." if len(skipped) > 10 else "")
+                      + "; ".join(f"{p} ({why})" for p, why in skipped[:10]) + (" ..." if len(skipped) > 10 else "")
                       + ". A file still being copied reads once complete; otherwise move it out of the run folder "
                       "(`moeviz check` lists the damage)", StoreWarning, stacklevel=2)
     return con
@@ -138,16 +139,6 @@ def is_stale(e: BaseException) -> bool:
     """A query failed because a segment this connection had listed was deleted since (see the module docstring)."""
     text = str(e)
     return "Failed to open local file" in text and ("No such file" in text or "errno 2" in text)
-
-
-def damage(path: Path) -> str:
-    """What is wrong with a skipped file, as the check that skipped it found."""
-    if str(path) in layout.PROBLEMS:
-        return layout.PROBLEMS[str(path)]
-    table = path.parent.parent.name
-    if table in layout.DISK_SCHEMAS:
-        return layout.segment_problem(path, table) or "unreadable"
-    return "missing" if not path.exists() else "not a whole Parquet file"
 
 
 def _read_only_connection(memory_limit: int | None = None, threads: int | None = None):
@@ -224,7 +215,7 @@ def _published_routes_files(run: _RunFiles, names) -> list[Path]:
         if layout.is_complete_parquet(p):
             out.append(p)
         else:
-            run.skipped.append(p)
+            run.skipped[p] = "a compacted routes file, missing or not a whole Parquet file"
     return out
 
 
