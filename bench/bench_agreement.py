@@ -65,10 +65,15 @@ def main() -> None:
     ap.add_argument("--token-layers", type=int, default=1_000_000, help="tokens x layers per side")
     ap.add_argument("--dir", default=None)
     ap.add_argument("--threads", type=int, default=None, help="DuckDB threads (default: one per core)")
+    ap.add_argument("--reuse", action="store_true", help="query the runs already in --dir (written by an earlier "
+                    "call with the same --token-layers) instead of writing them again")
+    ap.add_argument("--only", default=None, help="time only the queries whose name contains this text")
     args = ap.parse_args()
     n_seqs = max(1, args.token_layers // (LAYERS * SEQ_LEN))
     root = Path(args.dir or tempfile.mkdtemp(prefix="moeviz-bench-agree-"))
-    shutil.rmtree(root, ignore_errors=True)
+    reuse = args.reuse and args.dir and (root / "A").is_dir() and (root / "B").is_dir()
+    if not reuse:
+        shutil.rmtree(root, ignore_errors=True)
     rng = np.random.default_rng(0)
     ids = rng.integers(0, 32_000, (n_seqs, SEQ_LEN), dtype=np.int64)
     t0 = time.perf_counter()
@@ -78,8 +83,9 @@ def main() -> None:
     b = a.copy()
     swap = rng.random(a.shape[:3]) < 0.10
     b[..., TOP_K - 1][swap] = experts[..., TOP_K][swap]  # the (k+1)-th expert replaces the last chosen one
-    write_run(root / "A", "A", ids, a, np.arange(n_seqs), 0)
-    write_run(root / "B", "B", ids, b, np.arange(n_seqs)[::-1], 1000)
+    if not reuse:
+        write_run(root / "A", "A", ids, a, np.arange(n_seqs), 0)
+        write_run(root / "B", "B", ids, b, np.arange(n_seqs)[::-1], 1000)
     built = time.perf_counter() - t0
     con = open_store(root, threads=args.threads)
     sa, sb = Selection(run_ids=("A",)), Selection(run_ids=("B",))
@@ -88,18 +94,21 @@ def main() -> None:
                      ("token_disagreement", lambda: token_disagreement(con, sa, sb)),
                      ("swap_matrix (one layer)", lambda: swap_matrix(con, sa, sb, 0)),
                      ("summary (the three in one pass: `moeviz agree`, the dashboard)", lambda: summary(con, sa, sb))):
+        if args.only and args.only not in name:
+            continue
         t = time.perf_counter()
         out = fn()
         cold = time.perf_counter() - t
         t = time.perf_counter()
         fn()
         rows.append((name, cold, time.perf_counter() - t, out))
-    lay = rows[1][3]
+    lay = summary(con, sa, sb)["layers"] if args.only else rows[1][3]
     routes = n_seqs * SEQ_LEN * LAYERS * TOP_K
+    how = "reused the runs of --dir" if reuse else f"written and compacted in {built:.1f} s"
     print(f"{n_seqs * SEQ_LEN * LAYERS:,} token-layers ({routes:,} routes) per side, {LAYERS} layers x {EXPERTS} "
-          f"experts, top-{TOP_K}; written and compacted in {built:.1f} s; DuckDB threads: {args.threads or 'default'}")
+          f"experts, top-{TOP_K}; {how}; DuckDB threads: {args.threads or 'default'}")
     print(f"set_agreement per layer (expected ~0.90): {', '.join(f'{v:.3f}' for v in lay['set_agreement'])}; "
-          f"matched {int(rows[0][3]['matched'].iloc[0]):,} tokens")
+          f"matched {int(lay['tokens'].iloc[0]):,} tokens")
     print("\n| query | first call (s) | second call (s) |\n|---|---|---|")
     for name, cold, warm, _ in rows:
         print(f"| {name} | {cold:.2f} | {warm:.2f} |")

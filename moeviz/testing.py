@@ -153,7 +153,7 @@ def store_from_routing(
       keep     [T] bool  tokens kept in `routes` (the sampling policy); aggregates always cover every token
     `extra_stats`: also fill `pair_stats`, `flow_stats` (each layer to the next), the adjacency and co-activation
     columns of `layer_stats` (over every token, as the Recorder does) and `token_stats`, `position_stats`,
-    `sequence_stats`, `probe_sets` (over the kept routes, as compaction does);
+    `sequence_stats`, `probe_sets`, `token_sets` (over the kept routes, as compaction does);
     False gives a store as a moeviz without them wrote it, whose specialization analyses read `routes`.
     Call again with the same `con` and another `run_id` to put two runs side by side.
     Returns the connection.
@@ -382,11 +382,15 @@ def _flow_counts(index, g, n_grp: int, n_exp: int) -> np.ndarray:
 
 
 def _insert_route_stats(con, run_id: str) -> None:
-    """token_stats, position_stats, sequence_stats and probe_sets of one run from its routes, as compaction builds
-    them (probe_sets with compaction's own query)."""
-    from moeviz.store.compaction import _PROBE_SETS_SQL, _WEIGHT_HIST_ABOVE_SQL, _WEIGHT_HIST_SQL
+    """token_stats, position_stats, sequence_stats, probe_sets and token_sets of one run from its routes, as
+    compaction builds them (probe_sets and token_sets with compaction's own queries)."""
+    from moeviz.store.compaction import _PROBE_SETS_SQL, _WEIGHT_HIST_ABOVE_SQL, _WEIGHT_HIST_SQL, token_sets_sql
 
     con.execute(f"INSERT INTO probe_sets {_PROBE_SETS_SQL.format(source='SELECT * FROM routes WHERE run_id = ?')}",
+                [run_id])
+    has_margin = "margin" in {r[0] for r in con.execute("SELECT column_name FROM information_schema.columns "
+                                                         "WHERE table_name = 'routes'").fetchall()}
+    con.execute(f"INSERT INTO token_sets {token_sets_sql('SELECT * FROM routes WHERE run_id = ?', has_margin)}",
                 [run_id])
     counts = _WEIGHT_HIST_SQL.format(source=f"SELECT *, CAST(round(weight * {WEIGHT_SCALE}) AS USMALLINT) AS weight_q "
                                             "FROM routes WHERE run_id = ?")

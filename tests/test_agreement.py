@@ -109,23 +109,25 @@ def two_runs(seed: int = 0, noise: float = 0.6):
 
 
 def check_against_reference(con, a, b, ref, layer=1):
-    m = ag.matched(con, a, b)
-    assert list(m.columns) == ag.MATCHED_COLUMNS
-    assert m.iloc[0].tolist() == ref["matched"]
-    got = ag.layer_agreement(con, a, b)
-    assert list(got.columns) == ag.LAYER_COLUMNS
-    pd.testing.assert_frame_equal(got.reset_index(drop=True), ref["layers"], check_dtype=False, atol=1e-12)
-    hist = ag.token_disagreement(con, a, b)
-    assert list(hist.columns) == ag.TOKEN_COLUMNS
-    assert hist["layers_differing"].tolist() == list(range(len(ref["hist"])))
-    assert hist["tokens"].tolist() == ref["hist"]
-    got = ag.summary(con, a, b)  # the three tables again, from one pass
-    pd.testing.assert_frame_equal(got["matched"], m)
-    pd.testing.assert_frame_equal(got["layers"], ag.layer_agreement(con, a, b))
-    pd.testing.assert_frame_equal(got["tokens"], hist)
-    sw = ag.swap_matrix(con, a, b, layer)
-    assert list(sw.columns) == ag.SWAP_COLUMNS
-    assert {(r.expert_a, r.expert_b): r.tokens for r in sw.itertuples()} == dict(ref["swaps"][layer])
+    """Every figure from both sources: `token_sets` (built as compaction builds it) and the routes."""
+    for source in ("token_sets", "routes"):
+        m = ag.matched(con, a, b, source=source)
+        assert list(m.columns) == ag.MATCHED_COLUMNS
+        assert m.iloc[0].tolist() == ref["matched"]
+        got = ag.layer_agreement(con, a, b, source=source)
+        assert list(got.columns) == ag.LAYER_COLUMNS
+        pd.testing.assert_frame_equal(got.reset_index(drop=True), ref["layers"], check_dtype=False, atol=1e-12)
+        hist = ag.token_disagreement(con, a, b, source=source)
+        assert list(hist.columns) == ag.TOKEN_COLUMNS
+        assert hist["layers_differing"].tolist() == list(range(len(ref["hist"])))
+        assert hist["tokens"].tolist() == ref["hist"]
+        got = ag.summary(con, a, b, source=source)  # the three tables again, from one pass
+        pd.testing.assert_frame_equal(got["matched"], m)
+        pd.testing.assert_frame_equal(got["layers"], ag.layer_agreement(con, a, b, source=source))
+        pd.testing.assert_frame_equal(got["tokens"], hist)
+        sw = ag.swap_matrix(con, a, b, layer, source=source)
+        assert list(sw.columns) == ag.SWAP_COLUMNS
+        assert {(r.expert_a, r.expert_b): r.tokens for r in sw.itertuples()} == dict(ref["swaps"][layer])
 
 
 def test_every_figure_against_a_numpy_loop():
@@ -207,6 +209,7 @@ def test_known_swaps():
     assert lay["overlap"] == pytest.approx((2 + 2 + 1 + 0) / 2 / 4) and lay["first_choice_agreement"] == 0.5
     assert ag.token_disagreement(con, A, B).values.tolist() == [[0, 2], [1, 2]]
     assert ag.swap_matrix(con, B, A, 0).values.tolist() == [[5, 3, 1], [5, 6, 1], [7, 4, 1]]
+    assert ag.swap_matrix(con, B, A, 0, source="routes").values.tolist() == [[5, 3, 1], [5, 6, 1], [7, 4, 1]]
 
 
 def test_more_than_64_experts_compare_lists_not_bitmasks():
@@ -222,6 +225,22 @@ def test_more_than_64_experts_compare_lists_not_bitmasks():
     assert lay["overlap"] == pytest.approx(5 / 8) and lay["first_choice_agreement"] == 0.5
     assert ag.summary(con, A, B)["tokens"].values.tolist() == [[0, 2], [1, 2]]
     assert ag.swap_matrix(con, A, B, 0).values.tolist() == [[73, 75, 1], [74, 77, 1], [76, 75, 1]]
+
+
+def test_auto_reads_the_routes_where_token_sets_does_not_cover_the_runs():
+    con, ra, rb = two_runs()
+    assert ag._sets_cover(con, (A, B), "auto")
+    # run C is stored as a moeviz without compaction tables wrote it: its token_sets rows do not exist
+    rc = {k: v for k, v in rb.items() if k != "logits"}
+    store_from_routing(**rc, run_id="C", con=con, extra_stats=False)
+    C = Selection(run_ids=("C",))
+    assert not ag._sets_cover(con, (A, C), "auto")
+    with pytest.raises(ag.AgreementError, match="token_sets does not cover.*'C' is not compacted"):
+        ag.layer_agreement(con, A, C, source="token_sets")
+    check_only = reference(ra, rb)
+    pd.testing.assert_frame_equal(ag.layer_agreement(con, A, C), check_only["layers"], check_dtype=False, atol=1e-12)
+    with pytest.raises(ag.AgreementError, match="source must be one of"):
+        ag.matched(con, A, B, source="parquet")
 
 
 def test_sample_ids_match_where_the_token_keys_differ():
@@ -299,6 +318,9 @@ def test_two_recordings_match_by_the_key_the_recorder_wrote(tmp_path):
     assert ag.matched(con, A, B).iloc[0].tolist() == [n_tokens, n_tokens, n_tokens, 0, 0, 0, 0, 0]
     lay = ag.layer_agreement(con, A, B)
     assert len(lay) == 2 and (lay["tokens"] == n_tokens).all()
+    # both runs were compacted by the Recorder's close: 'auto' reads token_sets, and the routes agree with it
+    assert ag._sets_cover(con, (A, B), "auto")
+    pd.testing.assert_frame_equal(ag.layer_agreement(con, A, B, source="routes"), lay)
     # the same model on the same tokens: the routes themselves, compared as sorted tuples, are the same
     routes = con.execute("SELECT run_id, step, seq, pos, layer, list(expert ORDER BY slot) AS e FROM routes "
                          "GROUP BY ALL").df()

@@ -11,8 +11,10 @@ batch recorded at every checkpoint) is taken once, at its first occurrence (lowe
 occurrences count as `repeated_a` / `repeated_b` and match nothing. Select one window per side to compare
 two occurrences.
 
-Every function reads `routes` joined with `sequences` (the per-token detail): only tokens kept by the sampling
-policy on both sides can be compared. Sets are compared order-insensitively; `swap_matrix` pairs the experts in
+Every function reads the per-token detail joined with `sequences`: only tokens kept by the sampling policy on
+both sides can be compared. Where both sides are compacted runs, that detail is `token_sets` (one row per token
+and layer, built at compaction: 80 M routes per side compare in ~3 s instead of ~20 s); a live run's (or
+`source="routes"`) is the routes, grouped per token and layer at query time. Sets are compared order-insensitively; `swap_matrix` pairs the experts in
 slot order.
 
     matched(con, a, b)              tokens_a, tokens_b, matched, unmatched_a, unmatched_b (+ repeated, by sample_id)
@@ -26,11 +28,13 @@ slot order.
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 
 from moeviz.errors import MoevizError
 from moeviz.selection import Selection
 from moeviz.analyses.load import run_query
+from moeviz.store.reader import route_stats_complete, table_names
 
 
 class AgreementError(MoevizError, ValueError):
@@ -48,32 +52,48 @@ DOMAIN_COLUMNS = ["domain", "tokens", "set_agreement", "tokens_differing"]
 _SEQ = "run_id, step, rank, seq"
 
 
-def _side(sel: Selection, name: str, lists: bool) -> tuple[str, list]:
+def _side(sel: Selection, name: str, lists: bool, sets: bool, extra: tuple[str, ...] = ()) -> tuple[str, list]:
     """CTEs s<name> (the selected sequences, `first` = the first occurrence of its key on this side) and
     t<name> (one row per kept token and layer: its experts in slot order if `lists`, else as a bitmask `mask`
-    with its first choice `first` and its number of experts `k`: ~3x faster than lists, for up to 64 experts)."""
+    with its first choice `first` and its number of experts `k`: ~3x faster than lists, for up to 64 experts).
+
+    `sets`: t<name> reads `token_sets` (those rows, built once at compaction: the 80 M-route case went from 20 s
+    to the figure in docs/benchmarks.md) instead of grouping the routes. `extra`: more per-token columns of the
+    sequences (`prompt_tokens`) or of the token (`margin`)."""
     seq_where, seq_params = sel.with_(layers=None).where("s", per_token=True)
-    r_where, r_params = sel.with_(domains=None, tags=None).where("r")
-    sets = ("list(r.expert ORDER BY r.slot) AS experts" if lists else
-            "bit_or(CAST(1 AS UBIGINT) << CAST(r.expert AS INTEGER)) AS mask, arg_min(r.expert, r.slot) AS first, "
-            "count(*) AS k")
+    alias = "x" if sets else "r"
+    r_where, r_params = sel.with_(domains=None, tags=None).where(alias)
     # the routes of the selected sequences only: a semi join when domains or tags select them (otherwise the
     # join with the matched pairs below does it, and 80 M routes skip a hash probe)
-    semi = (f"SEMI JOIN s{name} q ON q.run_id = r.run_id AND q.step = r.step AND q.rank = r.rank AND q.seq = r.seq"
-            if sel.needs_sequences else "")
+    semi = (f"SEMI JOIN s{name} q ON q.run_id = {alias}.run_id AND q.step = {alias}.step AND q.rank = {alias}.rank "
+            f"AND q.seq = {alias}.seq" if sel.needs_sequences else "")
+    seq_extra = "".join(f", {c}" for c in extra if c == "prompt_tokens")
+    margin = "margin" in extra
+    if sets:
+        body = f"""SELECT x.run_id, x.step, x.rank, x.seq, x.pos, x.layer, x.token_id, x.experts AS mask,
+                   x.first_expert AS first, x.k{', x.margin' if margin else ''}
+            FROM token_sets x {semi} WHERE {r_where}"""
+    else:
+        cols = ("list(r.expert ORDER BY r.slot) AS experts" if lists else
+                "bit_or(CAST(1 AS UBIGINT) << CAST(r.expert AS INTEGER)) AS mask, arg_min(r.expert, r.slot) AS first, "
+                "count(*) AS k")
+        body = f"""SELECT r.run_id, r.step, r.rank, r.seq, r.pos, r.layer, any_value(r.token_id) AS token_id, {cols}
+                   {', any_value(r.margin) AS margin' if margin else ''}
+            FROM routes r {semi}
+            WHERE {r_where}
+            GROUP BY r.run_id, r.step, r.rank, r.seq, r.pos, r.layer"""
     sql = f"""
     s{name} AS (
-        SELECT {_SEQ}, seq_key, sample_id, domain, coalesce(pos_offset, 0) AS pos_offset,
+        SELECT {_SEQ}, seq_key, sample_id, domain, coalesce(pos_offset, 0) AS pos_offset{seq_extra},
                (seq_key IS NULL AND sample_id IS NULL) OR row_number() OVER (
                    PARTITION BY coalesce('i:' || sample_id, 'k:' || CAST(seq_key AS VARCHAR))
                    ORDER BY step, rank, seq) = 1 AS first
         FROM sequences s WHERE {seq_where}),
-    t{name} AS MATERIALIZED (
-        SELECT r.run_id, r.step, r.rank, r.seq, r.pos, r.layer, any_value(r.token_id) AS token_id, {sets}
-        FROM routes r {semi}
-        WHERE {r_where}
-        GROUP BY r.run_id, r.step, r.rank, r.seq, r.pos, r.layer)"""
+    t{name} AS MATERIALIZED ({body})"""
     return sql, seq_params + r_params
+
+
+SOURCES = ("auto", "token_sets", "routes")
 
 
 def _lists_needed(con, lists: bool) -> bool:
@@ -84,13 +104,45 @@ def _lists_needed(con, lists: bool) -> bool:
     return n is None or pd.isna(n) or int(n) > 64
 
 
-def _matched_ctes(con, a: Selection, b: Selection, *, lists: bool = False) -> tuple[str, list]:
+def _sets_cover(con, sels: tuple[Selection, ...], source: str) -> bool:
+    """Whether `token_sets` holds every token of the selections: each of their runs is compacted with no routes
+    written since (`runs.route_stats_complete`), its run.duckdb has token_sets rows (one compacted before the
+    table existed has none until `moeviz compact` builds it), and no layer has more than 64 experts. `source`:
+    'routes' never, 'token_sets' always or AgreementError saying why not, 'auto' when it covers."""
+    if source not in SOURCES:
+        raise AgreementError(f"source must be one of {', '.join(SOURCES)}; got {source!r}")
+    if source == "routes":
+        return False
+    why = ""
+    if "token_sets" not in table_names(con):
+        why = "the connection has no token_sets table"
+    else:
+        complete = route_stats_complete(con)
+        runs = sorted({r for sel in sels for r in (sel.run_ids if sel.run_ids is not None else complete)})
+        for run_id in runs:
+            if not complete.get(str(run_id)):
+                why = f"run {run_id!r} is not compacted, or routes were written since its last compaction"
+            elif not con.execute("SELECT 1 FROM token_sets WHERE run_id = ? LIMIT 1", [str(run_id)]).fetchall():
+                why = f"run {run_id!r} has no token_sets rows (compacted by an older moeviz: run `moeviz compact`)"
+            if why:
+                break
+        if not why and _lists_needed(con, False):
+            why = "a layer has more than 64 experts"
+    if why and source == "token_sets":
+        raise AgreementError(f"token_sets does not cover the selections: {why}; use source='auto' or 'routes'")
+    return not why
+
+
+def _matched_ctes(con, a: Selection, b: Selection, *, lists: bool = False, source: str = "auto",
+                  extra: tuple[str, ...] = ()) -> tuple[str, list]:
     """WITH ... ending in `m`: one row per matched token and layer: a's run_id, step, rank, seq, pos, layer and
     domain; same (the two sets are equal), inter (|A ∩ B|), k (the larger set size), first_same (slot 0 equal);
-    with `lists`, also ea, eb: the experts of each side in slot order."""
-    lists = _lists_needed(con, lists)
-    sa, pa_ = _side(a, "a", lists)
-    sb, pb = _side(b, "b", lists)
+    with `lists`, also ea, eb: the experts of each side in slot order. `extra`: 'margin' adds margin_a, margin_b;
+    'prompt_tokens' adds prompt_tokens (of a's sequence, else b's)."""
+    sets = not lists and _sets_cover(con, (a, b), source)
+    lists = not sets and _lists_needed(con, lists)
+    sa, pa_ = _side(a, "a", lists, sets, extra)
+    sb, pb = _side(b, "b", lists, sets, extra)
     if lists:
         cmp = ("list_sort(a.experts) = list_sort(b.experts) AS same, len(list_intersect(a.experts, b.experts)) AS "
                "inter, greatest(len(a.experts), len(b.experts)) AS k, a.experts[1] = b.experts[1] AS first_same, "
@@ -98,9 +150,18 @@ def _matched_ctes(con, a: Selection, b: Selection, *, lists: bool = False) -> tu
     else:
         cmp = ("a.mask = b.mask AS same, bit_count(a.mask & b.mask) AS inter, greatest(a.k, b.k) AS k, "
                "a.first = b.first AS first_same")
+    if "margin" in extra:
+        cmp += ", a.margin AS margin_a, b.margin AS margin_b"
+    if "prompt_tokens" in extra:
+        cmp += ", coalesce(p.a_prompt, p.b_prompt) AS prompt_tokens"
+    if "keys" in extra:  # both sides' own row keys (swap_matrix reads their routes)
+        cmp += (", p.a_run, p.a_step, p.a_rank, p.a_seq, a.pos AS a_pos, p.b_run, p.b_step, p.b_rank, p.b_seq, "
+                "b.pos AS b_pos")
     cols = ("a.run_id AS a_run, a.step AS a_step, a.rank AS a_rank, a.seq AS a_seq, a.domain, "
             "a.pos_offset AS a_off, b.run_id AS b_run, b.step AS b_step, b.rank AS b_rank, b.seq AS b_seq, "
             "b.pos_offset AS b_off")
+    if "prompt_tokens" in extra:
+        cols += ", a.prompt_tokens AS a_prompt, b.prompt_tokens AS b_prompt"
     sql = f"""WITH {sa}, {sb},
     pairs0 AS (
         SELECT {cols}, 0 AS by_key FROM sa a JOIN sb b ON a.sample_id = b.sample_id WHERE a.first AND b.first
@@ -151,33 +212,45 @@ def _check_matched(con, a: Selection, b: Selection, n: int) -> None:
         "executions with this moeviz, or give the same sample_ids to Recorder.step() on both sides")
 
 
-def matched(con, a: Selection, b: Selection) -> pd.DataFrame:
+def _side_counts(con, a: Selection, b: Selection, sets: bool) -> tuple[int, int, int, int]:
+    """(first_a, repeated_a, first_b, repeated_b): the kept tokens of each side whose sequence is the first
+    occurrence of its key, and the others. A query of its own: DuckDB 1.5 planned it together with the matched
+    pairs at ~10x the time of the two queries apart (80 M routes per side: 19 s against 2 + 0.9 s)."""
+    sa, pa_ = _side(a, "a", False, sets)
+    sb, pb = _side(b, "b", False, sets)
+
+    def tokens(side: str) -> str:
+        return (f"SELECT count(*) FILTER (WHERE s.first) AS n, count(*) FILTER (WHERE NOT s.first) AS rep FROM "
+                f"(SELECT DISTINCT run_id, step, rank, seq, pos FROM t{side}) t JOIN s{side} s USING ({_SEQ})")
+
+    df = run_query(con, f"WITH {sa}, {sb}, ca AS ({tokens('a')}), cb AS ({tokens('b')}) SELECT * FROM ca, cb",
+                   pa_ + pb, error=AgreementError)
+    return tuple(int(x or 0) for x in df.iloc[0].tolist())
+
+
+def matched(con, a: Selection, b: Selection, *, source: str = "auto") -> pd.DataFrame:
     """One row: tokens_a, tokens_b (kept tokens of each selection), matched (tokens found on both sides),
     unmatched_a, unmatched_b (tokens_x - matched), repeated_a, repeated_b (of the unmatched, those whose sequence
     key occurred earlier on the same side), matched_by_sample_id (of the matched, those whose sequences matched by
     the users' sample_id; the others by seq_key, the hash of their token ids). Never raises for zero matches: see
-    `layer_agreement`."""
-    ctes, params = _matched_ctes(con, a, b)
-
-    def tokens(side: str) -> str:
-        return (f"(SELECT count(*) FILTER (WHERE s.first), count(*) FILTER (WHERE NOT s.first) FROM "
-                f"(SELECT DISTINCT run_id, step, rank, seq, pos FROM t{side}) t JOIN s{side} s USING ({_SEQ}))")
-
-    df = run_query(con, f"""{ctes},
-        ca AS {tokens('a')}, cb AS {tokens('b')},
-        mm AS (SELECT count(*) AS n, count(*) FILTER (WHERE bs) AS bs
-               FROM (SELECT bool_or(by_sample_id) AS bs FROM m GROUP BY run_id, step, rank, seq, pos))
-        SELECT ca.* , cb.*, mm.n, mm.bs FROM ca, cb, mm""", params, error=AgreementError)
-    first_a, rep_a, first_b, rep_b, n, by_id = (int(x or 0) for x in df.iloc[0].tolist())
+    `layer_agreement`. `source` (every function here): 'auto' reads `token_sets` where it covers both selections
+    (compacted runs), else the routes; 'token_sets' or 'routes' forces one."""
+    ctes, params = _matched_ctes(con, a, b, source=source)
+    df = run_query(con, f"""{ctes}
+        SELECT count(*) AS n, count(*) FILTER (WHERE bs) AS bs
+        FROM (SELECT bool_or(by_sample_id) AS bs FROM m GROUP BY run_id, step, rank, seq, pos)""", params,
+                   error=AgreementError)
+    n, by_id = (int(x or 0) for x in df.iloc[0].tolist())
+    first_a, rep_a, first_b, rep_b = _side_counts(con, a, b, _sets_cover(con, (a, b), source))
     ta, tb = first_a + rep_a, first_b + rep_b
     return pd.DataFrame([[ta, tb, n, ta - n, tb - n, rep_a, rep_b, by_id]], columns=MATCHED_COLUMNS)
 
 
-def layer_agreement(con, a: Selection, b: Selection) -> pd.DataFrame:
+def layer_agreement(con, a: Selection, b: Selection, *, source: str = "auto") -> pd.DataFrame:
     """Per layer, over the matched tokens: tokens, set_agreement (share whose top-k sets are equal, in any order),
     overlap (mean |A ∩ B| / k, k the larger of the two set sizes), first_choice_agreement (share whose slot-0
     experts are equal). Raises AgreementError when nothing matches."""
-    ctes, params = _matched_ctes(con, a, b)
+    ctes, params = _matched_ctes(con, a, b, source=source)
     df = run_query(con, f"""{ctes}
         SELECT layer, count(*) AS tokens, avg(CAST(same AS DOUBLE)) AS set_agreement, avg(inter / k) AS overlap,
                avg(CAST(first_same AS DOUBLE)) AS first_choice_agreement
@@ -188,10 +261,10 @@ def layer_agreement(con, a: Selection, b: Selection) -> pd.DataFrame:
     return df[LAYER_COLUMNS]
 
 
-def token_disagreement(con, a: Selection, b: Selection) -> pd.DataFrame:
+def token_disagreement(con, a: Selection, b: Selection, *, source: str = "auto") -> pd.DataFrame:
     """The histogram over matched tokens of how many of their layers route them to a different set of experts:
     layers_differing (0 .. the number of layers compared), tokens. Raises AgreementError when nothing matches."""
-    ctes, params = _matched_ctes(con, a, b)
+    ctes, params = _matched_ctes(con, a, b, source=source)
     df = run_query(con, f"""{ctes},
         per_token AS (SELECT count(*) FILTER (WHERE NOT same) AS d FROM m
                       GROUP BY run_id, step, rank, seq, pos),
@@ -203,31 +276,57 @@ def token_disagreement(con, a: Selection, b: Selection) -> pd.DataFrame:
     return df.astype({"layers_differing": int, "tokens": "int64"})[TOKEN_COLUMNS]
 
 
-def swap_matrix(con, a: Selection, b: Selection, layer: int) -> pd.DataFrame:
+def swap_matrix(con, a: Selection, b: Selection, layer: int, *, source: str = "auto") -> pd.DataFrame:
     """For one layer, over the matched tokens: the experts only `a` chose (in a's slot order) paired with the
     experts only `b` chose (in b's slot order), counted: expert_a, expert_b, tokens. A token whose sets agree adds
-    nothing; one that swapped two experts adds two cells. Raises AgreementError when nothing matches."""
-    ctes, params = _matched_ctes(con, a.with_(layers=(int(layer),)), b.with_(layers=(int(layer),)), lists=True)
+    nothing; one that swapped two experts adds two cells. Raises AgreementError when nothing matches.
+
+    Where `token_sets` covers both sides, the matched tokens are found there and only the routes of the tokens
+    whose sets differ are read for their slot order (80 M routes per side: ~25 s to group every route of the layer
+    into lists, against the figure in docs/benchmarks.md)."""
+    la, lb = a.with_(layers=(int(layer),)), b.with_(layers=(int(layer),))
+    if _sets_cover(con, (la, lb), source):
+        ctes, params = _matched_ctes(con, la, lb, source="token_sets", extra=("keys",))
+        wa, pwa = la.with_(domains=None, tags=None).where("r")
+        wb, pwb = lb.with_(domains=None, tags=None).where("r")
+
+        def slots(side: str, where: str) -> str:
+            return f"""SELECT r.run_id, r.step, r.rank, r.seq, r.pos, list(r.expert ORDER BY r.slot) AS e
+                FROM routes r SEMI JOIN d ON d.{side}_run = r.run_id AND d.{side}_step = r.step
+                    AND d.{side}_rank = r.rank AND d.{side}_seq = r.seq AND d.{side}_pos = r.pos
+                WHERE {where} GROUP BY ALL"""
+
+        ctes += f""",
+        d AS MATERIALIZED (SELECT * FROM m WHERE NOT same),
+        la AS ({slots('a', wa)}), lb AS ({slots('b', wb)}),
+        m2 AS (SELECT la.e AS ea, lb.e AS eb FROM d
+               JOIN la ON la.run_id = d.a_run AND la.step = d.a_step AND la.rank = d.a_rank AND la.seq = d.a_seq
+                      AND la.pos = d.a_pos
+               JOIN lb ON lb.run_id = d.b_run AND lb.step = d.b_step AND lb.rank = d.b_rank AND lb.seq = d.b_seq
+                      AND lb.pos = d.b_pos)"""
+        params = params + pwa + pwb
+    else:
+        ctes, params = _matched_ctes(con, la, lb, lists=True)
+        ctes += ", m2 AS (SELECT ea, eb FROM m)"
     df = run_query(con, f"""{ctes},
         diffs AS (SELECT list_filter(ea, x -> NOT list_contains(eb, x)) AS oa,
-                        list_filter(eb, x -> NOT list_contains(ea, x)) AS ob FROM m),
+                        list_filter(eb, x -> NOT list_contains(ea, x)) AS ob FROM m2),
         swaps AS (SELECT unnest(oa) AS expert_a, unnest(ob) AS expert_b FROM diffs),
         n AS (SELECT count(*) AS n FROM m)
         SELECT expert_a, expert_b, count(*) AS tokens, any_value(n.n) AS matched
         FROM n LEFT JOIN swaps ON TRUE
         GROUP BY expert_a, expert_b ORDER BY expert_a, expert_b""", params, error=AgreementError)
-    _check_matched(con, a.with_(layers=(int(layer),)), b.with_(layers=(int(layer),)),
-                   int(df["matched"].max()) if len(df) else 0)
+    _check_matched(con, la, lb, int(df["matched"].max()) if len(df) else 0)
     df = df.dropna(subset=["expert_a", "expert_b"])
     return df.astype({"expert_a": int, "expert_b": int, "tokens": "int64"})[SWAP_COLUMNS].reset_index(drop=True)
 
 
-def position_agreement(con, a: Selection, b: Selection, *, bucket: int = 16) -> pd.DataFrame:
+def position_agreement(con, a: Selection, b: Selection, *, bucket: int = 16, source: str = "auto") -> pd.DataFrame:
     """Per layer and position bucket (positions [pos_lo, pos_hi] of `bucket` tokens each): tokens and
     set_agreement over the matched tokens (the layer x position heat map). Raises AgreementError when nothing
     matches."""
     bucket = max(1, int(bucket))
-    ctes, params = _matched_ctes(con, a, b)
+    ctes, params = _matched_ctes(con, a, b, source=source)
     df = run_query(con, f"""{ctes}
         SELECT layer, pos // ? AS pos_bucket, count(*) AS tokens, avg(CAST(same AS DOUBLE)) AS set_agreement
         FROM m GROUP BY ALL ORDER BY layer, pos_bucket""", params + [bucket], error=AgreementError)
@@ -238,11 +337,11 @@ def position_agreement(con, a: Selection, b: Selection, *, bucket: int = 16) -> 
     return df[POSITION_COLUMNS]
 
 
-def domain_agreement(con, a: Selection, b: Selection) -> pd.DataFrame:
+def domain_agreement(con, a: Selection, b: Selection, *, source: str = "auto") -> pd.DataFrame:
     """Per domain of a's sequences (NULL: none given): matched tokens, set_agreement over their (token, layer)
     pairs, tokens_differing (share of tokens with at least one layer whose set differs). Raises AgreementError
     when nothing matches."""
-    ctes, params = _matched_ctes(con, a, b)
+    ctes, params = _matched_ctes(con, a, b, source=source)
     df = run_query(con, f"""{ctes},
         per_token AS (SELECT domain, count(*) AS layers, count(*) FILTER (WHERE same) AS same
                       FROM m GROUP BY run_id, step, rank, seq, pos, domain)
@@ -253,42 +352,34 @@ def domain_agreement(con, a: Selection, b: Selection) -> pd.DataFrame:
     return df.astype({"tokens": "int64"})[DOMAIN_COLUMNS]
 
 
-def summary(con, a: Selection, b: Selection) -> dict[str, pd.DataFrame]:
-    """`matched`, `layer_agreement` and `token_disagreement` from one pass over the routes (what `moeviz agree`
-    and the dashboard show: about a third of the time of the three calls): {"matched", "layers", "tokens"}.
-    Raises AgreementError when nothing matches."""
-    ctes, params = _matched_ctes(con, a, b)
-
-    def tokens(side: str) -> str:
-        return (f"SELECT count(*) FILTER (WHERE s.first) AS n, count(*) FILTER (WHERE NOT s.first) AS rep FROM "
-                f"(SELECT DISTINCT run_id, step, rank, seq, pos FROM t{side}) t JOIN s{side} s USING ({_SEQ})")
-
+def summary(con, a: Selection, b: Selection, *, source: str = "auto") -> dict[str, pd.DataFrame]:
+    """`matched`, `layer_agreement` and `token_disagreement` from one pass over the matched tokens (and one count
+    of each side's tokens): what `moeviz agree` and the dashboard show, at about a third of the time of the three
+    calls: {"matched", "layers", "tokens"}. Raises AgreementError when nothing matches."""
+    ctes, params = _matched_ctes(con, a, b, source=source)
     df = run_query(con, f"""{ctes},
         lay AS (SELECT layer, count(*) AS tokens, avg(CAST(same AS DOUBLE)) AS sa, avg(inter / k) AS ov,
                        avg(CAST(first_same AS DOUBLE)) AS fc FROM m GROUP BY layer),
         pt AS (SELECT count(*) FILTER (WHERE NOT same) AS d, bool_or(by_sample_id) AS bs FROM m
                GROUP BY run_id, step, rank, seq, pos),
-        hist AS (SELECT g.x AS d, count(pt.d) AS n
-                 FROM (SELECT count(*) AS n FROM lay) l, range(0, l.n + 1) g(x) LEFT JOIN pt ON pt.d = g.x
-                 GROUP BY g.x),
-        ca AS ({tokens('a')}), cb AS ({tokens('b')})
+        hist AS (SELECT d, count(*) AS n, count(*) FILTER (WHERE bs) AS bs FROM pt GROUP BY d)
         SELECT 'layer' AS kind, layer AS x, tokens AS n, sa, ov, fc FROM lay
-        UNION ALL SELECT 'hist', d, n, NULL, NULL, NULL FROM hist
-        UNION ALL SELECT 'count', (SELECT count(*) FILTER (WHERE bs) FROM pt), ca.n, ca.rep, cb.n, cb.rep
-        FROM ca, cb""", params, error=AgreementError)
+        UNION ALL SELECT 'hist', d, n, bs, NULL, NULL FROM hist""", params, error=AgreementError)
     lay = df[df["kind"] == "layer"].sort_values("x")
     _check_matched(con, a, b, len(lay))
     layers = pd.DataFrame({"layer": lay["x"].astype(int).to_numpy(), "tokens": lay["n"].astype("int64").to_numpy(),
                            "set_agreement": lay["sa"].to_numpy(float), "overlap": lay["ov"].to_numpy(float),
                            "first_choice_agreement": lay["fc"].to_numpy(float)})
-    hist = df[df["kind"] == "hist"].sort_values("x")
-    hist = pd.DataFrame({"layers_differing": hist["x"].astype(int).to_numpy(),
-                         "tokens": hist["n"].astype("int64").to_numpy()})
-    c = df[df["kind"] == "count"].iloc[0]
-    first_a, rep_a, first_b, rep_b = (int(c[k]) for k in ("n", "sa", "ov", "fc"))
+    got = df[df["kind"] == "hist"]
+    counts = dict(zip(got["x"].astype(int), got["n"].astype("int64")))
+    hist = pd.DataFrame({"layers_differing": np.arange(len(layers) + 1),
+                         "tokens": [int(counts.get(d, 0)) for d in range(len(layers) + 1)]})
+    hist = hist.astype({"layers_differing": int, "tokens": "int64"})
+    by_id = int(got["sa"].fillna(0).sum())
+    first_a, rep_a, first_b, rep_b = _side_counts(con, a, b, _sets_cover(con, (a, b), source))
     n = int(hist["tokens"].sum())
     ta, tb = first_a + rep_a, first_b + rep_b
-    counts = pd.DataFrame([[ta, tb, n, ta - n, tb - n, rep_a, rep_b, int(c["x"])]], columns=MATCHED_COLUMNS)
+    counts = pd.DataFrame([[ta, tb, n, ta - n, tb - n, rep_a, rep_b, by_id]], columns=MATCHED_COLUMNS)
     return {"matched": counts, "layers": layers, "tokens": hist}
 
 

@@ -246,7 +246,7 @@ def _fold_route_stats(con, run_dir: Path, new_routes: list[Path], rebuild: set[s
     # with Value that does not match") when segment files are aggregated in a UNION with the typed tables
     cols = ", ".join(f'CAST("{f.name}" AS {layout.duckdb_type(f.type)}) AS "{f.name}"' for f in layout.DISK_SCHEMAS["routes"]
                      if f.name in ("run_id", "step", "rank", "seq", "pos", "token_id", "layer", "slot", "expert",
-                                   "weight_q"))
+                                   "weight_q", "margin"))
     files = [str(run_dir / r[0]) for r in con.execute("SELECT file FROM _routes_files ORDER BY file").fetchall()]
     every = (f"SELECT {cols} FROM main.routes" + (f" UNION ALL SELECT {cols} FROM read_parquet(?)" if files else ""),
              [files] if files else [])  # routes_format="duckdb" compactions keep routes in main.routes
@@ -257,6 +257,9 @@ def _fold_route_stats(con, run_dir: Path, new_routes: list[Path], rebuild: set[s
             continue
         if table == layout.PROBE_SETS:
             con.execute(f'INSERT INTO main."{table}" {_PROBE_SETS_SQL.format(source=source)}', params)
+            continue
+        if table == layout.TOKEN_SETS:
+            con.execute(f'INSERT INTO main."{table}" {token_sets_sql(source, "margin" in layout.DISK_SCHEMAS["routes"].names)}', params)
             continue
         if table == layout.WEIGHT_HIST:
             _fold_weight_hist(con, source, params)
@@ -320,6 +323,28 @@ _PROBE_SETS_SQL = """
         ON q.run_id = r.run_id AND q.step = r.step AND q.rank = r.rank AND q.seq = r.seq
     GROUP BY r.run_id, r.step, r.rank, r.seq, r.pos, r.layer
     ORDER BY r.step, r.rank, r.layer, r.seq, r.pos"""
+
+
+# One row per kept token and layer: its slot-0 expert, its experts as a bitmask (NULL when an expert index is
+# outside 0-63), how many routes it has (k) and its margin. Routing agreement joins these rows (one per token and
+# layer) instead of grouping k routes per token on each side at query time: the grouping is paid once here.
+_TOKEN_SETS_SQL = """
+    SELECT r.run_id, r.step, r.rank, r.seq, r.pos, r.layer, CAST(min(r.token_id) AS INTEGER) AS token_id,
+           CAST(arg_min(r.expert, r.slot) AS SMALLINT) AS first_expert,
+           CASE WHEN max(r.expert) < 64 AND min(r.expert) >= 0  -- the shift is clamped, as in probe_sets
+                THEN bit_or(CAST(1 AS UBIGINT) << CAST(greatest(least(r.expert, 63), 0) AS UBIGINT)) END AS experts,
+           CAST(least(count(*), 127) AS TINYINT) AS k, {margin} AS margin
+    FROM ({source}) r
+    GROUP BY r.run_id, r.step, r.rank, r.seq, r.pos, r.layer
+    ORDER BY r.step, r.rank, r.layer, r.seq, r.pos"""
+
+
+def token_sets_sql(source: str, with_margin: bool) -> str:
+    """The SELECT that builds `token_sets` rows from a routes query `source` (with a `margin` column if
+    `with_margin`, else the margins are NULL). Also used by moeviz.testing, so tests build the table as compaction
+    does."""
+    margin = "CAST(any_value(r.margin) AS FLOAT)" if with_margin else "CAST(NULL AS FLOAT)"
+    return _TOKEN_SETS_SQL.format(source=source, margin=margin)
 
 
 def _write_compacted_routes(run_dir: Path, rank: int, paths: list[Path]) -> tuple[str, int, int, int]:

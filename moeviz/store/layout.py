@@ -67,7 +67,10 @@ PROBE_SETS = "probe_sets"
 # ... and each expert's gate weights per step counted in bins (the probability capacity policy); like probe_sets.
 WEIGHT_HIST = "weight_hist"
 WEIGHT_BIN_SHIFT = 8  # weight_hist.bin = weight_q >> 8: 256 bins of 1/256 of the weight range each
-COMPACTION_TABLES = ROUTE_STATS_TABLES + (PROBE_SETS, WEIGHT_HIST)
+# ... and every token's expert set per layer (routing agreement joins one row per token and layer instead of k
+# routes); like probe_sets, outside `route_stats_complete`.
+TOKEN_SETS = "token_sets"
+COMPACTION_TABLES = ROUTE_STATS_TABLES + (PROBE_SETS, WEIGHT_HIST, TOKEN_SETS)
 META_TABLES = ("runs", "layers", "vocab")
 SEGMENT_TABLES = META_TABLES + DATA_TABLES
 
@@ -96,6 +99,9 @@ DISK_SCHEMAS: dict[str, pa.Schema] = {
                                  ("expert", _I16), ("assigned", _I64), ("first_choice", _I64)]),
     "probe_sets": pa.schema([("run_id", _S), ("step", _I64), ("rank", _I32), ("seq", _I32), ("pos", _I32),
                              ("layer", _I16), ("token_id", _I32), ("first_expert", _I16), ("experts", pa.uint64())]),
+    "token_sets": pa.schema([("run_id", _S), ("step", _I64), ("rank", _I32), ("seq", _I32), ("pos", _I32),
+                             ("layer", _I16), ("token_id", _I32), ("first_expert", _I16), ("experts", pa.uint64()),
+                             ("k", _I8), ("margin", pa.float32())]),
     "weight_hist": pa.schema([("run_id", _S), ("step", _I64), ("rank", _I32), ("layer", _I16), ("expert", _I16),
                               ("bin", _I16), ("assigned", _I64), ("first_choice", _I64), ("weight_q_sum", _I64),
                               ("above", _I64)]),
@@ -115,7 +121,7 @@ DISK_SCHEMAS: dict[str, pa.Schema] = {
 # DuckDB types of the on-disk columns (for the compacted run.duckdb tables).
 _DUCK = {pa.string(): "VARCHAR", pa.int64(): "BIGINT", pa.int32(): "INTEGER", pa.int16(): "SMALLINT",
          pa.int8(): "TINYINT", pa.uint16(): "USMALLINT", pa.uint64(): "UBIGINT", pa.float64(): "DOUBLE",
-         pa.timestamp("us"): "TIMESTAMP"}
+         pa.timestamp("us"): "TIMESTAMP", pa.float32(): "FLOAT"}
 
 
 def duckdb_type(arrow_type: pa.DataType) -> str:

@@ -270,6 +270,27 @@ PROBE_SETS = _t(
      "has more than 64 experts (the analyses then read `routes`)."),
 )
 
+TOKEN_SETS = _t(
+    "token_sets",
+    "The experts each kept token chose, one row per token and layer: built from `routes` when a run is compacted, "
+    "so that routing agreement (`moeviz.agreement`, `moeviz agree`) joins one row per token and layer of each side "
+    "instead of grouping k routes per token at query time (80 M routes per side: 20 s -> about 3 s, docs/benchmarks.md). A live run's "
+    "new routes are not in it until the next compaction (the analyses then read `routes`).",
+    ("run_id", "VARCHAR", "Run id."),
+    ("step", "BIGINT", "Step."),
+    ("rank", "INTEGER", "Rank."),
+    ("seq", "INTEGER", "Sequence index within the step and rank."),
+    ("pos", "INTEGER", "Token position within the batch row (as `routes.pos`)."),
+    ("layer", "SMALLINT", "MoE layer index."),
+    ("token_id", "INTEGER", "Vocabulary id of the token."),
+    ("first_expert", "SMALLINT", "The token's first (slot 0) choice."),
+    ("experts", "UBIGINT", "The token's chosen experts as a bitmask (bit e set for expert e); NULL when an expert "
+     "index is outside 0-63 (the analyses then read `routes`)."),
+    ("k", "TINYINT", "Routes of the token in this layer (its k; more than the bits of `experts` when an expert "
+     "was chosen twice)."),
+    ("margin", "DOUBLE", "`routes.margin` of the token and layer (how close the call was), NULL where unknown."),
+)
+
 WEIGHT_HIST = _t(
     "weight_hist",
     "Each expert's gate weights per step, counted in 256 bins: built from `routes` when a run is compacted, so "
@@ -290,7 +311,7 @@ WEIGHT_HIST = _t(
 
 TABLES: dict[str, Table] = {t.name: t for t in (RUNS, LAYERS, ROUTES, STEP_STATS, LAYER_STATS, PAIR_STATS, FLOW_STATS,
                                                  SEQUENCES, TOKEN_STATS, POSITION_STATS, SEQUENCE_STATS, PROBE_SETS,
-                                                 WEIGHT_HIST, VOCAB)}
+                                                 TOKEN_SETS, WEIGHT_HIST, VOCAB)}
 
 # Columns added after the first release of a table: a writer may leave them out (they read as NULL), so that
 # code written against the older schema (RunWriter.write_flush callers) keeps working.
