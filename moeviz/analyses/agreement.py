@@ -96,12 +96,22 @@ def _side(sel: Selection, name: str, lists: bool, sets: bool, extra: tuple[str, 
 SOURCES = ("auto", "token_sets", "routes")
 
 
-def _lists_needed(con, lists: bool) -> bool:
-    """Expert sets as lists when asked, or when a layer has more than 64 experts (a bitmask holds 64)."""
+def _lists_needed(con, lists: bool, sels: tuple[Selection, ...] = ()) -> bool:
+    """Expert sets as lists when asked, when a layer has more than 64 experts (a bitmask holds 64), or when the
+    routes of `sels` hold an id outside 0-63 (an engine log's sentinel -1 or 255: log_checks says so; a bitmask
+    cannot shift by it)."""
     if lists:
         return True
     n = run_query(con, "SELECT max(n_experts) AS n FROM layers", [], error=AgreementError)["n"].iloc[0]
-    return n is None or pd.isna(n) or int(n) > 64
+    if n is None or pd.isna(n) or int(n) > 64:
+        return True
+    for sel in sels:
+        where, params = sel.with_(domains=None, tags=None).where("r")
+        bad = run_query(con, f"SELECT count(*) AS n FROM routes r WHERE {where} AND (r.expert < 0 OR r.expert > 63)",
+                        params, error=AgreementError)["n"].iloc[0]
+        if bad:
+            return True
+    return False
 
 
 def _sets_cover(con, sels: tuple[Selection, ...], source: str) -> bool:
@@ -122,8 +132,13 @@ def _sets_cover(con, sels: tuple[Selection, ...], source: str) -> bool:
         for run_id in runs:
             if not complete.get(str(run_id)):
                 why = f"run {run_id!r} is not compacted, or routes were written since its last compaction"
-            elif not con.execute("SELECT 1 FROM token_sets WHERE run_id = ? LIMIT 1", [str(run_id)]).fetchall():
-                why = f"run {run_id!r} has no token_sets rows (compacted by an older moeviz: run `moeviz compact`)"
+            else:
+                rows, wide = con.execute("SELECT count(*), count(*) FILTER (WHERE experts IS NULL) FROM token_sets "
+                                         "WHERE run_id = ?", [str(run_id)]).fetchone()
+                if not rows:
+                    why = f"run {run_id!r} has no token_sets rows (compacted by an older moeviz: run `moeviz compact`)"
+                elif wide:
+                    why = f"run {run_id!r} has {wide} token set(s) with an expert id outside 0-63 (see log_checks)"
             if why:
                 break
         if not why and _lists_needed(con, False):
@@ -134,13 +149,14 @@ def _sets_cover(con, sels: tuple[Selection, ...], source: str) -> bool:
 
 
 def _matched_ctes(con, a: Selection, b: Selection, *, lists: bool = False, source: str = "auto",
-                  extra: tuple[str, ...] = ()) -> tuple[str, list]:
+                  extra: tuple[str, ...] = (), shift: int = 0, same_token: bool = True) -> tuple[str, list]:
     """WITH ... ending in `m`: one row per matched token and layer: a's run_id, step, rank, seq, pos, layer and
     domain; same (the two sets are equal), inter (|A ∩ B|), k (the larger set size), first_same (slot 0 equal);
     with `lists`, also ea, eb: the experts of each side in slot order. `extra`: 'margin' adds margin_a, margin_b;
-    'prompt_tokens' adds prompt_tokens (of a's sequence, else b's)."""
+    'prompt_tokens' adds prompt_tokens (of a's sequence, else b's). `shift`: a's position p is paired with b's
+    p + shift; `same_token=False` drops the token-id condition (log_checks.alignment)."""
     sets = not lists and _sets_cover(con, (a, b), source)
-    lists = not sets and _lists_needed(con, lists)
+    lists = not sets and _lists_needed(con, lists, (a, b))
     sa, pa_ = _side(a, "a", lists, sets, extra)
     sb, pb = _side(b, "b", lists, sets, extra)
     if lists:
@@ -178,7 +194,8 @@ def _matched_ctes(con, a: Selection, b: Selection, *, lists: bool = False, sourc
         FROM ta a
         JOIN pairs p ON p.a_run = a.run_id AND p.a_step = a.step AND p.a_rank = a.rank AND p.a_seq = a.seq
         JOIN tb b ON b.run_id = p.b_run AND b.step = p.b_step AND b.rank = p.b_rank AND b.seq = p.b_seq
-                 AND b.pos - p.b_off = a.pos - p.a_off AND b.layer = a.layer AND b.token_id = a.token_id)"""
+                 AND b.pos - p.b_off = a.pos - p.a_off + {int(shift)} AND b.layer = a.layer
+                 {'AND b.token_id = a.token_id' if same_token else ''})"""
     return sql, pa_ + pb
 
 

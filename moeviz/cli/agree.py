@@ -10,7 +10,10 @@ name the runs with --store), or, with `--store PATH`, run ids of the store at PA
 
 Prints the matched tokens, the share of (token, layer) decisions whose expert sets differ, the share of tokens
 with at least one differing layer, then `moeviz.agreement.layer_agreement` per layer; `--format csv` prints the
-table alone. Exit status 2, with one message saying what keys each side has, when no token matches.
+table alone. Before the comparison is trusted, each side's log is checked (`moeviz.analyses.log_checks`: sentinel
+ids, ids out of range, duplicate ids, dense layers logged as zeros, positions off by one) and what fails or
+warns is printed (to stderr with --format csv); --strict exits 1 when a check fails. Exit status 2, with one
+message saying what keys each side has, when no token matches.
 """
 
 from __future__ import annotations
@@ -41,6 +44,11 @@ def register(subparsers) -> None:
     p.add_argument("--layers", help="comma-separated MoE layers (default: all)")
     p.add_argument("--format", choices=("table", "csv"), default="table",
                    help="table (headline numbers, then the per-layer table; default) or csv (the table alone)")
+    p.add_argument("--no-checks", action="store_true",
+                   help="skip the log checks (sentinel ids, ids out of range, duplicate ids, dense layers logged as "
+                   "zeros, positions off by one) that run before the comparison")
+    p.add_argument("--strict", action="store_true",
+                   help="exit status 1 (after printing) when a log check fails")
     p.set_defaults(func=run_agree)
 
 
@@ -57,6 +65,7 @@ def _run_of_folder(path: str) -> tuple[Path, str]:
 
 def run_agree(args: argparse.Namespace) -> int:
     from moeviz.analyses.agreement import headline, layer_agreement, summary
+    from moeviz.analyses.log_checks import checks
     from moeviz.selection import Selection
     from moeviz.store import open_store
 
@@ -76,14 +85,31 @@ def run_agree(args: argparse.Namespace) -> int:
         con = open_store([dir_a] if dir_a == dir_b else [dir_a, dir_b])
     a = Selection(run_ids=(id_a,), steps=steps_a, layers=layers)
     b = Selection(run_ids=(id_b,), steps=steps_b, layers=layers)
+    import sys
+
+    failed = False
     try:  # raises AgreementError (exit 2, one message) when nothing matches
         if args.format == "csv":
-            print(layer_agreement(con, a, b).to_csv(index=False), end="")
-            return 0
-        got = summary(con, a, b)  # one pass over the routes for the three tables
-        table, counts, hist = got["layers"], got["matched"], got["tokens"]
+            table = layer_agreement(con, a, b)
+        else:
+            got = summary(con, a, b)  # one pass over the matched tokens for the three tables
+            table, counts, hist = got["layers"], got["matched"], got["tokens"]
+        if not args.no_checks:  # after the comparison: a selection that matches nothing exits 2 first
+            found = checks(con, a, b)
+            bad = found[found["status"] != "ok"]
+            failed = bool((found["status"] == "fail").any())
+            out = sys.stderr if args.format == "csv" else sys.stdout
+            if len(bad):
+                for r in bad.itertuples():
+                    print(f"log check {r.status}: {r.side} {r.check}: {r.detail}", file=out)
+            elif args.format == "table":
+                print("log checks: ok (no sentinel, out-of-range or duplicate ids, no all-zero rows, positions "
+                      "aligned)")
     finally:
         con.close()
+    if args.format == "csv":
+        print(table.to_csv(index=False), end="")
+        return 1 if failed and args.strict else 0
     h = headline(table, hist, counts)
     c = counts.iloc[0]
 
@@ -101,4 +127,4 @@ def run_agree(args: argparse.Namespace) -> int:
     print(f"tokens with at least one differing layer: {100 * h['tokens_differing']:.2f}% "
           f"(of {len(table)} layer(s))")
     print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
-    return 0
+    return 1 if failed and args.strict else 0
