@@ -474,3 +474,29 @@ def test_left_padding_does_not_move_positions(tmp_path):
     pos = ag.position_agreement(con, A, B, bucket=1)  # positions within the sequence, 0 .. 7
     assert sorted(pos["pos_lo"].unique()) == list(range(8))
     assert pos.groupby("pos_lo")["tokens"].max().tolist() == [3, 3, 3, 3, 3, 2, 1, 1]
+
+
+def test_a_version_2_store_gets_token_sets_on_compact_and_they_match_the_routes(tmp_path):
+    """A run compacted by the previous version (routes files without `margin`, no token_sets) reads its routes
+    until `moeviz compact` builds token_sets from those files; then both sources give the same figures."""
+    import tarfile
+    from pathlib import Path
+
+    from moeviz.store import compact, open_store
+
+    with tarfile.open(Path(__file__).parent / "data" / "store_v2.tar.gz") as tar:
+        tar.extractall(tmp_path / "store", filter="data")
+    sel = Selection(run_ids=("v2comp",))
+    con = open_store(tmp_path / "store")
+    assert not ag._sets_cover(con, (sel,), "auto")
+    before = ag.summary(con, sel, sel)
+    con.close()
+    compact(tmp_path / "store")
+    con = open_store(tmp_path / "store")
+    assert ag._sets_cover(con, (sel,), "auto")
+    n = con.execute("SELECT count(*) FROM (SELECT DISTINCT step, rank, seq, pos, layer FROM routes "
+                    "WHERE run_id = 'v2comp')").fetchone()[0]
+    assert con.execute("SELECT count(*), count(margin) FROM token_sets WHERE run_id = 'v2comp'").fetchone() == (n, 0)
+    after = ag.summary(con, sel, sel)
+    for k in before:
+        pd.testing.assert_frame_equal(after[k], before[k])

@@ -248,9 +248,10 @@ def _fold_route_stats(con, run_dir: Path, new_routes: list[Path], rebuild: set[s
                      if f.name in ("run_id", "step", "rank", "seq", "pos", "token_id", "layer", "slot", "expert",
                                    "weight_q", "margin"))
     files = [str(run_dir / r[0]) for r in con.execute("SELECT file FROM _routes_files ORDER BY file").fetchall()]
-    every = (f"SELECT {cols} FROM main.routes" + (f" UNION ALL SELECT {cols} FROM read_parquet(?)" if files else ""),
+    every = (f"SELECT {cols} FROM main.routes" + (f" UNION ALL {_parquet_routes(cols, files)}" if files else ""),
              [files] if files else [])  # routes_format="duckdb" compactions keep routes in main.routes
-    fresh = (f"SELECT {cols} FROM read_parquet(?)", [[str(p) for p in new_routes]]) if new_routes else None
+    new_files = [str(p) for p in new_routes]
+    fresh = (_parquet_routes(cols, new_files), [new_files]) if new_routes else None
     for table in layout.COMPACTION_TABLES:
         source, params = every if table in rebuild else (fresh or (None, None))
         if source is None:
@@ -259,7 +260,7 @@ def _fold_route_stats(con, run_dir: Path, new_routes: list[Path], rebuild: set[s
             con.execute(f'INSERT INTO main."{table}" {_PROBE_SETS_SQL.format(source=source)}', params)
             continue
         if table == layout.TOKEN_SETS:
-            con.execute(f'INSERT INTO main."{table}" {token_sets_sql(source, "margin" in layout.DISK_SCHEMAS["routes"].names)}', params)
+            con.execute(f'INSERT INTO main."{table}" {token_sets_sql(source, True)}', params)
             continue
         if table == layout.WEIGHT_HIST:
             _fold_weight_hist(con, source, params)
@@ -277,6 +278,20 @@ def _fold_route_stats(con, run_dir: Path, new_routes: list[Path], rebuild: set[s
                     FROM ({source}) GROUP BY ALL)
                 GROUP BY ALL ORDER BY {k})""", params)
         con.execute(f'DROP TABLE main."_old_{table}"')
+
+
+def _parquet_routes(cols: str, files: list[str]) -> str:
+    """SELECT `cols` FROM read_parquet(?) over routes files, some of which may predate `margin` (schema version 2
+    files of an upgraded run): read by name, margin NULL where a file lacks it."""
+    import pyarrow.parquet as pq
+
+    have = [("margin" in pq.read_schema(f).names) for f in files]
+    if all(have):
+        return f"SELECT {cols} FROM read_parquet(?)"
+    if any(have):
+        return f"SELECT {cols} FROM read_parquet(?, union_by_name = true)"
+    no_margin = cols.replace('CAST("margin" AS FLOAT)', "CAST(NULL AS FLOAT)")
+    return f"SELECT {no_margin} FROM read_parquet(?)"
 
 
 def _fold_weight_hist(con, source: str, params: list) -> None:
@@ -302,7 +317,7 @@ _WEIGHT_HIST_SQL = f"""
     SELECT run_id, step, rank, layer, expert, CAST(weight_q >> {layout.WEIGHT_BIN_SHIFT} AS SMALLINT) AS bin,
            count(*) AS assigned, count(*) FILTER (WHERE slot = 0) AS first_choice,
            sum(weight_q) AS weight_q_sum
-    FROM ({{source}}) GROUP BY ALL"""
+    FROM ({{source}}) WHERE weight_q IS NOT NULL GROUP BY ALL"""  # routes without a weight (engine logs) have no bin
 # weight_hist's rows from such counts: `above`, the routes of the same step and expert in higher bins, which the
 # probability policy's cut-off bin is found by (moeviz.analyses.probability_drops)
 _WEIGHT_HIST_ABOVE_SQL = """
@@ -369,7 +384,7 @@ def _write_compacted_routes(run_dir: Path, rank: int, paths: list[Path]) -> tupl
             pending: list[pa.Table] = []
             pending_rows = 0
             for p in paths:
-                part = pq.read_table(p).select(schema.names).cast(schema)
+                part = _with_disk_columns(pq.read_table(p), schema)
                 pending.append(part)
                 pending_rows += part.num_rows
                 if pending_rows >= layout.COMPACTED_ROW_GROUP_ROWS:
@@ -384,6 +399,13 @@ def _write_compacted_routes(run_dir: Path, rank: int, paths: list[Path]) -> tupl
         raise
     _fsync(folder)
     return layout.relative_name(run_dir, folder / name), rank, n_rows, (folder / name).stat().st_size
+
+
+def _with_disk_columns(part: pa.Table, schema: pa.Schema) -> pa.Table:
+    """A segment's table in the current on-disk schema: columns an older segment lacks (added by a later schema
+    version) are NULL, as the readers show them."""
+    cols = [part.column(f.name) if f.name in part.column_names else pa.nulls(part.num_rows, f.type) for f in schema]
+    return pa.Table.from_arrays(cols, schema=schema) if part.num_rows else schema.empty_table()
 
 
 def _write_sorted_row_group(writer, parts: list[pa.Table]) -> int:
