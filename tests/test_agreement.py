@@ -500,3 +500,142 @@ def test_a_version_2_store_gets_token_sets_on_compact_and_they_match_the_routes(
     after = ag.summary(con, sel, sel)
     for k in before:
         pd.testing.assert_frame_equal(after[k], before[k])
+
+
+# ---------------------------------------------------------------------------------------------------- breakdowns
+
+
+def row_index(r: dict) -> dict:
+    """{(identity, pos, token_id): row t of the arrays} of each side's first occurrences (as side_tokens)."""
+    steps, ranks, seqs, pos, tok = (np.asarray(r[c]) for c in ("steps", "ranks", "seqs", "pos", "token_ids"))
+    keep = np.asarray(r.get("keep", np.ones(len(steps), bool)))
+    by_seq = defaultdict(list)
+    for t in range(len(steps)):
+        by_seq[(steps[t], ranks[t], seqs[t])].append(t)
+    seen, out = set(), {}
+    for s in sorted(by_seq):
+        ts = sorted(by_seq[s], key=lambda t: pos[t])
+        ident = ("key", tuple(int(tok[t]) for t in ts))
+        if ident in seen:
+            continue
+        seen.add(ident)
+        out.update({(ident, int(pos[t]), int(tok[t])): t for t in ts if keep[t]})
+    return out
+
+
+def set_margins(con, run_id: str, r: dict, margin: np.ndarray) -> None:
+    """routes.margin of every token and layer of the run (margin [T, L], NaN = NULL), then its token_sets rebuilt
+    from the routes as compaction builds them."""
+    from moeviz.store.compaction import token_sets_sql
+
+    n_tok, n_lay = margin.shape
+    m = pd.DataFrame({"step": np.repeat(r["steps"], n_lay), "rank": np.repeat(r["ranks"], n_lay),
+                      "seq": np.repeat(r["seqs"], n_lay), "pos": np.repeat(r["pos"], n_lay),
+                      "layer": np.tile(np.arange(n_lay), n_tok), "margin": margin.reshape(-1)})
+    con.register("_margins", m)
+    con.execute("""UPDATE routes SET margin = x.margin FROM _margins x WHERE routes.run_id = ? AND x.step = routes.step
+                   AND x.rank = routes.rank AND x.seq = routes.seq AND x.pos = routes.pos AND x.layer = routes.layer""",
+                [run_id])
+    con.unregister("_margins")
+    con.execute("DELETE FROM token_sets WHERE run_id = ?", [run_id])
+    con.execute(f"INSERT INTO token_sets {token_sets_sql('SELECT * FROM routes WHERE run_id = ?', True)}", [run_id])
+
+
+def margins_of(r: dict) -> np.ndarray:
+    """The softmax margin of each token and layer from the side's own logits: probability of the last chosen
+    expert minus the best unchosen one (k = 2 here)."""
+    logits = r["logits"]
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    srt = np.sort(p, axis=-1)[..., ::-1]
+    return srt[..., 1] - srt[..., 2]
+
+
+@pytest.mark.parametrize("side", ["a", "b", "neither"])
+def test_margin_buckets_against_a_numpy_loop(side):
+    con, ra, rb = two_runs(seed=2)
+    # A's index is top-2 of its own logits (synthetic_routing) and B's too (two_runs): margins from those logits
+    if side == "a":
+        set_margins(con, "A", ra, margins_of(ra))
+    elif side == "b":
+        set_margins(con, "B", rb, margins_of(rb))
+    ref = reference(ra, rb)
+    ia, ib = row_index(ra), row_index(rb)
+    edges = (0.02, 0.05, 0.1, 0.2)
+    for source in ("token_sets", "routes"):
+        got = ag.margin_agreement(con, A, B, edges=edges, source=source)
+        assert list(got.columns) == ag.MARGIN_COLUMNS
+        if side == "neither":
+            assert got["margin_side"].isna().all() and len(got) == 1 and np.isnan(got["margin_lo"].item())
+            assert got["decisions"].item() == sum(ref["layers"]["tokens"])
+            continue
+        r, idx = (ra, ia) if side == "a" else (rb, ib)
+        mg = margins_of(r)
+        cells = defaultdict(list)
+        for t in ref["both"]:
+            for l in ref["ta"][t]:
+                m = mg[idx[t], l]
+                k = int(np.searchsorted(edges, m, side="right"))
+                cells[k].append(sorted(ref["ta"][t][l]) == sorted(ref["tb"][t][l]))
+        lo = [-np.inf, *edges]
+        want = {lo[k]: (len(v), pytest.approx(np.mean(v))) for k, v in cells.items()}
+        assert (got["margin_side"] == side).all()
+        assert {x.margin_lo: (x.decisions, x.set_agreement) for x in got.itertuples()} == want
+        hi = [*edges, np.inf]
+        assert {x.margin_lo: x.margin_hi for x in got.itertuples()} == {lo[k]: hi[k] for k in cells}
+        assert got["margin_lo"].is_monotonic_increasing
+    # near-ties flip more often than clear calls in this fixture (perturbed logits)
+    if side != "neither":
+        assert got["set_agreement"].iloc[0] < got["set_agreement"].iloc[-1]
+
+
+def test_prompt_and_generated_against_a_numpy_loop():
+    con, ra, rb = two_runs(seed=4)
+    ref = reference(ra, rb)
+    # A's sequences of step 0 have a prompt of 3 tokens; step 1's have none known, but B knows 5 for two of them
+    con.execute("UPDATE sequences SET prompt_tokens = 3 WHERE run_id = 'A' AND step = 0")
+    con.execute("UPDATE sequences SET prompt_tokens = 5 WHERE run_id = 'B' AND seq = 0")
+    prompt_of = {}
+    for run, r in (("A", ra), ("B", rb)):
+        pt = dict(((s, q), p) for s, q, p in con.execute(
+            "SELECT step, seq, prompt_tokens FROM sequences WHERE run_id = ?", [run]).fetchall())
+        for t in range(len(r["steps"])):
+            ident = ("key", tuple(int(x) for x in r["token_ids"][(r["steps"] == r["steps"][t])
+                                                                  & (r["seqs"] == r["seqs"][t])]))
+            prompt_of.setdefault((run, ident), pt[(int(r["steps"][t]), int(r["seqs"][t]))])
+    cells = defaultdict(list)
+    for t in ref["both"]:
+        p = prompt_of.get(("A", t[0]))
+        p = prompt_of.get(("B", t[0])) if p is None else p
+        phase = "unknown" if p is None else ("prompt" if t[1] < p else "generated")
+        cells[phase].append([sorted(ref["ta"][t][l]) == sorted(ref["tb"][t][l]) for l in ref["ta"][t]])
+    assert set(cells) == {"prompt", "generated", "unknown"}
+    for source in ("token_sets", "routes"):
+        got = ag.phase_agreement(con, A, B, source=source)
+        assert list(got.columns) == ag.PHASE_COLUMNS and got["phase"].tolist() == ["prompt", "generated", "unknown"]
+        for r in got.itertuples():
+            v = cells[r.phase]
+            assert r.tokens == len(v)
+            assert r.set_agreement == pytest.approx(np.mean([x for s in v for x in s]))
+            assert r.tokens_differing == pytest.approx(np.mean([not all(s) for s in v]))
+
+
+def test_token_view_and_sequences_against_a_numpy_loop():
+    con, ra, rb = two_runs(seed=6)
+    ref = reference(ra, rb)
+    con.execute("INSERT INTO vocab SELECT 'A', i, 'w' || i FROM range(0, 200) t(i)")
+    seqs = ag.sequence_disagreement(con, A, B)
+    assert list(seqs.columns) == ag.SEQUENCE_COLUMNS
+    assert seqs["tokens_differing"].is_monotonic_decreasing
+    # by hand: the matched tokens of each of A's sequences (first occurrences), per position
+    for r in seqs.itertuples():
+        mask = (ra["steps"] == r.step) & (ra["seqs"] == r.seq)
+        ident = ("key", tuple(int(x) for x in ra["token_ids"][mask]))
+        toks = sorted((t for t in ref["both"] if t[0] == ident), key=lambda t: t[1])
+        differ = [sum(sorted(ref["ta"][t][l]) != sorted(ref["tb"][t][l]) for l in ref["ta"][t]) for t in toks]
+        assert r.tokens == len(toks) and r.tokens_differing == pytest.approx(np.mean([d > 0 for d in differ]))
+        view = ag.token_view(con, A, B, run_id=r.run_id, step=r.step, rank=r.rank, seq=r.seq)
+        assert list(view.columns) == ag.TOKEN_VIEW_COLUMNS
+        assert view["pos"].tolist() == [t[1] for t in toks] and view["token_id"].tolist() == [t[2] for t in toks]
+        assert view["text"].tolist() == [f"w{t[2]}" for t in toks]
+        assert view["layers_differing"].tolist() == differ and (view["layers"] == 3).all()

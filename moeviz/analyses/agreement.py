@@ -24,6 +24,10 @@ slot order.
     summary(con, a, b)              the first three from one pass over the routes (the CLI, the dashboard)
     position_agreement(con, a, b)   layer, pos_bucket, pos_lo, pos_hi, tokens, set_agreement
     domain_agreement(con, a, b)     domain, tokens, set_agreement, tokens_differing
+    phase_agreement(con, a, b)      phase (prompt | generated | unknown), tokens, set_agreement, tokens_differing
+    margin_agreement(con, a, b)     margin_side, margin_lo, margin_hi, decisions, set_agreement
+    sequence_disagreement(con, a, b)  run_id, step, rank, seq, tokens, tokens_differing (most differing first)
+    token_view(con, a, b, ...)      one sequence: pos, token_id, text, layers, layers_differing
 """
 
 from __future__ import annotations
@@ -48,6 +52,13 @@ TOKEN_COLUMNS = ["layers_differing", "tokens"]
 SWAP_COLUMNS = ["expert_a", "expert_b", "tokens"]
 POSITION_COLUMNS = ["layer", "pos_bucket", "pos_lo", "pos_hi", "tokens", "set_agreement"]
 DOMAIN_COLUMNS = ["domain", "tokens", "set_agreement", "tokens_differing"]
+PHASE_COLUMNS = ["phase", "tokens", "set_agreement", "tokens_differing"]
+PHASES = ("prompt", "generated", "unknown")
+SEQUENCE_COLUMNS = ["run_id", "step", "rank", "seq", "tokens", "tokens_differing"]
+TOKEN_VIEW_COLUMNS = ["pos", "token_id", "text", "layers", "layers_differing"]
+MARGIN_COLUMNS = ["margin_side", "margin_lo", "margin_hi", "decisions", "set_agreement"]
+# Margin bucket edges: a softmax probability difference; near-ties (below 1e-3) are what bf16 flips.
+MARGIN_EDGES = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3)
 
 _SEQ = "run_id, step, rank, seq"
 
@@ -367,6 +378,99 @@ def domain_agreement(con, a: Selection, b: Selection, *, source: str = "auto") -
         FROM per_token GROUP BY domain ORDER BY domain NULLS LAST""", params, error=AgreementError)
     _check_matched(con, a, b, len(df))
     return df.astype({"tokens": "int64"})[DOMAIN_COLUMNS]
+
+
+def phase_agreement(con, a: Selection, b: Selection, *, source: str = "auto") -> pd.DataFrame:
+    """Prompt against generated tokens: phase ('prompt', 'generated', or 'unknown' where neither side's sequence
+    has `sequences.prompt_tokens`), tokens (matched), set_agreement (over their token-layer decisions),
+    tokens_differing (share with at least one layer whose set differs). A token is generated when its position
+    within the sequence is at or past prompt_tokens (a's sequence's, else b's). Rollout engines sample the
+    generated part in decode batches of other shapes than the prompt's prefill, so the two phases can differ.
+    Raises AgreementError when nothing matches."""
+    ctes, params = _matched_ctes(con, a, b, source=source, extra=("prompt_tokens",))
+    df = run_query(con, f"""{ctes},
+        per_token AS (SELECT CASE WHEN any_value(prompt_tokens) IS NULL THEN 'unknown'
+                                  WHEN pos < any_value(prompt_tokens) THEN 'prompt' ELSE 'generated' END AS phase,
+                             count(*) AS layers, count(*) FILTER (WHERE same) AS same
+                      FROM m GROUP BY run_id, step, rank, seq, pos)
+        SELECT phase, count(*) AS tokens, sum(same) / sum(layers) AS set_agreement,
+               avg(CAST(same < layers AS DOUBLE)) AS tokens_differing
+        FROM per_token GROUP BY phase""", params, error=AgreementError)
+    _check_matched(con, a, b, len(df))
+    order = {p: i for i, p in enumerate(PHASES)}
+    df = df.sort_values("phase", key=lambda c: c.map(order)).reset_index(drop=True)
+    return df.astype({"tokens": "int64", "set_agreement": float, "tokens_differing": float})[PHASE_COLUMNS]
+
+
+def margin_agreement(con, a: Selection, b: Selection, *, edges: tuple[float, ...] = MARGIN_EDGES,
+                     source: str = "auto") -> pd.DataFrame:
+    """Disagreement against how close the call was: the matched token-layer decisions in buckets of
+    `routes.margin` (the chosen side's softmax probability of the last chosen expert minus the best unchosen one):
+    margin_side ('a' where a's routes have margins, else 'b'; None when neither side has any: every decision is
+    then in the one 'unknown' row), margin_lo, margin_hi (bucket [lo, hi); NaN for the decisions whose margin is
+    unknown), decisions, set_agreement. Near-ties (small margins) are where bf16 against fp32 or two kernels flip
+    an expert. Raises AgreementError when nothing matches."""
+    edges = tuple(sorted(float(e) for e in edges))
+
+    def bucket(col: str) -> str:
+        cases = " ".join(f"WHEN {col} < {e!r} THEN {i}" for i, e in enumerate(edges))
+        return f"CASE WHEN {col} IS NULL THEN NULL {cases} ELSE {len(edges)} END"
+
+    ctes, params = _matched_ctes(con, a, b, source=source, extra=("margin",))
+    df = run_query(con, f"""{ctes}
+        SELECT {bucket('margin_a')} AS ba, {bucket('margin_b')} AS bb, count(*) AS n,
+               count(*) FILTER (WHERE same) AS same
+        FROM m GROUP BY ALL""", params, error=AgreementError)
+    _check_matched(con, a, b, int(df["n"].sum()) if len(df) else 0)
+    side = "a" if df["ba"].notna().any() else ("b" if df["bb"].notna().any() else None)
+    col = {"a": "ba", "b": "bb", None: "ba"}[side]
+    g = df.assign(bk=df[col].fillna(-1).astype(int)).groupby("bk")[["n", "same"]].sum().reset_index()
+    lo = [-np.inf] + list(edges)
+    hi = list(edges) + [np.inf]
+    out = pd.DataFrame({
+        "margin_side": side,
+        "margin_lo": [np.nan if k < 0 else lo[k] for k in g["bk"]],
+        "margin_hi": [np.nan if k < 0 else hi[k] for k in g["bk"]],
+        "decisions": g["n"].astype("int64"), "set_agreement": g["same"] / g["n"]})
+    known = out[out["margin_lo"].notna()].sort_values("margin_lo")
+    return pd.concat([known, out[out["margin_lo"].isna()]], ignore_index=True)[MARGIN_COLUMNS]
+
+
+def sequence_disagreement(con, a: Selection, b: Selection, *, limit: int = 100,
+                          source: str = "auto") -> pd.DataFrame:
+    """a's sequences that have matched tokens, most disagreeing first (the token view's choice): run_id, step,
+    rank, seq, tokens (matched), tokens_differing (share with at least one layer whose set differs), at most
+    `limit` rows. Raises AgreementError when nothing matches."""
+    ctes, params = _matched_ctes(con, a, b, source=source)
+    df = run_query(con, f"""{ctes},
+        per_token AS (SELECT run_id, step, rank, seq, bool_and(same) AS all_same FROM m
+                      GROUP BY run_id, step, rank, seq, pos)
+        SELECT run_id, step, rank, seq, count(*) AS tokens, avg(CAST(NOT all_same AS DOUBLE)) AS tokens_differing
+        FROM per_token GROUP BY ALL ORDER BY tokens_differing DESC, run_id, step, rank, seq LIMIT ?""",
+                   params + [max(1, int(limit))], error=AgreementError)
+    _check_matched(con, a, b, len(df))
+    return df.astype({"step": "int64", "rank": int, "seq": int, "tokens": "int64"})[SEQUENCE_COLUMNS]
+
+
+def token_view(con, a: Selection, b: Selection, *, run_id: str, step: int, rank: int, seq: int,
+               source: str = "auto") -> pd.DataFrame:
+    """One of a's sequences (run_id, step, rank, seq), token by token, for the text coloured by disagreement:
+    pos (within the sequence), token_id, text (`vocab`, NULL when the run has no tokenizer), layers (compared),
+    layers_differing. Tokens of the sequence that b does not hold are left out. Raises AgreementError when
+    nothing matches."""
+    one = a.with_(run_ids=(str(run_id),), steps=(int(step), int(step)), ranks=(int(rank),))
+    ctes, params = _matched_ctes(con, one, b, source=source)
+    df = run_query(con, f"""{ctes},
+        per_token AS (SELECT pos, count(*) AS layers, count(*) FILTER (WHERE NOT same) AS layers_differing
+                      FROM m WHERE seq = ? GROUP BY pos),
+        ids AS (SELECT t.pos - s.pos_offset AS pos, any_value(t.token_id) AS token_id FROM ta t
+                JOIN sa s USING ({_SEQ}) WHERE t.seq = ? GROUP BY ALL)
+        SELECT p.pos, i.token_id, v.text, p.layers, p.layers_differing
+        FROM per_token p JOIN ids i USING (pos)
+        LEFT JOIN vocab v ON v.run_id = ? AND v.token_id = i.token_id
+        ORDER BY p.pos""", params + [int(seq), int(seq), str(run_id)], error=AgreementError)
+    _check_matched(con, one, b, len(df))
+    return df.astype({"pos": int, "token_id": "int64", "layers": int, "layers_differing": int})[TOKEN_VIEW_COLUMNS]
 
 
 def summary(con, a: Selection, b: Selection, *, source: str = "auto") -> dict[str, pd.DataFrame]:
