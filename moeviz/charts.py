@@ -1155,3 +1155,73 @@ def position_agreement_heatmap(df: pd.DataFrame) -> go.Figure:
         return empty_figure(title)
     return heatmap(df, x="pos_lo", y="layer", z="set_agreement", title=title, x_title="position (bucket start)",
                    y_title="MoE layer", z_title="same set", hover=["tokens", "pos_hi"], zmin=0.0, zmax=1.0)
+
+
+def _margin_label(lo: float, hi: float) -> str:
+    if pd.isna(lo):
+        return "unknown"
+    if np.isinf(lo):
+        return f"< {hi:g}"
+    if np.isinf(hi):
+        return f"≥ {lo:g}"
+    return f"{lo:g}–{hi:g}"
+
+
+def margin_agreement_bars(df: pd.DataFrame) -> go.Figure:
+    """moeviz.agreement.margin_agreement: the share of decisions whose expert set differs, per margin bucket (how
+    close the router's call was on the side that has margins); near-ties flip first."""
+    side = df["margin_side"].dropna().iloc[0] if "margin_side" in df and df["margin_side"].notna().any() else None
+    title = f"Disagreement by margin ({'A' if side == 'a' else 'B'}'s margins)" if side else "Disagreement by margin"
+    _need(df, ["margin_lo", "margin_hi", "decisions", "set_agreement"], title)
+    if df.empty or side is None:
+        return empty_figure(title, "Neither side has margins (routes.margin is NULL: engine logs carry none; the "
+                                   "Recorder writes them)")
+    data = df.assign(bucket=[_margin_label(lo, hi) for lo, hi in zip(df["margin_lo"], df["margin_hi"])],
+                     differing=1.0 - df["set_agreement"])
+    fig = bars(data, x="bucket", y="differing", title=title, x_title="margin: p(last chosen) − p(best unchosen)",
+               y_title="share of decisions with another set", hover=["decisions"])
+    fig.update_yaxes(range=[0, 1.02])
+    return fig
+
+
+def phase_agreement_bars(df: pd.DataFrame) -> go.Figure:
+    """moeviz.agreement.phase_agreement: prompt against generated tokens (and those whose phase is unknown)."""
+    title = "Prompt against generated tokens"
+    _need(df, ["phase", "tokens", "set_agreement", "tokens_differing"], title)
+    if df.empty:
+        return empty_figure(title)
+    long = df.melt(id_vars=["phase", "tokens"], value_vars=["set_agreement", "tokens_differing"], var_name="metric",
+                   value_name="share")
+    long["metric"] = long["metric"].map({"set_agreement": "decisions with the same set",
+                                         "tokens_differing": "tokens with ≥ 1 differing layer"})
+    fig = bars(long, x="phase", y="share", color="metric", title=title, x_title="phase", y_title="share",
+               hover=["tokens"], legend_prefix=False)
+    fig.update_yaxes(range=[0, 1.02])
+    return fig
+
+
+def disagreement_text_html(df: pd.DataFrame, *, n_layers: int) -> str:
+    """A sequence's text, each token on a background as dark as the number of layers whose expert set differs
+    between the two sides (white: none; dark red: all `n_layers`). Hovering a token gives its position, id and
+    count. Every token carries `data-pos` and `data-differing` for tests. `df`: moeviz.agreement.token_view."""
+    import html
+
+    _need(df, ["pos", "token_id", "text", "layers", "layers_differing"], "token view")
+    if df.empty:
+        return "<p><em>No matched token in this sequence.</em></p>"
+    n = max(1, int(n_layers))
+    spans = []
+    for r in df.itertuples():
+        text = str(r.token_id) if r.text is None or pd.isna(r.text) else str(r.text)
+        shown = html.escape(text.replace("\n", "⏎").replace("\t", "⇥") or "∅")
+        share = min(1.0, int(r.layers_differing) / n)
+        bg = f"rgba(200,30,30,{0.08 + 0.82 * share:.2f})" if r.layers_differing else "#f4f4f4"
+        fg = "#fff" if share > 0.5 else "#111"
+        tip = html.escape(f"token {int(r.pos)} (id {int(r.token_id)}): {text!r}\n{int(r.layers_differing)} of "
+                          f"{int(r.layers)} layers differ", quote=True)
+        spans.append(f'<span class="moeviz-token" data-pos="{int(r.pos)}" data-differing="{int(r.layers_differing)}" '
+                     f'title="{tip}" style="background:{bg};color:{fg};border-radius:3px;padding:1px 0;'
+                     f'white-space:pre-wrap">{shown}</span>' + ("<br>" if "\n" in text else ""))
+    legend = (f'<div style="color:#666;font-size:0.85em;margin-top:0.5em">background: layers whose expert set '
+              f'differs, from none (grey) to all {n} (dark red)</div>')
+    return f'<div class="moeviz-disagreement" style="line-height:1.9">{"".join(spans)}</div>{legend}'

@@ -710,6 +710,23 @@ def test_agreement_page_matches_numpy(agree_store):
             want[x, y] += 1
     np.testing.assert_array_equal(np.asarray(arr(sw["z"]), dtype=float).reshape(8, 8), want)
     assert chart(at, "by layer and position")
+    # the new sections: log checks pass, no margins recorded here (said), every token's phase unknown (said)
+    assert "Log checks: ok" in texts(at, "caption")
+    assert "Neither side has margins" in texts(at, "caption")
+    phase = chart(at, "Prompt against generated")["data"]
+    assert [list(t["x"]) for t in phase] == [["unknown"], ["unknown"]]
+    assert f"{n_tok:,} matched token(s) have no known prompt length" in texts(at, "caption")
+    # the token view: the most disagreeing sequence first, each token's count of differing layers drawn
+    import re
+
+    html = " ".join(str(h.proto.body) for h in at.html)
+    drawn = [int(x) for x in re.findall(r'data-differing="(\d+)"', html)]
+    seq_of = ra["steps"] * 100 + ra["seqs"]
+    per_seq = {q: (~same[seq_of == q]).sum(1) for q in np.unique(seq_of)}
+    worst = max(per_seq.values(), key=lambda d: (d > 0).mean())
+    assert drawn == [int(x) for x in worst], (drawn, per_seq)
+    label = at.selectbox(key="agree_seq").format_func(0)
+    assert f"{100 * (worst > 0).mean():.0f}% of {len(worst)} tokens differ" in label
     # two step windows of run A hold other tokens: a message saying what keys each side has, not an error
     at.radio(key="agree_mode").set_value("Two step windows of this run").run()
     assert not at.exception and not at.error, texts(at, "error")

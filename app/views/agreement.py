@@ -1,5 +1,6 @@
 """Agreement: the same tokens routed twice (two runs, or two step windows of one run), compared token by token:
-agreement per layer, layers that disagree per token, by position, and the swap matrix of a layer."""
+the log checks, agreement per layer, layers that disagree per token, by position, against the router's margin,
+prompt against generated tokens, the swap matrix of a layer, and a sequence's text coloured by disagreement."""
 
 from __future__ import annotations
 
@@ -11,10 +12,15 @@ from moeviz import charts
 from moeviz.analyses.agreement import (
     AgreementError,
     headline,
+    margin_agreement,
+    phase_agreement,
     position_agreement,
+    sequence_disagreement,
     summary,
     swap_matrix,
+    token_view,
 )
+from moeviz.analyses.log_checks import checks
 from moeviz.selection import Selection
 
 TWO_RUNS, TWO_WINDOWS = "Two runs", "Two step windows of this run"
@@ -65,6 +71,15 @@ def render(ctx: Ctx) -> None:
     c[1].metric("Unmatched (A / B)", f"{int(counts['unmatched_a'].iloc[0]):,} / {int(counts['unmatched_b'].iloc[0]):,}")
     c[2].metric("Decisions with another expert set", f"{100 * h['decisions_differing']:.2f}%")
     c[3].metric("Tokens with ≥ 1 differing layer", f"{100 * h['tokens_differing']:.2f}%")
+    with guarded("Log checks"):
+        found = ctx.q(checks, a, b)
+        bad = found[found["status"] != "ok"]
+        for r in bad.itertuples():
+            st.warning(f"Log check {r.status} ({'A' if r.side == 'a' else 'B' if r.side == 'b' else 'A against B'}, "
+                       f"{r.check}): {r.detail}")
+        if bad.empty:
+            st.caption("Log checks: ok (no sentinel, out-of-range or duplicate expert ids, no all-zero rows, "
+                       "positions aligned).")
     with guarded("Agreement per layer"):
         show_chart(charts.agreement_bars(per_layer), per_layer, "agree-layers")
     with guarded("Layers that differ per token"):
@@ -74,12 +89,35 @@ def render(ctx: Ctx) -> None:
                                       key="agree_bucket"))
         pos = ctx.q(position_agreement, a, b, bucket=bucket)
         show_chart(charts.position_agreement_heatmap(pos), pos, "agree-pos")
+    with guarded("Disagreement by margin"):
+        mg = ctx.q(margin_agreement, a, b)
+        show_chart(charts.margin_agreement_bars(mg), mg, "agree-margin")
+        if mg["margin_side"].isna().all():
+            st.caption("Neither side has margins: routes.margin is NULL for every matched decision (engine logs "
+                       "carry none; the Recorder writes them).")
+    with guarded("Prompt and generated tokens"):
+        ph = ctx.q(phase_agreement, a, b)
+        show_chart(charts.phase_agreement_bars(ph), ph, "agree-phase")
+        unknown = int(ph.loc[ph["phase"] == "unknown", "tokens"].sum())
+        if unknown:
+            st.caption(f"{unknown:,} matched token(s) have no known prompt length (sequences.prompt_tokens is NULL "
+                       "on both sides): they are counted as 'unknown'.")
     with guarded("Swap matrix"):
         layer = int(st.selectbox("Layer", per_layer["layer"].tolist(), key="agree_layer"))
         sw = ctx.q(swap_matrix, a, b, layer)
         show_chart(charts.swap_heatmap(sw, layer=layer, n_experts=ctx.n_experts), sw, "agree-swaps")
         with st.expander("Swaps as a table"):
             show_table(sw.sort_values("tokens", ascending=False), "agree-swaps-table")
+    with guarded("Token view"):
+        seqs = ctx.q(sequence_disagreement, a, b, limit=50)
+        labels = [f"run {r.run_id}, step {r.step}, rank {r.rank}, row {r.seq}: {100 * r.tokens_differing:.0f}% of "
+                  f"{r.tokens} tokens differ" for r in seqs.itertuples()]
+        i = st.selectbox("Sequence (most disagreeing first)", range(len(labels)), format_func=lambda j: labels[j],
+                         key="agree_seq")
+        r = seqs.iloc[int(i or 0)]
+        tv = ctx.q(token_view, a, b, run_id=str(r["run_id"]), step=int(r["step"]), rank=int(r["rank"]),
+                   seq=int(r["seq"]))
+        st.html(charts.disagreement_text_html(tv, n_layers=len(per_layer)))
 
 
 if __name__ == "__main__":
