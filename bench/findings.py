@@ -32,8 +32,10 @@ POLICIES = ("position", "probability")
 
 
 def run_ids(con) -> list[str]:
-    """Runs of the store, in id order."""
-    return [r[0] for r in con.execute("SELECT run_id FROM runs ORDER BY run_id").fetchall()]
+    """The training runs of the store (those with train steps: not the demo's probe-fp32/probe-bf16 pair), in id
+    order."""
+    return [r[0] for r in con.execute("SELECT DISTINCT run_id FROM sequences WHERE tag = 'train' "
+                                      "ORDER BY run_id").fetchall()]
 
 
 def tagged_steps(con, run_id: str, tag: str) -> list[int]:
@@ -211,6 +213,31 @@ def agreement(con, run_id: str) -> pd.DataFrame:
               "uniform_topk_overlap"]]
 
 
+def precision_agreement(con) -> pd.DataFrame:
+    """Issue 22: the probe batch routed by the trained checkpoint in float32 and by its bf16 copy (runs
+    probe-fp32 and probe-bf16 of `moeviz demo`): matched tokens, the share of (token, layer) decisions and of
+    tokens whose expert sets differ, per-layer set agreement, and the disagreement below and above the median
+    margin where a side has margins. Empty when the store has no such pair."""
+    from moeviz.analyses import agreement as ag
+
+    have = {r[0] for r in con.execute("SELECT run_id FROM runs").fetchall()}
+    if not {"probe-fp32", "probe-bf16"} <= have:
+        return pd.DataFrame()
+    a, b = Selection(run_ids=("probe-fp32",)), Selection(run_ids=("probe-bf16",))
+    got = ag.summary(con, a, b)
+    h = ag.headline(got["layers"], got["tokens"], got["matched"])
+    row = {"matched": h["matched"], "decisions_differing": h["decisions_differing"],
+           "tokens_differing": h["tokens_differing"],
+           "set_agreement_per_layer": ", ".join(f"{v:.3f}" for v in got["layers"]["set_agreement"])}
+    mg = ag.margin_agreement(con, a, b, edges=(0.001, 0.01, 0.1))
+    known = mg[mg["margin_lo"].notna()]
+    row["margin_side"] = mg["margin_side"].iloc[0] if len(mg) else None
+    row["differing_by_margin"] = ", ".join(
+        f"[{lo:g}, {hi:g}): {1 - v:.3f} of {n}" for lo, hi, v, n in
+        zip(known["margin_lo"], known["margin_hi"], known["set_agreement"], known["decisions"])) or "no margins"
+    return pd.DataFrame([row])
+
+
 def domain_expert_tokens(con, run_id: str, domains=("it", "math"), n: int = 8) -> pd.DataFrame:
     """For the layer with the highest NMI(expert, domain): the expert taking most first choices of each domain in
     `domains`, and its top tokens by lift (P(token | expert) / P(token), tokens seen >= 5 times)."""
@@ -291,6 +318,7 @@ def compute(con, *, shuffles: int = 50) -> dict[str, pd.DataFrame]:
         "domain_tokens": cat(domain_expert_tokens),
         "digits_outside_math": cat(digits_outside_math),
         "health": cat(health_findings),
+        "precision_agreement": precision_agreement(con),
     }
 
 

@@ -60,11 +60,15 @@ def test_nmi_reference_cases():
 def test_store_holds_both_runs_with_domains_tags_and_probe_steps(demo):
     cfg, results, con = demo
     runs = con.sql("SELECT run_id, status, n_layers, n_experts, top_k FROM runs ORDER BY run_id").fetchall()
-    assert runs == [("aux", "finished", 2, 4, 2), ("noaux", "finished", 2, 4, 2)]
+    assert runs == [("aux", "finished", 2, 4, 2), ("noaux", "finished", 2, 4, 2), ("probe-bf16", "finished", 2, 4, 2),
+                    ("probe-fp32", "finished", 2, 4, 2)]
     rows = con.sql("""SELECT run_id, tag, count(DISTINCT step), count(*), list(DISTINCT domain ORDER BY domain)
                       FROM sequences GROUP BY ALL ORDER BY ALL""").fetchall()
     n_cp = len(D.checkpoint_steps(cfg))  # 0, 40, 80
     assert n_cp == 3
+    for run in ("probe-fp32", "probe-bf16"):  # the probe batch once, routed in float32 and in bf16 (issue 22)
+        assert {r[1]: r[2:] for r in rows if r[0] == run} == {"probe": (1, 4 * cfg.probe_seqs_per_domain,
+                                                                       sorted(DOMAINS))}
     for run in ("aux", "noaux"):
         got = {r[1]: r[2:] for r in rows if r[0] == run}
         assert got["train"] == (STEPS, STEPS * cfg.batch_size, sorted(DOMAINS))
@@ -87,6 +91,34 @@ def test_probe_batch_is_the_same_tokens_at_every_checkpoint(demo):
     assert len(per_step) == 3
     assert per_step[0][1] == per_step[1][1] == per_step[2][1]
     assert len(per_step[0][1]) == 8 * 64  # 2 sequences of each domain, 64 tokens each
+
+
+def test_the_precision_pair_routes_the_last_probe_batch_and_agrees_as_a_numpy_loop_says(demo):
+    """probe-fp32 is the trained aux model on the probe batch: the same routes as aux's last probe step (agreement
+    1 everywhere); probe-bf16 is a bf16 copy of it: its agreement with probe-fp32 is what a loop over the raw
+    routes of both runs gives (sets compared as sorted tuples)."""
+    from moeviz.analyses import agreement as ag
+    from moeviz.selection import Selection
+
+    _, _, con = demo
+    last = con.sql("SELECT max(step) FROM sequences WHERE run_id = 'aux' AND tag = 'probe'").fetchone()[0]
+    fp32, bf16 = Selection(run_ids=("probe-fp32",)), Selection(run_ids=("probe-bf16",))
+    same = ag.layer_agreement(con, Selection(run_ids=("aux",), steps=(last, last)), fp32)
+    assert (same["set_agreement"] == 1.0).all() and (same["tokens"] == 8 * 64).all()
+
+    def sets(run):
+        rows = con.sql(f"SELECT seq, pos, layer, list(expert ORDER BY slot) FROM routes WHERE run_id = '{run}' "
+                       "GROUP BY ALL").fetchall()
+        return {(q, p, l): tuple(sorted(e)) for q, p, l, e in rows}
+
+    a, b = sets("probe-fp32"), sets("probe-bf16")
+    assert a.keys() == b.keys()  # one batch, the same rows
+    got = ag.summary(con, fp32, bf16)
+    for layer in (0, 1):
+        keys = [k for k in a if k[2] == layer]
+        want = np.mean([a[k] == b[k] for k in keys])
+        assert got["layers"].set_index("layer").loc[layer, "set_agreement"] == pytest.approx(want)
+    assert got["matched"]["matched"].item() == 8 * 64
 
 
 def test_final_eval_in_the_store_matches_the_model(demo):

@@ -65,6 +65,7 @@ class DemoConfig:
     record: bool = True  # False: train without recording (tests of the loop alone)
     progress: bool = True  # tqdm progress bar
     parallel: bool = False  # train the runs at once, one process each, when the CPU has a core per run
+    precision_pair: bool = True  # after the first run, its probe batch in float32 and bf16 (moeviz.demo.precision)
 
 
 @dataclass
@@ -340,6 +341,11 @@ def train_run(cfg: DemoConfig, data: DemoData, name: str, aux_loss_coef: float, 
                 bar.update(1)
     if bar is not None:
         bar.close()
+    if rec is not None and cfg.precision_pair and name == cfg.runs[0]:  # issue 22: two executions of the probe
+        from moeviz.demo.precision import record_precision_pair
+
+        record_precision_pair(model, data.probe_batch, data.probe_domains, Path(out), _VocabView(data.tokenizer),
+                              config, device, step=plan[-1][0])
     wall = time.perf_counter() - start
     counts, assigned, eval_loss = routing_counts(model, data.eval_batch, data.eval_domains, device)
     tail = history[-max(1, len(history) // 10):] if history else [{"loss": float("nan"), "aux": float("nan")}]
