@@ -3,10 +3,13 @@
 The case: two runs A and B of the same sequences (512 tokens each, random token ids from a 32k vocabulary), B in
 reverse order and at other step numbers; 8 MoE layers of 64 experts, top-8; B swaps the last chosen expert of 10%
 of (token, layer) decisions. Both runs are written with RunWriter (a flush per 16 sequences) and compacted, as a
-recording leaves them. Then, on one `open_store` of the folder: matched, layer_agreement and token_disagreement
-swap_matrix of one layer, and summary (the first three in one pass, as `moeviz agree` and the dashboard call it). Prints a Markdown table.
+recording leaves them (compaction builds `token_sets`, which the queries read). Then, on one `open_store` of the
+folder: matched, layer_agreement and token_disagreement, swap_matrix of one layer, summary (the first three in one
+pass, as `moeviz agree` and the dashboard call it; also forced onto the routes, as for a live run), the log checks,
+and the margin and prompt/generated breakdowns. Prints a Markdown table.
 
     python bench/bench_agreement.py [--token-layers 1000000] [--dir /tmp/moeviz-bench-agree] [--threads N]
+                                    [--reuse] [--only NAME]
 
 --token-layers is per side (tokens x layers); routes per side = that x 8.
 """
@@ -24,7 +27,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from moeviz.analyses.agreement import layer_agreement, matched, summary, swap_matrix, token_disagreement  # noqa: E402
+from moeviz.analyses.agreement import (  # noqa: E402
+    layer_agreement, margin_agreement, matched, phase_agreement, summary, swap_matrix, token_disagreement)
+from moeviz.analyses.log_checks import checks  # noqa: E402
 from moeviz.selection import Selection  # noqa: E402
 from moeviz.store import RunWriter, open_store, sequence_key  # noqa: E402
 
@@ -93,7 +98,12 @@ def main() -> None:
     for name, fn in (("matched", lambda: matched(con, sa, sb)), ("layer_agreement", lambda: layer_agreement(con, sa, sb)),
                      ("token_disagreement", lambda: token_disagreement(con, sa, sb)),
                      ("swap_matrix (one layer)", lambda: swap_matrix(con, sa, sb, 0)),
-                     ("summary (the three in one pass: `moeviz agree`, the dashboard)", lambda: summary(con, sa, sb))):
+                     ("summary (the three in one pass: `moeviz agree`, the dashboard)", lambda: summary(con, sa, sb)),
+                     ("summary from the routes (`source='routes'`: a live run)",
+                      lambda: summary(con, sa, sb, source="routes")),
+                     ("log checks (both sides, and the ±1 shift on one layer)", lambda: checks(con, sa, sb)),
+                     ("margin_agreement", lambda: margin_agreement(con, sa, sb)),
+                     ("phase_agreement", lambda: phase_agreement(con, sa, sb))):
         if args.only and args.only not in name:
             continue
         t = time.perf_counter()
