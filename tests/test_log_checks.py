@@ -150,3 +150,18 @@ def test_moeviz_agree_prints_the_failed_check_and_strict_exits_1(tmp_path):
     assert p.stdout.startswith("layer,tokens,set_agreement")
     p = moeviz("agree", tmp_path / "A", tmp_path / "A", "--strict")
     assert p.returncode == 0 and "log checks: ok" in p.stdout, p.stdout + p.stderr
+
+
+def test_moeviz_agree_breakdowns_print_the_phase_table_and_say_there_are_no_margins(tmp_path):
+    from tests.test_agreement import moeviz, write_run_folder
+
+    con, index, _ = shifted_pair(0)
+    write_run_folder(tmp_path / "A", con, "A")
+    write_run_folder(tmp_path / "B", con, "B")
+    p = moeviz("agree", tmp_path / "A", tmp_path / "B", "--breakdowns")
+    assert p.returncode == 0, p.stderr
+    assert "prompt against generated tokens" in p.stdout
+    # the same routing on both sides: every token agrees, and none has a known prompt length
+    assert [line.split() for line in p.stdout.splitlines() if line.strip().startswith("unknown")] == \
+        [["unknown", "40", "1.0000", "0.0000"]]
+    assert "by margin: neither side has margins" in p.stdout

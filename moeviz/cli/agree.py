@@ -47,6 +47,8 @@ def register(subparsers) -> None:
     p.add_argument("--no-checks", action="store_true",
                    help="skip the log checks (sentinel ids, ids out of range, duplicate ids, dense layers logged as "
                    "zeros, positions off by one) that run before the comparison")
+    p.add_argument("--breakdowns", action="store_true",
+                   help="also print agreement for prompt against generated tokens and by margin bucket (table format)")
     p.add_argument("--strict", action="store_true",
                    help="exit status 1 (after printing) when a log check fails")
     p.set_defaults(func=run_agree)
@@ -64,7 +66,9 @@ def _run_of_folder(path: str) -> tuple[Path, str]:
 
 
 def run_agree(args: argparse.Namespace) -> int:
-    from moeviz.analyses.agreement import headline, layer_agreement, summary
+    import pandas as pd
+
+    from moeviz.analyses.agreement import headline, layer_agreement, margin_agreement, phase_agreement, summary
     from moeviz.analyses.log_checks import checks
     from moeviz.selection import Selection
     from moeviz.store import open_store
@@ -94,6 +98,9 @@ def run_agree(args: argparse.Namespace) -> int:
         else:
             got = summary(con, a, b)  # one pass over the matched tokens for the three tables
             table, counts, hist = got["layers"], got["matched"], got["tokens"]
+        phase = margins = None
+        if args.breakdowns and args.format == "table":
+            phase, margins = phase_agreement(con, a, b), margin_agreement(con, a, b)
         if not args.no_checks:  # after the comparison: a selection that matches nothing exits 2 first
             found = checks(con, a, b)
             bad = found[found["status"] != "ok"]
@@ -127,4 +134,13 @@ def run_agree(args: argparse.Namespace) -> int:
     print(f"tokens with at least one differing layer: {100 * h['tokens_differing']:.2f}% "
           f"(of {len(table)} layer(s))")
     print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    if phase is not None:
+        print("\nprompt against generated tokens (sequences.prompt_tokens; 'unknown' where neither side has it):")
+        print(phase.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+        side = margins["margin_side"].iloc[0] if len(margins) else None
+        if side is None or pd.isna(side):
+            print("\nby margin: neither side has margins (routes.margin is NULL: engine logs carry none)")
+        else:
+            print(f"\nby margin ({side}'s routes.margin: p(last chosen) - p(best unchosen)):")
+            print(margins.drop(columns="margin_side").to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     return 1 if failed and args.strict else 0

@@ -188,6 +188,9 @@ def _publish_compacted(run_dir: Path, target: Path, manifest: dict, statuses: di
         leftover.unlink(missing_ok=True)
     con = duckdb_compat.connect(str(tmp))
     try:
+        # no progress bar on the training process's terminal: grouping tens of millions of routes into
+        # token_sets takes seconds, and DuckDB draws a bar for any query past two
+        con.execute("SET enable_progress_bar = false")
         _create_compacted_tables(con)
         old_tables: set[str] = set()
         if target.exists():
