@@ -9,7 +9,7 @@ pass, as `moeviz agree` and the dashboard call it; also forced onto the routes, 
 and the margin and prompt/generated breakdowns. Prints a Markdown table.
 
     python bench/bench_agreement.py [--token-layers 1000000] [--dir /tmp/moeviz-bench-agree] [--threads N]
-                                    [--reuse] [--only NAME]
+                                    [--reuse] [--only NAME] [--skip NAME]
 
 --token-layers is per side (tokens x layers); routes per side = that x 8.
 """
@@ -73,6 +73,7 @@ def main() -> None:
     ap.add_argument("--reuse", action="store_true", help="query the runs already in --dir (written by an earlier "
                     "call with the same --token-layers) instead of writing them again")
     ap.add_argument("--only", default=None, help="time only the queries whose name contains this text")
+    ap.add_argument("--skip", default=None, help="leave out the queries whose name contains this text")
     args = ap.parse_args()
     n_seqs = max(1, args.token_layers // (LAYERS * SEQ_LEN))
     root = Path(args.dir or tempfile.mkdtemp(prefix="moeviz-bench-agree-"))
@@ -104,7 +105,7 @@ def main() -> None:
                      ("log checks (both sides, and the ±1 shift on one layer)", lambda: checks(con, sa, sb)),
                      ("margin_agreement", lambda: margin_agreement(con, sa, sb)),
                      ("phase_agreement", lambda: phase_agreement(con, sa, sb))):
-        if args.only and args.only not in name:
+        if (args.only and args.only not in name) or (args.skip and args.skip in name):
             continue
         t = time.perf_counter()
         out = fn()
@@ -112,7 +113,7 @@ def main() -> None:
         t = time.perf_counter()
         fn()
         rows.append((name, cold, time.perf_counter() - t, out))
-    lay = summary(con, sa, sb)["layers"] if args.only else rows[1][3]
+    lay = summary(con, sa, sb)["layers"] if args.only or args.skip else rows[1][3]
     routes = n_seqs * SEQ_LEN * LAYERS * TOP_K
     how = "reused the runs of --dir" if reuse else f"written and compacted in {built:.1f} s"
     print(f"{n_seqs * SEQ_LEN * LAYERS:,} token-layers ({routes:,} routes) per side, {LAYERS} layers x {EXPERTS} "
