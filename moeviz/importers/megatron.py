@@ -57,10 +57,16 @@ def import_megatron(source, out, *, run_name: str | None = None, num_experts: in
             if rec.get("block", "decoder") != "decoder" or "mtp_idx" in rec:
                 mtp += 1
                 continue
-            ids = _indices(path, lineno, rec)
+            try:
+                ids = _indices(path, lineno, rec)
+                step, layer = int(rec["step"]), int(rec["layer"])
+            except SourceError:
+                raise
+            except (TypeError, ValueError):
+                raise SourceError(path, f"line {lineno}: step, layer, num_tokens or topk is not an integer") from None
             top = max(top, int(ids.max()) if ids.size else -1)
             rank = file_rank if file_rank is not None else int(rec.get("rank", 0))
-            calls.setdefault(rank, {}).setdefault(int(rec["step"]), {}).setdefault(int(rec["layer"]), []).append(ids)
+            calls.setdefault(rank, {}).setdefault(step, {}).setdefault(layer, []).append(ids)
         done += os.path.getsize(path)
     if mtp:
         warnings.append(f"{mtp} multi-token-prediction (MTP) records were left out")

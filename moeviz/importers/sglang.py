@@ -46,6 +46,14 @@ def import_sglang(source, out, *, run_name: str | None = None, num_experts: int 
     The mode (stat, per_pass, per_token) is read from the files; all must be of one mode. `num_experts`: logical
     experts per layer (default: from the dump). Raises SourceError naming the file on a bad source."""
     files = _dump_files(Path(source))
+    try:
+        return _import(files, out, run_name, num_experts, progress)
+    except (KeyError, TypeError, AttributeError) as e:  # a record without a field of the layout, or of another type
+        raise SourceError(Path(source), f"a dump record lacks or mistypes {type(e).__name__}: {e}: not an SGLang "
+                                        f"expert-distribution dump of a known layout") from None
+
+
+def _import(files, out, run_name, num_experts, progress) -> ImportSummary:
     loaded = []
     for i, path in enumerate(files):
         loaded.append((path, _load(path)))
