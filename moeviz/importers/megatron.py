@@ -27,7 +27,8 @@ from moeviz.importers.source import ImportSummary, SourceError
 from moeviz.importers.staging import StagedRun
 from moeviz.importers.tokens import Chunk, layer_has_experts, top_k_of, write_chunks
 
-UNKNOWN = ["routes.weight", "routes.token_id", "step_stats.prob_sum", "step_stats.first_choice", "layer_stats"]
+UNKNOWN = ["routes.weight", "routes.token_id", "step_stats.prob_sum", "step_stats.first_choice",
+           "layer_stats.z_loss_sum", "layer_stats.entropy_sum"]
 _RANK_FILE = re.compile(r"router_trace_rank(\d+)\.jsonl$")
 _FIELDS = ("step", "layer", "num_tokens", "topk", "top_indices")
 

@@ -30,13 +30,14 @@ import numpy as np
 
 from moeviz.importers.source import ImportSummary, SourceError
 from moeviz.importers.staging import StagedRun
-from moeviz.importers.tokens import Chunk, layer_has_experts, step_stats_from_counts, top_k_of, write_chunks
+from moeviz.importers.tokens import (Chunk, layer_has_experts, layer_stats_of, step_stats_from_counts, top_k_of,
+                                     write_chunks)
 
 FORWARD_MODES = {1: "extend", 2: "decode", 3: "mixed", 4: "idle"}
 UNKNOWN_COUNTS = ["routes", "sequences", "step_stats.tokens", "step_stats.prob_sum", "step_stats.first_choice",
-                  "layer_stats"]
+                  "layer_stats.tokens", "layer_stats.z_loss_sum", "layer_stats.entropy_sum"]
 UNKNOWN_TOKENS = ["routes.weight", "sequences.seq_key", "step_stats.prob_sum", "step_stats.first_choice",
-                  "layer_stats"]
+                  "layer_stats.z_loss_sum", "layer_stats.entropy_sum"]
 
 
 def import_sglang(source, out, *, run_name: str | None = None, num_experts: int | None = None,
@@ -200,8 +201,9 @@ def _import_counts(files, step, rank, counts, mode, out, run_name, num_experts) 
             mine = np.flatnonzero(rank == r)
             for a in range(0, len(mine), 4096):  # bounded flushes for long per_pass dumps
                 rows = mine[a:a + 4096]
-                run.writer_for(int(r)).write_flush({"step_stats": step_stats_from_counts(step[rows], rank[rows],
-                                                                                         counts[rows], keep)})
+                stats = step_stats_from_counts(step[rows], rank[rows], counts[rows], keep)
+                run.writer_for(int(r)).write_flush({"step_stats": stats,
+                                                    "layer_stats": layer_stats_of(stats, int(n_experts))})
         run.publish()
     return ImportSummary(run.out, f"sglang-{mode}", len(files), len(np.unique(step)), 0, 0,
                          int(counts[:, keep, :].sum()), kept.tolist(), np.flatnonzero(~keep).tolist(),

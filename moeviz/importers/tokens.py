@@ -104,7 +104,7 @@ def _write_batch(writer, batch: list[Chunk], kept: np.ndarray, layer_map: np.nda
               "layer": layer.astype(np.int16), "slot": slot.astype(np.int8), "expert": expert.astype(np.int16),
               "weight": None}
     stats = _step_stats(step, rank, by_layer, layer, t, expert, n_experts, tokens_known)
-    tables = {"routes": routes, "step_stats": stats}
+    tables = {"routes": routes, "step_stats": stats, "layer_stats": layer_stats_of(stats, n_experts)}
     if seq_rows:
         tables["sequences"] = _sequence_columns(seq_rows)
     writer.write_flush(tables)
@@ -139,6 +139,16 @@ def _step_stats(step, rank, by_layer, layer, t, expert, n_experts: int, tokens_k
             "layer": li[live].astype(np.int16), "expert": ei[live].astype(np.int16),
             "tokens": tokens[gi, li][live] if tokens_known else None, "assigned": assigned[live],
             "first_choice": None, "prob_sum": None, "dropped": np.zeros(n, np.int64)}
+
+
+def layer_stats_of(stats: dict, n_experts: int) -> dict:
+    """layer_stats rows (one per step, rank and layer) of step_stats columns that list every expert of a layer in
+    order: the steps the catalog lists come from here. Router logits are unknown: z-loss and entropy sums NULL."""
+    first = slice(None, None, n_experts)  # the row of expert 0 of each (step, rank, layer)
+    n = len(stats["step"][first])
+    return {"step": stats["step"][first], "rank": stats["rank"][first], "layer": stats["layer"][first],
+            "tokens": None if stats["tokens"] is None else stats["tokens"][first], "z_loss_sum": None,
+            "entropy_sum": None, "dropped": np.zeros(n, np.int64)}
 
 
 SEQUENCE_KEYS = ("step", "rank", "seq", "domain", "tag", "n_tokens", "seq_key", "sample_id", "pos_offset",

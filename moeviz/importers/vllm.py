@@ -29,7 +29,8 @@ from moeviz.importers.staging import StagedRun
 from moeviz.importers.tokens import Chunk, layer_has_experts, top_k_of, write_chunks
 from moeviz.store.layout import sequence_key
 
-UNKNOWN = ["routes.weight", "step_stats.prob_sum", "step_stats.first_choice", "layer_stats"]
+UNKNOWN = ["routes.weight", "step_stats.prob_sum", "step_stats.first_choice",
+           "layer_stats.z_loss_sum", "layer_stats.entropy_sum"]
 
 
 def import_vllm(source, out, *, run_name: str | None = None, num_experts: int | None = None,
