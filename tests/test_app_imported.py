@@ -1,0 +1,71 @@
+"""The dashboard on runs imported from engine logs: every page opens without an exception, and the pages that
+need what such a log lacks (probabilities, logits, slot order, token counts) show why instead of a chart."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("streamlit")
+from streamlit.testing.v1 import AppTest  # noqa: E402
+
+from moeviz.importers import import_megatron, import_sglang, import_vllm  # noqa: E402
+from tests import engine_logs as gen  # noqa: E402
+
+APP = str(Path(__file__).resolve().parents[1] / "app" / "main.py")
+PAGES = ["overview", "load", "aux_loss", "capacity", "expert_parallel", "specialization", "tokens", "sql", "compare",
+         "agreement"]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    root = tmp_path_factory.mktemp("imported")
+    src, runs = root / "src", root / "runs"
+    gen.write_sglang(src / "per_token", "per_token")
+    import_sglang(src / "per_token", runs / "sglang_tokens")
+    gen.write_sglang(src / "per_pass", "per_pass")
+    import_sglang(src / "per_pass", runs / "sglang_counts")
+    gen.write_vllm(src / "v.jsonl", "lists")
+    import_vllm(src / "v.jsonl", runs / "vllm")
+    gen.write_megatron(src / "trace")
+    import_megatron(src / "trace", runs / "megatron")
+    return runs
+
+
+def _open(store, run: str, page: str) -> AppTest:
+    at = AppTest.from_file(APP, default_timeout=60)
+    at.session_state["store_path"] = str(store)
+    at.session_state["run_id"] = run
+    at.switch_page(f"views/{page}.py")
+    at.run()
+    return at
+
+
+@pytest.mark.parametrize("run", ["sglang_tokens", "sglang_counts", "vllm", "megatron"])
+def test_every_page_opens_on_an_imported_run(store, run):
+    for page in PAGES:
+        at = _open(store, run, page)
+        assert not at.exception, (run, page, [e.value for e in at.exception])
+        assert "Traceback" not in " ".join(str(e.value) for e in at.error)
+
+
+@pytest.mark.parametrize("run, engine", [("vllm", "vLLM routed experts"), ("megatron", "Megatron-LM routing trace"),
+                                         ("sglang_counts", "SGLang expert-distribution dumps")])
+def test_the_aux_loss_page_says_why_it_has_no_chart(store, run, engine):
+    at = _open(store, run, "aux_loss")
+    errors = " | ".join(str(e.value) for e in at.error)
+    assert not at.get("plotly_chart")
+    assert "router's probabilities" in errors and "router's logits" in errors and engine in errors
+
+
+def test_count_dumps_say_capacity_needs_token_counts(store):
+    at = _open(store, "sglang_counts", "capacity")
+    assert "needs the number of tokens that reached each layer" in " ".join(str(e.value) for e in at.error)
+
+
+def test_per_token_imports_say_first_choices_are_unknown(store):
+    at = _open(store, "megatron", "specialization")
+    shown = " ".join(str(e.value) for e in list(at.error) + list(at.info))
+    assert "top choice" in shown and "Megatron-LM routing trace" in shown
+    assert at.get("plotly_chart")  # what needs no slot order (co-activation, ...) is still drawn
