@@ -5,7 +5,9 @@ The cases: a DeepSeek-like model of 24 hidden layers (layer 0 dense), 64 logical
 physical ids, torch.save'd). vLLM: responses of 512 tokens (400 prompt + 112 generated) in the base64 `.npy`
 layout over every hidden layer (the dense one all zero), one response body per JSONL line. Sources are written
 first (not timed); each import is timed end to end (read, map, write the run through RunWriter, compaction at
-close, rename). Prints a Markdown table.
+close, rename), and the share of it spent compacting the run at close (the store's own cost, the same as for a
+recorded run's close: folding the segments and building token/position/sequence stats) is reported beside it.
+Prints a Markdown table.
 
     python bench/bench_import.py [--sglang-routes 5e6] [--vllm-routes 1e7] [--dir /tmp/moeviz-bench-import]
 """
@@ -26,7 +28,20 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import moeviz.store.writer as writer_module  # noqa: E402
 from moeviz.importers import import_sglang, import_vllm  # noqa: E402
+
+COMPACTION = []  # seconds of each compaction at close
+
+
+def _timed_compact(real):
+    def compact(*a, **kw):
+        t = time.perf_counter()
+        try:
+            return real(*a, **kw)
+        finally:
+            COMPACTION.append(time.perf_counter() - t)
+    return compact
 
 HIDDEN, EXPERTS, PHYSICAL, TOP_K, PASS_TOKENS, SEQ_LEN, PROMPT = 24, 64, 72, 8, 1024, 512, 400
 MOE_LAYERS = HIDDEN - 1
@@ -79,6 +94,7 @@ def main() -> None:
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
     rng = np.random.default_rng(0)
+    writer_module.compact = _timed_compact(writer_module.compact)
     rows = []
     try:
         n = write_sglang(root / "sglang", a.sglang_routes, rng)
@@ -87,20 +103,22 @@ def main() -> None:
         s = import_sglang(root / "sglang", root / "run-sglang")
         dt = time.perf_counter() - t
         assert s.routes == n, (s.routes, n)
-        rows.append(("SGLang per_token (2 ranks, .pt)", n, size, dt))
+        rows.append(("SGLang per_token (2 ranks, .pt)", n, size, dt, sum(COMPACTION)))
+        COMPACTION.clear()
         n = write_vllm(root / "vllm.jsonl", a.vllm_routes, rng)
         size = (root / "vllm.jsonl").stat().st_size
         t = time.perf_counter()
         s = import_vllm(root / "vllm.jsonl", root / "run-vllm")
         dt = time.perf_counter() - t
         assert s.routes == n, (s.routes, n)
-        rows.append(("vLLM JSONL (base64 .npy)", n, size, dt))
+        rows.append(("vLLM JSONL (base64 .npy)", n, size, dt, sum(COMPACTION)))
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    print("| source | routes | source size | import time | routes/s |")
-    print("|---|---:|---:|---:|---:|")
-    for name, n, size, dt in rows:
-        print(f"| {name} | {n:,} | {size / 2**20:,.0f} MiB | {dt:.1f} s | {n / dt / 1e6:.2f} M |")
+    print("| source | routes | source size | import time | routes/s | of which compaction | routes/s before compaction |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for name, n, size, dt, comp in rows:
+        print(f"| {name} | {n:,} | {size / 2**20:,.0f} MiB | {dt:.1f} s | {n / dt / 1e6:.2f} M | {comp:.1f} s | "
+              f"{n / (dt - comp) / 1e6:.2f} M |")
 
 
 if __name__ == "__main__":

@@ -249,3 +249,43 @@ def test_cli_reports_the_import(tmp_path, capsys):
     assert main(["import", "megatron", str(tmp_path / "trace"), "--out", str(tmp_path / "run"), "--progress"]) == 0
     cap = capsys.readouterr()
     assert "imported megatron (2 file(s))" in cap.out and "100.0%" in cap.err and "incomplete" in cap.err
+
+
+def test_layer_stats_count_tokens_and_leave_logits_unknown(tmp_path):
+    routes, counts = gen.write_sglang(tmp_path / "dump", "per_token")
+    import_sglang(tmp_path / "dump", tmp_path / "run")
+    got = _table(tmp_path / "run", "SELECT step, rank, layer, tokens, z_loss_sum, entropy_sum, dropped FROM layer_stats "
+                                   "ORDER BY step, rank, layer")
+    exp = counts.groupby(["step", "rank", "layer"], as_index=False)["tokens"].first()
+    np.testing.assert_array_equal(got[["step", "rank", "layer", "tokens"]].to_numpy(),
+                                  exp[["step", "rank", "layer", "tokens"]].to_numpy())
+    assert got["z_loss_sum"].isna().all() and got["entropy_sum"].isna().all() and (got["dropped"] == 0).all()
+
+
+def test_a_pt_of_another_kind_exits_2(tmp_path, capsys):
+    import torch
+
+    (tmp_path / "dump").mkdir()
+    torch.save({"model": torch.zeros(3)}, tmp_path / "dump" / "weights.pt")
+    rc, err = _cli("sglang", tmp_path / "dump", "--out", tmp_path / "run", capsys=capsys)
+    assert rc == 2 and err.count("\n") == 1 and "weights.pt" in err and "not those of an SGLang dump" in err
+    _no_run_left(tmp_path / "run")
+
+
+def test_megatron_mtp_records_are_left_out_and_batch_output_lines_read(tmp_path):
+    routes_mb, _, _ = gen.write_megatron(tmp_path / "trace", partial_last_line=False)
+    f = tmp_path / "trace" / "router_trace_rank0.jsonl"
+    mtp = json.dumps({"step": 0, "stage": "pre_dispatch", "block": "mtp", "mtp_idx": 0, "layer": 1, "rank": 0,
+                      "num_tokens": 1, "topk": 2, "top_indices": [[5, 6]]})
+    lines = f.read_text().splitlines()
+    f.write_text("\n".join(lines[:3] + [mtp] + lines[3:]) + "\n")
+    s = import_megatron(tmp_path / "trace", tmp_path / "run")
+    _same_routes(tmp_path / "run", routes_mb)
+    assert any("MTP" in w for w in s.warnings)
+
+    routes, _, _ = gen.write_vllm(tmp_path / "r.jsonl", "npy")
+    wrapped = [json.dumps({"custom_id": str(i), "response": {"status_code": 200, "body": json.loads(x)}})
+               for i, x in enumerate((tmp_path / "r.jsonl").read_text().splitlines())]
+    (tmp_path / "batch.jsonl").write_text("\n".join(wrapped) + "\n")
+    import_vllm(tmp_path / "batch.jsonl", tmp_path / "run2")
+    _same_routes(tmp_path / "run2", routes)
