@@ -12,7 +12,7 @@ import pytest
 from moeviz.importers import SourceError, import_megatron, import_sglang, import_vllm
 from moeviz.store import open_store, sequence_key
 from tests import engine_logs as gen
-from tests.engine_logs import DENSE, E, K, MOE
+from tests.engine_logs import DENSE, MOE, E, K
 
 ROUTE_COLS = ["step", "rank", "seq", "pos", "token_id", "layer", "slot", "expert"]
 
@@ -252,7 +252,7 @@ def test_cli_reports_the_import(tmp_path, capsys):
 
 
 def test_layer_stats_count_tokens_and_leave_logits_unknown(tmp_path):
-    routes, counts = gen.write_sglang(tmp_path / "dump", "per_token")
+    _, counts = gen.write_sglang(tmp_path / "dump", "per_token")
     import_sglang(tmp_path / "dump", tmp_path / "run")
     got = _table(tmp_path / "run", "SELECT step, rank, layer, tokens, z_loss_sum, entropy_sum, dropped FROM layer_stats "
                                    "ORDER BY step, rank, layer")

@@ -11,7 +11,11 @@ import pytest
 from moeviz.analyses.aux_loss import pooled_switch_loss, switch_loss, z_loss
 from moeviz.analyses.capacity import capacity_drops
 from moeviz.analyses.load import expert_load, imbalance
-from moeviz.analyses.specialization import consecutive_agreement, domain_share_first_choice, layer_flow
+from moeviz.analyses.specialization import (
+    consecutive_agreement,
+    domain_share_first_choice,
+    layer_flow,
+)
 from moeviz.analyses.unknowns import UnknownQuantityError
 from moeviz.importers import import_sglang, import_vllm
 from moeviz.selection import Selection

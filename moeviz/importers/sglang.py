@@ -30,8 +30,14 @@ import numpy as np
 
 from moeviz.importers.source import ImportSummary, SourceError
 from moeviz.importers.staging import StagedRun
-from moeviz.importers.tokens import (Chunk, layer_has_experts, layer_stats_of, step_stats_from_counts, top_k_of,
-                                     write_chunks)
+from moeviz.importers.tokens import (
+    Chunk,
+    layer_has_experts,
+    layer_stats_of,
+    step_stats_from_counts,
+    top_k_of,
+    write_chunks,
+)
 
 FORWARD_MODES = {1: "extend", 2: "decode", 3: "mixed", 4: "idle"}
 UNKNOWN_COUNTS = ["routes", "sequences", "step_stats.tokens", "step_stats.prob_sum", "step_stats.first_choice",

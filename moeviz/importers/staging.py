@@ -72,7 +72,7 @@ class StagedRun:
                 pass
         shutil.rmtree(self.tmp, ignore_errors=True)
 
-    def __enter__(self) -> "StagedRun":
+    def __enter__(self) -> StagedRun:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:

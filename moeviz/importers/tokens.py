@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-
 FLUSH_ROUTES = 1 << 22  # routes per write_flush: big segments, bounded memory for the flush's columns
 
 
@@ -108,7 +107,7 @@ def _write_batch(writer, batch: list[Chunk], kept: np.ndarray, layer_map: np.nda
     if seq_rows:
         tables["sequences"] = _sequence_columns(seq_rows)
     writer.write_flush(tables)
-    return len(expert), len(seq_rows), int(len(expert))
+    return len(expert), len(seq_rows), len(expert)
 
 
 def _pad_slots(ids: np.ndarray, k: int) -> np.ndarray:
