@@ -70,3 +70,11 @@ def test_per_token_imports_say_first_choices_are_unknown(store):
     shown = " ".join(str(e.value) for e in list(at.error) + list(at.info))
     assert "top choice" in shown and "Megatron-LM routing trace" in shown
     assert at.get("plotly_chart")  # what needs no slot order (co-activation, ...) is still drawn
+
+
+def test_the_tokens_page_says_colours_are_not_top_choices(store):
+    at = _open(store, "vllm", "tokens")
+    assert "not necessarily its top choice" in " ".join(str(e.value) for e in at.info)
+    bodies = [str(h.proto.body) for h in at.get("html")]
+    assert bodies and " nan" not in " ".join(bodies)  # an unknown weight is left out of the hover, not 'nan'
+
