@@ -289,3 +289,20 @@ def test_megatron_mtp_records_are_left_out_and_batch_output_lines_read(tmp_path)
     (tmp_path / "batch.jsonl").write_text("\n".join(wrapped) + "\n")
     import_vllm(tmp_path / "batch.jsonl", tmp_path / "run2")
     _same_routes(tmp_path / "run2", routes)
+
+
+def test_a_run_being_imported_is_invisible_to_readers_of_the_folder(tmp_path):
+    """The hidden folder an import builds in is not listed by `find_runs` of the folder beside it, so a dashboard
+    open on that folder never shows a half-written run."""
+    from moeviz.importers.staging import StagedRun
+    from moeviz.store.layout import find_runs
+
+    gen.write_megatron(tmp_path / "trace")
+    import_megatron(tmp_path / "trace", tmp_path / "runs" / "done")
+    staged = StagedRun(tmp_path / "runs" / "next")
+    try:
+        staged.write_meta({"model_class": "x", "n_layers": 1, "n_experts": 2, "top_k": 1}, [{"layer": 0}])
+        assert staged.tmp.is_dir() and [p.name for p in find_runs(tmp_path / "runs")] == ["done"]
+    finally:
+        staged.discard()
+    assert not staged.tmp.exists()

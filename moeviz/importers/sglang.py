@@ -290,5 +290,5 @@ def _pass_chunk(path: Path, i: int, rec: dict, mapping: np.ndarray) -> Chunk | N
     tag = FORWARD_MODES.get(int(rec.get("forward_mode") or 0), "unknown")
     return Chunk(step=np.full(n, step, np.int64), rank=np.full(n, rank, np.int32), seq=seq.astype(np.int32),
                  pos=positions.astype(np.int32), token_id=input_ids.astype(np.int32), ids=ids,
-                 sequences=[{"step": step, "rank": rank, "seq": j, "tag": tag, "n_tokens": x}
+                 sequences=[{"step": step, "rank": rank, "seq": j, "tag": tag, "n_tokens": x, "pos_offset": 0}
                             for j, x in enumerate(lens) if x > 0])
