@@ -8,6 +8,7 @@ the generated routing, never from an import.
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 from pathlib import Path
@@ -84,8 +85,28 @@ def _physical_ids(rng, mapping: np.ndarray, logical: np.ndarray) -> np.ndarray:
     return out
 
 
-def write_sglang(folder: Path, mode: str, seed: int = 0, n_physical: int = 12):
-    """SGLang dumps of `mode` into `folder`; returns (expected routes or None, expected counts)."""
+@contextlib.contextmanager
+def saved_as_on_gpu():
+    """torch.save inside this block records every tensor as stored on 'cuda:0', as a dump written by a GPU server
+    does: loading such a file on a machine without CUDA fails unless map_location says where to put it."""
+    import torch.serialization as ser
+
+    registry = list(ser._package_registry)
+    ser._package_registry[:] = [(0, lambda obj: "cuda:0", lambda obj, location: None)] + registry
+    try:
+        yield
+    finally:
+        ser._package_registry[:] = registry
+
+
+def write_sglang(folder: Path, mode: str, seed: int = 0, n_physical: int = 12, on_gpu: bool = False):
+    """SGLang dumps of `mode` into `folder` (tensors tagged as saved on a GPU when `on_gpu`); returns (expected
+    routes or None, expected counts)."""
+    with saved_as_on_gpu() if on_gpu else contextlib.nullcontext():
+        return _write_sglang(folder, mode, seed, n_physical)
+
+
+def _write_sglang(folder: Path, mode: str, seed: int, n_physical: int):
     import torch
 
     rng = np.random.default_rng(seed)

@@ -99,22 +99,24 @@ def test_sglang_stat_buffer_rows(tmp_path):
     assert got["tokens"].isna().all() and set(got["step"]) == {0, 1, 2, 3}  # the two unfilled rows are left out
 
 
-def test_sglang_tensors_saved_on_another_device_load_on_cpu(tmp_path, monkeypatch):
-    """A dump saved from a GPU names its tensors' device; map_location='cpu' must be used. Simulated by checking
-    the call: torch.load is given map_location='cpu' and weights_only=True."""
+@pytest.mark.parametrize("mode", ["stat", "per_pass", "per_token"])
+def test_sglang_dumps_saved_on_a_gpu_import_on_this_cpu_machine(tmp_path, mode):
+    """Tensors a GPU server saved name 'cuda:0' as their device; a plain torch.load fails here, the import loads them
+    on the CPU (map_location='cpu', weights_only=True) and gets the generated routing back."""
     import torch
 
-    gen.write_sglang(tmp_path / "dump", "per_pass")
-    seen = []
-    real = torch.load
-
-    def spy(*a, **kw):
-        seen.append(kw)
-        return real(*a, **kw)
-
-    monkeypatch.setattr(torch, "load", spy)
+    if torch.cuda.is_available():
+        pytest.skip("the check needs a machine without CUDA")
+    routes, counts = gen.write_sglang(tmp_path / "dump", mode, on_gpu=True)
+    with pytest.raises(RuntimeError, match="CUDA"):
+        torch.load(sorted((tmp_path / "dump").glob("*.pt"))[0], weights_only=True)
     import_sglang(tmp_path / "dump", tmp_path / "run")
-    assert seen and all(kw.get("map_location") == "cpu" and kw.get("weights_only") is True for kw in seen)
+    got = _counts(tmp_path / "run")
+    exp = counts.sort_values(["step", "rank", "layer", "expert"]).reset_index(drop=True)
+    np.testing.assert_array_equal(got[["step", "rank", "layer", "expert", "assigned"]].to_numpy(),
+                                  exp[["step", "rank", "layer", "expert", "assigned"]].to_numpy())
+    if routes is not None:
+        _same_routes(tmp_path / "run", routes)
 
 
 # ------------------------------------------------------------------------------------------------------ vLLM
