@@ -308,3 +308,37 @@ def test_a_run_being_imported_is_invisible_to_readers_of_the_folder(tmp_path):
     finally:
         staged.discard()
     assert not staged.tmp.exists()
+
+
+def test_a_vllm_import_matches_a_recorded_forward_of_the_same_tokens(tmp_path):
+    """`moeviz agree` joins an imported vLLM run with a run recorded from the same token ids (here written with
+    RunWriter as the Recorder would: every token, the last generated one included) by sequence key and position:
+    every imported token matches, and the expert sets agree where they are the same."""
+    from moeviz.analyses.agreement import layer_agreement, matched
+    from moeviz.selection import Selection
+    from moeviz.store import RunWriter
+
+    routes, _, seqs = gen.write_vllm(tmp_path / "r.jsonl", "lists")
+    import_vllm(tmp_path / "r.jsonl", tmp_path / "runs" / "vllm")
+    rec = routes.copy()
+    last = pd.DataFrame([{"step": 0, "rank": 0, "seq": q["seq"], "pos": len(q["all_ids"]) - 1,
+                          "token_id": q["all_ids"][-1], "layer": li, "slot": s, "expert": s}
+                         for q in seqs for li in range(len(MOE)) for s in range(K)])
+    rec = pd.concat([rec, last]).sort_values(["layer", "seq", "pos", "slot"])
+    with RunWriter(tmp_path / "runs" / "rec") as w:
+        w.write_run({"model_class": "Recorded", "n_layers": len(MOE), "n_experts": E, "top_k": K})
+        w.write_layers([{"layer": i, "n_experts": E, "top_k": K} for i in range(len(MOE))])
+        w.write_flush({"routes": {c: rec[c].to_numpy() for c in ["step", "seq", "pos", "token_id", "layer", "slot",
+                                                                  "expert"]} | {"weight": np.full(len(rec), 0.5)},
+                       "sequences": {"step": np.zeros(len(seqs), np.int64), "seq": [q["seq"] for q in seqs],
+                                     "domain": None, "tag": "eval", "n_tokens": [len(q["all_ids"]) for q in seqs],
+                                     "seq_key": np.array([sequence_key(q["all_ids"]) for q in seqs], dtype=object),
+                                     "pos_offset": 0}})
+    con = open_store(tmp_path / "runs")
+    try:
+        a, b = Selection(run_ids=("rec",)), Selection(run_ids=("vllm",))
+        m = matched(con, a, b)
+        assert int(m["matched"][0]) == len(routes) // (len(MOE) * K)  # every imported token, none of the last ones
+        assert (layer_agreement(con, a, b)["set_agreement"] == 1.0).all()
+    finally:
+        con.close()
