@@ -90,3 +90,12 @@ def test_count_dumps_cannot_answer_capacity_but_answer_load(counts_run):
         capacity_drops(counts_run, Selection(), 1.0)
     df = expert_load(counts_run, Selection(), by_step=False)
     assert df["tokens"].isna().all() and df["token_share"].isna().all() and df["assigned"].sum() > 0
+
+
+def test_health_says_which_checks_it_could_not_run(counts_run):
+    from moeviz.analyses.health import health_summary
+
+    df = health_summary(counts_run, Selection()).set_index("check")
+    assert df.loc["collapsed_expert", "message"].startswith("not checked: the run holds no top choices")
+    assert df.loc["capacity_drops", "message"].startswith("not checked:") and "tokens" in df.loc["capacity_drops", "message"]
+    assert (df.loc[["collapsed_expert", "capacity_drops"], "severity"] == "ok").all()

@@ -130,8 +130,8 @@ def _growth_rows(con, sel: Selection, run_id: str, first: tuple[int, int], last:
 def _drop_rows(con, sel: Selection, run_id: str, capacity_factor: float, threshold: float) -> list[dict]:
     try:
         drops = capacity_drops(con, sel.with_(run_ids=(run_id,)), capacity_factor, by=("layer",))
-    except UnknownQuantityError:  # no token counts (an engine's count dump): the check does not apply
-        return []
+    except UnknownQuantityError as e:  # no token counts (an engine's count dump): say so, not "nothing flagged"
+        return [_row(run_id, "ok", "capacity_drops", f"not checked: {e}")]
     rows = []
     for r in drops.itertuples(index=False):
         if pd.notna(r.drop_rate) and r.drop_rate > threshold:
@@ -249,7 +249,9 @@ def health_summary(
         span = f"steps {last[0]}-{last[1]}"
         recent = expert_load(con, sel.with_(run_ids=(run_id,), steps=last), by_step=False)
         found = {
-            "collapsed_expert": _collapse_rows(recent, run_id, collapse_share, span),
+            "collapsed_expert": _collapse_rows(recent, run_id, collapse_share, span) if recent["first_choice"].notna().any()
+            else [_row(run_id, "ok", "collapsed_expert", "not checked: the run holds no top choices (slot order by "
+                       "score), e.g. it was imported from an engine log")],
             "dead_expert": _dead_rows(recent, run_id, dead_threshold, span),
         }
         if len(steps) >= 2:
