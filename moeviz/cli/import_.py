@@ -26,13 +26,14 @@ def register(subparsers) -> None:
                     "experts, or a Megatron-LM routing trace (a folder of router_trace_rank*.jsonl) and write a new "
                     "run at RUN. What the source does not hold (gate weights, probabilities, slot order, token "
                     "counts) stays NULL. Exit status 2 on a bad source, with nothing left at RUN.")
-    p.add_argument("format", choices=FORMATS, help="the engine that wrote SOURCE")
-    p.add_argument("source", help="the dump folder or file (sglang), the JSONL (vllm), the trace folder or file (megatron)")
-    p.add_argument("--out", required=True, help="the run folder to create (must not exist)")
-    p.add_argument("--run-name", help="the run's name (default: the folder's name)")
-    p.add_argument("--num-experts", help="routed experts per layer (default: from the source; Megatron and vLLM: "
+    p.add_argument("format", choices=FORMATS, metavar="FORMAT", help="the engine that wrote SOURCE: "
+                                                                     + ", ".join(FORMATS))
+    p.add_argument("source", metavar="SOURCE", help="the dump folder or file (sglang), the JSONL (vllm), the trace folder or file (megatron)")
+    p.add_argument("--out", required=True, metavar="RUN", help="the run folder to create (must not exist)")
+    p.add_argument("--run-name", metavar="NAME", help="the run's name (default: the folder's name)")
+    p.add_argument("--num-experts", metavar="N", help="routed experts per layer (default: from the source; Megatron and vLLM: "
                                          "the largest id + 1)")
-    p.add_argument("--micro-batch-size", help="megatron: sequences per micro-batch, to split rows into sequences")
+    p.add_argument("--micro-batch-size", metavar="B", help="megatron: sequences per micro-batch, to split rows into sequences")
     p.add_argument("--progress", action="store_true", help="draw a progress bar on stderr even when it is not a terminal")
     p.set_defaults(func=run_import)
 
