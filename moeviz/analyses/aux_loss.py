@@ -24,6 +24,7 @@ import pandas as pd
 
 from moeviz.analyses.load import AnalysisError, expert_counts_sql, run_query
 from moeviz.analyses.step_buckets import bucketed_step_sql, check_step_bucket
+from moeviz.analyses.unknowns import require
 from moeviz.selection import Selection
 
 __all__ = ["switch_loss", "pooled_switch_loss", "z_loss"]
@@ -61,6 +62,7 @@ def switch_loss(con, sel: Selection = Selection(), *, by_step: bool = True, step
     `step_bucket`, `step_tag`: see the module docstring.
     """
     _needs_aggregates(sel, "the load-balancing loss")
+    require(con, sel, "prob_sum", "the load-balancing loss")
     sql, params = _per_layer_sql(sel, by_step, step_bucket, step_tag)
     order = "run_id, step, layer" if by_step else "run_id, layer"
     return run_query(con, f"SELECT * FROM ({sql}) ORDER BY {order}", params)
@@ -80,6 +82,7 @@ def pooled_switch_loss(con, sel: Selection = Selection(), *, by_step: bool = Tru
     `step_bucket`, `step_tag`: see the module docstring.
     """
     _needs_aggregates(sel, "the load-balancing loss")
+    require(con, sel, "prob_sum", "the load-balancing loss")
     base, params = expert_counts_sql(sel, by_step=by_step, step_bucket=step_bucket, step_tag=step_tag)
     per_layer, lparams = _per_layer_sql(sel, by_step, step_bucket, step_tag)
     keys = "run_id, step" if by_step else "run_id"
@@ -128,6 +131,7 @@ def z_loss(con, sel: Selection = Selection(), *, by_step: bool = True, pooled: b
     `step_bucket`, `step_tag`: see the module docstring.
     """
     _needs_aggregates(sel, "the router z-loss")
+    require(con, sel, "z_loss", "the router z-loss")
     step_bucket = check_step_bucket(step_bucket, by_step)
     where, params = sel.where("s")
     if step_tag is not None:
