@@ -58,7 +58,7 @@ class BiasSnapshots:
         for layer, read in self._readers:
             bias = read()
             if isinstance(bias, Tensor) and bias.dim() == 1:  # None: the layer has no bias (yet)
-                taken.append((layer, bias.detach().to(torch.float64, copy=True)))  # [E], a device copy: no sync
+                taken.append((layer, bias.detach().clone().to(torch.float64)))  # [E], a device copy: no sync
         self._taken = taken
 
     def pieces(self) -> list[tuple[str, int, Tensor]]:
