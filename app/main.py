@@ -25,6 +25,7 @@ PAGES = [
     ("views/overview.py", "Overview", ":material/dashboard:"),
     ("views/load.py", "Load balance", ":material/balance:"),
     ("views/aux_loss.py", "Aux loss", ":material/functions:"),
+    ("views/balancing.py", "Balancing", ":material/tune:"),
     ("views/capacity.py", "Capacity", ":material/filter_alt:"),
     ("views/expert_parallel.py", "Expert parallel", ":material/device_hub:"),
     ("views/specialization.py", "Specialization", ":material/category:"),

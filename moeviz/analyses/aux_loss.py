@@ -150,8 +150,8 @@ def z_loss(con, sel: Selection = Selection(), *, by_step: bool = True, pooled: b
     return run_query(con, sql, params)
 
 
-def sequence_balance_loss(con, sel: Selection = Selection(), *, pooled: bool = False,
-                          by_step: bool = True) -> pd.DataFrame:
+def sequence_balance_loss(con, sel: Selection = Selection(), *, pooled: bool = False, by_step: bool = True,
+                          step_bucket: int | None = None) -> pd.DataFrame:
     """The balance losses the families compute per sequence (batch row), from `balance_stats` (recorded on the
     device; empty for runs recorded before it existed, and for engine logs).
 
@@ -170,12 +170,14 @@ def sequence_balance_loss(con, sel: Selection = Selection(), *, pooled: bool = F
     'deepseek_v3_seq' is the mean over the selected layers of their per-layer value (each MoE layer adds its own
     loss; its training code logs the mean).
     Columns: run_id, [step,] [layer,] scope ('layer' or 'pooled'), [stack, first_layer, last_layer,] convention,
-    sequences, aux_loss.
+    sequences, aux_loss. `step_bucket=b` (with by_step): one row per bucket of b steps, `step` its first step, the
+    mean over the bucket's sequences.
     """
     _needs_aggregates(sel, "the per-sequence balance losses")
+    step_bucket = check_step_bucket(step_bucket, by_step)
     where, params = sel.where("s")
     base = f"""
-        SELECT s.run_id, s.step, s.layer, l.stack, s.sequences, s.switch_sum, s.switch_stack_sum, s.seq_aux_sum
+        SELECT s.run_id, {bucketed_step_sql('s.step', step_bucket)} AS step, s.layer, l.stack, s.sequences, s.switch_sum, s.switch_stack_sum, s.seq_aux_sum
         FROM balance_stats s LEFT JOIN layers l ON l.run_id = s.run_id AND l.layer = s.layer
         WHERE {where}"""
     step = "step, " if by_step else ""
