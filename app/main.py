@@ -43,7 +43,8 @@ def main() -> None:
     # which fails on every page load offline
     st.set_page_config(page_title="moeviz", page_icon=FAVICON, layout="wide")
     charts.use_moeviz_template_by_default()  # this process draws moeviz charts only: ~20 -> 3 ms a figure
-    nav = st.navigation([st.Page(path, title=title, icon=icon) for path, title, icon in PAGES])
+    # expanded: every page in the sidebar (past 10 pages Streamlit folds the rest under "View more")
+    nav = st.navigation([st.Page(path, title=title, icon=icon) for path, title, icon in PAGES], expanded=True)
     ctx = None
     with guarded("Sidebar"):
         ctx = sidebar.build()
