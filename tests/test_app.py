@@ -673,6 +673,13 @@ def test_expert_parallel_page_shows_gpu_load_traffic_and_staleness(store, routin
 # --- Balancing over time (issue 17) ------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("page", ["specialization", "tokens", "compare"])
+def test_specialization_pages_say_routing_frequency_is_observational(store, page):
+    at = open_app(store, page=page)
+    assert "Routing frequency is observational" in texts(at, "caption"), page
+
+
+
 def test_balancing_page_on_a_run_without_bias_says_so_and_shows_maxvio(store, routing):
     """The demo-like run has no selection bias and no balance stats: the page says so in words, and MaxVio per
     step equals numpy (max / mean - 1 of each step's load)."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from app.components import run_page, show_chart, show_table
+from app.components import OBSERVATIONAL, run_page, show_chart, show_table
 from app.state import Ctx
 from moeviz import charts
 from moeviz.store.catalog import sequence_list, sequence_routes
@@ -43,6 +43,7 @@ def render(ctx: Ctx) -> None:
     if ctx.sel.layers is not None:
         routes = routes[routes["layer"].isin(ctx.sel.layers)]
     _token_window(routes, row, ctx.n_experts)
+    st.caption(OBSERVATIONAL)
     with st.expander("All routes of this sequence"):
         show_table(routes, "sequence-routes")
 
