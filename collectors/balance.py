@@ -96,21 +96,22 @@ class SequenceBalance:
         k = index.shape[1]
         dev = logits.device
         keep = keep.to(device=dev, dtype=torch.bool)  # [N]
-        rows = torch.where(keep, seq.to(device=dev, dtype=torch.int64), 0)  # [N]; dropped tokens add 0 to row 0
+        rows = torch.where(keep, seq.to(device=dev, dtype=torch.int64), 0)  # [N]; left-out tokens add 0 to row 0
         lg = logits.float()  # [N, E]
         if lse is None:
             lse = torch.logsumexp(lg, dim=-1)
-        probs = torch.where(keep[:, None], (lg - lse[:, None]).exp(), 0.0).to(torch.float64)  # [N, E] softmax
+        probs = (lg - lse[:, None]).exp()  # [N, E] softmax
         sig = torch.sigmoid(lg)  # [N, E] DeepSeek-V3's affinities
-        affinity = torch.where(keep[:, None], sig / sig.sum(-1, keepdim=True), 0.0).to(torch.float64)  # [N, E]
-        chosen = torch.zeros(n_tok, n_exp, dtype=torch.float64, device=dev)
+        chosen = torch.zeros(n_tok, n_exp, dtype=torch.float32, device=dev)
         chosen.scatter_(1, index.to(torch.int64), 1.0)  # [N, E]: 1 where the token chose the expert in any slot
-        chosen = torch.where(keep[:, None], chosen, 0.0)
-
-        counts = torch.zeros(n_seqs, n_exp, dtype=torch.float64, device=dev).index_add_(0, rows, chosen)  # [B, E]
-        prob_sums = torch.zeros(n_seqs, n_exp, dtype=torch.float64, device=dev).index_add_(0, rows, probs)
-        aff_sums = torch.zeros(n_seqs, n_exp, dtype=torch.float64, device=dev).index_add_(0, rows, affinity)
-        n = torch.zeros(n_seqs, dtype=torch.float64, device=dev).index_add_(0, rows, keep.to(torch.float64))  # [B]
+        one = torch.ones(n_tok, 1, dtype=torch.float32, device=dev)
+        feats = torch.cat([chosen, probs, sig / sig.sum(-1, keepdim=True), one], dim=1)  # [N, 3E + 1]
+        feats = torch.where(keep[:, None], feats, 0.0)  # a padded token's logits may be NaN: never summed
+        # one scatter for all four sums per sequence (float32 adds within one sequence; the rest in float64)
+        sums = torch.zeros(n_seqs, 3 * n_exp + 1, dtype=torch.float32, device=dev).index_add_(0, rows, feats)
+        sums = sums.to(torch.float64)  # [B, 3E + 1]
+        counts, prob_sums, aff_sums = sums[:, :n_exp], sums[:, n_exp:2 * n_exp], sums[:, 2 * n_exp:3 * n_exp]
+        n = sums[:, -1]  # [B] tokens counted per sequence
         n2 = n.clamp(min=1.0) ** 2  # [B]; a row with no token has zero sums: it adds 0
 
         # Switch (transformers, one batch row): E * sum_i (c_i / n) (p_i / n)

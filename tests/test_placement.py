@@ -535,3 +535,17 @@ def test_the_pages_charts_draw_real_and_empty_frames(con):
                 charts.gpu_load_heatmap(gpu_load(con, empty, 4)),
                 charts.staleness_lines(placement_staleness(con, empty, 4, (0, 1)), layer=0)):
         assert "Nothing recorded" in fig.layout.annotations[0].text
+
+
+def test_the_demos_busiest_gpu_line_by_hand():
+    """moeviz demo's summary: contiguous busiest/mean from the definition (expert e on GPU e*G/E), balanced with
+    2 replicas never worse than contiguous and, for a layer with one hot expert, the exhaustive optimum."""
+    from moeviz.demo.run import busiest_gpu
+
+    a = np.array([[100, 10, 10, 10, 50, 20, 30, 40], [5, 5, 5, 5, 5, 5, 5, 200]], dtype=float)
+    got = busiest_gpu(a, gpus=4, redundant=2)["busiest_of_4_gpus"]
+    assert got["contiguous"] == [round(110 / (270 / 4), 3), round(205 / (235 / 4), 3)]
+    assert all(b <= c for b, c in zip(got["balanced_2_replicas"], got["contiguous"]))
+    best = exhaustive_optimum(a[1], 4, 2, 1, upper=205.0)
+    assert got["balanced_2_replicas"][1] == round(best / (235 / 4), 3)
+    assert busiest_gpu(a[:, :3], gpus=4) == {}  # fewer experts than GPUs: no line
