@@ -666,6 +666,10 @@ def test_expert_parallel_page_shows_gpu_load_traffic_and_staleness(store, routin
     at.number_input(key="ep_nodes").set_value(2).run()
     assert not at.exception and not at.error, texts(at, "error")
     chart(at, "per GPU, balanced")
+    at.number_input(key="ep_hidden").set_value(1024).run()  # the traffic table gains the bytes leaving each GPU
+    assert not at.exception and not at.error, texts(at, "error")
+    local = next(d.value for d in at.dataframe if "remote_bytes" in d.value.columns)
+    assert np.allclose(local["remote_bytes"], (local["tokens"] - local["local_tokens"]) * 1024 * 2)
     at.number_input(key="ep_gpus").set_value(16).run()  # more GPUs than experts + replicas: a message, no trace
     assert not at.exception and "exceed" in texts(at, "error")
 
