@@ -13,6 +13,7 @@ References, never the code under test:
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -158,6 +159,33 @@ def test_deepseek_v3_sequence_wise_loss_and_bias_by_hand(tmp_path):
         assert ds.loc[layer, "aux_loss"] == pytest.approx(sums.seq_aux_sum.sum() / sums.sequences.sum())
     pooled = sequence_balance_loss(con, Selection(), pooled=True, by_step=False)
     assert pooled[pooled.convention == "deepseek_v3_seq"].aux_loss.iloc[0] == pytest.approx(ds.aux_loss.mean())
+    # Switch pooled over a decoder-only model's layers (no stack): f and P of all layers per row, by hand
+    want, rows = 0.0, 0
+    for step in range(3):
+        for fwd in range(2):
+            mask = batches[step][fwd]
+            b, t = mask.shape
+            chose = np.zeros((b, n_exp))
+            probs = np.zeros((b, n_exp))
+            for layer in range(len(gates)):
+                logits, index = seen[layer][2 * step + fwd]
+                logits = logits.reshape(b, t, -1).astype(np.float64)
+                index = index.reshape(b, t, -1)
+                p = np.exp(logits - logits.max(-1, keepdims=True))
+                p /= p.sum(-1, keepdims=True)
+                for row in range(b):
+                    inside = mask[row].astype(bool)
+                    for tok in np.flatnonzero(inside):
+                        chose[row, index[row, tok]] += 1
+                    probs[row] += p[row][inside].sum(0)
+            for row in range(b):
+                n = len(gates) * mask[row].sum()
+                want += n_exp * float(((chose[row] / n) * (probs[row] / n)).sum())
+                rows += 1
+    sw = pooled[pooled.convention == "switch"].iloc[0]
+    assert sw.aux_loss == pytest.approx(want / rows, rel=1e-6)
+    assert sw.stack is None or pd.isna(sw.stack)
+    assert (sw.first_layer, sw.last_layer) == (0, len(gates) - 1)
 
 
 def test_routers_without_bias_write_no_bias_rows(tmp_path):
