@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from moeviz.analyses.aux_loss import sequence_balance_loss
-from moeviz.analyses.balancing import bias_summary, expert_bias
+from moeviz.analyses.balancing import bias_summary, expert_bias, max_vio_summary
 from moeviz.analyses.load import AnalysisError, max_violation
 from moeviz.selection import Selection
 from moeviz.testing import _insert, store_from_routing
@@ -114,3 +114,20 @@ def test_sequence_balance_loss_sql_by_hand():
     last = df[df.layer == 3]
     assert sw.loc["decoder", "aux_loss"] == pytest.approx(last.switch_stack_sum.sum() / last.sequences.sum())
     assert sequence_balance_loss(store_from_routing(index, steps=step, n_experts=experts)).empty
+
+
+def test_max_vio_summary_global_and_per_step_equal_numpy():
+    index, step, experts = _routing(seed=3)
+    con = store_from_routing(index, steps=step, n_experts=experts)
+    got = max_vio_summary(con).set_index("layer")
+    for layer in range(index.shape[1]):
+        per_step = []
+        for s in range(4):
+            load = np.bincount(index[step == s, layer].ravel(), minlength=experts)
+            per_step.append(load.max() / load.mean() - 1)
+        load = np.bincount(index[:, layer].ravel(), minlength=experts)
+        row = got.loc[layer]
+        assert row.global_max_vio == pytest.approx(load.max() / load.mean() - 1) and row.steps == 4
+        assert row.step_mean_max_vio == pytest.approx(np.mean(per_step))
+        assert row.step_max_max_vio == pytest.approx(np.max(per_step))
+    assert max_vio_summary(con, Selection(steps=(100, 200))).empty

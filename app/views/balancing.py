@@ -9,7 +9,7 @@ from app.components import bucket_note, guarded, run_page, show_chart, show_tabl
 from app.state import Ctx
 from moeviz import charts
 from moeviz.analyses.aux_loss import sequence_balance_loss
-from moeviz.analyses.balancing import bias_summary, expert_bias
+from moeviz.analyses.balancing import bias_summary, expert_bias, max_vio_summary
 from moeviz.analyses.load import expert_load, max_violation
 
 HELP = """
@@ -66,10 +66,7 @@ def render(ctx: Ctx) -> None:
         per_step = ctx.q(max_violation, sel, by_step=True, step_bucket=bucket)
         show_chart(charts.imbalance_lines(per_step, "max_vio"), per_step, "bal-maxvio", caption=note)
         whole = ctx.q(max_violation, sel, by_step=False)
-        c1, c2 = st.columns(2)
-        c1.metric("MaxVio over the selection, mean of layers", f"{whole['max_vio'].mean():.3f}" if len(whole) else "n/a")
-        c2.metric("MaxVio per step, mean of steps and layers",
-                  f"{per_step['max_vio'].mean():.3f}" if len(per_step) else "n/a")
+        show_table(ctx.q(max_vio_summary, sel), "bal-maxvio-summary")
         show_chart(charts.per_layer_bars(whole, y="max_vio", title="MaxVio of each layer over the selected steps",
                                          y_title="busiest ÷ mean − 1"), whole, "bal-maxvio-global")
 

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import pandas as pd
 
-from moeviz.analyses.load import AnalysisError, run_query
+from moeviz.analyses.load import AnalysisError, max_violation, run_query
 from moeviz.analyses.step_buckets import bucketed_step_sql, check_step_bucket
 from moeviz.selection import Selection
 
-__all__ = ["expert_bias", "bias_summary"]
+__all__ = ["expert_bias", "bias_summary", "max_vio_summary"]
 
 
 def _aggregate_selection(sel: Selection, what: str) -> None:
@@ -69,3 +69,20 @@ def bias_summary(con, sel: Selection = Selection()) -> pd.DataFrame:
                max(last_bias) - min(last_bias) AS spread_last, avg(abs(last_bias - first_bias)) AS mean_abs_change
         FROM pairs GROUP BY run_id, layer ORDER BY run_id, layer"""
     return run_query(con, sql, params)
+
+
+def max_vio_summary(con, sel: Selection = Selection()) -> pd.DataFrame:
+    """MaxVio both ways Wang et al. 2024 report it, per run and layer: `global_max_vio` of the selection's summed
+    load (MaxVio_global) beside `step_mean_max_vio` and `step_max_max_vio`, the mean and the worst of the per-step
+    values (MaxVio_batch). A layer balanced over many steps but lopsided in each has a small global value and a
+    large per-step one. Columns: run_id, layer, steps, global_max_vio, step_mean_max_vio, step_max_max_vio.
+    """
+    per_step = max_violation(con, sel, by_step=True)
+    whole = max_violation(con, sel, by_step=False)
+    cols = ["run_id", "layer", "steps", "global_max_vio", "step_mean_max_vio", "step_max_max_vio"]
+    if per_step.empty or whole.empty:
+        return pd.DataFrame(columns=cols)
+    steps = per_step.groupby(["run_id", "layer"], sort=True)["max_vio"].agg(
+        steps="count", step_mean_max_vio="mean", step_max_max_vio="max").reset_index()
+    out = whole.rename(columns={"max_vio": "global_max_vio"})[["run_id", "layer", "global_max_vio"]]
+    return out.merge(steps, on=["run_id", "layer"], how="left")[cols]
