@@ -52,14 +52,15 @@ def render(ctx: Ctx) -> None:
             st.info("This run has no selection bias: its routers add none before top-k (only DeepSeek-V3-style "
                     "routers, torchtitan's and Megatron-Core's expert bias have one), or it was recorded before "
                     "moeviz stored it. The load per expert and MaxVio below still show how balanced it is.")
-        c1, c2 = st.columns(2)
-        with c1:
-            if not bias.empty:
-                show_chart(charts.expert_bias_lines(bias, layer=layer), bias, "bal-bias", caption=note)
-        with c2:
-            load = ctx.q(expert_load, sel, by_step=True, step_bucket=bucket)
+        load = ctx.q(expert_load, sel, by_step=True, step_bucket=bucket)
+        if bias.empty:  # the load alone, full width
             show_chart(charts.expert_load_lines(load, layer=layer), load, "bal-load", caption=note)
-        if not bias.empty:
+        else:
+            c1, c2 = st.columns(2)
+            with c1:
+                show_chart(charts.expert_bias_lines(bias, layer=layer), bias, "bal-bias", caption=note)
+            with c2:
+                show_chart(charts.expert_load_lines(load, layer=layer), load, "bal-load", caption=note)
             show_table(ctx.q(bias_summary, sel), "bal-bias-summary")
 
     with guarded("MaxVio"):
