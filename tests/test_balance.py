@@ -232,3 +232,57 @@ def test_bias_and_balance_do_not_sync_on_the_meta_device(tmp_path):
                     model(input_ids=ids)
                 rec.step(step)
     assert rec.guard.checked_calls > 0 and rec.steps_recorded == 2
+
+
+def test_bias_and_balance_under_torch_compile(tmp_path):
+    """A DeepSeek-V3 compiled with aot_eager, the Recorder attached before compiling: the bias moved by hand
+    between steps is recorded per step as the router used it, the per-sequence sums equal the eager run's, and
+    the Recorder adds no graph and no graph break (the copies are taken in the model's eager pre-hook and at
+    step(), outside the graph)."""
+    import torch._dynamo
+    from torch._dynamo.testing import CompileCounterWithBackend
+    from torch._dynamo.utils import counters
+
+    model, config = tiny_model("deepseek_v3", experts_implementation="batched_mm")
+    gates = [m for m in model.modules() if hasattr(m, "e_score_correction_bias")]
+    gen = torch.Generator().manual_seed(9)
+    batches = [torch.randint(2, 100, (2, 6), generator=gen) for _ in range(3)]
+    moves = [torch.randn(len(gates), gates[0].e_score_correction_bias.shape[0], generator=gen) * 0.2 for _ in range(3)]
+
+    def run(path, compile_):
+        for g, b in zip(gates, initial):
+            g.e_score_correction_bias.copy_(b)
+        torch._dynamo.reset()
+        counters.clear()
+        cnt = CompileCounterWithBackend("aot_eager")
+        used = []
+        with Recorder(model, path) as rec:
+            fn = torch.compile(model, backend=cnt) if compile_ else model
+            for step, ids in enumerate(batches):
+                used.append([g.e_score_correction_bias.clone() for g in gates])
+                with torch.no_grad():
+                    fn(input_ids=ids)
+                    for g, m in zip(gates, moves[step]):
+                        g.e_score_correction_bias.add_(m)
+                rec.step(step)
+        return cnt, used
+
+    initial = [g.e_score_correction_bias.clone() for g in gates]
+    torch._dynamo.reset()
+    counters.clear()
+    baseline = CompileCounterWithBackend("aot_eager")
+    with torch.no_grad():
+        torch.compile(model, backend=baseline)(input_ids=batches[0])
+    base_breaks = sum(counters["graph_break"].values())
+    run(tmp_path / "eager", False)
+    cnt, used = run(tmp_path / "compiled", True)
+    assert base_breaks == 0 and sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
+    assert cnt.frame_count == baseline.frame_count == 1  # one graph: none added, no recompile across steps
+    eb = query(tmp_path / "compiled", "SELECT step, layer, expert, bias FROM expert_bias ORDER BY step, layer, expert")
+    for step in range(3):
+        for layer in range(len(gates)):
+            got = eb[(eb.step == step) & (eb.layer == layer)].bias.to_numpy()
+            np.testing.assert_array_equal(got, used[step][layer].double().numpy())
+    a = query(tmp_path / "eager", "SELECT * EXCLUDE (run_id) FROM balance_stats ORDER BY step, layer")
+    b = query(tmp_path / "compiled", "SELECT * EXCLUDE (run_id) FROM balance_stats ORDER BY step, layer")
+    np.testing.assert_allclose(a.to_numpy(float), b.to_numpy(float), rtol=1e-5)
