@@ -83,7 +83,7 @@ class SequenceBalance:
     the stack's concatenated router logits."""
 
     def __init__(self):
-        self._pooled: dict[int, tuple[Tensor, Tensor, Tensor]] = {}  # stream key -> (C [B, E], P [B, E], n [B])
+        self._pooled: dict[tuple[int, int], tuple[Tensor, Tensor, Tensor]] = {}  # (stream, E) -> C [B, E], P, n [B]
 
     def layer(self, stream_key: int, logits: Tensor, index: Tensor, keep: Tensor, seq: Tensor, n_seqs: int,
               lse: Tensor | None = None) -> Tensor:
@@ -119,7 +119,7 @@ class SequenceBalance:
         # DeepSeek-V3 (eq. 17-20, without alpha): sum_i (E c_i / (k n)) (a_i / n)
         seq_aux_sum = (n_exp / k * (counts * aff_sums).sum(-1) / n2).sum()
 
-        key = int(stream_key)
+        key = (int(stream_key), n_exp)  # layers of another width are never pooled with these (nor could the model)
         if key in self._pooled:
             pc, pp, pn = (t.to(dev, non_blocking=True) for t in self._pooled[key])
             pc, pp, pn = pc + counts, pp + prob_sums, pn + n
