@@ -286,3 +286,31 @@ def test_bias_and_balance_under_torch_compile(tmp_path):
     a = query(tmp_path / "eager", "SELECT * EXCLUDE (run_id) FROM balance_stats ORDER BY step, layer")
     b = query(tmp_path / "compiled", "SELECT * EXCLUDE (run_id) FROM balance_stats ORDER BY step, layer")
     np.testing.assert_allclose(a.to_numpy(float), b.to_numpy(float), rtol=1e-5)
+
+
+def test_sequence_balance_by_hand_with_padding_nan_and_mixed_widths():
+    """collectors.balance.SequenceBalance on 2 sequences of 3 tokens (one padded, its logits NaN): the sums equal
+    the formulas over the kept tokens only; a layer of another width in the same stream is not pooled with it."""
+    from collectors.balance import SequenceBalance
+
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.5, 0.5, 0.0], [0.0, 1.0, 3.0],
+                           [1.0, -2.0, 0.0], [0.0, 0.0, 0.0], [float("nan")] * 3])  # [N=6, E=3]
+    index = torch.tensor([[0], [1], [2], [0], [2], [1]])  # [N, k=1]
+    keep = torch.tensor([True, True, True, True, True, False])
+    seq = torch.tensor([0, 0, 0, 1, 1, 1])
+    out = SequenceBalance().layer(0, logits, index, keep, seq, 2).numpy()
+    want_switch = want_ds = 0.0
+    for rows in ([0, 1, 2], [3, 4]):
+        lg = logits[rows].double().numpy()
+        p = np.exp(lg) / np.exp(lg).sum(-1, keepdims=True)
+        s = 1 / (1 + np.exp(-lg))
+        a = s / s.sum(-1, keepdims=True)
+        f = np.bincount(index[rows, 0].numpy(), minlength=3) / len(rows)
+        want_switch += 3 * float((f * p.mean(0)).sum())
+        want_ds += float((3 * f * a.mean(0)).sum())
+    assert out[0] == 2 and out[1] == pytest.approx(want_switch, rel=1e-6) and out[3] == pytest.approx(want_ds, rel=1e-6)
+    assert out[2] == pytest.approx(out[1], rel=1e-12)  # one layer: the stack pools only itself
+    sb = SequenceBalance()
+    sb.layer(0, logits, index, keep, seq, 2)
+    wide = sb.layer(0, torch.zeros(6, 5), torch.zeros(6, 1, dtype=torch.long), keep, seq, 2).numpy()
+    assert wide[2] == pytest.approx(wide[1])  # pooled on its own, not with the 3-wide layer
