@@ -125,6 +125,8 @@ def store_from_routing(
     sample_ids=None,
     dropped=None,
     keep=None,
+    margins=None,
+    prompt_tokens=None,
     top_k: int | None = None,
     n_experts: int | None = None,
     run_id: str = "run0",
@@ -151,6 +153,8 @@ def store_from_routing(
     first position (left padding: give positions that start after the padding).
       dropped  [T, L, k] bool  assignments the model itself dropped (capacity); summed into the aggregates
       keep     [T] bool  tokens kept in `routes` (the sampling policy); aggregates always cover every token
+      margins  [T, L] float  `routes.margin` of each token and layer (NaN = NULL); None: all NULL
+      prompt_tokens  [T] int, constant within a sequence: `sequences.prompt_tokens` (negative = NULL); None: NULL
     `extra_stats`: also fill `pair_stats`, `flow_stats` (each layer to the next), the adjacency and co-activation
     columns of `layer_stats` (over every token, as the Recorder does) and `token_stats`, `position_stats`,
     `sequence_stats`, `probe_sets`, `token_sets` (over the kept routes, as compaction does);
@@ -307,6 +311,9 @@ def store_from_routing(
         "seq": skeys[:, 2], "domain": (dom[first_tok] if dom is not None else np.full(len(skeys), None, object)),
         "tag": (tag[first_tok] if tag is not None else np.full(len(skeys), None, object)), "n_tokens": s_count,
         "seq_key": seq_keys, "pos_offset": pos_offset, "sample_id": (sid[first_tok] if sid is not None else np.full(len(skeys), None, object)),
+        **({} if prompt_tokens is None else {"prompt_tokens": np.array(
+            [None if p < 0 else int(p) for p in _per_token("prompt_tokens", prompt_tokens, n_tok, -1, np.int64)[first_tok]],
+            dtype=object)}),
     })
 
     # -- routes: one row per kept token, layer and slot ---------------------------------------------------------
@@ -324,6 +331,7 @@ def store_from_routing(
         "slot": np.broadcast_to(np.arange(k)[None, None, :], shape).ravel(),
         # stored as a store stores it: quantised to 1/WEIGHT_SCALE
         "expert": index[kt].ravel(), "weight": np.round(weights[kt].ravel() * WEIGHT_SCALE) / WEIGHT_SCALE,
+        **({} if margins is None else {"margin": _margin_column(margins, kt, shape, n_tok)}),
     })
     if extra_stats:
         _insert_route_stats(con, run_id)
@@ -379,6 +387,15 @@ def _flow_counts(index, g, n_grp: int, n_exp: int) -> np.ndarray:
             for j in range(k):
                 np.add.at(out, (g, layer, a[:, i], b[:, j], 1), 1)
     return out
+
+
+def _margin_column(margins, kt: np.ndarray, shape: tuple, n_tok: int) -> np.ndarray:
+    """routes.margin from margins [T, L] (NaN = NULL): the same value on every slot row of a token and layer."""
+    m = np.asarray(margins, dtype=np.float64)
+    if m.shape != (n_tok, shape[1]):
+        raise RoutingArrayError(f"margins must be [tokens, layers] = {(n_tok, shape[1])}; got shape {m.shape}")
+    col = np.broadcast_to(m[kt][:, :, None], shape).ravel()
+    return np.array([None if np.isnan(x) else float(x) for x in col], dtype=object)
 
 
 def _insert_route_stats(con, run_id: str) -> None:

@@ -795,6 +795,32 @@ def test_agreement_page_matches_numpy(agree_store):
     assert "no token of selection a matches" in texts(at, "info")
 
 
+def test_agreement_page_with_margins_and_prompt_lengths(tmp_path):
+    """B carries margins (from its own logits) and A's sequences a prompt length of 5: the margin chart and the
+    prompt/generated bars draw the numbers a loop over the arrays gives."""
+    ra = synthetic_routing(n_steps=2, n_layers=3, n_experts=8, top_k=2, seqs_per_step=3, seq_len=8, seed=4)
+    rb = dict(ra, steps=ra["steps"] + 10)
+    rb["logits"] = ra["logits"] + np.random.default_rng(1).normal(0, 0.7, ra["logits"].shape)
+    rb["index"] = np.argsort(-rb["logits"], axis=-1, kind="stable")[..., :2]
+    p = np.sort(softmax(rb["logits"]), axis=-1)[..., ::-1]
+    rb["margins"] = p[..., 1] - p[..., 2]  # [T, L]: last chosen minus best unchosen
+    write_run_dir(tmp_path / "A", dict(ra, prompt_tokens=np.full(len(ra["steps"]), 5)), run_id="A")
+    write_run_dir(tmp_path / "B", rb, run_id="B")
+    at = open_app(tmp_path, run="A", page="agreement")
+    assert not at.exception and not at.error, texts(at, "error")
+    same = np.array([[sorted(ra["index"][t, l]) == sorted(rb["index"][t, l]) for l in range(3)]
+                     for t in range(len(ra["steps"]))])
+    edges = [0.001, 0.003, 0.01, 0.03, 0.1, 0.3]  # moeviz.agreement.MARGIN_EDGES
+    bucket = np.searchsorted(edges, rb["margins"], side="right")  # [T, L]
+    bars = chart(at, "Disagreement by margin (B's margins)")["data"][0]
+    want = [1 - same[bucket == b].mean() for b in sorted(set(bucket.ravel()))]
+    np.testing.assert_allclose(arr(bars["y"]), want, atol=1e-6)
+    phase = {t["name"]: dict(zip(t["x"], arr(t["y"]))) for t in chart(at, "Prompt against generated")["data"]}
+    prompt = ra["pos"] < 5
+    got = phase["decisions with the same set"]
+    assert got["prompt"] == pytest.approx(same[prompt].mean()) and got["generated"] == pytest.approx(same[~prompt].mean())
+
+
 def test_agreement_page_on_runs_without_common_tokens(store):
     at = open_app(store, page="agreement")  # main vs small: no sequence in common
     assert "no token of selection a matches" in texts(at, "info") and "distinct seq_key" in texts(at, "info")
