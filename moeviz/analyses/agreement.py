@@ -13,15 +13,16 @@ two occurrences.
 
 Every function reads the per-token detail joined with `sequences`: only tokens kept by the sampling policy on
 both sides can be compared. Where both sides are compacted runs, that detail is `token_sets` (one row per token
-and layer, built at compaction: 80 M routes per side compare in ~3 s instead of ~20 s); a live run's (or
-`source="routes"`) is the routes, grouped per token and layer at query time. Sets are compared order-insensitively; `swap_matrix` pairs the experts in
-slot order.
+and layer, built at compaction: 80 M routes per side compare in 2.5-5.5 s on 2 cores instead of ~20 s); a live
+run's (or, with `source="routes"`, any run's) is the routes, grouped per token and layer at query time. Sets are
+compared order-insensitively; `swap_matrix` pairs the experts in slot order. Before trusting an engine log, see
+`moeviz.analyses.log_checks` (sentinel ids, ids out of range, duplicates, dense layers, positions off by one).
 
     matched(con, a, b)              tokens_a, tokens_b, matched, unmatched_a, unmatched_b (+ repeated, by sample_id)
     layer_agreement(con, a, b)      layer, tokens, set_agreement, overlap, first_choice_agreement
     token_disagreement(con, a, b)   layers_differing, tokens (the histogram, 0 .. number of layers)
     swap_matrix(con, a, b, layer)   expert_a, expert_b, tokens
-    summary(con, a, b)              the first three from one pass over the routes (the CLI, the dashboard)
+    summary(con, a, b)              the first three from one pass over the matched tokens (the CLI, the dashboard)
     position_agreement(con, a, b)   layer, pos_bucket, pos_lo, pos_hi, tokens, set_agreement
     domain_agreement(con, a, b)     domain, tokens, set_agreement, tokens_differing
     phase_agreement(con, a, b)      phase (prompt | generated | unknown), tokens, set_agreement, tokens_differing
