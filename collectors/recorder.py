@@ -74,11 +74,13 @@ from collectors.aggregates import (
     LAYER_SCALARS,
     finite_tokens,
     flow_counts,
+    kept_margin,
     kept_token_slots,
     layer_aggregates,
     packed_routes,
     pair_counts,
     router_lse,
+    routing_margin,
 )
 from moeviz.errors import MoevizError
 from moeviz.text import steps_text
@@ -126,7 +128,8 @@ class _Sink:
     __slots__ = ("out",)
 
     def __init__(self):
-        self.out: tuple = ()  # ((logits [T, E], index [T, k], weights [T, k], dropped [T, k] | None), ...)
+        self.out: tuple = ()  # ((logits [T, E], index [T, k], weights [T, k], dropped [T, k] | None,
+        #                        margin [T] | None), ...)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -352,15 +355,17 @@ def _tables_from_host(host: np.ndarray, records: list[_StepRecord], rank: int, l
                     layer_b=np.full(len(nz), pc.layer_b), expert_a=nz // n_b, expert_b=nz % n_b,
                     first_tokens=arr[0][nz], topk_pairs=arr[1][nz])
             elif pc.kind == "route_ints":
-                route_ints = arr  # [M, 4 + k]; its weights come next
+                route_ints = arr  # [M, 4 + k]; its weights and margin come next
             elif pc.kind == "route_weights":
-                k = pc.shape[1]
+                k = pc.shape[1] - 1
                 keep = route_ints[:, 0] > 0
-                rows, w = route_ints[keep], arr[keep]  # [M_valid, 4 + k], [M_valid, k]
+                rows, w = route_ints[keep], arr[keep]  # [M_valid, 4 + k], [M_valid, k + 1]
                 m = rows.shape[0]
+                experts = rows[:, 4:].reshape(-1)  # [M_valid * k]; -(e + 1) where the model dropped it
                 add("routes", step=np.full(m * k, rec.step), seq=np.repeat(rows[:, 1], k),
                     pos=np.repeat(rows[:, 2], k), token_id=np.repeat(rows[:, 3], k), layer=np.full(m * k, pc.layer),
-                    slot=np.tile(np.arange(k), m), expert=rows[:, 4:].reshape(-1), weight=w.reshape(-1))
+                    slot=np.tile(np.arange(k), m), expert=np.where(experts < 0, -experts - 1, experts),
+                    weight=w[:, :k].reshape(-1), dropped=experts < 0, margin=np.repeat(w[:, k], k))
             elif pc.kind == "seq_ids":  # [N] token ids, -1 outside the attention mask (rows of rec.seq_shapes)
                 seq_ids = arr
             elif pc.kind == "seqs":
@@ -380,7 +385,9 @@ def _tables_from_host(host: np.ndarray, records: list[_StepRecord], rank: int, l
         "topk_pairs": np.int64, "adjacent_pairs": np.float64, "same_first": np.float64,
         "first_in_topk": np.float64, "topk_overlap": np.float64, "coactive_pairs": np.float64,  # NaN = NULL
         "nonfinite_tokens": np.float64,
-        "weight": np.float64, "n_tokens": np.int32, "domain": object, "tag": object,
+        "weight": np.float64, "n_tokens": np.int32, "margin": np.float32,
+        "domain": object, "tag": object,
+        ("routes", "dropped"): np.bool_,  # a count in step_stats/layer_stats, a flag per assignment in routes
         "seq_key": object, "sample_id": object,  # Python ints (full 64 bits) or None; strings or None
         "pos_offset": np.float64,  # NaN = NULL
     }
@@ -388,7 +395,8 @@ def _tables_from_host(host: np.ndarray, records: list[_StepRecord], rank: int, l
     for table, arrays in cols.items():
         if not arrays:
             continue
-        out = {name: np.concatenate(parts).astype(dtypes[name]) for name, parts in arrays.items()}
+        out = {name: np.concatenate(parts).astype(dtypes.get((table, name), dtypes[name]))
+               for name, parts in arrays.items()}
         n_rows = len(out["step"])
         if n_rows == 0:
             continue
@@ -691,7 +699,7 @@ class Recorder:
     def _check_first_output(self, site_index: int, captured: tuple) -> None:
         from collectors.routers import RouterOutput, check_router_output
 
-        logits, index, weights, dropped = captured
+        logits, index, weights, dropped = captured[:4]
         try:
             check_router_output(self.sites[site_index], RouterOutput(logits, index, weights, dropped))
         except Exception:
@@ -734,6 +742,9 @@ class Recorder:
             out.index.detach(),  # [tokens, k]
             out.weights.detach(),  # [tokens, k]
             None if out.dropped is None else out.dropped.detach(),  # [tokens, k]
+            # routes.margin in the router's own score space (sigmoid + bias): taken here, since the bias may be
+            # updated before step(); softmax routers' margins come from the logits at step(), kept tokens only
+            None if out.scores is None else routing_margin(out.scores, out.index),  # [tokens]
         )
         sink = self._sinks[site_index]
         sink.out = sink.out + (captured,)  # a new tuple, not an append: see _Sink
@@ -811,7 +822,7 @@ class Recorder:
         for i, site in enumerate(self.sites):
             if concatenated[i] is None:
                 continue
-            logits, index, weights, dropped = concatenated[i]
+            logits, index, weights, dropped, margin = concatenated[i]
             stream = self._stream_for(site, logits.shape[0], main, dec)
             if stream is not None and site.expert_capacity is not None and not self._capacity_known:
                 self._write_capacity_factor(site, stream.seq_len)
@@ -833,7 +844,8 @@ class Recorder:
                 record.pieces.append(_piece("pairs", site.layer, pair_counts(index, keep, int(site.n_experts))))
             if sampled and stream is not None and self.max_tokens_per_step != 0:
                 sel, valid = stream.kept(dev, self.max_tokens_per_step)  # [M], [M]: the same tokens in every layer
-                ints, w = packed_routes(sel, valid & finite[sel], seq, pos, tid, index, weights, site.weight_scale)
+                ints, w = packed_routes(sel, valid & finite[sel], seq, pos, tid, index, weights, site.weight_scale,
+                                        dropped=dropped, margin=kept_margin(logits, index, sel, margin))
                 record.pieces += [_piece("route_ints", site.layer, ints), _piece("route_weights", site.layer, w)]
         for (a, _, index_a, keep_a), (b, _, index_b, keep_b) in self._flow_pairs(routed):
             both = keep_a & keep_b.to(keep_a.device, non_blocking=True)  # [N]: finite in both layers
@@ -1186,8 +1198,9 @@ def _nonfinite_rows(layer_stats: dict | None) -> list[tuple[int, int, int]]:
     return [(int(layer_stats["step"][i]), int(layer_stats["layer"][i]), int(n[i])) for i in np.flatnonzero(n > 0)]
 
 
-def _concat_calls(calls: list) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-    """One layer's router calls of a step (one per forward) as single tensors [N, ...]."""
+def _concat_calls(calls: list) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
+    """One layer's router calls of a step (one per forward) as single tensors [N, ...]: logits, index, weights,
+    dropped (None if the router never drops), margin (None if the hook left it to step(): softmax routers)."""
     logits = torch.cat([c[0] for c in calls]) if len(calls) > 1 else calls[0][0]  # [N, E]
     index = torch.cat([c[1] for c in calls]) if len(calls) > 1 else calls[0][1]  # [N, k]
     weights = torch.cat([c[2] for c in calls]) if len(calls) > 1 else calls[0][2]  # [N, k]
@@ -1197,7 +1210,8 @@ def _concat_calls(calls: list) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
         dropped = torch.cat(
             [c[3] if c[3] is not None else torch.zeros(c[1].shape, dtype=torch.bool, device=c[1].device) for c in calls]
         )  # [N, k]
-    return logits, index, weights, dropped
+    margin = None if any(c[4] is None for c in calls) else torch.cat([c[4] for c in calls])  # [N]
+    return logits, index, weights, dropped, margin
 
 
 def _positional_params(forward: Callable) -> list[str]:
