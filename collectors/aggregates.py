@@ -47,14 +47,16 @@ def finite_tokens(logits: Tensor, weights: Tensor | None = None, lse: Tensor | N
 
 def layer_aggregates(
     logits: Tensor, index: Tensor, dropped: Tensor | None, mask: Tensor, seq: Tensor | None = None,
-    pos: Tensor | None = None, finite: Tensor | None = None, lse: Tensor | None = None,
+    pos: Tensor | None = None, finite: Tensor | None = None, lse: Tensor | None = None, order: Tensor | None = None,
 ) -> Tensor:
     """Exact aggregates of one layer over one step, packed as float64 [9 + 4 * n_experts].
 
     logits [N, E] router logits; index [N, k] chosen experts (slot 0 first); dropped [N, k] bool or None;
     mask [N] bool, False for tokens outside the attention mask (they count nowhere); seq/pos [N] the token
     layout (None when unknown: the adjacency counts are then NaN, stored as NULL); finite [N] bool from
-    `finite_tokens` (None: computed from the logits alone); lse [N] from `router_lse` (None: computed here).
+    `finite_tokens` (None: computed from the logits alone); lse [N] from `router_lse` (None: computed here);
+    order [N] the tokens sorted by (seq, pos), when the stream does not hold each sequence's tokens contiguously
+    (generate()'s decode forwards): the adjacency counts read them in that order.
     Tokens inside the mask that are not finite are counted in nonfinite_tokens and nowhere else.
     Layout: tokens, z_loss_sum, entropy_sum, dropped_total, adjacent_pairs, same_first, first_in_topk,
     topk_overlap, nonfinite_tokens, assigned[E], first_choice[E], prob_sum[E], dropped[E].
@@ -88,7 +90,10 @@ def layer_aggregates(
         dropped_e.scatter_add_(0, idx.reshape(-1), (dropped.to(torch.int64) * m_slots).reshape(-1))  # [E]
 
     if seq is not None and pos is not None:
-        adjacency = adjacency_counts(idx, keep, seq, pos)  # [4]
+        if order is None:
+            adjacency = adjacency_counts(idx, keep, seq, pos)  # [4]
+        else:
+            adjacency = adjacency_counts(idx[order], keep[order], seq[order], pos[order])  # [4]
     else:
         adjacency = torch.full((4,), float("nan"), dtype=torch.float64, device=logits.device)
     scalars = torch.cat([

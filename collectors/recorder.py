@@ -142,13 +142,19 @@ class _Segment:
     """The inputs of one forward of the model: what the router of a layer sees, flattened batch-major."""
 
     ids: Tensor | None  # [B, S] token ids, None if the forward got embeddings
-    mask: Tensor | None  # [B, S] attention mask, None = every token counts
+    mask: Tensor | None  # [B, S] attention mask of this forward's tokens, None = every token counts
     batch: int
     seq_len: int
+    past: int = 0  # tokens of its sequences before this forward's (a KV cache's length: generate()'s decode steps)
+    cached: bool = False  # the forward was given a KV cache: with past 0 its tokens are a prompt (generate()'s prefill)
 
 
-def _segment(ids: Any, mask: Any, embeds: Any = None, like: Any = None) -> _Segment | None:
-    """A _Segment from a forward's keyword values; None when its token layout is unknown."""
+def _segment(ids: Any, mask: Any, embeds: Any = None, like: Any = None, cache: Any = None) -> _Segment | None:
+    """A _Segment from a forward's keyword values; None when its token layout is unknown.
+
+    `cache` is the forward's KV cache (transformers' `cache` / `past_key_values`), if any: with it, the forward's
+    tokens continue sequences of `past` tokens (read from shapes: the attention mask is wider than the ids, as
+    generate() passes the mask of the whole prefix, or the cache's own `get_seq_length()`)."""
     if isinstance(ids, Tensor) and ids.dim() in (1, 2) and not ids.is_floating_point():
         ids = ids.detach()
         ids = ids[None] if ids.dim() == 1 else ids  # [B, S]
@@ -159,51 +165,151 @@ def _segment(ids: Any, mask: Any, embeds: Any = None, like: Any = None) -> _Segm
         ids, (b, s) = None, like.shape
     else:
         return None
+    past = 0
     if isinstance(mask, Tensor) and mask.dim() == 2 and mask.shape[0] == b and mask.shape[1] >= s:
-        mask = mask.detach()[:, mask.shape[1] - s :]  # generation passes the mask of the whole prefix
+        past = int(mask.shape[1] - s)  # generation passes the mask of the whole prefix: [B, past + S]
+        mask = mask.detach()[:, past:]  # [B, S]
     else:
         mask = None
-    return _Segment(ids, mask, int(b), int(s))
+    if past == 0 and cache is not None:
+        past = _cache_length(cache)
+    return _Segment(ids, mask, int(b), int(s), past=past, cached=cache is not None)
+
+
+def _cache_length(cache: Any) -> int:
+    """Tokens already in a KV cache, from shapes only (no sync): transformers' `Cache.get_seq_length()` when it
+    returns a Python int (dynamic caches), or the key tensor's length of a legacy tuple cache; else 0 (a static
+    cache counts its filled slots on the device: its forwards are then laid out as new sequences)."""
+    get = getattr(cache, "get_seq_length", None)
+    if callable(get):
+        try:
+            n = get()
+        except Exception:  # noqa: BLE001 - a cache we do not know: its length stays unknown
+            return 0
+        return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else 0
+    if isinstance(cache, (tuple, list)) and cache and isinstance(cache[0], (tuple, list)) and cache[0]:
+        key = cache[0][0]
+        if isinstance(key, Tensor) and key.dim() >= 2:
+            return int(key.shape[-2])  # [B, heads, past, head_dim]
+    return 0
+
+
+@dataclass
+class _Group:
+    """The sequences of one batch of a step: one forward, or a forward and those that continue its sequences from a
+    KV cache (generate(): the prefill, then one decode forward per new token). Its rows are sequences `row` ..
+    `row + batch - 1` of the step; `segments` are its forwards, each placed at column `cols[i]`."""
+
+    row: int
+    batch: int
+    segments: list[_Segment]
+    cols: list[int]
+    width: int  # columns covered so far: the next forward that continues it has past == width
+    prompt: bool  # its first forward was given a KV cache and started at column 0: that forward's tokens are the prompt
+
+
+def _layout(segments: Sequence[_Segment], seq_offset: int) -> tuple[list[_Group], list[tuple[_Segment, int, int]]]:
+    """Place a step's forwards: (groups in row order, [(segment, first row, first column)] in forward order).
+
+    A forward whose tokens come after `past` tokens of a KV cache continues the latest group of the same batch size
+    that covers exactly `past` columns: its tokens keep their batch row and get their true positions. Any other
+    forward starts new sequences (at column `past`: a cache filled before the step gives true positions too).
+    Shapes only: no tensor is read."""
+    groups: list[_Group] = []
+    placed: list[tuple[_Segment, int, int]] = []
+    row = seq_offset
+    for sg in segments:
+        group = None
+        if sg.past > 0:
+            group = next((g for g in reversed(groups) if g.batch == sg.batch and g.width == sg.past), None)
+        if group is None:
+            group = _Group(row, sg.batch, [], [], sg.past, prompt=sg.cached and sg.past == 0)
+            groups.append(group)
+            row += sg.batch
+        group.segments.append(sg)
+        group.cols.append(group.width)
+        placed.append((sg, group.row, group.width))
+        group.width += sg.seq_len
+    return groups, placed
 
 
 class _Stream:
-    """Token layout of one step (one or more forwards, concatenated batch-major): seq, pos, token_id and mask
-    per token [N], on the device. Sequence indices continue across forwards (gradient accumulation)."""
+    """Token layout of one step (one or more forwards, concatenated in forward order, each batch-major): seq, pos,
+    token_id and mask per token [N], on the device. Sequence indices continue across forwards (gradient
+    accumulation); a forward that continues sequences from a KV cache (generate()'s decode steps) keeps their rows
+    and true positions (`_layout`).
 
-    def __init__(self, segments: Sequence[_Segment], device: torch.device, seq_offset: int = 0):
-        seqs, poss, tids, masks, per_seq = [], [], [], [], []
-        offset = seq_offset  # > 0 when the step number was given before: its sequences are numbered on
-        for sg in segments:
+    `ids_for_keys` [R, L] / `mask_for_keys` [R, L] (optional, one row per sequence): the sequences' full token ids,
+    when the caller gave them (generate()'s output holds the last new token, which no forward saw); they replace
+    the captured ids in `sequences.seq_key` and `n_tokens`."""
+
+    def __init__(self, segments: Sequence[_Segment], device: torch.device, seq_offset: int = 0,
+                 ids_for_keys: Tensor | None = None, mask_for_keys: Tensor | None = None):
+        groups, placed = _layout(segments, seq_offset)
+        seqs, poss, tids, masks = [], [], [], []
+        for sg, row, col in placed:
             b, s = sg.batch, sg.seq_len
-            rows = torch.arange(b, device=device)[:, None].expand(b, s) + offset  # [B, S]
-            cols = torch.arange(s, device=device)[None, :].expand(b, s)  # [B, S]
-            if sg.ids is not None:
-                tid = sg.ids.to(device=device, dtype=torch.int64, non_blocking=True)
-            else:
-                tid = torch.full((b, s), -1, dtype=torch.int64, device=device)
-            if sg.mask is not None:
-                mk = sg.mask.to(device=device, non_blocking=True) != 0  # [B, S]
-            else:
-                mk = torch.ones((b, s), dtype=torch.bool, device=device)
+            rows = torch.arange(b, device=device)[:, None].expand(b, s) + row  # [B, S]
+            cols = torch.arange(s, device=device)[None, :].expand(b, s) + col  # [B, S]
             seqs.append(rows.reshape(-1))
             poss.append(cols.reshape(-1))
-            tids.append(tid.reshape(-1))
-            masks.append(mk.reshape(-1))
-            per_seq.append(mk.sum(1))  # [B]
-            offset += b
+            tids.append(self._ids(sg, device).reshape(-1))
+            masks.append(self._mask(sg, device).reshape(-1))
         empty = torch.zeros(0, dtype=torch.int64, device=device)
         self.seq = torch.cat(seqs) if seqs else empty  # [N]
         self.pos = torch.cat(poss) if poss else empty  # [N]
         self.token_id = torch.cat(tids) if tids else empty  # [N]
         self.mask = torch.cat(masks) if masks else empty.bool()  # [N]
-        self.n_per_seq = torch.cat(per_seq) if per_seq else empty  # [B_total]
         self.n = int(sum(sg.batch * sg.seq_len for sg in segments))
-        self.n_seqs = offset - seq_offset
-        self.has_ids = any(sg.ids is not None for sg in segments)  # else token_id is -1 everywhere
-        self.shapes = [(sg.batch, sg.seq_len) for sg in segments]
+        self.n_seqs = sum(g.batch for g in groups)
+        self.has_ids = ids_for_keys is not None or (bool(segments) and all(sg.ids is not None for sg in segments))
         self.seq_len = segments[0].seq_len if segments else 0  # of the first forward (a capacity group, Switch)
+        self.groups = groups
+        # per sequence: tokens inside the mask, tokens of the prompt (-1 = not a generation), full ids for seq_key
+        n_tok, prompt, key_ids, self.key_shapes = [], [], [], []
+        for g in groups:
+            g_mask = torch.cat([self._mask(sg, device) for sg in g.segments], dim=1)  # [B, W]
+            n_tok.append(g_mask.sum(1))  # [B]
+            if g.prompt:
+                prompt.append(self._mask(g.segments[0], device).sum(1))  # [B]
+            else:
+                prompt.append(torch.full((g.batch,), -1, dtype=torch.int64, device=device))
+            if self.has_ids and ids_for_keys is None:
+                g_ids = torch.cat([self._ids(sg, device) for sg in g.segments], dim=1)  # [B, W]
+                key_ids.append(torch.where(g_mask, g_ids, torch.full_like(g_ids, -1)).reshape(-1))
+                self.key_shapes.append((g.batch, g.width - g.cols[0]))
+        if ids_for_keys is not None:  # the caller's full sequences, one row per sequence
+            k_ids = ids_for_keys.to(device=device, dtype=torch.int64, non_blocking=True)  # [R, L]
+            k_mask = (torch.ones_like(k_ids, dtype=torch.bool) if mask_for_keys is None
+                      else mask_for_keys.to(device, non_blocking=True) != 0)  # [R, L]
+            key_ids = [torch.where(k_mask, k_ids, torch.full_like(k_ids, -1)).reshape(-1)]
+            self.key_shapes = [tuple(k_ids.shape)]
+            n_tok = [k_mask.sum(1)]
+        self.n_per_seq = torch.cat(n_tok) if n_tok else empty  # [B_total]
+        self.prompt_tokens = torch.cat(prompt) if prompt else empty  # [B_total], -1 = unknown
+        self.key_ids = torch.cat(key_ids).to(torch.int32) if key_ids else None  # [sum of R * L], -1 outside the mask
+        # adjacency needs each sequence's tokens in position order; decode forwards interleave them
+        self.order = self._position_order(groups) if any(len(g.segments) > 1 for g in groups) else None
         self._moved: dict[torch.device, tuple[Tensor, Tensor, Tensor, Tensor]] = {}
         self._kept: dict[tuple[torch.device, int | None], tuple[Tensor, Tensor]] = {}
+
+    @staticmethod
+    def _ids(sg: _Segment, device: torch.device) -> Tensor:
+        if sg.ids is None:
+            return torch.full((sg.batch, sg.seq_len), -1, dtype=torch.int64, device=device)
+        return sg.ids.to(device=device, dtype=torch.int64, non_blocking=True)  # [B, S]
+
+    @staticmethod
+    def _mask(sg: _Segment, device: torch.device) -> Tensor:
+        if sg.mask is None:
+            return torch.ones((sg.batch, sg.seq_len), dtype=torch.bool, device=device)
+        return sg.mask.to(device, non_blocking=True) != 0  # [B, S]
+
+    def _position_order(self, groups: list[_Group]) -> Tensor:
+        """[N] stream indices sorted by (sequence, position): one stable sort of a key made from seq and pos on the
+        device, the key's width known from shapes (no data read)."""
+        width = max(g.width for g in groups) + 1
+        return torch.argsort(self.seq * width + self.pos, stable=True)  # [N]
 
     def on(self, device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """(seq, pos, token_id, mask) on `device` (layers of a pipeline-split model live on several GPUs)."""
@@ -234,21 +340,6 @@ def _as_2d(x: Any, name: str) -> Tensor:
     if t.dim() != 2:
         raise RecorderError(f"{name} must have shape [batch, seq]; got shape {tuple(t.shape)}")
     return t.detach()
-
-
-def _concat_captured(segments: Sequence[_Segment]) -> tuple[Tensor | None, Tensor | None, tuple[int, int]] | None:
-    """The captured forwards as one [B_total, S] batch (ids, mask), when they share a sequence length."""
-    if not segments or len({sg.seq_len for sg in segments}) != 1:
-        return None
-    shape = (sum(sg.batch for sg in segments), segments[0].seq_len)
-    ids = torch.cat([sg.ids for sg in segments]) if all(sg.ids is not None for sg in segments) else None
-    mask = None
-    if any(sg.mask is not None for sg in segments):
-        dev = next(sg.mask.device for sg in segments if sg.mask is not None)
-        mask = torch.cat(
-            [sg.mask if sg.mask is not None else torch.ones((sg.batch, sg.seq_len), device=dev) for sg in segments]
-        )
-    return ids, mask, shape
 
 
 def _compiled_code_exists() -> bool:
@@ -311,7 +402,7 @@ class _StepRecord:
     pieces: list[_Piece] = field(default_factory=list)
     seq_offset: int = 0  # sequences recorded before under the same step number (a repeated step)
     sample_ids: list[str | None] | None = None  # the user's key per sequence (step(sample_ids=...)), or None
-    seq_shapes: list[tuple[int, int]] | None = None  # (batch, seq_len) of each forward of a 'seq_ids' piece
+    seq_shapes: list[tuple[int, int]] | None = None  # (rows, columns) of each batch of sequences of a 'seq_ids' piece
 
 
 def _tables_from_host(host: np.ndarray, records: list[_StepRecord], rank: int, layer_experts: dict[int, int]) -> dict:
@@ -369,12 +460,13 @@ def _tables_from_host(host: np.ndarray, records: list[_StepRecord], rank: int, l
             elif pc.kind == "seq_ids":  # [N] token ids, -1 outside the attention mask (rows of rec.seq_shapes)
                 seq_ids = arr
             elif pc.kind == "seqs":
-                n = pc.shape[0]
+                n = pc.shape[0]  # [n, 2]: n_tokens, prompt_tokens (-1 = not a generation)
                 keys, offsets = (_sequence_keys(seq_ids, rec.seq_shapes, n) if seq_ids is not None
                                  else ([None] * n, np.full(n, np.nan)))
                 add("sequences", step=np.full(n, rec.step), seq=np.arange(n) + rec.seq_offset,
                     domain=np.array(rec.domains, dtype=object), tag=np.array([rec.tag] * n, dtype=object),
-                    n_tokens=arr, seq_key=np.array(keys, dtype=object), pos_offset=offsets,
+                    n_tokens=arr[:, 0], seq_key=np.array(keys, dtype=object), pos_offset=offsets,
+                    prompt_tokens=np.where(arr[:, 1] >= 0, arr[:, 1], np.nan),
                     sample_id=np.array(rec.sample_ids if rec.sample_ids is not None else [None] * n, dtype=object))
     dtypes = {
         "step": np.int64, "layer": np.int16, "expert": np.int16, "tokens": np.int64, "assigned": np.int64,
@@ -389,7 +481,7 @@ def _tables_from_host(host: np.ndarray, records: list[_StepRecord], rank: int, l
         "domain": object, "tag": object,
         ("routes", "dropped"): np.bool_,  # a count in step_stats/layer_stats, a flag per assignment in routes
         "seq_key": object, "sample_id": object,  # Python ints (full 64 bits) or None; strings or None
-        "pos_offset": np.float64,  # NaN = NULL
+        "pos_offset": np.float64, "prompt_tokens": np.float64,  # NaN = NULL
     }
     tables: dict[str, dict[str, np.ndarray]] = {}
     for table, arrays in cols.items():
@@ -574,6 +666,7 @@ class Recorder:
         self._model_calls = 0  # forwards of the model seen by its pre-hook
         self._reset_compiled = False  # torch.compile caches were reset so that compiled code traces our hooks
         self._forwards: list[tuple[_Segment | None, _Segment | None]] = []  # (main, decoder) per forward
+        self._in_model = False  # inside a forward of the model (its pre-hook ran, its post-hook not yet)
         self._pending: list[_StepRecord] = []
         self._warned_layers: set[int] = set()
         self._capacity_known = False  # runs.capacity_factor of fixed-capacity routers written (see step())
@@ -672,10 +765,30 @@ class Recorder:
         self._handles.append(
             self.model.register_forward_pre_hook(torch.compiler.disable(self._on_model_call), with_kwargs=True)
         )
-        self._handles.append(self.model.register_forward_hook(torch.compiler.disable(self._on_model_return)))
+        self._handles.append(
+            self.model.register_forward_hook(torch.compiler.disable(self._on_model_return), always_call=True)
+        )
+        encoder = self._encoder_module()
+        if encoder is not None:
+            self._handles.append(
+                encoder.register_forward_pre_hook(torch.compiler.disable(self._on_encoder_call), with_kwargs=True)
+            )
         for i, site in enumerate(self.sites):
             self._handles.append(site.module.register_forward_hook(functools.partial(self._on_router, i)))
         self._reset_compiled = _reset_compiled_code()
+
+    def _encoder_module(self) -> nn.Module | None:
+        """The encoder stack of an encoder-decoder model (transformers' `get_encoder()`), whose routers' tokens
+        generate() feeds without calling the model; None for decoder-only models."""
+        if not self._is_encoder_decoder:
+            return None
+        inner = getattr(self.model, "_orig_mod", self.model)
+        get = getattr(inner, "get_encoder", None)
+        try:
+            encoder = get() if callable(get) else None
+        except Exception:  # noqa: BLE001 - a model without a separate encoder module
+            return None
+        return encoder if isinstance(encoder, nn.Module) and encoder is not inner else None
 
     def _remove_hooks(self) -> None:
         handles, self._handles = self._handles, []
@@ -708,12 +821,15 @@ class Recorder:
         self._checked.add(site_index)
 
     def _on_model_return(self, module: nn.Module, args: tuple, output: Any) -> None:
-        """Forward hook on the model: collect what its routers left (eager, outside any compiled graph)."""
+        """Forward hook on the model: collect what its routers left (eager, outside any compiled graph). Also
+        called when the forward raised (`always_call`)."""
+        self._in_model = False
         self._collect()
 
     def _on_model_call(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         """Forward pre-hook: keep references to this forward's token ids and mask (no copy, no sync)."""
         self._collect()  # outputs of router calls made outside a model forward (submodules called directly)
+        self._in_model = True
         if self._paused or _in_backward():
             return
         self._model_calls += 1
@@ -721,16 +837,35 @@ class Recorder:
         bound.update(kwargs)
         if bound.get("input_ids") is None and bound.get("inputs_embeds") is None and args:
             bound["input_ids"] = args[0]  # wrappers (DDP: forward(*inputs, **kwargs)) hide the names
-        main = _segment(bound.get("input_ids"), bound.get("attention_mask"), bound.get("inputs_embeds"))
+        cache = _kv_cache(bound)
         dec = None
         if self._is_encoder_decoder:
+            # a forward given encoder_outputs did not run the encoder (generate()'s decode steps): no encoder tokens
+            main = None if bound.get("encoder_outputs") is not None else _segment(
+                bound.get("input_ids"), bound.get("attention_mask"), bound.get("inputs_embeds"))
             dec = _segment(
                 bound.get("decoder_input_ids"),
                 bound.get("decoder_attention_mask"),
                 bound.get("decoder_inputs_embeds"),
                 like=bound.get("labels"),
+                cache=cache,
             )
+        else:
+            main = _segment(bound.get("input_ids"), bound.get("attention_mask"), bound.get("inputs_embeds"),
+                            cache=cache)
         self._forwards.append((main, dec))
+
+    def _on_encoder_call(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Forward pre-hook on an encoder-decoder model's encoder: generate() runs the encoder by itself, outside
+        any forward of the model, so its tokens (and mask) are captured here as a forward of their own. Inside a
+        model forward the model's pre-hook has them already."""
+        if self._paused or self._in_model or _in_backward():
+            return
+        bound = dict(zip(_positional_params(module.forward), args))
+        bound.update(kwargs)
+        main = _segment(bound.get("input_ids"), bound.get("attention_mask"), bound.get("inputs_embeds"))
+        if main is not None:
+            self._forwards.append((main, None))
 
     def _on_router(self, site_index: int, module: nn.Module, inputs: tuple, output: Any) -> None:
         """Forward hook on a router: extract its routing and buffer the detached device tensors (no sync)."""
@@ -811,8 +946,8 @@ class Recorder:
                      seq_offset: int = 0, sample_ids: Any = None) -> _StepRecord:
         device = next(c[0][0].device for c in calls if c)
         main = self._main_stream([f[0] for f in forwards], token_ids, attention_mask, device, seq_offset)
-        dec_segments = [f[1] for f in forwards]
-        dec = _Stream(dec_segments, device, seq_offset) if dec_segments and all(dec_segments) else None
+        dec_segments = self._known([f[1] for f in forwards])
+        dec = _Stream(dec_segments, device, seq_offset) if dec_segments else None
         sampled = step % self.sample_every == 0
         n_seqs = main.n_seqs if main is not None else 0
         record = _StepRecord(step, tag, self._domains(domain, n_seqs, step), seq_offset=seq_offset,
@@ -838,7 +973,8 @@ class Recorder:
             keep = mask & finite  # [N]
             if stream is not None:
                 routed.append((site, stream, index, keep))
-            agg = layer_aggregates(logits, index, dropped, mask, seq, pos, finite=finite, lse=lse)
+            order = None if stream is None or stream.order is None else stream.order.to(dev, non_blocking=True)
+            agg = layer_aggregates(logits, index, dropped, mask, seq, pos, finite=finite, lse=lse, order=order)
             record.pieces.append(_piece("agg", site.layer, agg))
             if self.pair_stats:
                 record.pieces.append(_piece("pairs", site.layer, pair_counts(index, keep, int(site.n_experts))))
@@ -852,11 +988,14 @@ class Recorder:
             counts = flow_counts(index_a, index_b, both, int(a.n_experts), int(b.n_experts))
             record.pieces.append(_piece("flow", a.layer, counts, layer_b=b.layer))
         if main is not None:
-            if main.has_ids:  # the ids inside the mask, for sequences.seq_key (hashed on the host at flush)
-                ids = torch.where(main.mask, main.token_id, torch.full_like(main.token_id, -1)).to(torch.int32)
-                record.pieces.append(_piece("seq_ids", None, ids))
-                record.seq_shapes = main.shapes
-            record.pieces.append(_piece("seqs", None, main.n_per_seq.to(torch.int64)))
+            if main.has_ids and main.key_ids is not None:  # ids inside the mask, for sequences.seq_key (hashed at flush)
+                record.pieces.append(_piece("seq_ids", None, main.key_ids))
+                record.seq_shapes = main.key_shapes
+            prompt = main.prompt_tokens if dec is None else dec.prompt_tokens  # enc-dec: the decoder's prompt
+            if prompt.shape[0] != main.n_seqs:
+                prompt = torch.full_like(main.n_per_seq, -1)
+            seqs = torch.stack([main.n_per_seq.to(torch.int64), prompt.to(main.n_per_seq.device, torch.int64)], 1)
+            record.pieces.append(_piece("seqs", None, seqs))  # [n_seqs, 2]: n_tokens, prompt_tokens (-1 = NULL)
         return record
 
     def _flow_pairs(self, routed: list[tuple]) -> list[tuple[tuple, tuple]]:
@@ -872,8 +1011,13 @@ class Recorder:
         return [(x, y) for x, y in same if nxt.get(id(x[0])) is y[0]]
 
     def _main_stream(self, segments, token_ids, attention_mask, device, seq_offset: int = 0) -> _Stream | None:
-        """The step's token layout: explicit token_ids/attention_mask win, else the captured forwards."""
-        captured = segments if segments and all(sg is not None for sg in segments) else None
+        """The step's token layout: explicit token_ids/attention_mask win, else the captured forwards.
+
+        Given rows that match the captured sequences (one row per sequence, as wide as the forwards covered; wider
+        when the step was a generate() call, whose output holds the last new token that no forward saw), each
+        forward's part of them replaces what was captured, so decode tokens keep their rows and positions; the full
+        rows are what `sequences.seq_key` hashes."""
+        captured = self._known(segments)
         if token_ids is None and attention_mask is None:
             return _Stream(captured, device, seq_offset) if captured else None
         ids = _as_2d(token_ids, "token_ids") if token_ids is not None else None
@@ -882,12 +1026,38 @@ class Recorder:
             raise RecorderError(
                 f"token_ids {tuple(ids.shape)} and attention_mask {tuple(mask.shape)} must have the same shape"
             )
-        shape = tuple((ids if ids is not None else mask).shape)
-        both = _concat_captured(captured) if captured else None
-        if both is not None and both[2] == shape:  # fill what was not given from the captured forwards
-            ids = both[0] if ids is None else ids
-            mask = both[1] if mask is None else mask
-        return _Stream([_Segment(ids, mask, shape[0], shape[1])], device, seq_offset)
+        n_rows, width = tuple((ids if ids is not None else mask).shape)
+        if captured:
+            groups, placed = _layout(captured, seq_offset)
+            ends = {g.width for g in groups}
+            generation = any(g.prompt or len(g.segments) > 1 for g in groups)
+            if (sum(g.batch for g in groups) == n_rows and len(ends) == 1 and all(g.cols[0] == 0 for g in groups)
+                    and (width == min(ends) or (generation and width > min(ends)))):
+                covered = min(ends)
+                given = []
+                for sg, row, col in placed:
+                    r = slice(row - seq_offset, row - seq_offset + sg.batch)
+                    c = slice(col, col + sg.seq_len)
+                    given.append(dataclasses.replace(sg, ids=sg.ids if ids is None else ids[r, c],
+                                                     mask=sg.mask if mask is None else mask[r, c]))
+                if width == covered:
+                    return _Stream(given, device, seq_offset)
+                if mask is None:  # the forwards' masks, then the columns no forward saw (inside: generated)
+                    seen = torch.cat([torch.cat([_Stream._mask(sg, device) for sg in g.segments], dim=1)
+                                      for g in groups])  # [R, covered]
+                    mask = torch.cat([seen, torch.ones((n_rows, width - covered), dtype=torch.bool, device=device)], 1)
+                return _Stream(given, device, seq_offset, ids_for_keys=ids, mask_for_keys=mask)
+        return _Stream([_Segment(ids, mask, n_rows, width)], device, seq_offset)
+
+    def _known(self, segments) -> list[_Segment] | None:
+        """The forwards whose token layout is known, or None. An encoder-decoder model's forwards that did not run
+        the encoder (generate()'s decode steps get `encoder_outputs`) have no encoder segment and are skipped; the
+        encoder's own call (generate() calls it directly) brought one. Elsewhere one unknown forward makes the
+        layout unknown."""
+        if self._is_encoder_decoder:
+            known = [sg for sg in segments if sg is not None]
+            return known or None
+        return list(segments) if segments and all(sg is not None for sg in segments) else None
 
     def _write_capacity_factor(self, site, seq_len: int) -> None:
         """runs.capacity_factor for fixed-capacity routers (Switch: expert_capacity tokens per expert and
@@ -1212,6 +1382,15 @@ def _concat_calls(calls: list) -> tuple[Tensor, Tensor, Tensor, Tensor | None, T
         )  # [N, k]
     margin = None if any(c[4] is None for c in calls) else torch.cat([c[4] for c in calls])  # [N]
     return logits, index, weights, dropped, margin
+
+
+def _kv_cache(bound: dict) -> Any:
+    """The KV cache a forward was given (transformers 5 calls it `cache`, 4.x `past_key_values`), or None."""
+    for name in ("cache", "past_key_values"):
+        value = bound.get(name)
+        if value is not None and not isinstance(value, (bool, int, str)):
+            return value
+    return None
 
 
 def _positional_params(forward: Callable) -> list[str]:
