@@ -219,8 +219,8 @@ def test_recorder_stores_deepspeeds_routing(ds_run, tmp_path):
             c.stop()
         for h in hooks:
             h.remove()
-    routes = query(tmp_path / "run", "SELECT seq, pos, token_id, layer, slot, expert, weight FROM routes "
-                                     "ORDER BY layer, seq, pos, slot")
+    routes = query(tmp_path / "run", "SELECT seq, pos, token_id, layer, slot, expert, weight, dropped, margin "
+                                     "FROM routes ORDER BY layer, seq, pos, slot")
     stats = query(tmp_path / "run", "SELECT layer, expert, assigned, dropped, prob_sum FROM step_stats "
                                     "ORDER BY layer, expert")
     for s in sites:
@@ -235,6 +235,13 @@ def test_recorder_stores_deepspeeds_routing(ds_run, tmp_path):
         kept = (idx >= 0).numpy()
         np.testing.assert_array_equal(expert[kept], idx.numpy()[kept])  # every kept route, in DeepSpeed's slot
         np.testing.assert_allclose(stored[kept], gates.numpy()[kept], atol=2e-5)
+        np.testing.assert_array_equal(r.dropped.to_numpy().reshape(-1, k), ~kept)  # DeepSpeed's -1, slot by slot
+        # routes.margin: the full softmax of the logits DeepSpeed's gating function got
+        p = torch.softmax(logits[s.layer].double(), -1).numpy()
+        picked = np.take_along_axis(p, expert, 1).min(1)
+        np.put_along_axis(p, expert, -np.inf, 1)
+        np.testing.assert_allclose(r.margin.to_numpy().reshape(-1, k), np.repeat((picked - p.max(1))[:, None], k, 1),
+                                   atol=2e-5)
         st = stats[stats.layer == s.layer]
         # DeepSpeed's exp_counts count the assignments before dropping; dropped = those minus the kept ones
         np.testing.assert_array_equal(st.assigned.to_numpy(), exp_counts.numpy())
