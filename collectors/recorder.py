@@ -89,6 +89,10 @@ from moeviz.store import layout
 __all__ = ["Recorder", "RecorderError", "RecordingWarning"]
 
 FLOW_CHOICES = ("adjacent", "all", None)  # Recorder(flow_stats=...): which pairs of layers get flow counts
+# routes.margin is written rounded to steps of 2^-16, the resolution of the stored gate weight (weight_q): a float32
+# margin at full precision costs ~3.5 bytes per route on disk (zstd's matches cannot see the k identical 4-byte
+# values of a token's slot rows), rounded ~1.5 (bench/bench_store.py, docs/benchmarks.md)
+MARGIN_QUANTUM = 1 << 16
 
 
 class RecorderError(MoevizError, RuntimeError):
@@ -456,7 +460,8 @@ def _tables_from_host(host: np.ndarray, records: list[_StepRecord], rank: int, l
                 add("routes", step=np.full(m * k, rec.step), seq=np.repeat(rows[:, 1], k),
                     pos=np.repeat(rows[:, 2], k), token_id=np.repeat(rows[:, 3], k), layer=np.full(m * k, pc.layer),
                     slot=np.tile(np.arange(k), m), expert=np.where(experts < 0, -experts - 1, experts),
-                    weight=w[:, :k].reshape(-1), dropped=experts < 0, margin=np.repeat(w[:, k], k))
+                    weight=w[:, :k].reshape(-1), dropped=experts < 0,
+                    margin=np.repeat(np.round(w[:, k] * MARGIN_QUANTUM) / np.float32(MARGIN_QUANTUM), k))
             elif pc.kind == "seq_ids":  # [N] token ids, -1 outside the attention mask (rows of rec.seq_shapes)
                 seq_ids = arr
             elif pc.kind == "seqs":

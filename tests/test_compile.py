@@ -222,5 +222,5 @@ def test_margin_in_the_routers_score_space_adds_no_graph_break(tmp_path, fresh_d
     np.testing.assert_array_equal(compiled[["step", "seq", "pos", "layer", "slot", "expert"]].to_numpy(),
                                   eager[["step", "seq", "pos", "layer", "slot", "expert"]].to_numpy())
     np.testing.assert_allclose(compiled.weight, eager.weight, atol=2e-5)
-    np.testing.assert_allclose(compiled.margin, eager.margin, atol=1e-6)
+    np.testing.assert_allclose(compiled.margin, eager.margin, atol=2e-5)
     assert not compiled.dropped.any()
