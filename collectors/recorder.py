@@ -11,6 +11,10 @@ How it stays out of the way of training:
   make the CPU wait for the GPU on every layer of every step.
 - A forward pre-hook on the model keeps references to the `input_ids` / `attention_mask` of each forward, so
   gradient accumulation (several forwards per step) and padding are handled without the user passing them.
+  A forward given a KV cache continues the sequences of the step's forward it extends (generate(): the
+  prefill, then one forward per new token), read from shapes only (`_layout`): its tokens keep their batch row and
+  true position, and the prefill's tokens are the prompt (`sequences.prompt_tokens`). An encoder-decoder model's
+  encoder, which generate() calls by itself, has a pre-hook of its own.
 - At `step()` the exact aggregates (counts, router-probability sums, z-loss and entropy sums) and the kept
   per-token detail are computed on the device with fixed-size ops (`collectors.aggregates`).
 - Every `flush_every` steps the buffered results are concatenated into one byte tensor and copied to the host
@@ -45,6 +49,12 @@ What the recorded numbers mean, where model families differ:
 - `runs.capacity_factor` for Switch Transformers (a fixed `expert_capacity` tokens per expert and sequence) is
   expert_capacity * n_experts / sequence length of the first recorded step (the encoder's); NULL for models
   that never drop tokens.
+- `routes.dropped` is the model's own drop of that assignment (the adapter's `dropped`), false for routers that
+  never drop; it travels through the flush's copy in the sign of the expert id (-(e + 1)), at no extra byte.
+- `routes.margin` is the weakest chosen expert's score minus the best unchosen one's (`aggregates.routing_margin`):
+  from the full softmax of the kept tokens' logits at step() for softmax routers, in the hook from the adapter's
+  `scores` (sigmoid + bias) for the others, since a bias may be updated between the forward and step(). One
+  float32 per kept token and layer in the flush's copy; written in steps of 2^-16 (MARGIN_QUANTUM).
 """
 
 from __future__ import annotations
@@ -119,6 +129,9 @@ def _in_backward() -> bool:
         return False
 
 
+_SINK_ATTR = "_moeviz_sink"  # attribute of a hooked router module: its _Sink, while a Recorder records it
+
+
 class _Sink:
     """Where a router hook leaves its outputs until the Recorder collects them, outside any compiled graph.
 
@@ -129,9 +142,10 @@ class _Sink:
     forward (a hook on the model that Dynamo does not trace), so each compiled forward starts from `()` and the
     guards hold."""
 
-    __slots__ = ("out",)
+    __slots__ = ("out", "extract")
 
-    def __init__(self):
+    def __init__(self, extract: Callable | None = None):
+        self.extract = extract  # the site's RouterSite.extract
         self.out: tuple = ()  # ((logits [T, E], index [T, k], weights [T, k], dropped [T, k] | None,
         #                        margin [T] | None), ...)
 
@@ -712,7 +726,7 @@ class Recorder:
             )
         self.sites = sites
         self._calls = [[] for _ in sites]
-        self._sinks = [_Sink() for _ in sites]
+        self._sinks = [_Sink(s.extract) for s in sites]
         stacks = {s.stack for s in sites}
         self._is_encoder_decoder |= {"encoder", "decoder"} <= stacks  # also when a wrapper hides the config
         try:
@@ -779,7 +793,15 @@ class Recorder:
                 encoder.register_forward_pre_hook(torch.compiler.disable(self._on_encoder_call), with_kwargs=True)
             )
         for i, site in enumerate(self.sites):
-            self._handles.append(site.module.register_forward_hook(functools.partial(self._on_router, i)))
+            # one hook for every router, which finds its sink on the module: a per-router hook (a partial holding
+            # the site's index) is a constant Dynamo guards on, so a frame shared by the MoE layers (DeepSpeed's
+            # MOELayer after its own graph break) would be recompiled for every layer
+            other = getattr(site.module, _SINK_ATTR, None)
+            if other is not None and any(other in r._sinks for r in list(_OPEN_RECORDERS) if r is not self):
+                raise RecorderError(f"router {site.name} is already recorded by another open Recorder: close it "
+                                    "before recording the model again")
+            setattr(site.module, _SINK_ATTR, self._sinks[i])
+            self._handles.append(site.module.register_forward_hook(self._on_router))
         self._reset_compiled = _reset_compiled_code()
 
     def _encoder_module(self) -> nn.Module | None:
@@ -799,6 +821,9 @@ class Recorder:
         handles, self._handles = self._handles, []
         for h in handles:
             h.remove()
+        for site, sink in zip(self.sites, self._sinks):
+            if site.module.__dict__.get(_SINK_ATTR) is sink:
+                delattr(site.module, _SINK_ATTR)
         if self._reset_compiled or _compiled_code_exists():
             _reset_compiled_code()  # compiled graphs that call our router hooks would keep calling them
 
@@ -872,11 +897,12 @@ class Recorder:
         if main is not None:
             self._forwards.append((main, None))
 
-    def _on_router(self, site_index: int, module: nn.Module, inputs: tuple, output: Any) -> None:
+    def _on_router(self, module: nn.Module, inputs: tuple, output: Any) -> None:
         """Forward hook on a router: extract its routing and buffer the detached device tensors (no sync)."""
         if self._paused or _in_backward():
             return
-        out = self.sites[site_index].extract(module, inputs, output)
+        sink = getattr(module, _SINK_ATTR)  # this router's _Sink (see _attach_hooks)
+        out = sink.extract(module, inputs, output)
         captured = (
             out.logits.detach(),  # [tokens, E]
             out.index.detach(),  # [tokens, k]
@@ -886,7 +912,6 @@ class Recorder:
             # updated before step(); softmax routers' margins come from the logits at step(), kept tokens only
             None if out.scores is None else routing_margin(out.scores, out.index),  # [tokens]
         )
-        sink = self._sinks[site_index]
         sink.out = sink.out + (captured,)  # a new tuple, not an append: see _Sink
 
     # -- steps -------------------------------------------------------------------------------------------------

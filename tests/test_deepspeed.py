@@ -323,9 +323,9 @@ def test_training_steps_record_what_the_gate_did(tmp_path):
 
 def test_recorded_under_torch_compile(tmp_path):
     """torch.compile(backend='aot_eager') with the Recorder attached: the routes equal the gate's own outputs of an
-    eager run. DeepSpeed's MOELayer breaks the graph itself (`C = int(C)`, once per MoE layer); the Recorder adds
-    no break of its own but one recompile of the shared MOELayer frame per further MoE layer (its hook's site index
-    is a constant Dynamo guards on), which meets DeepSpeed's break again: measured here so that a change shows."""
+    eager run. DeepSpeed's MOELayer breaks the graph itself (`C = int(C)`, once per MoE layer), so its layers share
+    the frame resumed after the break; the Recorder adds no break and no recompile of that frame (one hook for every
+    router, which finds its sink on the module: no per-layer constant for Dynamo to guard on)."""
     import torch._dynamo
     from torch._dynamo.testing import CompileCounterWithBackend
     from torch._dynamo.utils import counters
@@ -368,7 +368,7 @@ def test_recorded_under_torch_compile(tmp_path):
             breaks.append(sum(counters["graph_break"].values()))
     finally:
         torch._dynamo.reset()
-    assert breaks[1] == breaks[0] + len(sites) - 1 and frames[1] == frames[0] + len(sites) - 1, (frames, breaks)
+    assert len(sites) > 1 and breaks[1] == breaks[0] and frames[1] == frames[0], (frames, breaks)
     routes = query(tmp_path / "run", "SELECT step, seq, pos, layer, slot, expert, weight FROM routes ORDER BY ALL")
     dropped = query(tmp_path / "run", "SELECT step, layer, sum(dropped) AS n FROM step_stats GROUP BY ALL")
     for step in range(2):

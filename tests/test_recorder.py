@@ -519,9 +519,9 @@ def test_sync_detector_catches_a_syncing_hook(mixtral, tmp_path, bad):
     """Negative control: the same detector fails a hook that does what the Recorder must not."""
 
     class Syncing(WatchedRecorder):
-        def _on_router(self, site_index, module, inputs, output):
+        def _on_router(self, module, inputs, output):
             with SyncDetector():
-                bad(self.sites[site_index].extract(module, inputs, output))
+                bad(module._moeviz_sink.extract(module, inputs, output))
 
     with pytest.raises(HostSync):
         with Syncing(mixtral, tmp_path / "run") as rec:
