@@ -177,13 +177,23 @@ def routing_margin(scores: Tensor, index: Tensor) -> Tensor:
     return torch.where(torch.isfinite(margin), margin, torch.full_like(margin, float("nan")))
 
 
-def kept_margin(logits: Tensor, index: Tensor, sel: Tensor, margin: Tensor | None = None) -> Tensor:
+def kept_margin(logits: Tensor, index: Tensor, sel: Tensor, margin: Tensor | None = None,
+                lse: Tensor | None = None) -> Tensor:
     """`routing_margin` of the kept tokens `sel` [M], float32 [M]: the margin the hook computed from the router's
-    own scores when it had them (`margin` [N], sigmoid + bias routers), else from the full softmax of the logits
-    (softmax routers; computed here, at step(), for the kept tokens only)."""
+    own scores when it had them (`margin` [N], sigmoid + bias routers), else that of the full softmax of the
+    logits (softmax routers), computed here, at step(), for the kept tokens only. The softmax is monotonic, so the
+    weakest chosen and the best unchosen expert are found on the logits and only their two probabilities are
+    taken, exp(logit - logsumexp), reusing step()'s logsumexp `lse` [N] when given."""
     if margin is not None:
         return margin[sel].float()
-    return routing_margin(torch.softmax(logits[sel].float(), dim=-1), index[sel])  # [M]
+    lg = logits[sel].float()  # [M, E]
+    idx = index[sel].to(torch.int64)  # [M, k]
+    if idx.shape[1] >= lg.shape[1]:  # every expert chosen: no unchosen one to compare with
+        return torch.full((lg.shape[0],), float("nan"), device=lg.device)
+    weakest = lg.gather(1, idx).min(1).values  # [M]
+    best_other = lg.scatter(1, idx, float("-inf")).max(1).values  # [M]
+    norm = torch.logsumexp(lg, dim=-1) if lse is None else lse[sel].float()  # [M]
+    return torch.exp(weakest - norm) - torch.exp(best_other - norm)  # [M]
 
 
 def packed_routes(

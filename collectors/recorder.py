@@ -1011,7 +1011,7 @@ class Recorder:
             if sampled and stream is not None and self.max_tokens_per_step != 0:
                 sel, valid = stream.kept(dev, self.max_tokens_per_step)  # [M], [M]: the same tokens in every layer
                 ints, w = packed_routes(sel, valid & finite[sel], seq, pos, tid, index, weights, site.weight_scale,
-                                        dropped=dropped, margin=kept_margin(logits, index, sel, margin))
+                                        dropped=dropped, margin=kept_margin(logits, index, sel, margin, lse))
                 record.pieces += [_piece("route_ints", site.layer, ints), _piece("route_weights", site.layer, w)]
         for (a, _, index_a, keep_a), (b, _, index_b, keep_b) in self._flow_pairs(routed):
             both = keep_a & keep_b.to(keep_a.device, non_blocking=True)  # [N]: finite in both layers

@@ -149,3 +149,30 @@ def test_margin_and_dropped_survive_max_tokens_per_step(tmp_path):
     assert len(merged) == len(b) == 5 * 2 * 2
     np.testing.assert_array_equal(merged.expert_a, merged.expert_b)
     np.testing.assert_array_equal(merged.margin_a, merged.margin_b)
+
+
+def test_margin_functions_by_hand():
+    """kept_margin (softmax routers, from the logits) and routing_margin (a router's own scores) against numpy."""
+    from collectors.aggregates import kept_margin, routing_margin
+
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(50, 8, generator=gen) * 3
+    logits[3, 5] = float("-inf")  # an expert masked out: probability 0, still an unchosen expert
+    index = torch.stack([torch.randperm(8, generator=gen)[:3] for _ in range(50)])  # any choice, not only top-k
+    sel = torch.tensor([0, 3, 7, 49])
+    p = np_softmax_rows(logits.double().numpy())
+    want = np_margin(p, index.numpy())[sel.numpy()]
+    lse = torch.logsumexp(logits, -1)
+    np.testing.assert_allclose(kept_margin(logits, index, sel).numpy(), want, atol=1e-6)
+    np.testing.assert_allclose(kept_margin(logits, index, sel, lse=lse).numpy(), want, atol=1e-6)
+    np.testing.assert_allclose(routing_margin(torch.softmax(logits, -1), index)[sel].numpy(), want, atol=1e-6)
+    scores = torch.sigmoid(logits) + 0.3
+    np.testing.assert_allclose(kept_margin(logits, index, sel, margin=routing_margin(scores, index)).numpy(),
+                               np_margin(scores.double().numpy(), index.numpy())[sel.numpy()], atol=1e-6)
+    every = torch.arange(8).expand(50, 8)  # k = E: no unchosen expert, the margin is unknown
+    assert torch.isnan(kept_margin(logits, every, sel)).all() and torch.isnan(routing_margin(scores, every)).all()
+
+
+def np_softmax_rows(x):
+    e = np.exp(x - x.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
