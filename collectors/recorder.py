@@ -61,7 +61,6 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
-import functools
 import inspect
 import json
 import operator
@@ -1018,7 +1017,7 @@ class Recorder:
             counts = flow_counts(index_a, index_b, both, int(a.n_experts), int(b.n_experts))
             record.pieces.append(_piece("flow", a.layer, counts, layer_b=b.layer))
         if main is not None:
-            if main.has_ids and main.key_ids is not None:  # ids inside the mask, for sequences.seq_key (hashed at flush)
+            if main.has_ids and main.key_ids is not None:  # ids inside the mask, for sequences.seq_key (hashed later)
                 record.pieces.append(_piece("seq_ids", None, main.key_ids))
                 record.seq_shapes = main.key_shapes
             prompt = main.prompt_tokens if dec is None else dec.prompt_tokens  # enc-dec: the decoder's prompt

@@ -111,8 +111,9 @@ def test_generate_sequences_prompt_tokens_keys_and_domains(generated, family):
     for b in range(len(PAD)):
         assert int(seqs.seq_key[b]) == sequence_key(out[b, PAD[b]:].numpy())
     # generated tokens are those at pos - pos_offset >= prompt_tokens, and take the prompt's domain
-    gen = query(r["path"], "SELECT s.domain, count(*) AS n FROM routes r JOIN sequences s USING (run_id, step, rank, seq) "
-                "WHERE r.pos - s.pos_offset >= s.prompt_tokens AND r.layer = 0 AND r.slot = 0 GROUP BY ALL ORDER BY 1")
+    gen = query(r["path"], "SELECT s.domain, count(*) AS n FROM routes r "
+                "JOIN sequences s USING (run_id, step, rank, seq) WHERE r.pos - s.pos_offset >= s.prompt_tokens "
+                "AND r.layer = 0 AND r.slot = 0 GROUP BY ALL ORDER BY 1")
     assert dict(zip(gen.domain, gen.n)) == {d: NEW - 1 for d in DOMAINS}  # the last new token was never routed
     ls = query(r["path"], "SELECT layer, tokens, adjacent_pairs FROM layer_stats ORDER BY layer")
     n_routed = int(mask.sum()) + len(PAD) * (NEW - 1)
