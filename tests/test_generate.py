@@ -212,3 +212,39 @@ def test_switch_generate_keeps_encoder_detail_and_respects_its_mask(generated):
     seqs = query(r["path"], "SELECT seq, n_tokens, prompt_tokens FROM sequences ORDER BY seq")
     assert seqs.n_tokens.tolist() == mask.sum(1).tolist()
     assert seqs.prompt_tokens.tolist() == [1, 1, 1]  # the decoder's prompt: its start token
+
+
+def test_generate_with_a_compiled_forward_records_as_eager(tmp_path):
+    """`model.forward = torch.compile(model.forward)` (transformers' recipe for compiled decoding; aot_eager here):
+    the router hooks are traced into the prefill and decode graphs with no graph break, and the recorded routes,
+    weights, margins and prompt lengths equal an eager recording of the same generate() call."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    model, config = tiny_model("qwen3_moe", seed=2)
+    ids, mask = prompts(config.vocab_size)
+    sql = "SELECT seq, pos, token_id, layer, slot, expert, weight, dropped, margin FROM routes ORDER BY ALL"
+    got = {}
+    try:
+        for mode in ("eager", "compiled"):
+            torch._dynamo.reset()
+            counters.clear()
+            with Recorder(model, tmp_path / mode) as rec:
+                if mode == "compiled":
+                    model.forward = torch.compile(model.forward, backend="aot_eager")
+                with torch.no_grad():
+                    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False,
+                                         pad_token_id=0)
+                rec.step(0, token_ids=out)
+            got[mode] = (query(tmp_path / mode, sql),
+                         query(tmp_path / mode, "SELECT prompt_tokens FROM sequences ORDER BY seq").prompt_tokens)
+            if mode == "compiled":
+                assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
+    finally:
+        model.__dict__.pop("forward", None)
+        torch._dynamo.reset()
+    assert got["compiled"][1].tolist() == got["eager"][1].tolist() == [PROMPT - p for p in PAD]
+    np.testing.assert_array_equal(got["compiled"][0].drop(columns=["weight", "margin"]).to_numpy(),
+                                  got["eager"][0].drop(columns=["weight", "margin"]).to_numpy())
+    np.testing.assert_allclose(got["compiled"][0].weight, got["eager"][0].weight, atol=2e-5)
+    np.testing.assert_allclose(got["compiled"][0].margin, got["eager"][0].margin, atol=2e-5)
