@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from moeviz.store import RunWriter, compact, open_store, store_info  # noqa: E402
 
 LAYERS, EXPERTS, TOP_K, BATCH, SEQ_LEN, VOCAB = 8, 8, 2, 8, 512, 32_000
+MARGIN_QUANTUM = 1 << 16  # routes.margin is written in steps of 2^-16 (collectors.recorder.MARGIN_QUANTUM)
 
 
 def zipf_tokens(rng: np.random.Generator, n: int) -> np.ndarray:
@@ -33,8 +34,10 @@ def zipf_tokens(rng: np.random.Generator, n: int) -> np.ndarray:
     return ids[rng.choice(VOCAB, size=n, p=p / p.sum())].astype(np.int32)
 
 
-def flush_tables(rng: np.random.Generator, step0: int, steps: int) -> dict:
-    """One flush: routes (layer-major, then token, then slot) plus the small per-step tables."""
+def flush_tables(rng: np.random.Generator, step0: int, steps: int, margin: bool = True) -> dict:
+    """One flush: routes (layer-major, then token, then slot) plus the small per-step tables. With `margin`, also
+    `routes.dropped` (false: a router that never drops) and `routes.margin` as the Recorder writes them (float32:
+    the full softmax probability of the last chosen expert minus the best unchosen one's, on each slot row)."""
     tokens = steps * BATCH * SEQ_LEN
     token_id = zipf_tokens(rng, tokens)  # [tokens]
     step = np.repeat(np.arange(step0, step0 + steps), BATCH * SEQ_LEN)  # [tokens]
@@ -48,6 +51,11 @@ def flush_tables(rng: np.random.Generator, step0: int, steps: int) -> dict:
     weight = np.exp(top - top[..., :1])
     weight /= weight.sum(-1, keepdims=True)  # [layers, tokens, k]
     shape = (LAYERS, tokens, TOP_K)
+    if margin:
+        p = np.exp(logits - logits.max(-1, keepdims=True))
+        p = -np.sort(-(p / p.sum(-1, keepdims=True)), axis=-1)  # [layers, tokens, experts] descending
+        token_margin = (p[..., TOP_K - 1] - p[..., TOP_K]).astype(np.float32)  # [layers, tokens]
+        token_margin = np.round(token_margin * MARGIN_QUANTUM) / np.float32(MARGIN_QUANTUM)  # as the Recorder rounds
     routes = {
         "step": np.broadcast_to(step[None, :, None], shape).ravel(),
         "seq": np.broadcast_to(seq[None, :, None], shape).ravel(),
@@ -58,6 +66,9 @@ def flush_tables(rng: np.random.Generator, step0: int, steps: int) -> dict:
         "expert": index.astype(np.int16).ravel(),
         "weight": weight.ravel(),
     }
+    if margin:
+        routes["dropped"] = np.zeros(routes["expert"].shape, dtype=bool)
+        routes["margin"] = np.broadcast_to(token_margin[..., None], shape).ravel()
     s, l, e = np.meshgrid(np.arange(step0, step0 + steps), np.arange(LAYERS), np.arange(EXPERTS), indexing="ij")
     step_stats = {"step": s.ravel(), "layer": l.ravel(), "expert": e.ravel(), "tokens": BATCH * SEQ_LEN,
                   "assigned": np.full(s.size, BATCH * SEQ_LEN * TOP_K // EXPERTS), "first_choice": BATCH * SEQ_LEN // 8,
@@ -75,6 +86,8 @@ def main() -> None:
     ap.add_argument("--routes", type=int, default=20_000_000)
     ap.add_argument("--steps-per-flush", type=int, default=16)
     ap.add_argument("--dir", default=None)
+    ap.add_argument("--without-margin", action="store_true",
+                    help="leave routes.dropped and routes.margin out (NULL), as before schema v3")
     args = ap.parse_args()
     root = Path(args.dir or tempfile.mkdtemp(prefix="moeviz-bench-"))
     run_dir = root / "bench"
@@ -82,7 +95,8 @@ def main() -> None:
     rng = np.random.default_rng(0)
     per_step = LAYERS * BATCH * SEQ_LEN * TOP_K
     n_flushes = max(1, round(args.routes / (per_step * args.steps_per_flush)))
-    flushes = [flush_tables(rng, i * args.steps_per_flush, args.steps_per_flush) for i in range(min(n_flushes, 4))]
+    flushes = [flush_tables(rng, i * args.steps_per_flush, args.steps_per_flush, margin=not args.without_margin)
+               for i in range(min(n_flushes, 4))]
 
     writer = RunWriter(run_dir, run_name="bench", compact_on_close=False)
     writer.write_run({"model_class": "Bench", "n_layers": LAYERS, "n_experts": EXPERTS, "top_k": TOP_K})

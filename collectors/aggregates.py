@@ -47,14 +47,16 @@ def finite_tokens(logits: Tensor, weights: Tensor | None = None, lse: Tensor | N
 
 def layer_aggregates(
     logits: Tensor, index: Tensor, dropped: Tensor | None, mask: Tensor, seq: Tensor | None = None,
-    pos: Tensor | None = None, finite: Tensor | None = None, lse: Tensor | None = None,
+    pos: Tensor | None = None, finite: Tensor | None = None, lse: Tensor | None = None, order: Tensor | None = None,
 ) -> Tensor:
     """Exact aggregates of one layer over one step, packed as float64 [9 + 4 * n_experts].
 
     logits [N, E] router logits; index [N, k] chosen experts (slot 0 first); dropped [N, k] bool or None;
     mask [N] bool, False for tokens outside the attention mask (they count nowhere); seq/pos [N] the token
     layout (None when unknown: the adjacency counts are then NaN, stored as NULL); finite [N] bool from
-    `finite_tokens` (None: computed from the logits alone); lse [N] from `router_lse` (None: computed here).
+    `finite_tokens` (None: computed from the logits alone); lse [N] from `router_lse` (None: computed here);
+    order [N] the tokens sorted by (seq, pos), when the stream does not hold each sequence's tokens contiguously
+    (generate()'s decode forwards): the adjacency counts read them in that order.
     Tokens inside the mask that are not finite are counted in nonfinite_tokens and nowhere else.
     Layout: tokens, z_loss_sum, entropy_sum, dropped_total, adjacent_pairs, same_first, first_in_topk,
     topk_overlap, nonfinite_tokens, assigned[E], first_choice[E], prob_sum[E], dropped[E].
@@ -88,7 +90,10 @@ def layer_aggregates(
         dropped_e.scatter_add_(0, idx.reshape(-1), (dropped.to(torch.int64) * m_slots).reshape(-1))  # [E]
 
     if seq is not None and pos is not None:
-        adjacency = adjacency_counts(idx, keep, seq, pos)  # [4]
+        if order is None:
+            adjacency = adjacency_counts(idx, keep, seq, pos)  # [4]
+        else:
+            adjacency = adjacency_counts(idx[order], keep[order], seq[order], pos[order])  # [4]
     else:
         adjacency = torch.full((4,), float("nan"), dtype=torch.float64, device=logits.device)
     scalars = torch.cat([
@@ -156,6 +161,41 @@ def kept_token_slots(mask: Tensor, max_tokens: int | None) -> tuple[Tensor, Tens
     return slots[:m], valid
 
 
+def routing_margin(scores: Tensor, index: Tensor) -> Tensor:
+    """How close each token's routing call was, as float32 [N]: the score of its weakest chosen expert minus that
+    of its best unchosen one, in the space the router ranked experts in (softmax probabilities, or sigmoid score
+    plus bias for DeepSeek-V3-style routers). 0 is a tie; a negative value means an expert outside the set scored
+    higher (group-limited routing left it out, or a router that does not take the plain top-k).
+
+    scores [N, E]; index [N, k]. Fixed-size ops only (a gather, a scatter of -inf, two reductions): no sync, and
+    traceable by torch.compile. NaN where the token has no unchosen expert (k = E) or its scores are not finite."""
+    s = scores.float()  # [N, E]
+    idx = index.to(torch.int64)  # [N, k]
+    weakest = s.gather(1, idx).min(1).values  # [N]
+    best_other = s.scatter(1, idx, float("-inf")).max(1).values  # [N]
+    margin = weakest - best_other  # [N]
+    return torch.where(torch.isfinite(margin), margin, torch.full_like(margin, float("nan")))
+
+
+def kept_margin(logits: Tensor, index: Tensor, sel: Tensor, margin: Tensor | None = None,
+                lse: Tensor | None = None) -> Tensor:
+    """`routing_margin` of the kept tokens `sel` [M], float32 [M]: the margin the hook computed from the router's
+    own scores when it had them (`margin` [N], sigmoid + bias routers), else that of the full softmax of the
+    logits (softmax routers), computed here, at step(), for the kept tokens only. The softmax is monotonic, so the
+    weakest chosen and the best unchosen expert are found on the logits and only their two probabilities are
+    taken, exp(logit - logsumexp), reusing step()'s logsumexp `lse` [N] when given."""
+    if margin is not None:
+        return margin[sel].float()
+    lg = logits[sel].float()  # [M, E]
+    idx = index[sel].to(torch.int64)  # [M, k]
+    if idx.shape[1] >= lg.shape[1]:  # every expert chosen: no unchosen one to compare with
+        return torch.full((lg.shape[0],), float("nan"), device=lg.device)
+    weakest = lg.gather(1, idx).min(1).values  # [M]
+    best_other = lg.scatter(1, idx, float("-inf")).max(1).values  # [M]
+    norm = torch.logsumexp(lg, dim=-1) if lse is None else lse[sel].float()  # [M]
+    return torch.exp(weakest - norm) - torch.exp(best_other - norm)  # [M]
+
+
 def packed_routes(
     sel: Tensor,
     valid: Tensor,
@@ -165,20 +205,31 @@ def packed_routes(
     index: Tensor,
     weights: Tensor,
     weight_scale: float = 1.0,
+    dropped: Tensor | None = None,
+    margin: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Per-token detail of one layer for the kept tokens: (ints int32 [M, 4 + k], weights float32 [M, k]).
+    """Per-token detail of one layer for the kept tokens: (ints int32 [M, 4 + k], floats float32 [M, k + 1]).
 
-    Int columns: valid, seq, pos, token_id, expert[k]. sel/valid come from `kept_token_slots`; seq/pos/token_id
-    [N] describe the token stream; index/weights [N, k] are the layer's routing. 32-bit columns halve what a
-    flush copies compared with float64 (routes are most of a flush). Weights are divided by `weight_scale`
-    (DeepSeek's routed_scaling_factor), so that the stored gate weights are the router's probabilities in [0, 1].
+    Int columns: valid, seq, pos, token_id, expert[k], where an assignment the model dropped (`dropped` [N, k]
+    True) is written as -(expert + 1): the sign carries routes.dropped at no extra byte (expert ids are >= 0).
+    Float columns: weight[k], then the token's margin (`margin` [M], from `kept_margin`; NaN = unknown).
+    sel/valid come from `kept_token_slots`; seq/pos/token_id [N] describe the token stream; index/weights [N, k]
+    are the layer's routing. 32-bit columns halve what a flush copies compared with float64 (routes are most of a
+    flush). Weights are divided by `weight_scale` (DeepSeek's routed_scaling_factor), so that the stored gate
+    weights are the router's probabilities in [0, 1].
     """
     cols = torch.stack([valid.to(torch.int64), seq[sel], pos[sel], token_id[sel]], dim=1)  # [M, 4]
-    ints = torch.cat([cols, index[sel].to(torch.int64)], dim=1).to(torch.int32)  # [M, 4 + k]
+    experts = index[sel].to(torch.int64)  # [M, k]
+    if dropped is not None:
+        experts = torch.where(dropped[sel], -experts - 1, experts)  # [M, k]
+    ints = torch.cat([cols, experts], dim=1).to(torch.int32)  # [M, 4 + k]
     w = weights[sel].to(torch.float32)  # [M, k]
     if weight_scale != 1.0:
         w = w / float(weight_scale)
-    return ints, w  # [M, 4 + k], [M, k]
+    if margin is None:
+        margin = torch.full((w.shape[0],), float("nan"), dtype=torch.float32, device=w.device)
+    floats = torch.cat([w, margin.to(torch.float32)[:, None]], dim=1)  # [M, k + 1]
+    return ints, floats  # [M, 4 + k], [M, k + 1]
 
 
 def flow_counts(index_a: Tensor, index_b: Tensor, mask: Tensor, n_a: int, n_b: int) -> Tensor:

@@ -11,6 +11,10 @@ How it stays out of the way of training:
   make the CPU wait for the GPU on every layer of every step.
 - A forward pre-hook on the model keeps references to the `input_ids` / `attention_mask` of each forward, so
   gradient accumulation (several forwards per step) and padding are handled without the user passing them.
+  A forward given a KV cache continues the sequences of the step's forward it extends (generate(): the
+  prefill, then one forward per new token), read from shapes only (`_layout`): its tokens keep their batch row and
+  true position, and the prefill's tokens are the prompt (`sequences.prompt_tokens`). An encoder-decoder model's
+  encoder, which generate() calls by itself, has a pre-hook of its own.
 - At `step()` the exact aggregates (counts, router-probability sums, z-loss and entropy sums) and the kept
   per-token detail are computed on the device with fixed-size ops (`collectors.aggregates`).
 - Every `flush_every` steps the buffered results are concatenated into one byte tensor and copied to the host
@@ -45,13 +49,18 @@ What the recorded numbers mean, where model families differ:
 - `runs.capacity_factor` for Switch Transformers (a fixed `expert_capacity` tokens per expert and sequence) is
   expert_capacity * n_experts / sequence length of the first recorded step (the encoder's); NULL for models
   that never drop tokens.
+- `routes.dropped` is the model's own drop of that assignment (the adapter's `dropped`), false for routers that
+  never drop; it travels through the flush's copy in the sign of the expert id (-(e + 1)), at no extra byte.
+- `routes.margin` is the weakest chosen expert's score minus the best unchosen one's (`aggregates.routing_margin`):
+  from the full softmax of the kept tokens' logits at step() for softmax routers, in the hook from the adapter's
+  `scores` (sigmoid + bias) for the others, since a bias may be updated between the forward and step(). One
+  float32 per kept token and layer in the flush's copy; written in steps of 2^-16 (MARGIN_QUANTUM).
 """
 
 from __future__ import annotations
 
 import atexit
 import dataclasses
-import functools
 import inspect
 import json
 import operator
@@ -75,11 +84,13 @@ from collectors.aggregates import (
     LAYER_SCALARS,
     finite_tokens,
     flow_counts,
+    kept_margin,
     kept_token_slots,
     layer_aggregates,
     packed_routes,
     pair_counts,
     router_lse,
+    routing_margin,
 )
 from moeviz.errors import MoevizError
 from moeviz.text import steps_text
@@ -88,6 +99,10 @@ from moeviz.store import layout
 __all__ = ["Recorder", "RecorderError", "RecordingWarning"]
 
 FLOW_CHOICES = ("adjacent", "all", None)  # Recorder(flow_stats=...): which pairs of layers get flow counts
+# routes.margin is written rounded to steps of 2^-16, the resolution of the stored gate weight (weight_q): a float32
+# margin at full precision costs ~3.5 bytes per route on disk (zstd's matches cannot see the k identical 4-byte
+# values of a token's slot rows), rounded ~1.5 (bench/bench_store.py, docs/benchmarks.md)
+MARGIN_QUANTUM = 1 << 16
 
 
 class RecorderError(MoevizError, RuntimeError):
@@ -114,6 +129,9 @@ def _in_backward() -> bool:
         return False
 
 
+_SINK_ATTR = "_moeviz_sink"  # attribute of a hooked router module: its _Sink, while a Recorder records it
+
+
 class _Sink:
     """Where a router hook leaves its outputs until the Recorder collects them, outside any compiled graph.
 
@@ -124,10 +142,12 @@ class _Sink:
     forward (a hook on the model that Dynamo does not trace), so each compiled forward starts from `()` and the
     guards hold."""
 
-    __slots__ = ("out",)
+    __slots__ = ("out", "extract")
 
-    def __init__(self):
-        self.out: tuple = ()  # ((logits [T, E], index [T, k], weights [T, k], dropped [T, k] | None), ...)
+    def __init__(self, extract: Callable | None = None):
+        self.extract = extract  # the site's RouterSite.extract
+        self.out: tuple = ()  # ((logits [T, E], index [T, k], weights [T, k], dropped [T, k] | None,
+        #                        margin [T] | None), ...)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -140,13 +160,19 @@ class _Segment:
     """The inputs of one forward of the model: what the router of a layer sees, flattened batch-major."""
 
     ids: Tensor | None  # [B, S] token ids, None if the forward got embeddings
-    mask: Tensor | None  # [B, S] attention mask, None = every token counts
+    mask: Tensor | None  # [B, S] attention mask of this forward's tokens, None = every token counts
     batch: int
     seq_len: int
+    past: int = 0  # tokens of its sequences before this forward's (a KV cache's length: generate()'s decode steps)
+    cached: bool = False  # the forward was given a KV cache: with past 0 its tokens are a prompt (generate()'s prefill)
 
 
-def _segment(ids: Any, mask: Any, embeds: Any = None, like: Any = None) -> _Segment | None:
-    """A _Segment from a forward's keyword values; None when its token layout is unknown."""
+def _segment(ids: Any, mask: Any, embeds: Any = None, like: Any = None, cache: Any = None) -> _Segment | None:
+    """A _Segment from a forward's keyword values; None when its token layout is unknown.
+
+    `cache` is the forward's KV cache (transformers' `cache` / `past_key_values`), if any: with it, the forward's
+    tokens continue sequences of `past` tokens (read from shapes: the attention mask is wider than the ids, as
+    generate() passes the mask of the whole prefix, or the cache's own `get_seq_length()`)."""
     if isinstance(ids, Tensor) and ids.dim() in (1, 2) and not ids.is_floating_point():
         ids = ids.detach()
         ids = ids[None] if ids.dim() == 1 else ids  # [B, S]
@@ -157,51 +183,151 @@ def _segment(ids: Any, mask: Any, embeds: Any = None, like: Any = None) -> _Segm
         ids, (b, s) = None, like.shape
     else:
         return None
+    past = 0
     if isinstance(mask, Tensor) and mask.dim() == 2 and mask.shape[0] == b and mask.shape[1] >= s:
-        mask = mask.detach()[:, mask.shape[1] - s :]  # generation passes the mask of the whole prefix
+        past = int(mask.shape[1] - s)  # generation passes the mask of the whole prefix: [B, past + S]
+        mask = mask.detach()[:, past:]  # [B, S]
     else:
         mask = None
-    return _Segment(ids, mask, int(b), int(s))
+    if past == 0 and cache is not None:
+        past = _cache_length(cache)
+    return _Segment(ids, mask, int(b), int(s), past=past, cached=cache is not None)
+
+
+def _cache_length(cache: Any) -> int:
+    """Tokens already in a KV cache, from shapes only (no sync): transformers' `Cache.get_seq_length()` when it
+    returns a Python int (dynamic caches), or the key tensor's length of a legacy tuple cache; else 0 (a static
+    cache counts its filled slots on the device: its forwards are then laid out as new sequences)."""
+    get = getattr(cache, "get_seq_length", None)
+    if callable(get):
+        try:
+            n = get()
+        except Exception:  # noqa: BLE001 - a cache we do not know: its length stays unknown
+            return 0
+        return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else 0
+    if isinstance(cache, (tuple, list)) and cache and isinstance(cache[0], (tuple, list)) and cache[0]:
+        key = cache[0][0]
+        if isinstance(key, Tensor) and key.dim() >= 2:
+            return int(key.shape[-2])  # [B, heads, past, head_dim]
+    return 0
+
+
+@dataclass
+class _Group:
+    """The sequences of one batch of a step: one forward, or a forward and those that continue its sequences from a
+    KV cache (generate(): the prefill, then one decode forward per new token). Its rows are sequences `row` ..
+    `row + batch - 1` of the step; `segments` are its forwards, each placed at column `cols[i]`."""
+
+    row: int
+    batch: int
+    segments: list[_Segment]
+    cols: list[int]
+    width: int  # columns covered so far: the next forward that continues it has past == width
+    prompt: bool  # its first forward was given a KV cache and started at column 0: that forward's tokens are the prompt
+
+
+def _layout(segments: Sequence[_Segment], seq_offset: int) -> tuple[list[_Group], list[tuple[_Segment, int, int]]]:
+    """Place a step's forwards: (groups in row order, [(segment, first row, first column)] in forward order).
+
+    A forward whose tokens come after `past` tokens of a KV cache continues the latest group of the same batch size
+    that covers exactly `past` columns: its tokens keep their batch row and get their true positions. Any other
+    forward starts new sequences (at column `past`: a cache filled before the step gives true positions too).
+    Shapes only: no tensor is read."""
+    groups: list[_Group] = []
+    placed: list[tuple[_Segment, int, int]] = []
+    row = seq_offset
+    for sg in segments:
+        group = None
+        if sg.past > 0:
+            group = next((g for g in reversed(groups) if g.batch == sg.batch and g.width == sg.past), None)
+        if group is None:
+            group = _Group(row, sg.batch, [], [], sg.past, prompt=sg.cached and sg.past == 0)
+            groups.append(group)
+            row += sg.batch
+        group.segments.append(sg)
+        group.cols.append(group.width)
+        placed.append((sg, group.row, group.width))
+        group.width += sg.seq_len
+    return groups, placed
 
 
 class _Stream:
-    """Token layout of one step (one or more forwards, concatenated batch-major): seq, pos, token_id and mask
-    per token [N], on the device. Sequence indices continue across forwards (gradient accumulation)."""
+    """Token layout of one step (one or more forwards, concatenated in forward order, each batch-major): seq, pos,
+    token_id and mask per token [N], on the device. Sequence indices continue across forwards (gradient
+    accumulation); a forward that continues sequences from a KV cache (generate()'s decode steps) keeps their rows
+    and true positions (`_layout`).
 
-    def __init__(self, segments: Sequence[_Segment], device: torch.device, seq_offset: int = 0):
-        seqs, poss, tids, masks, per_seq = [], [], [], [], []
-        offset = seq_offset  # > 0 when the step number was given before: its sequences are numbered on
-        for sg in segments:
+    `ids_for_keys` [R, L] / `mask_for_keys` [R, L] (optional, one row per sequence): the sequences' full token ids,
+    when the caller gave them (generate()'s output holds the last new token, which no forward saw); they replace
+    the captured ids in `sequences.seq_key` and `n_tokens`."""
+
+    def __init__(self, segments: Sequence[_Segment], device: torch.device, seq_offset: int = 0,
+                 ids_for_keys: Tensor | None = None, mask_for_keys: Tensor | None = None):
+        groups, placed = _layout(segments, seq_offset)
+        seqs, poss, tids, masks = [], [], [], []
+        for sg, row, col in placed:
             b, s = sg.batch, sg.seq_len
-            rows = torch.arange(b, device=device)[:, None].expand(b, s) + offset  # [B, S]
-            cols = torch.arange(s, device=device)[None, :].expand(b, s)  # [B, S]
-            if sg.ids is not None:
-                tid = sg.ids.to(device=device, dtype=torch.int64, non_blocking=True)
-            else:
-                tid = torch.full((b, s), -1, dtype=torch.int64, device=device)
-            if sg.mask is not None:
-                mk = sg.mask.to(device=device, non_blocking=True) != 0  # [B, S]
-            else:
-                mk = torch.ones((b, s), dtype=torch.bool, device=device)
+            rows = torch.arange(b, device=device)[:, None].expand(b, s) + row  # [B, S]
+            cols = torch.arange(s, device=device)[None, :].expand(b, s) + col  # [B, S]
             seqs.append(rows.reshape(-1))
             poss.append(cols.reshape(-1))
-            tids.append(tid.reshape(-1))
-            masks.append(mk.reshape(-1))
-            per_seq.append(mk.sum(1))  # [B]
-            offset += b
+            tids.append(self._ids(sg, device).reshape(-1))
+            masks.append(self._mask(sg, device).reshape(-1))
         empty = torch.zeros(0, dtype=torch.int64, device=device)
         self.seq = torch.cat(seqs) if seqs else empty  # [N]
         self.pos = torch.cat(poss) if poss else empty  # [N]
         self.token_id = torch.cat(tids) if tids else empty  # [N]
         self.mask = torch.cat(masks) if masks else empty.bool()  # [N]
-        self.n_per_seq = torch.cat(per_seq) if per_seq else empty  # [B_total]
         self.n = int(sum(sg.batch * sg.seq_len for sg in segments))
-        self.n_seqs = offset - seq_offset
-        self.has_ids = any(sg.ids is not None for sg in segments)  # else token_id is -1 everywhere
-        self.shapes = [(sg.batch, sg.seq_len) for sg in segments]
+        self.n_seqs = sum(g.batch for g in groups)
+        self.has_ids = ids_for_keys is not None or (bool(segments) and all(sg.ids is not None for sg in segments))
         self.seq_len = segments[0].seq_len if segments else 0  # of the first forward (a capacity group, Switch)
+        self.groups = groups
+        # per sequence: tokens inside the mask, tokens of the prompt (-1 = not a generation), full ids for seq_key
+        n_tok, prompt, key_ids, self.key_shapes = [], [], [], []
+        for g in groups:
+            g_mask = torch.cat([self._mask(sg, device) for sg in g.segments], dim=1)  # [B, W]
+            n_tok.append(g_mask.sum(1))  # [B]
+            if g.prompt:
+                prompt.append(self._mask(g.segments[0], device).sum(1))  # [B]
+            else:
+                prompt.append(torch.full((g.batch,), -1, dtype=torch.int64, device=device))
+            if self.has_ids and ids_for_keys is None:
+                g_ids = torch.cat([self._ids(sg, device) for sg in g.segments], dim=1)  # [B, W]
+                key_ids.append(torch.where(g_mask, g_ids, torch.full_like(g_ids, -1)).reshape(-1))
+                self.key_shapes.append((g.batch, g.width - g.cols[0]))
+        if ids_for_keys is not None:  # the caller's full sequences, one row per sequence
+            k_ids = ids_for_keys.to(device=device, dtype=torch.int64, non_blocking=True)  # [R, L]
+            k_mask = (torch.ones_like(k_ids, dtype=torch.bool) if mask_for_keys is None
+                      else mask_for_keys.to(device, non_blocking=True) != 0)  # [R, L]
+            key_ids = [torch.where(k_mask, k_ids, torch.full_like(k_ids, -1)).reshape(-1)]
+            self.key_shapes = [tuple(k_ids.shape)]
+            n_tok = [k_mask.sum(1)]
+        self.n_per_seq = torch.cat(n_tok) if n_tok else empty  # [B_total]
+        self.prompt_tokens = torch.cat(prompt) if prompt else empty  # [B_total], -1 = unknown
+        self.key_ids = torch.cat(key_ids).to(torch.int32) if key_ids else None  # [sum of R * L], -1 outside the mask
+        # adjacency needs each sequence's tokens in position order; decode forwards interleave them
+        self.order = self._position_order(groups) if any(len(g.segments) > 1 for g in groups) else None
         self._moved: dict[torch.device, tuple[Tensor, Tensor, Tensor, Tensor]] = {}
         self._kept: dict[tuple[torch.device, int | None], tuple[Tensor, Tensor]] = {}
+
+    @staticmethod
+    def _ids(sg: _Segment, device: torch.device) -> Tensor:
+        if sg.ids is None:
+            return torch.full((sg.batch, sg.seq_len), -1, dtype=torch.int64, device=device)
+        return sg.ids.to(device=device, dtype=torch.int64, non_blocking=True)  # [B, S]
+
+    @staticmethod
+    def _mask(sg: _Segment, device: torch.device) -> Tensor:
+        if sg.mask is None:
+            return torch.ones((sg.batch, sg.seq_len), dtype=torch.bool, device=device)
+        return sg.mask.to(device, non_blocking=True) != 0  # [B, S]
+
+    def _position_order(self, groups: list[_Group]) -> Tensor:
+        """[N] stream indices sorted by (sequence, position): one stable sort of a key made from seq and pos on the
+        device, the key's width known from shapes (no data read)."""
+        width = max(g.width for g in groups) + 1
+        return torch.argsort(self.seq * width + self.pos, stable=True)  # [N]
 
     def on(self, device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """(seq, pos, token_id, mask) on `device` (layers of a pipeline-split model live on several GPUs)."""
@@ -232,21 +358,6 @@ def _as_2d(x: Any, name: str) -> Tensor:
     if t.dim() != 2:
         raise RecorderError(f"{name} must have shape [batch, seq]; got shape {tuple(t.shape)}")
     return t.detach()
-
-
-def _concat_captured(segments: Sequence[_Segment]) -> tuple[Tensor | None, Tensor | None, tuple[int, int]] | None:
-    """The captured forwards as one [B_total, S] batch (ids, mask), when they share a sequence length."""
-    if not segments or len({sg.seq_len for sg in segments}) != 1:
-        return None
-    shape = (sum(sg.batch for sg in segments), segments[0].seq_len)
-    ids = torch.cat([sg.ids for sg in segments]) if all(sg.ids is not None for sg in segments) else None
-    mask = None
-    if any(sg.mask is not None for sg in segments):
-        dev = next(sg.mask.device for sg in segments if sg.mask is not None)
-        mask = torch.cat(
-            [sg.mask if sg.mask is not None else torch.ones((sg.batch, sg.seq_len), device=dev) for sg in segments]
-        )
-    return ids, mask, shape
 
 
 def _compiled_code_exists() -> bool:
@@ -309,7 +420,7 @@ class _StepRecord:
     pieces: list[_Piece] = field(default_factory=list)
     seq_offset: int = 0  # sequences recorded before under the same step number (a repeated step)
     sample_ids: list[str | None] | None = None  # the user's key per sequence (step(sample_ids=...)), or None
-    seq_shapes: list[tuple[int, int]] | None = None  # (batch, seq_len) of each forward of a 'seq_ids' piece
+    seq_shapes: list[tuple[int, int]] | None = None  # (rows, columns) of each batch of sequences of a 'seq_ids' piece
 
 
 def _tables_from_host(host: np.ndarray, records: list[_StepRecord], rank: int, layer_experts: dict[int, int]) -> dict:
@@ -353,26 +464,30 @@ def _tables_from_host(host: np.ndarray, records: list[_StepRecord], rank: int, l
                     layer_b=np.full(len(nz), pc.layer_b), expert_a=nz // n_b, expert_b=nz % n_b,
                     first_tokens=arr[0][nz], topk_pairs=arr[1][nz])
             elif pc.kind == "route_ints":
-                route_ints = arr  # [M, 4 + k]; its weights come next
+                route_ints = arr  # [M, 4 + k]; its weights and margin come next
             elif pc.kind == "route_weights":
-                k = pc.shape[1]
+                k = pc.shape[1] - 1
                 keep = route_ints[:, 0] > 0
-                rows, w = route_ints[keep], arr[keep]  # [M_valid, 4 + k], [M_valid, k]
+                rows, w = route_ints[keep], arr[keep]  # [M_valid, 4 + k], [M_valid, k + 1]
                 m = rows.shape[0]
+                experts = rows[:, 4:].reshape(-1)  # [M_valid * k]; -(e + 1) where the model dropped it
                 add("routes", step=np.full(m * k, rec.step), seq=np.repeat(rows[:, 1], k),
                     pos=np.repeat(rows[:, 2], k), token_id=np.repeat(rows[:, 3], k), layer=np.full(m * k, pc.layer),
-                    slot=np.tile(np.arange(k), m), expert=rows[:, 4:].reshape(-1), weight=w.reshape(-1))
+                    slot=np.tile(np.arange(k), m), expert=np.where(experts < 0, -experts - 1, experts),
+                    weight=w[:, :k].reshape(-1), dropped=experts < 0,
+                    margin=np.repeat(np.round(w[:, k] * MARGIN_QUANTUM) / np.float32(MARGIN_QUANTUM), k))
             elif pc.kind in balance.PIECE_KINDS:  # expert_bias, balance_stats (collectors.balance)
                 balance.add_rows(add, pc.kind, pc.layer, arr, rec.step)
             elif pc.kind == "seq_ids":  # [N] token ids, -1 outside the attention mask (rows of rec.seq_shapes)
                 seq_ids = arr
             elif pc.kind == "seqs":
-                n = pc.shape[0]
+                n = pc.shape[0]  # [n, 2]: n_tokens, prompt_tokens (-1 = not a generation)
                 keys, offsets = (_sequence_keys(seq_ids, rec.seq_shapes, n) if seq_ids is not None
                                  else ([None] * n, np.full(n, np.nan)))
                 add("sequences", step=np.full(n, rec.step), seq=np.arange(n) + rec.seq_offset,
                     domain=np.array(rec.domains, dtype=object), tag=np.array([rec.tag] * n, dtype=object),
-                    n_tokens=arr, seq_key=np.array(keys, dtype=object), pos_offset=offsets,
+                    n_tokens=arr[:, 0], seq_key=np.array(keys, dtype=object), pos_offset=offsets,
+                    prompt_tokens=np.where(arr[:, 1] >= 0, arr[:, 1], np.nan),
                     sample_id=np.array(rec.sample_ids if rec.sample_ids is not None else [None] * n, dtype=object))
     dtypes = {
         "step": np.int64, "layer": np.int16, "expert": np.int16, "tokens": np.int64, "assigned": np.int64,
@@ -383,16 +498,19 @@ def _tables_from_host(host: np.ndarray, records: list[_StepRecord], rank: int, l
         "topk_pairs": np.int64, "adjacent_pairs": np.float64, "same_first": np.float64,
         "first_in_topk": np.float64, "topk_overlap": np.float64, "coactive_pairs": np.float64,  # NaN = NULL
         "nonfinite_tokens": np.float64,
-        "weight": np.float64, "n_tokens": np.int32, "domain": object, "tag": object,
+        "weight": np.float64, "n_tokens": np.int32, "margin": np.float32,
+        "domain": object, "tag": object,
+        ("routes", "dropped"): np.bool_,  # a count in step_stats/layer_stats, a flag per assignment in routes
         "seq_key": object, "sample_id": object,  # Python ints (full 64 bits) or None; strings or None
-        "pos_offset": np.float64,  # NaN = NULL
+        "pos_offset": np.float64, "prompt_tokens": np.float64,  # NaN = NULL
         **balance.COLUMN_DTYPES,
     }
     tables: dict[str, dict[str, np.ndarray]] = {}
     for table, arrays in cols.items():
         if not arrays:
             continue
-        out = {name: np.concatenate(parts).astype(dtypes[name]) for name, parts in arrays.items()}
+        out = {name: np.concatenate(parts).astype(dtypes.get((table, name), dtypes[name]))
+               for name, parts in arrays.items()}
         n_rows = len(out["step"])
         if n_rows == 0:
             continue
@@ -570,6 +688,7 @@ class Recorder:
         self._model_calls = 0  # forwards of the model seen by its pre-hook
         self._reset_compiled = False  # torch.compile caches were reset so that compiled code traces our hooks
         self._forwards: list[tuple[_Segment | None, _Segment | None]] = []  # (main, decoder) per forward
+        self._in_model = False  # inside a forward of the model (its pre-hook ran, its post-hook not yet)
         self._pending: list[_StepRecord] = []
         self._warned_layers: set[int] = set()
         self._capacity_known = False  # runs.capacity_factor of fixed-capacity routers written (see step())
@@ -612,7 +731,7 @@ class Recorder:
         self.sites = sites
         self._biases = balance.BiasSnapshots(sites)
         self._calls = [[] for _ in sites]
-        self._sinks = [_Sink() for _ in sites]
+        self._sinks = [_Sink(s.extract) for s in sites]
         stacks = {s.stack for s in sites}
         self._is_encoder_decoder |= {"encoder", "decoder"} <= stacks  # also when a wrapper hides the config
         try:
@@ -671,15 +790,46 @@ class Recorder:
         self._handles.append(
             self.model.register_forward_pre_hook(torch.compiler.disable(self._on_model_call), with_kwargs=True)
         )
-        self._handles.append(self.model.register_forward_hook(torch.compiler.disable(self._on_model_return)))
+        self._handles.append(
+            self.model.register_forward_hook(torch.compiler.disable(self._on_model_return), always_call=True)
+        )
+        encoder = self._encoder_module()
+        if encoder is not None:
+            self._handles.append(
+                encoder.register_forward_pre_hook(torch.compiler.disable(self._on_encoder_call), with_kwargs=True)
+            )
         for i, site in enumerate(self.sites):
-            self._handles.append(site.module.register_forward_hook(functools.partial(self._on_router, i)))
+            # one hook for every router, which finds its sink on the module: a per-router hook (a partial holding
+            # the site's index) is a constant Dynamo guards on, so a frame shared by the MoE layers (DeepSpeed's
+            # MOELayer after its own graph break) would be recompiled for every layer
+            other = getattr(site.module, _SINK_ATTR, None)
+            if other is not None and any(other in r._sinks for r in list(_OPEN_RECORDERS) if r is not self):
+                raise RecorderError(f"router {site.name} is already recorded by another open Recorder: close it "
+                                    "before recording the model again")
+            setattr(site.module, _SINK_ATTR, self._sinks[i])
+            self._handles.append(site.module.register_forward_hook(self._on_router))
         self._reset_compiled = _reset_compiled_code()
+
+    def _encoder_module(self) -> nn.Module | None:
+        """The encoder stack of an encoder-decoder model (transformers' `get_encoder()`), whose routers' tokens
+        generate() feeds without calling the model; None for decoder-only models."""
+        if not self._is_encoder_decoder:
+            return None
+        inner = getattr(self.model, "_orig_mod", self.model)
+        get = getattr(inner, "get_encoder", None)
+        try:
+            encoder = get() if callable(get) else None
+        except Exception:  # noqa: BLE001 - a model without a separate encoder module
+            return None
+        return encoder if isinstance(encoder, nn.Module) and encoder is not inner else None
 
     def _remove_hooks(self) -> None:
         handles, self._handles = self._handles, []
         for h in handles:
             h.remove()
+        for site, sink in zip(self.sites, self._sinks):
+            if site.module.__dict__.get(_SINK_ATTR) is sink:
+                delattr(site.module, _SINK_ATTR)
         if self._reset_compiled or _compiled_code_exists():
             _reset_compiled_code()  # compiled graphs that call our router hooks would keep calling them
 
@@ -698,7 +848,7 @@ class Recorder:
     def _check_first_output(self, site_index: int, captured: tuple) -> None:
         from collectors.routers import RouterOutput, check_router_output
 
-        logits, index, weights, dropped = captured
+        logits, index, weights, dropped = captured[:4]
         try:
             check_router_output(self.sites[site_index], RouterOutput(logits, index, weights, dropped))
         except Exception:
@@ -707,12 +857,15 @@ class Recorder:
         self._checked.add(site_index)
 
     def _on_model_return(self, module: nn.Module, args: tuple, output: Any) -> None:
-        """Forward hook on the model: collect what its routers left (eager, outside any compiled graph)."""
+        """Forward hook on the model: collect what its routers left (eager, outside any compiled graph). Also
+        called when the forward raised (`always_call`)."""
+        self._in_model = False
         self._collect()
 
     def _on_model_call(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         """Forward pre-hook: keep references to this forward's token ids and mask (no copy, no sync)."""
         self._collect()  # outputs of router calls made outside a model forward (submodules called directly)
+        self._in_model = True
         if self._paused or _in_backward():
             return
         self._model_calls += 1
@@ -721,29 +874,51 @@ class Recorder:
         bound.update(kwargs)
         if bound.get("input_ids") is None and bound.get("inputs_embeds") is None and args:
             bound["input_ids"] = args[0]  # wrappers (DDP: forward(*inputs, **kwargs)) hide the names
-        main = _segment(bound.get("input_ids"), bound.get("attention_mask"), bound.get("inputs_embeds"))
+        cache = _kv_cache(bound)
         dec = None
         if self._is_encoder_decoder:
+            # a forward given encoder_outputs did not run the encoder (generate()'s decode steps): no encoder tokens
+            main = None if bound.get("encoder_outputs") is not None else _segment(
+                bound.get("input_ids"), bound.get("attention_mask"), bound.get("inputs_embeds"))
             dec = _segment(
                 bound.get("decoder_input_ids"),
                 bound.get("decoder_attention_mask"),
                 bound.get("decoder_inputs_embeds"),
                 like=bound.get("labels"),
+                cache=cache,
             )
+        else:
+            main = _segment(bound.get("input_ids"), bound.get("attention_mask"), bound.get("inputs_embeds"),
+                            cache=cache)
         self._forwards.append((main, dec))
 
-    def _on_router(self, site_index: int, module: nn.Module, inputs: tuple, output: Any) -> None:
+    def _on_encoder_call(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Forward pre-hook on an encoder-decoder model's encoder: generate() runs the encoder by itself, outside
+        any forward of the model, so its tokens (and mask) are captured here as a forward of their own. Inside a
+        model forward the model's pre-hook has them already."""
+        if self._paused or self._in_model or _in_backward():
+            return
+        bound = dict(zip(_positional_params(module.forward), args))
+        bound.update(kwargs)
+        main = _segment(bound.get("input_ids"), bound.get("attention_mask"), bound.get("inputs_embeds"))
+        if main is not None:
+            self._forwards.append((main, None))
+
+    def _on_router(self, module: nn.Module, inputs: tuple, output: Any) -> None:
         """Forward hook on a router: extract its routing and buffer the detached device tensors (no sync)."""
         if self._paused or _in_backward():
             return
-        out = self.sites[site_index].extract(module, inputs, output)
+        sink = getattr(module, _SINK_ATTR)  # this router's _Sink (see _attach_hooks)
+        out = sink.extract(module, inputs, output)
         captured = (
             out.logits.detach(),  # [tokens, E]
             out.index.detach(),  # [tokens, k]
             out.weights.detach(),  # [tokens, k]
             None if out.dropped is None else out.dropped.detach(),  # [tokens, k]
+            # routes.margin in the router's own score space (sigmoid + bias): taken here, since the bias may be
+            # updated before step(); softmax routers' margins come from the logits at step(), kept tokens only
+            None if out.scores is None else routing_margin(out.scores, out.index),  # [tokens]
         )
-        sink = self._sinks[site_index]
         sink.out = sink.out + (captured,)  # a new tuple, not an append: see _Sink
 
     # -- steps -------------------------------------------------------------------------------------------------
@@ -808,8 +983,8 @@ class Recorder:
                      seq_offset: int = 0, sample_ids: Any = None) -> _StepRecord:
         device = next(c[0][0].device for c in calls if c)
         main = self._main_stream([f[0] for f in forwards], token_ids, attention_mask, device, seq_offset)
-        dec_segments = [f[1] for f in forwards]
-        dec = _Stream(dec_segments, device, seq_offset) if dec_segments and all(dec_segments) else None
+        dec_segments = self._known([f[1] for f in forwards])
+        dec = _Stream(dec_segments, device, seq_offset) if dec_segments else None
         sampled = step % self.sample_every == 0
         n_seqs = main.n_seqs if main is not None else 0
         record = _StepRecord(step, tag, self._domains(domain, n_seqs, step), seq_offset=seq_offset,
@@ -820,7 +995,7 @@ class Recorder:
         for i, site in enumerate(self.sites):
             if concatenated[i] is None:
                 continue
-            logits, index, weights, dropped = concatenated[i]
+            logits, index, weights, dropped, margin = concatenated[i]
             stream = self._stream_for(site, logits.shape[0], main, dec)
             if stream is not None and site.expert_capacity is not None and not self._capacity_known:
                 self._write_capacity_factor(site, stream.seq_len)
@@ -838,13 +1013,15 @@ class Recorder:
                 routed.append((site, stream, index, keep))
                 sums = balances.layer(id(stream), logits, index, keep, seq - seq_offset, stream.n_seqs, lse)
                 record.pieces.append(_piece(balance.BALANCE_PIECE, site.layer, sums))
-            agg = layer_aggregates(logits, index, dropped, mask, seq, pos, finite=finite, lse=lse)
+            order = None if stream is None or stream.order is None else stream.order.to(dev, non_blocking=True)
+            agg = layer_aggregates(logits, index, dropped, mask, seq, pos, finite=finite, lse=lse, order=order)
             record.pieces.append(_piece("agg", site.layer, agg))
             if self.pair_stats:
                 record.pieces.append(_piece("pairs", site.layer, pair_counts(index, keep, int(site.n_experts))))
             if sampled and stream is not None and self.max_tokens_per_step != 0:
                 sel, valid = stream.kept(dev, self.max_tokens_per_step)  # [M], [M]: the same tokens in every layer
-                ints, w = packed_routes(sel, valid & finite[sel], seq, pos, tid, index, weights, site.weight_scale)
+                ints, w = packed_routes(sel, valid & finite[sel], seq, pos, tid, index, weights, site.weight_scale,
+                                        dropped=dropped, margin=kept_margin(logits, index, sel, margin, lse))
                 record.pieces += [_piece("route_ints", site.layer, ints), _piece("route_weights", site.layer, w)]
         record.pieces += [_piece(kind, layer, t) for kind, layer, t in self._biases.pieces()]
         for (a, _, index_a, keep_a), (b, _, index_b, keep_b) in self._flow_pairs(routed):
@@ -852,11 +1029,14 @@ class Recorder:
             counts = flow_counts(index_a, index_b, both, int(a.n_experts), int(b.n_experts))
             record.pieces.append(_piece("flow", a.layer, counts, layer_b=b.layer))
         if main is not None:
-            if main.has_ids:  # the ids inside the mask, for sequences.seq_key (hashed on the host at flush)
-                ids = torch.where(main.mask, main.token_id, torch.full_like(main.token_id, -1)).to(torch.int32)
-                record.pieces.append(_piece("seq_ids", None, ids))
-                record.seq_shapes = main.shapes
-            record.pieces.append(_piece("seqs", None, main.n_per_seq.to(torch.int64)))
+            if main.has_ids and main.key_ids is not None:  # ids inside the mask, for sequences.seq_key (hashed later)
+                record.pieces.append(_piece("seq_ids", None, main.key_ids))
+                record.seq_shapes = main.key_shapes
+            prompt = main.prompt_tokens if dec is None else dec.prompt_tokens  # enc-dec: the decoder's prompt
+            if prompt.shape[0] != main.n_seqs:
+                prompt = torch.full_like(main.n_per_seq, -1)
+            seqs = torch.stack([main.n_per_seq.to(torch.int64), prompt.to(main.n_per_seq.device, torch.int64)], 1)
+            record.pieces.append(_piece("seqs", None, seqs))  # [n_seqs, 2]: n_tokens, prompt_tokens (-1 = NULL)
         return record
 
     def _flow_pairs(self, routed: list[tuple]) -> list[tuple[tuple, tuple]]:
@@ -872,8 +1052,13 @@ class Recorder:
         return [(x, y) for x, y in same if nxt.get(id(x[0])) is y[0]]
 
     def _main_stream(self, segments, token_ids, attention_mask, device, seq_offset: int = 0) -> _Stream | None:
-        """The step's token layout: explicit token_ids/attention_mask win, else the captured forwards."""
-        captured = segments if segments and all(sg is not None for sg in segments) else None
+        """The step's token layout: explicit token_ids/attention_mask win, else the captured forwards.
+
+        Given rows that match the captured sequences (one row per sequence, as wide as the forwards covered; wider
+        when the step was a generate() call, whose output holds the last new token that no forward saw), each
+        forward's part of them replaces what was captured, so decode tokens keep their rows and positions; the full
+        rows are what `sequences.seq_key` hashes."""
+        captured = self._known(segments)
         if token_ids is None and attention_mask is None:
             return _Stream(captured, device, seq_offset) if captured else None
         ids = _as_2d(token_ids, "token_ids") if token_ids is not None else None
@@ -882,12 +1067,38 @@ class Recorder:
             raise RecorderError(
                 f"token_ids {tuple(ids.shape)} and attention_mask {tuple(mask.shape)} must have the same shape"
             )
-        shape = tuple((ids if ids is not None else mask).shape)
-        both = _concat_captured(captured) if captured else None
-        if both is not None and both[2] == shape:  # fill what was not given from the captured forwards
-            ids = both[0] if ids is None else ids
-            mask = both[1] if mask is None else mask
-        return _Stream([_Segment(ids, mask, shape[0], shape[1])], device, seq_offset)
+        n_rows, width = tuple((ids if ids is not None else mask).shape)
+        if captured:
+            groups, placed = _layout(captured, seq_offset)
+            ends = {g.width for g in groups}
+            generation = any(g.prompt or len(g.segments) > 1 for g in groups)
+            if (sum(g.batch for g in groups) == n_rows and len(ends) == 1 and all(g.cols[0] == 0 for g in groups)
+                    and (width == min(ends) or (generation and width > min(ends)))):
+                covered = min(ends)
+                given = []
+                for sg, row, col in placed:
+                    r = slice(row - seq_offset, row - seq_offset + sg.batch)
+                    c = slice(col, col + sg.seq_len)
+                    given.append(dataclasses.replace(sg, ids=sg.ids if ids is None else ids[r, c],
+                                                     mask=sg.mask if mask is None else mask[r, c]))
+                if width == covered:
+                    return _Stream(given, device, seq_offset)
+                if mask is None:  # the forwards' masks, then the columns no forward saw (inside: generated)
+                    seen = torch.cat([torch.cat([_Stream._mask(sg, device) for sg in g.segments], dim=1)
+                                      for g in groups])  # [R, covered]
+                    mask = torch.cat([seen, torch.ones((n_rows, width - covered), dtype=torch.bool, device=device)], 1)
+                return _Stream(given, device, seq_offset, ids_for_keys=ids, mask_for_keys=mask)
+        return _Stream([_Segment(ids, mask, n_rows, width)], device, seq_offset)
+
+    def _known(self, segments) -> list[_Segment] | None:
+        """The forwards whose token layout is known, or None. An encoder-decoder model's forwards that did not run
+        the encoder (generate()'s decode steps get `encoder_outputs`) have no encoder segment and are skipped; the
+        encoder's own call (generate() calls it directly) brought one. Elsewhere one unknown forward makes the
+        layout unknown."""
+        if self._is_encoder_decoder:
+            known = [sg for sg in segments if sg is not None]
+            return known or None
+        return list(segments) if segments and all(sg is not None for sg in segments) else None
 
     def _write_capacity_factor(self, site, seq_len: int) -> None:
         """runs.capacity_factor for fixed-capacity routers (Switch: expert_capacity tokens per expert and
@@ -1198,8 +1409,9 @@ def _nonfinite_rows(layer_stats: dict | None) -> list[tuple[int, int, int]]:
     return [(int(layer_stats["step"][i]), int(layer_stats["layer"][i]), int(n[i])) for i in np.flatnonzero(n > 0)]
 
 
-def _concat_calls(calls: list) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-    """One layer's router calls of a step (one per forward) as single tensors [N, ...]."""
+def _concat_calls(calls: list) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
+    """One layer's router calls of a step (one per forward) as single tensors [N, ...]: logits, index, weights,
+    dropped (None if the router never drops), margin (None if the hook left it to step(): softmax routers)."""
     logits = torch.cat([c[0] for c in calls]) if len(calls) > 1 else calls[0][0]  # [N, E]
     index = torch.cat([c[1] for c in calls]) if len(calls) > 1 else calls[0][1]  # [N, k]
     weights = torch.cat([c[2] for c in calls]) if len(calls) > 1 else calls[0][2]  # [N, k]
@@ -1209,7 +1421,17 @@ def _concat_calls(calls: list) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
         dropped = torch.cat(
             [c[3] if c[3] is not None else torch.zeros(c[1].shape, dtype=torch.bool, device=c[1].device) for c in calls]
         )  # [N, k]
-    return logits, index, weights, dropped
+    margin = None if any(c[4] is None for c in calls) else torch.cat([c[4] for c in calls])  # [N]
+    return logits, index, weights, dropped, margin
+
+
+def _kv_cache(bound: dict) -> Any:
+    """The KV cache a forward was given (transformers 5 calls it `cache`, 4.x `past_key_values`), or None."""
+    for name in ("cache", "past_key_values"):
+        value = bound.get(name)
+        if value is not None and not isinstance(value, (bool, int, str)):
+            return value
+    return None
 
 
 def _positional_params(forward: Callable) -> list[str]:

@@ -120,6 +120,9 @@ class RouterOutput:
     index: Tensor  # [tokens, k] chosen experts (int64), slot 0 = top choice
     weights: Tensor  # [tokens, k] gate weights the model applied (after any renormalisation / scaling)
     dropped: Tensor | None = None  # [tokens, k] bool, True where the model itself dropped the assignment
+    scores: Tensor | None = None  # [tokens, experts] the scores the router ranked experts by, when they are not
+    # softmax(logits): sigmoid + bias (DeepSeek-V3, torchtitan/Megatron expert_bias), sigmoid (Llama 4). routes.margin
+    # is taken in this space; None = a softmax router (the margin comes from softmax(logits), computed at step())
 
 
 @dataclass
@@ -239,8 +242,9 @@ class TopKRouterAdapter(RouterAdapter):
             scoring = getattr(module, "scoring_func", "sigmoid")
             scores = logits.float().softmax(-1) if scoring == "softmax" else logits.float().sigmoid()
             bias = module.e_score_correction_bias.to(scores.dtype)  # [experts]
-            key = (scores + bias).gather(1, index)  # [tokens, k]
-            index, weights = _sort_slots(index, weights, key=key)
+            ranked = scores + bias  # [tokens, experts] what the router's top-k chose on
+            index, weights = _sort_slots(index, weights, key=ranked.gather(1, index))
+            return RouterOutput(logits=logits, index=index, weights=weights, dropped=None, scores=ranked)
         return RouterOutput(logits=logits, index=index, weights=weights, dropped=None)
 
     def _split(self, output):
@@ -319,7 +323,8 @@ class Llama4RouterAdapter(RouterAdapter):
         logits = logits.reshape(-1, self.n_experts)
         index = torch.topk(logits, self.top_k, dim=1).indices  # [T, k] the router's own call
         weights = scores.reshape(-1, self.n_experts).gather(1, index)  # [T, k]
-        return RouterOutput(logits=logits, index=index, weights=weights, dropped=None)
+        # a sigmoid router: the margin is taken between sigmoid scores (the order is that of the logits)
+        return RouterOutput(logits=logits, index=index, weights=weights, dropped=None, scores=logits.float().sigmoid())
 
 
 class NllbMoeTop2Adapter(RouterAdapter):
@@ -437,7 +442,14 @@ def _finalize(out: RouterOutput, n_experts: int, top_k: int, where: str) -> Rout
     dropped = fields["dropped"]
     if dropped is not None and dropped.dtype != torch.bool:
         dropped = dropped.to(torch.bool)
-    return RouterOutput(logits=logits, index=index, weights=fields["weights"], dropped=dropped)
+    scores = out.scores
+    if scores is not None:
+        if scores.numel() != tokens * n_experts:
+            raise RouterOutputError(
+                f"{where}: scores have shape {tuple(scores.shape)}, expected {tokens} tokens x n_experts={n_experts}"
+            )
+        scores = scores.detach().reshape(tokens, n_experts)
+    return RouterOutput(logits=logits, index=index, weights=fields["weights"], dropped=dropped, scores=scores)
 
 
 def check_router_output(site: "RouterSite", out: RouterOutput) -> None:

@@ -192,3 +192,35 @@ def test_training_under_compile_records_each_forward_once_and_backward_works(tmp
     assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
     assert cnt.frame_count == 1
     _assert_routes_equal_reference(tmp_path / "run", reference, config.num_experts_per_tok)
+
+
+def test_margin_in_the_routers_score_space_adds_no_graph_break(tmp_path, fresh_dynamo):
+    """DeepSeek-V3's routes.margin is taken in the hook (sigmoid + bias, which may change before step()): traced into
+    the graph with the rest of the hook. Same graphs and breaks as the model alone; the same routes, weights,
+    drops and margins as an eager recording."""
+    model, config = tiny_model("deepseek_v3")
+    batches = _inputs(config.vocab_size)
+    sql = "SELECT step, seq, pos, layer, slot, expert, weight, dropped, margin FROM routes ORDER BY ALL"
+    with Recorder(model, tmp_path / "eager") as rec:
+        _record(rec, model, batches)
+    eager = query(tmp_path / "eager", sql)
+
+    baseline = CompileCounterWithBackend("aot_eager")
+    with torch.no_grad():
+        torch.compile(model, backend=baseline)(batches[0][0])
+    breaks = sum(counters["graph_break"].values())
+    torch._dynamo.reset()
+    counters.clear()
+
+    cnt = CompileCounterWithBackend("aot_eager")
+    with Recorder(model, tmp_path / "compiled") as rec:
+        _record(rec, torch.compile(model, backend=cnt), batches)
+    assert sum(counters["graph_break"].values()) == breaks, dict(counters["graph_break"])
+    assert cnt.frame_count == baseline.frame_count
+    compiled = query(tmp_path / "compiled", sql)
+    assert eager.margin.notna().all() and (eager.margin < 0).any()  # biased sigmoid space, group limits
+    np.testing.assert_array_equal(compiled[["step", "seq", "pos", "layer", "slot", "expert"]].to_numpy(),
+                                  eager[["step", "seq", "pos", "layer", "slot", "expert"]].to_numpy())
+    np.testing.assert_allclose(compiled.weight, eager.weight, atol=2e-5)
+    np.testing.assert_allclose(compiled.margin, eager.margin, atol=2e-5)
+    assert not compiled.dropped.any()

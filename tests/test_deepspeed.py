@@ -219,8 +219,8 @@ def test_recorder_stores_deepspeeds_routing(ds_run, tmp_path):
             c.stop()
         for h in hooks:
             h.remove()
-    routes = query(tmp_path / "run", "SELECT seq, pos, token_id, layer, slot, expert, weight FROM routes "
-                                     "ORDER BY layer, seq, pos, slot")
+    routes = query(tmp_path / "run", "SELECT seq, pos, token_id, layer, slot, expert, weight, dropped, margin "
+                                     "FROM routes ORDER BY layer, seq, pos, slot")
     stats = query(tmp_path / "run", "SELECT layer, expert, assigned, dropped, prob_sum FROM step_stats "
                                     "ORDER BY layer, expert")
     for s in sites:
@@ -235,6 +235,13 @@ def test_recorder_stores_deepspeeds_routing(ds_run, tmp_path):
         kept = (idx >= 0).numpy()
         np.testing.assert_array_equal(expert[kept], idx.numpy()[kept])  # every kept route, in DeepSpeed's slot
         np.testing.assert_allclose(stored[kept], gates.numpy()[kept], atol=2e-5)
+        np.testing.assert_array_equal(r.dropped.to_numpy().reshape(-1, k), ~kept)  # DeepSpeed's -1, slot by slot
+        # routes.margin: the full softmax of the logits DeepSpeed's gating function got
+        p = torch.softmax(logits[s.layer].double(), -1).numpy()
+        picked = np.take_along_axis(p, expert, 1).min(1)
+        np.put_along_axis(p, expert, -np.inf, 1)
+        np.testing.assert_allclose(r.margin.to_numpy().reshape(-1, k), np.repeat((picked - p.max(1))[:, None], k, 1),
+                                   atol=2e-5)
         st = stats[stats.layer == s.layer]
         # DeepSpeed's exp_counts count the assignments before dropping; dropped = those minus the kept ones
         np.testing.assert_array_equal(st.assigned.to_numpy(), exp_counts.numpy())
@@ -316,9 +323,9 @@ def test_training_steps_record_what_the_gate_did(tmp_path):
 
 def test_recorded_under_torch_compile(tmp_path):
     """torch.compile(backend='aot_eager') with the Recorder attached: the routes equal the gate's own outputs of an
-    eager run. DeepSpeed's MOELayer breaks the graph itself (`C = int(C)`, once per MoE layer); the Recorder adds
-    no break of its own but one recompile of the shared MOELayer frame per further MoE layer (its hook's site index
-    is a constant Dynamo guards on), which meets DeepSpeed's break again: measured here so that a change shows."""
+    eager run. DeepSpeed's MOELayer breaks the graph itself (`C = int(C)`, once per MoE layer), so its layers share
+    the frame resumed after the break; the Recorder adds no break and no recompile of that frame (one hook for every
+    router, which finds its sink on the module: no per-layer constant for Dynamo to guard on)."""
     import torch._dynamo
     from torch._dynamo.testing import CompileCounterWithBackend
     from torch._dynamo.utils import counters
@@ -361,7 +368,7 @@ def test_recorded_under_torch_compile(tmp_path):
             breaks.append(sum(counters["graph_break"].values()))
     finally:
         torch._dynamo.reset()
-    assert breaks[1] == breaks[0] + len(sites) - 1 and frames[1] == frames[0] + len(sites) - 1, (frames, breaks)
+    assert len(sites) > 1 and breaks[1] == breaks[0] and frames[1] == frames[0], (frames, breaks)
     routes = query(tmp_path / "run", "SELECT step, seq, pos, layer, slot, expert, weight FROM routes ORDER BY ALL")
     dropped = query(tmp_path / "run", "SELECT step, layer, sum(dropped) AS n FROM step_stats GROUP BY ALL")
     for step in range(2):

@@ -191,7 +191,8 @@ def test_recorder_stores_the_routing(run, tmp_path):
         np.testing.assert_array_equal(st.dropped.to_numpy(), want_dropped)
         np.testing.assert_allclose(st.prob_sum.to_numpy(),
                                    torch.softmax(logits[s.layer].double(), -1).reshape(-1, E).sum(0).numpy(), rtol=1e-5)
-    routes = query(tmp_path / "run", "SELECT layer, seq, pos, slot, expert, weight FROM routes ORDER BY ALL")
+    routes = query(tmp_path / "run", "SELECT layer, seq, pos, slot, expert, weight, dropped, margin FROM routes "
+                   "ORDER BY ALL")
     for s in sites:  # every token of each stack (encoder and decoder for NLLB-MoE), in (seq, pos, slot) order
         k = s.top_k
         r = routes[routes.layer == s.layer]
@@ -199,6 +200,24 @@ def test_recorder_stores_the_routing(run, tmp_path):
         np.testing.assert_array_equal(r.pos.to_numpy(), np.tile(np.repeat(np.arange(seq_len), k), BATCH))
         np.testing.assert_array_equal(r.expert.to_numpy().reshape(-1, k), captured[s.layer].index.numpy())
         np.testing.assert_allclose(r.weight.to_numpy().reshape(-1, k), captured[s.layer].weights.numpy(), atol=2e-5)
+        expert = r.expert.to_numpy().reshape(-1, k)
+        # routes.dropped against the model's own output: NLLB's first choice dropped where its top_1_mask row is
+        # zero, its second where the combine weight of that expert is zero; Llama 4 never drops
+        dropped = r.dropped.to_numpy().reshape(-1, k)
+        if family == "nllb_moe":
+            top_1_mask, combine = (t.reshape(-1, s.n_experts) for t in raw[s.layer][:2])
+            want = np.stack([top_1_mask.sum(-1).numpy() == 0,
+                             np.take_along_axis(combine.numpy(), expert[:, 1:], 1)[:, 0] == 0], 1)
+            np.testing.assert_array_equal(dropped, want)
+        else:
+            assert not dropped.any()
+        # routes.margin from the model's own router logits: the full softmax (NLLB), the sigmoid score (Llama 4)
+        lg = logits[s.layer].double().reshape(-1, s.n_experts)
+        space = (torch.softmax(lg, -1) if family == "nllb_moe" else torch.sigmoid(lg)).numpy()
+        picked = np.take_along_axis(space, expert, 1).min(1)
+        np.put_along_axis(space, expert, -np.inf, 1)
+        want_margin = np.repeat((picked - space.max(1))[:, None], k, 1)
+        np.testing.assert_allclose(r.margin.to_numpy().reshape(-1, k), want_margin, atol=2e-5)
 
 
 def test_nllb_sampled_second_expert_refused_at_start(tmp_path):

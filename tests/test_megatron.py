@@ -88,6 +88,15 @@ def _forward_with_references(model, sites, ids, pos, mask) -> dict[int, dict]:
     return got
 
 
+def _margin(score, chosen):
+    """[T] the weakest chosen score minus the best unchosen one (routes.margin), in numpy float64."""
+    score = np.asarray(score, dtype=np.float64)
+    picked = np.take_along_axis(score, chosen, 1).min(1)
+    others = score.copy()
+    np.put_along_axis(others, chosen, -np.inf, 1)
+    return picked - others.max(1)
+
+
 def _to_batch_major(t: torch.Tensor) -> torch.Tensor:
     """[S*B, X] rows s*B + b (Megatron's order) -> [B*S, X] rows b*S + s."""
     return t.reshape(SEQ, BATCH, -1).transpose(0, 1).reshape(SEQ * BATCH, -1)
@@ -167,9 +176,8 @@ def test_recorder_stores_megatrons_routing_in_token_order(megatron_run, tmp_path
             with torch.no_grad():
                 model(ids, pos, mask)
             rec.step(0)
-    routes = query(
-        tmp_path / "run", "SELECT seq, pos, layer, slot, expert, weight FROM routes ORDER BY layer, seq, pos, slot"
-    )
+    routes = query(tmp_path / "run", "SELECT seq, pos, layer, slot, expert, weight, dropped, margin FROM routes "
+                   "ORDER BY layer, seq, pos, slot")
     stats = query(tmp_path / "run", "SELECT layer, expert, assigned, dropped FROM step_stats ORDER BY layer, expert")
     for s in sites:
         out = got[s.layer]["out"]  # checked against Megatron above
@@ -182,6 +190,22 @@ def test_recorder_stores_megatrons_routing_in_token_order(megatron_run, tmp_path
         recorded_map = torch.zeros(BATCH * SEQ, E, dtype=torch.bool).scatter(1, recorded, True)
         kept_by_megatron = _to_batch_major(got[s.layer]["routing_map"])  # straight from Megatron, not via `out`
         assert bool((recorded_map | ~kept_by_megatron).all())  # every expert a token was sent to is recorded
+        # routes.dropped: exactly the recorded assignments Megatron's routing_map did not send the token to
+        np.testing.assert_array_equal(r.dropped.to_numpy().reshape(-1, k),
+                                      ~kept_by_megatron.gather(1, recorded).numpy())
+        if cfg.moe_expert_capacity_factor is not None:
+            assert r.dropped.any()
+        # routes.margin from Megatron's own logits: full softmax, or sigmoid + expert_bias (the space it ranked in)
+        raw_logits = got[s.layer]["logits"]
+        logits = _to_batch_major(raw_logits.reshape(SEQ * BATCH, E)).double()
+        if cfg.moe_router_score_function == "softmax":
+            space = torch.softmax(logits, -1)
+        else:
+            bias = s.module.expert_bias
+            space = torch.sigmoid(logits) + (0 if bias is None else bias.double())
+        want = _margin(space.numpy(), recorded.numpy())
+        tol = 2e-5 if raw_logits.dtype == torch.float32 else 1e-2
+        np.testing.assert_allclose(r.margin.to_numpy().reshape(-1, k)[:, 0], want, atol=tol)
         np.testing.assert_allclose(r.weight.to_numpy().reshape(-1, k), out.weights.float().numpy() / scale, atol=2e-5)
         st = stats[stats.layer == s.layer]
         kept_map = _to_batch_major(got[s.layer]["routing_map"])

@@ -519,9 +519,9 @@ def test_sync_detector_catches_a_syncing_hook(mixtral, tmp_path, bad):
     """Negative control: the same detector fails a hook that does what the Recorder must not."""
 
     class Syncing(WatchedRecorder):
-        def _on_router(self, site_index, module, inputs, output):
+        def _on_router(self, module, inputs, output):
             with SyncDetector():
-                bad(self.sites[site_index].extract(module, inputs, output))
+                bad(module._moeviz_sink.extract(module, inputs, output))
 
     with pytest.raises(HostSync):
         with Syncing(mixtral, tmp_path / "run") as rec:
@@ -861,3 +861,21 @@ def test_layer_aggregates_upcast_bfloat16_logits():
     n_scalars = 9  # tokens, z, entropy, dropped, 4 adjacency counts, nonfinite_tokens
     np.testing.assert_allclose(got[n_scalars + 2 * 8 : n_scalars + 3 * 8], ref["prob_sum"], rtol=1e-5)
     np.testing.assert_allclose(got[1:3], [ref["z_loss_sum"], ref["entropy_sum"]], rtol=1e-5)
+
+
+def test_a_second_open_recorder_on_the_same_routers_is_refused(mixtral, tmp_path):
+    """Each hooked router holds its Recorder's sink (one hook for every router finds it there): a second Recorder
+    open on the same model at once is refused at start, and after the first closes the routers are clean."""
+    with Recorder(mixtral, tmp_path / "a") as first:
+        with pytest.raises(RecorderError, match="already recorded by another open Recorder"):
+            Recorder(mixtral, tmp_path / "b").start()
+        with torch.no_grad():
+            mixtral(torch.ones(1, 4, dtype=torch.long))
+        first.step(0)
+    assert not any(hasattr(s.module, "_moeviz_sink") for s in first.sites)
+    with Recorder(mixtral, tmp_path / "c") as again:
+        with torch.no_grad():
+            mixtral(torch.ones(1, 4, dtype=torch.long))
+        again.step(0)
+    assert query(tmp_path / "a", "SELECT count(*) AS n FROM routes").n[0] == 4 * K * 2
+    assert query(tmp_path / "c", "SELECT count(*) AS n FROM routes").n[0] == 4 * K * 2

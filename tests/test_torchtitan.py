@@ -148,8 +148,8 @@ def test_recorder_stores_torchtitans_routing(titan_run, tmp_path):
             with torch.no_grad():
                 model(ids)
             rec.step(0)
-    routes = query(tmp_path / "run", "SELECT seq, pos, token_id, layer, slot, expert, weight FROM routes "
-                                     "ORDER BY layer, seq, pos, slot")
+    routes = query(tmp_path / "run", "SELECT seq, pos, token_id, layer, slot, expert, weight, dropped, margin "
+                                     "FROM routes ORDER BY layer, seq, pos, slot")
     stats = query(tmp_path / "run", "SELECT layer, expert, tokens, assigned, first_choice, prob_sum, dropped "
                                     "FROM step_stats ORDER BY layer, expert")
     lstats = query(tmp_path / "run", "SELECT layer, z_loss_sum, entropy_sum FROM layer_stats ORDER BY layer")
@@ -172,6 +172,14 @@ def test_recorder_stores_torchtitans_routing(titan_run, tmp_path):
             for j in range(k):
                 assert stored[t, j] == pytest.approx(want[(t, int(expert[t, j]))], abs=2e-5)
         assert stored.max() <= 1.0 + 1e-6
+        assert not r.dropped.any()  # torchtitan never drops
+        # routes.margin in the space the router ranked in: its own scores (sigmoid or softmax) + the expert bias
+        space = g["raw"][2].reshape(-1, E).double() + (0 if g["bias"] is None else g["bias"].double())
+        picked = np.take_along_axis(space.numpy(), expert, 1).min(1)
+        others = space.numpy().copy()
+        np.put_along_axis(others, expert, -np.inf, 1)
+        tol = 2e-5 if space.dtype == torch.float64 and g["raw"][2].dtype == torch.float32 else 1e-2
+        np.testing.assert_allclose(r.margin.to_numpy()[::k], picked - others.max(1), atol=tol)
         # aggregates over torchtitan's own gate output (the logits), not over its sigmoid/softmax scores
         logits = g["logits"].reshape(-1, E).double()
         st = stats[stats.layer == s.layer]

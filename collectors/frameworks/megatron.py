@@ -101,9 +101,11 @@ class MegatronTopKRouterAdapter(RouterAdapter):
         def batch_major(t):  # [S*B, X] rows s*B + b -> [B*S, X] rows b*S + s
             return None if t is None else t.reshape(seq, batch, -1).transpose(0, 1).reshape(seq * batch, -1)
 
+        # routes.margin: sigmoid routers in their score (+ expert_bias) space; softmax routers from softmax(logits)
+        scores = batch_major(score) if self.score_function == "sigmoid" else None
         return RouterOutput(
             logits=batch_major(logits), index=batch_major(index), weights=batch_major(weights),
-            dropped=batch_major(dropped),
+            dropped=batch_major(dropped), scores=scores,
         )
 
     def _selection_score(self, module, logits):

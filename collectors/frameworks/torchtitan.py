@@ -86,4 +86,5 @@ class TorchtitanRouterAdapter(RouterAdapter):
         weights = weights.reshape(-1, self.top_k)  # [T, K]
         ranked = scores if bias is None else scores + bias  # [T, E] what the router's top-k ranked
         index, weights = _sort_slots(index, weights, key=ranked.gather(1, index))
-        return RouterOutput(logits=logits, index=index, weights=weights, dropped=None)
+        # routes.margin in the space the router chose on: softmax probabilities, or sigmoid score (+ expert_bias)
+        return RouterOutput(logits=logits, index=index, weights=weights, dropped=None, scores=ranked)

@@ -33,7 +33,6 @@ Definitions (the README's "Expert parallelism" section and the page help say the
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np

@@ -109,8 +109,9 @@ ROUTES = _t(
     ("margin", "DOUBLE", "How close the router's call was for this token and layer: for a softmax router the full "
      "softmax probability of the last chosen expert minus that of the best unchosen one (before any "
      "renormalisation), for a biased sigmoid router (DeepSeek-V3) the same in the score-plus-bias space it chose "
-     "on; the same on every slot row of the token and layer. Stored as float32. NULL where unknown (engine logs, "
-     "a router whose scores were not seen, data written before it existed)."),
+     "on; the same on every slot row of the token and layer. Stored as float32 (the Recorder writes it in steps of "
+     "2^-16, the gate weight's resolution). NULL where unknown (engine logs, a router whose scores were not seen, "
+     "data written before it existed)."),
 )
 
 STEP_STATS = _t(
@@ -218,7 +219,8 @@ SEQUENCES = _t(
      "not known and for data written before it existed (read as 0)."),
     ("prompt_tokens", "INTEGER", "How many of the sequence's tokens were the prompt: tokens at `pos - pos_offset >= "
      "prompt_tokens` were generated (decode steps of `generate()`, an engine's completion). NULL where unknown "
-     "(training batches, data written before it existed)."),
+     "(training batches, data written before it existed). For an encoder-decoder model, the decoder's prompt "
+     "(its start token): its encoder tokens are all input."),
 )
 
 EXPERT_BIAS = _t(
