@@ -65,10 +65,12 @@ def _write(run_dir, rank: int, steps: np.ndarray, rng, frames: list) -> None:
     w.close()
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
+@pytest.fixture(scope="module", params=["compacted", "live"])
+def store(request, tmp_path_factory):
     """Steps 0-1499 of both ranks compacted, then 1500-2344 of rank 0 compacted again (the incremental fold),
-    then 1500-2344 of rank 1 left as segments; and the raw rows as pandas frames."""
+    then 1500-2344 of rank 1, compacted too ("compacted": the analyses read the roll-ups) or left as segments
+    ("live": the views roll them up on the fly, the analyses read the per-step rows); and the raw rows as pandas
+    frames."""
     run_dir = tmp_path_factory.mktemp("rollups") / "r"
     rng = np.random.default_rng(7)
     frames: list = []
@@ -78,10 +80,12 @@ def store(tmp_path_factory):
     _write(run_dir, 0, np.arange(1500, N_STEPS), rng, frames)
     compact(run_dir)
     _write(run_dir, 1, np.arange(1500, N_STEPS), rng, frames)
+    if request.param == "compacted":
+        compact(run_dir)
     ss = pd.concat([f[0] for f in frames], ignore_index=True)
     ls = pd.concat([f[1] for f in frames], ignore_index=True)
     con = open_store(run_dir)
-    yield con, ss, ls
+    yield con, ss, ls, request.param
     con.close()
 
 
@@ -108,7 +112,7 @@ def test_pieces_cover_each_step_once_on_block_boundaries():
 
 
 def test_rollup_views_sum_every_row_per_block(store):
-    con, ss, ls = store
+    con, ss, ls, _ = store
     for r in (10, 100, 1000):
         # a block of compacted and live rows has a row from each: the view's rows add up per block
         got = con.execute("SELECT step, layer, expert, sum(tokens) AS tokens, sum(assigned) AS assigned, "
@@ -131,8 +135,11 @@ def test_rollup_views_sum_every_row_per_block(store):
 
 
 def test_the_queries_read_rollups_where_they_are_exact(store):
-    con = store[0]
+    con, state = store[0], store[3]
     cols = ("run_id", "step", "layer", "assigned")
+    if state == "live":  # rolling segments up at every query is slower than reading them
+        assert "step_rollups" not in step_rows_sql(con, "step_stats", Selection(), cols, step_bucket=100)[0]
+        return
     assert "step_rollups" in step_rows_sql(con, "step_stats", Selection(), cols, step_bucket=100)[0]
     assert "step_rollups" in step_rows_sql(con, "step_stats", Selection(), cols, by_step=False)[0]
     assert "step_rollups" not in step_rows_sql(con, "step_stats", Selection(), cols, step_bucket=7)[0]
@@ -146,7 +153,7 @@ BUCKETS = [7, 10, 20, 50, 100, 300, 1000, 2000]
 @pytest.mark.parametrize("steps", STEP_RANGES)
 @pytest.mark.parametrize("b", BUCKETS)
 def test_bucketed_load_and_losses_equal_brute_force(store, steps, b):
-    con, ss, ls = store
+    con, ss, ls, _ = store
     sel = Selection(steps=steps)
     raw = _bucketed(_in(ss, steps), b)
     cells = raw.groupby(["step", "layer", "expert"], as_index=False)[["tokens", "assigned", "prob_sum"]].sum()
@@ -177,7 +184,7 @@ def test_bucketed_load_and_losses_equal_brute_force(store, steps, b):
 
 @pytest.mark.parametrize("steps", STEP_RANGES)
 def test_totals_over_a_step_range_equal_brute_force(store, steps):
-    con, ss, _ = store
+    con, ss, _, _ = store
     got = expert_load(con, Selection(steps=steps), by_step=False)
     want = _in(ss, steps).groupby(["layer", "expert"], as_index=False)[["tokens", "assigned", "first_choice"]].sum()
     assert got["assigned"].tolist() == want["assigned"].tolist()
@@ -186,7 +193,7 @@ def test_totals_over_a_step_range_equal_brute_force(store, steps):
 
 
 def test_a_rank_selection_reads_the_per_step_rows(store):
-    con, ss, _ = store
+    con, ss, _, _ = store
     got = expert_load(con, Selection(steps=(13, 2291), ranks=(1,)), by_step=True, step_bucket=100)
     want = (_bucketed(_in(ss, (13, 2291), ranks=(1,)), 100)
             .groupby(["step", "layer", "expert"], as_index=False)["assigned"].sum())

@@ -9,14 +9,15 @@ cuts the selected steps into whole blocks of the coarsest allowed resolution, fi
 single steps at the ends (at most 2 x 3 + 1 pieces), and returns their UNION ALL.
 
 The roll-ups are summed over ranks, so a selection that picks ranks reads the per-step rows; so does a query on a
-connection without the roll-up views (a private in-memory store, a copy of a few tables). Only columns that are
+connection without the roll-up views (a private in-memory store, a copy of a few tables), and one on a store with
+live segments (the views roll those up at each query: correct, but slower than the per-step rows). Only columns that are
 sums can be read this way: `rank` is not among the columns returned.
 """
 
 from __future__ import annotations
 
 from moeviz.selection import Selection
-from moeviz.store.reader import table_names
+from moeviz.store.reader import rollups_complete
 from moeviz.store.rollups import RESOLUTIONS, SPEC
 
 __all__ = ["step_rows_sql", "pieces", "rollups_available"]
@@ -25,8 +26,9 @@ _ROLLUP_OF = {source: table for table, (source, _, _) in SPEC.items()}  # step_s
 
 
 def rollups_available(con) -> bool:
-    """Whether `con` exposes the roll-up views (a store opened by moeviz.store.open_store, or a testing store)."""
-    return set(SPEC) <= table_names(con)
+    """Whether reading the roll-ups pays on `con`: it has them and they are compacted (a live run's segments are
+    rolled up at each query, slower than the per-step rows: moeviz.store.reader.rollups_complete)."""
+    return rollups_complete(con)
 
 
 def pieces(lo: int | None, hi: int | None, resolutions: tuple[int, ...]) -> list[tuple[int, int | None, int | None]]:

@@ -96,6 +96,7 @@ def open_store(path, *, memory_limit: int | None = None, threads: int | None = N
         _register_segments(con, runs)
         con.register("_run_status", _status_table(con, runs, compacted))
         _create_views(con, compacted)
+        _note_rollup_gaps(con, runs, compacted)
         _lock_down(con)
     except BaseException:
         con.close()
@@ -331,6 +332,33 @@ def _rollup_source(table: str, compacted: dict[int, dict]) -> str:
         for info in compacted.values() if source in info["tables"] and table not in info["tables"]]
     parts.append(rollups.rollup_sql(table, "(" + " UNION ALL ".join(uncovered) + ")"))
     return " UNION ALL ".join(parts)
+
+
+ROLLUP_GAPS = "_rollup_gaps"
+
+
+def _note_rollup_gaps(con, runs: list[_RunFiles], compacted: dict[int, dict]) -> None:
+    """How many sources of the roll-up views are not compacted roll-ups (live step_stats/layer_stats segments, a
+    run.duckdb built before roll-ups): one number in a one-row table, for `rollups_complete`. Where it is not 0
+    the views roll those rows up at each query, which is slower than reading them directly."""
+    sources = {rollups.SPEC[t][0] for t in layout.ROLLUP_TABLES}
+    n = sum(len(r.segments[t]) for r in runs for t in sources)
+    n += sum(1 for info in compacted.values() for t in layout.ROLLUP_TABLES
+             if t not in info["tables"] and rollups.SPEC[t][0] in info["tables"])
+    con.execute(f"CREATE TEMP TABLE {ROLLUP_GAPS} AS SELECT CAST({int(n)} AS BIGINT) AS uncovered")
+
+
+def rollups_complete(con) -> bool:
+    """Whether `con`'s roll-up views (`step_rollups`, `layer_rollups`) are read straight from compacted roll-ups,
+    so that reading them beats reading step_stats/layer_stats: a store opened by `open_store` whose runs are all
+    compacted (a live run's segments are rolled up at every query: slower than the per-step rows); a
+    connection that has the views and no such note (moeviz.testing stores: tables). False without the views."""
+    have = table_names(con)
+    if not set(layout.ROLLUP_TABLES) <= have:
+        return False
+    if ROLLUP_GAPS not in have:
+        return True
+    return con.execute(f"SELECT uncovered FROM {ROLLUP_GAPS}").fetchone()[0] == 0
 
 
 def _lock_down(con) -> None:
