@@ -45,7 +45,7 @@ def page_figures(store: Path, page: str) -> dict:
     seconds = time.perf_counter() - t0
     sizes = [len(el.proto.spec) for el in at.get("plotly_chart")]
     return {"charts": len(sizes), "bytes": sum(sizes), "largest": max(sizes, default=0), "seconds": seconds,
-            "errors": [str(e.value)[:120] for e in at.error] + [str(e.value)[:120] for e in at.exception]}
+            "errors": [str(e.value)[:120] for e in at.exception]}
 
 
 def main() -> None:
@@ -55,7 +55,7 @@ def main() -> None:
     args = ap.parse_args()
     if not (args.store / "run.duckdb").exists():
         build(args.store)
-    print("| page | charts | figure JSON | largest chart | AppTest s | errors |")
+    print("| page | charts | figure JSON | largest chart | AppTest s | exceptions |")
     print("|---|---:|---:|---:|---:|---|")
     for page in args.pages.split(","):
         m = page_figures(args.store, page)

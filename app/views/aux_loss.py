@@ -8,6 +8,7 @@ import streamlit as st
 from app.components import bucket_note, guarded, run_page, show_chart
 from app.state import Ctx
 from app.views.bounds import infimum_value
+from app.wide import layer_page
 from moeviz import charts
 from moeviz.analyses.aux_loss import pooled_switch_loss, switch_loss, z_loss
 from moeviz.store.catalog import step_tags
@@ -45,7 +46,8 @@ def render(ctx: Ctx) -> None:
     st.caption(f"E = {ctx.n_experts} experts, k = {ctx.top_k}: uniform routing gives 1; the true lower bound "
                f"(infimum over routings) is {bound_text}, not the 1 of the Switch paper nor the blog's 1/2.")
     with guarded("Switch loss per layer"):
-        per_layer = ctx.q(switch_loss, sel, **over_steps)
+        page = layer_page(ctx, "aux")  # many layers: a page of them at a time (app/wide.py)
+        per_layer = ctx.q(switch_loss, sel if page is None else sel.with_(layers=page), **over_steps)
         show_chart(charts.aux_loss_lines(per_layer, bound=bound), per_layer, "switch-loss", caption=note)
     with guarded("Pooled Switch loss"):
         pooled = ctx.q(pooled_switch_loss, sel, **over_steps)

@@ -6,7 +6,7 @@ import streamlit as st
 
 from app.components import bucket_note, guarded, run_page, show_chart
 from app.state import Ctx
-from app.wide import find_expert, is_wide
+from app.wide import find_expert, is_wide, layer_page
 from moeviz import charts
 from moeviz.analyses.load import imbalance, load_matrix
 
@@ -50,7 +50,9 @@ def render(ctx: Ctx) -> None:
         metric = st.selectbox("Imbalance metric", list(charts.IMBALANCE_METRICS), key="imbalance_metric",
                               format_func=charts.IMBALANCE_METRICS.get)
         bucket = ctx.step_bucket  # a long run's curve in buckets of steps: at most ~1,500 points per line
-        imb = ctx.q(imbalance, ctx.sel, by_step=True, step_bucket=bucket)
+        page = layer_page(ctx, "imbalance")  # many layers: a page of them at a time (app/wide.py)
+        imb = ctx.q(imbalance, ctx.sel if page is None else ctx.sel.with_(layers=page), by_step=True,
+                    step_bucket=bucket)
         show_chart(charts.imbalance_lines(imb, metric), imb, "imbalance", caption=bucket_note(bucket))
         pooled = ctx.q(imbalance, sel, by_step=False)
         st.markdown(f"**Imbalance per layer {where}**")

@@ -175,24 +175,30 @@ def imbalance(
         raise AnalysisError(f"top_n must be a positive number of experts; got {top_n}")
     base, params = expert_counts_sql(sel, by_step=by_step, step_bucket=step_bucket, rollups=rollups_available(con))
     keys = "run_id, step, layer" if by_step else "run_id, layer"
+    # one GROUP BY, no window: a (step, layer)'s experts as a list for the measures that need its total or its
+    # ranking (dead experts, top-n coverage, entropy); the windows it replaced (share of the layer's total, a
+    # row_number per expert) took 2.6 s of 3.3 s at 100 steps x 58 layers x 256 experts
     sql = f"""
         WITH b AS ({base}),
-        f AS (
-            SELECT *, {col} AS n,
-                   {col} / nullif(sum({col}) OVER w, 0) AS frac,
-                   row_number() OVER (PARTITION BY {keys} ORDER BY {col} DESC, expert) AS busy_rank
-            FROM b WINDOW w AS (PARTITION BY {keys}))
-        SELECT {keys}, any_value(n_experts) AS n_experts, any_value(top_k) AS top_k, any_value(tokens) AS tokens,
-               CAST(sum(n) AS BIGINT) AS assignments,
-               max(n) / nullif(avg(n), 0) AS max_over_mean,
-               (max(n) - avg(n)) / nullif(avg(n), 0) AS max_vio,
-               stddev_pop(n) / nullif(avg(n), 0) AS cv,
-               -sum(CASE WHEN frac > 0 THEN frac * ln(frac) ELSE 0 END) / nullif(ln(any_value(n_experts)), 0)
+        g AS (
+            SELECT {keys}, any_value(n_experts) AS n_experts, any_value(top_k) AS top_k,
+                   any_value(tokens) AS tokens, sum(n) AS total, max(n) AS top, avg(n) AS mean,
+                   stddev_pop(n) AS sd, list(n) AS ns
+            FROM (SELECT {keys}, n_experts, top_k, tokens, {col} AS n FROM b) GROUP BY {keys})
+        SELECT {keys}, n_experts, top_k, tokens, CAST(total AS BIGINT) AS assignments,
+               top / nullif(mean, 0) AS max_over_mean,
+               (top - mean) / nullif(mean, 0) AS max_vio,
+               sd / nullif(mean, 0) AS cv,
+               CASE WHEN total > 0 THEN -list_sum(list_transform(ns, x -> CASE WHEN x > 0
+                        THEN x / total * ln(x / total) ELSE 0 END)) ELSE 0 END / nullif(ln(n_experts), 0)
                    AS norm_entropy,
-               count(*) FILTER (WHERE frac < ? / n_experts) AS dead_experts,
-               count(*) FILTER (WHERE frac < ? / n_experts) / any_value(n_experts) AS dead_share,
-               CAST(coalesce(?, any_value(top_k)) AS INTEGER) AS top_n,
-               sum(frac) FILTER (WHERE busy_rank <= coalesce(?, top_k)) AS top_n_coverage
-        FROM f GROUP BY {keys} ORDER BY {keys}"""
+               CASE WHEN total > 0 THEN len(list_filter(ns, x -> x / total < ? / n_experts)) ELSE 0 END
+                   AS dead_experts,
+               CASE WHEN total > 0 THEN len(list_filter(ns, x -> x / total < ? / n_experts)) ELSE 0 END
+                   / n_experts AS dead_share,
+               CAST(coalesce(?, top_k) AS INTEGER) AS top_n,
+               CASE WHEN total > 0 THEN list_sum(list_slice(list_reverse_sort(ns), 1, coalesce(?, top_k))) / total
+                   END AS top_n_coverage
+        FROM g ORDER BY {keys}"""
     tn = None if top_n is None else int(top_n)
     return run_query(con, sql, params + [float(dead_threshold), float(dead_threshold), tn, tn])

@@ -33,16 +33,26 @@ def _typed(table: str) -> str:
 
 
 def rollup_sql(table: str, source: str) -> str:
-    """SELECT of `table`'s rows (every resolution) from `source`, a FROM item with the source table's columns."""
+    """SELECT of `table`'s rows (every resolution) from `source`, a FROM item with the source table's columns.
+
+    Each resolution is summed from the one below it (10 from the steps, 100 from the 10-step blocks, ...): one
+    pass over the per-step rows, not one per resolution (at 1,000 steps x 58 x 256 experts a cross join with the
+    resolutions aggregated 3 x 14.8 M rows)."""
     _, keys, sums = SPEC[table]
-    res = ", ".join(f"({r})" for r in RESOLUTIONS)
     k = ", ".join(keys)
-    summed = ", ".join(f"sum({c}) AS {c}" for c in sums)
+    levels = []
+    below = source
+    for r in RESOLUTIONS:
+        summed = ", ".join(f"sum({c}) AS {c}" for c in sums)
+        levels.append(f"""r{r} AS (
+            SELECT run_id, {r} AS resolution, (step // {r}) * {r} AS step, {k}, {summed}
+            FROM {below} x GROUP BY run_id, (step // {r}) * {r}, {k})""")
+        below = f"r{r}"
+    union = " UNION ALL ".join(f"SELECT * FROM r{r}" for r in RESOLUTIONS)
     return f"""
         SELECT {_typed(table)} FROM (
-            SELECT x.run_id, r.resolution, (x.step // r.resolution) * r.resolution AS step, {k}, {summed}
-            FROM {source} x, (VALUES {res}) r(resolution)
-            GROUP BY x.run_id, r.resolution, (x.step // r.resolution) * r.resolution, {k})"""
+            WITH {", ".join(levels)}
+            {union})"""
 
 
 def fold(con, new_segments: dict[str, list], rebuild: set[str]) -> None:
