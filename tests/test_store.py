@@ -50,6 +50,10 @@ def make_flush(rng: np.random.Generator, step: int, rank: int = 0) -> dict:
         "token_id": np.broadcast_to(token_id[None, :, None], shape).ravel(),
         "layer": np.broadcast_to(np.arange(LAYERS)[:, None, None], shape).ravel(),
         "slot": np.broadcast_to(np.arange(K)[None, None, :], shape).ravel(), "expert": index.ravel(), "weight": w.ravel(),
+        "dropped": np.where(rng.random(LAYERS * tokens * K) < 0.1, np.nan, rng.integers(0, 2, LAYERS * tokens * K)),  # NaN = NULL
+        "margin": np.broadcast_to((np.take_along_axis(np.sort(logits, -1), np.array([[[EXPERTS - K]]]), -1)
+                                   - np.sort(logits, -1)[..., EXPERTS - K - 1:EXPERTS - K]), shape).ravel()
+                  .astype(np.float32),
     }
     le = np.array([(l, e) for l in range(LAYERS) for e in range(EXPERTS)])
     step_stats = {"step": np.full(len(le), step), "rank": np.full(len(le), rank), "layer": le[:, 0], "expert": le[:, 1],
@@ -70,9 +74,12 @@ def make_flush(rng: np.random.Generator, step: int, rank: int = 0) -> dict:
                  "domain": np.array(["code", None], dtype=object), "tag": "train", "n_tokens": np.full(SEQS, SEQ_LEN),
                  "seq_key": np.array([2**64 - 1 - step, None], dtype=object),  # full 64 bits; None = NULL
                  "sample_id": np.array([f"req-{step}", None], dtype=object),
-                 "pos_offset": np.array([3.0, np.nan])}  # NaN = NULL
+                 "pos_offset": np.array([3.0, np.nan]),  # NaN = NULL
+                 "prompt_tokens": np.array([np.nan, 2.0])}
+    bias = {"step": np.full(EXPERTS, step), "rank": np.full(EXPERTS, rank), "layer": np.full(EXPERTS, 1),
+            "expert": np.arange(EXPERTS), "bias": rng.normal(size=EXPERTS) * 1e-3}
     return {"routes": routes, "step_stats": step_stats, "layer_stats": layer_stats, "sequences": sequences,
-            "pair_stats": pair_stats, "flow_stats": flow_stats}
+            "pair_stats": pair_stats, "flow_stats": flow_stats, "expert_bias": bias}
 
 
 META = {"model_class": "TinyMoE", "n_layers": LAYERS, "n_experts": EXPERTS, "top_k": K, "capacity_factor": 1.25,
@@ -111,7 +118,7 @@ def check_tables_equal(con, expected: dict[str, pd.DataFrame], run_id: str) -> N
     keys = {"routes": ["step", "rank", "layer", "seq", "pos", "slot"], "step_stats": ["step", "rank", "layer", "expert"],
             "layer_stats": ["step", "rank", "layer"], "sequences": ["step", "rank", "seq"],
             "pair_stats": ["step", "rank", "layer", "expert_i"],
-            "flow_stats": ["step", "rank", "layer_a", "expert_a"]}
+            "flow_stats": ["step", "rank", "layer_a", "expert_a"], "expert_bias": ["step", "rank", "layer", "expert"]}
     for t, exp in expected.items():
         got = con.execute(f"SELECT * FROM {t} WHERE run_id = ?", [run_id]).df()
         assert (got["run_id"] == run_id).all()
@@ -268,9 +275,9 @@ def test_realistic_routes_cost_at_most_4_bytes_per_route_on_disk(tmp_path):
     assert set(info["tables"]) >= {"token_stats", "position_stats", "sequence_stats", "probe_sets", "weight_hist"}
     assert info["tables"]["weight_hist"]["compacted_rows"] > 0
     # every file of the run: run.duckdb adds ~2.5 MB of 256 KiB blocks whatever the size (a block or two per
-    # table: weight_hist took this from 15.x to 16.2); at scale the compacted run costs 2.8 B/route
-    # (docs/benchmarks.md)
-    assert info["bytes_per_route"] < 17
+    # table: weight_hist took this from 15.x to 16.2, the step roll-ups and expert_bias to 17.2); at scale the
+    # compacted run costs 2.8 B/route (docs/benchmarks.md)
+    assert info["bytes_per_route"] < 18
     # routes are compacted into zstd Parquet files; run.duckdb (small tables, fixed ~MB of blocks) holds none
     files = sorted((tmp_path / "r" / "compacted" / "routes").glob("rank=0/*.parquet"))
     assert len(files) == 1 and info["routes_files"] == 1
@@ -461,8 +468,8 @@ def test_compaction_is_idempotent_and_never_double_counts(tmp_path):
     both = {t: pd.concat([expected[t], more[t]], ignore_index=True) for t in expected}
     check_tables_equal(open_store(run_dir), both, "r")
     con = duckdb.connect(str(run_dir / "run.duckdb"), read_only=True)
-    # 3 metadata segments + 6 tables of one flush written by the second writer
-    assert con.execute("SELECT count(*), count(DISTINCT file) FROM _segments").fetchone() == (len(segs) + 9,) * 2
+    # 3 metadata segments + 7 tables of one flush written by the second writer
+    assert con.execute("SELECT count(*), count(DISTINCT file) FROM _segments").fetchone() == (len(segs) + 10,) * 2
     con.close()
     check_route_stats(open_store(run_dir), both["routes"])
 
@@ -706,7 +713,7 @@ def test_compaction_refuses_a_live_writer(tmp_path):
         compact(tmp_path / "r")
     write_run(tmp_path / "done", compact_on_close=False)
     result = {r["run_id"]: r for r in compact(tmp_path)["runs"]}  # a folder: compact what can be, skip the live
-    assert result["done"]["segments_folded"] == 15 and "still being written" in result["r"]["skipped"]
+    assert result["done"]["segments_folded"] == 17 and "still being written" in result["r"]["skipped"]
     w.close()
     assert compact(tmp_path / "r")["runs"][0]["segments_folded"] == 0  # close already compacted it
 
@@ -892,3 +899,28 @@ def test_seq_key_from_a_pandas_frame_keeps_its_64_bits(tmp_path):
     w.close()
     got = open_store(tmp_path / "r").execute("SELECT seq_key FROM sequences ORDER BY seq").fetchall()
     assert [g[0] for g in got] == [2**64 - 1, None, 2**63 + 5]
+
+
+def test_unknown_weights_and_counts_are_stored_as_null_not_zero(tmp_path):
+    """An engine log has no gate weights, probabilities, token counts or slot order: the store keeps them NULL."""
+    with RunWriter(tmp_path / "imp", run_id="imp") as w:
+        w.write_flush({
+            "routes": {"step": 0, "seq": [0, 0, 1, 1], "pos": [0, 0, 0, 0], "token_id": -1, "layer": 0,
+                       "slot": [0, 1, 0, 1], "expert": [3, 1, 2, 3], "weight": None, "dropped": None},
+            "step_stats": {"step": 0, "layer": 0, "expert": [1, 2, 3], "tokens": None, "assigned": [1, 1, 2],
+                           "first_choice": [np.nan, 1, np.nan], "prob_sum": None, "dropped": 0},
+        })
+    con = open_store(tmp_path / "imp")
+    assert con.execute("SELECT count(*), count(weight), count(dropped), count(margin) FROM routes").fetchone() == \
+        (4, 0, 0, 0)
+    assert con.execute("SELECT count(tokens), count(first_choice), sum(first_choice), count(prob_sum), "
+                       "sum(assigned) FROM step_stats").fetchone() == (0, 1, 1, 0, 4)
+    assert con.execute("SELECT count(*) FROM weight_hist").fetchone()[0] == 0  # no weight, no bin
+    assert con.execute("SELECT count(*) FROM token_stats").fetchone()[0] == 3  # counts need no weight
+
+
+def test_nullable_columns_refuse_what_is_not_a_number(tmp_path):
+    with RunWriter(tmp_path / "r", run_id="r") as w:
+        with pytest.raises(StoreError, match="routes.margin must hold numbers"):
+            w.write_flush({"routes": {"step": 0, "seq": 0, "pos": 0, "token_id": 1, "layer": 0, "slot": 0,
+                                      "expert": 0, "weight": 1.0, "margin": np.array(["close"])}})

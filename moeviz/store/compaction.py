@@ -302,7 +302,7 @@ _WEIGHT_HIST_SQL = f"""
     SELECT run_id, step, rank, layer, expert, CAST(weight_q >> {layout.WEIGHT_BIN_SHIFT} AS SMALLINT) AS bin,
            count(*) AS assigned, count(*) FILTER (WHERE slot = 0) AS first_choice,
            sum(weight_q) AS weight_q_sum
-    FROM ({{source}}) GROUP BY ALL"""
+    FROM ({{source}}) WHERE weight_q IS NOT NULL GROUP BY ALL"""  # routes without a weight (engine logs) have no bin
 # weight_hist's rows from such counts: `above`, the routes of the same step and expert in higher bins, which the
 # probability policy's cut-off bin is found by (moeviz.analyses.probability_drops)
 _WEIGHT_HIST_ABOVE_SQL = """
@@ -347,7 +347,7 @@ def _write_compacted_routes(run_dir: Path, rank: int, paths: list[Path]) -> tupl
             pending: list[pa.Table] = []
             pending_rows = 0
             for p in paths:
-                part = pq.read_table(p).select(schema.names).cast(schema)
+                part = _with_disk_columns(pq.read_table(p), schema)
                 pending.append(part)
                 pending_rows += part.num_rows
                 if pending_rows >= layout.COMPACTED_ROW_GROUP_ROWS:
@@ -362,6 +362,13 @@ def _write_compacted_routes(run_dir: Path, rank: int, paths: list[Path]) -> tupl
         raise
     _fsync(folder)
     return layout.relative_name(run_dir, folder / name), rank, n_rows, (folder / name).stat().st_size
+
+
+def _with_disk_columns(part: pa.Table, schema: pa.Schema) -> pa.Table:
+    """A segment's table in the current on-disk schema: columns an older segment lacks (added by a later schema
+    version) are NULL, as the readers show them."""
+    cols = [part.column(f.name) if f.name in part.column_names else pa.nulls(part.num_rows, f.type) for f in schema]
+    return pa.Table.from_arrays(cols, schema=schema) if part.num_rows else schema.empty_table()
 
 
 def _write_sorted_row_group(writer, parts: list[pa.Table]) -> int:

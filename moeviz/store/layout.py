@@ -58,7 +58,7 @@ HEARTBEAT_TIMEOUT_S = 600.0  # a writer on another host counts as alive this lon
 WEIGHT_SCALE = 65535  # routes.weight is stored as weight_q = round(weight * WEIGHT_SCALE), UINT16
 
 # Tables written per flush (data) and once per run (metadata). Order = the order views are built in.
-DATA_TABLES = ("routes", "step_stats", "layer_stats", "sequences", "pair_stats", "flow_stats")
+DATA_TABLES = ("routes", "step_stats", "layer_stats", "sequences", "pair_stats", "flow_stats", "expert_bias")
 # Tables that compaction builds from the routes it folds (in run.duckdb only; see store._fold_route_stats).
 ROUTE_STATS_TABLES = ("token_stats", "position_stats", "sequence_stats")
 # ... and the per-token expert sets of the probe steps (router saturation); not part of `route_stats_complete`, so
@@ -76,9 +76,11 @@ SEGMENT_TABLES = META_TABLES + DATA_TABLES
 # On-disk columns of each table. Public types where they are already narrow (so filters push down without a
 # cast); routes.weight is quantised to weight_q. Metadata tables carry the writing `rank` (views deduplicate).
 _S, _I64, _I32, _I16, _I8, _U16, _F64 = pa.string(), pa.int64(), pa.int32(), pa.int16(), pa.int8(), pa.uint16(), pa.float64()
+_BOOL, _F32 = pa.bool_(), pa.float32()
 DISK_SCHEMAS: dict[str, pa.Schema] = {
     "routes": pa.schema([("run_id", _S), ("step", _I64), ("rank", _I32), ("seq", _I32), ("pos", _I32),
-                         ("token_id", _I32), ("layer", _I16), ("slot", _I8), ("expert", _I16), ("weight_q", _U16)]),
+                         ("token_id", _I32), ("layer", _I16), ("slot", _I8), ("expert", _I16), ("weight_q", _U16),
+                         ("dropped", _BOOL), ("margin", _F32)]),
     "step_stats": pa.schema([("run_id", _S), ("step", _I64), ("rank", _I32), ("layer", _I16), ("expert", _I16),
                              ("tokens", _I64), ("assigned", _I64), ("first_choice", _I64), ("prob_sum", _F64),
                              ("dropped", _I64)]),
@@ -109,7 +111,9 @@ DISK_SCHEMAS: dict[str, pa.Schema] = {
                                 ("nonfinite_tokens", _I64)]),
     "sequences": pa.schema([("run_id", _S), ("step", _I64), ("rank", _I32), ("seq", _I32), ("domain", _S),
                             ("tag", _S), ("n_tokens", _I32), ("seq_key", pa.uint64()), ("sample_id", _S),
-                            ("pos_offset", _I32)]),
+                            ("pos_offset", _I32), ("prompt_tokens", _I32)]),
+    "expert_bias": pa.schema([("run_id", _S), ("step", _I64), ("rank", _I32), ("layer", _I16), ("expert", _I16),
+                              ("bias", _F64)]),
     "runs": pa.schema([("run_id", _S), ("rank", _I32), ("written_at", pa.timestamp("us")), ("run_name", _S),
                        ("model_class", _S), ("n_layers", _I32), ("n_experts", _I32), ("top_k", _I32),
                        ("capacity_factor", _F64), ("config", _S), ("sample_every", _I32),
@@ -123,7 +127,7 @@ DISK_SCHEMAS: dict[str, pa.Schema] = {
 # DuckDB types of the on-disk columns (for the compacted run.duckdb tables).
 _DUCK = {pa.string(): "VARCHAR", pa.int64(): "BIGINT", pa.int32(): "INTEGER", pa.int16(): "SMALLINT",
          pa.int8(): "TINYINT", pa.uint16(): "USMALLINT", pa.uint64(): "UBIGINT", pa.float64(): "DOUBLE",
-         pa.timestamp("us"): "TIMESTAMP"}
+         pa.timestamp("us"): "TIMESTAMP", pa.bool_(): "BOOLEAN", pa.float32(): "FLOAT"}
 
 
 def duckdb_type(arrow_type: pa.DataType) -> str:
@@ -477,7 +481,9 @@ def migrate_manifest(manifest: dict, where: Path) -> dict:
     fills columns a compacted run.duckdb lacks with NULL). A step is needed for renames or changed meanings.
 
     Version 2 added commit records (`_commits/`); a version 1 run has none, and its complete segment files are read
-    as they are (`commits: False`).
+    as they are (`commits: False`). Version 3 added `routes.dropped`, `routes.margin`, `sequences.prompt_tokens` and
+    the `expert_bias` table, and let `routes.weight` and `step_stats.tokens/first_choice/prob_sum` be NULL (unknown,
+    for imported engine logs): an older run reads with the new columns NULL and no NULL in the old ones.
     """
     version = int(manifest.get("schema_version", 0))
     if version > SCHEMA_VERSION:
@@ -491,6 +497,8 @@ def migrate_manifest(manifest: dict, where: Path) -> dict:
     if version == 1:  # no commit records: every complete segment file is data
         manifest = dict(manifest, commits=False)
         version = 2
+    if version == 2:  # v3 added columns (NULL in older files) and made weights and counts nullable: nothing to do
+        version = 3
     if version != SCHEMA_VERSION:
         raise SchemaVersionError(f"{where}: no migration from schema version {version} to {SCHEMA_VERSION}")
     return dict(manifest, schema_version=version, written_schema_version=int(manifest["schema_version"]))

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -101,7 +101,16 @@ ROUTES = _t(
     ("slot", "TINYINT", "Rank of the choice: 0 is the top expert, k-1 the last chosen."),
     ("expert", "SMALLINT", "Chosen expert index."),
     ("weight", "DOUBLE", "Gate weight the model applied to this expert (after any renormalisation), before a routed "
-     "scaling factor (DeepSeek/GLM `routed_scaling_factor`, in runs.config)."),
+     "scaling factor (DeepSeek/GLM `routed_scaling_factor`, in runs.config). NULL where the source has no gate "
+     "weights (runs imported from serving or training engine logs): never a made-up value."),
+    ("dropped", "BOOLEAN", "True where the model itself dropped this assignment (capacity: Switch, DeepSpeed, Megatron "
+     "with a capacity factor), so the expert never processed the token; false where it was processed; NULL where "
+     "the source does not say (engine logs, data written before it existed)."),
+    ("margin", "DOUBLE", "How close the router's call was for this token and layer: for a softmax router the full "
+     "softmax probability of the last chosen expert minus that of the best unchosen one (before any "
+     "renormalisation), for a biased sigmoid router (DeepSeek-V3) the same in the score-plus-bias space it chose "
+     "on; the same on every slot row of the token and layer. Stored as float32. NULL where unknown (engine logs, "
+     "a router whose scores were not seen, data written before it existed)."),
 )
 
 STEP_STATS = _t(
@@ -114,11 +123,14 @@ STEP_STATS = _t(
     ("rank", "INTEGER", "Rank."),
     ("layer", "SMALLINT", "MoE layer index."),
     ("expert", "SMALLINT", "Expert index."),
-    ("tokens", "BIGINT", "Tokens that reached the layer in this step and rank (same for every expert)."),
+    ("tokens", "BIGINT", "Tokens that reached the layer in this step and rank (same for every expert); NULL where "
+     "the source does not count tokens (e.g. SGLang's expert-count dumps)."),
     ("assigned", "BIGINT", "Top-k assignments of tokens to this expert (over all k slots)."),
-    ("first_choice", "BIGINT", "Tokens whose top (slot 0) choice is this expert."),
+    ("first_choice", "BIGINT", "Tokens whose top (slot 0) choice is this expert; NULL where the source has no slot "
+     "order (engine logs whose ids are in kernel or ascending order)."),
     ("prob_sum", "DOUBLE", "Sum over tokens of softmax(router_logits)[expert] (full float32 softmax, before top-k), "
-     "for every family; for sigmoid routers (DeepSeek-V3) this is not the score the model chose on."),
+     "for every family; for sigmoid routers (DeepSeek-V3) this is not the score the model chose on. NULL where "
+     "the source has no router probabilities (engine logs)."),
     ("dropped", "BIGINT", "Assignments to this expert that the model itself dropped (capacity), else 0."),
 )
 
@@ -203,6 +215,23 @@ SEQUENCES = _t(
      "mask: 0 for right padding or none, the padding's width for left padding, so that `pos - pos_offset` is the "
      "token's position within the sequence (what `moeviz.agreement` matches on). NULL where the token ids were "
      "not known and for data written before it existed (read as 0)."),
+    ("prompt_tokens", "INTEGER", "How many of the sequence's tokens were the prompt: tokens at `pos - pos_offset >= "
+     "prompt_tokens` were generated (decode steps of `generate()`, an engine's completion). NULL where unknown "
+     "(training batches, data written before it existed)."),
+)
+
+EXPERT_BIAS = _t(
+    "expert_bias",
+    "The selection bias of routers that add one to the scores before top-k (aux-loss-free balancing: DeepSeek-V2/V3 "
+    "`e_score_correction_bias`, torchtitan and Megatron-Core `expert_bias`), read at each recorded step: one row "
+    "per step, rank, layer and expert. Empty for routers without a bias.",
+    ("run_id", "VARCHAR", "Run id."),
+    ("step", "BIGINT", "Step."),
+    ("rank", "INTEGER", "Rank."),
+    ("layer", "SMALLINT", "MoE layer index."),
+    ("expert", "SMALLINT", "Expert index."),
+    ("bias", "DOUBLE", "The bias added to this expert's score for the choice (not to its gate weight), as the model "
+     "held it during the step."),
 )
 
 VOCAB = _t(
@@ -327,15 +356,24 @@ LAYER_ROLLUPS = _t(
 )
 
 TABLES: dict[str, Table] = {t.name: t for t in (RUNS, LAYERS, ROUTES, STEP_STATS, LAYER_STATS, PAIR_STATS, FLOW_STATS,
-                                                 SEQUENCES, TOKEN_STATS, POSITION_STATS, SEQUENCE_STATS, PROBE_SETS,
+                                                 SEQUENCES, EXPERT_BIAS, TOKEN_STATS, POSITION_STATS, SEQUENCE_STATS, PROBE_SETS,
                                                  WEIGHT_HIST, STEP_ROLLUPS, LAYER_ROLLUPS, VOCAB)}
 
 # Columns added after the first release of a table: a writer may leave them out (they read as NULL), so that
 # code written against the older schema (RunWriter.write_flush callers) keeps working.
 OPTIONAL_COLUMNS: dict[str, frozenset[str]] = {
-    "sequences": frozenset({"seq_key", "sample_id", "pos_offset"}),
+    "routes": frozenset({"dropped", "margin"}),
+    "sequences": frozenset({"seq_key", "sample_id", "pos_offset", "prompt_tokens"}),
     "layer_stats": frozenset({"adjacent_pairs", "same_first", "first_in_topk", "topk_overlap", "coactive_pairs",
                               "nonfinite_tokens"}),
+}
+
+
+# Columns a writer must give but may give as None (all NULL) or with NULL rows (NaN for floats): what a source does
+# not know (an engine log has no gate weights, probabilities or slot order) stays unknown instead of read as 0.
+NULLABLE_COLUMNS: dict[str, frozenset[str]] = {
+    "routes": frozenset({"weight"}),
+    "step_stats": frozenset({"tokens", "first_choice", "prob_sum"}),
 }
 
 

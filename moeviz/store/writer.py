@@ -26,7 +26,7 @@ from moeviz.errors import StoreError
 from moeviz.store import layout
 from moeviz.store.compaction import compact
 from moeviz.store.reader import StoreWarning
-from moeviz.store.schema import OPTIONAL_COLUMNS, SCHEMA_VERSION, TABLES
+from moeviz.store.schema import NULLABLE_COLUMNS, OPTIONAL_COLUMNS, SCHEMA_VERSION, TABLES
 
 RUN_META_KEYS = ("run_name", "model_class", "n_layers", "n_experts", "top_k", "capacity_factor", "config",
                  "sample_every", "max_tokens_per_step")
@@ -147,10 +147,12 @@ class RunWriter:
                 "token_id": pa.array(ids), "text": pa.array(texts, pa.string())}))])
 
     def write_flush(self, tables: Mapping[str, Mapping[str, Any]]) -> None:
-        """Append one flush: {table: {column: numpy array or scalar}} for routes, step_stats, layer_stats,
-        sequences. Columns as in moeviz.store.schema without run_id (`rank` defaults to this writer's rank);
-        routes take `weight` as float in [0, 1] (quantised to 1/65535 on disk) and are stored layer-major:
-        rows are stably sorted by layer if they are not already (keep token-then-slot order within a layer)."""
+        """Append one flush: {table: {column: numpy array or scalar}} for any of layout.DATA_TABLES (routes,
+        step_stats, layer_stats, sequences, pair_stats, flow_stats, expert_bias). Columns as in moeviz.store.schema
+        without run_id (`rank` defaults to this writer's rank); routes take `weight` as float in [0, 1] (quantised
+        to 1/65535 on disk), or None where the source has no gate weights, and are stored layer-major: rows are
+        stably sorted by layer if they are not already (keep token-then-slot order within a layer). Columns of
+        schema.NULLABLE_COLUMNS take None (unknown for every row) or NaN rows; never write 0 for unknown."""
         self._check_open()
         unknown = set(tables) - set(layout.DATA_TABLES)
         if unknown:
@@ -278,13 +280,17 @@ class RunWriter:
         if n == 0:
             return None
         arrays: dict[str, Any] = {}
+        nullable = OPTIONAL_COLUMNS.get(table, frozenset()) | NULLABLE_COLUMNS.get(table, frozenset())
         for c in expected:
             v = cols[c]
             if table == "routes" and c == "weight":
-                arrays["weight_q"] = self._quantised_weights(_broadcast(v, n), _broadcast(cols["layer"], n))
+                arrays["weight_q"] = pa.nulls(n, pa.uint16()) if v is None else \
+                    self._quantised_weights(_broadcast(v, n), _broadcast(cols["layer"], n))
                 continue
             t = schema.field(c).type
-            if t == pa.string():
+            if c in nullable and t in (pa.float64(), pa.float32(), pa.bool_()):
+                arrays[c] = _nullable_column(table, c, v, n, t)
+            elif t == pa.string():
                 try:
                     arrays[c] = pa.array([v] * n if np.ndim(v) == 0 and not isinstance(v, (list, tuple)) else list(v),
                                          pa.string())
@@ -294,7 +300,7 @@ class RunWriter:
                 arrays[c] = np.asarray(_broadcast(v, n), dtype=np.float64)
             elif t == pa.uint64():  # sequences.seq_key: full 64-bit hashes (no float NaN for NULL), None = NULL
                 arrays[c] = _uint64_column(table, c, v, n)
-            elif c in OPTIONAL_COLUMNS.get(table, ()):
+            elif c in nullable:
                 arrays[c] = _nullable_int_column(table, c, v, n, t)
             else:
                 arrays[c] = _int_column(table, c, _broadcast(v, n), t.to_pandas_dtype())
@@ -302,7 +308,8 @@ class RunWriter:
             layer = arrays["layer"]
             if n > 1 and not np.all(layer[1:] >= layer[:-1]):
                 order = np.argsort(layer, kind="stable")  # layer-major; token and slot order kept within a layer
-                arrays = {k: v[order] for k, v in arrays.items()}
+                arrays = {k: v.take(pa.array(order)) if isinstance(v, pa.Array) else v[order]
+                          for k, v in arrays.items()}
         out = {"run_id": layout.run_id_column(self.run_id, n)}
         out.update({f.name: pa.array(arrays[f.name], f.type) if not isinstance(arrays[f.name], pa.Array)
                     else arrays[f.name] for f in schema if f.name != "run_id"})
@@ -401,6 +408,30 @@ def _uint64_column(table: str, name: str, v, n: int) -> pa.Array:
         return pa.array(a.astype(np.uint64), pa.uint64())
     except (OverflowError, ValueError, TypeError, pa.ArrowInvalid) as e:
         raise StoreError(f"{table}.{name} must hold unsigned 64-bit integers (or None): {e}") from None
+
+
+def _nullable_column(table: str, name: str, v, n: int, arrow_type: pa.DataType) -> pa.Array:
+    """A nullable float or boolean column: None (all NULL), or values where NaN (floats) or None (objects) marks a
+    NULL, so that what a source does not know is stored as unknown rather than as 0 or False."""
+    if v is None:
+        return pa.nulls(n, arrow_type)
+    a = np.asarray(_broadcast(v, n))
+    if arrow_type == pa.bool_():
+        if a.dtype == object:
+            return pa.array(list(a), pa.bool_(), from_pandas=True)
+        if a.dtype.kind == "f":  # NaN = unknown, 0/1 = false/true
+            missing = np.isnan(a)
+            return pa.array(np.where(missing, 0, a).astype(bool), pa.bool_(), mask=missing)
+        if a.dtype.kind not in "biu":
+            raise StoreError(f"{table}.{name} must hold booleans (or None for unknown), got dtype {a.dtype}")
+        return pa.array(a.astype(bool), pa.bool_())
+    if a.dtype == object:
+        a = np.array([np.nan if x is None else x for x in a], dtype=np.float64)
+    if a.dtype.kind not in "fiub":
+        raise StoreError(f"{table}.{name} must hold numbers (or NaN / None for unknown), got dtype {a.dtype}")
+    a = a.astype(arrow_type.to_pandas_dtype(), copy=False)
+    missing = np.isnan(a)
+    return pa.array(a, arrow_type, mask=missing) if missing.any() else pa.array(a, arrow_type)
 
 
 def _nullable_int_column(table: str, name: str, v, n: int, arrow_type: pa.DataType) -> pa.Array:
