@@ -12,6 +12,7 @@ import streamlit as st
 
 from app.state import Ctx, current_context
 from moeviz.analyses.step_buckets import MAX_POINTS
+from moeviz.analyses.unknowns import UnknownQuantityError
 from moeviz.errors import MoevizError
 
 log = logging.getLogger("moeviz.app")
@@ -22,8 +23,12 @@ def _slug(text: str) -> str:
 
 
 def error_message(what: str, e: BaseException) -> None:
-    """Show a failure as a message (never a stack trace); the traceback goes to the server log."""
-    if isinstance(e, MoevizError):
+    """Show a failure as a message (never a stack trace); the traceback goes to the server log. What the run does not
+    hold (an engine log's missing probabilities, slot order, token counts) is not a failure: an info box says why
+    the chart is absent."""
+    if isinstance(e, UnknownQuantityError):
+        st.info(f"{what}: {e}")
+    elif isinstance(e, MoevizError):
         st.error(f"{what}: {e}")
     else:
         import duckdb

@@ -455,7 +455,7 @@ def token_routes(df: pd.DataFrame, *, n_experts: int, title: str = "Experts chos
     label = [_visible(t)[:max_label] for t in texts]
     routes = (
         df.sort_values(["pos", "layer", "slot"])
-        .assign(pair=lambda d: "e" + d["expert"].astype(str) + " (" + d["weight"].map("{:.3f}".format) + ")")
+        .assign(pair=lambda d: "e" + d["expert"].astype(str) + d["weight"].map(_weight_note))
         .groupby(["layer", "pos"])["pair"]
         .agg(", ".join)
         .unstack("pos")
@@ -507,6 +507,11 @@ def _rgb(color: str) -> tuple[int, int, int] | None:
     return None
 
 
+def _weight_note(w) -> str:
+    """' (0.412)' after an expert id; nothing where the weight is unknown (runs imported from engine logs)."""
+    return "" if pd.isna(w) else f" ({w:.3f})"
+
+
 def token_text_html(df: pd.DataFrame, *, n_experts: int) -> str:
     """The Mixtral paper's figure as HTML: the sequence's text itself, once per MoE layer, each token on the
     background colour of its top (slot 0) expert, with a legend of the experts' colours. Hovering a token (its
@@ -523,7 +528,8 @@ def token_text_html(df: pd.DataFrame, *, n_experts: int) -> str:
         return "<p><em>This sequence has no per-token detail.</em></p>"
     d = df.sort_values(["layer", "pos", "slot"])
     texts = d[d["slot"] == 0].drop_duplicates("pos").set_index("pos")["text"]
-    pairs = d.assign(pair=lambda x: "e" + x["expert"].astype(str) + " " + x["weight"].map("{:.3f}".format))
+    pairs = d.assign(pair=lambda x: "e" + x["expert"].astype(str)
+                     + x["weight"].map(lambda w: "" if pd.isna(w) else f" {w:.3f}"))
     chosen = pairs.groupby(["layer", "pos"], sort=True)["pair"].agg(", ".join)
     top = d[d["slot"] == 0].set_index(["layer", "pos"])["expert"]
     colors = [EXPERT_COLORS[e % len(EXPERT_COLORS)] for e in range(max(1, n_experts))]

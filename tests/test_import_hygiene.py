@@ -33,6 +33,7 @@ ROOMS = {
     "moeviz/selection.py": (),
     "moeviz/errors.py": (),
     "moeviz/testing.py": ("moeviz.errors", "moeviz.store"),
+    "moeviz/importers": ("moeviz.errors", "moeviz.store", "moeviz.text", "moeviz.importers"),
     "collectors": ("moeviz.errors", "moeviz.text", "moeviz.store", "collectors"),
 }
 OURS = ("moeviz", "collectors", "app")
@@ -129,6 +130,31 @@ print(json.dumps(found))
     assert p.returncode == 0, p.stderr
     found = json.loads(p.stdout)
     assert found == {}, f"importing {next(iter(found))} pulled in {found[next(iter(found))]}: import it inside a function"
+
+
+def _torch_imports(path: Path) -> list[tuple[int, bool]]:
+    """(line, inside a function) of every import of torch in `path`."""
+    tree = ast.parse(path.read_text(), str(path))
+    inside: set[int] = set()
+    for fn in ast.walk(tree):
+        if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            inside |= {id(n) for n in ast.walk(fn)}
+    out = []
+    for node in ast.walk(tree):
+        names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+            [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+        if any(n == "torch" or n.startswith("torch.") for n in names):
+            out.append((node.lineno, id(node) in inside))
+    return out
+
+
+def test_importers_read_torch_only_inside_the_sglang_loader():
+    """SGLang dumps are torch.save files, so their loader imports torch, inside its function (a clear error when
+    torch is missing); no other importer module imports it, and none at module level."""
+    found = {f.relative_to(ROOT).as_posix(): _torch_imports(f) for f in sorted((ROOT / "moeviz" / "importers").rglob("*.py"))}
+    found = {f: hits for f, hits in found.items() if hits}
+    assert set(found) == {"moeviz/importers/sglang.py"}, found
+    assert all(inside for _, inside in found["moeviz/importers/sglang.py"]), found
 
 
 def test_importing_moeviz_and_the_store_loads_no_analysis():

@@ -87,8 +87,9 @@ def render(ctx: Ctx) -> None:
         if len(steps) < 2:
             st.info("Staleness needs at least two steps: one to fit on and one to evaluate.")
             return
-        window = st.slider("Fit the balanced placement on the first steps", 1, len(steps) - 1,
-                           max(1, min(len(steps) // 4, len(steps) - 1)), key="ep_fit")
+        window = 1 if len(steps) == 2 else st.slider(  # a slider needs min < max: with two steps, fit on the first
+            "Fit the balanced placement on the first steps", 1, len(steps) - 1,
+            max(1, min(len(steps) // 4, len(steps) - 1)), key="ep_fit")
         stale = ctx.q(placement_staleness, ctx.sel, gpus, (steps[0], steps[window - 1]), redundant=redundant,
                       nodes=nodes)
         show_chart(charts.staleness_lines(stale, layer=layer), stale, "ep-staleness",

@@ -42,6 +42,9 @@ def render(ctx: Ctx) -> None:
     routes = ctx.q(sequence_routes, ctx.run_id, int(row["step"]), int(row["rank"]), int(row["seq"]))
     if ctx.sel.layers is not None:
         routes = routes[routes["layer"].isin(ctx.sel.layers)]
+    if not routes.empty and routes["weight"].isna().all():
+        st.info("This run holds no gate weights and no slot order (it was imported from an engine log): a token's "
+                "colour is the expert the log lists first, not necessarily its top choice.")
     _token_window(routes, row, ctx.n_experts)
     with st.expander("All routes of this sequence"):
         show_table(routes, "sequence-routes")

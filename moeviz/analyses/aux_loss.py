@@ -25,6 +25,7 @@ import pandas as pd
 from moeviz.analyses.load import AnalysisError, expert_counts_sql, run_query
 from moeviz.analyses.step_buckets import bucketed_step_sql, check_step_bucket
 from moeviz.analyses.step_rows import rollups_available, step_rows_sql
+from moeviz.analyses.unknowns import require
 from moeviz.selection import Selection
 
 __all__ = ["switch_loss", "pooled_switch_loss", "z_loss"]
@@ -63,6 +64,7 @@ def switch_loss(con, sel: Selection = Selection(), *, by_step: bool = True, step
     `step_bucket`, `step_tag`: see the module docstring.
     """
     _needs_aggregates(sel, "the load-balancing loss")
+    require(con, sel, "prob_sum", "the load-balancing loss")
     sql, params = _per_layer_sql(sel, by_step, step_bucket, step_tag, rollups_available(con))
     order = "run_id, step, layer" if by_step else "run_id, layer"
     return run_query(con, f"SELECT * FROM ({sql}) ORDER BY {order}", params)
@@ -82,6 +84,7 @@ def pooled_switch_loss(con, sel: Selection = Selection(), *, by_step: bool = Tru
     `step_bucket`, `step_tag`: see the module docstring.
     """
     _needs_aggregates(sel, "the load-balancing loss")
+    require(con, sel, "prob_sum", "the load-balancing loss")
     rollups = rollups_available(con)
     base, params = expert_counts_sql(sel, by_step=by_step, step_bucket=step_bucket, step_tag=step_tag,
                                      rollups=rollups)
@@ -132,6 +135,7 @@ def z_loss(con, sel: Selection = Selection(), *, by_step: bool = True, pooled: b
     `step_bucket`, `step_tag`: see the module docstring.
     """
     _needs_aggregates(sel, "the router z-loss")
+    require(con, sel, "z_loss", "the router z-loss")
     step_bucket = check_step_bucket(step_bucket, by_step)
     rows, params = step_rows_sql(con, "layer_stats", sel, ("run_id", "step", "layer", "tokens", "z_loss_sum",
                                                           "entropy_sum"), step_bucket=step_bucket, by_step=by_step,

@@ -29,6 +29,7 @@ import pandas as pd
 from moeviz.analyses import probability_drops
 from moeviz.analyses.load import AnalysisError, run_query
 from moeviz.selection import Selection
+from moeviz.analyses.unknowns import require
 
 __all__ = ["capacity_drops", "drop_curve", "expert_capacity"]
 
@@ -241,6 +242,11 @@ def capacity_drops(
     else with a window over every route; 'routes' forces the window; 'aggregates' raises if weight_hist does
     not cover the selection.
     """
+    require(con, sel, "tokens", "capacity drops (C = capacity factor x tokens x k / E)")
+    if policy == "probability" or with_weight:
+        require(con, sel, "weight", "the probability capacity policy (and the dropped gate weight)")
+    if "slot" in tuple(by):
+        require(con, sel, "first_choice", "drops by slot")
     by = _check(policy, group, by)
     if source not in ("auto", "aggregates", "routes"):
         raise AnalysisError(f"source must be 'auto', 'aggregates' or 'routes'; got {source!r}")

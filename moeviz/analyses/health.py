@@ -17,6 +17,7 @@ import pandas as pd
 from moeviz.analyses.capacity import capacity_drops
 from moeviz.analyses.load import AnalysisError, expert_load, imbalance, run_query
 from moeviz.analyses.step_rows import rollups_available, step_rows_sql
+from moeviz.analyses.unknowns import UnknownQuantityError
 from moeviz.selection import Selection
 from moeviz.store.reader import column_names
 from moeviz.store.rollups import RESOLUTIONS
@@ -33,6 +34,8 @@ def _max_vio_noise(imb: pd.DataFrame) -> float:
     """MaxVio that perfectly uniform random routing shows by chance at this layer's step size:
     counts per expert ~ T*k/E +- sqrt(T*k/E), and the busiest of E is ~sqrt(2 ln E) deviations high, so
     MaxVio ~ sqrt(2 ln E * E / (T * k)). Growth is judged from at least this level (and _MAX_VIO_FLOOR)."""
+    if imb[["n_experts", "top_k", "tokens"]].isna().any().any():  # token counts unknown (an engine's count dump)
+        return _MAX_VIO_FLOOR
     e, k, t = float(imb["n_experts"].iloc[0]), float(imb["top_k"].iloc[0]), float(imb["tokens"].mean())
     if e < 2 or not t:
         return _MAX_VIO_FLOOR
@@ -71,7 +74,7 @@ def _collapse_rows(load: pd.DataFrame, run_id: str, collapse_share: float, span:
     rows = []
     for layer, g in load.groupby("layer", sort=True):
         tokens = g["tokens"].iloc[0]
-        if not tokens:
+        if pd.isna(tokens) or not tokens or g["first_choice"].isna().any():  # unknown in engine logs: no check
             continue
         top = g.loc[g["first_choice"].idxmax()]
         share = float(top["first_choice"]) / float(tokens)
@@ -162,7 +165,10 @@ def _growth_rows(con, sel: Selection, run_id: str, first: tuple[int, int], last:
 
 
 def _drop_rows(con, sel: Selection, run_id: str, capacity_factor: float, threshold: float) -> list[dict]:
-    drops = capacity_drops(con, sel.with_(run_ids=(run_id,)), capacity_factor, by=("layer",))
+    try:
+        drops = capacity_drops(con, sel.with_(run_ids=(run_id,)), capacity_factor, by=("layer",))
+    except UnknownQuantityError as e:  # no token counts (an engine's count dump): say so, not "nothing flagged"
+        return [_row(run_id, "ok", "capacity_drops", f"not checked: {e}")]
     rows = []
     for r in drops.itertuples(index=False):
         if pd.notna(r.drop_rate) and r.drop_rate > threshold:
@@ -289,7 +295,9 @@ def health_summary(
         span = f"steps {last[0]}-{last[1]}"
         recent = expert_load(con, sel.with_(run_ids=(run_id,), steps=last), by_step=False)
         found = {
-            "collapsed_expert": _collapse_rows(recent, run_id, collapse_share, span),
+            "collapsed_expert": _collapse_rows(recent, run_id, collapse_share, span) if recent["first_choice"].notna().any()
+            else [_row(run_id, "ok", "collapsed_expert", "not checked: the run holds no top choices (slot order by "
+                       "score), e.g. it was imported from an engine log")],
             "dead_expert": _dead_rows(recent, run_id, dead_threshold, span),
         }
         if len(steps) >= 2:

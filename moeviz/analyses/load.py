@@ -89,7 +89,8 @@ def expert_counts_sql(sel: Selection, *, by_step: bool, step_bucket: int | None 
     # the layer's shape from `layers`, else from `runs` (a writer that did not write its layers)
     sql = f"""
         WITH c AS ({counts}),
-        cells AS (SELECT run_id, {step}layer, {per_layer_tokens} AS tokens FROM c GROUP BY ALL),
+        cells AS (SELECT run_id, {step}layer, {per_layer_tokens} AS tokens, count(c.first_choice) AS fc_known
+                  FROM c GROUP BY ALL),
         shape AS (
             SELECT d.run_id, d.layer, coalesce(l.n_experts, ru.n_experts) AS n_experts,
                    coalesce(l.top_k, ru.top_k) AS top_k
@@ -100,7 +101,8 @@ def expert_counts_sql(sel: Selection, *, by_step: bool, step_bucket: int | None 
             SELECT cells.*, shape.n_experts, shape.top_k, unnest(range(shape.n_experts)) AS expert
             FROM cells JOIN shape ON shape.run_id = cells.run_id AND shape.layer = cells.layer)
         SELECT g.run_id, {('g.step, ' if by_step else '')}g.layer, CAST(g.expert AS INTEGER) AS expert,
-               g.tokens, coalesce(c.assigned, 0) AS assigned, coalesce(c.first_choice, 0) AS first_choice,
+               g.tokens, coalesce(c.assigned, 0) AS assigned, CASE WHEN c.first_choice IS NOT NULL THEN c.first_choice
+                    WHEN g.fc_known > 0 THEN 0 END AS first_choice,  -- NULL stays NULL (an engine log's slot order)
                c.prob_sum, g.n_experts, g.top_k
         FROM grid g LEFT JOIN c ON c.run_id = g.run_id AND c.layer = g.layer AND c.expert = g.expert
              {('AND c.step = g.step' if by_step else '')}"""
@@ -169,6 +171,10 @@ def imbalance(
     bucket's summed load (not a mean of per-step metrics; moeviz.analyses.step_buckets); None = every step.
     """
     col = _check_count(count)
+    if col == "first_choice":
+        from moeviz.analyses.unknowns import require  # unknowns imports this module's AnalysisError
+
+        require(con, sel, "first_choice", "the first-choice load")
     if not (0 <= dead_threshold <= 1):
         raise AnalysisError(f"dead_threshold is a fraction of the uniform share, in [0, 1]; got {dead_threshold}")
     if top_n is not None and int(top_n) < 1:

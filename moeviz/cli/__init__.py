@@ -9,13 +9,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from moeviz.cli import agree, bound, check, collect, dashboard, demo, export, placement, store
+from moeviz.cli import agree, bound, check, collect, dashboard, demo, export, import_, placement, store
 from moeviz.errors import MoevizError
 
 # each holds `register(subparsers)`, which adds parsers whose `func(args) -> int` runs the command
 COMMAND_MODULES = (
     store,  # sql, info, compact, schema
     export,  # export
+    import_,  # import
     collect,  # collect
     check,  # check
     placement,  # placement

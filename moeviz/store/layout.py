@@ -558,11 +558,13 @@ def find_runs(path) -> list[Path]:
     if is_run_dir(p):
         return [p.resolve()]
     runs = []
-    for child in sorted(c for c in p.iterdir() if c.is_dir()) if p.is_dir() else []:
+    # hidden folders are left out: a run being imported is built in one and renamed into place (moeviz.importers)
+    for child in sorted(c for c in p.iterdir() if c.is_dir() and not c.name.startswith(".")) if p.is_dir() else []:
         if is_run_dir(child):
             runs.append(child.resolve())
         else:
-            runs += sorted(g.resolve() for g in child.iterdir() if g.is_dir() and is_run_dir(g))
+            runs += sorted(g.resolve() for g in child.iterdir()
+                           if g.is_dir() and not g.name.startswith(".") and is_run_dir(g))
     if not runs:
         raise StoreNotFoundError(f"no moeviz run in {p}: looked for {p / MANIFEST}, */{MANIFEST} and */*/{MANIFEST}; "
                                  f"record a run first (Recorder or `moeviz demo`)")

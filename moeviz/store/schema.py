@@ -141,11 +141,12 @@ LAYER_STATS = _t(
     ("step", "BIGINT", "Step."),
     ("rank", "INTEGER", "Rank."),
     ("layer", "SMALLINT", "MoE layer index."),
-    ("tokens", "BIGINT", "Tokens that reached the layer with finite router outputs (see `nonfinite_tokens`)."),
+    ("tokens", "BIGINT", "Tokens that reached the layer with finite router outputs (see `nonfinite_tokens`); NULL "
+     "where the source does not count tokens (SGLang's expert-count dumps)."),
     ("z_loss_sum", "DOUBLE", "Sum over tokens of logsumexp(router_logits)^2 (ST-MoE router z-loss numerator); "
-     "tokens with non-finite router outputs are left out."),
+     "tokens with non-finite router outputs are left out. NULL where the source has no router logits (engine logs)."),
     ("entropy_sum", "DOUBLE", "Sum over tokens of the entropy (nats) of softmax(router_logits); tokens with "
-     "non-finite router outputs are left out."),
+     "non-finite router outputs are left out. NULL where the source has no router logits (engine logs)."),
     ("dropped", "BIGINT", "Assignments the model itself dropped in this layer (capacity), else 0."),
     ("adjacent_pairs", "BIGINT", "Pairs of consecutive tokens (pos and pos+1 of one sequence, both inside the "
      "attention mask). This and the next three columns are NULL when the recorder did not know the token layout "
@@ -374,6 +375,7 @@ OPTIONAL_COLUMNS: dict[str, frozenset[str]] = {
 NULLABLE_COLUMNS: dict[str, frozenset[str]] = {
     "routes": frozenset({"weight"}),
     "step_stats": frozenset({"tokens", "first_choice", "prob_sum"}),
+    "layer_stats": frozenset({"tokens", "z_loss_sum", "entropy_sum"}),
 }
 
 

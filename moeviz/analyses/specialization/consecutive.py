@@ -23,6 +23,7 @@ from moeviz.analyses.specialization._shared import (
     _typed,
 )
 from moeviz.selection import Selection
+from moeviz.analyses.unknowns import require
 
 _CONSEC_COLUMNS = ["run_id", "layer", "pairs", "same_first", "rate_first", "baseline_first", "uniform_first",
                    "first_in_topk", "rate_first_in_topk", "baseline_first_in_topk", "uniform_first_in_topk",
@@ -47,6 +48,7 @@ def consecutive_agreement(con, sel: Selection, *, topk: bool = True, source: str
     the work of the first-choice ones, which a window over the slot-0 routes alone gives; `topk=False` computes
     only those (the top-k counts and rates are then NA).
     """
+    require(con, sel, "first_choice", "consecutive-token agreement (same first choice)")
 
     def one(run_id: str) -> pd.DataFrame:
         if _layer_stats_cover(con, sel, run_id, "adjacent_pairs"):

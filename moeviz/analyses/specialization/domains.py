@@ -16,6 +16,7 @@ from moeviz.analyses.specialization._shared import (
     _typed,
 )
 from moeviz.selection import Selection
+from moeviz.analyses.unknowns import require
 
 _SHARE_COLUMNS = ["run_id", "layer", "domain", "expert", "tokens", "assigned", "share", "uniform", "ratio"]
 
@@ -32,6 +33,8 @@ def domain_share(con, sel: Selection, *, slot0_only: bool = False, source: str =
       ratio     share / uniform: > 1 where the expert takes more than its even share of the domain
     Tokens whose sequence has no domain are grouped under domain NULL.
     """
+    if slot0_only:
+        require(con, sel, "first_choice", "the first-choice domain share")
     assigned = "f" if slot0_only else "n"
 
     def one(run_id: str) -> pd.DataFrame:
@@ -59,4 +62,5 @@ def domain_share(con, sel: Selection, *, slot0_only: bool = False, source: str =
 def domain_share_first_choice(con, sel: Selection, *, source: str = "auto") -> pd.DataFrame:
     """`domain_share` counting only the top (slot 0) choice: the share of the domain's tokens whose first choice
     is the expert (sums to 1 over experts), against 1/E."""
+    require(con, sel, "first_choice", "the first-choice domain share")
     return domain_share(con, sel, slot0_only=True, source=source)

@@ -17,6 +17,7 @@ from moeviz.analyses.specialization._shared import (
     _typed,
 )
 from moeviz.selection import Selection
+from moeviz.analyses.unknowns import require
 
 _FLOW_COLUMNS = ["run_id", "layer_a", "expert_a", "layer_b", "expert_b", "tokens", "share_of_a"]
 
@@ -34,6 +35,8 @@ def layer_flow(con, sel: Selection, layer_a: int, layer_b: int, *, slot0_only: b
     step (by default the Recorder counts each layer and the next) and the selection has no domains or tags;
     otherwise pairs each token's routes in the two layers (the sampled tokens).
     """
+    if slot0_only:
+        require(con, sel, "first_choice", "the flow of first choices between layers")
     layer_a, layer_b = int(layer_a), int(layer_b)
 
     def one(run_id: str) -> pd.DataFrame:

@@ -21,6 +21,7 @@ from moeviz.analyses.specialization._shared import (
     _whole_run_stats_usable,
 )
 from moeviz.selection import Selection
+from moeviz.analyses.unknowns import require
 
 _POSITION_COLUMNS = ["run_id", "layer", "bucket", "pos_lo", "pos_hi", "expert", "tokens", "assigned", "share",
                      "uniform", "ratio"]
@@ -49,6 +50,8 @@ def position_share(con, sel: Selection, *, bins: Sequence[int] = DEFAULT_POSITIO
     bucket in place of the domain: share = assigned / tokens in the bucket (sums to k over experts, 1 with
     `slot0_only`), uniform = k/E (1/E), ratio = share / uniform.
     """
+    if slot0_only:
+        require(con, sel, "first_choice", "the first-choice position share")
     edges = _check_bins(bins)
     assigned = "count(*) FILTER (WHERE slot = 0)" if slot0_only else "count(*)"
 

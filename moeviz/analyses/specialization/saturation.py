@@ -19,6 +19,7 @@ from moeviz.analyses.specialization._shared import (
     _typed,
 )
 from moeviz.selection import Selection
+from moeviz.analyses.unknowns import require
 
 _SAT_COLUMNS = ["run_id", "step", "ref_step", "layer", "tokens", "overlap", "saturation", "top1_agreement"]
 
@@ -46,6 +47,7 @@ def saturation_curve(con, sel: Selection, ref_step: int | None = None, *, source
 
 
 def _saturation(con, sel: Selection, ref_step: int | None, steps_a: list[int] | None, source: str) -> pd.DataFrame:
+    require(con, sel, "first_choice", "router saturation (the same first choice at two steps)")
     def one(run_id: str) -> pd.DataFrame:
         ref = ref_step
         probe = _probe_sets_cover(con, sel, run_id, ref, steps_a)

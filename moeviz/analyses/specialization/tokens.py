@@ -17,6 +17,7 @@ from moeviz.analyses.specialization._shared import (
     _typed,
 )
 from moeviz.selection import Selection
+from moeviz.analyses.unknowns import require
 
 _VOCAB_COLUMNS = ["run_id", "layer", "token_id", "text", "count", "expert", "routed", "specialization", "uniform"]
 
@@ -36,6 +37,8 @@ def vocab_specialization(con, sel: Selection, *, min_count: int = 5, slot0_only:
     expert (the most frequent), routed (occurrences routed to it), specialization, uniform (k/E or 1/E: the
     value under routing independent of the token).
     """
+    if slot0_only:
+        require(con, sel, "first_choice", "first-choice token specialization")
     min_count = _check_positive("min_count", min_count)
     n = "f" if slot0_only else "n"
 
@@ -64,6 +67,8 @@ def vocab_specialization_summary(con, sel: Selection, *, min_count: int = 5, slo
     """Per run and layer: the vocabulary specialization of `vocab_specialization` averaged over token ids,
     weighted by their counts (so it reads "the fraction of the layer's token occurrences that go to their token's
     favourite expert"), with the number of distinct tokens and occurrences it covers and the uniform baseline."""
+    if slot0_only:
+        require(con, sel, "first_choice", "first-choice token specialization")
     per_token = vocab_specialization(con, sel, min_count=min_count, slot0_only=slot0_only, source=source)
     cols = ["run_id", "layer", "token_ids", "occurrences", "specialization", "uniform"]
     if per_token.empty:
@@ -93,6 +98,8 @@ def top_tokens(con, sel: Selection, *, n: int = 10, min_count: int = 5, slot0_on
     Lift ranks only tokens seen at least `min_count` times (rare tokens have huge, meaningless lifts); ties are
     broken by count, then token id. Tokens without ids (-1) are left out.
     """
+    if slot0_only:
+        require(con, sel, "first_choice", "first-choice token specialization")
     n = _check_positive("n", n)
     min_count = _check_positive("min_count", min_count)
     m = "f" if slot0_only else "n"

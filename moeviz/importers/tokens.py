@@ -1,0 +1,184 @@
+"""Per-token routing read from a source, and how it becomes moeviz tables (routes, sequences, step_stats).
+
+Every per-token importer reduces its source to `Chunk`s: tokens with their (step, rank, seq, pos, token id) and
+the experts each chose in every source layer, `ids[token, layer, slot]`, -1 where the slot holds no expert (a
+dense layer, padding past top_k). `write_chunks` then keeps the MoE layers, writes the tokens as routes and
+sequences, and counts step_stats from the same ids, so that counts and routes cannot disagree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+FLUSH_ROUTES = 1 << 22  # routes per write_flush: big segments, bounded memory for the flush's columns
+
+
+@dataclass
+class Chunk:
+    """Tokens of one source unit (a response, a forward pass, a micro-batch); arrays have one row per token."""
+
+    step: np.ndarray  # [T] int64
+    rank: np.ndarray  # [T] int32
+    seq: np.ndarray  # [T] int32, unique within (step, rank)
+    pos: np.ndarray  # [T] int32, position within the sequence
+    token_id: np.ndarray  # [T] int32, -1 where the source has no token ids
+    ids: np.ndarray  # [T, source layers, k] int16/int32 expert ids (logical), -1 = no expert in this slot
+    sequences: list[dict] = field(default_factory=list)  # `sequences` rows of these tokens (without run_id)
+
+
+def layer_has_experts(chunks: list[Chunk], n_layers: int) -> np.ndarray:
+    """[source layers] bool: layers where some token chose an expert. The others are placeholders (dense layers
+    that the source lists with -1 or zero rows), left out of the run."""
+    seen = np.zeros(n_layers, bool)
+    for c in chunks:
+        if len(c.ids):
+            seen |= (c.ids >= 0).any(axis=(0, 2))
+    return seen
+
+
+def top_k_of(chunks: list[Chunk], keep: np.ndarray) -> np.ndarray:
+    """[kept layers] the most experts one token chose in each layer (the layer's top_k)."""
+    k = np.zeros(int(keep.sum()), np.int64)
+    for c in chunks:
+        if len(c.ids):
+            k = np.maximum(k, (c.ids[:, keep, :] >= 0).sum(axis=2).max(axis=0))
+    return k
+
+
+def write_chunks(run, chunks: list[Chunk], keep: np.ndarray, n_experts: int, *,
+                 tokens_known: bool = True, progress=None) -> tuple[int, int, int]:
+    """Write `chunks` (only the source layers in `keep`, renumbered 0..) as routes, sequences and step_stats, in
+    flushes of about FLUSH_ROUTES routes, each rank's by its own writer (`run`: a StagedRun; a chunk holds one
+    rank's tokens). Returns (routes, sequences, assigned) written.
+
+    step_stats count the same ids as routes, per (step, rank, layer, expert); `tokens` is the number of tokens
+    with at least one expert in the layer (NULL when not `tokens_known`); first_choice and prob_sum are NULL:
+    no engine log says which slot was the top choice or what the router's probabilities were."""
+    layer_map = np.cumsum(keep) - 1  # source layer -> MoE layer
+    kept = np.flatnonzero(keep)
+    done_routes = done_seqs = done_assigned = 0
+    batch: list[Chunk] = []
+    size = 0
+    chunks = sorted(chunks, key=_rank_of)  # stable: each rank's chunks in source order
+    for i, c in enumerate(chunks):
+        batch.append(c)
+        size += int((c.ids[:, keep, :] >= 0).sum()) if len(c.ids) else 0
+        if size >= FLUSH_ROUTES or i == len(chunks) - 1 or _rank_of(chunks[i + 1]) != _rank_of(c):
+            writer = run.writer_for(_rank_of(c))
+            r, s, a = _write_batch(writer, batch, kept, layer_map, n_experts, tokens_known)
+            done_routes, done_seqs, done_assigned = done_routes + r, done_seqs + s, done_assigned + a
+            batch, size = [], 0
+            if progress:
+                progress(i + 1, len(chunks))
+    return done_routes, done_seqs, done_assigned
+
+
+def _rank_of(c: Chunk) -> int:
+    return int(c.sequences[0]["rank"]) if c.sequences else int(c.rank[0]) if len(c.rank) else 0
+
+
+def _write_batch(writer, batch: list[Chunk], kept: np.ndarray, layer_map: np.ndarray, n_experts: int,
+                 tokens_known: bool) -> tuple[int, int, int]:
+    per_token = [c for c in batch if len(c.ids)]
+    seq_rows = [row for c in batch for row in c.sequences]
+    if not per_token:
+        if seq_rows:
+            writer.write_flush({"sequences": _sequence_columns(seq_rows)})
+        return 0, len(seq_rows), 0
+    step = np.concatenate([c.step for c in per_token]).astype(np.int64)  # [T]
+    rank = np.concatenate([c.rank for c in per_token]).astype(np.int32)
+    seq = np.concatenate([c.seq for c in per_token]).astype(np.int32)
+    pos = np.concatenate([c.pos for c in per_token]).astype(np.int32)
+    tok = np.concatenate([c.token_id for c in per_token]).astype(np.int32)
+    k = max(c.ids.shape[2] for c in per_token)
+    ids = np.concatenate([_pad_slots(c.ids[:, kept, :], k) for c in per_token])  # [T, L, k]
+    by_layer = np.ascontiguousarray(ids.transpose(1, 0, 2))  # [L, T, k]: routes are stored layer-major
+    layer, t, slot = np.nonzero(by_layer >= 0)  # [R] each, in layer, token, slot order
+    expert = by_layer[layer, t, slot].astype(np.int64)
+    if expert.size and int(expert.max()) >= n_experts:
+        raise ValueError(f"expert id {int(expert.max())} >= n_experts {n_experts}")
+    routes = {"step": step[t], "rank": rank[t], "seq": seq[t], "pos": pos[t], "token_id": tok[t],
+              "layer": layer.astype(np.int16), "slot": slot.astype(np.int8), "expert": expert.astype(np.int16),
+              "weight": None}
+    stats = _step_stats(step, rank, by_layer, layer, t, expert, n_experts, tokens_known)
+    tables = {"routes": routes, "step_stats": stats, "layer_stats": layer_stats_of(stats, n_experts)}
+    if seq_rows:
+        tables["sequences"] = _sequence_columns(seq_rows)
+    writer.write_flush(tables)
+    return len(expert), len(seq_rows), len(expert)
+
+
+def _pad_slots(ids: np.ndarray, k: int) -> np.ndarray:
+    if ids.shape[2] == k:
+        return ids
+    out = np.full((*ids.shape[:2], k), -1, ids.dtype)
+    out[:, :, : ids.shape[2]] = ids
+    return out
+
+
+def _step_stats(step, rank, by_layer, layer, t, expert, n_experts: int, tokens_known: bool) -> dict:
+    """Counts per (step, rank, layer, expert) of the routes just built; every expert of a step's layer has a row."""
+    n_layers = by_layer.shape[0]
+    groups, group_of_token = np.unique(np.stack([step, rank.astype(np.int64)]), axis=1, return_inverse=True)
+    group_of_token = group_of_token.reshape(-1)  # [T]
+    g = groups.shape[1]
+    cell = (group_of_token[t] * n_layers + layer) * n_experts + expert
+    assigned = np.bincount(cell, minlength=g * n_layers * n_experts)  # [g * L * E]
+    reached = (by_layer >= 0).any(axis=2)  # [L, T]: the token reached a MoE expert in this layer
+    tokens = np.zeros((g, n_layers), np.int64)
+    for li in range(n_layers):
+        tokens[:, li] = np.bincount(group_of_token[reached[li]], minlength=g)
+    gi, li, ei = np.meshgrid(np.arange(g), np.arange(n_layers), np.arange(n_experts), indexing="ij")
+    gi, li, ei = gi.reshape(-1), li.reshape(-1), ei.reshape(-1)
+    live = tokens[gi, li] > 0  # a layer no token of the step reached (another pipeline stage) has no rows
+    n = int(live.sum())
+    return {"step": groups[0][gi][live], "rank": groups[1][gi][live].astype(np.int32),
+            "layer": li[live].astype(np.int16), "expert": ei[live].astype(np.int16),
+            "tokens": tokens[gi, li][live] if tokens_known else None, "assigned": assigned[live],
+            "first_choice": None, "prob_sum": None, "dropped": np.zeros(n, np.int64)}
+
+
+def layer_stats_of(stats: dict, n_experts: int) -> dict:
+    """layer_stats rows (one per step, rank and layer) of step_stats columns that list every expert of a layer in
+    order: the steps the catalog lists come from here. Router logits are unknown: z-loss and entropy sums NULL."""
+    first = slice(None, None, n_experts)  # the row of expert 0 of each (step, rank, layer)
+    n = len(stats["step"][first])
+    return {"step": stats["step"][first], "rank": stats["rank"][first], "layer": stats["layer"][first],
+            "tokens": None if stats["tokens"] is None else stats["tokens"][first], "z_loss_sum": None,
+            "entropy_sum": None, "dropped": np.zeros(n, np.int64)}
+
+
+SEQUENCE_KEYS = ("step", "rank", "seq", "domain", "tag", "n_tokens", "seq_key", "sample_id", "pos_offset",
+                 "prompt_tokens")
+
+
+def _sequence_columns(rows: list[dict]) -> dict:
+    out = {}
+    for key in SEQUENCE_KEYS:
+        values = [r.get(key) for r in rows]
+        if key in ("step",):
+            out[key] = np.array(values, np.int64)
+        elif key in ("rank", "seq", "n_tokens"):
+            out[key] = np.array(values, np.int32)
+        elif key in ("pos_offset", "prompt_tokens"):
+            out[key] = None if all(v is None for v in values) else np.array(
+                [np.nan if v is None else v for v in values], np.float64)
+        elif key == "seq_key":
+            out[key] = None if all(v is None for v in values) else np.array(values, dtype=object)
+        else:
+            out[key] = values
+    return out
+
+
+def step_stats_from_counts(step: np.ndarray, rank: np.ndarray, counts: np.ndarray, keep: np.ndarray) -> dict:
+    """step_stats columns from count-only sources: counts [rows, source layers, experts] of (step[rows],
+    rank[rows]); tokens, first_choice and prob_sum unknown (NULL)."""
+    counts = counts[:, keep, :]
+    rows, n_layers, n_experts = counts.shape
+    ri, li, ei = np.meshgrid(np.arange(rows), np.arange(n_layers), np.arange(n_experts), indexing="ij")
+    return {"step": np.asarray(step, np.int64)[ri.reshape(-1)], "rank": np.asarray(rank, np.int32)[ri.reshape(-1)],
+            "layer": li.reshape(-1).astype(np.int16), "expert": ei.reshape(-1).astype(np.int16), "tokens": None,
+            "assigned": counts.reshape(-1).astype(np.int64), "first_choice": None, "prob_sum": None,
+            "dropped": np.zeros(counts.size, np.int64)}
