@@ -90,6 +90,11 @@ def _csv_download(label: str, data: pd.DataFrame, key: str) -> None:
     st.download_button(label, data=csv_of(data), file_name=f"{_slug(key)}.csv", mime="text/csv", key=f"dl-{key}")
 
 
+OBSERVATIONAL = ("Routing frequency is observational: an expert that takes a domain's (or a token's) tokens need not be "
+                 "the one that matters for them. Whether it does takes an intervention (ablate or reroute the expert "
+                 "and measure the loss), which a routing log cannot show.")
+
+
 def run_page(title: str, render: Callable[[Ctx], None], *, needs_run: bool = True) -> None:
     """A page body: title, the context main.py built, the page's own render inside a guard."""
     st.title(title)

@@ -25,6 +25,7 @@ PAGES = [
     ("views/overview.py", "Overview", ":material/dashboard:"),
     ("views/load.py", "Load balance", ":material/balance:"),
     ("views/aux_loss.py", "Aux loss", ":material/functions:"),
+    ("views/balancing.py", "Balancing", ":material/tune:"),
     ("views/capacity.py", "Capacity", ":material/filter_alt:"),
     ("views/expert_parallel.py", "Expert parallel", ":material/device_hub:"),
     ("views/specialization.py", "Specialization", ":material/category:"),
@@ -42,7 +43,8 @@ def main() -> None:
     # which fails on every page load offline
     st.set_page_config(page_title="moeviz", page_icon=FAVICON, layout="wide")
     charts.use_moeviz_template_by_default()  # this process draws moeviz charts only: ~20 -> 3 ms a figure
-    nav = st.navigation([st.Page(path, title=title, icon=icon) for path, title, icon in PAGES])
+    # expanded: every page in the sidebar (past 10 pages Streamlit folds the rest under "View more")
+    nav = st.navigation([st.Page(path, title=title, icon=icon) for path, title, icon in PAGES], expanded=True)
     ctx = None
     with guarded("Sidebar"):
         ctx = sidebar.build()

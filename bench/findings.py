@@ -20,7 +20,7 @@ import sys
 import numpy as np
 import pandas as pd
 
-from moeviz.analyses import aux_loss, capacity, health, load, specialization
+from moeviz.analyses import aux_loss, capacity, health, load, placement, specialization
 from moeviz.analyses.bounds import aux_loss_infimum
 from moeviz.selection import Selection
 
@@ -160,6 +160,22 @@ def pooled_loss(con, run_id: str) -> dict:
             "top_k": int(p.top_k.iloc[0]), "n_experts": int(p.n_experts.iloc[0])}
 
 
+def expert_parallel(con, run_id: str, gpus: int = 4, redundant: int = 2) -> pd.DataFrame:
+    """Busiest of `gpus` GPUs over the mean GPU per layer (mean over the late train steps of the per-step value: a
+    step waits for its busiest GPU), contiguous placement against a balanced one fitted on the same steps, without
+    and with `redundant` replicas (`moeviz.analyses.placement.placement_comparison`)."""
+    steps = late_train_steps(con, run_id)
+    sel = Selection(run_ids=(run_id,), steps=(steps[0], steps[-1]))
+    cmp = _late(placement.placement_comparison(con, sel, gpus, redundant=redundant, by_step=True), steps)
+    cmp = cmp.assign(placement=cmp.placement.where(cmp.redundant == 0, cmp.placement + f"_r{redundant}"))
+    out = cmp.pivot_table(index="layer", columns="placement", values="max_over_mean", aggfunc="mean")
+    out = out[["contiguous", "balanced", f"balanced_r{redundant}"]].reset_index()
+    out.columns.name = None
+    out.insert(0, "run_id", run_id)
+    out.insert(2, "gpus", gpus)
+    return out
+
+
 # ------------------------------------------------------------------------------------------------ 3. capacity
 
 
@@ -284,6 +300,7 @@ def compute(con, *, shuffles: int = 50) -> dict[str, pd.DataFrame]:
         "pooled": pd.DataFrame([pooled_loss(con, r) for r in runs]),
         "bound": pd.DataFrame([{"n_experts": E, "top_k": k, "switch_uniform": 1.0, "infimum": bound.value,
                                 "fraction": str(bound.fraction), "family": bound.family}]),
+        "expert_parallel": cat(expert_parallel),
         "capacity": cat(capacity_table),
         "capacity_train": cat(capacity_train),
         "saturation": cat(saturation),

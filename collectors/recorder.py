@@ -69,6 +69,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from collectors import balance
 from collectors.aggregates import (
     EXPERT_VECTORS,
     LAYER_SCALARS,
@@ -317,7 +318,7 @@ class _StepRecord:
 def _tables_from_host(host: np.ndarray, records: list[_StepRecord], rank: int, layer_experts: dict[int, int]) -> dict:
     """Turn one flush's host copy back into the store's column arrays (runs in the writer thread)."""
     cols: dict[str, dict[str, list]] = {t: {} for t in ("step_stats", "layer_stats", "routes", "sequences",
-                                                         "pair_stats", "flow_stats")}
+                                                         "pair_stats", "flow_stats", "expert_bias", "balance_stats")}
 
     def add(table: str, **arrays) -> None:
         for name, arr in arrays.items():
@@ -364,6 +365,8 @@ def _tables_from_host(host: np.ndarray, records: list[_StepRecord], rank: int, l
                 add("routes", step=np.full(m * k, rec.step), seq=np.repeat(rows[:, 1], k),
                     pos=np.repeat(rows[:, 2], k), token_id=np.repeat(rows[:, 3], k), layer=np.full(m * k, pc.layer),
                     slot=np.tile(np.arange(k), m), expert=rows[:, 4:].reshape(-1), weight=w.reshape(-1))
+            elif pc.kind in balance.PIECE_KINDS:  # expert_bias, balance_stats (collectors.balance)
+                balance.add_rows(add, pc.kind, pc.layer, arr, rec.step)
             elif pc.kind == "seq_ids":  # [N] token ids, -1 outside the attention mask (rows of rec.seq_shapes)
                 seq_ids = arr
             elif pc.kind == "seqs":
@@ -386,6 +389,7 @@ def _tables_from_host(host: np.ndarray, records: list[_StepRecord], rank: int, l
         "weight": np.float64, "n_tokens": np.int32, "domain": object, "tag": object,
         "seq_key": object, "sample_id": object,  # Python ints (full 64 bits) or None; strings or None
         "pos_offset": np.float64,  # NaN = NULL
+        **balance.COLUMN_DTYPES,
     }
     tables: dict[str, dict[str, np.ndarray]] = {}
     for table, arrays in cols.items():
@@ -588,6 +592,7 @@ class Recorder:
         self._nonfinite_seen = 0
         self._warned: set[str] = set()  # kinds of RecordingWarning already given: each is given once
         self._step_seqs: dict[int, int] = {}  # step number -> sequences recorded under it (repeated steps)
+        self._biases = balance.BiasSnapshots([])  # the routers' selection bias, copied once per step
 
     # -- lifecycle ---------------------------------------------------------------------------------------------
 
@@ -616,6 +621,7 @@ class Recorder:
                 "to pick the router modules, or adapter= for a custom MoE layer (see collectors.routers)"
             )
         self.sites = sites
+        self._biases = balance.BiasSnapshots(sites)
         self._calls = [[] for _ in sites]
         self._sinks = [_Sink() for _ in sites]
         stacks = {s.stack for s in sites}
@@ -662,6 +668,7 @@ class Recorder:
             sink.out = ()
         self._calls = [[] for _ in self.sites]
         self._forwards = []
+        self._biases.clear()
 
     # -- hooks -------------------------------------------------------------------------------------------------
 
@@ -720,6 +727,7 @@ class Recorder:
         if self._paused or _in_backward():
             return
         self._model_calls += 1
+        self._biases.take()  # the selection bias the routers rank with in this step (first forward wins)
         bound = dict(zip(self._forward_params, args))
         bound.update(kwargs)
         if bound.get("input_ids") is None and bound.get("inputs_embeds") is None and args:
@@ -819,6 +827,7 @@ class Recorder:
                              sample_ids=self._sample_ids(sample_ids, n_seqs, step))
         concatenated = [_concat_calls(c) if c else None for c in calls]
         routed: list[tuple] = []  # (site, stream, index, keep) of the layers that saw a known token stream
+        balances = balance.SequenceBalance()  # per-sequence balance losses, pooled per stream for Switch
         for i, site in enumerate(self.sites):
             if concatenated[i] is None:
                 continue
@@ -838,6 +847,8 @@ class Recorder:
             keep = mask & finite  # [N]
             if stream is not None:
                 routed.append((site, stream, index, keep))
+                sums = balances.layer(id(stream), logits, index, keep, seq - seq_offset, stream.n_seqs, lse)
+                record.pieces.append(_piece(balance.BALANCE_PIECE, site.layer, sums))
             agg = layer_aggregates(logits, index, dropped, mask, seq, pos, finite=finite, lse=lse)
             record.pieces.append(_piece("agg", site.layer, agg))
             if self.pair_stats:
@@ -846,6 +857,7 @@ class Recorder:
                 sel, valid = stream.kept(dev, self.max_tokens_per_step)  # [M], [M]: the same tokens in every layer
                 ints, w = packed_routes(sel, valid & finite[sel], seq, pos, tid, index, weights, site.weight_scale)
                 record.pieces += [_piece("route_ints", site.layer, ints), _piece("route_weights", site.layer, w)]
+        record.pieces += [_piece(kind, layer, t) for kind, layer, t in self._biases.pieces()]
         for (a, _, index_a, keep_a), (b, _, index_b, keep_b) in self._flow_pairs(routed):
             both = keep_a & keep_b.to(keep_a.device, non_blocking=True)  # [N]: finite in both layers
             counts = flow_counts(index_a, index_b, both, int(a.n_experts), int(b.n_experts))

@@ -150,6 +150,9 @@ class RouterSite:
     kind: str = ""  # which rule found it and reads it, e.g. 'topk-router', 'switch-top1', 'megatron-topk', 'custom'
     weight_scale: float = 1.0  # factor the model multiplied the gate weights by (DeepSeek's routed_scaling_factor,
     # Megatron's moe_router_topk_scaling_factor)
+    expert_bias: Callable[[], Any] | None = None  # reads the router's selection bias [E] as it is now (aux-loss-free
+    # balancing: added to the scores before top-k, not to the weights), None when the router has none; from the
+    # adapter's `bias_reader`. The Recorder copies it on the device once per step (collectors.balance)
 
     def capacity_factor_for(self, tokens_per_group: int) -> float | None:
         """Capacity factor at a given group size: expert_capacity * n_experts / tokens_per_group for
@@ -175,6 +178,13 @@ class RouterAdapter:
     def __call__(self, module, inputs: tuple, output: Any) -> RouterOutput:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def bias_reader(self, module, parent) -> Callable[[], Any] | None:
+        """Where the router's selection bias lives: a function of no argument that returns the bias tensor [E] as
+        it is when called (the training loop replaces or updates it between steps), or None when the router adds
+        no bias before its top-k. `parent` is the module that holds the router (torchtitan keeps the bias on the
+        MoE layer, not the router). Override it in an adapter for a biased custom router."""
+        return None
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # Adapters for the known router layouts. Each returns a RouterOutput with leading dims not yet flattened;
@@ -199,6 +209,12 @@ class TopKRouterAdapter(RouterAdapter):
         if slot_order not in ("model", "weight", "biased_score"):
             raise ValueError(f"slot_order must be 'model', 'weight' or 'biased_score', got {slot_order!r}")
         self.n_experts, self.top_k, self.slot_order = n_experts, top_k, slot_order
+
+    def bias_reader(self, module, parent):
+        """DeepSeek-V3 (and GLM-4-MoE, ...): the gate's `e_score_correction_bias` buffer."""
+        if not hasattr(module, "e_score_correction_bias"):
+            return None
+        return lambda: getattr(module, "e_score_correction_bias", None)
 
     def __call__(self, module, inputs, output):
         import torch
@@ -718,6 +734,8 @@ def _site(name, module, parent, config, adapter, layer: int) -> RouterSite:
         expert_capacity = None  # NLLB-MoE's capacity is per batch and changes with it (not Switch's per sequence)
     # the scale a user adapter declares, else the built-in adapter's (Megatron), else the module's own attribute
     scale = _weight_scale(adapter if adapter is not None else read if _declares_scale(read) else module)
+    bias_reader = getattr(read, "bias_reader", None)  # a RouterAdapter says where the selection bias lives
+    expert_bias = bias_reader(module, parent) if callable(bias_reader) else None
     return RouterSite(
         name=name,
         module=module,
@@ -731,6 +749,7 @@ def _site(name, module, parent, config, adapter, layer: int) -> RouterSite:
         expert_capacity=expert_capacity,
         kind=kind,
         weight_scale=scale,
+        expert_bias=expert_bias,
     )
 
 

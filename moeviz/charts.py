@@ -1208,3 +1208,39 @@ def position_agreement_heatmap(df: pd.DataFrame) -> go.Figure:
         return empty_figure(title)
     return heatmap(df, x="pos_lo", y="layer", z="set_agreement", title=title, x_title="position (bucket start)",
                    y_title="MoE layer", z_title="same set", hover=["tokens", "pos_hi"], zmin=0.0, zmax=1.0)
+
+
+# --- balancing over time -------------------------------------------------------------------------------------------
+
+
+def expert_bias_lines(df: pd.DataFrame, *, layer: int) -> go.Figure:
+    """The selection bias of each expert of one layer over steps (`moeviz.analyses.balancing.expert_bias`)."""
+    _need(df, ["step", "layer", "expert", "bias"], "expert bias")
+    d = df[df["layer"] == layer]
+    return lines(d, x="step", y="bias", color="expert", title=f"Selection bias per expert, layer {layer}",
+                 x_title="step", y_title="bias added to the score before top-k", references={"no bias": 0.0},
+                 markers=False)
+
+
+def expert_load_lines(df: pd.DataFrame, *, layer: int) -> go.Figure:
+    """Each expert's load over steps, as a multiple of the uniform share, for one layer
+    (`moeviz.analyses.load.expert_load` rows)."""
+    _need(df, ["step", "layer", "expert", "relative_load"], "expert load over steps")
+    d = df[df["layer"] == layer]
+    return lines(d, x="step", y="relative_load", color="expert", title=f"Load per expert over steps, layer {layer}",
+                 x_title="step", y_title="load ÷ uniform share (1 = even)", references={"uniform": 1.0},
+                 hover=[c for c in ("assigned",) if c in d.columns], markers=False)
+
+
+def sequence_loss_lines(df: pd.DataFrame, *, convention: str, top_k: int = 1) -> go.Figure:
+    """A per-sequence balance loss per layer over steps (`moeviz.analyses.aux_loss.sequence_balance_loss` rows of
+    one convention), against its value for uniform routing (Switch: k; DeepSeek-V3's sequence-wise loss: 1)."""
+    _need(df, ["step", "layer", "convention", "aux_loss"], "per-sequence balance loss")
+    d = df[df["convention"] == convention]
+    if convention == "switch":
+        title, y_title, uniform = ("Switch loss per sequence (transformers' switch_transformers), per layer",
+                                   "mean over sequences of E · Σ fᵢ Pᵢ", float(top_k))
+    else:
+        title, y_title, uniform = ("DeepSeek-V3 sequence-wise balance loss (without α), per layer",
+                                   "mean over sequences of Σ fᵢ Pᵢ", 1.0)
+    return aux_loss_lines(d, title=title, y_title=y_title, uniform=uniform)

@@ -22,7 +22,7 @@ from streamlit.testing.v1 import AppTest  # noqa: E402
 from moeviz.testing import softmax, store_from_routing, synthetic_routing  # noqa: E402
 
 APP = str(Path(__file__).resolve().parents[1] / "app" / "main.py")
-PAGES = ["overview", "load", "aux_loss", "capacity", "expert_parallel", "specialization", "tokens", "bounds", "toy", "sql", "compare", "agreement"]
+PAGES = ["overview", "load", "aux_loss", "balancing", "capacity", "expert_parallel", "specialization", "tokens", "bounds", "toy", "sql", "compare", "agreement"]
 
 
 # --- writing real stores ----------------------------------------------------------------------------------------
@@ -666,8 +666,70 @@ def test_expert_parallel_page_shows_gpu_load_traffic_and_staleness(store, routin
     at.number_input(key="ep_nodes").set_value(2).run()
     assert not at.exception and not at.error, texts(at, "error")
     chart(at, "per GPU, balanced")
+    at.number_input(key="ep_hidden").set_value(1024).run()  # the traffic table gains the bytes leaving each GPU
+    assert not at.exception and not at.error, texts(at, "error")
+    local = next(d.value for d in at.dataframe if "remote_bytes" in d.value.columns)
+    assert np.allclose(local["remote_bytes"], (local["tokens"] - local["local_tokens"]) * 1024 * 2)
     at.number_input(key="ep_gpus").set_value(16).run()  # more GPUs than experts + replicas: a message, no trace
     assert not at.exception and "exceed" in texts(at, "error")
+
+
+# --- Balancing over time (issue 17) ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("page", ["specialization", "tokens", "compare"])
+def test_specialization_pages_say_routing_frequency_is_observational(store, page):
+    at = open_app(store, page=page)
+    assert "Routing frequency is observational" in texts(at, "caption"), page
+
+
+
+def test_balancing_page_on_a_run_without_bias_says_so_and_shows_maxvio(store, routing):
+    """The demo-like run has no selection bias and no balance stats: the page says so in words, and MaxVio per
+    step equals numpy (max / mean - 1 of each step's load)."""
+    at = open_app(store, page="balancing")
+    info = texts(at, "info")
+    assert "no selection bias" in info and "No per-sequence balance losses" in info
+    fig = chart(at, "Imbalance per layer over steps")
+    for layer, trace in enumerate(fig["data"]):
+        expected = []
+        for s in range(4):
+            n = np.bincount(routing["index"][routing["steps"] == s, layer].ravel(), minlength=8)
+            expected.append(n.max() / n.mean() - 1)
+        np.testing.assert_allclose(arr(trace["y"]), expected, rtol=1e-9)
+    chart(at, "Load per expert over steps")
+    chart(at, "MaxVio of each layer over the selected steps")
+
+
+def test_balancing_page_shows_the_recorded_bias_and_sequence_losses(tmp_path):
+    """A run with an expert_bias and balance_stats flush: the bias curve of the chosen layer is the written bias,
+    the per-sequence loss curve is the written sums over sequences."""
+    r = synthetic_routing(**SMALL)
+    w = write_run_dir(tmp_path / "biased", r, run_id="biased", close=False)
+    n_exp, steps = 4, sorted(set(int(s) for s in r["steps"]))
+    rng = np.random.default_rng(0)
+    bias = rng.normal(size=(len(steps), 2, n_exp))
+    for i, s in enumerate(steps):
+        w.write_flush({
+            "expert_bias": {"step": np.full(2 * n_exp, s), "layer": np.repeat([0, 1], n_exp),
+                            "expert": np.tile(np.arange(n_exp), 2), "bias": bias[i].ravel()},
+            "balance_stats": {"step": np.full(2, s), "layer": [0, 1], "sequences": [2, 2],
+                              "switch_sum": [2.2 + i, 2.4], "switch_stack_sum": [2.2, 2.6],
+                              "seq_aux_sum": [2.0, 2.1 + i]},
+        })
+    w.close()
+    at = open_app(tmp_path, run="biased", page="balancing")
+    fig = chart(at, "Selection bias per expert, layer 0")
+    for e, trace in enumerate(fig["data"]):
+        np.testing.assert_allclose(arr(trace["y"]), bias[:, 0, e])
+    sw = chart(at, "Switch loss per sequence")
+    np.testing.assert_allclose(arr(sw["data"][0]["y"]), [1.1 + i / 2 for i in range(len(steps))])
+    ds = chart(at, "DeepSeek-V3 sequence-wise")
+    np.testing.assert_allclose(arr(ds["data"][1]["y"]), [1.05 + i / 2 for i in range(len(steps))])
+    at.selectbox(key="bal_layer").set_value(1).run()
+    assert not at.exception and not at.error
+    fig = chart(at, "Selection bias per expert, layer 1")
+    np.testing.assert_allclose(arr(fig["data"][2]["y"]), bias[:, 1, 2])
 
 
 # --- Agreement (issue 22) ---------------------------------------------------------------------------------------

@@ -14,8 +14,8 @@ from moeviz.importers import import_megatron, import_sglang, import_vllm  # noqa
 from tests import engine_logs as gen  # noqa: E402
 
 APP = str(Path(__file__).resolve().parents[1] / "app" / "main.py")
-PAGES = ["overview", "load", "aux_loss", "capacity", "expert_parallel", "specialization", "tokens", "sql", "compare",
-         "agreement"]
+# every page of the dashboard, so that a page added later is opened on imported runs too
+PAGES = sorted(p.stem for p in (Path(APP).parent / "views").glob("*.py") if p.stem != "__init__")
 
 
 @pytest.fixture(scope="module")

@@ -94,3 +94,10 @@ def test_compare_detects_a_difference(tiny_store):
     assert bench.compare(m, m.copy(), case) == "ok"
     assert bench.compare(m, m.assign(v=[1.0, 2.001]), case).startswith("MISMATCH")
     assert bench.compare(m, m.iloc[:1], case).startswith("MISMATCH")
+
+
+def test_balance_benchmark_runs(capsys):
+    """bench/bench_balance.py at a tiny size: it times both and prints one line."""
+    pytest.importorskip("torch")
+    assert _load("bench_balance").main(["--seqs", "2", "--seq-len", "8", "--repeats", "1", "--layers", "2"]) == 0
+    assert "balance sums" in capsys.readouterr().out

@@ -36,6 +36,7 @@ PAGES = [
     ("overview", 2, None),
     ("load", 2, None),
     ("aux_loss", 4, None),
+    ("balancing", 3, None),  # load per expert, MaxVio per step and per layer (no bias, no balance stats: info boxes)
     ("capacity", 4, None),
     ("expert_parallel", 3, None),  # GPU x layer load, busiest GPU per placement, traffic (staleness: enough steps)
     ("specialization", 3, None),  # the open tab's map, token flow, mutual information (the other tabs: below)
@@ -47,7 +48,8 @@ PAGES = [
     # the two runs of the test store hold other tokens: the page says what keys each side has (a real pair: charts)
     ("agreement", 0, '[data-testid="stMetric"], [data-testid="stAlert"]'),
 ]
-TITLES = {"overview": "Overview", "load": "Load balance", "aux_loss": "Aux loss", "capacity": "Capacity",
+TITLES = {"overview": "Overview", "load": "Load balance", "aux_loss": "Aux loss", "balancing": "Balancing",
+          "capacity": "Capacity",
           "specialization": "Specialization", "tokens": "Tokens", "bounds": "Bound explorer", "toy": "Toy MoE",
           "sql": "SQL console", "compare": "Compare", "expert_parallel": "Expert parallel", "agreement": "Agreement"}
 # pages whose analysis module may not be installed: then an info box is what they must show

@@ -114,3 +114,20 @@ def test_main_prints_every_table(store, capsys):
     assert _load_script().main([str(store[0]), "--shuffles", "3"]) == 0
     out = capsys.readouterr().out
     assert "## nmi" in out and "## capacity" in out and "| tiny |" in out
+
+
+def test_expert_parallel_contiguous_matches_numpy(results, store):
+    """Busiest of 4 GPUs over the mean GPU, contiguous (expert e on GPU e * 4 // E), per late train step, averaged;
+    the balanced placements are never worse than contiguous on the steps they were fitted on."""
+    _, r = store
+    train = sorted(s for s, t in TAGS.items() if t == "train")
+    late = train[-math.ceil(0.2 * len(train)):]
+    ep = results["expert_parallel"].set_index("layer")
+    for layer in range(L):
+        ratios = []
+        for s in late:
+            counts = np.bincount(r["index"][r["steps"] == s, layer].ravel(), minlength=E)
+            per_gpu = np.bincount(np.arange(E) * 4 // E, weights=counts, minlength=4)
+            ratios.append(per_gpu.max() / per_gpu.mean())
+        assert ep.loc[layer, "contiguous"] == pytest.approx(np.mean(ratios))
+    assert (ep["balanced_r2"] <= ep["balanced"] + 1e-9).all() and (ep["gpus"] == 4).all()

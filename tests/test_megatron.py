@@ -234,3 +234,41 @@ def test_training_with_aux_loss_and_expert_bias_records_what_the_router_did(tmp_
             np.testing.assert_allclose(r.weight.to_numpy().reshape(-1, k), probs.gather(1, index).numpy(), atol=2e-5)
     config = query(tmp_path / "run", "SELECT config FROM runs").config[0]
     assert '"moe_router_score_function": "sigmoid"' in config  # the TransformerConfig, stored as the run's config
+
+
+def test_expert_bias_recorded_every_step_through_megatrons_own_update(tmp_path):
+    """Training with `moe_router_enable_expert_bias`: after each step's forward and backward the bias is moved by
+    Megatron's own `get_updated_expert_bias` from the router's `local_tokens_per_expert` (what
+    finalize_model_grads does) before rec.step(); the stored bias of each step is the one the router ranked with."""
+    overrides = dict(moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True,
+                     moe_router_bias_update_rate=0.05)
+    with megatron_on_cpu():
+        model, cfg = tiny_megatron_gpt(seed=6, **overrides)
+        model.train()
+        sites = find_routers(model)
+        seen: dict[int, list] = {}
+        hooks = [s.module.register_forward_pre_hook(
+            lambda m, a, s=s: seen.setdefault(s.layer, []).append(m.expert_bias.detach().clone())) for s in sites]
+        try:
+            with Recorder(model, tmp_path / "run", flush_every=1) as rec:
+                for step in range(3):
+                    ids, pos, mask = megatron_gpt_inputs(BATCH, SEQ, seed=20 + step)
+                    model.zero_grad()
+                    model(ids, pos, mask).float().pow(2).mean().backward()
+                    for s in sites:
+                        r = s.module
+                        with torch.no_grad():
+                            r.expert_bias.copy_(moe_utils.get_updated_expert_bias(
+                                r.local_tokens_per_expert, r.expert_bias, cfg.moe_router_bias_update_rate))
+                            r.local_tokens_per_expert.zero_()
+                    rec.step(step)
+        finally:
+            for h in hooks:
+                h.remove()
+    eb = query(tmp_path / "run", "SELECT step, layer, expert, bias FROM expert_bias ORDER BY step, layer, expert")
+    assert len(eb) == 3 * len(sites) * cfg.num_moe_experts
+    for step in range(3):
+        for s in sites:
+            got = eb[(eb.step == step) & (eb.layer == s.layer)].bias.to_numpy()
+            np.testing.assert_array_equal(got, seen[s.layer][step].double().numpy())
+    assert not torch.equal(seen[sites[0].layer][0], seen[sites[0].layer][2])  # Megatron's update moved it

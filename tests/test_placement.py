@@ -459,8 +459,28 @@ def test_placement_command_prints_each_placement_per_layer(run_dir, con):
     assert "contiguous" in p.stdout and "balanced" in p.stdout and "local" in p.stdout
 
 
+def test_placement_command_prints_the_bytes_each_placement_sends(run_dir, routing):
+    """--hidden-size: the bytes of the token copies whose expert is on another GPU, from a loop over the routes
+    (contiguous layout written out by its definition), printed per placement."""
+    p = moeviz("placement", run_dir, "--gpus", 4, "--hidden-size", 1024, "--bytes-per-value", 2)
+    assert p.returncode == 0, p.stderr
+    acc = loop_traffic(routing, table_of("contiguous", 3, 8, 4), 4, "sequence")
+    lines = p.stdout.splitlines()
+    header = next(line for line in lines if "sent:contiguous" in line).split()
+    col = header.index("sent:contiguous")
+    for layer in range(3):
+        remote = sum(v for (lay, src, gpu), v in acc.items() if lay == layer and src != gpu) * 1024 * 2
+        row = next(line for line in lines if line.split()[:2] == ["r", str(layer)])
+        value, unit = row.split()[col: col + 2]  # "123 KiB": two words
+        scale = {"B": 1, "KiB": 1024, "MiB": 1024 ** 2}[unit]
+        assert float(value) * scale == pytest.approx(remote, rel=5e-3), (row, remote)
+    total = sum(acc.values()) * 1024 * 2
+    assert "every copy of the selection" in p.stdout and f"{total / 1024 ** 2:.3g} MiB" in p.stdout
+
+
 @pytest.mark.parametrize("args, message", [
     (["--gpus", "0"], "gpus must be an integer >= 1"),
+    (["--gpus", "4", "--hidden-size", "0"], "hidden-size must be an integer >= 1"),
     (["--gpus", "four"], "--gpus"),
     (["--gpus", "4", "--nodes", "3"], "nodes must divide gpus"),
     (["--gpus", "4", "--fit", "x:y"], "--fit"),
@@ -515,3 +535,17 @@ def test_the_pages_charts_draw_real_and_empty_frames(con):
                 charts.gpu_load_heatmap(gpu_load(con, empty, 4)),
                 charts.staleness_lines(placement_staleness(con, empty, 4, (0, 1)), layer=0)):
         assert "Nothing recorded" in fig.layout.annotations[0].text
+
+
+def test_the_demos_busiest_gpu_line_by_hand():
+    """moeviz demo's summary: contiguous busiest/mean from the definition (expert e on GPU e*G/E), balanced with
+    2 replicas never worse than contiguous and, for a layer with one hot expert, the exhaustive optimum."""
+    from moeviz.demo.run import busiest_gpu
+
+    a = np.array([[100, 10, 10, 10, 50, 20, 30, 40], [5, 5, 5, 5, 5, 5, 5, 200]], dtype=float)
+    got = busiest_gpu(a, gpus=4, redundant=2)["busiest_of_4_gpus"]
+    assert got["contiguous"] == [round(110 / (270 / 4), 3), round(205 / (235 / 4), 3)]
+    assert all(b <= c for b, c in zip(got["balanced_2_replicas"], got["contiguous"]))
+    best = exhaustive_optimum(a[1], 4, 2, 1, upper=205.0)
+    assert got["balanced_2_replicas"][1] == round(best / (235 / 4), 3)
+    assert busiest_gpu(a[:, :3], gpus=4) == {}  # fewer experts than GPUs: no line

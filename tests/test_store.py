@@ -78,8 +78,11 @@ def make_flush(rng: np.random.Generator, step: int, rank: int = 0) -> dict:
                  "prompt_tokens": np.array([np.nan, 2.0])}
     bias = {"step": np.full(EXPERTS, step), "rank": np.full(EXPERTS, rank), "layer": np.full(EXPERTS, 1),
             "expert": np.arange(EXPERTS), "bias": rng.normal(size=EXPERTS) * 1e-3}
+    balance = {"step": np.full(LAYERS, step), "rank": np.full(LAYERS, rank), "layer": np.arange(LAYERS),
+               "sequences": np.full(LAYERS, SEQS), "switch_sum": rng.random(LAYERS) * SEQS,
+               "switch_stack_sum": rng.random(LAYERS) * SEQS, "seq_aux_sum": rng.random(LAYERS) * SEQS}
     return {"routes": routes, "step_stats": step_stats, "layer_stats": layer_stats, "sequences": sequences,
-            "pair_stats": pair_stats, "flow_stats": flow_stats, "expert_bias": bias}
+            "pair_stats": pair_stats, "flow_stats": flow_stats, "expert_bias": bias, "balance_stats": balance}
 
 
 META = {"model_class": "TinyMoE", "n_layers": LAYERS, "n_experts": EXPERTS, "top_k": K, "capacity_factor": 1.25,
@@ -118,7 +121,8 @@ def check_tables_equal(con, expected: dict[str, pd.DataFrame], run_id: str) -> N
     keys = {"routes": ["step", "rank", "layer", "seq", "pos", "slot"], "step_stats": ["step", "rank", "layer", "expert"],
             "layer_stats": ["step", "rank", "layer"], "sequences": ["step", "rank", "seq"],
             "pair_stats": ["step", "rank", "layer", "expert_i"],
-            "flow_stats": ["step", "rank", "layer_a", "expert_a"], "expert_bias": ["step", "rank", "layer", "expert"]}
+            "flow_stats": ["step", "rank", "layer_a", "expert_a"], "expert_bias": ["step", "rank", "layer", "expert"],
+            "balance_stats": ["step", "rank", "layer"]}
     for t, exp in expected.items():
         got = con.execute(f"SELECT * FROM {t} WHERE run_id = ?", [run_id]).df()
         assert (got["run_id"] == run_id).all()
@@ -468,8 +472,8 @@ def test_compaction_is_idempotent_and_never_double_counts(tmp_path):
     both = {t: pd.concat([expected[t], more[t]], ignore_index=True) for t in expected}
     check_tables_equal(open_store(run_dir), both, "r")
     con = duckdb.connect(str(run_dir / "run.duckdb"), read_only=True)
-    # 3 metadata segments + 7 tables of one flush written by the second writer
-    assert con.execute("SELECT count(*), count(DISTINCT file) FROM _segments").fetchone() == (len(segs) + 10,) * 2
+    # 3 metadata segments + 8 tables of one flush written by the second writer
+    assert con.execute("SELECT count(*), count(DISTINCT file) FROM _segments").fetchone() == (len(segs) + 11,) * 2
     con.close()
     check_route_stats(open_store(run_dir), both["routes"])
 
@@ -713,7 +717,7 @@ def test_compaction_refuses_a_live_writer(tmp_path):
         compact(tmp_path / "r")
     write_run(tmp_path / "done", compact_on_close=False)
     result = {r["run_id"]: r for r in compact(tmp_path)["runs"]}  # a folder: compact what can be, skip the live
-    assert result["done"]["segments_folded"] == 17 and "still being written" in result["r"]["skipped"]
+    assert result["done"]["segments_folded"] == 19 and "still being written" in result["r"]["skipped"]
     w.close()
     assert compact(tmp_path / "r")["runs"][0]["segments_folded"] == 0  # close already compacted it
 

@@ -262,3 +262,36 @@ def test_recorded_under_torch_compile_in_one_graph(tmp_path):
                 order = (expert[:, :, None] == ids_k[:, None, :]).float().argmax(-1)
                 np.testing.assert_allclose(r.weight.to_numpy().reshape(-1, k), (w.gather(1, order) / 2.5).numpy(),
                                            atol=2e-5)
+
+
+def test_expert_bias_recorded_every_step_as_the_router_ranked_with_it(tmp_path):
+    """torchtitan updates `expert_bias_E` in place outside the forward (an optimizer pre-step hook); here the same
+    update (sign of mean - load, centred) is applied by hand after each step's forward and before rec.step(): the
+    stored bias of every step equals the one the router got as its call's second argument in that step."""
+    model = tiny_torchtitan_moe(seed=2, expert_bias=True, route_norm=True, top_k=2).train()  # counts tokens
+    seen: dict[int, list] = {}
+    routers = [layer.router for layer in model.layers]
+    hooks = [r.register_forward_pre_hook(lambda m, a, i=i: seen.setdefault(i, []).append(a[1].detach().clone()))
+             for i, r in enumerate(routers)]
+    gen = torch.Generator().manual_seed(7)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="In CPU autocast")
+        with Recorder(model, tmp_path / "run", flush_every=2) as rec:
+            for step in range(3):
+                with torch.no_grad():
+                    model(torch.randint(0, VOCAB, (BATCH, SEQ), generator=gen))
+                    for layer in model.layers:  # torchtitan's _update_expert_bias, one process
+                        tokens = layer.tokens_per_expert_E.float()
+                        delta = layer.load_balance_coeff * 50 * torch.sign(tokens.mean() - tokens)
+                        layer.expert_bias_E.add_(delta - delta.mean())
+                        layer.tokens_per_expert_E.zero_()
+                rec.step(step)
+    for h in hooks:
+        h.remove()
+    eb = query(tmp_path / "run", "SELECT step, layer, expert, bias FROM expert_bias ORDER BY step, layer, expert")
+    assert len(eb) == 3 * len(routers) * routers[0].num_experts
+    for step in range(3):
+        for layer in range(len(routers)):
+            got = eb[(eb.step == step) & (eb.layer == layer)].bias.to_numpy()
+            np.testing.assert_array_equal(got, seen[layer][step].double().numpy())
+    assert not torch.equal(seen[0][0], seen[0][2])  # the bias did move between steps

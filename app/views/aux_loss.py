@@ -44,7 +44,9 @@ def render(ctx: Ctx) -> None:
         bound = infimum_value(ctx.n_experts, ctx.top_k)
     bound_text = f"{bound:.4f}" if bound is not None else "n/a"
     st.caption(f"E = {ctx.n_experts} experts, k = {ctx.top_k}: uniform routing gives 1; the true lower bound "
-               f"(infimum over routings) is {bound_text}, not the 1 of the Switch paper nor the blog's 1/2.")
+               f"(infimum over routings) is {bound_text}, not the 1 of the Switch paper nor the blog's 1/2. "
+               "These losses pool each step's tokens; the per-sequence losses Switch Transformers and DeepSeek-V3 "
+               "train on (a mean over batch rows) are on the Balancing page.")
     with guarded("Switch loss per layer"):
         page = layer_page(ctx, "aux")  # many layers: a page of them at a time (app/wide.py)
         per_layer = ctx.q(switch_loss, sel if page is None else sel.with_(layers=page), **over_steps)

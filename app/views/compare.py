@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from app.components import bucket_note, guarded, run_page, show_chart
+from app.components import OBSERVATIONAL, bucket_note, guarded, run_page, show_chart
 from app.state import Ctx
 from moeviz import charts
 from moeviz.analyses.aux_loss import pooled_switch_loss
@@ -76,7 +76,8 @@ def render(ctx: Ctx) -> None:
         if share["domain"].notna().any():
             layers = sorted(share["layer"].unique())
             layer = int(st.selectbox("Layer", layers, key="cmp_layer"))
-            show_chart(charts.compare_domain_share(share, runs=(a, b), layer=layer), share, "compare-domains")
+            show_chart(charts.compare_domain_share(share, runs=(a, b), layer=layer), share, "compare-domains",
+                       caption=OBSERVATIONAL)
         else:
             st.info("Neither run's sequences carry domain labels.")
 

@@ -30,7 +30,8 @@ takes 1.5× as long as an even spread would.
 
 **Traffic**: each token starts on a source GPU: sequence `seq` on GPU seq mod G (the batch dealt to G
 data-parallel ranks), or the recording rank mod G. A copy is *local* when its expert sits on that GPU. From the
-per-token routes (the window in the sidebar).
+per-token routes (the window in the sidebar). With a hidden size H, **bytes** = copies × H × 2 (bf16), one way;
+*remote bytes* are those of the copies that leave their GPU.
 
 **Staleness**: a balanced placement fitted on the first steps, evaluated on every later step, against one refitted
 on each step (what rebalancing every step would reach) and contiguous.
@@ -75,10 +76,13 @@ def render(ctx: Ctx) -> None:
         show_chart(charts.busiest_gpu_lines(per_step, layer=layer), per_step, "ep-busiest")
 
     with guarded("Traffic matrix"):
+        hidden = int(st.number_input("Hidden size H (0: count token copies only)", 0, 1 << 20, 0, key="ep_hidden",
+                                     help="Bytes of the traffic = token copies × H × 2 (bf16)."))
         # balanced: the placement of the heat map (fitted on every selected step), not one fitted on the window
         traffic = ctx.q_slow("Counting the routes between GPUs...", dispatch_traffic, ctx.sel_routes, gpus,
                              placement=kind, source=source, redundant=redundant if kind == "balanced" else 0,
-                             nodes=nodes, fit_steps=(steps[0], steps[-1]) if kind == "balanced" else None)
+                             nodes=nodes, fit_steps=(steps[0], steps[-1]) if kind == "balanced" else None,
+                             hidden_size=hidden or None)
         show_chart(charts.traffic_heatmap(traffic, layer=layer), traffic, "ep-traffic",
                    caption=f"Placement: {kind}. " + ctx.route_note)
         show_table(local_share(traffic, gpus=gpus, nodes=nodes), "ep-local-share")

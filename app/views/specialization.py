@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from app.components import guarded, run_page, show_chart
+from app.components import OBSERVATIONAL, guarded, run_page, show_chart
 from app.state import Ctx
 from moeviz import charts
 from moeviz.analyses.specialization import (
@@ -172,6 +172,7 @@ def render(ctx: Ctx) -> None:
         st.info("This run kept no per-token detail, which every specialization view reads.")
         return
     st.info(ctx.route_note, icon=":material/speed:")
+    st.caption(OBSERVATIONAL)
     _per_layer_maps(ctx)
     st.subheader("Flow between layers")
     with guarded("Token flow"):

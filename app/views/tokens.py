@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from app.components import run_page, show_chart, show_table
+from app.components import OBSERVATIONAL, run_page, show_chart, show_table
 from app.state import Ctx
 from moeviz import charts
 from moeviz.store.catalog import sequence_list, sequence_routes
@@ -46,6 +46,7 @@ def render(ctx: Ctx) -> None:
         st.info("This run holds no gate weights and no slot order (it was imported from an engine log): a token's "
                 "colour is the expert the log lists first, not necessarily its top choice.")
     _token_window(routes, row, ctx.n_experts)
+    st.caption(OBSERVATIONAL)
     with st.expander("All routes of this sequence"):
         show_table(routes, "sequence-routes")
 

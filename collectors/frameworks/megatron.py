@@ -63,6 +63,12 @@ class MegatronTopKRouterAdapter(RouterAdapter):
         self.group_topk = cfg.moe_router_group_topk
         self.router_dtype = cfg.moe_router_dtype  # None (input dtype), 'fp32' or 'fp64'
 
+    def bias_reader(self, module, parent):
+        """The router's `expert_bias` buffer (`moe_router_enable_expert_bias`), None when it has none."""
+        if getattr(module, "expert_bias", None) is None:
+            return None
+        return lambda: getattr(module, "expert_bias", None)
+
     def __call__(self, module, inputs, output):
         import torch
         from torch.nn import functional as F

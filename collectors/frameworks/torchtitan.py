@@ -56,6 +56,13 @@ class TorchtitanRouterAdapter(RouterAdapter):
                 "box: pass adapter="
             )
 
+    def bias_reader(self, module, parent):
+        """The MoE layer's `expert_bias_E` buffer (the router gets it as its call's second argument); read by
+        name at each step, since training code may replace the tensor (None: the layer has no bias)."""
+        if parent is None or not hasattr(parent, "expert_bias_E"):
+            return None
+        return lambda: getattr(parent, "expert_bias_E", None)
+
     def __call__(self, module, inputs, output):
         import torch
         from torch.nn import functional as F

@@ -9,6 +9,7 @@ compaction's counts, else the per-token routes). They import the store's readers
     probability_drops  capacity's probability policy per assignment, in one pass over the compacted routes
     specialization/    what the experts take: domains, tokens, positions, co-activation, consecutive tokens,
                        layer flow, router saturation, mutual information (a module per question)
+    balancing          the selection bias of aux-loss-free balancing over time, MaxVio both ways
     placement          expert parallelism: load per GPU under a placement, balanced placements with replicas,
                        dispatch traffic between GPUs, how fast a fitted placement goes stale
     health             the checks `moeviz check` and the Overview run: dead or collapsed experts, imbalance, drops

@@ -28,7 +28,13 @@ from moeviz.analyses.step_rows import rollups_available, step_rows_sql
 from moeviz.analyses.unknowns import require
 from moeviz.selection import Selection
 
-__all__ = ["switch_loss", "pooled_switch_loss", "z_loss"]
+__all__ = ["switch_loss", "pooled_switch_loss", "z_loss", "sequence_balance_loss", "SEQUENCE_CONVENTIONS"]
+
+SEQUENCE_CONVENTIONS = {
+    "switch": "Switch Transformers' loss per batch row (transformers' switch_transformers; uniform = k)",
+    "deepseek_v3_seq": "DeepSeek-V3's complementary sequence-wise loss without alpha (normalised sigmoid "
+                       "affinities; uniform = 1)",
+}
 
 
 def _needs_aggregates(sel: Selection, what: str) -> None:
@@ -152,4 +158,73 @@ def z_loss(con, sel: Selection = Selection(), *, by_step: bool = True, pooled: b
                sum(z_loss_sum) / nullif(sum(tokens), 0) AS z_loss,
                sum(entropy_sum) / nullif(sum(tokens), 0) AS mean_entropy
         FROM {rows} s WHERE {where} GROUP BY ALL ORDER BY {k}"""
+    return run_query(con, sql, params)
+
+
+def sequence_balance_loss(con, sel: Selection = Selection(), *, pooled: bool = False, by_step: bool = True,
+                          step_bucket: int | None = None) -> pd.DataFrame:
+    """The balance losses the families compute per sequence (batch row), from `balance_stats` (recorded on the
+    device; empty for runs recorded before it existed, and for engine logs).
+
+    Today's `switch_loss` pools a step's tokens before the product f_i * P_i; the families take the product per
+    sequence and then the mean over sequences, which differs once a step has several sequences. Conventions:
+    'switch' (transformers' `switch_transformers.load_balancing_loss_func` of a batch row: E * sum_i f_i P_i, f_i
+    the share of the row's tokens that chose i in any slot: uniform routing gives k, 1 for Switch's top-1) and
+    'deepseek_v3_seq' (DeepSeek-V3's complementary sequence-wise loss without alpha: sum_i f_i P_i with
+    f_i = E / (k T) * tokens that chose i and P_i the mean normalised sigmoid affinity; uniform gives 1). Each value
+    is the mean over the selected sequences (all ranks; over every selected step when not `by_step`).
+
+    pooled=False: per layer. pooled=True: as the family's own training code pools layers, per stack (`stack`:
+    'encoder', 'decoder', or NULL for a decoder-only model): 'switch' pools f and P over the stack's layers from its
+    first layer through the last selected one (`first_layer`, `last_layer`), as transformers concatenates a stack's
+    router logits, so over a whole stack it equals the model's `encoder_aux_loss` / `decoder_aux_loss`;
+    'deepseek_v3_seq' is the mean over the selected layers of their per-layer value (each MoE layer adds its own
+    loss; its training code logs the mean).
+    Columns: run_id, [step,] [layer,] scope ('layer' or 'pooled'), [stack, first_layer, last_layer,] convention,
+    sequences, aux_loss. `step_bucket=b` (with by_step): one row per bucket of b steps, `step` its first step, the
+    mean over the bucket's sequences.
+    """
+    _needs_aggregates(sel, "the per-sequence balance losses")
+    step_bucket = check_step_bucket(step_bucket, by_step)
+    where, params = sel.where("s")
+    base = f"""
+        SELECT s.run_id, {bucketed_step_sql('s.step', step_bucket)} AS step, s.layer, l.stack, s.sequences, s.switch_sum, s.switch_stack_sum, s.seq_aux_sum
+        FROM balance_stats s LEFT JOIN layers l ON l.run_id = s.run_id AND l.layer = s.layer
+        WHERE {where}"""
+    step = "step, " if by_step else ""
+    if not pooled:
+        keys = f"run_id, {step}layer"
+        sql = f"""
+            WITH b AS ({base})
+            SELECT {keys}, 'layer' AS scope, convention, CAST(sum(sequences) AS BIGINT) AS sequences,
+                   sum(total) / nullif(sum(sequences), 0) AS aux_loss
+            FROM (SELECT *, 'switch' AS convention, switch_sum AS total FROM b
+                  UNION ALL SELECT *, 'deepseek_v3_seq', seq_aux_sum FROM b)
+            GROUP BY {keys}, convention ORDER BY {keys}, convention"""
+        return run_query(con, sql, params)
+    bstep = "b.step, " if by_step else ""
+    sql = f"""
+        WITH b AS ({base}),
+        last_ AS (SELECT run_id, stack, max(layer) AS last_layer FROM b GROUP BY run_id, stack),
+        first_ AS (SELECT run_id, stack, min(layer) AS first_layer FROM layers GROUP BY run_id, stack),
+        switch AS (
+            SELECT b.run_id, {bstep}b.stack, any_value(f.first_layer) AS first_layer,
+                   any_value(t.last_layer) AS last_layer, 'switch' AS convention,
+                   CAST(sum(b.sequences) AS BIGINT) AS sequences,
+                   sum(b.switch_stack_sum) / nullif(sum(b.sequences), 0) AS aux_loss
+            FROM b JOIN last_ t ON t.run_id = b.run_id AND t.stack IS NOT DISTINCT FROM b.stack
+                                  AND t.last_layer = b.layer
+                   LEFT JOIN first_ f ON f.run_id = b.run_id AND f.stack IS NOT DISTINCT FROM b.stack
+            GROUP BY b.run_id, {bstep}b.stack),
+        per_layer AS (
+            SELECT run_id, {step}stack, layer, sum(sequences) AS sequences,
+                   sum(seq_aux_sum) / nullif(sum(sequences), 0) AS loss
+            FROM b GROUP BY run_id, {step}stack, layer),
+        deepseek AS (
+            SELECT run_id, {step}stack, min(layer) AS first_layer, max(layer) AS last_layer,
+                   'deepseek_v3_seq' AS convention, CAST(max(sequences) AS BIGINT) AS sequences, avg(loss) AS aux_loss
+            FROM per_layer GROUP BY run_id, {step}stack)
+        SELECT run_id, {step}'pooled' AS scope, stack, first_layer, last_layer, convention, sequences, aux_loss
+        FROM (SELECT * FROM switch UNION ALL BY NAME SELECT * FROM deepseek)
+        ORDER BY run_id, {step}stack NULLS FIRST, convention"""
     return run_query(con, sql, params)

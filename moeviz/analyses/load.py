@@ -20,7 +20,8 @@ from moeviz.errors import MoevizError, StaleStoreError
 from moeviz.selection import Selection
 from moeviz.store.reader import STALE_MESSAGE, is_stale
 
-__all__ = ["expert_load", "load_matrix", "imbalance", "expert_counts_sql", "run_query", "AnalysisError"]
+__all__ = ["expert_load", "load_matrix", "imbalance", "max_violation", "expert_counts_sql", "run_query",
+           "AnalysisError"]
 
 
 class AnalysisError(MoevizError, ValueError):
@@ -208,3 +209,18 @@ def imbalance(
         FROM g ORDER BY {keys}"""
     tn = None if top_n is None else int(top_n)
     return run_query(con, sql, params + [float(dead_threshold), float(dead_threshold), tn, tn])
+
+
+def max_violation(con, sel: Selection = Selection(), *, by_step: bool = True, count: str = "assigned",
+                  step_bucket: int | None = None) -> pd.DataFrame:
+    """MaxVio (Wang et al. 2024, "Auxiliary-loss-free load balancing"): max_i load_i / mean_i load_i - 1 per layer,
+    0 when every expert gets the same load.
+
+    by_step=True: per step (MaxVio_batch: each training batch's own balance, what the bias is nudged against);
+    by_step=False: of the whole selection's summed load (MaxVio_global: balance over many batches, which can be
+    good while every batch is lopsided). Columns: run_id, [step,] layer, tokens, assignments, max_vio. `count` and
+    `step_bucket` as in `imbalance` (a bucket's MaxVio is that of its summed load).
+    """
+    df = imbalance(con, sel, by_step=by_step, count=count, step_bucket=step_bucket)
+    keys = ["run_id"] + (["step"] if by_step else []) + ["layer"]
+    return df[keys + ["tokens", "assignments", "max_vio"]].reset_index(drop=True)

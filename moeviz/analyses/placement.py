@@ -891,15 +891,22 @@ def placement_summary(
     eval_steps: tuple[int, int] | None = None,
     source: str = "sequence",
     traffic_sel: Selection | None = None,
+    hidden_size: int | None = None,
+    bytes_per_value: int = 2,
 ) -> pd.DataFrame:
     """Per run and layer: max/mean GPU load and the local share of the traffic, for each placement (`moeviz
     placement` prints this).
 
     Columns: run_id, layer, placement, redundant, max_over_mean (aggregates over `eval_steps`, default the
     selection; balanced fitted on `fit_steps`, default the selection), local_share (routes of `traffic_sel`,
-    default the evaluated steps), node_local_share when nodes > 1.
+    default the evaluated steps), node_local_share when nodes > 1, and with `hidden_size`: bytes (every token
+    copy the layer dispatches, tokens x hidden_size x bytes_per_value, one way) and remote_bytes (the copies
+    whose expert sits on another GPU: what crosses the interconnect).
     """
     g, r, n = _check_shape(gpus, redundant, nodes)
+    if hidden_size is not None:
+        _as_int("hidden_size", hidden_size, 1)
+    _as_int("bytes_per_value", bytes_per_value, 1)
     comparison = placement_comparison(con, sel, g, redundant=r, nodes=n, fit_steps=fit_steps, eval_steps=eval_steps)
     tsel = traffic_sel if traffic_sel is not None else _steps_sel(sel, eval_steps)
     if source not in SOURCES:
@@ -909,12 +916,15 @@ def placement_summary(
     for (kind, reps), _ in comparison.groupby(["placement", "redundant"], sort=False):
         # balanced: fitted on the same steps as in the comparison (fit_steps, else the whole selection)
         fit = (fit_steps if fit_steps is not None else sel.steps or (-(2**62), 2**62)) if kind == "balanced" else None
-        traffic = _traffic(con, tsel, counts, g, kind, reps, n, fit, None, 2)
+        traffic = _traffic(con, tsel, counts, g, kind, reps, n, fit, hidden_size, bytes_per_value)
         loc = local_share(traffic, gpus=g, nodes=n).assign(placement=kind, redundant=reps)
+        if hidden_size is not None:
+            loc["bytes"] = loc["tokens"] * int(hidden_size) * int(bytes_per_value)
         rows.append(loc)
     local = pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(
         columns=["run_id", "layer", "placement", "redundant", "local_share"])
     keep = ["run_id", "layer", "placement", "redundant", "local_share"] + (["node_local_share"] if n > 1 else [])
+    keep += ["bytes", "remote_bytes"] if hidden_size is not None else []
     out = comparison.drop(columns=["busiest", "mean"]).merge(local[keep], how="left",
                                                              on=["run_id", "layer", "placement", "redundant"])
     return out

@@ -93,6 +93,11 @@ def summary_lines(summary: dict) -> list[str]:
     if summary.get("nmi_expert_domain"):
         lines.append("  expert-domain NMI per layer (0 = ignore the domain, 1 = one expert each): "
                      + nums(summary["nmi_expert_domain"]))
+    for key, value in summary.items():  # busiest_of_<G>_gpus: expert parallelism on the held-out batch
+        if key.startswith("busiest_of_") and value:
+            gpus = key.split("_")[2]
+            lines.append(f"  busiest of {gpus} GPUs / mean, per layer: " + "; ".join(
+                f"{name.replace('_', ' ')} {nums(v)}" for name, v in value.items()))
     top = summary.get("top_experts_by_domain") or {}
     if top:
         n_layers = max(len(v) for v in top.values())

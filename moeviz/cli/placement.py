@@ -5,6 +5,7 @@ round-robin and balanced placements (and balanced with R redundant replicas), an
 stays on the GPU it starts on. See `moeviz.analyses.placement` for the definitions.
 
     moeviz placement runs/exp1 --gpus 8 --redundant 2 --fit 0:99 --eval 100:
+    moeviz placement runs/exp1 --gpus 8 --hidden-size 4096      # + the bytes that cross GPUs per placement
 """
 
 from __future__ import annotations
@@ -45,6 +46,9 @@ def register(subparsers) -> None:
     p.add_argument("--eval", dest="eval_steps", help="steps C:D every placement is evaluated on (default: all)")
     p.add_argument("--source", choices=("sequence", "rank"), default="sequence",
                    help="where tokens start: sequence seq on GPU seq mod G (default), or the recording rank mod G")
+    p.add_argument("--hidden-size", help="hidden size H of a token: adds the bytes each placement sends between GPUs "
+                   "(token copies whose expert is on another GPU x H x --bytes-per-value, one way, dispatch only)")
+    p.add_argument("--bytes-per-value", default="2", help="bytes per activation value (default 2: bf16)")
     p.add_argument("--layers", help="comma-separated MoE layers (default: all)")
     p.add_argument("--run", action="append", dest="runs", help="run id (repeatable; default: all)")
     p.set_defaults(func=run_placement)
@@ -62,12 +66,15 @@ def run_placement(args: argparse.Namespace) -> int:
     nodes = _int(args.nodes, "--nodes", 1)
     fit = step_range(args.fit, "--fit", PlacementArgumentError)
     evaluate = step_range(args.eval_steps, "--eval", PlacementArgumentError)
+    hidden = None if args.hidden_size is None else _int(args.hidden_size, "--hidden-size", 1)
+    per_value = _int(args.bytes_per_value, "--bytes-per-value", 1)
     layers = int_list(args.layers or None, "--layers", PlacementArgumentError)
     sel = Selection(run_ids=tuple(args.runs) if args.runs else None, layers=layers, steps=evaluate)
     con = open_store(args.path)
     try:
         df = placement_summary(con, sel, gpus, redundant=redundant, nodes=nodes,
-                               fit_steps=fit if fit is not None else evaluate, source=args.source)
+                               fit_steps=fit if fit is not None else evaluate, source=args.source,
+                               hidden_size=hidden, bytes_per_value=per_value)
     finally:
         con.close()
     if df.empty:
@@ -79,10 +86,29 @@ def run_placement(args: argparse.Namespace) -> int:
     load = df.pivot(index=["run_id", "layer"], columns="placement", values="max_over_mean")[order]
     local = df.pivot(index=["run_id", "layer"], columns="placement", values="local_share")[order]
     local.columns = [f"local:{c}" for c in local.columns]
-    table = pd.concat([load, local], axis=1).reset_index()
+    parts = [load, local]
+    if hidden is not None:
+        remote = df.pivot(index=["run_id", "layer"], columns="placement", values="remote_bytes")[order]
+        remote.columns = [f"sent:{c}" for c in remote.columns]
+        parts.append(remote.map(_bytes_text))
+    table = pd.concat(parts, axis=1).reset_index()
     steps = "all steps" if evaluate is None else f"steps {args.eval_steps}"
     fitted = f"fitted on steps {args.fit}" if args.fit else "fitted on the same steps"
     print(f"max/mean GPU load over {gpus} GPUs ({nodes} node(s)), {steps}; balanced {fitted}. "
           f"local: share of token copies that stay on their GPU (source: {args.source}).")
+    if hidden is not None:
+        total = df.groupby(["run_id", "layer"])["bytes"].first().sum()
+        print(f"sent: bytes of token copies dispatched to another GPU (hidden size {hidden} x {per_value} bytes, "
+              f"one way, the combine sends as much back); every copy of the selection: {_bytes_text(total)}.")
     print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     return 0
+
+
+def _bytes_text(n: float) -> str:
+    """A byte count for a table cell: 0 B, 512 B, 12.3 KiB, 4.56 GiB."""
+    n = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.3g} {unit}"
+        n /= 1024
+    return f"{n:.3g} TiB"

@@ -100,7 +100,33 @@ class RunResult:
             "imbalance_max_over_mean": [round(float(x), 3) for x in self.imbalance()],
             "nmi_expert_domain": [round(normalized_mutual_information(c), 3) for c in self.counts],
             "top_experts_by_domain": top_experts_by_domain(self.counts),
+            **busiest_gpu(self.assigned),
         }
+
+
+def busiest_gpu(assigned: np.ndarray, gpus: int = 4, redundant: int = 2) -> dict:
+    """Busiest of `gpus` expert-parallel GPUs over the mean GPU per layer, for the load `assigned` [layer, expert]:
+    contiguous placement (expert e on GPU e*G/E) and `moeviz.analyses.placement.balanced_placement` of that load
+    with `redundant` replicas (fitted on the same load, as a rebalancer fed recent counts would be). Empty when the
+    layers have fewer experts than GPUs."""
+    from moeviz.analyses.placement import PlacementError, balanced_placement
+
+    n_layers, n_experts = assigned.shape
+    if n_experts < gpus:
+        return {}
+    contiguous = np.stack([np.bincount(np.arange(n_experts) * gpus // n_experts, weights=a, minlength=gpus)
+                           for a in assigned])  # [L, G]
+    try:
+        table = balanced_placement(assigned, gpus, redundant=redundant)  # rows: layer, gpu, expert, share
+    except PlacementError:
+        return {}
+    balanced = np.zeros((n_layers, gpus))
+    np.add.at(balanced, (table.layer.to_numpy(), table.gpu.to_numpy()),
+              assigned[table.layer.to_numpy(), table.expert.to_numpy()] * table.share.to_numpy())
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ratio = {"contiguous": contiguous.max(1) / contiguous.mean(1),
+                 f"balanced_{redundant}_replicas": balanced.max(1) / balanced.mean(1)}
+    return {f"busiest_of_{gpus}_gpus": {k: [round(float(x), 3) for x in v] for k, v in ratio.items()}}
 
 
 def normalized_mutual_information(table: np.ndarray) -> float:

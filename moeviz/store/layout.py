@@ -58,7 +58,8 @@ HEARTBEAT_TIMEOUT_S = 600.0  # a writer on another host counts as alive this lon
 WEIGHT_SCALE = 65535  # routes.weight is stored as weight_q = round(weight * WEIGHT_SCALE), UINT16
 
 # Tables written per flush (data) and once per run (metadata). Order = the order views are built in.
-DATA_TABLES = ("routes", "step_stats", "layer_stats", "sequences", "pair_stats", "flow_stats", "expert_bias")
+DATA_TABLES = ("routes", "step_stats", "layer_stats", "sequences", "pair_stats", "flow_stats", "expert_bias",
+               "balance_stats")
 # Tables that compaction builds from the routes it folds (in run.duckdb only; see store._fold_route_stats).
 ROUTE_STATS_TABLES = ("token_stats", "position_stats", "sequence_stats")
 # ... and the per-token expert sets of the probe steps (router saturation); not part of `route_stats_complete`, so
@@ -114,6 +115,9 @@ DISK_SCHEMAS: dict[str, pa.Schema] = {
                             ("pos_offset", _I32), ("prompt_tokens", _I32)]),
     "expert_bias": pa.schema([("run_id", _S), ("step", _I64), ("rank", _I32), ("layer", _I16), ("expert", _I16),
                               ("bias", _F64)]),
+    "balance_stats": pa.schema([("run_id", _S), ("step", _I64), ("rank", _I32), ("layer", _I16),
+                                ("sequences", _I64), ("switch_sum", _F64), ("switch_stack_sum", _F64),
+                                ("seq_aux_sum", _F64)]),
     "runs": pa.schema([("run_id", _S), ("rank", _I32), ("written_at", pa.timestamp("us")), ("run_name", _S),
                        ("model_class", _S), ("n_layers", _I32), ("n_experts", _I32), ("top_k", _I32),
                        ("capacity_factor", _F64), ("config", _S), ("sample_every", _I32),
@@ -482,7 +486,7 @@ def migrate_manifest(manifest: dict, where: Path) -> dict:
 
     Version 2 added commit records (`_commits/`); a version 1 run has none, and its complete segment files are read
     as they are (`commits: False`). Version 3 added `routes.dropped`, `routes.margin`, `sequences.prompt_tokens` and
-    the `expert_bias` table, and let `routes.weight` and `step_stats.tokens/first_choice/prob_sum` be NULL (unknown,
+    the `expert_bias` and `balance_stats` tables, and let `routes.weight` and `step_stats.tokens/first_choice/prob_sum` be NULL (unknown,
     for imported engine logs): an older run reads with the new columns NULL and no NULL in the old ones.
     """
     version = int(manifest.get("schema_version", 0))

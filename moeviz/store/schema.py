@@ -235,6 +235,31 @@ EXPERT_BIAS = _t(
      "held it during the step."),
 )
 
+BALANCE_STATS = _t(
+    "balance_stats",
+    "The load-balancing losses the model families compute per sequence (batch row), summed over the sequences of "
+    "a step on the device: one row per step, rank and layer. A loss's value is its sum over the sequences "
+    "divided by `sequences` (`moeviz.analyses.aux_loss.sequence_balance_loss`). Tokens outside the attention "
+    "mask or with non-finite router outputs are left out (transformers' Switch Transformers counts padding too). "
+    "Empty for data written before it existed and for layers whose token layout was unknown.",
+    ("run_id", "VARCHAR", "Run id."),
+    ("step", "BIGINT", "Step."),
+    ("rank", "INTEGER", "Rank."),
+    ("layer", "SMALLINT", "MoE layer index."),
+    ("sequences", "BIGINT", "Sequences of this step and rank with at least one token counted in this layer."),
+    ("switch_sum", "DOUBLE", "Sum over sequences of Switch Transformers' load-balancing loss of the sequence "
+     "(transformers' switch_transformers `load_balancing_loss_func` on one batch row): E * sum_i f_i P_i with f_i "
+     "the share of the sequence's tokens that chose expert i (in any of the k slots) and P_i their mean softmax "
+     "probability of i; uniform routing gives k (1 for Switch's top-1)."),
+    ("switch_stack_sum", "DOUBLE", "The same sum with f and P pooled over this layer and every earlier MoE layer "
+     "of its stack (the same tokens), as transformers concatenates a stack's router logits: at a stack's last "
+     "layer it is the model's `encoder_aux_loss` / `decoder_aux_loss` times `sequences`."),
+    ("seq_aux_sum", "DOUBLE", "Sum over sequences of DeepSeek-V3's complementary sequence-wise balance loss without "
+     "its factor alpha: sum_i f_i P_i with f_i = E / (k T) * (tokens of the sequence that chose i) and P_i the "
+     "mean over its T tokens of the normalised sigmoid affinity sigmoid(logit_i) / sum_j sigmoid(logit_j); uniform "
+     "routing gives 1."),
+)
+
 VOCAB = _t(
     "vocab",
     "Token texts, when a tokenizer was given to the Recorder.",
@@ -357,7 +382,7 @@ LAYER_ROLLUPS = _t(
 )
 
 TABLES: dict[str, Table] = {t.name: t for t in (RUNS, LAYERS, ROUTES, STEP_STATS, LAYER_STATS, PAIR_STATS, FLOW_STATS,
-                                                 SEQUENCES, EXPERT_BIAS, TOKEN_STATS, POSITION_STATS, SEQUENCE_STATS, PROBE_SETS,
+                                                 SEQUENCES, EXPERT_BIAS, BALANCE_STATS, TOKEN_STATS, POSITION_STATS, SEQUENCE_STATS, PROBE_SETS,
                                                  WEIGHT_HIST, STEP_ROLLUPS, LAYER_ROLLUPS, VOCAB)}
 
 # Columns added after the first release of a table: a writer may leave them out (they read as NULL), so that

@@ -148,7 +148,7 @@ class RunWriter:
 
     def write_flush(self, tables: Mapping[str, Mapping[str, Any]]) -> None:
         """Append one flush: {table: {column: numpy array or scalar}} for any of layout.DATA_TABLES (routes,
-        step_stats, layer_stats, sequences, pair_stats, flow_stats, expert_bias). Columns as in moeviz.store.schema
+        step_stats, layer_stats, sequences, pair_stats, flow_stats, expert_bias, balance_stats). Columns as in moeviz.store.schema
         without run_id (`rank` defaults to this writer's rank); routes take `weight` as float in [0, 1] (quantised
         to 1/65535 on disk), or None where the source has no gate weights, and are stored layer-major: rows are
         stably sorted by layer if they are not already (keep token-then-slot order within a layer). Columns of
