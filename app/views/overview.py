@@ -30,7 +30,10 @@ def _header(ctx: Ctx):
     top[3].metric("Top-k", ctx.top_k)
     low = st.columns(4)
     low[0].metric("Steps recorded", f"{int(run.get('steps') or 0):,}")
-    low[1].metric("Tokens", f"{int(run.get('tokens') or 0):,}")
+    tokens = run.get("tokens")
+    low[1].metric("Tokens", "unknown" if tokens is None or pd.isna(tokens) else f"{int(tokens):,}",
+                  help=None if tokens is None or not pd.isna(tokens) else
+                  "The run's source did not count the tokens (an engine's expert-count dump).")
     detail = low[2].empty()  # filled in after the charts (see render): on a live run the count scans the routes
     detail.metric("Tokens with detail", "…")
     low[3].metric("Sequences", f"{int(run.get('sequences') or 0):,}")

@@ -191,8 +191,13 @@ def _model_drop_rows(con, sel: Selection, run_id: str, threshold: float) -> list
         FROM {rows_sql} s LEFT JOIN layers l ON l.run_id = s.run_id AND l.layer = s.layer
              LEFT JOIN runs ru ON ru.run_id = s.run_id
         GROUP BY s.layer ORDER BY s.layer""", params)
+    if len(df) and df["dropped"].isna().all():  # the source cannot say what the model dropped (Megatron's trace)
+        return [_row(run_id, "ok", "model_drops", "not checked: the run's source does not record the drops the "
+                     "model itself made (a Megatron-LM routing trace is taken before the capacity drop)")]
     rows = []
     for r in df.itertuples(index=False):
+        if pd.isna(r.dropped) or pd.isna(r.assignments):
+            continue
         rate = float(r.dropped) / float(r.assignments) if r.assignments else 0.0
         if rate > threshold:
             rows.append(_row(

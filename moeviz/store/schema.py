@@ -132,7 +132,8 @@ STEP_STATS = _t(
     ("prob_sum", "DOUBLE", "Sum over tokens of softmax(router_logits)[expert] (full float32 softmax, before top-k), "
      "for every family; for sigmoid routers (DeepSeek-V3) this is not the score the model chose on. NULL where "
      "the source has no router probabilities (engine logs)."),
-    ("dropped", "BIGINT", "Assignments to this expert that the model itself dropped (capacity), else 0."),
+    ("dropped", "BIGINT", "Assignments to this expert that the model itself dropped (capacity), else 0; NULL where "
+     "the source cannot say (a Megatron-LM routing trace is taken before the capacity drop)."),
 )
 
 LAYER_STATS = _t(
@@ -148,7 +149,8 @@ LAYER_STATS = _t(
      "tokens with non-finite router outputs are left out. NULL where the source has no router logits (engine logs)."),
     ("entropy_sum", "DOUBLE", "Sum over tokens of the entropy (nats) of softmax(router_logits); tokens with "
      "non-finite router outputs are left out. NULL where the source has no router logits (engine logs)."),
-    ("dropped", "BIGINT", "Assignments the model itself dropped in this layer (capacity), else 0."),
+    ("dropped", "BIGINT", "Assignments the model itself dropped in this layer (capacity), else 0; NULL where the "
+     "source cannot say (see `step_stats.dropped`)."),
     ("adjacent_pairs", "BIGINT", "Pairs of consecutive tokens (pos and pos+1 of one sequence, both inside the "
      "attention mask). This and the next three columns are NULL when the recorder did not know the token layout "
      "or predates them: the analyses then read `routes`."),
@@ -401,8 +403,8 @@ OPTIONAL_COLUMNS: dict[str, frozenset[str]] = {
 # not know (an engine log has no gate weights, probabilities or slot order) stays unknown instead of read as 0.
 NULLABLE_COLUMNS: dict[str, frozenset[str]] = {
     "routes": frozenset({"weight"}),
-    "step_stats": frozenset({"tokens", "first_choice", "prob_sum"}),
-    "layer_stats": frozenset({"tokens", "z_loss_sum", "entropy_sum"}),
+    "step_stats": frozenset({"tokens", "first_choice", "prob_sum", "dropped"}),
+    "layer_stats": frozenset({"tokens", "z_loss_sum", "entropy_sum", "dropped"}),
 }
 
 
