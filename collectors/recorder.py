@@ -392,6 +392,9 @@ def _reset_compiled_code() -> bool:
 # --------------------------------------------------------------------------------------------------------------
 
 
+_REDUCED_KINDS = ("agg", "pairs", "flow")  # the step aggregates Recorder(reduce_ranks=True) sums over ranks
+
+
 @dataclass
 class _Piece:
     kind: str  # 'agg' (layer aggregates), 'pairs' (co-activation counts), 'flow' (layer-to-layer counts),
@@ -640,6 +643,8 @@ class Recorder:
         pair_stats: bool = True,
         flow_stats: str | None = "adjacent",
         strict: bool = False,
+        reduce_ranks: bool = False,
+        reduce_group: Any = None,
     ):
         if not isinstance(model, nn.Module):
             raise RecorderError(f"Recorder needs a torch.nn.Module; got {type(model).__name__}")
@@ -672,6 +677,12 @@ class Recorder:
         self.pair_stats = bool(pair_stats)
         self.flow_stats = flow_stats
         self.strict = bool(strict)
+        # reduce_ranks: the step aggregates summed over the data-parallel group (`reduce_group`, default the whole
+        # world) at each flush, one all_reduce over the flush's aggregate buffers, written once by the group's first
+        # rank (see flush). Off by default: the collective needs every rank of the group to flush the same steps
+        # at the same time (lock-step data parallelism); a rank that flushes alone would wait for the others.
+        self.reduce_ranks = bool(reduce_ranks) and self.world_size > 1
+        self.reduce_group = reduce_group
 
         self.sites: list = []
         self._handles: list = []
@@ -1169,6 +1180,10 @@ class Recorder:
             return
         steps = steps_text([rec.step for rec in records])
         try:
+            if self.reduce_ranks:
+                pieces = self._reduce_over_ranks(records, pieces)
+                if not pieces:  # a rank that kept no routes or sequences: the group's first rank writes the rest
+                    return
             device = pieces[0].tensor.device
             flat = torch.cat(
                 [pc.tensor.contiguous().reshape(-1).view(torch.uint8).to(device, non_blocking=True) for pc in pieces]
@@ -1195,6 +1210,29 @@ class Recorder:
 
         self._writer_thread.submit(write, f"the flush of {steps} was not written ({steps} lost)")
         self.flushes += 1
+
+    def _reduce_over_ranks(self, records: list[_StepRecord], pieces: list[_Piece]) -> list[_Piece]:
+        """Sum the flush's step aggregates ('agg', 'pairs', 'flow' pieces) over the data-parallel group: one
+        all_reduce of one float64 buffer (counts stay exact below 2^53), on the device, no sync beyond the
+        flush's own copy. The group's first rank keeps the sums; the other ranks drop those pieces, so each
+        step's aggregates are written once (their routes and sequences are still their own)."""
+        import torch.distributed as dist
+
+        reducible = [pc for pc in pieces if pc.kind in _REDUCED_KINDS]
+        if reducible:
+            buf = torch.cat([pc.tensor.reshape(-1).to(torch.float64) for pc in reducible])  # [sum of sizes]
+            dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=self.reduce_group)
+            off = 0
+            for pc in reducible:
+                n = int(np.prod(pc.shape))
+                pc.tensor = buf[off:off + n].reshape(pc.shape).to(pc.tensor.dtype)
+                off += n
+        leader = min(dist.get_process_group_ranks(self.reduce_group)) if self.reduce_group is not None else 0
+        if dist.get_rank() == leader:
+            return pieces
+        for rec in records:
+            rec.pieces = [pc for pc in rec.pieces if pc.kind not in _REDUCED_KINDS]
+        return [pc for pc in pieces if pc.kind not in _REDUCED_KINDS]
 
     # -- recording problems: warned once (or raised, strict) and kept in the run -------------------------------
 

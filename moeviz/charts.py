@@ -353,9 +353,16 @@ def small_multiples(
     y_title: str,
     max_cols: int = 4,
     references: dict[str, float] | None = None,
+    color_order: Sequence | None = None,
+    hover_label: str | None = None,
+    line_styles: dict | None = None,
 ) -> go.Figure:
-    """One small panel per value of `facet` (e.g. layer), sharing axes, one line per `color` value."""
-    _need(df, [x, y, facet, color], title)
+    """One small panel per value of `facet` (e.g. layer), sharing axes, one line per `color` value.
+
+    `color_order`: the color values in legend order (default: sorted); `hover_label`: a column whose first value
+    in each line names it on hover (the expert behind '#1' in this panel); `line_styles`: color value -> Plotly
+    line dict for lines drawn unlike the others (an 'others' sum in grey, a found expert in black)."""
+    _need(df, [x, y, facet, color, hover_label], title)
     if df.empty:
         return empty_figure(title)
     facets = sorted(df[facet].unique())
@@ -366,10 +373,11 @@ def small_multiples(
         subplot_titles=[f"{_fmt(facet)} {f}" for f in facets], vertical_spacing=0.12 / max(1, n_rows - 1) if n_rows > 1 else 0.1,
         horizontal_spacing=0.04,
     )
-    color_values = sorted(df[color].unique()) if color else [None]
+    color_values = (list(color_order) if color_order is not None else sorted(df[color].unique())) if color else [None]
     palette = EXPERT_COLORS
     groups = dict(iter(df.sort_values(x).groupby([facet, color] if color else [facet], sort=False)))
     traces, rows, cols, shapes = [], [], [], []
+    shown_names: set[str] = set()  # each legend entry once, from the first panel that has the line
     for i, f in enumerate(facets):
         r, c = divmod(i, n_cols)
         for j, cv in enumerate(color_values):
@@ -377,11 +385,14 @@ def small_multiples(
             if g is None:
                 continue
             name = _series_name(color, cv) if color else y
+            label = str(g[hover_label].iloc[0]) if hover_label else name
+            style = (line_styles or {}).get(cv) or dict(color=palette[j % len(palette)], width=1.5)
             traces.append(go.Scatter(
                 x=g[x].to_numpy(), y=g[y].to_numpy(), mode="lines", name=name, legendgroup=name,
-                showlegend=i == 0 and color is not None, line=dict(color=palette[j % len(palette)], width=1.5),
-                hovertemplate=f"{_fmt(facet)} {f}, {name}<br>{_fmt(x)}: %{{x}}<br>{y_title}: %{{y:.4g}}<extra></extra>",
+                showlegend=color is not None and name not in shown_names, line=style,
+                hovertemplate=f"{_fmt(facet)} {f}, {label}<br>{_fmt(x)}: %{{x}}<br>{y_title}: %{{y:.4g}}<extra></extra>",
             ))
+            shown_names.add(name)
             rows.append(r + 1)
             cols.append(c + 1)
         axes = fig.get_subplot(r + 1, c + 1)
@@ -656,14 +667,27 @@ IMBALANCE_METRICS: dict[str, str] = {
 }
 
 
-def load_heatmap(df: pd.DataFrame, *, value: str = "load_fraction", title: str | None = None) -> go.Figure:
-    """Layer × expert heat map of the load (`moeviz.analyses.load.load_matrix` rows); hover shows the counts."""
+def load_heatmap(df: pd.DataFrame, *, value: str = "load_fraction", title: str | None = None,
+                 found: int | None = None) -> go.Figure:
+    """Layer × expert heat map of the load (`moeviz.analyses.load.load_matrix` rows); hover shows the counts.
+
+    Sized to its rows (a 58-layer model gets a taller chart, ~10 px a layer, so every row stays readable);
+    `found`: an expert whose column is outlined (the dashboard's "find expert")."""
     title = title or "Share of assignments per expert and layer"
     z_title = {"load_fraction": "share of layer's assignments", "relative_load": "load × E (1 = uniform)"}.get(value, _fmt(value))
     ratio = value == "relative_load"
     hover = [c for c in ("assigned", "first_choice", "tokens") if c in df.columns]
-    return heatmap(df, x="expert", y="layer", z=value, title=title, x_title="expert", y_title="MoE layer",
-                   z_title=z_title, hover=hover, ratio=ratio, zmin=None if ratio else 0)
+    fig = heatmap(df, x="expert", y="layer", z=value, title=title, x_title="expert", y_title="MoE layer",
+                  z_title=z_title, hover=hover, ratio=ratio, zmin=None if ratio else 0)
+    n_layers = df["layer"].nunique() if "layer" in df.columns else 0
+    if n_layers > 24:
+        fig.update_layout(height=min(1000, 160 + 11 * n_layers))
+    if found is not None and not df.empty and (df["expert"] == found).any():
+        i = sorted(df["expert"].unique()).index(found)  # a category axis places column i at i
+        fig.add_shape(type="rect", xref="x", yref="paper", x0=i - 0.5, x1=i + 0.5, y0=0, y1=1,
+                      line=dict(color="black", width=2), fillcolor="rgba(0,0,0,0)")
+        fig.add_annotation(x=i, y=1.0, yref="paper", text=f"expert {found}", showarrow=False, yanchor="bottom")
+    return fig
 
 
 def load_small_multiples(df: pd.DataFrame, *, value: str = "load_fraction") -> go.Figure:
@@ -674,6 +698,29 @@ def load_small_multiples(df: pd.DataFrame, *, value: str = "load_fraction") -> g
         ref = {"uniform 1/E": 1.0 / float(df["n_experts"].max())}
     return small_multiples(df, x="step", y=value, facet="layer", color="expert",
                            title="Load per expert over steps, one panel per layer", x_title="step",
+                           y_title="share of assignments", references=ref)
+
+
+def top_load_small_multiples(df: pd.DataFrame, *, value: str = "load_fraction", found: int | None = None) -> go.Figure:
+    """Per-layer panels of the busiest experts' load over steps and the others' summed
+    (`moeviz.analyses.top_experts.top_expert_load`): colours by rank in the layer (#1 is the busiest of each
+    panel, hover names the expert), the others in grey, the `found` expert in black."""
+    _need(df, ["step", "layer", "expert", "busy_rank", value, "label"], "load of the busiest experts")
+    d = df.copy()
+    n = int(d.loc[d["expert"] >= 0, "busy_rank"].max()) if (d["expert"] >= 0).any() else 0
+    others = d["expert"] < 0
+    is_found = (d["expert"] == found) if found is not None else pd.Series(False, index=d.index)
+    d["series"] = np.where(others, "others", np.where(is_found, f"expert {found}", "#" + d["busy_rank"].astype(str)))
+    tops = sorted({int(r) for r in d.loc[~others & ~is_found, "busy_rank"]})
+    order = [f"#{r}" for r in tops] + (["others"] if others.any() else []) + ([f"expert {found}"] if is_found.any() else [])
+    styles = {"others": dict(color="#9e9e9e", width=1.5, dash="dot"), f"expert {found}": dict(color="black", width=3)}
+    ref = None
+    if value == "load_fraction" and not d.empty:
+        ref = {"uniform 1/E": 1.0 / float(d["n_experts"].max())}
+    shown = f"the {n} busiest experts of each layer" + (" and the others summed" if others.any() else "")
+    return small_multiples(d, x="step", y=value, facet="layer", color="series", color_order=order,
+                           hover_label="label", line_styles=styles,
+                           title=f"Load over steps: {shown}, one panel per layer", x_title="step",
                            y_title="share of assignments", references=ref)
 
 

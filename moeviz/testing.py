@@ -22,7 +22,7 @@ import numpy as np
 
 from moeviz.errors import MoevizError
 from moeviz.store.schema import SCHEMA_VERSION, TABLES
-from moeviz.store.layout import WEIGHT_SCALE, sequence_key
+from moeviz.store.layout import ROLLUP_TABLES, WEIGHT_SCALE, sequence_key
 
 __all__ = ["store_from_routing", "synthetic_routing", "synthetic_store", "create_schema", "softmax",
            "long_run_aggregates", "write_aggregates"]
@@ -47,8 +47,13 @@ def _logsumexp(logits: np.ndarray) -> np.ndarray:
 
 
 def create_schema(con) -> None:
-    """Create every public table (empty, with the public column types) unless it exists."""
+    """Create every public table (empty, with the public column types) unless it exists; not the step roll-ups,
+    which are derived from step_stats and layer_stats (`store_from_routing` adds them for its runs): empty
+    roll-up tables beside filled per-step tables would answer wrongly, absent ones send the analyses to the
+    per-step tables."""
     for t in TABLES.values():
+        if t.name in ROLLUP_TABLES:
+            continue
         cols = ", ".join(f'"{c.name}" {c.sql_type}' for c in t.columns)
         con.execute(f"CREATE TABLE IF NOT EXISTS {t.name} ({cols})")
 
@@ -335,7 +340,20 @@ def store_from_routing(
     })
     if extra_stats:
         _insert_route_stats(con, run_id)
+    _insert_rollups(con, run_id)
     return con
+
+
+def _insert_rollups(con, run_id: str) -> None:
+    """The step roll-ups of one run from its step_stats and layer_stats, with compaction's own query (creating
+    the tables on the first run of the connection)."""
+    from moeviz.store.rollups import SPEC, rollup_sql
+
+    for table, (source, _, _) in SPEC.items():
+        cols = ", ".join(f'"{c.name}" {c.sql_type}' for c in TABLES[table].columns)
+        con.execute(f"CREATE TABLE IF NOT EXISTS {table} ({cols})")
+        con.execute(f"INSERT INTO {table} {rollup_sql(table, f'(SELECT * FROM {source} WHERE run_id = ?)')}",
+                    [run_id])
 
 
 def _adjacency_counts(index, steps, ranks, seqs, pos, g, gl: int) -> dict[str, np.ndarray]:

@@ -342,3 +342,37 @@ def test_a_vllm_import_matches_a_recorded_forward_of_the_same_tokens(tmp_path):
         assert (layer_agreement(con, a, b)["set_agreement"] == 1.0).all()
     finally:
         con.close()
+
+
+def test_megatron_drops_are_unknown_not_zero(tmp_path):
+    """Megatron's trace is taken before the capacity drop: its runs say the drops are unknown, and the health
+    check says it did not check them instead of reporting no drops."""
+    from moeviz.analyses.health import health_summary
+    from moeviz.selection import Selection
+    from moeviz.store import open_store
+    from moeviz.store.catalog import run_overview
+
+    gen.write_megatron(tmp_path / "trace", partial_last_line=False)
+    import_megatron(tmp_path / "trace", tmp_path / "run")
+    got = _table(tmp_path / "run", "SELECT count(*) AS n, count(dropped) AS known FROM step_stats")
+    assert got["n"][0] > 0 and got["known"][0] == 0
+    con = open_store(tmp_path / "run")
+    assert pd.isna(run_overview(con, _run_id(con)).iloc[0]["dropped"])
+    health = health_summary(con, Selection())
+    drops = health[health["check"] == "model_drops"]
+    assert len(drops) == 1 and drops.iloc[0]["message"].startswith("not checked")
+
+
+def test_an_expert_count_dump_shows_unknown_tokens_not_zero(tmp_path):
+    from moeviz.store import open_store
+    from moeviz.store.catalog import run_overview
+
+    gen.write_sglang(tmp_path / "dump", "per_pass")
+    import_sglang(tmp_path / "dump", tmp_path / "run")
+    con = open_store(tmp_path / "run")
+    row = run_overview(con, _run_id(con)).iloc[0]
+    assert row["steps"] > 0 and pd.isna(row["tokens"])
+
+
+def _run_id(con) -> str:
+    return con.execute("SELECT run_id FROM runs").fetchone()[0]

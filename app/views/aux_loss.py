@@ -8,6 +8,7 @@ import streamlit as st
 from app.components import bucket_note, guarded, run_page, show_chart
 from app.state import Ctx
 from app.views.bounds import infimum_value
+from app.wide import layer_page
 from moeviz import charts
 from moeviz.analyses.aux_loss import pooled_switch_loss, switch_loss, z_loss
 from moeviz.store.catalog import step_tags
@@ -47,7 +48,8 @@ def render(ctx: Ctx) -> None:
                "These losses pool each step's tokens; the per-sequence losses Switch Transformers and DeepSeek-V3 "
                "train on (a mean over batch rows) are on the Balancing page.")
     with guarded("Switch loss per layer"):
-        per_layer = ctx.q(switch_loss, sel, **over_steps)
+        page = layer_page(ctx, "aux")  # many layers: a page of them at a time (app/wide.py)
+        per_layer = ctx.q(switch_loss, sel if page is None else sel.with_(layers=page), **over_steps)
         show_chart(charts.aux_loss_lines(per_layer, bound=bound), per_layer, "switch-loss", caption=note)
     with guarded("Pooled Switch loss"):
         pooled = ctx.q(pooled_switch_loss, sel, **over_steps)

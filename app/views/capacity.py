@@ -75,7 +75,8 @@ def _drops(ctx: Ctx) -> None:
                      help="The tokens that compete for an expert's slots. The default is the model's own: per "
                           "sequence for a fixed expert_capacity (Switch), else per step.")
     limit = {"capacity": capacity} if capacity is not None else {"capacity_factor": cf}
-    recorded = int(ctx.run.get("dropped") or 0)
+    recorded = ctx.run.get("dropped")
+    recorded = 0 if recorded is None or pd.isna(recorded) else int(recorded)  # NULL: the source cannot say
     if recorded:
         own_text = (f"expert_capacity {own['capacity']} per sequence" if own["capacity"]
                     else f"capacity factor {model_cf}")

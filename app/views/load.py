@@ -6,6 +6,7 @@ import streamlit as st
 
 from app.components import bucket_note, guarded, run_page, show_chart
 from app.state import Ctx
+from app.wide import find_expert, is_wide, layer_page
 from moeviz import charts
 from moeviz.analyses.load import imbalance, load_matrix
 
@@ -33,16 +34,25 @@ def render(ctx: Ctx) -> None:
                             help="Slide to see the load at one step; the left end pools every selected step.")
     value = c2.radio("Show", ["load_fraction", "relative_load"], key="load_value", horizontal=True,
                      format_func={"load_fraction": "share", "relative_load": "× uniform"}.get)
+    found = find_expert(ctx, "load") if is_wide(ctx) else None
     sel = ctx.sel if step == ALL else ctx.sel.with_(steps=(int(step), int(step)))
     where = "over the selected steps" if step == ALL else f"at step {step}"
     with guarded("Load heat map"):
         matrix = ctx.q(load_matrix, sel)
-        show_chart(charts.load_heatmap(matrix, value=value, title=f"Load per expert and layer {where}"), matrix, "load-matrix")
+        show_chart(charts.load_heatmap(matrix, value=value, title=f"Load per expert and layer {where}", found=found),
+                   matrix, "load-matrix")
+        if found is not None:  # the found expert in every layer, against the uniform share
+            one = matrix[matrix["expert"] == found]
+            show_chart(charts.per_layer_bars(one, y="relative_load", title=f"Expert {found}: load per layer {where}",
+                                             y_title="load × E (1 = uniform)", reference=("uniform", 1.0)),
+                       one, "load-found")
     with guarded("Imbalance over steps"):
         metric = st.selectbox("Imbalance metric", list(charts.IMBALANCE_METRICS), key="imbalance_metric",
                               format_func=charts.IMBALANCE_METRICS.get)
         bucket = ctx.step_bucket  # a long run's curve in buckets of steps: at most ~1,500 points per line
-        imb = ctx.q(imbalance, ctx.sel, by_step=True, step_bucket=bucket)
+        page = layer_page(ctx, "imbalance")  # many layers: a page of them at a time (app/wide.py)
+        imb = ctx.q(imbalance, ctx.sel if page is None else ctx.sel.with_(layers=page), by_step=True,
+                    step_bucket=bucket)
         show_chart(charts.imbalance_lines(imb, metric), imb, "imbalance", caption=bucket_note(bucket))
         pooled = ctx.q(imbalance, sel, by_step=False)
         st.markdown(f"**Imbalance per layer {where}**")

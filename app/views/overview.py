@@ -9,10 +9,12 @@ import streamlit as st
 
 from app.components import bucket_note, guarded, run_page, show_chart, show_table
 from app.state import Ctx
+from app.wide import TOP_EXPERTS, find_expert, is_wide, layer_page
 from moeviz import charts
 from moeviz.analyses.aux_loss import switch_loss
 from moeviz.analyses.health import health_summary
 from moeviz.analyses.load import expert_load
+from moeviz.analyses.top_experts import top_expert_load
 from moeviz.store.catalog import route_counts
 
 
@@ -28,7 +30,10 @@ def _header(ctx: Ctx):
     top[3].metric("Top-k", ctx.top_k)
     low = st.columns(4)
     low[0].metric("Steps recorded", f"{int(run.get('steps') or 0):,}")
-    low[1].metric("Tokens", f"{int(run.get('tokens') or 0):,}")
+    tokens = run.get("tokens")
+    low[1].metric("Tokens", "unknown" if tokens is None or pd.isna(tokens) else f"{int(tokens):,}",
+                  help=None if tokens is None or not pd.isna(tokens) else
+                  "The run's source did not count the tokens (an engine's expert-count dump).")
     detail = low[2].empty()  # filled in after the charts (see render): on a live run the count scans the routes
     detail.metric("Tokens with detail", "…")
     low[3].metric("Sequences", f"{int(run.get('sequences') or 0):,}")
@@ -94,15 +99,29 @@ def render(ctx: Ctx) -> None:
     health_box = st.container()  # drawn above the charts, filled in after them: the charts come first
     load = aux = None
     bucket = ctx.step_bucket  # a long run's curves in buckets of steps: at most ~1,500 points per trace
-    with guarded("Load over steps"):
-        load = ctx.q(expert_load, ctx.sel, by_step=True, step_bucket=bucket)
-    with guarded("Aux loss over steps"):
-        aux = ctx.q(switch_loss, ctx.sel_exact, by_step=True, step_bucket=bucket)
-    # the health checks (the page's longest query, 0.15-0.3 s over 100M routes) run while the figures are built
+    # the health checks (the page's longest query) run while the curves are read and drawn
     health = ctx.q_started(health_summary, ctx.sel_exact)
+    wide = is_wide(ctx)
+    found = None
+    c1, c2 = st.columns([3, 1])
+    with c1:
+        page = layer_page(ctx, "overview")  # a wide model's panels, a page of layers at a time
+    if wide:
+        with c2:
+            found = find_expert(ctx, "overview")
+    sel = ctx.sel if page is None else ctx.sel.with_(layers=page)
+    with guarded("Load over steps"):
+        if wide:  # 256 lines a panel: the busiest experts, the others summed, and the one asked for
+            load = ctx.q(top_expert_load, sel, n=TOP_EXPERTS, always=() if found is None else (found,),
+                         step_bucket=bucket)
+        else:
+            load = ctx.q(expert_load, sel, by_step=True, step_bucket=bucket)
+    with guarded("Aux loss over steps"):
+        aux = ctx.q(switch_loss, sel.with_(domains=None, tags=None), by_step=True, step_bucket=bucket)
     if load is not None:
         with guarded("Load over steps"):
-            show_chart(charts.load_small_multiples(load), load, "overview-load", caption=bucket_note(bucket))
+            fig = charts.top_load_small_multiples(load, found=found) if wide else charts.load_small_multiples(load)
+            show_chart(fig, load, "overview-load", caption=bucket_note(bucket))
     if aux is not None:
         with guarded("Aux loss over steps"):
             show_chart(charts.aux_loss_small_multiples(aux), aux, "overview-aux", caption=bucket_note(bucket))

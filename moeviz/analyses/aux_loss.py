@@ -24,6 +24,7 @@ import pandas as pd
 
 from moeviz.analyses.load import AnalysisError, expert_counts_sql, run_query
 from moeviz.analyses.step_buckets import bucketed_step_sql, check_step_bucket
+from moeviz.analyses.step_rows import rollups_available, step_rows_sql
 from moeviz.analyses.unknowns import require
 from moeviz.selection import Selection
 
@@ -46,8 +47,9 @@ def _needs_aggregates(sel: Selection, what: str) -> None:
 
 
 def _per_layer_sql(sel: Selection, by_step: bool, step_bucket: int | None = None,
-                   step_tag: str | None = None) -> tuple[str, list]:
-    base, params = expert_counts_sql(sel, by_step=by_step, step_bucket=step_bucket, step_tag=step_tag)
+                   step_tag: str | None = None, rollups: bool = False) -> tuple[str, list]:
+    base, params = expert_counts_sql(sel, by_step=by_step, step_bucket=step_bucket, step_tag=step_tag,
+                                     rollups=rollups)
     keys = "run_id, step, layer" if by_step else "run_id, layer"
     sql = f"""
         WITH b AS ({base})
@@ -69,7 +71,7 @@ def switch_loss(con, sel: Selection = Selection(), *, by_step: bool = True, step
     """
     _needs_aggregates(sel, "the load-balancing loss")
     require(con, sel, "prob_sum", "the load-balancing loss")
-    sql, params = _per_layer_sql(sel, by_step, step_bucket, step_tag)
+    sql, params = _per_layer_sql(sel, by_step, step_bucket, step_tag, rollups_available(con))
     order = "run_id, step, layer" if by_step else "run_id, layer"
     return run_query(con, f"SELECT * FROM ({sql}) ORDER BY {order}", params)
 
@@ -89,8 +91,10 @@ def pooled_switch_loss(con, sel: Selection = Selection(), *, by_step: bool = Tru
     """
     _needs_aggregates(sel, "the load-balancing loss")
     require(con, sel, "prob_sum", "the load-balancing loss")
-    base, params = expert_counts_sql(sel, by_step=by_step, step_bucket=step_bucket, step_tag=step_tag)
-    per_layer, lparams = _per_layer_sql(sel, by_step, step_bucket, step_tag)
+    rollups = rollups_available(con)
+    base, params = expert_counts_sql(sel, by_step=by_step, step_bucket=step_bucket, step_tag=step_tag,
+                                     rollups=rollups)
+    per_layer, lparams = _per_layer_sql(sel, by_step, step_bucket, step_tag, rollups)
     keys = "run_id, step" if by_step else "run_id"
     pkeys = "p.run_id, p.step" if by_step else "p.run_id"
     join = "p.run_id = l.run_id AND p.step = l.step" if by_step else "p.run_id = l.run_id"
@@ -139,7 +143,10 @@ def z_loss(con, sel: Selection = Selection(), *, by_step: bool = True, pooled: b
     _needs_aggregates(sel, "the router z-loss")
     require(con, sel, "z_loss", "the router z-loss")
     step_bucket = check_step_bucket(step_bucket, by_step)
-    where, params = sel.where("s")
+    rows, params = step_rows_sql(con, "layer_stats", sel, ("run_id", "step", "layer", "tokens", "z_loss_sum",
+                                                          "entropy_sum"), step_bucket=step_bucket, by_step=by_step,
+                                 use_rollups=None if step_tag is None else False)
+    where = "TRUE"
     if step_tag is not None:
         where += " AND s.step IN (SELECT t.step FROM sequences t WHERE t.run_id = s.run_id AND t.tag = ?)"
         params = params + [str(step_tag)]
@@ -150,7 +157,7 @@ def z_loss(con, sel: Selection = Selection(), *, by_step: bool = True, pooled: b
         SELECT {select}, '{'pooled' if pooled else 'layer'}' AS scope, CAST(sum(tokens) AS BIGINT) AS tokens,
                sum(z_loss_sum) / nullif(sum(tokens), 0) AS z_loss,
                sum(entropy_sum) / nullif(sum(tokens), 0) AS mean_entropy
-        FROM layer_stats s WHERE {where} GROUP BY ALL ORDER BY {k}"""
+        FROM {rows} s WHERE {where} GROUP BY ALL ORDER BY {k}"""
     return run_query(con, sql, params)
 
 

@@ -16,9 +16,11 @@ import pandas as pd
 
 from moeviz.analyses.capacity import capacity_drops
 from moeviz.analyses.load import AnalysisError, expert_load, imbalance, run_query
+from moeviz.analyses.step_rows import rollups_available, step_rows_sql
 from moeviz.analyses.unknowns import UnknownQuantityError
 from moeviz.selection import Selection
 from moeviz.store.reader import column_names
+from moeviz.store.rollups import RESOLUTIONS
 from moeviz.text import steps_text
 
 __all__ = ["health_summary", "COLUMNS", "SEVERITIES"]
@@ -56,9 +58,9 @@ def _steps(con, sel: Selection, run_id: str) -> list[int]:
     if one.needs_sequences:
         where, params = one.with_(layers=None).where("q", per_token=True)
         sql = f"SELECT DISTINCT step FROM sequences q WHERE {where} ORDER BY step"
-    else:
+    else:  # layer_stats holds the same steps as step_stats in E times fewer rows
         where, params = one.where("s")
-        sql = f"SELECT DISTINCT step FROM step_stats s WHERE {where} ORDER BY step"
+        sql = f"SELECT DISTINCT step FROM layer_stats s WHERE {where} ORDER BY step"
     return [int(s) for s in run_query(con, sql, params)["step"]]
 
 
@@ -106,13 +108,48 @@ def _dead_rows(load: pd.DataFrame, run_id: str, dead_threshold: float, span: str
     return rows
 
 
+def _window_max_vio(con, sel: Selection, windows: list[tuple[int, int]]) -> pd.DataFrame:
+    """Per-step MaxVio of every layer in the given step windows (rank counts summed), as `imbalance` computes it:
+    (max - mean) / mean over the layer's E experts, an expert with no row counting 0 (so the mean is sum / E).
+    One GROUP BY over the windows' step_stats rows instead of `imbalance`'s expert grid and window functions:
+    at 100,000 steps the two quarter-windows are 50,000 steps, and the grid made this check 3.8 s of the
+    Overview's 4.6 s. Each step's MaxVio is its own, so roll-ups cannot give it."""
+    where, params = sel.with_(steps=None).where("s")
+    span = " OR ".join("s.step BETWEEN ? AND ?" for _ in windows)
+    params = params + [int(x) for w in windows for x in w]
+    rwhere, rparams = sel.with_(steps=None, layers=None).where("s")
+    ranks = run_query(con, f"SELECT count(DISTINCT s.rank) AS n FROM layer_stats s WHERE {rwhere}", rparams)
+    # one rank: its rows are the step's counts already (a GROUP BY on three keys was 0.7 s of this at 100,000
+    # steps); several: summed over ranks first
+    c = ("SELECT s.run_id, s.step, s.layer, s.expert, s.assigned AS n, s.tokens FROM step_stats s "
+         f"WHERE {where} AND ({span})") if int(ranks["n"].iloc[0]) <= 1 else (
+        "SELECT s.run_id, s.step, s.layer, s.expert, sum(s.assigned) AS n, sum(s.tokens) AS tokens "
+        f"FROM step_stats s WHERE {where} AND ({span}) GROUP BY ALL")
+    return run_query(con, f"""
+        WITH c AS ({c}),
+        per AS (
+            SELECT run_id, step, layer, max(n) AS top, sum(n) AS total, max(tokens) AS tokens FROM c GROUP BY ALL)
+        SELECT per.step, per.layer, coalesce(l.n_experts, ru.n_experts) AS n_experts,
+               coalesce(l.top_k, ru.top_k) AS top_k, per.tokens,
+               (per.top - per.total / coalesce(l.n_experts, ru.n_experts))
+                   / nullif(per.total / coalesce(l.n_experts, ru.n_experts), 0) AS max_vio
+        FROM per LEFT JOIN layers l ON l.run_id = per.run_id AND l.layer = per.layer
+             LEFT JOIN runs ru ON ru.run_id = per.run_id
+        ORDER BY per.layer, per.step""", params)
+
+
 def _growth_rows(con, sel: Selection, run_id: str, first: tuple[int, int], last: tuple[int, int],
                  growth: float) -> list[dict]:
     # the two windows only, never the steps between them: per-step MaxVio over the whole run cost 12 s at 100,000
     # steps x 64 experts and layers, and the check reads only the windows' means (each step's MaxVio is its own)
     one = sel.with_(run_ids=(run_id,))
     windows = [(first[0], last[1])] if last[0] <= first[1] + 1 else [first, last]  # touching windows: one range
-    imb = pd.concat([imbalance(con, one.with_(steps=w), by_step=True) for w in windows], ignore_index=True)
+    if one.needs_sequences:  # domains/tags: the per-token detail, through imbalance
+        imb = pd.concat([imbalance(con, one.with_(steps=w), by_step=True) for w in windows], ignore_index=True)
+    else:
+        if one.steps is not None:  # the windows lie inside the selected steps already
+            one = one.with_(steps=None)
+        imb = _window_max_vio(con, one, windows)
     rows = []
     for layer, g in imb.groupby("layer", sort=True):
         early = g.loc[g["step"].between(*first), "max_vio"].mean()
@@ -144,15 +181,23 @@ def _drop_rows(con, sel: Selection, run_id: str, capacity_factor: float, thresho
 
 
 def _model_drop_rows(con, sel: Selection, run_id: str, threshold: float) -> list[dict]:
-    """The drops the model itself made (capacity-limited models record them in layer_stats)."""
-    where, params = sel.with_(run_ids=(run_id,)).where("s")
+    """The drops the model itself made (capacity-limited models record them in layer_stats); sums over the
+    selected steps, so the step roll-ups answer for whole blocks (moeviz.analyses.step_rows)."""
+    rows_sql, params = step_rows_sql(con, "layer_stats", sel.with_(run_ids=(run_id,)),
+                                     ("run_id", "layer", "tokens", "dropped"), by_step=False)
     df = run_query(con, f"""
-        SELECT s.layer, sum(s.dropped) AS dropped, sum(s.tokens * coalesce(l.top_k, ru.top_k)) AS assignments
-        FROM layer_stats s LEFT JOIN layers l ON l.run_id = s.run_id AND l.layer = s.layer
+        SELECT s.layer, sum(s.dropped) AS dropped,
+               sum(s.tokens) * any_value(coalesce(l.top_k, ru.top_k)) AS assignments
+        FROM {rows_sql} s LEFT JOIN layers l ON l.run_id = s.run_id AND l.layer = s.layer
              LEFT JOIN runs ru ON ru.run_id = s.run_id
-        WHERE {where} GROUP BY s.layer ORDER BY s.layer""", params)
+        GROUP BY s.layer ORDER BY s.layer""", params)
+    if len(df) and df["dropped"].isna().all():  # the source cannot say what the model dropped (Megatron's trace)
+        return [_row(run_id, "ok", "model_drops", "not checked: the run's source does not record the drops the "
+                     "model itself made (a Megatron-LM routing trace is taken before the capacity drop)")]
     rows = []
     for r in df.itertuples(index=False):
+        if pd.isna(r.dropped) or pd.isna(r.assignments):
+            continue
         rate = float(r.dropped) / float(r.assignments) if r.assignments else 0.0
         if rate > threshold:
             rows.append(_row(
@@ -169,7 +214,13 @@ def _nonfinite_rows(con, sel: Selection, run_id: str) -> list[dict]:
     aggregates hold no domain or tag, so those parts of the selection do not apply here."""
     if "nonfinite_tokens" not in column_names(con, "layer_stats"):
         return []
-    where, params = sel.with_(run_ids=(run_id,), domains=None, tags=None).where("s")
+    one = sel.with_(run_ids=(run_id,), domains=None, tags=None)
+    if rollups_available(con) and one.ranks is None:  # none in the run's roll-up: none in any of its steps
+        lwhere, lparams = one.with_(steps=None).where()
+        if run_query(con, f"SELECT count(*) AS n FROM layer_rollups WHERE resolution = {max(RESOLUTIONS)} "
+                          f"AND nonfinite_tokens > 0 AND {lwhere}", lparams)["n"].iloc[0] == 0:
+            return []
+    where, params = one.where("s")
     df = run_query(con, f"""
         SELECT s.layer, s.step, sum(s.nonfinite_tokens) AS bad, sum(s.tokens) AS good
         FROM layer_stats s WHERE {where} AND s.nonfinite_tokens > 0 GROUP BY s.layer, s.step

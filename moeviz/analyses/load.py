@@ -15,6 +15,7 @@ from __future__ import annotations
 import pandas as pd
 
 from moeviz.analyses.step_buckets import bucketed_step_sql, check_step_bucket
+from moeviz.analyses.step_rows import rollups_available, step_rows_sql
 from moeviz.errors import MoevizError, StaleStoreError
 from moeviz.selection import Selection
 from moeviz.store.reader import STALE_MESSAGE, is_stale
@@ -45,7 +46,7 @@ def run_query(con, sql: str, params: list, *, error: type[MoevizError] = Analysi
 
 
 def expert_counts_sql(sel: Selection, *, by_step: bool, step_bucket: int | None = None,
-                      step_tag: str | None = None) -> tuple[str, list]:
+                      step_tag: str | None = None, rollups: bool = False) -> tuple[str, list]:
     """SQL (a SELECT usable as a CTE) and params: one row per run[, step], layer and expert of the selection.
 
     Columns: run_id, [step,] layer, expert, tokens, assigned, first_choice, prob_sum, n_experts, top_k.
@@ -54,6 +55,8 @@ def expert_counts_sql(sel: Selection, *, by_step: bool, step_bucket: int | None 
     `step_bucket` (with by_step): counts summed over buckets of that many steps, `step` = the bucket's first
     step (see moeviz.analyses.step_buckets). `step_tag`: only the steps whose sequences carry that tag
     ('train', 'eval', ...: catalog.step_tags), whole steps, so the aggregates stay exact.
+    `rollups=True` (the connection has the roll-up views: `step_rows.rollups_available(con)`) reads the step
+    roll-ups for the blocks of steps they sum exactly (moeviz.analyses.step_rows); not with a step_tag.
     """
     step_bucket = check_step_bucket(step_bucket, by_step)
     step = "step, " if by_step else ""
@@ -61,13 +64,14 @@ def expert_counts_sql(sel: Selection, *, by_step: bool, step_bucket: int | None 
                if step_tag is not None else "")
     tag_params = [str(step_tag)] if step_tag is not None else []
     if not sel.needs_sequences:
-        where, params = sel.where("s")
+        rows, params = step_rows_sql(None, "step_stats", sel, _STEP_COLUMNS, step_bucket=step_bucket,
+                                     by_step=by_step, use_rollups=rollups and step_tag is None)
         params = params + tag_params
         counts = f"""
             SELECT s.run_id, {(bucketed_step_sql('s.step', step_bucket) + ' AS step, ' if by_step else '')}s.layer, s.expert,
                    CAST(sum(s.tokens) AS BIGINT) AS tokens, CAST(sum(s.assigned) AS BIGINT) AS assigned,
                    CAST(sum(s.first_choice) AS BIGINT) AS first_choice, sum(s.prob_sum) AS prob_sum
-            FROM step_stats s WHERE {where} {tag_sql.format(a='s')} GROUP BY ALL"""
+            FROM {rows} s WHERE TRUE {tag_sql.format(a='s')} GROUP BY ALL"""
         per_layer_tokens = "max(c.tokens)"
     else:
         where, params = sel.with_(domains=None, tags=None).where("r")
@@ -106,6 +110,9 @@ def expert_counts_sql(sel: Selection, *, by_step: bool, step_bucket: int | None 
     return sql, params
 
 
+_STEP_COLUMNS = ("run_id", "step", "layer", "expert", "tokens", "assigned", "first_choice", "prob_sum")
+
+
 def _check_count(count: str) -> str:
     if count not in ("assigned", "first_choice"):
         raise AnalysisError(f"count must be 'assigned' (all k slots) or 'first_choice' (slot 0); got {count!r}")
@@ -122,7 +129,7 @@ def expert_load(con, sel: Selection = Selection(), *, by_step: bool = True,
     `step_bucket=b` (with by_step): one row per bucket of b steps, `step` its first step, every value computed
     from the bucket's summed counts (moeviz.analyses.step_buckets); None = every step.
     """
-    base, params = expert_counts_sql(sel, by_step=by_step, step_bucket=step_bucket)
+    base, params = expert_counts_sql(sel, by_step=by_step, step_bucket=step_bucket, rollups=rollups_available(con))
     keys = "run_id, step, layer" if by_step else "run_id, layer"
     sql = f"""
         WITH b AS ({base})
@@ -173,27 +180,33 @@ def imbalance(
         raise AnalysisError(f"dead_threshold is a fraction of the uniform share, in [0, 1]; got {dead_threshold}")
     if top_n is not None and int(top_n) < 1:
         raise AnalysisError(f"top_n must be a positive number of experts; got {top_n}")
-    base, params = expert_counts_sql(sel, by_step=by_step, step_bucket=step_bucket)
+    base, params = expert_counts_sql(sel, by_step=by_step, step_bucket=step_bucket, rollups=rollups_available(con))
     keys = "run_id, step, layer" if by_step else "run_id, layer"
+    # one GROUP BY, no window: a (step, layer)'s experts as a list for the measures that need its total or its
+    # ranking (dead experts, top-n coverage, entropy); the windows it replaced (share of the layer's total, a
+    # row_number per expert) took 2.6 s of 3.3 s at 100 steps x 58 layers x 256 experts
     sql = f"""
         WITH b AS ({base}),
-        f AS (
-            SELECT *, {col} AS n,
-                   {col} / nullif(sum({col}) OVER w, 0) AS frac,
-                   row_number() OVER (PARTITION BY {keys} ORDER BY {col} DESC, expert) AS busy_rank
-            FROM b WINDOW w AS (PARTITION BY {keys}))
-        SELECT {keys}, any_value(n_experts) AS n_experts, any_value(top_k) AS top_k, any_value(tokens) AS tokens,
-               CAST(sum(n) AS BIGINT) AS assignments,
-               max(n) / nullif(avg(n), 0) AS max_over_mean,
-               (max(n) - avg(n)) / nullif(avg(n), 0) AS max_vio,
-               stddev_pop(n) / nullif(avg(n), 0) AS cv,
-               -sum(CASE WHEN frac > 0 THEN frac * ln(frac) ELSE 0 END) / nullif(ln(any_value(n_experts)), 0)
+        g AS (
+            SELECT {keys}, any_value(n_experts) AS n_experts, any_value(top_k) AS top_k,
+                   any_value(tokens) AS tokens, sum(n) AS total, max(n) AS top, avg(n) AS mean,
+                   stddev_pop(n) AS sd, list(n) AS ns
+            FROM (SELECT {keys}, n_experts, top_k, tokens, {col} AS n FROM b) GROUP BY {keys})
+        SELECT {keys}, n_experts, top_k, tokens, CAST(total AS BIGINT) AS assignments,
+               top / nullif(mean, 0) AS max_over_mean,
+               (top - mean) / nullif(mean, 0) AS max_vio,
+               sd / nullif(mean, 0) AS cv,
+               CASE WHEN total > 0 THEN -list_sum(list_transform(ns, x -> CASE WHEN x > 0
+                        THEN x / total * ln(x / total) ELSE 0 END)) ELSE 0 END / nullif(ln(n_experts), 0)
                    AS norm_entropy,
-               count(*) FILTER (WHERE frac < ? / n_experts) AS dead_experts,
-               count(*) FILTER (WHERE frac < ? / n_experts) / any_value(n_experts) AS dead_share,
-               CAST(coalesce(?, any_value(top_k)) AS INTEGER) AS top_n,
-               sum(frac) FILTER (WHERE busy_rank <= coalesce(?, top_k)) AS top_n_coverage
-        FROM f GROUP BY {keys} ORDER BY {keys}"""
+               CASE WHEN total > 0 THEN len(list_filter(ns, x -> x / total < ? / n_experts)) ELSE 0 END
+                   AS dead_experts,
+               CASE WHEN total > 0 THEN len(list_filter(ns, x -> x / total < ? / n_experts)) ELSE 0 END
+                   / n_experts AS dead_share,
+               CAST(coalesce(?, top_k) AS INTEGER) AS top_n,
+               CASE WHEN total > 0 THEN list_sum(list_slice(list_reverse_sort(ns), 1, coalesce(?, top_k))) / total
+                   END AS top_n_coverage
+        FROM g ORDER BY {keys}"""
     tn = None if top_n is None else int(top_n)
     return run_query(con, sql, params + [float(dead_threshold), float(dead_threshold), tn, tn])
 

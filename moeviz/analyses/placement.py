@@ -39,6 +39,7 @@ import numpy as np
 import pandas as pd
 
 from moeviz.analyses.load import AnalysisError, expert_counts_sql, run_query
+from moeviz.analyses.step_rows import rollups_available
 from moeviz.selection import Selection
 
 __all__ = [
@@ -429,8 +430,9 @@ def _dense(df: pd.DataFrame, by_step: bool, value: str = "assigned") -> dict[str
 
 def _counts(con, sel: Selection, by_step: bool) -> dict[str, _Counts]:
     """Assignments per run, [step,] layer and expert of the selection (the exact aggregates unless the selection
-    filters domains or tags: see `moeviz.analyses.load.expert_counts_sql`)."""
-    sql, params = expert_counts_sql(sel, by_step=by_step)
+    filters domains or tags: see `moeviz.analyses.load.expert_counts_sql`; pooled over steps, the step roll-ups
+    for whole blocks: moeviz.analyses.step_rows)."""
+    sql, params = expert_counts_sql(sel, by_step=by_step, rollups=rollups_available(con))
     return _dense(run_query(con, sql, params), by_step)
 
 

@@ -90,7 +90,7 @@ def import_megatron(source, out, *, run_name: str | None = None, num_experts: in
                        "unknown": UNKNOWN}},
             [{"layer": i, "module_name": f"decoder.layers.{b}.mlp.router", "n_experts": n_experts,
               "top_k": int(ks[i]), "block_index": b, "stack": "decoder"} for i, b in enumerate(kept)])
-        routes, seqs, assigned = write_chunks(run, chunks, keep, n_experts)
+        routes, seqs, assigned = write_chunks(run, chunks, keep, n_experts, drops_known=False)
         run.publish()
     return ImportSummary(run.out, "megatron", len(files), len(steps), seqs, routes, assigned, kept, [], n_experts,
                          int(ks.max()), UNKNOWN, warnings)

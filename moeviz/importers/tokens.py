@@ -48,14 +48,16 @@ def top_k_of(chunks: list[Chunk], keep: np.ndarray) -> np.ndarray:
 
 
 def write_chunks(run, chunks: list[Chunk], keep: np.ndarray, n_experts: int, *,
-                 tokens_known: bool = True, progress=None) -> tuple[int, int, int]:
+                 tokens_known: bool = True, drops_known: bool = True, progress=None) -> tuple[int, int, int]:
     """Write `chunks` (only the source layers in `keep`, renumbered 0..) as routes, sequences and step_stats, in
     flushes of about FLUSH_ROUTES routes, each rank's by its own writer (`run`: a StagedRun; a chunk holds one
     rank's tokens). Returns (routes, sequences, assigned) written.
 
     step_stats count the same ids as routes, per (step, rank, layer, expert); `tokens` is the number of tokens
     with at least one expert in the layer (NULL when not `tokens_known`); first_choice and prob_sum are NULL:
-    no engine log says which slot was the top choice or what the router's probabilities were."""
+    no engine log says which slot was the top choice or what the router's probabilities were. `dropped` is 0 for
+    engines that never drop (dropless serving) and NULL when not `drops_known` (Megatron's trace is taken before
+    its capacity drop, so a run trained with a capacity factor dropped what the trace cannot say)."""
     layer_map = np.cumsum(keep) - 1  # source layer -> MoE layer
     kept = np.flatnonzero(keep)
     done_routes = done_seqs = done_assigned = 0
@@ -67,7 +69,7 @@ def write_chunks(run, chunks: list[Chunk], keep: np.ndarray, n_experts: int, *,
         size += int((c.ids[:, keep, :] >= 0).sum()) if len(c.ids) else 0
         if size >= FLUSH_ROUTES or i == len(chunks) - 1 or _rank_of(chunks[i + 1]) != _rank_of(c):
             writer = run.writer_for(_rank_of(c))
-            r, s, a = _write_batch(writer, batch, kept, layer_map, n_experts, tokens_known)
+            r, s, a = _write_batch(writer, batch, kept, layer_map, n_experts, tokens_known, drops_known)
             done_routes, done_seqs, done_assigned = done_routes + r, done_seqs + s, done_assigned + a
             batch, size = [], 0
             if progress:
@@ -80,7 +82,7 @@ def _rank_of(c: Chunk) -> int:
 
 
 def _write_batch(writer, batch: list[Chunk], kept: np.ndarray, layer_map: np.ndarray, n_experts: int,
-                 tokens_known: bool) -> tuple[int, int, int]:
+                 tokens_known: bool, drops_known: bool = True) -> tuple[int, int, int]:
     per_token = [c for c in batch if len(c.ids)]
     seq_rows = [row for c in batch for row in c.sequences]
     if not per_token:
@@ -102,7 +104,7 @@ def _write_batch(writer, batch: list[Chunk], kept: np.ndarray, layer_map: np.nda
     routes = {"step": step[t], "rank": rank[t], "seq": seq[t], "pos": pos[t], "token_id": tok[t],
               "layer": layer.astype(np.int16), "slot": slot.astype(np.int8), "expert": expert.astype(np.int16),
               "weight": None}
-    stats = _step_stats(step, rank, by_layer, layer, t, expert, n_experts, tokens_known)
+    stats = _step_stats(step, rank, by_layer, layer, t, expert, n_experts, tokens_known, drops_known)
     tables = {"routes": routes, "step_stats": stats, "layer_stats": layer_stats_of(stats, n_experts)}
     if seq_rows:
         tables["sequences"] = _sequence_columns(seq_rows)
@@ -118,7 +120,8 @@ def _pad_slots(ids: np.ndarray, k: int) -> np.ndarray:
     return out
 
 
-def _step_stats(step, rank, by_layer, layer, t, expert, n_experts: int, tokens_known: bool) -> dict:
+def _step_stats(step, rank, by_layer, layer, t, expert, n_experts: int, tokens_known: bool,
+                drops_known: bool = True) -> dict:
     """Counts per (step, rank, layer, expert) of the routes just built; every expert of a step's layer has a row."""
     n_layers = by_layer.shape[0]
     groups, group_of_token = np.unique(np.stack([step, rank.astype(np.int64)]), axis=1, return_inverse=True)
@@ -137,7 +140,7 @@ def _step_stats(step, rank, by_layer, layer, t, expert, n_experts: int, tokens_k
     return {"step": groups[0][gi][live], "rank": groups[1][gi][live].astype(np.int32),
             "layer": li[live].astype(np.int16), "expert": ei[live].astype(np.int16),
             "tokens": tokens[gi, li][live] if tokens_known else None, "assigned": assigned[live],
-            "first_choice": None, "prob_sum": None, "dropped": np.zeros(n, np.int64)}
+            "first_choice": None, "prob_sum": None, "dropped": np.zeros(n, np.int64) if drops_known else None}
 
 
 def layer_stats_of(stats: dict, n_experts: int) -> dict:
@@ -147,7 +150,7 @@ def layer_stats_of(stats: dict, n_experts: int) -> dict:
     n = len(stats["step"][first])
     return {"step": stats["step"][first], "rank": stats["rank"][first], "layer": stats["layer"][first],
             "tokens": None if stats["tokens"] is None else stats["tokens"][first], "z_loss_sum": None,
-            "entropy_sum": None, "dropped": np.zeros(n, np.int64)}
+            "entropy_sum": None, "dropped": None if stats["dropped"] is None else np.zeros(n, np.int64)}
 
 
 SEQUENCE_KEYS = ("step", "rank", "seq", "domain", "tag", "n_tokens", "seq_key", "sample_id", "pos_offset",

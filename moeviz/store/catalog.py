@@ -79,7 +79,9 @@ def run_overview(con, run_id: str, *, count_routes: bool = True) -> pd.DataFrame
                r.world_size, r.sample_every, r.max_tokens_per_step, r.status, r.error, r.started_at, r.ended_at,
                r.schema_version, CAST(r.config AS VARCHAR) AS config,
                coalesce(ls.steps, 0) AS steps, ls.first_step, ls.last_step,
-               coalesce(ls.tokens, 0) AS tokens, coalesce(ls.dropped, 0) AS dropped,
+               -- NULL, not 0, where a run has steps but its source did not count them (engine logs)
+               CASE WHEN coalesce(ls.steps, 0) = 0 THEN 0 ELSE ls.tokens END AS tokens,
+               CASE WHEN coalesce(ls.steps, 0) = 0 THEN 0 ELSE ls.dropped END AS dropped,
                {routed}, {rows},
                coalesce(sq.sequences, 0) AS sequences, coalesce(sq.domains, 0) AS domains,
                {recording}

@@ -4,7 +4,8 @@
 `<run>/run.duckdb`, written under a new name and renamed over the old one, so a reader that has the old file
 open keeps reading it, and `routes` into large zstd Parquet files named in run.duckdb (~2 bytes/route; see
 `compact`). It also builds the derived tables that analyses read instead of the routes (token, position and
-sequence counts, probe sets, weight histograms).
+sequence counts, probe sets, weight histograms) and the step roll-ups they read instead of every step
+(`moeviz.store.rollups`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from moeviz.errors import StoreError
-from moeviz.store import layout
+from moeviz.store import layout, rollups
 from moeviz.store.schema import SCHEMA_VERSION
 
 ROUTES_FORMATS = ("parquet", "duckdb")
@@ -197,7 +198,8 @@ def _publish_compacted(run_dir: Path, target: Path, manifest: dict, statuses: di
             con.execute(f"ATTACH {duckdb_compat.sql_string(str(target))} AS old (READ_ONLY)")
             old_tables = {r[0] for r in con.execute(
                 "SELECT table_name FROM duckdb_tables() WHERE database_name = 'old'").fetchall()}
-            for t in layout.SEGMENT_TABLES + layout.COMPACTION_TABLES + ("_segments", "_routes_files"):
+            for t in layout.SEGMENT_TABLES + layout.COMPACTION_TABLES + layout.ROLLUP_TABLES + (
+                    "_segments", "_routes_files"):
                 if t in old_tables:
                     con.execute(f'INSERT INTO main."{t}" BY NAME SELECT * FROM old.main."{t}"')
             con.execute("DETACH old")
@@ -211,6 +213,7 @@ def _publish_compacted(run_dir: Path, target: Path, manifest: dict, statuses: di
         if written:
             con.executemany("INSERT INTO _routes_files VALUES (?, ?, ?, ?)", [list(w) for w in written])
         _fold_route_stats(con, run_dir, new["routes"], rebuild=set(layout.COMPACTION_TABLES) - old_tables)
+        rollups.fold(con, new, rebuild=set(layout.ROLLUP_TABLES) - old_tables)
         con.executemany("INSERT INTO _rank_status VALUES (?, ?)",
                         [[r, json.dumps(s)] for r, s in sorted(statuses.items())])
         con.executemany("INSERT INTO _meta VALUES (?, ?)",
@@ -429,7 +432,7 @@ def _remove_unpublished_routes_files(run_dir: Path, published: dict[str, tuple[i
 
 
 def _create_compacted_tables(con) -> None:
-    for t in layout.SEGMENT_TABLES + layout.COMPACTION_TABLES:
+    for t in layout.SEGMENT_TABLES + layout.COMPACTION_TABLES + layout.ROLLUP_TABLES:
         cols = ", ".join(f'"{f.name}" {layout.duckdb_type(f.type)}' for f in layout.DISK_SCHEMAS[t])
         con.execute(f'CREATE TABLE "{t}" ({cols})')
     con.execute("CREATE TABLE _segments (table_name VARCHAR, file VARCHAR PRIMARY KEY, bytes BIGINT)")
@@ -462,13 +465,14 @@ def _compacted_state(target: Path) -> tuple[set[str], dict[str, tuple[int, int]]
 
 
 def _missing_compaction_tables(target: Path) -> set[str]:
-    """The tables compaction derives from routes (layout.COMPACTION_TABLES) that run.duckdb lacks."""
+    """The tables compaction derives (layout.COMPACTION_TABLES from routes, layout.ROLLUP_TABLES from the per-step
+    aggregates) that run.duckdb lacks."""
     from moeviz.store import duckdb_compat
 
     con = duckdb_compat.connect(str(target), read_only=True)
     try:
         have = {r[0] for r in con.execute("SELECT table_name FROM duckdb_tables()").fetchall()}
-        return set(layout.COMPACTION_TABLES) - have
+        return set(layout.COMPACTION_TABLES + layout.ROLLUP_TABLES) - have
     finally:
         con.close()
 

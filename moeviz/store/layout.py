@@ -72,6 +72,8 @@ WEIGHT_BIN_SHIFT = 8  # weight_hist.bin = weight_q >> 8: 256 bins of 1/256 of th
 # routes); like probe_sets, outside `route_stats_complete`.
 TOKEN_SETS = "token_sets"
 COMPACTION_TABLES = ROUTE_STATS_TABLES + (PROBE_SETS, WEIGHT_HIST, TOKEN_SETS)
+# Step roll-ups compaction builds from step_stats and layer_stats (moeviz.store.rollups), in run.duckdb.
+ROLLUP_TABLES = ("step_rollups", "layer_rollups")
 META_TABLES = ("runs", "layers", "vocab")
 SEGMENT_TABLES = META_TABLES + DATA_TABLES
 
@@ -108,6 +110,12 @@ DISK_SCHEMAS: dict[str, pa.Schema] = {
     "weight_hist": pa.schema([("run_id", _S), ("step", _I64), ("rank", _I32), ("layer", _I16), ("expert", _I16),
                               ("bin", _I16), ("assigned", _I64), ("first_choice", _I64), ("weight_q_sum", _I64),
                               ("above", _I64)]),
+    "step_rollups": pa.schema([("run_id", _S), ("resolution", _I32), ("step", _I64), ("layer", _I16),
+                               ("expert", _I16), ("tokens", _I64), ("assigned", _I64), ("first_choice", _I64),
+                               ("prob_sum", _F64), ("dropped", _I64)]),
+    "layer_rollups": pa.schema([("run_id", _S), ("resolution", _I32), ("step", _I64), ("layer", _I16),
+                                ("tokens", _I64), ("z_loss_sum", _F64), ("entropy_sum", _F64), ("dropped", _I64),
+                                ("nonfinite_tokens", _I64)]),
     "sequences": pa.schema([("run_id", _S), ("step", _I64), ("rank", _I32), ("seq", _I32), ("domain", _S),
                             ("tag", _S), ("n_tokens", _I32), ("seq_key", pa.uint64()), ("sample_id", _S),
                             ("pos_offset", _I32), ("prompt_tokens", _I32)]),

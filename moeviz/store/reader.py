@@ -30,7 +30,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from moeviz.store import layout
+from moeviz.store import layout, rollups
 from moeviz.store.schema import TABLES
 
 
@@ -96,6 +96,7 @@ def open_store(path, *, memory_limit: int | None = None, threads: int | None = N
         _register_segments(con, runs)
         con.register("_run_status", _status_table(con, runs, compacted))
         _create_views(con, compacted)
+        _note_rollup_gaps(con, runs, compacted)
         _lock_down(con)
     except BaseException:
         con.close()
@@ -297,6 +298,8 @@ def _create_views(con, compacted: dict[int, dict]) -> None:
                  for info in compacted.values() if t in info["tables"]]
         source = " UNION ALL ".join(parts) if parts else _disk_select(t, "(SELECT 1 WHERE FALSE) AS none", [])
         con.execute(f"CREATE TEMP VIEW {t} AS " + _public_select(t, {}, f"({source})"))
+    for t in layout.ROLLUP_TABLES:
+        con.execute(f"CREATE TEMP VIEW {t} AS " + _public_select(t, {}, f"({_rollup_source(t, compacted)})"))
     con.execute("CREATE TEMP TABLE layers AS " + _public_select(  # small and read by most analyses: see runs
         "layers", {}, "_disk_layers QUALIFY row_number() OVER (PARTITION BY run_id, layer ORDER BY rank) = 1"))
     con.execute("CREATE TEMP VIEW vocab AS " + _public_select(
@@ -315,6 +318,47 @@ def _create_views(con, compacted: dict[int, dict]) -> None:
     # a table, not a view: every analysis asks `runs` first, and the view (status files joined with the runs
     # metadata of every segment and run.duckdb) cost 10-12 ms a query; it is a snapshot taken at open either way
     con.execute("CREATE TEMP TABLE runs AS " + _public_select("runs", overrides, runs_from))
+
+
+def _rollup_source(table: str, compacted: dict[int, dict]) -> str:
+    """Every row of a roll-up (moeviz.store.rollups): the blocks compaction built into each run.duckdb, plus the
+    rows no compacted roll-up covers (the live segments, and the compacted rows of a run.duckdb built before the
+    roll-ups existed) rolled up on the fly, so the view always sums every row of its source table."""
+    source = rollups.SPEC[table][0]
+    parts = [_disk_select(table, f'{info["alias"]}.main."{table}"', info["tables"][table])
+             for info in compacted.values() if table in info["tables"]]
+    uncovered = [_disk_select(source, f"_seg_{source}", None)] + [
+        _disk_select(source, f'{info["alias"]}.main."{source}"', info["tables"][source])
+        for info in compacted.values() if source in info["tables"] and table not in info["tables"]]
+    parts.append(rollups.rollup_sql(table, "(" + " UNION ALL ".join(uncovered) + ")"))
+    return " UNION ALL ".join(parts)
+
+
+ROLLUP_GAPS = "_rollup_gaps"
+
+
+def _note_rollup_gaps(con, runs: list[_RunFiles], compacted: dict[int, dict]) -> None:
+    """How many sources of the roll-up views are not compacted roll-ups (live step_stats/layer_stats segments, a
+    run.duckdb built before roll-ups): one number in a one-row table, for `rollups_complete`. Where it is not 0
+    the views roll those rows up at each query, which is slower than reading them directly."""
+    sources = {rollups.SPEC[t][0] for t in layout.ROLLUP_TABLES}
+    n = sum(len(r.segments[t]) for r in runs for t in sources)
+    n += sum(1 for info in compacted.values() for t in layout.ROLLUP_TABLES
+             if t not in info["tables"] and rollups.SPEC[t][0] in info["tables"])
+    con.execute(f"CREATE TEMP TABLE {ROLLUP_GAPS} AS SELECT CAST({int(n)} AS BIGINT) AS uncovered")
+
+
+def rollups_complete(con) -> bool:
+    """Whether `con`'s roll-up views (`step_rollups`, `layer_rollups`) are read straight from compacted roll-ups,
+    so that reading them beats reading step_stats/layer_stats: a store opened by `open_store` whose runs are all
+    compacted (a live run's segments are rolled up at every query: slower than the per-step rows); a
+    connection that has the views and no such note (moeviz.testing stores: tables). False without the views."""
+    have = table_names(con)
+    if not set(layout.ROLLUP_TABLES) <= have:
+        return False
+    if ROLLUP_GAPS not in have:
+        return True
+    return con.execute(f"SELECT uncovered FROM {ROLLUP_GAPS}").fetchone()[0] == 0
 
 
 def _lock_down(con) -> None:

@@ -132,7 +132,8 @@ STEP_STATS = _t(
     ("prob_sum", "DOUBLE", "Sum over tokens of softmax(router_logits)[expert] (full float32 softmax, before top-k), "
      "for every family; for sigmoid routers (DeepSeek-V3) this is not the score the model chose on. NULL where "
      "the source has no router probabilities (engine logs)."),
-    ("dropped", "BIGINT", "Assignments to this expert that the model itself dropped (capacity), else 0."),
+    ("dropped", "BIGINT", "Assignments to this expert that the model itself dropped (capacity), else 0; NULL where "
+     "the source cannot say (a Megatron-LM routing trace is taken before the capacity drop)."),
 )
 
 LAYER_STATS = _t(
@@ -148,7 +149,8 @@ LAYER_STATS = _t(
      "tokens with non-finite router outputs are left out. NULL where the source has no router logits (engine logs)."),
     ("entropy_sum", "DOUBLE", "Sum over tokens of the entropy (nats) of softmax(router_logits); tokens with "
      "non-finite router outputs are left out. NULL where the source has no router logits (engine logs)."),
-    ("dropped", "BIGINT", "Assignments the model itself dropped in this layer (capacity), else 0."),
+    ("dropped", "BIGINT", "Assignments the model itself dropped in this layer (capacity), else 0; NULL where the "
+     "source cannot say (see `step_stats.dropped`)."),
     ("adjacent_pairs", "BIGINT", "Pairs of consecutive tokens (pos and pos+1 of one sequence, both inside the "
      "attention mask). This and the next three columns are NULL when the recorder did not know the token layout "
      "or predates them: the analyses then read `routes`."),
@@ -366,9 +368,48 @@ WEIGHT_HIST = _t(
     ("above", "BIGINT", "Routes of the same step, rank, layer and expert in higher bins."),
 )
 
+STEP_ROLLUPS = _t(
+    "step_rollups",
+    "`step_stats` summed over ranks and over blocks of 10, 100 and 1,000 steps (`resolution`): one row per run, "
+    "resolution, block, layer and expert with any recorded row (two while a block has both compacted rows and "
+    "rows still in segments: sum them). Derived, never written by a Recorder: compaction "
+    "builds it into run.duckdb and the reader adds the not-yet-compacted segments on the fly, so it always sums "
+    "every step_stats row of the run. Curves over a long run (step buckets that are multiples of a resolution) "
+    "and totals over many steps read it instead of every step: sums are exact, so the answers are the same. Not "
+    "split by rank: the analyses read `step_stats` when a selection picks ranks.",
+    ("run_id", "VARCHAR", "Run id."),
+    ("resolution", "INTEGER", "Steps per block: 10, 100 or 1000."),
+    ("step", "BIGINT", "The block's first step (a multiple of resolution); the block spans steps "
+     "[step, step + resolution - 1]."),
+    ("layer", "SMALLINT", "MoE layer index."),
+    ("expert", "SMALLINT", "Expert index."),
+    ("tokens", "BIGINT", "sum(step_stats.tokens) over the block's steps and every rank."),
+    ("assigned", "BIGINT", "sum(step_stats.assigned) over the block's steps and every rank."),
+    ("first_choice", "BIGINT", "sum(step_stats.first_choice) over the block's steps and every rank."),
+    ("prob_sum", "DOUBLE", "sum(step_stats.prob_sum) over the block's steps and every rank."),
+    ("dropped", "BIGINT", "sum(step_stats.dropped) over the block's steps and every rank."),
+)
+
+LAYER_ROLLUPS = _t(
+    "layer_rollups",
+    "`layer_stats` summed over ranks and over blocks of 10, 100 and 1,000 steps, like `step_rollups`: one row per "
+    "run, resolution, block and layer. Derived (compaction, plus the live segments on the fly).",
+    ("run_id", "VARCHAR", "Run id."),
+    ("resolution", "INTEGER", "Steps per block: 10, 100 or 1000."),
+    ("step", "BIGINT", "The block's first step (a multiple of resolution)."),
+    ("layer", "SMALLINT", "MoE layer index."),
+    ("tokens", "BIGINT", "sum(layer_stats.tokens) over the block's steps and every rank."),
+    ("z_loss_sum", "DOUBLE", "sum(layer_stats.z_loss_sum) over the block's steps and every rank."),
+    ("entropy_sum", "DOUBLE", "sum(layer_stats.entropy_sum) over the block's steps and every rank."),
+    ("dropped", "BIGINT", "sum(layer_stats.dropped) over the block's steps and every rank."),
+    ("nonfinite_tokens", "BIGINT", "sum(layer_stats.nonfinite_tokens) over the block's steps and every rank "
+     "(rows written before the column existed count 0)."),
+)
+
 TABLES: dict[str, Table] = {t.name: t for t in (RUNS, LAYERS, ROUTES, STEP_STATS, LAYER_STATS, PAIR_STATS, FLOW_STATS,
                                                  SEQUENCES, EXPERT_BIAS, BALANCE_STATS, TOKEN_STATS, POSITION_STATS,
-                                                 SEQUENCE_STATS, PROBE_SETS, TOKEN_SETS, WEIGHT_HIST, VOCAB)}
+                                                 SEQUENCE_STATS, PROBE_SETS, TOKEN_SETS, WEIGHT_HIST, STEP_ROLLUPS,
+                                                 LAYER_ROLLUPS, VOCAB)}
 
 # Columns added after the first release of a table: a writer may leave them out (they read as NULL), so that
 # code written against the older schema (RunWriter.write_flush callers) keeps working.
@@ -384,8 +425,8 @@ OPTIONAL_COLUMNS: dict[str, frozenset[str]] = {
 # not know (an engine log has no gate weights, probabilities or slot order) stays unknown instead of read as 0.
 NULLABLE_COLUMNS: dict[str, frozenset[str]] = {
     "routes": frozenset({"weight"}),
-    "step_stats": frozenset({"tokens", "first_choice", "prob_sum"}),
-    "layer_stats": frozenset({"tokens", "z_loss_sum", "entropy_sum"}),
+    "step_stats": frozenset({"tokens", "first_choice", "prob_sum", "dropped"}),
+    "layer_stats": frozenset({"tokens", "z_loss_sum", "entropy_sum", "dropped"}),
 }
 
 

@@ -1,0 +1,88 @@
+"""The rows an analysis over steps sums: step roll-ups for whole blocks of steps, per-step rows for the rest.
+
+`step_stats` and `layer_stats` hold one row per step (and rank, layer, expert); `step_rollups` and
+`layer_rollups` hold the same sums per block of 10, 100 and 1,000 steps (moeviz.store.rollups). An analysis that
+sums over steps gets the same numbers from either as long as no block straddles the edge of what it groups: a
+bucket of b steps may read the roll-up of resolution r when r divides b (every block then falls inside one
+bucket), a total over a step range may read any resolution for the blocks inside the range. So `step_rows_sql`
+cuts the selected steps into whole blocks of the coarsest allowed resolution, finer blocks towards the edges, and
+single steps at the ends (at most 2 x 3 + 1 pieces), and returns their UNION ALL.
+
+The roll-ups are summed over ranks, so a selection that picks ranks reads the per-step rows; so does a query on a
+connection without the roll-up views (a private in-memory store, a copy of a few tables), and one on a store with
+live segments (the views roll those up at each query: correct, but slower than the per-step rows). Only columns that are
+sums can be read this way: `rank` is not among the columns returned.
+"""
+
+from __future__ import annotations
+
+from moeviz.selection import Selection
+from moeviz.store.reader import rollups_complete
+from moeviz.store.rollups import RESOLUTIONS, SPEC
+
+__all__ = ["step_rows_sql", "pieces", "rollups_available"]
+
+_ROLLUP_OF = {source: table for table, (source, _, _) in SPEC.items()}  # step_stats -> step_rollups
+
+
+def rollups_available(con) -> bool:
+    """Whether reading the roll-ups pays on `con`: it has them and they are compacted (a live run's segments are
+    rolled up at each query, slower than the per-step rows: moeviz.store.reader.rollups_complete)."""
+    return rollups_complete(con)
+
+
+def pieces(lo: int | None, hi: int | None, resolutions: tuple[int, ...]) -> list[tuple[int, int | None, int | None]]:
+    """(resolution, first step, last step) pieces covering steps lo..hi (None: unbounded), coarsest blocks in the
+    middle; resolution 1 = single steps. Each piece of resolution r > 1 starts and ends on a block boundary."""
+    res = sorted((r for r in resolutions if r > 1), reverse=True)
+    if not res:
+        return [(1, lo, hi)]
+    if lo is None and hi is None:
+        return [(res[0], None, None)]
+    r, rest = res[0], tuple(res[1:])
+    a = None if lo is None else -(-lo // r) * r  # first block start >= lo
+    z = None if hi is None else (hi + 1) // r * r - 1  # last block end <= hi
+    if a is not None and z is not None and a > z:
+        return pieces(lo, hi, rest)
+    left = pieces(lo, a - 1, rest) if a is not None and lo < a else []
+    right = pieces(z + 1, hi, rest) if z is not None and z < hi else []
+    return left + [(r, a, z)] + right
+
+
+def step_rows_sql(con, table: str, sel: Selection, columns: tuple[str, ...], *, step_bucket: int | None = None,
+                  by_step: bool = True, use_rollups: bool | None = None) -> tuple[str, list]:
+    """A FROM item (a parenthesised SELECT; alias it) and its params: the rows of `table` ('step_stats' or
+    'layer_stats') in `sel`, with `columns` (run_id, step, keys and sums; never rank), whose sums per bucket of
+    `step_bucket` steps (by_step) or over all selected steps (not by_step) equal those of the per-step rows.
+
+    Reads the roll-ups where they give the same sums (see the module docstring); `use_rollups=False` never
+    does (None: when the connection has them). The selection's domains and tags are not applied (the per-step
+    aggregates hold none): callers that honour them read `routes` instead."""
+    if use_rollups is None:
+        use_rollups = rollups_available(con)
+    exact = sel.with_(domains=None, tags=None)
+    lo, hi = (None, None) if exact.steps is None else (int(exact.steps[0]), int(exact.steps[1]))
+    if by_step:
+        allowed = tuple(r for r in RESOLUTIONS if step_bucket and int(step_bucket) % r == 0)
+    else:
+        allowed = RESOLUTIONS
+    if not use_rollups or exact.ranks is not None or not allowed or (lo is not None and lo < 0):
+        allowed = ()
+    cols = ", ".join(columns)
+    parts, params = [], []
+    rest, rest_params = exact.with_(steps=None).where()
+    for r, a, z in pieces(lo, hi, allowed):
+        clauses, p = [rest], list(rest_params)
+        if a is not None:
+            clauses.append("step >= ?")
+            p.append(a)
+        if z is not None:
+            clauses.append("step <= ?")
+            p.append(z)
+        if r == 1:
+            parts.append(f"SELECT {cols} FROM {table} WHERE {' AND '.join(clauses)}")
+        else:
+            parts.append(f"SELECT {cols} FROM {_ROLLUP_OF[table]} WHERE resolution = {int(r)} AND "
+                         + " AND ".join(clauses))
+        params += p
+    return "(" + " UNION ALL ".join(parts) + ")", params
