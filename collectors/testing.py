@@ -733,3 +733,33 @@ def tiny_deepspeed_moe(
     if dtype is not None:
         model = model.to(dtype)
     return model.eval()
+
+
+def GuardedRecorder(*args, guard: SyncGuard | None = None, **kwargs):
+    """A real collectors.Recorder whose hooks and step() run under a SyncGuard (`rec.guard`; a new one unless
+    given): on the meta device any host sync in the recording path raises. The tests of every device-side feature
+    (non-finite counts, balance sums, generate()) build one instead of each subclassing the Recorder."""
+    global _GUARDED
+    if _GUARDED is None:
+        from collectors.recorder import Recorder
+
+        class _Guarded(Recorder):
+            guard: SyncGuard
+
+            def _on_model_call(self, *a):
+                return self.guard.call(super()._on_model_call, *a)
+
+            def _on_router(self, *a):
+                return self.guard.call(super()._on_router, *a)
+
+            def step(self, *a, **kw):
+                return self.guard.call(super().step, *a, **kw)
+
+        _GUARDED = _Guarded
+    rec = _GUARDED.__new__(_GUARDED)
+    rec.guard = guard if guard is not None else SyncGuard()
+    rec.__init__(*args, **kwargs)
+    return rec
+
+
+_GUARDED = None

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from collectors import Recorder
-from collectors.testing import tiny_model
+from collectors.testing import GuardedRecorder, tiny_model
 from moeviz import Selection
 from moeviz.analyses.aux_loss import sequence_balance_loss
 from moeviz.store import open_store, query
@@ -198,23 +198,6 @@ def test_routers_without_bias_write_no_bias_rows(tmp_path):
     assert query(tmp_path / "run", "SELECT count(*) AS n FROM balance_stats").n[0] == len(rec.sites)
 
 
-class _Guarded(Recorder):
-    """The real Recorder with its hooks and step() run under collectors.testing.SyncGuard."""
-
-    from collectors.testing import SyncGuard as _SG
-
-    guard = _SG()
-
-    def _on_model_call(self, *a):
-        return self.guard.call(super()._on_model_call, *a)
-
-    def _on_router(self, *a):
-        return self.guard.call(super()._on_router, *a)
-
-    def step(self, *a, **kw):
-        return self.guard.call(super().step, *a, **kw)
-
-
 def test_bias_and_balance_do_not_sync_on_the_meta_device(tmp_path):
     """A bfloat16 DeepSeek-V3 (biased sigmoid router) on the meta device, under the SyncGuard: the bias copies and
     the per-sequence sums are device ops only (any read of a value raises there). The flush at close cannot copy
@@ -225,7 +208,7 @@ def test_bias_and_balance_do_not_sync_on_the_meta_device(tmp_path):
         model, _ = tiny_model("deepseek_v3", experts_implementation="batched_mm", dtype=torch.bfloat16)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        with _Guarded(model, tmp_path / "run", flush_every=100) as rec:
+        with GuardedRecorder(model, tmp_path / "run", flush_every=100) as rec:
             ids = torch.zeros(2, 6, dtype=torch.long, device="meta")
             for step in range(2):
                 with torch.no_grad():

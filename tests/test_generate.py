@@ -16,7 +16,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from collectors import Recorder  # noqa: E402
-from collectors.testing import SyncGuard, tiny_model  # noqa: E402
+from collectors.testing import GuardedRecorder, SyncGuard, tiny_model  # noqa: E402
 from moeviz.store import query, sequence_key  # noqa: E402
 
 PROMPT, NEW = 6, 5
@@ -158,21 +158,11 @@ def test_decode_forwards_do_not_sync_on_the_meta_device(tmp_path):
     model.set_attn_implementation("eager")  # sdpa's mask helper reads the mask's values: the model's own sync
     guard = SyncGuard()
 
-    class Guarded(Recorder):
-        def _on_model_call(self, *a):
-            return guard.call(super()._on_model_call, *a)
-
-        def _on_router(self, *a):
-            return guard.call(super()._on_router, *a)
-
-        def step(self, *a, **kw):
-            return guard.call(super().step, *a, **kw)
-
     def ones(*shape):
         return torch.ones(*shape, dtype=torch.long, device="meta")
 
     with pytest.warns(Warning):
-        with Guarded(model, tmp_path / "run", flush_every=100) as rec:
+        with GuardedRecorder(model, tmp_path / "run", flush_every=100, guard=guard) as rec:
             cache = DynamicCache(config=model.config)
             with torch.no_grad():
                 model(input_ids=ones(2, 5), cache=cache, use_cache=True)

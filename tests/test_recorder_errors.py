@@ -20,7 +20,7 @@ from scipy.special import entr
 from collectors import Recorder, RecordingWarning
 from collectors.recorder import RecorderError
 from collectors.routers import find_routers
-from collectors.testing import SyncGuard, tiny_model
+from collectors.testing import GuardedRecorder, tiny_model
 from moeviz.analyses.health import health_summary
 from moeviz.store import open_store, query
 
@@ -432,21 +432,6 @@ def test_a_repeated_step_warns_once_and_adds_to_the_step(mixtral, tmp_path):
 # ---------------------------------------------------------------------------------------------- no host sync
 
 
-class Guarded(Recorder):
-    """The real Recorder with its hooks and step() run under collectors.testing.SyncGuard."""
-
-    guard = SyncGuard()
-
-    def _on_model_call(self, *a):
-        return self.guard.call(super()._on_model_call, *a)
-
-    def _on_router(self, *a):
-        return self.guard.call(super()._on_router, *a)
-
-    def step(self, *a, **kw):
-        return self.guard.call(super().step, *a, **kw)
-
-
 def test_nonfinite_counts_do_not_sync_and_run_on_the_meta_device(tmp_path):
     """Hooks and step(), non-finite counts included, under the SyncGuard on the meta device (no data at all: any
     read of a value raises). The flush at close cannot copy meta tensors: that is a recording failure like any
@@ -455,7 +440,7 @@ def test_nonfinite_counts_do_not_sync_and_run_on_the_meta_device(tmp_path):
         model, _ = tiny_model("mixtral", experts_implementation="batched_mm")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        with Guarded(model, tmp_path / "run", max_tokens_per_step=5, flush_every=100) as rec:
+        with GuardedRecorder(model, tmp_path / "run", max_tokens_per_step=5, flush_every=100) as rec:
             ids = torch.zeros(2, 6, dtype=torch.long, device="meta")
             for step in range(2):
                 with torch.no_grad():

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from moeviz.importers.jsonl import read_jsonl
-from moeviz.importers.source import ImportSummary, SourceError
+from moeviz.importers.source import ImportSummary, SourceError, n_experts_of
 from moeviz.importers.staging import StagedRun
 from moeviz.importers.tokens import Chunk, layer_has_experts, top_k_of, write_chunks
 
@@ -74,7 +74,7 @@ def import_megatron(source, out, *, run_name: str | None = None, num_experts: in
     if not calls:
         raise SourceError(files[0], "holds no decoder router records")
     layers = sorted({layer for steps in calls.values() for by_layer in steps.values() for layer in by_layer})
-    n_experts = _n_experts(files[0], num_experts, top)
+    n_experts = n_experts_of(files[0], num_experts, top)
     chunks = _chunks(files, calls, layers, micro_batch_size)
     keep = layer_has_experts(chunks, len(layers))
     ks = top_k_of(chunks, keep)
@@ -165,11 +165,3 @@ def _chunks(files, calls, layers: list[int], micro_batch_size: int | None) -> li
                 seq_base += n_seqs
     return chunks
 
-
-def _n_experts(path: Path, given: int | None, top: int) -> int:
-    if given is None:
-        return top + 1
-    if given <= top:
-        raise SourceError(path, f"holds expert id {top}, but num_experts={given}: give the model's number of "
-                                f"routed experts (> {top})")
-    return int(given)

@@ -22,6 +22,18 @@ class SourceError(MoevizError, ValueError):
         super().__init__(f"{path}: {what}")
 
 
+def n_experts_of(path, given: int | None, top: int) -> int:
+    """Experts per MoE layer of a source that does not say (vLLM, Megatron): the user's `--num-experts`, checked
+    against the largest id seen, else that id + 1 (experts above the largest id any token chose are then
+    missing: give --num-experts)."""
+    if given is None:
+        return top + 1
+    if given <= top:
+        raise SourceError(path, f"holds expert id {top}, but num_experts={given}: give the model's number of "
+                                f"routed experts (> {top})")
+    return int(given)
+
+
 @dataclass
 class ImportSummary:
     """What an import wrote, for the CLI's report and for tests."""

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from moeviz.importers.jsonl import read_jsonl
-from moeviz.importers.source import ImportSummary, SourceError
+from moeviz.importers.source import ImportSummary, SourceError, n_experts_of
 from moeviz.importers.staging import StagedRun
 from moeviz.importers.tokens import Chunk, layer_has_experts, top_k_of, write_chunks
 from moeviz.store.layout import sequence_key
@@ -84,7 +84,7 @@ def import_vllm(source, out, *, run_name: str | None = None, num_experts: int | 
     if not keep.any():
         raise SourceError(path, "every layer's routed experts are all zero: no MoE layer to import")
     top = max(int(c.ids.max()) for c in chunks if c.ids.size)
-    n_experts = _n_experts(path, num_experts, top)
+    n_experts = n_experts_of(path, num_experts, top)
     ks = top_k_of(chunks, keep)
     layout = "+".join(sorted(layouts))
     with StagedRun(out, run_name=run_name) as run:
@@ -189,12 +189,4 @@ def _placeholder_layers(chunks: list[Chunk], n_layers: int) -> np.ndarray:
             nonzero |= (c.ids != 0).any(axis=(0, 2))
     return ~nonzero
 
-
-def _n_experts(path: Path, given: int | None, top: int) -> int:
-    if given is None:
-        return top + 1
-    if given <= top:
-        raise SourceError(path, f"holds expert id {top}, but num_experts={given}: give the model's number of "
-                                f"routed experts (> {top})")
-    return int(given)
 
