@@ -1391,6 +1391,10 @@ class Recorder:
                 top_k=int(s.top_k),
                 block_index=None if s.block_index is None else int(s.block_index),
                 stack=s.stack,
+                # per layer, so each stack of an encoder-decoder has its own (runs.capacity_factor is one number)
+                capacity_factor=None if s.expert_capacity is not None or s.capacity_factor is None
+                else float(s.capacity_factor),
+                expert_capacity=None if s.expert_capacity is None else int(s.expert_capacity),
             )
             for s in self.sites
         ]

@@ -879,3 +879,41 @@ def test_a_second_open_recorder_on_the_same_routers_is_refused(mixtral, tmp_path
         again.step(0)
     assert query(tmp_path / "a", "SELECT count(*) AS n FROM routes").n[0] == 4 * K * 2
     assert query(tmp_path / "c", "SELECT count(*) AS n FROM routes").n[0] == 4 * K * 2
+
+
+def test_switch_capacity_is_recorded_per_layer_for_both_stacks(tmp_path):
+    """runs.capacity_factor is one number (from the encoder's length); each layer's fixed expert_capacity is in
+    `layers`, and with it the decoder's own drops (12 decoder tokens, not the encoder's 10) are reproduced."""
+    from moeviz.analyses.capacity import capacity_drops
+    from moeviz.selection import Selection
+    from moeviz.store import open_store
+
+    model, config = tiny_model("switch_transformers")
+    torch.manual_seed(0)
+    ids, labels = torch.randint(2, 100, (3, 10)), torch.randint(2, 100, (3, 12))
+    with Recorder(model, tmp_path / "run") as rec:
+        with torch.no_grad():
+            model(input_ids=ids, labels=labels)
+        rec.step(0)
+    con = open_store(tmp_path / "run")
+    layers = con.execute("SELECT layer, stack, expert_capacity, capacity_factor FROM layers ORDER BY layer").df()
+    assert set(layers["stack"]) == {"encoder", "decoder"}
+    assert (layers.expert_capacity == config.expert_capacity).all() and layers.capacity_factor.isna().all()
+    decoder = tuple(int(x) for x in layers["layer"][layers["stack"] == "decoder"])
+    own = con.execute(f"SELECT layer, sum(dropped) AS dropped FROM layer_stats WHERE layer IN {decoder} "
+                      "GROUP BY layer ORDER BY layer").df()
+    assert own.dropped.sum() > 0  # the tiny config drops: the check below is not vacuous
+    redo = capacity_drops(con, Selection(layers=decoder), capacity=int(config.expert_capacity), group="sequence",
+                          by=("layer",)).sort_values("layer")
+    np.testing.assert_array_equal(redo.dropped.to_numpy(), own.dropped.to_numpy())
+
+
+def test_a_capacity_factor_router_records_it_per_layer(mixtral, tmp_path):
+    """A dropless router has neither; (Megatron and DeepSpeed capacity factors: tests/test_megatron.py,
+    tests/test_deepspeed.py read runs.capacity_factor, which equals every layer's here)."""
+    with Recorder(mixtral, tmp_path / "run") as rec:
+        with torch.no_grad():
+            mixtral(torch.ones(1, 4, dtype=torch.long))
+        rec.step(0)
+    layers = query(tmp_path / "run", "SELECT capacity_factor, expert_capacity FROM layers")
+    assert layers.capacity_factor.isna().all() and layers.expert_capacity.isna().all()

@@ -88,7 +88,8 @@ def make_flush(rng: np.random.Generator, step: int, rank: int = 0) -> dict:
 META = {"model_class": "TinyMoE", "n_layers": LAYERS, "n_experts": EXPERTS, "top_k": K, "capacity_factor": 1.25,
         "config": {"hidden": 8, "name": "tiny"}, "sample_every": 2, "max_tokens_per_step": 128}
 LAYER_ROWS = [{"layer": i, "module_name": f"model.layers.{i}.mlp.gate", "n_experts": EXPERTS, "top_k": K,
-               "block_index": i, "stack": "decoder"} for i in range(LAYERS)]
+               "block_index": i, "stack": "decoder", "capacity_factor": [None, 1.25, None][i],
+               "expert_capacity": [None, None, 3][i]} for i in range(LAYERS)]
 
 
 def write_run(run_dir, *, steps=(0, 1), rank=0, world_size=1, run_id=None, close=True, compact_on_close=True,
@@ -159,7 +160,7 @@ def test_round_trip_every_table(tmp_path, compacted):
     assert (r.status, r.error, r.schema_version) == ("finished", None, SCHEMA_VERSION)
     assert r.started_at <= r.ended_at
     layers = con.execute("SELECT * EXCLUDE (run_id) FROM layers ORDER BY layer").df().to_dict("records")
-    assert layers == LAYER_ROWS
+    assert [{k: None if pd.isna(v) else v for k, v in r.items()} for r in layers] == LAYER_ROWS
     vocab = con.execute("SELECT token_id, text FROM vocab ORDER BY token_id").fetchall()
     assert vocab == [(0, "<s>"), (1, "hello"), (49_999, " wörld's")]
 

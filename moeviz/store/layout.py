@@ -130,7 +130,8 @@ DISK_SCHEMAS: dict[str, pa.Schema] = {
                        ("max_tokens_per_step", _I32), ("schema_version", _I32), ("recording_errors", _I64),
                        ("recording_error", _S)]),
     "layers": pa.schema([("run_id", _S), ("rank", _I32), ("layer", _I32), ("module_name", _S), ("n_experts", _I32),
-                         ("top_k", _I32), ("block_index", _I32), ("stack", _S)]),
+                         ("top_k", _I32), ("block_index", _I32), ("stack", _S), ("capacity_factor", _F64),
+                         ("expert_capacity", _I32)]),
     "vocab": pa.schema([("run_id", _S), ("rank", _I32), ("token_id", _I32), ("text", _S)]),
 }
 

@@ -54,7 +54,8 @@ RUNS = _t(
     ("n_experts", "INTEGER", "Experts per MoE layer (the largest, if layers differ; see `layers`)."),
     ("top_k", "INTEGER", "Experts chosen per token (the largest, if layers differ; see `layers`)."),
     ("capacity_factor", "DOUBLE", "The model's own capacity factor if it drops tokens, else NULL (Switch: "
-     "expert_capacity * n_experts / sequence length of the first recorded step)."),
+     "expert_capacity * n_experts / sequence length of the first recorded step's first stack, the encoder's; "
+     "`layers.capacity_factor` and `layers.expert_capacity` hold each layer's own)."),
     ("config", "JSON", "The model config (HF `config.to_dict()` or the user's dict)."),
     ("world_size", "INTEGER", "Number of ranks that wrote to the run."),
     ("sample_every", "INTEGER", "Per-token detail kept every N steps (1 = every step)."),
@@ -84,6 +85,12 @@ LAYERS = _t(
     ("top_k", "INTEGER", "Experts chosen per token in this layer."),
     ("block_index", "INTEGER", "Index of the transformer block holding this layer (NULL if unknown)."),
     ("stack", "VARCHAR", "'decoder', 'encoder' (Switch/T5-style models) or NULL."),
+    ("capacity_factor", "DOUBLE", "This layer's own capacity factor when its router drops tokens past a capacity that "
+     "scales with the group (Megatron-Core, DeepSpeed): C = ceil(factor * tokens * k / E); NULL for a fixed capacity "
+     "(see `expert_capacity`), for dropless routers, and for data written before it existed."),
+    ("expert_capacity", "INTEGER", "Slots per expert and sequence of a fixed-capacity router (Switch Transformers' "
+     "`expert_capacity`): the same for the encoder and the decoder whatever their lengths, so each stack's drops "
+     "follow from it; NULL otherwise."),
 )
 
 ROUTES = _t(

@@ -30,7 +30,8 @@ from moeviz.store.schema import NULLABLE_COLUMNS, OPTIONAL_COLUMNS, SCHEMA_VERSI
 
 RUN_META_KEYS = ("run_name", "model_class", "n_layers", "n_experts", "top_k", "capacity_factor", "config",
                  "sample_every", "max_tokens_per_step")
-LAYER_KEYS = ("layer", "module_name", "n_experts", "top_k", "block_index", "stack")
+LAYER_KEYS = ("layer", "module_name", "n_experts", "top_k", "block_index", "stack", "capacity_factor",
+              "expert_capacity")
 
 
 class RunWriter:
