@@ -763,3 +763,18 @@ def GuardedRecorder(*args, guard: SyncGuard | None = None, **kwargs):
 
 
 _GUARDED = None
+
+
+def extractions_under_guard(sites, forward) -> tuple[SyncGuard, list]:
+    """Run `forward()` with every site's `extract` called from a forward hook under a SyncGuard: (guard, the
+    extracted outputs in call order). The no-sync test each framework adapter gets; the hooks are removed after."""
+    guard = SyncGuard()
+    captured: list = []
+    handles = [s.module.register_forward_hook(lambda m, i, o, s=s: captured.append(guard.call(s.extract, m, i, o)))
+               for s in sites]
+    try:
+        forward()
+    finally:
+        for h in handles:
+            h.remove()
+    return guard, captured

@@ -29,7 +29,7 @@ sharded_moe = require_framework("deepspeed.moe.sharded_moe", "deepspeed")
 
 from collectors.recorder import Recorder  # noqa: E402
 from collectors.routers import RouterError, check_router_output, find_routers  # noqa: E402
-from collectors.testing import SyncGuard, tiny_deepspeed_moe  # noqa: E402
+from collectors.testing import extractions_under_guard, tiny_deepspeed_moe  # noqa: E402
 from moeviz.store import query  # noqa: E402
 
 BATCH, SEQ, VOCAB = 3, 8, 64
@@ -272,16 +272,8 @@ def test_extract_never_syncs():
     for kwargs in (dict(k=2, top2_2nd_expert_sampling=False, **DROPS), dict(k=1, **DROPS)):
         model = tiny_deepspeed_moe(seed=3, vocab_size=VOCAB, **kwargs)
         sites = find_routers(model)
-        guard = SyncGuard()
-        captured = []
-        handles = [s.module.register_forward_hook(
-            lambda m, i, o, s=s: captured.append(guard.call(s.extract, m, i, o))) for s in sites]
-        try:
-            with torch.no_grad():
-                model(_ids(4))
-        finally:
-            for h in handles:
-                h.remove()
+        with torch.no_grad():
+            guard, captured = extractions_under_guard(sites, lambda: model(_ids(4)))
         assert guard.checked_calls == len(sites) == len(captured) == 2
 
 

@@ -22,7 +22,7 @@ torch = pytest.importorskip("torch")
 
 from collectors.recorder import Recorder  # noqa: E402
 from collectors.routers import RouterError, check_router_output, find_routers  # noqa: E402
-from collectors.testing import SyncGuard, tiny_model  # noqa: E402
+from collectors.testing import extractions_under_guard, tiny_model  # noqa: E402
 from moeviz.store import query  # noqa: E402
 
 BATCH, SEQ, DEC_SEQ = 2, 9, 6
@@ -233,16 +233,8 @@ def test_extract_never_syncs(family):
     model, config = tiny_model(family, seed=3, **({"moe_eval_capacity_token_fraction": 0.3}
                                                    if family == "nllb_moe" else {}))
     sites = find_routers(model)
-    guard = SyncGuard()
-    captured = []
-    handles = [s.module.register_forward_hook(lambda m, i, o, s=s: captured.append(guard.call(s.extract, m, i, o)))
-               for s in sites]
-    try:
-        with torch.no_grad():
-            model(**_inputs(family, config))
-    finally:
-        for h in handles:
-            h.remove()
+    with torch.no_grad():
+        guard, captured = extractions_under_guard(sites, lambda: model(**_inputs(family, config)))
     assert guard.checked_calls == len(sites) == len(captured)
 
 

@@ -201,21 +201,13 @@ def test_recorder_stores_torchtitans_routing(titan_run, tmp_path):
 
 def test_extract_never_syncs():
     """The reader uses tensor ops only: no host sync inside the hook (collectors.testing.SyncGuard)."""
-    from collectors.testing import SyncGuard
+    from collectors.testing import extractions_under_guard
 
     model = tiny_torchtitan_moe(seed=3, expert_bias=True, route_norm=True, route_scale=2.5, top_k=3,
                                 num_expert_groups=4, num_limited_groups=2, vocab_size=VOCAB)
     sites = find_routers(model)
-    guard = SyncGuard()
-    captured = []
-    handles = [s.module.register_forward_hook(lambda m, i, o, s=s: captured.append(guard.call(s.extract, m, i, o)))
-               for s in sites]
-    try:
-        with torch.no_grad():
-            model(_ids(4))
-    finally:
-        for h in handles:
-            h.remove()
+    with torch.no_grad():
+        guard, captured = extractions_under_guard(sites, lambda: model(_ids(4)))
     assert guard.checked_calls == len(sites) == len(captured) == 2
 
 
