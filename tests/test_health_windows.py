@@ -27,3 +27,22 @@ def test_window_max_vio_equals_numpy(n_ranks):
     assert sorted(zip(got["step"], got["layer"])) == sorted(want)
     for s, l, v in zip(got["step"], got["layer"], got["max_vio"]):
         assert v == pytest.approx(want[(s, l)], rel=1e-12)
+
+
+def test_window_max_vio_adds_up_a_step_split_over_flushes():
+    """One rank whose step has two rows per expert (a step given to step() twice, or an import's large step cut
+    into two flushes): the check reads the step's summed counts, not each row as if it were the step."""
+    import duckdb
+
+    from moeviz.testing import create_schema
+
+    con = duckdb.connect()
+    create_schema(con)
+    con.execute("INSERT INTO runs (run_id, n_experts, top_k) VALUES ('r', 2, 1)")
+    con.execute("INSERT INTO layers (run_id, layer, n_experts, top_k) VALUES ('r', 0, 2, 1)")
+    # step 0: first flush 3 + 1 tokens, second flush 0 + 4: the step's counts are 3, 5
+    con.execute("INSERT INTO step_stats (run_id, step, rank, layer, expert, tokens, assigned) VALUES "
+                "('r', 0, 0, 0, 0, 4, 3), ('r', 0, 0, 0, 1, 4, 1), ('r', 0, 0, 0, 0, 4, 0), ('r', 0, 0, 0, 1, 4, 4)")
+    got = _window_max_vio(con, Selection(run_ids=("r",)), [(0, 0)])
+    assert got["max_vio"].tolist() == pytest.approx([(5 - 4) / 4])
+    assert got["tokens"].tolist() == [8]

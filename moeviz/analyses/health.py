@@ -117,14 +117,10 @@ def _window_max_vio(con, sel: Selection, windows: list[tuple[int, int]]) -> pd.D
     where, params = sel.with_(steps=None).where("s")
     span = " OR ".join("s.step BETWEEN ? AND ?" for _ in windows)
     params = params + [int(x) for w in windows for x in w]
-    rwhere, rparams = sel.with_(steps=None, layers=None).where("s")
-    ranks = run_query(con, f"SELECT count(DISTINCT s.rank) AS n FROM layer_stats s WHERE {rwhere}", rparams)
-    # one rank: its rows are the step's counts already (a GROUP BY on three keys was 0.7 s of this at 100,000
-    # steps); several: summed over ranks first
-    c = ("SELECT s.run_id, s.step, s.layer, s.expert, s.assigned AS n, s.tokens FROM step_stats s "
-         f"WHERE {where} AND ({span})") if int(ranks["n"].iloc[0]) <= 1 else (
-        "SELECT s.run_id, s.step, s.layer, s.expert, sum(s.assigned) AS n, sum(s.tokens) AS tokens "
-        f"FROM step_stats s WHERE {where} AND ({span}) GROUP BY ALL")
+    # summed per (step, layer, expert): a step's rows may be split over ranks, over flushes (an import's large
+    # step) or over two step() calls of one step number, and the schema adds them up
+    c = ("SELECT s.run_id, s.step, s.layer, s.expert, sum(s.assigned) AS n, sum(s.tokens) AS tokens "
+         f"FROM step_stats s WHERE {where} AND ({span}) GROUP BY ALL")
     return run_query(con, f"""
         WITH c AS ({c}),
         per AS (
