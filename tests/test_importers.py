@@ -138,6 +138,20 @@ def test_vllm_layouts(tmp_path, layout):
     assert got["sample_id"].tolist() == [q["sample_id"] for q in seqs] and (got["pos_offset"] == 0).all()
 
 
+def test_vllm_lists_without_prompt_rows_keep_the_generated_tokens_positions(tmp_path):
+    """A response saved without `prompt_routed_experts`: its rows are the generated tokens only, at positions
+    len(prompt).. with the generated token ids (not the prompt's ids at positions 0..)."""
+    routes, _, seqs = gen.write_vllm(tmp_path / "full.jsonl", "lists")
+    lines = [json.loads(x) for x in (tmp_path / "full.jsonl").read_text().splitlines()]
+    for body in lines:
+        del body["prompt_routed_experts"]
+    (tmp_path / "gen.jsonl").write_text("\n".join(json.dumps(b) for b in lines) + "\n")
+    import_vllm(tmp_path / "gen.jsonl", tmp_path / "run")
+    prompt = {q["seq"]: q["prompt_tokens"] for q in seqs}
+    generated = routes[routes["pos"] >= routes["seq"].map(prompt)].reset_index(drop=True)
+    _same_routes(tmp_path / "run", generated)
+
+
 def test_vllm_num_experts_given_and_too_small(tmp_path):
     gen.write_vllm(tmp_path / "r.jsonl", "npy")
     s = import_vllm(tmp_path / "r.jsonl", tmp_path / "run", num_experts=16)

@@ -54,7 +54,7 @@ def import_vllm(source, out, *, run_name: str | None = None, num_experts: int | 
             got = _choice_rows(path, lineno, body, choice if isinstance(choice, dict) else {}, first=ci == 0)
             if got is None:
                 continue
-            layout, ids, tokens, n_prompt, all_ids = got
+            layout, ids, tokens, n_prompt, all_ids, first_pos = got
             layouts.add(layout)
             if shape is None:
                 shape = ids.shape[1:]
@@ -63,12 +63,14 @@ def import_vllm(source, out, *, run_name: str | None = None, num_experts: int | 
                                         f"{ids.shape[2]}], but earlier lines have [tokens, {shape[0]}, {shape[1]}] "
                                         f"(layers, top_k): inconsistent shapes")
             seq = len(chunks)
-            start = 0 if ci == 0 else n_prompt or 0  # later choices: their generated rows only
+            # later choices: their generated rows only (when the prompt's rows are there to skip)
+            start = 0 if ci == 0 or first_pos else n_prompt or 0
             rows = ids[start:]
             sid = str(body.get("id", f"line{lineno}")) + (f"#{choice.get('index', ci)}" if len(choices) > 1 else "")
             chunks.append(Chunk(
                 step=np.zeros(len(rows), np.int64), rank=np.zeros(len(rows), np.int32),
-                seq=np.full(len(rows), seq, np.int32), pos=np.arange(start, start + len(rows), dtype=np.int32),
+                seq=np.full(len(rows), seq, np.int32),
+                pos=np.arange(first_pos + start, first_pos + start + len(rows), dtype=np.int32),
                 token_id=tokens[start:], ids=rows,
                 sequences=[{"step": 0, "rank": 0, "seq": seq, "tag": "serve", "n_tokens": len(rows),
                             "seq_key": sequence_key(all_ids) if all_ids is not None else None, "sample_id": sid,
@@ -139,13 +141,15 @@ def _ids_array(path: Path, lineno: int, value, what: str) -> np.ndarray:
 
 
 def _choice_rows(path: Path, lineno: int, body: dict, choice: dict, *, first: bool):
-    """(layout, ids [rows, layers, k], token ids [rows], prompt length or None, all token ids or None) of one
-    choice, or None when it carries no routed experts."""
+    """(layout, ids [rows, layers, k], token ids [rows], prompt length or None, all token ids or None, position of
+    row 0) of one choice, or None when it carries no routed experts. Row 0 is position 0, except in the lists
+    layout without `prompt_routed_experts`: its rows are the generated tokens, from position len(prompt)."""
     value = choice.get("routed_experts")
     if value is None:
         return None
     prompt_ids = choice.get("prompt_token_ids", body.get("prompt_token_ids"))
     gen_ids = choice.get("token_ids")
+    prompt_value = None  # the lists layout's prompt rows, when the response carries them
     if isinstance(value, str):
         layout = "npy"
         ids = _ids_array(path, lineno, value, "choices[].routed_experts")
@@ -173,12 +177,13 @@ def _choice_rows(path: Path, lineno: int, body: dict, choice: dict, *, first: bo
         ids = np.concatenate([prompt, gen]) if len(prompt) else gen
         n_prompt = len(prompt) if prompt_value is not None else (len(prompt_ids) if isinstance(prompt_ids, list)
                                                                   else None)
+    first_pos = n_prompt if layout == "lists" and prompt_value is None and n_prompt else 0
     all_ids = None
     tokens = np.full(len(ids), -1, np.int32)
     if isinstance(prompt_ids, list) and isinstance(gen_ids, list):
         all_ids = np.asarray(list(prompt_ids) + list(gen_ids), np.int64)
-        tokens[:] = all_ids[: len(ids)]
-    return layout, ids, tokens, n_prompt, all_ids
+        tokens[:] = all_ids[first_pos: first_pos + len(ids)]
+    return layout, ids, tokens, n_prompt, all_ids, first_pos
 
 
 def _placeholder_layers(chunks: list[Chunk], n_layers: int) -> np.ndarray:
