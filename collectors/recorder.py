@@ -393,6 +393,22 @@ def _reset_compiled_code() -> bool:
 
 
 _REDUCED_KINDS = ("agg", "pairs", "flow")  # the step aggregates Recorder(reduce_ranks=True) sums over ranks
+_CHECK_BYTES = 16  # the reduce check in front of the first rank's flush: float64 [2]
+
+
+def _layout_signature(keys: list) -> int:
+    """A number in [1, 2^20] naming what a rank's flush sums (its steps, kinds, layers and shapes, in order): small
+    enough that s^2 times the group size stays exact in float64."""
+    import zlib
+
+    return 1 + zlib.crc32(repr(keys).encode()) % (1 << 20)
+
+
+def _same_layout_over_ranks(summed: np.ndarray, check: tuple[float, float]) -> bool:
+    """(sum of s, sum of s^2) over W ranks equals (W s, W s^2) only if every rank's s equals this rank's s (their
+    mean is s and their variance 0)."""
+    s, w = check
+    return bool(summed[0] == w * s and summed[1] == w * s * s)
 
 
 @dataclass
@@ -1176,12 +1192,13 @@ class Recorder:
         self._raise_writer_error()
         records, self._pending = self._pending, []
         pieces = [pc for rec in records for pc in rec.pieces]
-        if not pieces:
+        if not pieces and not self.reduce_ranks:  # reduce_ranks: every rank joins the collective, even with nothing
             return
         steps = steps_text([rec.step for rec in records])
+        check = None
         try:
             if self.reduce_ranks:
-                pieces = self._reduce_over_ranks(records, pieces)
+                pieces, check = self._reduce_over_ranks(records, pieces)
                 if not pieces:  # a rank that kept no routes or sequences: the group's first rank writes the rest
                     return
             device = pieces[0].tensor.device
@@ -1199,6 +1216,17 @@ class Recorder:
         finally:
             for pc in pieces:
                 pc.tensor = None  # the layout travels to the writer thread, the device memory is freed here
+        if check is not None:  # the group's first rank: were the sums over the same steps, layers and shapes?
+            summed, host = host[:_CHECK_BYTES].view(np.float64), host[_CHECK_BYTES:]
+            if not _same_layout_over_ranks(summed, check):
+                error = RecorderError(
+                    "the ranks of the reduce group flushed different steps, layers or shapes, so their summed "
+                    "aggregates would mix them: give every rank the same forwards and step() calls, or "
+                    "Recorder(reduce_ranks=False)")
+                if self.strict:
+                    raise error
+                self._recording_failed(f"the flush of {steps} was not written ({steps} lost)", error)
+                return
         layer_experts = {site.layer: int(site.n_experts) for site in self.sites}
         rank = self.rank
         nonfinite = self._nonfinite
@@ -1219,20 +1247,32 @@ class Recorder:
         import torch.distributed as dist
 
         reducible = [pc for pc in pieces if pc.kind in _REDUCED_KINDS]
-        if reducible:
-            buf = torch.cat([pc.tensor.reshape(-1).to(torch.float64) for pc in reducible])  # [sum of sizes]
-            dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=self.reduce_group)
-            off = 0
-            for pc in reducible:
-                n = int(np.prod(pc.shape))
-                pc.tensor = buf[off:off + n].reshape(pc.shape).to(pc.tensor.dtype)
-                off += n
+        # a signature s of what is summed (steps, kinds, layers, shapes) rides in front as (s, s^2): after the sum,
+        # (W s, W s^2) holds only if every rank had the same s, which the first rank checks after the flush's copy
+        sig = _layout_signature([(rec.step, pc.kind, pc.layer, pc.layer_b, pc.shape)
+                                 for rec in records for pc in rec.pieces if pc.kind in _REDUCED_KINDS])
+        if reducible or pieces:
+            device = (reducible or pieces)[0].tensor.device
+        else:  # nothing recorded since the last flush: join the sum anyway (the others would wait for us)
+            on_gpu = dist.get_backend(self.reduce_group) == "nccl"
+            device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
+        head = torch.tensor([sig, sig * sig], dtype=torch.float64).to(device, non_blocking=True)  # [2]
+        buf = torch.cat([head] + [pc.tensor.reshape(-1).to(torch.float64) for pc in reducible])  # [2 + sizes]
+        dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=self.reduce_group)
+        off = 2
+        for pc in reducible:
+            n = int(np.prod(pc.shape))
+            pc.tensor = buf[off:off + n].reshape(pc.shape).to(pc.tensor.dtype)
+            off += n
         leader = min(dist.get_process_group_ranks(self.reduce_group)) if self.reduce_group is not None else 0
         if dist.get_rank() == leader:
-            return pieces
+            if not pieces:
+                return pieces, None
+            size = dist.get_world_size(self.reduce_group)
+            return [_piece("reduce_check", None, buf[:2])] + pieces, (float(sig), float(size))
         for rec in records:
             rec.pieces = [pc for pc in rec.pieces if pc.kind not in _REDUCED_KINDS]
-        return [pc for pc in pieces if pc.kind not in _REDUCED_KINDS]
+        return [pc for pc in pieces if pc.kind not in _REDUCED_KINDS], None
 
     # -- recording problems: warned once (or raised, strict) and kept in the run -------------------------------
 

@@ -35,6 +35,14 @@ def _worker(rank: int, root: str, init_file: str) -> None:
                         model(ids)
                     rec.step(step, token_ids=ids, attention_mask=mask)
             dist.barrier()
+        # rank 1 numbers its step 1 as 101: the same shapes, other steps; the sums must not be written
+        with Recorder(model, f"{root}/mismatched", run_name="mismatched", flush_every=2, reduce_ranks=True) as rec:
+            for step in range(STEPS):
+                ids, mask = rank_batch(rank, step)
+                with torch.no_grad():
+                    model(ids)
+                rec.step(step + (100 if rank == 1 and step == 1 else 0), token_ids=ids, attention_mask=mask)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
@@ -102,3 +110,20 @@ def test_reduced_and_per_rank_recordings_give_the_same_answers(runs):
             got = ss[(ss.step == step) & (ss.layer == layer)]
             np.testing.assert_array_equal(got.assigned.to_numpy(), counts)
             assert (got.tokens == tokens).all()
+
+
+@pytest.mark.slow
+def test_ranks_that_flushed_different_steps_are_not_summed(runs):
+    """The first rank checks that every rank summed the same steps, layers and shapes: the flush holding rank 1's
+    renumbered step is a recording error (said in the run), not sums of two different steps."""
+    from moeviz.store import open_store
+
+    con = open_store(runs / "mismatched")
+    try:
+        errors, error = con.execute("SELECT recording_errors, recording_error FROM runs").fetchone()
+        steps = sorted(con.execute("SELECT DISTINCT step FROM step_stats").df()["step"])
+    finally:
+        con.close()
+    assert errors >= 1 and "reduce group flushed different steps" in error
+    assert 0 not in steps and 1 not in steps and 101 not in steps  # the flush of steps 0-1 was left out whole
+    assert steps == list(range(2, STEPS))  # the later flushes matched and were written
