@@ -390,3 +390,24 @@ def test_an_expert_count_dump_shows_unknown_tokens_not_zero(tmp_path):
 
 def _run_id(con) -> str:
     return con.execute("SELECT run_id FROM runs").fetchone()[0]
+
+
+def test_megatron_trace_without_tokens_exits_2(tmp_path, capsys):
+    """A trace whose records hold no token rows: one line saying there is no MoE layer to import, no traceback."""
+    from moeviz.cli import main
+
+    (tmp_path / "trace").mkdir()
+    line = {"step": 0, "stage": "train", "block": "decoder", "layer": 1, "rank": 0, "num_tokens": 0, "topk": 2,
+            "top_indices": []}
+    (tmp_path / "trace" / "router_trace_rank0.jsonl").write_text(json.dumps(line) + "\n")
+    assert main(["import", "megatron", str(tmp_path / "trace"), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "no MoE layer to import" in err and "Traceback" not in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+
+
+def test_megatron_micro_batch_size_that_does_not_divide_is_refused(tmp_path):
+    gen.write_megatron(tmp_path / "trace", partial_last_line=False)
+    with pytest.raises(SourceError, match="not a multiple of --micro-batch-size 7"):
+        import_megatron(tmp_path / "trace", tmp_path / "run", micro_batch_size=7)
+    assert not (tmp_path / "run").exists()

@@ -76,7 +76,7 @@ def import_megatron(source, out, *, run_name: str | None = None, num_experts: in
     layers = sorted({layer for steps in calls.values() for by_layer in steps.values() for layer in by_layer})
     n_experts = n_experts_of(files[0], num_experts, top)
     chunks = _chunks(files, calls, layers, micro_batch_size)
-    keep = layer_has_experts(chunks, len(layers))
+    keep = layer_has_experts(chunks, len(layers), files[0])
     ks = top_k_of(chunks, keep)
     steps = {s for by_step in calls.values() for s in by_step}
     kept = [layers[i] for i in np.flatnonzero(keep)]
@@ -92,7 +92,8 @@ def import_megatron(source, out, *, run_name: str | None = None, num_experts: in
               "top_k": int(ks[i]), "block_index": b, "stack": "decoder"} for i, b in enumerate(kept)])
         routes, seqs, assigned = write_chunks(run, chunks, keep, n_experts, drops_known=False)
         run.publish()
-    return ImportSummary(run.out, "megatron", len(files), len(steps), seqs, routes, assigned, kept, [], n_experts,
+    skipped = [layers[i] for i in np.flatnonzero(~keep)]  # layers whose every record chose no expert
+    return ImportSummary(run.out, "megatron", len(files), len(steps), seqs, routes, assigned, kept, skipped, n_experts,
                          int(ks.max()), UNKNOWN, warnings)
 
 
@@ -152,7 +153,10 @@ def _chunks(files, calls, layers: list[int], micro_batch_size: int | None) -> li
                 for layer, p in parts.items():
                     ids[:, column[layer], : p.shape[1]] = p
                 row = np.arange(n)
-                if micro_batch_size and n % micro_batch_size == 0:
+                if micro_batch_size and n % micro_batch_size:
+                    raise SourceError(f"rank {rank}", f"step {step}, micro-batch {mb}: {n} token rows are not a "
+                                                      f"multiple of --micro-batch-size {micro_batch_size}")
+                if micro_batch_size:
                     seq, pos = seq_base + row % micro_batch_size, row // micro_batch_size  # row = s * bsz + b
                     n_seqs = micro_batch_size
                 else:

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from moeviz.importers.source import ImportSummary, SourceError
+from moeviz.importers.source import ImportSummary, SourceError, n_experts_of
 from moeviz.importers.staging import StagedRun
 from moeviz.importers.tokens import (
     Chunk,
@@ -187,7 +187,7 @@ def _per_pass_counts(loaded, num_experts):
 
 def _import_counts(files, step, rank, counts, mode, out, run_name, num_experts) -> ImportSummary:
     """A count-only dump: step_stats.assigned per (step, rank, layer, logical expert); nothing else is known."""
-    n_experts = counts.shape[2] if num_experts is None else _check_experts(files[0], num_experts, counts.shape[2])
+    n_experts = n_experts_of(files[0], num_experts, counts.shape[2] - 1)
     if n_experts > counts.shape[2]:
         counts = np.pad(counts, ((0, 0), (0, 0), (0, n_experts - counts.shape[2])))
     keep = counts.any(axis=(0, 2))  # dense layers have zero counts throughout
@@ -216,12 +216,6 @@ def _import_counts(files, step, rank, counts, mode, out, run_name, num_experts) 
                          int(n_experts), None, UNKNOWN_COUNTS)
 
 
-def _check_experts(path, given: int, seen: int) -> int:
-    if given < seen:
-        raise SourceError(path, f"counts {seen} logical experts, but num_experts={given}")
-    return int(given)
-
-
 def _import_per_token(files, loaded, out, run_name, num_experts, progress) -> ImportSummary:
     chunks: list[Chunk] = []
     n_layers = None
@@ -241,8 +235,8 @@ def _import_per_token(files, loaded, out, run_name, num_experts, progress) -> Im
             progress(len(files) + fi + 1, len(files) * 2)
     if not chunks:
         raise SourceError(files[0], "holds no tokens (every forward pass is idle)")
-    n_experts = n_logical if num_experts is None else _check_experts(files[0], num_experts, n_logical)
-    keep = layer_has_experts(chunks, n_layers)
+    n_experts = n_experts_of(files[0], num_experts, n_logical - 1)
+    keep = layer_has_experts(chunks, n_layers, files[0])
     ks = top_k_of(chunks, keep)
     kept = np.flatnonzero(keep)
     ranks = sorted({int(c.rank[0]) for c in chunks})

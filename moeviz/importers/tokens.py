@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from moeviz.importers.source import SourceError
+
 FLUSH_ROUTES = 1 << 22  # routes per write_flush: big segments, bounded memory for the flush's columns
 
 
@@ -28,13 +30,17 @@ class Chunk:
     sequences: list[dict] = field(default_factory=list)  # `sequences` rows of these tokens (without run_id)
 
 
-def layer_has_experts(chunks: list[Chunk], n_layers: int) -> np.ndarray:
+def layer_has_experts(chunks: list[Chunk], n_layers: int, source) -> np.ndarray:
     """[source layers] bool: layers where some token chose an expert. The others are placeholders (dense layers
-    that the source lists with -1 or zero rows), left out of the run."""
+    that the source lists with -1 or zero rows), left out of the run. A source with none is refused (SourceError
+    naming `source`): there would be no MoE layer to import."""
     seen = np.zeros(n_layers, bool)
     for c in chunks:
         if len(c.ids):
             seen |= (c.ids >= 0).any(axis=(0, 2))
+    if not seen.any():
+        raise SourceError(source, "no token chose an expert in any layer (every id is a placeholder, or no token "
+                                  "was logged): no MoE layer to import")
     return seen
 
 

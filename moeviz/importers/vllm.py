@@ -82,9 +82,7 @@ def import_vllm(source, out, *, run_name: str | None = None, num_experts: int | 
     placeholder = _placeholder_layers(chunks, n_layers)
     for c in chunks:
         c.ids[:, placeholder, :] = -1
-    keep = layer_has_experts(chunks, n_layers)
-    if not keep.any():
-        raise SourceError(path, "every layer's routed experts are all zero: no MoE layer to import")
+    keep = layer_has_experts(chunks, n_layers, path)
     top = max(int(c.ids.max()) for c in chunks if c.ids.size)
     n_experts = n_experts_of(path, num_experts, top)
     ks = top_k_of(chunks, keep)
