@@ -61,6 +61,9 @@ def test_expert_bias_mean_over_ranks_spread_buckets_and_summary():
     bucketed = expert_bias(con, Selection(layers=(1,)), step_bucket=2).set_index(["step", "expert"])
     assert sorted(set(bucketed.index.get_level_values(0))) == [0, 2, 4]
     assert bucketed.loc[(2, 4), "bias"] == pytest.approx(bias[2:4, 1, 4].mean())
+    assert (bucketed.rank_spread == 0).all()  # the ranks agree at every step, though the bias moves between steps
+    layer0 = expert_bias(con, Selection(layers=(0,)), step_bucket=2).set_index(["step", "expert"])
+    assert layer0.loc[(2, 0), "rank_spread"] == pytest.approx(1e-3) and layer0.rank_spread.drop((2, 0)).max() == 0
     summary = bias_summary(con, Selection(steps=(1, 4))).set_index("layer")
     for layer in range(2):
         assert summary.loc[layer, "spread_first"] == pytest.approx(np.ptp(bias[1, layer]))

@@ -46,19 +46,22 @@ def render(ctx: Ctx) -> None:
     layers = list(ctx.chosen_layers) or [0]
     layer = st.selectbox("Layer for the bias and the load per expert", layers, key="bal_layer")
 
+    one = sel.with_(layers=(int(layer),))  # the two charts draw one layer: read only it
+    bias_note = None if note is None else (f"Bucketed: each point is the bias averaged over {bucket:,} steps (plotted "
+                                           f"at the bucket's first step). Narrow the step range to see every step.")
     with guarded("Selection bias"):
-        bias = ctx.q(expert_bias, sel, step_bucket=bucket)
+        bias = ctx.q(expert_bias, one, step_bucket=bucket)
         if bias.empty:
             st.info("This run has no selection bias: its routers add none before top-k (only DeepSeek-V3-style "
                     "routers, torchtitan's and Megatron-Core's expert bias have one), or it was recorded before "
                     "moeviz stored it. The load per expert and MaxVio below still show how balanced it is.")
-        load = ctx.q(expert_load, sel, by_step=True, step_bucket=bucket)
+        load = ctx.q(expert_load, one, by_step=True, step_bucket=bucket)
         if bias.empty:  # the load alone, full width
             show_chart(charts.expert_load_lines(load, layer=layer), load, "bal-load", caption=note)
         else:
             c1, c2 = st.columns(2)
             with c1:
-                show_chart(charts.expert_bias_lines(bias, layer=layer), bias, "bal-bias", caption=note)
+                show_chart(charts.expert_bias_lines(bias, layer=layer), bias, "bal-bias", caption=bias_note)
             with c2:
                 show_chart(charts.expert_load_lines(load, layer=layer), load, "bal-load", caption=note)
             show_table(ctx.q(bias_summary, sel), "bal-bias-summary")
@@ -66,10 +69,11 @@ def render(ctx: Ctx) -> None:
     with guarded("MaxVio"):
         per_step = ctx.q(max_violation, sel, by_step=True, step_bucket=bucket)
         show_chart(charts.imbalance_lines(per_step, "max_vio"), per_step, "bal-maxvio", caption=note)
-        whole = ctx.q(max_violation, sel, by_step=False)
-        show_table(ctx.q(max_vio_summary, sel), "bal-maxvio-summary")
-        show_chart(charts.per_layer_bars(whole, y="max_vio", title="MaxVio of each layer over the selected steps",
-                                         y_title="busiest ÷ mean − 1"), whole, "bal-maxvio-global")
+        summary = ctx.q(max_vio_summary, sel)
+        show_table(summary, "bal-maxvio-summary")
+        show_chart(charts.per_layer_bars(summary, y="global_max_vio",
+                                         title="MaxVio of each layer over the selected steps",
+                                         y_title="busiest ÷ mean − 1"), summary, "bal-maxvio-global")
 
     with guarded("Per-sequence balance losses"):
         per_layer = ctx.q(sequence_balance_loss, sel, by_step=True, step_bucket=bucket)

@@ -29,18 +29,21 @@ def expert_bias(con, sel: Selection = Selection(), *, step_bucket: int | None = 
     """The selection bias of each expert per step, as the routers ranked with it during the step.
 
     Columns: run_id, step, layer, expert, bias (the mean over the selected ranks: data-parallel ranks hold the same
-    bias), rank_spread (max - min over ranks: 0 when the ranks agree, as they should). Empty for runs whose routers
-    add no bias. `step_bucket=b`: one row per bucket of b steps, `step` its first step, the bias averaged over the
-    bucket's steps (moeviz.analyses.step_buckets); None = every step.
+    bias), rank_spread (max - min over ranks within a step: 0 when the ranks agree, as they should). Empty for runs
+    whose routers add no bias. `step_bucket=b`: one row per bucket of b steps, `step` its first step, the bias
+    averaged over the bucket's steps and rank_spread the largest of its steps' (the bias moves from step to step,
+    so a spread over the bucket would never be 0) (moeviz.analyses.step_buckets); None = every step.
     """
     _aggregate_selection(sel, "the expert bias")
     step_bucket = check_step_bucket(step_bucket, True)
     where, params = sel.where("b")
     sql = f"""
-        SELECT run_id, {bucketed_step_sql('b.step', step_bucket)} AS step, layer, expert,
-               avg(bias) AS bias, max(bias) - min(bias) AS rank_spread
-        FROM expert_bias b WHERE {where}
-        GROUP BY ALL ORDER BY run_id, step, layer, expert"""
+        WITH per_step AS (
+            SELECT run_id, step, layer, expert, avg(bias) AS bias, count(*) AS n, max(bias) - min(bias) AS spread
+            FROM expert_bias b WHERE {where} GROUP BY ALL)
+        SELECT run_id, {bucketed_step_sql('step', step_bucket)} AS step, layer, expert,
+               sum(bias * n) / sum(n) AS bias, max(spread) AS rank_spread
+        FROM per_step GROUP BY ALL ORDER BY run_id, step, layer, expert"""
     # several rows of one step and rank (a step number given twice) count once each in the mean: the same bias
     return run_query(con, sql, params)
 
