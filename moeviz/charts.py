@@ -707,11 +707,12 @@ def top_load_small_multiples(df: pd.DataFrame, *, value: str = "load_fraction", 
     panel, hover names the expert), the others in grey, the `found` expert in black."""
     _need(df, ["step", "layer", "expert", "busy_rank", value, "label"], "load of the busiest experts")
     d = df.copy()
-    n = int(d.loc[d["expert"] >= 0, "busy_rank"].max()) if (d["expert"] >= 0).any() else 0
     others = d["expert"] < 0
     is_found = (d["expert"] == found) if found is not None else pd.Series(False, index=d.index)
+    top = ~others & ~is_found  # the found expert is shown besides the top N: it does not make N larger
+    n = int(d.loc[top, "busy_rank"].max()) if top.any() else 0
     d["series"] = np.where(others, "others", np.where(is_found, f"expert {found}", "#" + d["busy_rank"].astype(str)))
-    tops = sorted({int(r) for r in d.loc[~others & ~is_found, "busy_rank"]})
+    tops = sorted({int(r) for r in d.loc[top, "busy_rank"]})
     order = [f"#{r}" for r in tops] + (["others"] if others.any() else []) + ([f"expert {found}"] if is_found.any() else [])
     styles = {"others": dict(color="#9e9e9e", width=1.5, dash="dot"), f"expert {found}": dict(color="black", width=3)}
     ref = None

@@ -236,3 +236,17 @@ def test_swap_heatmap_shows_every_expert_and_never_cuts_one_off():
     z = np.asarray(charts.swap_heatmap(sw, layer=2, n_experts=4).data[0].z, dtype=float)
     assert z.shape == (6, 6) and z[1, 2] == 3 and z[5, 0] == 4 and z.sum() == 7  # run B had 6 experts
     assert "No swap" in str(charts.swap_heatmap(sw.iloc[:0], layer=2).layout.annotations[0].text)
+
+
+def test_top_load_title_counts_the_top_experts_not_the_found_one():
+    """Finding expert 200 (busy rank 200) beside the 8 busiest: the title still says 8."""
+    import pandas as pd
+
+    from moeviz.charts import top_load_small_multiples
+
+    rows = [{"step": 0, "layer": 0, "expert": e, "busy_rank": r, "load_fraction": 0.1, "label": f"#{r}",
+             "n_experts": 256} for e, r in [(e, e + 1) for e in range(8)] + [(200, 200)]]
+    rows.append({"step": 0, "layer": 0, "expert": -1, "busy_rank": 9, "load_fraction": 0.2, "label": "others",
+                 "n_experts": 256})
+    fig = top_load_small_multiples(pd.DataFrame(rows), found=200)
+    assert "the 8 busiest experts" in fig.layout.title.text
