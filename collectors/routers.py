@@ -737,13 +737,13 @@ def _site(name, module, parent, config, adapter, layer: int) -> RouterSite:
             )
         read, kind = auto
     factor, expert_capacity = _capacity(module, config)
-    own = getattr(read, "capacity_factor", None)  # an adapter that knows the router's capacity factor
-    if isinstance(own, (int, float)) and not isinstance(own, bool) and own > 0:
-        factor = float(own)
-    elif (framework is not None or kind == "nllb-top2") and hasattr(read, "capacity_factor"):
-        factor = None  # a built-in reader saying None: no drops, or no fixed factor
-    if kind == "nllb-top2":
-        expert_capacity = None  # NLLB-MoE's capacity is per batch and changes with it (not Switch's per sequence)
+    # an adapter that declares the router's capacity knows it better than the module's attributes (None: the
+    # router drops nothing, or its capacity is no fixed number: NLLB-MoE's changes with each batch)
+    if hasattr(read, "capacity_factor"):
+        own = read.capacity_factor
+        factor = float(own) if isinstance(own, (int, float)) and not isinstance(own, bool) and own > 0 else None
+    if hasattr(read, "expert_capacity"):
+        expert_capacity = None if read.expert_capacity is None else int(read.expert_capacity)
     # the scale a user adapter declares, else the built-in adapter's (Megatron), else the module's own attribute
     scale = _weight_scale(adapter if adapter is not None else read if _declares_scale(read) else module)
     bias_reader = getattr(read, "bias_reader", None)  # a RouterAdapter says where the selection bias lives
