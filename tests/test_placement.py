@@ -549,3 +549,18 @@ def test_the_demos_busiest_gpu_line_by_hand():
     best = exhaustive_optimum(a[1], 4, 2, 1, upper=205.0)
     assert got["balanced_2_replicas"][1] == round(best / (235 / 4), 3)
     assert busiest_gpu(a[:, :3], gpus=4) == {}  # fewer experts than GPUs: no line
+
+
+def test_comparison_in_step_buckets_equals_each_bucket_evaluated_alone(con, routing):
+    """A bucket's busiest GPU is that of its steps' summed counts: the same as evaluating the placements on the
+    bucket's step range pooled (balanced fitted on the whole selection either way)."""
+    from moeviz.analyses.placement import placement_comparison
+
+    steps = sorted({int(s) for s in routing["steps"]})
+    got = placement_comparison(con, Selection(), 2, redundant=1, by_step=True, step_bucket=2)
+    assert sorted(got["step"].unique()) == sorted({s // 2 * 2 for s in steps})
+    for first in sorted(got["step"].unique()):
+        alone = placement_comparison(con, Selection(), 2, redundant=1,
+                                     eval_steps=(int(first), int(first) + 1))
+        mine = got[got["step"] == first].drop(columns="step").reset_index(drop=True)
+        pd.testing.assert_frame_equal(mine, alone.reset_index(drop=True), check_dtype=False)

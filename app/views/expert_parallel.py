@@ -72,7 +72,9 @@ def render(ctx: Ctx) -> None:
                    load, "ep-gpu-load")
 
     with guarded("Busiest GPU over steps"):
-        per_step = ctx.q(placement_comparison, ctx.sel, gpus, redundant=redundant, nodes=nodes, by_step=True)
+        # the curve of one layer, in buckets on a long run; balanced is still fitted on every layer's own load
+        per_step = ctx.q(placement_comparison, ctx.sel.with_(layers=(int(layer),)), gpus, redundant=redundant,
+                         nodes=nodes, by_step=True, step_bucket=ctx.step_bucket)
         show_chart(charts.busiest_gpu_lines(per_step, layer=layer), per_step, "ep-busiest")
 
     with guarded("Traffic matrix"):
@@ -94,8 +96,8 @@ def render(ctx: Ctx) -> None:
         window = 1 if len(steps) == 2 else st.slider(  # a slider needs min < max: with two steps, fit on the first
             "Fit the balanced placement on the first steps", 1, len(steps) - 1,
             max(1, min(len(steps) // 4, len(steps) - 1)), key="ep_fit")
-        stale = ctx.q(placement_staleness, ctx.sel, gpus, (steps[0], steps[window - 1]), redundant=redundant,
-                      nodes=nodes)
+        stale = ctx.q(placement_staleness, ctx.sel.with_(layers=(int(layer),)), gpus, (steps[0], steps[window - 1]),
+                      redundant=redundant, nodes=nodes)
         show_chart(charts.staleness_lines(stale, layer=layer), stale, "ep-staleness",
                    caption=f"Fitted on steps {steps[0]}–{steps[window - 1]}; each later step also gets a placement "
                            "fitted on itself (refit).")

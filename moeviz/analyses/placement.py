@@ -39,6 +39,7 @@ import numpy as np
 import pandas as pd
 
 from moeviz.analyses.load import AnalysisError, expert_counts_sql, run_query
+from moeviz.analyses.step_buckets import check_step_bucket
 from moeviz.analyses.step_rows import rollups_available
 from moeviz.selection import Selection
 
@@ -428,11 +429,11 @@ def _dense(df: pd.DataFrame, by_step: bool, value: str = "assigned") -> dict[str
     return out
 
 
-def _counts(con, sel: Selection, by_step: bool) -> dict[str, _Counts]:
-    """Assignments per run, [step,] layer and expert of the selection (the exact aggregates unless the selection
-    filters domains or tags: see `moeviz.analyses.load.expert_counts_sql`; pooled over steps, the step roll-ups
-    for whole blocks: moeviz.analyses.step_rows)."""
-    sql, params = expert_counts_sql(sel, by_step=by_step, rollups=rollups_available(con))
+def _counts(con, sel: Selection, by_step: bool, step_bucket: int | None = None) -> dict[str, _Counts]:
+    """Assignments per run, [step (or bucket of `step_bucket` steps),] layer and expert of the selection (the exact
+    aggregates unless the selection filters domains or tags: see `moeviz.analyses.load.expert_counts_sql`; pooled
+    over steps, the step roll-ups for whole blocks: moeviz.analyses.step_rows)."""
+    sql, params = expert_counts_sql(sel, by_step=by_step, step_bucket=step_bucket, rollups=rollups_available(con))
     return _dense(run_query(con, sql, params), by_step)
 
 
@@ -633,8 +634,12 @@ def placement_comparison(
     by_step: bool = False,
     fit_steps: tuple[int, int] | None = None,
     eval_steps: tuple[int, int] | None = None,
+    step_bucket: int | None = None,
 ) -> pd.DataFrame:
     """The busiest GPU under each placement, per run, layer (and step), from one read of the aggregates.
+    `step_bucket=b` (with by_step): one row per bucket of b steps, from the bucket's summed counts, `step` its first
+    step (moeviz.analyses.step_buckets): a long run's curve in at most ~1,500 points, not a steps x layers x
+    experts array of every step.
 
     Columns: run_id, layer, [step,] placement ('contiguous', 'round_robin', 'balanced'), redundant (the balanced
     placement's extra replicas: 0, and `redundant` on a second balanced row when > 0, to show what replicas buy),
@@ -643,10 +648,11 @@ def placement_comparison(
     Fixed layouts that cannot spread a layer over `gpus` GPUs (G > E) are left out for that layer's run.
     """
     g, r, n = _check_shape(gpus, redundant, nodes)
+    step_bucket = check_step_bucket(step_bucket, by_step)
     eval_sel = _steps_sel(sel, eval_steps)
     fits = _counts(con, _steps_sel(sel, fit_steps), by_step=False)
     frames = []
-    for run_id, run in _counts(con, eval_sel, by_step).items():
+    for run_id, run in _counts(con, eval_sel, by_step, step_bucket).items():
         variants = [(kind, 0) for kind in ("contiguous", "round_robin")] + [("balanced", 0)]
         if r:
             variants.append(("balanced", r))
