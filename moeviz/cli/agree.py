@@ -62,7 +62,7 @@ def _run_of_folder(path: str) -> tuple[Path, str]:
         raise AgreeArgumentError(
             f"{path} holds {len(dirs)} runs; give the folder with --store and the two run ids: "
             f"moeviz agree --store {path} RUN_A RUN_B")
-    return dirs[0], str(layout.read_manifest(dirs[0]).get("run_id") or dirs[0].name)
+    return dirs[0], layout.run_id_of(dirs[0])
 
 
 def run_agree(args: argparse.Namespace) -> int:

@@ -52,7 +52,7 @@ def compact(path, routes_format: str = "parquet") -> dict:
         try:
             out.append(_compact_run_or_say_why(run_dir, routes_format))
         except StoreError as e:  # a live writer, a damaged run.duckdb: the other runs are still compacted
-            out.append({"run_id": _run_id(run_dir), "run_dir": str(run_dir), "skipped": str(e)})
+            out.append({"run_id": layout.run_id_of(run_dir), "run_dir": str(run_dir), "skipped": str(e)})
     return {"runs": out}
 
 
@@ -65,13 +65,6 @@ def _compact_run_or_say_why(run_dir: Path, routes_format: str) -> dict:
         raise StoreError(f"cannot compact {run_dir}: {e.strerror or e} ({e.filename or run_dir}); compaction writes "
                          f"beside the segments, so run it where the folder is writable and has space. The store "
                          f"still reads as it is") from None
-
-
-def _run_id(run_dir: Path) -> str:
-    try:
-        return str(layout.read_manifest(run_dir).get("run_id") or run_dir.name)
-    except StoreError:
-        return run_dir.name
 
 
 class _CompactionLock:

@@ -579,17 +579,22 @@ def find_runs(path) -> list[Path]:
     if not runs:
         raise StoreNotFoundError(f"no moeviz run in {p}: looked for {p / MANIFEST}, */{MANIFEST} and */*/{MANIFEST}; "
                                  f"record a run first (Recorder or `moeviz demo`)")
-    seen: dict[str, Path] = {}
-    for r in runs:
-        run_id = _manifest_run_id(r)
-        if run_id in seen:
-            raise StoreError(f"{seen[run_id]} and {r} both hold run {run_id!r}; their rows would merge: open one "
-                             f"of the folders that hold them, not {p}")
-        seen[run_id] = r
+    check_unique_run_ids(runs, f"open one of the folders that hold them, not {p}")
     return runs
 
 
-def _manifest_run_id(run_dir: Path) -> str:
+def check_unique_run_ids(run_dirs, what_to_do: str) -> None:
+    """Refuse run folders of which two hold the same run id: their rows would merge in every table."""
+    seen: dict[str, Path] = {}
+    for r in run_dirs:
+        run_id = run_id_of(r)
+        if run_id in seen:
+            raise StoreError(f"{seen[run_id]} and {r} both hold run {run_id!r}; their rows would merge: {what_to_do}")
+        seen[run_id] = r
+
+
+def run_id_of(run_dir: Path) -> str:
+    """The run id a run folder's manifest names (the folder's name if it names none or cannot be read)."""
     try:
         return str(json.loads((run_dir / MANIFEST).read_text()).get("run_id") or run_dir.name)
     except (OSError, ValueError, AttributeError):

@@ -122,13 +122,7 @@ def _run_dirs(path) -> list:
     dirs: list = []
     for p in path:
         dirs += [d for d in layout.find_runs(p) if d not in dirs]
-    ids: dict[str, Path] = {}
-    for d in dirs:
-        run_id = str(layout.read_manifest(d).get("run_id") or d.name)
-        if run_id in ids:
-            raise layout.StoreError(f"{ids[run_id]} and {d} both hold run {run_id!r}; their rows would merge: "
-                                    f"open them one at a time")
-        ids[run_id] = d
+    layout.check_unique_run_ids(dirs, "open them one at a time")
     return dirs
 
 
