@@ -33,3 +33,17 @@ def int_list(text: str | None, flag: str, error: type[MoevizError] = ArgumentErr
         return tuple(int(x) for x in text.split(",") if x.strip())
     except ValueError:
         raise error(f"{flag} takes comma-separated integers, e.g. 0,3,5; got {text!r}") from None
+
+
+def int_at_least(text: str | None, flag: str, lowest: int, error: type[MoevizError] = ArgumentError) -> int | None:
+    """An integer flag's value, refused below `lowest` ('gpus must be an integer >= 1': the analyses' own wording,
+    so that a script sees one message for one mistake); None -> None (not given)."""
+    if text is None:
+        return None
+    try:
+        value = int(text)
+    except (TypeError, ValueError):
+        raise error(f"{flag} takes an integer; got {text!r}") from None
+    if value < lowest:
+        raise error(f"{flag.lstrip('-')} must be an integer >= {lowest}; got {value}")
+    return value

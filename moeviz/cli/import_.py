@@ -14,7 +14,7 @@ import argparse
 import sys
 import time
 
-from moeviz.cli.args import ArgumentError
+from moeviz.cli.args import ArgumentError, int_at_least
 
 FORMATS = ("sglang", "vllm", "megatron")
 
@@ -36,18 +36,6 @@ def register(subparsers) -> None:
     p.add_argument("--micro-batch-size", metavar="B", help="megatron: sequences per micro-batch, to split rows into sequences")
     p.add_argument("--progress", action="store_true", help="draw a progress bar on stderr even when it is not a terminal")
     p.set_defaults(func=run_import)
-
-
-def _positive(text: str | None, flag: str) -> int | None:
-    if text is None:
-        return None
-    try:
-        value = int(text)
-    except ValueError:
-        raise ArgumentError(f"{flag} takes a positive integer; got {text!r}") from None
-    if value < 1:
-        raise ArgumentError(f"{flag} takes a positive integer; got {value}")
-    return value
 
 
 class _Bar:
@@ -75,8 +63,8 @@ class _Bar:
 def run_import(args: argparse.Namespace) -> int:
     from moeviz import importers
 
-    num_experts = _positive(args.num_experts, "--num-experts")
-    mbs = _positive(args.micro_batch_size, "--micro-batch-size")
+    num_experts = int_at_least(args.num_experts, "--num-experts", 1)
+    mbs = int_at_least(args.micro_batch_size, "--micro-batch-size", 1)
     if mbs is not None and args.format != "megatron":
         raise ArgumentError("--micro-batch-size applies to megatron traces only")
     bar = _Bar(f"importing {args.source}") if args.progress or sys.stderr.isatty() else None

@@ -12,22 +12,11 @@ from __future__ import annotations
 
 import argparse
 
-from moeviz.cli.args import ArgumentError, int_list, step_range
+from moeviz.cli.args import ArgumentError, int_at_least, int_list, step_range
 
 
 class PlacementArgumentError(ArgumentError):
     """A `moeviz placement` argument is malformed."""
-
-
-def _int(text: str, flag: str, lowest: int) -> int:
-    try:
-        value = int(text)
-    except (TypeError, ValueError):
-        raise PlacementArgumentError(f"{flag} takes an integer; got {text!r}") from None
-    if value < lowest:
-        # the analysis' own wording, so that a script sees one message for one mistake
-        raise PlacementArgumentError(f"{flag.lstrip('-')} must be an integer >= {lowest}; got {value}")
-    return value
 
 
 def register(subparsers) -> None:
@@ -61,13 +50,13 @@ def run_placement(args: argparse.Namespace) -> int:
     from moeviz.selection import Selection
     from moeviz.store import open_store
 
-    gpus = _int(args.gpus, "--gpus", 1)
-    redundant = _int(args.redundant, "--redundant", 0)
-    nodes = _int(args.nodes, "--nodes", 1)
+    gpus = int_at_least(args.gpus, "--gpus", 1, PlacementArgumentError)
+    redundant = int_at_least(args.redundant, "--redundant", 0, PlacementArgumentError)
+    nodes = int_at_least(args.nodes, "--nodes", 1, PlacementArgumentError)
     fit = step_range(args.fit, "--fit", PlacementArgumentError)
     evaluate = step_range(args.eval_steps, "--eval", PlacementArgumentError)
-    hidden = None if args.hidden_size is None else _int(args.hidden_size, "--hidden-size", 1)
-    per_value = _int(args.bytes_per_value, "--bytes-per-value", 1)
+    hidden = int_at_least(args.hidden_size, "--hidden-size", 1, PlacementArgumentError)
+    per_value = int_at_least(args.bytes_per_value, "--bytes-per-value", 1, PlacementArgumentError)
     layers = int_list(args.layers or None, "--layers", PlacementArgumentError)
     sel = Selection(run_ids=tuple(args.runs) if args.runs else None, layers=layers, steps=evaluate)
     con = open_store(args.path)
