@@ -169,12 +169,16 @@ def routing_margin(scores: Tensor, index: Tensor) -> Tensor:
 
     scores [N, E]; index [N, k]. Fixed-size ops only (a gather, a scatter of -inf, two reductions): no sync, and
     traceable by torch.compile. NaN where the token has no unchosen expert (k = E) or its scores are not finite."""
-    s = scores.float()  # [N, E]
-    idx = index.to(torch.int64)  # [N, k]
-    weakest = s.gather(1, idx).min(1).values  # [N]
-    best_other = s.scatter(1, idx, float("-inf")).max(1).values  # [N]
+    weakest, best_other = _weakest_and_best_other(scores.float(), index)  # [N], [N]
     margin = weakest - best_other  # [N]
     return torch.where(torch.isfinite(margin), margin, torch.full_like(margin, float("nan")))
+
+
+def _weakest_and_best_other(scores: Tensor, index: Tensor) -> tuple[Tensor, Tensor]:
+    """Per token, the score of its weakest chosen expert and of its best unchosen one (-inf if none): scores
+    [N, E], index [N, k] -> ([N], [N]); a gather and a scatter of -inf, fixed-size."""
+    idx = index.to(torch.int64)  # [N, k]
+    return scores.gather(1, idx).min(1).values, scores.scatter(1, idx, float("-inf")).max(1).values
 
 
 def kept_margin(logits: Tensor, index: Tensor, sel: Tensor, margin: Tensor | None = None,
@@ -190,8 +194,7 @@ def kept_margin(logits: Tensor, index: Tensor, sel: Tensor, margin: Tensor | Non
     idx = index[sel].to(torch.int64)  # [M, k]
     if idx.shape[1] >= lg.shape[1]:  # every expert chosen: no unchosen one to compare with
         return torch.full((lg.shape[0],), float("nan"), device=lg.device)
-    weakest = lg.gather(1, idx).min(1).values  # [M]
-    best_other = lg.scatter(1, idx, float("-inf")).max(1).values  # [M]
+    weakest, best_other = _weakest_and_best_other(lg, idx)  # [M], [M]
     norm = torch.logsumexp(lg, dim=-1) if lse is None else lse[sel].float()  # [M]
     return torch.exp(weakest - norm) - torch.exp(best_other - norm)  # [M]
 
