@@ -110,13 +110,13 @@ def busiest_gpu(assigned: np.ndarray, gpus: int = 4, redundant: int = 2) -> dict
     contiguous placement (expert e on GPU e*G/E) and `moeviz.analyses.placement.balanced_placement` of that load
     with `redundant` replicas (fitted on the same load, as a rebalancer fed recent counts would be). Empty when the
     layers have fewer experts than GPUs."""
-    from moeviz.analyses.placement import PlacementError, balanced_placement
+    from moeviz.analyses.placement import PlacementError, balanced_placement, fixed_placement
 
     n_layers, n_experts = assigned.shape
     if n_experts < gpus:
         return {}
-    contiguous = np.stack([np.bincount(np.arange(n_experts) * gpus // n_experts, weights=a, minlength=gpus)
-                           for a in assigned])  # [L, G]
+    gpu_of = fixed_placement(n_experts, gpus, "contiguous")  # [E]
+    contiguous = np.stack([np.bincount(gpu_of, weights=a, minlength=gpus) for a in assigned])  # [L, G]
     try:
         table = balanced_placement(assigned, gpus, redundant=redundant)  # rows: layer, gpu, expert, share
     except PlacementError:
