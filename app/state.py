@@ -123,6 +123,12 @@ def cached_pure(fn: Callable, *args, **kwargs) -> Any:
     return _cached_pure_call(qualified_name(fn), fn, *args, **kwargs)
 
 
+def steps_within(steps: list[int], span: tuple[int, int] | None) -> list[int]:
+    """The recorded `steps` inside a step range (first, last), inclusive; all of them when `span` is None."""
+    lo, hi = span or (min(steps, default=0), max(steps, default=0))
+    return [s for s in steps if lo <= s <= hi]
+
+
 @dataclass(frozen=True)
 class Ctx:
     """What every page needs: where the store is, which run, and the sidebar's selection."""
@@ -184,10 +190,14 @@ class Ctx:
                 "widen in the sidebar (Per-token window).")
 
     @property
+    def selected_steps(self) -> list[int]:
+        """The recorded steps inside the sidebar's step range (every recorded step when it sets none)."""
+        return steps_within(self.steps, self.sel.steps)
+
+    @property
     def step_span(self) -> tuple[int, int] | None:
         """The first and last recorded step of the selection, or None when it holds no recorded step."""
-        lo, hi = self.sel.steps or (min(self.steps, default=0), max(self.steps, default=0))
-        chosen = [s for s in self.steps if lo <= s <= hi]
+        chosen = self.selected_steps
         return (chosen[0], chosen[-1]) if chosen else None
 
     @property

@@ -5,7 +5,7 @@ from __future__ import annotations
 import streamlit as st
 
 from app.components import OBSERVATIONAL, bucket_note, guarded, run_page, show_chart
-from app.state import Ctx
+from app.state import Ctx, steps_within
 from moeviz import charts
 from moeviz.analyses.aux_loss import pooled_switch_loss
 from moeviz.analyses.capacity import capacity_drops
@@ -30,8 +30,7 @@ def _step_bucket(ctx: Ctx, sel: Selection) -> int:
     """Steps per point of both runs' curves: from the span of the selected steps either run recorded, so that
     the longer run also stays under ~1,500 points per line and both runs' points share their x positions."""
     steps = [s for run in sel.run_ids for s in ctx.q(steps_list, run)]
-    lo, hi = sel.steps or (min(steps, default=0), max(steps, default=0))
-    chosen = [s for s in steps if lo <= s <= hi]
+    chosen = steps_within(steps, sel.steps)
     return step_bucket_for(min(chosen), max(chosen)) if chosen else 1
 
 

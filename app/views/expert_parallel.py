@@ -38,15 +38,10 @@ on each step (what rebalancing every step would reach) and contiguous.
 """
 
 
-def _steps(ctx: Ctx) -> list[int]:
-    lo, hi = ctx.sel.steps or (min(ctx.steps, default=0), max(ctx.steps, default=0))
-    return [s for s in ctx.steps if lo <= s <= hi]
-
-
 def render(ctx: Ctx) -> None:
     with st.expander("What this page shows"):
         st.markdown(HELP)
-    steps = _steps(ctx)
+    steps = ctx.selected_steps
     if not steps:
         st.info("No steps recorded in this selection yet.")
         return

@@ -18,13 +18,8 @@ TABLE_LABELS = {"layer": "MoE layer", "n_experts": "experts", "top_k": "top-k", 
                 "top_n": "top-n", "top_n_coverage": "top-n coverage"}
 
 
-def _steps_in_selection(ctx: Ctx) -> list[int]:
-    lo, hi = ctx.sel.steps or (min(ctx.steps, default=0), max(ctx.steps, default=0))
-    return [s for s in ctx.steps if lo <= s <= hi]
-
-
 def render(ctx: Ctx) -> None:
-    steps = _steps_in_selection(ctx)
+    steps = ctx.selected_steps
     if not steps:
         st.info("No steps recorded in this selection yet.")
         return
