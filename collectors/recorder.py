@@ -393,7 +393,6 @@ def _reset_compiled_code() -> bool:
 
 
 _REDUCED_KINDS = ("agg", "pairs", "flow")  # the step aggregates Recorder(reduce_ranks=True) sums over ranks
-_CHECK_BYTES = 16  # the reduce check in front of the first rank's flush: float64 [2]
 
 
 def _layout_signature(keys: list) -> int:
@@ -404,11 +403,20 @@ def _layout_signature(keys: list) -> int:
     return 1 + zlib.crc32(repr(keys).encode()) % (1 << 20)
 
 
-def _same_layout_over_ranks(summed: np.ndarray, check: tuple[float, float]) -> bool:
-    """(sum of s, sum of s^2) over W ranks equals (W s, W s^2) only if every rank's s equals this rank's s (their
-    mean is s and their variance 0)."""
-    s, w = check
-    return bool(summed[0] == w * s and summed[1] == w * s * s)
+def _same_over_ranks(summed: np.ndarray, mine: tuple[float, ...], ranks: int) -> bool:
+    """Whether every rank had this rank's values, from their sums and sums of squares over `ranks` ranks
+    (`summed` = [sum x, sum x^2] per value): (W x, W x^2) holds only if the ranks' mean is x and variance 0."""
+    pairs = np.asarray(summed, dtype=np.float64).reshape(-1, 2)
+    return all(p[0] == ranks * x and p[1] == ranks * x * x for p, x in zip(pairs, mine))
+
+
+def _collective_device(group: Any) -> torch.device:
+    """Where a rank with nothing recorded puts its part of a sum: the current GPU for NCCL, else the CPU."""
+    import torch.distributed as dist
+
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 @dataclass
@@ -538,6 +546,39 @@ def _tables_from_host(host: np.ndarray, records: list[_StepRecord], rank: int, l
     return tables
 
 
+def _host_copy(pieces: list[_Piece]) -> np.ndarray:
+    """The pieces' bytes, concatenated on the device and copied to the host at once: the flush's sync point."""
+    device = pieces[0].tensor.device
+    flat = torch.cat(
+        [pc.tensor.contiguous().reshape(-1).view(torch.uint8).to(device, non_blocking=True) for pc in pieces]
+    )  # [total bytes]
+    return flat.cpu().numpy()
+
+
+def _group_size(group: Any = None) -> int:
+    """Ranks in the reduce group (None: the whole world)."""
+    import torch.distributed as dist
+
+    return dist.get_world_size(group)
+
+
+AUTO_REDUCE_WORLD = 8  # Recorder(reduce_ranks=None) sums the step aggregates over ranks past one 8-GPU node
+
+
+def reduce_by_default(world_size: int) -> bool:
+    """Whether Recorder(reduce_ranks=None) sums the step aggregates over the ranks: when torch.distributed runs more
+    than AUTO_REDUCE_WORLD ranks (and the Recorder records for all of them).
+
+    Why: per-rank rows cost world-size times the reduced rows in the store and in every query over steps
+    (64 ranks of a 58 x 256 model: 594 MB against 13.6 MB for 50 steps, `health_summary` 7.95 s against 0.28,
+    docs/benchmarks.md), against one all_reduce per flush (bench/bench_reduce_ranks.py). Up to one node the
+    per-rank rows cost at most 8 times as much and keep what only they can answer: the rank filter, per-rank
+    load, and capacity drops grouped per rank and step (`capacity_drops(group='step')` reads `step_stats` per
+    rank). The routes and sequences, which `dispatch_traffic` reads per rank, stay per rank either way."""
+    _, dist_world = _distributed_rank_and_size()
+    return dist_world > AUTO_REDUCE_WORLD and world_size == dist_world
+
+
 def _sequence_keys(ids: np.ndarray, shapes: list[tuple[int, int]], n: int) -> tuple[list[int | None], np.ndarray]:
     """sequences.seq_key and pos_offset of each sequence of a step, on the host (writer thread): the hash of its
     token ids inside the attention mask (`moeviz.store.layout.sequence_key`) and the column of the first of them
@@ -659,7 +700,7 @@ class Recorder:
         pair_stats: bool = True,
         flow_stats: str | None = "adjacent",
         strict: bool = False,
-        reduce_ranks: bool = False,
+        reduce_ranks: bool | None = None,
         reduce_group: Any = None,
     ):
         if not isinstance(model, nn.Module):
@@ -693,11 +734,15 @@ class Recorder:
         self.pair_stats = bool(pair_stats)
         self.flow_stats = flow_stats
         self.strict = bool(strict)
-        # reduce_ranks: the step aggregates summed over the data-parallel group (`reduce_group`, default the whole
-        # world) at each flush, one all_reduce over the flush's aggregate buffers, written once by the group's first
-        # rank (see flush). Off by default: the collective needs every rank of the group to flush the same steps
-        # at the same time (lock-step data parallelism); a rank that flushes alone would wait for the others.
-        self.reduce_ranks = bool(reduce_ranks) and self.world_size > 1
+        # reduce_ranks: the step aggregates summed over the data-parallel group at each flush (see flush and the
+        # class docstring); None decides by world size (`reduce_by_default`)
+        if reduce_ranks is not None and not isinstance(reduce_ranks, bool):
+            raise RecorderError(f"reduce_ranks must be True, False or None (decide by world size); got {reduce_ranks!r}")
+        self.reduce_ranks = (reduce_by_default(self.world_size) if reduce_ranks is None
+                             else reduce_ranks and self.world_size > 1)
+        if self.reduce_ranks and not _distributed_rank_and_size()[1] > 1:
+            raise RecorderError("reduce_ranks=True needs torch.distributed initialised with more than one rank; "
+                                "call init_process_group first, or pass reduce_ranks=False")
         self.reduce_group = reduce_group
 
         self.sites: list = []
@@ -1182,30 +1227,24 @@ class Recorder:
 
     # -- flushing ----------------------------------------------------------------------------------------------
 
-    def flush(self) -> None:
+    def flush(self, *, closing: bool = False) -> None:
         """Copy the buffered steps to the host (one copy) and hand them to the writer thread.
 
         If the copy fails, or later the writer thread cannot write them, these steps are lost on their own: one
         RecordingWarning, the run marked degraded, training goes on (strict=True: the copy's error propagates, the
-        writer thread's is raised as RecorderError at the next call).
+        writer thread's is raised as RecorderError at the next call). `closing`: the last flush of close(), which
+        with reduce_ranks tells the other ranks that this one takes part in no more sums.
         """
         self._raise_writer_error()
         records, self._pending = self._pending, []
-        pieces = [pc for rec in records for pc in rec.pieces]
-        if not pieces and not self.reduce_ranks:  # reduce_ranks: every rank joins the collective, even with nothing
+        if not self.reduce_ranks and not any(rec.pieces for rec in records):
             return
         steps = steps_text([rec.step for rec in records])
-        check = None
         try:
-            if self.reduce_ranks:
-                pieces, check = self._reduce_over_ranks(records, pieces)
-                if not pieces:  # a rank that kept no routes or sequences: the group's first rank writes the rest
-                    return
-            device = pieces[0].tensor.device
-            flat = torch.cat(
-                [pc.tensor.contiguous().reshape(-1).view(torch.uint8).to(device, non_blocking=True) for pc in pieces]
-            )  # [total bytes]
-            host = flat.cpu().numpy()  # note: the one CPU-GPU sync point per flush
+            if self.reduce_ranks:  # every rank joins the collective, even with nothing to flush
+                records, host = self._reduced_flush(records, closing)
+            else:
+                host = _host_copy([pc for rec in records for pc in rec.pieces])
         except AssertionError:  # a test's guard: never hidden
             raise
         except Exception as e:
@@ -1214,19 +1253,11 @@ class Recorder:
             self._recording_failed(f"the flush of {steps} could not be copied off the device ({steps} lost)", e)
             return
         finally:
-            for pc in pieces:
-                pc.tensor = None  # the layout travels to the writer thread, the device memory is freed here
-        if check is not None:  # the group's first rank: were the sums over the same steps, layers and shapes?
-            summed, host = host[:_CHECK_BYTES].view(np.float64), host[_CHECK_BYTES:]
-            if not _same_layout_over_ranks(summed, check):
-                error = RecorderError(
-                    "the ranks of the reduce group flushed different steps, layers or shapes, so their summed "
-                    "aggregates would mix them: give every rank the same forwards and step() calls, or "
-                    "Recorder(reduce_ranks=False)")
-                if self.strict:
-                    raise error
-                self._recording_failed(f"the flush of {steps} was not written ({steps} lost)", error)
-                return
+            for rec in records:
+                for pc in rec.pieces:
+                    pc.tensor = None  # the layout travels to the writer thread, the device memory is freed here
+        if host is None:  # reduce_ranks: a rank with nothing of its own to write (its sums are the first rank's)
+            return
         layer_experts = {site.layer: int(site.n_experts) for site in self.sites}
         rank = self.rank
         nonfinite = self._nonfinite
@@ -1239,40 +1270,69 @@ class Recorder:
         self._writer_thread.submit(write, f"the flush of {steps} was not written ({steps} lost)")
         self.flushes += 1
 
-    def _reduce_over_ranks(self, records: list[_StepRecord], pieces: list[_Piece]) -> list[_Piece]:
-        """Sum the flush's step aggregates ('agg', 'pairs', 'flow' pieces) over the data-parallel group: one
-        all_reduce of one float64 buffer (counts stay exact below 2^53), on the device, no sync beyond the
-        flush's own copy. The group's first rank keeps the sums; the other ranks drop those pieces, so each
-        step's aggregates are written once (their routes and sequences are still their own)."""
+    def _reduced_flush(self, records: list[_StepRecord], closing: bool) -> tuple[list[_StepRecord], np.ndarray | None]:
+        """reduce_ranks: sum the flush's step aggregates over the group and copy to the host what this rank writes.
+        Returns the records this rank writes and their host bytes (None: nothing to write).
+
+        First every rank sums a fixed-size head: (x, x^2) of a signature s of what it would sum (steps, kinds,
+        layers, shapes) and of its size n, and whether it is closing. The sums equal (W x, W x^2) only if every
+        rank's s and n equal this one's (their mean is s, their variance 0), and every rank reads
+        the same sums, so all take the same path: the aggregates are summed (a second all_reduce, of buffers of
+        one size) and written by the group's first rank alone; or, when the ranks' steps differ, each rank writes
+        its own aggregates for this flush (no data lost: a step holds either the group's sums or every rank's rows,
+        and each analysis, which sums over ranks, gives the same answer). A sum that a closing rank joined ends the
+        reduction on every rank: the later flushes of the ranks still stepping are per rank, so no collective waits
+        for a rank that will never join it. Costs one more host sync per flush (the head's verdict)."""
         import torch.distributed as dist
 
-        reducible = [pc for pc in pieces if pc.kind in _REDUCED_KINDS]
-        # a signature s of what is summed (steps, kinds, layers, shapes) rides in front as (s, s^2): after the sum,
-        # (W s, W s^2) holds only if every rank had the same s, which the first rank checks after the flush's copy
-        sig = _layout_signature([(rec.step, pc.kind, pc.layer, pc.layer_b, pc.shape)
-                                 for rec in records for pc in rec.pieces if pc.kind in _REDUCED_KINDS])
-        if reducible or pieces:
-            device = (reducible or pieces)[0].tensor.device
-        else:  # nothing recorded since the last flush: join the sum anyway (the others would wait for us)
-            on_gpu = dist.get_backend(self.reduce_group) == "nccl"
-            device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
-        head = torch.tensor([sig, sig * sig], dtype=torch.float64).to(device, non_blocking=True)  # [2]
-        buf = torch.cat([head] + [pc.tensor.reshape(-1).to(torch.float64) for pc in reducible])  # [2 + sizes]
-        dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=self.reduce_group)
-        off = 2
-        for pc in reducible:
-            n = int(np.prod(pc.shape))
-            pc.tensor = buf[off:off + n].reshape(pc.shape).to(pc.tensor.dtype)
-            off += n
+        reducible = [pc for rec in records for pc in rec.pieces if pc.kind in _REDUCED_KINDS]
+        own = [pc for rec in records for pc in rec.pieces]
+        device = own[0].tensor.device if own else _collective_device(self.reduce_group)
+        sig = float(self._signature(records))
+        n = sum(int(np.prod(pc.shape)) for pc in reducible)
+        mine = (sig, float(n % (1 << 20)), float(n >> 20))  # n in two parts: each one's square x W stays exact
+        head = torch.tensor([v for x in mine for v in (x, x * x)] + [float(closing)], dtype=torch.float64)
+        head = head.to(device)  # [7]
+        dist.all_reduce(head, op=dist.ReduceOp.SUM, group=self.reduce_group)
+        summed = head.cpu().numpy()  # note: a host sync (the verdict every rank must read before the data's sum)
+        if summed[6] > 0 and not closing:
+            self.reduce_ranks = False
+            self._recording_problem("reduce_end", f"rank {self.rank} stepped on after a rank of the reduce group "
+                                    "closed its Recorder; its later step aggregates are written per rank (no data "
+                                    "lost; every analysis sums the ranks). Give every rank the same number of "
+                                    "step() calls to keep one summed row per step")
+        if not _same_over_ranks(summed[:6], mine, _group_size(self.reduce_group)):
+            self._recording_problem("reduce_mismatch", "the ranks of the reduce group flushed different steps, "
+                                    f"layers or shapes (steps {steps_text([r.step for r in records])} on rank "
+                                    f"{self.rank}), so their sums would mix them: each rank wrote its own aggregates "
+                                    "for that flush instead (no data lost). Give every rank the same forwards and "
+                                    "step() calls")
+            return records, (_host_copy(own) if own else None)
+        summed_of: dict[int, Tensor] = {}
+        if reducible:
+            buf = torch.cat([pc.tensor.reshape(-1).to(device, torch.float64) for pc in reducible])  # [n]
+            dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=self.reduce_group)
+            off = 0
+            for pc in reducible:
+                size = int(np.prod(pc.shape))
+                summed_of[id(pc)] = buf[off:off + size].reshape(pc.shape).to(pc.tensor.dtype)
+                off += size
         leader = min(dist.get_process_group_ranks(self.reduce_group)) if self.reduce_group is not None else 0
-        if dist.get_rank() == leader:
-            if not pieces:
-                return pieces, None
-            size = dist.get_world_size(self.reduce_group)
-            return [_piece("reduce_check", None, buf[:2])] + pieces, (float(sig), float(size))
-        for rec in records:
-            rec.pieces = [pc for pc in rec.pieces if pc.kind not in _REDUCED_KINDS]
-        return [pc for pc in pieces if pc.kind not in _REDUCED_KINDS], None
+        if dist.get_rank() == leader:  # the sums in place of its own aggregates
+            reduced = [dataclasses.replace(rec, pieces=[dataclasses.replace(pc, tensor=summed_of[id(pc)])
+                                                        if id(pc) in summed_of else pc for pc in rec.pieces])
+                       for rec in records]
+        else:  # its routes and sequences only
+            reduced = [dataclasses.replace(rec, pieces=[pc for pc in rec.pieces if pc.kind not in _REDUCED_KINDS])
+                       for rec in records]
+        pieces = [pc for rec in reduced for pc in rec.pieces]
+        return reduced, (_host_copy(pieces) if pieces else None)
+
+    @staticmethod
+    def _signature(records: list[_StepRecord]) -> int:
+        """What a flush sums (steps, kinds, layers, shapes, in order), as `_layout_signature`."""
+        return _layout_signature([(rec.step, pc.kind, pc.layer, pc.layer_b, pc.shape)
+                                  for rec in records for pc in rec.pieces if pc.kind in _REDUCED_KINDS])
 
     # -- recording problems: warned once (or raised, strict) and kept in the run -------------------------------
 
@@ -1361,8 +1421,8 @@ class Recorder:
             self.discard()
             if self._writer_thread is not None:
                 try:
-                    if self._pending and self._writer_thread.error is None:
-                        self.flush()
+                    if (self._pending or self.reduce_ranks) and self._writer_thread.error is None:
+                        self.flush(closing=True)  # reduce_ranks: the closing sum, also with nothing pending
                 except BaseException as e:
                     own_error = e
                 wt = self._writer_thread
