@@ -671,6 +671,14 @@ class Recorder:
       strict: raise RecorderError where the default warns (RecordingWarning) and goes on: a flush or step that
       could not be recorded, NaN/inf router outputs, a repeated step number. For tests; in training, a recording
       problem should cost the steps it concerns, never the run (they are listed in `recording_errors`).
+      reduce_ranks: sum the step aggregates (step_stats, layer_stats, pair_stats, flow_stats) over the
+      data-parallel group `reduce_group` (default the whole world) at each flush, written once by its first rank;
+      routes and sequences stay per rank. None (default): on when torch.distributed runs more than 8 ranks
+      (`reduce_by_default` says why: per-rank rows cost world-size times the store and the queries; up to a node
+      they keep the rank filter, per-rank load and capacity per rank). Every analysis but
+      `capacity_drops(group='step')` answers the same either way. Ranks must flush in the same order relative to
+      training's collectives (one step() per optimizer step on each rank); ranks whose steps differ write that
+      flush per rank, and a rank closing early ends the sums (see `_reduced_flush`): no deadlock, nothing lost.
 
     Memory: until step(), the router outputs of the step's forwards stay on the device (per layer: tokens x
     (experts + 2k) values, small next to the activations); pending flushes hold only the aggregates and the
