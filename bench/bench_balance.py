@@ -52,10 +52,12 @@ def main(argv=None) -> int:
             layer_aggregates(logits, index, None, keep, seq, pos, finite=fin, lse=lse)
             pair_counts(index, keep, a.experts)
 
+    lse_step = router_lse(logits)  # step() hands the layer's logsumexp, which the aggregates take too
+
     def balance():
         sb = SequenceBalance()
         for _ in range(a.layers):
-            sb.layer(0, logits, index, keep, seq, a.seqs)
+            sb.layer(0, logits, index, keep, seq, a.seqs, lse_step)
 
     times = {"aggregates": [], "balance": []}
     for fn in (aggregates, balance):

@@ -93,25 +93,26 @@ class SequenceBalance:
         seq [N] the token's sequence, 0 .. n_seqs - 1 of this step's rows; lse [N] logsumexp of the logits
         (None: computed here)."""
         n_tok, n_exp = logits.shape
-        k = index.shape[1]
         dev = logits.device
         keep = keep.to(device=dev, dtype=torch.bool)  # [N]
-        rows = torch.where(keep, seq.to(device=dev, dtype=torch.int64), 0)  # [N]; left-out tokens add 0 to row 0
-        lg = logits.float()  # [N, E]
+        # tokens left out (outside the mask, or not finite: their logits may be NaN) are summed into a spare row
+        # n_seqs that is then dropped, so no [N, E] masking copy is needed
+        rows = torch.where(keep, seq.to(device=dev, dtype=torch.int64), n_seqs)  # [N]
+        lg = logits.float()  # [N, E] (the logits themselves when float32)
         if lse is None:
             lse = torch.logsumexp(lg, dim=-1)
-        probs = (lg - lse[:, None]).exp()  # [N, E] softmax
-        sig = torch.sigmoid(lg)  # [N, E] DeepSeek-V3's affinities
-        chosen = torch.zeros(n_tok, n_exp, dtype=torch.float32, device=dev)
-        chosen.scatter_(1, index.to(torch.int64), 1.0)  # [N, E]: 1 where the token chose the expert in any slot
-        one = torch.ones(n_tok, 1, dtype=torch.float32, device=dev)
-        feats = torch.cat([chosen, probs, sig / sig.sum(-1, keepdim=True), one], dim=1)  # [N, 3E + 1]
-        feats = torch.where(keep[:, None], feats, 0.0)  # a padded token's logits may be NaN: never summed
-        # one scatter for all four sums per sequence (float32 adds within one sequence; the rest in float64)
-        sums = torch.zeros(n_seqs, 3 * n_exp + 1, dtype=torch.float32, device=dev).index_add_(0, rows, feats)
-        sums = sums.to(torch.float64)  # [B, 3E + 1]
-        counts, prob_sums, aff_sums = sums[:, :n_exp], sums[:, n_exp:2 * n_exp], sums[:, 2 * n_exp:3 * n_exp]
-        n = sums[:, -1]  # [B] tokens counted per sequence
+        # one [N, E] buffer serves the three per-token quantities in turn, each summed per sequence before the next
+        # is written into it (float32 adds within one sequence; the rest in float64)
+        buf = torch.sub(lg, lse[:, None]).exp_()  # [N, E] softmax
+        prob_sums = self._per_seq(rows, buf, n_seqs)  # [B, E]
+        torch.sigmoid(lg, out=buf)  # [N, E] DeepSeek-V3's affinities ...
+        buf.div_(buf.sum(-1, keepdim=True))  # ... normalised per token
+        aff_sums = self._per_seq(rows, buf, n_seqs)  # [B, E]
+        buf.zero_().scatter_(1, index.to(torch.int64), 1.0)  # [N, E]: 1 where the token chose the expert in any slot
+        counts = self._per_seq(rows, buf, n_seqs)  # [B, E]
+        n = torch.zeros(n_seqs + 1, dtype=torch.float32, device=dev).index_add_(
+            0, rows, torch.ones(n_tok, dtype=torch.float32, device=dev))[:n_seqs].to(torch.float64)  # [B] tokens
+        k = index.shape[1]
         n2 = n.clamp(min=1.0) ** 2  # [B]; a row with no token has zero sums: it adds 0
 
         # Switch (transformers, one batch row): E * sum_i (c_i / n) (p_i / n)
@@ -129,6 +130,13 @@ class SequenceBalance:
         stack_sum = (n_exp * (pc * pp).sum(-1) / pn.clamp(min=1.0) ** 2).sum()
         sequences = (n > 0).sum(dtype=torch.float64)
         return torch.stack([sequences, switch_sum, stack_sum, seq_aux_sum])  # [4]
+
+    @staticmethod
+    def _per_seq(rows: Tensor, values: Tensor, n_seqs: int) -> Tensor:
+        """float64 [n_seqs, E]: `values` [N, E] summed per row of `rows` [N] (in float32; row n_seqs, the left-out
+        tokens', dropped)."""
+        sums = torch.zeros(n_seqs + 1, values.shape[1], dtype=torch.float32, device=values.device)
+        return sums.index_add_(0, rows, values)[:n_seqs].to(torch.float64)
 
 
 # ---------------------------------------------------------------------------------------------------------------
