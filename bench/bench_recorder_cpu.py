@@ -7,7 +7,11 @@ the Recorder's hooks (`_on_model_call`, `_on_router`, `_on_model_return`) and `s
 with the whole step's CPU time on the same thread. 22 steps, one flush every 10; the first step includes the
 one-time check of each router's first output.
 
-    python bench/bench_recorder_cpu.py [--batch 4] [--no-margin]
+`--family deepseek_v3` trains a DeepSeek-V3 of the same size instead (`DeepseekV3ForCausalLM`: a dense block, then
+2 MoE blocks of --experts routed experts (64), top-8, 8 groups, sigmoid + `e_score_correction_bias`), whose margin
+the hook takes from the router's scores on every forward; `--sample-every N` keeps routes on every N-th step only.
+
+    python bench/bench_recorder_cpu.py [--batch 4] [--no-margin] [--family deepseek_v3] [--sample-every 10]
 """
 
 from __future__ import annotations
@@ -33,15 +37,29 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--steps", type=int, default=22)
     ap.add_argument("--no-margin", action="store_true", help="skip routes.margin (written NULL), to see its cost")
+    ap.add_argument("--family", choices=("mixtral", "deepseek_v3"), default="mixtral")
+    ap.add_argument("--experts", type=int, default=64, help="--family deepseek_v3: routed experts")
+    ap.add_argument("--sample-every", type=int, default=1, help="Recorder(sample_every=...)")
     args = ap.parse_args()
     if args.no_margin:
         recorder_module.kept_margin = lambda *a, **k: None
+        recorder_module.routing_margin = lambda *a, **k: None
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    cfg = MixtralConfig(vocab_size=2000, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                        num_attention_heads=8, num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2,
-                        max_position_embeddings=128)
-    model = MixtralForCausalLM(cfg).train()
+    if args.family == "mixtral":
+        cfg = MixtralConfig(vocab_size=2000, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                            num_attention_heads=8, num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2,
+                            max_position_embeddings=128)
+        model = MixtralForCausalLM(cfg).train()
+    else:
+        from collectors.testing import tiny_model
+
+        model, _ = tiny_model("deepseek_v3", vocab_size=2000, hidden_size=256, intermediate_size=512,
+                              moe_intermediate_size=64, num_attention_heads=8, num_key_value_heads=8,
+                              max_position_embeddings=128, n_routed_experts=args.experts, num_experts_per_tok=8,
+                              n_group=8, topk_group=4, kv_lora_rank=32, qk_rope_head_dim=16, qk_nope_head_dim=16,
+                              v_head_dim=32)
+        model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     ids = torch.randint(0, 2000, (args.batch, 128))
     spent = [0.0]
@@ -67,7 +85,7 @@ def main() -> None:
             return self._timed(super().step, *a, **k)
 
     steps = []
-    with Timed(model, tempfile.mkdtemp(prefix="moeviz-bench-"), flush_every=10) as rec:
+    with Timed(model, tempfile.mkdtemp(prefix="moeviz-bench-"), flush_every=10, sample_every=args.sample_every) as rec:
         for i in range(args.steps):
             t0 = time.thread_time()
             out = model(input_ids=ids, labels=ids)
@@ -77,7 +95,8 @@ def main() -> None:
             rec.step(i, token_ids=ids)
             steps.append(time.thread_time() - t0)
     step_ms, rec_ms = statistics.median(steps[2:]) * 1e3, spent[0] / args.steps * 1e3
-    print(f"tokens/step {ids.numel()}{' (no margin)' if args.no_margin else ''}: step {step_ms:.1f} ms CPU, "
+    print(f"{args.family}, tokens/step {ids.numel()}, sample_every {args.sample_every}"
+          f"{' (no margin)' if args.no_margin else ''}: step {step_ms:.1f} ms CPU, "
           f"Recorder hooks + step() {rec_ms:.2f} ms CPU ({100 * rec_ms / step_ms:.2f}% of the step)")
 
 

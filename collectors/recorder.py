@@ -264,6 +264,10 @@ class _Stream:
     def __init__(self, segments: Sequence[_Segment], device: torch.device, seq_offset: int = 0,
                  ids_for_keys: Tensor | None = None, mask_for_keys: Tensor | None = None):
         groups, placed = _layout(segments, seq_offset)
+        # each forward's ids and mask on the device, once: the per-token stream and the per-sequence rows below both
+        # read them (a generate() step has a forward per new token)
+        seg_ids = {id(sg): self._ids(sg, device) for sg in segments}  # [B, S] each
+        seg_mask = {id(sg): self._mask(sg, device) for sg in segments}  # [B, S] each
         seqs, poss, tids, masks = [], [], [], []
         for sg, row, col in placed:
             b, s = sg.batch, sg.seq_len
@@ -271,8 +275,8 @@ class _Stream:
             cols = torch.arange(s, device=device)[None, :].expand(b, s) + col  # [B, S]
             seqs.append(rows.reshape(-1))
             poss.append(cols.reshape(-1))
-            tids.append(self._ids(sg, device).reshape(-1))
-            masks.append(self._mask(sg, device).reshape(-1))
+            tids.append(seg_ids[id(sg)].reshape(-1))
+            masks.append(seg_mask[id(sg)].reshape(-1))
         empty = torch.zeros(0, dtype=torch.int64, device=device)
         self.seq = torch.cat(seqs) if seqs else empty  # [N]
         self.pos = torch.cat(poss) if poss else empty  # [N]
@@ -286,14 +290,14 @@ class _Stream:
         # per sequence: tokens inside the mask, tokens of the prompt (-1 = not a generation), full ids for seq_key
         n_tok, prompt, key_ids, self.key_shapes = [], [], [], []
         for g in groups:
-            g_mask = torch.cat([self._mask(sg, device) for sg in g.segments], dim=1)  # [B, W]
+            g_mask = torch.cat([seg_mask[id(sg)] for sg in g.segments], dim=1)  # [B, W]
             n_tok.append(g_mask.sum(1))  # [B]
             if g.prompt:
-                prompt.append(self._mask(g.segments[0], device).sum(1))  # [B]
+                prompt.append(seg_mask[id(g.segments[0])].sum(1))  # [B]
             else:
                 prompt.append(torch.full((g.batch,), -1, dtype=torch.int64, device=device))
             if self.has_ids and ids_for_keys is None:
-                g_ids = torch.cat([self._ids(sg, device) for sg in g.segments], dim=1)  # [B, W]
+                g_ids = torch.cat([seg_ids[id(sg)] for sg in g.segments], dim=1)  # [B, W]
                 key_ids.append(torch.where(g_mask, g_ids, torch.full_like(g_ids, -1)).reshape(-1))
                 self.key_shapes.append((g.batch, g.width - g.cols[0]))
         if ids_for_keys is not None:  # the caller's full sequences, one row per sequence
