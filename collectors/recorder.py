@@ -575,7 +575,8 @@ def reduce_by_default(world_size: int) -> bool:
 
     Why: per-rank rows cost world-size times the reduced rows in the store and in every query over steps
     (64 ranks of a 58 x 256 model: 594 MB against 13.6 MB for 50 steps, `health_summary` 7.95 s against 0.28,
-    docs/benchmarks.md), against one all_reduce per flush (bench/bench_reduce_ranks.py). Up to one node the
+    docs/benchmarks.md), against two all_reduces per flush (bench/bench_reduce_ranks.py: 1-4 ms a step for a 58 x 256
+    model's step_stats/layer_stats sums on CPUs; the pair and flow counts cost more). Up to one node the
     per-rank rows cost at most 8 times as much and keep what only they can answer: the rank filter, per-rank
     load, and capacity drops grouped per rank and step (`capacity_drops(group='step')` reads `step_stats` per
     rank). The routes and sequences, which `dispatch_traffic` reads per rank, stay per rank either way."""
@@ -1288,9 +1289,10 @@ class Recorder:
 
         First every rank sums a fixed-size head: (x, x^2) of a signature s of what it would sum (steps, kinds,
         layers, shapes) and of its size n, and whether it is closing. The sums equal (W x, W x^2) only if every
-        rank's s and n equal this one's (their mean is s, their variance 0), and every rank reads
-        the same sums, so all take the same path: the aggregates are summed (a second all_reduce, of buffers of
-        one size) and written by the group's first rank alone; or, when the ranks' steps differ, each rank writes
+        rank's s and n equal this one's (their mean is s, their variance 0), and every rank reads the same sums,
+        so all take the same path: the aggregates are summed (one all_reduce per dtype, of buffers of one size:
+        the float64 layer aggregates, the int32 pair and flow counts, which stay below 2^31 as long as a step of the
+        whole group routes fewer than 2^31 tokens) and written by the group's first rank alone; or, when the ranks' steps differ, each rank writes
         its own aggregates for this flush (no data lost: a step holds either the group's sums or every rank's rows,
         and each analysis, which sums over ranks, gives the same answer). A sum that a closing rank joined ends the
         reduction on every rank: the later flushes of the ranks still stepping are per rank, so no collective waits
@@ -1321,13 +1323,14 @@ class Recorder:
                                     "step() calls")
             return records, (_host_copy(own) if own else None)
         summed_of: dict[int, Tensor] = {}
-        if reducible:
-            buf = torch.cat([pc.tensor.reshape(-1).to(device, torch.float64) for pc in reducible])  # [n]
+        for dtype in dict.fromkeys(pc.tensor.dtype for pc in reducible):  # float64 sums; int32 counts as int32
+            same = [pc for pc in reducible if pc.tensor.dtype == dtype]  # the same kinds and order on every rank
+            buf = torch.cat([pc.tensor.reshape(-1).to(device) for pc in same])  # [n of this dtype]
             dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=self.reduce_group)
             off = 0
-            for pc in reducible:
+            for pc in same:
                 size = int(np.prod(pc.shape))
-                summed_of[id(pc)] = buf[off:off + size].reshape(pc.shape).to(pc.tensor.dtype)
+                summed_of[id(pc)] = buf[off:off + size].reshape(pc.shape)
                 off += size
         leader = min(dist.get_process_group_ranks(self.reduce_group)) if self.reduce_group is not None else 0
         if dist.get_rank() == leader:  # the sums in place of its own aggregates
