@@ -43,7 +43,8 @@ def _record(model, rank: int, path: str, kind: str, reduce: bool | None) -> None
             ids, mask = rank_batch(rank, step % 100)
             with torch.no_grad():
                 model(ids)
-            rec.step(step, token_ids=ids, attention_mask=mask)
+            rec.step(step, token_ids=ids, attention_mask=mask,
+                     domain=["code" if (rank + step + i) % 2 else "web" for i in range(ids.shape[0])])
 
 
 def _worker(rank: int, root: str, init_file: str) -> None:
@@ -95,13 +96,16 @@ def _assert_same(a: pd.DataFrame, b: pd.DataFrame, what: str) -> None:
 
 
 def _analyses():
-    """(name, f(con) -> DataFrame) for every analysis that reads the aggregates (and placement, which reads routes
-    per rank too). capacity_drops(group='step') is not among them: see test_capacity_per_rank_group_needs_per_rank_rows."""
+    """(name, f(con) -> DataFrame) for every analysis that reads the aggregates, and those that read the routes and
+    sequences (kept per rank either way). Not here: router_saturation, which needs the same batch at two steps
+    (a probe batch) and reads the routes alone. capacity_drops(group='step') is not among them: see test_capacity_per_rank_group_needs_per_rank_rows."""
     from moeviz.analyses import aux_loss, balancing, capacity, health, load, placement, top_experts
-    from moeviz.analyses.specialization import coactivation, consecutive_agreement, layer_flow
+    from moeviz.analyses.specialization import (coactivation, consecutive_agreement, domain_share, layer_flow,
+                                                mutual_information, position_share, vocab_specialization)
     from moeviz.selection import Selection
 
     s = Selection()
+    code = Selection(domains=("code",))
     return [
         ("expert_load by step", lambda c: load.expert_load(c, s, by_step=True)),
         ("expert_load total", lambda c: load.expert_load(c, s, by_step=False)),
@@ -127,6 +131,12 @@ def _analyses():
         ("dispatch_traffic by rank", lambda c: placement.dispatch_traffic(c, s, 2, source="rank")),
         ("dispatch_traffic by sequence", lambda c: placement.dispatch_traffic(c, s, 2, source="sequence")),
         ("placement_summary", lambda c: placement.placement_summary(c, s, 2, source="rank")),
+        # the per-token analyses read each rank's routes and sequences (or, compacted, tables built from them)
+        ("domain_share", lambda c: domain_share(c, s)),
+        ("position_share", lambda c: position_share(c, s)),
+        ("vocab_specialization", lambda c: vocab_specialization(c, s, min_count=1)),
+        ("mutual_information", lambda c: mutual_information(c, s)),
+        ("expert_load of a domain", lambda c: load.expert_load(c, code, by_step=True)),
     ]
 
 
