@@ -1305,6 +1305,12 @@ class Recorder:
         sig = float(self._signature(records))
         n = sum(int(np.prod(pc.shape)) for pc in reducible)
         mine = (sig, float(n % (1 << 20)), float(n >> 20))  # n in two parts: each one's square x W stays exact
+        # the buffers to sum, built before the first collective: a rank that fails here (out of memory) misses the
+        # head, whose size never varies, so the others read a mismatch (or its next head does), never a sum of
+        # buffers of different sizes
+        kinds = {dtype: [pc for pc in reducible if pc.tensor.dtype == dtype]  # float64 sums; int32 counts as int32
+                 for dtype in dict.fromkeys(pc.tensor.dtype for pc in reducible)}  # same kinds, order on every rank
+        bufs = {dtype: torch.cat([pc.tensor.reshape(-1).to(device) for pc in same]) for dtype, same in kinds.items()}
         head = torch.tensor([v for x in mine for v in (x, x * x)] + [float(closing)], dtype=torch.float64)
         head = head.to(device)  # [7]
         dist.all_reduce(head, op=dist.ReduceOp.SUM, group=self.reduce_group)
@@ -1323,12 +1329,10 @@ class Recorder:
                                     "step() calls")
             return records, (_host_copy(own) if own else None)
         summed_of: dict[int, Tensor] = {}
-        for dtype in dict.fromkeys(pc.tensor.dtype for pc in reducible):  # float64 sums; int32 counts as int32
-            same = [pc for pc in reducible if pc.tensor.dtype == dtype]  # the same kinds and order on every rank
-            buf = torch.cat([pc.tensor.reshape(-1).to(device) for pc in same])  # [n of this dtype]
+        for dtype, buf in bufs.items():  # [n of this dtype]
             dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=self.reduce_group)
             off = 0
-            for pc in same:
+            for pc in kinds[dtype]:
                 size = int(np.prod(pc.shape))
                 summed_of[id(pc)] = buf[off:off + size].reshape(pc.shape)
                 off += size
