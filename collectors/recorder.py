@@ -575,8 +575,9 @@ def reduce_by_default(world_size: int) -> bool:
 
     Why: per-rank rows cost world-size times the reduced rows in the store and in every query over steps
     (64 ranks of a 58 x 256 model: 594 MB against 13.6 MB for 50 steps, `health_summary` 7.95 s against 0.28,
-    docs/benchmarks.md), against two all_reduces per flush (bench/bench_reduce_ranks.py: 1-4 ms a step for a 58 x 256
-    model's step_stats/layer_stats sums on CPUs; the pair and flow counts cost more). Up to one node the
+    docs/benchmarks.md), against a head and one all_reduce per dtype per flush (bench/bench_reduce_ranks.py: 1-3 ms
+    a step for a 58 x 256 model's step_stats/layer_stats sums on CPUs; the pair and flow counts cost more). Up to
+    one node the
     per-rank rows cost at most 8 times as much and keep what only they can answer: the rank filter, per-rank
     load, and capacity drops grouped per rank and step (`capacity_drops(group='step')` reads `step_stats` per
     rank). The routes and sequences, which `dispatch_traffic` reads per rank, stay per rank either way."""
