@@ -40,6 +40,7 @@ def main() -> None:
     ap.add_argument("--family", choices=("mixtral", "deepseek_v3"), default="mixtral")
     ap.add_argument("--experts", type=int, default=64, help="--family deepseek_v3: routed experts")
     ap.add_argument("--sample-every", type=int, default=1, help="Recorder(sample_every=...)")
+    ap.add_argument("--max-tokens-per-step", type=int, default=None, help="Recorder(max_tokens_per_step=...)")
     args = ap.parse_args()
     if args.no_margin:
         recorder_module.kept_margin = lambda *a, **k: None
@@ -85,7 +86,8 @@ def main() -> None:
             return self._timed(super().step, *a, **k)
 
     steps = []
-    with Timed(model, tempfile.mkdtemp(prefix="moeviz-bench-"), flush_every=10, sample_every=args.sample_every) as rec:
+    with Timed(model, tempfile.mkdtemp(prefix="moeviz-bench-"), flush_every=10, sample_every=args.sample_every,
+               max_tokens_per_step=args.max_tokens_per_step) as rec:
         for i in range(args.steps):
             t0 = time.thread_time()
             out = model(input_ids=ids, labels=ids)
@@ -95,7 +97,8 @@ def main() -> None:
             rec.step(i, token_ids=ids)
             steps.append(time.thread_time() - t0)
     step_ms, rec_ms = statistics.median(steps[2:]) * 1e3, spent[0] / args.steps * 1e3
-    print(f"{args.family}, tokens/step {ids.numel()}, sample_every {args.sample_every}"
+    print(f"{args.family}, tokens/step {ids.numel()}, sample_every {args.sample_every}, "
+          f"max_tokens_per_step {args.max_tokens_per_step}"
           f"{' (no margin)' if args.no_margin else ''}: step {step_ms:.1f} ms CPU, "
           f"Recorder hooks + step() {rec_ms:.2f} ms CPU ({100 * rec_ms / step_ms:.2f}% of the step)")
 

@@ -1002,8 +1002,10 @@ class Recorder:
             out.weights.detach(),  # [tokens, k]
             None if out.dropped is None else out.dropped.detach(),  # [tokens, k]
             # routes.margin in the router's own score space (sigmoid + bias): taken here, since the bias may be
-            # updated before step(); softmax routers' margins come from the logits at step(), kept tokens only
-            None if out.scores is None else routing_margin(out.scores, out.index),  # [tokens]
+            # updated before step(); softmax routers' margins come from the logits at step(), kept tokens only.
+            # A run that keeps no routes (max_tokens_per_step=0) needs none (a constant: no recompile)
+            None if out.scores is None or self.max_tokens_per_step == 0
+            else routing_margin(out.scores, out.index),  # [tokens]
         )
         sink.out = sink.out + (captured,)  # a new tuple, not an append: see _Sink
 

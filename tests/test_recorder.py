@@ -917,3 +917,29 @@ def test_a_capacity_factor_router_records_it_per_layer(mixtral, tmp_path):
         rec.step(0)
     layers = query(tmp_path / "run", "SELECT capacity_factor, expert_capacity FROM layers")
     assert layers.capacity_factor.isna().all() and layers.expert_capacity.isna().all()
+
+
+def test_biased_routers_take_no_margin_in_the_hook_when_no_route_is_kept(tmp_path, monkeypatch):
+    """DeepSeek-V3's margin is taken in the router hook (its bias may change before step()); a run that keeps no
+    routes (max_tokens_per_step=0) never computes it, a run that keeps them does, once per router call, and its
+    aggregates are the same either way."""
+    import collectors.recorder as recorder_module
+
+    calls = []
+    real = recorder_module.routing_margin
+    monkeypatch.setattr(recorder_module, "routing_margin", lambda *a: calls.append(1) or real(*a))
+    model, config = tiny_model("deepseek_v3", seed=2)
+    ids = torch.randint(2, config.vocab_size, (2, 6), generator=torch.Generator().manual_seed(0))
+    loads = {}
+    for name, kept in (("none", 0), ("all", None)):
+        calls.clear()
+        with Recorder(model, tmp_path / name, max_tokens_per_step=kept) as rec:
+            for step in range(2):
+                with torch.no_grad():
+                    model(ids)
+                rec.step(step)
+        loads[name] = query(tmp_path / name, "SELECT step, layer, expert, assigned FROM step_stats ORDER BY ALL")
+        n_routes = query(tmp_path / name, "SELECT count(*) AS n FROM routes")["n"].iloc[0]
+        assert len(calls) == (0 if kept == 0 else 2 * len(rec.sites)), name
+        assert (n_routes == 0) == (kept == 0), name
+    assert loads["none"].equals(loads["all"])
