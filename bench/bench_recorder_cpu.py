@@ -86,8 +86,9 @@ def main() -> None:
             return self._timed(super().step, *a, **k)
 
     steps = []
-    with Timed(model, tempfile.mkdtemp(prefix="moeviz-bench-"), flush_every=10, sample_every=args.sample_every,
-               max_tokens_per_step=args.max_tokens_per_step) as rec:
+    with tempfile.TemporaryDirectory(prefix="moeviz-bench-") as run_dir, \
+            Timed(model, run_dir, flush_every=10, sample_every=args.sample_every,
+                  max_tokens_per_step=args.max_tokens_per_step) as rec:  # the run folder is deleted after
         for i in range(args.steps):
             t0 = time.thread_time()
             out = model(input_ids=ids, labels=ids)
