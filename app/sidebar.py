@@ -13,6 +13,7 @@ import streamlit as st
 
 from app.components import error_message
 from app.state import Ctx, cached, store_path_from_args, store_warnings
+from moeviz.analyses.unknowns import summed_ranks
 from moeviz.selection import Selection
 from moeviz.store.catalog import (
     domain_list,
@@ -196,6 +197,7 @@ def build() -> Ctx | None:
             ranks = cached(rank_list, path, token, run_id)
             domains = cached(domain_list, path, token, run_id)
             progress = cached(run_progress, path, token, run_id)
+            summed = cached(summed_ranks, path, token, Selection(run_ids=(run_id,)))
         except Exception as e:  # noqa: BLE001
             error_message(f"Could not read run `{run_id}`", e)
             return None
@@ -203,6 +205,11 @@ def build() -> Ctx | None:
         route_steps = _pick_route_window(steps, step_sel, per_step)
         layer_sel = _pick_many("Layers", layers, "layers", "MoE layers to include (empty = all).")
         rank_sel = _pick_many("Ranks", ranks, "ranks", "Ranks (GPUs) to include (empty = all).")
+        if summed is not None:  # a rank filter there would show the group's sums as one rank's, or nothing
+            st.caption(f"Steps {summed['first_step']}-{summed['last_step']} ({summed['steps']} steps) hold the step "
+                       f"aggregates of {summed['ranks']} ranks summed at recording (reduce_ranks): their counts "
+                       f"appear under rank {ranks[0] if ranks else 0} and no rank's own counts are known there; "
+                       "the rank filter selects their routes only.")
         domain_sel = _pick_many("Domains", domains, "domains",
                                 "Domains of the sequences (empty = all). Filtering by domain reads the sampled "
                                 "per-token detail instead of the exact aggregates.")

@@ -452,6 +452,7 @@ class _StepRecord:
     seq_offset: int = 0  # sequences recorded before under the same step number (a repeated step)
     sample_ids: list[str | None] | None = None  # the user's key per sequence (step(sample_ids=...)), or None
     seq_shapes: list[tuple[int, int]] | None = None  # (rows, columns) of each batch of sequences of a 'seq_ids' piece
+    ranks_summed: int | None = None  # reduce_ranks: its aggregates are the sums over this many ranks (None: own)
 
 
 def _tables_from_host(host: np.ndarray, records: list[_StepRecord], rank: int, layer_experts: dict[int, int]) -> dict:
@@ -478,7 +479,8 @@ def _tables_from_host(host: np.ndarray, records: list[_StepRecord], rank: int, l
                     adjacent_pairs=np.array([adj]), same_first=np.array([same]),
                     first_in_topk=np.array([first_in]), topk_overlap=np.array([overlap]),
                     coactive_pairs=np.array([np.nan]),  # set by the 'pairs' piece that follows, if recorded
-                    nonfinite_tokens=np.array([nonfinite]))
+                    nonfinite_tokens=np.array([nonfinite]),
+                    ranks_summed=np.array([np.nan if rec.ranks_summed is None else rec.ranks_summed]))
                 add("step_stats", step=np.full(n_exp, rec.step), layer=np.full(n_exp, pc.layer),
                     expert=np.arange(n_exp), tokens=np.full(n_exp, tokens), assigned=vec[0], first_choice=vec[1],
                     prob_sum=vec[2], dropped=vec[3])
@@ -528,7 +530,7 @@ def _tables_from_host(host: np.ndarray, records: list[_StepRecord], rank: int, l
         "layer_a": np.int16, "layer_b": np.int16, "expert_a": np.int16, "expert_b": np.int16, "first_tokens": np.int64,
         "topk_pairs": np.int64, "adjacent_pairs": np.float64, "same_first": np.float64,
         "first_in_topk": np.float64, "topk_overlap": np.float64, "coactive_pairs": np.float64,  # NaN = NULL
-        "nonfinite_tokens": np.float64,
+        "nonfinite_tokens": np.float64, "ranks_summed": np.float64,
         "weight": np.float64, "n_tokens": np.int32, "margin": np.float32,
         "domain": object, "tag": object,
         ("routes", "dropped"): np.bool_,  # a count in step_stats/layer_stats, a flag per assignment in routes
@@ -1341,8 +1343,10 @@ class Recorder:
                 off += size
         leader = min(dist.get_process_group_ranks(self.reduce_group)) if self.reduce_group is not None else 0
         if dist.get_rank() == leader:  # the sums in place of its own aggregates
+            ranks = _group_size(self.reduce_group)
             reduced = [dataclasses.replace(rec, pieces=[dataclasses.replace(pc, tensor=summed_of[id(pc)])
-                                                        if id(pc) in summed_of else pc for pc in rec.pieces])
+                                                        if id(pc) in summed_of else pc for pc in rec.pieces],
+                                           ranks_summed=ranks)
                        for rec in records]
         else:  # its routes and sequences only
             reduced = [dataclasses.replace(rec, pieces=[pc for pc in rec.pieces if pc.kind not in _REDUCED_KINDS])

@@ -150,7 +150,8 @@ def _analyses():
         ("max_vio_summary", lambda c: balancing.max_vio_summary(c, s)),
         ("top_expert_load", lambda c: top_experts.top_expert_load(c, s, n=2)),
         ("capacity_drops per sequence", lambda c: capacity.capacity_drops(c, s, 1.0, group="sequence")),
-        ("health_summary", lambda c: health.health_summary(c, s)),
+        # capacity drops per rank and step are refused on summed steps: test_capacity_per_rank_group_needs_per_rank_rows
+        ("health_summary", lambda c: health.health_summary(c, s, capacity_factor=None)),
         ("coactivation", lambda c: coactivation(c, s, source="aggregates")),
         ("consecutive_agreement", lambda c: consecutive_agreement(c, s, source="aggregates")),
         ("layer_flow", lambda c: layer_flow(c, s, 0, 1, source="aggregates")),
@@ -262,32 +263,38 @@ def test_ranks_that_step_differently_are_written_per_rank_and_agree(runs, kind):
 
 @pytest.mark.slow
 def test_capacity_per_rank_group_needs_per_rank_rows(runs):
-    """capacity_drops(group='step') groups the tokens one rank routed in a step: a reduced run holds one summed
-    row per step, so its answer is the capacity of the whole group's step (C from the summed tokens), which the
-    per-rank run, grouping per rank, answers differently. Recorded here so that the difference stays known (the
-    README and the Recorder say so); a per-rank question needs reduce_ranks=False."""
+    """capacity_drops(group='step') groups the tokens one rank routed in a step. A reduced run holds one summed row
+    per step (`layer_stats.ranks_summed` = 4), whose drops would be those of the whole group's step, not of any
+    rank: the analysis refuses those steps, naming them, and health says the check was not run; the per-rank run
+    answers, checked against a brute force. group='sequence' reads each rank's routes and answers on both."""
     from moeviz.analyses.capacity import capacity_drops
+    from moeviz.analyses.health import health_summary
+    from moeviz.analyses.unknowns import UnknownQuantityError, summed_ranks
     from moeviz.selection import Selection
     from moeviz.store import open_store
 
     per, red = open_store(runs / "same-per_rank"), open_store(runs / "same-reduced")
     try:
         a = capacity_drops(per, Selection(), 1.0, group="step", by=("layer",))
-        b = capacity_drops(red, Selection(), 1.0, group="step", by=("layer",))
+        with pytest.raises(UnknownQuantityError, match=r"summed the step aggregates of 4 ranks .*group='sequence'"):
+            capacity_drops(red, Selection(), 1.0, group="step", by=("layer",))
+        found = summed_ranks(red, Selection(ranks=(1,)))  # the rank filter does not hide the summed steps
+        assert found is not None and found["ranks"] == 4 and found["steps"] == STEPS
+        assert summed_ranks(per, Selection()) is None
+        checks = health_summary(red, Selection(), capacity_factor=1.0)
+        cap = checks[checks.check == "capacity_drops"]
+        assert len(cap) and cap.message.str.startswith("not checked").all()
+        seq_a = capacity_drops(per, Selection(), 1.0, group="sequence", by=("layer",))
+        seq_b = capacity_drops(red, Selection(), 1.0, group="sequence", by=("layer",))
         steps = per.execute("SELECT step, rank, layer, expert, tokens, assigned FROM step_stats").df()
     finally:
         per.close()
         red.close()
-    np.testing.assert_array_equal(a.assigned, b.assigned)
-    # brute force of both groupings: C = ceil(CF * tokens * k / E), drops max(0, n - C) per group and expert
-    def drops(df):
-        cap = np.ceil(df.tokens * 2 / 4)
-        return np.maximum(df.assigned - cap, 0).groupby(df.layer).sum().to_numpy()
-
-    group = steps.groupby(["step", "layer", "expert"], as_index=False)[["tokens", "assigned"]].sum()
-    np.testing.assert_array_equal(a.dropped.to_numpy(), drops(steps))  # per rank and step
-    np.testing.assert_array_equal(b.dropped.to_numpy(), drops(group))  # the group's step
-    assert (a.dropped.to_numpy() != b.dropped.to_numpy()).any()
+    pd.testing.assert_frame_equal(seq_a.drop(columns='run_id'), seq_b.drop(columns='run_id'))
+    # brute force per rank and step: C = ceil(CF * tokens * k / E), drops max(0, n - C) per group and expert
+    cap = np.ceil(steps.tokens * 2 / 4)
+    expected = np.maximum(steps.assigned - cap, 0).groupby(steps.layer).sum().to_numpy()
+    np.testing.assert_array_equal(a.dropped.to_numpy(), expected)
 
 
 def test_auto_reduces_past_one_node(monkeypatch):
@@ -335,3 +342,18 @@ def test_a_rank_failing_before_the_sums_costs_its_own_steps_only(runs):
     assert got[got.step < 2].r.map(list).map(tuple).unique().tolist() == [(0, 1, 3)]
     np.testing.assert_array_equal(got.n.to_numpy(), want.n.to_numpy())
     assert got[["step", "layer", "expert"]].values.tolist() == want[["step", "layer", "expert"]].values.tolist()
+
+
+@pytest.mark.slow
+def test_sidebar_says_which_steps_hold_summed_ranks(runs):
+    """The rank filter of a reduced run would show the group's sums as rank 0's: the sidebar says which steps hold
+    summed aggregates, and says nothing on the per-rank run."""
+    from tests.test_app import open_app
+
+    red = open_app(runs / "same-reduced", run="same-reduced", page="capacity")
+    notes = [c.value for c in red.caption if "summed at recording" in c.value]
+    assert notes == [f"Steps 0-{STEPS - 1} ({STEPS} steps) hold the step aggregates of {WORLD} ranks summed at "
+                     "recording (reduce_ranks): their counts appear under rank 0 and no rank's own counts are known "
+                     "there; the rank filter selects their routes only."]
+    per = open_app(runs / "same-per_rank", run="same-per_rank", page="capacity")
+    assert not [c.value for c in per.caption if "summed at recording" in c.value]

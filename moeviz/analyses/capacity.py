@@ -29,7 +29,7 @@ import pandas as pd
 from moeviz.analyses import probability_drops
 from moeviz.analyses.load import AnalysisError, run_query
 from moeviz.selection import Selection
-from moeviz.analyses.unknowns import require
+from moeviz.analyses.unknowns import require, require_per_rank
 
 __all__ = ["capacity_drops", "drop_curve", "expert_capacity"]
 
@@ -248,6 +248,8 @@ def capacity_drops(
     if "slot" in tuple(by):
         require(con, sel, "first_choice", "drops by slot")
     by = _check(policy, group, by)
+    if group == "step":
+        require_per_rank(con, sel, "capacity drops per rank and step (group='step')")
     if source not in ("auto", "aggregates", "routes"):
         raise AnalysisError(f"source must be 'auto', 'aggregates' or 'routes'; got {source!r}")
     if (capacity_factor is None) == (capacity is None):

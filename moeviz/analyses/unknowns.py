@@ -46,6 +46,40 @@ def require(con, sel: Selection, quantity: str, what: str) -> None:
                                f"expert counts (load, imbalance, placement) still work on it.")
 
 
+def summed_ranks(con, sel: Selection) -> dict | None:
+    """Where the selection's step aggregates are sums over several ranks (`layer_stats.ranks_summed`, written by
+    `Recorder(reduce_ranks=...)`): {'run_id', 'ranks', 'first_step', 'last_step', 'steps'} of the first such run,
+    or None. Such a row's `rank` is the writing rank, not the one that routed, so one rank's counts are unknown
+    there. The rank filter is left out on purpose: filtering rank 1 of a summed run finds no rows instead of the
+    sums that hold its tokens."""
+    if "ranks_summed" not in _columns(con, "layer_stats"):
+        return None
+    where, params = sel.with_(domains=None, tags=None, ranks=None).where("l")
+    row = con.execute(f"""
+        SELECT run_id, max(ranks_summed), min(step), max(step), count(DISTINCT step) FROM layer_stats l
+        WHERE {where} AND ranks_summed > 1 GROUP BY run_id ORDER BY run_id LIMIT 1""", params).fetchone()
+    if row is None:
+        return None
+    return dict(zip(("run_id", "ranks", "first_step", "last_step", "steps"), (row[0], *map(int, row[1:]))))
+
+
+def require_per_rank(con, sel: Selection, what: str) -> None:
+    """Raise UnknownQuantityError when `what` needs one rank's step aggregates and the selection holds steps whose
+    aggregates were summed over ranks at recording (see `summed_ranks`)."""
+    found = summed_ranks(con, sel)
+    if found is None:
+        return
+    raise UnknownQuantityError(
+        f"{what} needs each rank's own counts per step, but run {found['run_id']!r} summed the step aggregates of "
+        f"{found['ranks']} ranks at recording (Recorder(reduce_ranks=...), on by default past 8 ranks) for "
+        f"{found['steps']} steps ({found['first_step']}-{found['last_step']}). Choose other steps, use "
+        f"group='sequence' (it reads each rank's routes), or record with reduce_ranks=False.")
+
+
+def _columns(con, table: str) -> set[str]:
+    return {r[0] for r in con.execute(f"DESCRIBE {table}").fetchall()}
+
+
 def _runs_without(con, sel: Selection, table: str, column: str) -> list[str]:
     ids = [r[0] for r in con.execute("SELECT run_id FROM runs ORDER BY run_id").fetchall()]
     if sel.run_ids is not None:

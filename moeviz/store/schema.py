@@ -172,6 +172,11 @@ LAYER_STATS = _t(
      "column of this row and of `step_stats`, `pair_stats`, `flow_stats` and `routes` (their softmax, z-loss and "
      "entropy are NaN and their top-k choice is arbitrary), so tokens + nonfinite_tokens tokens reached the layer. "
      "`moeviz check` flags them (check `nonfinite_router`). NULL for data written before it existed."),
+    ("ranks_summed", "INTEGER", "How many ranks' aggregates this row and its step's `step_stats`, `pair_stats` and "
+     "`flow_stats` rows sum: `Recorder(reduce_ranks=...)` (on by default past 8 ranks) sums a data-parallel group's "
+     "step aggregates at each flush and its first rank writes them, so `rank` is that rank's, not the only one "
+     "that routed. NULL: the writing rank's own counts. Analyses that need one rank's counts (capacity drops per "
+     "rank and step) refuse such steps."),
 )
 
 PAIR_STATS = _t(
@@ -424,7 +429,7 @@ OPTIONAL_COLUMNS: dict[str, frozenset[str]] = {
     "routes": frozenset({"dropped", "margin"}),
     "sequences": frozenset({"seq_key", "sample_id", "pos_offset", "prompt_tokens"}),
     "layer_stats": frozenset({"adjacent_pairs", "same_first", "first_in_topk", "topk_overlap", "coactive_pairs",
-                              "nonfinite_tokens"}),
+                              "nonfinite_tokens", "ranks_summed"}),
 }
 
 
