@@ -732,3 +732,19 @@ def test_explicit_keys_match_on_that_key_only():
     assert ag.matched(con, A, B, match_by="seq_key").iloc[0].tolist() == ref["matched"]
     with pytest.raises(ag.AgreementError, match="sample_id"):  # neither side has one
         ag.layer_agreement(con, A, B, match_by="sample_id")
+
+
+def test_cli_match_by_order_says_so_and_auto_says_how(tmp_path):
+    con, ra, rb = keyless_pair()
+    ref = reference(ra, rb, order=True)
+    write_run_folder(tmp_path / "A", con, "A")
+    write_run_folder(tmp_path / "B", con, "B")
+    p = moeviz("agree", tmp_path / "A", tmp_path / "B")
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert "Side b has no sequence key" in p.stderr and "--match-by order" in p.stderr
+    p = moeviz("agree", tmp_path / "A", tmp_path / "B", "--match-by", "order")
+    assert p.returncode == 0, p.stderr
+    assert f"matched tokens: {ref['matched'][2]} (a has {ref['matched'][0]}" in p.stdout
+    assert "matched by order: no token ids on side b — a wrong order gives wrong agreement" in p.stdout
+    p = moeviz("agree", tmp_path / "A", tmp_path / "A", "--match-by", "order")
+    assert "and the token ids of all" in p.stdout

@@ -328,6 +328,19 @@ def _keyless(con, sel: Selection) -> bool:
                          params, error=AgreementError)["n"].iloc[0]
 
 
+def sides_without_token_ids(con, a: Selection, b: Selection) -> list[str]:
+    """'a', 'b' or both: the sides none of whose selected routes has a token id (-1 or NULL: a Megatron trace).
+    Paired by order, such a side's tokens are vouched for by the order alone (what `moeviz agree` says)."""
+    out = []
+    for name, sel in (("a", a), ("b", b)):
+        where, params = sel.with_(domains=None, tags=None).where("r")
+        found = run_query(con, f"SELECT EXISTS (SELECT 1 FROM routes r WHERE {where} AND r.token_id >= 0) AS x",
+                          params, error=AgreementError)["x"].iloc[0]
+        if not found:
+            out.append(name)
+    return out
+
+
 def matched_by(match_by: str, matched: int, by_sample_id: int) -> str | None:
     """What paired the matched tokens: 'order', 'sample_id', 'seq_key', 'sample_id and seq_key' (auto, some tokens
     by each), None when nothing matched."""
