@@ -676,8 +676,8 @@ def test_token_view_and_sequences_against_a_numpy_loop():
 
 
 def keyless_pair(seed: int = 3, noise: float = 0.6, swap_ids: bool = False):
-    """Run A (token ids, seq_keys) and run B: A's first two steps' sequences in the same (step, rank, seq) order at
-    other step numbers, without token ids (-1: no seq_key, as a Megatron trace), routed from perturbed logits.
+    """Run A (token ids, seq_keys; 2 steps of 3 sequences) and run B: A's sequences in the same (step, rank, seq)
+    order, 2 per step at other step numbers, without token ids (-1: no seq_key, as a Megatron trace), routed from perturbed logits.
     `swap_ids`: B keeps its token ids, and one of its sequences has other ids (paired by order, its tokens do not
     match)."""
     rng = np.random.default_rng(seed)
@@ -686,13 +686,14 @@ def keyless_pair(seed: int = 3, noise: float = 0.6, swap_ids: bool = False):
     ra["token_ids"] = rng.integers(0, 40, n)
     ra["keep"] = rng.random(n) > 0.1
     rb = {k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in ra.items()}
-    rb["steps"] = rb["steps"] + 50
+    g = ra["steps"] * 3 + ra["seqs"]  # A's sequence number in (step, seq) order; B packs them 2 per step
+    rb["steps"], rb["seqs"] = 50 + g // 2, g % 2
     rb["logits"] = rb["logits"] + rng.normal(0, noise, rb["logits"].shape)
     rb["index"] = np.argsort(-rb["logits"], axis=-1, kind="stable")[..., :2]
     rb["weights"] = np.full(rb["index"].shape, 0.5)
     rb["keep"] = rng.random(n) > 0.1
     if swap_ids:
-        other = (rb["steps"] == 51) & (rb["seqs"] == 1)
+        other = (rb["steps"] == 51) & (rb["seqs"] == 0)
         rb["token_ids"] = np.where(other, rb["token_ids"] + 100, rb["token_ids"])
     else:
         rb["token_ids"] = np.full(n, -1)
