@@ -341,6 +341,26 @@ def sides_without_token_ids(con, a: Selection, b: Selection) -> list[str]:
     return out
 
 
+def matched_by_line(c, blind_sides: list[str]) -> str:
+    """The headline's line on what paired the tokens (`c`: the one row of agreement.matched); by order it says
+    which side has no token ids, or how many tokens had none on one side: only the order vouches for those."""
+    n = int(c["matched"])
+    if c["matched_by"] == "order":
+        blind = n - int(c["ids_compared"])
+        if blind_sides:
+            return (f"matched by order: no token ids on side {' and '.join(blind_sides)} — a wrong order gives "
+                    f"wrong agreement (the i-th sequence of a with the i-th of b, in (step, rank, seq) order)")
+        if not blind:
+            return (f"matched by order (the i-th sequence of a with the i-th of b, in (step, rank, seq) order), "
+                    f"and the token ids of all {n} tokens agree")
+        return (f"matched by order: {blind} of {n} tokens without a token id on one side (paired by order and "
+                f"position alone) — a wrong order gives wrong agreement")
+    by_id, by_hash = int(c["matched_by_sample_id"]), n - int(c["matched_by_sample_id"])
+    how = [f"sample_id ({by_id} tokens)" if by_id else "",
+           f"the token-id hash, seq_key ({by_hash} tokens)" if by_hash else ""]
+    return "matched by: " + " and ".join(x for x in how if x)
+
+
 def matched_by(match_by: str, matched: int, by_sample_id: int) -> str | None:
     """What paired the matched tokens: 'order', 'sample_id', 'seq_key', 'sample_id and seq_key' (auto, some tokens
     by each), None when nothing matched."""
