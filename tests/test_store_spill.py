@@ -55,3 +55,4 @@ def test_sql_still_reaches_no_file(run_dir, tmp_path, spill):
             con.execute(sql)
     assert not (tmp_path / "x.csv").exists()
     con.close()
+

@@ -33,6 +33,9 @@ compared order-insensitively; `swap_matrix` pairs the experts in slot order. Bef
 
 from __future__ import annotations
 
+import contextlib
+import uuid
+
 import numpy as np
 import pandas as pd
 
@@ -613,22 +616,76 @@ def token_view(con, a: Selection, b: Selection, *, run_id: str, step: int, rank:
     return df.astype({"pos": int, "token_id": "int64", "layers": int, "layers_differing": int})[TOKEN_VIEW_COLUMNS]
 
 
-def summary(con, a: Selection, b: Selection, *, source: str = "auto",
-            match_by: str = "auto") -> dict[str, pd.DataFrame]:
-    """`matched`, `layer_agreement` and `token_disagreement` from one pass over the matched tokens (and one count
-    of each side's tokens): what `moeviz agree` and the dashboard show, at about a third of the time of the three
-    calls: {"matched", "layers", "tokens"}. Raises AgreementError when nothing matches."""
-    ctes, params = _matched_ctes(con, a, b, source=source, match_by=match_by, extra=("ids",))
-    df = run_query(con, f"""{ctes},
+# summary's one table: per layer (kind 'layer': x = layer, n = tokens, sa, ov, fc) and the histogram of differing
+# layers per token (kind 'hist': x = layers differing, n = tokens, sa = of them matched by sample_id, ov = of them
+# with token ids on both sides), from {m}: the matched token-layers
+_SUMMARY_ROWS = """
         lay AS (SELECT layer, count(*) AS tokens, avg(CAST(same AS DOUBLE)) AS sa, avg(inter / k) AS ov,
-                       avg(CAST(first_same AS DOUBLE)) AS fc FROM m GROUP BY layer),
+                       avg(CAST(first_same AS DOUBLE)) AS fc FROM {m} GROUP BY layer),
         pt AS (SELECT count(*) FILTER (WHERE NOT same) AS d, bool_or(by_sample_id) AS bs,
-                      bool_and(ids_known) AS ids FROM m
+                      bool_and(ids_known) AS ids FROM {m}
                GROUP BY run_id, step, rank, seq, pos),
         hist AS (SELECT d, count(*) AS n, count(*) FILTER (WHERE bs) AS bs, count(*) FILTER (WHERE ids) AS ids
                  FROM pt GROUP BY d)
         SELECT 'layer' AS kind, layer AS x, tokens AS n, sa, ov, fc FROM lay
-        UNION ALL SELECT 'hist', d, n, bs, ids, NULL FROM hist""", params, error=AgreementError)
+        UNION ALL SELECT 'hist', d, n, bs, ids, NULL FROM hist"""
+
+
+@contextlib.contextmanager
+def _matched_by_layer(con, a: Selection, b: Selection, match_by: str):
+    """A TEMP table (its name) of the matched token-layers (m's run_id, step, rank, seq, pos, layer, same, inter, k,
+    first_same, by_sample_id, ids_known), filled one layer at a time from the routes; dropped on leaving.
+
+    Why: grouping the routes of both sides per token and layer and joining them in one query held ~1.7 GB per 8 M
+    routes per side (80 M: 17.9 GB, killed by the kernel). One layer at a time groups an eighth of the routes; each
+    pass reads the routes again (every row group holds every layer), which costs time, not memory. See
+    docs/benchmarks.md for what one layer still holds."""
+    table = f"_agreement_{uuid.uuid4().hex}"
+    cols = "run_id, step, rank, seq, pos, layer, same, inter, k, first_same, by_sample_id, ids_known"
+    try:
+        for i, layer in enumerate(_layers_of(con, a, b)):
+            la, lb = a.with_(layers=(layer,)), b.with_(layers=(layer,))
+            ctes, params = _matched_ctes(con, la, lb, source="routes", match_by=match_by, extra=("ids",))
+            head = f"CREATE TEMP TABLE {table} AS" if i == 0 else f"INSERT INTO {table}"
+            run_query(con, f"{head} {ctes} SELECT {cols} FROM m", params, error=AgreementError)
+        if not _exists(con, table):  # no layer selected: an empty table of m's columns
+            ctes, params = _matched_ctes(con, a, b, source="routes", match_by=match_by, extra=("ids",))
+            run_query(con, f"CREATE TEMP TABLE {table} AS {ctes} SELECT {cols} FROM m LIMIT 0", params,
+                      error=AgreementError)
+        yield table
+    finally:
+        con.execute(f"DROP TABLE IF EXISTS {table}")
+
+
+def _exists(con, table: str) -> bool:
+    return bool(con.execute("SELECT count(*) FROM duckdb_tables() WHERE table_name = ?", [table]).fetchone()[0])
+
+
+def _layers_of(con, a: Selection, b: Selection) -> list[int]:
+    """The MoE layers both selections may hold: their `layers` if given, else those of their runs."""
+    def of(sel: Selection) -> set[int]:
+        if sel.layers is not None:
+            return {int(x) for x in sel.layers}
+        where, params = Selection(run_ids=sel.run_ids).where("l")
+        return {int(x) for x in run_query(con, f"SELECT DISTINCT layer FROM layers l WHERE {where}", params,
+                                          error=AgreementError)["layer"]}
+    return sorted(of(a) & of(b))
+
+
+def summary(con, a: Selection, b: Selection, *, source: str = "auto",
+            match_by: str = "auto") -> dict[str, pd.DataFrame]:
+    """`matched`, `layer_agreement` and `token_disagreement` from one pass over the matched tokens (and one count
+    of each side's tokens): what `moeviz agree` and the dashboard show, at about a third of the time of the three
+    calls: {"matched", "layers", "tokens"}. Raises AgreementError when nothing matches.
+
+    From the routes (a live run, `source="routes"`) the matched tokens are found one layer at a time and kept in
+    a TEMP table (see `_matched_by_layer`)."""
+    if _sets_cover(con, (a, b), source):
+        ctes, params = _matched_ctes(con, a, b, source=source, match_by=match_by, extra=("ids",))
+        df = run_query(con, f"{ctes}, {_SUMMARY_ROWS.format(m='m')}", params, error=AgreementError)
+    else:
+        with _matched_by_layer(con, a, b, match_by) as table:
+            df = run_query(con, f"WITH {_SUMMARY_ROWS.format(m=table)}", [], error=AgreementError)
     lay = df[df["kind"] == "layer"].sort_values("x")
     _check_matched(con, a, b, len(lay), match_by)
     layers = pd.DataFrame({"layer": lay["x"].astype(int).to_numpy(), "tokens": lay["n"].astype("int64").to_numpy(),
