@@ -747,5 +747,7 @@ def test_cli_match_by_order_says_so_and_auto_says_how(tmp_path):
     assert p.returncode == 0, p.stderr
     assert f"matched tokens: {ref['matched'][2]} (a has {ref['matched'][0]}" in p.stdout
     assert "matched by order: no token ids on side b — a wrong order gives wrong agreement" in p.stdout
-    p = moeviz("agree", tmp_path / "A", tmp_path / "A", "--match-by", "order")
+    p = moeviz("agree", tmp_path / "A", tmp_path / "A", "--match-by", "order", "--memory-limit", "0.5")
     assert "and the token ids of all" in p.stdout
+    p = moeviz("agree", tmp_path / "A", tmp_path / "A", "--memory-limit", "lots")
+    assert p.returncode == 2 and "--memory-limit must be a number of GB" in p.stderr and "Traceback" not in p.stderr

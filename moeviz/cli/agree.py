@@ -61,6 +61,9 @@ def register(subparsers) -> None:
                    "of the token ids; default), sample_id, seq_key, or order (the i-th sequence of a with the i-th "
                    "of b in (step, rank, seq) order, token ids compared where both have them: for logs without "
                    "keys, such as a Megatron trace)")
+    p.add_argument("--memory-limit", metavar="GB", help="DuckDB's memory limit for the comparison, in GB (default: "
+                   "DuckDB's, 80%% of the RAM); past it intermediate results spill to a private temp folder. Two live "
+                   "(uncompacted) runs of 80 M routes each need several GB: give a limit on a shared machine")
     p.add_argument("--strict", action="store_true",
                    help="exit status 1 (after printing) when a log check fails")
     p.set_defaults(func=run_agree)
@@ -77,6 +80,19 @@ def _run_of_folder(path: str) -> tuple[Path, str]:
     return dirs[0], layout.run_id_of(dirs[0])
 
 
+def _memory_limit(text: str | None) -> int | None:
+    """--memory-limit GB as bytes (None: DuckDB's default)."""
+    if text is None:
+        return None
+    try:
+        gb = float(text)
+    except ValueError:
+        gb = float("nan")
+    if not gb >= 0.1:
+        raise AgreeArgumentError(f"--memory-limit must be a number of GB, at least 0.1; got {text!r}")
+    return int(gb * (1 << 30))
+
+
 def run_agree(args: argparse.Namespace) -> int:
     import pandas as pd
 
@@ -89,8 +105,9 @@ def run_agree(args: argparse.Namespace) -> int:
     steps_a = step_range(args.steps_a, "--steps-a", AgreeArgumentError)
     steps_b = step_range(args.steps_b, "--steps-b", AgreeArgumentError)
     layers = int_list(args.layers or None, "--layers", AgreeArgumentError)
+    limit = _memory_limit(args.memory_limit)
     if args.store:
-        con = open_store(args.store)
+        con = open_store(args.store, memory_limit=limit)
         id_a, id_b = args.run_a, args.run_b
         known = {r[0] for r in con.execute("SELECT run_id FROM runs").fetchall()}
         for rid in (id_a, id_b):
@@ -99,7 +116,7 @@ def run_agree(args: argparse.Namespace) -> int:
                 raise AgreeArgumentError(f"{args.store} holds no run {rid!r}; its runs: {', '.join(sorted(known))}")
     else:
         (dir_a, id_a), (dir_b, id_b) = _run_of_folder(args.run_a), _run_of_folder(args.run_b)
-        con = open_store([dir_a] if dir_a == dir_b else [dir_a, dir_b])
+        con = open_store([dir_a] if dir_a == dir_b else [dir_a, dir_b], memory_limit=limit)
     a = Selection(run_ids=(id_a,), steps=steps_a, layers=layers)
     b = Selection(run_ids=(id_b,), steps=steps_b, layers=layers)
     import sys
