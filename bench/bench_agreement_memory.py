@@ -43,7 +43,7 @@ def main() -> None:
     ap.add_argument("--what", choices=("summary", "side", "one-layer"), default="summary")
     args = ap.parse_args()
     limit = None if args.memory_limit is None else int(args.memory_limit * (1 << 30))
-    con = open_store(args.dir, memory_limit=limit)
+    con = open_store(args.dir, memory_limit=limit, spill=True)
     a, b = Selection(run_ids=("A",)), Selection(run_ids=("B",))
     peak = [0]
 

@@ -107,7 +107,7 @@ def run_agree(args: argparse.Namespace) -> int:
     layers = int_list(args.layers or None, "--layers", AgreeArgumentError)
     limit = _memory_limit(args.memory_limit)
     if args.store:
-        con = open_store(args.store, memory_limit=limit)
+        con = open_store(args.store, memory_limit=limit, spill=True)  # no user SQL runs on it
         id_a, id_b = args.run_a, args.run_b
         known = {r[0] for r in con.execute("SELECT run_id FROM runs").fetchall()}
         for rid in (id_a, id_b):
@@ -116,7 +116,7 @@ def run_agree(args: argparse.Namespace) -> int:
                 raise AgreeArgumentError(f"{args.store} holds no run {rid!r}; its runs: {', '.join(sorted(known))}")
     else:
         (dir_a, id_a), (dir_b, id_b) = _run_of_folder(args.run_a), _run_of_folder(args.run_b)
-        con = open_store([dir_a] if dir_a == dir_b else [dir_a, dir_b], memory_limit=limit)
+        con = open_store([dir_a] if dir_a == dir_b else [dir_a, dir_b], memory_limit=limit, spill=True)
     a = Selection(run_ids=(id_a,), steps=steps_a, layers=layers)
     b = Selection(run_ids=(id_b,), steps=steps_b, layers=layers)
     import sys

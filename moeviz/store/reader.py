@@ -70,15 +70,17 @@ class _RunFiles:
 # ---------------------------------------------------------------------------------------------------- open_store
 
 
-def open_store(path, *, memory_limit: int | None = None, threads: int | None = None, spill: bool = True):
+def open_store(path, *, memory_limit: int | None = None, threads: int | None = None, spill: bool = False):
     """A read-only, locked-down DuckDB connection with the views of moeviz.store.schema over a run or a folder of runs.
 
     `memory_limit` (bytes) and `threads` set DuckDB's settings of those names before the configuration is locked
     (default: DuckDB's own, 80% of the RAM and one thread per core); the SQL sandbox sets them for user queries.
-    `spill`: past `memory_limit`, DuckDB writes intermediate results (a hash table of 10 M tokens grouped from
-    80 M routes) to a private folder in the system's temp folder, which it removes at close; without it a query
-    over that limit fails (and before the limit the kernel may kill the process: 17.9 GB for `agreement.summary`
-    from the routes of two 80 M-route runs). The SQL sandbox passes False: user SQL may write into that folder.
+    `spill`: past `memory_limit`, DuckDB writes intermediate results (the routes of two 80 M-route runs grouped
+    per token and layer) to a private folder in the system's temp folder, which it removes at close; without it a
+    query over that limit fails (and below a default limit the kernel may kill the process: 17.9 GB for
+    `agreement.summary` from those routes). Only for connections that run no untrusted SQL (`moeviz agree`, the
+    benches): spilling needs DuckDB's local file system, and with it enabled DuckDB lets SQL write over the
+    attached run.duckdb files (`COPY ... TO '<run>/run.duckdb'`); other paths stay refused.
     `path` may also be a list of such paths (`moeviz agree` opens two run folders side by side); two folders
     holding one run id are refused, as within one folder.
     Raises StoreNotFoundError when `path` holds no run, SchemaVersionError when a run is newer than this moeviz.
@@ -369,8 +371,9 @@ def rollups_complete(con) -> bool:
 
 def _lock_down(con, spill: bool = False) -> None:
     """No file access for SQL on `con`. With `spill`, the local file system stays enabled for DuckDB's own spill
-    folder (disabling it makes every spill fail with a permission error); `enable_external_access = false` still
-    refuses every other local path to SQL (read_csv('/etc/passwd'), ATTACH, COPY outside the spill folder)."""
+    folder (disabling it makes every spill fail with a permission error); `enable_external_access = false` then
+    refuses other local paths (read_csv('/etc/passwd'), ATTACH, COPY elsewhere) but not the spill folder and the
+    attached run.duckdb files: see open_store."""
     con.execute("SET enable_external_access = false")
     if not spill:
         con.execute("SET disabled_filesystems = 'LocalFileSystem'")

@@ -305,7 +305,7 @@ def _answer(request: dict) -> dict:
         with _address_space_cap(memory, request["threads"]):
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                con = open_store(request["path"], memory_limit=memory, threads=request["threads"], spill=False)
+                con = open_store(request["path"], memory_limit=memory, threads=request["threads"])
             try:
                 rel = con.sql(request["sql"])
                 if rel is None:  # a statement without a result
