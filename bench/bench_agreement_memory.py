@@ -25,9 +25,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from moeviz.analyses import agreement as ag  # noqa: E402
-from moeviz.selection import Selection  # noqa: E402
-from moeviz.store import open_store  # noqa: E402
+from moeviz.analyses import agreement as ag
+from moeviz.selection import Selection
+from moeviz.store import open_store
 
 
 def spill_bytes() -> int:

@@ -718,7 +718,7 @@ def test_order_compares_token_ids_where_both_sides_have_them():
 
 
 def test_auto_never_falls_back_to_order_and_says_how():
-    con, ra, rb = keyless_pair()
+    con, _, _ = keyless_pair()
     with pytest.raises(ag.AgreementError, match=r"Side b has no sequence key.*--match-by order.*--sample-ids"):
         ag.layer_agreement(con, A, B)
     m = ag.matched(con, A, B)

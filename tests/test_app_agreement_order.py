@@ -8,9 +8,9 @@ import pytest
 
 pytest.importorskip("streamlit")
 
-from moeviz.testing import softmax, store_from_routing, synthetic_routing  # noqa: E402
-from tests.test_agreement import write_run_folder  # noqa: E402
-from tests.test_app import metric, open_app, texts  # noqa: E402
+from moeviz.testing import softmax, store_from_routing, synthetic_routing
+from tests.test_agreement import write_run_folder
+from tests.test_app import metric, open_app, texts
 
 
 def test_a_keyless_side_is_compared_by_order_when_asked(tmp_path):
