@@ -9,7 +9,11 @@ pass, as `moeviz agree` and the dashboard call it; also forced onto the routes, 
 and the margin and prompt/generated breakdowns. Prints a Markdown table.
 
     python bench/bench_agreement.py [--token-layers 1000000] [--dir /tmp/moeviz-bench-agree] [--threads N]
-                                    [--reuse] [--only NAME] [--skip NAME]
+                                    [--reuse] [--only NAME] [--skip NAME] [--memory-limit GB] [--no-spill]
+
+--memory-limit sets DuckDB's memory_limit of the connection (default: DuckDB's, 80% of the RAM); past it the
+connection spills to a private temp folder (`open_store(spill=True)`), or with --no-spill fails with DuckDB's
+out-of-memory error, as every connection did before spilling was enabled. The peak RSS of the process is printed.
 
 --token-layers is per side (tokens x layers); routes per side = that x 8.
 """
@@ -17,6 +21,7 @@ and the margin and prompt/generated breakdowns. Prints a Markdown table.
 from __future__ import annotations
 
 import argparse
+import resource
 import shutil
 import sys
 import tempfile
@@ -74,6 +79,8 @@ def main() -> None:
                     "call with the same --token-layers) instead of writing them again")
     ap.add_argument("--only", default=None, help="time only the queries whose name contains this text")
     ap.add_argument("--skip", default=None, help="leave out the queries whose name contains this text")
+    ap.add_argument("--memory-limit", type=float, default=None, help="DuckDB memory_limit in GB (default: DuckDB's)")
+    ap.add_argument("--no-spill", action="store_true", help="open the store without a spill folder")
     args = ap.parse_args()
     n_seqs = max(1, args.token_layers // (LAYERS * SEQ_LEN))
     root = Path(args.dir or tempfile.mkdtemp(prefix="moeviz-bench-agree-"))
@@ -93,7 +100,8 @@ def main() -> None:
         write_run(root / "A", "A", ids, a, np.arange(n_seqs), 0)
         write_run(root / "B", "B", ids, b, np.arange(n_seqs)[::-1], 1000)
     built = time.perf_counter() - t0
-    con = open_store(root, threads=args.threads)
+    limit = None if args.memory_limit is None else int(args.memory_limit * (1 << 30))
+    con = open_store(root, threads=args.threads, memory_limit=limit, spill=not args.no_spill)
     sa, sb = Selection(run_ids=("A",)), Selection(run_ids=("B",))
     rows = []
     for name, fn in (("matched", lambda: matched(con, sa, sb)), ("layer_agreement", lambda: layer_agreement(con, sa, sb)),
@@ -117,13 +125,16 @@ def main() -> None:
     routes = n_seqs * SEQ_LEN * LAYERS * TOP_K
     how = "reused the runs of --dir" if reuse else f"written and compacted in {built:.1f} s"
     print(f"{n_seqs * SEQ_LEN * LAYERS:,} token-layers ({routes:,} routes) per side, {LAYERS} layers x {EXPERTS} "
-          f"experts, top-{TOP_K}; {how}; DuckDB threads: {args.threads or 'default'}")
+          f"experts, top-{TOP_K}; {how}; DuckDB threads: {args.threads or 'default'}, memory_limit: "
+          f"{args.memory_limit or 'default'} GB, spill: {not args.no_spill}")
     print(f"set_agreement per layer (expected ~0.90): {', '.join(f'{v:.3f}' for v in lay['set_agreement'])}; "
           f"matched {int(lay['tokens'].iloc[0]):,} tokens")
     print("\n| query | first call (s) | second call (s) |\n|---|---|---|")
     for name, cold, warm, _ in rows:
         print(f"| {name} | {cold:.2f} | {warm:.2f} |")
     con.close()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1 << 20)  # KiB on Linux
+    print(f"\npeak RSS of this process: {peak:.2f} GB")
     if not args.dir:
         shutil.rmtree(root, ignore_errors=True)
 

@@ -226,3 +226,96 @@ def write_megatron(folder: Path, seed: int = 0, ranks: int = 2, steps: int = 2, 
         (folder / f"router_trace_rank{rank}.jsonl").write_text(text)
     routes_mb = _routes(rows_mb)
     return routes_mb, _routes(rows_bsz), counts_from_routes(routes_mb)
+
+
+# ------------------------------------------------------------------------------------------------ two engines
+
+
+def shared_routing(seed: int = 0, sequences: int = 5) -> list[dict]:
+    """The routing of `sequences` sequences that two engines are to log: per sequence its id (`cmpl-<i>`), prompt
+    and generated token ids, and the logical experts [len(ids) - 1, MoE layers, K] of every token but the last
+    (which no forward routed)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(sequences):
+        prompt = rng.integers(0, 1000, int(rng.integers(2, 6))).tolist()
+        gen = rng.integers(0, 1000, int(rng.integers(2, 5))).tolist()
+        out.append({"id": f"cmpl-{i}", "prompt": prompt, "gen": gen, "experts": draw(rng, len(prompt) + len(gen) - 1)})
+    return out
+
+
+def swapped(seqs: list[dict], seed: int, share: float = 0.3):
+    """A copy of `seqs` in which a `share` of (token, layer) decisions replaced their last chosen expert by one not
+    chosen; returns (the copy, {layer: Counter((expert_a, expert_b))}: the swap matrix it must give)."""
+    from collections import Counter
+
+    rng = np.random.default_rng(seed)
+    swaps: dict[int, Counter] = {li: Counter() for li in range(len(MOE))}
+    out = []
+    for q in seqs:
+        e = q["experts"].copy()
+        for t in range(e.shape[0]):
+            for li in range(e.shape[1]):
+                if rng.random() < share:
+                    new = int(rng.choice([x for x in range(E) if x not in e[t, li]]))
+                    swaps[li][(int(e[t, li, -1]), new)] += 1
+                    e[t, li, -1] = new
+        out.append({**q, "experts": e})
+    return out, swaps
+
+
+def write_vllm_of(path: Path, seqs: list[dict]) -> None:
+    """`seqs` as a JSONL of vLLM responses (lists layout: every hidden layer, dense ones zero; one choice each)."""
+    lines = []
+    for q in seqs:
+        full = np.zeros((len(q["prompt"]) + len(q["gen"]) - 1, HIDDEN, K), np.int64)
+        full[:, list(MOE), :] = q["experts"]
+        n = len(q["prompt"])
+        lines.append(json.dumps({"id": q["id"], "object": "text_completion", "prompt_token_ids": q["prompt"],
+                                 "prompt_routed_experts": full[:n].tolist(),
+                                 "choices": [{"index": 0, "text": "...", "token_ids": q["gen"],
+                                              "routed_experts": full[n:].tolist()}]}))
+    path.write_text("\n".join(lines) + "\n")
+
+
+def write_sglang_of(folder: Path, seqs: list[dict], seed: int = 0, per_pass: int = 2, n_physical: int = 12) -> Path:
+    """`seqs` as an SGLang per_token dump of one rank: EXTEND passes of `per_pass` whole sequences each (every
+    token but the last: a prefill that scores given sequences, as a trainer-side recompute does), physical ids
+    through a map with redundant replicas. Returns the file of sample ids (one per sequence, in pass order) that
+    the dump itself cannot carry."""
+    import torch
+
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    mapping = physical_map(rng, n_physical)
+    records = []
+    for pid, lo in enumerate(range(0, len(seqs), per_pass)):
+        part = seqs[lo:lo + per_pass]
+        ids = [x for q in part for x in (q["prompt"] + q["gen"])[:-1]]
+        positions = [p for q in part for p in range(len(q["prompt"]) + len(q["gen"]) - 1)]
+        logical = np.concatenate([q["experts"] for q in part])  # [T, MoE, K]
+        records.append({"forward_pass_id": pid, "rank": 0, "gatherer_key": "primary", "input_ids": ids,
+                        "positions": positions, "extend_seq_lens": [len(q["experts"]) for q in part],
+                        "forward_mode": 1, "topk_ids_of_layer": torch.from_numpy(_physical_ids(rng, mapping, logical)),
+                        "misc_objects": []})
+    torch.save({"records": records, "last_physical_to_logical_map": torch.from_numpy(mapping)},
+               folder / "expert_distribution_recorder_1700000000.0_0.pt")
+    ids_file = folder.parent / f"{folder.name}.sample_ids"
+    ids_file.write_text("".join(f"{q['id']}\n" for q in seqs))
+    return ids_file
+
+
+def write_megatron_of(folder: Path, seqs: list[dict], bsz: int) -> None:
+    """`seqs` (all of one length) as a Megatron trace of one rank and step: micro-batches of `bsz` sequences, rows
+    s * bsz + b, ids ascending within a row (as training's routing map lists them)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for mb, lo in enumerate(range(0, len(seqs), bsz)):
+        part = seqs[lo:lo + bsz]
+        n = part[0]["experts"].shape[0]
+        rows = np.stack([q["experts"] for q in part], axis=1).reshape(n * len(part), len(MOE), K)  # [s * bsz + b]
+        for li, h in enumerate(MOE):
+            lines.append(json.dumps({"step": 0, "stage": "pre_dispatch", "block": "decoder", "layer": h, "rank": 0,
+                                     "num_tokens": len(rows), "topk": K,
+                                     "top_indices": np.sort(rows[:, li, :], axis=1).tolist()}))
+    (folder / "router_trace_rank0.jsonl").write_text("\n".join(lines) + "\n")

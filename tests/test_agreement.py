@@ -54,11 +54,36 @@ def side_tokens(r: dict, sample_ids=None) -> tuple[dict, int, int]:
     return out, n, repeated
 
 
-def reference(ra: dict, rb: dict, sid_a=None, sid_b=None) -> dict:
-    ta, na, rep_a = side_tokens(ra, sid_a)
-    tb, nb, rep_b = side_tokens(rb, sid_b)
-    both = sorted(set(ta) & set(tb))
-    layers = sorted({l for t in both for l in ta[t]})
+def side_tokens_in_order(r: dict) -> tuple[dict, int, int]:
+    """{(("ord", i), pos): {layer: experts, "tok": token id}} of the i-th sequence in (step, rank, seq) order,
+    every sequence (none is a repeat when pairing by order), plus (tokens, 0)."""
+    steps, ranks, seqs, pos, tok = (np.asarray(r[c]) for c in ("steps", "ranks", "seqs", "pos", "token_ids"))
+    keep = np.asarray(r.get("keep", np.ones(len(steps), bool)))
+    idents = sorted({(int(steps[t]), int(ranks[t]), int(seqs[t])) for t in range(len(steps))})
+    number = {ident: i for i, ident in enumerate(idents)}
+    out = {}
+    for t in np.flatnonzero(keep):
+        cell = {l: tuple(int(e) for e in r["index"][t, l]) for l in range(r["index"].shape[1])}
+        out[(("ord", number[(int(steps[t]), int(ranks[t]), int(seqs[t]))]), int(pos[t]))] = {**cell,
+                                                                                               "tok": int(tok[t])}
+    return out, len(out), 0
+
+
+def reference(ra: dict, rb: dict, sid_a=None, sid_b=None, order: bool = False) -> dict:
+    """Every figure by brute force. `order`: sequences paired by their rank in (step, rank, seq) order, a token by
+    position, where the token ids agree or either side has none (< 0)."""
+    if order:
+        ta, na, rep_a = side_tokens_in_order(ra)
+        tb, nb, rep_b = side_tokens_in_order(rb)
+        both = sorted(t for t in set(ta) & set(tb)
+                      if ta[t]["tok"] < 0 or tb[t]["tok"] < 0 or ta[t]["tok"] == tb[t]["tok"])
+    else:
+        ta, na, rep_a = side_tokens(ra, sid_a)
+        tb, nb, rep_b = side_tokens(rb, sid_b)
+        ta = {t: {**v, "tok": t[2]} for t, v in ta.items()}
+        tb = {t: {**v, "tok": t[2]} for t, v in tb.items()}
+        both = sorted(set(ta) & set(tb))
+    layers = sorted({l for t in both for l in ta[t] if l != "tok"})
     rows = []
     for l in layers:
         same = [tuple(sorted(ta[t][l])) == tuple(sorted(tb[t][l])) for t in both]
@@ -75,7 +100,12 @@ def reference(ra: dict, rb: dict, sid_a=None, sid_b=None) -> dict:
             c.update(zip(oa, ob))
         swaps[l] = c
     by_id = sum(1 for t in both if t[0][0] == "id")
-    return {"matched": [na, nb, len(both), na - len(both), nb - len(both), rep_a, rep_b, by_id],
+    how = None if not both else "order" if both[0][0][0] == "ord" else (
+        "sample_id" if by_id == len(both) else "seq_key" if not by_id else "sample_id and seq_key")
+    ids = sum(1 for t in both if ta[t]["tok"] >= 0 and tb[t]["tok"] >= 0)
+    ta = {t: {l: e for l, e in v.items() if l != "tok"} for t, v in ta.items()}
+    tb = {t: {l: e for l, e in v.items() if l != "tok"} for t, v in tb.items()}
+    return {"matched": [na, nb, len(both), na - len(both), nb - len(both), rep_a, rep_b, by_id, how, ids],
             "layers": pd.DataFrame(rows, columns=ag.LAYER_COLUMNS),
             "hist": [differing.get(i, 0) for i in range(len(layers) + 1)], "swaps": swaps, "both": both,
             "ta": ta, "tb": tb}
@@ -108,24 +138,25 @@ def two_runs(seed: int = 0, noise: float = 0.6):
     return con, ra, rb
 
 
-def check_against_reference(con, a, b, ref, layer=1):
+def check_against_reference(con, a, b, ref, layer=1, **kw):
     """Every figure from both sources: `token_sets` (built as compaction builds it) and the routes."""
     for source in ("token_sets", "routes"):
-        m = ag.matched(con, a, b, source=source)
+        kw["source"] = source
+        m = ag.matched(con, a, b, **kw)
         assert list(m.columns) == ag.MATCHED_COLUMNS
         assert m.iloc[0].tolist() == ref["matched"]
-        got = ag.layer_agreement(con, a, b, source=source)
+        got = ag.layer_agreement(con, a, b, **kw)
         assert list(got.columns) == ag.LAYER_COLUMNS
         pd.testing.assert_frame_equal(got.reset_index(drop=True), ref["layers"], check_dtype=False, atol=1e-12)
-        hist = ag.token_disagreement(con, a, b, source=source)
+        hist = ag.token_disagreement(con, a, b, **kw)
         assert list(hist.columns) == ag.TOKEN_COLUMNS
         assert hist["layers_differing"].tolist() == list(range(len(ref["hist"])))
         assert hist["tokens"].tolist() == ref["hist"]
-        got = ag.summary(con, a, b, source=source)  # the three tables again, from one pass
+        got = ag.summary(con, a, b, **kw)  # the three tables again, from one pass
         pd.testing.assert_frame_equal(got["matched"], m)
-        pd.testing.assert_frame_equal(got["layers"], ag.layer_agreement(con, a, b, source=source))
+        pd.testing.assert_frame_equal(got["layers"], ag.layer_agreement(con, a, b, **kw))
         pd.testing.assert_frame_equal(got["tokens"], hist)
-        sw = ag.swap_matrix(con, a, b, layer, source=source)
+        sw = ag.swap_matrix(con, a, b, layer, **kw)
         assert list(sw.columns) == ag.SWAP_COLUMNS
         assert {(r.expert_a, r.expert_b): r.tokens for r in sw.itertuples()} == dict(ref["swaps"][layer])
 
@@ -248,7 +279,7 @@ def test_sample_ids_match_where_the_token_keys_differ():
     ia = np.array([[0, 1], [2, 3], [4, 5]])[:, None, :]
     con = store_from_routing(ia, n_experts=8, token_ids=[1, 2, 3], sample_ids=["req-7"] * 3, run_id="A")
     store_from_routing(ia[:2], n_experts=8, token_ids=[1, 2], sample_ids=["req-7"] * 2, run_id="B", con=con)
-    assert ag.matched(con, A, B).iloc[0].tolist() == [3, 2, 2, 1, 0, 0, 0, 2]  # both tokens by sample_id
+    assert ag.matched(con, A, B).iloc[0].tolist() == [3, 2, 2, 1, 0, 0, 0, 2, "sample_id", 2]  # both tokens by sample_id
     pd.testing.assert_frame_equal(ag.summary(con, A, B)["matched"], ag.matched(con, A, B))
     keys = con.execute("SELECT run_id, seq_key FROM sequences ORDER BY run_id").fetchall()
     assert keys == [("A", blake_key([1, 2, 3])), ("B", blake_key([1, 2]))]
@@ -315,7 +346,7 @@ def test_two_recordings_match_by_the_key_the_recorder_wrote(tmp_path):
     expect_b = [("B", 10 + i // 3, i % 3, blake_key(ids[5 - i][mask[5 - i] > 0].numpy()), None) for i in range(6)]
     assert seqs == expect_a + expect_b
     n_tokens = int(mask.sum())
-    assert ag.matched(con, A, B).iloc[0].tolist() == [n_tokens, n_tokens, n_tokens, 0, 0, 0, 0, 0]
+    assert ag.matched(con, A, B).iloc[0].tolist() == [n_tokens, n_tokens, n_tokens, 0, 0, 0, 0, 0, "seq_key", n_tokens]
     lay = ag.layer_agreement(con, A, B)
     assert len(lay) == 2 and (lay["tokens"] == n_tokens).all()
     # both runs were compacted by the Recorder's close: 'auto' reads token_sets, and the routes agree with it
@@ -470,7 +501,7 @@ def test_left_padding_does_not_move_positions(tmp_path):
     assert got == [("A", i, keys[i], 0) for i in range(3)] + [("B", 0, keys[0], 3), ("B", 1, keys[1], 0),
                                                                ("B", 2, keys[2], 2)]
     n = int(right.sum())
-    assert ag.matched(con, A, B).iloc[0].tolist() == [n, n, n, 0, 0, 0, 0, 0]
+    assert ag.matched(con, A, B).iloc[0].tolist() == [n, n, n, 0, 0, 0, 0, 0, "seq_key", n]
     pos = ag.position_agreement(con, A, B, bucket=1)  # positions within the sequence, 0 .. 7
     assert sorted(pos["pos_lo"].unique()) == list(range(8))
     assert pos.groupby("pos_lo")["tokens"].max().tolist() == [3, 3, 3, 3, 3, 2, 1, 1]
@@ -639,3 +670,84 @@ def test_token_view_and_sequences_against_a_numpy_loop():
         assert view["pos"].tolist() == [t[1] for t in toks] and view["token_id"].tolist() == [t[2] for t in toks]
         assert view["text"].tolist() == [f"w{t[2]}" for t in toks]
         assert view["layers_differing"].tolist() == differ and (view["layers"] == 3).all()
+
+
+# ---------------------------------------------------------------------------------------------------- match_by
+
+
+def keyless_pair(seed: int = 3, noise: float = 0.6, swap_ids: bool = False):
+    """Run A (token ids, seq_keys; 2 steps of 3 sequences) and run B: A's sequences in the same (step, rank, seq)
+    order, 2 per step at other step numbers, without token ids (-1: no seq_key, as a Megatron trace), routed from perturbed logits.
+    `swap_ids`: B keeps its token ids, and one of its sequences has other ids (paired by order, its tokens do not
+    match)."""
+    rng = np.random.default_rng(seed)
+    ra = synthetic_routing(n_steps=2, n_layers=3, n_experts=8, top_k=2, seqs_per_step=3, seq_len=6, seed=seed)
+    n = len(ra["steps"])
+    ra["token_ids"] = rng.integers(0, 40, n)
+    ra["keep"] = rng.random(n) > 0.1
+    rb = {k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in ra.items()}
+    g = ra["steps"] * 3 + ra["seqs"]  # A's sequence number in (step, seq) order; B packs them 2 per step
+    rb["steps"], rb["seqs"] = 50 + g // 2, g % 2
+    rb["logits"] = rb["logits"] + rng.normal(0, noise, rb["logits"].shape)
+    rb["index"] = np.argsort(-rb["logits"], axis=-1, kind="stable")[..., :2]
+    rb["weights"] = np.full(rb["index"].shape, 0.5)
+    rb["keep"] = rng.random(n) > 0.1
+    if swap_ids:
+        other = (rb["steps"] == 51) & (rb["seqs"] == 0)
+        rb["token_ids"] = np.where(other, rb["token_ids"] + 100, rb["token_ids"])
+    else:
+        rb["token_ids"] = np.full(n, -1)
+    con = store_from_routing(**{k: v for k, v in ra.items() if k != "logits"}, run_id="A")
+    store_from_routing(**{k: v for k, v in rb.items() if k != "logits"}, run_id="B", con=con)
+    return con, ra, rb
+
+
+def test_match_by_order_against_a_numpy_loop():
+    con, ra, rb = keyless_pair()
+    ref = reference(ra, rb, order=True)
+    assert ref["matched"][2] > 0 and ref["matched"][-2:] == ["order", 0]
+    check_against_reference(con, A, B, ref, match_by="order")
+
+
+def test_order_compares_token_ids_where_both_sides_have_them():
+    con, ra, rb = keyless_pair(swap_ids=True)
+    ref = reference(ra, rb, order=True)
+    assert 0 < ref["matched"][2] < ref["matched"][0] - 3  # the sequence with other ids is left out
+    assert ref["matched"][-1] == ref["matched"][2]  # every matched token had its id compared
+    check_against_reference(con, A, B, ref, match_by="order")
+
+
+def test_auto_never_falls_back_to_order_and_says_how():
+    con, _, _ = keyless_pair()
+    with pytest.raises(ag.AgreementError, match=r"Side b has no sequence key.*--match-by order.*--sample-ids"):
+        ag.layer_agreement(con, A, B)
+    m = ag.matched(con, A, B)
+    assert m["matched"].iloc[0] == 0 and m["matched_by"].iloc[0] is None
+    with pytest.raises(ag.AgreementError, match="match_by must be one of"):
+        ag.matched(con, A, B, match_by="position")
+
+
+def test_explicit_keys_match_on_that_key_only():
+    con, ra, rb = two_runs()
+    ref = reference(ra, rb)
+    assert ag.matched(con, A, B, match_by="seq_key").iloc[0].tolist() == ref["matched"]
+    with pytest.raises(ag.AgreementError, match="sample_id"):  # neither side has one
+        ag.layer_agreement(con, A, B, match_by="sample_id")
+
+
+def test_cli_match_by_order_says_so_and_auto_says_how(tmp_path):
+    con, ra, rb = keyless_pair()
+    ref = reference(ra, rb, order=True)
+    write_run_folder(tmp_path / "A", con, "A")
+    write_run_folder(tmp_path / "B", con, "B")
+    p = moeviz("agree", tmp_path / "A", tmp_path / "B")
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert "Side b has no sequence key" in p.stderr and "--match-by order" in p.stderr
+    p = moeviz("agree", tmp_path / "A", tmp_path / "B", "--match-by", "order")
+    assert p.returncode == 0, p.stderr
+    assert f"matched tokens: {ref['matched'][2]} (a has {ref['matched'][0]}" in p.stdout
+    assert "matched by order: no token ids on side b — a wrong order gives wrong agreement" in p.stdout
+    p = moeviz("agree", tmp_path / "A", tmp_path / "A", "--match-by", "order", "--memory-limit", "0.5")
+    assert "and the token ids of all" in p.stdout
+    p = moeviz("agree", tmp_path / "A", tmp_path / "A", "--memory-limit", "lots")
+    assert p.returncode == 2 and "--memory-limit must be a number of GB" in p.stderr and "Traceback" not in p.stderr

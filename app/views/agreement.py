@@ -11,11 +11,14 @@ from app.state import Ctx
 from moeviz import charts
 from moeviz.analyses.agreement import (
     AgreementError,
+    MATCH_BY,
     headline,
     margin_agreement,
+    matched_by_line,
     phase_agreement,
     position_agreement,
     sequence_disagreement,
+    sides_without_token_ids,
     summary,
     swap_matrix,
     token_view,
@@ -24,6 +27,8 @@ from moeviz.analyses.log_checks import checks
 from moeviz.selection import Selection
 
 TWO_RUNS, TWO_WINDOWS = "Two runs", "Two step windows of this run"
+MATCH_BY_LABELS = {"auto": "key (sample_id where both have one, else the token-id hash)", "sample_id": "sample_id",
+                   "seq_key": "token-id hash (seq_key)", "order": "order (i-th sequence of A with i-th of B)"}
 
 
 def _sides(ctx: Ctx) -> tuple[Selection, Selection, str] | None:
@@ -59,11 +64,17 @@ def render(ctx: Ctx) -> None:
         return
     a, b, scope = picked
     st.caption(scope)
+    by = st.selectbox("Match sequences by", MATCH_BY, key="agree_match_by", format_func=MATCH_BY_LABELS.get,
+                      help="order: for logs without token ids or request ids (a Megatron trace, an SGLang "
+                           "per-token dump imported without --sample-ids)")
+    kw = {"match_by": by}
     try:
-        got = ctx.q_slow("Matching the tokens of both sides...", summary, a, b)
+        got = ctx.q_slow("Matching the tokens of both sides...", summary, a, b, **kw)
     except AgreementError as e:  # nothing in common: say what keys each side has, not an error box
-        st.info(str(e))
+        st.info(str(e).replace("pass --match-by order (match_by='order'", "choose 'order' above (--match-by order"))
         return
+    if by == "order":
+        st.warning(matched_by_line(got["matched"].iloc[0], ctx.q(sides_without_token_ids, a, b)))
     per_layer, counts, hist = got["layers"], got["matched"], got["tokens"]
     h = headline(per_layer, hist, counts)
     c = st.columns(4)
@@ -72,7 +83,7 @@ def render(ctx: Ctx) -> None:
     c[2].metric("Decisions with another expert set", f"{100 * h['decisions_differing']:.2f}%")
     c[3].metric("Tokens with ≥ 1 differing layer", f"{100 * h['tokens_differing']:.2f}%")
     with guarded("Log checks"):
-        found = ctx.q(checks, a, b)
+        found = ctx.q(checks, a, b, **kw)
         bad = found[found["status"] != "ok"]
         for r in bad.itertuples():
             st.warning(f"Log check {r.status} ({'A' if r.side == 'a' else 'B' if r.side == 'b' else 'A against B'}, "
@@ -87,16 +98,16 @@ def render(ctx: Ctx) -> None:
     with guarded("Agreement by position"):
         bucket = int(st.select_slider("Position bucket (tokens)", [1, 2, 4, 8, 16, 32, 64, 128], value=16,
                                       key="agree_bucket"))
-        pos = ctx.q(position_agreement, a, b, bucket=bucket)
+        pos = ctx.q(position_agreement, a, b, bucket=bucket, **kw)
         show_chart(charts.position_agreement_heatmap(pos), pos, "agree-pos")
     with guarded("Disagreement by margin"):
-        mg = ctx.q(margin_agreement, a, b)
+        mg = ctx.q(margin_agreement, a, b, **kw)
         show_chart(charts.margin_agreement_bars(mg), mg, "agree-margin")
         if mg["margin_side"].isna().all():
             st.caption("Neither side has margins: routes.margin is NULL for every matched decision (engine logs "
                        "carry none; the Recorder writes them).")
     with guarded("Prompt and generated tokens"):
-        ph = ctx.q(phase_agreement, a, b)
+        ph = ctx.q(phase_agreement, a, b, **kw)
         show_chart(charts.phase_agreement_bars(ph), ph, "agree-phase")
         unknown = int(ph.loc[ph["phase"] == "unknown", "tokens"].sum())
         if unknown:
@@ -104,19 +115,19 @@ def render(ctx: Ctx) -> None:
                        "on both sides): they are counted as 'unknown'.")
     with guarded("Swap matrix"):
         layer = int(st.selectbox("Layer", per_layer["layer"].tolist(), key="agree_layer"))
-        sw = ctx.q(swap_matrix, a, b, layer)
+        sw = ctx.q(swap_matrix, a, b, layer, **kw)
         show_chart(charts.swap_heatmap(sw, layer=layer, n_experts=ctx.n_experts), sw, "agree-swaps")
         with st.expander("Swaps as a table"):
             show_table(sw.sort_values("tokens", ascending=False), "agree-swaps-table")
     with guarded("Token view"):
-        seqs = ctx.q(sequence_disagreement, a, b, limit=50)
+        seqs = ctx.q(sequence_disagreement, a, b, limit=50, **kw)
         labels = [f"run {r.run_id}, step {r.step}, rank {r.rank}, row {r.seq}: {100 * r.tokens_differing:.0f}% of "
                   f"{r.tokens} tokens differ" for r in seqs.itertuples()]
         i = st.selectbox("Sequence (most disagreeing first)", range(len(labels)), format_func=lambda j: labels[j],
                          key="agree_seq")
         r = seqs.iloc[int(i or 0)]
         tv = ctx.q(token_view, a, b, run_id=str(r["run_id"]), step=int(r["step"]), rank=int(r["rank"]),
-                   seq=int(r["seq"]))
+                   seq=int(r["seq"]), **kw)
         st.html(charts.disagreement_text_html(tv, n_layers=len(per_layer)))
 
 

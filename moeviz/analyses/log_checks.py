@@ -147,16 +147,18 @@ def _verdicts(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def alignment(con, a: Selection, b: Selection, *, shifts: tuple[int, ...] = (-1, 0, 1),
-              source: str = "auto") -> pd.DataFrame:
+              source: str = "auto", match_by: str = "auto") -> pd.DataFrame:
     """Set agreement of a's token at position p with b's token at p + shift, over every layer, for each shift:
     shift, tokens (matched token-layers), set_agreement. The token ids are not required to match here (a
     shifted log moves routes against ids), only the sequences (by key) and the positions. When agreement at +1
-    or -1 is higher than at 0, b's positions are likely off by one."""
+    or -1 is higher than at 0, b's positions are likely off by one. `match_by`: how sequences pair (see
+    moeviz.analyses.agreement)."""
     from moeviz.analyses.agreement import _matched_ctes
 
     out = []
     for s in shifts:
-        ctes, params = _matched_ctes(con, a, b, source=source, shift=int(s), same_token=False)
+        ctes, params = _matched_ctes(con, a, b, source=source, shift=int(s), same_token=False,
+                                      match_by=match_by)
         df = run_query(con, f"{ctes} SELECT count(*) AS n, avg(CAST(same AS DOUBLE)) AS sa FROM m", params,
                        error=_error())
         out.append([int(s), int(df["n"].iloc[0]), float(df["sa"].iloc[0]) if df["n"].iloc[0] else float("nan")])
@@ -179,7 +181,7 @@ def alignment_check(df: pd.DataFrame) -> list:
     return ["position_shift", "ok", n0, n0, f"set agreement by shift of b's positions: {text}"]
 
 
-def checks(con, a: Selection, b: Selection, *, source: str = "auto") -> pd.DataFrame:
+def checks(con, a: Selection, b: Selection, *, source: str = "auto", match_by: str = "auto") -> pd.DataFrame:
     """Every check of both sides (log_checks of a and of b) and the alignment of b against a: side, check,
     status, count, total, detail. The alignment is measured on one layer (the middle one of a's selection: a
     shift moves every layer alike, and one layer costs an eighth of eight), so `moeviz agree` pays ~0.5 s for it
@@ -195,6 +197,6 @@ def checks(con, a: Selection, b: Selection, *, source: str = "auto") -> pd.DataF
     if layers:
         mid = (layers[len(layers) // 2],)
         a, b = a.with_(layers=mid), b.with_(layers=mid)
-    row = alignment_check(alignment(con, a, b, source=source))
+    row = alignment_check(alignment(con, a, b, source=source, match_by=match_by))
     frames.append(pd.DataFrame([["a-b", *row]], columns=["side", *CHECK_COLUMNS]))
     return pd.concat(frames, ignore_index=True)

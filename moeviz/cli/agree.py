@@ -7,6 +7,11 @@ name the runs with --store), or, with `--store PATH`, run ids of the store at PA
     moeviz agree runs/rollout runs/trainer
     moeviz agree --store runs/ bf16 fp32 --layers 0,1 --format csv
     moeviz agree runs/exp runs/exp --steps-a 100:100 --steps-b 249:249
+    moeviz agree runs/trainer runs/megatron-trace --match-by order
+
+`--match-by` says which sequences are the same: auto (sample_id where both have one, else seq_key), sample_id,
+seq_key, or order (the i-th sequence of each side in (step, rank, seq) order: for logs without token ids or
+request ids, e.g. a Megatron trace; the headline then says so, since a wrong order gives wrong agreement).
 
 Prints the matched tokens, the share of (token, layer) decisions whose expert sets differ, the share of tokens
 with at least one differing layer, then `moeviz.agreement.layer_agreement` per layer; `--format csv` prints the
@@ -22,6 +27,8 @@ import argparse
 from pathlib import Path
 
 from moeviz.cli.args import ArgumentError, int_list, step_range
+
+MATCH_BY = ("auto", "sample_id", "seq_key", "order")  # moeviz.analyses.agreement.MATCH_BY, without importing it
 
 
 class AgreeArgumentError(ArgumentError):
@@ -49,6 +56,14 @@ def register(subparsers) -> None:
                    "zeros, positions off by one) that run before the comparison")
     p.add_argument("--breakdowns", action="store_true",
                    help="also print agreement for prompt against generated tokens and by margin bucket (table format)")
+    p.add_argument("--match-by", choices=MATCH_BY, default="auto",
+                   help="which sequences are the same: auto (sample_id where both have one, else seq_key, the hash "
+                   "of the token ids; default), sample_id, seq_key, or order (the i-th sequence of a with the i-th "
+                   "of b in (step, rank, seq) order, token ids compared where both have them: for logs without "
+                   "keys, such as a Megatron trace)")
+    p.add_argument("--memory-limit", metavar="GB", help="DuckDB's memory limit for the comparison, in GB (default: "
+                   "DuckDB's, 80%% of the RAM); past it intermediate results spill to a private temp folder. Two live "
+                   "(uncompacted) runs of 80 M routes each need several GB: give a limit on a shared machine")
     p.add_argument("--strict", action="store_true",
                    help="exit status 1 (after printing) when a log check fails")
     p.set_defaults(func=run_agree)
@@ -65,10 +80,24 @@ def _run_of_folder(path: str) -> tuple[Path, str]:
     return dirs[0], layout.run_id_of(dirs[0])
 
 
+def _memory_limit(text: str | None) -> int | None:
+    """--memory-limit GB as bytes (None: DuckDB's default)."""
+    if text is None:
+        return None
+    try:
+        gb = float(text)
+    except ValueError:
+        gb = float("nan")
+    if not gb >= 0.1:
+        raise AgreeArgumentError(f"--memory-limit must be a number of GB, at least 0.1; got {text!r}")
+    return int(gb * (1 << 30))
+
+
 def run_agree(args: argparse.Namespace) -> int:
     import pandas as pd
 
-    from moeviz.analyses.agreement import headline, layer_agreement, margin_agreement, phase_agreement, summary
+    from moeviz.analyses.agreement import (headline, layer_agreement, margin_agreement, phase_agreement,
+                                           matched_by_line, sides_without_token_ids, summary)
     from moeviz.analyses.log_checks import checks
     from moeviz.selection import Selection
     from moeviz.store import open_store
@@ -76,8 +105,9 @@ def run_agree(args: argparse.Namespace) -> int:
     steps_a = step_range(args.steps_a, "--steps-a", AgreeArgumentError)
     steps_b = step_range(args.steps_b, "--steps-b", AgreeArgumentError)
     layers = int_list(args.layers or None, "--layers", AgreeArgumentError)
+    limit = _memory_limit(args.memory_limit)
     if args.store:
-        con = open_store(args.store)
+        con = open_store(args.store, memory_limit=limit, spill=True)  # no user SQL runs on it
         id_a, id_b = args.run_a, args.run_b
         known = {r[0] for r in con.execute("SELECT run_id FROM runs").fetchall()}
         for rid in (id_a, id_b):
@@ -86,7 +116,7 @@ def run_agree(args: argparse.Namespace) -> int:
                 raise AgreeArgumentError(f"{args.store} holds no run {rid!r}; its runs: {', '.join(sorted(known))}")
     else:
         (dir_a, id_a), (dir_b, id_b) = _run_of_folder(args.run_a), _run_of_folder(args.run_b)
-        con = open_store([dir_a] if dir_a == dir_b else [dir_a, dir_b])
+        con = open_store([dir_a] if dir_a == dir_b else [dir_a, dir_b], memory_limit=limit, spill=True)
     a = Selection(run_ids=(id_a,), steps=steps_a, layers=layers)
     b = Selection(run_ids=(id_b,), steps=steps_b, layers=layers)
     import sys
@@ -94,15 +124,17 @@ def run_agree(args: argparse.Namespace) -> int:
     failed = False
     try:  # raises AgreementError (exit 2, one message) when nothing matches
         if args.format == "csv":
-            table = layer_agreement(con, a, b)
+            table = layer_agreement(con, a, b, match_by=args.match_by)
         else:
-            got = summary(con, a, b)  # one pass over the matched tokens for the three tables
+            got = summary(con, a, b, match_by=args.match_by)  # one pass over the matched tokens for the three tables
             table, counts, hist = got["layers"], got["matched"], got["tokens"]
+            blind_sides = sides_without_token_ids(con, a, b) if args.match_by == "order" else []
         phase = margins = None
         if args.breakdowns and args.format == "table":
-            phase, margins = phase_agreement(con, a, b), margin_agreement(con, a, b)
+            phase = phase_agreement(con, a, b, match_by=args.match_by)
+            margins = margin_agreement(con, a, b, match_by=args.match_by)
         if not args.no_checks:  # after the comparison: a selection that matches nothing exits 2 first
-            found = checks(con, a, b)
+            found = checks(con, a, b, match_by=args.match_by)
             bad = found[found["status"] != "ok"]
             failed = bool((found["status"] == "fail").any())
             out = sys.stderr if args.format == "csv" else sys.stdout
@@ -127,9 +159,7 @@ def run_agree(args: argparse.Namespace) -> int:
     print(f"matched tokens: {h['matched']} (a has {h['tokens_a']}: {int(c['unmatched_a'])} unmatched, "
           f"{int(c['repeated_a'])} of them a repeated sequence; b has {h['tokens_b']}: {int(c['unmatched_b'])} "
           f"unmatched, {int(c['repeated_b'])} repeated)")
-    by_id, by_hash = int(c["matched_by_sample_id"]), h["matched"] - int(c["matched_by_sample_id"])
-    how = [f"sample_id ({by_id} tokens)" if by_id else "", f"the token-id hash, seq_key ({by_hash} tokens)" if by_hash else ""]
-    print("matched by: " + " and ".join(x for x in how if x))
+    print(matched_by_line(c, blind_sides))
     print(f"(token, layer) decisions with a different expert set: {100 * h['decisions_differing']:.2f}%")
     print(f"tokens with at least one differing layer: {100 * h['tokens_differing']:.2f}% "
           f"(of {len(table)} layer(s))")

@@ -34,6 +34,12 @@ def register(subparsers) -> None:
     p.add_argument("--num-experts", metavar="N", help="routed experts per layer (default: from the source; Megatron and vLLM: "
                                          "the largest id + 1)")
     p.add_argument("--micro-batch-size", metavar="B", help="megatron: sequences per micro-batch, to split rows into sequences")
+    p.add_argument("--sample-ids", metavar="FILE", help="megatron, sglang (per_token): one id per line for each "
+                   "sequence of the import, in (step, rank, seq) order, stored as sequences.sample_id: the key "
+                   "`moeviz agree` matches on (these logs have no request ids; without keys they pair only by order)")
+    p.add_argument("--token-ids", metavar="FILE", help="megatron: one line per sequence, in (step, rank, seq) order, "
+                   "of its token ids in position order (space- or comma-separated): stored as routes.token_id, and "
+                   "hashed as sequences.seq_key")
     p.add_argument("--progress", action="store_true", help="draw a progress bar on stderr even when it is not a terminal")
     p.set_defaults(func=run_import)
 
@@ -71,6 +77,14 @@ def run_import(args: argparse.Namespace) -> int:
     kwargs = {"run_name": args.run_name, "num_experts": num_experts, "progress": bar}
     if mbs is not None:
         kwargs["micro_batch_size"] = mbs
+    if args.sample_ids is not None:
+        if args.format == "vllm":
+            raise ArgumentError("--sample-ids applies to megatron and sglang: vLLM responses carry their own ids")
+        kwargs["sample_ids"] = args.sample_ids
+    if args.token_ids is not None:
+        if args.format != "megatron":
+            raise ArgumentError("--token-ids applies to megatron traces only: the other formats carry token ids")
+        kwargs["token_ids"] = args.token_ids
     fn = {"sglang": importers.import_sglang, "vllm": importers.import_vllm, "megatron": importers.import_megatron}
     try:
         s = fn[args.format](args.source, args.out, **kwargs)

@@ -10,6 +10,12 @@ top choice: first_choice stays NULL. There are no token ids, no probabilities an
 + 1 unless given). MTP records (`block` 'mtp') are left out. A trace cut by a killed job ends in a partial line:
 it is dropped with a warning.
 
+No token ids and no request ids: `moeviz agree` pairs such a run with another only by order (match_by='order'),
+unless the user gives keys at import: `sample_ids` (a file, one id per sequence) and/or `token_ids` (a file, one
+sequence's token ids per line), line i for the i-th sequence in (step, rank, seq) order: step by step, within a
+step rank by rank, within a rank micro-batch by micro-batch in file order and, with micro_batch_size, batch row
+by batch row.
+
 Each rank's file becomes that rank's rows (`rank` column); ranks of one data-parallel group that saw the same
 tokens (tensor parallelism without sequence parallelism) are each counted: select one rank to count tokens once.
 """
@@ -25,7 +31,7 @@ import numpy as np
 from moeviz.importers.jsonl import read_jsonl
 from moeviz.importers.source import ImportSummary, SourceError, n_experts_of
 from moeviz.importers.staging import StagedRun
-from moeviz.importers.tokens import Chunk, layer_has_experts, top_k_of, write_chunks
+from moeviz.importers.tokens import Chunk, apply_keys, layer_has_experts, top_k_of, write_chunks
 
 UNKNOWN = ["routes.weight", "routes.token_id", "step_stats.prob_sum", "step_stats.first_choice",
            "layer_stats.z_loss_sum", "layer_stats.entropy_sum"]
@@ -34,12 +40,14 @@ _FIELDS = ("step", "layer", "num_tokens", "topk", "top_indices")
 
 
 def import_megatron(source, out, *, run_name: str | None = None, num_experts: int | None = None,
-                    micro_batch_size: int | None = None, progress=None) -> ImportSummary:
+                    micro_batch_size: int | None = None, sample_ids=None, token_ids=None,
+                    progress=None) -> ImportSummary:
     """Import a Megatron-LM routing trace (a folder of `router_trace_rank*.jsonl`, or one such file) into `out`.
 
     `num_experts`: experts per MoE layer (default: the largest id seen + 1). `micro_batch_size`: splits each
     micro-batch's rows into its sequences (row = s * micro_batch_size + b); without it a micro-batch is one
-    sequence whose `pos` is the row. Raises SourceError naming the file and line on a bad source."""
+    sequence whose `pos` is the row. `sample_ids`, `token_ids`: files of keys, one line per sequence (see the
+    module docstring). Raises SourceError naming the file and line on a bad source."""
     files = _trace_files(Path(source))
     warnings: list[str] = []
     total = sum(os.path.getsize(f) for f in files)
@@ -75,7 +83,9 @@ def import_megatron(source, out, *, run_name: str | None = None, num_experts: in
         raise SourceError(files[0], "holds no decoder router records")
     layers = sorted({layer for steps in calls.values() for by_layer in steps.values() for layer in by_layer})
     n_experts = n_experts_of(files[0], num_experts, top)
+    unknown = [u for u in UNKNOWN if not (u == "routes.token_id" and token_ids is not None)]
     chunks = _chunks(files, calls, layers, micro_batch_size)
+    apply_keys(chunks, sample_ids=sample_ids, token_ids=token_ids)
     keep = layer_has_experts(chunks, len(layers), files[0])
     ks = top_k_of(chunks, keep)
     steps = {s for by_step in calls.values() for s in by_step}
@@ -87,14 +97,16 @@ def import_megatron(source, out, *, run_name: str | None = None, num_experts: in
             "config": {"source": "megatron", "path": str(Path(source).absolute()), "files": [f.name for f in files],
                        "ranks": sorted(calls), "decoder_layers": layers, "num_experts_given": num_experts,
                        "micro_batch_size": micro_batch_size, "slot_order": "ascending expert id (training)",
-                       "unknown": UNKNOWN}},
+                       "sample_ids": None if sample_ids is None else str(Path(sample_ids).absolute()),
+                       "token_ids": None if token_ids is None else str(Path(token_ids).absolute()),
+                       "unknown": unknown}},
             [{"layer": i, "module_name": f"decoder.layers.{b}.mlp.router", "n_experts": n_experts,
               "top_k": int(ks[i]), "block_index": b, "stack": "decoder"} for i, b in enumerate(kept)])
         routes, seqs, assigned = write_chunks(run, chunks, keep, n_experts, drops_known=False)
         run.publish()
     skipped = [layers[i] for i in np.flatnonzero(~keep)]  # layers whose every record chose no expert
     return ImportSummary(run.out, "megatron", len(files), len(steps), seqs, routes, assigned, kept, skipped, n_experts,
-                         int(ks.max()), UNKNOWN, warnings)
+                         int(ks.max()), unknown, warnings)
 
 
 def _trace_files(source: Path) -> list[Path]:

@@ -17,7 +17,9 @@ files into `SGLANG_EXPERT_DISTRIBUTION_RECORDER_DIR`. Tensors may have been save
   request), `forward_mode` (EXTEND 1, DECODE 2, MIXED 3, IDLE 4) and `topk_ids_of_layer` int32 [layers, tokens, 8],
   -1 padded, physical ids. Each forward pass is a step (`forward_pass_id`), each request chunk of it a sequence
   (tag 'extend', 'decode' or 'mixed'), `pos` the token's position in its request. Requests are not identified
-  across passes, so `seq_key`, `sample_id` and `prompt_tokens` stay NULL.
+  across passes, so `seq_key`, `sample_id` and `prompt_tokens` stay NULL: `moeviz agree` pairs such a run only
+  by order (match_by='order'), or by `sample_ids` given at import (a file, one id per request chunk, in (pass,
+  rank, chunk) order, as `sequences.sample_id`).
 The layer axis counts every hidden layer; dense ones hold -1 (per_token) or zeros (counts) and are left out.
 Slot order is the kernel's, not guaranteed by score: first_choice stays NULL.
 """
@@ -32,6 +34,7 @@ from moeviz.importers.source import ImportSummary, SourceError, n_experts_of
 from moeviz.importers.staging import StagedRun
 from moeviz.importers.tokens import (
     Chunk,
+    apply_keys,
     layer_has_experts,
     layer_stats_of,
     step_stats_from_counts,
@@ -47,20 +50,22 @@ UNKNOWN_TOKENS = ["routes.weight", "sequences.seq_key", "step_stats.prob_sum", "
 
 
 def import_sglang(source, out, *, run_name: str | None = None, num_experts: int | None = None,
-                  progress=None) -> ImportSummary:
+                  sample_ids=None, progress=None) -> ImportSummary:
     """Import SGLang expert-distribution dumps (a folder of `.pt` files, or one file) into a new run at `out`.
 
     The mode (stat, per_pass, per_token) is read from the files; all must be of one mode. `num_experts`: logical
-    experts per layer (default: from the dump). Raises SourceError naming the file on a bad source."""
+    experts per layer (default: from the dump). `sample_ids`: per_token only, a file of one id per sequence (a
+    request chunk of a forward pass) in (step, rank, seq) order. Raises SourceError naming the file on a bad
+    source."""
     files = _dump_files(Path(source))
     try:
-        return _import(files, out, run_name, num_experts, progress)
+        return _import(files, out, run_name, num_experts, progress, sample_ids)
     except (KeyError, TypeError, AttributeError) as e:  # a record without a field of the layout, or of another type
         raise SourceError(Path(source), f"a dump record lacks or mistypes {type(e).__name__}: {e}: not an SGLang "
                                         f"expert-distribution dump of a known layout") from None
 
 
-def _import(files, out, run_name, num_experts, progress) -> ImportSummary:
+def _import(files, out, run_name, num_experts, progress, sample_ids=None) -> ImportSummary:
     loaded = []
     for i, path in enumerate(files):
         loaded.append((path, _load(path)))
@@ -71,11 +76,14 @@ def _import(files, out, run_name, num_experts, progress) -> ImportSummary:
         raise SourceError(files[0].parent, "holds dumps of different modes ("
                           + ", ".join(f"{p.name}: {m}" for p, m in modes.items()) + "): import one mode at a time")
     mode = next(iter(modes.values()))
+    if sample_ids is not None and mode != "per_token":
+        raise SourceError(sample_ids, f"gives sample ids, but the dumps are {mode} mode: only per_token dumps hold "
+                                      f"sequences")
     if mode == "stat":
         return _import_counts(files, *_stat_counts(loaded), mode, out, run_name, num_experts)
     if mode == "per_pass":
         return _import_counts(files, *_per_pass_counts(loaded, num_experts), mode, out, run_name, num_experts)
-    return _import_per_token(files, loaded, out, run_name, num_experts, progress)
+    return _import_per_token(files, loaded, out, run_name, num_experts, progress, sample_ids)
 
 
 def _dump_files(source: Path) -> list[Path]:
@@ -216,7 +224,7 @@ def _import_counts(files, step, rank, counts, mode, out, run_name, num_experts) 
                          int(n_experts), None, UNKNOWN_COUNTS)
 
 
-def _import_per_token(files, loaded, out, run_name, num_experts, progress) -> ImportSummary:
+def _import_per_token(files, loaded, out, run_name, num_experts, progress, sample_ids=None) -> ImportSummary:
     chunks: list[Chunk] = []
     n_layers = None
     n_logical = 0
@@ -236,6 +244,7 @@ def _import_per_token(files, loaded, out, run_name, num_experts, progress) -> Im
     if not chunks:
         raise SourceError(files[0], "holds no tokens (every forward pass is idle)")
     n_experts = n_experts_of(files[0], num_experts, n_logical - 1)
+    apply_keys(chunks, sample_ids=sample_ids)
     keep = layer_has_experts(chunks, n_layers, files[0])
     ks = top_k_of(chunks, keep)
     kept = np.flatnonzero(keep)

@@ -191,3 +191,88 @@ def step_stats_from_counts(step: np.ndarray, rank: np.ndarray, counts: np.ndarra
             "layer": li.reshape(-1).astype(np.int16), "expert": ei.reshape(-1).astype(np.int16), "tokens": None,
             "assigned": counts.reshape(-1).astype(np.int64), "first_choice": None, "prob_sum": None,
             "dropped": np.zeros(counts.size, np.int64)}
+
+
+# ------------------------------------------------------------------------------------------------ keys given
+
+
+def read_key_lines(path, what: str) -> list[str]:
+    """The lines of a keys file (`--sample-ids`, `--token-ids`): one per sequence; a final newline is optional.
+    SourceError naming the file when it cannot be read or has an empty line."""
+    from pathlib import Path
+
+    try:
+        text = Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise SourceError(path, f"cannot be read as the {what} file ({type(e).__name__}: {e})") from None
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    empty = [i + 1 for i, line in enumerate(lines) if not line.strip()]
+    if empty:
+        raise SourceError(path, f"line {empty[0]} is empty: the {what} file needs one line per sequence")
+    return [line.strip() for line in lines]
+
+
+def sequence_order(chunks: list[Chunk]) -> list[tuple[int, int, int]]:
+    """The (step, rank, seq) of every sequence of `chunks`, in that order: the order a keys file's lines follow,
+    and the order `agreement`'s match_by='order' pairs sequences in."""
+    return sorted((int(r["step"]), int(r["rank"]), int(r["seq"])) for c in chunks for r in c.sequences)
+
+
+def apply_keys(chunks: list[Chunk], *, sample_ids=None, token_ids=None) -> None:
+    """Give the sequences of `chunks` the user's keys, line i to the i-th sequence of `sequence_order`:
+    `sample_ids` (a file of one id per line) as `sequences.sample_id`; `token_ids` (a file of one sequence's
+    token ids per line, space- or comma-separated, in position order) as `routes.token_id` and, hashed,
+    `sequences.seq_key`. For sources without keys (Megatron's trace, SGLang's request chunks): without them
+    `moeviz agree` can pair such a run only by order. SourceError naming the file when the counts disagree."""
+    from moeviz.store.layout import sequence_key
+
+    order = sequence_order(chunks)
+    rows = {(int(r["step"]), int(r["rank"]), int(r["seq"])): r for c in chunks for r in c.sequences}
+    if sample_ids is not None:
+        ids = read_key_lines(sample_ids, "sample ids")
+        _check_count(sample_ids, len(ids), len(order), "sample ids")
+        if len(set(ids)) != len(ids):
+            dup = next(x for x in ids if ids.count(x) > 1)
+            raise SourceError(sample_ids, f"gives sample id {dup!r} to more than one sequence: give each its own")
+        for key, sid in zip(order, ids):
+            rows[key]["sample_id"] = sid
+    if token_ids is not None:
+        lines = read_key_lines(token_ids, "token ids")
+        _check_count(token_ids, len(lines), len(order), "token ids")
+        by_seq = {key: _parse_ids(token_ids, i + 1, line) for i, (key, line) in enumerate(zip(order, lines))}
+        for c in chunks:
+            _set_token_ids(token_ids, c, by_seq, order)
+        for key, ids in by_seq.items():
+            rows[key]["seq_key"] = sequence_key(ids)
+
+
+def _check_count(path, got: int, want: int, what: str) -> None:
+    if got != want:
+        raise SourceError(path, f"has {got} line(s) but the source has {want} sequence(s): the {what} file needs "
+                                f"one line per sequence, in (step, rank, seq) order")
+
+
+def _parse_ids(path, lineno: int, line: str) -> np.ndarray:
+    try:
+        ids = np.array([int(x) for x in line.replace(",", " ").split()], np.int64)
+    except ValueError:
+        raise SourceError(path, f"line {lineno} holds something other than integer token ids") from None
+    if ids.size and (ids.min() < 0 or ids.max() > np.iinfo(np.int32).max):
+        raise SourceError(path, f"line {lineno} holds a token id outside [0, {np.iinfo(np.int32).max}]")
+    return ids
+
+
+def _set_token_ids(path, c: Chunk, by_seq: dict, order: list) -> None:
+    """Each token of `c` gets the id at its position in its sequence's line."""
+    line_of = {key: i + 1 for i, key in enumerate(order)}
+    for r in c.sequences:
+        key = (int(r["step"]), int(r["rank"]), int(r["seq"]))
+        mine = np.flatnonzero((c.step == key[0]) & (c.rank == key[1]) & (c.seq == key[2]))  # [tokens of it]
+        ids = by_seq[key]
+        pos = c.pos[mine] - int(r.get("pos_offset") or 0)
+        if len(ids) != int(r["n_tokens"]) or (len(pos) and (pos.min() < 0 or pos.max() >= len(ids))):
+            raise SourceError(path, f"line {line_of[key]} has {len(ids)} token id(s), but sequence (step {key[0]}, "
+                                    f"rank {key[1]}, seq {key[2]}) has {int(r['n_tokens'])} token(s)")
+        c.token_id[mine] = ids[pos]

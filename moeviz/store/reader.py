@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import uuid
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,18 +70,24 @@ class _RunFiles:
 # ---------------------------------------------------------------------------------------------------- open_store
 
 
-def open_store(path, *, memory_limit: int | None = None, threads: int | None = None):
+def open_store(path, *, memory_limit: int | None = None, threads: int | None = None, spill: bool = False):
     """A read-only, locked-down DuckDB connection with the views of moeviz.store.schema over a run or a folder of runs.
 
     `memory_limit` (bytes) and `threads` set DuckDB's settings of those names before the configuration is locked
     (default: DuckDB's own, 80% of the RAM and one thread per core); the SQL sandbox sets them for user queries.
+    `spill`: past `memory_limit`, DuckDB writes intermediate results (the routes of two 80 M-route runs grouped
+    per token and layer) to a private folder in the system's temp folder, which it removes at close; without it a
+    query over that limit fails (and below a default limit the kernel may kill the process: 17.9 GB for
+    `agreement.summary` from those routes). Only for connections that run no untrusted SQL (`moeviz agree`, the
+    benches): spilling needs DuckDB's local file system, and with it enabled DuckDB lets SQL write over the
+    attached run.duckdb files (`COPY ... TO '<run>/run.duckdb'`); other paths stay refused.
     `path` may also be a list of such paths (`moeviz agree` opens two run folders side by side); two folders
     holding one run id are refused, as within one folder.
     Raises StoreNotFoundError when `path` holds no run, SchemaVersionError when a run is newer than this moeviz.
     Incomplete Parquet files (a copy in progress, a truncated file) are skipped with a StoreWarning.
     """
     runs = [_RunFiles.scan(d) for d in _run_dirs(path)]  # 1. list segments ...
-    con = _read_only_connection(memory_limit, threads)
+    con = _read_only_connection(memory_limit, threads, spill)
     try:
         compacted = _attach_compacted(con, runs)  # 2. ... then open run.duckdb: a segment listed in 1 and
         for i, run in enumerate(runs):  # folded by a compaction in between is found in `_segments` here
@@ -97,7 +104,7 @@ def open_store(path, *, memory_limit: int | None = None, threads: int | None = N
         con.register("_run_status", _status_table(con, runs, compacted))
         _create_views(con, compacted)
         _note_rollup_gaps(con, runs, compacted)
-        _lock_down(con)
+        _lock_down(con, spill)
     except BaseException:
         con.close()
         raise
@@ -136,8 +143,10 @@ def is_stale(e: BaseException) -> bool:
     return "Failed to open local file" in text and ("No such file" in text or "errno 2" in text)
 
 
-def _read_only_connection(memory_limit: int | None = None, threads: int | None = None):
-    """A connection to an empty database opened read-only (so CREATE TABLE and INSERT fail in it)."""
+def _read_only_connection(memory_limit: int | None = None, threads: int | None = None, spill: bool = False):
+    """A connection to an empty database opened read-only (so CREATE TABLE and INSERT fail in it). `spill`: with
+    a temp_directory that does not exist yet (DuckDB creates it on the first spill and removes it at close;
+    `enable_external_access = false` still lets DuckDB, and only it, write there)."""
     import duckdb
 
     from moeviz.store import duckdb_compat
@@ -146,7 +155,7 @@ def _read_only_connection(memory_limit: int | None = None, threads: int | None =
     os.close(fd)
     os.unlink(tmp)
     config = {"autoinstall_known_extensions": False, "allow_community_extensions": False,
-              "allow_persistent_secrets": False, "temp_directory": ""}
+              "allow_persistent_secrets": False, "temp_directory": _spill_folder() if spill else ""}
     if memory_limit is not None:
         config["memory_limit"] = f"{int(memory_limit) // 1024}KiB"
     if threads is not None:
@@ -160,6 +169,11 @@ def _read_only_connection(memory_limit: int | None = None, threads: int | None =
                 os.unlink(leftover)  # the open database keeps its inode; nothing is left behind in /tmp
     con.execute("LOAD json")  # config is JSON: load before the file system is disabled
     return con
+
+
+def _spill_folder() -> str:
+    """A new folder name in the system's temp folder, unique to this connection (not created here)."""
+    return os.path.join(tempfile.gettempdir(), f"moeviz-spill-{os.getpid()}-{uuid.uuid4().hex[:12]}")
 
 
 def _attach_compacted(con, runs: list[_RunFiles]) -> dict[int, dict]:
@@ -355,9 +369,14 @@ def rollups_complete(con) -> bool:
     return con.execute(f"SELECT uncovered FROM {ROLLUP_GAPS}").fetchone()[0] == 0
 
 
-def _lock_down(con) -> None:
+def _lock_down(con, spill: bool = False) -> None:
+    """No file access for SQL on `con`. With `spill`, the local file system stays enabled for DuckDB's own spill
+    folder (disabling it makes every spill fail with a permission error); `enable_external_access = false` then
+    refuses other local paths (read_csv('/etc/passwd'), ATTACH, COPY elsewhere) but not the spill folder and the
+    attached run.duckdb files: see open_store."""
     con.execute("SET enable_external_access = false")
-    con.execute("SET disabled_filesystems = 'LocalFileSystem'")
+    if not spill:
+        con.execute("SET disabled_filesystems = 'LocalFileSystem'")
     con.execute("SET lock_configuration = true")
 
 
