@@ -65,7 +65,8 @@ def make_flush(rng: np.random.Generator, step: int, rank: int = 0) -> dict:
                    "entropy_sum": rng.random(LAYERS), "dropped": np.zeros(LAYERS, int),
                    "adjacent_pairs": np.full(LAYERS, 8.0), "same_first": np.array([1.0, np.nan, 3.0]),  # NaN = NULL
                    "first_in_topk": np.array([2, 3, 4]), "topk_overlap": np.array([5, 6, 7]),
-                   "coactive_pairs": np.full(LAYERS, tokens), "nonfinite_tokens": np.array([0.0, 2.0, np.nan])}
+                   "coactive_pairs": np.full(LAYERS, tokens), "nonfinite_tokens": np.array([0.0, 2.0, np.nan]),
+                   "ranks_summed": np.array([np.nan, 1.0, np.nan])}  # 1: no other rank summed in
     pair_stats = {"step": np.full(2, step), "rank": np.full(2, rank), "layer": [0, 2], "expert_i": [0, 1],
                   "expert_j": [3, 2], "tokens": rng.integers(1, 10, 2)}
     flow_stats = {"step": np.full(3, step), "rank": np.full(3, rank), "layer_a": [0, 0, 1], "layer_b": [1, 1, 2],
