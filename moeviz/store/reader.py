@@ -94,8 +94,9 @@ def open_store(path, *, memory_limit: int | None = None, threads: int | None = N
             run.route_stats_complete = set(layout.ROUTE_STATS_TABLES) <= set(tables) and not run.segments["routes"]
             run.segments["routes"] += _published_routes_files(run, compacted.get(i, {}).get("routes_files", {}))
         _register_segments(con, runs)
+        file_tables = _register_table_files(con, runs, compacted)
         con.register("_run_status", _status_table(con, runs, compacted))
-        _create_views(con, compacted)
+        _create_views(con, compacted, file_tables)
         _note_rollup_gaps(con, runs, compacted)
         _lock_down(con)
     except BaseException:
@@ -189,7 +190,13 @@ def _attach_compacted(con, runs: list[_RunFiles]) -> dict[int, dict]:
                 statuses[int(rank)] = json.loads(body)
         routes_files = {r[0]: r[1] for r in con.execute(f"SELECT file, rows FROM {alias}.main._routes_files")
                         .fetchall()} if "_routes_files" in cols else {}
-        out[i] = {"alias": alias, "tables": cols, "folded": folded, "statuses": statuses, "routes_files": routes_files}
+        table_files: dict[str, list[str]] = {}  # token_sets kept as Parquet files beside run.duckdb
+        if "_table_files" in cols:
+            for t, name in con.execute(f"SELECT table_name, file FROM {alias}.main._table_files ORDER BY file"
+                                       ).fetchall():
+                table_files.setdefault(t, []).append(name)
+        out[i] = {"alias": alias, "tables": cols, "folded": folded, "statuses": statuses, "routes_files": routes_files,
+                  "table_files": table_files}
     return out
 
 
@@ -226,6 +233,28 @@ def _register_segments(con, runs: list[_RunFiles]) -> None:
     for t in layout.SEGMENT_TABLES:
         files = [str(p) for r in runs for p in r.segments[t]]
         con.register(f"_seg_{t}", ds.dataset(files, schema=_scan_schema(t), format="parquet"))
+
+
+def _register_table_files(con, runs: list[_RunFiles], compacted: dict[int, dict]) -> set[str]:
+    """A pyarrow dataset per table of layout.FILE_TABLES over the Parquet files the run.duckdb files name,
+    registered as _files_<table> (absent when no run has such files: the view then reads run.duckdb alone). A
+    missing or damaged file is skipped with a StoreWarning, like a compacted routes file."""
+    import pyarrow.dataset as ds
+
+    registered = set()
+    for t in layout.FILE_TABLES:
+        files = []
+        for i, run in enumerate(runs):
+            for name in compacted.get(i, {}).get("table_files", {}).get(t, []):
+                p = run.run_dir / name
+                if layout.is_complete_parquet(p):
+                    files.append(str(p))
+                else:
+                    run.skipped[p] = f"a compacted {t} file, missing or not a whole Parquet file"
+        if files:
+            con.register(f"_files_{t}", ds.dataset(files, schema=_scan_schema(t), format="parquet"))
+            registered.add(t)
+    return registered
 
 
 def _scan_schema(table: str) -> pa.Schema:
@@ -277,7 +306,7 @@ def _public_select(table: str, overrides: dict[str, str], source: str) -> str:
     return f"SELECT {', '.join(exprs)} FROM {source}"
 
 
-def _create_views(con, compacted: dict[int, dict]) -> None:
+def _create_views(con, compacted: dict[int, dict], file_tables: set[str] = frozenset()) -> None:
     for t in layout.SEGMENT_TABLES:
         parts = [_disk_select(t, f"_seg_{t}", None)]
         for info in compacted.values():
@@ -290,6 +319,8 @@ def _create_views(con, compacted: dict[int, dict]) -> None:
     for t in layout.COMPACTION_TABLES:  # only in run.duckdb (built by compaction); typed and empty elsewhere
         parts = [_disk_select(t, f'{info["alias"]}.main."{t}"', info["tables"][t])
                  for info in compacted.values() if t in info["tables"]]
+        if t in file_tables:  # token_sets: also the Parquet files beside run.duckdb
+            parts.append(_disk_select(t, f"_files_{t}", None))
         source = " UNION ALL ".join(parts) if parts else _disk_select(t, "(SELECT 1 WHERE FALSE) AS none", [])
         con.execute(f"CREATE TEMP VIEW {t} AS " + _public_select(t, {}, f"({source})"))
     for t in layout.ROLLUP_TABLES:
@@ -449,7 +480,8 @@ def store_info(path) -> dict:
             "bytes_per_route_segments": (r["segment_bytes"] / r["segment_rows"]) if r["segment_rows"] else None,
             # the compacted routes files alone (routes compacted into run.duckdb share it with the other tables)
             "bytes_per_route_compacted": (comp["routes_files_bytes"] / in_files) if in_files > 0 else None,
-            "run_duckdb_bytes": comp["bytes"] - comp["routes_files_bytes"],
+            "run_duckdb_bytes": comp["bytes"] - comp["routes_files_bytes"] - comp.get("table_files_bytes", 0),
+            "token_sets_files_bytes": comp.get("table_files_bytes", 0),
             "bytes_per_route": ((r["segment_bytes"] + comp["bytes"]) / routes) if routes else None,  # every file
         })
     return out
@@ -496,6 +528,12 @@ def _compacted_summary(target: Path) -> dict:
             out["routes_files"], out["routes_files_bytes"] = int(files[0]), int(files[2])
             out["rows"]["routes"] = out["rows"].get("routes", 0) + int(files[1])
             out["bytes"] += int(files[2])
+        if "_table_files" in have:  # token_sets kept as Parquet files beside run.duckdb
+            for t, n, b in con.execute("SELECT table_name, coalesce(sum(rows), 0), coalesce(sum(bytes), 0) "
+                                       "FROM _table_files GROUP BY table_name").fetchall():
+                out["rows"][t] = out["rows"].get(t, 0) + int(n)
+                out["bytes"] += int(b)
+                out["table_files_bytes"] = out.get("table_files_bytes", 0) + int(b)
         if "_rank_status" in have:
             out["statuses"] = {int(r): json.loads(b) for r, b in
                                con.execute("SELECT rank, status_json FROM _rank_status").fetchall()}
