@@ -116,6 +116,7 @@ def _compact_run(run_dir: Path, routes_format: str = "parquet") -> dict:
         if n_new or not target.exists() or _missing_compaction_tables(target):
             written: list[tuple[str, int, int, int]] = []  # (name, rank, rows, bytes) of new routes files
             sets: list[tuple[str, int, int, int]] | None = None  # ... of new token_sets files (None: built by SQL)
+            counts = _RouteCounts(run_dir) if routes_format == "parquet" and new["routes"] else None
             try:
                 if routes_format == "parquet" and new["routes"]:
                     # token_sets from the routes batches, unless an older run.duckdb lacks the table (then it is
@@ -126,7 +127,8 @@ def _compact_run(run_dir: Path, routes_format: str = "parquet") -> dict:
                     for p in new["routes"]:
                         by_rank.setdefault(int(p.parent.name[5:]), []).append(p)
                     for rank, paths in sorted(by_rank.items()):
-                        routes_file, sets_file = _write_compacted_routes(run_dir, rank, paths, sets is not None)
+                        routes_file, sets_file = _write_compacted_routes(run_dir, rank, paths, sets is not None,
+                                                                         counts)
                         written.append(routes_file)
                         if sets is not None and sets_file is not None:
                             sets.append(sets_file)
@@ -135,11 +137,15 @@ def _compact_run(run_dir: Path, routes_format: str = "parquet") -> dict:
                                 (run_dir / name).unlink(missing_ok=True)
                             sets = None
                 rows = _publish_compacted(run_dir, target, manifest, statuses, new, written,
-                                          routes_in_duckdb=routes_format == "duckdb", sets=sets)
+                                          routes_in_duckdb=routes_format == "duckdb", sets=sets,
+                                          counts=counts if counts is not None and counts.ok else None)
             except BaseException:
                 for name, *_ in written + (sets or []):  # never published: remove (a crash leaves them to the next)
                     (run_dir / name).unlink(missing_ok=True)
                 raise
+            finally:
+                if counts is not None:
+                    counts.close()
             folded, published = _compacted_state(target)
         # Commit records first, then their segments: a crash in between leaves folded segments that no commit
         # names, which readers leave out and the next compaction removes (never a commit naming a missing file).
@@ -186,10 +192,12 @@ def _remove_leftovers(run_dir: Path, uncommitted: list[Path]) -> int:
 
 def _publish_compacted(run_dir: Path, target: Path, manifest: dict, statuses: dict, new: dict[str, list[Path]],
                        written: list[tuple[str, int, int, int]], routes_in_duckdb: bool,
-                       sets: list[tuple[str, int, int, int]] | None = None) -> dict[str, int]:
+                       sets: list[tuple[str, int, int, int]] | None = None,
+                       counts: "_RouteCounts | None" = None) -> dict[str, int]:
     """Build run.duckdb.tmp (old tables + new segments), fsync it and rename it over run.duckdb: row counts.
     `sets`: the token_sets files written with the routes files (named in `_table_files`), or None: token_sets
-    rows of the new routes are then built by SQL into run.duckdb's own table."""
+    rows of the new routes are then built by SQL into run.duckdb's own table. `counts`: the new routes' counts
+    summed while writing the routes files (None: counted by SQL from the files)."""
     from moeviz.store import duckdb_compat
 
     tmp = run_dir / (layout.COMPACTED + ".tmp")
@@ -223,9 +231,15 @@ def _publish_compacted(run_dir: Path, target: Path, manifest: dict, statuses: di
         if sets:
             con.executemany("INSERT INTO _table_files VALUES (?, ?, ?, ?, ?)",
                             [[layout.TOKEN_SETS, *f] for f in sets])
-        rebuild = set(layout.COMPACTION_TABLES) - old_tables
+        # tables an older run.duckdb lacks are rebuilt from every route (without one, every route is a new one)
+        rebuild = set(layout.COMPACTION_TABLES) - old_tables if target.exists() else set()
+        if counts is not None:  # the partial counts of the routes pass, in its scratch file
+            counts.detach()
+            con.execute(f"ATTACH {duckdb_compat.sql_string(str(counts.path))} AS counts (READ_ONLY)")
         _fold_route_stats(con, run_dir, new["routes"], rebuild=rebuild,
-                          skip={layout.TOKEN_SETS} if sets is not None else set())
+                          skip={layout.TOKEN_SETS} if sets is not None else set(), counts=counts)
+        if counts is not None:
+            con.execute("DETACH counts")
         rollups.fold(con, new, rebuild=set(layout.ROLLUP_TABLES) - old_tables)
         con.executemany("INSERT INTO _rank_status VALUES (?, ?)",
                         [[r, json.dumps(s)] for r, s in sorted(statuses.items())])
@@ -253,8 +267,8 @@ _ROUTE_STATS_KEYS = {
 }
 
 
-def _fold_route_stats(con, run_dir: Path, new_routes: list[Path], rebuild: set[str], skip: set[str] = frozenset()
-                      ) -> None:
+def _fold_route_stats(con, run_dir: Path, new_routes: list[Path], rebuild: set[str], skip: set[str] = frozenset(),
+                      counts: "_RouteCounts | None" = None) -> None:
     """Add the routes of this compaction to the tables compaction derives from them (`layout.COMPACTION_TABLES`) in
     the run.duckdb being built.
 
@@ -262,7 +276,9 @@ def _fold_route_stats(con, run_dir: Path, new_routes: list[Path], rebuild: set[s
     probe_sets rows are per token, so the new ones are appended. `rebuild`: the tables the old run.duckdb lacks
     (it predates them, or there is none): those are built from every route of the run (its `routes` table and
     every Parquet file `_routes_files` names, this compaction's included) instead. `skip`: tables whose rows of
-    the new routes were written as files already (token_sets, see _TokenSetsFile)."""
+    the new routes were written as files already (token_sets, see _TokenSetsFile). `counts`: the new routes'
+    token, position, sequence and weight-bin counts, summed while the routes files were written: summed here
+    instead of grouping the new routes again."""
     # explicit casts: without them DuckDB 1.5 fails an internal statistics assertion ("SetMin or SetMax called
     # with Value that does not match") when segment files are aggregated in a UNION with the typed tables
     cols = ", ".join(f'CAST("{f.name}" AS {layout.duckdb_type(f.type)}) AS "{f.name}"' for f in layout.DISK_SCHEMAS["routes"]
@@ -283,20 +299,29 @@ def _fold_route_stats(con, run_dir: Path, new_routes: list[Path], rebuild: set[s
         if table == layout.TOKEN_SETS:
             con.execute(f'INSERT INTO main."{table}" {token_sets_sql(source, True)}', params)
             continue
+        partial = counts.source(table) if counts is not None and table in _RouteCounts.KEYS and table not in rebuild \
+            else None
         if table == layout.WEIGHT_HIST:
-            _fold_weight_hist(con, source, params)
+            if partial is None:
+                _fold_weight_hist(con, source, params)
+            else:
+                _fold_weight_hist_counts(con, partial, final=counts.disjoint)
             continue
         k = ", ".join(_ROUTE_STATS_KEYS[table])
         typed = ", ".join(f'CAST("{f.name}" AS {layout.duckdb_type(f.type)}) AS "{f.name}"'
                           for f in layout.DISK_SCHEMAS[table])
         con.execute(f'ALTER TABLE main."{table}" RENAME TO "_old_{table}"')
+        if partial is not None:
+            new_counts, params = f"SELECT {k}, assigned, first_choice FROM {partial}", []
+        else:
+            new_counts = (f"SELECT {k}, count(*) AS assigned, count(*) FILTER (WHERE slot = 0) AS first_choice "
+                          f"FROM ({source}) GROUP BY ALL")
         con.execute(f"""
             CREATE TABLE main."{table}" AS SELECT {typed} FROM (
                 SELECT {k}, sum(assigned) AS assigned, sum(first_choice) AS first_choice FROM (
                     SELECT {k}, assigned, first_choice FROM main."_old_{table}"
                     UNION ALL
-                    SELECT {k}, count(*) AS assigned, count(*) FILTER (WHERE slot = 0) AS first_choice
-                    FROM ({source}) GROUP BY ALL)
+                    {new_counts})
                 GROUP BY ALL ORDER BY {k})""", params)
         con.execute(f'DROP TABLE main."_old_{table}"')
 
@@ -315,7 +340,22 @@ def _parquet_routes(cols: str, files: list[str]) -> str:
     return f"SELECT {no_margin} FROM read_parquet(?)"
 
 
-def _fold_weight_hist(con, source: str, params: list) -> None:
+def _fold_weight_hist_counts(con, counts: str, final: bool) -> None:
+    """Add the new routes' weight-bin counts (the table `counts` of _RouteCounts) to weight_hist: appended as
+    they are when they are `final` rows (`above` computed per batch) of steps the table does not hold yet, else
+    summed with the old rows and `above` recomputed (a step whose routes span two compactions or two batches)."""
+    overlap = con.execute(f"""
+        SELECT count(*) FROM main."{layout.WEIGHT_HIST}" w
+        SEMI JOIN (SELECT DISTINCT run_id, step, rank FROM {counts}) n
+            ON n.run_id = w.run_id AND n.step = w.step AND n.rank = w.rank""").fetchone()[0]
+    if final and not overlap:
+        con.execute(f'INSERT INTO main."{layout.WEIGHT_HIST}" BY NAME SELECT * FROM {counts}')
+    else:
+        _fold_weight_hist(con, None, [], new_counts="SELECT run_id, step, rank, layer, expert, bin, assigned, "
+                                                    f"first_choice, weight_q_sum FROM {counts}")
+
+
+def _fold_weight_hist(con, source: str | None, params: list, new_counts: str | None = None) -> None:
     """weight_hist = the old table's counts plus the new routes', with `above` recomputed over the sums (a step
     whose routes span two compactions gets one set of bins)."""
     k = "run_id, step, rank, layer, expert, bin"
@@ -325,7 +365,7 @@ def _fold_weight_hist(con, source: str, params: list) -> None:
     counts = f"""
         SELECT {k}, sum(assigned) AS assigned, sum(first_choice) AS first_choice, sum(weight_q_sum) AS weight_q_sum
         FROM (SELECT {k}, assigned, first_choice, weight_q_sum FROM main."_old_{layout.WEIGHT_HIST}"
-              UNION ALL {_WEIGHT_HIST_SQL.format(source=source)})
+              UNION ALL {new_counts or _WEIGHT_HIST_SQL.format(source=source)})
         GROUP BY ALL"""
     con.execute(f"""
         CREATE TABLE main."{layout.WEIGHT_HIST}" AS SELECT {typed} FROM ({_WEIGHT_HIST_ABOVE_SQL.format(counts=counts)})
@@ -436,6 +476,88 @@ class _TokenSetsFile:
             self.tmp.unlink(missing_ok=True)
 
 
+class _RouteCounts:
+    """The counts of token_stats, position_stats, sequence_stats and weight_hist over the routes batches of a
+    compaction, grouped per batch in the pass that writes the routes files, so that the routes are read and
+    decoded once: the partial counts go into tables of a scratch DuckDB file beside the run
+    (`<run>/.compact-counts.duckdb`, on disk: at 10^9 routes they are 10^8-10^9 rows), and publishing sums them.
+
+    weight_hist rows are final per batch (with `above`) when no step's routes span two batches of a rank
+    (`disjoint`); otherwise they are summed and `above` recomputed by SQL at publication. `ok` False (a null in a
+    grouping column, a batch mixing run ids or ranks): compaction counts the routes by SQL from the files."""
+
+    KEYS = {"token_stats": ("layer", "token_id", "expert"), "position_stats": ("layer", "pos", "expert"),
+            "sequence_stats": ("step", "seq", "layer", "expert"), layout.WEIGHT_HIST: ("step", "layer", "expert", "bin")}
+    FILE = ".compact-counts.duckdb"
+
+    def __init__(self, run_dir: Path):
+        self.ok, self.disjoint = True, True
+        self.path = run_dir / self.FILE
+        self.rows = {t: 0 for t in self.KEYS}
+        self.last_step: dict[int, int] = {}  # rank -> last step of its batches so far
+        self.con = None
+
+    def _connect(self):
+        from moeviz.store import duckdb_compat
+
+        for leftover in (self.path, Path(str(self.path) + ".wal")):
+            leftover.unlink(missing_ok=True)
+        con = duckdb_compat.connect(str(self.path))
+        con.execute("SET enable_progress_bar = false")
+        for table, keys in self.KEYS.items():
+            cols = ["run_id", "rank", *keys, "assigned", "first_choice"] + (
+                ["weight_q_sum", "above"] if table == layout.WEIGHT_HIST else [])
+            types = {f.name: layout.duckdb_type(f.type) for f in layout.DISK_SCHEMAS[table]}
+            con.execute(f'CREATE TABLE "{table}" ({", ".join(f"{c} {types[c]}" for c in cols)})')
+        return con
+
+    def add(self, batch: pa.Table) -> None:
+        if not self.ok or not batch.num_rows:
+            return
+        if any(batch.column(c).null_count for c in ("run_id", "step", "rank", "seq", "pos", "token_id", "layer",
+                                                    "expert")) or not _constant(batch, "run_id", "rank"):
+            self.ok = False
+            return
+        rank = batch.column("rank")[0].as_py()
+        if rank in self.last_step and batch.column("step")[0].as_py() <= self.last_step[rank]:
+            self.disjoint = False
+        self.last_step[rank] = batch.column("step")[-1].as_py()
+        if self.con is None:
+            self.con = self._connect()
+        self.con.register("_batch", batch)
+        try:
+            for table, keys in self.KEYS.items():
+                k = ", ".join(("run_id", "rank") + keys)
+                if table == layout.WEIGHT_HIST:  # routes without a weight (engine logs) have no bin
+                    counts = _WEIGHT_HIST_SQL.format(source="SELECT * FROM _batch")
+                    sql = f"SELECT {k}, assigned, first_choice, weight_q_sum, above FROM ({_WEIGHT_HIST_ABOVE_SQL.format(counts=counts)})"
+                else:
+                    sql = (f"SELECT {k}, count(*) AS assigned, count(*) FILTER (WHERE slot = 0) AS first_choice "
+                           f"FROM _batch GROUP BY ALL")
+                self.con.execute(f'INSERT INTO "{table}" {sql}')
+                self.rows[table] += 1
+        finally:
+            self.con.unregister("_batch")
+
+    def close(self) -> None:
+        if self.con is not None:
+            self.con.close()
+            self.con = None
+        for leftover in (self.path, Path(str(self.path) + ".wal")):
+            leftover.unlink(missing_ok=True)
+
+    def source(self, name: str) -> str | None:
+        """The partial counts of one table as `counts.<name>` for a connection that attached the scratch file as
+        `counts` (None if no batch had rows)."""
+        return f'counts."{name}"' if self.rows[name] else None
+
+    def detach(self) -> None:
+        """Close the writing connection, so that the building connection can attach the file."""
+        if self.con is not None:
+            self.con.close()
+            self.con = None
+
+
 def _constant(batch: pa.Table, *columns: str) -> bool:
     """Whether each column holds one value across the batch (run_id and rank do within one rank's routes)."""
     import pyarrow.compute as pc
@@ -487,11 +609,12 @@ def token_sets_of_sorted(batch: pa.Table) -> pa.Table:
     return pa.Table.from_pydict(cols, schema=layout.DISK_SCHEMAS[layout.TOKEN_SETS])
 
 
-def _write_compacted_routes(run_dir: Path, rank: int, paths: list[Path], with_sets: bool = False
+def _write_compacted_routes(run_dir: Path, rank: int, paths: list[Path], with_sets: bool = False,
+                            counts: "_RouteCounts | None" = None
                             ) -> tuple[tuple[str, int, int, int], tuple[str, int, int, int] | None]:
     """One compacted routes file from one rank's segments: ((name relative to the run, rank, rows, bytes), the
     same for its token_sets file, or None when `with_sets` is False or the sets could not be built from the
-    batches (see _TokenSetsFile)).
+    batches (see _TokenSetsFile)). `counts`: summed over the batches as they are written (see _RouteCounts).
 
     Streams the segments in batches of about COMPACTED_ROW_GROUP_ROWS rows, each sorted by COMPACTED_SORT and
     written as one row group, so memory stays bounded whatever the run's size. A batch ends at a step boundary
@@ -519,10 +642,10 @@ def _write_compacted_routes(run_dir: Path, rank: int, paths: list[Path], with_se
                 pending_rows += part.num_rows
                 if pending_rows >= layout.COMPACTED_ROW_GROUP_ROWS:
                     batch, rest = _split_last_step(_sorted(pending), pending_rows >= 16 * layout.COMPACTED_ROW_GROUP_ROWS)
-                    n_rows += _write_row_group(w, batch, sets)
+                    n_rows += _write_row_group(w, batch, sets, counts)
                     pending, pending_rows = ([rest], rest.num_rows) if rest.num_rows else ([], 0)
             if pending:
-                n_rows += _write_row_group(w, _sorted(pending), sets)
+                n_rows += _write_row_group(w, _sorted(pending), sets, counts)
         _fsync(tmp)
         os.replace(tmp, folder / name)
         done = sets.close() if sets else None
@@ -561,12 +684,14 @@ def _split_last_step(batch: pa.Table, force: bool) -> tuple[pa.Table, pa.Table]:
     return batch.slice(0, cut), batch.slice(cut)
 
 
-def _write_row_group(writer, batch: pa.Table, sets: "_TokenSetsFile | None") -> int:
+def _write_row_group(writer, batch: pa.Table, sets: "_TokenSetsFile | None", counts: "_RouteCounts | None") -> int:
     if not batch.num_rows:
         return 0
     writer.write_table(batch, row_group_size=max(1, batch.num_rows))
     if sets is not None:
         sets.add(batch)
+    if counts is not None:
+        counts.add(batch)
     return batch.num_rows
 
 
