@@ -476,6 +476,14 @@ class _TokenSetsFile:
             self.tmp.unlink(missing_ok=True)
 
 
+# A batch's weight-bin counts (routes without a weight have no bin), in the order `above` is summed in
+_BATCH_WEIGHT_BINS_SQL = f"""
+    SELECT step, layer, expert, CAST(weight_q >> {layout.WEIGHT_BIN_SHIFT} AS SMALLINT) AS bin,
+           count(*) AS assigned, count(*) FILTER (WHERE slot = 0) AS first_choice,
+           CAST(sum(weight_q) AS BIGINT) AS weight_q_sum
+    FROM _batch WHERE weight_q IS NOT NULL GROUP BY ALL ORDER BY step, layer, expert, bin DESC"""
+
+
 class _RouteCounts:
     """The counts of token_stats, position_stats, sequence_stats and weight_hist over the routes batches of a
     compaction, grouped per batch in the pass that writes the routes files, so that the routes are read and
@@ -518,23 +526,31 @@ class _RouteCounts:
                                                     "expert")) or not _constant(batch, "run_id", "rank"):
             self.ok = False
             return
-        rank = batch.column("rank")[0].as_py()
+        run_id, rank = batch.column("run_id")[0].as_py(), batch.column("rank")[0].as_py()
         if rank in self.last_step and batch.column("step")[0].as_py() <= self.last_step[rank]:
             self.disjoint = False
         self.last_step[rank] = batch.column("step")[-1].as_py()
+        from moeviz.store import duckdb_compat
+
         if self.con is None:
             self.con = self._connect()
-        self.con.register("_batch", batch)
+        # run_id and rank are constants of the batch: grouping by them cost a string per route
+        self.con.register("_batch", batch.select(["step", "seq", "pos", "token_id", "layer", "slot", "expert",
+                                                  "weight_q"]))
         try:
             for table, keys in self.KEYS.items():
-                k = ", ".join(("run_id", "rank") + keys)
-                if table == layout.WEIGHT_HIST:  # routes without a weight (engine logs) have no bin
-                    counts = _WEIGHT_HIST_SQL.format(source="SELECT * FROM _batch")
-                    sql = f"SELECT {k}, assigned, first_choice, weight_q_sum, above FROM ({_WEIGHT_HIST_ABOVE_SQL.format(counts=counts)})"
-                else:
-                    sql = (f"SELECT {k}, count(*) AS assigned, count(*) FILTER (WHERE slot = 0) AS first_choice "
-                           f"FROM _batch GROUP BY ALL")
-                self.con.execute(f'INSERT INTO "{table}" {sql}')
+                k = ", ".join(keys)
+                if table == layout.WEIGHT_HIST:  # `above` by a cumulative sum (a window cost 2x the grouping)
+                    self.con.register("_bins", with_above(duckdb_compat.arrow_table(
+                        self.con.execute(_BATCH_WEIGHT_BINS_SQL))))
+                    self.con.execute(f'INSERT INTO "{table}" BY NAME SELECT $1 AS run_id, $2 AS rank, * FROM _bins',
+                                     [run_id, rank])
+                    self.con.unregister("_bins")
+                    self.rows[table] += 1
+                    continue
+                sql = (f"SELECT $1 AS run_id, $2 AS rank, {k}, count(*) AS assigned, "
+                       f"count(*) FILTER (WHERE slot = 0) AS first_choice FROM _batch GROUP BY {k}")
+                self.con.execute(f'INSERT INTO "{table}" BY NAME {sql}', [run_id, rank])
                 self.rows[table] += 1
         finally:
             self.con.unregister("_batch")
@@ -556,6 +572,22 @@ class _RouteCounts:
         if self.con is not None:
             self.con.close()
             self.con = None
+
+
+def with_above(bins: pa.Table) -> pa.Table:
+    """Weight-bin counts sorted by (step, layer, expert, bin descending) with `above` added: the routes of the
+    same step, layer and expert in higher bins (the numpy form of _WEIGHT_HIST_ABOVE_SQL's window)."""
+    import numpy as np
+
+    assigned = bins.column("assigned").to_numpy()  # [rows]
+    new = np.zeros(bins.num_rows, dtype=bool)  # [rows] True where a (step, layer, expert) starts
+    new[:1] = True
+    for k in ("step", "layer", "expert"):
+        v = bins.column(k).to_numpy()
+        new[1:] |= v[1:] != v[:-1]
+    before = np.cumsum(assigned) - assigned  # [rows] routes in the rows before this one
+    start = np.maximum.accumulate(np.where(new, np.arange(bins.num_rows), 0))  # [rows] its partition's first row
+    return bins.append_column("above", pa.array(before - before[start], pa.int64()))
 
 
 def _constant(batch: pa.Table, *columns: str) -> bool:
