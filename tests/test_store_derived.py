@@ -184,3 +184,16 @@ def test_token_sets_of_sorted_matches_token_sets_sql_on_odd_groups():
     want = con.execute(compaction.token_sets_sql("SELECT * FROM b", True)).to_arrow_table().to_pylist()
     assert got == want
     assert [r["experts"] for r in got] == [(1 << 5) | (1 << 63), None, None, (1 << 7) | 1]
+
+
+def test_token_sets_in_run_duckdb_and_in_files_read_as_one_table(tmp_path):
+    """A store whose token_sets rows are in run.duckdb (compacted with routes_format="duckdb", or by a moeviz
+    before the files) and that later gets token_sets files: the view reads both, each row once."""
+    run_dir = tmp_path / "r"
+    a = write(run_dir, steps=range(3), seed=4)
+    compact(run_dir, routes_format="duckdb")
+    with pytest.warns(Warning, match="appending"):
+        b = write(run_dir, steps=range(3, 5), seed=5)
+    compact(run_dir)
+    assert len(list((run_dir / "compacted" / "token_sets").glob("rank=*/*.parquet"))) == 1
+    check(open_store(run_dir), pd.concat([a, b], ignore_index=True))
