@@ -10,10 +10,11 @@ A run folder looks like this (Hive-style folders; another engine reads the files
     <run_dir>/_commits/rank=<r>/commit-<seq:08d>.json       one per flush: the segments it made visible
     <run_dir>/run.duckdb                                    compacted segments (`moeviz compact`, last close)
     <run_dir>/compacted/routes/rank=<r>/part-<gen:06d>-<uuid8>.parquet   compacted routes, listed in run.duckdb
+    <run_dir>/compacted/token_sets/rank=<r>/part-<gen:06d>-<uuid8>.parquet   their token_sets, listed in run.duckdb
 
 Compacted routes are large zstd Parquet files (DuckDB's own storage costs ~3x more per route: it bit-packs but
 does not entropy-code). They live outside `<run_dir>/routes/` so that segment listings never see them: a reader
-reads exactly the ones run.duckdb's `_routes_files` names, so a file written by a compaction that crashed before
+reads exactly the ones run.duckdb's `_routes_files` (and `_table_files`) names, so a file written by a compaction that crashed before
 publishing its run.duckdb is never read (the next compaction deletes it).
 
 Why segments: DuckDB lets one process hold a database file read-write and then no other process may open it, so
