@@ -43,10 +43,10 @@ def flush(rng: np.random.Generator, step: int) -> dict:
     return {"routes": routes, "sequences": sequences}
 
 
-def write(run_dir, steps, rank=0, world_size=1, seed=0) -> pd.DataFrame:
-    """Write `steps` (one flush each) as one rank of run 'r'; the routes written, weight quantised as stored."""
+def write(run_dir, steps, rank=0, world_size=1, seed=0, run_id="r") -> pd.DataFrame:
+    """Write `steps` (one flush each) as one rank of run `run_id`; the routes written, weight quantised as stored."""
     rng = np.random.default_rng(seed)
-    w = RunWriter(run_dir, run_id="r", rank=rank, world_size=world_size, compact_on_close=False)
+    w = RunWriter(run_dir, run_id=run_id, rank=rank, world_size=world_size, compact_on_close=False)
     w.write_run({"model_class": "T", "n_layers": LAYERS, "n_experts": EXPERTS, "top_k": K})
     frames = []
     for step in steps:
@@ -197,3 +197,18 @@ def test_token_sets_in_run_duckdb_and_in_files_read_as_one_table(tmp_path):
     compact(run_dir)
     assert len(list((run_dir / "compacted" / "token_sets").glob("rank=*/*.parquet"))) == 1
     check(open_store(run_dir), pd.concat([a, b], ignore_index=True))
+
+
+def test_token_sets_files_of_two_runs_keep_their_run_ids(tmp_path):
+    """The view gives each run's files its run id as a constant (the files are read without it): a folder of two
+    runs reads each run's token sets under its own id, and a filter on run_id reads one run."""
+    a = write(tmp_path / "a", steps=range(2), seed=6, run_id="run-a")
+    b = write(tmp_path / "b", steps=range(3), seed=7, run_id="run-b")
+    compact(tmp_path)
+    con = open_store(tmp_path)
+    counts = dict(con.execute("SELECT run_id, count(*) FROM token_sets GROUP BY run_id").fetchall())
+    assert counts == {"run-a": len(a) // K, "run-b": len(b) // K}
+    got = con.execute("SELECT step, seq, pos, layer, token_id FROM token_sets WHERE run_id = 'run-b' "
+                      "ORDER BY step, layer, seq, pos").fetchall()
+    exp = expected(b.assign(rank=0))["token_sets"].sort_values(["step", "layer", "seq", "pos"])
+    assert got == [tuple(int(v) for v in r) for r in exp[["step", "seq", "pos", "layer", "token_id"]].to_numpy()]
