@@ -212,3 +212,13 @@ def test_token_sets_files_of_two_runs_keep_their_run_ids(tmp_path):
                       "ORDER BY step, layer, seq, pos").fetchall()
     exp = expected(b.assign(rank=0))["token_sets"].sort_values(["step", "layer", "seq", "pos"])
     assert got == [tuple(int(v) for v in r) for r in exp[["step", "seq", "pos", "layer", "token_id"]].to_numpy()]
+
+
+def test_token_sets_kept_in_run_duckdb_when_not_a_file_table(tmp_path, monkeypatch):
+    """layout.FILE_TABLES = (): token_sets go into run.duckdb (by SQL), the layout before the files."""
+    monkeypatch.setattr(layout, "FILE_TABLES", ())
+    run_dir = tmp_path / "r"
+    routes = write(run_dir, steps=range(3))
+    compact(run_dir)
+    assert not (run_dir / "compacted" / "token_sets").exists()
+    check(open_store(run_dir), routes)

@@ -121,8 +121,8 @@ def _compact_run(run_dir: Path, routes_format: str = "parquet") -> dict:
                 if routes_format == "parquet" and new["routes"]:
                     # token_sets from the routes batches, unless an older run.duckdb lacks the table (then it is
                     # rebuilt from every route by SQL)
-                    sets = [] if not target.exists() or layout.TOKEN_SETS not in _missing_compaction_tables(
-                        target) else None
+                    sets = [] if layout.TOKEN_SETS in layout.FILE_TABLES and (
+                        not target.exists() or layout.TOKEN_SETS not in _missing_compaction_tables(target)) else None
                     by_rank: dict[int, list[Path]] = {}
                     for p in new["routes"]:
                         by_rank.setdefault(int(p.parent.name[5:]), []).append(p)
