@@ -171,7 +171,8 @@ def _compact_run(run_dir: Path, routes_format: str = "parquet") -> dict:
         "run_id": manifest.get("run_id"), "run_dir": str(run_dir), "segments_folded": n_new,
         "segment_bytes_folded": bytes_new, "segments_deleted": deleted, "skipped_files": [str(p) for p in skipped],
         "leftovers_removed": leftovers,
-        "rows": rows, "compacted_bytes": size, "routes_files": sum(1 for n in published if n.startswith(f"{layout.COMPACTED_DIR}/routes/")),
+        "rows": rows, "compacted_bytes": size,
+        "routes_files": sum(1 for n in published if n.startswith(f"{layout.COMPACTED_DIR}/routes/")),
         "bytes_per_route": (size / rows["routes"]) if rows.get("routes") else None,
     }
 
