@@ -5,7 +5,7 @@ The case: 8 MoE layers of 8 experts, top-2, batches of 8 sequences x 512 positio
 flush every 16 steps (~1M routes). Compacts copies of the same segments both ways (routes into zstd Parquet
 files, the default, and routes into run.duckdb) and times two queries on each. Prints a Markdown table.
 
-    python bench/bench_store.py [--routes 20000000] [--dir /tmp/moeviz-bench]
+    python bench/bench_store.py [--routes 20000000] [--dir /tmp/moeviz-bench] [--without-margin]
 """
 
 from __future__ import annotations
@@ -123,6 +123,7 @@ def main() -> None:
         res = compact(fmt_dir, routes_format=fmt)["runs"][0]
         compact_s = time.perf_counter() - t0
         assert res["rows"]["routes"] == routes
+        res["parts"] = store_info(fmt_dir)["runs"][0]  # which files the bytes are in
         compacted[fmt] = (res, compact_s, queries(fmt_dir, probe_step))
 
     print("| measure | segments | compacted, routes as Parquet (default) | compacted, routes in run.duckdb |")
@@ -133,6 +134,9 @@ def main() -> None:
           f"{routes / write_cpu_s / 1e6:.2f} M routes/CPU-s | | |")
     print(f"| bytes/route on disk (all files of the run) | {seg_bpr:.3f} | {p[0]['bytes_per_route']:.3f} "
           f"| {d[0]['bytes_per_route']:.3f} |")
+    for key, label in (("routes_files_bytes", "routes files"), ("token_sets_files_bytes", "token_sets files"),
+                       ("run_duckdb_bytes", "run.duckdb")):
+        print(f"| ... of which {label} | | {p[0]['parts'][key] / routes:.3f} | {d[0]['parts'][key] / routes:.3f} |")
     print(f"| compaction time | | {p[1]:.2f} s | {d[1]:.2f} s |")
     for key, label in (("open", "open_store"), ("group", "GROUP BY layer, expert: count(*)"),
                        ("step", f"WHERE step = {probe_step}: count(*), avg(weight)")):

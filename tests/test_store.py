@@ -654,7 +654,9 @@ def test_routes_format_duckdb_then_parquet_recompaction_folds_both(tmp_path):
     check_tables_equal(open_store(run_dir), both, "r")
     info = store_info(run_dir)["runs"][0]
     assert info["tables"]["routes"]["compacted_rows"] == len(both["routes"]) and info["routes_files"] == 1
-    assert info["compacted_bytes"] == (run_dir / "run.duckdb").stat().st_size + routes_files(run_dir)[0].stat().st_size
+    sets_files = sorted((run_dir / "compacted" / "token_sets").glob("rank=*/*.parquet"))  # the new routes' token_sets
+    assert len(sets_files) == 1 and info["compacted_bytes"] == (run_dir / "run.duckdb").stat().st_size + sum(
+        p.stat().st_size for p in routes_files(run_dir) + sets_files)
 
 
 def test_recompaction_adds_a_routes_file_per_generation_and_never_rewrites_old_ones(tmp_path):

@@ -104,8 +104,8 @@ def cmd_info(args) -> int:
         table = format_table(["table", "segments", "segment rows", "segment bytes", "compacted rows"], rows)
         print("  " + table.replace("\n", "\n  "))
         print(f"  routes {run['routes']:,}; compacted: {run['routes_files']} routes file(s) of "
-              f"{run['routes_files_bytes']:,} bytes + run.duckdb of {run['run_duckdb_bytes']:,} bytes (the other "
-              f"tables); bytes/route: segments {_fmt(run['bytes_per_route_segments'])}, compacted routes files "
+              f"{run['routes_files_bytes']:,} bytes + token_sets file(s) of {run['token_sets_files_bytes']:,} bytes "
+              f"+ run.duckdb of {run['run_duckdb_bytes']:,} bytes (the other tables); bytes/route: segments {_fmt(run['bytes_per_route_segments'])}, compacted routes files "
               f"{_fmt(run['bytes_per_route_compacted'])}, every file of the run {_fmt(run['bytes_per_route'])}")
         if run["damaged"]:
             print(f"  DAMAGED: {run['damaged']}")

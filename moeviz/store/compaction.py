@@ -115,19 +115,37 @@ def _compact_run(run_dir: Path, routes_format: str = "parquet") -> dict:
         # also when nothing is new but run.duckdb predates a derived table: a newer moeviz builds it on `compact`
         if n_new or not target.exists() or _missing_compaction_tables(target):
             written: list[tuple[str, int, int, int]] = []  # (name, rank, rows, bytes) of new routes files
+            sets: list[tuple[str, int, int, int]] | None = None  # ... of new token_sets files (None: built by SQL)
+            counts = _RouteCounts(run_dir) if routes_format == "parquet" and new["routes"] else None
             try:
                 if routes_format == "parquet" and new["routes"]:
+                    # token_sets from the routes batches, unless an older run.duckdb lacks the table (then it is
+                    # rebuilt from every route by SQL)
+                    sets = [] if layout.TOKEN_SETS in layout.FILE_TABLES and (
+                        not target.exists() or layout.TOKEN_SETS not in _missing_compaction_tables(target)) else None
                     by_rank: dict[int, list[Path]] = {}
                     for p in new["routes"]:
                         by_rank.setdefault(int(p.parent.name[5:]), []).append(p)
                     for rank, paths in sorted(by_rank.items()):
-                        written.append(_write_compacted_routes(run_dir, rank, paths))
+                        routes_file, sets_file = _write_compacted_routes(run_dir, rank, paths, sets is not None,
+                                                                         counts)
+                        written.append(routes_file)
+                        if sets is not None and sets_file is not None:
+                            sets.append(sets_file)
+                        elif sets is not None and routes_file[2]:  # not exact from batches: SQL for every rank
+                            for name, *_ in sets:
+                                (run_dir / name).unlink(missing_ok=True)
+                            sets = None
                 rows = _publish_compacted(run_dir, target, manifest, statuses, new, written,
-                                          routes_in_duckdb=routes_format == "duckdb")
+                                          routes_in_duckdb=routes_format == "duckdb", sets=sets,
+                                          counts=counts if counts is not None and counts.ok else None)
             except BaseException:
-                for name, *_ in written:  # never published: remove (a crash instead leaves them to the next run)
+                for name, *_ in written + (sets or []):  # never published: remove (a crash leaves them to the next)
                     (run_dir / name).unlink(missing_ok=True)
                 raise
+            finally:
+                if counts is not None:
+                    counts.close()
             folded, published = _compacted_state(target)
         # Commit records first, then their segments: a crash in between leaves folded segments that no commit
         # names, which readers leave out and the next compaction removes (never a commit naming a missing file).
@@ -153,7 +171,8 @@ def _compact_run(run_dir: Path, routes_format: str = "parquet") -> dict:
         "run_id": manifest.get("run_id"), "run_dir": str(run_dir), "segments_folded": n_new,
         "segment_bytes_folded": bytes_new, "segments_deleted": deleted, "skipped_files": [str(p) for p in skipped],
         "leftovers_removed": leftovers,
-        "rows": rows, "compacted_bytes": size, "routes_files": len(published),
+        "rows": rows, "compacted_bytes": size,
+        "routes_files": sum(1 for n in published if n.startswith(f"{layout.COMPACTED_DIR}/routes/")),
         "bytes_per_route": (size / rows["routes"]) if rows.get("routes") else None,
     }
 
@@ -173,8 +192,13 @@ def _remove_leftovers(run_dir: Path, uncommitted: list[Path]) -> int:
 
 
 def _publish_compacted(run_dir: Path, target: Path, manifest: dict, statuses: dict, new: dict[str, list[Path]],
-                       written: list[tuple[str, int, int, int]], routes_in_duckdb: bool) -> dict[str, int]:
-    """Build run.duckdb.tmp (old tables + new segments), fsync it and rename it over run.duckdb: row counts."""
+                       written: list[tuple[str, int, int, int]], routes_in_duckdb: bool,
+                       sets: list[tuple[str, int, int, int]] | None = None,
+                       counts: "_RouteCounts | None" = None) -> dict[str, int]:
+    """Build run.duckdb.tmp (old tables + new segments), fsync it and rename it over run.duckdb: row counts.
+    `sets`: the token_sets files written with the routes files (named in `_table_files`), or None: token_sets
+    rows of the new routes are then built by SQL into run.duckdb's own table. `counts`: the new routes' counts
+    summed while writing the routes files (None: counted by SQL from the files)."""
     from moeviz.store import duckdb_compat
 
     tmp = run_dir / (layout.COMPACTED + ".tmp")
@@ -192,7 +216,7 @@ def _publish_compacted(run_dir: Path, target: Path, manifest: dict, statuses: di
             old_tables = {r[0] for r in con.execute(
                 "SELECT table_name FROM duckdb_tables() WHERE database_name = 'old'").fetchall()}
             for t in layout.SEGMENT_TABLES + layout.COMPACTION_TABLES + layout.ROLLUP_TABLES + (
-                    "_segments", "_routes_files"):
+                    "_segments", "_routes_files", "_table_files"):
                 if t in old_tables:
                     con.execute(f'INSERT INTO main."{t}" BY NAME SELECT * FROM old.main."{t}"')
             con.execute("DETACH old")
@@ -205,7 +229,18 @@ def _publish_compacted(run_dir: Path, target: Path, manifest: dict, statuses: di
                                 [[t, layout.relative_name(run_dir, p), p.stat().st_size] for p in paths])
         if written:
             con.executemany("INSERT INTO _routes_files VALUES (?, ?, ?, ?)", [list(w) for w in written])
-        _fold_route_stats(con, run_dir, new["routes"], rebuild=set(layout.COMPACTION_TABLES) - old_tables)
+        if sets:
+            con.executemany("INSERT INTO _table_files VALUES (?, ?, ?, ?, ?)",
+                            [[layout.TOKEN_SETS, *f] for f in sets])
+        # tables an older run.duckdb lacks are rebuilt from every route (without one, every route is a new one)
+        rebuild = set(layout.COMPACTION_TABLES) - old_tables if target.exists() else set()
+        if counts is not None:  # the partial counts of the routes pass, in its scratch file
+            counts.detach()
+            con.execute(f"ATTACH {duckdb_compat.sql_string(str(counts.path))} AS counts (READ_ONLY)")
+        _fold_route_stats(con, run_dir, new["routes"], rebuild=rebuild,
+                          skip={layout.TOKEN_SETS} if sets is not None else set(), counts=counts)
+        if counts is not None:
+            con.execute("DETACH counts")
         rollups.fold(con, new, rebuild=set(layout.ROLLUP_TABLES) - old_tables)
         con.executemany("INSERT INTO _rank_status VALUES (?, ?)",
                         [[r, json.dumps(s)] for r, s in sorted(statuses.items())])
@@ -233,14 +268,18 @@ _ROUTE_STATS_KEYS = {
 }
 
 
-def _fold_route_stats(con, run_dir: Path, new_routes: list[Path], rebuild: set[str]) -> None:
+def _fold_route_stats(con, run_dir: Path, new_routes: list[Path], rebuild: set[str], skip: set[str] = frozenset(),
+                      counts: "_RouteCounts | None" = None) -> None:
     """Add the routes of this compaction to the tables compaction derives from them (`layout.COMPACTION_TABLES`) in
     the run.duckdb being built.
 
     Counts are additive, so the new segments' counts are summed with the rows copied from the old run.duckdb;
     probe_sets rows are per token, so the new ones are appended. `rebuild`: the tables the old run.duckdb lacks
     (it predates them, or there is none): those are built from every route of the run (its `routes` table and
-    every Parquet file `_routes_files` names, this compaction's included) instead."""
+    every Parquet file `_routes_files` names, this compaction's included) instead. `skip`: tables whose rows of
+    the new routes were written as files already (token_sets, see _TokenSetsFile). `counts`: the new routes'
+    token, position, sequence and weight-bin counts, summed while the routes files were written: summed here
+    instead of grouping the new routes again."""
     # explicit casts: without them DuckDB 1.5 fails an internal statistics assertion ("SetMin or SetMax called
     # with Value that does not match") when segment files are aggregated in a UNION with the typed tables
     cols = ", ".join(f'CAST("{f.name}" AS {layout.duckdb_type(f.type)}) AS "{f.name}"' for f in layout.DISK_SCHEMAS["routes"]
@@ -253,7 +292,7 @@ def _fold_route_stats(con, run_dir: Path, new_routes: list[Path], rebuild: set[s
     fresh = (_parquet_routes(cols, new_files), [new_files]) if new_routes else None
     for table in layout.COMPACTION_TABLES:
         source, params = every if table in rebuild else (fresh or (None, None))
-        if source is None:
+        if source is None or table in skip:
             continue
         if table == layout.PROBE_SETS:
             con.execute(f'INSERT INTO main."{table}" {_PROBE_SETS_SQL.format(source=source)}', params)
@@ -261,20 +300,29 @@ def _fold_route_stats(con, run_dir: Path, new_routes: list[Path], rebuild: set[s
         if table == layout.TOKEN_SETS:
             con.execute(f'INSERT INTO main."{table}" {token_sets_sql(source, True)}', params)
             continue
+        partial = counts.source(table) if counts is not None and table in _RouteCounts.KEYS and table not in rebuild \
+            else None
         if table == layout.WEIGHT_HIST:
-            _fold_weight_hist(con, source, params)
+            if partial is None:
+                _fold_weight_hist(con, source, params)
+            else:
+                _fold_weight_hist_counts(con, partial, final=counts.disjoint)
             continue
         k = ", ".join(_ROUTE_STATS_KEYS[table])
         typed = ", ".join(f'CAST("{f.name}" AS {layout.duckdb_type(f.type)}) AS "{f.name}"'
                           for f in layout.DISK_SCHEMAS[table])
         con.execute(f'ALTER TABLE main."{table}" RENAME TO "_old_{table}"')
+        if partial is not None:
+            new_counts, params = f"SELECT {k}, assigned, first_choice FROM {partial}", []
+        else:
+            new_counts = (f"SELECT {k}, count(*) AS assigned, count(*) FILTER (WHERE slot = 0) AS first_choice "
+                          f"FROM ({source}) GROUP BY ALL")
         con.execute(f"""
             CREATE TABLE main."{table}" AS SELECT {typed} FROM (
                 SELECT {k}, sum(assigned) AS assigned, sum(first_choice) AS first_choice FROM (
                     SELECT {k}, assigned, first_choice FROM main."_old_{table}"
                     UNION ALL
-                    SELECT {k}, count(*) AS assigned, count(*) FILTER (WHERE slot = 0) AS first_choice
-                    FROM ({source}) GROUP BY ALL)
+                    {new_counts})
                 GROUP BY ALL ORDER BY {k})""", params)
         con.execute(f'DROP TABLE main."_old_{table}"')
 
@@ -293,7 +341,22 @@ def _parquet_routes(cols: str, files: list[str]) -> str:
     return f"SELECT {no_margin} FROM read_parquet(?)"
 
 
-def _fold_weight_hist(con, source: str, params: list) -> None:
+def _fold_weight_hist_counts(con, counts: str, final: bool) -> None:
+    """Add the new routes' weight-bin counts (the table `counts` of _RouteCounts) to weight_hist: appended as
+    they are when they are `final` rows (`above` computed per batch) of steps the table does not hold yet, else
+    summed with the old rows and `above` recomputed (a step whose routes span two compactions or two batches)."""
+    overlap = con.execute(f"""
+        SELECT count(*) FROM main."{layout.WEIGHT_HIST}" w
+        SEMI JOIN (SELECT DISTINCT run_id, step, rank FROM {counts}) n
+            ON n.run_id = w.run_id AND n.step = w.step AND n.rank = w.rank""").fetchone()[0]
+    if final and not overlap:
+        con.execute(f'INSERT INTO main."{layout.WEIGHT_HIST}" BY NAME SELECT * FROM {counts}')
+    else:
+        _fold_weight_hist(con, None, [], new_counts="SELECT run_id, step, rank, layer, expert, bin, assigned, "
+                                                    f"first_choice, weight_q_sum FROM {counts}")
+
+
+def _fold_weight_hist(con, source: str | None, params: list, new_counts: str | None = None) -> None:
     """weight_hist = the old table's counts plus the new routes', with `above` recomputed over the sums (a step
     whose routes span two compactions gets one set of bins)."""
     k = "run_id, step, rank, layer, expert, bin"
@@ -303,7 +366,7 @@ def _fold_weight_hist(con, source: str, params: list) -> None:
     counts = f"""
         SELECT {k}, sum(assigned) AS assigned, sum(first_choice) AS first_choice, sum(weight_q_sum) AS weight_q_sum
         FROM (SELECT {k}, assigned, first_choice, weight_q_sum FROM main."_old_{layout.WEIGHT_HIST}"
-              UNION ALL {_WEIGHT_HIST_SQL.format(source=source)})
+              UNION ALL {new_counts or _WEIGHT_HIST_SQL.format(source=source)})
         GROUP BY ALL"""
     con.execute(f"""
         CREATE TABLE main."{layout.WEIGHT_HIST}" AS SELECT {typed} FROM ({_WEIGHT_HIST_ABOVE_SQL.format(counts=counts)})
@@ -361,12 +424,235 @@ def token_sets_sql(source: str, with_margin: bool) -> str:
     return _TOKEN_SETS_SQL.format(source=source, margin=margin)
 
 
-def _write_compacted_routes(run_dir: Path, rank: int, paths: list[Path]) -> tuple[str, int, int, int]:
-    """One compacted routes file from one rank's segments: (name relative to the run, rank, rows, bytes).
+class _TokenSetsFile:
+    """The token_sets rows of one rank's compacted routes, computed from the sorted batches the routes file is
+    written from (each (token, layer) group is a run of consecutive rows there) and written as a zstd Parquet file
+    beside it: no second scan of the routes and no GROUP BY over them in DuckDB.
+
+    Exact only when no group spans two batches: `_write_compacted_routes` cuts batches at step boundaries, and
+    a batch whose first step is not after every step already written (a step larger than a batch, steps out of
+    order across segments), or a null in a grouping column, turns it off (`ok` False): compaction then builds
+    token_sets with `token_sets_sql` instead, as before."""
+
+    def __init__(self, run_dir: Path, rank: int, name: str):
+        import pyarrow.parquet as pq
+
+        self.folder = layout.compacted_table_dir(run_dir, layout.TOKEN_SETS, rank)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.final, self.tmp = self.folder / name, self.folder / f".{name}.tmp"
+        self.writer = pq.ParquetWriter(self.tmp, layout.DISK_SCHEMAS[layout.TOKEN_SETS],
+                                       **layout.compacted_table_options(layout.TOKEN_SETS))
+        self.ok, self.rows, self.last_step = True, 0, None
+
+    def add(self, batch: pa.Table) -> None:
+        """Add the rows of one batch sorted by COMPACTED_SORT."""
+        if not self.ok or not batch.num_rows:
+            return
+        step = batch.column("step").to_numpy()
+        if (self.last_step is not None and step[0] <= self.last_step) or any(
+                batch.column(c).null_count for c in ("run_id", "step", "rank", "seq", "pos", "layer", "slot",
+                                                     "token_id", "expert")) or not _constant(batch, "run_id", "rank"):
+            self.ok = False  # not exact from batches: token_sets_sql builds the table instead
+            return
+        self.last_step = int(step[-1])
+        sets = token_sets_of_sorted(batch)
+        self.writer.write_table(sets, row_group_size=max(1, sets.num_rows))
+        self.rows += sets.num_rows
+
+    def close(self) -> tuple[str, int, int, int] | None:
+        """Publish the file under its final name: (name, rank, rows, bytes), or None (and no file) if not ok."""
+        self.writer.close()
+        if not self.ok or not self.rows:
+            self.tmp.unlink(missing_ok=True)
+            return None
+        _fsync(self.tmp)
+        os.replace(self.tmp, self.final)
+        _fsync(self.folder)
+        return self.final, self.rows, self.final.stat().st_size
+
+    def discard(self) -> None:
+        try:
+            self.writer.close()
+        finally:
+            self.tmp.unlink(missing_ok=True)
+
+
+# A batch's weight-bin counts (routes without a weight have no bin), in the order `above` is summed in
+_BATCH_WEIGHT_BINS_SQL = f"""
+    SELECT step, layer, expert, CAST(weight_q >> {layout.WEIGHT_BIN_SHIFT} AS SMALLINT) AS bin,
+           count(*) AS assigned, count(*) FILTER (WHERE slot = 0) AS first_choice,
+           CAST(sum(weight_q) AS BIGINT) AS weight_q_sum
+    FROM _batch WHERE weight_q IS NOT NULL GROUP BY ALL ORDER BY step, layer, expert, bin DESC"""
+
+
+class _RouteCounts:
+    """The counts of token_stats, position_stats, sequence_stats and weight_hist over the routes batches of a
+    compaction, grouped per batch in the pass that writes the routes files, so that the routes are read and
+    decoded once: the partial counts go into tables of a scratch DuckDB file beside the run
+    (`<run>/.compact-counts.duckdb`, on disk: at 10^9 routes they are 10^8-10^9 rows), and publishing sums them.
+
+    weight_hist rows are final per batch (with `above`) when no step's routes span two batches of a rank
+    (`disjoint`); otherwise they are summed and `above` recomputed by SQL at publication. `ok` False (a null in a
+    grouping column, a batch mixing run ids or ranks): compaction counts the routes by SQL from the files."""
+
+    KEYS = {"token_stats": ("layer", "token_id", "expert"), "position_stats": ("layer", "pos", "expert"),
+            "sequence_stats": ("step", "seq", "layer", "expert"), layout.WEIGHT_HIST: ("step", "layer", "expert", "bin")}
+    FILE = ".compact-counts.duckdb"
+
+    def __init__(self, run_dir: Path):
+        self.ok, self.disjoint = True, True
+        self.path = run_dir / self.FILE
+        self.rows = {t: 0 for t in self.KEYS}
+        self.last_step: dict[int, int] = {}  # rank -> last step of its batches so far
+        self.con = None
+
+    def _connect(self):
+        from moeviz.store import duckdb_compat
+
+        for leftover in (self.path, Path(str(self.path) + ".wal")):
+            leftover.unlink(missing_ok=True)
+        con = duckdb_compat.connect(str(self.path))
+        con.execute("SET enable_progress_bar = false")
+        for table, keys in self.KEYS.items():
+            cols = ["run_id", "rank", *keys, "assigned", "first_choice"] + (
+                ["weight_q_sum", "above"] if table == layout.WEIGHT_HIST else [])
+            types = {f.name: layout.duckdb_type(f.type) for f in layout.DISK_SCHEMAS[table]}
+            con.execute(f'CREATE TABLE "{table}" ({", ".join(f"{c} {types[c]}" for c in cols)})')
+        return con
+
+    def add(self, batch: pa.Table) -> None:
+        if not self.ok or not batch.num_rows:
+            return
+        if any(batch.column(c).null_count for c in ("run_id", "step", "rank", "seq", "pos", "token_id", "layer",
+                                                    "expert")) or not _constant(batch, "run_id", "rank"):
+            self.ok = False
+            return
+        run_id, rank = batch.column("run_id")[0].as_py(), batch.column("rank")[0].as_py()
+        if rank in self.last_step and batch.column("step")[0].as_py() <= self.last_step[rank]:
+            self.disjoint = False
+        self.last_step[rank] = batch.column("step")[-1].as_py()
+        from moeviz.store import duckdb_compat
+
+        if self.con is None:
+            self.con = self._connect()
+        # run_id and rank are constants of the batch: grouping by them cost a string per route
+        self.con.register("_batch", batch.select(["step", "seq", "pos", "token_id", "layer", "slot", "expert",
+                                                  "weight_q"]))
+        try:
+            for table, keys in self.KEYS.items():
+                k = ", ".join(keys)
+                if table == layout.WEIGHT_HIST:  # `above` by a cumulative sum (a window cost 2x the grouping)
+                    self.con.register("_bins", with_above(duckdb_compat.arrow_table(
+                        self.con.execute(_BATCH_WEIGHT_BINS_SQL))))
+                    self.con.execute(f'INSERT INTO "{table}" BY NAME SELECT $1 AS run_id, $2 AS rank, * FROM _bins',
+                                     [run_id, rank])
+                    self.con.unregister("_bins")
+                    self.rows[table] += 1
+                    continue
+                sql = (f"SELECT $1 AS run_id, $2 AS rank, {k}, count(*) AS assigned, "
+                       f"count(*) FILTER (WHERE slot = 0) AS first_choice FROM _batch GROUP BY {k}")
+                self.con.execute(f'INSERT INTO "{table}" BY NAME {sql}', [run_id, rank])
+                self.rows[table] += 1
+        finally:
+            self.con.unregister("_batch")
+
+    def close(self) -> None:
+        if self.con is not None:
+            self.con.close()
+            self.con = None
+        for leftover in (self.path, Path(str(self.path) + ".wal")):
+            leftover.unlink(missing_ok=True)
+
+    def source(self, name: str) -> str | None:
+        """The partial counts of one table as `counts.<name>` for a connection that attached the scratch file as
+        `counts` (None if no batch had rows)."""
+        return f'counts."{name}"' if self.rows[name] else None
+
+    def detach(self) -> None:
+        """Close the writing connection, so that the building connection can attach the file."""
+        if self.con is not None:
+            self.con.close()
+            self.con = None
+
+
+def with_above(bins: pa.Table) -> pa.Table:
+    """Weight-bin counts sorted by (step, layer, expert, bin descending) with `above` added: the routes of the
+    same step, layer and expert in higher bins (the numpy form of _WEIGHT_HIST_ABOVE_SQL's window)."""
+    import numpy as np
+
+    assigned = bins.column("assigned").to_numpy()  # [rows]
+    new = np.zeros(bins.num_rows, dtype=bool)  # [rows] True where a (step, layer, expert) starts
+    new[:1] = True
+    for k in ("step", "layer", "expert"):
+        v = bins.column(k).to_numpy()
+        new[1:] |= v[1:] != v[:-1]
+    before = np.cumsum(assigned) - assigned  # [rows] routes in the rows before this one
+    start = np.maximum.accumulate(np.where(new, np.arange(bins.num_rows), 0))  # [rows] its partition's first row
+    return bins.append_column("above", pa.array(before - before[start], pa.int64()))
+
+
+def _constant(batch: pa.Table, *columns: str) -> bool:
+    """Whether each column holds one value across the batch (run_id and rank do within one rank's routes)."""
+    import pyarrow.compute as pc
+
+    return all(len(pc.unique(batch.column(c))) <= 1 for c in columns)
+
+
+def token_sets_of_sorted(batch: pa.Table) -> pa.Table:
+    """token_sets rows (layout.DISK_SCHEMAS["token_sets"]) of routes sorted by COMPACTED_SORT with one run_id and
+    rank and no nulls in the grouping columns: the numpy form of `token_sets_sql` over those rows.
+
+    A group is a run of rows with equal (step, layer, seq, pos); within it rows go by slot, so the first row's
+    expert is arg_min(expert, slot). margin: the group's largest non-null value (its slot rows carry one value;
+    token_sets_sql's any_value takes any of them)."""
+    import numpy as np
+
+    step = batch.column("step").to_numpy()  # [rows]
+    layer = batch.column("layer").to_numpy()
+    seq = batch.column("seq").to_numpy()
+    pos = batch.column("pos").to_numpy()
+    expert = batch.column("expert").to_numpy().astype(np.int64)  # [rows]
+    new = np.ones(len(step), dtype=bool)  # [rows] True where a (token, layer) group starts
+    new[1:] = (step[1:] != step[:-1]) | (layer[1:] != layer[:-1]) | (seq[1:] != seq[:-1]) | (pos[1:] != pos[:-1])
+    starts = np.flatnonzero(new)  # [groups]
+    counts = np.diff(np.append(starts, len(step)))  # [groups]
+    bits = np.left_shift(np.uint64(1), np.clip(expert, 0, 63).astype(np.uint64))  # [rows]
+    in_mask = (np.maximum.reduceat(expert, starts) < 64) & (np.minimum.reduceat(expert, starts) >= 0)  # [groups]
+    margin = batch.column("margin")
+    if margin.null_count == len(margin):
+        margins = pa.nulls(len(starts), pa.float32())
+    else:
+        m = margin.to_numpy(zero_copy_only=False).astype(np.float32)  # [rows], NaN where NULL
+        top = np.fmax.reduceat(m, starts)  # [groups] NaN where every slot row is NULL
+        margins = pa.array(top, mask=np.isnan(top), type=pa.float32())
+    first = batch.slice(0, 1)
+    cols = {
+        "run_id": pa.array([first.column("run_id")[0].as_py()] * len(starts), pa.string()),
+        "step": pa.array(step[starts], pa.int64()),
+        "rank": pa.array(np.full(len(starts), first.column("rank")[0].as_py(), dtype=np.int32)),
+        "seq": pa.array(seq[starts], pa.int32()),
+        "pos": pa.array(pos[starts], pa.int32()),
+        "layer": pa.array(layer[starts], pa.int16()),
+        "token_id": pa.array(np.minimum.reduceat(batch.column("token_id").to_numpy(), starts), pa.int32()),
+        "first_expert": pa.array(expert[starts].astype(np.int16)),
+        "experts": pa.array(np.bitwise_or.reduceat(bits, starts), pa.uint64(), mask=~in_mask),
+        "k": pa.array(np.minimum(counts, 127).astype(np.int8)),
+        "margin": margins,
+    }
+    return pa.Table.from_pydict(cols, schema=layout.DISK_SCHEMAS[layout.TOKEN_SETS])
+
+
+def _write_compacted_routes(run_dir: Path, rank: int, paths: list[Path], with_sets: bool = False,
+                            counts: "_RouteCounts | None" = None
+                            ) -> tuple[tuple[str, int, int, int], tuple[str, int, int, int] | None]:
+    """One compacted routes file from one rank's segments: ((name relative to the run, rank, rows, bytes), the
+    same for its token_sets file, or None when `with_sets` is False or the sets could not be built from the
+    batches (see _TokenSetsFile)). `counts`: summed over the batches as they are written (see _RouteCounts).
 
     Streams the segments in batches of about COMPACTED_ROW_GROUP_ROWS rows, each sorted by COMPACTED_SORT and
-    written as one row group, so memory stays bounded whatever the run's size. Written under a hidden name,
-    fsynced, then renamed: the file is whole or absent."""
+    written as one row group, so memory stays bounded whatever the run's size. A batch ends at a step boundary
+    (the rows of its last step go on to the next batch), so that no token's rows span two batches. Written under
+    a hidden name, fsynced, then renamed: the file is whole or absent."""
     import uuid
 
     import pyarrow.parquet as pq
@@ -378,6 +664,7 @@ def _write_compacted_routes(run_dir: Path, rank: int, paths: list[Path]) -> tupl
     tmp = folder / f".{name}.tmp"
     schema = layout.DISK_SCHEMAS["routes"]
     n_rows = 0
+    sets = _TokenSetsFile(run_dir, rank, name) if with_sets else None
     try:
         with pq.ParquetWriter(tmp, schema, **layout.compacted_routes_options()) as w:
             pending: list[pa.Table] = []
@@ -387,17 +674,22 @@ def _write_compacted_routes(run_dir: Path, rank: int, paths: list[Path]) -> tupl
                 pending.append(part)
                 pending_rows += part.num_rows
                 if pending_rows >= layout.COMPACTED_ROW_GROUP_ROWS:
-                    n_rows += _write_sorted_row_group(w, pending)
-                    pending, pending_rows = [], 0
+                    batch, rest = _split_last_step(_sorted(pending), pending_rows >= 16 * layout.COMPACTED_ROW_GROUP_ROWS)
+                    n_rows += _write_row_group(w, batch, sets, counts)
+                    pending, pending_rows = ([rest], rest.num_rows) if rest.num_rows else ([], 0)
             if pending:
-                n_rows += _write_sorted_row_group(w, pending)
+                n_rows += _write_row_group(w, _sorted(pending), sets, counts)
         _fsync(tmp)
         os.replace(tmp, folder / name)
+        done = sets.close() if sets else None
     except BaseException:
         tmp.unlink(missing_ok=True)
+        if sets:
+            sets.discard()
         raise
     _fsync(folder)
-    return layout.relative_name(run_dir, folder / name), rank, n_rows, (folder / name).stat().st_size
+    routes = (layout.relative_name(run_dir, folder / name), rank, n_rows, (folder / name).stat().st_size)
+    return routes, (None if done is None else (layout.relative_name(run_dir, done[0]), rank, done[1], done[2]))
 
 
 def _with_disk_columns(part: pa.Table, schema: pa.Schema) -> pa.Table:
@@ -407,21 +699,46 @@ def _with_disk_columns(part: pa.Table, schema: pa.Schema) -> pa.Table:
     return pa.Table.from_arrays(cols, schema=schema) if part.num_rows else schema.empty_table()
 
 
-def _write_sorted_row_group(writer, parts: list[pa.Table]) -> int:
-    batch = pa.concat_tables(parts).sort_by([(c, "ascending") for c in layout.COMPACTED_SORT])
+def _sorted(parts: list[pa.Table]) -> pa.Table:
+    return pa.concat_tables(parts).sort_by([(c, "ascending") for c in layout.COMPACTED_SORT])
+
+
+def _split_last_step(batch: pa.Table, force: bool) -> tuple[pa.Table, pa.Table]:
+    """(the rows before the batch's last step, the rows of that step), which go on to the next batch; the whole
+    batch and nothing when it holds one step (unless `force`: a step of more than 16 row groups is written in
+    pieces, and its token_sets are then built by SQL)."""
+    step = batch.column("step")
+    if step.null_count:
+        return batch, batch.slice(0, 0)
+    values = step.to_numpy()
+    cut = int(values.searchsorted(values[-1], side="left"))
+    if cut == 0:
+        return (batch, batch.slice(0, 0)) if force else (batch.slice(0, 0), batch)
+    return batch.slice(0, cut), batch.slice(cut)
+
+
+def _write_row_group(writer, batch: pa.Table, sets: "_TokenSetsFile | None", counts: "_RouteCounts | None") -> int:
+    if not batch.num_rows:
+        return 0
     writer.write_table(batch, row_group_size=max(1, batch.num_rows))
+    if sets is not None:
+        sets.add(batch)
+    if counts is not None:
+        counts.add(batch)
     return batch.num_rows
 
 
 def _remove_unpublished_routes_files(run_dir: Path, published: dict[str, tuple[int, int]]) -> None:
-    """Delete routes files (and hidden temp files) no published run.duckdb names: a crashed compaction's."""
-    root = run_dir / layout.COMPACTED_DIR / "routes"
-    if not root.is_dir():
-        return
-    for p in root.glob("rank=*/*"):
-        if p.is_file() and layout.relative_name(run_dir, p) not in published and (
-                p.name.endswith(".parquet") or p.name.endswith(".tmp")):
-            p.unlink(missing_ok=True)
+    """Delete routes and token_sets files (and hidden temp files) no published run.duckdb names: a crashed
+    compaction's."""
+    for table in ("routes",) + layout.FILE_TABLES:
+        root = run_dir / layout.COMPACTED_DIR / table
+        if not root.is_dir():
+            continue
+        for p in root.glob("rank=*/*"):
+            if p.is_file() and layout.relative_name(run_dir, p) not in published and (
+                    p.name.endswith(".parquet") or p.name.endswith(".tmp")):
+                p.unlink(missing_ok=True)
 
 
 def _create_compacted_tables(con) -> None:
@@ -430,12 +747,16 @@ def _create_compacted_tables(con) -> None:
         con.execute(f'CREATE TABLE "{t}" ({cols})')
     con.execute("CREATE TABLE _segments (table_name VARCHAR, file VARCHAR PRIMARY KEY, bytes BIGINT)")
     con.execute("CREATE TABLE _routes_files (file VARCHAR PRIMARY KEY, rank INTEGER, rows BIGINT, bytes BIGINT)")
+    # derived tables kept as Parquet files beside run.duckdb (layout.FILE_TABLES): which file holds which table
+    con.execute("CREATE TABLE _table_files (table_name VARCHAR, file VARCHAR PRIMARY KEY, rank INTEGER, rows BIGINT, "
+                "bytes BIGINT)")
     con.execute("CREATE TABLE _rank_status (rank INTEGER, status_json VARCHAR)")
     con.execute("CREATE TABLE _meta (key VARCHAR, value VARCHAR)")
 
 
 def _compacted_state(target: Path) -> tuple[set[str], dict[str, tuple[int, int]]]:
-    """(names of the segments already folded into run.duckdb, {routes file name: (rows, bytes)} it names)."""
+    """(names of the segments already folded into run.duckdb, {routes or token_sets file name: (rows, bytes)} it
+    names)."""
     if not target.exists():
         return set(), {}
     from moeviz.store import duckdb_compat
@@ -452,6 +773,9 @@ def _compacted_state(target: Path) -> tuple[set[str], dict[str, tuple[int, int]]
         have = {r[0] for r in con.execute("SELECT table_name FROM duckdb_tables()").fetchall()}
         files = {r[0]: (int(r[1]), int(r[2])) for r in con.execute(
             "SELECT file, rows, bytes FROM _routes_files").fetchall()} if "_routes_files" in have else {}
+        if "_table_files" in have:  # token_sets files (count toward the compacted bytes, never deleted)
+            files.update({r[0]: (int(r[1]), int(r[2])) for r in con.execute(
+                "SELECT file, rows, bytes FROM _table_files").fetchall()})
         return folded, files
     finally:
         con.close()

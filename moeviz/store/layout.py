@@ -10,10 +10,11 @@ A run folder looks like this (Hive-style folders; another engine reads the files
     <run_dir>/_commits/rank=<r>/commit-<seq:08d>.json       one per flush: the segments it made visible
     <run_dir>/run.duckdb                                    compacted segments (`moeviz compact`, last close)
     <run_dir>/compacted/routes/rank=<r>/part-<gen:06d>-<uuid8>.parquet   compacted routes, listed in run.duckdb
+    <run_dir>/compacted/token_sets/rank=<r>/part-<gen:06d>-<uuid8>.parquet   their token_sets, listed in run.duckdb
 
 Compacted routes are large zstd Parquet files (DuckDB's own storage costs ~3x more per route: it bit-packs but
 does not entropy-code). They live outside `<run_dir>/routes/` so that segment listings never see them: a reader
-reads exactly the ones run.duckdb's `_routes_files` names, so a file written by a compaction that crashed before
+reads exactly the ones run.duckdb's `_routes_files` (and `_table_files`) names, so a file written by a compaction that crashed before
 publishing its run.duckdb is never read (the next compaction deletes it).
 
 Why segments: DuckDB lets one process hold a database file read-write and then no other process may open it, so
@@ -170,6 +171,31 @@ COMPACTED_SORT = ("step", "layer", "seq", "pos", "slot")
 
 def compacted_routes_dir(run_dir: Path, rank: int) -> Path:
     return Path(run_dir) / COMPACTED_DIR / "routes" / f"rank={int(rank)}"
+
+
+# Tables derived at compaction that are kept as zstd Parquet files beside run.duckdb (named in its `_table_files`)
+# rather than inside it: token_sets (one row per token and layer) cost 4.8 bytes/route in DuckDB's own storage at
+# 20M routes (a random 64-bit mask and a float per row compress poorly there) against ~1 as Parquet.
+FILE_TABLES = (TOKEN_SETS,)
+# token_sets files: rows sorted by (step, layer, seq, pos) like the routes they come from
+TOKEN_SETS_SORT = ("step", "layer", "seq", "pos")
+
+
+def compacted_table_dir(run_dir: Path, table: str, rank: int) -> Path:
+    return Path(run_dir) / COMPACTED_DIR / table / f"rank={int(rank)}"
+
+
+def compacted_table_options(table: str) -> dict:
+    """pyarrow.parquet.ParquetWriter keyword arguments for a derived table's compacted files (FILE_TABLES).
+    token_sets: margin (float32 in steps of 2^-16) as BYTE_STREAM_SPLIT, which zstd compresses to ~2 bytes a
+    value against ~2.5 plain; the experts mask as a dictionary (few distinct sets per layer)."""
+    names = DISK_SCHEMAS[table].names
+    enc = {"pos": "DELTA_BINARY_PACKED", "token_id": "PLAIN", "margin": "BYTE_STREAM_SPLIT"}
+    enc = {c: e for c, e in enc.items() if c in names}
+    return dict(compression="zstd", compression_level=3,
+                use_dictionary=[c for c in names if c not in enc],
+                column_encoding=enc, max_rows_per_page=2 * COMPACTED_ROW_GROUP_ROWS, data_page_size=1 << 30,
+                write_statistics=[c for c in ("step", "rank", "layer", "seq") if c in names], store_schema=False)
 
 
 def compacted_routes_options() -> dict:
