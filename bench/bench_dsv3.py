@@ -229,6 +229,7 @@ def main() -> None:
     ap.add_argument("--dir", type=Path, default=ROOT / "bench" / "out" / "dsv3")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quiet", action="store_true")
+    ap.add_argument("--write-only", action="store_true", help="write and compact the store, time no analysis")
     args = ap.parse_args()
     out = args.dir / (f"{args.mode}-r{args.ranks}-s{args.steps}" + (f"-routes{args.route_every}" if args.route_every else ""))
     res: dict = {"steps": args.steps, "ranks": args.ranks, "mode": args.mode}
@@ -246,6 +247,9 @@ def main() -> None:
     if "agg_rows" in res and res["write_s"]:
         print(f"- write rate: {(res['agg_rows'] + res['route_rows']) / res['write_s'] / 1e6:.2f} M rows/s "
               f"(RunWriter.write_flush time; the wall time includes drawing the data)")
+    if args.write_only:
+        (args.dir / f"{out.name}.write.json").write_text(json.dumps(res, indent=1))
+        return
     con = open_store(out)
     skip = tuple(s for s in args.skip.split(",") if s)
     print("| analysis | s |\n|---|---:|")
