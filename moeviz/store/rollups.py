@@ -99,7 +99,7 @@ def _parent(r: int) -> int:
     return max((p for p in BUCKET_RESOLUTIONS if p < r and r % p == 0), default=1)
 
 
-def _shape_sql(table: str) -> str:
+def shape_sql(table: str) -> str:
     """Experts and k per (run, layer) of `table`'s rows: `layers`, else `runs` (a writer that wrote no layers).
     The metadata tables of run.duckdb hold one row per writing rank: deduplicated here."""
     return f"""
@@ -205,7 +205,7 @@ def build_buckets(con, since_step: int | None = None) -> None:
     con.execute("DELETE FROM layer_buckets WHERE resolution > ?", [_CHUNK_STEPS])
     con.execute("DELETE FROM pooled_buckets WHERE step >= ? OR resolution > ?", [start, _CHUNK_STEPS])
     con.execute("DELETE FROM step_drops WHERE step >= ?", [start])
-    con.execute(f"CREATE OR REPLACE TEMP TABLE _shape AS {_shape_sql('step_stats')}")
+    con.execute(f"CREATE OR REPLACE TEMP TABLE _shape AS {shape_sql('step_stats')}")
     per_chunk_step = max(1, n_rows // max(1, last - first + 1))
     chunk = _CHUNK_STEPS * max(1, _CHUNK_ROWS // (per_chunk_step * _CHUNK_STEPS))
     small = [r for r in BUCKET_RESOLUTIONS if r <= _CHUNK_STEPS]
