@@ -8,7 +8,7 @@ import pandas as pd
 import streamlit as st
 
 from app.components import bucket_note, guarded, run_page, show_chart, show_table
-from app.state import Ctx
+from app.state import Ctx, step_kinds
 from app.wide import TOP_EXPERTS, find_expert, is_wide, layer_page
 from moeviz import charts
 from moeviz.analyses.aux_loss import switch_loss
@@ -116,15 +116,18 @@ def render(ctx: Ctx) -> None:
                          step_bucket=bucket)
         else:
             load = ctx.q(expert_load, sel, by_step=True, step_bucket=bucket)
+    _, kind = step_kinds(ctx)  # training steps only when the run also tags eval/probe steps (as the Aux loss page)
     with guarded("Aux loss over steps"):
-        aux = ctx.q(switch_loss, sel.with_(domains=None, tags=None), by_step=True, step_bucket=bucket)
+        aux = ctx.q(switch_loss, sel.with_(domains=None, tags=None), by_step=True, step_bucket=bucket, step_tag=kind)
     if load is not None:
         with guarded("Load over steps"):
             fig = charts.top_load_small_multiples(load, found=found) if wide else charts.load_small_multiples(load)
             show_chart(fig, load, "overview-load", caption=bucket_note(bucket))
     if aux is not None:
         with guarded("Aux loss over steps"):
-            show_chart(charts.aux_loss_small_multiples(aux), aux, "overview-aux", caption=bucket_note(bucket))
+            note = " ".join(x for x in (bucket_note(bucket), kind and f"{kind.capitalize()} steps only (the Aux loss "
+                                        "page shows the other kinds).") if x)
+            show_chart(charts.aux_loss_small_multiples(aux), aux, "overview-aux", caption=note or None)
     with health_box, guarded("Health summary"), st.spinner("Checking the run's health...", show_time=True):
         _health(health.result())
     with guarded("Tokens with detail"), st.spinner("Counting the per-token routes...", show_time=True):
