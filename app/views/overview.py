@@ -99,8 +99,6 @@ def render(ctx: Ctx) -> None:
     health_box = st.container()  # drawn above the charts, filled in after them: the charts come first
     load = aux = None
     bucket = ctx.step_bucket  # a long run's curves in buckets of steps: at most ~1,500 points per trace
-    # the health checks (the page's longest query) run while the curves are read and drawn
-    health = ctx.q_started(health_summary, ctx.sel_exact)
     wide = is_wide(ctx)
     found = None
     c1, c2 = st.columns([3, 1])
@@ -116,13 +114,16 @@ def render(ctx: Ctx) -> None:
                          step_bucket=bucket)
         else:
             load = ctx.q(expert_load, sel, by_step=True, step_bucket=bucket)
-    _, kind = step_kinds(ctx)  # training steps only when the run also tags eval/probe steps (as the Aux loss page)
-    with guarded("Aux loss over steps"):
-        aux = ctx.q(switch_loss, sel.with_(domains=None, tags=None), by_step=True, step_bucket=bucket, step_tag=kind)
-    if load is not None:
+    if load is not None:  # drawn before the aux loss is read: the first chart waits for one query, not two
         with guarded("Load over steps"):
             fig = charts.top_load_small_multiples(load, found=found) if wide else charts.load_small_multiples(load)
             show_chart(fig, load, "overview-load", caption=bucket_note(bucket))
+    # the health checks run while the aux loss is read and drawn: started before the load query, they took half
+    # of the 2 cores it needed (a 58 x 256 model of 10,000 steps: first chart 4.8 s -> see docs/benchmarks.md)
+    health = ctx.q_started(health_summary, ctx.sel_exact)
+    _, kind = step_kinds(ctx)  # training steps only when the run also tags eval/probe steps (as the Aux loss page)
+    with guarded("Aux loss over steps"):
+        aux = ctx.q(switch_loss, sel.with_(domains=None, tags=None), by_step=True, step_bucket=bucket, step_tag=kind)
     if aux is not None:
         with guarded("Aux loss over steps"):
             note = " ".join(x for x in (bucket_note(bucket), kind and f"{kind.capitalize()} steps only (the Aux loss "
