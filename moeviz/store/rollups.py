@@ -209,7 +209,11 @@ def build_buckets(con, since_step: int | None = None) -> None:
     per_chunk_step = max(1, n_rows // max(1, last - first + 1))
     chunk = _CHUNK_STEPS * max(1, _CHUNK_ROWS // (per_chunk_step * _CHUNK_STEPS))
     small = [r for r in BUCKET_RESOLUTIONS if r <= _CHUNK_STEPS]
-    for c0 in range(start, last + 1, chunk):
+    # only the chunks that hold rows: steps may be sparse (0 and 2**40 in one run)
+    firsts = [start + int(r[0]) * chunk for r in con.execute(
+        f"SELECT DISTINCT (step - ?) // {int(chunk)} FROM step_stats WHERE step >= ? ORDER BY 1",
+        [start, start]).fetchall()]
+    for c0 in firsts:
         where = f"step >= {int(c0)} AND step < {int(c0 + chunk)}"
         con.execute(f"INSERT INTO step_drops BY NAME {step_drops_sql('step_stats', '_shape', where)}")
         for r in small:  # each resolution from the sums of the one it is made of (1 from the rows)
