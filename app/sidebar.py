@@ -12,7 +12,7 @@ from pathlib import Path
 import streamlit as st
 
 from app.components import error_message
-from app.state import Ctx, cached, store_path_from_args, store_warnings
+from app.state import Ctx, cached, slider_steps, store_path_from_args, store_warnings
 from moeviz.analyses.unknowns import summed_ranks
 from moeviz.selection import Selection
 from moeviz.store.catalog import (
@@ -72,7 +72,12 @@ def _pick_steps(steps: list[int]) -> tuple[int, int] | None:
     if len(steps) == 1:
         st.caption(f"One step recorded: {steps[0]}.")
         return (steps[0], steps[0])
-    lo, hi = st.select_slider("Steps", options=steps, value=(steps[0], steps[-1]), key="steps")
+    current = st.session_state.get("steps")
+    options = slider_steps(steps, keep=tuple(current) if isinstance(current, (tuple, list)) else ())
+    lo, hi = st.select_slider("Steps", options=options, value=(options[0], options[-1]), key="steps",
+                              help=None if len(options) == len(steps) else
+                              f"{len(steps):,} steps: the slider stops at the ends of blocks of steps; narrow the "
+                              "range to reach each step.")
     return (int(lo), int(hi))
 
 

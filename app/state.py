@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 import streamlit as st
 
-from moeviz.analyses.step_buckets import step_bucket_for
+from moeviz.analyses.step_buckets import MAX_POINTS, step_bucket_for
 from moeviz.errors import StaleStoreError
 from moeviz.selection import Selection
 from moeviz.store.reader import is_stale
@@ -127,6 +127,33 @@ def steps_within(steps: list[int], span: tuple[int, int] | None) -> list[int]:
     """The recorded `steps` inside a step range (first, last), inclusive; all of them when `span` is None."""
     lo, hi = span or (min(steps, default=0), max(steps, default=0))
     return [s for s in steps if lo <= s <= hi]
+
+
+def step_kinds(ctx: "Ctx") -> tuple[list[str], str | None]:
+    """(the kinds of step the run tags, sorted; the default kind a curve of losses shows): 'train' (else the first
+    kind) when the run tags two kinds or more, None (every step) otherwise. An eval or probe pass routes other
+    tokens than the training batches: mixed into one curve it makes a saw-tooth that is not the training."""
+    from moeviz.store.catalog import step_tags
+
+    kinds = sorted(ctx.q(step_tags, ctx.run_id)["tag"].dropna().unique().tolist())
+    if len(kinds) < 2:
+        return kinds, None
+    return kinds, "train" if "train" in kinds else kinds[0]
+
+
+def slider_steps(steps: list[int], keep: tuple = ()) -> list[int]:
+    """The options of a slider over recorded steps: all of them up to MAX_POINTS, else the first and last step of
+    every block of b steps (b among 1, 2, 5, 10, 20, ... so that ~MAX_POINTS options remain: a range then covers
+    whole blocks, e.g. 1,000-1,999), the run's first and last step, and the values in `keep` that are recorded
+    steps (the slider's current value, which a live run's growing b must not drop). Why: a select slider sends
+    every option to the browser and lists them on every rerun; 10,000 steps made the sidebar the slowest part of
+    a cold start. Narrowing the range reaches every step (the range's own slider then thins less)."""
+    if len(steps) <= MAX_POINTS:
+        return list(steps)
+    b = step_bucket_for(steps[0], steps[-1], max(2, MAX_POINTS // 2))
+    recorded = set(steps)
+    return sorted({s for s in steps if s % b == 0 or (s + 1) % b == 0} | {steps[0], steps[-1]}
+                  | {s for s in keep if s in recorded})
 
 
 @dataclass(frozen=True)

@@ -199,6 +199,8 @@ def analyses(con, steps: int) -> list[tuple[str, object]]:
         (f"Overview: top_expert_load (8 layers, top 8, bucket {b})",
          lambda: top_expert_load(con, page, n=8, step_bucket=b)),
         (f"Overview: switch_loss (8 layers, bucket {b})", lambda: switch_loss(con, page, by_step=True, step_bucket=b)),
+        (f"Load balance: imbalance (8 layers, bucket {b})",
+         lambda: imbalance(con, page, by_step=True, step_bucket=b)),
         ("Overview: health_summary", lambda: health_summary(con, sel)),
         ("Load balance: load_matrix (pooled)", lambda: load_matrix(con, sel)),
         (f"Load balance: imbalance (bucket {b})", lambda: imbalance(con, sel, by_step=True, step_bucket=b)),
@@ -229,6 +231,11 @@ def main() -> None:
     ap.add_argument("--dir", type=Path, default=ROOT / "bench" / "out" / "dsv3")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quiet", action="store_true")
+    ap.add_argument("--write-only", action="store_true", help="write and compact the store, time no analysis")
+    ap.add_argument("--without-buckets", default=None,
+                    help="also time the analyses with the bucket tables (layer_buckets, pooled_buckets, step_drops) "
+                         "switched off, in the same process: comma-separated name prefixes to time that way "
+                         "('all' = every analysis)")
     args = ap.parse_args()
     out = args.dir / (f"{args.mode}-r{args.ranks}-s{args.steps}" + (f"-routes{args.route_every}" if args.route_every else ""))
     res: dict = {"steps": args.steps, "ranks": args.ranks, "mode": args.mode}
@@ -246,6 +253,9 @@ def main() -> None:
     if "agg_rows" in res and res["write_s"]:
         print(f"- write rate: {(res['agg_rows'] + res['route_rows']) / res['write_s'] / 1e6:.2f} M rows/s "
               f"(RunWriter.write_flush time; the wall time includes drawing the data)")
+    if args.write_only:
+        (args.dir / f"{out.name}.write.json").write_text(json.dumps(res, indent=1))
+        return
     con = open_store(out)
     skip = tuple(s for s in args.skip.split(",") if s)
     print("| analysis | s |\n|---|---:|")
@@ -256,6 +266,19 @@ def main() -> None:
         s, df = timed(fn, args.repeat)
         timings[name] = s
         print(f"| {name} | {s:.3f} |", flush=True)
+    if args.without_buckets:
+        import moeviz.analyses.step_rows as rows_mod
+
+        wanted = None if args.without_buckets == "all" else tuple(args.without_buckets.split(","))
+        saved = rows_mod.buckets_complete
+        rows_mod.buckets_complete = lambda con: False  # every analysis then reads step_stats / the roll-ups
+        print("| without bucket tables: analysis | s |\n|---|---:|")
+        for name, fn in analyses(con, args.steps):
+            if (wanted is None or name.startswith(wanted)) and not (skip and name.startswith(skip)):
+                s, _ = timed(fn, args.repeat)
+                print(f"| {name} | {s:.3f} |", flush=True)
+                timings["no buckets: " + name] = s
+        rows_mod.buckets_complete = saved
     if args.raw:
         import moeviz.analyses.aux_loss as aux_mod
         import moeviz.analyses.health as health_mod

@@ -22,7 +22,7 @@ import numpy as np
 
 from moeviz.errors import MoevizError
 from moeviz.store.schema import SCHEMA_VERSION, TABLES
-from moeviz.store.layout import ROLLUP_TABLES, WEIGHT_SCALE, sequence_key
+from moeviz.store.layout import BUCKET_TABLES, ROLLUP_TABLES, WEIGHT_SCALE, sequence_key
 
 __all__ = ["store_from_routing", "synthetic_routing", "synthetic_store", "create_schema", "softmax",
            "long_run_aggregates", "write_aggregates"]
@@ -52,7 +52,7 @@ def create_schema(con) -> None:
     roll-up tables beside filled per-step tables would answer wrongly, absent ones send the analyses to the
     per-step tables."""
     for t in TABLES.values():
-        if t.name in ROLLUP_TABLES:
+        if t.name in ROLLUP_TABLES or t.name in BUCKET_TABLES:
             continue
         cols = ", ".join(f'"{c.name}" {c.sql_type}' for c in t.columns)
         con.execute(f"CREATE TABLE IF NOT EXISTS {t.name} ({cols})")
@@ -354,6 +354,12 @@ def _insert_rollups(con, run_id: str) -> None:
         con.execute(f"CREATE TABLE IF NOT EXISTS {table} ({cols})")
         con.execute(f"INSERT INTO {table} {rollup_sql(table, f'(SELECT * FROM {source} WHERE run_id = ?)')}",
                     [run_id])
+    from moeviz.store.rollups import build_buckets
+
+    for table in BUCKET_TABLES:  # rebuilt for every run of the connection: compaction's own query
+        cols = ", ".join(f'"{c.name}" {c.sql_type}' for c in TABLES[table].columns)
+        con.execute(f"CREATE TABLE IF NOT EXISTS {table} ({cols})")
+    build_buckets(con, None)
 
 
 def _adjacency_counts(index, steps, ranks, seqs, pos, g, gl: int) -> dict[str, np.ndarray]:

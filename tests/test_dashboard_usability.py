@@ -349,6 +349,30 @@ def test_aux_loss_page_shows_training_steps_by_default_and_each_kind_on_request(
         assert list(arr(chart(at, "Router z-loss")["data"][0]["x"])) == want
 
 
+def test_overview_switch_loss_shows_training_steps_only(tagged_store, tagged_routing):
+    """The Overview's aux-loss panels do not mix eval/probe passes into the training curve (the Aux loss page's
+    default kind)."""
+    at = open_app(tagged_store, run="tagged")
+    want = [s for s, t in enumerate(TAGS) if t == "train"]
+    fig = chart(at, "Switch load-balancing loss over steps")
+    assert len(fig["data"]) == tagged_routing["index"].shape[1]  # a panel (one trace) per layer
+    for layer, trace in enumerate(fig["data"]):
+        assert list(arr(trace["x"])) == want
+        np.testing.assert_allclose(arr(trace["y"]), [_switch_loss(tagged_routing, s, layer) for s in want], rtol=1e-9)
+    assert any("Train steps only" in str(c.value) for c in at.caption)
+
+
+def test_slider_steps_keep_block_ends_and_the_current_value():
+    from app.state import slider_steps
+
+    assert slider_steps([3, 5, 9]) == [3, 5, 9]
+    steps = list(range(10_000))
+    opts = slider_steps(steps, keep=(4321, 20_000))
+    assert len(opts) <= 1_600 and opts[0] == 0 and opts[-1] == 9_999
+    assert {1_000, 1_999, 4321} <= set(opts) and 20_000 not in opts  # a range of whole blocks; a kept value
+    assert 1_001 not in opts
+
+
 # --- bound explorer: readable log ticks, the chosen experts marked ---------------------------------------------------
 
 

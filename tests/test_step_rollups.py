@@ -230,3 +230,156 @@ def test_a_store_compacted_before_rollups_reads_them_on_the_fly_and_compact_adds
         finally:
             con.close()
         compact(run_dir)  # a newer moeviz's `compact` builds the missing roll-ups
+
+
+# ---- bucket tables (layer_buckets, pooled_buckets, step_drops): each against a brute force over the raw rows ----
+
+from moeviz.analyses.aux_loss import pooled_switch_loss  # noqa: E402
+from moeviz.analyses.capacity import capacity_drops  # noqa: E402
+from moeviz.analyses.health import _window_max_vio  # noqa: E402
+from moeviz.analyses.step_rows import buckets_available, layer_buckets_sql  # noqa: E402
+from moeviz.analyses.top_experts import top_expert_load  # noqa: E402
+
+
+def _cells(ss: pd.DataFrame, b: int) -> pd.DataFrame:
+    """Per bucket, layer and expert: the summed counts of the raw rows (every expert has rows here)."""
+    return _bucketed(ss, b).groupby(["step", "layer", "expert"], as_index=False)[
+        ["tokens", "assigned", "first_choice", "prob_sum"]].sum()
+
+
+def test_bucket_tables_are_read_only_where_they_hold_every_row(store):
+    con, state = store[0], store[3]
+    assert buckets_available(con) is (state == "compacted")
+    assert (layer_buckets_sql(con, Selection(), 20) is not None) is (state == "compacted")
+    assert layer_buckets_sql(con, Selection(ranks=(0,)), 20) is None  # summed over ranks: a rank reads the rows
+    assert layer_buckets_sql(con, Selection(), 7) is None  # no stored resolution of 7 steps
+
+
+@pytest.mark.parametrize("r", [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000])
+def test_layer_buckets_equal_the_raw_rows_per_block(store, r):
+    con, ss, _, state = store
+    if state != "compacted":
+        pytest.skip("the tables are only read from a compacted store")
+    got = con.execute("SELECT * FROM layer_buckets WHERE resolution = ? ORDER BY step, layer", [r]).df()
+    c = _cells(ss, r)
+    a = c["assigned"].to_numpy().reshape(-1, E)  # [blocks x layers, E]
+    assert got["step"].tolist() == c["step"].to_numpy()[::E].tolist()
+    assert got["assigned"].tolist() == a.sum(1).tolist()
+    assert got["assigned_max"].tolist() == a.max(1).tolist()
+    assert got["tokens"].tolist() == c["tokens"].to_numpy().reshape(-1, E).max(1).tolist()
+    assert got["first_choice"].tolist() == c["first_choice"].to_numpy().reshape(-1, E).sum(1).tolist()
+    assert got["topk_sum"].tolist() == np.sort(a, 1)[:, ::-1][:, :K].sum(1).tolist()
+    share = a / a.sum(1, keepdims=True)
+    assert got["dead_experts"].tolist() == (share < 0.1 / E).sum(1).tolist()
+    np.testing.assert_allclose(got["assigned_sq"], (a.astype(float) ** 2).sum(1), rtol=1e-12)
+    np.testing.assert_allclose(got["assigned_xlogx"], np.where(a > 0, a * np.log(np.maximum(a, 1)), 0).sum(1),
+                               rtol=1e-12)
+    p = c["prob_sum"].to_numpy().reshape(-1, E)
+    np.testing.assert_allclose(got["prob_dot"], (a * p).sum(1), rtol=1e-12)
+    pooled = con.execute("SELECT prob_dot FROM pooled_buckets WHERE resolution = ? ORDER BY step", [r]).df()
+    a3, p3 = a.reshape(-1, L, E), p.reshape(-1, L, E)  # [blocks, L, E]
+    np.testing.assert_allclose(pooled["prob_dot"], (a3.sum(1) * p3.sum(1)).sum(1), rtol=1e-12)
+
+
+@pytest.mark.parametrize("steps", STEP_RANGES)
+@pytest.mark.parametrize("b", [1, 10, 20, 50, 7])
+def test_imbalance_and_pooled_loss_equal_brute_force(store, steps, b):
+    """Every imbalance column and the pooled Switch loss, from the tables (whole buckets) and the rows (edges)."""
+    con, ss, _, _ = store
+    sel = Selection(steps=steps)
+    c = _cells(_in(ss, steps), b)
+    a = c["assigned"].to_numpy().reshape(-1, E).astype(float)  # [buckets x layers, E]
+    imb = imbalance(con, sel, by_step=True, step_bucket=b)
+    mean = a.mean(1)
+    np.testing.assert_allclose(imb["max_vio"], (a.max(1) - mean) / mean, rtol=1e-9)
+    np.testing.assert_allclose(imb["cv"], a.std(1) / mean, rtol=1e-9)
+    share = a / a.sum(1, keepdims=True)
+    ent = -np.where(share > 0, share * np.log(np.where(share > 0, share, 1)), 0).sum(1) / np.log(E)
+    np.testing.assert_allclose(imb["norm_entropy"], ent, rtol=1e-9)
+    assert imb["dead_experts"].tolist() == (share < 0.1 / E).sum(1).tolist()
+    np.testing.assert_allclose(imb["top_n_coverage"], np.sort(a, 1)[:, ::-1][:, :K].sum(1) / a.sum(1), rtol=1e-12)
+    assert imb["tokens"].tolist() == c["tokens"].to_numpy()[::E].tolist()
+
+    pooled = pooled_switch_loss(con, sel, by_step=True, step_bucket=b)
+    a3 = a.reshape(-1, L, E)
+    p3 = c["prob_sum"].to_numpy().reshape(-1, L, E)
+    n = c["tokens"].to_numpy()[::E].reshape(-1, L).sum(1).astype(float)  # pooled rows: every layer's tokens
+    np.testing.assert_allclose(pooled["aux_loss"], E * (a3.sum(1) * p3.sum(1)).sum(1) / (n * n), rtol=1e-9)
+    per_layer = E * (a3 * p3).sum(2) / (a3.sum(2) * c["tokens"].to_numpy()[::E].reshape(-1, L))
+    np.testing.assert_allclose(pooled["max_layer_loss"], per_layer.max(1), rtol=1e-9)
+    np.testing.assert_allclose(pooled["mean_layer_loss"], per_layer.mean(1), rtol=1e-9)
+
+
+@pytest.mark.parametrize("steps", [None, (13, 2291), (995, 1004)])
+@pytest.mark.parametrize("b", [1, 20, 100])
+def test_top_expert_load_equals_brute_force(store, steps, b):
+    """The busiest experts over the selection (from the totals) and the others summed, per bucket."""
+    con, ss, _, _ = store
+    sel = Selection(steps=steps)
+    got = top_expert_load(con, sel, n=2, always=(4,), step_bucket=b)
+    c = _cells(_in(ss, steps), b)
+    totals = _in(ss, steps).groupby(["layer", "expert"])["assigned"].sum()
+    for layer in range(L):
+        t = totals.loc[layer]
+        order = sorted(t.index, key=lambda e: (-t[e], e))
+        shown = set(order[:2]) | {4}
+        cl = c[c["layer"] == layer]
+        g = got[got["layer"] == layer]
+        for e in shown:
+            want = cl[cl["expert"] == e]["assigned"].tolist()
+            assert g[g["expert"] == e]["assigned"].tolist() == want, (layer, e)
+            assert set(g[g["expert"] == e]["busy_rank"]) == {order.index(e) + 1}
+        others = cl[~cl["expert"].isin(shown)].groupby("step")["assigned"].sum()
+        assert g[g["expert"] == -1]["assigned"].tolist() == others.tolist()
+        assert set(g[g["expert"] == -1]["experts"]) == {E - len(shown)}
+
+
+@pytest.mark.parametrize("cf", [0.75, 1.0, 1.25, 1.1])
+@pytest.mark.parametrize("steps", [None, (13, 2291)])
+def test_capacity_drops_per_layer_equal_brute_force(store, cf, steps):
+    """max(0, n - C) per raw row (one rank's step, layer and expert), C = ceil(CF x tokens x k / E); 1.1 is no
+    stored factor (read from the rows)."""
+    import math
+
+    con, ss, _, _ = store
+    raw = _in(ss, steps)
+    cap = math.ceil(round(cf * T * K / E, 9))
+    want = raw.assign(d=np.maximum(0, raw["assigned"] - cap)).groupby("layer")[["assigned", "d"]].sum()
+    got = capacity_drops(con, Selection(steps=steps), cf, by=("layer",))
+    assert got["dropped"].tolist() == want["d"].tolist()
+    assert got["assigned"].tolist() == want["assigned"].tolist()
+
+
+def test_health_growth_windows_equal_brute_force(store):
+    """Each step's MaxVio (ranks summed) in the two windows the growth check compares."""
+    con, ss, _, _ = store
+    windows = [(0, 585), (1759, 2344)]
+    got = _window_max_vio(con, Selection(), windows)
+    raw = ss[ss["step"].between(*windows[0]) | ss["step"].between(*windows[1])]
+    a = raw.groupby(["layer", "step", "expert"])["assigned"].sum().to_numpy().reshape(-1, E).astype(float)
+    np.testing.assert_allclose(got["max_vio"], (a.max(1) - a.mean(1)) / a.mean(1), rtol=1e-12)
+
+
+def test_a_store_compacted_before_the_bucket_tables_reads_the_rows_and_compact_adds_them(tmp_path):
+    import duckdb
+
+    run_dir = tmp_path / "old"
+    rng = np.random.default_rng(4)
+    frames: list = []
+    _write(run_dir, 0, np.arange(0, 1234), rng, frames)
+    compact(run_dir)
+    db = duckdb.connect(str(run_dir / "run.duckdb"))  # as a moeviz from before the bucket tables left it
+    for t in ("layer_buckets", "pooled_buckets", "step_drops"):
+        db.execute(f"DROP TABLE {t}")
+    db.close()
+    ss = pd.concat([f[0] for f in frames], ignore_index=True)
+    a = _cells(ss, 10)["assigned"].to_numpy().reshape(-1, E).astype(float)
+    for expect in (False, True):
+        con = open_store(run_dir)
+        try:
+            assert buckets_available(con) is expect
+            imb = imbalance(con, Selection(), by_step=True, step_bucket=10)
+            np.testing.assert_allclose(imb["max_vio"], (a.max(1) - a.mean(1)) / a.mean(1), rtol=1e-9)
+        finally:
+            con.close()
+        compact(run_dir)  # a newer moeviz's `compact` builds the missing tables

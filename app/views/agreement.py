@@ -7,7 +7,7 @@ from __future__ import annotations
 import streamlit as st
 
 from app.components import guarded, run_page, show_chart, show_table
-from app.state import Ctx
+from app.state import Ctx, slider_steps
 from moeviz import charts
 from moeviz.analyses.agreement import (
     AgreementError,
@@ -46,7 +46,8 @@ def _sides(ctx: Ctx) -> tuple[Selection, Selection, str] | None:
         st.info("This run has one recorded step: pick two runs, or record the same tokens at two steps (a probe "
                 "batch, tag='probe').")
         return None
-    steps = list(ctx.steps)
+    kept = tuple(v for k in ("agree_wa", "agree_wb") for v in (st.session_state.get(k) or ()))
+    steps = slider_steps(list(ctx.steps), keep=kept)  # a long run: ~1,500 stops (app.state.slider_steps)
     c1, c2 = st.columns(2)
     wa = c1.select_slider("Window A (steps)", steps, value=(steps[0], steps[0]), key="agree_wa")
     wb = c2.select_slider("Window B (steps)", steps, value=(steps[-1], steps[-1]), key="agree_wb")

@@ -6,12 +6,11 @@ from __future__ import annotations
 import streamlit as st
 
 from app.components import bucket_note, guarded, run_page, show_chart
-from app.state import Ctx
+from app.state import Ctx, step_kinds
 from app.views.bounds import infimum_value
 from app.wide import layer_page
 from moeviz import charts
 from moeviz.analyses.aux_loss import pooled_switch_loss, switch_loss, z_loss
-from moeviz.store.catalog import step_tags
 
 ALL_STEPS = "all steps"
 
@@ -20,11 +19,9 @@ def _step_kind(ctx: Ctx) -> str | None:
     """A choice of the kind of step (train, eval, probe, ...) when the run tags its steps, training by default:
     that tag (the analyses' `step_tag`), or None for every step. An eval or probe pass routes other tokens than
     the training batches, so mixing them into one curve makes a saw-tooth that is not the training dynamics."""
-    tagged = ctx.q(step_tags, ctx.run_id)
-    kinds = sorted(tagged["tag"].unique().tolist())
-    if len(kinds) < 2:
+    kinds, default = step_kinds(ctx)
+    if default is None:
         return None
-    default = "train" if "train" in kinds else kinds[0]
     kind = st.radio("Steps", [*kinds, ALL_STEPS], index=kinds.index(default), horizontal=True, key="aux_steps",
                     help="The run tags its steps (train, eval, probe): each curve shows one kind of step.")
     return None if kind == ALL_STEPS else kind

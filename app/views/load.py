@@ -5,7 +5,7 @@ from __future__ import annotations
 import streamlit as st
 
 from app.components import bucket_note, guarded, run_page, show_chart
-from app.state import Ctx
+from app.state import Ctx, slider_steps
 from app.wide import find_expert, is_wide, layer_page
 from moeviz import charts
 from moeviz.analyses.load import imbalance, load_matrix
@@ -24,9 +24,13 @@ def render(ctx: Ctx) -> None:
         st.info("No steps recorded in this selection yet.")
         return
     c1, c2 = st.columns([3, 1])
-    options = [ALL, *steps]
+    current = st.session_state.get("load_step")
+    shown = slider_steps(steps, keep=() if current in (None, ALL) else (current,))  # <= ~1,500 options
+    options = [ALL, *shown]
     step = c1.select_slider("Step", options=options, value=ALL, key="load_step",
-                            help="Slide to see the load at one step; the left end pools every selected step.")
+                            help="Slide to see the load at one step; the left end pools every selected step."
+                            + ("" if len(shown) == len(steps) else
+                               f" {len(steps):,} steps: every few steps; narrow the sidebar's range for each one."))
     value = c2.radio("Show", ["load_fraction", "relative_load"], key="load_value", horizontal=True,
                      format_func={"load_fraction": "share", "relative_load": "× uniform"}.get)
     found = find_expert(ctx, "load") if is_wide(ctx) else None

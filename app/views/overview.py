@@ -8,7 +8,7 @@ import pandas as pd
 import streamlit as st
 
 from app.components import bucket_note, guarded, run_page, show_chart, show_table
-from app.state import Ctx
+from app.state import Ctx, step_kinds
 from app.wide import TOP_EXPERTS, find_expert, is_wide, layer_page
 from moeviz import charts
 from moeviz.analyses.aux_loss import switch_loss
@@ -99,8 +99,6 @@ def render(ctx: Ctx) -> None:
     health_box = st.container()  # drawn above the charts, filled in after them: the charts come first
     load = aux = None
     bucket = ctx.step_bucket  # a long run's curves in buckets of steps: at most ~1,500 points per trace
-    # the health checks (the page's longest query) run while the curves are read and drawn
-    health = ctx.q_started(health_summary, ctx.sel_exact)
     wide = is_wide(ctx)
     found = None
     c1, c2 = st.columns([3, 1])
@@ -116,15 +114,21 @@ def render(ctx: Ctx) -> None:
                          step_bucket=bucket)
         else:
             load = ctx.q(expert_load, sel, by_step=True, step_bucket=bucket)
-    with guarded("Aux loss over steps"):
-        aux = ctx.q(switch_loss, sel.with_(domains=None, tags=None), by_step=True, step_bucket=bucket)
-    if load is not None:
+    if load is not None:  # drawn before the aux loss is read: the first chart waits for one query, not two
         with guarded("Load over steps"):
             fig = charts.top_load_small_multiples(load, found=found) if wide else charts.load_small_multiples(load)
             show_chart(fig, load, "overview-load", caption=bucket_note(bucket))
+    # the health checks run while the aux loss is read and drawn: started before the load query, they took half
+    # of the 2 cores it needed (a 58 x 256 model of 10,000 steps: first chart 4.8 s -> see docs/benchmarks.md)
+    health = ctx.q_started(health_summary, ctx.sel_exact)
+    _, kind = step_kinds(ctx)  # training steps only when the run also tags eval/probe steps (as the Aux loss page)
+    with guarded("Aux loss over steps"):
+        aux = ctx.q(switch_loss, sel.with_(domains=None, tags=None), by_step=True, step_bucket=bucket, step_tag=kind)
     if aux is not None:
         with guarded("Aux loss over steps"):
-            show_chart(charts.aux_loss_small_multiples(aux), aux, "overview-aux", caption=bucket_note(bucket))
+            note = " ".join(x for x in (bucket_note(bucket), kind and f"{kind.capitalize()} steps only (the Aux loss "
+                                        "page shows the other kinds).") if x)
+            show_chart(charts.aux_loss_small_multiples(aux), aux, "overview-aux", caption=note or None)
     with health_box, guarded("Health summary"), st.spinner("Checking the run's health...", show_time=True):
         _health(health.result())
     with guarded("Tokens with detail"), st.spinner("Counting the per-token routes...", show_time=True):

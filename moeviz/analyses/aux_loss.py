@@ -24,7 +24,7 @@ import pandas as pd
 
 from moeviz.analyses.load import AnalysisError, expert_counts_sql, run_query
 from moeviz.analyses.step_buckets import bucketed_step_sql, check_step_bucket
-from moeviz.analyses.step_rows import rollups_available, step_rows_sql
+from moeviz.analyses.step_rows import layer_buckets_sql, pooled_buckets_sql, rollups_available, step_rows_sql
 from moeviz.analyses.unknowns import require
 from moeviz.selection import Selection
 
@@ -61,6 +61,23 @@ def _per_layer_sql(sel: Selection, by_step: bool, step_bucket: int | None = None
     return sql, params
 
 
+def _buckets(con, sel: Selection, by_step: bool, step_bucket: int | None, step_tag: str | None):
+    """layer_buckets rows for a curve over steps (step_rows.layer_buckets_sql), or None where they cannot answer:
+    not over steps, or only the steps of one tag (a bucket's stored statistics mix every tag)."""
+    if not by_step or step_tag is not None:
+        return None
+    return layer_buckets_sql(con, sel, check_step_bucket(step_bucket, by_step))
+
+
+def _per_layer_from_buckets(buckets: str) -> str:
+    """`_per_layer_sql`'s rows from layer_buckets: E * sum_i a_i p_i / (sum_i a_i * T), the sum of products stored
+    per bucket (prob_dot); the product in DOUBLE (a 10,000-step block of a wide layer overflows BIGINT)."""
+    return f"""
+        SELECT run_id, step, layer, 'layer' AS scope, tokens, n_experts, top_k,
+               n_experts * prob_dot / nullif(CAST(assigned AS DOUBLE) * tokens, 0) AS aux_loss
+        FROM {buckets} lb"""
+
+
 def switch_loss(con, sel: Selection = Selection(), *, by_step: bool = True, step_bucket: int | None = None,
                 step_tag: str | None = None) -> pd.DataFrame:
     """Switch load-balancing loss per layer (and step): E * sum_i f_i P_i, 1 for uniform routing at any k.
@@ -71,6 +88,10 @@ def switch_loss(con, sel: Selection = Selection(), *, by_step: bool = True, step
     """
     _needs_aggregates(sel, "the load-balancing loss")
     require(con, sel, "prob_sum", "the load-balancing loss")
+    buckets = _buckets(con, sel, by_step, step_bucket, step_tag)
+    if buckets is not None:  # one row per bucket and layer instead of E (moeviz.store.rollups)
+        return run_query(con, f"SELECT * FROM ({_per_layer_from_buckets(buckets[0])}) ORDER BY run_id, step, layer",
+                         buckets[1])
     sql, params = _per_layer_sql(sel, by_step, step_bucket, step_tag, rollups_available(con))
     order = "run_id, step, layer" if by_step else "run_id, layer"
     return run_query(con, f"SELECT * FROM ({sql}) ORDER BY {order}", params)
@@ -91,6 +112,10 @@ def pooled_switch_loss(con, sel: Selection = Selection(), *, by_step: bool = Tru
     """
     _needs_aggregates(sel, "the load-balancing loss")
     require(con, sel, "prob_sum", "the load-balancing loss")
+    buckets = _buckets(con, sel, by_step, step_bucket, step_tag)
+    pooled = None if buckets is None else pooled_buckets_sql(con, sel, check_step_bucket(step_bucket, by_step))
+    if pooled is not None:  # every layer pooled: the stored numerator per bucket, the per-layer losses as above
+        return run_query(con, _pooled_from_buckets(buckets[0], pooled[0]), buckets[1] + pooled[1])
     rollups = rollups_available(con)
     base, params = expert_counts_sql(sel, by_step=by_step, step_bucket=step_bucket, step_tag=step_tag,
                                      rollups=rollups)
@@ -128,6 +153,27 @@ def pooled_switch_loss(con, sel: Selection = Selection(), *, by_step: bool = Tru
         JOIN layer_summary l ON {join}
         ORDER BY {keys}"""
     return run_query(con, sql, params + lparams)
+
+
+def _pooled_from_buckets(buckets: str, pooled: str) -> str:
+    """`pooled_switch_loss`'s rows from layer_buckets (each layer's tokens, shape and Switch loss) and
+    pooled_buckets (sum over experts of the layers' summed assignments x summed probabilities)."""
+    return f"""
+        WITH per_layer AS ({_per_layer_from_buckets(buckets)}),
+        r AS (
+            SELECT run_id, step, count(*) AS n_layers, CAST(sum(tokens) AS BIGINT) AS n_rows,
+                   min(n_experts) AS e_min, max(n_experts) AS e_max, max(top_k) AS top_k,
+                   avg(aux_loss) AS mean_layer_loss, max(aux_loss) AS max_layer_loss,
+                   arg_max(layer, aux_loss) AS worst_layer
+            FROM per_layer GROUP BY run_id, step)
+        SELECT p.run_id, p.step, 'pooled' AS scope, r.n_layers, r.n_rows AS tokens, r.e_max AS n_experts, r.top_k,
+               CASE WHEN r.e_min = r.e_max THEN r.e_max * p.prob_dot / nullif(r.n_rows::DOUBLE * r.n_rows, 0) END
+                   AS aux_loss,
+               CASE WHEN r.e_min = r.e_max THEN r.e_max * p.prob_dot / nullif(r.n_rows::DOUBLE * r.n_rows, 0)
+                   / r.top_k END AS aux_loss_per_slot,
+               r.mean_layer_loss, r.max_layer_loss, r.worst_layer
+        FROM {pooled} p JOIN r ON r.run_id = p.run_id AND r.step = p.step
+        ORDER BY p.run_id, p.step"""
 
 
 def z_loss(con, sel: Selection = Selection(), *, by_step: bool = True, pooled: bool = False,

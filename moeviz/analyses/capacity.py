@@ -28,6 +28,8 @@ import pandas as pd
 
 from moeviz.analyses import probability_drops
 from moeviz.analyses.load import AnalysisError, run_query
+from moeviz.analyses.step_rows import buckets_available
+from moeviz.store.rollups import DROP_FACTORS
 from moeviz.selection import Selection
 from moeviz.analyses.unknowns import require, require_per_rank
 
@@ -218,6 +220,20 @@ def _dropped(cap: str) -> str:
     return f"greatest(0, least(x.n, x.before + x.n - {cap}))"
 
 
+def _from_step_drops(con, sel: Selection, capacity_factor: float, by: tuple[str, ...]) -> pd.DataFrame:
+    """capacity_drops(group='step') by layer and/or step from step_drops, the drops per step and layer compaction
+    computed from the same step_stats rows with the same formula at DROP_FACTORS (moeviz.store.rollups): one row
+    per step and layer instead of one per rank, step, layer and expert (148 M rows at 10,000 steps of a
+    58 x 256 model). Drops need each step's per-expert count, so no roll-up of counts could give them."""
+    where, params = sel.where("s")
+    by_cols = "".join(f", {d}" for d in by)
+    return run_query(con, f"""
+        SELECT run_id{by_cols}, CAST(sum(assigned) AS BIGINT) AS assigned, CAST(sum(dropped) AS BIGINT) AS dropped,
+               sum(dropped) / nullif(sum(assigned), 0) AS drop_rate
+        FROM step_drops s WHERE {where} AND s.capacity_factor = ?
+        GROUP BY run_id{by_cols} ORDER BY run_id{by_cols}""", params + [capacity_factor])
+
+
 def capacity_drops(
     con,
     sel: Selection = Selection(),
@@ -262,6 +278,10 @@ def capacity_drops(
     by_cols = "".join(f", {d}" for d in by)
     shape, sparams = _shape_sql(sel)
     unit = _granularity(sel, group, policy, by, with_weight)
+    if (unit == "expert" and group == "step" and capacity is None and not with_weight and set(by) <= {"layer", "step"}
+            and sel.ranks is None and not sel.needs_sequences and float(capacity_factor) in DROP_FACTORS
+            and buckets_available(con)):
+        return _from_step_drops(con, sel, float(capacity_factor), by)
     if _from_weight_hist(con, sel, group, policy, unit, source):
         cap = cap_sql or _CAPACITY.format(t="g.group_tokens", k="sh.top_k", e="sh.n_experts")
         weight = (", sum(dropped_weight) FILTER (WHERE n_dropped > 0) AS dropped_weight,"

@@ -15,10 +15,11 @@ from __future__ import annotations
 import pandas as pd
 
 from moeviz.analyses.step_buckets import bucketed_step_sql, check_step_bucket
-from moeviz.analyses.step_rows import rollups_available, step_rows_sql
+from moeviz.analyses.step_rows import layer_buckets_sql, rollups_available, step_rows_sql
 from moeviz.errors import MoevizError, StaleStoreError
 from moeviz.selection import Selection
 from moeviz.store.reader import STALE_MESSAGE, is_stale
+from moeviz.store.rollups import DEAD_THRESHOLD
 
 __all__ = ["expert_load", "load_matrix", "imbalance", "max_violation", "expert_counts_sql", "run_query",
            "AnalysisError"]
@@ -180,6 +181,10 @@ def imbalance(
         raise AnalysisError(f"dead_threshold is a fraction of the uniform share, in [0, 1]; got {dead_threshold}")
     if top_n is not None and int(top_n) < 1:
         raise AnalysisError(f"top_n must be a positive number of experts; got {top_n}")
+    if by_step and col == "assigned" and dead_threshold == DEAD_THRESHOLD and top_n is None:
+        buckets = layer_buckets_sql(con, sel, check_step_bucket(step_bucket, by_step))
+        if buckets is not None:  # one row per bucket and layer instead of E (moeviz.store.rollups)
+            return run_query(con, _imbalance_from_buckets(buckets[0]), buckets[1])
     base, params = expert_counts_sql(sel, by_step=by_step, step_bucket=step_bucket, rollups=rollups_available(con))
     keys = "run_id, step, layer" if by_step else "run_id, layer"
     # one GROUP BY, no window: a (step, layer)'s experts as a list for the measures that need its total or its
@@ -209,6 +214,26 @@ def imbalance(
         FROM g ORDER BY {keys}"""
     tn = None if top_n is None else int(top_n)
     return run_query(con, sql, params + [float(dead_threshold), float(dead_threshold), tn, tn])
+
+
+def _imbalance_from_buckets(buckets: str) -> str:
+    """`imbalance`'s columns from layer_buckets rows (the busiest expert, sum of squares, sum of n ln n, top-k sum
+    and dead experts of each bucket's load, stored at compaction): the same formulas over E experts, an expert
+    without a row counting 0 (mean = total / E, population variance = sum of squares / E - mean^2)."""
+    return f"""
+        SELECT run_id, step, layer, n_experts, top_k, tokens, assignments,
+               top / nullif(mean, 0) AS max_over_mean, (top - mean) / nullif(mean, 0) AS max_vio,
+               sqrt(greatest(sq / n_experts - mean * mean, 0)) / nullif(mean, 0) AS cv,
+               CASE WHEN assignments > 0 THEN ln(assignments) - xlogx / assignments ELSE 0 END
+                   / nullif(ln(n_experts), 0) AS norm_entropy,
+               CAST(dead_experts AS BIGINT) AS dead_experts, dead_experts / n_experts AS dead_share,
+               top_k AS top_n,
+               CASE WHEN assignments > 0 THEN topk_sum / assignments END AS top_n_coverage
+        FROM (SELECT run_id, step, layer, n_experts, top_k, tokens, assigned AS assignments,
+                     CAST(assigned_max AS DOUBLE) AS top, assigned / n_experts AS mean, assigned_sq AS sq,
+                     assigned_xlogx AS xlogx, dead_experts, topk_sum
+              FROM {buckets} lb)
+        ORDER BY run_id, step, layer"""
 
 
 def max_violation(con, sel: Selection = Selection(), *, by_step: bool = True, count: str = "assigned",

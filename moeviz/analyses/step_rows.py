@@ -17,10 +17,12 @@ sums can be read this way: `rank` is not among the columns returned.
 from __future__ import annotations
 
 from moeviz.selection import Selection
-from moeviz.store.reader import rollups_complete
-from moeviz.store.rollups import RESOLUTIONS, SPEC
+from moeviz.store.reader import buckets_complete, rollups_complete
+from moeviz.store.rollups import (BUCKET_RESOLUTIONS, RESOLUTIONS, SPEC, shape_sql as _bucket_shape_sql,
+                                  expert_sums_sql, layer_bucket_sql, pooled_bucket_sql)
 
-__all__ = ["step_rows_sql", "pieces", "rollups_available"]
+__all__ = ["step_rows_sql", "pieces", "rollups_available", "buckets_available", "bucket_pieces",
+           "layer_buckets_sql", "pooled_buckets_sql"]
 
 _ROLLUP_OF = {source: table for table, (source, _, _) in SPEC.items()}  # step_stats -> step_rollups
 
@@ -86,3 +88,83 @@ def step_rows_sql(con, table: str, sel: Selection, columns: tuple[str, ...], *, 
                          + " AND ".join(clauses))
         params += p
     return "(" + " UNION ALL ".join(parts) + ")", params
+
+
+def buckets_available(con) -> bool:
+    """Whether `con` has the bucket tables (layer_buckets, pooled_buckets, step_drops) covering every step_stats
+    row (compacted by this moeviz, nothing live: moeviz.store.reader.buckets_complete)."""
+    return buckets_complete(con)
+
+
+def _bucket_of(step_bucket: int | None) -> int:
+    return 1 if step_bucket is None else int(step_bucket)
+
+
+def bucket_pieces(sel: Selection, step_bucket: int | None) -> list[tuple[bool, int | None, int | None]] | None:
+    """(from the table?, first step, last step) pieces of the selected steps for a curve in buckets of
+    `step_bucket` steps read from layer_buckets/pooled_buckets: the whole buckets inside the range from the
+    table, the partial buckets at its edges (a range that starts or ends mid-bucket) from the per-step rows.
+    None when the tables cannot answer: a bucket that is no stored resolution, or a selection of ranks."""
+    b = _bucket_of(step_bucket)
+    if b not in BUCKET_RESOLUTIONS or sel.ranks is not None or sel.needs_sequences:
+        return None
+    if sel.steps is None:
+        return [(True, None, None)]
+    lo, hi = int(sel.steps[0]), int(sel.steps[1])
+    a, z = -(-lo // b) * b, (hi + 1) // b * b - 1
+    if a > z:
+        return [(False, lo, hi)]
+    return ([(False, lo, a - 1)] if lo < a else []) + [(True, a, z)] + ([(False, z + 1, hi)] if z < hi else [])
+
+
+def layer_buckets_sql(con, sel: Selection, step_bucket: int | None) -> tuple[str, list] | None:
+    """A FROM item and params: layer_buckets rows (one per bucket of `step_bucket` steps and layer) of the
+    selection, the table's for whole buckets and computed from step_stats with the same SQL for the partial
+    buckets at the edges of the step range. None where the tables cannot answer (see `bucket_pieces`, and a
+    store without them: the caller reads step_stats)."""
+    parts = bucket_pieces(sel, step_bucket)
+    if parts is None or not buckets_available(con):
+        return None
+    b = _bucket_of(step_bucket)
+    rest, rest_params = sel.with_(steps=None, domains=None, tags=None).where()
+    sql, params = [], []
+    for from_table, a, z in parts:
+        clauses, p = [rest], list(rest_params)
+        if a is not None:
+            clauses += ["step >= ?", "step <= ?"]
+            p += [a, z]
+        where = " AND ".join(clauses)
+        if from_table:
+            sql.append(f"SELECT * FROM layer_buckets WHERE resolution = {b} AND {where}")
+        else:
+            rows = f"(SELECT * FROM step_stats WHERE {where})"
+            shape = f"({_bucket_shape_sql(rows)})"
+            sql.append(layer_bucket_sql(f"({expert_sums_sql(rows, b)})", b, shape))
+            p = p + p  # the rows appear twice: the sums and the shape
+        params += p
+    return "(" + " UNION ALL ".join(sql) + ")", params
+
+
+def pooled_buckets_sql(con, sel: Selection, step_bucket: int | None) -> tuple[str, list] | None:
+    """Like `layer_buckets_sql` for pooled_buckets (every layer pooled): None also when the selection picks
+    layers, since the stored numerator pools them all."""
+    if sel.layers is not None:
+        return None
+    parts = bucket_pieces(sel, step_bucket)
+    if parts is None or not buckets_available(con):
+        return None
+    b = _bucket_of(step_bucket)
+    rest, rest_params = sel.with_(steps=None, domains=None, tags=None).where()
+    sql, params = [], []
+    for from_table, a, z in parts:
+        clauses, p = [rest], list(rest_params)
+        if a is not None:
+            clauses += ["step >= ?", "step <= ?"]
+            p += [a, z]
+        where = " AND ".join(clauses)
+        if from_table:
+            sql.append(f"SELECT * FROM pooled_buckets WHERE resolution = {b} AND {where}")
+        else:
+            sql.append(pooled_bucket_sql(f"({expert_sums_sql(f'(SELECT * FROM step_stats WHERE {where})', b)})", b))
+        params += p
+    return "(" + " UNION ALL ".join(sql) + ")", params

@@ -216,7 +216,7 @@ def _publish_compacted(run_dir: Path, target: Path, manifest: dict, statuses: di
             old_tables = {r[0] for r in con.execute(
                 "SELECT table_name FROM duckdb_tables() WHERE database_name = 'old'").fetchall()}
             for t in layout.SEGMENT_TABLES + layout.COMPACTION_TABLES + layout.ROLLUP_TABLES + (
-                    "_segments", "_routes_files", "_table_files"):
+                    layout.BUCKET_TABLES + ("_segments", "_routes_files", "_table_files")):
                 if t in old_tables:
                     con.execute(f'INSERT INTO main."{t}" BY NAME SELECT * FROM old.main."{t}"')
             con.execute("DETACH old")
@@ -242,6 +242,7 @@ def _publish_compacted(run_dir: Path, target: Path, manifest: dict, statuses: di
         if counts is not None:
             con.execute("DETACH counts")
         rollups.fold(con, new, rebuild=set(layout.ROLLUP_TABLES) - old_tables)
+        rollups.fold_buckets(con, new, rebuild=bool(set(layout.BUCKET_TABLES) - old_tables))
         con.executemany("INSERT INTO _rank_status VALUES (?, ?)",
                         [[r, json.dumps(s)] for r, s in sorted(statuses.items())])
         con.executemany("INSERT INTO _meta VALUES (?, ?)",
@@ -742,7 +743,7 @@ def _remove_unpublished_routes_files(run_dir: Path, published: dict[str, tuple[i
 
 
 def _create_compacted_tables(con) -> None:
-    for t in layout.SEGMENT_TABLES + layout.COMPACTION_TABLES + layout.ROLLUP_TABLES:
+    for t in layout.SEGMENT_TABLES + layout.COMPACTION_TABLES + layout.ROLLUP_TABLES + layout.BUCKET_TABLES:
         cols = ", ".join(f'"{f.name}" {layout.duckdb_type(f.type)}' for f in layout.DISK_SCHEMAS[t])
         con.execute(f'CREATE TABLE "{t}" ({cols})')
     con.execute("CREATE TABLE _segments (table_name VARCHAR, file VARCHAR PRIMARY KEY, bytes BIGINT)")
@@ -789,7 +790,7 @@ def _missing_compaction_tables(target: Path) -> set[str]:
     con = duckdb_compat.connect(str(target), read_only=True)
     try:
         have = {r[0] for r in con.execute("SELECT table_name FROM duckdb_tables()").fetchall()}
-        return set(layout.COMPACTION_TABLES + layout.ROLLUP_TABLES) - have
+        return set(layout.COMPACTION_TABLES + layout.ROLLUP_TABLES + layout.BUCKET_TABLES) - have
     finally:
         con.close()
 

@@ -75,6 +75,10 @@ TOKEN_SETS = "token_sets"
 COMPACTION_TABLES = ROUTE_STATS_TABLES + (PROBE_SETS, WEIGHT_HIST, TOKEN_SETS)
 # Step roll-ups compaction builds from step_stats and layer_stats (moeviz.store.rollups), in run.duckdb.
 ROLLUP_TABLES = ("step_rollups", "layer_rollups")
+# ... and what a curve of a wide model needs per bucket and layer that sums cannot give (the busiest expert's
+# load, sum of squares, Switch's sum of products, capacity drops per step): moeviz.store.rollups.build_buckets.
+# Only in run.duckdb; the analyses read them when every run of the store has them and nothing is live.
+BUCKET_TABLES = ("layer_buckets", "pooled_buckets", "step_drops")
 META_TABLES = ("runs", "layers", "vocab")
 SEGMENT_TABLES = META_TABLES + DATA_TABLES
 
@@ -118,6 +122,14 @@ DISK_SCHEMAS: dict[str, pa.Schema] = {
     "layer_rollups": pa.schema([("run_id", _S), ("resolution", _I32), ("step", _I64), ("layer", _I16),
                                 ("tokens", _I64), ("z_loss_sum", _F64), ("entropy_sum", _F64), ("dropped", _I64),
                                 ("nonfinite_tokens", _I64)]),
+    "layer_buckets": pa.schema([("run_id", _S), ("resolution", _I32), ("step", _I64), ("layer", _I16),
+                                ("n_experts", _I32), ("top_k", _I32), ("experts_seen", _I32), ("tokens", _I64),
+                                ("assigned", _I64), ("first_choice", _I64), ("assigned_max", _I64),
+                                ("assigned_sq", _F64), ("assigned_xlogx", _F64), ("topk_sum", _I64),
+                                ("dead_experts", _I32), ("prob_dot", _F64)]),
+    "pooled_buckets": pa.schema([("run_id", _S), ("resolution", _I32), ("step", _I64), ("prob_dot", _F64)]),
+    "step_drops": pa.schema([("run_id", _S), ("step", _I64), ("layer", _I16), ("capacity_factor", _F64),
+                             ("assigned", _I64), ("dropped", _I64)]),
     "sequences": pa.schema([("run_id", _S), ("step", _I64), ("rank", _I32), ("seq", _I32), ("domain", _S),
                             ("tag", _S), ("n_tokens", _I32), ("seq_key", pa.uint64()), ("sample_id", _S),
                             ("pos_offset", _I32), ("prompt_tokens", _I32)]),

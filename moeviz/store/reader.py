@@ -353,6 +353,11 @@ def _create_views(con, compacted: dict[int, dict], file_tables: dict[str, list[t
         con.execute(f"CREATE TEMP VIEW {t} AS " + _public_select(t, {}, f"({source})"))
     for t in layout.ROLLUP_TABLES:
         con.execute(f"CREATE TEMP VIEW {t} AS " + _public_select(t, {}, f"({_rollup_source(t, compacted)})"))
+    for t in layout.BUCKET_TABLES:  # only in run.duckdb; read where `buckets_complete` says they cover every row
+        parts = [_disk_select(t, f'{info["alias"]}.main."{t}"', info["tables"][t])
+                 for info in compacted.values() if t in info["tables"]]
+        source = " UNION ALL ".join(parts) if parts else _disk_select(t, "(SELECT 1 WHERE FALSE) AS none", [])
+        con.execute(f"CREATE TEMP VIEW {t} AS " + _public_select(t, {}, f"({source})"))
     con.execute("CREATE TEMP TABLE layers AS " + _public_select(  # small and read by most analyses: see runs
         "layers", {}, "_disk_layers QUALIFY row_number() OVER (PARTITION BY run_id, layer ORDER BY rank) = 1"))
     con.execute("CREATE TEMP VIEW vocab AS " + _public_select(
@@ -399,6 +404,26 @@ def _note_rollup_gaps(con, runs: list[_RunFiles], compacted: dict[int, dict]) ->
     n += sum(1 for info in compacted.values() for t in layout.ROLLUP_TABLES
              if t not in info["tables"] and rollups.SPEC[t][0] in info["tables"])
     con.execute(f"CREATE TEMP TABLE {ROLLUP_GAPS} AS SELECT CAST({int(n)} AS BIGINT) AS uncovered")
+    # the bucket tables cannot be completed on the fly: any live step_stats segment, or a run.duckdb without them
+    gaps = sum(len(r.segments["step_stats"]) for r in runs) + sum(
+        1 for info in compacted.values() if "step_stats" in info["tables"]
+        and not set(layout.BUCKET_TABLES) <= set(info["tables"]))
+    con.execute(f"CREATE TEMP TABLE {BUCKET_GAPS} AS SELECT CAST({int(gaps)} AS BIGINT) AS uncovered")
+
+
+BUCKET_GAPS = "_bucket_gaps"
+
+
+def buckets_complete(con) -> bool:
+    """Whether `con`'s bucket tables (layer_buckets, pooled_buckets, step_drops: moeviz.store.rollups) hold every
+    step_stats row: every run compacted with them and nothing live (False without them; True for a connection
+    that has them as tables and no note, as moeviz.testing builds)."""
+    have = table_names(con)
+    if not set(layout.BUCKET_TABLES) <= have:
+        return False
+    if BUCKET_GAPS not in have:
+        return True
+    return con.execute(f"SELECT uncovered FROM {BUCKET_GAPS}").fetchone()[0] == 0
 
 
 def rollups_complete(con) -> bool:

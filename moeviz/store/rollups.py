@@ -82,3 +82,171 @@ def fold(con, new_segments: dict[str, list], rebuild: set[str]) -> None:
                 GROUP BY {group} ORDER BY resolution, step, {", ".join(keys)})""")
         con.execute(f'DROP TABLE main."_old_{table}"')
         con.execute("DROP TABLE _new_rows")
+
+
+# ---- buckets: per (block, layer) statistics of the per-expert load that sums over blocks cannot give ----------
+
+# steps per block of layer_buckets / pooled_buckets: every bucket analyses.step_buckets.step_bucket_for picks
+BUCKET_RESOLUTIONS = tuple(m * 10 ** p for p in range(7) for m in (1, 2, 5))
+DROP_FACTORS = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 3.0)  # step_drops' capacity factors (drop_curve's defaults)
+DEAD_THRESHOLD = 0.1  # layer_buckets.dead_experts: share below this x the uniform share (imbalance's default)
+_CHUNK_STEPS = 1000  # blocks up to this many steps are built a chunk of steps at a time (bounded memory)
+_CHUNK_ROWS = 20_000_000  # step_stats rows per chunk, about (~1 GB of per-expert sums in DuckDB)
+
+
+def _parent(r: int) -> int:
+    """The largest resolution below r that divides it (1 for the smallest): r's blocks are sums of its blocks."""
+    return max((p for p in BUCKET_RESOLUTIONS if p < r and r % p == 0), default=1)
+
+
+def shape_sql(table: str) -> str:
+    """Experts and k per (run, layer) of `table`'s rows: `layers`, else `runs` (a writer that wrote no layers).
+    The metadata tables of run.duckdb hold one row per writing rank: deduplicated here."""
+    return f"""
+        SELECT d.run_id, d.layer, coalesce(l.n_experts, ru.n_experts) AS n_experts,
+               coalesce(l.top_k, ru.top_k) AS top_k
+        FROM (SELECT DISTINCT run_id, layer FROM {table}) d
+        LEFT JOIN (SELECT run_id, layer, any_value(n_experts) AS n_experts, any_value(top_k) AS top_k
+                   FROM layers GROUP BY ALL) l ON l.run_id = d.run_id AND l.layer = d.layer
+        LEFT JOIN (SELECT run_id, any_value(n_experts) AS n_experts, any_value(top_k) AS top_k
+                   FROM runs GROUP BY ALL) ru ON ru.run_id = d.run_id"""
+
+
+def expert_sums_sql(source: str, r: int, where: str = "TRUE") -> str:
+    """Per (run, block of r steps, layer, expert) sums of `source` (rows with run_id, step, layer, expert,
+    tokens, assigned, first_choice, prob_sum; any number of ranks and rows per step): the block's load."""
+    step = "step" if r == 1 else f"(step // {int(r)}) * {int(r)}"
+    return f"""
+        SELECT run_id, CAST({step} AS BIGINT) AS step, layer, expert, CAST(sum(tokens) AS BIGINT) AS tokens,
+               CAST(sum(assigned) AS BIGINT) AS assigned, CAST(sum(first_choice) AS BIGINT) AS first_choice,
+               sum(prob_sum) AS prob_sum
+        FROM {source} WHERE {where} GROUP BY ALL"""
+
+
+def layer_bucket_sql(sums: str, r: int, shape: str) -> str:
+    """SELECT of layer_buckets rows (resolution r) from `sums` (a FROM item of per-block per-expert sums, as
+    `expert_sums_sql`) and `shape` (a FROM item: run_id, layer, n_experts, top_k). The same SQL builds the table
+    at compaction and, at query time, the partial buckets at the edges of a step range."""
+    return f"""
+        SELECT run_id, CAST({int(r)} AS INTEGER) AS resolution, step, CAST(layer AS SMALLINT) AS layer,
+               CAST(n_experts AS INTEGER) AS n_experts, CAST(top_k AS INTEGER) AS top_k,
+               CAST(len(ns) AS INTEGER) AS experts_seen, CAST(tokens AS BIGINT) AS tokens,
+               CAST(total AS BIGINT) AS assigned, CAST(first_choice AS BIGINT) AS first_choice,
+               CAST(list_max(ns) AS BIGINT) AS assigned_max,
+               list_sum(list_transform(ns, x -> CAST(x AS DOUBLE) * x)) AS assigned_sq,
+               list_sum(list_transform(ns, x -> CASE WHEN x > 0 THEN x * ln(x) ELSE 0 END)) AS assigned_xlogx,
+               CAST(coalesce(list_sum(list_slice(list_reverse_sort(ns), 1, top_k)), 0) AS BIGINT) AS topk_sum,
+               CAST(CASE WHEN total > 0 THEN n_experts - len(ns)
+                         + len(list_filter(ns, x -> x / total < {DEAD_THRESHOLD!r} / n_experts)) ELSE 0 END
+                    AS INTEGER) AS dead_experts,
+               prob_dot
+        FROM (
+            SELECT e.run_id, e.step, e.layer, any_value(sh.n_experts) AS n_experts, any_value(sh.top_k) AS top_k,
+                   max(e.tokens) AS tokens, sum(e.assigned) AS total, sum(e.first_choice) AS first_choice,
+                   list(e.assigned) AS ns, sum(e.assigned * e.prob_sum) AS prob_dot
+            FROM {sums} e JOIN {shape} sh ON sh.run_id = e.run_id AND sh.layer = e.layer
+            GROUP BY e.run_id, e.step, e.layer)"""
+
+
+def pooled_bucket_sql(sums: str, r: int) -> str:
+    """SELECT of pooled_buckets rows (resolution r) from per-block per-expert sums over every layer."""
+    return f"""
+        SELECT run_id, CAST({int(r)} AS INTEGER) AS resolution, step, sum(a * p) AS prob_dot
+        FROM (SELECT run_id, step, expert, sum(assigned) AS a, sum(prob_sum) AS p FROM {sums} GROUP BY ALL)
+        GROUP BY run_id, step"""
+
+
+def capacity(factor: str, tokens: str, k: str, e: str) -> str:
+    """SQL of C = ceil(CF * tokens * k / E), as moeviz.analyses.capacity writes it (rounded to 9 decimals first so
+    that 1.25 * 64 * 2 / 8 stays 20)."""
+    return f"CAST(ceil(round(CAST({factor} AS DOUBLE) * {tokens} * {k} / {e}, 9)) AS BIGINT)"
+
+
+def _drop_exprs() -> list[str]:
+    """Per DROP_FACTORS, SQL summing a group of step_stats rows' drops max(0, n - C); NULL without tokens."""
+    return [f"CAST(sum(CASE WHEN s.tokens IS NOT NULL THEN greatest(0, least(s.assigned, s.assigned - "
+            f"{capacity(repr(float(f)), 's.tokens', 'sh.top_k', 'sh.n_experts')})) END) AS BIGINT)"
+            for f in DROP_FACTORS]
+
+
+def step_drops_sql(source: str, shape: str, where: str = "TRUE") -> str:
+    """SELECT of step_drops rows from `source` (step_stats rows): each row's drops max(0, n - C) at each of
+    DROP_FACTORS with its own tokens (one rank's group, as capacity_drops(group='step') reads a row), summed per
+    step and layer; NULL where the token counts are unknown."""
+    factors = ", ".join(repr(float(f)) for f in DROP_FACTORS)
+    drops = ", ".join(f"{expr} AS d{i}" for i, expr in enumerate(_drop_exprs()))
+    return f"""
+        SELECT run_id, step, layer, unnest([{factors}]::DOUBLE[]) AS capacity_factor, assigned,
+               unnest([{", ".join(f"d{i}" for i in range(len(DROP_FACTORS)))}]) AS dropped
+        FROM (
+            SELECT s.run_id, s.step, CAST(s.layer AS SMALLINT) AS layer,
+                   CAST(sum(s.assigned) AS BIGINT) AS assigned, {drops}
+            FROM {source} s JOIN {shape} sh ON sh.run_id = s.run_id AND sh.layer = s.layer
+            WHERE s.assigned > 0 AND {where}
+            GROUP BY s.run_id, s.step, s.layer)"""
+
+
+def build_buckets(con, since_step: int | None = None) -> None:
+    """Build (or bring up to date) layer_buckets, pooled_buckets and step_drops on `con`, whose step_stats,
+    layers and runs hold every row of the run(s), and whose bucket tables exist (maybe empty).
+
+    `since_step`: the first step that new rows touch (None: rebuild everything). A block's statistics are not
+    sums of its parts' statistics, so the blocks from there on are recomputed from the per-step rows, never
+    merged: the rows of blocks up to 1,000 steps from the chunk of steps holding since_step on, the larger
+    blocks (from step_rollups' 1,000-step sums) and the pooled ones entirely. Blocks up to 1,000 steps are built
+    a chunk of whole 1,000-step blocks at a time, so memory stays bounded whatever the run's length."""
+    lo_hi = con.execute("SELECT min(step), max(step), count(*) FROM step_stats").fetchone()
+    if lo_hi[0] is None:
+        return
+    first, last, n_rows = int(lo_hi[0]), int(lo_hi[1]), int(lo_hi[2])
+    start = first if since_step is None else max(first, int(since_step))
+    start = start // _CHUNK_STEPS * _CHUNK_STEPS
+    con.execute("DELETE FROM layer_buckets WHERE step >= ? AND resolution <= ?", [start, _CHUNK_STEPS])
+    con.execute("DELETE FROM layer_buckets WHERE resolution > ?", [_CHUNK_STEPS])
+    con.execute("DELETE FROM pooled_buckets WHERE step >= ? OR resolution > ?", [start, _CHUNK_STEPS])
+    con.execute("DELETE FROM step_drops WHERE step >= ?", [start])
+    con.execute(f"CREATE OR REPLACE TEMP TABLE _shape AS {shape_sql('step_stats')}")
+    per_chunk_step = max(1, n_rows // max(1, last - first + 1))
+    chunk = _CHUNK_STEPS * max(1, _CHUNK_ROWS // (per_chunk_step * _CHUNK_STEPS))
+    small = [r for r in BUCKET_RESOLUTIONS if r <= _CHUNK_STEPS]
+    # only the chunks that hold rows: steps may be sparse (0 and 2**40 in one run)
+    firsts = [start + int(r[0]) * chunk for r in con.execute(
+        f"SELECT DISTINCT (step - ?) // {int(chunk)} FROM step_stats WHERE step >= ? ORDER BY 1",
+        [start, start]).fetchall()]
+    for c0 in firsts:
+        where = f"step >= {int(c0)} AND step < {int(c0 + chunk)}"
+        con.execute(f"INSERT INTO step_drops BY NAME {step_drops_sql('step_stats', '_shape', where)}")
+        for r in small:  # each resolution from the sums of the one it is made of (1 from the rows)
+            src = f"(SELECT * FROM step_stats WHERE {where})" if r == 1 else f"_sums_{_parent(r)}"
+            con.execute(f"CREATE OR REPLACE TEMP TABLE _sums_{r} AS {expert_sums_sql(src, r)}")
+            con.execute(f"INSERT INTO layer_buckets BY NAME {layer_bucket_sql(f'_sums_{r}', r, '_shape')}")
+            con.execute(f"INSERT INTO pooled_buckets BY NAME {pooled_bucket_sql(f'_sums_{r}', r)}")
+        for r in small:
+            con.execute(f"DROP TABLE _sums_{r}")
+    big = [r for r in BUCKET_RESOLUTIONS if _CHUNK_STEPS < r <= max(_CHUNK_STEPS, last + 1)]
+    if big:
+        con.execute("CREATE OR REPLACE TEMP TABLE _sums_1000 AS " + expert_sums_sql(
+            f"step_rollups", _CHUNK_STEPS, f"resolution = {_CHUNK_STEPS}"))
+        for r in big:
+            con.execute(f"CREATE OR REPLACE TEMP TABLE _sums_{r} AS {expert_sums_sql(f'_sums_{_parent(r)}', r)}")
+            con.execute(f"INSERT INTO layer_buckets BY NAME {layer_bucket_sql(f'_sums_{r}', r, '_shape')}")
+            con.execute(f"INSERT INTO pooled_buckets BY NAME {pooled_bucket_sql(f'_sums_{r}', r)}")
+        for r in [_CHUNK_STEPS] + big:
+            con.execute(f"DROP TABLE _sums_{r}")
+    con.execute("DROP TABLE _shape")
+
+
+def fold_buckets(con, new_segments: dict[str, list], rebuild: bool) -> None:
+    """Bring the bucket tables of the run.duckdb being built up to date (see `build_buckets`): all of them from
+    every row when `rebuild` (the old run.duckdb lacks one), else the blocks from the first step of the new
+    step_stats segments on."""
+    if rebuild:
+        for t in ("layer_buckets", "pooled_buckets", "step_drops"):
+            con.execute(f'DELETE FROM main."{t}"')
+        build_buckets(con, None)
+        return
+    paths = [str(p) for p in new_segments.get("step_stats", [])]
+    if paths:
+        since = con.execute("SELECT min(step) FROM read_parquet(?)", [paths]).fetchone()[0]
+        if since is not None:
+            build_buckets(con, int(since))

@@ -418,10 +418,64 @@ LAYER_ROLLUPS = _t(
      "(rows written before the column existed count 0)."),
 )
 
+LAYER_BUCKETS = _t(
+    "layer_buckets",
+    "Per block of steps and layer, the statistics of the block's per-expert load that sums over blocks cannot "
+    "give (the busiest expert, the sum of squares, Switch's sum of products): one row per run, resolution "
+    "(1, 2, 5, 10, 20, 50, ... steps: every step bucket the pages draw), block and layer, computed at compaction "
+    "from `step_stats` summed over ranks and over the block's steps. A curve over steps of a wide model reads "
+    "one row per bucket and layer instead of E. Derived, in run.duckdb only; the analyses read `step_stats` "
+    "where a store lacks it (compacted before it existed, or live).",
+    ("run_id", "VARCHAR", "Run id."),
+    ("resolution", "INTEGER", "Steps per block."),
+    ("step", "BIGINT", "The block's first step (a multiple of resolution)."),
+    ("layer", "SMALLINT", "MoE layer index."),
+    ("n_experts", "INTEGER", "Experts of the layer (`layers`, else `runs`)."),
+    ("top_k", "INTEGER", "k of the layer."),
+    ("experts_seen", "INTEGER", "Experts with a step_stats row in the block."),
+    ("tokens", "BIGINT", "Tokens that reached the layer in the block (every rank)."),
+    ("assigned", "BIGINT", "Assignments of the layer in the block (all k slots)."),
+    ("first_choice", "BIGINT", "Slot-0 assignments of the layer in the block (NULL where unknown)."),
+    ("assigned_max", "BIGINT", "The busiest expert's assignments in the block (MaxVio's max)."),
+    ("assigned_sq", "DOUBLE", "Sum over experts of the squared block load (the coefficient of variation)."),
+    ("assigned_xlogx", "DOUBLE", "Sum over experts of n ln n of the block load (the load's entropy)."),
+    ("topk_sum", "BIGINT", "Assignments of the layer's k busiest experts in the block (top-k coverage)."),
+    ("dead_experts", "INTEGER", "Experts whose share of the block's load is below 0.1 of the uniform share "
+     "(`imbalance`'s default dead_threshold; 0 when the block has no assignment)."),
+    ("prob_dot", "DOUBLE", "Sum over experts of assigned x prob_sum of the block (the Switch loss' numerator); NULL "
+     "where the router probabilities are unknown."),
+)
+
+POOLED_BUCKETS = _t(
+    "pooled_buckets",
+    "Per block of steps, transformers' pooled Switch numerator over every layer: sum over experts of (assigned "
+    "summed over layers) x (prob_sum summed over layers). Resolutions and blocks as `layer_buckets`.",
+    ("run_id", "VARCHAR", "Run id."),
+    ("resolution", "INTEGER", "Steps per block."),
+    ("step", "BIGINT", "The block's first step."),
+    ("prob_dot", "DOUBLE", "Sum over experts of (sum over layers of assigned) x (sum over layers of prob_sum)."),
+)
+
+STEP_DROPS = _t(
+    "step_drops",
+    "Capacity drops per step and layer at a few capacity factors (0.5, 0.75, 1, 1.25, 1.5, 2, 3), computed at "
+    "compaction from `step_stats` as `capacity_drops(group='step')` does: per rank's row, max(0, n - C) with "
+    "C = ceil(CF x tokens x k / E), summed over the step's ranks and experts. A drop needs each step's "
+    "per-expert count, so no sum of counts can give it: this is what the health check and the Capacity page's "
+    "per-layer drops read instead of every step_stats row.",
+    ("run_id", "VARCHAR", "Run id."),
+    ("step", "BIGINT", "Step."),
+    ("layer", "SMALLINT", "MoE layer index."),
+    ("capacity_factor", "DOUBLE", "The capacity factor."),
+    ("assigned", "BIGINT", "Assignments (experts with at least one)."),
+    ("dropped", "BIGINT", "Assignments beyond capacity; NULL where the token counts are unknown."),
+)
+
 TABLES: dict[str, Table] = {t.name: t for t in (RUNS, LAYERS, ROUTES, STEP_STATS, LAYER_STATS, PAIR_STATS, FLOW_STATS,
                                                  SEQUENCES, EXPERT_BIAS, BALANCE_STATS, TOKEN_STATS, POSITION_STATS,
                                                  SEQUENCE_STATS, PROBE_SETS, TOKEN_SETS, WEIGHT_HIST, STEP_ROLLUPS,
-                                                 LAYER_ROLLUPS, VOCAB)}
+                                                 LAYER_ROLLUPS, LAYER_BUCKETS, POOLED_BUCKETS, STEP_DROPS,
+                                                 VOCAB)}
 
 # Columns added after the first release of a table: a writer may leave them out (they read as NULL), so that
 # code written against the older schema (RunWriter.write_flush callers) keeps working.
