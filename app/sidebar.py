@@ -213,7 +213,8 @@ def build() -> Ctx | None:
         if summed is not None:  # a rank filter there would show the group's sums as one rank's, or nothing
             st.caption(f"Steps {summed['first_step']}-{summed['last_step']} ({summed['steps']} steps) hold the step "
                        f"aggregates of {summed['ranks']} ranks summed at recording (reduce_ranks): their counts "
-                       f"appear under rank {ranks[0] if ranks else 0} and no rank's own counts are known there; "
+                       f"appear under rank {', '.join(map(str, summed['writers']))} (each group's first) and no "
+                       "rank's own counts are known there; "
                        "the rank filter selects their routes only.")
         domain_sel = _pick_many("Domains", domains, "domains",
                                 "Domains of the sequences (empty = all). Filtering by domain reads the sampled "

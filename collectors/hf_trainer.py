@@ -49,6 +49,8 @@ class MoevizCallback(TrainerCallback):
             kw["tokenizer"] = tokenizer
         kw.setdefault("rank", getattr(args, "process_index", None))
         kw.setdefault("world_size", getattr(args, "world_size", None))
+        # every rank runs this callback and steps in lock-step: the step aggregates are summed past one node
+        kw.setdefault("reduce_ranks", None)
         run_name = self.run_name or getattr(args, "run_name", None)
         self.recorder = Recorder(model, self.path, run_name=run_name, **kw).start()
         return control

@@ -571,9 +571,19 @@ def _group_size(group: Any = None) -> int:
 AUTO_REDUCE_WORLD = 8  # Recorder(reduce_ranks=None) sums the step aggregates over ranks past one 8-GPU node
 
 
+def _own_group() -> Any:
+    """A process group over the whole world for the Recorder's collectives alone (every rank must call this)."""
+    import torch.distributed as dist
+
+    return dist.new_group()
+
+
 def reduce_by_default(world_size: int) -> bool:
     """Whether Recorder(reduce_ranks=None) sums the step aggregates over the ranks: when torch.distributed runs more
-    than AUTO_REDUCE_WORLD ranks (and the Recorder records for all of them).
+    than AUTO_REDUCE_WORLD ranks (and the Recorder records for all of them). The Recorder's own default is False,
+    because its sums are collectives: a rank that builds no Recorder (one made on rank 0 alone, a pipeline stage
+    without MoE layers) would leave the others waiting at their first flush. `MoevizCallback`, which the Trainer
+    runs on every rank, passes None.
 
     Why: per-rank rows cost world-size times the reduced rows in the store and in every query over steps
     (64 ranks of a 58 x 256 model: 594 MB against 13.6 MB for 50 steps, `health_summary` 7.95 s against 0.28,
@@ -681,12 +691,15 @@ class Recorder:
       problem should cost the steps it concerns, never the run (they are listed in `recording_errors`).
       reduce_ranks: sum the step aggregates (step_stats, layer_stats, pair_stats, flow_stats) over the
       data-parallel group `reduce_group` (default the whole world) at each flush, written once by its first rank;
-      routes and sequences stay per rank. None (default): on when torch.distributed runs more than 8 ranks
-      (`reduce_by_default` says why: per-rank rows cost world-size times the store and the queries; up to a node
-      they keep the rank filter, per-rank load and capacity per rank). Every analysis but
-      `capacity_drops(group='step')` answers the same either way. Ranks must flush in the same order relative to
-      training's collectives (one step() per optimizer step on each rank); ranks whose steps differ write that
-      flush per rank, and a rank closing early ends the sums (see `_reduced_flush`): no deadlock, nothing lost.
+      routes and sequences stay per rank. Every rank of the group must build a Recorder with it (the sums are
+      collectives, on a process group of the Recorder's own), so it is off by default; None: on when
+      torch.distributed runs more than 8 ranks (`reduce_by_default` says why: per-rank rows cost world-size times
+      the store and the queries; up to a node they keep the rank filter, per-rank load and capacity per rank),
+      which `MoevizCallback` passes, as the Trainer runs it on every rank. Every analysis but
+      `capacity_drops(group='step')` (which refuses summed steps: `layer_stats.ranks_summed`) answers the same
+      either way. Each rank must make the same number of step() calls (flushes follow calls, recorded or not);
+      ranks whose steps differ write that flush per rank, a rank that cannot build its part makes every rank write
+      per rank, and a rank closing early ends the sums (see `_reduced_flush`): no deadlock, nothing else lost.
 
     Memory: until step(), the router outputs of the step's forwards stay on the device (per layer: tokens x
     (experts + 2k) values, small next to the activations); pending flushes hold only the aggregates and the
@@ -716,7 +729,7 @@ class Recorder:
         pair_stats: bool = True,
         flow_stats: str | None = "adjacent",
         strict: bool = False,
-        reduce_ranks: bool | None = None,
+        reduce_ranks: bool | None = False,
         reduce_group: Any = None,
     ):
         if not isinstance(model, nn.Module):
@@ -759,7 +772,9 @@ class Recorder:
         if self.reduce_ranks and not _distributed_rank_and_size()[1] > 1:
             raise RecorderError("reduce_ranks=True needs torch.distributed initialised with more than one rank; "
                                 "call init_process_group first, or pass reduce_ranks=False")
-        self.reduce_group = reduce_group
+        # the recorder's own communicator (made here, where every rank of a reducing run constructs its Recorder):
+        # its heads and sums never interleave with training's collectives on the default group
+        self.reduce_group = reduce_group if reduce_group is not None or not self.reduce_ranks else _own_group()
 
         self.sites: list = []
         self._handles: list = []
@@ -778,6 +793,7 @@ class Recorder:
         self._forwards: list[tuple[_Segment | None, _Segment | None]] = []  # (main, decoder) per forward
         self._in_model = False  # inside a forward of the model (its pre-hook ran, its post-hook not yet)
         self._pending: list[_StepRecord] = []
+        self._steps_since_flush = 0  # step() calls since the last flush (recorded or not)
         self._warned_layers: set[int] = set()
         self._capacity_known = False  # runs.capacity_factor of fixed-capacity routers written (see step())
         self.steps_recorded = 0
@@ -1043,6 +1059,7 @@ class Recorder:
         calls, forwards = self._calls, self._forwards
         if not any(calls):
             self.discard()
+            self._count_step_and_flush()
             return
         seq_offset = self._step_seqs.get(step)
         if seq_offset is not None:
@@ -1061,12 +1078,20 @@ class Recorder:
                 raise
             self.discard()
             self._recording_failed(f"step {step} was not recorded (its aggregates could not be computed)", e)
+            self._count_step_and_flush()
             return
         self.discard()
         self._step_seqs[step] = (seq_offset or 0) + len(record.domains)
         self._pending.append(record)
         self.steps_recorded += 1
-        if len(self._pending) >= self.flush_every:
+        self._count_step_and_flush()
+
+    def _count_step_and_flush(self) -> None:
+        """Flushes follow completed step() calls, not recorded steps: with reduce_ranks every rank must reach its
+        flush (a collective) at the same call, also when a step of its own could not be recorded or had no
+        forwards. A call that raised RecorderError (a bad argument, retried corrected) is not counted."""
+        self._steps_since_flush += 1
+        if self._steps_since_flush >= self.flush_every:
             self.flush()
 
     def _step_record(self, step, calls, forwards, token_ids, attention_mask, domain, tag,
@@ -1255,6 +1280,7 @@ class Recorder:
         """
         self._raise_writer_error()
         records, self._pending = self._pending, []
+        self._steps_since_flush = 0
         if not self.reduce_ranks and not any(rec.pieces for rec in records):
             return
         steps = steps_text([rec.step for rec in records])
@@ -1310,23 +1336,38 @@ class Recorder:
         sig = float(self._signature(records))
         n = sum(int(np.prod(pc.shape)) for pc in reducible)
         mine = (sig, float(n % (1 << 20)), float(n >> 20))  # n in two parts: each one's square x W stays exact
-        # the buffers to sum, built before the first collective: a rank that fails here (out of memory) misses the
-        # head, whose size never varies, so the others read a mismatch (or its next head does), never a sum of
-        # buffers of different sizes
+        # the buffers to sum, built before the first collective; a rank that fails here (out of memory) still joins
+        # the head, with its failure flag set, so every rank writes this flush per rank and no collective is left
+        # waiting (its own steps are lost, its error raised after the head)
         kinds = {dtype: [pc for pc in reducible if pc.tensor.dtype == dtype]  # float64 sums; int32 counts as int32
                  for dtype in dict.fromkeys(pc.tensor.dtype for pc in reducible)}  # same kinds, order on every rank
-        bufs = {dtype: torch.cat([pc.tensor.reshape(-1).to(device) for pc in same]) for dtype, same in kinds.items()}
-        head = torch.tensor([v for x in mine for v in (x, x * x)] + [float(closing)], dtype=torch.float64)
-        head = head.to(device)  # [7]
+        try:
+            bufs = {dtype: torch.cat([pc.tensor.reshape(-1).to(device) for pc in same])
+                    for dtype, same in kinds.items()}
+            failure = None
+        except Exception as e:  # noqa: BLE001 - re-raised after the head
+            bufs, failure = {}, e
+        head = torch.tensor([v for x in mine for v in (x, x * x)] + [float(closing), float(failure is not None)],
+                            dtype=torch.float64).to(device)  # [8]
         dist.all_reduce(head, op=dist.ReduceOp.SUM, group=self.reduce_group)
         summed = head.cpu().numpy()  # note: a host sync (the verdict every rank must read before the data's sum)
-        if summed[6] > 0 and not closing:
+        if failure is not None:
+            raise failure
+        # a closing rank joined this sum: the later flushes are per rank (said after this flush's collectives, as
+        # strict=True raises it: a raise before the data's sum would leave the closing rank waiting in it)
+        ended = summed[6] > 0 and not closing
+        if ended:
             self.reduce_ranks = False
-            self._recording_problem("reduce_end", f"rank {self.rank} stepped on after a rank of the reduce group "
-                                    "closed its Recorder; its later step aggregates are written per rank (no data "
-                                    "lost; every analysis sums the ranks). Give every rank the same number of "
-                                    "step() calls to keep one summed row per step")
+        if summed[7] > 0:
+            if ended:
+                self._say_reduce_ended()
+            self._recording_problem("reduce_failed", f"a rank of the reduce group could not build its part of the "
+                                    f"sum of steps {steps_text([r.step for r in records])}: each other rank wrote its "
+                                    "own aggregates for that flush instead (no data of theirs lost)")
+            return records, (_host_copy(own) if own else None)
         if not _same_over_ranks(summed[:6], mine, _group_size(self.reduce_group)):
+            if ended:
+                self._say_reduce_ended()
             self._recording_problem("reduce_mismatch", "the ranks of the reduce group flushed different steps, "
                                     f"layers or shapes (steps {steps_text([r.step for r in records])} on rank "
                                     f"{self.rank}), so their sums would mix them: each rank wrote its own aggregates "
@@ -1352,7 +1393,16 @@ class Recorder:
             reduced = [dataclasses.replace(rec, pieces=[pc for pc in rec.pieces if pc.kind not in _REDUCED_KINDS])
                        for rec in records]
         pieces = [pc for rec in reduced for pc in rec.pieces]
-        return reduced, (_host_copy(pieces) if pieces else None)
+        host = _host_copy(pieces) if pieces else None
+        if ended:
+            self._say_reduce_ended()
+        return reduced, host
+
+    def _say_reduce_ended(self) -> None:
+        self._recording_problem("reduce_end", f"rank {self.rank} stepped on after a rank of the reduce group closed "
+                                "its Recorder; its later step aggregates are written per rank (no data lost; every "
+                                "analysis sums the ranks). Give every rank the same number of step() calls to keep "
+                                "one summed row per step")
 
     @staticmethod
     def _signature(records: list[_StepRecord]) -> int:

@@ -43,6 +43,15 @@ def _record(model, rank: int, path: str, kind: str, reduce: bool | None) -> None
             import collectors.recorder as recorder_module
 
             recorder_module.torch = _CatFailingOnceInReducedFlush()
+        if kind == "stepfail" and rank == 1:  # its step 1 cannot be recorded (as out of memory in step() would)
+            real = rec._step_record
+
+            def failing(step, *args, **kwargs):
+                if step == 1:
+                    raise RuntimeError("simulated: step 1's aggregates could not be computed")
+                return real(step, *args, **kwargs)
+
+            rec._step_record = failing
         for step in _steps_of(rank, kind):
             ids, mask = rank_batch(rank, step % 100)
             with torch.no_grad():
@@ -93,6 +102,8 @@ def _worker(rank: int, root: str, init_file: str) -> None:
         import collectors.recorder as recorder_module
 
         recorder_module.torch = torch
+        dist.barrier()
+        _record(model, rank, f"{root}/stepfail-reduced", "stepfail", True)
         dist.barrier()
     finally:
         dist.destroy_process_group()
@@ -267,7 +278,7 @@ def test_capacity_per_rank_group_needs_per_rank_rows(runs):
     per step (`layer_stats.ranks_summed` = 4), whose drops would be those of the whole group's step, not of any
     rank: the analysis refuses those steps, naming them, and health says the check was not run; the per-rank run
     answers, checked against a brute force. group='sequence' reads each rank's routes and answers on both."""
-    from moeviz.analyses.capacity import capacity_drops
+    from moeviz.analyses.capacity import capacity_drops, drop_curve
     from moeviz.analyses.health import health_summary
     from moeviz.analyses.unknowns import UnknownQuantityError, summed_ranks
     from moeviz.selection import Selection
@@ -278,6 +289,10 @@ def test_capacity_per_rank_group_needs_per_rank_rows(runs):
         a = capacity_drops(per, Selection(), 1.0, group="step", by=("layer",))
         with pytest.raises(UnknownQuantityError, match=r"summed the step aggregates of 4 ranks .*group='sequence'"):
             capacity_drops(red, Selection(), 1.0, group="step", by=("layer",))
+        with pytest.raises(UnknownQuantityError, match=r"summed the step aggregates of 4 ranks"):
+            drop_curve(red, Selection(), group="step")  # the Capacity page's curve
+        # units finer than the expert read each rank's routes at group='step': those still answer, as per rank
+        by_pos = [capacity_drops(c, Selection(), 1.0, group="step", by=("pos",)) for c in (per, red)]
         found = summed_ranks(red, Selection(ranks=(1,)))  # the rank filter does not hide the summed steps
         assert found is not None and found["ranks"] == 4 and found["steps"] == STEPS
         assert summed_ranks(per, Selection()) is None
@@ -291,6 +306,7 @@ def test_capacity_per_rank_group_needs_per_rank_rows(runs):
         per.close()
         red.close()
     pd.testing.assert_frame_equal(seq_a.drop(columns='run_id'), seq_b.drop(columns='run_id'))
+    pd.testing.assert_frame_equal(by_pos[0].drop(columns='run_id'), by_pos[1].drop(columns='run_id'))
     # brute force per rank and step: C = ceil(CF * tokens * k / E), drops max(0, n - C) per group and expert
     cap = np.ceil(steps.tokens * 2 / 4)
     expected = np.maximum(steps.assigned - cap, 0).groupby(steps.layer).sum().to_numpy()
@@ -323,9 +339,9 @@ def test_reduce_ranks_needs_a_process_group():
 
 @pytest.mark.slow
 def test_a_rank_failing_before_the_sums_costs_its_own_steps_only(runs):
-    """Rank 2's first flush fails while building the buffers to sum, before it joins the head sum: it loses steps 0-1 (a recording error in its status),
-    nobody waits for it (the heads, all of one size, pair up one flush later and read a mismatch), and the other
-    ranks' rows of every step, and rank 2's later ones, are written: steps 2-4 equal the complete per-rank run."""
+    """Rank 2's first flush fails while building the buffers to sum: it still joins the head, with its failure flag,
+    so every rank writes that flush per rank (nobody waits for it) and rank 2 loses steps 0-1 alone (a recording
+    error in its status); the next flushes are summed again: steps 2-4 equal the complete per-rank run."""
     from moeviz.store import open_store
 
     con, per = open_store(runs / "failing-reduced"), open_store(runs / "same-per_rank")
@@ -340,6 +356,7 @@ def test_a_rank_failing_before_the_sums_costs_its_own_steps_only(runs):
     rank_file = runs / "failing-reduced" / "_status" / "rank=2.json"
     assert "simulated: out of memory" in rank_file.read_text()
     assert got[got.step < 2].r.map(list).map(tuple).unique().tolist() == [(0, 1, 3)]
+    assert got[got.step >= 2].r.map(list).map(tuple).unique().tolist() == [(0,)]  # summed again, written once
     np.testing.assert_array_equal(got.n.to_numpy(), want.n.to_numpy())
     assert got[["step", "layer", "expert"]].values.tolist() == want[["step", "layer", "expert"]].values.tolist()
 
@@ -353,7 +370,34 @@ def test_sidebar_says_which_steps_hold_summed_ranks(runs):
     red = open_app(runs / "same-reduced", run="same-reduced", page="capacity")
     notes = [c.value for c in red.caption if "summed at recording" in c.value]
     assert notes == [f"Steps 0-{STEPS - 1} ({STEPS} steps) hold the step aggregates of {WORLD} ranks summed at "
-                     "recording (reduce_ranks): their counts appear under rank 0 and no rank's own counts are known "
-                     "there; the rank filter selects their routes only."]
+                     "recording (reduce_ranks): their counts appear under rank 0 (each group's first) and no rank's "
+                     "own counts are known there; the rank filter selects their routes only."]
     per = open_app(runs / "same-per_rank", run="same-per_rank", page="capacity")
     assert not [c.value for c in per.caption if "summed at recording" in c.value]
+
+
+@pytest.mark.slow
+def test_a_step_that_cannot_be_recorded_keeps_the_flushes_in_step(runs):
+    """Rank 1's step 1 raises inside step() (its aggregates could not be computed): the step is lost on rank 1
+    alone, and rank 1 still flushes after its second step() call, as the others do (flushes follow calls, not
+    recorded steps), so no collective is left waiting (the worker would time out): the flush of steps 0-1 is
+    written per rank (its signature differs), the later ones are summed; every count equals the per-rank run's
+    without rank 1's step 1."""
+    from moeviz.store import open_store
+
+    con, per = open_store(runs / "stepfail-reduced"), open_store(runs / "same-per_rank")
+    q = "SELECT step, layer, expert, sum(assigned) AS n, list(DISTINCT rank ORDER BY rank) AS r FROM step_stats {} " \
+        "GROUP BY ALL ORDER BY step, layer, expert"
+    try:
+        got = con.execute(q.format("")).df()
+        want = per.execute(q.format("WHERE NOT (step = 1 AND rank = 1)")).df()
+        errors = con.execute("SELECT recording_errors FROM runs").fetchone()[0]
+    finally:
+        con.close()
+        per.close()
+    assert "step 1 was not recorded" in (runs / "stepfail-reduced" / "_status" / "rank=1.json").read_text()
+    assert errors is not None
+    assert got[got.step == 0].r.map(tuple).unique().tolist() == [(0, 1, 2, 3)]
+    assert got[got.step == 1].r.map(tuple).unique().tolist() == [(0, 2, 3)]
+    assert got[got.step >= 2].r.map(tuple).unique().tolist() == [(0,)]
+    np.testing.assert_array_equal(got.n.to_numpy(), want.n.to_numpy())

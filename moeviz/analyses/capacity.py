@@ -114,6 +114,14 @@ def _granularity(sel: Selection, group: str, policy: str, by: tuple[str, ...], w
     return "slot"
 
 
+def _refuse_summed_ranks(con, sel: Selection, group: str, unit: str) -> None:
+    """The per-expert unit at group='step' reads `step_stats`, one rank's counts per step: on steps whose
+    aggregates were summed over ranks at recording those counts are the group's, and C(group's tokens) is not any
+    rank's capacity, so refuse (the other units read each rank's routes and stay right)."""
+    if group == "step" and unit == "expert":
+        require_per_rank(con, sel, "capacity drops per rank and step (group='step', from the step aggregates)")
+
+
 def _shape_sql(sel: Selection) -> tuple[str, list]:
     """Experts and k of every selected layer: from `layers`, else (a run whose writer wrote no layers) `runs`."""
     part = Selection(run_ids=sel.run_ids, layers=sel.layers)
@@ -264,8 +272,6 @@ def capacity_drops(
     if "slot" in tuple(by):
         require(con, sel, "first_choice", "drops by slot")
     by = _check(policy, group, by)
-    if group == "step":
-        require_per_rank(con, sel, "capacity drops per rank and step (group='step')")
     if source not in ("auto", "aggregates", "routes"):
         raise AnalysisError(f"source must be 'auto', 'aggregates' or 'routes'; got {source!r}")
     if (capacity_factor is None) == (capacity is None):
@@ -278,6 +284,7 @@ def capacity_drops(
     by_cols = "".join(f", {d}" for d in by)
     shape, sparams = _shape_sql(sel)
     unit = _granularity(sel, group, policy, by, with_weight)
+    _refuse_summed_ranks(con, sel, group, unit)
     if (unit == "expert" and group == "step" and capacity is None and not with_weight and set(by) <= {"layer", "step"}
             and sel.ranks is None and not sel.needs_sequences and float(capacity_factor) in DROP_FACTORS
             and buckets_available(con)):
@@ -334,6 +341,7 @@ def drop_curve(
     by_cols = "".join(f", {d}" for d in by)
     shape, sparams = _shape_sql(sel)
     unit = _granularity(sel, group, policy, by, False)
+    _refuse_summed_ranks(con, sel, group, unit)
     units, params = _units_sql(sel, group, policy, unit, labels=_needs_labels(sel, by))
     post, pparams = _post_filter(sel, "x")
     cap = _CAPACITY.replace("CAST(? AS DOUBLE)", "f.cf").format(t="h.group_tokens", k="h.top_k", e="h.n_experts")

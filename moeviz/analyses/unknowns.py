@@ -13,6 +13,7 @@ import json
 
 from moeviz.analyses.load import AnalysisError
 from moeviz.selection import Selection
+from moeviz.store.reader import column_names
 
 # quantity -> (table, column, what it is)
 QUANTITIES = {
@@ -48,19 +49,21 @@ def require(con, sel: Selection, quantity: str, what: str) -> None:
 
 def summed_ranks(con, sel: Selection) -> dict | None:
     """Where the selection's step aggregates are sums over several ranks (`layer_stats.ranks_summed`, written by
-    `Recorder(reduce_ranks=...)`): {'run_id', 'ranks', 'first_step', 'last_step', 'steps'} of the first such run,
-    or None. Such a row's `rank` is the writing rank, not the one that routed, so one rank's counts are unknown
+    `Recorder(reduce_ranks=...)`): {'run_id', 'ranks', 'first_step', 'last_step', 'steps', 'writers'} of the first
+    such run (`writers`: the ranks whose rows hold the sums, each group's first), or None. Such a row's `rank` is the writing rank, not the one that routed, so one rank's counts are unknown
     there. The rank filter is left out on purpose: filtering rank 1 of a summed run finds no rows instead of the
     sums that hold its tokens."""
-    if "ranks_summed" not in _columns(con, "layer_stats"):
+    if "ranks_summed" not in column_names(con, "layer_stats"):
         return None
     where, params = sel.with_(domains=None, tags=None, ranks=None).where("l")
     row = con.execute(f"""
-        SELECT run_id, max(ranks_summed), min(step), max(step), count(DISTINCT step) FROM layer_stats l
+        SELECT run_id, max(ranks_summed), min(step), max(step), count(DISTINCT step),
+               list(DISTINCT rank ORDER BY rank) FROM layer_stats l
         WHERE {where} AND ranks_summed > 1 GROUP BY run_id ORDER BY run_id LIMIT 1""", params).fetchone()
     if row is None:
         return None
-    return dict(zip(("run_id", "ranks", "first_step", "last_step", "steps"), (row[0], *map(int, row[1:]))))
+    return dict(zip(("run_id", "ranks", "first_step", "last_step", "steps"), (row[0], *map(int, row[1:5]))),
+                writers=[int(r) for r in row[5]])
 
 
 def require_per_rank(con, sel: Selection, what: str) -> None:
@@ -74,10 +77,6 @@ def require_per_rank(con, sel: Selection, what: str) -> None:
         f"{found['ranks']} ranks at recording (Recorder(reduce_ranks=...), on by default past 8 ranks) for "
         f"{found['steps']} steps ({found['first_step']}-{found['last_step']}). Choose other steps, use "
         f"group='sequence' (it reads each rank's routes), or record with reduce_ranks=False.")
-
-
-def _columns(con, table: str) -> set[str]:
-    return {r[0] for r in con.execute(f"DESCRIBE {table}").fetchall()}
 
 
 def _runs_without(con, sel: Selection, table: str, column: str) -> list[str]:
