@@ -29,15 +29,25 @@ def _steps_of(rank: int, kind: str) -> list[int]:
     """The step numbers rank `rank` gives step() in a recording of `kind`."""
     if kind == "mismatched":  # rank 1 numbers its step 1 as 101: same shapes, other steps
         return [s + (100 if rank == 1 and s == 1 else 0) for s in range(STEPS)]
+    if kind == "uneven_strict":  # rank 3 stops after 3 steps; the others flush by hand after step 2 and go on
+        return list(range(3 if rank == 3 else STEPS))
     if kind == "uneven":  # rank 3 stops after 2 steps, rank 2 takes 2 more: a sum joined by a closing rank
         return list(range({3: 2, 2: STEPS + 2}.get(rank, STEPS)))
     return list(range(STEPS))
 
 
-def _record(model, rank: int, path: str, kind: str, reduce: bool | None) -> None:
+def _record(model, rank: int, path: str, kind: str, reduce: bool | None, strict: bool = False) -> None:
     from collectors import Recorder
 
-    with Recorder(model, path, run_name=Path(path).name, flush_every=2, reduce_ranks=reduce) as rec:
+    if kind == "uneven_strict":  # strict=True raises where the default warns: after the collectives, not inside
+        from collectors import RecorderError
+
+        try:
+            _record(model, rank, path, "uneven_hand_flush", reduce, strict=True)
+        except RecorderError as e:
+            Path(f"{path}-rank{rank}.error").write_text(str(e))
+        return
+    with Recorder(model, path, run_name=Path(path).name, flush_every=2, reduce_ranks=reduce, strict=strict) as rec:
         assert rec.reduce_ranks is bool(reduce)
         if kind == "failing" and rank == 2:  # building its first flush's sums fails (as out of memory would)
             import collectors.recorder as recorder_module
@@ -52,12 +62,14 @@ def _record(model, rank: int, path: str, kind: str, reduce: bool | None) -> None
                 return real(step, *args, **kwargs)
 
             rec._step_record = failing
-        for step in _steps_of(rank, kind):
+        for step in _steps_of(rank, "uneven_strict" if kind == "uneven_hand_flush" else kind):
             ids, mask = rank_batch(rank, step % 100)
             with torch.no_grad():
                 model(ids)
             rec.step(step, token_ids=ids, attention_mask=mask,
                      domain=["code" if (rank + step + i) % 2 else "web" for i in range(ids.shape[0])])
+            if kind == "uneven_hand_flush" and step == 2 and rank != 3:  # pairs with rank 3's closing flush (step 2)
+                rec.flush()
 
 
 class _CatFailingOnceInReducedFlush:
@@ -104,6 +116,8 @@ def _worker(rank: int, root: str, init_file: str) -> None:
         recorder_module.torch = torch
         dist.barrier()
         _record(model, rank, f"{root}/stepfail-reduced", "stepfail", True)
+        dist.barrier()
+        _record(model, rank, f"{root}/uneven_strict-reduced", "uneven_strict", True)
         dist.barrier()
     finally:
         dist.destroy_process_group()
@@ -401,3 +415,15 @@ def test_a_step_that_cannot_be_recorded_keeps_the_flushes_in_step(runs):
     assert got[got.step == 1].r.map(tuple).unique().tolist() == [(0, 2, 3)]
     assert got[got.step >= 2].r.map(tuple).unique().tolist() == [(0,)]
     np.testing.assert_array_equal(got.n.to_numpy(), want.n.to_numpy())
+
+
+@pytest.mark.slow
+def test_strict_ranks_stepping_on_after_a_close_raise_without_leaving_it_waiting(runs):
+    """strict=True: rank 3 closes after step 2 while the others flush step 2 by hand and step on: the same steps,
+    so the sum is made, joined by rank 3's closing flush. The others raise RecorderError ("stepped on after a rank
+    ... closed") only after that sum, so rank 3 closes normally (before, they raised between the head and the
+    data's sum, and rank 3 waited in it until gloo's timeout failed the worker)."""
+    errors = {r: (runs / f"uneven_strict-reduced-rank{r}.error") for r in range(WORLD)}
+    assert not errors[3].exists()
+    for r in (0, 1, 2):
+        assert "stepped on after a rank of the reduce group closed" in errors[r].read_text()
