@@ -58,7 +58,7 @@ def test_a_version_2_store_reads_with_the_new_columns_null(v2_store):
     assert tokens == expected["token_stats"]
 
 
-def test_a_version_2_store_compacts_under_version_3(v2_store):
+def test_a_version_2_store_compacts_under_the_current_version(v2_store):
     expected = json.loads((v2_store / "expected.json").read_text())
     result = {r["run_id"]: r for r in compact(v2_store)["runs"]}
     assert result["v2seg"]["segments_folded"] > 0

@@ -289,9 +289,12 @@ def _raise_manifest_version(run_dir: Path) -> None:
     body = dict(body, schema_version=SCHEMA_VERSION,
                 data_schema_version=int(body.get("data_schema_version", body["schema_version"])))
     tmp = path.with_name(f".{layout.MANIFEST}.compact.tmp")
-    tmp.write_text(json.dumps(body, indent=1))
-    _fsync(tmp)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(body, indent=1))
+        _fsync(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _unlink_with_wal(path: Path) -> int:
