@@ -130,3 +130,16 @@ def test_a_failure_after_run_duckdb_is_renamed_keeps_the_files_it_names(tmp_path
     con = open_store(run_dir)
     assert con.execute("SELECT count(*) FROM routes").fetchone()[0] == n_routes
     assert con.execute("SELECT count(*) FROM token_sets").fetchone()[0] > 0
+
+
+def test_a_batch_with_a_null_key_or_two_ranks_is_left_to_sql():
+    """_groupable, checked once per batch for token_sets and the counts: a NULL in a grouping column or a batch
+    mixing ranks or runs cannot be grouped by numpy; compaction's SQL then builds those tables."""
+    import pyarrow as pa
+
+    clean = {c: [0, 0] for c in compaction._GROUPING_COLUMNS} | {"run_id": ["r", "r"]}
+    assert compaction._groupable(pa.table(clean))
+    for column in compaction._GROUPING_COLUMNS:
+        assert not compaction._groupable(pa.table(clean | {column: [0 if column != "run_id" else "r", None]})), column
+    assert not compaction._groupable(pa.table(clean | {"rank": [0, 1]}))
+    assert not compaction._groupable(pa.table(clean | {"run_id": ["r", "s"]}))

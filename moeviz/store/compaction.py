@@ -23,6 +23,7 @@ from moeviz.store import layout, rollups
 from moeviz.store.schema import SCHEMA_VERSION
 
 ROUTES_FORMATS = ("parquet", "duckdb")
+TABLE_FILES_VERSION = 4  # the store schema version that added token_sets files (`_table_files`)
 
 
 def compact(path, routes_format: str = "parquet") -> dict:
@@ -197,11 +198,6 @@ def _remove_leftovers(run_dir: Path, uncommitted: list[Path]) -> int:
     return n
 
 
-def _building(target: Path) -> Path:
-    """The name run.duckdb is built under before it is renamed over `target`."""
-    return target.with_name(target.name + ".tmp")
-
-
 def _publish_compacted(run_dir: Path, target: Path, manifest: dict, statuses: dict, new: dict[str, list[Path]],
                        written: list[tuple[str, int, int, int]], routes_in_duckdb: bool,
                        sets: list[tuple[str, int, int, int]] | None = None,
@@ -214,7 +210,7 @@ def _publish_compacted(run_dir: Path, target: Path, manifest: dict, statuses: di
     summed while writing the routes files (None: counted by SQL from the files)."""
     from moeviz.store import duckdb_compat
 
-    tmp = _building(target)
+    tmp = run_dir / (layout.COMPACTED + ".tmp")
     _unlink_with_wal(tmp)
     con = duckdb_compat.connect(str(tmp))
     try:
@@ -284,9 +280,9 @@ def _raise_manifest_version(run_dir: Path) -> None:
     and new writes into the run are still refused). Written under a temp name and renamed: whole or absent."""
     path = run_dir / layout.MANIFEST
     body = json.loads(path.read_text())
-    if int(body.get("schema_version", 0)) >= 4:
+    if int(body.get("schema_version", 0)) >= TABLE_FILES_VERSION:
         return
-    body = dict(body, schema_version=SCHEMA_VERSION,
+    body = dict(body, schema_version=TABLE_FILES_VERSION,
                 data_schema_version=int(body.get("data_schema_version", body["schema_version"])))
     tmp = path.with_name(f".{layout.MANIFEST}.compact.tmp")
     try:
