@@ -49,7 +49,7 @@ def _check_as_written(con, expected: dict) -> None:
 
 
 def test_a_version_2_store_reads_with_the_new_columns_null(v2_store):
-    assert SCHEMA_VERSION == 3
+    assert SCHEMA_VERSION == 4
     expected = json.loads((v2_store / "expected.json").read_text())
     con = open_store(v2_store)
     assert sorted(con.execute("SELECT run_id, schema_version FROM runs").fetchall()) == [("v2comp", 2), ("v2seg", 2)]
@@ -58,7 +58,7 @@ def test_a_version_2_store_reads_with_the_new_columns_null(v2_store):
     assert tokens == expected["token_stats"]
 
 
-def test_a_version_2_store_compacts_under_version_3(v2_store):
+def test_a_version_2_store_compacts_under_the_current_version(v2_store):
     expected = json.loads((v2_store / "expected.json").read_text())
     result = {r["run_id"]: r for r in compact(v2_store)["runs"]}
     assert result["v2seg"]["segments_folded"] > 0
@@ -68,11 +68,59 @@ def test_a_version_2_store_compacts_under_version_3(v2_store):
     assert con.execute("SELECT count(*) FROM token_stats WHERE run_id = 'v2seg'").fetchone()[0] > 0
     assert con.execute("SELECT sum(assigned) FROM weight_hist WHERE run_id = 'v2seg'").fetchone()[0] == \
         expected["routes"]["v2seg"][0]
+    # v2seg's token_sets went into files: its manifest says version 4, so a version-3 moeviz (which reads
+    # run.duckdb's token_sets alone) refuses it; its data still reads as written under version 2
+    manifest = json.loads((v2_store / "v2seg" / "moeviz.json").read_text())
+    assert (manifest["schema_version"], manifest["data_schema_version"]) == (4, 2)
+    assert sorted(con.execute("SELECT run_id, schema_version FROM runs").fetchall()) == [("v2comp", 2), ("v2seg", 2)]
+    # v2comp's run.duckdb predates token_sets: compaction built them into it by SQL, no files, manifest untouched
+    assert json.loads((v2_store / "v2comp" / "moeviz.json").read_text())["schema_version"] == 2
+    assert not (v2_store / "v2comp" / "compacted" / "token_sets").exists()
+
+
+def test_a_run_with_token_sets_files_is_refused_by_a_version_3_reader(v2_store, monkeypatch):
+    """What a version-3 moeviz does with a newer manifest: its ladder (layout.migrate_manifest at 310c4ae) refuses
+    any version above its SCHEMA_VERSION first, as this one does with SCHEMA_VERSION set to 3."""
+    from moeviz.errors import SchemaVersionError
+    from moeviz.store import layout
+
+    compact(v2_store)
+    monkeypatch.setattr(layout, "SCHEMA_VERSION", 3)
+    with pytest.raises(SchemaVersionError, match="schema version 4.*up to 3"):
+        layout.read_manifest(v2_store / "v2seg")
+
+
+def test_a_version_3_run_reads_and_its_compaction_raises_it_to_4(tmp_path):
+    from moeviz.errors import StoreError
+    from moeviz.store import RunWriter
+
+    from test_store import write_run
+
+    run_dir = tmp_path / "v3"
+    write_run(run_dir, compact_on_close=False)
+    path = run_dir / "moeviz.json"
+    path.write_text(json.dumps(dict(json.loads(path.read_text()), schema_version=3)))
+    con = open_store(run_dir)
+    assert con.execute("SELECT schema_version FROM runs").fetchall() == [(3,)]
+    n = con.execute("SELECT count(*) FROM routes").fetchone()[0]
+    con.close()
+    compact(run_dir)
+    manifest = json.loads(path.read_text())
+    assert (manifest["schema_version"], manifest["data_schema_version"]) == (4, 3)
+    con = open_store(run_dir)
+    assert con.execute("SELECT schema_version FROM runs").fetchall() == [(3,)]
+    assert con.execute("SELECT count(*) FROM routes").fetchone()[0] == n
+    assert con.execute("SELECT count(*) FROM token_sets").fetchone()[0] > 0
+    with pytest.raises(StoreError, match="schema version 3.*new run folder"):
+        RunWriter(run_dir, run_id=manifest["run_id"])
 
 
 def test_a_version_2_run_refuses_new_writes(v2_store):
     from moeviz.errors import StoreError
     from moeviz.store import RunWriter
 
+    with pytest.raises(StoreError, match="schema version 2.*new run folder"):
+        RunWriter(v2_store / "v2seg", run_id="v2seg")
+    compact(v2_store)  # its manifest now says 4 (token_sets files), its data is still version 2's
     with pytest.raises(StoreError, match="schema version 2.*new run folder"):
         RunWriter(v2_store / "v2seg", run_id="v2seg")

@@ -165,7 +165,7 @@ def _sets_cover(con, sels: tuple[Selection, ...], source: str) -> bool:
     if "token_sets" not in table_names(con):
         why = "the connection has no token_sets table"
     else:
-        complete = route_stats_complete(con)
+        complete = route_stats_complete(con, table="token_sets")  # False also where a token_sets file was skipped
         runs = sorted({r for sel in sels for r in (sel.run_ids if sel.run_ids is not None else complete)})
         for run_id in runs:
             if not complete.get(str(run_id)):

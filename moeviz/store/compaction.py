@@ -23,6 +23,7 @@ from moeviz.store import layout, rollups
 from moeviz.store.schema import SCHEMA_VERSION
 
 ROUTES_FORMATS = ("parquet", "duckdb")
+TABLE_FILES_VERSION = 4  # the store schema version that added token_sets files (`_table_files`)
 
 
 def compact(path, routes_format: str = "parquet") -> dict:
@@ -103,6 +104,8 @@ def _compact_run(run_dir: Path, routes_format: str = "parquet") -> dict:
                          f"readers see the segments meanwhile")
     target = run_dir / layout.COMPACTED
     with _CompactionLock(run_dir):
+        # a compaction killed after publishing leaves its scratch counts: nothing reads them, remove them first
+        scratch = _unlink_with_wal(run_dir / _RouteCounts.FILE)
         committed = layout.committed_files(run_dir, manifest)  # only whole flushes: never half of one
         found = committed.tables
         folded, published = _compacted_state(target)
@@ -113,16 +116,18 @@ def _compact_run(run_dir: Path, routes_format: str = "parquet") -> dict:
         bytes_new = sum(p.stat().st_size for ps in new.values() for p in ps)
         rows: dict[str, int] = {}
         # also when nothing is new but run.duckdb predates a derived table: a newer moeviz builds it on `compact`
-        if n_new or not target.exists() or _missing_compaction_tables(target):
+        missing = _missing_compaction_tables(target) if target.exists() else None  # None: no run.duckdb yet
+        if n_new or missing is None or missing:
             written: list[tuple[str, int, int, int]] = []  # (name, rank, rows, bytes) of new routes files
             sets: list[tuple[str, int, int, int]] | None = None  # ... of new token_sets files (None: built by SQL)
             counts = _RouteCounts(run_dir) if routes_format == "parquet" and new["routes"] else None
+            replaced = [False]  # set once the new run.duckdb, which names the files written here, is renamed in
             try:
                 if routes_format == "parquet" and new["routes"]:
                     # token_sets from the routes batches, unless an older run.duckdb lacks the table (then it is
                     # rebuilt from every route by SQL)
                     sets = [] if layout.TOKEN_SETS in layout.FILE_TABLES and (
-                        not target.exists() or layout.TOKEN_SETS not in _missing_compaction_tables(target)) else None
+                        missing is None or layout.TOKEN_SETS not in missing) else None
                     by_rank: dict[int, list[Path]] = {}
                     for p in new["routes"]:
                         by_rank.setdefault(int(p.parent.name[5:]), []).append(p)
@@ -138,11 +143,13 @@ def _compact_run(run_dir: Path, routes_format: str = "parquet") -> dict:
                             sets = None
                 rows = _publish_compacted(run_dir, target, manifest, statuses, new, written,
                                           routes_in_duckdb=routes_format == "duckdb", sets=sets,
-                                          counts=counts if counts is not None and counts.ok else None)
+                                          counts=counts if counts is not None and counts.ok else None,
+                                          replaced=replaced)
             except BaseException:
-                for name, *_ in written + (sets or []):  # never published: remove (a crash leaves them to the next)
-                    (run_dir / name).unlink(missing_ok=True)
-                raise
+                if not replaced[0]:  # never published: remove (a crash leaves them to the next compaction)
+                    for name, *_ in written + (sets or []):
+                        (run_dir / name).unlink(missing_ok=True)
+                raise  # published (renamed, then an fsync failed): the new run.duckdb names the files, keep them
             finally:
                 if counts is not None:
                     counts.close()
@@ -163,7 +170,7 @@ def _compact_run(run_dir: Path, routes_format: str = "parquet") -> dict:
             if layout.relative_name(run_dir, p) in folded:
                 p.unlink(missing_ok=True)
                 deleted += 1
-        leftovers = _remove_leftovers(run_dir, [p for p in committed.uncommitted if p.exists()])
+        leftovers = scratch + _remove_leftovers(run_dir, [p for p in committed.uncommitted if p.exists()])
     if not rows:
         rows = _compacted_row_counts(target)
     size = target.stat().st_size + sum(b for _, b in published.values())
@@ -194,16 +201,17 @@ def _remove_leftovers(run_dir: Path, uncommitted: list[Path]) -> int:
 def _publish_compacted(run_dir: Path, target: Path, manifest: dict, statuses: dict, new: dict[str, list[Path]],
                        written: list[tuple[str, int, int, int]], routes_in_duckdb: bool,
                        sets: list[tuple[str, int, int, int]] | None = None,
-                       counts: "_RouteCounts | None" = None) -> dict[str, int]:
+                       counts: "_RouteCounts | None" = None, replaced: list[bool] | None = None) -> dict[str, int]:
     """Build run.duckdb.tmp (old tables + new segments), fsync it and rename it over run.duckdb: row counts.
+    `replaced[0]` is set True right after the rename: from then on the published run.duckdb names the files
+    written for it, so a failure after it (the folder's fsync) must not delete them.
     `sets`: the token_sets files written with the routes files (named in `_table_files`), or None: token_sets
     rows of the new routes are then built by SQL into run.duckdb's own table. `counts`: the new routes' counts
     summed while writing the routes files (None: counted by SQL from the files)."""
     from moeviz.store import duckdb_compat
 
     tmp = run_dir / (layout.COMPACTED + ".tmp")
-    for leftover in (tmp, Path(str(tmp) + ".wal")):
-        leftover.unlink(missing_ok=True)
+    _unlink_with_wal(tmp)
     con = duckdb_compat.connect(str(tmp))
     try:
         # no progress bar on the training process's terminal: grouping tens of millions of routes into
@@ -250,13 +258,49 @@ def _publish_compacted(run_dir: Path, target: Path, manifest: dict, statuses: di
                          ["run_id", str(manifest.get("run_id"))]])
         rows = {t: con.execute(f'SELECT count(*) FROM main."{t}"').fetchone()[0] for t in layout.SEGMENT_TABLES}
         rows["routes"] += con.execute("SELECT coalesce(sum(rows), 0) FROM _routes_files").fetchone()[0]
+        names_files = con.execute("SELECT count(*) FROM _table_files").fetchone()[0] > 0
         con.execute("CHECKPOINT")
     finally:
         con.close()
     _fsync(tmp)
+    if names_files:  # token_sets files: a moeviz that reads run.duckdb alone must refuse the run
+        _raise_manifest_version(run_dir)
     os.replace(tmp, target)
+    if replaced is not None:
+        replaced[0] = True
     _fsync(run_dir)
     return rows
+
+
+def _raise_manifest_version(run_dir: Path) -> None:
+    """Mark a run whose run.duckdb names table files (`_table_files`, schema version 4) as version 4 in its
+    manifest, so that a moeviz that predates the files refuses the run instead of reading part of token_sets (or
+    compacting it and dropping the names of the files, which a later compaction then deletes as unpublished).
+    The version the run's data was written with stays in `data_schema_version` (runs.schema_version shows it,
+    and new writes into the run are still refused). Written under a temp name and renamed: whole or absent."""
+    path = run_dir / layout.MANIFEST
+    body = json.loads(path.read_text())
+    if int(body.get("schema_version", 0)) >= TABLE_FILES_VERSION:
+        return
+    body = dict(body, schema_version=TABLE_FILES_VERSION,
+                data_schema_version=int(body.get("data_schema_version", body["schema_version"])))
+    tmp = path.with_name(f".{layout.MANIFEST}.compact.tmp")
+    try:
+        tmp.write_text(json.dumps(body, indent=1))
+        _fsync(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _unlink_with_wal(path: Path) -> int:
+    """Delete a DuckDB file and its write-ahead log if they exist: how many were deleted."""
+    n = 0
+    for p in (path, Path(str(path) + ".wal")):
+        if p.exists():
+            p.unlink(missing_ok=True)
+            n += 1
+    return n
 
 
 # The tables compaction derives from routes: (table, grouping columns). Counting once at compaction is what
@@ -445,14 +489,12 @@ class _TokenSetsFile:
                                        **layout.compacted_table_options(layout.TOKEN_SETS))
         self.ok, self.rows, self.last_step = True, 0, None
 
-    def add(self, batch: pa.Table) -> None:
-        """Add the rows of one batch sorted by COMPACTED_SORT."""
+    def add(self, batch: pa.Table, groupable: bool) -> None:
+        """Add the rows of one batch sorted by COMPACTED_SORT (`groupable`: see _groupable)."""
         if not self.ok or not batch.num_rows:
             return
         step = batch.column("step").to_numpy()
-        if (self.last_step is not None and step[0] <= self.last_step) or any(
-                batch.column(c).null_count for c in ("run_id", "step", "rank", "seq", "pos", "layer", "slot",
-                                                     "token_id", "expert")) or not _constant(batch, "run_id", "rank"):
+        if not groupable or (self.last_step is not None and step[0] <= self.last_step):
             self.ok = False  # not exact from batches: token_sets_sql builds the table instead
             return
         self.last_step = int(step[-1])
@@ -510,8 +552,7 @@ class _RouteCounts:
     def _connect(self):
         from moeviz.store import duckdb_compat
 
-        for leftover in (self.path, Path(str(self.path) + ".wal")):
-            leftover.unlink(missing_ok=True)
+        _unlink_with_wal(self.path)
         con = duckdb_compat.connect(str(self.path))
         con.execute("SET enable_progress_bar = false")
         for table, keys in self.KEYS.items():
@@ -521,11 +562,11 @@ class _RouteCounts:
             con.execute(f'CREATE TABLE "{table}" ({", ".join(f"{c} {types[c]}" for c in cols)})')
         return con
 
-    def add(self, batch: pa.Table) -> None:
+    def add(self, batch: pa.Table, groupable: bool) -> None:
+        """Count one batch (`groupable`: see _groupable; if not, the routes are counted by SQL instead)."""
         if not self.ok or not batch.num_rows:
             return
-        if any(batch.column(c).null_count for c in ("run_id", "step", "rank", "seq", "pos", "token_id", "layer",
-                                                    "expert")) or not _constant(batch, "run_id", "rank"):
+        if not groupable:
             self.ok = False
             return
         run_id, rank = batch.column("run_id")[0].as_py(), batch.column("rank")[0].as_py()
@@ -561,8 +602,7 @@ class _RouteCounts:
         if self.con is not None:
             self.con.close()
             self.con = None
-        for leftover in (self.path, Path(str(self.path) + ".wal")):
-            leftover.unlink(missing_ok=True)
+        _unlink_with_wal(self.path)
 
     def source(self, name: str) -> str | None:
         """The partial counts of one table as `counts.<name>` for a connection that attached the scratch file as
@@ -597,6 +637,16 @@ def _constant(batch: pa.Table, *columns: str) -> bool:
     import pyarrow.compute as pc
 
     return all(len(pc.unique(batch.column(c))) <= 1 for c in columns)
+
+
+# The columns token_sets and the route counts group by: a NULL in any of them leaves the batch to the SQL path
+_GROUPING_COLUMNS = ("run_id", "step", "rank", "seq", "pos", "layer", "slot", "token_id", "expert")
+
+
+def _groupable(batch: pa.Table) -> bool:
+    """Whether a batch's token_sets rows and counts can be taken from it directly (_TokenSetsFile, _RouteCounts):
+    no NULL in a grouping column, and one run_id and rank (checked once per batch for both)."""
+    return not any(batch.column(c).null_count for c in _GROUPING_COLUMNS) and _constant(batch, "run_id", "rank")
 
 
 def token_sets_of_sorted(batch: pa.Table) -> pa.Table:
@@ -722,10 +772,12 @@ def _write_row_group(writer, batch: pa.Table, sets: "_TokenSetsFile | None", cou
     if not batch.num_rows:
         return 0
     writer.write_table(batch, row_group_size=max(1, batch.num_rows))
-    if sets is not None:
-        sets.add(batch)
-    if counts is not None:
-        counts.add(batch)
+    if (sets is not None and sets.ok) or (counts is not None and counts.ok):
+        groupable = _groupable(batch)
+        if sets is not None:
+            sets.add(batch, groupable)
+        if counts is not None:
+            counts.add(batch, groupable)
     return batch.num_rows
 
 

@@ -534,6 +534,13 @@ def migrate_manifest(manifest: dict, where: Path) -> dict:
     as they are (`commits: False`). Version 3 added `routes.dropped`, `routes.margin`, `sequences.prompt_tokens` and
     the `expert_bias` and `balance_stats` tables, and let `routes.weight` and `step_stats.tokens/first_choice/prob_sum` be NULL (unknown,
     for imported engine logs): an older run reads with the new columns NULL and no NULL in the old ones.
+    Version 4 marks a run whose run.duckdb names `token_sets` Parquet files (`_table_files`, beside the routes
+    files): a moeviz of version 3 would read only run.duckdb's own token_sets rows (part of the tokens), and its
+    compaction would drop `_table_files`, after which ours deletes the files as unpublished. Nothing to do for
+    readers (a version 3 run has no such files); compaction raises a run's manifest to 4 when it writes them,
+    keeping the version its data was written with in `data_schema_version`. Also arrived under version 3
+    without a bump (added columns and tables, NULL or absent in older runs, so no step either):
+    `layer_stats.ranks_summed`, and the bucket tables `layer_buckets`, `pooled_buckets` and `step_drops`.
     """
     version = int(manifest.get("schema_version", 0))
     if version > SCHEMA_VERSION:
@@ -549,9 +556,12 @@ def migrate_manifest(manifest: dict, where: Path) -> dict:
         version = 2
     if version == 2:  # v3 added columns (NULL in older files) and made weights and counts nullable: nothing to do
         version = 3
+    if version == 3:  # v4 added the token_sets files, named in run.duckdb's `_table_files`: nothing to do
+        version = 4
     if version != SCHEMA_VERSION:
         raise SchemaVersionError(f"{where}: no migration from schema version {version} to {SCHEMA_VERSION}")
-    return dict(manifest, schema_version=version, written_schema_version=int(manifest["schema_version"]))
+    written = int(manifest.get("data_schema_version", manifest["schema_version"]))  # see compaction
+    return dict(manifest, schema_version=version, written_schema_version=written)
 
 
 def read_manifest(run_dir: Path) -> dict:

@@ -51,6 +51,7 @@ class _RunFiles:
     uncommitted: list[Path] = field(default_factory=list)  # segment files no commit names (see layout)
     damage: str | None = None  # why run.duckdb could not be opened: the run then reads 'damaged'
     route_stats_complete: bool = False  # run.duckdb's token_stats/sequence_stats count every route (no live ones)
+    partial_tables: set[str] = field(default_factory=set)  # FILE_TABLES with a named file skipped (missing rows)
 
     @classmethod
     def scan(cls, run_dir: Path) -> "_RunFiles":
@@ -105,6 +106,7 @@ def open_store(path, *, memory_limit: int | None = None, threads: int | None = N
         con.register("_run_status", _status_table(con, runs, compacted))
         _create_views(con, compacted, file_tables)
         _note_rollup_gaps(con, runs, compacted)
+        _note_partial_tables(con, runs)
         _lock_down(con, spill)
     except BaseException:
         con.close()
@@ -269,6 +271,7 @@ def _register_table_files(con, runs: list[_RunFiles], compacted: dict[int, dict]
                     files.append(str(p))
                 else:
                     run.skipped[p] = f"a compacted {t} file, missing or not a whole Parquet file"
+                    run.partial_tables.add(t)
             if files:
                 con.register(f"_files_{t}_{i}", ds.dataset(files, schema=schema, format="parquet"))
                 registered.setdefault(t, []).append((f"_files_{t}_{i}", run.run_id))
@@ -344,7 +347,9 @@ def _create_views(con, compacted: dict[int, dict], file_tables: dict[str, list[t
     weight = f"CAST(weight_q AS DOUBLE) / {layout.WEIGHT_SCALE}"
     for t in layout.DATA_TABLES:
         con.execute(f"CREATE TEMP VIEW {t} AS " + _public_select(t, {"weight": weight}, f"_disk_{t}"))
-    for t in layout.COMPACTION_TABLES:  # only in run.duckdb (built by compaction); typed and empty elsewhere
+    # only in run.duckdb (built by compaction); typed and empty elsewhere. The bucket tables are read where
+    # `buckets_complete` says they cover every row
+    for t in layout.COMPACTION_TABLES + layout.BUCKET_TABLES:
         parts = [_disk_select(t, f'{info["alias"]}.main."{t}"', info["tables"][t])
                  for info in compacted.values() if t in info["tables"]]
         for dataset, run_id in (file_tables or {}).get(t, []):  # token_sets: also the files beside run.duckdb
@@ -353,11 +358,6 @@ def _create_views(con, compacted: dict[int, dict], file_tables: dict[str, list[t
         con.execute(f"CREATE TEMP VIEW {t} AS " + _public_select(t, {}, f"({source})"))
     for t in layout.ROLLUP_TABLES:
         con.execute(f"CREATE TEMP VIEW {t} AS " + _public_select(t, {}, f"({_rollup_source(t, compacted)})"))
-    for t in layout.BUCKET_TABLES:  # only in run.duckdb; read where `buckets_complete` says they cover every row
-        parts = [_disk_select(t, f'{info["alias"]}.main."{t}"', info["tables"][t])
-                 for info in compacted.values() if t in info["tables"]]
-        source = " UNION ALL ".join(parts) if parts else _disk_select(t, "(SELECT 1 WHERE FALSE) AS none", [])
-        con.execute(f"CREATE TEMP VIEW {t} AS " + _public_select(t, {}, f"({source})"))
     con.execute("CREATE TEMP TABLE layers AS " + _public_select(  # small and read by most analyses: see runs
         "layers", {}, "_disk_layers QUALIFY row_number() OVER (PARTITION BY run_id, layer ORDER BY rank) = 1"))
     con.execute("CREATE TEMP VIEW vocab AS " + _public_select(
@@ -412,6 +412,18 @@ def _note_rollup_gaps(con, runs: list[_RunFiles], compacted: dict[int, dict]) ->
 
 
 BUCKET_GAPS = "_bucket_gaps"
+PARTIAL_TABLES = "_partial_tables"
+
+
+def _note_partial_tables(con, runs: list[_RunFiles]) -> None:
+    """Which runs lack rows of a table kept as files (layout.FILE_TABLES: token_sets) because a file their
+    run.duckdb names was skipped (missing, truncated): one row per run and table, for `route_stats_complete(con,
+    table=...)`. The view still reads the other files: without this note an analysis would find rows and take
+    them for all of the run's."""
+    rows = [(r.run_id, t) for r in runs for t in sorted(r.partial_tables)]
+    con.execute(f"CREATE TEMP TABLE {PARTIAL_TABLES} (run_id VARCHAR, table_name VARCHAR)")
+    if rows:
+        con.executemany(f"INSERT INTO {PARTIAL_TABLES} VALUES (?, ?)", [list(r) for r in rows])
 
 
 def buckets_complete(con) -> bool:
@@ -477,11 +489,15 @@ def column_names(con, table: str) -> set[str]:
         return set()
 
 
-def route_stats_complete(con, runs=None, tables: set[str] | None = None) -> dict[str, bool]:
+def route_stats_complete(con, runs=None, tables: set[str] | None = None, *, table: str | None = None
+                         ) -> dict[str, bool]:
     """Per run id: whether `token_stats`, `position_stats` and `sequence_stats` count every route of the run
     (`runs.route_stats_complete`, on a connection that has those tables), so analyses may read them for `routes`.
-    `runs` (the `runs` table as a DataFrame) and `tables` (`table_names(con)`): when the caller has them."""
-    if not set(layout.ROUTE_STATS_TABLES) <= (table_names(con) if tables is None else tables):
+    `runs` (the `runs` table as a DataFrame) and `tables` (`table_names(con)`): when the caller has them.
+    `table` (a table kept as files, layout.FILE_TABLES: token_sets): also False for a run where a file of that
+    table that its run.duckdb names was skipped (missing or damaged), so the table lacks some of its tokens."""
+    have = table_names(con) if tables is None else tables
+    if not set(layout.ROUTE_STATS_TABLES) <= have:
         return {}
     if runs is None:
         if "route_stats_complete" not in column_names(con, "runs"):
@@ -489,7 +505,11 @@ def route_stats_complete(con, runs=None, tables: set[str] | None = None) -> dict
         runs = con.execute("SELECT run_id, route_stats_complete FROM runs").df()
     if "route_stats_complete" not in runs.columns:
         return {}
-    return {str(r): bool(c) for r, c in zip(runs["run_id"], runs["route_stats_complete"])}
+    complete = {str(r): bool(c) for r, c in zip(runs["run_id"], runs["route_stats_complete"])}
+    if table is not None and PARTIAL_TABLES in have:  # no note: a connection not opened by open_store
+        for (run_id,) in con.execute(f"SELECT run_id FROM {PARTIAL_TABLES} WHERE table_name = ?", [table]).fetchall():
+            complete[str(run_id)] = False
+    return complete
 
 
 def query(path, sql: str, params=None):
