@@ -99,6 +99,12 @@ def _parent(r: int) -> int:
     return max((p for p in BUCKET_RESOLUTIONS if p < r and r % p == 0), default=1)
 
 
+def stored_for_every_run(r: int) -> bool:
+    """Whether every compacted run stores blocks of r steps: those up to _CHUNK_STEPS always; larger ones only up
+    to the run's last step + 1 (`build_buckets`), so a reader computes them for shorter runs."""
+    return int(r) <= _CHUNK_STEPS
+
+
 def shape_sql(table: str) -> str:
     """Experts and k per (run, layer) of `table`'s rows: `layers`, else `runs` (a writer that wrote no layers).
     The metadata tables of run.duckdb hold one row per writing rank: deduplicated here."""
