@@ -420,3 +420,46 @@ def test_a_bucket_longer_than_a_short_run_reads_its_rows_beside_a_long_run(tmp_p
                 assert t.groupby(["step", "layer"])["assigned"].sum().tolist() == a.sum(1).tolist()
     finally:
         con.close()
+
+
+def test_a_rank_with_unknown_counts_makes_the_step_sums_null_not_partial(tmp_path):
+    """Rank 1 records steps 20-39 without tokens, first_choice and prob_sum (NULL): each sum over those steps'
+    rows (step_drops.dropped, layer_buckets.first_choice and prob_dot, pooled prob_dot, the step roll-ups and the
+    per-step load) is unknown there, not rank 0's part; the other steps keep their numbers."""
+    rng = np.random.default_rng(5)
+    frames: list = []
+    _write(tmp_path / "r", 0, np.arange(0, 60), rng, frames)
+    import warnings
+
+    from moeviz.store.reader import StoreWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", StoreWarning)
+        w = RunWriter(tmp_path / "r", run_id="r", rank=1, world_size=2, compact_on_close=False)
+    tables, ss1, _ = _flush(rng, np.arange(20, 40))
+    for t in tables.values():
+        t["rank"] = 1
+    for c in ("tokens", "first_choice", "prob_sum"):
+        tables["step_stats"][c] = None
+    w.write_flush(tables)
+    w.close()
+    compact(tmp_path / "r")
+    con = open_store(tmp_path / "r")
+    try:
+        unknown = set(range(20, 40))
+        drops = con.execute("SELECT step, dropped FROM step_drops WHERE capacity_factor = 1.0").df()
+        assert drops["step"].isin(unknown).any()  # the unknown steps have rows (assigned > 0)
+        assert (drops["dropped"].isna() == drops["step"].isin(unknown)).all()
+        for r in (1, 10, 20):
+            lb = con.execute("SELECT step, first_choice, prob_dot FROM layer_buckets WHERE resolution = ?", [r]).df()
+            hit = lb["step"].apply(lambda s: bool(unknown & set(range(s, s + r))))
+            assert (lb["first_choice"].isna() == hit).all() and (lb["prob_dot"].isna() == hit).all(), r
+            pb = con.execute("SELECT step, prob_dot FROM pooled_buckets WHERE resolution = ?", [r]).df()
+            assert (pb["prob_dot"].isna() == pb["step"].apply(lambda s: bool(unknown & set(range(s, s + r))))).all()
+        roll = con.execute("SELECT step, first_choice FROM step_rollups WHERE resolution = 10").df()
+        assert (roll["first_choice"].isna() == roll["step"].isin([20, 30])).all()
+        load = expert_load(con, Selection(steps=(15, 44)), by_step=True, step_bucket=1)  # edges and blocks
+        assert (load["first_choice"].isna() == load["step"].isin(unknown)).all()
+        assert (load["tokens"].isna() == load["step"].isin(unknown)).all()
+    finally:
+        con.close()

@@ -19,7 +19,7 @@ from moeviz.analyses.step_rows import layer_buckets_sql, rollups_available, step
 from moeviz.errors import MoevizError, StaleStoreError
 from moeviz.selection import Selection
 from moeviz.store.reader import STALE_MESSAGE, is_stale
-from moeviz.store.rollups import DEAD_THRESHOLD
+from moeviz.store.rollups import DEAD_THRESHOLD, known_sum
 
 __all__ = ["expert_load", "load_matrix", "imbalance", "max_violation", "expert_counts_sql", "run_query",
            "AnalysisError"]
@@ -70,8 +70,8 @@ def expert_counts_sql(sel: Selection, *, by_step: bool, step_bucket: int | None 
         params = params + tag_params
         counts = f"""
             SELECT s.run_id, {(bucketed_step_sql('s.step', step_bucket) + ' AS step, ' if by_step else '')}s.layer, s.expert,
-                   CAST(sum(s.tokens) AS BIGINT) AS tokens, CAST(sum(s.assigned) AS BIGINT) AS assigned,
-                   CAST(sum(s.first_choice) AS BIGINT) AS first_choice, sum(s.prob_sum) AS prob_sum
+                   CAST({known_sum("s.tokens")} AS BIGINT) AS tokens, CAST(sum(s.assigned) AS BIGINT) AS assigned,
+                   CAST({known_sum("s.first_choice")} AS BIGINT) AS first_choice, {known_sum("s.prob_sum")} AS prob_sum
             FROM {rows} s WHERE TRUE {tag_sql.format(a='s')} GROUP BY ALL"""
         per_layer_tokens = "max(c.tokens)"
     else:
