@@ -170,8 +170,8 @@ def pooled_bucket_sql(sums: str, r: int) -> str:
 
 
 def capacity(factor: str, tokens: str, k: str, e: str) -> str:
-    """SQL of C = ceil(CF * tokens * k / E), as moeviz.analyses.capacity writes it (rounded to 9 decimals first so
-    that 1.25 * 64 * 2 / 8 stays 20)."""
+    """SQL of C = ceil(CF * tokens * k / E) (rounded to 9 decimals first so that 1.25 * 64 * 2 / 8 stays 20): the
+    one definition, which moeviz.analyses.capacity uses too, so that step_drops equals capacity_drops."""
     return f"CAST(ceil(round(CAST({factor} AS DOUBLE) * {tokens} * {k} / {e}, 9)) AS BIGINT)"
 
 
