@@ -463,3 +463,42 @@ def test_a_rank_with_unknown_counts_makes_the_step_sums_null_not_partial(tmp_pat
         assert (load["tokens"].isna() == load["step"].isin(unknown)).all()
     finally:
         con.close()
+
+
+def test_a_tag_that_covers_every_selected_step_reads_the_bucket_tables(tmp_path, monkeypatch):
+    """Steps 0-99, each with a 'train' sequence except 40-49 (an 'eval' pass only): switch_loss(step_tag='train')
+    over 0-39 holds every step, so it reads the tables (the per-step path is made to fail here) and equals the
+    brute force; over every step it keeps the per-step path and leaves steps 40-49 out."""
+    import moeviz.analyses.aux_loss as aux
+
+    rng = np.random.default_rng(3)
+    w = RunWriter(tmp_path / "r", run_id="r", rank=0, world_size=1, compact_on_close=False)
+    w.write_run({"model_class": "M", "n_layers": L, "n_experts": E, "top_k": K})
+    w.write_layers([{"layer": i, "n_experts": E, "top_k": K} for i in range(L)])
+    steps = np.arange(100)
+    tables, ss, _ = _flush(rng, steps)
+    tables["sequences"] = {"step": steps, "rank": 0, "seq": np.zeros(100, dtype=np.int64), "domain": None,
+                           "tag": np.where((steps >= 40) & (steps < 50), "eval", "train").astype(object),
+                           "n_tokens": T}
+    w.write_flush(tables)
+    w.close()
+    compact(tmp_path / "r")
+    con = open_store(tmp_path / "r")
+
+    def brute(keep) -> np.ndarray:
+        c = _cells(ss[ss["step"].isin(keep)], 10)
+        a, p = c["assigned"].to_numpy().reshape(-1, E), c["prob_sum"].to_numpy().reshape(-1, E)  # [buckets x L, E]
+        return E * (a * p).sum(1) / (a.sum(1) * c["tokens"].to_numpy()[::E])
+
+    try:
+        per_step = aux.expert_counts_sql
+        monkeypatch.setattr(aux, "expert_counts_sql", lambda *a, **k: pytest.fail("read the per-step rows"))
+        got = switch_loss(con, Selection(steps=(0, 39)), by_step=True, step_bucket=10, step_tag="train")
+        np.testing.assert_allclose(got["aux_loss"], brute(range(40)), rtol=1e-9)
+        monkeypatch.setattr(aux, "expert_counts_sql", per_step)
+        got = switch_loss(con, Selection(), by_step=True, step_bucket=10, step_tag="train")
+        keep = [s for s in range(100) if not 40 <= s < 50]
+        assert sorted(set(got["step"])) == [0, 10, 20, 30, 50, 60, 70, 80, 90]
+        np.testing.assert_allclose(got["aux_loss"], brute(keep), rtol=1e-9)
+    finally:
+        con.close()
