@@ -142,17 +142,22 @@ def step_kinds(ctx: "Ctx") -> tuple[list[str], str | None]:
 
 
 def slider_steps(steps: list[int], keep: tuple = ()) -> list[int]:
-    """The options of a slider over recorded steps: all of them up to MAX_POINTS, else the first and last step of
-    every block of b steps (b among 1, 2, 5, 10, 20, ... so that ~MAX_POINTS options remain: a range then covers
-    whole blocks, e.g. 1,000-1,999), the run's first and last step, and the values in `keep` that are recorded
-    steps (the slider's current value, which a live run's growing b must not drop). Why: a select slider sends
-    every option to the browser and lists them on every rerun; 10,000 steps made the sidebar the slowest part of
-    a cold start. Narrowing the range reaches every step (the range's own slider then thins less)."""
+    """The options of a slider over recorded steps: all of them up to MAX_POINTS, else the first and last
+    recorded step of every block of b steps (b among 1, 2, 5, 10, 20, ... so that ~MAX_POINTS options remain: a
+    range then covers whole blocks, e.g. 1,000-1,999, or 1,000-1,990 when steps are logged every 10), the run's
+    first and last step, and the values in `keep` that are recorded steps (the slider's current value, which a
+    live run's growing b must not drop). Why: a select slider sends every option to the browser and lists them
+    on every rerun; 10,000 steps made the sidebar the slowest part of a cold start. Narrowing the range reaches
+    every step (the range's own slider then thins less)."""
     if len(steps) <= MAX_POINTS:
         return list(steps)
     b = step_bucket_for(steps[0], steps[-1], max(2, MAX_POINTS // 2))
+    ends: dict[int, tuple[int, int]] = {}  # block -> (first, last) recorded step
+    for s in steps:
+        lo, hi = ends.get(s // b, (s, s))
+        ends[s // b] = (min(lo, s), max(hi, s))
     recorded = set(steps)
-    return sorted({s for s in steps if s % b == 0 or (s + 1) % b == 0} | {steps[0], steps[-1]}
+    return sorted({s for pair in ends.values() for s in pair} | {steps[0], steps[-1]}
                   | {s for s in keep if s in recorded})
 
 

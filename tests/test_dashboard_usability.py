@@ -371,6 +371,12 @@ def test_slider_steps_keep_block_ends_and_the_current_value():
     assert len(opts) <= 1_600 and opts[0] == 0 and opts[-1] == 9_999
     assert {1_000, 1_999, 4321} <= set(opts) and 20_000 not in opts  # a range of whole blocks; a kept value
     assert 1_001 not in opts
+    every_10 = list(range(0, 100_000, 10))  # logged every 10 steps: no step ends a block at s + 1
+    opts = slider_steps(every_10)
+    stops = len(opts)
+    assert 900 < stops <= 1_600 and opts[0] == 0 and opts[-1] == 99_990  # two stops a block (the old rule: one)
+    b = opts[1] + 10  # the first block: steps 0 .. b - 10
+    assert all(o % b in (0, b - 10) for o in opts)  # each block's first and last recorded step
 
 
 # --- bound explorer: readable log ticks, the chosen experts marked ---------------------------------------------------

@@ -46,14 +46,14 @@ def _flush(rng, steps: np.ndarray) -> tuple[dict, pd.DataFrame, pd.DataFrame]:
     return tables, ss, ls
 
 
-def _write(run_dir, rank: int, steps: np.ndarray, rng, frames: list) -> None:
+def _write(run_dir, rank: int, steps: np.ndarray, rng, frames: list, run_id: str = "r") -> None:
     import warnings
 
     from moeviz.store.reader import StoreWarning
 
     with warnings.catch_warnings():  # "appending to run ...": on purpose, new steps of a closed rank
         warnings.simplefilter("ignore", StoreWarning)
-        w = RunWriter(run_dir, run_id="r", rank=rank, world_size=2, compact_on_close=False)
+        w = RunWriter(run_dir, run_id=run_id, rank=rank, world_size=2, compact_on_close=False)
     w.write_run({"model_class": "M", "n_layers": L, "n_experts": E, "top_k": K})
     w.write_layers([{"layer": i, "n_experts": E, "top_k": K} for i in range(L)])
     for lo in range(0, len(steps), 400):
@@ -282,7 +282,7 @@ def test_layer_buckets_equal_the_raw_rows_per_block(store, r):
 
 
 @pytest.mark.parametrize("steps", STEP_RANGES)
-@pytest.mark.parametrize("b", [1, 10, 20, 50, 7])
+@pytest.mark.parametrize("b", [1, 10, 20, 50, 7, 5000])
 def test_imbalance_and_pooled_loss_equal_brute_force(store, steps, b):
     """Every imbalance column and the pooled Switch loss, from the tables (whole buckets) and the rows (edges)."""
     con, ss, _, _ = store
@@ -311,7 +311,7 @@ def test_imbalance_and_pooled_loss_equal_brute_force(store, steps, b):
 
 
 @pytest.mark.parametrize("steps", [None, (13, 2291), (995, 1004)])
-@pytest.mark.parametrize("b", [1, 20, 100])
+@pytest.mark.parametrize("b", [1, 20, 100, 5000])
 def test_top_expert_load_equals_brute_force(store, steps, b):
     """The busiest experts over the selection (from the totals) and the others summed, per bucket."""
     con, ss, _, _ = store
@@ -383,3 +383,122 @@ def test_a_store_compacted_before_the_bucket_tables_reads_the_rows_and_compact_a
         finally:
             con.close()
         compact(run_dir)  # a newer moeviz's `compact` builds the missing tables
+
+
+def test_a_bucket_longer_than_a_short_run_reads_its_rows_beside_a_long_run(tmp_path):
+    """Compare picks one bucket for two runs: 5,000 steps is stored for the run of 6,001 steps (steps 0-399 and
+    5,601-6,000) and not for the run of 1,000 (compaction stops at the last step + 1); both get their curve."""
+    rng = np.random.default_rng(11)
+    frames: dict[str, list] = {"long": [], "short": []}
+    _write(tmp_path / "long", 0, np.r_[np.arange(0, 400), np.arange(5601, 6001)], rng, frames["long"], "long")
+    _write(tmp_path / "short", 0, np.arange(0, 1000), rng, frames["short"], "short")
+    for run in frames:
+        compact(tmp_path / run)
+    con = open_store(tmp_path)
+    try:
+        assert buckets_available(con)
+        stored = con.execute("SELECT DISTINCT run_id FROM layer_buckets WHERE resolution = 5000").fetchall()
+        assert stored == [("long",)]  # the case under test: one run stores the bucket, the other does not
+        for steps in (None, (0, 5999)):
+            imb = imbalance(con, Selection(steps=steps), by_step=True, step_bucket=5000)
+            pooled = pooled_switch_loss(con, Selection(steps=steps), by_step=True, step_bucket=5000)
+            top = top_expert_load(con, Selection(steps=steps), n=2, step_bucket=5000)
+            for run, fr in frames.items():
+                ss = _in(pd.concat([f[0] for f in fr], ignore_index=True), steps)
+                c = _cells(ss, 5000)
+                a = c["assigned"].to_numpy().reshape(-1, E).astype(float)  # [buckets x layers, E]
+                got = imb[imb["run_id"] == run]
+                assert got["step"].tolist() == c["step"].to_numpy()[::E].tolist(), (run, steps)
+                np.testing.assert_allclose(got["max_vio"], (a.max(1) - a.mean(1)) / a.mean(1), rtol=1e-9)
+                assert got["tokens"].tolist() == c["tokens"].to_numpy()[::E].tolist()
+                a3 = a.reshape(-1, L, E)
+                p3 = c["prob_sum"].to_numpy().reshape(-1, L, E)
+                n = c["tokens"].to_numpy()[::E].reshape(-1, L).sum(1).astype(float)
+                np.testing.assert_allclose(pooled[pooled["run_id"] == run]["aux_loss"],
+                                           E * (a3.sum(1) * p3.sum(1)).sum(1) / (n * n), rtol=1e-9)
+                t = top[top["run_id"] == run]
+                assert t.groupby(["step", "layer"])["assigned"].sum().tolist() == a.sum(1).tolist()
+    finally:
+        con.close()
+
+
+def test_a_rank_with_unknown_counts_makes_the_step_sums_null_not_partial(tmp_path):
+    """Rank 1 records steps 20-39 without tokens, first_choice and prob_sum (NULL): each sum over those steps'
+    rows (step_drops.dropped, layer_buckets.first_choice and prob_dot, pooled prob_dot, the step roll-ups and the
+    per-step load) is unknown there, not rank 0's part; the other steps keep their numbers."""
+    rng = np.random.default_rng(5)
+    frames: list = []
+    _write(tmp_path / "r", 0, np.arange(0, 60), rng, frames)
+    import warnings
+
+    from moeviz.store.reader import StoreWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", StoreWarning)
+        w = RunWriter(tmp_path / "r", run_id="r", rank=1, world_size=2, compact_on_close=False)
+    tables, ss1, _ = _flush(rng, np.arange(20, 40))
+    for t in tables.values():
+        t["rank"] = 1
+    for c in ("tokens", "first_choice", "prob_sum"):
+        tables["step_stats"][c] = None
+    w.write_flush(tables)
+    w.close()
+    compact(tmp_path / "r")
+    con = open_store(tmp_path / "r")
+    try:
+        unknown = set(range(20, 40))
+        drops = con.execute("SELECT step, dropped FROM step_drops WHERE capacity_factor = 1.0").df()
+        assert drops["step"].isin(unknown).any()  # the unknown steps have rows (assigned > 0)
+        assert (drops["dropped"].isna() == drops["step"].isin(unknown)).all()
+        for r in (1, 10, 20):
+            lb = con.execute("SELECT step, first_choice, prob_dot FROM layer_buckets WHERE resolution = ?", [r]).df()
+            hit = lb["step"].apply(lambda s: bool(unknown & set(range(s, s + r))))
+            assert (lb["first_choice"].isna() == hit).all() and (lb["prob_dot"].isna() == hit).all(), r
+            pb = con.execute("SELECT step, prob_dot FROM pooled_buckets WHERE resolution = ?", [r]).df()
+            assert (pb["prob_dot"].isna() == pb["step"].apply(lambda s: bool(unknown & set(range(s, s + r))))).all()
+        roll = con.execute("SELECT step, first_choice FROM step_rollups WHERE resolution = 10").df()
+        assert (roll["first_choice"].isna() == roll["step"].isin([20, 30])).all()
+        load = expert_load(con, Selection(steps=(15, 44)), by_step=True, step_bucket=1)  # edges and blocks
+        assert (load["first_choice"].isna() == load["step"].isin(unknown)).all()
+        assert (load["tokens"].isna() == load["step"].isin(unknown)).all()
+    finally:
+        con.close()
+
+
+def test_a_tag_that_covers_every_selected_step_reads_the_bucket_tables(tmp_path, monkeypatch):
+    """Steps 0-99, each with a 'train' sequence except 40-49 (an 'eval' pass only): switch_loss(step_tag='train')
+    over 0-39 holds every step, so it reads the tables (the per-step path is made to fail here) and equals the
+    brute force; over every step it keeps the per-step path and leaves steps 40-49 out."""
+    import moeviz.analyses.aux_loss as aux
+
+    rng = np.random.default_rng(3)
+    w = RunWriter(tmp_path / "r", run_id="r", rank=0, world_size=1, compact_on_close=False)
+    w.write_run({"model_class": "M", "n_layers": L, "n_experts": E, "top_k": K})
+    w.write_layers([{"layer": i, "n_experts": E, "top_k": K} for i in range(L)])
+    steps = np.arange(100)
+    tables, ss, _ = _flush(rng, steps)
+    tables["sequences"] = {"step": steps, "rank": 0, "seq": np.zeros(100, dtype=np.int64), "domain": None,
+                           "tag": np.where((steps >= 40) & (steps < 50), "eval", "train").astype(object),
+                           "n_tokens": T}
+    w.write_flush(tables)
+    w.close()
+    compact(tmp_path / "r")
+    con = open_store(tmp_path / "r")
+
+    def brute(keep) -> np.ndarray:
+        c = _cells(ss[ss["step"].isin(keep)], 10)
+        a, p = c["assigned"].to_numpy().reshape(-1, E), c["prob_sum"].to_numpy().reshape(-1, E)  # [buckets x L, E]
+        return E * (a * p).sum(1) / (a.sum(1) * c["tokens"].to_numpy()[::E])
+
+    try:
+        per_step = aux.expert_counts_sql
+        monkeypatch.setattr(aux, "expert_counts_sql", lambda *a, **k: pytest.fail("read the per-step rows"))
+        got = switch_loss(con, Selection(steps=(0, 39)), by_step=True, step_bucket=10, step_tag="train")
+        np.testing.assert_allclose(got["aux_loss"], brute(range(40)), rtol=1e-9)
+        monkeypatch.setattr(aux, "expert_counts_sql", per_step)
+        got = switch_loss(con, Selection(), by_step=True, step_bucket=10, step_tag="train")
+        keep = [s for s in range(100) if not 40 <= s < 50]
+        assert sorted(set(got["step"])) == [0, 10, 20, 30, 50, 60, 70, 80, 90]
+        np.testing.assert_allclose(got["aux_loss"], brute(keep), rtol=1e-9)
+    finally:
+        con.close()

@@ -61,12 +61,29 @@ def _per_layer_sql(sel: Selection, by_step: bool, step_bucket: int | None = None
     return sql, params
 
 
+def _tag_covers_every_step(con, sel: Selection, step_tag: str) -> bool:
+    """Whether every recorded step of the selection holds a sequence tagged `step_tag`: then the tag filter
+    (whole steps holding such a sequence) keeps every step, and the bucket tables, which mix every kind, give
+    the same curve. Why: the Overview asks for 'train' on any run that tags two kinds, also over a range of
+    training steps only, and the per-step path then reads E rows per step and layer instead of one."""
+    where, params = sel.with_(domains=None, tags=None, layers=None, ranks=None).where()
+    return not con.execute(f"""
+        SELECT EXISTS (
+            SELECT 1 FROM (SELECT DISTINCT run_id, step FROM layer_stats WHERE {where}) s
+            ANTI JOIN (SELECT DISTINCT run_id, step FROM sequences WHERE tag = ?) t
+                 ON t.run_id = s.run_id AND t.step = s.step)""", params + [str(step_tag)]).fetchone()[0]
+
+
 def _buckets(con, sel: Selection, by_step: bool, step_bucket: int | None, step_tag: str | None):
     """layer_buckets rows for a curve over steps (step_rows.layer_buckets_sql), or None where they cannot answer:
-    not over steps, or only the steps of one tag (a bucket's stored statistics mix every tag)."""
-    if not by_step or step_tag is not None:
+    not over steps, or only the steps of one tag where some selected step holds none of it (a bucket's stored
+    statistics mix every kind of step)."""
+    if not by_step:
         return None
-    return layer_buckets_sql(con, sel, check_step_bucket(step_bucket, by_step))
+    buckets = layer_buckets_sql(con, sel, check_step_bucket(step_bucket, by_step))
+    if buckets is None or (step_tag is not None and not _tag_covers_every_step(con, sel, step_tag)):
+        return None
+    return buckets
 
 
 def _per_layer_from_buckets(buckets: str) -> str:

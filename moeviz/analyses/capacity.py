@@ -29,7 +29,7 @@ import pandas as pd
 from moeviz.analyses import probability_drops
 from moeviz.analyses.load import AnalysisError, run_query
 from moeviz.analyses.step_rows import buckets_available
-from moeviz.store.rollups import DROP_FACTORS
+from moeviz.store.rollups import DROP_FACTORS, capacity as _capacity_sql
 from moeviz.selection import Selection
 from moeviz.analyses.unknowns import require, require_per_rank
 
@@ -38,8 +38,8 @@ __all__ = ["capacity_drops", "drop_curve", "expert_capacity"]
 BY_DIMS = ("layer", "expert", "step", "rank", "seq", "pos", "slot", "domain", "tag")
 _GROUP_KEYS = {"step": ("run_id", "step", "rank", "layer"), "sequence": ("run_id", "step", "rank", "seq", "layer")}
 _PRIORITY = {"position": "slot, seq, pos", "probability": "weight DESC, slot, seq, pos"}
-# C = ceil(CF * T * k / E); rounding to 9 decimals first keeps 1.25 * 64 * 2 / 8 from becoming 20.000000001
-_CAPACITY = "CAST(ceil(round(CAST(? AS DOUBLE) * {t} * {k} / {e}, 9)) AS BIGINT)"
+# C = ceil(CF * T * k / E) with CF a parameter: the store's formula (step_drops must equal capacity_drops)
+_CAPACITY = _capacity_sql("?", "{t}", "{k}", "{e}")
 
 
 def model_capacity(config, capacity_factor: float | None = None) -> dict:
@@ -322,7 +322,7 @@ def capacity_drops(
 def drop_curve(
     con,
     sel: Selection = Selection(),
-    factors: Iterable[float] = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 3.0),
+    factors: Iterable[float] = DROP_FACTORS,
     *,
     policy: str = "position",
     group: str = "step",

@@ -19,7 +19,7 @@ from moeviz.analyses.step_rows import layer_buckets_sql, rollups_available, step
 from moeviz.errors import MoevizError, StaleStoreError
 from moeviz.selection import Selection
 from moeviz.store.reader import STALE_MESSAGE, is_stale
-from moeviz.store.rollups import DEAD_THRESHOLD
+from moeviz.store.rollups import DEAD_THRESHOLD, known_sum
 
 __all__ = ["expert_load", "load_matrix", "imbalance", "max_violation", "expert_counts_sql", "run_query",
            "AnalysisError"]
@@ -61,8 +61,9 @@ def expert_counts_sql(sel: Selection, *, by_step: bool, step_bucket: int | None 
     """
     step_bucket = check_step_bucket(step_bucket, by_step)
     step = "step, " if by_step else ""
-    tag_sql = ("AND {a}.step IN (SELECT t.step FROM sequences t WHERE t.run_id = {a}.run_id AND t.tag = ?)"
-               if step_tag is not None else "")
+    # the tagged steps as a semi join on their distinct (run, step), not a subquery correlated with each row
+    tag_sql = ("SEMI JOIN (SELECT DISTINCT run_id, step FROM sequences WHERE tag = ?) t "
+               "ON t.run_id = {a}.run_id AND t.step = {a}.step" if step_tag is not None else "")
     tag_params = [str(step_tag)] if step_tag is not None else []
     if not sel.needs_sequences:
         rows, params = step_rows_sql(None, "step_stats", sel, _STEP_COLUMNS, step_bucket=step_bucket,
@@ -70,9 +71,9 @@ def expert_counts_sql(sel: Selection, *, by_step: bool, step_bucket: int | None 
         params = params + tag_params
         counts = f"""
             SELECT s.run_id, {(bucketed_step_sql('s.step', step_bucket) + ' AS step, ' if by_step else '')}s.layer, s.expert,
-                   CAST(sum(s.tokens) AS BIGINT) AS tokens, CAST(sum(s.assigned) AS BIGINT) AS assigned,
-                   CAST(sum(s.first_choice) AS BIGINT) AS first_choice, sum(s.prob_sum) AS prob_sum
-            FROM {rows} s WHERE TRUE {tag_sql.format(a='s')} GROUP BY ALL"""
+                   CAST({known_sum("s.tokens")} AS BIGINT) AS tokens, CAST(sum(s.assigned) AS BIGINT) AS assigned,
+                   CAST({known_sum("s.first_choice")} AS BIGINT) AS first_choice, {known_sum("s.prob_sum")} AS prob_sum
+            FROM {rows} s {tag_sql.format(a='s')} GROUP BY ALL"""
         per_layer_tokens = "max(c.tokens)"
     else:
         where, params = sel.with_(domains=None, tags=None).where("r")
@@ -85,8 +86,9 @@ def expert_counts_sql(sel: Selection, *, by_step: bool, step_bucket: int | None 
             FROM routes r
             SEMI JOIN (SELECT q.run_id, q.step, q.rank, q.seq FROM sequences q WHERE {qwhere}) q
                  ON q.run_id = r.run_id AND q.step = r.step AND q.rank = r.rank AND q.seq = r.seq
-            WHERE {where} {tag_sql.format(a='r')} GROUP BY ALL"""
-        params = qparams + params + tag_params
+            {tag_sql.format(a='r')}
+            WHERE {where} GROUP BY ALL"""
+        params = qparams + tag_params + params
         per_layer_tokens = "CAST(sum(c.first_choice) AS BIGINT)"  # every kept token has exactly one slot-0 route per layer
     # the layer's shape from `layers`, else from `runs` (a writer that did not write its layers)
     sql = f"""

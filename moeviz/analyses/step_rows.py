@@ -19,7 +19,7 @@ from __future__ import annotations
 from moeviz.selection import Selection
 from moeviz.store.reader import buckets_complete, rollups_complete
 from moeviz.store.rollups import (BUCKET_RESOLUTIONS, RESOLUTIONS, SPEC, shape_sql as _bucket_shape_sql,
-                                  expert_sums_sql, layer_bucket_sql, pooled_bucket_sql)
+                                  expert_sums_sql, layer_bucket_sql, pooled_bucket_sql, stored_for_every_run)
 
 __all__ = ["step_rows_sql", "pieces", "rollups_available", "buckets_available", "bucket_pieces",
            "layer_buckets_sql", "pooled_buckets_sql"]
@@ -117,11 +117,36 @@ def bucket_pieces(sel: Selection, step_bucket: int | None) -> list[tuple[bool, i
     return ([(False, lo, a - 1)] if lo < a else []) + [(True, a, z)] + ([(False, z + 1, hi)] if z < hi else [])
 
 
-def layer_buckets_sql(con, sel: Selection, step_bucket: int | None) -> tuple[str, list] | None:
-    """A FROM item and params: layer_buckets rows (one per bucket of `step_bucket` steps and layer) of the
-    selection, the table's for whole buckets and computed from step_stats with the same SQL for the partial
-    buckets at the edges of the step range. None where the tables cannot answer (see `bucket_pieces`, and a
-    store without them: the caller reads step_stats)."""
+_EXPERT_COLUMNS = ("run_id", "step", "layer", "expert", "tokens", "assigned", "first_choice", "prob_sum")
+
+
+def _computed_buckets_sql(table: str, rows: str, b: int) -> tuple[str, int]:
+    """SELECT of `table`'s rows (layer_buckets or pooled_buckets, resolution b) computed from `rows` (a FROM item
+    of per-step or rolled-up per-expert rows) with compaction's own SQL, and how many times `rows` appears in it
+    (its params repeat that often)."""
+    sums = f"({expert_sums_sql(rows, b)})"
+    if table == "pooled_buckets":
+        return pooled_bucket_sql(sums, b), 1
+    return layer_bucket_sql(sums, b, f"({_bucket_shape_sql(rows)})"), 2  # the rows: in the sums and the shape
+
+
+def _unstored_runs_sql(con, table: str, sel: Selection, b: int, a: int | None, z: int | None) -> tuple[str, list]:
+    """`table`'s rows of resolution b for steps a..z (whole buckets) of the selected runs that do not store that
+    resolution, computed from the rows (the step roll-ups where exact). Why: compaction builds a resolution above
+    1,000 steps only up to the run's last step + 1, so a 5,000-step bucket of a 3,000-step run is in no table,
+    and the Compare page asks both runs of different lengths for one bucket."""
+    rows, params = step_rows_sql(con, "step_stats", sel.with_(steps=None if a is None else (a, z)),
+                                 _EXPERT_COLUMNS, step_bucket=b, by_step=True)
+    rows = f"(SELECT * FROM {rows} x WHERE run_id NOT IN (SELECT run_id FROM {table} WHERE resolution = {int(b)}))"
+    sql, times = _computed_buckets_sql(table, rows, b)
+    return sql, params * times
+
+
+def _buckets_sql(con, table: str, sel: Selection, step_bucket: int | None) -> tuple[str, list] | None:
+    """A FROM item and params: `table`'s rows (one per bucket of `step_bucket` steps [and layer]) of the
+    selection: the table's for whole buckets, computed with the same SQL for the partial buckets at the edges of
+    the step range and for runs too short to store the resolution. None where the tables cannot answer (see
+    `bucket_pieces`, and a store without them: the caller reads step_stats)."""
     parts = bucket_pieces(sel, step_bucket)
     if parts is None or not buckets_available(con):
         return None
@@ -135,14 +160,23 @@ def layer_buckets_sql(con, sel: Selection, step_bucket: int | None) -> tuple[str
             p += [a, z]
         where = " AND ".join(clauses)
         if from_table:
-            sql.append(f"SELECT * FROM layer_buckets WHERE resolution = {b} AND {where}")
+            sql.append(f"SELECT * FROM {table} WHERE resolution = {b} AND {where}")
+            params += p
+            if not stored_for_every_run(b):
+                more, more_params = _unstored_runs_sql(con, table, sel, b, a, z)
+                sql.append(more)
+                params += more_params
         else:
-            rows = f"(SELECT * FROM step_stats WHERE {where})"
-            shape = f"({_bucket_shape_sql(rows)})"
-            sql.append(layer_bucket_sql(f"({expert_sums_sql(rows, b)})", b, shape))
-            p = p + p  # the rows appear twice: the sums and the shape
-        params += p
-    return "(" + " UNION ALL ".join(sql) + ")", params
+            more, times = _computed_buckets_sql(table, f"(SELECT * FROM step_stats WHERE {where})", b)
+            sql.append(more)
+            params += p * times
+    return "(" + " UNION ALL BY NAME ".join(sql) + ")", params
+
+
+def layer_buckets_sql(con, sel: Selection, step_bucket: int | None) -> tuple[str, list] | None:
+    """A FROM item and params: layer_buckets rows (one per bucket of `step_bucket` steps and layer) of the
+    selection (see `_buckets_sql`)."""
+    return _buckets_sql(con, "layer_buckets", sel, step_bucket)
 
 
 def pooled_buckets_sql(con, sel: Selection, step_bucket: int | None) -> tuple[str, list] | None:
@@ -150,21 +184,4 @@ def pooled_buckets_sql(con, sel: Selection, step_bucket: int | None) -> tuple[st
     layers, since the stored numerator pools them all."""
     if sel.layers is not None:
         return None
-    parts = bucket_pieces(sel, step_bucket)
-    if parts is None or not buckets_available(con):
-        return None
-    b = _bucket_of(step_bucket)
-    rest, rest_params = sel.with_(steps=None, domains=None, tags=None).where()
-    sql, params = [], []
-    for from_table, a, z in parts:
-        clauses, p = [rest], list(rest_params)
-        if a is not None:
-            clauses += ["step >= ?", "step <= ?"]
-            p += [a, z]
-        where = " AND ".join(clauses)
-        if from_table:
-            sql.append(f"SELECT * FROM pooled_buckets WHERE resolution = {b} AND {where}")
-        else:
-            sql.append(pooled_bucket_sql(f"({expert_sums_sql(f'(SELECT * FROM step_stats WHERE {where})', b)})", b))
-        params += p
-    return "(" + " UNION ALL ".join(sql) + ")", params
+    return _buckets_sql(con, "pooled_buckets", sel, step_bucket)

@@ -19,6 +19,12 @@ from moeviz.selection import Selection
 __all__ = ["top_expert_load", "OTHERS"]
 
 OTHERS = -1  # the expert number of the "others" row
+# the final SELECT of both paths over their rows_ (one row per shown expert or others, bucket and layer)
+_WITH_SHARES = """SELECT *,
+               assigned / nullif(sum(assigned) OVER (PARTITION BY run_id, step, layer), 0) AS load_fraction,
+               n_experts * assigned / nullif(sum(assigned) OVER (PARTITION BY run_id, step, layer), 0) / experts
+                   AS relative_load
+        FROM rows_ ORDER BY run_id, step, layer, busy_rank, expert"""
 
 
 def top_expert_load(con, sel: Selection = Selection(), *, n: int = 8, always: tuple[int, ...] = (),
@@ -60,11 +66,7 @@ def top_expert_load(con, sel: Selection = Selection(), *, n: int = 8, always: tu
                    any_value(b.n_experts) AS n_experts, any_value(b.top_k) AS top_k
             FROM b JOIN shown s ON s.run_id = b.run_id AND s.layer = b.layer AND s.expert = b.expert
             GROUP BY b.run_id, b.step, b.layer, s.shown_expert)
-        SELECT *,
-               assigned / nullif(sum(assigned) OVER (PARTITION BY run_id, step, layer), 0) AS load_fraction,
-               n_experts * assigned / nullif(sum(assigned) OVER (PARTITION BY run_id, step, layer), 0) / experts
-                   AS relative_load
-        FROM rows_ ORDER BY run_id, step, layer, busy_rank, expert"""
+        {_WITH_SHARES}"""
     return _labelled(run_query(con, sql, params))
 
 
@@ -128,12 +130,8 @@ def _top_first(con, sel: Selection, n: int, keep: list[int], step_bucket: int | 
             FROM lb LEFT JOIN shown s ON s.run_id = lb.run_id AND s.step = lb.step AND s.layer = lb.layer
             GROUP BY lb.run_id, lb.step, lb.layer, lb.n_experts, lb.tokens, lb.assigned, lb.first_choice, lb.top_k
             HAVING lb.n_experts - count(s.expert) > 0),
-        rows_ AS (SELECT * FROM shown UNION ALL SELECT * FROM others)
-        SELECT *,
-               assigned / nullif(sum(assigned) OVER (PARTITION BY run_id, step, layer), 0) AS load_fraction,
-               n_experts * assigned / nullif(sum(assigned) OVER (PARTITION BY run_id, step, layer), 0) / experts
-                   AS relative_load
-        FROM rows_ ORDER BY run_id, step, layer, busy_rank, expert"""
+        rows_ AS (SELECT * FROM shown UNION ALL BY NAME SELECT * FROM others)
+        {_WITH_SHARES}"""
     params = [chosen["run_id"].astype(str).tolist(), chosen["layer"].astype(int).tolist(),
               chosen["expert"].astype(int).tolist(), chosen["busy_rank"].astype(int).tolist()]
     return run_query(con, sql, params + lparams + rparams)

@@ -26,6 +26,13 @@ SPEC: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
 }
 
 
+def known_sum(expr: str) -> str:
+    """SQL: sum(expr) over a group, NULL when any row's expr is NULL. Why: sum() skips NULLs, so a step where one
+    rank's tokens (or first_choice, prob_sum) are unknown would get the other ranks' part as if it were the whole;
+    unknown is NULL, never a partial number."""
+    return f"CASE WHEN count(*) = count({expr}) THEN sum({expr}) END"
+
+
 def _typed(table: str) -> str:
     """The roll-up's columns cast to their on-disk types (sum() of BIGINT is HUGEINT in DuckDB)."""
     return ", ".join(f'CAST("{f.name}" AS {layout.duckdb_type(f.type)}) AS "{f.name}"'
@@ -43,7 +50,7 @@ def rollup_sql(table: str, source: str) -> str:
     levels = []
     below = source
     for r in RESOLUTIONS:
-        summed = ", ".join(f"sum({c}) AS {c}" for c in sums)
+        summed = ", ".join(f"{known_sum(c)} AS {c}" for c in sums)
         levels.append(f"""r{r} AS (
             SELECT run_id, {r} AS resolution, (step // {r}) * {r} AS step, {k}, {summed}
             FROM {below} x GROUP BY run_id, (step // {r}) * {r}, {k})""")
@@ -71,7 +78,7 @@ def fold(con, new_segments: dict[str, list], rebuild: set[str]) -> None:
         con.execute(f'CREATE TEMP TABLE _new_rows AS SELECT * FROM main."{source}" WHERE FALSE')
         con.execute("INSERT INTO _new_rows BY NAME SELECT * FROM read_parquet(?, union_by_name = true)", [paths])
         group = ", ".join(("run_id", "resolution", "step") + keys)
-        summed = ", ".join(f"sum({c}) AS {c}" for c in sums)
+        summed = ", ".join(f"{known_sum(c)} AS {c}" for c in sums)
         con.execute(f'ALTER TABLE main."{table}" RENAME TO "_old_{table}"')
         con.execute(f"""
             CREATE TABLE main."{table}" AS SELECT {_typed(table)} FROM (
@@ -99,6 +106,12 @@ def _parent(r: int) -> int:
     return max((p for p in BUCKET_RESOLUTIONS if p < r and r % p == 0), default=1)
 
 
+def stored_for_every_run(r: int) -> bool:
+    """Whether every compacted run stores blocks of r steps: those up to _CHUNK_STEPS always; larger ones only up
+    to the run's last step + 1 (`build_buckets`), so a reader computes them for shorter runs."""
+    return int(r) <= _CHUNK_STEPS
+
+
 def shape_sql(table: str) -> str:
     """Experts and k per (run, layer) of `table`'s rows: `layers`, else `runs` (a writer that wrote no layers).
     The metadata tables of run.duckdb hold one row per writing rank: deduplicated here."""
@@ -117,9 +130,9 @@ def expert_sums_sql(source: str, r: int, where: str = "TRUE") -> str:
     tokens, assigned, first_choice, prob_sum; any number of ranks and rows per step): the block's load."""
     step = "step" if r == 1 else f"(step // {int(r)}) * {int(r)}"
     return f"""
-        SELECT run_id, CAST({step} AS BIGINT) AS step, layer, expert, CAST(sum(tokens) AS BIGINT) AS tokens,
-               CAST(sum(assigned) AS BIGINT) AS assigned, CAST(sum(first_choice) AS BIGINT) AS first_choice,
-               sum(prob_sum) AS prob_sum
+        SELECT run_id, CAST({step} AS BIGINT) AS step, layer, expert, CAST({known_sum("tokens")} AS BIGINT) AS tokens,
+               CAST(sum(assigned) AS BIGINT) AS assigned, CAST({known_sum("first_choice")} AS BIGINT) AS first_choice,
+               {known_sum("prob_sum")} AS prob_sum
         FROM {source} WHERE {where} GROUP BY ALL"""
 
 
@@ -142,8 +155,8 @@ def layer_bucket_sql(sums: str, r: int, shape: str) -> str:
                prob_dot
         FROM (
             SELECT e.run_id, e.step, e.layer, any_value(sh.n_experts) AS n_experts, any_value(sh.top_k) AS top_k,
-                   max(e.tokens) AS tokens, sum(e.assigned) AS total, sum(e.first_choice) AS first_choice,
-                   list(e.assigned) AS ns, sum(e.assigned * e.prob_sum) AS prob_dot
+                   max(e.tokens) AS tokens, sum(e.assigned) AS total, {known_sum("e.first_choice")} AS first_choice,
+                   list(e.assigned) AS ns, {known_sum("e.assigned * e.prob_sum")} AS prob_dot
             FROM {sums} e JOIN {shape} sh ON sh.run_id = e.run_id AND sh.layer = e.layer
             GROUP BY e.run_id, e.step, e.layer)"""
 
@@ -151,22 +164,23 @@ def layer_bucket_sql(sums: str, r: int, shape: str) -> str:
 def pooled_bucket_sql(sums: str, r: int) -> str:
     """SELECT of pooled_buckets rows (resolution r) from per-block per-expert sums over every layer."""
     return f"""
-        SELECT run_id, CAST({int(r)} AS INTEGER) AS resolution, step, sum(a * p) AS prob_dot
-        FROM (SELECT run_id, step, expert, sum(assigned) AS a, sum(prob_sum) AS p FROM {sums} GROUP BY ALL)
+        SELECT run_id, CAST({int(r)} AS INTEGER) AS resolution, step, {known_sum("a * p")} AS prob_dot
+        FROM (SELECT run_id, step, expert, sum(assigned) AS a, {known_sum("prob_sum")} AS p FROM {sums} GROUP BY ALL)
         GROUP BY run_id, step"""
 
 
 def capacity(factor: str, tokens: str, k: str, e: str) -> str:
-    """SQL of C = ceil(CF * tokens * k / E), as moeviz.analyses.capacity writes it (rounded to 9 decimals first so
-    that 1.25 * 64 * 2 / 8 stays 20)."""
+    """SQL of C = ceil(CF * tokens * k / E) (rounded to 9 decimals first so that 1.25 * 64 * 2 / 8 stays 20): the
+    one definition, which moeviz.analyses.capacity uses too, so that step_drops equals capacity_drops."""
     return f"CAST(ceil(round(CAST({factor} AS DOUBLE) * {tokens} * {k} / {e}, 9)) AS BIGINT)"
 
 
 def _drop_exprs() -> list[str]:
-    """Per DROP_FACTORS, SQL summing a group of step_stats rows' drops max(0, n - C); NULL without tokens."""
-    return [f"CAST(sum(CASE WHEN s.tokens IS NOT NULL THEN greatest(0, least(s.assigned, s.assigned - "
-            f"{capacity(repr(float(f)), 's.tokens', 'sh.top_k', 'sh.n_experts')})) END) AS BIGINT)"
-            for f in DROP_FACTORS]
+    """Per DROP_FACTORS, SQL summing a group of step_stats rows' drops max(0, n - C); NULL when any row's tokens
+    are (the CASE: DuckDB's greatest/least skip a NULL C, which would count every assignment as dropped)."""
+    return [f"CAST({known_sum(drop)} AS BIGINT)" for drop in (
+        f"CASE WHEN s.tokens IS NOT NULL THEN greatest(0, least(s.assigned, s.assigned - "
+        f"{capacity(repr(float(f)), 's.tokens', 'sh.top_k', 'sh.n_experts')})) END" for f in DROP_FACTORS)]
 
 
 def step_drops_sql(source: str, shape: str, where: str = "TRUE") -> str:
