@@ -771,3 +771,81 @@ def test_cli_match_by_order_says_so_and_auto_says_how(tmp_path):
     assert "and the token ids of all" in p.stdout
     p = moeviz("agree", tmp_path / "A", tmp_path / "A", "--memory-limit", "lots")
     assert p.returncode == 2 and "--memory-limit must be a number of GB" in p.stderr and "Traceback" not in p.stderr
+
+
+def routing_of_lengths(lengths, seed: int, token_ids: bool) -> dict:
+    """One step of sequences of the given lengths (rows 0..n-1), 3 layers, top-2 of 8 experts drawn at random
+    (distinct per token), token ids 0..39 or none (-1, as a Megatron trace)."""
+    rng = np.random.default_rng(seed)
+    seqs = np.repeat(np.arange(len(lengths)), lengths)  # [T]
+    pos = np.concatenate([np.arange(n) for n in lengths])  # [T]
+    index = np.array([[rng.choice(8, 2, replace=False) for _ in range(3)] for _ in range(len(seqs))])  # [T, 3, 2]
+    ids = rng.integers(0, 40, len(seqs)) if token_ids else np.full(len(seqs), -1)
+    return {"index": index, "steps": np.zeros(len(seqs), np.int64), "ranks": np.zeros(len(seqs), np.int64),
+            "seqs": seqs, "pos": pos, "token_ids": ids}
+
+
+def shifted_pair(extra: bool = True):
+    """Run A (sequences of 5, 3, 4, 6 tokens, token ids) and run B (the same lengths, no token ids) with, if
+    `extra`, one more sequence of 2 tokens in row 1: by order every later pair is shifted. B's routing is its own
+    (the agreement figures come from the reference loop either way)."""
+    ra = routing_of_lengths([5, 3, 4, 6], seed=11, token_ids=True)
+    rb = routing_of_lengths([5, 2, 3, 4, 6] if extra else [5, 3, 4, 6], seed=12, token_ids=False)
+    con = store_from_routing(ra["index"], n_experts=8, **{k: v for k, v in ra.items() if k != "index"}, run_id="A")
+    store_from_routing(rb["index"], n_experts=8, **{k: v for k, v in rb.items() if k != "index"}, run_id="B",
+                       con=con)
+    return con, ra, rb
+
+
+def test_order_counts_the_paired_sequences_whose_lengths_differ():
+    con, ra, rb = shifted_pair()
+    ref = reference(ra, rb, order=True)
+    # by hand: pairs (5, 5), (3, 2), (4, 3), (6, 4): three differ; B's last sequence is left unpaired
+    assert ref["matched"][10] == 3 and ref["matched"][8:10] == ["order", 0]
+    check_against_reference(con, A, B, ref, match_by="order")
+    m = ag.matched(con, A, B, match_by="order").iloc[0]
+    assert ag.length_warning(m).startswith("warning: 3 matched sequence pair(s) have a different number of tokens")
+    assert ag.length_mismatches(con, A, B, match_by="order") == 3
+    con, ra, rb = shifted_pair(extra=False)
+    ref = reference(ra, rb, order=True)
+    assert ref["matched"][10] == 0
+    check_against_reference(con, A, B, ref, match_by="order")
+    assert ag.length_warning(ag.matched(con, A, B, match_by="order").iloc[0]) is None
+
+
+def test_cli_warns_of_shifted_order_and_strict_fails(tmp_path):
+    for name, extra in (("B", True), ("B_ok", False)):
+        con, _, _ = shifted_pair(extra)
+        write_run_folder(tmp_path / name, con, "B")
+    write_run_folder(tmp_path / "A", con, "A")
+    p = moeviz("agree", tmp_path / "A", tmp_path / "B", "--match-by", "order", "--no-checks")
+    assert p.returncode == 0, p.stderr
+    assert "warning: 3 matched sequence pair(s) have a different number of tokens" in p.stdout
+    p = moeviz("agree", tmp_path / "A", tmp_path / "B", "--match-by", "order", "--no-checks", "--strict",
+               "--format", "csv")
+    assert p.returncode == 1 and p.stdout.startswith(",".join(ag.LAYER_COLUMNS)), p.stderr
+    assert "matched by order: no token ids on side b" in p.stderr and "warning: 3 matched sequence" in p.stderr
+    p = moeviz("agree", tmp_path / "A", tmp_path / "B_ok", "--match-by", "order", "--no-checks", "--strict",
+               "--format", "csv")
+    assert p.returncode == 0 and "matched by order: no token ids on side b" in p.stderr, p.stderr
+    assert "warning" not in p.stderr and p.stdout.startswith(",".join(ag.LAYER_COLUMNS))
+
+
+def test_cli_offers_the_analysis_match_modes():
+    from moeviz.cli.agree import MATCH_BY
+
+    assert MATCH_BY == ag.MATCH_BY
+
+
+def test_token_view_names_the_sequence_that_matches_nothing():
+    con, ra, rb = keyless_pair(swap_ids=True)
+    ref = reference(ra, rb, order=True)
+    order = sorted({(int(s), int(q)) for s, q in zip(ra["steps"], ra["seqs"])})
+    matched = {t[0][1] for t in ref["both"]}
+    (step, seq), = [order[i] for i in range(len(order)) if i not in matched]  # the one with other ids on B
+    with pytest.raises(ag.AgreementError, match=rf"^no token of sequence \(run A, step {step}, rank 0, seq {seq}\) "
+                                                r"of selection a matches a token of selection b by order"):
+        ag.token_view(con, A, B, run_id="A", step=step, rank=0, seq=seq, match_by="order")
+    i = next(iter(matched))
+    view = ag.token_view(con, A, B, run_id="A", step=order[i][0], rank=0, seq=order[i][1], match_by="order")
+    assert view["pos"].tolist() == sorted(t[1] for t in ref["both"] if t[0] == ("ord", i))
