@@ -846,6 +846,12 @@ def test_token_view_names_the_sequence_that_matches_nothing():
     with pytest.raises(ag.AgreementError, match=rf"^no token of sequence \(run A, step {step}, rank 0, seq {seq}\) "
                                                 r"of selection a matches a token of selection b by order"):
         ag.token_view(con, A, B, run_id="A", step=step, rank=0, seq=seq, match_by="order")
-    i = next(iter(matched))
-    view = ag.token_view(con, A, B, run_id="A", step=order[i][0], rank=0, seq=order[i][1], match_by="order")
-    assert view["pos"].tolist() == sorted(t[1] for t in ref["both"] if t[0] == ("ord", i))
+    for i in sorted(matched):  # the others, token by token, against the loop (only a's step and rank are read)
+        view = ag.token_view(con, A, B, run_id="A", step=order[i][0], rank=0, seq=order[i][1], match_by="order")
+        toks = sorted(t for t in ref["both"] if t[0] == ("ord", i))
+        mask = (ra["steps"] == order[i][0]) & (ra["seqs"] == order[i][1])
+        ids = dict(zip(ra["pos"][mask].tolist(), ra["token_ids"][mask].tolist()))
+        assert view["pos"].tolist() == [t[1] for t in toks]
+        assert view["token_id"].tolist() == [ids[t[1]] for t in toks]
+        assert view["layers_differing"].tolist() == [sum(sorted(ref["ta"][t][l]) != sorted(ref["tb"][t][l])
+                                                         for l in ref["ta"][t]) for t in toks]

@@ -68,7 +68,7 @@ _SEQ = "run_id, step, rank, seq"
 
 
 def _side(sel: Selection, name: str, lists: bool, sets: bool, extra: tuple[str, ...] = (),
-          tokens_only: bool = False, match_by: str = "auto") -> tuple[str, list]:
+          tokens_only: bool = False, match_by: str = "auto", token_sel: Selection | None = None) -> tuple[str, list]:
     """CTEs s<name> (the selected sequences, `first` = the first occurrence of its key on this side) and
     t<name> (one row per kept token and layer: its experts in slot order if `lists`, else as a bitmask `mask`
     with its first choice `first` and its number of experts `k`: ~3x faster than lists, for up to 64 experts).
@@ -79,7 +79,8 @@ def _side(sel: Selection, name: str, lists: bool, sets: bool, extra: tuple[str, 
     seq, run_id) order from 1 (`ord`, what match_by='order' pairs); `first` follows the key `match_by` matches
     on (every sequence is first for 'order')."""
     alias = "x" if sets else "r"
-    r_where, r_params = sel.with_(domains=None, tags=None).where(alias)
+    # token_sel: the tokens of fewer sequences than s<name> numbers (token_view by order)
+    r_where, r_params = (token_sel or sel).with_(domains=None, tags=None).where(alias)
     # the routes of the selected sequences only: a semi join when domains or tags select them (otherwise the
     # join with the matched pairs below does it, and 80 M routes skip a hash probe)
     semi = (f"SEMI JOIN s{name} q ON q.run_id = {alias}.run_id AND q.step = {alias}.step AND q.rank = {alias}.rank "
@@ -192,7 +193,8 @@ def _sets_cover(con, sels: tuple[Selection, ...], source: str) -> bool:
 
 def _matched_ctes(con, a: Selection, b: Selection, *, lists: bool = False, source: str = "auto",
                   extra: tuple[str, ...] = (), shift: int = 0, same_token: bool = True,
-                  match_by: str = "auto", compare_ids: bool | None = None) -> tuple[str, list]:
+                  match_by: str = "auto", compare_ids: bool | None = None,
+                  a_tokens: Selection | None = None) -> tuple[str, list]:
     """WITH ... ending in `m`: one row per matched token and layer: a's run_id, step, rank, seq, pos, layer and
     domain; same (the two sets are equal), inter (|A ∩ B|), k (the larger set size), first_same (slot 0 equal);
     with `lists`, also ea, eb: the experts of each side in slot order. `extra`: 'margin' adds margin_a, margin_b;
@@ -207,13 +209,14 @@ def _matched_ctes(con, a: Selection, b: Selection, *, lists: bool = False, sourc
 
     `compare_ids`: whether both sides have token ids (None: `sides_without_token_ids` says). Where a side has none
     (-1 everywhere: a Megatron trace imported with --sample-ids only), tokens match by key and position alone,
-    in every mode: comparing ids there would match nothing."""
+    in every mode: comparing ids there would match nothing. `a_tokens`: read only these tokens of a (a narrower
+    selection: a's sequences are still numbered over `a`)."""
     match_by = _check_match_by(match_by)
     if compare_ids is None and same_token:
         compare_ids = not sides_without_token_ids(con, a, b)
     sets = not lists and _sets_cover(con, (a, b), source)
     lists = not sets and _lists_needed(con, lists, (a, b))
-    sa, pa_ = _side(a, "a", lists, sets, extra, match_by=match_by)
+    sa, pa_ = _side(a, "a", lists, sets, extra, match_by=match_by, token_sel=a_tokens)
     sb, pb = _side(b, "b", lists, sets, extra, match_by=match_by)
     if lists:
         cmp = ("list_sort(a.experts) = list_sort(b.experts) AS same, len(list_intersect(a.experts, b.experts)) AS "
@@ -660,12 +663,13 @@ def token_view(con, a: Selection, b: Selection, *, run_id: str, step: int, rank:
     layers_differing. Tokens of the sequence that b does not hold are left out. Raises AgreementError when no
     token of that sequence matches (naming the sequence: the rest of the selection may match).
 
-    With match_by='order' the whole of a is read on every call (a's sequences are numbered over all of a, and
-    the one sequence is picked after pairing): slower than by key on a large selection."""
-    # match_by='order' numbers a's sequences over all of a: the one sequence is picked after pairing
-    one = a if match_by == "order" else a.with_(run_ids=(str(run_id),), steps=(int(step), int(step)),
-                                                   ranks=(int(rank),))
-    ctes, params = _matched_ctes(con, one, b, source=source, match_by=match_by)
+    With match_by='order' a's sequences are numbered over all of a (their pairs depend on it), but only the
+    tokens of the sequence's step and rank are read; b's tokens are all read, as by key."""
+    one = a.with_(run_ids=(str(run_id),), steps=(int(step), int(step)), ranks=(int(rank),))
+    if match_by == "order":
+        ctes, params = _matched_ctes(con, a, b, source=source, match_by=match_by, a_tokens=one)
+    else:
+        ctes, params = _matched_ctes(con, one, b, source=source, match_by=match_by)
     df = run_query(con, f"""{ctes},
         per_token AS (SELECT pos, count(*) AS layers, count(*) FILTER (WHERE NOT same) AS layers_differing
                       FROM m WHERE run_id = ? AND step = ? AND rank = ? AND seq = ? GROUP BY pos),
