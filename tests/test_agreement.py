@@ -69,6 +69,24 @@ def side_tokens_in_order(r: dict) -> tuple[dict, int, int]:
     return out, len(out), 0
 
 
+def sequence_lengths(r: dict, sample_ids=None, order: bool = False) -> dict:
+    """{identity: number of tokens} of the first occurrence of each sequence identity (as side_tokens, or
+    ("ord", i) as side_tokens_in_order), counted over every token, kept or not (sequences.n_tokens)."""
+    steps, ranks, seqs, tok = (np.asarray(r[c]) for c in ("steps", "ranks", "seqs", "token_ids"))
+    pos = np.asarray(r["pos"])
+    by_seq = defaultdict(list)
+    for t in range(len(steps)):
+        by_seq[(int(steps[t]), int(ranks[t]), int(seqs[t]))].append(t)
+    out = {}
+    for i, s in enumerate(sorted(by_seq)):
+        ts = sorted(by_seq[s], key=lambda t: pos[t])
+        sid = None if sample_ids is None else sample_ids[ts[0]]
+        ident = (("ord", i) if order else ("id", sid) if sid is not None else
+                 ("key", tuple(int(tok[t]) for t in ts)))
+        out.setdefault(ident, len(ts))
+    return out
+
+
 def reference(ra: dict, rb: dict, sid_a=None, sid_b=None, order: bool = False) -> dict:
     """Every figure by brute force. `order`: sequences paired by their rank in (step, rank, seq) order, a token by
     position, where the token ids agree or either side has none (< 0)."""
@@ -105,7 +123,9 @@ def reference(ra: dict, rb: dict, sid_a=None, sid_b=None, order: bool = False) -
     ids = sum(1 for t in both if ta[t]["tok"] >= 0 and tb[t]["tok"] >= 0)
     ta = {t: {l: e for l, e in v.items() if l != "tok"} for t, v in ta.items()}
     tb = {t: {l: e for l, e in v.items() if l != "tok"} for t, v in tb.items()}
-    return {"matched": [na, nb, len(both), na - len(both), nb - len(both), rep_a, rep_b, by_id, how, ids],
+    la, lb = sequence_lengths(ra, sid_a, order), sequence_lengths(rb, sid_b, order)
+    lengths = sum(1 for ident in set(la) & set(lb) if la[ident] != lb[ident])
+    return {"matched": [na, nb, len(both), na - len(both), nb - len(both), rep_a, rep_b, by_id, how, ids, lengths],
             "layers": pd.DataFrame(rows, columns=ag.LAYER_COLUMNS),
             "hist": [differing.get(i, 0) for i in range(len(layers) + 1)], "swaps": swaps, "both": both,
             "ta": ta, "tb": tb}
@@ -279,7 +299,7 @@ def test_sample_ids_match_where_the_token_keys_differ():
     ia = np.array([[0, 1], [2, 3], [4, 5]])[:, None, :]
     con = store_from_routing(ia, n_experts=8, token_ids=[1, 2, 3], sample_ids=["req-7"] * 3, run_id="A")
     store_from_routing(ia[:2], n_experts=8, token_ids=[1, 2], sample_ids=["req-7"] * 2, run_id="B", con=con)
-    assert ag.matched(con, A, B).iloc[0].tolist() == [3, 2, 2, 1, 0, 0, 0, 2, "sample_id", 2]  # both tokens by sample_id
+    assert ag.matched(con, A, B).iloc[0].tolist() == [3, 2, 2, 1, 0, 0, 0, 2, "sample_id", 2, 1]  # by sample_id; lengths 3, 2
     pd.testing.assert_frame_equal(ag.summary(con, A, B)["matched"], ag.matched(con, A, B))
     keys = con.execute("SELECT run_id, seq_key FROM sequences ORDER BY run_id").fetchall()
     assert keys == [("A", blake_key([1, 2, 3])), ("B", blake_key([1, 2]))]
@@ -346,7 +366,7 @@ def test_two_recordings_match_by_the_key_the_recorder_wrote(tmp_path):
     expect_b = [("B", 10 + i // 3, i % 3, blake_key(ids[5 - i][mask[5 - i] > 0].numpy()), None) for i in range(6)]
     assert seqs == expect_a + expect_b
     n_tokens = int(mask.sum())
-    assert ag.matched(con, A, B).iloc[0].tolist() == [n_tokens, n_tokens, n_tokens, 0, 0, 0, 0, 0, "seq_key", n_tokens]
+    assert ag.matched(con, A, B).iloc[0].tolist() == [n_tokens, n_tokens, n_tokens, 0, 0, 0, 0, 0, "seq_key", n_tokens, 0]
     lay = ag.layer_agreement(con, A, B)
     assert len(lay) == 2 and (lay["tokens"] == n_tokens).all()
     # both runs were compacted by the Recorder's close: 'auto' reads token_sets, and the routes agree with it
@@ -501,7 +521,7 @@ def test_left_padding_does_not_move_positions(tmp_path):
     assert got == [("A", i, keys[i], 0) for i in range(3)] + [("B", 0, keys[0], 3), ("B", 1, keys[1], 0),
                                                                ("B", 2, keys[2], 2)]
     n = int(right.sum())
-    assert ag.matched(con, A, B).iloc[0].tolist() == [n, n, n, 0, 0, 0, 0, 0, "seq_key", n]
+    assert ag.matched(con, A, B).iloc[0].tolist() == [n, n, n, 0, 0, 0, 0, 0, "seq_key", n, 0]
     pos = ag.position_agreement(con, A, B, bucket=1)  # positions within the sequence, 0 .. 7
     assert sorted(pos["pos_lo"].unique()) == list(range(8))
     assert pos.groupby("pos_lo")["tokens"].max().tolist() == [3, 3, 3, 3, 3, 2, 1, 1]
@@ -705,7 +725,7 @@ def keyless_pair(seed: int = 3, noise: float = 0.6, swap_ids: bool = False):
 def test_match_by_order_against_a_numpy_loop():
     con, ra, rb = keyless_pair()
     ref = reference(ra, rb, order=True)
-    assert ref["matched"][2] > 0 and ref["matched"][-2:] == ["order", 0]
+    assert ref["matched"][2] > 0 and ref["matched"][8:10] == ["order", 0]
     check_against_reference(con, A, B, ref, match_by="order")
 
 
@@ -713,7 +733,7 @@ def test_order_compares_token_ids_where_both_sides_have_them():
     con, ra, rb = keyless_pair(swap_ids=True)
     ref = reference(ra, rb, order=True)
     assert 0 < ref["matched"][2] < ref["matched"][0] - 3  # the sequence with other ids is left out
-    assert ref["matched"][-1] == ref["matched"][2]  # every matched token had its id compared
+    assert ref["matched"][9] == ref["matched"][2]  # every matched token had its id compared
     check_against_reference(con, A, B, ref, match_by="order")
 
 
@@ -751,3 +771,87 @@ def test_cli_match_by_order_says_so_and_auto_says_how(tmp_path):
     assert "and the token ids of all" in p.stdout
     p = moeviz("agree", tmp_path / "A", tmp_path / "A", "--memory-limit", "lots")
     assert p.returncode == 2 and "--memory-limit must be a number of GB" in p.stderr and "Traceback" not in p.stderr
+
+
+def routing_of_lengths(lengths, seed: int, token_ids: bool) -> dict:
+    """One step of sequences of the given lengths (rows 0..n-1), 3 layers, top-2 of 8 experts drawn at random
+    (distinct per token), token ids 0..39 or none (-1, as a Megatron trace)."""
+    rng = np.random.default_rng(seed)
+    seqs = np.repeat(np.arange(len(lengths)), lengths)  # [T]
+    pos = np.concatenate([np.arange(n) for n in lengths])  # [T]
+    index = np.array([[rng.choice(8, 2, replace=False) for _ in range(3)] for _ in range(len(seqs))])  # [T, 3, 2]
+    ids = rng.integers(0, 40, len(seqs)) if token_ids else np.full(len(seqs), -1)
+    return {"index": index, "steps": np.zeros(len(seqs), np.int64), "ranks": np.zeros(len(seqs), np.int64),
+            "seqs": seqs, "pos": pos, "token_ids": ids}
+
+
+def shifted_pair(extra: bool = True):
+    """Run A (sequences of 5, 3, 4, 6 tokens, token ids) and run B (the same lengths, no token ids) with, if
+    `extra`, one more sequence of 2 tokens in row 1: by order every later pair is shifted. B's routing is its own
+    (the agreement figures come from the reference loop either way)."""
+    ra = routing_of_lengths([5, 3, 4, 6], seed=11, token_ids=True)
+    rb = routing_of_lengths([5, 2, 3, 4, 6] if extra else [5, 3, 4, 6], seed=12, token_ids=False)
+    con = store_from_routing(ra["index"], n_experts=8, **{k: v for k, v in ra.items() if k != "index"}, run_id="A")
+    store_from_routing(rb["index"], n_experts=8, **{k: v for k, v in rb.items() if k != "index"}, run_id="B",
+                       con=con)
+    return con, ra, rb
+
+
+def test_order_counts_the_paired_sequences_whose_lengths_differ():
+    con, ra, rb = shifted_pair()
+    ref = reference(ra, rb, order=True)
+    # by hand: pairs (5, 5), (3, 2), (4, 3), (6, 4): three differ; B's last sequence is left unpaired
+    assert ref["matched"][10] == 3 and ref["matched"][8:10] == ["order", 0]
+    check_against_reference(con, A, B, ref, match_by="order")
+    m = ag.matched(con, A, B, match_by="order").iloc[0]
+    assert ag.length_warning(m).startswith("warning: 3 matched sequence pair(s) have a different number of tokens")
+    assert ag.length_mismatches(con, A, B, match_by="order") == 3
+    con, ra, rb = shifted_pair(extra=False)
+    ref = reference(ra, rb, order=True)
+    assert ref["matched"][10] == 0
+    check_against_reference(con, A, B, ref, match_by="order")
+    assert ag.length_warning(ag.matched(con, A, B, match_by="order").iloc[0]) is None
+
+
+def test_cli_warns_of_shifted_order_and_strict_fails(tmp_path):
+    for name, extra in (("B", True), ("B_ok", False)):
+        con, _, _ = shifted_pair(extra)
+        write_run_folder(tmp_path / name, con, "B")
+    write_run_folder(tmp_path / "A", con, "A")
+    p = moeviz("agree", tmp_path / "A", tmp_path / "B", "--match-by", "order", "--no-checks")
+    assert p.returncode == 0, p.stderr
+    assert "warning: 3 matched sequence pair(s) have a different number of tokens" in p.stdout
+    p = moeviz("agree", tmp_path / "A", tmp_path / "B", "--match-by", "order", "--no-checks", "--strict",
+               "--format", "csv")
+    assert p.returncode == 1 and p.stdout.startswith(",".join(ag.LAYER_COLUMNS)), p.stderr
+    assert "matched by order: no token ids on side b" in p.stderr and "warning: 3 matched sequence" in p.stderr
+    p = moeviz("agree", tmp_path / "A", tmp_path / "B_ok", "--match-by", "order", "--no-checks", "--strict",
+               "--format", "csv")
+    assert p.returncode == 0 and "matched by order: no token ids on side b" in p.stderr, p.stderr
+    assert "warning" not in p.stderr and p.stdout.startswith(",".join(ag.LAYER_COLUMNS))
+
+
+def test_cli_offers_the_analysis_match_modes():
+    from moeviz.cli.agree import MATCH_BY
+
+    assert MATCH_BY == ag.MATCH_BY
+
+
+def test_token_view_names_the_sequence_that_matches_nothing():
+    con, ra, rb = keyless_pair(swap_ids=True)
+    ref = reference(ra, rb, order=True)
+    order = sorted({(int(s), int(q)) for s, q in zip(ra["steps"], ra["seqs"])})
+    matched = {t[0][1] for t in ref["both"]}
+    (step, seq), = [order[i] for i in range(len(order)) if i not in matched]  # the one with other ids on B
+    with pytest.raises(ag.AgreementError, match=rf"^no token of sequence \(run A, step {step}, rank 0, seq {seq}\) "
+                                                r"of selection a matches a token of selection b by order"):
+        ag.token_view(con, A, B, run_id="A", step=step, rank=0, seq=seq, match_by="order")
+    for i in sorted(matched):  # the others, token by token, against the loop (only a's step and rank are read)
+        view = ag.token_view(con, A, B, run_id="A", step=order[i][0], rank=0, seq=order[i][1], match_by="order")
+        toks = sorted(t for t in ref["both"] if t[0] == ("ord", i))
+        mask = (ra["steps"] == order[i][0]) & (ra["seqs"] == order[i][1])
+        ids = dict(zip(ra["pos"][mask].tolist(), ra["token_ids"][mask].tolist()))
+        assert view["pos"].tolist() == [t[1] for t in toks]
+        assert view["token_id"].tolist() == [ids[t[1]] for t in toks]
+        assert view["layers_differing"].tolist() == [sum(sorted(ref["ta"][t][l]) != sorted(ref["tb"][t][l])
+                                                         for l in ref["ta"][t]) for t in toks]

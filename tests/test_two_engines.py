@@ -99,8 +99,9 @@ def fixed_length_routing(seed: int, sequences: int = 4, length: int = 5) -> list
             for i in range(sequences)]
 
 
-def write_recorded(run_dir, seqs, step: int = 3) -> None:
-    """A run as the Recorder writes one (RunWriter; token ids, seq_key), its sequences at `step`, rows 0..n-1."""
+def write_recorded(run_dir, seqs, step: int = 3, sample_ids: bool = False) -> None:
+    """A run as the Recorder writes one (RunWriter; token ids, seq_key), its sequences at `step`, rows 0..n-1;
+    `sample_ids`: each sequence's "id" as its sample_id (Recorder.step(sample_ids=...))."""
     rows = [(i, p, q["ids"][p], li, s, int(q["experts"][p, li, s])) for i, q in enumerate(seqs)
             for p in range(len(q["ids"])) for li in range(len(MOE)) for s in range(K)]
     df = pd.DataFrame(rows, columns=["seq", "pos", "token_id", "layer", "slot", "expert"]).sort_values(
@@ -113,7 +114,9 @@ def write_recorded(run_dir, seqs, step: int = 3) -> None:
                        "sequences": {"step": np.full(len(seqs), step), "seq": np.arange(len(seqs)), "domain": None,
                                      "tag": "train", "n_tokens": [len(q["ids"]) for q in seqs],
                                      "seq_key": np.array([sequence_key(q["ids"]) for q in seqs], dtype=object),
-                                     "pos_offset": 0}})
+                                     "pos_offset": 0}
+                                    | ({"sample_id": np.array([q["id"] for q in seqs], dtype=object)}
+                                       if sample_ids else {})})
 
 
 def test_a_megatron_trace_against_a_recorded_run_by_order_and_by_token_ids(tmp_path):
@@ -143,6 +146,37 @@ def test_a_megatron_trace_against_a_recorded_run_by_order_and_by_token_ids(tmp_p
                 a for (a, _), c in swaps[layer].items() for _ in range(c))
             assert sorted(sw["expert_b"].repeat(sw["tokens"])) == sorted(
                 b_ for (_, b_), c in swaps[layer].items() for _ in range(c))
+    con.close()
+
+
+def test_a_megatron_trace_keyed_by_sample_ids_against_a_recorded_run(tmp_path):
+    """--sample-ids without --token-ids: Megatron's tokens have no ids (-1), the recorded run's have; they match by
+    sample_id and position, the ids uncompared (the join required equal ids: nothing matched). The recorded run
+    holds the sequences in reverse order, so pairing by order would pair other sequences."""
+    seqs = fixed_length_routing(seed=6)
+    seqs_b, swaps = gen.swapped(seqs, seed=7)
+    write_recorded(tmp_path / "runs" / "rec", seqs[::-1], sample_ids=True)
+    gen.write_megatron_of(tmp_path / "trace", seqs_b, bsz=2)
+    (tmp_path / "sid.txt").write_text("".join(q["id"] + "\n" for q in seqs))
+    import_megatron(tmp_path / "trace", tmp_path / "runs" / "mg", micro_batch_size=2, sample_ids=tmp_path / "sid.txt")
+    con = open_store(tmp_path / "runs")
+    rec, mg = Selection(run_ids=("rec",)), Selection(run_ids=("mg",))
+    assert con.execute("SELECT count(*) FROM routes WHERE run_id = 'mg' AND token_id >= 0").fetchone()[0] == 0
+    n = sum(len(q["ids"]) for q in seqs)
+    expect = [1 - sum(swaps[layer].values()) / n for layer in range(len(MOE))]
+    for source in ("auto", "routes"):
+        got = ag.summary(con, rec, mg, source=source)
+        m = got["matched"].iloc[0]
+        assert (m["matched"], m["matched_by"], m["ids_compared"], m["length_mismatches"]) == (n, "sample_id", 0, 0)
+        assert got["layers"]["set_agreement"].tolist() == pytest.approx(expect)
+        pd.testing.assert_frame_equal(ag.matched(con, rec, mg, source=source), got["matched"])
+    line = ag.matched_by_line(m, ag.sides_without_token_ids(con, rec, mg))
+    assert line.startswith(f"matched by: sample_id ({n} tokens); token ids compared for 0 of {n} tokens (no token "
+                           "ids on side b")
+    for layer in range(len(MOE)):
+        sw = ag.swap_matrix(con, rec, mg, layer)
+        assert sorted(sw["expert_a"].repeat(sw["tokens"])) == sorted(
+            a for (a, _), c in swaps[layer].items() for _ in range(c))
     con.close()
 
 

@@ -13,6 +13,7 @@ from moeviz.analyses.agreement import (
     AgreementError,
     MATCH_BY,
     headline,
+    length_warning,
     margin_agreement,
     matched_by_line,
     phase_agreement,
@@ -74,8 +75,11 @@ def render(ctx: Ctx) -> None:
     except AgreementError as e:  # nothing in common: say what keys each side has, not an error box
         st.info(str(e).replace("pass --match-by order (match_by='order'", "choose 'order' above (--match-by order"))
         return
-    if by == "order":
-        st.warning(matched_by_line(got["matched"].iloc[0], ctx.q(sides_without_token_ids, a, b)))
+    m = got["matched"].iloc[0]
+    if by == "order" or int(m["ids_compared"]) < int(m["matched"]):  # only the order or the keys vouch for some
+        st.warning(matched_by_line(m, ctx.q(sides_without_token_ids, a, b)))
+    if length_warning(m):
+        st.warning(length_warning(m))
     per_layer, counts, hist = got["layers"], got["matched"], got["tokens"]
     h = headline(per_layer, hist, counts)
     c = st.columns(4)

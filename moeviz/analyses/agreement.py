@@ -50,7 +50,7 @@ class AgreementError(MoevizError, ValueError):
 
 
 MATCHED_COLUMNS = ["tokens_a", "tokens_b", "matched", "unmatched_a", "unmatched_b", "repeated_a", "repeated_b",
-                   "matched_by_sample_id", "matched_by", "ids_compared"]
+                   "matched_by_sample_id", "matched_by", "ids_compared", "length_mismatches"]
 LAYER_COLUMNS = ["layer", "tokens", "set_agreement", "overlap", "first_choice_agreement"]
 TOKEN_COLUMNS = ["layers_differing", "tokens"]
 SWAP_COLUMNS = ["expert_a", "expert_b", "tokens"]
@@ -68,7 +68,7 @@ _SEQ = "run_id, step, rank, seq"
 
 
 def _side(sel: Selection, name: str, lists: bool, sets: bool, extra: tuple[str, ...] = (),
-          tokens_only: bool = False, match_by: str = "auto") -> tuple[str, list]:
+          tokens_only: bool = False, match_by: str = "auto", token_sel: Selection | None = None) -> tuple[str, list]:
     """CTEs s<name> (the selected sequences, `first` = the first occurrence of its key on this side) and
     t<name> (one row per kept token and layer: its experts in slot order if `lists`, else as a bitmask `mask`
     with its first choice `first` and its number of experts `k`: ~3x faster than lists, for up to 64 experts).
@@ -78,9 +78,9 @@ def _side(sel: Selection, name: str, lists: bool, sets: bool, extra: tuple[str, 
     sequences (`prompt_tokens`) or of the token (`margin`). s<name> also numbers the sequences in (step, rank,
     seq, run_id) order from 1 (`ord`, what match_by='order' pairs); `first` follows the key `match_by` matches
     on (every sequence is first for 'order')."""
-    seq_where, seq_params = sel.with_(layers=None).where("s", per_token=True)
     alias = "x" if sets else "r"
-    r_where, r_params = sel.with_(domains=None, tags=None).where(alias)
+    # token_sel: the tokens of fewer sequences than s<name> numbers (token_view by order)
+    r_where, r_params = (token_sel or sel).with_(domains=None, tags=None).where(alias)
     # the routes of the selected sequences only: a semi join when domains or tags select them (otherwise the
     # join with the matched pairs below does it, and 80 M routes skip a hash probe)
     semi = (f"SEMI JOIN s{name} q ON q.run_id = {alias}.run_id AND q.step = {alias}.step AND q.rank = {alias}.rank "
@@ -104,14 +104,19 @@ def _side(sel: Selection, name: str, lists: bool, sets: bool, extra: tuple[str, 
             FROM routes r {semi}
             WHERE {r_where}
             GROUP BY r.run_id, r.step, r.rank, r.seq, r.pos, r.layer"""
-    sql = f"""
+    seq_sql, seq_params = _seq_cte(sel, name, match_by, seq_extra)
+    return f"{seq_sql},\n    t{name} AS MATERIALIZED ({body})", seq_params + r_params
+
+
+def _seq_cte(sel: Selection, name: str, match_by: str, seq_extra: str = "") -> tuple[str, list]:
+    """CTE s<name>: the selected sequences with their keys, n_tokens, `first` and `ord` (see `_side`)."""
+    seq_where, seq_params = sel.with_(layers=None).where("s", per_token=True)
+    return f"""
     s{name} AS (
-        SELECT {_SEQ}, seq_key, sample_id, domain, coalesce(pos_offset, 0) AS pos_offset{seq_extra},
+        SELECT {_SEQ}, seq_key, sample_id, domain, n_tokens, coalesce(pos_offset, 0) AS pos_offset{seq_extra},
                {_first(match_by)} AS first,
                row_number() OVER (ORDER BY step, rank, seq, run_id) AS ord
-        FROM sequences s WHERE {seq_where}),
-    t{name} AS MATERIALIZED ({body})"""
-    return sql, seq_params + r_params
+        FROM sequences s WHERE {seq_where})""", seq_params
 
 
 SOURCES = ("auto", "token_sets", "routes")
@@ -188,7 +193,8 @@ def _sets_cover(con, sels: tuple[Selection, ...], source: str) -> bool:
 
 def _matched_ctes(con, a: Selection, b: Selection, *, lists: bool = False, source: str = "auto",
                   extra: tuple[str, ...] = (), shift: int = 0, same_token: bool = True,
-                  match_by: str = "auto") -> tuple[str, list]:
+                  match_by: str = "auto", compare_ids: bool | None = None,
+                  a_tokens: Selection | None = None) -> tuple[str, list]:
     """WITH ... ending in `m`: one row per matched token and layer: a's run_id, step, rank, seq, pos, layer and
     domain; same (the two sets are equal), inter (|A ∩ B|), k (the larger set size), first_same (slot 0 equal);
     with `lists`, also ea, eb: the experts of each side in slot order. `extra`: 'margin' adds margin_a, margin_b;
@@ -199,11 +205,18 @@ def _matched_ctes(con, a: Selection, b: Selection, *, lists: bool = False, sourc
     `match_by` (every public function here): which sequences are the same. 'auto': sample_id where both have one,
     else seq_key; 'sample_id' or 'seq_key': that key only; 'order': the i-th sequence of a in (step, rank, seq)
     order with the i-th of b (for logs without keys: a Megatron trace), token ids compared only where both sides
-    have them. 'auto' never falls back to order."""
+    have them. 'auto' never falls back to order.
+
+    `compare_ids`: whether both sides have token ids (None: `sides_without_token_ids` says). Where a side has none
+    (-1 everywhere: a Megatron trace imported with --sample-ids only), tokens match by key and position alone,
+    in every mode: comparing ids there would match nothing. `a_tokens`: read only these tokens of a (a narrower
+    selection: a's sequences are still numbered over `a`)."""
     match_by = _check_match_by(match_by)
+    if compare_ids is None and same_token:
+        compare_ids = not sides_without_token_ids(con, a, b)
     sets = not lists and _sets_cover(con, (a, b), source)
     lists = not sets and _lists_needed(con, lists, (a, b))
-    sa, pa_ = _side(a, "a", lists, sets, extra, match_by=match_by)
+    sa, pa_ = _side(a, "a", lists, sets, extra, match_by=match_by, token_sel=a_tokens)
     sb, pb = _side(b, "b", lists, sets, extra, match_by=match_by)
     if lists:
         cmp = ("list_sort(a.experts) = list_sort(b.experts) AS same, len(list_intersect(a.experts, b.experts)) AS "
@@ -226,14 +239,34 @@ def _matched_ctes(con, a: Selection, b: Selection, *, lists: bool = False, sourc
             "b.pos_offset AS b_off")
     if "prompt_tokens" in extra:
         cols += ", a.prompt_tokens AS a_prompt, b.prompt_tokens AS b_prompt"
-    sql = f"""WITH {sa}, {sb},
-    pairs0 AS ({_pairs(cols, match_by)}),
+    ids = ("none" if not compare_ids else "where_known" if match_by == "order" else "equal")
+    sql = f"""WITH {sa}, {sb}, {_pair_ctes(cols, match_by)},
+    m AS MATERIALIZED ({_m_body(cmp, shift, same_token, ids)})"""
+    return sql, pa_ + pb
+
+
+def _pair_ctes(cols: str, match_by: str) -> str:
+    """CTEs pairs0, pairs1, pairs: the matched sequence pairs (`cols` of sa a and sb b, by_key), each sequence of
+    either side in at most one pair (its best key, then the lowest (run, step, rank, seq) of the other side)."""
+    return f"""pairs0 AS ({_pairs(cols, match_by)}),
     pairs1 AS (SELECT * FROM pairs0 QUALIFY row_number() OVER (
         PARTITION BY a_run, a_step, a_rank, a_seq ORDER BY by_key, b_run, b_step, b_rank, b_seq) = 1),
     pairs AS (SELECT * FROM pairs1 QUALIFY row_number() OVER (
-        PARTITION BY b_run, b_step, b_rank, b_seq ORDER BY by_key, a_run, a_step, a_rank, a_seq) = 1),
-    m AS MATERIALIZED ({_m_body(cmp, shift, same_token, match_by == "order")})"""
-    return sql, pa_ + pb
+        PARTITION BY b_run, b_step, b_rank, b_seq ORDER BY by_key, a_run, a_step, a_rank, a_seq) = 1)"""
+
+
+def length_mismatches(con, a: Selection, b: Selection, *, match_by: str = "auto") -> int:
+    """The matched sequence pairs whose `sequences.n_tokens` differ (NULL on either side: not counted). Why: by
+    order, one extra or missing sequence on one side shifts every later pair, and where a side has no token ids
+    nothing else notices; by key, a wrong keys file does the same."""
+    match_by = _check_match_by(match_by)
+    sa, pa_ = _seq_cte(a, "a", match_by)
+    sb, pb = _seq_cte(b, "b", match_by)
+    cols = ("a.run_id AS a_run, a.step AS a_step, a.rank AS a_rank, a.seq AS a_seq, a.n_tokens AS a_n, "
+            "b.run_id AS b_run, b.step AS b_step, b.rank AS b_rank, b.seq AS b_seq, b.n_tokens AS b_n")
+    df = run_query(con, f"WITH {sa}, {sb}, {_pair_ctes(cols, match_by)} SELECT count(*) FILTER (WHERE a_n <> b_n) "
+                        "AS n FROM pairs", pa_ + pb, error=AgreementError)
+    return int(df["n"].iloc[0] or 0)
 
 
 def _pairs(cols: str, match_by: str) -> str:
@@ -249,15 +282,17 @@ def _pairs(cols: str, match_by: str) -> str:
     return f"{by_id} UNION ALL {by_hash} AND (a.sample_id IS NULL OR b.sample_id IS NULL)"
 
 
-def _m_body(cmp: str, shift: int, same_token: bool, ids_where_known: bool = False) -> str:
+def _m_body(cmp: str, shift: int, same_token: bool, ids: str = "equal") -> str:
     """The join of the two sides through the matched pairs. With the token-id key, b's position is compared in
     the join condition (what DuckDB plans fastest: 80 M routes per side in ~2 s; computing it in a CTE first made
     the summary take minutes). Without it (log_checks.alignment), that condition mixes b with the pairs and is no
     hash key, so the join grew 512x per sequence: b's position within its sequence is computed first.
-    `ids_where_known` (match_by='order'): the token ids must be equal only where both sides have one (>= 0)."""
+    `ids`: 'equal' (the token ids must be equal), 'where_known' (match_by='order': equal only where both sides
+    have one, >= 0) or 'none' (a side has no token ids: not compared, so the join keeps its hash keys)."""
     if same_token:
-        ids = ("(a.token_id = b.token_id OR coalesce(a.token_id, -1) < 0 OR coalesce(b.token_id, -1) < 0)"
-               if ids_where_known else "b.token_id = a.token_id")
+        ids = {"equal": "AND b.token_id = a.token_id", "none": "",
+               "where_known": "AND (a.token_id = b.token_id OR coalesce(a.token_id, -1) < 0 "
+                              "OR coalesce(b.token_id, -1) < 0)"}[ids]
         return f"""
         SELECT a.step, a.rank, a.seq, a.run_id, a.pos - p.a_off AS pos, a.layer, p.domain,
                p.by_key = 0 AS by_sample_id, {cmp}
@@ -265,7 +300,7 @@ def _m_body(cmp: str, shift: int, same_token: bool, ids_where_known: bool = Fals
         JOIN pairs p ON p.a_run = a.run_id AND p.a_step = a.step AND p.a_rank = a.rank AND p.a_seq = a.seq
         JOIN tb b ON b.run_id = p.b_run AND b.step = p.b_step AND b.rank = p.b_rank AND b.seq = p.b_seq
                  AND b.pos - p.b_off = a.pos - p.a_off + {int(shift)} AND b.layer = a.layer
-                 AND {ids}"""
+                 {ids}"""
     return f"""
         SELECT a.step, a.rank, a.seq, a.run_id, a.pos - p.a_off AS pos, a.layer, p.domain,
                p.by_key = 0 AS by_sample_id, {cmp}
@@ -333,9 +368,17 @@ def _keyless(con, sel: Selection) -> bool:
 
 def sides_without_token_ids(con, a: Selection, b: Selection) -> list[str]:
     """'a', 'b' or both: the sides none of whose selected routes has a token id (-1 or NULL: a Megatron trace).
-    Paired by order, such a side's tokens are vouched for by the order alone (what `moeviz agree` says)."""
+    Paired by order, such a side's tokens are vouched for by the order alone (what `moeviz agree` says).
+
+    A selected sequence with a seq_key (a hash of its token ids, NULL where they were not known) answers from
+    `sequences` alone: the scan of the routes took 0.6-0.9 s per call at 8 M routes per side (every agreement
+    function asks)."""
     out = []
     for name, sel in (("a", a), ("b", b)):
+        where, params = sel.with_(layers=None).where("s", per_token=True)
+        if run_query(con, f"SELECT EXISTS (SELECT 1 FROM sequences s WHERE {where} AND s.seq_key IS NOT NULL) AS x",
+                     params, error=AgreementError)["x"].iloc[0]:
+            continue
         where, params = sel.with_(domains=None, tags=None).where("r")
         found = run_query(con, f"SELECT EXISTS (SELECT 1 FROM routes r WHERE {where} AND r.token_id >= 0) AS x",
                           params, error=AgreementError)["x"].iloc[0]
@@ -361,7 +404,27 @@ def matched_by_line(c, blind_sides: list[str]) -> str:
     by_id, by_hash = int(c["matched_by_sample_id"]), n - int(c["matched_by_sample_id"])
     how = [f"sample_id ({by_id} tokens)" if by_id else "",
            f"the token-id hash, seq_key ({by_hash} tokens)" if by_hash else ""]
-    return "matched by: " + " and ".join(x for x in how if x)
+    line = "matched by: " + " and ".join(x for x in how if x)
+    blind = n - int(c["ids_compared"])
+    if blind:
+        who = f"no token ids on side {' and '.join(blind_sides)}" if blind_sides else "no token id on one side"
+        line += (f"; token ids compared for {n - blind} of {n} tokens ({who}: the others are paired by key and "
+                 f"position alone — a wrong keys file gives wrong agreement)")
+    return line
+
+
+def length_warning(c) -> str | None:
+    """The headline's warning (`c`: the one row of agreement.matched) when matched sequence pairs differ in length
+    and token ids do not vouch for every matched token (paired by order, or a side without ids): then the pairing
+    is probably off (one extra sequence shifts every later pair by order). None when there is nothing to warn of;
+    `moeviz agree --strict` exits 1 when there is."""
+    n_bad = int(c["length_mismatches"])
+    if not n_bad or (c["matched_by"] != "order" and int(c["ids_compared"]) == int(c["matched"])):
+        return None
+    by = ("the i-th sequence of a with the i-th of b: an extra or missing sequence on one side shifts every later "
+          "pair" if c["matched_by"] == "order" else "by key, token ids not compared: check the keys files")
+    return (f"warning: {n_bad} matched sequence pair(s) have a different number of tokens on each side "
+            f"(sequences.n_tokens) — the pairing is probably wrong ({by}), and so is the agreement")
 
 
 def matched_by(match_by: str, matched: int, by_sample_id: int) -> str | None:
@@ -398,8 +461,9 @@ def matched(con, a: Selection, b: Selection, *, source: str = "auto", match_by: 
     key occurred earlier on the same side), matched_by_sample_id (of the matched, those whose sequences matched by
     the users' sample_id; the others by seq_key, the hash of their token ids), matched_by (what paired them:
     'sample_id', 'seq_key', 'sample_id and seq_key', 'order'; None when nothing matched), ids_compared (of the
-    matched, those whose token id both sides have: with match_by='order' the others were paired by order alone,
-    so a wrong order gives wrong agreement). Never raises for zero matches: see
+    matched, those whose token id both sides have: the others were paired by their sequence's key or order and
+    position alone, so a wrong keys file or order gives wrong agreement), length_mismatches (the matched sequence
+    pairs whose n_tokens differ: `length_mismatches`; see `length_warning`). Never raises for zero matches: see
     `layer_agreement`. `source` (every function here): 'auto' reads `token_sets` where it covers both selections
     (compacted runs), else the routes; 'token_sets' or 'routes' forces one."""
     ctes, params = _matched_ctes(con, a, b, source=source, match_by=match_by, extra=("ids",))
@@ -410,8 +474,8 @@ def matched(con, a: Selection, b: Selection, *, source: str = "auto", match_by: 
     n, by_id, ids = (int(x or 0) for x in df.iloc[0].tolist())
     first_a, rep_a, first_b, rep_b = _side_counts(con, a, b, _sets_cover(con, (a, b), source), match_by)
     ta, tb = first_a + rep_a, first_b + rep_b
-    return pd.DataFrame([[ta, tb, n, ta - n, tb - n, rep_a, rep_b, by_id, matched_by(match_by, n, by_id), ids]],
-                        columns=MATCHED_COLUMNS)
+    return pd.DataFrame([[ta, tb, n, ta - n, tb - n, rep_a, rep_b, by_id, matched_by(match_by, n, by_id), ids,
+                          length_mismatches(con, a, b, match_by=match_by)]], columns=MATCHED_COLUMNS)
 
 
 def layer_agreement(con, a: Selection, b: Selection, *, source: str = "auto", match_by: str = "auto") -> pd.DataFrame:
@@ -596,12 +660,16 @@ def token_view(con, a: Selection, b: Selection, *, run_id: str, step: int, rank:
                source: str = "auto", match_by: str = "auto") -> pd.DataFrame:
     """One of a's sequences (run_id, step, rank, seq), token by token, for the text coloured by disagreement:
     pos (within the sequence), token_id, text (`vocab`, NULL when the run has no tokenizer), layers (compared),
-    layers_differing. Tokens of the sequence that b does not hold are left out. Raises AgreementError when
-    nothing matches."""
-    # match_by='order' numbers a's sequences over all of a: the one sequence is picked after pairing
-    one = a if match_by == "order" else a.with_(run_ids=(str(run_id),), steps=(int(step), int(step)),
-                                                   ranks=(int(rank),))
-    ctes, params = _matched_ctes(con, one, b, source=source, match_by=match_by)
+    layers_differing. Tokens of the sequence that b does not hold are left out. Raises AgreementError when no
+    token of that sequence matches (naming the sequence: the rest of the selection may match).
+
+    With match_by='order' a's sequences are numbered over all of a (their pairs depend on it), but only the
+    tokens of the sequence's step and rank are read; b's tokens are all read, as by key."""
+    one = a.with_(run_ids=(str(run_id),), steps=(int(step), int(step)), ranks=(int(rank),))
+    if match_by == "order":
+        ctes, params = _matched_ctes(con, a, b, source=source, match_by=match_by, a_tokens=one)
+    else:
+        ctes, params = _matched_ctes(con, one, b, source=source, match_by=match_by)
     df = run_query(con, f"""{ctes},
         per_token AS (SELECT pos, count(*) AS layers, count(*) FILTER (WHERE NOT same) AS layers_differing
                       FROM m WHERE run_id = ? AND step = ? AND rank = ? AND seq = ? GROUP BY pos),
@@ -612,7 +680,12 @@ def token_view(con, a: Selection, b: Selection, *, run_id: str, step: int, rank:
         LEFT JOIN vocab v ON v.run_id = ? AND v.token_id = i.token_id
         ORDER BY p.pos""", params + [str(run_id), int(step), int(rank), int(seq)] * 2 + [str(run_id)],
                    error=AgreementError)
-    _check_matched(con, one, b, len(df), match_by)
+    if not len(df):
+        how = ("by order (its place in a's (step, rank, seq) order against b's)" if match_by == "order" else
+               "by its sequence key and position")
+        raise AgreementError(f"no token of sequence (run {run_id}, step {int(step)}, rank {int(rank)}, seq "
+                             f"{int(seq)}) of selection a matches a token of selection b {how}: pick a sequence "
+                             f"listed by sequence_disagreement")
     return df.astype({"pos": int, "token_id": "int64", "layers": int, "layers_differing": int})[TOKEN_VIEW_COLUMNS]
 
 
@@ -642,14 +715,17 @@ def _matched_by_layer(con, a: Selection, b: Selection, match_by: str):
     docs/benchmarks.md for what one layer still holds."""
     table = f"_agreement_{uuid.uuid4().hex}"
     cols = "run_id, step, rank, seq, pos, layer, same, inter, k, first_same, by_sample_id, ids_known"
+    ids = not sides_without_token_ids(con, a, b)
     try:
         for i, layer in enumerate(_layers_of(con, a, b)):
             la, lb = a.with_(layers=(layer,)), b.with_(layers=(layer,))
-            ctes, params = _matched_ctes(con, la, lb, source="routes", match_by=match_by, extra=("ids",))
+            ctes, params = _matched_ctes(con, la, lb, source="routes", match_by=match_by, extra=("ids",),
+                                         compare_ids=ids)
             head = f"CREATE TEMP TABLE {table} AS" if i == 0 else f"INSERT INTO {table}"
             run_query(con, f"{head} {ctes} SELECT {cols} FROM m", params, error=AgreementError)
         if not _exists(con, table):  # no layer selected: an empty table of m's columns
-            ctes, params = _matched_ctes(con, a, b, source="routes", match_by=match_by, extra=("ids",))
+            ctes, params = _matched_ctes(con, a, b, source="routes", match_by=match_by, extra=("ids",),
+                                         compare_ids=ids)
             run_query(con, f"CREATE TEMP TABLE {table} AS {ctes} SELECT {cols} FROM m LIMIT 0", params,
                       error=AgreementError)
         yield table
@@ -700,8 +776,8 @@ def summary(con, a: Selection, b: Selection, *, source: str = "auto",
     first_a, rep_a, first_b, rep_b = _side_counts(con, a, b, _sets_cover(con, (a, b), source), match_by)
     n = int(hist["tokens"].sum())
     ta, tb = first_a + rep_a, first_b + rep_b
-    counts = pd.DataFrame([[ta, tb, n, ta - n, tb - n, rep_a, rep_b, by_id, matched_by(match_by, n, by_id), ids]],
-                          columns=MATCHED_COLUMNS)
+    counts = pd.DataFrame([[ta, tb, n, ta - n, tb - n, rep_a, rep_b, by_id, matched_by(match_by, n, by_id), ids,
+                            length_mismatches(con, a, b, match_by=match_by)]], columns=MATCHED_COLUMNS)
     return {"matched": counts, "layers": layers, "tokens": hist}
 
 

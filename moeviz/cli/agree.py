@@ -17,7 +17,10 @@ Prints the matched tokens, the share of (token, layer) decisions whose expert se
 with at least one differing layer, then `moeviz.agreement.layer_agreement` per layer; `--format csv` prints the
 table alone. Before the comparison is trusted, each side's log is checked (`moeviz.analyses.log_checks`: sentinel
 ids, ids out of range, duplicate ids, dense layers logged as zeros, positions off by one) and what fails or
-warns is printed (to stderr with --format csv); --strict exits 1 when a check fails. Exit status 2, with one
+warns is printed (to stderr with --format csv); --strict exits 1 when a check fails, or when matched sequences
+differ in length where token ids do not vouch for the pairing (`agreement.length_warning`: by order, one extra
+sequence shifts every later pair). With --format csv, how the tokens were paired goes to stderr when by order or
+when some tokens' ids were not compared. Exit status 2, with one
 message saying what keys each side has, when no token matches.
 """
 
@@ -28,7 +31,9 @@ from pathlib import Path
 
 from moeviz.cli.args import ArgumentError, int_list, step_range
 
-MATCH_BY = ("auto", "sample_id", "seq_key", "order")  # moeviz.analyses.agreement.MATCH_BY, without importing it
+# moeviz.analyses.agreement.MATCH_BY, without importing pandas to build the parser (tests/test_agreement.py checks
+# that the two are equal)
+MATCH_BY = ("auto", "sample_id", "seq_key", "order")
 
 
 class AgreeArgumentError(ArgumentError):
@@ -65,7 +70,8 @@ def register(subparsers) -> None:
                    "DuckDB's, 80%% of the RAM); past it intermediate results spill to a private temp folder. Two live "
                    "(uncompacted) runs of 80 M routes each need several GB: give a limit on a shared machine")
     p.add_argument("--strict", action="store_true",
-                   help="exit status 1 (after printing) when a log check fails")
+                   help="exit status 1 (after printing) when a log check fails, or when matched sequences differ "
+                   "in length and token ids do not vouch for the pairing (by order: a shifted order)")
     p.set_defaults(func=run_agree)
 
 
@@ -96,7 +102,7 @@ def _memory_limit(text: str | None) -> int | None:
 def run_agree(args: argparse.Namespace) -> int:
     import pandas as pd
 
-    from moeviz.analyses.agreement import (headline, layer_agreement, margin_agreement, phase_agreement,
+    from moeviz.analyses.agreement import (headline, length_warning, margin_agreement, phase_agreement,
                                            matched_by_line, sides_without_token_ids, summary)
     from moeviz.analyses.log_checks import checks
     from moeviz.selection import Selection
@@ -123,12 +129,11 @@ def run_agree(args: argparse.Namespace) -> int:
 
     failed = False
     try:  # raises AgreementError (exit 2, one message) when nothing matches
-        if args.format == "csv":
-            table = layer_agreement(con, a, b, match_by=args.match_by)
-        else:
-            got = summary(con, a, b, match_by=args.match_by)  # one pass over the matched tokens for the three tables
-            table, counts, hist = got["layers"], got["matched"], got["tokens"]
-            blind_sides = sides_without_token_ids(con, a, b) if args.match_by == "order" else []
+        got = summary(con, a, b, match_by=args.match_by)  # one pass over the matched tokens for the three tables
+        table, counts, hist = got["layers"], got["matched"], got["tokens"]
+        c = counts.iloc[0]
+        blind_sides = sides_without_token_ids(con, a, b) if int(c["ids_compared"]) < int(c["matched"]) else []
+        warning = length_warning(c)
         phase = margins = None
         if args.breakdowns and args.format == "table":
             phase = phase_agreement(con, a, b, match_by=args.match_by)
@@ -146,11 +151,15 @@ def run_agree(args: argparse.Namespace) -> int:
                       "aligned)")
     finally:
         con.close()
-    if args.format == "csv":
+    failed = failed or warning is not None
+    if args.format == "csv":  # the table alone on stdout; how the tokens were paired, where unsure, on stderr
+        if args.match_by == "order" or int(c["ids_compared"]) < int(c["matched"]):
+            print(matched_by_line(c, blind_sides), file=sys.stderr)
+        if warning:
+            print(warning, file=sys.stderr)
         print(table.to_csv(index=False), end="")
         return 1 if failed and args.strict else 0
     h = headline(table, hist, counts)
-    c = counts.iloc[0]
 
     def side(name: str, rid: str, steps) -> str:
         return f"{name} = {rid}" + ("" if steps is None else f" steps {args.steps_a if name == 'a' else args.steps_b}")
@@ -160,6 +169,8 @@ def run_agree(args: argparse.Namespace) -> int:
           f"{int(c['repeated_a'])} of them a repeated sequence; b has {h['tokens_b']}: {int(c['unmatched_b'])} "
           f"unmatched, {int(c['repeated_b'])} repeated)")
     print(matched_by_line(c, blind_sides))
+    if warning:
+        print(warning)
     print(f"(token, layer) decisions with a different expert set: {100 * h['decisions_differing']:.2f}%")
     print(f"tokens with at least one differing layer: {100 * h['tokens_differing']:.2f}% "
           f"(of {len(table)} layer(s))")

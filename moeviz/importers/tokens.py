@@ -8,6 +8,7 @@ sequences, and counts step_stats from the same ids, so that counts and routes ca
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -233,8 +234,8 @@ def apply_keys(chunks: list[Chunk], *, sample_ids=None, token_ids=None) -> None:
     if sample_ids is not None:
         ids = read_key_lines(sample_ids, "sample ids")
         _check_count(sample_ids, len(ids), len(order), "sample ids")
-        if len(set(ids)) != len(ids):
-            dup = next(x for x in ids if ids.count(x) > 1)
+        if len(set(ids)) != len(ids):  # Counter: one pass (ids.count per id was quadratic)
+            dup = next(x for x, n in Counter(ids).items() if n > 1)
             raise SourceError(sample_ids, f"gives sample id {dup!r} to more than one sequence: give each its own")
         for key, sid in zip(order, ids):
             rows[key]["sample_id"] = sid
@@ -242,8 +243,9 @@ def apply_keys(chunks: list[Chunk], *, sample_ids=None, token_ids=None) -> None:
         lines = read_key_lines(token_ids, "token ids")
         _check_count(token_ids, len(lines), len(order), "token ids")
         by_seq = {key: _parse_ids(token_ids, i + 1, line) for i, (key, line) in enumerate(zip(order, lines))}
+        line_of = {key: i + 1 for i, key in enumerate(order)}  # once: per chunk it was quadratic in sequences
         for c in chunks:
-            _set_token_ids(token_ids, c, by_seq, order)
+            _set_token_ids(token_ids, c, by_seq, line_of)
         for key, ids in by_seq.items():
             rows[key]["seq_key"] = sequence_key(ids)
 
@@ -264,9 +266,9 @@ def _parse_ids(path, lineno: int, line: str) -> np.ndarray:
     return ids
 
 
-def _set_token_ids(path, c: Chunk, by_seq: dict, order: list) -> None:
-    """Each token of `c` gets the id at its position in its sequence's line."""
-    line_of = {key: i + 1 for i, key in enumerate(order)}
+def _set_token_ids(path, c: Chunk, by_seq: dict, line_of: dict) -> None:
+    """Each token of `c` gets the id at its position in its sequence's line (`line_of`: (step, rank, seq) -> its
+    line number in the file, for the error)."""
     for r in c.sequences:
         key = (int(r["step"]), int(r["rank"]), int(r["seq"]))
         mine = np.flatnonzero((c.step == key[0]) & (c.rank == key[1]) & (c.seq == key[2]))  # [tokens of it]
