@@ -424,27 +424,17 @@ def _one_sequence_chunks(n: int, length: int = 8):
             for i in range(n)]
 
 
-def test_keys_files_of_many_sequences_apply_in_linear_time(tmp_path):
-    """apply_keys rebuilt the line numbers of every sequence once per chunk (8,000 one-sequence chunks: ~12 s on
-    2 cores, ~0.5 s built once), and found a duplicate sample id with list.count per id (20,000 ids: ~10 s, 0.1 s
-    with a Counter). The bounds leave several times the linear time for a loaded machine."""
-    import time
-
+def test_keys_files_of_many_sequences_apply_to_every_chunk(tmp_path):
+    """apply_keys over thousands of one-sequence chunks (a Megatron trace of micro-batch 1): every chunk gets its
+    line, and a duplicate sample id at the end is found (their cost, once quadratic: bench/bench_apply_keys.py)."""
     from moeviz.importers.tokens import apply_keys
 
-    n = 8000
+    n = 2000
     chunks = _one_sequence_chunks(n)
     (tmp_path / "ids.txt").write_text("".join(" ".join(str(i + p) for p in range(8)) + "\n" for i in range(n)))
-    t = time.perf_counter()
     apply_keys(chunks, token_ids=tmp_path / "ids.txt")
-    took = time.perf_counter() - t
-    assert [c.token_id.tolist() for c in chunks[::997]] == [[i + p for p in range(8)] for i in range(0, n, 997)]
-    assert took < 4, f"apply_keys(token_ids) of {n} one-sequence chunks took {took:.1f} s"
-    n = 20000
+    assert [c.token_id.tolist() for c in chunks] == [[i + p for p in range(8)] for i in range(n)]
     chunks = _one_sequence_chunks(n, length=1)
     (tmp_path / "sid.txt").write_text("".join(f"s{i}\n" for i in range(n - 1)) + f"s{n - 2}\n")
-    t = time.perf_counter()
     with pytest.raises(SourceError, match=f"gives sample id 's{n - 2}' to more than one sequence"):
         apply_keys(chunks, sample_ids=tmp_path / "sid.txt")
-    took = time.perf_counter() - t
-    assert took < 2, f"the duplicate sample id of {n} took {took:.1f} s to find"
