@@ -115,3 +115,26 @@ def test_find_expert_marks_it_in_every_layer(wide, routing):
     np.testing.assert_allclose(y, E * c[:, quiet] / c.sum(1))
     heat = next(ch for ch in charts(at) if "per expert and layer" in ch["layout"]["title"]["text"])
     assert any(s.get("type") == "rect" for s in heat["layout"].get("shapes", []))
+
+
+def test_tokens_page_shows_a_page_of_layers_of_a_wide_model(wide, routing):
+    """58 lines of text with every token's experts on hover were 4.9 MB of HTML at 256 tokens (10,000-step
+    DeepSeek-V3-shaped run): the page shows LAYERS_PER_PAGE layers, picked like the Overview's panels, and each
+    token's colour is its top expert in the routing the store was written from."""
+    from test_dashboard_usability import parse_tokens
+
+    from app.wide import LAYERS_PER_PAGE
+
+    at = open_app(wide, run="wide", page="tokens")
+    (el,) = at.get("html")
+    spans = parse_tokens(el.proto.body)
+    step = int(routing["steps"].max())  # the default sequence: the newest step's first
+    sel = (routing["steps"] == step) & (routing["seqs"] == 0)
+    assert sorted({s["layer"] for s in spans}) == list(range(LAYERS_PER_PAGE))
+    for layer in range(LAYERS_PER_PAGE):
+        line = [s for s in spans if s["layer"] == layer]
+        np.testing.assert_array_equal([s["expert"] for s in line], routing["index"][sel, layer, 0])
+    at.selectbox(key="tokens-layer-page").set_value(7).run()  # the last page: layers 56-57
+    spans = parse_tokens(at.get("html")[0].proto.body)
+    assert sorted({s["layer"] for s in spans}) == [56, 57]
+    np.testing.assert_array_equal([s["expert"] for s in spans if s["layer"] == 57], routing["index"][sel, 57, 0])
