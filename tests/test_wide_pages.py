@@ -138,3 +138,27 @@ def test_tokens_page_shows_a_page_of_layers_of_a_wide_model(wide, routing):
     spans = parse_tokens(at.get("html")[0].proto.body)
     assert sorted({s["layer"] for s in spans}) == [56, 57]
     np.testing.assert_array_equal([s["expert"] for s in spans if s["layer"] == 57], routing["index"][sel, 57, 0])
+
+
+def test_balancing_load_of_a_wide_model_draws_the_busiest_experts_and_the_others(wide, routing):
+    """Balancing's load per expert of one layer drew 256 lines (1,000 buckets each at 10,000 steps: 0.96 s to read);
+    a wide model's shows the busiest TOP_EXPERTS and the others' mean, each against numpy over the routing."""
+    import json
+
+    from app.wide import TOP_EXPERTS
+
+    at = open_app(wide, run="wide", page="balancing")
+    figs = [json.loads(el.proto.spec) for el in at.get("plotly_chart")]
+    (fig,) = [f for f in figs if "busiest experts over steps, layer 0" in f["layout"]["title"]["text"]]
+    traces = [t for t in fig["data"] if t.get("name") != "uniform"]
+    assert len(traces) == TOP_EXPERTS + 1, [t.get("name") for t in traces]
+    steps = np.unique(routing["steps"])
+    per_step = np.stack([np.bincount(routing["index"][routing["steps"] == s, 0, :].ravel(), minlength=E) for s in steps])
+    order = np.lexsort((np.arange(E), -per_step.sum(0)))  # busiest over the run first, ties: lower number
+    share = per_step / per_step.sum(1, keepdims=True)  # [steps, experts]
+    for rank, expert in enumerate(order[:TOP_EXPERTS], 1):
+        (t,) = [t for t in traces if t["name"] == f"#{rank} · expert {expert}"]
+        np.testing.assert_allclose(arr(t["y"]), share[:, expert] * E, rtol=1e-9)
+    others = order[TOP_EXPERTS:]
+    (t,) = [t for t in traces if t["name"].startswith("others")]
+    np.testing.assert_allclose(arr(t["y"]), share[:, others].sum(1) * E / len(others), rtol=1e-9)
