@@ -13,7 +13,7 @@ import streamlit as st
 
 from app.components import error_message
 from app.state import Ctx, cached, slider_steps, store_path_from_args, store_warnings
-from moeviz.analyses.unknowns import summed_ranks
+from moeviz.analyses.unknowns import steps_with_sequences, summed_ranks
 from moeviz.selection import Selection
 from moeviz.store.catalog import (
     domain_list,
@@ -87,15 +87,6 @@ WINDOW_CHOICE_KEY = "_moeviz_route_window_choice"  # the number of steps the use
 
 def _remember_window_choice() -> None:
     st.session_state[WINDOW_CHOICE_KEY] = st.session_state.get(WINDOW_KEY)
-
-
-def steps_with_sequences(con, run_id: str) -> list[int]:
-    """The steps that hold `sequences` rows, ascending: the steps that kept per-token detail (the Recorder and the
-    importers write a sequence's row with its routes). A run that samples routes every N steps holds none at
-    most steps; the per-token window counts these steps, not every step (its default was the run's last step,
-    which a run sampled every 1,000 steps never kept: every per-token page said the run kept no detail)."""
-    rows = con.execute("SELECT DISTINCT step FROM sequences WHERE run_id = ? ORDER BY step", [run_id]).fetchall()
-    return [int(r[0]) for r in rows]
 
 
 def _pick_route_window(steps: list[int], step_sel: tuple[int, int] | None, per_step: int,

@@ -383,8 +383,8 @@ def run(store: str, port: int | None, run_id: str | None, pages: list[str] | Non
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| page | first chart s | page settled s | widget | widget change s | target met | server peak RSS GB "
-             "(so far) | load (1 min) | note |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = [("| page | first chart s | page settled s | widget | widget change s | target met | server peak RSS GB "
+              "(so far) | load (1 min) | note |"), "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['page']} | {_fmt(r['first'])} | {_fmt(r['settled'])} | {r['widget']} | {_fmt(r['change'])} "
                      f"| {r['met']} | {_fmt(r.get('rss'))} | {_fmt(r.get('load'))} | {r['note'].replace('|', '/')} |")
