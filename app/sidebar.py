@@ -13,7 +13,7 @@ import streamlit as st
 
 from app.components import error_message
 from app.state import Ctx, cached, slider_steps, store_path_from_args, store_warnings
-from moeviz.analyses.unknowns import summed_ranks
+from moeviz.analyses.unknowns import steps_with_sequences, summed_ranks
 from moeviz.selection import Selection
 from moeviz.store.catalog import (
     domain_list,
@@ -89,7 +89,8 @@ def _remember_window_choice() -> None:
     st.session_state[WINDOW_CHOICE_KEY] = st.session_state.get(WINDOW_KEY)
 
 
-def _pick_route_window(steps: list[int], step_sel: tuple[int, int] | None, per_step: int) -> tuple[int, int] | None:
+def _pick_route_window(steps: list[int], step_sel: tuple[int, int] | None, per_step: int,
+                       routed: list[int] | None = None) -> tuple[int, int] | None:
     """How many of the selected steps (the last ones) the per-token analyses read: by default as many as hold
     ROUTE_BUDGET routes, so that those pages answer in seconds on a store of any size.
 
@@ -103,6 +104,9 @@ def _pick_route_window(steps: list[int], step_sel: tuple[int, int] | None, per_s
     chosen = [s for s in steps if lo <= s <= hi]
     if not chosen:
         return None
+    kept = set(routed or ())
+    if kept and any(s in kept for s in chosen) and not all(s in kept for s in chosen):
+        chosen = [s for s in chosen if s in kept]  # the window's steps: those with per-token detail
     default = route_window(chosen, per_step, ROUTE_BUDGET)
     n_default = sum(1 for s in chosen if default[0] <= s <= default[1])
     choice = st.session_state.get(WINDOW_CHOICE_KEY)
@@ -197,6 +201,7 @@ def build() -> Ctx | None:
         try:
             overview = cached(run_overview, path, token, run_id, count_routes=False)
             per_step = cached(routes_per_step, path, token, run_id)
+            routed = cached(steps_with_sequences, path, token, run_id)
             steps = cached(steps_list, path, token, run_id)
             layers = cached(layer_list, path, token, run_id)["layer"].astype(int).tolist()
             ranks = cached(rank_list, path, token, run_id)
@@ -207,7 +212,7 @@ def build() -> Ctx | None:
             error_message(f"Could not read run `{run_id}`", e)
             return None
         step_sel = _pick_steps(steps)
-        route_steps = _pick_route_window(steps, step_sel, per_step)
+        route_steps = _pick_route_window(steps, step_sel, per_step, routed)
         layer_sel = _pick_many("Layers", layers, "layers", "MoE layers to include (empty = all).")
         rank_sel = _pick_many("Ranks", ranks, "ranks", "Ranks (GPUs) to include (empty = all).")
         if summed is not None:  # a rank filter there would show the group's sums as one rank's, or nothing

@@ -24,13 +24,14 @@ import platform
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from a checkout: moeviz importable without installing
-from moeviz.cli.dashboard_process import serving  # noqa: E402
+from moeviz.cli.dashboard_process import free_port, start, stop, wait_until_healthy  # noqa: E402
 
 CHROMIUM = os.environ.get("MOEVIZ_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
@@ -38,6 +39,7 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-
 FIRST_CHART_TARGET_S = 3.0
 WIDGET_TARGET_S = 1.0
 TIMEOUT_MS = 180_000
+RSS_LIMIT_GB = 6.0  # the dashboard server is stopped above this (a shared 24 GiB machine)
 
 # JS: a fingerprint of every drawn Plotly chart (its title and a checksum of its traces), to tell when a chart
 # was redrawn. Cheap on purpose: it runs every 50 ms on the browser's main thread, the thread that draws what is
@@ -85,6 +87,7 @@ class Page:
     content: str | None = None  # selector proving a chart-less page's content
     watch: str = "chart"  # what must change after the widget: 'chart' (a Plotly chart) or a selector's text
     nav: str = ""  # the sidebar link's text (default: the title)
+    prepare: Callable | None = None  # page -> None: untimed, before the change (open the tab the widget drives)
 
 
 def _labelled(page, testid: str, label: str, area: str = "stMain"):
@@ -135,6 +138,15 @@ def _number(label: str, value: str):
     return go
 
 
+def _open_tab(label: str):
+    """Open a tab whose charts the widget drives (the Specialization maps' first tab, Domains, is a message on a
+    run without domain labels: a layer change there redraws no chart)."""
+    def go(page):
+        page.get_by_role("tab", name=label).first.click()
+        page.wait_for_function(f"() => ({FIRST_CHART})() && ({SETTLED})()", timeout=TIMEOUT_MS, polling=50)
+    return go
+
+
 def _sql(query: str):
     def go(page):
         box = page.locator('[data-testid="stMain"] textarea').first
@@ -147,15 +159,20 @@ PAGES = [
     Page("", "Overview", "sidebar Layers: pick layer 1", None),  # the change is set up in main() (sidebar)
     Page("load", "Load balance", "Step slider: all steps -> first step", _slider_right("Step")),
     Page("aux_loss", "Aux loss", "Pooled loss scale radio", _radio("as transformers reports it")),
+    Page("balancing", "Balancing", "Layer select: 0 -> 1", _select("Layer for the bias and the load per expert", "1")),
     Page("capacity", "Capacity", "Capacity factor slider +0.05", _slider_right("Capacity factor")),
-    Page("specialization", "Specialization", "Layer select: 0 -> 1", _select("Layer for the per-layer maps", "1")),
-    Page("tokens", "Tokens", "First token shown slider +8", _slider_right("First token shown")),
+    Page("expert_parallel", "Expert parallel", "Placement radio: round robin", _radio("round robin")),
+    Page("specialization", "Specialization", "Layer select: 0 -> 1 (tab Vocabulary and positions)",
+         _select("Layer for the per-layer maps", "1"), prepare=_open_tab("Vocabulary and positions")),
+    Page("tokens", "Tokens", "First token shown slider +8", _slider_right("First token shown"),
+         content='[data-testid="stMain"] [data-testid="stHtml"]', watch='[data-testid="stMain"] [data-testid="stHtml"]'),
     Page("bounds", "Bound explorer", "Experts E: 16", _number("Experts E", "16")),
     Page("toy", "Toy MoE", "Map resolution: 51 -> 81", _slider_right("Map resolution")),
     Page("sql", "SQL console", "Run a query on step_stats", _sql(
         "SELECT layer, sum(assigned) AS assigned FROM step_stats GROUP BY layer ORDER BY layer"),
         content='[data-testid="stDataFrame"]', watch='[data-testid="stMain"] [data-testid="stAlert"]', nav="SQL"),
     Page("compare", "Compare", "Imbalance metric select", _select("Imbalance metric", "coefficient")),
+    Page("agreement", "Agreement", "Position bucket 16 -> 32", _slider_right("Position bucket (tokens)")),
 ]
 
 
@@ -178,6 +195,65 @@ def _clear_sidebar_layer(page):
 
 
 PAGES[0].change = _sidebar_layer
+
+
+def _session_rss_gb(sid: int) -> float:
+    """The largest resident set, GB, of the processes in session `sid` (the CLI and its Streamlit server)."""
+    biggest = 0
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            stat = (d / "stat").read_text()
+            if int(stat[stat.rindex(")") + 2:].split()[3]) != sid:  # field 6: the session id
+                continue
+            for line in (d / "status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    biggest = max(biggest, int(line.split()[1]))
+        except (OSError, ValueError):
+            continue
+    return biggest / 1e6
+
+
+class RssWatch:
+    """The dashboard server's peak RSS, polled every 0.25 s in a thread; stops the server above RSS_LIMIT_GB
+    (the page being timed then fails, and the table says why)."""
+
+    def __init__(self, proc):
+        import threading
+
+        self.proc, self.peak, self.killed = proc, 0.0, False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+
+    def _poll(self) -> None:
+        while not self._stop.is_set():
+            rss = _session_rss_gb(self.proc.pid)
+            self.peak = max(self.peak, rss)
+            if rss > RSS_LIMIT_GB and not self.killed:
+                self.killed = True
+                print(f"dashboard server at {rss:.2f} GB > {RSS_LIMIT_GB:g} GB: stopped", flush=True)
+                stop(self.proc)
+            self._stop.wait(0.25)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+@contextmanager
+def serving_watched(store: str, port: int | None):
+    """(url, RssWatch) of `moeviz dashboard STORE` served in the background while the block runs."""
+    port = port or free_port()
+    proc = start(store, port)
+    watch = RssWatch(proc)
+    try:
+        wait_until_healthy(f"http://127.0.0.1:{port}", proc, 120.0)
+        yield f"http://127.0.0.1:{port}", watch
+    finally:
+        watch.close()
+        stop(proc)
 
 
 def _settle(page) -> None:
@@ -230,6 +306,9 @@ def _change(page, spec: Page) -> tuple[float | None, str]:
     """Seconds from the widget change until the page settled and what it drives changed, or None + why."""
     if spec.change is None:
         return None, "no widget"
+    if spec.prepare is not None:
+        spec.prepare(page)
+        _settle(page)
     if spec.watch == "chart":
         before = page.evaluate(CHART_SIGNATURE)
         if not before:
@@ -263,14 +342,15 @@ def run(store: str, port: int | None, run_id: str | None, pages: list[str] | Non
     from playwright.sync_api import sync_playwright
 
     rows = []
-    with serving(store, port=port) as url, sync_playwright() as p:
+    with serving_watched(store, port) as (url, watch), sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
         page = browser.new_page(viewport={"width": 1500, "height": 1000})
         page.set_default_timeout(20_000)  # finding and using widgets; the waits on the app pass their own
         chosen = [s for s in PAGES if pages is None or (s.path or "overview") in pages]
         cold = cold_start(page, url, run_id)
         rows.append({"page": "(cold start: app by URL, Bound explorer)", "first": None, "settled": cold,
-                     "widget": "", "change": None, "met": "n/a", "note": "browser loads Streamlit, server opens the store"})
+                     "widget": "", "change": None, "met": "n/a", "rss": watch.peak, "load": os.getloadavg()[0],
+                     "note": "browser loads Streamlit, server opens the store"})
         print(f"cold start {cold:.2f} s", flush=True)
         for spec in chosen:
             try:
@@ -290,19 +370,24 @@ def run(store: str, port: int | None, run_id: str | None, pages: list[str] | Non
             else:
                 met = "yes" if (ok_first or first is None) and (ok_change or change is None) else "no"
             rows.append({"page": spec.title, "first": first, "settled": settled, "widget": spec.widget,
-                         "change": change, "met": met, "note": "; ".join(x for x in (note, why) if x)})
+                         "change": change, "met": met, "rss": watch.peak, "load": os.getloadavg()[0],
+                         "note": "; ".join(x for x in (note, why) if x)})
             print(f"{spec.title}: first chart {_fmt(first)} s, settled {_fmt(settled)} s, "
-                  f"{spec.widget}: {_fmt(change)} s {note} {why}", flush=True)
+                  f"{spec.widget}: {_fmt(change)} s, server peak RSS so far {watch.peak:.2f} GB {note} {why}",
+                  flush=True)
+            if watch.killed:
+                rows[-1]["note"] = (rows[-1]["note"] + f" server stopped above {RSS_LIMIT_GB:g} GB").strip()
+                break
         browser.close()
     return rows
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| page | first chart s | page settled s | widget | widget change s | target met | note |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [("| page | first chart s | page settled s | widget | widget change s | target met | server peak RSS GB "
+              "(so far) | load (1 min) | note |"), "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['page']} | {_fmt(r['first'])} | {_fmt(r['settled'])} | {r['widget']} | {_fmt(r['change'])} "
-                     f"| {r['met']} | {r['note'].replace('|', '/')} |")
+                     f"| {r['met']} | {_fmt(r.get('rss'))} | {_fmt(r.get('load'))} | {r['note'].replace('|', '/')} |")
     return "\n".join(lines)
 
 

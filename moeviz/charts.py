@@ -1295,9 +1295,16 @@ def expert_bias_lines(df: pd.DataFrame, *, layer: int) -> go.Figure:
 
 def expert_load_lines(df: pd.DataFrame, *, layer: int) -> go.Figure:
     """Each expert's load over steps, as a multiple of the uniform share, for one layer
-    (`moeviz.analyses.load.expert_load` rows)."""
+    (`moeviz.analyses.load.expert_load` rows), or the busiest experts' and the others' (`top_expert_load` rows,
+    a wide model: 256 lines of 1,000 buckets are megabytes no one can read)."""
     _need(df, ["step", "layer", "expert", "relative_load"], "expert load over steps")
     d = df[df["layer"] == layer]
+    if "label" in d.columns:  # `top_experts.top_expert_load` rows: the busiest experts and the others' mean
+        d = d.sort_values(["busy_rank", "step"], kind="stable")
+        return lines(d, x="step", y="relative_load", color="label", markers=False,
+                     title=f"Load of the busiest experts over steps, layer {layer} (others: their mean)",
+                     x_title="step", y_title="load ÷ uniform share (1 = even)", references={"uniform": 1.0},
+                     hover=[c for c in ("assigned",) if c in d.columns])
     return lines(d, x="step", y="relative_load", color="expert", title=f"Load per expert over steps, layer {layer}",
                  x_title="step", y_title="load ÷ uniform share (1 = even)", references={"uniform": 1.0},
                  hover=[c for c in ("assigned",) if c in d.columns], markers=False)

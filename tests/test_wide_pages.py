@@ -115,3 +115,76 @@ def test_find_expert_marks_it_in_every_layer(wide, routing):
     np.testing.assert_allclose(y, E * c[:, quiet] / c.sum(1))
     heat = next(ch for ch in charts(at) if "per expert and layer" in ch["layout"]["title"]["text"])
     assert any(s.get("type") == "rect" for s in heat["layout"].get("shapes", []))
+
+
+def test_tokens_page_shows_a_page_of_layers_of_a_wide_model(wide, routing):
+    """58 lines of text with every token's experts on hover were 4.9 MB of HTML at 256 tokens (10,000-step
+    DeepSeek-V3-shaped run): the page shows LAYERS_PER_PAGE layers, picked like the Overview's panels, and each
+    token's colour is its top expert in the routing the store was written from."""
+    from test_dashboard_usability import parse_tokens
+
+    from app.wide import LAYERS_PER_PAGE
+
+    at = open_app(wide, run="wide", page="tokens")
+    (el,) = at.get("html")
+    spans = parse_tokens(el.proto.body)
+    step = int(routing["steps"].max())  # the default sequence: the newest step's first
+    sel = (routing["steps"] == step) & (routing["seqs"] == 0)
+    assert sorted({s["layer"] for s in spans}) == list(range(LAYERS_PER_PAGE))
+    for layer in range(LAYERS_PER_PAGE):
+        line = [s for s in spans if s["layer"] == layer]
+        np.testing.assert_array_equal([s["expert"] for s in line], routing["index"][sel, layer, 0])
+    at.selectbox(key="tokens-layer-page").set_value(7).run()  # the last page: layers 56-57
+    spans = parse_tokens(at.get("html")[0].proto.body)
+    assert sorted({s["layer"] for s in spans}) == [56, 57]
+    np.testing.assert_array_equal([s["expert"] for s in spans if s["layer"] == 57], routing["index"][sel, 57, 0])
+
+
+def test_balancing_load_of_a_wide_model_draws_the_busiest_experts_and_the_others(wide, routing):
+    """Balancing's load per expert of one layer drew 256 lines (1,000 buckets each at 10,000 steps: 0.96 s to read);
+    a wide model's shows the busiest TOP_EXPERTS and the others' mean, each against numpy over the routing."""
+    import json
+
+    from app.wide import TOP_EXPERTS
+
+    at = open_app(wide, run="wide", page="balancing")
+    figs = [json.loads(el.proto.spec) for el in at.get("plotly_chart")]
+    (fig,) = [f for f in figs if "busiest experts over steps, layer 0" in f["layout"]["title"]["text"]]
+    traces = [t for t in fig["data"] if t.get("name") != "uniform"]
+    assert len(traces) == TOP_EXPERTS + 1, [t.get("name") for t in traces]
+    steps = np.unique(routing["steps"])
+    per_step = np.stack([np.bincount(routing["index"][routing["steps"] == s, 0, :].ravel(), minlength=E) for s in steps])
+    order = np.lexsort((np.arange(E), -per_step.sum(0)))  # busiest over the run first, ties: lower number
+    share = per_step / per_step.sum(1, keepdims=True)  # [steps, experts]
+    for rank, expert in enumerate(order[:TOP_EXPERTS], 1):
+        (t,) = [t for t in traces if t["name"] == f"#{rank} · expert {expert}"]
+        np.testing.assert_allclose(arr(t["y"]), share[:, expert] * E, rtol=1e-9)
+    others = order[TOP_EXPERTS:]
+    (t,) = [t for t in traces if t["name"].startswith("others")]
+    np.testing.assert_allclose(arr(t["y"]), share[:, others].sum(1) * E / len(others), rtol=1e-9)
+
+
+def test_bound_explorer_draws_the_observed_loss_in_the_pages_buckets(wide, routing, monkeypatch):
+    """The observed Switch loss against the bounds drew every step (58 layers x 10,000 steps: 580,000 points
+    re-sent on each widget change, 2.9 s): it now uses the step bucket of every curve over steps. Buckets of 2
+    steps forced on the 3-step run: one point per bucket (steps 0 and 2) and layer, each the loss of the bucket's
+    pooled counts, E x sum_i f_i P_i, against numpy over the routing."""
+    import json
+
+    import app.state
+
+    monkeypatch.setattr(app.state, "step_bucket_for", lambda *a, **k: 2)
+    at = open_app(wide, run="wide", page="bounds")
+    figs = [json.loads(el.proto.spec) for el in at.get("plotly_chart")]
+    (fig,) = [f for f in figs if any(str(t.get("name", "")).startswith("layer") for t in f["data"])]
+    t0 = [t for t in fig["data"] if t.get("name") == "layer 0"][0]
+    assert list(arr(t0["x"])) == [0, 2]
+    probs = np.exp(routing["logits"] - routing["logits"].max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)  # [tokens, layers, experts]
+    want = []
+    for lo in (0, 2):
+        m = (routing["steps"] >= lo) & (routing["steps"] < lo + 2)
+        f = np.bincount(routing["index"][m, 0, :].ravel(), minlength=E) / (m.sum() * K)
+        P = probs[m, 0, :].mean(0)
+        want.append(E * (f * P).sum())
+    np.testing.assert_allclose(arr(t0["y"]), want, rtol=1e-6)

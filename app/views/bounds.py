@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from app.components import guarded, run_page, show_chart
+from app.components import bucket_note, guarded, run_page, show_chart
 from app.state import Ctx, cached_pure
 from moeviz import charts
 from moeviz.analyses.aux_loss import switch_loss
@@ -63,8 +63,12 @@ def render(ctx: Ctx | None) -> None:
             st.caption(f"The run has E = {ctx.n_experts}, k = {ctx.top_k}; its bounds are drawn below.")
         run_inf = infimum_value(ctx.n_experts, ctx.top_k)
         run_blog = cached_pure(blog_construction, ctx.n_experts).value if ctx.top_k == 1 and ctx.n_experts > 1 else None
-        observed = ctx.q(switch_loss, ctx.sel_exact, by_step=True)
-        show_chart(charts.observed_against_bounds(observed, infimum=run_inf, blog=run_blog), observed, "bound-observed")
+        # in buckets on a long run, as every curve over steps: every step of 58 layers x 10,000 steps was 580,000
+        # points, re-sent on each rerun of this page (a widget change 2.9 s; docs/benchmarks.md)
+        bucket = ctx.step_bucket
+        observed = ctx.q(switch_loss, ctx.sel_exact, by_step=True, step_bucket=bucket)
+        show_chart(charts.observed_against_bounds(observed, infimum=run_inf, blog=run_blog), observed, "bound-observed",
+                   caption=bucket_note(bucket))
 
 
 if __name__ == "__main__":

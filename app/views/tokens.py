@@ -7,6 +7,7 @@ import streamlit as st
 
 from app.components import OBSERVATIONAL, run_page, show_chart, show_table
 from app.state import Ctx
+from app.wide import layer_page
 from moeviz import charts
 from moeviz.store.catalog import sequence_list, sequence_routes
 
@@ -42,6 +43,11 @@ def render(ctx: Ctx) -> None:
     routes = ctx.q(sequence_routes, ctx.run_id, int(row["step"]), int(row["rank"]), int(row["seq"]))
     if ctx.sel.layers is not None:
         routes = routes[routes["layer"].isin(ctx.sel.layers)]
+    # a wide model's text, a page of layers at a time: 58 lines of 256 tokens with their experts on hover were
+    # 4.9 MB of HTML (1.3 s to build, 4-5 s to show, 10,000-step DeepSeek-V3-shaped run: docs/benchmarks.md)
+    page = layer_page(ctx, "tokens")
+    if page is not None:
+        routes = routes[routes["layer"].isin(page)]
     if not routes.empty and routes["weight"].isna().all():
         st.info("This run holds no gate weights and no slot order (it was imported from an engine log): a token's "
                 "colour is the expert the log lists first, not necessarily its top choice.")

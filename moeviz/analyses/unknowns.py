@@ -100,3 +100,12 @@ def _source(con, run_id: str) -> str | None:
         return (json.loads(row[0]) or {}).get("source") if row and row[0] else None
     except (ValueError, AttributeError):
         return None
+
+
+def steps_with_sequences(con, run_id: str) -> list[int]:
+    """The steps that hold `sequences` rows, ascending: the steps that kept per-token detail (the Recorder and the
+    importers write a sequence's row with its routes). A run that samples routes every N steps holds none at
+    most steps; the per-token window counts these steps, not every step (its default was the run's last step,
+    which a run sampled every 1,000 steps never kept: every per-token page said the run kept no detail)."""
+    rows = con.execute("SELECT DISTINCT step FROM sequences WHERE run_id = ? ORDER BY step", [run_id]).fetchall()
+    return [int(r[0]) for r in rows]
