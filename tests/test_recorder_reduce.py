@@ -351,22 +351,26 @@ def test_reduce_ranks_needs_a_process_group():
     assert Recorder(model, "unused", reduce_ranks=True).reduce_ranks is False  # one rank: nothing to sum
 
 
+def _cells(run_dir: Path, where: str = "", sql: str | None = None) -> pd.DataFrame:
+    """Per step, layer and expert of a recorded run: the assignments summed over ranks (n) and the ranks that
+    wrote rows (r), for the step_stats rows `where` selects (or the result of `sql`)."""
+    from moeviz.store import open_store
+
+    con = open_store(run_dir)
+    try:
+        return con.execute(sql or f"SELECT step, layer, expert, sum(assigned) AS n, list(DISTINCT rank ORDER BY rank) "
+                                  f"AS r FROM step_stats {where} GROUP BY ALL ORDER BY step, layer, expert").df()
+    finally:
+        con.close()
+
+
 @pytest.mark.slow
 def test_a_rank_failing_before_the_sums_costs_its_own_steps_only(runs):
     """Rank 2's first flush fails while building the buffers to sum: it still joins the head, with its failure flag,
     so every rank writes that flush per rank (nobody waits for it) and rank 2 loses steps 0-1 alone (a recording
     error in its status); the next flushes are summed again: steps 2-4 equal the complete per-rank run."""
-    from moeviz.store import open_store
-
-    con, per = open_store(runs / "failing-reduced"), open_store(runs / "same-per_rank")
-    q = "SELECT step, layer, expert, sum(assigned) AS n, list(DISTINCT rank ORDER BY rank) AS r FROM step_stats {} " \
-        "GROUP BY ALL ORDER BY step, layer, expert"
-    try:
-        got = con.execute(q.format("")).df()
-        want = per.execute(q.format("WHERE step >= 2 OR rank <> 2")).df()
-    finally:
-        con.close()
-        per.close()
+    got = _cells(runs / "failing-reduced")
+    want = _cells(runs / "same-per_rank", "WHERE step >= 2 OR rank <> 2")
     rank_file = runs / "failing-reduced" / "_status" / "rank=2.json"
     assert "simulated: out of memory" in rank_file.read_text()
     assert got[got.step < 2].r.map(list).map(tuple).unique().tolist() == [(0, 1, 3)]
@@ -397,18 +401,9 @@ def test_a_step_that_cannot_be_recorded_keeps_the_flushes_in_step(runs):
     recorded steps), so no collective is left waiting (the worker would time out): the flush of steps 0-1 is
     written per rank (its signature differs), the later ones are summed; every count equals the per-rank run's
     without rank 1's step 1."""
-    from moeviz.store import open_store
-
-    con, per = open_store(runs / "stepfail-reduced"), open_store(runs / "same-per_rank")
-    q = "SELECT step, layer, expert, sum(assigned) AS n, list(DISTINCT rank ORDER BY rank) AS r FROM step_stats {} " \
-        "GROUP BY ALL ORDER BY step, layer, expert"
-    try:
-        got = con.execute(q.format("")).df()
-        want = per.execute(q.format("WHERE NOT (step = 1 AND rank = 1)")).df()
-        errors = con.execute("SELECT recording_errors FROM runs").fetchone()[0]
-    finally:
-        con.close()
-        per.close()
+    got = _cells(runs / "stepfail-reduced")
+    want = _cells(runs / "same-per_rank", "WHERE NOT (step = 1 AND rank = 1)")
+    errors = _cells(runs / "stepfail-reduced", sql="SELECT recording_errors FROM runs").iloc[0, 0]
     assert "step 1 was not recorded" in (runs / "stepfail-reduced" / "_status" / "rank=1.json").read_text()
     assert errors is not None
     assert got[got.step == 0].r.map(tuple).unique().tolist() == [(0, 1, 2, 3)]
