@@ -54,7 +54,10 @@ def test_kill_9_keeps_every_flush_and_reads_interrupted_then_compacts(tmp_path):
     n, steps, status, ended = con.execute(
         "SELECT (SELECT count(*) FROM routes), (SELECT count(DISTINCT step) FROM routes), "
         "(SELECT status FROM runs), (SELECT ended_at FROM runs)").fetchone()
-    assert n == on_disk == ROWS * len(segments) and steps == len(segments)
+    assert on_disk == ROWS * len(segments)
+    # what the commits name: every flush before the kill; a segment renamed into place but not yet committed when
+    # the kill came is left out (with a StoreWarning naming it), never read half
+    assert n == ROWS * steps and steps in (len(segments), len(segments) - 1) and steps >= 5  # 5 printed
     assert (status, ended) == ("interrupted", None)
     assert con.execute("SELECT count(*) FROM layer_stats").fetchone()[0] >= 4 * 5
     con.close()
