@@ -42,6 +42,9 @@ def register(subparsers) -> None:
     p.add_argument("path")
     p.add_argument("--routes-format", choices=("parquet", "duckdb"), default="parquet",
                    help="where compacted routes go: Parquet files (~2 bytes/route, default) or run.duckdb (~8)")
+    p.add_argument("--memory-limit", default=None, metavar="SIZE",
+                   help="DuckDB memory limit of the compaction (for example 8GB); past it DuckDB spills to disk. "
+                        "Default: $MOEVIZ_COMPACT_MEMORY, else a quarter of this machine's (or container's) memory")
     p.set_defaults(func=cmd_compact)
 
     p = subparsers.add_parser("schema", help="print the public SQL schema (tables, columns, types, meanings)")
@@ -120,8 +123,13 @@ def cmd_info(args) -> int:
 
 
 def cmd_compact(args) -> int:
-    from moeviz.store import compact
+    import os
 
+    from moeviz.store import compact, memory
+
+    if args.memory_limit is not None:
+        memory.parse_bytes(args.memory_limit)  # a bad size: one line before anything is read
+        os.environ[memory.ENV] = args.memory_limit
     for r in compact(args.path, routes_format=args.routes_format)["runs"]:
         if "skipped" in r:
             print(f"run {r['run_id']}: skipped: {r['skipped']}")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import pyarrow as pa
 
 from moeviz.errors import StoreError
 from moeviz.store import layout, rollups
+from moeviz.store.memory import compaction_config
 from moeviz.store.schema import SCHEMA_VERSION
 
 ROUTES_FORMATS = ("parquet", "duckdb")
@@ -212,7 +214,7 @@ def _publish_compacted(run_dir: Path, target: Path, manifest: dict, statuses: di
 
     tmp = run_dir / (layout.COMPACTED + ".tmp")
     _unlink_with_wal(tmp)
-    con = duckdb_compat.connect(str(tmp))
+    con = duckdb_compat.connect(str(tmp), config=compaction_config())
     try:
         # no progress bar on the training process's terminal: grouping tens of millions of routes into
         # token_sets takes seconds, and DuckDB draws a bar for any query past two
@@ -294,12 +296,17 @@ def _raise_manifest_version(run_dir: Path) -> None:
 
 
 def _unlink_with_wal(path: Path) -> int:
-    """Delete a DuckDB file and its write-ahead log if they exist: how many were deleted."""
+    """Delete a DuckDB file, its write-ahead log and its spill folder (`<file>.tmp`, left by a process killed
+    while DuckDB spilled under the compaction's memory limit) if they exist: how many were deleted."""
     n = 0
     for p in (path, Path(str(path) + ".wal")):
         if p.exists():
             p.unlink(missing_ok=True)
             n += 1
+    spill = Path(str(path) + ".tmp")
+    if spill.is_dir():
+        shutil.rmtree(spill, ignore_errors=True)
+        n += 1
     return n
 
 
@@ -553,7 +560,7 @@ class _RouteCounts:
         from moeviz.store import duckdb_compat
 
         _unlink_with_wal(self.path)
-        con = duckdb_compat.connect(str(self.path))
+        con = duckdb_compat.connect(str(self.path), config=compaction_config())
         con.execute("SET enable_progress_bar = false")
         for table, keys in self.KEYS.items():
             cols = ["run_id", "rank", *keys, "assigned", "first_choice"] + (
