@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import time
@@ -29,7 +30,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from bench_dsv3 import E, K, L, Shares, aggregates, folder_bytes, routes  # noqa: E402
 
-from moeviz.store import RunWriter, compact, duckdb_compat, open_store, store_info  # noqa: E402
+from moeviz.store import RunWriter, compact, duckdb_compat, memory, open_store, store_info  # noqa: E402
 
 ROUTE_RANKS = 8
 
@@ -86,7 +87,9 @@ def write(out: Path, args) -> dict:
 
 
 def limit_duckdb_memory(gb: float, spill: Path) -> None:
-    """Every DuckDB connection compaction opens gets memory_limit=gb GiB and spills under `spill`."""
+    """Every DuckDB connection that sets no limit of its own gets memory_limit=gb GiB and spills under `spill`;
+    compaction's own (moeviz.store.memory) gets the same limit through MOEVIZ_COMPACT_MEMORY."""
+    os.environ[memory.ENV] = f"{int(gb * 1024)}MiB"
     real = duckdb_compat.connect
     spill.mkdir(parents=True, exist_ok=True)
 
