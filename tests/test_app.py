@@ -311,6 +311,8 @@ def test_capacity_drops_per_domain_match_the_analysis_at_the_chosen_factor(store
 
 def test_tokens_page_colours_tokens_by_their_top_expert(store, routing):
     at = open_app(store, page="tokens")
+    assert not at.get("plotly_chart")  # the grid is built only when asked for
+    at.toggle(key="tokens_grid").set_value(True).run()
     hm = chart(at, "Top expert of each token")["data"][0]
     sel = (routing["steps"] == 3) & (routing["seqs"] == 0)  # newest step, first sequence: the default
     np.testing.assert_array_equal(arr(hm["z"]), routing["index"][sel, :, 0].T)

@@ -71,7 +71,9 @@ def _token_window(routes: pd.DataFrame, row: pd.Series, n_experts: int) -> None:
     st.markdown(f"**The text, once per MoE layer, each token on the colour of its top expert** "
                 f"(step {row['step']}, sequence {row['seq']}, {span}). Hover a token for its experts and weights.")
     st.html(charts.token_text_html(shown, n_experts=n_experts))
-    with st.expander("The same as a grid (token × layer)"):
+    # a toggle, not an expander: Streamlit builds a closed expander's contents on every rerun, so the slider paid
+    # for a grid nobody opened (a heat map of 256 tokens x the layers shown, with every expert on hover)
+    if st.toggle("Show the same as a grid (token × layer)", key="tokens_grid"):
         fig = charts.token_routes(shown, n_experts=n_experts,
                                   title=f"Top expert of each token, per layer (step {row['step']}, sequence {row['seq']})")
         show_chart(fig, shown, "token-routes", caption="Each cell is a token at one MoE layer, coloured by its top "
