@@ -228,11 +228,11 @@ def _matched_ctes(con, a: Selection, b: Selection, *, lists: bool = False, sourc
     if "margin" in extra:
         cmp += ", a.margin AS margin_a, b.margin AS margin_b"
     if "prompt_tokens" in extra:
-        cmp += ", coalesce(p.a_prompt, p.b_prompt) AS prompt_tokens"
+        cmp += ", coalesce(a.a_prompt, a.b_prompt) AS prompt_tokens"
     if "ids" in extra:
         cmp += ", coalesce(a.token_id >= 0 AND b.token_id >= 0, FALSE) AS ids_known"
     if "keys" in extra:  # both sides' own row keys (swap_matrix reads their routes)
-        cmp += (", p.a_run, p.a_step, p.a_rank, p.a_seq, a.pos AS a_pos, p.b_run, p.b_step, p.b_rank, p.b_seq, "
+        cmp += (", a.a_run, a.a_step, a.a_rank, a.a_seq, a.pos AS a_pos, a.b_run, a.b_step, a.b_rank, a.b_seq, "
                 "b.pos AS b_pos")
     cols = ("a.run_id AS a_run, a.step AS a_step, a.rank AS a_rank, a.seq AS a_seq, a.domain, "
             "a.pos_offset AS a_off, b.run_id AS b_run, b.step AS b_step, b.rank AS b_rank, b.seq AS b_seq, "
@@ -283,34 +283,40 @@ def _pairs(cols: str, match_by: str) -> str:
 
 
 def _m_body(cmp: str, shift: int, same_token: bool, ids: str = "equal") -> str:
-    """The join of the two sides through the matched pairs. With the token-id key, b's position is compared in
-    the join condition (what DuckDB plans fastest: 80 M routes per side in ~2 s; computing it in a CTE first made
-    the summary take minutes). Without it (log_checks.alignment), that condition mixes b with the pairs and is no
-    hash key, so the join grew 512x per sequence: b's position within its sequence is computed first.
-    `ids`: 'equal' (the token ids must be equal), 'where_known' (match_by='order': equal only where both sides
-    have one, >= 0) or 'none' (a side has no token ids: not compared, so the join keeps its hash keys)."""
+    """The join of the two sides through the matched pairs: a's tokens joined to their pairs first (`ap`,
+    materialized: a's token columns and the pair's a_*, b_*, domain, by_key), then to b's tokens on every key.
+
+    Why in that order, fenced by MATERIALIZED: DuckDB cannot estimate the size of a scan of Parquet files through
+    pyarrow (token_sets as files: it assumes one row), and with ta, pairs and tb in one join it joined ta to tb
+    first on the only keys they share (layer and token id), ~380 M rows per layer at 10 M token-layers a side,
+    which spilled 23 GB and ran for minutes; two joins of two inputs each have no such order to get wrong.
+    With the token-id key, b's position is compared in the join condition (what DuckDB plans fastest; computing
+    it in a CTE first made the summary take minutes). Without it (log_checks.alignment), that condition mixes b
+    with the pairs and is no hash key, so the join grew 512x per sequence: b's position within its sequence is
+    computed first. `ids`: 'equal' (the token ids must be equal), 'where_known' (match_by='order': equal only
+    where both sides have one, >= 0) or 'none' (a side has no token ids: not compared, so the join keeps its hash
+    keys). `cmp` reads a's and the pair's columns as `a.`, b's as `b.`."""
+    ap = """WITH ap AS MATERIALIZED (
+            SELECT x.*, p.* FROM ta x
+            JOIN pairs p ON p.a_run = x.run_id AND p.a_step = x.step AND p.a_rank = x.rank AND p.a_seq = x.seq)"""
+    head = f"""{ap}
+        SELECT a.step, a.rank, a.seq, a.run_id, a.pos - a.a_off AS pos, a.layer, a.domain,
+               a.by_key = 0 AS by_sample_id, {cmp}
+        FROM ap a"""
     if same_token:
         ids = {"equal": "AND b.token_id = a.token_id", "none": "",
                "where_known": "AND (a.token_id = b.token_id OR coalesce(a.token_id, -1) < 0 "
                               "OR coalesce(b.token_id, -1) < 0)"}[ids]
-        return f"""
-        SELECT a.step, a.rank, a.seq, a.run_id, a.pos - p.a_off AS pos, a.layer, p.domain,
-               p.by_key = 0 AS by_sample_id, {cmp}
-        FROM ta a
-        JOIN pairs p ON p.a_run = a.run_id AND p.a_step = a.step AND p.a_rank = a.rank AND p.a_seq = a.seq
-        JOIN tb b ON b.run_id = p.b_run AND b.step = p.b_step AND b.rank = p.b_rank AND b.seq = p.b_seq
-                 AND b.pos - p.b_off = a.pos - p.a_off + {int(shift)} AND b.layer = a.layer
+        return f"""{head}
+        JOIN tb b ON b.run_id = a.b_run AND b.step = a.b_step AND b.rank = a.b_rank AND b.seq = a.b_seq
+                 AND b.pos - a.b_off = a.pos - a.a_off + {int(shift)} AND b.layer = a.layer
                  {ids}"""
-    return f"""
-        SELECT a.step, a.rank, a.seq, a.run_id, a.pos - p.a_off AS pos, a.layer, p.domain,
-               p.by_key = 0 AS by_sample_id, {cmp}
-        FROM ta a
-        JOIN pairs p ON p.a_run = a.run_id AND p.a_step = a.step AND p.a_rank = a.rank AND p.a_seq = a.seq
+    return f"""{head}
         JOIN (SELECT b.*, b.pos - q.b_off AS qpos FROM tb b
               JOIN (SELECT DISTINCT b_run, b_step, b_rank, b_seq, b_off FROM pairs) q
                 ON q.b_run = b.run_id AND q.b_step = b.step AND q.b_rank = b.rank AND q.b_seq = b.seq) b
-          ON b.run_id = p.b_run AND b.step = p.b_step AND b.rank = p.b_rank AND b.seq = p.b_seq
-         AND b.qpos = a.pos - p.a_off + {int(shift)} AND b.layer = a.layer"""
+          ON b.run_id = a.b_run AND b.step = a.b_step AND b.rank = a.b_rank AND b.seq = a.b_seq
+         AND b.qpos = a.pos - a.a_off + {int(shift)} AND b.layer = a.layer"""
 
 
 def _key_summary(con, sel: Selection) -> str:
