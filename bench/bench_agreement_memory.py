@@ -32,7 +32,7 @@ from moeviz.store import open_store
 
 def spill_bytes() -> int:
     """Bytes in this process's spill folders now."""
-    return sum(os.path.getsize(f) for d in glob.glob(f"/tmp/moeviz-spill-{os.getpid()}-*")
+    return sum(os.path.getsize(f) for d in glob.glob(f"/tmp/moeviz-spill-*-{os.getpid()}-*")
                for f in glob.glob(d + "/*") if os.path.exists(f))
 
 

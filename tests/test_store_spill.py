@@ -28,7 +28,9 @@ def run_dir(tmp_path):
 def _spill_folders() -> set[str]:
     import tempfile
 
-    return {n for n in os.listdir(tempfile.gettempdir()) if n.startswith(f"moeviz-spill-{os.getpid()}-")}
+    from moeviz.store.reader import _SPILL_PREFIX, _host
+
+    return {n for n in os.listdir(tempfile.gettempdir()) if n.startswith(f"{_SPILL_PREFIX}{_host()}-{os.getpid()}-")}
 
 
 def test_a_query_over_the_memory_limit_spills_and_the_folder_goes_at_close(run_dir):
@@ -59,3 +61,29 @@ def test_sql_still_reaches_no_file(run_dir, tmp_path, spill):
     assert not (tmp_path / "x.csv").exists()
     con.close()
 
+
+
+def test_spill_folders_of_dead_processes_are_removed_at_the_next_open(run_dir, tmp_path, monkeypatch):
+    """A process killed mid-query leaves its spill folder (DuckDB removes it only at close): the next
+    open_store(spill=True) on this host removes those whose process is gone, and nothing else."""
+    import subprocess
+    import sys
+    import tempfile
+
+    from moeviz.store.reader import _SPILL_PREFIX, _host
+
+    root = tmp_path / "tmp"
+    root.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(root))
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(gone.stdout)  # that process has exited
+    folders = {"dead": f"{_SPILL_PREFIX}{_host()}-{dead_pid}-0123456789ab",
+               "live": f"{_SPILL_PREFIX}{_host()}-{os.getpid()}-0123456789ab",
+               "other host": f"{_SPILL_PREFIX}otherhost-{dead_pid}-0123456789ab"}
+    for name in folders.values():
+        (root / name).mkdir()
+        (root / name / "duckdb_temp_storage-0.tmp").write_bytes(b"x" * 1024)
+    con = open_store(run_dir, spill=True)
+    con.close()
+    assert not (root / folders["dead"]).exists()
+    assert (root / folders["live"]).exists() and (root / folders["other host"]).exists()
