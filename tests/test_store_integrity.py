@@ -89,6 +89,27 @@ def test_a_skipped_token_sets_file_makes_agreement_read_the_routes(two_rank_runs
         ag.layer_agreement(con, A, B, source="token_sets")
 
 
+def test_info_and_check_name_a_missing_compacted_file(two_rank_runs, capsys):
+    """`moeviz info` (store_info, which opens no views) names a token_sets or routes file run.duckdb names but
+    the disk lacks or holds cut; `moeviz check` lists it as a store finding."""
+    from moeviz.cli import main
+    from moeviz.store import store_info
+
+    assert all(not r["skipped_files"] for r in store_info(two_rank_runs)["runs"])
+    lost = sets_file(two_rank_runs, "A", 1)
+    lost.unlink()
+    (routes,) = (two_rank_runs / "B" / "compacted" / "routes" / "rank=0").glob("*.parquet")
+    routes.write_bytes(routes.read_bytes()[:100])
+    info = {r["run_id"]: r["skipped_files"] for r in store_info(two_rank_runs)["runs"]}
+    assert info == {"A": [str(lost)], "B": [str(routes)]}
+    assert main(["info", str(two_rank_runs)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("damaged Parquet file(s)") == 2 and lost.name in out and routes.name in out
+    assert main(["check", str(two_rank_runs)]) == 1
+    out = capsys.readouterr().out
+    assert lost.name in out and routes.name in out
+
+
 def test_compaction_removes_a_scratch_counts_file_left_by_a_killed_compaction(two_rank_runs):
     run_dir = two_rank_runs / "A"
     scratch = run_dir / compaction._RouteCounts.FILE

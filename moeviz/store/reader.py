@@ -589,7 +589,9 @@ def store_info(path) -> dict:
             "schema_version": run.manifest["written_schema_version"], "compacted": run.compacted.exists(),
             "compacted_bytes": comp["bytes"], "routes_files": comp["routes_files"],
             "routes_files_bytes": comp["routes_files_bytes"], "tables": tables, "routes": routes,
-            "skipped_files": [str(p) for p in run.skipped if layout.relative_name(run_dir, p) not in comp["folded"]],
+            "skipped_files": [str(p) for p in run.skipped if layout.relative_name(run_dir, p) not in comp["folded"]]
+            # the compacted routes and token_sets files run.duckdb names: readers skip a missing or cut one
+            + [str(run_dir / n) for n in comp.get("named_files", []) if not layout.is_complete_parquet(run_dir / n)],
             "damaged": comp.get("damaged"),
             "recording_errors": sum(int(x.get("recording_errors") or 0)
                                     for x in (run.statuses or comp["statuses"]).values()),
@@ -643,6 +645,7 @@ def _compacted_summary(target: Path) -> dict:
             files = con.execute("SELECT count(*), coalesce(sum(rows), 0), coalesce(sum(bytes), 0) "
                                 "FROM _routes_files").fetchone()
             out["routes_files"], out["routes_files_bytes"] = int(files[0]), int(files[2])
+            out["named_files"] = [r[0] for r in con.execute("SELECT file FROM _routes_files").fetchall()]
             out["rows"]["routes"] = out["rows"].get("routes", 0) + int(files[1])
             out["bytes"] += int(files[2])
         if "_table_files" in have:  # token_sets kept as Parquet files beside run.duckdb
@@ -651,6 +654,8 @@ def _compacted_summary(target: Path) -> dict:
                 out["rows"][t] = out["rows"].get(t, 0) + int(n)
                 out["bytes"] += int(b)
                 out["table_files_bytes"] = out.get("table_files_bytes", 0) + int(b)
+            out["named_files"] = out.get("named_files", []) + [
+                r[0] for r in con.execute("SELECT file FROM _table_files").fetchall()]
         if "_rank_status" in have:
             out["statuses"] = {int(r): json.loads(b) for r, b in
                                con.execute("SELECT rank, status_json FROM _rank_status").fetchall()}
