@@ -161,10 +161,13 @@ def test_fit_on_some_steps_and_evaluate_on_others(con, routing):
     assert_matches(df, loop_gpu_load(routing, table, 4, steps=(2, 3), by_step=True), 4, ["layer", "step", "gpu"])
 
 
-def test_placement_staleness_against_placements_fitted_by_hand(con, routing):
-    df = placement_staleness(con, Selection(), 4, (0, 1), redundant=1)
-    assert sorted(df["step"].unique()) == [2, 3] and len(df) == 2 * 3
-    fitted = balanced_placement(numpy_load(routing, steps=(0, 1)), 4, redundant=1)
+@pytest.mark.parametrize("fit, max_steps, steps", [((0, 1), None, [2, 3]), ((0, 0), None, [1, 2, 3]),
+                                                   ((0, 0), 2, [1, 3]), ((0, 0), 1, [1])])
+def test_placement_staleness_against_placements_fitted_by_hand(con, routing, fit, max_steps, steps):
+    """Every evaluated step, or `max_steps` of them evenly spaced (first and last kept), each row by hand."""
+    df = placement_staleness(con, Selection(), 4, fit, redundant=1, max_steps=max_steps)
+    assert sorted(df["step"].unique()) == steps and len(df) == len(steps) * 3
+    fitted = balanced_placement(numpy_load(routing, steps=fit), 4, redundant=1)
     for row in df.itertuples():
         load = numpy_load(routing, steps=(row.step, row.step))[row.layer]  # [E]
         mean = load.sum() / 4
@@ -564,3 +567,8 @@ def test_comparison_in_step_buckets_equals_each_bucket_evaluated_alone(con, rout
                                      eval_steps=(int(first), int(first) + 1))
         mine = got[got["step"] == first].drop(columns="step").reset_index(drop=True)
         pd.testing.assert_frame_equal(mine, alone.reset_index(drop=True), check_dtype=False)
+
+
+def test_placement_staleness_refuses_a_cap_below_one(con):
+    with pytest.raises(PlacementError, match="max_steps must be at least 1"):
+        placement_staleness(con, Selection(), 4, (0, 0), max_steps=0)
