@@ -561,7 +561,14 @@ def test_capacity_drops_per_expert_equal_brute_force(store, cf, steps, by, monke
     calls = _spy(monkeypatch, "_from_expert_drops")
     got = capacity_drops(con, Selection(steps=steps), cf, by=by)
     assert len(calls) == (state == "compacted" and cf != 1.1)  # the path under test answered
-    want = _known_sums(_raw_drops(_in(ss, steps), cf), list(by))
+    _check_expert_drops(got, _raw_drops(_in(ss, steps), cf), by)
+    # a run and layers picked: their parameters and the steps' in one query (the edges join the shape)
+    got = capacity_drops(con, Selection(run_ids=("r",), layers=(0, 2), steps=steps), cf, by=by)
+    _check_expert_drops(got, _raw_drops(_in(ss, steps), cf).query("layer in (0, 2)"), by)
+
+
+def _check_expert_drops(got: pd.DataFrame, raw: pd.DataFrame, by: tuple[str, ...]) -> None:
+    want = _known_sums(raw, list(by))
     assert got[list(by)].values.tolist() == want[list(by)].values.tolist()
     assert got["assigned"].tolist() == want["assigned"].tolist()
     assert got["dropped"].tolist() == want["d"].astype(int).tolist()

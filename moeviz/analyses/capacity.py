@@ -274,7 +274,7 @@ def _from_expert_drops(con, sel: Selection, capacity_factor: float, by: tuple[st
                                          THEN greatest(0, least(s.assigned, s.assigned - {cap})) END AS dropped
                              FROM step_stats s JOIN ({shape}) sh ON sh.run_id = s.run_id AND sh.layer = s.layer
                              WHERE s.assigned > 0 AND {where}""")
-            params += sparams + [capacity_factor] + p
+            params += [capacity_factor] + sparams + p  # in the order of their ? in the text
     dropped = known_sum("dropped")
     return run_query(con, f"""
         SELECT run_id{keys}, CAST(sum(assigned) AS BIGINT) AS assigned, CAST({dropped} AS BIGINT) AS dropped,
