@@ -9,10 +9,10 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
+from app import wide
 from app.components import guarded, run_page, show_chart
 from app.state import Ctx
 from moeviz import charts
-from app import wide
 from moeviz.analyses.capacity import capacity_drops, drop_curve, model_capacity
 from moeviz.analyses.step_rows import buckets_available
 from moeviz.store.rollups import DROP_FACTORS
