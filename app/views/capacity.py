@@ -58,9 +58,9 @@ def _stored_only(ctx: Ctx, group: str) -> bool:
             and bool(ctx.q(buckets_available)))
 
 
-def _stored_factor(c1, default_cf: float) -> tuple[float, bool]:
+def _stored_factor(c1, default_cf: float, ranks_picked: bool) -> tuple[float, bool]:
     """The capacity factor from a select slider over the stored factors plus the model's own, or one typed in
-    when the reader asks for it: (factor, whether it is one the tables answer)."""
+    when the reader asks for it: (factor, whether the tables answer it: a stored factor, every rank)."""
     options = sorted(set(DROP_FACTORS) | {round(default_cf, 4)})
     other = c1.toggle("Another factor (slow: replays every step)", key="cap_cf_other",
                       help="Factors other than the stored ones replay every step_stats row of the selection: "
@@ -72,9 +72,10 @@ def _stored_factor(c1, default_cf: float) -> tuple[float, bool]:
         cf = float(c1.select_slider("Capacity factor", options, value=round(default_cf, 4), key="cap_cf_stored",
                                     help="Each expert gets C = ceil(CF × tokens × k / E) slots per group; assignments "
                                          "beyond C are dropped."))
-    fast = cf in DROP_FACTORS
+    fast = cf in DROP_FACTORS and not ranks_picked
     c1.caption(f"Factors {', '.join(f'{f:g}' for f in DROP_FACTORS)} are read from tables compaction built"
-               + ("." if fast else f"; {cf:g} replays every step of the selection (slow)."))
+               + ("." if fast else "; a rank filter replays every step of the selection (slow)." if ranks_picked
+                  else f"; {cf:g} replays every step of the selection (slow)."))
     return cf, fast
 
 
@@ -107,7 +108,7 @@ def _drops(ctx: Ctx) -> None:
         capacity = int(c1.number_input("Slots per expert and group (expert_capacity)", min_value=0,
                                        max_value=10_000_000, value=own["capacity"] or 8, step=1, key="cap_slots"))
     elif stored:
-        cf, fast = _stored_factor(c1, default_cf)
+        cf, fast = _stored_factor(c1, default_cf, ctx.sel.ranks is not None)
     else:
         cf = c1.slider("Capacity factor", SLIDER[0], SLIDER[1], default_cf, SLIDER[2], key="cap_cf",
                        help="Each expert gets C = ceil(CF × tokens × k / E) slots per group; assignments beyond C "

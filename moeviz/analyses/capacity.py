@@ -394,7 +394,9 @@ def drop_curve(
     """Drop rate for every capacity factor in `factors`, in one query.
 
     Each assignment's rank within its expert and group (or each expert's count n per group) is computed once;
-    at a factor CF the drops are the ranks above C(CF) (or max(0, n - C(CF))).
+    at a factor CF the drops are the ranks above C(CF) (or max(0, n - C(CF))). Where every factor is one of
+    DROP_FACTORS and the breakdown is by layer and/or step at group='step', compaction's step_drops answer
+    (one row per step, layer and factor; see `_reads_drop_tables`).
     Columns: run_id, capacity_factor, *by, assigned, dropped, drop_rate.
     """
     by = _check(policy, group, by)

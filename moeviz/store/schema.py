@@ -462,7 +462,7 @@ STEP_DROPS = _t(
     "compaction from `step_stats` as `capacity_drops(group='step')` does: per rank's row, max(0, n - C) with "
     "C = ceil(CF x tokens x k / E), summed over the step's ranks and experts. A drop needs each step's "
     "per-expert count, so no sum of counts can give it: this is what the health check and the Capacity page's "
-    "per-layer drops read instead of every step_stats row.",
+    "per-layer drops and drop-rate curve read instead of every step_stats row.",
     ("run_id", "VARCHAR", "Run id."),
     ("step", "BIGINT", "Step."),
     ("layer", "SMALLINT", "MoE layer index."),
