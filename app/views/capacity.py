@@ -152,8 +152,8 @@ def _drops(ctx: Ctx) -> None:
         # the fixed factors once (cached whatever the slider does), plus the chosen CF from `total` above; on a
         # run with the stored factors only, those (read from step_drops) instead of a replay of every step
         factors = DROP_FACTORS if stored else CURVE_FACTORS
-        curve = (ctx.q if stored else partial(ctx.q_slow, "Drop rate over capacity factors..."))(
-            drop_curve, routes_sel, factors, policy=policy, group=group, by=())
+        read = ctx.q if stored and ctx.sel.ranks is None else partial(ctx.q_slow, "Drop rate over capacity factors...")
+        curve = read(drop_curve, routes_sel, factors, policy=policy, group=group, by=())
         if cf is not None and round(cf, 4) not in set(factors) and total is not None:
             curve = pd.concat([curve, total.assign(capacity_factor=cf)[curve.columns]], ignore_index=True)
             curve = curve.sort_values(["run_id", "capacity_factor"], ignore_index=True)
