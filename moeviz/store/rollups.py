@@ -183,44 +183,46 @@ def _drop_exprs() -> list[str]:
         f"{capacity(repr(float(f)), 's.tokens', 'sh.top_k', 'sh.n_experts')})) END" for f in DROP_FACTORS)]
 
 
-def step_drops_sql(source: str, shape: str, where: str = "TRUE") -> str:
-    """SELECT of step_drops rows from `source` (step_stats rows): each row's drops max(0, n - C) at each of
-    DROP_FACTORS with its own tokens (one rank's group, as capacity_drops(group='step') reads a row), summed per
-    step and layer; NULL where the token counts are unknown."""
-    factors = ", ".join(repr(float(f)) for f in DROP_FACTORS)
-    drops = ", ".join(f"{expr} AS d{i}" for i, expr in enumerate(_drop_exprs()))
-    return f"""
-        SELECT run_id, step, layer, unnest([{factors}]::DOUBLE[]) AS capacity_factor, assigned,
-               unnest([{", ".join(f"d{i}" for i in range(len(DROP_FACTORS)))}]) AS dropped
-        FROM (
-            SELECT s.run_id, s.step, CAST(s.layer AS SMALLINT) AS layer,
-                   CAST(sum(s.assigned) AS BIGINT) AS assigned, {drops}
-            FROM {source} s JOIN {shape} sh ON sh.run_id = s.run_id AND sh.layer = s.layer
-            WHERE s.assigned > 0 AND {where}
-            GROUP BY s.run_id, s.step, s.layer)"""
-
-
 EXPERT_DROP_RESOLUTIONS = (100, 1000)  # expert_drops' blocks; both divide _CHUNK_STEPS, so a chunk holds whole blocks
 
 
-def expert_drops_sql(source: str, shape: str, where: str = "TRUE") -> str:
-    """SELECT of expert_drops rows of 100-step blocks from `source` (step_stats rows): each row's drops at each of
-    DROP_FACTORS with its own tokens (as `step_drops_sql`), summed per block, layer and expert; NULL where any
-    row's token count is unknown. Why blocks and not steps: per step that is 14,848 rows a step at 58 x 256, as
-    many as step_stats itself; a block of 100 is 100 times fewer, and a range's edges are read from step_stats."""
+def drop_sums_sql(source: str, shape: str, where: str = "TRUE") -> str:
+    """SELECT of each step_stats row's drops max(0, n - C) at each of DROP_FACTORS (d0, d1, ...) with its own
+    tokens (one rank's group, as capacity_drops(group='step') reads a row), NULL where the token counts are
+    unknown, summed two ways in one pass: per step and layer (per_step = 1: step_drops) and per 100-step block,
+    layer and expert (per_step = 0: expert_drops). Why one pass: two separate queries scanned the rows and
+    computed the drops twice (one chunk of 1,000 steps of 58 x 256: 11.4 + 16.0 s apart, 11.3 s together;
+    docs/benchmarks.md)."""
     r = EXPERT_DROP_RESOLUTIONS[0]
-    factors = ", ".join(repr(float(f)) for f in DROP_FACTORS)
     drops = ", ".join(f"{expr} AS d{i}" for i, expr in enumerate(_drop_exprs()))
     return f"""
-        SELECT run_id, CAST({r} AS INTEGER) AS resolution, step, layer, expert,
-               unnest([{factors}]::DOUBLE[]) AS capacity_factor, assigned,
-               unnest([{", ".join(f"d{i}" for i in range(len(DROP_FACTORS)))}]) AS dropped
-        FROM (
-            SELECT s.run_id, CAST((s.step // {r}) * {r} AS BIGINT) AS step, CAST(s.layer AS SMALLINT) AS layer,
-                   CAST(s.expert AS SMALLINT) AS expert, CAST(sum(s.assigned) AS BIGINT) AS assigned, {drops}
-            FROM {source} s JOIN {shape} sh ON sh.run_id = s.run_id AND sh.layer = s.layer
-            WHERE s.assigned > 0 AND {where}
-            GROUP BY s.run_id, (s.step // {r}) * {r}, s.layer, s.expert)"""
+        SELECT CAST(GROUPING(s.expert) AS INTEGER) AS per_step, s.run_id, s.step,
+               CAST((s.step // {r}) * {r} AS BIGINT) AS block, CAST(s.layer AS SMALLINT) AS layer,
+               CAST(s.expert AS SMALLINT) AS expert, CAST(sum(s.assigned) AS BIGINT) AS assigned, {drops}
+        FROM {source} s JOIN {shape} sh ON sh.run_id = s.run_id AND sh.layer = s.layer
+        WHERE s.assigned > 0 AND {where}
+        GROUP BY GROUPING SETS ((s.run_id, s.step, s.layer), (s.run_id, (s.step // {r}) * {r}, s.layer, s.expert))"""
+
+
+def _unnest_factors() -> str:
+    """SQL: one row per factor of a `drop_sums_sql` row (capacity_factor, assigned, dropped)."""
+    factors = ", ".join(repr(float(f)) for f in DROP_FACTORS)
+    return (f"unnest([{factors}]::DOUBLE[]) AS capacity_factor, assigned, "
+            f"unnest([{', '.join(f'd{i}' for i in range(len(DROP_FACTORS)))}]) AS dropped")
+
+
+def step_drops_sql(sums: str) -> str:
+    """SELECT of step_drops rows from `sums` (a FROM item of `drop_sums_sql` rows): drops per step and layer."""
+    return f"SELECT run_id, step, layer, {_unnest_factors()} FROM {sums} WHERE per_step = 1"
+
+
+def expert_drops_sql(sums: str) -> str:
+    """SELECT of expert_drops rows of 100-step blocks from `sums` (`drop_sums_sql` rows): drops per block, layer
+    and expert; NULL where any of the block's rows has unknown tokens. Why blocks and not steps: per step that
+    would be 14,848 rows a step at 58 x 256, as many as step_stats itself; a block of 100 is 100 times fewer, and
+    a range's edges are read from step_stats."""
+    return (f"SELECT run_id, CAST({EXPERT_DROP_RESOLUTIONS[0]} AS INTEGER) AS resolution, block AS step, layer, "
+            f"expert, {_unnest_factors()} FROM {sums} WHERE per_step = 0")
 
 
 def coarser_expert_drops_sql(r: int, where: str = "TRUE") -> str:
@@ -265,8 +267,10 @@ def build_buckets(con, since_step: int | None = None) -> None:
         [start, start]).fetchall()]
     for c0 in firsts:
         where = f"step >= {int(c0)} AND step < {int(c0 + chunk)}"
-        con.execute(f"INSERT INTO step_drops BY NAME {step_drops_sql('step_stats', '_shape', where)}")
-        con.execute(f"INSERT INTO expert_drops BY NAME {expert_drops_sql('step_stats', '_shape', where)}")
+        con.execute(f"CREATE OR REPLACE TEMP TABLE _drop_sums AS {drop_sums_sql('step_stats', '_shape', where)}")
+        con.execute(f"INSERT INTO step_drops BY NAME {step_drops_sql('_drop_sums')}")
+        con.execute(f"INSERT INTO expert_drops BY NAME {expert_drops_sql('_drop_sums')}")
+        con.execute("DROP TABLE _drop_sums")
         for r in EXPERT_DROP_RESOLUTIONS[1:]:
             con.execute(f"INSERT INTO expert_drops BY NAME {coarser_expert_drops_sql(r, where)}")
         for r in small:  # each resolution from the sums of the one it is made of (1 from the rows)
