@@ -16,7 +16,7 @@ LAYERS_PER_PAGE = 8  # panels per page: 2 rows of 4, a screen's height
 WIDE_EXPERTS = 16  # above this many experts per layer, curves show the busiest experts and the others summed
 TOP_EXPERTS = 8  # the busiest experts drawn per layer
 # step_stats rows (selected steps x layers x experts, per rank) above which replaying them per widget change takes
-# seconds: 2 M rows replay in ~0.2-0.4 s on 2 cores; the 10,000-step 58 x 256 run (149 M rows) took 10-14 s
+# seconds: 30 M rows (2,000 steps of 58 x 256) replayed in 1.4-1.8 s, 149 M in 14-19 s (docs/benchmarks.md)
 SLOW_REPLAY_ROWS = 2_000_000
 
 

@@ -51,9 +51,10 @@ def _domain_drops(ctx: Ctx, cf: float | None, default_cf: float, policy: str, gr
 
 def _stored_only(ctx: Ctx, group: str) -> bool:
     """Whether the factor control offers only the factors the compacted tables answer (step_drops, expert_drops:
-    DROP_FACTORS): a run whose replay takes seconds (app.wide.replay_is_slow; 10-14 s per query at 10,000 steps
-    of 58 x 256) and whose tables hold every row, at the groups they hold (per step and rank), without a domain
-    filter (which reads per-token routes anyway). Small and live runs keep the continuous slider."""
+    DROP_FACTORS): a run whose replay takes seconds (app.wide.replay_is_slow; 14-19 s per query at 10,000
+    steps of 58 x 256, docs/benchmarks.md) and whose tables hold every row, at the groups they hold (per step and
+    rank), without a domain filter (which reads per-token routes anyway). Small and live runs keep the continuous
+    slider."""
     return (group == "step" and not ctx.sel.needs_sequences and wide.replay_is_slow(ctx)
             and bool(ctx.q(buckets_available)))
 
@@ -70,8 +71,8 @@ def _stored_factor(c1, default_cf: float, ranks_picked: bool) -> tuple[float, bo
                                    value=float(default_cf), step=0.05, key="cap_cf_typed"))
     else:
         cf = float(c1.select_slider("Capacity factor", options, value=round(default_cf, 4), key="cap_cf_stored",
-                                    help="Each expert gets C = ceil(CF × tokens × k / E) slots per group; assignments "
-                                         "beyond C are dropped."))
+                                    help="Each expert gets C = ceil(CF × tokens × k / E) slots per group; "
+                                         "assignments beyond C are dropped."))
     fast = cf in DROP_FACTORS and not ranks_picked
     c1.caption(f"Factors {', '.join(f'{f:g}' for f in DROP_FACTORS)} are read from tables compaction built"
                + ("." if fast else "; a rank filter replays every step of the selection (slow)." if ranks_picked
@@ -132,8 +133,11 @@ def _drops(ctx: Ctx) -> None:
         total = q(capacity_drops, routes_sel, policy=policy, group=group, by=(), **limit)
         row = total.iloc[0] if len(total) else None  # one run, no breakdown: one row
         m1, m2, m3 = st.columns(3)
-        m1.metric("Dropped share", "n/a" if row is None or not row["assigned"] else f"{row['drop_rate']:.2%}")
-        m2.metric("Dropped assignments", f"{int(row['dropped']) if row is not None else 0:,}")
+        unknown = row is not None and pd.isna(row["dropped"])  # some selected step's token counts are unknown
+        known = row is not None and row["assigned"] and not unknown
+        m1.metric("Dropped share", f"{row['drop_rate']:.2%}" if known else "n/a")
+        m2.metric("Dropped assignments", "n/a (token counts unknown)" if unknown
+                  else f"{int(row['dropped']) if row is not None else 0:,}")
         m3.metric("Assignments", f"{int(row['assigned']) if row is not None else 0:,}")
     left, right = st.columns(2)
     with left, guarded("Drops per layer"):

@@ -238,7 +238,8 @@ def _from_step_drops(con, sel: Selection, capacity_factor: float, by: tuple[str,
     by_cols = "".join(f", {d}" for d in by)
     return run_query(con, f"""
         SELECT run_id{by_cols}, CAST(sum(assigned) AS BIGINT) AS assigned,
-               CAST({known_sum("dropped")} AS BIGINT) AS dropped, {known_sum("dropped")} / nullif(sum(assigned), 0) AS drop_rate
+               CAST({known_sum("dropped")} AS BIGINT) AS dropped,
+               {known_sum("dropped")} / nullif(sum(assigned), 0) AS drop_rate
         FROM step_drops s WHERE {where} AND s.capacity_factor = ?
         GROUP BY run_id{by_cols} ORDER BY run_id{by_cols}""", params + [capacity_factor])
 
@@ -412,6 +413,7 @@ def drop_curve(
     units, params = _units_sql(sel, group, policy, unit, labels=_needs_labels(sel, by))
     post, pparams = _post_filter(sel, "x")
     cap = _CAPACITY.replace("CAST(? AS DOUBLE)", "f.cf").format(t="h.group_tokens", k="h.top_k", e="h.n_experts")
+    dropped = known_sum(f"{_dropped(cap, 'h', 'h.group_tokens IS NOT NULL')} * h.units")
     # histogram first: how many units share (labels, group size, shape, before, n); then one row per factor
     sql = f"""
         WITH x AS ({units}), sh AS ({shape}),
@@ -421,7 +423,6 @@ def drop_curve(
             FROM x JOIN sh ON sh.run_id = x.run_id AND sh.layer = x.layer WHERE {post} GROUP BY ALL),
         f AS (SELECT unnest(CAST(? AS DOUBLE[])) AS cf)
         SELECT run_id, f.cf AS capacity_factor{by_cols}, CAST(sum(h.n * h.units) AS BIGINT) AS assigned,
-               CAST({known_sum(f"{_dropped(cap, 'h', 'h.group_tokens IS NOT NULL')} * h.units")} AS BIGINT) AS dropped,
-               {known_sum(f"{_dropped(cap, 'h', 'h.group_tokens IS NOT NULL')} * h.units")} / nullif(sum(h.n * h.units), 0) AS drop_rate
+               CAST({dropped} AS BIGINT) AS dropped, {dropped} / nullif(sum(h.n * h.units), 0) AS drop_rate
         FROM hist h CROSS JOIN f GROUP BY ALL ORDER BY run_id, capacity_factor{by_cols}"""
     return run_query(con, sql, params + sparams + pparams + [cfs])

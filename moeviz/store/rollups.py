@@ -238,8 +238,8 @@ def coarser_expert_drops_sql(r: int, where: str = "TRUE") -> str:
 
 
 def build_buckets(con, since_step: int | None = None) -> None:
-    """Build (or bring up to date) layer_buckets, pooled_buckets, step_drops and expert_drops on `con`, whose step_stats,
-    layers and runs hold every row of the run(s), and whose bucket tables exist (maybe empty).
+    """Build (or bring up to date) layer_buckets, pooled_buckets, step_drops and expert_drops on `con`, whose
+    step_stats, layers and runs hold every row of the run(s), and whose bucket tables exist (maybe empty).
 
     `since_step`: the first step that new rows touch (None: rebuild everything). A block's statistics are not
     sums of its parts' statistics, so the blocks from there on are recomputed from the per-step rows, never
