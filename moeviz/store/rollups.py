@@ -191,8 +191,8 @@ def drop_sums_sql(source: str, shape: str, where: str = "TRUE") -> str:
     tokens (one rank's group, as capacity_drops(group='step') reads a row), NULL where the token counts are
     unknown, summed two ways in one pass: per step and layer (per_step = 1: step_drops) and per 100-step block,
     layer and expert (per_step = 0: expert_drops). Why one pass: two separate queries scanned the rows and
-    computed the drops twice (one chunk of 1,000 steps of 58 x 256: 11.4 + 16.0 s apart, 11.3 s together;
-    docs/benchmarks.md)."""
+    computed the drops twice (bench/bench_bucket_build.py on 2,000 steps of 58 x 256: 10.6 + 16.9 s as two
+    passes, 16.5 s as one, at similar load; docs/benchmarks.md)."""
     r = EXPERT_DROP_RESOLUTIONS[0]
     drops = ", ".join(f"{expr} AS d{i}" for i, expr in enumerate(_drop_exprs()))
     return f"""
