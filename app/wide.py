@@ -15,10 +15,19 @@ from app.state import Ctx
 LAYERS_PER_PAGE = 8  # panels per page: 2 rows of 4, a screen's height
 WIDE_EXPERTS = 16  # above this many experts per layer, curves show the busiest experts and the others summed
 TOP_EXPERTS = 8  # the busiest experts drawn per layer
+# step_stats rows (selected steps x layers x experts, per rank) above which replaying them per widget change takes
+# seconds: 30 M rows (2,000 steps of 58 x 256) replayed in 1.4-1.8 s, 149 M in 14-19 s (docs/benchmarks.md)
+SLOW_REPLAY_ROWS = 2_000_000
 
 
 def is_wide(ctx: Ctx) -> bool:
     return ctx.n_experts > WIDE_EXPERTS
+
+
+def replay_is_slow(ctx: Ctx) -> bool:
+    """Whether an analysis that replays every selected step_stats row (capacity drops at an arbitrary factor)
+    takes seconds on this run, so that a page should offer what the compacted tables answer instead."""
+    return len(ctx.selected_steps) * len(ctx.chosen_layers) * ctx.n_experts > SLOW_REPLAY_ROWS
 
 
 def layer_page(ctx: Ctx, key: str) -> tuple[int, ...] | None:

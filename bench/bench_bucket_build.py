@@ -12,8 +12,8 @@ import duckdb
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from moeviz.store import layout, rollups  # noqa: E402
 
-if len(sys.argv) != 2 or not Path(sys.argv[1]).is_file():
-    sys.exit("usage: python bench/bench_bucket_build.py PATH/run.duckdb  (a compacted run's database file)")
+if len(sys.argv) not in (2, 3) or not Path(sys.argv[1]).is_file():
+    sys.exit("usage: python bench/bench_bucket_build.py PATH/run.duckdb [N]  (a compacted run's database file; N: statements listed, 12)")
 src = sys.argv[1]
 con = duckdb.connect()
 con.execute("SET threads = 2")
@@ -34,6 +34,6 @@ tc = Timed(con)
 t0 = time.perf_counter()
 rollups.build_buckets(tc, None)
 print(f"build_buckets {time.perf_counter() - t0:.1f} s")
-for k, v in sorted(tc.log.items(), key=lambda x: -x[1])[:12]:
+for k, v in sorted(tc.log.items(), key=lambda x: -x[1])[:int(sys.argv[2]) if len(sys.argv) > 2 else 12]:
     print(f"{v:7.2f}  {k}")
 import resource; print("max RSS GB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6)

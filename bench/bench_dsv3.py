@@ -175,10 +175,14 @@ def timed(fn, repeat: int) -> tuple[float, object]:
     return best, out
 
 
+OLD_CURVE_FACTORS = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 4.0)  # app/views/capacity.CURVE_FACTORS
+
+
 def analyses(con, steps: int) -> list[tuple[str, object]]:
     """(name, callable) for what the pages call, the way they call it (sidebar selection: the whole run)."""
     from moeviz.analyses.aux_loss import pooled_switch_loss, switch_loss, z_loss
-    from moeviz.analyses.capacity import capacity_drops
+    from moeviz.analyses.capacity import capacity_drops, drop_curve
+    from moeviz.store.rollups import DROP_FACTORS
     from moeviz.analyses.health import health_summary
     from moeviz.analyses.load import expert_load, imbalance, load_matrix
     from moeviz.analyses.placement import gpu_load
@@ -210,6 +214,15 @@ def analyses(con, steps: int) -> list[tuple[str, object]]:
          lambda: pooled_switch_loss(con, sel, by_step=True, step_bucket=b)),
         (f"Aux loss: z_loss (bucket {b})", lambda: z_loss(con, sel, by_step=True, step_bucket=b)),
         ("Capacity: capacity_drops by layer, CF 1.25", lambda: capacity_drops(con, sel, 1.25, by=("layer",))),
+        ("Capacity: capacity_drops total, CF 1.25", lambda: capacity_drops(con, sel, 1.25, by=())),
+        ("Capacity: capacity_drops by layer and expert, CF 1.25",
+         lambda: capacity_drops(con, sel, 1.25, by=("layer", "expert"))),
+        (f"Capacity: capacity_drops by layer and expert, CF 1.25, steps 150-{steps - 151} (edges from rows)",
+         lambda: capacity_drops(con, sel.with_(steps=(150, steps - 151)), 1.25, by=("layer", "expert"))),
+        ("Capacity: capacity_drops by layer and expert, CF 1.3 (not stored)",
+         lambda: capacity_drops(con, sel, 1.3, by=("layer", "expert"))),
+        ("Capacity: drop_curve over the 7 stored factors", lambda: drop_curve(con, sel, DROP_FACTORS)),
+        ("Capacity: drop_curve over the page's old 11 factors", lambda: drop_curve(con, sel, OLD_CURVE_FACTORS)),
         ("Expert parallel: gpu_load 64 GPUs (pooled)", lambda: gpu_load(con, sel, 64)),
         ("Overview: expert_load all 58 layers x 256 experts (bucket)",
          lambda: expert_load(con, sel, by_step=True, step_bucket=b)),
@@ -246,7 +259,8 @@ def main() -> None:
     ap.add_argument("--quiet", action="store_true")
     ap.add_argument("--write-only", action="store_true", help="write and compact the store, time no analysis")
     ap.add_argument("--without-buckets", default=None,
-                    help="also time the analyses with the bucket tables (layer_buckets, pooled_buckets, step_drops) "
+                    help="also time the analyses with the bucket tables (layer_buckets, pooled_buckets, step_drops, "
+                         "expert_drops) "
                          "switched off, in the same process: comma-separated name prefixes to time that way "
                          "('all' = every analysis)")
     ap.add_argument("--duckdb-memory", default=None,

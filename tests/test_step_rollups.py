@@ -502,3 +502,169 @@ def test_a_tag_that_covers_every_selected_step_reads_the_bucket_tables(tmp_path,
         np.testing.assert_allclose(got["aux_loss"], brute(keep), rtol=1e-9)
     finally:
         con.close()
+
+
+# ---- expert_drops (per block, layer and expert) and drop_curve from step_drops: against the raw rows ----------
+
+import math  # noqa: E402
+
+from moeviz.analyses import capacity as capacity_mod  # noqa: E402
+from moeviz.analyses.capacity import drop_curve  # noqa: E402
+
+
+def _raw_drops(ss: pd.DataFrame, cf: float) -> pd.DataFrame:
+    """Each raw row's drops max(0, n - C), C = ceil(CF x tokens x k / E) from its own tokens (NaN where unknown),
+    on the rows with an assignment (as every capacity path reads them)."""
+    raw = ss[ss["assigned"] > 0]
+    cap = np.ceil(np.round(cf * raw["tokens"].astype(float) * K / E, 9))  # NaN tokens -> NaN
+    return raw.assign(d=np.maximum(0, raw["assigned"] - cap))
+
+
+def _known_sums(df: pd.DataFrame, by: list[str]) -> pd.DataFrame:
+    """Per group: assignments and drops, drops NaN when any row's are (unknown, never partial)."""
+    g = df.groupby(by)
+    return pd.DataFrame({"assigned": g["assigned"].sum(), "d": g["d"].sum(min_count=1).where(~g["d"].apply(
+        lambda x: x.isna().any()))}).reset_index()
+
+
+def _spy(monkeypatch, name: str) -> list:
+    """Calls of capacity_mod.<name> (which path answered), the function still doing its work."""
+    calls: list = []
+    real = getattr(capacity_mod, name)
+    monkeypatch.setattr(capacity_mod, name, lambda *a, **kw: calls.append(a) or real(*a, **kw))
+    return calls
+
+
+@pytest.mark.parametrize("r", [100, 1000])
+def test_expert_drops_equal_the_raw_rows_per_block(store, r):
+    con, ss, _, state = store
+    if state != "compacted":
+        pytest.skip("the tables are only read from a compacted store")
+    for cf in (0.75, 1.25, 1.5):
+        got = con.execute("SELECT step, layer, expert, assigned, dropped FROM expert_drops "
+                          "WHERE resolution = ? AND capacity_factor = ? ORDER BY step, layer, expert", [r, cf]).df()
+        want = _known_sums(_bucketed(_raw_drops(ss, cf), r), ["step", "layer", "expert"])
+        assert got["step"].tolist() == want["step"].tolist()  # 2,345 steps: the last block is partial
+        assert got["assigned"].tolist() == want["assigned"].tolist()
+        assert got["dropped"].tolist() == want["d"].astype(int).tolist()
+        assert want["d"].sum() > 0, cf  # the factor drops something: not a comparison of zeros
+
+
+@pytest.mark.parametrize("cf", [0.75, 1.25, 1.1])
+@pytest.mark.parametrize("steps", [None, (13, 2291), (150, 1250), (995, 1004), (1499, 1500)])
+@pytest.mark.parametrize("by", [("layer", "expert"), ("expert",)])
+def test_capacity_drops_per_expert_equal_brute_force(store, cf, steps, by, monkeypatch):
+    """Whole blocks from expert_drops (a compacted store, stored factor), the edges of the range from step_stats;
+    1.1 (no stored factor) and the live store replay every row. Steps 1,500-2,344 were compacted after 0-1,499:
+    blocks 1,000-1,999 and 1,500-1,599 span the two compactions."""
+    con, ss, _, state = store
+    calls = _spy(monkeypatch, "_from_expert_drops")
+    got = capacity_drops(con, Selection(steps=steps), cf, by=by)
+    assert len(calls) == (state == "compacted" and cf != 1.1)  # the path under test answered
+    _check_expert_drops(got, _raw_drops(_in(ss, steps), cf), by)
+    # a run and layers picked: their parameters and the steps' in one query (the edges join the shape)
+    got = capacity_drops(con, Selection(run_ids=("r",), layers=(0, 2), steps=steps), cf, by=by)
+    _check_expert_drops(got, _raw_drops(_in(ss, steps), cf).query("layer in (0, 2)"), by)
+
+
+def _check_expert_drops(got: pd.DataFrame, raw: pd.DataFrame, by: tuple[str, ...]) -> None:
+    want = _known_sums(raw, list(by))
+    assert got[list(by)].values.tolist() == want[list(by)].values.tolist()
+    assert got["assigned"].tolist() == want["assigned"].tolist()
+    assert got["dropped"].tolist() == want["d"].astype(int).tolist()
+    np.testing.assert_allclose(got["drop_rate"], want["d"] / want["assigned"], rtol=1e-12)
+    assert want["d"].sum() > 0
+
+
+@pytest.mark.parametrize("steps", [None, (13, 2291), (995, 1004)])
+@pytest.mark.parametrize("by", [(), ("layer",), ("step",)])
+def test_drop_curve_at_stored_factors_equals_brute_force(store, steps, by, monkeypatch):
+    con, ss, _, state = store
+    calls = _spy(monkeypatch, "_curve_from_step_drops")
+    factors = (0.5, 1.0, 1.25, 2.0)
+    got = drop_curve(con, Selection(steps=steps), factors, by=by)
+    assert len(calls) == (state == "compacted")
+    raw = _in(ss, steps)
+    for cf in factors:
+        g = got[got["capacity_factor"] == cf]
+        d = _raw_drops(raw, cf)
+        want = _known_sums(d, list(by)) if by else pd.DataFrame(
+            {"assigned": [d["assigned"].sum()], "d": [d["d"].sum()]})
+        assert g["assigned"].tolist() == want["assigned"].tolist(), cf
+        assert g["dropped"].tolist() == want["d"].astype(int).tolist(), cf
+        np.testing.assert_allclose(g["drop_rate"], want["d"] / want["assigned"], rtol=1e-12)
+    # a factor that is not stored: the whole curve replays, with the same numbers at the stored ones
+    mixed = drop_curve(con, Selection(steps=steps), factors + (1.1,), by=by)
+    assert len(calls) == (state == "compacted")
+    assert mixed[mixed["capacity_factor"] != 1.1]["dropped"].tolist() == got["dropped"].tolist()
+
+
+def test_unknown_tokens_make_expert_drops_and_the_curve_null_not_partial(tmp_path, monkeypatch):
+    """Rank 1 records steps 120-139 without tokens: the drops of block 100-199 (every expert; and of the
+    1,000-step block) are unknown, from the table, from the edges, in the curve and on replay; a range that
+    leaves those steps out is known and exact."""
+    rng = np.random.default_rng(9)
+    frames: list = []
+    _write(tmp_path / "r", 0, np.arange(0, 360), rng, frames)
+    import warnings
+
+    from moeviz.store.reader import StoreWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", StoreWarning)
+        w = RunWriter(tmp_path / "r", run_id="r", rank=1, world_size=2, compact_on_close=False)
+    tables, ss1, _ = _flush(rng, np.arange(120, 140))
+    for t in tables.values():
+        t["rank"] = 1
+    for c in ("tokens", "first_choice", "prob_sum"):
+        tables["step_stats"][c] = None
+    w.write_flush(tables)
+    w.close()
+    compact(tmp_path / "r")
+    ss = pd.concat([frames[i][0] for i in range(len(frames))] + [ss1.assign(rank=1, tokens=np.nan)],
+                   ignore_index=True)
+    con = open_store(tmp_path / "r")
+    try:
+        assert buckets_available(con)
+        table = con.execute("SELECT resolution, step, dropped FROM expert_drops WHERE capacity_factor = 1.0").df()
+        unknown_block = (table["step"] == 100) & (table["resolution"] == 100) | (table["resolution"] == 1000)
+        assert (table["dropped"].isna() == unknown_block).all()
+        for steps, cf in [((5, 300), 1.0), ((125, 130), 1.0), ((5, 300), 1.1), ((200, 359), 1.0), ((3, 99), 1.25)]:
+            got = capacity_drops(con, Selection(steps=steps), cf, by=("layer", "expert"))
+            want = _known_sums(_raw_drops(_in(ss, steps), cf), ["layer", "expert"])
+            assert got["assigned"].tolist() == want["assigned"].tolist()
+            assert got["dropped"].isna().tolist() == want["d"].isna().tolist(), (steps, cf)
+            known = want["d"].notna()
+            assert got["dropped"][known].tolist() == want["d"][known].tolist()
+            assert known.all() == (steps[1] < 120 or steps[0] > 139)
+            curve = drop_curve(con, Selection(steps=steps), (cf,), by=("layer",))
+            wl = _known_sums(_raw_drops(_in(ss, steps), cf), ["layer"])
+            assert curve["dropped"].isna().tolist() == wl["d"].isna().tolist(), (steps, cf)
+    finally:
+        con.close()
+
+
+def test_a_store_compacted_before_expert_drops_replays_and_compact_adds_it(tmp_path, monkeypatch):
+    import duckdb
+
+    run_dir = tmp_path / "old"
+    rng = np.random.default_rng(12)
+    frames: list = []
+    _write(run_dir, 0, np.arange(0, 1234), rng, frames)
+    compact(run_dir)
+    db = duckdb.connect(str(run_dir / "run.duckdb"))  # as a moeviz from before expert_drops left it
+    db.execute("DROP TABLE expert_drops")
+    db.close()
+    ss = pd.concat([f[0] for f in frames], ignore_index=True)
+    want = _known_sums(_raw_drops(_in(ss, (50, 1200)), 1.25), ["layer", "expert"])
+    calls = _spy(monkeypatch, "_from_expert_drops")
+    for expect in (False, True):
+        con = open_store(run_dir)
+        try:
+            assert buckets_available(con) is expect
+            got = capacity_drops(con, Selection(steps=(50, 1200)), 1.25, by=("layer", "expert"))
+            assert got["dropped"].tolist() == want["d"].astype(int).tolist()
+            assert len(calls) == int(expect)
+        finally:
+            con.close()
+        compact(run_dir)  # builds the missing table (and the other bucket tables again)

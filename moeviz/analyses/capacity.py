@@ -28,8 +28,8 @@ import pandas as pd
 
 from moeviz.analyses import probability_drops
 from moeviz.analyses.load import AnalysisError, run_query
-from moeviz.analyses.step_rows import buckets_available
-from moeviz.store.rollups import DROP_FACTORS, capacity as _capacity_sql
+from moeviz.analyses.step_rows import buckets_available, pieces
+from moeviz.store.rollups import DROP_FACTORS, EXPERT_DROP_RESOLUTIONS, capacity as _capacity_sql, known_sum
 from moeviz.selection import Selection
 from moeviz.analyses.unknowns import require, require_per_rank
 
@@ -223,9 +223,10 @@ def _post_filter(sel: Selection, alias: str) -> tuple[str, list]:
     return Selection(domains=sel.domains, tags=sel.tags).where(alias, per_token=True, seq_alias=alias)
 
 
-def _dropped(cap: str) -> str:
-    """SQL: assignments of a unit beyond capacity `cap`."""
-    return f"greatest(0, least(x.n, x.before + x.n - {cap}))"
+def _dropped(cap: str, unit: str = "x", known: str = "TRUE") -> str:
+    """SQL: assignments of a unit beyond capacity `cap`; NULL unless `known` (the group's tokens are known: a NULL
+    capacity would count every assignment as dropped, since DuckDB's greatest/least skip a NULL argument)."""
+    return f"CASE WHEN {known} THEN greatest(0, least({unit}.n, {unit}.before + {unit}.n - {cap})) END"
 
 
 def _from_step_drops(con, sel: Selection, capacity_factor: float, by: tuple[str, ...]) -> pd.DataFrame:
@@ -236,10 +237,58 @@ def _from_step_drops(con, sel: Selection, capacity_factor: float, by: tuple[str,
     where, params = sel.where("s")
     by_cols = "".join(f", {d}" for d in by)
     return run_query(con, f"""
-        SELECT run_id{by_cols}, CAST(sum(assigned) AS BIGINT) AS assigned, CAST(sum(dropped) AS BIGINT) AS dropped,
-               sum(dropped) / nullif(sum(assigned), 0) AS drop_rate
+        SELECT run_id{by_cols}, CAST(sum(assigned) AS BIGINT) AS assigned,
+               CAST({known_sum("dropped")} AS BIGINT) AS dropped,
+               {known_sum("dropped")} / nullif(sum(assigned), 0) AS drop_rate
         FROM step_drops s WHERE {where} AND s.capacity_factor = ?
         GROUP BY run_id{by_cols} ORDER BY run_id{by_cols}""", params + [capacity_factor])
+
+
+def _from_expert_drops(con, sel: Selection, capacity_factor: float, by: tuple[str, ...]) -> pd.DataFrame:
+    """capacity_drops(group='step') by layer and/or expert (and no other dimension) from expert_drops, the drops
+    per block of 100 or 1,000 steps, layer and expert that compaction computed from step_stats at DROP_FACTORS
+    (moeviz.store.rollups), for the whole blocks inside the selected steps; the steps of the range outside whole
+    blocks are replayed from their step_stats rows with the same formula. At 10,000 steps of a 58 x 256 model:
+    10 blocks of 14,848 experts instead of 149 M step_stats rows."""
+    rest, rest_params = sel.with_(steps=None).where("s")
+    lo, hi = (None, None) if sel.steps is None else (int(sel.steps[0]), int(sel.steps[1]))
+    shape, sparams = _shape_sql(sel)
+    cap = _CAPACITY.format(t="s.tokens", k="sh.top_k", e="sh.n_experts")
+    keys = "".join(f", {d}" for d in by)
+    parts, params = [], []
+    for r, a, z in pieces(lo, hi, EXPERT_DROP_RESOLUTIONS if lo is None or lo >= 0 else ()):
+        clauses, p = [rest], list(rest_params)
+        if a is not None:
+            clauses.append("s.step >= ?")
+            p.append(a)
+        if z is not None:
+            clauses.append("s.step <= ?")
+            p.append(z)
+        where = " AND ".join(clauses)
+        if r > 1:
+            parts.append(f"""SELECT run_id{keys}, assigned, dropped FROM expert_drops s
+                             WHERE resolution = {int(r)} AND capacity_factor = ? AND {where}""")
+            params += [capacity_factor] + p
+        else:  # the edge steps: each step_stats row's drops, NULL where its tokens are unknown
+            parts.append(f"""SELECT s.run_id{''.join(f', s.{d}' for d in by)}, s.assigned,
+                                    CASE WHEN s.tokens IS NOT NULL
+                                         THEN greatest(0, least(s.assigned, s.assigned - {cap})) END AS dropped
+                             FROM step_stats s JOIN ({shape}) sh ON sh.run_id = s.run_id AND sh.layer = s.layer
+                             WHERE s.assigned > 0 AND {where}""")
+            params += [capacity_factor] + sparams + p  # in the order of their ? in the text
+    dropped = known_sum("dropped")
+    return run_query(con, f"""
+        SELECT run_id{keys}, CAST(sum(assigned) AS BIGINT) AS assigned, CAST({dropped} AS BIGINT) AS dropped,
+               {dropped} / nullif(sum(assigned), 0) AS drop_rate
+        FROM ({" UNION ALL ".join(parts)}) GROUP BY run_id{keys} ORDER BY run_id{keys}""", params)
+
+
+def _reads_drop_tables(con, sel: Selection, group: str, unit: str, factors: Iterable[float]) -> bool:
+    """Whether drops at `factors` can be read from step_drops/expert_drops: what they hold (group='step', one
+    rank's step_stats row per group, whatever the policy at the expert unit; every rank summed; no sequence
+    filter; the stored factors) and cover (every run compacted with them, nothing live)."""
+    return (unit == "expert" and group == "step" and sel.ranks is None and not sel.needs_sequences
+            and all(float(f) in DROP_FACTORS for f in factors) and buckets_available(con))
 
 
 def capacity_drops(
@@ -285,10 +334,11 @@ def capacity_drops(
     shape, sparams = _shape_sql(sel)
     unit = _granularity(sel, group, policy, by, with_weight)
     _refuse_summed_ranks(con, sel, group, unit)
-    if (unit == "expert" and group == "step" and capacity is None and not with_weight and set(by) <= {"layer", "step"}
-            and sel.ranks is None and not sel.needs_sequences and float(capacity_factor) in DROP_FACTORS
-            and buckets_available(con)):
-        return _from_step_drops(con, sel, float(capacity_factor), by)
+    if capacity is None and not with_weight and _reads_drop_tables(con, sel, group, unit, [capacity_factor]):
+        if set(by) <= {"layer", "step"}:
+            return _from_step_drops(con, sel, float(capacity_factor), by)
+        if set(by) <= {"layer", "expert"}:
+            return _from_expert_drops(con, sel, float(capacity_factor), by)
     if _from_weight_hist(con, sel, group, policy, unit, source):
         cap = cap_sql or _CAPACITY.format(t="g.group_tokens", k="sh.top_k", e="sh.n_experts")
         weight = (", sum(dropped_weight) FILTER (WHERE n_dropped > 0) AS dropped_weight,"
@@ -302,6 +352,7 @@ def capacity_drops(
     units, params = _units_sql(sel, group, policy, unit, labels=_needs_labels(sel, by))
     post, pparams = _post_filter(sel, "x")
     cap = cap_sql or _CAPACITY.format(t="x.group_tokens", k="sh.top_k", e="sh.n_experts")
+    known = "TRUE" if cap_sql else "x.group_tokens IS NOT NULL"
     weight = (
         ", sum(weight) FILTER (WHERE n_dropped > 0) AS dropped_weight,"
         " sum(weight) FILTER (WHERE n_dropped > 0) / nullif(sum(weight), 0) AS weight_drop_rate"
@@ -310,13 +361,26 @@ def capacity_drops(
     sql = f"""
         WITH x AS ({units}), sh AS ({shape}),
         flagged AS (
-            SELECT x.*, {_dropped(cap)} AS n_dropped
+            SELECT x.*, {_dropped(cap, 'x', known)} AS n_dropped
             FROM x JOIN sh ON sh.run_id = x.run_id AND sh.layer = x.layer
             WHERE {post})
-        SELECT run_id{by_cols}, CAST(sum(n) AS BIGINT) AS assigned, CAST(sum(n_dropped) AS BIGINT) AS dropped,
-               sum(n_dropped) / nullif(sum(n), 0) AS drop_rate{weight}
+        SELECT run_id{by_cols}, CAST(sum(n) AS BIGINT) AS assigned, CAST({known_sum("n_dropped")} AS BIGINT) AS dropped,
+               {known_sum("n_dropped")} / nullif(sum(n), 0) AS drop_rate{weight}
         FROM flagged GROUP BY run_id{by_cols} ORDER BY run_id{by_cols}"""
     return run_query(con, sql, params + sparams + [cap_param] + pparams)
+
+
+def _curve_from_step_drops(con, sel: Selection, cfs: list[float], by: tuple[str, ...]) -> pd.DataFrame:
+    """drop_curve(group='step') by nothing, layer and/or step at stored factors from step_drops: one row per step,
+    layer and factor instead of a histogram over every step_stats row (149 M at 10,000 steps of 58 x 256)."""
+    where, params = sel.where("s")
+    keys = "".join(f", {d}" for d in by)
+    dropped = known_sum("dropped")
+    return run_query(con, f"""
+        SELECT run_id, capacity_factor{keys}, CAST(sum(assigned) AS BIGINT) AS assigned,
+               CAST({dropped} AS BIGINT) AS dropped, {dropped} / nullif(sum(assigned), 0) AS drop_rate
+        FROM step_drops s WHERE {where} AND capacity_factor IN ({", ".join("?" for _ in cfs)})
+        GROUP BY run_id, capacity_factor{keys} ORDER BY run_id, capacity_factor{keys}""", params + list(cfs))
 
 
 def drop_curve(
@@ -331,7 +395,9 @@ def drop_curve(
     """Drop rate for every capacity factor in `factors`, in one query.
 
     Each assignment's rank within its expert and group (or each expert's count n per group) is computed once;
-    at a factor CF the drops are the ranks above C(CF) (or max(0, n - C(CF))).
+    at a factor CF the drops are the ranks above C(CF) (or max(0, n - C(CF))). Where every factor is one of
+    DROP_FACTORS and the breakdown is by layer and/or step at group='step', compaction's step_drops answer
+    (one row per step, layer and factor; see `_reads_drop_tables`).
     Columns: run_id, capacity_factor, *by, assigned, dropped, drop_rate.
     """
     by = _check(policy, group, by)
@@ -342,9 +408,12 @@ def drop_curve(
     shape, sparams = _shape_sql(sel)
     unit = _granularity(sel, group, policy, by, False)
     _refuse_summed_ranks(con, sel, group, unit)
+    if set(by) <= {"layer", "step"} and _reads_drop_tables(con, sel, group, unit, cfs):
+        return _curve_from_step_drops(con, sel, cfs, by)
     units, params = _units_sql(sel, group, policy, unit, labels=_needs_labels(sel, by))
     post, pparams = _post_filter(sel, "x")
     cap = _CAPACITY.replace("CAST(? AS DOUBLE)", "f.cf").format(t="h.group_tokens", k="h.top_k", e="h.n_experts")
+    dropped = known_sum(f"{_dropped(cap, 'h', 'h.group_tokens IS NOT NULL')} * h.units")
     # histogram first: how many units share (labels, group size, shape, before, n); then one row per factor
     sql = f"""
         WITH x AS ({units}), sh AS ({shape}),
@@ -354,8 +423,6 @@ def drop_curve(
             FROM x JOIN sh ON sh.run_id = x.run_id AND sh.layer = x.layer WHERE {post} GROUP BY ALL),
         f AS (SELECT unnest(CAST(? AS DOUBLE[])) AS cf)
         SELECT run_id, f.cf AS capacity_factor{by_cols}, CAST(sum(h.n * h.units) AS BIGINT) AS assigned,
-               CAST(sum(greatest(0, least(h.n, h.before + h.n - {cap})) * h.units) AS BIGINT) AS dropped,
-               sum(greatest(0, least(h.n, h.before + h.n - {cap})) * h.units) / nullif(sum(h.n * h.units), 0)
-                   AS drop_rate
+               CAST({dropped} AS BIGINT) AS dropped, {dropped} / nullif(sum(h.n * h.units), 0) AS drop_rate
         FROM hist h CROSS JOIN f GROUP BY ALL ORDER BY run_id, capacity_factor{by_cols}"""
     return run_query(con, sql, params + sparams + pparams + [cfs])

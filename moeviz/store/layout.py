@@ -76,9 +76,10 @@ COMPACTION_TABLES = ROUTE_STATS_TABLES + (PROBE_SETS, WEIGHT_HIST, TOKEN_SETS)
 # Step roll-ups compaction builds from step_stats and layer_stats (moeviz.store.rollups), in run.duckdb.
 ROLLUP_TABLES = ("step_rollups", "layer_rollups")
 # ... and what a curve of a wide model needs per bucket and layer that sums cannot give (the busiest expert's
-# load, sum of squares, Switch's sum of products, capacity drops per step): moeviz.store.rollups.build_buckets.
-# Only in run.duckdb; the analyses read them when every run of the store has them and nothing is live.
-BUCKET_TABLES = ("layer_buckets", "pooled_buckets", "step_drops")
+# load, sum of squares, Switch's sum of products, capacity drops per step and per block and expert):
+# moeviz.store.rollups.build_buckets. Only in run.duckdb; the analyses read them when every run of the store has
+# them and nothing is live.
+BUCKET_TABLES = ("layer_buckets", "pooled_buckets", "step_drops", "expert_drops")
 META_TABLES = ("runs", "layers", "vocab")
 SEGMENT_TABLES = META_TABLES + DATA_TABLES
 
@@ -130,6 +131,8 @@ DISK_SCHEMAS: dict[str, pa.Schema] = {
     "pooled_buckets": pa.schema([("run_id", _S), ("resolution", _I32), ("step", _I64), ("prob_dot", _F64)]),
     "step_drops": pa.schema([("run_id", _S), ("step", _I64), ("layer", _I16), ("capacity_factor", _F64),
                              ("assigned", _I64), ("dropped", _I64)]),
+    "expert_drops": pa.schema([("run_id", _S), ("resolution", _I32), ("step", _I64), ("layer", _I16),
+                               ("expert", _I16), ("capacity_factor", _F64), ("assigned", _I64), ("dropped", _I64)]),
     "sequences": pa.schema([("run_id", _S), ("step", _I64), ("rank", _I32), ("seq", _I32), ("domain", _S),
                             ("tag", _S), ("n_tokens", _I32), ("seq_key", pa.uint64()), ("sample_id", _S),
                             ("pos_offset", _I32), ("prompt_tokens", _I32)]),
@@ -540,7 +543,8 @@ def migrate_manifest(manifest: dict, where: Path) -> dict:
     readers (a version 3 run has no such files); compaction raises a run's manifest to 4 when it writes them,
     keeping the version its data was written with in `data_schema_version`. Also arrived under version 3
     without a bump (added columns and tables, NULL or absent in older runs, so no step either):
-    `layer_stats.ranks_summed`, and the bucket tables `layer_buckets`, `pooled_buckets` and `step_drops`.
+    `layer_stats.ranks_summed`, and the bucket tables `layer_buckets`, `pooled_buckets`, `step_drops` and
+    `expert_drops` (a run.duckdb without one reads every step_stats row until `moeviz compact` builds it).
     """
     version = int(manifest.get("schema_version", 0))
     if version > SCHEMA_VERSION:

@@ -183,26 +183,63 @@ def _drop_exprs() -> list[str]:
         f"{capacity(repr(float(f)), 's.tokens', 'sh.top_k', 'sh.n_experts')})) END" for f in DROP_FACTORS)]
 
 
-def step_drops_sql(source: str, shape: str, where: str = "TRUE") -> str:
-    """SELECT of step_drops rows from `source` (step_stats rows): each row's drops max(0, n - C) at each of
-    DROP_FACTORS with its own tokens (one rank's group, as capacity_drops(group='step') reads a row), summed per
-    step and layer; NULL where the token counts are unknown."""
-    factors = ", ".join(repr(float(f)) for f in DROP_FACTORS)
+EXPERT_DROP_RESOLUTIONS = (100, 1000)  # expert_drops' blocks; both divide _CHUNK_STEPS, so a chunk holds whole blocks
+
+
+def drop_sums_sql(source: str, shape: str, where: str = "TRUE") -> str:
+    """SELECT of each step_stats row's drops max(0, n - C) at each of DROP_FACTORS (d0, d1, ...) with its own
+    tokens (one rank's group, as capacity_drops(group='step') reads a row), NULL where the token counts are
+    unknown, summed two ways in one pass: per step and layer (per_step = 1: step_drops) and per 100-step block,
+    layer and expert (per_step = 0: expert_drops). Why one pass: two separate queries scanned the rows and
+    computed the drops twice (bench/bench_bucket_build.py on 2,000 steps of 58 x 256: 10.6 + 16.9 s as two
+    passes, 16.5 s as one, at similar load; docs/benchmarks.md)."""
+    r = EXPERT_DROP_RESOLUTIONS[0]
     drops = ", ".join(f"{expr} AS d{i}" for i, expr in enumerate(_drop_exprs()))
     return f"""
-        SELECT run_id, step, layer, unnest([{factors}]::DOUBLE[]) AS capacity_factor, assigned,
-               unnest([{", ".join(f"d{i}" for i in range(len(DROP_FACTORS)))}]) AS dropped
-        FROM (
-            SELECT s.run_id, s.step, CAST(s.layer AS SMALLINT) AS layer,
-                   CAST(sum(s.assigned) AS BIGINT) AS assigned, {drops}
-            FROM {source} s JOIN {shape} sh ON sh.run_id = s.run_id AND sh.layer = s.layer
-            WHERE s.assigned > 0 AND {where}
-            GROUP BY s.run_id, s.step, s.layer)"""
+        SELECT CAST(GROUPING(s.expert) AS INTEGER) AS per_step, s.run_id, s.step,
+               CAST((s.step // {r}) * {r} AS BIGINT) AS block, CAST(s.layer AS SMALLINT) AS layer,
+               CAST(s.expert AS SMALLINT) AS expert, CAST(sum(s.assigned) AS BIGINT) AS assigned, {drops}
+        FROM {source} s JOIN {shape} sh ON sh.run_id = s.run_id AND sh.layer = s.layer
+        WHERE s.assigned > 0 AND {where}
+        GROUP BY GROUPING SETS ((s.run_id, s.step, s.layer), (s.run_id, (s.step // {r}) * {r}, s.layer, s.expert))"""
+
+
+def _unnest_factors() -> str:
+    """SQL: one row per factor of a `drop_sums_sql` row (capacity_factor, assigned, dropped)."""
+    factors = ", ".join(repr(float(f)) for f in DROP_FACTORS)
+    return (f"unnest([{factors}]::DOUBLE[]) AS capacity_factor, assigned, "
+            f"unnest([{', '.join(f'd{i}' for i in range(len(DROP_FACTORS)))}]) AS dropped")
+
+
+def step_drops_sql(sums: str) -> str:
+    """SELECT of step_drops rows from `sums` (a FROM item of `drop_sums_sql` rows): drops per step and layer."""
+    return f"SELECT run_id, step, layer, {_unnest_factors()} FROM {sums} WHERE per_step = 1"
+
+
+def expert_drops_sql(sums: str) -> str:
+    """SELECT of expert_drops rows of 100-step blocks from `sums` (`drop_sums_sql` rows): drops per block, layer
+    and expert; NULL where any of the block's rows has unknown tokens. Why blocks and not steps: per step that
+    would be 14,848 rows a step at 58 x 256, as many as step_stats itself; a block of 100 is 100 times fewer, and
+    a range's edges are read from step_stats."""
+    return (f"SELECT run_id, CAST({EXPERT_DROP_RESOLUTIONS[0]} AS INTEGER) AS resolution, block AS step, layer, "
+            f"expert, {_unnest_factors()} FROM {sums} WHERE per_step = 0")
+
+
+def coarser_expert_drops_sql(r: int, where: str = "TRUE") -> str:
+    """SELECT of expert_drops rows of r-step blocks summed from its 100-step blocks (sums of drops are exact;
+    NULL stays NULL: known_sum)."""
+    r = int(r)
+    return f"""
+        SELECT run_id, CAST({r} AS INTEGER) AS resolution, CAST((step // {r}) * {r} AS BIGINT) AS step, layer, expert,
+               capacity_factor, CAST(sum(assigned) AS BIGINT) AS assigned,
+               CAST({known_sum("dropped")} AS BIGINT) AS dropped
+        FROM expert_drops WHERE resolution = {EXPERT_DROP_RESOLUTIONS[0]} AND {where}
+        GROUP BY run_id, (step // {r}) * {r}, layer, expert, capacity_factor"""
 
 
 def build_buckets(con, since_step: int | None = None) -> None:
-    """Build (or bring up to date) layer_buckets, pooled_buckets and step_drops on `con`, whose step_stats,
-    layers and runs hold every row of the run(s), and whose bucket tables exist (maybe empty).
+    """Build (or bring up to date) layer_buckets, pooled_buckets, step_drops and expert_drops on `con`, whose
+    step_stats, layers and runs hold every row of the run(s), and whose bucket tables exist (maybe empty).
 
     `since_step`: the first step that new rows touch (None: rebuild everything). A block's statistics are not
     sums of its parts' statistics, so the blocks from there on are recomputed from the per-step rows, never
@@ -219,6 +256,7 @@ def build_buckets(con, since_step: int | None = None) -> None:
     con.execute("DELETE FROM layer_buckets WHERE resolution > ?", [_CHUNK_STEPS])
     con.execute("DELETE FROM pooled_buckets WHERE step >= ? OR resolution > ?", [start, _CHUNK_STEPS])
     con.execute("DELETE FROM step_drops WHERE step >= ?", [start])
+    con.execute("DELETE FROM expert_drops WHERE step >= ?", [start])  # start: a multiple of every block
     con.execute(f"CREATE OR REPLACE TEMP TABLE _shape AS {shape_sql('step_stats')}")
     per_chunk_step = max(1, n_rows // max(1, last - first + 1))
     chunk = _CHUNK_STEPS * max(1, _CHUNK_ROWS // (per_chunk_step * _CHUNK_STEPS))
@@ -229,7 +267,12 @@ def build_buckets(con, since_step: int | None = None) -> None:
         [start, start]).fetchall()]
     for c0 in firsts:
         where = f"step >= {int(c0)} AND step < {int(c0 + chunk)}"
-        con.execute(f"INSERT INTO step_drops BY NAME {step_drops_sql('step_stats', '_shape', where)}")
+        con.execute(f"CREATE OR REPLACE TEMP TABLE _drop_sums AS {drop_sums_sql('step_stats', '_shape', where)}")
+        con.execute(f"INSERT INTO step_drops BY NAME {step_drops_sql('_drop_sums')}")
+        con.execute(f"INSERT INTO expert_drops BY NAME {expert_drops_sql('_drop_sums')}")
+        con.execute("DROP TABLE _drop_sums")
+        for r in EXPERT_DROP_RESOLUTIONS[1:]:
+            con.execute(f"INSERT INTO expert_drops BY NAME {coarser_expert_drops_sql(r, where)}")
         for r in small:  # each resolution from the sums of the one it is made of (1 from the rows)
             src = f"(SELECT * FROM step_stats WHERE {where})" if r == 1 else f"_sums_{_parent(r)}"
             con.execute(f"CREATE OR REPLACE TEMP TABLE _sums_{r} AS {expert_sums_sql(src, r)}")
@@ -255,7 +298,7 @@ def fold_buckets(con, new_segments: dict[str, list], rebuild: bool) -> None:
     every row when `rebuild` (the old run.duckdb lacks one), else the blocks from the first step of the new
     step_stats segments on."""
     if rebuild:
-        for t in ("layer_buckets", "pooled_buckets", "step_drops"):
+        for t in layout.BUCKET_TABLES:
             con.execute(f'DELETE FROM main."{t}"')
         build_buckets(con, None)
         return

@@ -462,7 +462,7 @@ STEP_DROPS = _t(
     "compaction from `step_stats` as `capacity_drops(group='step')` does: per rank's row, max(0, n - C) with "
     "C = ceil(CF x tokens x k / E), summed over the step's ranks and experts. A drop needs each step's "
     "per-expert count, so no sum of counts can give it: this is what the health check and the Capacity page's "
-    "per-layer drops read instead of every step_stats row.",
+    "per-layer drops and drop-rate curve read instead of every step_stats row.",
     ("run_id", "VARCHAR", "Run id."),
     ("step", "BIGINT", "Step."),
     ("layer", "SMALLINT", "MoE layer index."),
@@ -471,10 +471,28 @@ STEP_DROPS = _t(
     ("dropped", "BIGINT", "Assignments beyond capacity; NULL where the token counts are unknown."),
 )
 
+EXPERT_DROPS = _t(
+    "expert_drops",
+    "Capacity drops per block of 100 or 1,000 steps, layer and expert at the factors of `step_drops`, computed at "
+    "compaction from `step_stats` the same way (each rank's row of a step is one group: max(0, n - C) with "
+    "C = ceil(CF x tokens x k / E)), summed over the block's steps and ranks. What the Capacity page's per-expert "
+    "heat map reads instead of every step_stats row (14,848 a step and rank for 58 layers x 256 experts); the "
+    "steps of a range that fill no whole block are read from step_stats.",
+    ("run_id", "VARCHAR", "Run id."),
+    ("resolution", "INTEGER", "Steps per block: 100 or 1000."),
+    ("step", "BIGINT", "The block's first step (a multiple of the resolution)."),
+    ("layer", "SMALLINT", "MoE layer index."),
+    ("expert", "SMALLINT", "Expert index."),
+    ("capacity_factor", "DOUBLE", "The capacity factor (one of step_drops')."),
+    ("assigned", "BIGINT", "Assignments of the expert in the block (rows with at least one)."),
+    ("dropped", "BIGINT", "Assignments beyond capacity; NULL where any of the block's rows has unknown tokens."),
+)
+
 TABLES: dict[str, Table] = {t.name: t for t in (RUNS, LAYERS, ROUTES, STEP_STATS, LAYER_STATS, PAIR_STATS, FLOW_STATS,
                                                  SEQUENCES, EXPERT_BIAS, BALANCE_STATS, TOKEN_STATS, POSITION_STATS,
                                                  SEQUENCE_STATS, PROBE_SETS, TOKEN_SETS, WEIGHT_HIST, STEP_ROLLUPS,
                                                  LAYER_ROLLUPS, LAYER_BUCKETS, POOLED_BUCKETS, STEP_DROPS,
+                                                 EXPERT_DROPS,
                                                  VOCAB)}
 
 # Columns added after the first release of a table: a writer may leave them out (they read as NULL), so that
