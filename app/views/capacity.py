@@ -14,7 +14,7 @@ from app.components import guarded, run_page, show_chart
 from app.state import Ctx
 from moeviz import charts
 from moeviz.analyses.capacity import capacity_drops, drop_curve, model_capacity
-from moeviz.analyses.step_rows import buckets_available
+from moeviz.analyses.step_rows import buckets_available, expert_drops_available
 from moeviz.store.rollups import DROP_FACTORS
 
 CURVE_FACTORS = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 4.0)
@@ -56,7 +56,7 @@ def _stored_only(ctx: Ctx, group: str) -> bool:
     rank), without a domain filter (which reads per-token routes anyway). Small and live runs keep the continuous
     slider."""
     return (group == "step" and not ctx.sel.needs_sequences and wide.replay_is_slow(ctx)
-            and bool(ctx.q(buckets_available)))
+            and bool(ctx.q(buckets_available)) and bool(ctx.q(expert_drops_available)))
 
 
 def _stored_factor(c1, default_cf: float, ranks_picked: bool) -> tuple[float, bool]:

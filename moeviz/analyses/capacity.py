@@ -28,7 +28,7 @@ import pandas as pd
 
 from moeviz.analyses import probability_drops
 from moeviz.analyses.load import AnalysisError, run_query
-from moeviz.analyses.step_rows import buckets_available, pieces
+from moeviz.analyses.step_rows import buckets_available, expert_drops_available, pieces
 from moeviz.store.rollups import DROP_FACTORS, EXPERT_DROP_RESOLUTIONS, capacity as _capacity_sql, known_sum
 from moeviz.selection import Selection
 from moeviz.analyses.unknowns import require, require_per_rank
@@ -291,6 +291,12 @@ def _reads_drop_tables(con, sel: Selection, group: str, unit: str, factors: Iter
             and all(float(f) in DROP_FACTORS for f in factors) and buckets_available(con))
 
 
+def _reads_expert_drops(con, sel: Selection, group: str, unit: str, factor: float) -> bool:
+    """`_reads_drop_tables`, and expert_drops covers the runs too (a store compacted before it existed has the
+    other bucket tables but not this one until `moeviz compact`)."""
+    return _reads_drop_tables(con, sel, group, unit, [factor]) and expert_drops_available(con)
+
+
 def capacity_drops(
     con,
     sel: Selection = Selection(),
@@ -337,7 +343,7 @@ def capacity_drops(
     if capacity is None and not with_weight and _reads_drop_tables(con, sel, group, unit, [capacity_factor]):
         if set(by) <= {"layer", "step"}:
             return _from_step_drops(con, sel, float(capacity_factor), by)
-        if set(by) <= {"layer", "expert"}:
+        if set(by) <= {"layer", "expert"} and _reads_expert_drops(con, sel, group, unit, capacity_factor):
             return _from_expert_drops(con, sel, float(capacity_factor), by)
     if _from_weight_hist(con, sel, group, policy, unit, source):
         cap = cap_sql or _CAPACITY.format(t="g.group_tokens", k="sh.top_k", e="sh.n_experts")

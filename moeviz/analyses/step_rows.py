@@ -21,7 +21,7 @@ from moeviz.store.reader import buckets_complete, rollups_complete
 from moeviz.store.rollups import (BUCKET_RESOLUTIONS, RESOLUTIONS, SPEC, shape_sql as _bucket_shape_sql,
                                   expert_sums_sql, layer_bucket_sql, pooled_bucket_sql, stored_for_every_run)
 
-__all__ = ["step_rows_sql", "pieces", "rollups_available", "buckets_available", "bucket_pieces",
+__all__ = ["step_rows_sql", "pieces", "rollups_available", "buckets_available", "expert_drops_available", "bucket_pieces",
            "layer_buckets_sql", "pooled_buckets_sql"]
 
 _ROLLUP_OF = {source: table for table, (source, _, _) in SPEC.items()}  # step_stats -> step_rollups
@@ -94,6 +94,12 @@ def buckets_available(con) -> bool:
     """Whether `con` has the bucket tables (layer_buckets, pooled_buckets, step_drops) covering every step_stats
     row (compacted by this moeviz, nothing live: moeviz.store.reader.buckets_complete)."""
     return buckets_complete(con)
+
+
+def expert_drops_available(con) -> bool:
+    """Whether `expert_drops` covers every step_stats row (a store compacted before the table existed lacks it
+    until `moeviz compact`; the other bucket tables may still be complete)."""
+    return buckets_complete(con, "expert_drops")
 
 
 def _bucket_of(step_bucket: int | None) -> int:

@@ -80,6 +80,9 @@ ROLLUP_TABLES = ("step_rollups", "layer_rollups")
 # moeviz.store.rollups.build_buckets. Only in run.duckdb; the analyses read them when every run of the store has
 # them and nothing is live.
 BUCKET_TABLES = ("layer_buckets", "pooled_buckets", "step_drops", "expert_drops")
+# bucket tables added after the others: a run.duckdb compacted before lacks them until `moeviz compact`, and
+# their absence must not send every bucket-backed analysis back to the per-step rows (only their own readers)
+LATER_BUCKET_TABLES = ("expert_drops",)
 META_TABLES = ("runs", "layers", "vocab")
 SEGMENT_TABLES = META_TABLES + DATA_TABLES
 

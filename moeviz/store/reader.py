@@ -444,13 +444,20 @@ def _note_rollup_gaps(con, runs: list[_RunFiles], compacted: dict[int, dict]) ->
              if t not in info["tables"] and rollups.SPEC[t][0] in info["tables"])
     con.execute(f"CREATE TEMP TABLE {ROLLUP_GAPS} AS SELECT CAST({int(n)} AS BIGINT) AS uncovered")
     # the bucket tables cannot be completed on the fly: any live step_stats segment, or a run.duckdb without them
-    gaps = sum(len(r.segments["step_stats"]) for r in runs) + sum(
-        1 for info in compacted.values() if "step_stats" in info["tables"]
-        and not set(layout.BUCKET_TABLES) <= set(info["tables"]))
+    # (each of LATER_BUCKET_TABLES counted apart: a run.duckdb compacted before it existed lacks only that one)
+    live = sum(len(r.segments["step_stats"]) for r in runs)
+    core = set(layout.BUCKET_TABLES) - set(layout.LATER_BUCKET_TABLES)
+    gaps = live + sum(1 for info in compacted.values() if "step_stats" in info["tables"]
+                      and not core <= set(info["tables"]))
     con.execute(f"CREATE TEMP TABLE {BUCKET_GAPS} AS SELECT CAST({int(gaps)} AS BIGINT) AS uncovered")
+    later = [(t, gaps + sum(1 for info in compacted.values() if "step_stats" in info["tables"]
+                            and t not in info["tables"])) for t in layout.LATER_BUCKET_TABLES]
+    con.execute(f"CREATE TEMP TABLE {LATER_BUCKET_GAPS} (table_name VARCHAR, uncovered BIGINT)")
+    con.executemany(f"INSERT INTO {LATER_BUCKET_GAPS} VALUES (?, ?)", [list(x) for x in later])
 
 
 BUCKET_GAPS = "_bucket_gaps"
+LATER_BUCKET_GAPS = "_later_bucket_gaps"
 PARTIAL_TABLES = "_partial_tables"
 
 
@@ -465,12 +472,23 @@ def _note_partial_tables(con, runs: list[_RunFiles]) -> None:
         con.executemany(f"INSERT INTO {PARTIAL_TABLES} VALUES (?, ?)", [list(r) for r in rows])
 
 
-def buckets_complete(con) -> bool:
+def buckets_complete(con, table: str | None = None) -> bool:
     """Whether `con`'s bucket tables (layer_buckets, pooled_buckets, step_drops: moeviz.store.rollups) hold every
     step_stats row: every run compacted with them and nothing live (False without them; True for a connection
-    that has them as tables and no note, as moeviz.testing builds)."""
+    that has them as tables and no note, as moeviz.testing builds). `table`: one of layout.LATER_BUCKET_TABLES
+    (expert_drops) instead, which a run.duckdb compacted before it existed lacks."""
     have = table_names(con)
-    if not set(layout.BUCKET_TABLES) <= have:
+    if table is not None:
+        if table not in layout.LATER_BUCKET_TABLES:
+            raise ValueError(f"buckets_complete(table=) takes one of {layout.LATER_BUCKET_TABLES}; got {table!r}")
+        if table not in have:
+            return False
+        if LATER_BUCKET_GAPS not in have:
+            return True
+        row = con.execute(f"SELECT uncovered FROM {LATER_BUCKET_GAPS} WHERE table_name = ?", [table]).fetchone()
+        return row is not None and row[0] == 0
+    core = set(layout.BUCKET_TABLES) - set(layout.LATER_BUCKET_TABLES)
+    if not core <= have:
         return False
     if BUCKET_GAPS not in have:
         return True
