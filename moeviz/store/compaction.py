@@ -24,6 +24,7 @@ from moeviz.store.schema import SCHEMA_VERSION
 
 ROUTES_FORMATS = ("parquet", "duckdb")
 TABLE_FILES_VERSION = 4  # the store schema version that added token_sets files (`_table_files`)
+MERGED_HIST_VERSION = 5  # ... that added merged weight_hist rows (bin -1: an expert's few routes in one row)
 
 
 def compact(path, routes_format: str = "parquet") -> dict:
@@ -259,12 +260,18 @@ def _publish_compacted(run_dir: Path, target: Path, manifest: dict, statuses: di
         rows = {t: con.execute(f'SELECT count(*) FROM main."{t}"').fetchone()[0] for t in layout.SEGMENT_TABLES}
         rows["routes"] += con.execute("SELECT coalesce(sum(rows), 0) FROM _routes_files").fetchone()[0]
         names_files = con.execute("SELECT count(*) FROM _table_files").fetchone()[0] > 0
+        merged_hist = con.execute(f'SELECT count(*) FROM (SELECT 1 FROM main."{layout.WEIGHT_HIST}" '
+                                  f'WHERE bin < 0 LIMIT 1)').fetchone()[0] > 0
         con.execute("CHECKPOINT")
     finally:
         con.close()
     _fsync(tmp)
-    if names_files:  # token_sets files: a moeviz that reads run.duckdb alone must refuse the run
-        _raise_manifest_version(run_dir)
+    # token_sets files: a moeviz that reads run.duckdb alone must refuse the run; merged weight_hist rows: one that
+    # reads every row as a bin must refuse it
+    if merged_hist:
+        _raise_manifest_version(run_dir, MERGED_HIST_VERSION)
+    elif names_files:
+        _raise_manifest_version(run_dir, TABLE_FILES_VERSION)
     os.replace(tmp, target)
     if replaced is not None:
         replaced[0] = True
@@ -272,17 +279,19 @@ def _publish_compacted(run_dir: Path, target: Path, manifest: dict, statuses: di
     return rows
 
 
-def _raise_manifest_version(run_dir: Path) -> None:
+def _raise_manifest_version(run_dir: Path, version: int) -> None:
     """Mark a run whose run.duckdb names table files (`_table_files`, schema version 4) as version 4 in its
     manifest, so that a moeviz that predates the files refuses the run instead of reading part of token_sets (or
-    compacting it and dropping the names of the files, which a later compaction then deletes as unpublished).
+    compacting it and dropping the names of the files, which a later compaction then deletes as unpublished); one
+    whose weight_hist holds merged rows (version 5) as 5, so that an older moeviz does not take a merged row for
+    bin -1 (its probability policy would misplace the cut).
     The version the run's data was written with stays in `data_schema_version` (runs.schema_version shows it,
     and new writes into the run are still refused). Written under a temp name and renamed: whole or absent."""
     path = run_dir / layout.MANIFEST
     body = json.loads(path.read_text())
-    if int(body.get("schema_version", 0)) >= TABLE_FILES_VERSION:
+    if int(body.get("schema_version", 0)) >= version:
         return
-    body = dict(body, schema_version=TABLE_FILES_VERSION,
+    body = dict(body, schema_version=version,
                 data_schema_version=int(body.get("data_schema_version", body["schema_version"])))
     tmp = path.with_name(f".{layout.MANIFEST}.compact.tmp")
     try:
@@ -403,7 +412,7 @@ def _fold_weight_hist_counts(con, counts: str, final: bool) -> None:
 
 def _fold_weight_hist(con, source: str | None, params: list, new_counts: str | None = None) -> None:
     """weight_hist = the old table's counts plus the new routes', with `above` recomputed over the sums (a step
-    whose routes span two compactions gets one set of bins)."""
+    whose routes span two compactions gets one set of bins) and small experts merged (_WEIGHT_HIST_ROWS_SQL)."""
     k = "run_id, step, rank, layer, expert, bin"
     typed = ", ".join(f'CAST("{f.name}" AS {layout.duckdb_type(f.type)}) AS "{f.name}"'
                       for f in layout.DISK_SCHEMAS[layout.WEIGHT_HIST])
@@ -414,7 +423,7 @@ def _fold_weight_hist(con, source: str | None, params: list, new_counts: str | N
               UNION ALL {new_counts or _WEIGHT_HIST_SQL.format(source=source)})
         GROUP BY ALL"""
     con.execute(f"""
-        CREATE TABLE main."{layout.WEIGHT_HIST}" AS SELECT {typed} FROM ({_WEIGHT_HIST_ABOVE_SQL.format(counts=counts)})
+        CREATE TABLE main."{layout.WEIGHT_HIST}" AS SELECT {typed} FROM ({_WEIGHT_HIST_ROWS_SQL.format(counts=counts)})
         ORDER BY run_id, step, rank, layer, expert, bin DESC""", params)
     con.execute(f'DROP TABLE main."_old_{layout.WEIGHT_HIST}"')
 
@@ -425,12 +434,24 @@ _WEIGHT_HIST_SQL = f"""
            count(*) AS assigned, count(*) FILTER (WHERE slot = 0) AS first_choice,
            sum(weight_q) AS weight_q_sum
     FROM ({{source}}) WHERE weight_q IS NOT NULL GROUP BY ALL"""  # routes without a weight (engine logs) have no bin
-# weight_hist's rows from such counts: `above`, the routes of the same step and expert in higher bins, which the
-# probability policy's cut-off bin is found by (moeviz.analyses.probability_drops)
-_WEIGHT_HIST_ABOVE_SQL = """
-    SELECT *, coalesce(sum(assigned) OVER (PARTITION BY run_id, step, rank, layer, expert ORDER BY bin DESC
-                                           ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0) AS above
-    FROM ({counts})"""
+# weight_hist's rows from such counts (summed per bin; a merged row, bin -1, may sit beside bins when a step's
+# routes span two compactions or batches): `above`, the routes of the same step and expert in higher bins, which the
+# probability policy's cut-off bin is found by (moeviz.analyses.probability_drops); and an expert with at most
+# WEIGHT_HIST_MERGE_MAX routes, or with a merged row among its counts, as one merged row (bin -1, above 0). A merged
+# row's routes have no bins left, so a merged expert whose routes grow past the limit in a later fold stays merged
+# (exact, only slower to order at query time); it takes a step split across compactions or batches.
+_WEIGHT_HIST_ROWS_SQL = f"""
+    SELECT run_id, step, rank, layer, expert,
+           CAST(CASE WHEN merged THEN {layout.WEIGHT_HIST_MERGED_BIN} ELSE bin END AS SMALLINT) AS bin,
+           sum(assigned) AS assigned, sum(first_choice) AS first_choice, sum(weight_q_sum) AS weight_q_sum,
+           CASE WHEN merged THEN 0 ELSE min(above) END AS above
+    FROM (
+        SELECT *, coalesce(sum(assigned) OVER (PARTITION BY run_id, step, rank, layer, expert ORDER BY bin DESC
+                                               ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0) AS above,
+               sum(assigned) OVER (PARTITION BY run_id, step, rank, layer, expert) <= {layout.WEIGHT_HIST_MERGE_MAX}
+               OR min(bin) OVER (PARTITION BY run_id, step, rank, layer, expert) < 0 AS merged
+        FROM ({{counts}}))
+    GROUP BY run_id, step, rank, layer, expert, merged, CASE WHEN merged THEN {layout.WEIGHT_HIST_MERGED_BIN} ELSE bin END"""
 
 
 # One row per token and layer of the sequences tagged 'probe' (joined from `sequences`, which compaction has
@@ -584,8 +605,8 @@ class _RouteCounts:
             for table, keys in self.KEYS.items():
                 k = ", ".join(keys)
                 if table == layout.WEIGHT_HIST:  # `above` by a cumulative sum (a window cost 2x the grouping)
-                    self.con.register("_bins", with_above(duckdb_compat.arrow_table(
-                        self.con.execute(_BATCH_WEIGHT_BINS_SQL))))
+                    self.con.register("_bins", with_small_merged(with_above(duckdb_compat.arrow_table(
+                        self.con.execute(_BATCH_WEIGHT_BINS_SQL)))))
                     self.con.execute(f'INSERT INTO "{table}" BY NAME SELECT $1 AS run_id, $2 AS rank, * FROM _bins',
                                      [run_id, rank])
                     self.con.unregister("_bins")
@@ -618,7 +639,7 @@ class _RouteCounts:
 
 def with_above(bins: pa.Table) -> pa.Table:
     """Weight-bin counts sorted by (step, layer, expert, bin descending) with `above` added: the routes of the
-    same step, layer and expert in higher bins (the numpy form of _WEIGHT_HIST_ABOVE_SQL's window)."""
+    same step, layer and expert in higher bins (the numpy form of _WEIGHT_HIST_ROWS_SQL's window)."""
     import numpy as np
 
     assigned = bins.column("assigned").to_numpy()  # [rows]
@@ -630,6 +651,39 @@ def with_above(bins: pa.Table) -> pa.Table:
     before = np.cumsum(assigned) - assigned  # [rows] routes in the rows before this one
     start = np.maximum.accumulate(np.where(new, np.arange(bins.num_rows), 0))  # [rows] its partition's first row
     return bins.append_column("above", pa.array(before - before[start], pa.int64()))
+
+
+def with_small_merged(bins: pa.Table) -> pa.Table:
+    """with_above's rows with each (step, layer, expert) of at most WEIGHT_HIST_MERGE_MAX routes as one row (bin
+    -1, above 0, the counts summed): the numpy form of _WEIGHT_HIST_ROWS_SQL's merge for one batch's bins."""
+    import numpy as np
+
+    n_rows = bins.num_rows
+    if not n_rows:
+        return bins
+    assigned = bins.column("assigned").to_numpy()  # [rows]
+    new = np.zeros(n_rows, dtype=bool)  # [rows] True where a (step, layer, expert) starts
+    new[0] = True
+    for k in ("step", "layer", "expert"):
+        v = bins.column(k).to_numpy()
+        new[1:] |= v[1:] != v[:-1]
+    starts = np.flatnonzero(new)  # [experts]
+    group = np.cumsum(new) - 1  # [rows] the row's expert
+    small = np.add.reduceat(assigned, starts) <= layout.WEIGHT_HIST_MERGE_MAX  # [experts]
+    merged = small[group]  # [rows]
+    keep = ~merged | new  # [rows] a merged expert keeps its first row, which carries the sums
+
+    def summed(column: str) -> np.ndarray:  # [rows] the expert's sum on a merged expert's rows
+        v = bins.column(column).to_numpy()
+        return np.where(merged, np.add.reduceat(v, starts)[group], v)
+
+    cols = {c: bins.column(c).to_numpy() for c in bins.column_names}
+    cols["bin"] = np.where(merged, layout.WEIGHT_HIST_MERGED_BIN, cols["bin"])
+    cols["above"] = np.where(merged, 0, cols["above"])
+    for c in ("assigned", "first_choice", "weight_q_sum"):
+        cols[c] = summed(c)
+    return pa.Table.from_arrays([pa.array(cols[c][keep], bins.schema.field(c).type) for c in bins.column_names],
+                                schema=bins.schema)
 
 
 def _constant(batch: pa.Table, *columns: str) -> bool:
