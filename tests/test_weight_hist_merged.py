@@ -176,38 +176,44 @@ def test_a_step_split_over_two_batches_is_merged_again(tmp_path, monkeypatch, bo
     check_policy(con, routes)
 
 
-def test_a_merged_row_and_new_routes_of_the_same_step_in_a_second_compaction(tmp_path, both_sides):
-    """Rank 0's step 1 written in two halves, compacted between them: its small experts' merged rows meet new
-    routes of the same step and expert (n grows past T for some), and the fold merges them again; the answers stay
-    exact."""
+def test_new_routes_of_a_compacted_step_in_a_second_compaction(tmp_path, both_sides):
+    """Rank 0's step 1 gets more routes after its first compaction (sequences 0-1 recorded again: the appended
+    routes count twice, as the writer warns): merged rows meet new routes of the same expert (n grows past T),
+    and bins of an expert past T meet a merged piece; the fold merges every such expert again, and the answers
+    stay exact against the brute force over all the routes written."""
     from moeviz.store import RunWriter
 
+    from test_app import write_run_dir
+
     r, routes = both_sides
-    mem = store_from_routing(**r, run_id="a")
     run_dir = tmp_path / "a"
+    write_run_dir(run_dir, r, run_id="a")  # compacted on close
+    first = hist_in(open_store(run_dir))
+    mem = store_from_routing(**r, run_id="a")
     cols = ["step", "seq", "pos", "token_id", "layer", "slot", "expert", "weight"]
-    stored = mem.execute(f"SELECT rank, {', '.join(cols)} FROM routes ORDER BY step, rank, seq, pos, layer, slot").df()
-    seqs = mem.execute("SELECT step, rank, seq, domain, tag, n_tokens FROM sequences").df()
-    first = stored["seq"] < 2  # rank 0, step 1: sequences 0-1 in the first compaction, 2-3 in the second
-    for part in (first, ~first):
-        for rank in (0, 1):
-            w = RunWriter(run_dir, run_id="a", rank=rank, world_size=2, compact_on_close=False)
-            w.write_run({"model_class": "T", "n_layers": LAYERS, "n_experts": EXPERTS, "top_k": 2})
-            rows = stored[(stored["rank"] == rank) & part]
-            for step, g in rows.groupby("step"):
-                s = seqs[(seqs["step"] == step) & (seqs["rank"] == rank) & seqs["seq"].isin(g["seq"].unique())]
-                w.write_flush({"routes": {c: g[c].to_numpy() for c in cols},
-                               "sequences": {c: s[c].to_numpy() for c in ("step", "seq", "domain", "tag",
-                                                                          "n_tokens")}})
-            w.close()
-        compact(run_dir)
+    again = mem.execute(f"SELECT {', '.join(cols)} FROM routes WHERE rank = 0 AND step = 1 AND seq < 2 "
+                        "ORDER BY layer, seq, pos, slot").df()
+    with pytest.warns(Warning, match="appending"):
+        w = RunWriter(run_dir, run_id="a", rank=0, world_size=2)
+    w.write_flush({"routes": {c: again[c].to_numpy() for c in cols}})
+    w.close()  # compacts
     con = open_store(run_dir)
     got = hist_in(con)
-    merged = {k[:4]: v for k, v in got.items() if k[4] == -1}
-    assert any(v[0] > T for v in merged.values())
-    sums = routes.groupby(["step", "rank", "layer", "expert"]).size()
-    assert {k: sum(v[0] for kk, v in got.items() if kk[:4] == k) for k in sums.index} == sums.to_dict()
-    check_policy(con, routes)
+    extra = routes[(routes["rank"] == 0) & (routes["step"] == 1) & (routes["seq"] < 2)]
+    both = pd.concat([routes, extra], ignore_index=True)
+    touched = {tuple(int(x) for x in k) for k in extra.groupby(["step", "rank", "layer", "expert"]).size().index}
+    binned_before = {k[:4] for k in first if k[4] >= 0}
+    assert touched & binned_before  # an expert of more than T routes gets a merged piece
+    assert any(v[0] > T for k, v in got.items() if k[4] == -1)  # ... and is merged again past T
+    for key in touched:  # one merged row each, the sums of every route written
+        rows = {k: v for k, v in got.items() if k[:4] == key}
+        g = both[(both["step"] == key[0]) & (both["rank"] == key[1]) & (both["layer"] == key[2])
+                 & (both["expert"] == key[3])]
+        assert list(rows) == [key + (-1,)] and rows[key + (-1,)] == (
+            len(g), int((g["slot"] == 0).sum()), int(g["weight_q"].sum()), 0), key
+    assert {k: v for k, v in got.items() if k[:4] not in touched} == \
+        {k: v for k, v in first.items() if k[:4] not in touched}
+    check_policy(con, both)
 
 
 def test_a_version_4_run_keeps_its_bins_and_is_raised_to_5_when_merged_rows_join_them(tmp_path, both_sides):
