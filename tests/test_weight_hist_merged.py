@@ -151,6 +151,24 @@ def test_compacted_run_rows_and_answers(tmp_path, both_sides):
     check_policy(con, routes)
 
 
+def test_a_compacted_run_whose_experts_all_pass_the_limit_keeps_every_bin(tmp_path):
+    """Two experts, top-1, 320 tokens a step: every expert past T, so each batch is binned whole (no merged row)."""
+    from moeviz.testing import synthetic_routing
+
+    from test_app import write_run_dir
+
+    r = synthetic_routing(n_steps=2, n_layers=2, n_experts=2, top_k=1, seqs_per_step=8, seq_len=40, skew=0.0,
+                          domains=("code", "prose"), seed=2)
+    r["weights"] = np.round(r["weights"] * 16) / 16  # ties
+    routes = routes_frame(r)
+    assert (routes.groupby(["step", "rank", "layer", "expert"]).size() > T).all()
+    write_run_dir(tmp_path / "a", r, run_id="a")
+    con = open_store(tmp_path / "a")
+    got = hist_in(con)
+    assert got == hist_by_hand(routes) and min(k[4] for k in got) >= 0
+    check_policy(con, routes)
+
+
 def test_a_step_split_over_two_batches_is_merged_again(tmp_path, monkeypatch, both_sides):
     """Batches smaller than a step (segments of half a step, COMPACTED_ROW_GROUP_ROWS 2: each is written as it is,
     a step in two batches): each batch merges its

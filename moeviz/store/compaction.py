@@ -546,7 +546,46 @@ _BATCH_WEIGHT_BINS_SQL = f"""
     SELECT step, layer, expert, CAST(weight_q >> {layout.WEIGHT_BIN_SHIFT} AS SMALLINT) AS bin,
            count(*) AS assigned, count(*) FILTER (WHERE slot = 0) AS first_choice,
            CAST(sum(weight_q) AS BIGINT) AS weight_q_sum
-    FROM _batch WHERE weight_q IS NOT NULL GROUP BY ALL ORDER BY step, layer, expert, bin DESC"""
+    FROM _batch {{only}} WHERE weight_q IS NOT NULL GROUP BY ALL ORDER BY step, layer, expert, bin DESC"""
+# ... and per expert (one group per expert: ~16x fewer than per bin where experts get a few routes each)
+_BATCH_EXPERTS_SQL = """
+    SELECT step, layer, expert, count(*) AS assigned, count(*) FILTER (WHERE slot = 0) AS first_choice,
+           CAST(sum(weight_q) AS BIGINT) AS weight_q_sum
+    FROM _batch WHERE weight_q IS NOT NULL GROUP BY ALL"""
+
+
+def _batch_weight_rows(con) -> pa.Table:
+    """One batch's weight_hist rows (step, layer, expert, bin, assigned, first_choice, weight_q_sum, above), sorted
+    by (step, layer, expert, bin descending): the routes counted per expert first, a merged row (bin -1, above 0)
+    for each expert of at most WEIGHT_HIST_MERGE_MAX routes, and bins only for the larger experts' routes (all of
+    them, with no join, when every expert is larger): grouping per bin gave ~1 group per route at the sampled
+    DeepSeek-V3 shape. The numpy/Arrow form of _WEIGHT_HIST_ROWS_SQL for one batch's routes."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    from moeviz.store import duckdb_compat
+
+    experts = duckdb_compat.arrow_table(con.execute(_BATCH_EXPERTS_SQL))
+    big = pc.greater(experts.column("assigned"), layout.WEIGHT_HIST_MERGE_MAX)  # [experts]
+    n_big = pc.sum(big).as_py() or 0
+    if n_big == experts.num_rows:  # every expert binned (also no routes with a weight)
+        return with_above(duckdb_compat.arrow_table(con.execute(_BATCH_WEIGHT_BINS_SQL.format(only=""))))
+    small = experts.filter(pc.invert(big))
+    merged = pa.table({"step": small.column("step"), "layer": small.column("layer"), "expert": small.column("expert"),
+                       "bin": pa.array(np.full(small.num_rows, layout.WEIGHT_HIST_MERGED_BIN, np.int16)),
+                       "assigned": small.column("assigned"), "first_choice": small.column("first_choice"),
+                       "weight_q_sum": small.column("weight_q_sum"),
+                       "above": pa.array(np.zeros(small.num_rows, np.int64))})
+    if not n_big:
+        return merged
+    con.register("_big", experts.filter(big).select(["step", "layer", "expert"]))
+    try:
+        bins = with_above(duckdb_compat.arrow_table(con.execute(_BATCH_WEIGHT_BINS_SQL.format(
+            only="SEMI JOIN _big USING (step, layer, expert)"))))
+    finally:
+        con.unregister("_big")
+    return pa.concat_tables([merged.cast(bins.schema), bins]).sort_by(
+        [("step", "ascending"), ("layer", "ascending"), ("expert", "ascending"), ("bin", "descending")])
 
 
 class _RouteCounts:
@@ -605,8 +644,7 @@ class _RouteCounts:
             for table, keys in self.KEYS.items():
                 k = ", ".join(keys)
                 if table == layout.WEIGHT_HIST:  # `above` by a cumulative sum (a window cost 2x the grouping)
-                    self.con.register("_bins", with_small_merged(with_above(duckdb_compat.arrow_table(
-                        self.con.execute(_BATCH_WEIGHT_BINS_SQL)))))
+                    self.con.register("_bins", _batch_weight_rows(self.con))
                     self.con.execute(f'INSERT INTO "{table}" BY NAME SELECT $1 AS run_id, $2 AS rank, * FROM _bins',
                                      [run_id, rank])
                     self.con.unregister("_bins")
@@ -651,39 +689,6 @@ def with_above(bins: pa.Table) -> pa.Table:
     before = np.cumsum(assigned) - assigned  # [rows] routes in the rows before this one
     start = np.maximum.accumulate(np.where(new, np.arange(bins.num_rows), 0))  # [rows] its partition's first row
     return bins.append_column("above", pa.array(before - before[start], pa.int64()))
-
-
-def with_small_merged(bins: pa.Table) -> pa.Table:
-    """with_above's rows with each (step, layer, expert) of at most WEIGHT_HIST_MERGE_MAX routes as one row (bin
-    -1, above 0, the counts summed): the numpy form of _WEIGHT_HIST_ROWS_SQL's merge for one batch's bins."""
-    import numpy as np
-
-    n_rows = bins.num_rows
-    if not n_rows:
-        return bins
-    assigned = bins.column("assigned").to_numpy()  # [rows]
-    new = np.zeros(n_rows, dtype=bool)  # [rows] True where a (step, layer, expert) starts
-    new[0] = True
-    for k in ("step", "layer", "expert"):
-        v = bins.column(k).to_numpy()
-        new[1:] |= v[1:] != v[:-1]
-    starts = np.flatnonzero(new)  # [experts]
-    group = np.cumsum(new) - 1  # [rows] the row's expert
-    small = np.add.reduceat(assigned, starts) <= layout.WEIGHT_HIST_MERGE_MAX  # [experts]
-    merged = small[group]  # [rows]
-    keep = ~merged | new  # [rows] a merged expert keeps its first row, which carries the sums
-
-    def summed(column: str) -> np.ndarray:  # [rows] the expert's sum on a merged expert's rows
-        v = bins.column(column).to_numpy()
-        return np.where(merged, np.add.reduceat(v, starts)[group], v)
-
-    cols = {c: bins.column(c).to_numpy() for c in bins.column_names}
-    cols["bin"] = np.where(merged, layout.WEIGHT_HIST_MERGED_BIN, cols["bin"])
-    cols["above"] = np.where(merged, 0, cols["above"])
-    for c in ("assigned", "first_choice", "weight_q_sum"):
-        cols[c] = summed(c)
-    return pa.Table.from_arrays([pa.array(cols[c][keep], bins.schema.field(c).type) for c in bins.column_names],
-                                schema=bins.schema)
 
 
 def _constant(batch: pa.Table, *columns: str) -> bool:
