@@ -425,7 +425,7 @@ def _margin_column(margins, kt: np.ndarray, shape: tuple, n_tok: int) -> np.ndar
 def _insert_route_stats(con, run_id: str) -> None:
     """token_stats, position_stats, sequence_stats, probe_sets and token_sets of one run from its routes, as
     compaction builds them (probe_sets and token_sets with compaction's own queries)."""
-    from moeviz.store.compaction import _PROBE_SETS_SQL, _WEIGHT_HIST_ABOVE_SQL, _WEIGHT_HIST_SQL, token_sets_sql
+    from moeviz.store.compaction import _PROBE_SETS_SQL, _WEIGHT_HIST_ROWS_SQL, _WEIGHT_HIST_SQL, token_sets_sql
 
     con.execute(f"INSERT INTO probe_sets {_PROBE_SETS_SQL.format(source='SELECT * FROM routes WHERE run_id = ?')}",
                 [run_id])
@@ -435,7 +435,7 @@ def _insert_route_stats(con, run_id: str) -> None:
                 [run_id])
     counts = _WEIGHT_HIST_SQL.format(source=f"SELECT *, CAST(round(weight * {WEIGHT_SCALE}) AS USMALLINT) AS weight_q "
                                             "FROM routes WHERE run_id = ?")
-    con.execute(f"INSERT INTO weight_hist {_WEIGHT_HIST_ABOVE_SQL.format(counts=counts)}", [run_id])
+    con.execute(f"INSERT INTO weight_hist {_WEIGHT_HIST_ROWS_SQL.format(counts=counts)}", [run_id])
     con.execute("""
         INSERT INTO token_stats SELECT run_id, rank, layer, token_id, expert, count(*),
             count(*) FILTER (WHERE slot = 0) FROM routes WHERE run_id = ? GROUP BY ALL""", [run_id])

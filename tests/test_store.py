@@ -512,6 +512,14 @@ def expected_weight_hist(routes: pd.DataFrame) -> dict[tuple, dict]:
         c["weight_q_sum"] += q
     for key, c in cells.items():
         c["above"] = sum(o["assigned"] for k, o in cells.items() if k[:4] == key[:4] and k[4] > key[4])
+    # an expert with at most WEIGHT_HIST_MERGE_MAX routes in a step and rank: one row, bin -1, above 0 (version 5)
+    experts: dict[tuple, dict] = {}
+    for key, c in cells.items():
+        e = experts.setdefault(key[:4], {"assigned": 0, "first_choice": 0, "weight_q_sum": 0, "above": 0})
+        for f in ("assigned", "first_choice", "weight_q_sum"):
+            e[f] += c[f]
+    cells = {k: c for k, c in cells.items() if experts[k[:4]]["assigned"] > layout.WEIGHT_HIST_MERGE_MAX}
+    cells.update({k + (-1,): e for k, e in experts.items() if e["assigned"] <= layout.WEIGHT_HIST_MERGE_MAX})
     return dict(sorted(cells.items()))
 
 

@@ -71,7 +71,7 @@ def expected(routes: pd.DataFrame) -> dict[str, pd.DataFrame]:
         assigned=("slot", "size"), first_choice=("first", "sum"), weight_q_sum=("weight_q", "sum")).reset_index()
     hist = hist.sort_values(["step", "rank", "layer", "expert", "bin"], ascending=[True] * 4 + [False])
     run_total = hist.groupby(["step", "rank", "layer", "expert"])["assigned"].cumsum()
-    out["weight_hist"] = hist.assign(above=run_total - hist["assigned"])
+    out["weight_hist"] = merged_small(hist.assign(above=run_total - hist["assigned"]))
     rows = []
     for (step, rank, seq, pos, layer), g in r.groupby(["step", "rank", "seq", "pos", "layer"]):
         e = g["expert"].to_numpy()
@@ -84,6 +84,17 @@ def expected(routes: pd.DataFrame) -> dict[str, pd.DataFrame]:
     probe = out["token_sets"][out["token_sets"]["seq"] == 1]
     out["probe_sets"] = probe.drop(columns=["k", "margin"])
     return out
+
+
+def merged_small(hist: pd.DataFrame) -> pd.DataFrame:
+    """weight_hist per bin with each (step, rank, layer, expert) of at most WEIGHT_HIST_MERGE_MAX routes as one row:
+    bin -1, above 0, the counts summed (schema version 5)."""
+    keys = ["step", "rank", "layer", "expert"]
+    n = hist.groupby(keys)["assigned"].transform("sum")
+    small = hist[n <= layout.WEIGHT_HIST_MERGE_MAX]
+    merged = small.groupby(keys)[["assigned", "first_choice", "weight_q_sum"]].sum().reset_index().assign(
+        bin=-1, above=0)
+    return pd.concat([hist[n > layout.WEIGHT_HIST_MERGE_MAX], merged[hist.columns]], ignore_index=True)
 
 
 def check(con, routes: pd.DataFrame) -> None:

@@ -49,7 +49,7 @@ def _check_as_written(con, expected: dict) -> None:
 
 
 def test_a_version_2_store_reads_with_the_new_columns_null(v2_store):
-    assert SCHEMA_VERSION == 4
+    assert SCHEMA_VERSION == 5
     expected = json.loads((v2_store / "expected.json").read_text())
     con = open_store(v2_store)
     assert sorted(con.execute("SELECT run_id, schema_version FROM runs").fetchall()) == [("v2comp", 2), ("v2seg", 2)]
@@ -68,13 +68,17 @@ def test_a_version_2_store_compacts_under_the_current_version(v2_store):
     assert con.execute("SELECT count(*) FROM token_stats WHERE run_id = 'v2seg'").fetchone()[0] > 0
     assert con.execute("SELECT sum(assigned) FROM weight_hist WHERE run_id = 'v2seg'").fetchone()[0] == \
         expected["routes"]["v2seg"][0]
-    # v2seg's token_sets went into files: its manifest says version 4, so a version-3 moeviz (which reads
-    # run.duckdb's token_sets alone) refuses it; its data still reads as written under version 2
+    # v2seg's token_sets went into files and its weight_hist holds merged rows (its experts have a few routes
+    # each): its manifest says version 5, so a version-3 or 4 moeviz refuses it; its data still reads as written
+    # under version 2
+    assert con.execute("SELECT count(*) FROM weight_hist WHERE run_id = 'v2seg' AND bin = -1").fetchone()[0] > 0
     manifest = json.loads((v2_store / "v2seg" / "moeviz.json").read_text())
-    assert (manifest["schema_version"], manifest["data_schema_version"]) == (4, 2)
+    assert (manifest["schema_version"], manifest["data_schema_version"]) == (5, 2)
     assert sorted(con.execute("SELECT run_id, schema_version FROM runs").fetchall()) == [("v2comp", 2), ("v2seg", 2)]
-    # v2comp's run.duckdb predates token_sets: compaction built them into it by SQL, no files, manifest untouched
+    # v2comp's run.duckdb predates token_sets: compaction built them into it by SQL, no files; its weight_hist
+    # rows are all bins (as an older compaction built them) and stay so: manifest untouched
     assert json.loads((v2_store / "v2comp" / "moeviz.json").read_text())["schema_version"] == 2
+    assert con.execute("SELECT min(bin) FROM weight_hist WHERE run_id = 'v2comp'").fetchone()[0] >= 0
     assert not (v2_store / "v2comp" / "compacted" / "token_sets").exists()
 
 
@@ -86,11 +90,23 @@ def test_a_run_with_token_sets_files_is_refused_by_a_version_3_reader(v2_store, 
 
     compact(v2_store)
     monkeypatch.setattr(layout, "SCHEMA_VERSION", 3)
-    with pytest.raises(SchemaVersionError, match="schema version 4.*up to 3"):
+    with pytest.raises(SchemaVersionError, match="schema version 5.*up to 3"):
         layout.read_manifest(v2_store / "v2seg")
 
 
-def test_a_version_3_run_reads_and_its_compaction_raises_it_to_4(tmp_path):
+def test_a_run_with_merged_weight_hist_rows_is_refused_by_a_version_4_reader(v2_store, monkeypatch):
+    """A version-4 moeviz would read a merged weight_hist row (bin -1) as a bin; its ladder refuses the raised
+    manifest, as this one does with SCHEMA_VERSION set to 4."""
+    from moeviz.errors import SchemaVersionError
+    from moeviz.store import layout
+
+    compact(v2_store)
+    monkeypatch.setattr(layout, "SCHEMA_VERSION", 4)
+    with pytest.raises(SchemaVersionError, match="schema version 5.*up to 4"):
+        layout.read_manifest(v2_store / "v2seg")
+
+
+def test_a_version_3_run_reads_and_its_compaction_raises_it_to_5(tmp_path):
     from moeviz.errors import StoreError
     from moeviz.store import RunWriter
 
@@ -106,7 +122,7 @@ def test_a_version_3_run_reads_and_its_compaction_raises_it_to_4(tmp_path):
     con.close()
     compact(run_dir)
     manifest = json.loads(path.read_text())
-    assert (manifest["schema_version"], manifest["data_schema_version"]) == (4, 3)
+    assert (manifest["schema_version"], manifest["data_schema_version"]) == (5, 3)  # merged weight_hist rows
     con = open_store(run_dir)
     assert con.execute("SELECT schema_version FROM runs").fetchall() == [(3,)]
     assert con.execute("SELECT count(*) FROM routes").fetchone()[0] == n

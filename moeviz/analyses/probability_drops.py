@@ -13,7 +13,12 @@ route of a higher bin outranks every route of a lower one, and with capacity C t
 - none of the bins with above >= C;
 - in the one bin with above < C < above + assigned (the cut bin, where the cut falls inside a bin), the first
   keep = C - above routes in priority order.
-So only the cut bins' routes (~1/100 of an expert's routes) are ordered. The cut bins are a filter over
+So only the cut bins' routes (~1/100 of an expert's routes) are ordered. An expert with few routes in a step
+(at most layout.WEIGHT_HIST_MERGE_MAX: sampled tokens over many experts) has one merged row instead of its bins
+(bin -1, above 0, schema version 5): it is read as one bin holding every route of the expert, so when n > C the cut
+falls in it and the pass orders all its routes (at most 64, or a few more where a step's routes were merged across
+two compactions), and when n <= C all are kept. In the pass a route's bin is `bin * binned` (`binned` 0 for a merged
+expert): every route of a merged expert falls in its bin 0. The cut bins are a filter over
 weight_hist (no window: `above` is stored); one pass over the routes joined to their expert's cut bin classifies
 every route: dropped below its expert's cut bin, kept above it, ordered within it.
 
@@ -196,7 +201,8 @@ def _experts_sql(hsel: Selection, shape: tuple[str, list], cap_sql: str) -> tupl
     """SQL (store connection): one row per step, rank, layer and expert of the selection with n and w (its
     routes and their summed weight_q), nd and wd (those in bins wholly past the capacity: dropped), and the cut:
     routes below cut_bin are dropped and `keep` routes of cut_bin are kept (`partial`: some of cut_bin are
-    dropped). An expert with capacity 0 gets cut_bin 256, keep 0: all dropped."""
+    dropped). An expert with capacity 0 gets cut_bin 256, keep 0: all dropped. A merged expert (one row, bin -1:
+    see the module docstring) gets binned 0 and its cut in bin 0, where the pass puts all its routes."""
     hwhere, hparams = hsel.where("h")
     qwhere, qparams = hsel.where("q")
     shape_sql, shape_params = shape
@@ -211,7 +217,8 @@ def _experts_sql(hsel: Selection, shape: tuple[str, list], cap_sql: str) -> tupl
                coalesce(sum(h.assigned) FILTER (WHERE h.above >= c.cap), 0) AS nd,
                coalesce(sum(h.weight_q_sum) FILTER (WHERE h.above >= c.cap), 0) AS wd,
                -- the lowest bin not wholly dropped has the largest `above` (and above + assigned) among them
-               coalesce(min(h.bin) FILTER (WHERE h.above < c.cap), 256) AS cut_bin,
+               greatest(coalesce(min(h.bin) FILTER (WHERE h.above < c.cap), 256), 0) AS cut_bin,
+               CAST(min(h.bin) >= 0 AS INTEGER) AS binned,  -- 0: a merged row, its routes in one bin
                any_value(c.cap) - coalesce(max(h.above) FILTER (WHERE h.above < c.cap), any_value(c.cap)) AS keep,
                coalesce(max(h.above + h.assigned) FILTER (WHERE h.above < c.cap), 0) > any_value(c.cap) AS partial
         FROM weight_hist h JOIN caps c ON c.run_id = h.run_id AND c.step = h.step AND c.rank = h.rank
@@ -220,7 +227,8 @@ def _experts_sql(hsel: Selection, shape: tuple[str, list], cap_sql: str) -> tupl
     return sql, shape_params + qparams + hparams
 
 
-_BIN = f"(r.weight_q >> {layout.WEIGHT_BIN_SHIFT})"
+# a route's bin in its expert's weight_hist: every route of a merged expert (binned = 0) in bin 0
+_BIN = f"((r.weight_q >> {layout.WEIGHT_BIN_SHIFT}) * u.binned)"
 _SCALE = float(layout.WEIGHT_SCALE)
 # a route's bin against a column of its expert, written as a difference: a comparison of the two sides would
 # become a second join condition (and a perfect hash join needs one); as a difference it filters the join's output

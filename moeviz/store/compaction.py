@@ -26,6 +26,7 @@ from moeviz.store.schema import SCHEMA_VERSION
 
 ROUTES_FORMATS = ("parquet", "duckdb")
 TABLE_FILES_VERSION = 4  # the store schema version that added token_sets files (`_table_files`)
+MERGED_HIST_VERSION = 5  # ... that added merged weight_hist rows (bin -1: an expert's few routes in one row)
 
 
 def compact(path, routes_format: str = "parquet") -> dict:
@@ -261,12 +262,18 @@ def _publish_compacted(run_dir: Path, target: Path, manifest: dict, statuses: di
         rows = {t: con.execute(f'SELECT count(*) FROM main."{t}"').fetchone()[0] for t in layout.SEGMENT_TABLES}
         rows["routes"] += con.execute("SELECT coalesce(sum(rows), 0) FROM _routes_files").fetchone()[0]
         names_files = con.execute("SELECT count(*) FROM _table_files").fetchone()[0] > 0
+        merged_hist = con.execute(f'SELECT count(*) FROM (SELECT 1 FROM main."{layout.WEIGHT_HIST}" '
+                                  f'WHERE bin < 0 LIMIT 1)').fetchone()[0] > 0
         con.execute("CHECKPOINT")
     finally:
         con.close()
     _fsync(tmp)
-    if names_files:  # token_sets files: a moeviz that reads run.duckdb alone must refuse the run
-        _raise_manifest_version(run_dir)
+    # token_sets files: a moeviz that reads run.duckdb alone must refuse the run; merged weight_hist rows: one that
+    # reads every row as a bin must refuse it
+    if merged_hist:
+        _raise_manifest_version(run_dir, MERGED_HIST_VERSION)
+    elif names_files:
+        _raise_manifest_version(run_dir, TABLE_FILES_VERSION)
     os.replace(tmp, target)
     if replaced is not None:
         replaced[0] = True
@@ -274,17 +281,19 @@ def _publish_compacted(run_dir: Path, target: Path, manifest: dict, statuses: di
     return rows
 
 
-def _raise_manifest_version(run_dir: Path) -> None:
+def _raise_manifest_version(run_dir: Path, version: int) -> None:
     """Mark a run whose run.duckdb names table files (`_table_files`, schema version 4) as version 4 in its
     manifest, so that a moeviz that predates the files refuses the run instead of reading part of token_sets (or
-    compacting it and dropping the names of the files, which a later compaction then deletes as unpublished).
+    compacting it and dropping the names of the files, which a later compaction then deletes as unpublished); one
+    whose weight_hist holds merged rows (version 5) as 5, so that an older moeviz does not take a merged row for
+    bin -1 (its probability policy would misplace the cut).
     The version the run's data was written with stays in `data_schema_version` (runs.schema_version shows it,
     and new writes into the run are still refused). Written under a temp name and renamed: whole or absent."""
     path = run_dir / layout.MANIFEST
     body = json.loads(path.read_text())
-    if int(body.get("schema_version", 0)) >= TABLE_FILES_VERSION:
+    if int(body.get("schema_version", 0)) >= version:
         return
-    body = dict(body, schema_version=TABLE_FILES_VERSION,
+    body = dict(body, schema_version=version,
                 data_schema_version=int(body.get("data_schema_version", body["schema_version"])))
     tmp = path.with_name(f".{layout.MANIFEST}.compact.tmp")
     try:
@@ -410,7 +419,7 @@ def _fold_weight_hist_counts(con, counts: str, final: bool) -> None:
 
 def _fold_weight_hist(con, source: str | None, params: list, new_counts: str | None = None) -> None:
     """weight_hist = the old table's counts plus the new routes', with `above` recomputed over the sums (a step
-    whose routes span two compactions gets one set of bins)."""
+    whose routes span two compactions gets one set of bins) and small experts merged (_WEIGHT_HIST_ROWS_SQL)."""
     k = "run_id, step, rank, layer, expert, bin"
     typed = ", ".join(f'CAST("{f.name}" AS {layout.duckdb_type(f.type)}) AS "{f.name}"'
                       for f in layout.DISK_SCHEMAS[layout.WEIGHT_HIST])
@@ -421,7 +430,7 @@ def _fold_weight_hist(con, source: str | None, params: list, new_counts: str | N
               UNION ALL {new_counts or _WEIGHT_HIST_SQL.format(source=source)})
         GROUP BY ALL"""
     con.execute(f"""
-        CREATE TABLE main."{layout.WEIGHT_HIST}" AS SELECT {typed} FROM ({_WEIGHT_HIST_ABOVE_SQL.format(counts=counts)})
+        CREATE TABLE main."{layout.WEIGHT_HIST}" AS SELECT {typed} FROM ({_WEIGHT_HIST_ROWS_SQL.format(counts=counts)})
         ORDER BY run_id, step, rank, layer, expert, bin DESC""", params)
     con.execute(f'DROP TABLE main."_old_{layout.WEIGHT_HIST}"')
 
@@ -432,12 +441,24 @@ _WEIGHT_HIST_SQL = f"""
            count(*) AS assigned, count(*) FILTER (WHERE slot = 0) AS first_choice,
            sum(weight_q) AS weight_q_sum
     FROM ({{source}}) WHERE weight_q IS NOT NULL GROUP BY ALL"""  # routes without a weight (engine logs) have no bin
-# weight_hist's rows from such counts: `above`, the routes of the same step and expert in higher bins, which the
-# probability policy's cut-off bin is found by (moeviz.analyses.probability_drops)
-_WEIGHT_HIST_ABOVE_SQL = """
-    SELECT *, coalesce(sum(assigned) OVER (PARTITION BY run_id, step, rank, layer, expert ORDER BY bin DESC
-                                           ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0) AS above
-    FROM ({counts})"""
+# weight_hist's rows from such counts (summed per bin; a merged row, bin -1, may sit beside bins when a step's
+# routes span two compactions or batches): `above`, the routes of the same step and expert in higher bins, which the
+# probability policy's cut-off bin is found by (moeviz.analyses.probability_drops); and an expert with at most
+# WEIGHT_HIST_MERGE_MAX routes, or with a merged row among its counts, as one merged row (bin -1, above 0). A merged
+# row's routes have no bins left, so a merged expert whose routes grow past the limit in a later fold stays merged
+# (exact, only slower to order at query time); it takes a step split across compactions or batches.
+_WEIGHT_HIST_ROWS_SQL = f"""
+    SELECT run_id, step, rank, layer, expert,
+           CAST(CASE WHEN merged THEN {layout.WEIGHT_HIST_MERGED_BIN} ELSE bin END AS SMALLINT) AS bin,
+           sum(assigned) AS assigned, sum(first_choice) AS first_choice, sum(weight_q_sum) AS weight_q_sum,
+           CASE WHEN merged THEN 0 ELSE min(above) END AS above
+    FROM (
+        SELECT *, coalesce(sum(assigned) OVER (PARTITION BY run_id, step, rank, layer, expert ORDER BY bin DESC
+                                               ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0) AS above,
+               sum(assigned) OVER (PARTITION BY run_id, step, rank, layer, expert) <= {layout.WEIGHT_HIST_MERGE_MAX}
+               OR min(bin) OVER (PARTITION BY run_id, step, rank, layer, expert) < 0 AS merged
+        FROM ({{counts}}))
+    GROUP BY run_id, step, rank, layer, expert, merged, CASE WHEN merged THEN {layout.WEIGHT_HIST_MERGED_BIN} ELSE bin END"""
 
 
 # One row per token and layer of the sequences tagged 'probe' (joined from `sequences`, which compaction has
@@ -532,7 +553,46 @@ _BATCH_WEIGHT_BINS_SQL = f"""
     SELECT step, layer, expert, CAST(weight_q >> {layout.WEIGHT_BIN_SHIFT} AS SMALLINT) AS bin,
            count(*) AS assigned, count(*) FILTER (WHERE slot = 0) AS first_choice,
            CAST(sum(weight_q) AS BIGINT) AS weight_q_sum
-    FROM _batch WHERE weight_q IS NOT NULL GROUP BY ALL ORDER BY step, layer, expert, bin DESC"""
+    FROM _batch {{only}} WHERE weight_q IS NOT NULL GROUP BY ALL ORDER BY step, layer, expert, bin DESC"""
+# ... and per expert (one group per expert: ~16x fewer than per bin where experts get a few routes each)
+_BATCH_EXPERTS_SQL = """
+    SELECT step, layer, expert, count(*) AS assigned, count(*) FILTER (WHERE slot = 0) AS first_choice,
+           CAST(sum(weight_q) AS BIGINT) AS weight_q_sum
+    FROM _batch WHERE weight_q IS NOT NULL GROUP BY ALL"""
+
+
+def _batch_weight_rows(con) -> pa.Table:
+    """One batch's weight_hist rows (step, layer, expert, bin, assigned, first_choice, weight_q_sum, above), sorted
+    by (step, layer, expert, bin descending): the routes counted per expert first, a merged row (bin -1, above 0)
+    for each expert of at most WEIGHT_HIST_MERGE_MAX routes, and bins only for the larger experts' routes (all of
+    them, with no join, when every expert is larger): grouping per bin gave ~1 group per route at the sampled
+    DeepSeek-V3 shape. The numpy/Arrow form of _WEIGHT_HIST_ROWS_SQL for one batch's routes."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    from moeviz.store import duckdb_compat
+
+    experts = duckdb_compat.arrow_table(con.execute(_BATCH_EXPERTS_SQL))
+    big = pc.greater(experts.column("assigned"), layout.WEIGHT_HIST_MERGE_MAX)  # [experts]
+    n_big = pc.sum(big).as_py() or 0
+    if n_big == experts.num_rows:  # every expert binned (also no routes with a weight)
+        return with_above(duckdb_compat.arrow_table(con.execute(_BATCH_WEIGHT_BINS_SQL.format(only=""))))
+    small = experts.filter(pc.invert(big))
+    merged = pa.table({"step": small.column("step"), "layer": small.column("layer"), "expert": small.column("expert"),
+                       "bin": pa.array(np.full(small.num_rows, layout.WEIGHT_HIST_MERGED_BIN, np.int16)),
+                       "assigned": small.column("assigned"), "first_choice": small.column("first_choice"),
+                       "weight_q_sum": small.column("weight_q_sum"),
+                       "above": pa.array(np.zeros(small.num_rows, np.int64))})
+    if not n_big:
+        return merged
+    con.register("_big", experts.filter(big).select(["step", "layer", "expert"]))
+    try:
+        bins = with_above(duckdb_compat.arrow_table(con.execute(_BATCH_WEIGHT_BINS_SQL.format(
+            only="SEMI JOIN _big USING (step, layer, expert)"))))
+    finally:
+        con.unregister("_big")
+    return pa.concat_tables([merged.cast(bins.schema), bins]).sort_by(
+        [("step", "ascending"), ("layer", "ascending"), ("expert", "ascending"), ("bin", "descending")])
 
 
 class _RouteCounts:
@@ -591,8 +651,7 @@ class _RouteCounts:
             for table, keys in self.KEYS.items():
                 k = ", ".join(keys)
                 if table == layout.WEIGHT_HIST:  # `above` by a cumulative sum (a window cost 2x the grouping)
-                    self.con.register("_bins", with_above(duckdb_compat.arrow_table(
-                        self.con.execute(_BATCH_WEIGHT_BINS_SQL))))
+                    self.con.register("_bins", _batch_weight_rows(self.con))
                     self.con.execute(f'INSERT INTO "{table}" BY NAME SELECT $1 AS run_id, $2 AS rank, * FROM _bins',
                                      [run_id, rank])
                     self.con.unregister("_bins")
@@ -625,7 +684,7 @@ class _RouteCounts:
 
 def with_above(bins: pa.Table) -> pa.Table:
     """Weight-bin counts sorted by (step, layer, expert, bin descending) with `above` added: the routes of the
-    same step, layer and expert in higher bins (the numpy form of _WEIGHT_HIST_ABOVE_SQL's window)."""
+    same step, layer and expert in higher bins (the numpy form of _WEIGHT_HIST_ROWS_SQL's window)."""
     import numpy as np
 
     assigned = bins.column("assigned").to_numpy()  # [rows]

@@ -69,6 +69,13 @@ PROBE_SETS = "probe_sets"
 # ... and each expert's gate weights per step counted in bins (the probability capacity policy); like probe_sets.
 WEIGHT_HIST = "weight_hist"
 WEIGHT_BIN_SHIFT = 8  # weight_hist.bin = weight_q >> 8: 256 bins of 1/256 of the weight range each
+# An expert's routes of one step and rank, when there are at most WEIGHT_HIST_MERGE_MAX of them, are one weight_hist
+# row with bin WEIGHT_HIST_MERGED_BIN (above 0) instead of one row per bin (schema version 5): with a few routes per
+# expert (sampled tokens of a 256-expert model) nearly every route had a bin of its own, so the table held ~1 row
+# per route; ordering <= 64 routes at query time is cheap. Measured in docs/benchmarks.md ("weight_hist merged
+# groups").
+WEIGHT_HIST_MERGE_MAX = 64
+WEIGHT_HIST_MERGED_BIN = -1
 # ... and every token's expert set per layer (routing agreement joins one row per token and layer instead of k
 # routes); like probe_sets, outside `route_stats_complete`.
 TOKEN_SETS = "token_sets"
@@ -547,7 +554,11 @@ def migrate_manifest(manifest: dict, where: Path) -> dict:
     keeping the version its data was written with in `data_schema_version`. Also arrived under version 3
     without a bump (added columns and tables, NULL or absent in older runs, so no step either):
     `layer_stats.ranks_summed`, and the bucket tables `layer_buckets`, `pooled_buckets`, `step_drops` and
-    `expert_drops` (a run.duckdb without one reads every step_stats row until `moeviz compact` builds it).
+    `expert_drops` (a run.duckdb without one reads every step_stats row until `moeviz compact` builds it; without
+    expert_drops alone, only the per-expert capacity drops do).
+    Version 5 lets weight_hist hold merged rows (bin -1: every route of a step, rank, layer and expert with at most
+    WEIGHT_HIST_MERGE_MAX of them), which a version 4 moeviz would read as a bin; a version 4 run's rows are all
+    bins, valid as they are; compaction raises a run's manifest to 5 before it publishes merged rows.
     """
     version = int(manifest.get("schema_version", 0))
     if version > SCHEMA_VERSION:
@@ -565,6 +576,8 @@ def migrate_manifest(manifest: dict, where: Path) -> dict:
         version = 3
     if version == 3:  # v4 added the token_sets files, named in run.duckdb's `_table_files`: nothing to do
         version = 4
+    if version == 4:  # v5 added merged weight_hist rows (bin -1); a v4 run's rows are all bins: nothing to do
+        version = 5
     if version != SCHEMA_VERSION:
         raise SchemaVersionError(f"{where}: no migration from schema version {version} to {SCHEMA_VERSION}")
     written = int(manifest.get("data_schema_version", manifest["schema_version"]))  # see compaction

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 
 @dataclass(frozen=True)
@@ -366,18 +366,20 @@ WEIGHT_HIST = _t(
     "weight_hist",
     "Each expert's gate weights per step, counted in 256 bins: built from `routes` when a run is compacted, so "
     "that the probability capacity policy (highest weights kept) finds each expert's cut-off bin without ranking "
-    "every route.",
+    "every route. An expert with at most 64 routes in a step and rank (`WEIGHT_HIST_MERGE_MAX`) has one merged row "
+    "instead, `bin` = -1 and `above` = 0, standing for all its routes (schema version 5; a version 4 run's rows "
+    "are all bins); its weights are then not binned: read them from `routes`.",
     ("run_id", "VARCHAR", "Run id."),
     ("step", "BIGINT", "Step."),
     ("rank", "INTEGER", "Rank."),
     ("layer", "SMALLINT", "MoE layer index."),
     ("expert", "SMALLINT", "Chosen expert index."),
     ("bin", "SMALLINT", "Weight bin: `routes.weight_q >> 8` (0-255; bin b holds weights in [b/256, (b+1)/256) "
-     "of WEIGHT_SCALE)."),
+     "of WEIGHT_SCALE), or -1: every route of the step, rank, layer and expert (a merged row)."),
     ("assigned", "BIGINT", "Routes of this step, rank, layer and expert whose weight falls in the bin."),
     ("first_choice", "BIGINT", "Of those, routes in slot 0."),
     ("weight_q_sum", "BIGINT", "Sum of their `weight_q` (divide by 65535 for gate weight)."),
-    ("above", "BIGINT", "Routes of the same step, rank, layer and expert in higher bins."),
+    ("above", "BIGINT", "Routes of the same step, rank, layer and expert in higher bins (0 in a merged row)."),
 )
 
 STEP_ROLLUPS = _t(
