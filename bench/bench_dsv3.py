@@ -231,8 +231,13 @@ def analyses(con, steps: int) -> list[tuple[str, object]]:
 
 def limit_compaction_memory(limit: str) -> None:
     """Every DuckDB connection moeviz opens through duckdb_compat.connect (the compaction's) gets this memory_limit:
-    DuckDB then spills or fails cleanly instead of taking the shared machine's memory."""
-    from moeviz.store import duckdb_compat
+    DuckDB then spills or fails cleanly instead of taking the shared machine's memory. Compaction sets a limit of
+    its own (moeviz.store.memory), which MOEVIZ_COMPACT_MEMORY gives."""
+    import os
+
+    from moeviz.store import duckdb_compat, memory
+
+    os.environ[memory.ENV] = limit
 
     connect = duckdb_compat.connect
 
