@@ -40,7 +40,7 @@ PAGES = [
     ("capacity", 4, None),
     ("expert_parallel", 3, None),  # GPU x layer load, busiest GPU per placement, traffic (staleness: enough steps)
     ("specialization", 3, None),  # the open tab's map, token flow, mutual information (the other tabs: below)
-    ("tokens", 1, None),
+    ("tokens", 0, ".moeviz-token"),  # the coloured text (the grid is behind a toggle)
     ("bounds", 1, None),
     ("toy", 1, None),
     ("sql", 0, '[data-testid="stDataFrame"]'),

@@ -669,3 +669,32 @@ def test_a_store_compacted_before_expert_drops_replays_and_compact_adds_it(tmp_p
         finally:
             con.close()
         compact(run_dir)  # builds the missing table (and the other bucket tables again)
+
+
+def test_negative_steps_fall_in_floor_blocks_through_two_compactions(tmp_path, monkeypatch):
+    """Steps -150..149 compacted, then 150..299 compacted again: every block is [floor(s / r) * r, + r), as the
+    readers split ranges. With DuckDB's `//` (toward zero) steps -99..-1 were in the block of 0..99: a range
+    from 0 read their drops, and the second compaction, rebuilding from step 0, deleted them."""
+    run_dir = tmp_path / "neg"
+    rng = np.random.default_rng(21)
+    frames: list = []
+    calls = _spy(monkeypatch, "_from_expert_drops")
+    for steps_written in (np.arange(-150, 150), np.arange(150, 300)):
+        _write(run_dir, 0, steps_written, rng, frames)
+        compact(run_dir)
+        ss = pd.concat([f[0] for f in frames], ignore_index=True)
+        con = open_store(run_dir)
+        try:
+            for steps in ((0, 99), (0, 149), (-150, -1), (-120, 130), None):
+                sel = Selection(steps=steps)
+                got = capacity_drops(con, sel, 1.25, by=("expert",))
+                want = _known_sums(_raw_drops(_in(ss, steps), 1.25), ["expert"])
+                np.testing.assert_array_equal(got["dropped"].astype(float), want["d"].astype(float), str(steps))
+                cells = _bucketed(_in(ss, steps), 100).groupby(["step", "layer", "expert"], as_index=False)[
+                    "assigned"].sum()  # pandas' // is floor
+                load = expert_load(con, sel, by_step=True, step_bucket=100)
+                assert load[["step", "layer", "expert", "assigned"]].astype("int64").values.tolist() == \
+                    cells[["step", "layer", "expert", "assigned"]].values.tolist(), steps
+        finally:
+            con.close()
+    assert calls  # the whole-run and from-0 ranges were read from expert_drops

@@ -19,6 +19,7 @@ so that a point reads "steps 2,000-2,049"; narrowing the step range gives finer 
 from __future__ import annotations
 
 from moeviz.errors import MoevizError
+from moeviz.store.rollups import block_start
 
 __all__ = ["MAX_POINTS", "step_bucket_for", "bucket_count", "check_step_bucket", "bucketed_step_sql",
            "StepBucketError"]
@@ -73,5 +74,4 @@ def bucketed_step_sql(column: str, step_bucket: int | None) -> str:
     text can reach it), and a literal lets DuckDB group by a constant expression."""
     if step_bucket is None:
         return column
-    b = int(step_bucket)
-    return f"CAST(({column} // {b}) * {b} AS BIGINT)"
+    return f"CAST({block_start(column, int(step_bucket))} AS BIGINT)"  # floor, as the stored blocks

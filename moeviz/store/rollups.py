@@ -33,6 +33,15 @@ def known_sum(expr: str) -> str:
     return f"CASE WHEN count(*) = count({expr}) THEN sum({expr}) END"
 
 
+def block_start(expr: str, r: int) -> str:
+    """SQL: the first step of the r-step block holding step `expr`, rounded down (floor), also for negative steps.
+    Why not `(step // r) * r`: DuckDB's integer division rounds toward zero, which put steps -99..-1 into the
+    block of 0..99, while the readers (moeviz.analyses.step_rows.pieces) and `build_buckets` split ranges at
+    floor boundaries: a range from 0 read the negative steps' drops, and a re-compaction from step 0 deleted them."""
+    r = int(r)
+    return f"({expr} - ((({expr}) % {r}) + {r}) % {r})"
+
+
 def _typed(table: str) -> str:
     """The roll-up's columns cast to their on-disk types (sum() of BIGINT is HUGEINT in DuckDB)."""
     return ", ".join(f'CAST("{f.name}" AS {layout.duckdb_type(f.type)}) AS "{f.name}"'
@@ -52,8 +61,8 @@ def rollup_sql(table: str, source: str) -> str:
     for r in RESOLUTIONS:
         summed = ", ".join(f"{known_sum(c)} AS {c}" for c in sums)
         levels.append(f"""r{r} AS (
-            SELECT run_id, {r} AS resolution, (step // {r}) * {r} AS step, {k}, {summed}
-            FROM {below} x GROUP BY run_id, (step // {r}) * {r}, {k})""")
+            SELECT run_id, {r} AS resolution, {block_start("step", r)} AS step, {k}, {summed}
+            FROM {below} x GROUP BY run_id, {block_start("step", r)}, {k})""")
         below = f"r{r}"
     union = " UNION ALL ".join(f"SELECT * FROM r{r}" for r in RESOLUTIONS)
     return f"""
@@ -128,7 +137,7 @@ def shape_sql(table: str) -> str:
 def expert_sums_sql(source: str, r: int, where: str = "TRUE") -> str:
     """Per (run, block of r steps, layer, expert) sums of `source` (rows with run_id, step, layer, expert,
     tokens, assigned, first_choice, prob_sum; any number of ranks and rows per step): the block's load."""
-    step = "step" if r == 1 else f"(step // {int(r)}) * {int(r)}"
+    step = "step" if r == 1 else block_start("step", r)
     return f"""
         SELECT run_id, CAST({step} AS BIGINT) AS step, layer, expert, CAST({known_sum("tokens")} AS BIGINT) AS tokens,
                CAST(sum(assigned) AS BIGINT) AS assigned, CAST({known_sum("first_choice")} AS BIGINT) AS first_choice,
@@ -197,11 +206,11 @@ def drop_sums_sql(source: str, shape: str, where: str = "TRUE") -> str:
     drops = ", ".join(f"{expr} AS d{i}" for i, expr in enumerate(_drop_exprs()))
     return f"""
         SELECT CAST(GROUPING(s.expert) AS INTEGER) AS per_step, s.run_id, s.step,
-               CAST((s.step // {r}) * {r} AS BIGINT) AS block, CAST(s.layer AS SMALLINT) AS layer,
+               CAST({block_start("s.step", r)} AS BIGINT) AS block, CAST(s.layer AS SMALLINT) AS layer,
                CAST(s.expert AS SMALLINT) AS expert, CAST(sum(s.assigned) AS BIGINT) AS assigned, {drops}
         FROM {source} s JOIN {shape} sh ON sh.run_id = s.run_id AND sh.layer = s.layer
         WHERE s.assigned > 0 AND {where}
-        GROUP BY GROUPING SETS ((s.run_id, s.step, s.layer), (s.run_id, (s.step // {r}) * {r}, s.layer, s.expert))"""
+        GROUP BY GROUPING SETS ((s.run_id, s.step, s.layer), (s.run_id, {block_start("s.step", r)}, s.layer, s.expert))"""
 
 
 def _unnest_factors() -> str:
@@ -230,11 +239,11 @@ def coarser_expert_drops_sql(r: int, where: str = "TRUE") -> str:
     NULL stays NULL: known_sum)."""
     r = int(r)
     return f"""
-        SELECT run_id, CAST({r} AS INTEGER) AS resolution, CAST((step // {r}) * {r} AS BIGINT) AS step, layer, expert,
+        SELECT run_id, CAST({r} AS INTEGER) AS resolution, CAST({block_start("step", r)} AS BIGINT) AS step, layer, expert,
                capacity_factor, CAST(sum(assigned) AS BIGINT) AS assigned,
                CAST({known_sum("dropped")} AS BIGINT) AS dropped
         FROM expert_drops WHERE resolution = {EXPERT_DROP_RESOLUTIONS[0]} AND {where}
-        GROUP BY run_id, (step // {r}) * {r}, layer, expert, capacity_factor"""
+        GROUP BY run_id, {block_start("step", r)}, layer, expert, capacity_factor"""
 
 
 def build_buckets(con, since_step: int | None = None) -> None:
