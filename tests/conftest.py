@@ -1,9 +1,12 @@
-"""Shared test configuration: markers that skip what this machine cannot run, with the reason."""
+"""Shared test configuration: markers that skip what this machine cannot run, with the reason; the dashboard's
+cached connections released after each test module."""
 
 from __future__ import annotations
 
+import gc
 import os
 import shutil
+import sys
 
 import pytest
 
@@ -40,3 +43,15 @@ def pytest_configure(config):
     except ImportError:
         return
     torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _release_cached_connections():
+    """Close the store connections the dashboard cached (AppTest runs its pages in this process), so none
+    outlives its test module's stores (DuckDB warns at exit). Only where a module used Streamlit."""
+    yield
+    st = sys.modules.get("streamlit")
+    if st is not None:
+        st.cache_resource.clear()
+        st.cache_data.clear()
+        gc.collect()

@@ -91,18 +91,6 @@ def store(tmp_path_factory, routing):
     return root
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _release_cached_connections():
-    """Close the store connections the app cached, so none outlives the tests (DuckDB warns at exit)."""
-    yield
-    import gc
-
-    import streamlit as st
-
-    st.cache_resource.clear()
-    st.cache_data.clear()
-    gc.collect()
-
 
 def open_app(path, run: str | None = "main", page: str | None = None) -> AppTest:
     at = AppTest.from_file(APP, default_timeout=60)

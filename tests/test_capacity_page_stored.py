@@ -37,17 +37,6 @@ def stores(tmp_path_factory, agg):
     return root
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _release_cached_connections():
-    yield
-    import gc
-
-    import streamlit as st
-
-    st.cache_resource.clear()
-    st.cache_data.clear()
-    gc.collect()
-
 
 @pytest.fixture
 def slow_above_1000_rows(monkeypatch):

@@ -160,7 +160,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 from test_app import (  # noqa: E402
     MAIN,
     VOCAB,
-    _release_cached_connections,  # noqa: F401 - fixture
     arr,
     chart,
     charts as page_charts,

@@ -16,7 +16,7 @@ pytest.importorskip("streamlit")
 from moeviz.testing import store_from_routing, synthetic_routing  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_app import _release_cached_connections, open_app, texts  # noqa: E402, F401
+from test_app import open_app, texts  # noqa: E402
 
 KEPT = (0, 2)  # the steps whose routes and sequences are written; steps 1 and 3 have aggregates only
 GEOM = dict(n_steps=4, n_layers=3, n_experts=8, top_k=2, seqs_per_step=3, seq_len=16, skew=1.0, seed=4)

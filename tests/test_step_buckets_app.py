@@ -42,17 +42,6 @@ def two_runs(tmp_path_factory, agg):
     return root
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _release_cached_connections():
-    yield
-    import gc
-
-    import streamlit as st
-
-    st.cache_resource.clear()
-    st.cache_data.clear()
-    gc.collect()
-
 
 def numpy_bucketed(agg: dict) -> dict[str, np.ndarray]:
     """Per bucket and layer from the written counts: load share [B, L, E], MaxVio [B, L], Switch loss [B, L]."""

@@ -34,17 +34,6 @@ def wide(tmp_path_factory, routing):
     return root / "wide"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _release_cached_connections():
-    yield
-    import gc
-
-    import streamlit as st
-
-    st.cache_resource.clear()
-    st.cache_data.clear()
-    gc.collect()
-
 
 def open_app(path, run: str, page: str):
     """The page rendered by AppTest: no exception (its health box may show errors: 96 tokens leave most of 256
