@@ -28,7 +28,7 @@ import pandas as pd
 
 from moeviz.analyses import probability_drops
 from moeviz.analyses.load import AnalysisError, run_query
-from moeviz.analyses.step_rows import buckets_available, expert_drops_available, pieces
+from moeviz.analyses.step_rows import buckets_available, expert_drops_available, pieces, range_clauses
 from moeviz.store.rollups import DROP_FACTORS, EXPERT_DROP_RESOLUTIONS, capacity as _capacity_sql, known_sum
 from moeviz.selection import Selection
 from moeviz.analyses.unknowns import require, require_per_rank
@@ -257,14 +257,8 @@ def _from_expert_drops(con, sel: Selection, capacity_factor: float, by: tuple[st
     keys = "".join(f", {d}" for d in by)
     parts, params = [], []
     for r, a, z in pieces(lo, hi, EXPERT_DROP_RESOLUTIONS if lo is None or lo >= 0 else ()):
-        clauses, p = [rest], list(rest_params)
-        if a is not None:
-            clauses.append("s.step >= ?")
-            p.append(a)
-        if z is not None:
-            clauses.append("s.step <= ?")
-            p.append(z)
-        where = " AND ".join(clauses)
+        within, p = range_clauses(a, z, "s.step")
+        where, p = " AND ".join([rest, *within]), list(rest_params) + p
         if r > 1:
             parts.append(f"""SELECT run_id{keys}, assigned, dropped FROM expert_drops s
                              WHERE resolution = {int(r)} AND capacity_factor = ? AND {where}""")

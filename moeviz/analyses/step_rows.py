@@ -21,8 +21,8 @@ from moeviz.store.reader import buckets_complete, rollups_complete
 from moeviz.store.rollups import (BUCKET_RESOLUTIONS, RESOLUTIONS, SPEC, shape_sql as _bucket_shape_sql,
                                   expert_sums_sql, layer_bucket_sql, pooled_bucket_sql, stored_for_every_run)
 
-__all__ = ["step_rows_sql", "pieces", "rollups_available", "buckets_available", "expert_drops_available", "bucket_pieces",
-           "layer_buckets_sql", "pooled_buckets_sql"]
+__all__ = ["step_rows_sql", "pieces", "range_clauses", "rollups_available", "buckets_available",
+           "expert_drops_available", "bucket_pieces", "layer_buckets_sql", "pooled_buckets_sql"]
 
 _ROLLUP_OF = {source: table for table, (source, _, _) in SPEC.items()}  # step_stats -> step_rollups
 
@@ -74,13 +74,8 @@ def step_rows_sql(con, table: str, sel: Selection, columns: tuple[str, ...], *, 
     parts, params = [], []
     rest, rest_params = exact.with_(steps=None).where()
     for r, a, z in pieces(lo, hi, allowed):
-        clauses, p = [rest], list(rest_params)
-        if a is not None:
-            clauses.append("step >= ?")
-            p.append(a)
-        if z is not None:
-            clauses.append("step <= ?")
-            p.append(z)
+        within, p = range_clauses(a, z)
+        clauses, p = [rest, *within], list(rest_params) + p
         if r == 1:
             parts.append(f"SELECT {cols} FROM {table} WHERE {' AND '.join(clauses)}")
         else:
@@ -88,6 +83,19 @@ def step_rows_sql(con, table: str, sel: Selection, columns: tuple[str, ...], *, 
                          + " AND ".join(clauses))
         params += p
     return "(" + " UNION ALL ".join(parts) + ")", params
+
+
+def range_clauses(first: int | None, last: int | None, column: str = "step") -> tuple[list[str], list]:
+    """SQL conditions `column` >= first and <= last (either left out when None) and their parameters: a piece
+    of a step range, as `pieces` gives them."""
+    clauses, params = [], []
+    if first is not None:
+        clauses.append(f"{column} >= ?")
+        params.append(first)
+    if last is not None:
+        clauses.append(f"{column} <= ?")
+        params.append(last)
+    return clauses, params
 
 
 def buckets_available(con) -> bool:
