@@ -422,28 +422,35 @@ def test_a_bucket_longer_than_a_short_run_reads_its_rows_beside_a_long_run(tmp_p
         con.close()
 
 
-def test_a_rank_with_unknown_counts_makes_the_step_sums_null_not_partial(tmp_path):
-    """Rank 1 records steps 20-39 without tokens, first_choice and prob_sum (NULL): each sum over those steps'
-    rows (step_drops.dropped, layer_buckets.first_choice and prob_dot, pooled prob_dot, the step roll-ups and the
-    per-step load) is unknown there, not rank 0's part; the other steps keep their numbers."""
-    rng = np.random.default_rng(5)
-    frames: list = []
-    _write(tmp_path / "r", 0, np.arange(0, 60), rng, frames)
+def _write_with_an_unknown_rank(run_dir, steps0: np.ndarray, steps1: np.ndarray, rng, frames: list) -> pd.DataFrame:
+    """Rank 0 records `steps0`, rank 1 `steps1` without tokens, first_choice and prob_sum (NULL: a source that
+    cannot say), then the run is compacted. Rank 1's step_stats rows as drawn (with their counts)."""
     import warnings
 
     from moeviz.store.reader import StoreWarning
 
+    _write(run_dir, 0, steps0, rng, frames)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", StoreWarning)
-        w = RunWriter(tmp_path / "r", run_id="r", rank=1, world_size=2, compact_on_close=False)
-    tables, ss1, _ = _flush(rng, np.arange(20, 40))
+        w = RunWriter(run_dir, run_id="r", rank=1, world_size=2, compact_on_close=False)
+    tables, ss1, _ = _flush(rng, steps1)
     for t in tables.values():
         t["rank"] = 1
     for c in ("tokens", "first_choice", "prob_sum"):
         tables["step_stats"][c] = None
     w.write_flush(tables)
     w.close()
-    compact(tmp_path / "r")
+    compact(run_dir)
+    return ss1
+
+
+def test_a_rank_with_unknown_counts_makes_the_step_sums_null_not_partial(tmp_path):
+    """Rank 1 records steps 20-39 without tokens, first_choice and prob_sum (NULL): each sum over those steps'
+    rows (step_drops.dropped, layer_buckets.first_choice and prob_dot, pooled prob_dot, the step roll-ups and the
+    per-step load) is unknown there, not rank 0's part; the other steps keep their numbers."""
+    rng = np.random.default_rng(5)
+    frames: list = []
+    ss1 = _write_with_an_unknown_rank(tmp_path / "r", np.arange(0, 60), np.arange(20, 40), rng, frames)
     con = open_store(tmp_path / "r")
     try:
         unknown = set(range(20, 40))
@@ -605,22 +612,7 @@ def test_unknown_tokens_make_expert_drops_and_the_curve_null_not_partial(tmp_pat
     leaves those steps out is known and exact."""
     rng = np.random.default_rng(9)
     frames: list = []
-    _write(tmp_path / "r", 0, np.arange(0, 360), rng, frames)
-    import warnings
-
-    from moeviz.store.reader import StoreWarning
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", StoreWarning)
-        w = RunWriter(tmp_path / "r", run_id="r", rank=1, world_size=2, compact_on_close=False)
-    tables, ss1, _ = _flush(rng, np.arange(120, 140))
-    for t in tables.values():
-        t["rank"] = 1
-    for c in ("tokens", "first_choice", "prob_sum"):
-        tables["step_stats"][c] = None
-    w.write_flush(tables)
-    w.close()
-    compact(tmp_path / "r")
+    ss1 = _write_with_an_unknown_rank(tmp_path / "r", np.arange(0, 360), np.arange(120, 140), rng, frames)
     ss = pd.concat([frames[i][0] for i in range(len(frames))] + [ss1.assign(rank=1, tokens=np.nan)],
                    ignore_index=True)
     con = open_store(tmp_path / "r")
