@@ -29,7 +29,8 @@ import pandas as pd
 from moeviz.analyses import probability_drops
 from moeviz.analyses.load import AnalysisError, run_query
 from moeviz.analyses.step_rows import buckets_available, expert_drops_available, pieces, range_clauses
-from moeviz.store.rollups import DROP_FACTORS, EXPERT_DROP_RESOLUTIONS, capacity as _capacity_sql, known_sum
+from moeviz.store.rollups import DROP_FACTORS, EXPERT_DROP_RESOLUTIONS, capacity as _capacity_sql, known_sum, \
+    row_drops
 from moeviz.selection import Selection
 from moeviz.analyses.unknowns import require, require_per_rank
 
@@ -253,7 +254,6 @@ def _from_expert_drops(con, sel: Selection, capacity_factor: float, by: tuple[st
     rest, rest_params = sel.with_(steps=None).where("s")
     lo, hi = (None, None) if sel.steps is None else (int(sel.steps[0]), int(sel.steps[1]))
     shape, sparams = _shape_sql(sel)
-    cap = _CAPACITY.format(t="s.tokens", k="sh.top_k", e="sh.n_experts")
     keys = "".join(f", {d}" for d in by)
     parts, params = [], []
     for r, a, z in pieces(lo, hi, EXPERT_DROP_RESOLUTIONS if lo is None or lo >= 0 else ()):
@@ -264,9 +264,7 @@ def _from_expert_drops(con, sel: Selection, capacity_factor: float, by: tuple[st
                              WHERE resolution = {int(r)} AND capacity_factor = ? AND {where}""")
             params += [capacity_factor] + p
         else:  # the edge steps: each step_stats row's drops, NULL where its tokens are unknown
-            parts.append(f"""SELECT s.run_id{''.join(f', s.{d}' for d in by)}, s.assigned,
-                                    CASE WHEN s.tokens IS NOT NULL
-                                         THEN greatest(0, least(s.assigned, s.assigned - {cap})) END AS dropped
+            parts.append(f"""SELECT s.run_id{''.join(f', s.{d}' for d in by)}, s.assigned, {row_drops("?")} AS dropped
                              FROM step_stats s JOIN ({shape}) sh ON sh.run_id = s.run_id AND sh.layer = s.layer
                              WHERE s.assigned > 0 AND {where}""")
             params += [capacity_factor] + sparams + p  # in the order of their ? in the text
@@ -283,12 +281,6 @@ def _reads_drop_tables(con, sel: Selection, group: str, unit: str, factors: Iter
     filter; the stored factors) and cover (every run compacted with them, nothing live)."""
     return (unit == "expert" and group == "step" and sel.ranks is None and not sel.needs_sequences
             and all(float(f) in DROP_FACTORS for f in factors) and buckets_available(con))
-
-
-def _reads_expert_drops(con, sel: Selection, group: str, unit: str, factor: float) -> bool:
-    """`_reads_drop_tables`, and expert_drops covers the runs too (a store compacted before it existed has the
-    other bucket tables but not this one until `moeviz compact`)."""
-    return _reads_drop_tables(con, sel, group, unit, [factor]) and expert_drops_available(con)
 
 
 def capacity_drops(
@@ -337,7 +329,8 @@ def capacity_drops(
     if capacity is None and not with_weight and _reads_drop_tables(con, sel, group, unit, [capacity_factor]):
         if set(by) <= {"layer", "step"}:
             return _from_step_drops(con, sel, float(capacity_factor), by)
-        if set(by) <= {"layer", "expert"} and _reads_expert_drops(con, sel, group, unit, capacity_factor):
+        # expert_drops may be missing where the other drop tables are not (a store compacted before it existed)
+        if set(by) <= {"layer", "expert"} and expert_drops_available(con):
             return _from_expert_drops(con, sel, float(capacity_factor), by)
     if _from_weight_hist(con, sel, group, policy, unit, source):
         cap = cap_sql or _CAPACITY.format(t="g.group_tokens", k="sh.top_k", e="sh.n_experts")

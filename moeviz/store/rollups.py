@@ -184,12 +184,18 @@ def capacity(factor: str, tokens: str, k: str, e: str) -> str:
     return f"CAST(ceil(round(CAST({factor} AS DOUBLE) * {tokens} * {k} / {e}, 9)) AS BIGINT)"
 
 
+def row_drops(factor: str) -> str:
+    """SQL: one step_stats row `s`'s drops max(0, n - C) at capacity factor `factor` (SQL: a literal or `?`) with
+    its own tokens and its layer's shape `sh` (one rank's group, as capacity_drops(group='step') reads a row);
+    NULL where its tokens are unknown (DuckDB's greatest/least skip a NULL C, which would count every assignment
+    as dropped). The one definition: step_drops, expert_drops and capacity_drops' edge steps use it."""
+    return (f"CASE WHEN s.tokens IS NOT NULL THEN greatest(0, least(s.assigned, s.assigned - "
+            f"{capacity(factor, 's.tokens', 'sh.top_k', 'sh.n_experts')})) END")
+
+
 def _drop_exprs() -> list[str]:
-    """Per DROP_FACTORS, SQL summing a group of step_stats rows' drops max(0, n - C); NULL when any row's tokens
-    are (the CASE: DuckDB's greatest/least skip a NULL C, which would count every assignment as dropped)."""
-    return [f"CAST({known_sum(drop)} AS BIGINT)" for drop in (
-        f"CASE WHEN s.tokens IS NOT NULL THEN greatest(0, least(s.assigned, s.assigned - "
-        f"{capacity(repr(float(f)), 's.tokens', 'sh.top_k', 'sh.n_experts')})) END" for f in DROP_FACTORS)]
+    """Per DROP_FACTORS, SQL summing a group of step_stats rows' drops; NULL when any row's tokens are unknown."""
+    return [f"CAST({known_sum(row_drops(repr(float(f))))} AS BIGINT)" for f in DROP_FACTORS]
 
 
 EXPERT_DROP_RESOLUTIONS = (100, 1000)  # expert_drops' blocks; both divide _CHUNK_STEPS, so a chunk holds whole blocks
@@ -210,7 +216,8 @@ def drop_sums_sql(source: str, shape: str, where: str = "TRUE") -> str:
                CAST(s.expert AS SMALLINT) AS expert, CAST(sum(s.assigned) AS BIGINT) AS assigned, {drops}
         FROM {source} s JOIN {shape} sh ON sh.run_id = s.run_id AND sh.layer = s.layer
         WHERE s.assigned > 0 AND {where}
-        GROUP BY GROUPING SETS ((s.run_id, s.step, s.layer), (s.run_id, {block_start("s.step", r)}, s.layer, s.expert))"""
+        GROUP BY GROUPING SETS ((s.run_id, s.step, s.layer),
+                                (s.run_id, {block_start("s.step", r)}, s.layer, s.expert))"""
 
 
 def _unnest_factors() -> str:
@@ -239,7 +246,8 @@ def coarser_expert_drops_sql(r: int, where: str = "TRUE") -> str:
     NULL stays NULL: known_sum)."""
     r = int(r)
     return f"""
-        SELECT run_id, CAST({r} AS INTEGER) AS resolution, CAST({block_start("step", r)} AS BIGINT) AS step, layer, expert,
+        SELECT run_id, CAST({r} AS INTEGER) AS resolution, CAST({block_start("step", r)} AS BIGINT) AS step,
+               layer, expert,
                capacity_factor, CAST(sum(assigned) AS BIGINT) AS assigned,
                CAST({known_sum("dropped")} AS BIGINT) AS dropped
         FROM expert_drops WHERE resolution = {EXPERT_DROP_RESOLUTIONS[0]} AND {where}
