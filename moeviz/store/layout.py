@@ -694,7 +694,8 @@ def process_start_ticks(pid: int) -> int | None:
     return int(fields[19])  # field 22 of stat(5), 0-based 19 after dropping pid and comm
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process of this pid runs on this machine (a zombie does not)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -720,7 +721,7 @@ def writer_alive(status: dict, now: _dt.datetime | None = None) -> bool:
         return False
     if status.get("hostname") == socket.gethostname() and status.get("pid"):
         pid = int(status["pid"])
-        if not _pid_alive(pid):
+        if not pid_alive(pid):
             return False
         started = status.get("proc_start")
         return started is None or process_start_ticks(pid) in (None, started)

@@ -201,21 +201,11 @@ def remove_dead_spill_folders(root: str | None = None) -> int:
     n = 0
     for path in glob.glob(os.path.join(root or tempfile.gettempdir(), f"{_SPILL_PREFIX}{_host()}-*-*")):
         pid = os.path.basename(path)[len(_SPILL_PREFIX) + len(_host()) + 1:].split("-")[0]
-        if not pid.isdigit() or _pid_alive(int(pid)):
+        if not pid.isdigit() or layout.pid_alive(int(pid)):
             continue
         shutil.rmtree(path, ignore_errors=True)
         n += 1
     return n
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
 
 
 def _attach_compacted(con, runs: list[_RunFiles]) -> dict[int, dict]:
