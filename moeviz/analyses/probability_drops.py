@@ -17,8 +17,9 @@ So only the cut bins' routes (~1/100 of an expert's routes) are ordered. An expe
 (at most layout.WEIGHT_HIST_MERGE_MAX: sampled tokens over many experts) has one merged row instead of its bins
 (bin -1, above 0, schema version 5): it is read as one bin holding every route of the expert, so when n > C the cut
 falls in it and the pass orders all its routes (at most 64, except where new routes of an already compacted step
-met a merged piece: the whole group is then merged, whatever its size), and when n <= C all are kept. In the pass a route's bin is `bin * binned` (`binned` 0 for a merged
-expert): every route of a merged expert falls in its bin 0. The cut bins are a filter over
+met a merged piece: the whole group is then merged, whatever its size), and when n <= C all are kept. In the pass
+a route's bin is `bin * binned` (`binned` 0 for a merged expert): every route of a merged expert falls in its
+bin 0. The cut bins are a filter over
 weight_hist (no window: `above` is stored); one pass over the routes joined to their expert's cut bin classifies
 every route: dropped below its expert's cut bin, kept above it, ordered within it.
 
