@@ -1358,22 +1358,21 @@ class Recorder:
         ended = summed[6] > 0 and not closing
         if ended:
             self.reduce_ranks = False
+        flushed = f"{steps_text([r.step for r in records]) if records else 'no steps'} on rank {self.rank}"
         if summed[7] > 0:
             if ended:
                 self._say_reduce_ended()
-            self._recording_problem("reduce_failed", f"a rank of the reduce group could not build its part of the "
-                                    f"sum of a flush ({steps_text([r.step for r in records]) if records else 'no steps'} "
-                                    f"on rank {self.rank}): each other rank wrote its "
-                                    "own aggregates for that flush instead (no data of theirs lost)")
+            self._recording_problem("reduce_failed", "a rank of the reduce group could not build its part of the "
+                                    f"sum of a flush ({flushed}): each other rank wrote its own aggregates for that "
+                                    "flush instead (no data of theirs lost)")
             return records, (_host_copy(own) if own else None)
         if not _same_over_ranks(summed[:6], mine, _group_size(self.reduce_group)):
             if ended:
                 self._say_reduce_ended()
             self._recording_problem("reduce_mismatch", "the ranks of the reduce group flushed different steps, "
-                                    f"layers or shapes ({steps_text([r.step for r in records]) if records else 'no steps'} "
-                                    f"on rank {self.rank}), so their sums would mix them: each rank wrote its own aggregates "
-                                    "for that flush instead (no data lost). Give every rank the same forwards and "
-                                    "step() calls")
+                                    f"layers or shapes ({flushed}), so their sums would mix them: each rank wrote its "
+                                    "own aggregates for that flush instead (no data lost). Give every rank the same "
+                                    "forwards and step() calls")
             return records, (_host_copy(own) if own else None)
         summed_of: dict[int, Tensor] = {}
         for dtype, buf in bufs.items():  # [n of this dtype]
