@@ -8,6 +8,7 @@ answered before any attack, and the guarantees are checked with the statement ch
 
 from __future__ import annotations
 
+import shutil
 import threading
 import time
 
@@ -15,7 +16,7 @@ import numpy as np
 import pytest
 
 from moeviz.errors import MoevizError, StoreNotFoundError
-from moeviz.store import RunWriter, open_store
+from moeviz.store import RunWriter, compact, open_store
 from moeviz.store.sandbox import GiB, MiB, SqlLimits, SqlSandbox, parse_size
 from moeviz.store.sql import (EXAMPLE_QUERIES, SqlError, SqlMemoryError, SqlTimeoutError, check_statement,
                               run_sql)
@@ -153,6 +154,26 @@ def test_no_attack_changes_what_the_next_query_sees_even_past_the_check(sandbox,
 def test_every_example_query_runs(sandbox, store):
     for name, sql in EXAMPLE_QUERIES.items():
         assert not run_sql(sandbox, store, sql).frame.empty, name
+
+
+def test_load_example_reads_the_rollups_and_equals_the_routing(sandbox, store, routing, tmp_path):
+    """The whole-run load example reads step_rollups (blocks of 1,000 steps: ~1/1000 of step_stats' rows on a long
+    run); its counts must be the routing's own, counted here from the index arrays, live and compacted."""
+    index = routing["index"]  # [tokens, layers, k]
+    n_layers, n_experts = index.shape[1], 4
+    want = np.stack([np.bincount(index[:, layer].ravel(), minlength=n_experts) for layer in range(n_layers)])
+    compacted = tmp_path / "run"
+    shutil.copytree(store, compacted)
+    compact(compacted)
+    sql = EXAMPLE_QUERIES["Load per layer and expert"]
+    assert "FROM step_rollups WHERE resolution = 1000" in sql
+    for path in (store, compacted):
+        frame = run_sql(sandbox, path, sql).frame
+        got = np.zeros_like(want)
+        got[frame["layer"].to_numpy(), frame["expert"].to_numpy()] = frame["assigned"].to_numpy()
+        assert (got == want).all(), path
+        layer, expert = frame["layer"].to_numpy(), frame["expert"].to_numpy()
+        assert np.allclose(frame["load_fraction"], want[layer, expert] / want.sum(axis=1)[layer])
 
 
 def test_run_sql_refuses_or_reports_bad_queries(sandbox, store):
