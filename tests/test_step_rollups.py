@@ -17,7 +17,7 @@ from moeviz.analyses.aux_loss import switch_loss, z_loss
 from moeviz.analyses.load import expert_load, imbalance
 from moeviz.analyses.step_rows import pieces, step_rows_sql
 from moeviz.selection import Selection
-from moeviz.store import RunWriter, open_store
+from moeviz.store import RunWriter, open_store, rollups
 from moeviz.store.compaction import compact
 
 L, E, K, T = 3, 5, 2, 40  # layers, experts, top-k, tokens per step, rank and layer
@@ -690,3 +690,39 @@ def test_negative_steps_fall_in_floor_blocks_through_two_compactions(tmp_path, m
         finally:
             con.close()
     assert calls  # the whole-run and from-0 ranges were read from expert_drops
+
+
+def test_rollups_built_a_chunk_at_a_time_sum_every_row_through_three_compactions(tmp_path, monkeypatch):
+    """Compaction sums the roll-ups a chunk of blocks at a time (bounded memory on long runs); with chunks of one
+    block (_CHUNK_ROWS = 1), sparse and negative steps, and steps added below and inside blocks already compacted
+    by a later compaction, every block of every resolution must equal pandas' floor-block sums of the raw rows."""
+    monkeypatch.setattr(rollups, "_CHUNK_ROWS", 1)
+    run_dir = tmp_path / "chunked"
+    rng = np.random.default_rng(5)
+    frames: list = []
+    writes = [(0, np.r_[np.arange(-1234, -1180), np.arange(-7, 40), np.arange(3990, 4012)]),
+              (1, np.r_[np.arange(0, 25), np.arange(4005, 4020)]),  # inside blocks compacted already
+              (0, np.r_[np.arange(40, 60), 2 ** 33 + np.arange(3)])]  # after 4,011 and far past it
+    for rank, steps_written in writes:
+        _write(run_dir, rank, steps_written, rng, frames)
+        compact(run_dir)
+        ss = pd.concat([f[0] for f in frames], ignore_index=True)
+        ls = pd.concat([f[1] for f in frames], ignore_index=True)
+        con = open_store(run_dir)
+        try:
+            for r in (10, 100, 1000):
+                got = con.execute("SELECT step, layer, expert, assigned, prob_sum, dropped FROM step_rollups "
+                                  "WHERE resolution = ? ORDER BY step, layer, expert", [r]).df()
+                want = _bucketed(ss, r).groupby(["step", "layer", "expert"], as_index=False)[
+                    ["assigned", "prob_sum", "dropped"]].sum()  # pandas' // is floor
+                assert got[["step", "layer", "expert", "assigned", "dropped"]].astype("int64").values.tolist() == \
+                    want[["step", "layer", "expert", "assigned", "dropped"]].values.tolist(), (rank, r)
+                np.testing.assert_allclose(got["prob_sum"], want["prob_sum"], rtol=1e-12)
+                lgot = con.execute("SELECT step, layer, tokens, z_loss_sum FROM layer_rollups WHERE resolution = ? "
+                                   "ORDER BY step, layer", [r]).df()
+                lwant = _bucketed(ls, r).groupby(["step", "layer"], as_index=False)[["tokens", "z_loss_sum"]].sum()
+                assert lgot[["step", "layer", "tokens"]].astype("int64").values.tolist() == \
+                    lwant[["step", "layer", "tokens"]].values.tolist(), (rank, r)
+                np.testing.assert_allclose(lgot["z_loss_sum"], lwant["z_loss_sum"], rtol=1e-12)
+        finally:
+            con.close()
