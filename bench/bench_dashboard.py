@@ -155,6 +155,8 @@ def _sql(query: str):
     return go
 
 
+SQL_QUERY = "SELECT layer, sum(assigned) AS assigned FROM step_stats GROUP BY layer ORDER BY layer"  # --sql
+
 PAGES = [
     Page("", "Overview", "sidebar Layers: pick layer 1", None),  # the change is set up in main() (sidebar)
     Page("load", "Load balance", "Step slider: all steps -> first step", _slider_right("Step")),
@@ -168,8 +170,7 @@ PAGES = [
          content='[data-testid="stMain"] [data-testid="stHtml"]', watch='[data-testid="stMain"] [data-testid="stHtml"]'),
     Page("bounds", "Bound explorer", "Experts E: 16", _number("Experts E", "16")),
     Page("toy", "Toy MoE", "Map resolution: 51 -> 81", _slider_right("Map resolution")),
-    Page("sql", "SQL console", "Run a query on step_stats", _sql(
-        "SELECT layer, sum(assigned) AS assigned FROM step_stats GROUP BY layer ORDER BY layer"),
+    Page("sql", "SQL console", "Run a query on step_stats", _sql(SQL_QUERY),
         content='[data-testid="stDataFrame"]', watch='[data-testid="stMain"] [data-testid="stAlert"]', nav="SQL"),
     Page("compare", "Compare", "Imbalance metric select", _select("Imbalance metric", "coefficient")),
     Page("agreement", "Agreement", "Position bucket 16 -> 32", _slider_right("Position bucket (tokens)")),
@@ -398,7 +399,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--run", default=None, help="run id to open (default: the dashboard's first)")
     ap.add_argument("--pages", default=None, help="comma-separated url paths (overview,load,...) to time only those")
     ap.add_argument("--out", default=str(ROOT / "bench" / "out" / "dashboard.md"), help="Markdown file to write ('' = none)")
+    ap.add_argument("--sql", default=SQL_QUERY, help="the query the SQL console page runs (its widget change)")
     args = ap.parse_args(argv)
+    sql_page = next(p for p in PAGES if p.path == "sql")
+    sql_page.change = _sql(args.sql)
+    if args.sql != SQL_QUERY:
+        sql_page.widget = f"Run: {args.sql[:70]}"
     if not Path(args.store).exists():
         print(f"no such store: {args.store}", file=sys.stderr)
         return 2

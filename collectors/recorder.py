@@ -700,6 +700,10 @@ class Recorder:
       either way. Each rank must make the same number of step() calls (flushes follow calls, recorded or not);
       ranks whose steps differ write that flush per rank, a rank that cannot build its part makes every rank write
       per rank, and a rank closing early ends the sums (see `_reduced_flush`): no deadlock, nothing else lost.
+      compact_on_close: the last rank's close() folds the run's segments into run.duckdb and Parquet files
+      ("auto": while they hold at most 1 GiB, `MOEVIZ_COMPACT_AT_CLOSE_MAX`; past it close() warns with the
+      `moeviz compact` command instead of keeping the training process for the minutes it takes; True: always;
+      False: never). Readers see the segments either way.
 
     Memory: until step(), the router outputs of the step's forwards stay on the device (per layer: tokens x
     (experts + 2k) values, small next to the activations); pending flushes hold only the aggregates and the
@@ -731,6 +735,7 @@ class Recorder:
         strict: bool = False,
         reduce_ranks: bool | None = False,
         reduce_group: Any = None,
+        compact_on_close: bool | str = "auto",
     ):
         if not isinstance(model, nn.Module):
             raise RecorderError(f"Recorder needs a torch.nn.Module; got {type(model).__name__}")
@@ -763,6 +768,9 @@ class Recorder:
         self.pair_stats = bool(pair_stats)
         self.flow_stats = flow_stats
         self.strict = bool(strict)
+        if compact_on_close not in (True, False, "auto"):
+            raise RecorderError(f"compact_on_close must be True, False or 'auto'; got {compact_on_close!r}")
+        self.compact_on_close = compact_on_close
         # reduce_ranks: the step aggregates summed over the data-parallel group at each flush (see flush and the
         # class docstring); None decides by world size (`reduce_by_default`)
         if reduce_ranks is not None and not isinstance(reduce_ranks, bool):
@@ -840,7 +848,8 @@ class Recorder:
         self._is_encoder_decoder |= {"encoder", "decoder"} <= stacks  # also when a wrapper hides the config
         try:
             writer = RunWriter(
-                self.path, run_id=self.run_id, run_name=self.run_name, rank=self.rank, world_size=self.world_size
+                self.path, run_id=self.run_id, run_name=self.run_name, rank=self.rank, world_size=self.world_size,
+                compact_on_close=self.compact_on_close,
             )
         except OSError as e:  # before training starts: the caller can fix it (a read-only or full filesystem)
             raise RecorderError(f"cannot record into {self.path}: {_error_text(e)}; give a folder on a writable "

@@ -22,6 +22,7 @@ from collectors.recorder import RecorderError
 from collectors.routers import find_routers
 from collectors.testing import GuardedRecorder, tiny_model
 from moeviz.analyses.health import health_summary
+from moeviz.errors import MoevizError
 from moeviz.store import open_store, query
 
 K, E = 2, 4  # tiny Mixtral: 4 experts, top-2, 2 MoE layers
@@ -506,3 +507,44 @@ def test_a_flush_that_fails_half_way_is_wholly_absent(mixtral, tmp_path, monkeyp
     compact(tmp_path / "run")
     assert steps_per_table() == {t: [0, 1, 3] for t in tables}
     assert query(tmp_path / "run", "SELECT recording_errors FROM runs").recording_errors[0] == 1
+
+
+def test_a_run_past_the_close_limit_is_left_for_moeviz_compact_and_says_so(mixtral, tmp_path, monkeypatch):
+    """compact_on_close="auto" (the default) compacts at close only while the segments hold at most
+    MOEVIZ_COMPACT_AT_CLOSE_MAX bytes: past it the last rank warns with the command instead of holding training
+    for the compaction (an hour for a 100,000-step run of 58 x 256 experts). Nothing is lost either way."""
+    from moeviz.store import StoreWarning, compact
+
+    refs = {}
+    monkeypatch.setenv("MOEVIZ_COMPACT_AT_CLOSE_MAX", "1KB")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with Recorder(mixtral, tmp_path / "big", flush_every=1) as rec:
+            run_steps(mixtral, rec, range(3), refs)
+    said = [str(w.message) for w in caught if issubclass(w.category, StoreWarning)]
+    assert len(said) == 1 and "not compacted at close" in said[0] and "moeviz compact" in said[0], said
+    assert str(tmp_path / "big") in said[0] and "MOEVIZ_COMPACT_AT_CLOSE_MAX" in said[0]
+    assert not (tmp_path / "big" / "run.duckdb").exists()
+    for _ in range(2):  # read from the segments, then after `moeviz compact`: the same exact numbers
+        for step, (per_layer, mask) in refs.items():
+            check_step(tmp_path / "big", step, per_layer, [mask] * len(per_layer))
+        compact(tmp_path / "big")
+    assert (tmp_path / "big" / "run.duckdb").exists()
+
+    monkeypatch.delenv("MOEVIZ_COMPACT_AT_CLOSE_MAX")  # default 1 GiB; True compacts whatever the size
+    for name, kwargs in (("small", {}), ("forced", {"compact_on_close": True})):
+        if kwargs:
+            monkeypatch.setenv("MOEVIZ_COMPACT_AT_CLOSE_MAX", "1")
+        with Recorder(mixtral, tmp_path / name, flush_every=1, **kwargs) as rec:
+            run_steps(mixtral, rec, range(2))
+        assert (tmp_path / name / "run.duckdb").exists(), name
+    with Recorder(mixtral, tmp_path / "never", flush_every=1, compact_on_close=False) as rec:
+        run_steps(mixtral, rec, range(2))
+    assert not (tmp_path / "never" / "run.duckdb").exists()
+
+    with pytest.raises(RecorderError, match="compact_on_close must be True, False or 'auto'"):
+        Recorder(mixtral, tmp_path / "x", compact_on_close="yes")
+    monkeypatch.setenv("MOEVIZ_COMPACT_AT_CLOSE_MAX", "lots")
+    with pytest.raises(MoevizError, match="MOEVIZ_COMPACT_AT_CLOSE_MAX='lots' is not a size"):
+        with Recorder(mixtral, tmp_path / "y") as rec:
+            run_steps(mixtral, rec, range(1))
