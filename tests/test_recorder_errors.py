@@ -525,11 +525,16 @@ def test_a_run_past_the_close_limit_is_left_for_moeviz_compact_and_says_so(mixtr
     assert len(said) == 1 and "not compacted at close" in said[0] and "moeviz compact" in said[0], said
     assert str(tmp_path / "big") in said[0] and "MOEVIZ_COMPACT_AT_CLOSE_MAX" in said[0]
     assert not (tmp_path / "big" / "run.duckdb").exists()
+    with pytest.warns(StoreWarning, match=r"finished but [0-9.]+ kB of its segments are not compacted.*moeviz compact"):
+        open_store(tmp_path / "big").close()  # the dashboard's sidebar shows this
     for _ in range(2):  # read from the segments, then after `moeviz compact`: the same exact numbers
         for step, (per_layer, mask) in refs.items():
             check_step(tmp_path / "big", step, per_layer, [mask] * len(per_layer))
         compact(tmp_path / "big")
     assert (tmp_path / "big" / "run.duckdb").exists()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", StoreWarning)
+        open_store(tmp_path / "big").close()  # compacted: nothing to say
 
     monkeypatch.delenv("MOEVIZ_COMPACT_AT_CLOSE_MAX")  # default 1 GiB; True compacts whatever the size
     for name, kwargs in (("small", {}), ("forced", {"compact_on_close": True})):

@@ -34,6 +34,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from moeviz.errors import StoreError
 from moeviz.store import layout, rollups
 from moeviz.store.schema import TABLES
 
@@ -125,7 +126,28 @@ def open_store(path, *, memory_limit: int | None = None, threads: int | None = N
                       + "; ".join(f"{p} ({why})" for p, why in skipped[:10]) + (" ..." if len(skipped) > 10 else "")
                       + ". A file still being copied reads once complete; otherwise move it out of the run folder "
                       "(`moeviz check` lists the damage)", StoreWarning, stacklevel=2)
+    for r in runs:
+        _warn_if_left_uncompacted(r)
     return con
+
+
+def _warn_if_left_uncompacted(run: _RunFiles) -> None:
+    """A finished run whose segments were left for `moeviz compact` (past the close limit, compact_on_close="auto")
+    reads whole but without its roll-ups and bucket tables: its pages over steps read every per-step row, minutes
+    on a long run. Said where the user looks (the dashboard's sidebar shows open_store's warnings)."""
+    if not run.statuses or not layout.all_ranks_closed(run.statuses):
+        return
+    try:
+        limit = layout.compact_at_close_max()
+    except StoreError:
+        limit = layout.COMPACT_AT_CLOSE_MAX
+    compacted_dir = run.run_dir / layout.COMPACTED_DIR  # published routes files sit among the routes "segments"
+    size = sum(p.stat().st_size for ps in run.segments.values() for p in ps
+               if compacted_dir not in p.parents and p.exists())
+    if size > limit:
+        warnings.warn(f"moeviz: run {run.run_id!r} is finished but {layout.size_text(size)} of its segments are not "
+                      f"compacted: it reads whole, but pages over steps read every per-step row (slow on a long "
+                      f"run) until `moeviz compact {run.run_dir}`", StoreWarning, stacklevel=3)
 
 
 def _run_dirs(path) -> list:

@@ -34,37 +34,15 @@ LAYER_KEYS = ("layer", "module_name", "n_experts", "top_k", "block_index", "stac
               "expert_capacity")
 
 
-COMPACT_AT_CLOSE_ENV = "MOEVIZ_COMPACT_AT_CLOSE_MAX"
-# segment bytes that compact_on_close="auto" folds at close: compaction ran at ~4 MB of segments a second on this
-# project's 2-core machine (docs/benchmarks.md: 1.7 GB in 446 s for 10,000 steps of 58 x 256 experts), so 1 GiB
-# keeps the last rank's exit within a few minutes; a 100,000-step run of that shape (16 GB) would wait an hour
-COMPACT_AT_CLOSE_MAX = 1 << 30
-
-
-def compact_at_close_max() -> int:
-    """Bytes of uncompacted segments up to which compact_on_close="auto" compacts (MOEVIZ_COMPACT_AT_CLOSE_MAX, a
-    size such as 4GB or a number of bytes; default 1 GiB)."""
-    from moeviz.store.memory import parse_bytes
-
-    text = os.environ.get(COMPACT_AT_CLOSE_ENV, "").strip()
-    if not text:
-        return COMPACT_AT_CLOSE_MAX
-    try:
-        return parse_bytes(text)
-    except StoreError:
-        raise StoreError(f"{COMPACT_AT_CLOSE_ENV}={text!r} is not a size: write a number of bytes or one with a "
-                         f"unit, for example 4GB or 512MB") from None
-
-
 class RunWriter:
     """Writes one rank of one run. Not thread-safe: call it from one (writer) thread.
 
     Several ranks may write the same run folder without coordinating: each has its own `rank=<r>` folders and
     status file. The last rank to close compacts the run (best effort: on failure the segments stay readable):
     compact_on_close=True always, False never, "auto" (the Recorder's default) while the segments not yet
-    compacted hold at most `compact_at_close_max()` bytes; past it close() warns with the `moeviz compact` command
-    instead of holding the training process for as long as the compaction takes (readers see the segments
-    meanwhile).
+    compacted hold at most `layout.compact_at_close_max()` bytes; past it close() warns with the `moeviz compact`
+    command instead of holding the training process for as long as the compaction takes (readers see the
+    segments meanwhile).
     """
 
     def __init__(self, run_dir, *, run_id: str | None = None, run_name: str | None = None, rank: int = 0,
@@ -79,7 +57,8 @@ class RunWriter:
         if compact_on_close not in (True, False, "auto"):
             raise StoreError(f"compact_on_close must be True, False or 'auto'; got {compact_on_close!r}")
         self.compact_on_close = compact_on_close
-        self._compact_max = compact_at_close_max() if compact_on_close == "auto" else None  # a bad size: at start
+        # a bad MOEVIZ_COMPACT_AT_CLOSE_MAX is an error here, at start, not at the end of training
+        self._compact_max = layout.compact_at_close_max() if compact_on_close == "auto" else None
         self._closed = False
         self._seq: dict[str, int] = {}
         self._commit_seq: int | None = None
@@ -241,13 +220,12 @@ class RunWriter:
         layout.write_json_atomic(layout.status_path(self.run_dir, self.rank), self._status)
         if self.compact_on_close and layout.all_ranks_closed(layout.read_statuses(self.run_dir)):
             if self.compact_on_close == "auto":
-                size = sum(p.stat().st_size for t in layout.SEGMENT_TABLES
-                           for p in layout.segment_files(self.run_dir, t) if p.exists())
+                size = layout.segment_bytes(self.run_dir)
                 if size > self._compact_max:
                     warnings.warn(
-                        f"moeviz: {self.run_dir} not compacted at close: its {size / 1e9:.1f} GB of segments would "
-                        f"hold this process for minutes (past {COMPACT_AT_CLOSE_ENV}, "
-                        f"{self._compact_max / 1e9:.1f} GB). Every reader sees the segments; the pages of a "
+                        f"moeviz: {self.run_dir} not compacted at close: its {layout.size_text(size)} of segments "
+                        f"would hold this process for minutes (past {layout.COMPACT_AT_CLOSE_ENV}, "
+                        f"{layout.size_text(self._compact_max)}). Every reader sees the segments; the pages of a "
                         f"long run read its per-step rows until you run `moeviz compact {self.run_dir}`",
                         StoreWarning, stacklevel=2)
                     return
