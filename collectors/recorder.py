@@ -768,7 +768,7 @@ class Recorder:
         self.pair_stats = bool(pair_stats)
         self.flow_stats = flow_stats
         self.strict = bool(strict)
-        if compact_on_close not in (True, False, "auto"):
+        if not (compact_on_close is True or compact_on_close is False or compact_on_close == "auto"):
             raise RecorderError(f"compact_on_close must be True, False or 'auto'; got {compact_on_close!r}")
         self.compact_on_close = compact_on_close
         # reduce_ranks: the step aggregates summed over the data-parallel group at each flush (see flush and the

@@ -22,6 +22,7 @@ from collectors.recorder import RecorderError
 from collectors.routers import find_routers
 from collectors.testing import GuardedRecorder, tiny_model
 from moeviz.analyses.health import health_summary
+from moeviz.cli import main as cli_main
 from moeviz.errors import MoevizError
 from moeviz.store import open_store, query
 
@@ -509,7 +510,7 @@ def test_a_flush_that_fails_half_way_is_wholly_absent(mixtral, tmp_path, monkeyp
     assert query(tmp_path / "run", "SELECT recording_errors FROM runs").recording_errors[0] == 1
 
 
-def test_a_run_past_the_close_limit_is_left_for_moeviz_compact_and_says_so(mixtral, tmp_path, monkeypatch):
+def test_a_run_past_the_close_limit_is_left_for_moeviz_compact_and_says_so(mixtral, tmp_path, monkeypatch, capsys):
     """compact_on_close="auto" (the default) compacts at close only while the segments hold at most
     MOEVIZ_COMPACT_AT_CLOSE_MAX bytes: past it the last rank warns with the command instead of holding training
     for the compaction (an hour for a 100,000-step run of 58 x 256 experts). Nothing is lost either way."""
@@ -525,13 +526,18 @@ def test_a_run_past_the_close_limit_is_left_for_moeviz_compact_and_says_so(mixtr
     assert len(said) == 1 and "not compacted at close" in said[0] and "moeviz compact" in said[0], said
     assert str(tmp_path / "big") in said[0] and "MOEVIZ_COMPACT_AT_CLOSE_MAX" in said[0]
     assert not (tmp_path / "big" / "run.duckdb").exists()
-    with pytest.warns(StoreWarning, match=r"finished but [0-9.]+ kB of its segments are not compacted.*moeviz compact"):
+    with pytest.warns(StoreWarning, match=r"finished but [0-9.]+ KiB of its segments are not compacted.*compact"):
         open_store(tmp_path / "big").close()  # the dashboard's sidebar shows this
+    capsys.readouterr()
+    uncompacted_exit = cli_main(["check", str(tmp_path / "big")])
+    said = capsys.readouterr()  # a note, not a finding: nothing is wrong with the data
+    assert "note: moeviz: run 'big' is finished but" in said.err and "not compacted" not in said.out
     for _ in range(2):  # read from the segments, then after `moeviz compact`: the same exact numbers
         for step, (per_layer, mask) in refs.items():
             check_step(tmp_path / "big", step, per_layer, [mask] * len(per_layer))
         compact(tmp_path / "big")
     assert (tmp_path / "big" / "run.duckdb").exists()
+    assert cli_main(["check", str(tmp_path / "big")]) == uncompacted_exit
     with warnings.catch_warnings():
         warnings.simplefilter("error", StoreWarning)
         open_store(tmp_path / "big").close()  # compacted: nothing to say

@@ -8,6 +8,7 @@ answered before any attack, and the guarantees are checked with the statement ch
 
 from __future__ import annotations
 
+import itertools
 import shutil
 import threading
 import time
@@ -157,21 +158,21 @@ def test_every_example_query_runs(sandbox, store):
 
 
 def test_load_example_reads_the_rollups_and_equals_the_routing(sandbox, store, routing, tmp_path):
-    """The whole-run load example reads step_rollups (blocks of 1,000 steps: ~1/1000 of step_stats' rows on a long
-    run); its counts must be the routing's own, counted here from the index arrays, live and compacted."""
+    """The load examples (step_stats, and step_rollups' blocks of 1,000 steps: ~1/1000 of the rows on a long
+    compacted run) must give the routing's own counts, counted here from the index arrays, live and compacted."""
     index = routing["index"]  # [tokens, layers, k]
     n_layers, n_experts = index.shape[1], 4
     want = np.stack([np.bincount(index[:, layer].ravel(), minlength=n_experts) for layer in range(n_layers)])
     compacted = tmp_path / "run"
     shutil.copytree(store, compacted)
     compact(compacted)
-    sql = EXAMPLE_QUERIES["Load per layer and expert"]
-    assert "FROM step_rollups WHERE resolution = 1000" in sql
-    for path in (store, compacted):
-        frame = run_sql(sandbox, path, sql).frame
+    names = ("Load per layer and expert", "Load per layer and expert, long compacted runs")
+    assert "FROM step_rollups WHERE resolution = 1000" in EXAMPLE_QUERIES[names[1]]
+    for path, name in itertools.product((store, compacted), names):
+        frame = run_sql(sandbox, path, EXAMPLE_QUERIES[name]).frame
         got = np.zeros_like(want)
         got[frame["layer"].to_numpy(), frame["expert"].to_numpy()] = frame["assigned"].to_numpy()
-        assert (got == want).all(), path
+        assert (got == want).all(), (path, name)
         layer, expert = frame["layer"].to_numpy(), frame["expert"].to_numpy()
         assert np.allclose(frame["load_fraction"], want[layer, expert] / want.sum(axis=1)[layer])
 

@@ -692,11 +692,13 @@ def test_negative_steps_fall_in_floor_blocks_through_two_compactions(tmp_path, m
     assert calls  # the whole-run and from-0 ranges were read from expert_drops
 
 
-def test_rollups_built_a_chunk_at_a_time_sum_every_row_through_three_compactions(tmp_path, monkeypatch):
+@pytest.mark.parametrize("chunk_rows", [1, 37])
+def test_rollups_built_a_chunk_at_a_time_sum_every_row_through_three_compactions(tmp_path, monkeypatch, chunk_rows):
     """Compaction sums the roll-ups a chunk of blocks at a time (bounded memory on long runs); with chunks of one
-    block (_CHUNK_ROWS = 1), sparse and negative steps, and steps added below and inside blocks already compacted
-    by a later compaction, every block of every resolution must equal pandas' floor-block sums of the raw rows."""
-    monkeypatch.setattr(rollups, "_CHUNK_ROWS", 1)
+    block (_CHUNK_ROWS = 1) or of a few (37 rows: blocks packed together), sparse and negative steps, and steps
+    added inside blocks already compacted by a later compaction, every block of every resolution must equal
+    pandas' floor-block sums of the raw rows."""
+    monkeypatch.setattr(rollups, "_CHUNK_ROWS", chunk_rows)
     run_dir = tmp_path / "chunked"
     rng = np.random.default_rng(5)
     frames: list = []

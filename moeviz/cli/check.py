@@ -8,6 +8,7 @@ check is ok (2 on a usage or store error, from `moeviz.cli`).
 from __future__ import annotations
 
 import argparse
+import sys
 
 from moeviz.cli.args import ArgumentError, int_list, step_range
 
@@ -55,6 +56,7 @@ def run_check(args: argparse.Namespace) -> int:
     from moeviz.analyses.health import health_summary
     from moeviz.selection import Selection
     from moeviz.store import StoreWarning, open_store
+    from moeviz.store.reader import UncompactedRunWarning
 
     sel = Selection(
         run_ids=tuple(args.runs) if args.runs else None,
@@ -64,7 +66,11 @@ def run_check(args: argparse.Namespace) -> int:
     with warnings.catch_warnings(record=True) as caught:  # store damage is a finding too
         warnings.simplefilter("always", StoreWarning)
         con = open_store(args.path)
-    damage = [str(w.message) for w in caught if issubclass(w.category, StoreWarning)]
+    damage = [str(w.message) for w in caught
+              if issubclass(w.category, StoreWarning) and not issubclass(w.category, UncompactedRunWarning)]
+    for w in caught:  # not a finding (nothing is wrong with the data), but worth knowing: to stderr
+        if issubclass(w.category, UncompactedRunWarning):
+            print(f"note: {w.message}", file=sys.stderr)
     try:
         _check_selection(con, sel, args)
         df = health_summary(

@@ -411,8 +411,8 @@ def _footer_problem(path: Path, table: str) -> str | None:
 
 
 def size_text(n: int) -> str:
-    """Bytes as people read them: 3.2 GB, 41.0 MB, 12.3 kB."""
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+    """Bytes as people read them, in the binary units the limits are given in: 3.2 GiB, 41.0 MiB, 12.3 KiB."""
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
         if n >= scale:
             return f"{n / scale:.1f} {unit}"
     return f"{n} bytes"
@@ -422,7 +422,11 @@ def segment_bytes(run_dir: Path) -> int:
     """Bytes of the segment files in a run folder: what the next compaction folds (folded ones are deleted)."""
     total = 0
     for t in SEGMENT_TABLES:
-        for p in segment_files(run_dir, t):
+        try:
+            files = segment_files(run_dir, t)
+        except OSError:  # an unreadable folder: counted as empty (the caller decides about compacting, no more)
+            continue
+        for p in files:
             try:
                 total += p.stat().st_size
             except OSError:  # removed by a compaction meanwhile

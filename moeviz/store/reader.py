@@ -43,6 +43,11 @@ class StoreWarning(UserWarning):
     """Something in a store was skipped or repaired; the data that could be read is still correct."""
 
 
+class UncompactedRunWarning(StoreWarning):
+    """A finished run whose segments were left for `moeviz compact`: nothing is wrong with its data (`moeviz check`
+    notes it without counting it as a finding), but reading it is slower until it is compacted."""
+
+
 @dataclass
 class _RunFiles:
     """What a reader found in one run folder, listed before its run.duckdb is opened (see open_store)."""
@@ -142,12 +147,11 @@ def _warn_if_left_uncompacted(run: _RunFiles) -> None:
     except StoreError:
         limit = layout.COMPACT_AT_CLOSE_MAX
     compacted_dir = run.run_dir / layout.COMPACTED_DIR  # published routes files sit among the routes "segments"
-    size = sum(p.stat().st_size for ps in run.segments.values() for p in ps
-               if compacted_dir not in p.parents and p.exists())
+    size = sum(_file_size(p) for ps in run.segments.values() for p in ps if compacted_dir not in p.parents)
     if size > limit:
         warnings.warn(f"moeviz: run {run.run_id!r} is finished but {layout.size_text(size)} of its segments are not "
-                      f"compacted: it reads whole, but pages over steps read every per-step row (slow on a long "
-                      f"run) until `moeviz compact {run.run_dir}`", StoreWarning, stacklevel=3)
+                      f"compacted: every row reads, but analyses over steps read each per-step row (slow on a long "
+                      f"run) until `moeviz compact {run.run_dir}`", UncompactedRunWarning, stacklevel=3)
 
 
 def _run_dirs(path) -> list:

@@ -128,18 +128,19 @@ def run_sql(sandbox: "SqlSandbox", path, sql: str, *, max_rows: int | None = Non
 # --- the SQL page's examples ------------------------------------------------------------------------------
 
 EXAMPLE_QUERIES: dict[str, str] = {
-    # over a whole run, the roll-up's blocks of 1,000 steps hold the same sums as step_stats in ~1/1000 of the
-    # rows (a 100,000-step run of 58 x 256 experts: 1.5 M rows instead of 1.5 B); step_stats for a range of steps
     "Load per layer and expert": (
-        "-- step_rollups: step_stats summed over ranks in blocks of 10/100/1000 steps (same totals, far fewer rows)\n"
+        "SELECT layer, expert, sum(assigned) AS assigned,\n"
+        "       sum(assigned) / sum(sum(assigned)) OVER (PARTITION BY layer) AS load_fraction\n"
+        "FROM step_stats GROUP BY layer, expert ORDER BY layer, expert"
+    ),
+    # the same numbers from ~1/1000 of the rows on a compacted run (a 100,000-step run of 58 x 256 experts: 1.5 M
+    # rows instead of 1.5 B); on a live run the view sums the segments on the fly, slower than step_stats
+    "Load per layer and expert, long compacted runs": (
+        "-- step_rollups: step_stats summed over ranks in blocks of 10/100/1000 steps. On a compacted run the same\n"
+        "-- totals from ~1/1000 of the rows; on a run still being written it sums the new segments first (slower)\n"
         "SELECT layer, expert, sum(assigned) AS assigned,\n"
         "       sum(assigned) / sum(sum(assigned)) OVER (PARTITION BY layer) AS load_fraction\n"
         "FROM step_rollups WHERE resolution = 1000 GROUP BY layer, expert ORDER BY layer, expert"
-    ),
-    "Load per layer and expert, steps 0-99": (
-        "SELECT layer, expert, sum(assigned) AS assigned,\n"
-        "       sum(assigned) / sum(sum(assigned)) OVER (PARTITION BY layer) AS load_fraction\n"
-        "FROM step_stats WHERE step BETWEEN 0 AND 99 GROUP BY layer, expert ORDER BY layer, expert"
     ),
     "Router z-loss per step": (
         "SELECT step, layer, sum(z_loss_sum) / sum(tokens) AS z_loss\n"

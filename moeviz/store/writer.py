@@ -54,11 +54,12 @@ class RunWriter:
             raise StoreError(f"rank must be in [0, world_size): got rank={rank}, world_size={world_size}")
         if not self.run_id:
             raise StoreError("run_id must be a non-empty string")
-        if compact_on_close not in (True, False, "auto"):
+        if not (compact_on_close is True or compact_on_close is False or compact_on_close == "auto"):
             raise StoreError(f"compact_on_close must be True, False or 'auto'; got {compact_on_close!r}")
         self.compact_on_close = compact_on_close
         # a bad MOEVIZ_COMPACT_AT_CLOSE_MAX is an error here, at start, not at the end of training
-        self._compact_max = layout.compact_at_close_max() if compact_on_close == "auto" else None
+        self._compact_max = layout.compact_at_close_max() if compact_on_close == "auto" else \
+            layout.COMPACT_AT_CLOSE_MAX
         self._closed = False
         self._seq: dict[str, int] = {}
         self._commit_seq: int | None = None
@@ -219,16 +220,15 @@ class RunWriter:
         self._status.update(status=status, error=error, ended_at=now, heartbeat=now)
         layout.write_json_atomic(layout.status_path(self.run_dir, self.rank), self._status)
         if self.compact_on_close and layout.all_ranks_closed(layout.read_statuses(self.run_dir)):
-            if self.compact_on_close == "auto":
-                size = layout.segment_bytes(self.run_dir)
-                if size > self._compact_max:
-                    warnings.warn(
-                        f"moeviz: {self.run_dir} not compacted at close: its {layout.size_text(size)} of segments "
-                        f"would hold this process for minutes (past {layout.COMPACT_AT_CLOSE_ENV}, "
-                        f"{layout.size_text(self._compact_max)}). Every reader sees the segments; the pages of a "
-                        f"long run read its per-step rows until you run `moeviz compact {self.run_dir}`",
-                        StoreWarning, stacklevel=2)
-                    return
+            size = layout.segment_bytes(self.run_dir) if self.compact_on_close == "auto" else 0
+            if size > self._compact_max:
+                warnings.warn(
+                    f"moeviz: {self.run_dir} not compacted at close: its {layout.size_text(size)} of segments are "
+                    f"past the close limit of {layout.size_text(self._compact_max)} ({layout.COMPACT_AT_CLOSE_ENV}), "
+                    f"and compacting them would hold this process for minutes. Every "
+                    f"row reads meanwhile; a long run's analyses over steps read each per-step row until you run "
+                    f"`moeviz compact {self.run_dir}`", StoreWarning, stacklevel=2)
+                return
             try:
                 compact(self.run_dir)
             except Exception as e:  # never lose data: the segments stay and every reader still sees them
