@@ -12,6 +12,8 @@ dead experts are exactly the ones a sparse GROUP BY would silently leave out.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import pandas as pd
 
 from moeviz.analyses.step_buckets import bucketed_step_sql, check_step_bucket
@@ -47,7 +49,8 @@ def run_query(con, sql: str, params: list, *, error: type[MoevizError] = Analysi
 
 
 def expert_counts_sql(sel: Selection, *, by_step: bool, step_bucket: int | None = None,
-                      step_tag: str | None = None, rollups: bool = False) -> tuple[str, list]:
+                      step_tag: str | None = None, rollups: bool = False,
+                      only_steps: Sequence[int] | None = None) -> tuple[str, list]:
     """SQL (a SELECT usable as a CTE) and params: one row per run[, step], layer and expert of the selection.
 
     Columns: run_id, [step,] layer, expert, tokens, assigned, first_choice, prob_sum, n_experts, top_k.
@@ -58,7 +61,11 @@ def expert_counts_sql(sel: Selection, *, by_step: bool, step_bucket: int | None 
     ('train', 'eval', ...: catalog.step_tags), whole steps, so the aggregates stay exact.
     `rollups=True` (the connection has the roll-up views: `step_rows.rollups_available(con)`) reads the step
     roll-ups for the blocks of steps they sum exactly (moeviz.analyses.step_rows); not with a step_tag.
+    `only_steps`: only these steps of the selection (a sample of a long range: `step_rows.step_rows_sql`); not
+    with domains or tags.
     """
+    if only_steps is not None and sel.needs_sequences:
+        raise AnalysisError("only_steps reads the per-step aggregates, which hold no domain or tag")
     step_bucket = check_step_bucket(step_bucket, by_step)
     step = "step, " if by_step else ""
     # the tagged steps as a semi join on their distinct (run, step), not a subquery correlated with each row
@@ -67,7 +74,8 @@ def expert_counts_sql(sel: Selection, *, by_step: bool, step_bucket: int | None 
     tag_params = [str(step_tag)] if step_tag is not None else []
     if not sel.needs_sequences:
         rows, params = step_rows_sql(None, "step_stats", sel, _STEP_COLUMNS, step_bucket=step_bucket,
-                                     by_step=by_step, use_rollups=rollups and step_tag is None)
+                                     by_step=by_step, use_rollups=rollups and step_tag is None,
+                                     only_steps=only_steps)
         params = params + tag_params
         counts = f"""
             SELECT s.run_id, {(bucketed_step_sql('s.step', step_bucket) + ' AS step, ' if by_step else '')}s.layer, s.expert,

@@ -16,6 +16,8 @@ sums can be read this way: `rank` is not among the columns returned.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from moeviz.selection import Selection
 from moeviz.store.reader import buckets_complete, rollups_complete
 from moeviz.store.rollups import (BUCKET_RESOLUTIONS, RESOLUTIONS, SPEC, shape_sql as _bucket_shape_sql,
@@ -52,14 +54,19 @@ def pieces(lo: int | None, hi: int | None, resolutions: tuple[int, ...]) -> list
 
 
 def step_rows_sql(con, table: str, sel: Selection, columns: tuple[str, ...], *, step_bucket: int | None = None,
-                  by_step: bool = True, use_rollups: bool | None = None) -> tuple[str, list]:
+                  by_step: bool = True, use_rollups: bool | None = None,
+                  only_steps: Sequence[int] | None = None) -> tuple[str, list]:
     """A FROM item (a parenthesised SELECT; alias it) and its params: the rows of `table` ('step_stats' or
     'layer_stats') in `sel`, with `columns` (run_id, step, keys and sums; never rank), whose sums per bucket of
     `step_bucket` steps (by_step) or over all selected steps (not by_step) equal those of the per-step rows.
 
     Reads the roll-ups where they give the same sums (see the module docstring); `use_rollups=False` never
     does (None: when the connection has them). The selection's domains and tags are not applied (the per-step
-    aggregates hold none): callers that honour them read `routes` instead."""
+    aggregates hold none): callers that honour them read `routes` instead.
+
+    `only_steps`: also keep only these steps (per-step rows, never roll-ups), as a list of constants that DuckDB
+    checks against each row group's step range: 500 steps spread over 75,000 of a 58 x 256 run read in 1.4 s and
+    1.7 GB, where the rows of the whole range took 26 s and 19 GB (docs/benchmarks.md, #19)."""
     if use_rollups is None:
         use_rollups = rollups_available(con)
     exact = sel.with_(domains=None, tags=None)
@@ -68,11 +75,14 @@ def step_rows_sql(con, table: str, sel: Selection, columns: tuple[str, ...], *, 
         allowed = tuple(r for r in RESOLUTIONS if step_bucket and int(step_bucket) % r == 0)
     else:
         allowed = RESOLUTIONS
-    if not use_rollups or exact.ranks is not None or not allowed or (lo is not None and lo < 0):
+    if not use_rollups or exact.ranks is not None or not allowed or (lo is not None and lo < 0) or \
+            only_steps is not None:
         allowed = ()
     cols = ", ".join(columns)
     parts, params = [], []
     rest, rest_params = exact.with_(steps=None).where()
+    if only_steps is not None:  # integers written into the SQL (never text): an IN list of constants
+        rest += " AND step IN (" + (", ".join(str(int(x)) for x in only_steps) or "NULL") + ")"
     for r, a, z in pieces(lo, hi, allowed):
         within, p = range_clauses(a, z)
         clauses, p = [rest, *within], list(rest_params) + p
