@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 
 from moeviz.analyses.aux_loss import switch_loss, z_loss
+from moeviz.analyses.balancing import max_vio_summary
 from moeviz.analyses.load import expert_load, imbalance
 from moeviz.analyses.step_rows import pieces, step_rows_sql
 from moeviz.selection import Selection
@@ -728,3 +729,21 @@ def test_rollups_built_a_chunk_at_a_time_sum_every_row_through_three_compactions
                 np.testing.assert_allclose(lgot["z_loss_sum"], lwant["z_loss_sum"], rtol=1e-12)
         finally:
             con.close()
+
+
+@pytest.mark.parametrize("steps", [None, (13, 2291), (995, 1004)])
+def test_max_vio_summary_equals_brute_force(store, steps):
+    """The per-step MaxVio summary (count, mean and worst over steps) is summarised in DuckDB from layer_buckets
+    on a compacted store, in pandas from the per-step rows on a live one: both equal numpy over the raw rows."""
+    con, ss, _, _ = store
+    got = max_vio_summary(con, Selection(steps=steps)).set_index("layer")
+    rows = _in(ss, steps)
+    load = rows.groupby(["step", "layer", "expert"])["assigned"].sum().unstack("expert").fillna(0)  # [S*L, E]
+    per_step = (load.max(axis=1) / load.mean(axis=1) - 1).unstack("layer")  # [S, L]
+    whole = rows.groupby(["layer", "expert"])["assigned"].sum().unstack("expert")
+    for layer in range(L):
+        row = got.loc[layer]
+        assert row.steps == per_step[layer].count()
+        assert row.step_mean_max_vio == pytest.approx(per_step[layer].mean(), rel=1e-12)
+        assert row.step_max_max_vio == pytest.approx(per_step[layer].max(), rel=1e-12)
+        assert row.global_max_vio == pytest.approx(whole.loc[layer].max() / whole.loc[layer].mean() - 1, rel=1e-12)

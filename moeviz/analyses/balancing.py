@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import pandas as pd
 
-from moeviz.analyses.load import AnalysisError, max_violation, run_query
+from moeviz.analyses.load import AnalysisError, imbalance_from_buckets_sql, max_violation, run_query
 from moeviz.analyses.step_buckets import bucketed_step_sql, check_step_bucket
+from moeviz.analyses.step_rows import layer_buckets_sql
 from moeviz.selection import Selection
 
 __all__ = ["expert_bias", "bias_summary", "max_vio_summary"]
@@ -80,12 +81,21 @@ def max_vio_summary(con, sel: Selection = Selection()) -> pd.DataFrame:
     values (MaxVio_batch). A layer balanced over many steps but lopsided in each has a small global value and a
     large per-step one. Columns: run_id, layer, steps, global_max_vio, step_mean_max_vio, step_max_max_vio.
     """
-    per_step = max_violation(con, sel, by_step=True)
     whole = max_violation(con, sel, by_step=False)
     cols = ["run_id", "layer", "steps", "global_max_vio", "step_mean_max_vio", "step_max_max_vio"]
-    if per_step.empty or whole.empty:
+    buckets = layer_buckets_sql(con, sel, None)
+    if buckets is not None:  # summarised in DuckDB: at 100,000 steps x 58 layers the 5.8 M per-step rows took
+        # 4.5 s and 2.9 GB as a pandas frame (the Balancing page's slowest call), 0.8 s and 0.75 GB this way
+        steps = run_query(con, f"""
+            SELECT run_id, layer, count(max_vio) AS steps, avg(max_vio) AS step_mean_max_vio,
+                   max(max_vio) AS step_max_max_vio
+            FROM ({imbalance_from_buckets_sql(buckets[0])}) GROUP BY run_id, layer ORDER BY run_id, layer""",
+            buckets[1])
+    else:
+        per_step = max_violation(con, sel, by_step=True)
+        steps = per_step.groupby(["run_id", "layer"], sort=True)["max_vio"].agg(
+            steps="count", step_mean_max_vio="mean", step_max_max_vio="max").reset_index()
+    if steps.empty or whole.empty:
         return pd.DataFrame(columns=cols)
-    steps = per_step.groupby(["run_id", "layer"], sort=True)["max_vio"].agg(
-        steps="count", step_mean_max_vio="mean", step_max_max_vio="max").reset_index()
     out = whole.rename(columns={"max_vio": "global_max_vio"})[["run_id", "layer", "global_max_vio"]]
     return out.merge(steps, on=["run_id", "layer"], how="left")[cols]

@@ -194,7 +194,7 @@ def imbalance(
     if by_step and col == "assigned" and dead_threshold == DEAD_THRESHOLD and top_n is None:
         buckets = layer_buckets_sql(con, sel, check_step_bucket(step_bucket, by_step))
         if buckets is not None:  # one row per bucket and layer instead of E (moeviz.store.rollups)
-            return run_query(con, _imbalance_from_buckets(buckets[0]), buckets[1])
+            return run_query(con, imbalance_from_buckets_sql(buckets[0]), buckets[1])
     base, params = expert_counts_sql(sel, by_step=by_step, step_bucket=step_bucket, rollups=rollups_available(con))
     keys = "run_id, step, layer" if by_step else "run_id, layer"
     # one GROUP BY, no window: a (step, layer)'s experts as a list for the measures that need its total or its
@@ -226,7 +226,7 @@ def imbalance(
     return run_query(con, sql, params + [float(dead_threshold), float(dead_threshold), tn, tn])
 
 
-def _imbalance_from_buckets(buckets: str) -> str:
+def imbalance_from_buckets_sql(buckets: str) -> str:
     """`imbalance`'s columns from layer_buckets rows (the busiest expert, sum of squares, sum of n ln n, top-k sum
     and dead experts of each bucket's load, stored at compaction): the same formulas over E experts, an expert
     without a row counting 0 (mean = total / E, population variance = sum of squares / E - mean^2)."""
