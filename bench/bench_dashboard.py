@@ -363,7 +363,8 @@ def run(store: str, port: int | None, run_id: str | None, pages: list[str] | Non
             except Exception as e:  # noqa: BLE001 - report the page and go on to the next one
                 first = settled = change = None
                 note, why = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:80]}", ""
-                cold_start(page, url, run_id)
+                if not watch.killed:  # a server stopped by the watch answers no cold start: the row says so below
+                    cold_start(page, url, run_id)
             ok_first = first is not None and first <= FIRST_CHART_TARGET_S
             ok_change = change is not None and change <= WIDGET_TARGET_S
             if first is None and change is None:
