@@ -77,9 +77,9 @@ WEIGHT_BIN_SHIFT = 8  # weight_hist.bin = weight_q >> 8: 256 bins of 1/256 of th
 WEIGHT_HIST_MERGE_MAX = 64
 
 COMPACT_AT_CLOSE_ENV = "MOEVIZ_COMPACT_AT_CLOSE_MAX"
-# segment bytes that compact_on_close="auto" folds at close: compaction ran at ~4 MB of segments a second on this
-# project's 2-core machine (docs/benchmarks.md: 1.7 GB in 446 s for 10,000 steps of 58 x 256 experts), so 1 GiB
-# keeps the last rank's exit within a few minutes; a 100,000-step run of that shape (16 GB) would wait an hour
+# segment bytes that compact_on_close="auto" folds at close: compaction ran at ~4-8 MB of segments a second on this
+# project's 2-core machine (docs/benchmarks.md: 1.7 GB in 446 s for 10,000 steps of 58 x 256 experts, 17 GB in 36.6
+# min for 100,000), so 1 GiB keeps the last rank's exit within a few minutes
 COMPACT_AT_CLOSE_MAX = 1 << 30
 
 
