@@ -200,6 +200,22 @@ def test_capped_staleness_keeps_evenly_spaced_steps_each_as_the_full_evaluation(
     pd.testing.assert_frame_equal(capped.sort_values(["step", "layer"]).reset_index(drop=True), expect)
 
 
+def test_capped_staleness_of_a_run_without_layer_stats_reads_its_steps_all_the_same():
+    """The capped evaluation lists its steps from layer_stats; a run written without them (RunWriter takes any
+    tables) must still get its evenly spaced rows, equal to the uncapped evaluation's."""
+    con = store_from_routing(**synthetic_routing(**{**SHAPE, "n_steps": 15}), run_id="a")
+    store_from_routing(**synthetic_routing(**{**SHAPE, "n_steps": 15, "seed": 8}), run_id="b", con=con)
+    con.execute("DELETE FROM layer_stats WHERE run_id = 'b'")
+    full = placement_staleness(con, Selection(), 4, (0, 1))
+    capped = placement_staleness(con, Selection(), 4, (0, 1), max_steps=4)
+    want = [2, 6, 10, 14]  # evenly spaced over steps 2..14, first and last kept
+    for run in ("a", "b"):
+        got = capped[capped.run_id == run].sort_values(["step", "layer"]).reset_index(drop=True)
+        assert sorted(got["step"].unique()) == want, run
+        expect = full[(full.run_id == run) & full["step"].isin(want)].sort_values(["step", "layer"])
+        pd.testing.assert_frame_equal(got, expect.reset_index(drop=True))
+
+
 def test_comparison_lists_each_placement_and_what_replicas_buy(con, routing):
     df = placement_comparison(con, Selection(), 4, redundant=2)
     assert set(zip(df.placement, df.redundant)) == {("contiguous", 0), ("round_robin", 0), ("balanced", 0),

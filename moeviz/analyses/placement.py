@@ -447,24 +447,27 @@ def _evenly_spaced(steps: np.ndarray, n: int) -> np.ndarray:
 
 
 def _sampled_step_counts(con, sel: Selection, max_steps: int) -> dict[str, _Counts]:
-    """Per-step counts of at most `max_steps` steps of each run of `sel`, evenly spaced (`_evenly_spaced` over the
-    steps with rows). Why not read every step and keep a few: at 100,000 steps of 58 x 256 experts the rows of
-    75,000 steps took 26-37 s and 19-24 GB of DuckDB memory, the 500 kept 1.4 s. The steps come from
-    layer_stats (one row per step and layer, 1/E of step_stats), the same steps as step_stats' for a recorded
-    step; with domains or tags (counts from the routes) every step is read, then sampled."""
-    if sel.needs_sequences:
-        out = _counts(con, sel, by_step=True)
-        for run_id, run in out.items():
+    """Per-step counts of at most `max_steps` steps of each run of `sel`, evenly spaced (`_evenly_spaced`).
+    Why not read every step and keep a few: at 100,000 steps of 58 x 256 experts the rows of 75,000 steps took
+    26-37 s and 19-24 GB of DuckDB memory, the 500 kept 1.4 s. The steps are listed from layer_stats (one row per
+    step and layer, 1/E of step_stats), which a Recorder writes with every step's step_stats; a run without
+    layer_stats rows in the selection (RunWriter takes any tables), and a selection by domain or tag (counts from
+    the routes), read every step, then sample."""
+    out: dict[str, _Counts] = {}
+    if not sel.needs_sequences:
+        where, params = sel.where("l")
+        listed = run_query(con, f"SELECT DISTINCT run_id, step FROM layer_stats l WHERE {where} "
+                                "ORDER BY run_id, step", params)
+        for run_id, d in listed.groupby("run_id", sort=True):
+            keep = _evenly_spaced(d["step"].to_numpy(np.int64), max_steps)
+            out.update(_counts(con, sel.with_(run_ids=(run_id,)), by_step=True, only_steps=keep))
+    rwhere, rparams = Selection(run_ids=sel.run_ids).where()
+    rest = tuple(r for r in run_query(con, f"SELECT DISTINCT run_id FROM runs WHERE {rwhere}", rparams)["run_id"]
+                 if str(r) not in out)
+    if rest:
+        for run_id, run in _counts(con, sel.with_(run_ids=rest), by_step=True).items():
             keep = np.searchsorted(run.steps, _evenly_spaced(run.steps, max_steps))
             out[run_id] = _Counts(run.steps[keep], run.layers, run.n_experts, run.counts[keep])  # counts [S', L, E]
-        return out
-    where, params = sel.where("l")
-    listed = run_query(con, f"SELECT DISTINCT run_id, step FROM layer_stats l WHERE {where} ORDER BY run_id, step",
-                       params)
-    out = {}
-    for run_id, d in listed.groupby("run_id", sort=True):
-        keep = _evenly_spaced(d["step"].to_numpy(np.int64), max_steps)
-        out.update(_counts(con, sel.with_(run_ids=(run_id,)), by_step=True, only_steps=keep))
     return out
 
 

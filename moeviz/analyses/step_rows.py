@@ -16,6 +16,7 @@ sums can be read this way: `rank` is not among the columns returned.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 
 from moeviz.selection import Selection
@@ -81,8 +82,8 @@ def step_rows_sql(con, table: str, sel: Selection, columns: tuple[str, ...], *, 
     cols = ", ".join(columns)
     parts, params = [], []
     rest, rest_params = exact.with_(steps=None).where()
-    if only_steps is not None:  # integers written into the SQL (never text): an IN list of constants
-        rest += " AND step IN (" + (", ".join(str(int(x)) for x in only_steps) or "NULL") + ")"
+    if only_steps is not None:  # whole numbers written into the SQL (operator.index refuses text and 3.7)
+        rest += " AND step IN (" + (", ".join(str(operator.index(x)) for x in only_steps) or "NULL") + ")"
     for r, a, z in pieces(lo, hi, allowed):
         within, p = range_clauses(a, z)
         clauses, p = [rest, *within], list(rest_params) + p
