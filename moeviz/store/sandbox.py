@@ -250,7 +250,9 @@ class SqlSandbox:
 
 def _timeout(limits: SqlLimits) -> SqlTimeoutError:
     return SqlTimeoutError(f"the query ran longer than {limits.timeout_s:g} s and was stopped; aggregate with "
-                           "GROUP BY, filter with WHERE, or query step_stats/layer_stats instead of routes")
+                           "GROUP BY, filter with WHERE, query step_stats/layer_stats instead of routes, or, over a "
+                           "long compacted run, step_rollups/layer_rollups (blocks of 10/100/1000 steps, same sums) "
+                           "instead of step_stats/layer_stats")
 
 
 # ------------------------------------------------------------------------------------------------ the worker
