@@ -75,27 +75,6 @@ WEIGHT_BIN_SHIFT = 8  # weight_hist.bin = weight_q >> 8: 256 bins of 1/256 of th
 # per route; ordering <= 64 routes at query time is cheap. Measured in docs/benchmarks.md ("weight_hist merged
 # groups").
 WEIGHT_HIST_MERGE_MAX = 64
-
-COMPACT_AT_CLOSE_ENV = "MOEVIZ_COMPACT_AT_CLOSE_MAX"
-# segment bytes that compact_on_close="auto" folds at close: compaction ran at ~4-8 MB of segments a second on this
-# project's 2-core machine (docs/benchmarks.md: 1.7 GB in 446 s for 10,000 steps of 58 x 256 experts, 17 GB in 36.6
-# min for 100,000), so 1 GiB keeps the last rank's exit within a few minutes
-COMPACT_AT_CLOSE_MAX = 1 << 30
-
-
-def compact_at_close_max() -> int:
-    """Bytes of uncompacted segments up to which compact_on_close="auto" compacts (MOEVIZ_COMPACT_AT_CLOSE_MAX, a
-    size such as 4GB or a number of bytes; default 1 GiB)."""
-    from moeviz.store.memory import parse_bytes  # (memory imports nothing of the store)
-
-    text = os.environ.get(COMPACT_AT_CLOSE_ENV, "").strip()
-    if not text:
-        return COMPACT_AT_CLOSE_MAX
-    try:
-        return parse_bytes(text)
-    except StoreError:
-        raise StoreError(f"{COMPACT_AT_CLOSE_ENV}={text!r} is not a size: write a number of bytes or one with a "
-                         f"unit, for example 4GB or 512MB") from None
 WEIGHT_HIST_MERGED_BIN = -1
 # ... and every token's expert set per layer (routing agreement joins one row per token and layer instead of k
 # routes); like probe_sets, outside `route_stats_complete`.
@@ -408,6 +387,28 @@ def _footer_problem(path: Path, table: str) -> str | None:
     if not set(names) <= set(expected) or table not in META_TABLES and "step" not in names:
         return f"its columns are not those of {table} (a file of another table?)"
     return None
+
+
+COMPACT_AT_CLOSE_ENV = "MOEVIZ_COMPACT_AT_CLOSE_MAX"
+# segment bytes that compact_on_close="auto" folds at close: compaction ran at ~4-8 MB of segments a second on this
+# project's 2-core machine (docs/benchmarks.md: 1.7 GB in 446 s for 10,000 steps of 58 x 256 experts, 17 GB in 36.6
+# min for 100,000), so 1 GiB keeps the last rank's exit within a few minutes
+COMPACT_AT_CLOSE_MAX = 1 << 30
+
+
+def compact_at_close_max() -> int:
+    """Bytes of uncompacted segments up to which compact_on_close="auto" compacts (MOEVIZ_COMPACT_AT_CLOSE_MAX, a
+    size such as 4GB or a number of bytes; default 1 GiB)."""
+    from moeviz.store.memory import parse_bytes  # (memory imports nothing of the store)
+
+    text = os.environ.get(COMPACT_AT_CLOSE_ENV, "").strip()
+    if not text:
+        return COMPACT_AT_CLOSE_MAX
+    try:
+        return parse_bytes(text)
+    except StoreError:
+        raise StoreError(f"{COMPACT_AT_CLOSE_ENV}={text!r} is not a size: write a number of bytes or one with a "
+                         f"unit, for example 4GB or 512MB") from None
 
 
 def size_text(n: int) -> str:
