@@ -513,7 +513,7 @@ def test_a_flush_that_fails_half_way_is_wholly_absent(mixtral, tmp_path, monkeyp
 def test_a_run_past_the_close_limit_is_left_for_moeviz_compact_and_says_so(mixtral, tmp_path, monkeypatch, capsys):
     """compact_on_close="auto" (the default) compacts at close only while the segments hold at most
     MOEVIZ_COMPACT_AT_CLOSE_MAX bytes: past it the last rank warns with the command instead of holding training
-    for the compaction (36.6 min for a 100,000-step run of 58 x 256 experts). Nothing is lost either way."""
+    for the compaction (32 min for a 100,000-step run of 58 x 256 experts). Nothing is lost either way."""
     from moeviz.store import StoreWarning, compact
 
     refs = {}

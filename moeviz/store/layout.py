@@ -391,7 +391,7 @@ def _footer_problem(path: Path, table: str) -> str | None:
 
 COMPACT_AT_CLOSE_ENV = "MOEVIZ_COMPACT_AT_CLOSE_MAX"
 # segment bytes that compact_on_close="auto" folds at close: compaction ran at ~4-8 MB of segments a second on this
-# project's 2-core machine (docs/benchmarks.md: 1.7 GB in 446 s for 10,000 steps of 58 x 256 experts, 17 GB in 36.6
+# project's 2-core machine (docs/benchmarks.md: 1.7 GB in 446 s for 10,000 steps of 58 x 256 experts, 17 GB in 31.9
 # min for 100,000), so 1 GiB keeps the last rank's exit within a few minutes
 COMPACT_AT_CLOSE_MAX = 1 << 30
 
